@@ -1,0 +1,3 @@
+from p2preg.cli import main
+
+raise SystemExit(main())

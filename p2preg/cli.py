@@ -1,0 +1,43 @@
+"""The `p2preg` console script: one subcommand per deployable.
+
+Each subcommand lives in the module that owns the component and exposes
+`add_arguments(parser)` and `run(args) -> int`. This module only dispatches and
+turns a configuration error into a one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from p2preg.config import ConfigError
+
+SUBCOMMANDS = {
+    "node": ("p2preg.node_cli", "run a node: the registry facade containerd pulls from"),
+    "tracker": ("tracker.cli", "run the cluster tracker: announces, metainfo, upstream leases"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="p2preg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, argument_default=argparse.SUPPRESS)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        status: int = module.run(args)
+    except ConfigError as e:
+        print(f"p2preg {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return status

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs everything p2preg, its tests, its demo and its benchmarks need on a fresh
+# Debian 12 machine: the apt packages of the real components the tests start, and a
+# virtualenv in .venv with the project installed in editable mode.
+# Idempotent: a second run only checks. Extra apt packages may be named as arguments.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_packages=(docker-registry containerd skopeo iproute2 "$@")
+missing=()
+for p in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "install.sh: need root to apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "install.sh: apt-get install ${missing[*]}"
+    apt-get update -qq
+    # Packaged daemons (docker-registry, nginx, opentracker) must not start on their
+    # default ports: tests and benchmarks start their own instances on free ports.
+    DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+    "$python" -m venv .venv
+fi
+stamp=.venv/.installed
+if [[ ! -f $stamp || pyproject.toml -nt $stamp || constraints.txt -nt $stamp ]]; then
+    .venv/bin/pip install -q --upgrade pip >/dev/null
+    .venv/bin/pip install -q -c constraints.txt -e '.[dev]'
+    touch "$stamp"
+fi
