@@ -101,7 +101,7 @@ def parse_size(text: str) -> int:
         raise ConfigError(f"expected a size like 512MiB, got {text!r}")
     number, unit = int(m.group(1)), (m.group(2) or "").upper()
     if "I" in unit:
-        return number * 1024 ** ("KMGT".index(unit[0]) + 1)
+        return number << (10 * ("KMGT".index(unit[0]) + 1))
     return number * _SIZE_UNITS[unit[:1]]
 
 

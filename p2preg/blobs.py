@@ -1,0 +1,179 @@
+"""Getting a blob into the verified store, once per node however many ask.
+
+Owns the blob read path behind the facade: the tenancy check (the upstream
+must have shown that the repository holds the blob), and the single-flight
+fetch that streams a missing blob into the store. A fetch runs in the node's
+own nursery, not in the request that started it, so a client that hangs up
+does not cancel the download the other waiters are counting on. A blob is
+visible to readers only once its whole digest matched.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from p2preg.core.digest import Digest
+from p2preg.errors import BlobUnknown, RegistryError, StoreFull, UpstreamError
+from p2preg.metrics import NodeMetrics
+from p2preg.store import BlobStore, BlobWriter, DigestMismatch, NoSpace, StoreError
+from p2preg.tenancy import Tenancy
+from p2preg.upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+# Blob bytes are handed to the hashing/writing thread in batches this large, so
+# the per-batch thread hop stays small next to the work it carries.
+WRITE_BATCH_BYTES = 1 << 20
+# A seed registry that sends corrupt bytes gets one more chance.
+MISMATCH_ATTEMPTS = 2
+
+
+class _StoreSink:
+    """Feeds upstream bytes to a BlobWriter in a worker thread, in large batches."""
+
+    def __init__(self, writer: BlobWriter) -> None:
+        self._writer = writer
+        self._buffer = bytearray()
+        self.offset = 0
+
+    async def write(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        self.offset += len(chunk)
+        if len(self._buffer) >= WRITE_BATCH_BYTES:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._buffer:
+            batch, self._buffer = bytes(self._buffer), bytearray()
+            await trio.to_thread.run_sync(self._writer.write, batch)
+
+    async def reset(self) -> None:
+        self._buffer.clear()
+        self.offset = 0
+        await trio.to_thread.run_sync(self._writer.reset)
+
+
+@dataclass
+class _Flight:
+    done: trio.Event = field(default_factory=trio.Event)
+    error: RegistryError | None = None
+
+
+class Blobs:
+    def __init__(
+        self,
+        store: BlobStore,
+        tenancy: Tenancy,
+        metrics: NodeMetrics,
+        nursery: trio.Nursery,
+    ) -> None:
+        self._store = store
+        self._tenancy = tenancy
+        self._metrics = metrics
+        self._nursery = nursery
+        self._flights: dict[Digest, _Flight] = {}
+
+    async def authorize(
+        self, client: UpstreamClient, repository: str, digest: Digest
+    ) -> int | None:
+        """Prove that `repository` holds the blob upstream (once; the answer is kept).
+
+        Returns the upstream's size when it had to be asked, else None.
+        """
+        ns = client.upstream.ns
+        if self._tenancy.holds(ns, repository, digest):
+            return None
+        size = await client.blob_size(repository, digest)
+        if size is None:
+            raise BlobUnknown(f"blob {digest} is unknown to repository {repository}")
+        self._tenancy.grant(ns, repository, [digest])
+        return size
+
+    async def size(self, client: UpstreamClient, repository: str, digest: Digest) -> int:
+        """The blob's size for a HEAD, without downloading it when upstream says it."""
+        size = await self.authorize(client, repository, digest)
+        stored = self._store.size(digest)
+        if stored is not None:
+            return stored
+        if size is None:
+            size = await client.blob_size(repository, digest)
+            if size is None:
+                raise BlobUnknown(f"blob {digest} is unknown to repository {repository}")
+        if size < 0:  # upstream sent no length: only the bytes themselves can tell
+            await self.ensure(client, repository, digest)
+            return self._store.size(digest) or 0
+        return size
+
+    async def ensure(self, client: UpstreamClient, repository: str, digest: Digest) -> None:
+        """Return once the blob is verified in the store; one fetch however many ask."""
+        if digest in self._store:
+            return
+        flight = self._flights.get(digest)
+        if flight is None:
+            flight = self._flights[digest] = _Flight()
+            self._nursery.start_soon(self._fly, flight, client, repository, digest)
+        else:
+            self._metrics.blob_fetch_joins.inc()
+        await flight.done.wait()
+        if flight.error is not None:
+            err = flight.error
+            raise type(err)(err.message, headers=err.headers)
+
+    async def _fly(
+        self, flight: _Flight, client: UpstreamClient, repository: str, digest: Digest
+    ) -> None:
+        start = trio.current_time()
+        try:
+            size = await self._from_upstream(client, repository, digest)
+        except RegistryError as e:
+            flight.error = e
+            log.warning("blob %s from upstream failed: %s", digest, e.message)
+        except Exception as e:
+            flight.error = UpstreamError(f"fetching blob {digest} failed: {type(e).__name__}")
+            log.exception("blob %s: unexpected failure", digest)
+        else:
+            elapsed = trio.current_time() - start
+            self._metrics.blob_fetches.labels("upstream").inc()
+            self._metrics.blob_fetch_seconds.labels("upstream").observe(elapsed)
+            log.info(
+                "blob %s source=upstream size=%d time=%.3fs repository=%s",
+                digest,
+                size,
+                elapsed,
+                repository,
+            )
+        finally:
+            del self._flights[digest]
+            flight.done.set()
+
+    async def _from_upstream(self, client: UpstreamClient, repository: str, digest: Digest) -> int:
+        for attempt in range(1, MISMATCH_ATTEMPTS + 1):
+            writer = self._store.writer(digest)
+            sink = _StoreSink(writer)
+            try:
+                await client.fetch_blob(repository, digest, sink)
+                await sink.flush()
+                size = await trio.to_thread.run_sync(writer.finish)
+            except DigestMismatch as e:
+                self._metrics.digest_mismatches.inc()
+                log.warning("blob %s: upstream sent bad bytes (attempt %d): %s", digest, attempt, e)
+                continue
+            except NoSpace as e:
+                writer.abort()
+                raise StoreFull(f"no space to store blob {digest}: {e}") from None
+            except StoreError as e:
+                writer.abort()
+                raise UpstreamError(f"cannot store blob {digest}: {e}") from None
+            except BaseException:
+                writer.abort()
+                raise
+            try:
+                writer.commit()
+            except NoSpace as e:
+                writer.abort()
+                raise StoreFull(str(e)) from None
+            return size
+        raise UpstreamError(f"seed registry kept sending bytes that do not match {digest}")

@@ -1,0 +1,180 @@
+"""The registry facade: the OCI distribution pull API over HTTP (quart-trio).
+
+This layer only moves bytes: it parses the request with the sans-IO route and
+range parsers, asks the node for manifests and blobs, and writes responses.
+Every `RegistryError` becomes an OCI JSON error in one handler; nothing a
+client sends can produce a 5xx. Blob bodies stream from the verified store in
+large chunks, each open stream holding at most one chunk in memory, and the
+number of open streams is capped by the node's semaphore.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+from urllib.parse import urlencode
+
+from quart import Response, g, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from p2preg.blobstream import stream_blob
+from p2preg.errors import Denied, PaginationInvalid, RegistryError
+from p2preg.httprange import ByteRange, parse_range
+from p2preg.manifest import OCI_INDEX
+from p2preg.routes import Kind, Route, parse_route
+from p2preg.upstream import UpstreamClient
+
+if TYPE_CHECKING:
+    from p2preg.node import Node
+
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+MAX_TAGS_PAGE = 10_000
+
+
+def _json(doc: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(doc).encode()
+    return Response(body, status, {"Content-Type": "application/json", **(headers or {})})
+
+
+def create_app(node: Node) -> QuartTrio:
+    app = QuartTrio(__name__)
+    # Blob streams last as long as the client reads; the node caps their number.
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["MAX_CONTENT_LENGTH"] = 0
+
+    @app.route("/healthz", methods=["GET", "HEAD"])
+    async def healthz() -> Response:
+        return Response(b"ok\n", 200, {"Content-Type": "text/plain"})
+
+    @app.route("/metrics", methods=["GET"])
+    async def metrics() -> Response:
+        node.refresh_gauges()
+        return Response(
+            node.metrics.exposition(), 200, {"Content-Type": "text/plain; version=0.0.4"}
+        )
+
+    @app.route("/", defaults={"path": ""}, methods=ALL_METHODS)
+    @app.route("/<path:path>", methods=ALL_METHODS)
+    async def registry(path: str) -> Response:
+        route = parse_route(request.method, request.path)
+        g.route = route.kind.value
+        client = _client(node, request.args.get("ns"))
+        head = request.method == "HEAD"
+        match route.kind:
+            case Kind.BASE:
+                return _json({})
+            case Kind.MANIFEST:
+                return await _manifest(node, client, route, head)
+            case Kind.BLOB:
+                return await _blob(node, client, route, head)
+            case Kind.TAGS:
+                return await _tags(node, client, route)
+            case Kind.REFERRERS:
+                return await _referrers(node, client, route)
+
+    @app.errorhandler(RegistryError)
+    async def registry_error(e: RegistryError) -> Response:
+        return Response(e.body(), e.status, {"Content-Type": "application/json", **e.headers})
+
+    @app.errorhandler(HTTPException)
+    async def http_error(e: HTTPException) -> Response:
+        code = "UNSUPPORTED" if e.code == 405 else "NOT_FOUND" if e.code == 404 else "UNKNOWN"
+        body = {"errors": [{"code": code, "message": e.description or e.name}]}
+        return _json(body, e.code or 400)
+
+    @app.after_request
+    async def count(response: Response) -> Response:
+        if request.path.startswith("/v2"):
+            response.headers.update(API_VERSION)
+        node.metrics.requests.labels(g.get("route", "other"), str(response.status_code)).inc()
+        return response
+
+    return app
+
+
+def _client(node: Node, ns: str | None) -> UpstreamClient:
+    client = node.client_for(ns)
+    if client is None:
+        # Refused at once: containerd falls back to its next host, and the node
+        # never becomes an open proxy to registries it was not given.
+        raise Denied(f"registry {ns[:100]!r} is not mirrored by this node" if ns else "no registry")
+    return client
+
+
+async def _manifest(node: Node, client: UpstreamClient, route: Route, head: bool) -> Response:
+    assert route.reference is not None
+    found = await node.resolver.manifest(
+        client, route.name, route.reference, request.headers.get("Accept")
+    )
+    headers = {
+        "Content-Type": found.media_type,
+        "Docker-Content-Digest": str(found.digest),
+        "ETag": f'"{found.digest}"',
+    }
+    response = Response(b"" if head else found.body, 200, headers)
+    response.headers["Content-Length"] = str(len(found.body))
+    return response
+
+
+async def _blob(node: Node, client: UpstreamClient, route: Route, head: bool) -> Response:
+    digest = route.digest
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Docker-Content-Digest": str(digest),
+        "Accept-Ranges": "bytes",
+        "ETag": f'"{digest}"',
+        "Cache-Control": "max-age=31536000",
+    }
+    if head:
+        size = await node.blobs.size(client, route.name, digest)
+        response = Response(b"", 200, headers)
+        response.headers["Content-Length"] = str(size)
+        return response
+    await node.blobs.authorize(client, route.name, digest)
+    await node.blobs.ensure(client, route.name, digest)
+    stored = node.store.size(digest)
+    if stored is None:  # evicted between the fetch and now: fetch again
+        await node.blobs.ensure(client, route.name, digest)
+        stored = node.store.size(digest) or 0
+    size = stored
+    rng = parse_range(request.headers.get("Range"), size)
+    status = 200
+    if rng is None:
+        rng = ByteRange(0, size - 1)
+    else:
+        status = 206
+        headers["Content-Range"] = rng.content_range(size)
+    response = Response(stream_blob(node, digest, rng), status, headers)
+    response.headers["Content-Length"] = str(rng.length)
+    response.timeout = None
+    return response
+
+
+async def _tags(node: Node, client: UpstreamClient, route: Route) -> Response:
+    n_text, last = request.args.get("n"), request.args.get("last")
+    if n_text is not None and (not n_text.isdigit() or len(n_text) > 9):
+        raise PaginationInvalid(f"n must be a non-negative integer, got {n_text[:20]!r}")
+    n = min(int(n_text), MAX_TAGS_PAGE) if n_text is not None else None
+    tags = await node.resolver.tags(client, route.name)
+    if last:
+        tags = [t for t in tags if t > last]
+    headers = {}
+    if n is not None:
+        more, tags = len(tags) > n, tags[:n]
+    if n is not None and more and tags:
+        query = {"n": str(n), "last": tags[-1]}
+        if request.args.get("ns"):
+            query["ns"] = request.args["ns"]
+        headers["Link"] = f'</v2/{route.name}/tags/list?{urlencode(query)}>; rel="next"'
+    return _json({"name": route.name, "tags": tags}, headers=headers)
+
+
+async def _referrers(node: Node, client: UpstreamClient, route: Route) -> Response:
+    artifact_type = request.args.get("artifactType")
+    body = await node.resolver.referrers(client, route.name, route.digest, artifact_type)
+    headers = {"Content-Type": OCI_INDEX}
+    if artifact_type is not None:
+        headers["OCI-Filters-Applied"] = "artifactType"
+    return Response(body, 200, headers)

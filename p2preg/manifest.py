@@ -1,0 +1,107 @@
+"""Manifest media types and the references a manifest holds, sans-IO.
+
+The facade needs three things from a manifest body: its media type (to answer
+with the right `Content-Type` from cache), the digests it references (so that
+a repository is proven to hold them: the tenancy rule) and a cache key for the
+client's `Accept`. Nothing here fetches or stores anything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from p2preg.core.digest import Digest, DigestError
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
+IMAGE_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+
+# The spec asks registries to accept manifests of at least 4 MiB.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+
+
+class ManifestInvalid(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    media_type: str
+    blobs: frozenset[Digest]  # config and layers
+    manifests: frozenset[Digest]  # children of an index
+    subject: Digest | None = None
+
+
+def _digests(items: object) -> frozenset[Digest]:
+    out = set()
+    if isinstance(items, list):
+        for item in items:
+            if isinstance(item, dict) and isinstance(item.get("digest"), str):
+                try:
+                    out.add(Digest.parse(item["digest"]))
+                except DigestError:
+                    raise ManifestInvalid(f"bad digest {item['digest'][:80]!r}") from None
+    return frozenset(out)
+
+
+def parse(body: bytes) -> Parsed:
+    """Media type and references of an image manifest or index."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ManifestInvalid("manifest is not JSON") from None
+    if not isinstance(doc, dict):
+        raise ManifestInvalid("manifest is not a JSON object")
+    media_type = doc.get("mediaType")
+    if not isinstance(media_type, str) or not media_type:
+        if "manifests" in doc:
+            media_type = OCI_INDEX
+        elif "layers" in doc and "config" in doc:
+            media_type = OCI_MANIFEST
+        else:
+            raise ManifestInvalid("cannot tell the manifest's media type")
+    subject = None
+    if isinstance(doc.get("subject"), dict):
+        (subject,) = _digests([doc["subject"]]) or (None,)
+    config = doc.get("config")
+    return Parsed(
+        media_type=media_type,
+        blobs=_digests(doc.get("layers")) | _digests([config] if config else []),
+        manifests=_digests(doc.get("manifests")),
+        subject=subject,
+    )
+
+
+def accept_key(accept: str | None) -> str:
+    """A canonical form of an `Accept` header for the tag cache.
+
+    Order and whitespace do not change what a registry returns, so they do not
+    split the cache; the set of types does (a schema2-only client must never get
+    an index that an OCI-aware client caused to be cached).
+    """
+    if not accept:
+        return ""
+    types = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    return ",".join(sorted(t for t in types if t))
+
+
+def empty_index() -> bytes:
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
+
+
+def filter_index(body: bytes, artifact_type: str | None) -> bytes:
+    """An OCI index (referrers response) with only `artifact_type` entries."""
+    doc = json.loads(body)
+    manifests = doc.get("manifests") if isinstance(doc, dict) else None
+    if not isinstance(manifests, list):
+        manifests = []
+    if artifact_type is not None:
+        manifests = [
+            m for m in manifests if isinstance(m, dict) and m.get("artifactType") == artifact_type
+        ]
+    out = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
+    return json.dumps(out).encode()

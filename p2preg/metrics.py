@@ -1,0 +1,63 @@
+"""The node's Prometheus metrics, on a registry of their own.
+
+One `NodeMetrics` per node instance (several nodes run in one test process, so
+nothing goes on prometheus-client's global registry). Exposition uses
+prometheus-client's own text format. Documented in docs/OPERATIONS.md.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class NodeMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "p2preg_http_requests",
+            "Facade requests by route and status",
+            ["route", "status"],
+            registry=r,
+        )
+        self.bytes_served = Counter(
+            "p2preg_blob_bytes_served", "Blob bytes sent to clients", registry=r
+        )
+        self.upstream_bytes = Counter(
+            "p2preg_upstream_blob_bytes", "Blob bytes received from seed registries", registry=r
+        )
+        self.blob_fetches = Counter(
+            "p2preg_blob_fetches",
+            "Blobs fetched into the store, by source",
+            ["source"],
+            registry=r,
+        )
+        self.blob_fetch_joins = Counter(
+            "p2preg_blob_fetch_joins", "Requests that joined a fetch already running", registry=r
+        )
+        self.blob_fetch_seconds = Histogram(
+            "p2preg_blob_fetch_seconds",
+            "Time to fetch and verify one blob",
+            ["source"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.digest_mismatches = Counter(
+            "p2preg_digest_mismatches", "Fetched blobs whose bytes did not match", registry=r
+        )
+        self.manifest_cache = Counter(
+            "p2preg_manifest_cache", "Manifest lookups by result", ["result"], registry=r
+        )
+        self.streams_active = Gauge(
+            "p2preg_blob_streams_active", "Blob responses being streamed", registry=r
+        )
+        self.store_bytes = Gauge("p2preg_store_bytes", "Bytes held in the store", registry=r)
+        self.store_blobs = Gauge("p2preg_store_blobs", "Blobs held in the store", registry=r)
+        self.store_budget = Gauge(
+            "p2preg_store_budget_bytes", "The store's size budget", registry=r
+        )
+        self.store_evictions = Gauge(
+            "p2preg_store_evictions", "Blobs evicted to stay within budget", registry=r
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,109 @@
+"""A node: wires the store, the resolver, the blob path and the facade.
+
+`open_node` builds the parts for one configuration; `serve_node` serves the
+facade with hypercorn and reports the bound URL through `task_status`, so tests
+start nodes on port 0 with `await nursery.start(serve_node, config)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from p2preg.blobs import Blobs
+from p2preg.config import NodeConfig
+from p2preg.metrics import NodeMetrics
+from p2preg.resolver import Resolver
+from p2preg.store import BlobStore
+from p2preg.tenancy import Tenancy
+from p2preg.upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Node:
+    config: NodeConfig
+    store: BlobStore
+    metrics: NodeMetrics
+    resolver: Resolver
+    blobs: Blobs
+    clients: dict[str, UpstreamClient]
+    streams: trio.Semaphore
+
+    def client_for(self, ns: str | None) -> UpstreamClient | None:
+        upstream = self.config.upstream_for(ns)
+        return None if upstream is None else self.clients[upstream.ns]
+
+    def refresh_gauges(self) -> None:
+        self.metrics.store_bytes.set(self.store.used_bytes)
+        self.metrics.store_blobs.set(len(self.store))
+        self.metrics.store_budget.set(self.store.max_bytes)
+        self.metrics.store_evictions.set(self.store.evictions)
+
+
+@asynccontextmanager
+async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
+    store = BlobStore(config.data_dir, config.store_max_bytes)
+    await trio.to_thread.run_sync(store.open)
+    metrics = NodeMetrics()
+    tenancy = Tenancy()
+    timeout = httpx.Timeout(config.upstream_timeout_s, connect=min(10.0, config.upstream_timeout_s))
+    async with (
+        httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as http,
+        trio.open_nursery() as nursery,
+    ):
+        clients = {
+            u.ns: UpstreamClient(
+                u,
+                http,
+                credential=config.credential_for(u.ns),
+                retries=config.upstream_retries,
+                on_bytes=metrics.upstream_bytes.inc,
+            )
+            for u in config.upstream
+        }
+        node = Node(
+            config=config,
+            store=store,
+            metrics=metrics,
+            resolver=Resolver(store, tenancy, metrics, tag_ttl_s=config.tag_ttl_s),
+            blobs=Blobs(store, tenancy, metrics, nursery),
+            clients=clients,
+            streams=trio.Semaphore(config.max_blob_streams),
+        )
+        log.info(
+            "node: store %s holds %d blobs (%d bytes of %d)",
+            config.data_dir,
+            len(store),
+            store.used_bytes,
+            store.max_bytes,
+        )
+        try:
+            yield node
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def serve_node(
+    config: NodeConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    from p2preg.facade import create_app
+
+    hc = HypercornConfig()
+    hc.bind = [str(config.listen)]
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.backlog = 1024
+    hc.graceful_timeout = 10.0
+    async with open_node(config) as node, trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(serve, create_app(node), hc)
+        log.info("node: serving the registry facade on %s", binds[0])
+        task_status.started(binds[0])

@@ -1,0 +1,60 @@
+"""`p2preg node`: flags, configuration loading and the trio entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import trio
+
+from p2preg.config import NodeConfig, load
+from p2preg.logs import setup_logging
+from p2preg.node import serve_node
+
+OTHER_ENV_KEYS: frozenset[str] = frozenset()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML file with the same keys as the flags")
+    p.add_argument("--listen", metavar="HOST:PORT", help="facade address (127.0.0.1:5000)")
+    p.add_argument(
+        "--upstream",
+        metavar="[NS=]URL",
+        action="append",
+        help="seed registry; NS is the name containerd sends as ?ns= (repeatable; the "
+        "first also serves requests without ns)",
+    )
+    p.add_argument("--data-dir", metavar="DIR", help="blob store and state (/var/lib/p2preg)")
+    p.add_argument("--tracker", metavar="URL", help="tracker base URL, http://host:port")
+    p.add_argument("--peer-port", metavar="N", help="BitTorrent listen port (6881)")
+    p.add_argument("--store-max-bytes", metavar="SIZE", help="store budget, e.g. 50GiB")
+    p.add_argument("--tag-ttl-s", metavar="SECONDS", help="how long a tag → digest answer is kept")
+    p.add_argument("--max-blob-streams", metavar="N", help="concurrent blob responses (64)")
+    p.add_argument("--log-json", action="store_const", const=True, help="JSON log lines")
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    cli = {
+        k: v
+        for k, v in vars(args).items()
+        if not k.startswith("_") and k not in ("command", "config")
+    }
+    return load(
+        NodeConfig,
+        cli=cli,
+        env=os.environ,
+        file=getattr(args, "config", None),
+        env_keys=OTHER_ENV_KEYS,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    setup_logging(json_lines=config.log_json)
+    logging.getLogger(__name__).info(
+        "node: upstreams %s", ", ".join(f"{u.ns}={u.url}" for u in config.upstream)
+    )
+    trio.run(serve_node, config)
+    return 0

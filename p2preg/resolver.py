@@ -1,0 +1,213 @@
+"""Manifests, tags and referrers, resolved against the seed registry.
+
+Owns the manifest caches: tag → digest for a short TTL (keyed on registry,
+repository, tag and the client's Accept, so a schema2-only client never gets an
+index another client caused to be cached) and manifests by digest for good
+(content-addressed, in the blob store, verified against their digest). Each
+resolved manifest proves to the tenancy ledger that its repository holds what
+it references. Manifests are small and are never swarmed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from p2preg import manifest as mf
+from p2preg.core.digest import Digest, DigestError
+from p2preg.core.reference import Reference
+from p2preg.errors import ManifestUnknown, NameUnknown, UpstreamError
+from p2preg.metrics import NodeMetrics
+from p2preg.store import BlobStore, StoreError
+from p2preg.tenancy import Tenancy
+from p2preg.upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+MAX_TAG_ENTRIES = 10_000
+MAX_MEMORY_MANIFESTS = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    digest: Digest
+    media_type: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _TagEntry:
+    digest: Digest
+    expires_at: float
+
+
+class Resolver:
+    def __init__(
+        self,
+        store: BlobStore,
+        tenancy: Tenancy,
+        metrics: NodeMetrics,
+        *,
+        tag_ttl_s: float,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self._store = store
+        self._tenancy = tenancy
+        self._metrics = metrics
+        self._tag_ttl_s = tag_ttl_s
+        self._clock = clock
+        self._tags: OrderedDict[tuple[str, str, str, str], _TagEntry] = OrderedDict()
+        self._memory: OrderedDict[Digest, Manifest] = OrderedDict()
+
+    # -- manifests --------------------------------------------------------
+
+    async def manifest(
+        self, client: UpstreamClient, repository: str, ref: Reference, accept: str | None
+    ) -> Manifest:
+        ns = client.upstream.ns
+        if ref.digest is not None:
+            digest = ref.digest
+            if self._tenancy.holds(ns, repository, digest):
+                cached = await self._cached(digest)
+                if cached is not None:
+                    self._metrics.manifest_cache.labels("hit").inc()
+                    return cached
+        else:
+            assert ref.tag is not None
+            key = (ns, repository, ref.tag, mf.accept_key(accept))
+            entry = self._tags.get(key)
+            if entry is not None and entry.expires_at > self._clock():
+                cached = await self._cached(entry.digest)
+                if cached is not None:
+                    self._metrics.manifest_cache.labels("hit").inc()
+                    return cached
+        self._metrics.manifest_cache.labels("miss").inc()
+        found = await self._fetch(client, repository, ref, accept)
+        if ref.tag is not None:
+            self._tags[key] = _TagEntry(found.digest, self._clock() + self._tag_ttl_s)
+            self._tags.move_to_end(key)
+            while len(self._tags) > MAX_TAG_ENTRIES:
+                self._tags.popitem(last=False)
+        return found
+
+    async def _fetch(
+        self, client: UpstreamClient, repository: str, ref: Reference, accept: str | None
+    ) -> Manifest:
+        headers = {"Accept": accept} if accept else {}
+        fetched = await client.fetch(
+            "GET",
+            repository,
+            f"manifests/{ref}",
+            headers=headers,
+            max_bytes=mf.MAX_MANIFEST_BYTES,
+        )
+        if fetched is None:
+            raise ManifestUnknown(f"manifest {ref} of {repository} is unknown to the seed registry")
+        algorithm = ref.digest.algorithm if ref.digest is not None else "sha256"
+        claimed = fetched.headers.get("Docker-Content-Digest")
+        if ref.digest is None and claimed:
+            try:
+                algorithm = Digest.parse(claimed).algorithm
+            except DigestError:
+                raise UpstreamError(
+                    "seed registry sent a malformed Docker-Content-Digest"
+                ) from None
+        digest = Digest.of(fetched.body, algorithm)
+        expected = ref.digest or (Digest.parse(claimed) if claimed else None)
+        if expected is not None and digest != expected:
+            raise UpstreamError(f"seed registry sent a manifest that does not match {expected}")
+        try:
+            parsed = mf.parse(fetched.body)
+        except mf.ManifestInvalid as e:
+            raise UpstreamError(f"seed registry sent an unusable manifest: {e}") from None
+        found = Manifest(digest, parsed.media_type, fetched.body)
+        ns = client.upstream.ns
+        self._tenancy.grant(ns, repository, [digest, *parsed.blobs, *parsed.manifests])
+        await self._keep(found)
+        return found
+
+    async def _cached(self, digest: Digest) -> Manifest | None:
+        found = self._memory.get(digest)
+        if found is not None:
+            self._memory.move_to_end(digest)
+            return found
+        if digest not in self._store:
+            return None
+        try:
+            with self._store.reading(digest) as path:
+                body = await trio.Path(path).read_bytes()
+        except (OSError, KeyError):
+            return None
+        if Digest.of(body, digest.algorithm) != digest:
+            log.error("store: manifest %s is corrupt on disk; dropping it", digest)
+            self._store.remove(digest)
+            return None
+        found = Manifest(digest, mf.parse(body).media_type, body)
+        self._remember(found)
+        return found
+
+    def _remember(self, found: Manifest) -> None:
+        self._memory[found.digest] = found
+        while len(self._memory) > MAX_MEMORY_MANIFESTS:
+            self._memory.popitem(last=False)
+
+    async def _keep(self, found: Manifest) -> None:
+        self._remember(found)
+        if found.digest in self._store:
+            return
+        writer = self._store.writer(found.digest)
+
+        def write() -> None:
+            writer.write(found.body)
+            writer.finish()
+
+        try:
+            await trio.to_thread.run_sync(write)
+            writer.commit()
+        except StoreError as e:
+            # A manifest we cannot keep on disk is still served from memory.
+            log.warning("store: cannot keep manifest %s: %s", found.digest, e)
+
+    # -- tags and referrers -----------------------------------------------
+
+    async def tags(self, client: UpstreamClient, repository: str) -> list[str]:
+        tags = await client.tags(repository)
+        if tags is None:
+            raise NameUnknown(f"repository {repository} is unknown to the seed registry")
+        return sorted(set(tags))
+
+    async def referrers(
+        self, client: UpstreamClient, repository: str, subject: Digest, artifact_type: str | None
+    ) -> bytes:
+        """Referrers of `subject` as an OCI index, from the API or the tag schema."""
+        headers = {"Accept": mf.OCI_INDEX}
+        fetched = await client.fetch(
+            "GET",
+            repository,
+            f"referrers/{subject}",
+            headers=headers,
+            max_bytes=mf.MAX_MANIFEST_BYTES,
+        )
+        content_type = fetched.headers.get("Content-Type", "") if fetched else ""
+        if fetched is None or not content_type.startswith(mf.OCI_INDEX):
+            # No referrers API upstream: fall back to the `<alg>-<hex>` tag schema.
+            fetched = await client.fetch(
+                "GET",
+                repository,
+                f"manifests/{subject.algorithm}-{subject.hex}",
+                headers=headers,
+                max_bytes=mf.MAX_MANIFEST_BYTES,
+            )
+        if fetched is None:
+            return mf.empty_index()
+        try:
+            parsed = mf.parse(fetched.body)
+            body = mf.filter_index(fetched.body, artifact_type)
+        except (mf.ManifestInvalid, ValueError):
+            raise UpstreamError("seed registry sent a malformed referrers index") from None
+        self._tenancy.grant(client.upstream.ns, repository, parsed.manifests)
+        return body

@@ -1,0 +1,202 @@
+"""Content-addressed blob store on local disk.
+
+Owns `<data_dir>/blobs/<algorithm>/<hex>` and `<data_dir>/tmp/`. A blob is
+written to a temp file while it is hashed, fsynced, and renamed under its
+digest only when the digest matches, so nothing unverified is ever visible
+under a digest, whatever crashes when. Temp files left by a crash are removed
+when the store opens. The store keeps itself under one size budget by evicting
+the least recently used blobs that nobody is reading. It knows nothing of
+registries, repositories or HTTP.
+
+Writers are synchronous and meant to run in a worker thread (hashing and disk
+writes must not block the event loop); the index of sizes and use order is
+only touched from the trio thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from p2preg.core.digest import Digest, DigestError, Hasher
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(Exception):
+    pass
+
+
+class DigestMismatch(StoreError):
+    def __init__(self, expected: Digest, got: Digest, size: int) -> None:
+        super().__init__(f"content has digest {got} ({size} bytes), expected {expected}")
+        self.expected, self.got, self.size = expected, got, size
+
+
+class NoSpace(StoreError):
+    pass
+
+
+class BlobWriter:
+    """A temp file that becomes the blob `digest` only if its bytes hash to it.
+
+    Not thread-safe: one writer is driven by one task (its calls may run in a
+    worker thread, one at a time).
+    """
+
+    def __init__(self, store: BlobStore, digest: Digest) -> None:
+        self.digest = digest
+        self._store = store
+        self._tmp = store.tmp_dir / f"{digest.hex[:16]}.{secrets.token_hex(6)}"
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit/abort
+        self._hasher = digest.hasher()
+
+    @property
+    def size(self) -> int:
+        return self._hasher.size
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        try:
+            self._file.write(chunk)
+        except OSError as e:
+            raise (NoSpace(str(e)) if e.errno == errno.ENOSPC else StoreError(str(e))) from e
+        self._hasher.update(chunk)
+
+    def reset(self) -> None:
+        """Start over (an upstream that does not resume answers from byte 0)."""
+        self._file.seek(0)
+        self._file.truncate()
+        self._hasher = Hasher(self.digest.algorithm)
+
+    def finish(self) -> int:
+        """Verify, fsync and close; returns the size. The caller then calls commit()."""
+        got = self._hasher.digest()
+        if got != self.digest:
+            self.abort()
+            raise DigestMismatch(self.digest, got, self._hasher.size)
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:
+            self.abort()
+            raise (NoSpace(str(e)) if e.errno == errno.ENOSPC else StoreError(str(e))) from e
+        self._file.close()
+        return self._hasher.size
+
+    def commit(self) -> None:
+        """Make the verified blob visible under its digest (trio thread)."""
+        self._store._publish(self.digest, self._tmp, self._hasher.size)
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+class BlobStore:
+    def __init__(self, data_dir: Path, max_bytes: int) -> None:
+        self.blob_dir = data_dir / "blobs"
+        self.tmp_dir = data_dir / "tmp"
+        self.max_bytes = max_bytes
+        # digest → size, least recently used first.
+        self._index: OrderedDict[Digest, int] = OrderedDict()
+        self._readers: Counter[Digest] = Counter()
+        self.used_bytes = 0
+        self.evictions = 0
+
+    def open(self) -> None:
+        """Create the layout, drop temp files of a crashed run, index what is stored."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp_dir.iterdir():
+            leftover.unlink(missing_ok=True)
+        found: list[tuple[float, Digest, int]] = []
+        for alg_dir in self.blob_dir.iterdir():
+            for path in alg_dir.iterdir():
+                try:
+                    digest = Digest.parse(f"{alg_dir.name}:{path.name}")
+                except DigestError:
+                    log.warning("store: ignoring stray file %s", path)
+                    continue
+                st = path.stat()
+                found.append((st.st_mtime, digest, st.st_size))
+        for _, digest, size in sorted(found, key=lambda t: (t[0], str(t[1]))):
+            self._index[digest] = size
+            self.used_bytes += size
+
+    def path(self, digest: Digest) -> Path:
+        return self.blob_dir / digest.algorithm / digest.hex
+
+    def size(self, digest: Digest) -> int | None:
+        return self._index.get(digest)
+
+    def __contains__(self, digest: Digest) -> bool:
+        return digest in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def digests(self) -> list[Digest]:
+        return list(self._index)
+
+    def writer(self, digest: Digest) -> BlobWriter:
+        return BlobWriter(self, digest)
+
+    @contextmanager
+    def reading(self, digest: Digest) -> Iterator[Path]:
+        """Pin a stored blob while it is read, so that eviction leaves it alone."""
+        if digest not in self._index:
+            raise KeyError(digest)
+        self._index.move_to_end(digest)
+        self._readers[digest] += 1
+        try:
+            yield self.path(digest)
+        finally:
+            self._readers[digest] -= 1
+            if not self._readers[digest]:
+                del self._readers[digest]
+
+    def _publish(self, digest: Digest, tmp: Path, size: int) -> None:
+        if digest in self._index:
+            tmp.unlink(missing_ok=True)
+            self._index.move_to_end(digest)
+            return
+        self._make_room(size)
+        final = self.path(digest)
+        final.parent.mkdir(exist_ok=True)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        self._index[digest] = size
+        self.used_bytes += size
+
+    def _make_room(self, size: int) -> None:
+        for victim in list(self._index):
+            if self.used_bytes + size <= self.max_bytes:
+                return
+            if self._readers[victim]:
+                continue
+            self.remove(victim)
+            self.evictions += 1
+            log.info("store: evicted %s to stay under %d bytes", victim, self.max_bytes)
+        if self.used_bytes + size > self.max_bytes:
+            raise NoSpace(f"store budget of {self.max_bytes} bytes cannot fit {size} more bytes")
+
+    def remove(self, digest: Digest) -> None:
+        size = self._index.pop(digest, None)
+        if size is None:
+            return
+        self.used_bytes -= size
+        self.path(digest).unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,324 @@
+"""OCI pull client for one seed registry.
+
+Owns everything about talking to an upstream registry: bearer-token auth
+(anonymous or with basic credentials, per-repository scope, tokens cached until
+expiry), retries with backoff on 429/5xx/connection errors (honouring
+`Retry-After`), timeouts, and blob redirects (an S3-style 307 is followed
+without sending our `Authorization` to another host). Blob bodies are resumed
+with `Range` when a connection drops mid-way. It never logs credentials or
+tokens, and it never decides what to cache: callers do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import random
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Protocol
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+import trio
+
+from p2preg.auth import (
+    ChallengeError,
+    TokenCache,
+    parse_challenge,
+    parse_token_response,
+    repository_scope,
+)
+from p2preg.config import Credential, Upstream
+from p2preg.core.digest import Digest
+from p2preg.errors import RegistryError, UpstreamError, UpstreamUnauthorized, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+BACKOFF_BASE_S = 0.2
+BACKOFF_MAX_S = 10.0
+# A Retry-After longer than this is not worth holding a client request for.
+RETRY_AFTER_MAX_S = 30.0
+MAX_TAGS_PAGES = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    status: int
+    headers: httpx.Headers
+    body: bytes
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
+
+
+class BlobSink(Protocol):
+    """Where blob bytes go; `reset` starts over when the upstream cannot resume."""
+
+    @property
+    def offset(self) -> int: ...
+
+    async def write(self, chunk: bytes) -> None: ...
+
+    async def reset(self) -> None: ...
+
+
+class UpstreamClient:
+    def __init__(
+        self,
+        upstream: Upstream,
+        http: httpx.AsyncClient,
+        *,
+        credential: Credential | None = None,
+        retries: int = 4,
+        on_bytes: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        self.upstream = upstream
+        self._http = http
+        self._credential = credential
+        self._retries = retries
+        self._tokens = TokenCache(trio.current_time)
+        self._basic = False  # the registry asked for Basic auth
+        self._on_bytes = on_bytes
+        self.token_fetches = 0
+
+    # -- request plumbing -------------------------------------------------
+
+    def _auth_header(self, scope: str) -> dict[str, str]:
+        token = self._tokens.get(scope)
+        if token is not None:
+            return {"Authorization": f"Bearer {token}"}
+        if self._basic and self._credential is not None:
+            auth = httpx.BasicAuth(self._credential.username, self._credential.password)
+            request = auth.auth_flow(httpx.Request("GET", self.upstream.url))
+            return {"Authorization": next(request).headers["Authorization"]}
+        return {}
+
+    async def _authenticate(self, response: httpx.Response, scope: str) -> None:
+        header = response.headers.get("WWW-Authenticate")
+        if header is None:
+            raise UpstreamUnauthorized("the seed registry refused access without a challenge")
+        try:
+            challenge = parse_challenge(header)
+        except ChallengeError as e:
+            raise UpstreamError(f"seed registry sent a bad auth challenge: {e}") from None
+        if challenge.scheme == "basic":
+            if self._credential is None or self._basic:
+                raise UpstreamUnauthorized("the seed registry wants credentials we do not have")
+            self._basic = True
+            return
+        if challenge.scheme != "bearer" or not challenge.realm.startswith(("http://", "https://")):
+            raise UpstreamError(f"unsupported auth challenge scheme {challenge.scheme!r}")
+        params = {"scope": scope}
+        if "service" in challenge.params:
+            params["service"] = challenge.params["service"]
+        auth = None
+        if self._credential is not None:
+            auth = httpx.BasicAuth(self._credential.username, self._credential.password)
+        self.token_fetches += 1
+        try:
+            r = await self._http.get(challenge.realm, params=params, auth=auth)
+        except httpx.HTTPError as e:
+            raise UpstreamUnavailable(f"token service unreachable: {type(e).__name__}") from None
+        if r.status_code in (401, 403):
+            raise UpstreamUnauthorized("the token service refused our credentials")
+        if r.status_code != 200:
+            raise UpstreamError(f"token service answered {r.status_code}")
+        try:
+            token = parse_token_response(r.json(), trio.current_time())
+        except (ValueError, ChallengeError) as e:
+            raise UpstreamError(f"token service sent a bad answer: {e}") from None
+        self._tokens.put(scope, token)
+
+    @asynccontextmanager
+    async def _open(
+        self,
+        method: str,
+        path: str,
+        repository: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[httpx.Response]:
+        """One logical request: auth, retries and redirects; yields a streaming response.
+
+        Yields only final responses (2xx, 404, or a 4xx the caller maps);
+        retryable failures that outlast the retries raise UpstreamUnavailable.
+        """
+        scope = repository_scope(repository)
+        url = self.upstream.url + path
+        attempt = 0
+        authed_once = False
+        while True:
+            send_headers = {**(headers or {}), **self._auth_header(scope)}
+            delay: float | None = None
+            try:
+                response = await self._send(method, url, send_headers)
+            except httpx.TransportError as e:
+                if attempt >= self._retries:
+                    raise UpstreamUnavailable(
+                        f"seed registry {self.upstream.ns} unreachable: {type(e).__name__}"
+                    ) from None
+                log.info("upstream %s %s: %s, retrying", method, path, type(e).__name__)
+            else:
+                if response.status_code == 401 and not authed_once:
+                    await response.aclose()
+                    authed_once = True
+                    self._tokens.drop(scope)
+                    await self._authenticate(response, scope)
+                    continue
+                if response.status_code in RETRY_STATUSES and attempt < self._retries:
+                    delay = _retry_after(response)
+                    await response.aclose()
+                    if delay is not None and delay > RETRY_AFTER_MAX_S:
+                        raise UpstreamUnavailable(
+                            f"seed registry asks to retry after {delay:.0f} s",
+                            headers={"Retry-After": str(math.ceil(delay))},
+                        )
+                    log.info("upstream %s %s: %d, retrying", method, path, response.status_code)
+                else:
+                    try:
+                        yield response
+                    finally:
+                        await response.aclose()
+                    return
+            attempt += 1
+            if delay is None:
+                delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
+                delay *= random.uniform(0.5, 1.0)
+            await trio.sleep(delay)
+
+    async def _send(self, method: str, url: str, headers: dict[str, str]) -> httpx.Response:
+        origin = urlsplit(url).netloc
+        for _ in range(MAX_REDIRECTS + 1):
+            request = self._http.build_request(method, url, headers=headers)
+            response = await self._http.send(request, stream=True)
+            if response.status_code not in REDIRECTS or "Location" not in response.headers:
+                return response
+            await response.aclose()
+            url = urljoin(url, response.headers["Location"])
+            if urlsplit(url).netloc != origin:
+                # Our token is for the registry, never for its storage backend.
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        raise UpstreamError("seed registry redirected too many times")
+
+    def _fail(self, response: httpx.Response, what: str) -> RegistryError:
+        if response.status_code in (401, 403):
+            return UpstreamUnauthorized(f"seed registry denied access to {what}")
+        if response.status_code == 429:
+            return UpstreamUnavailable(f"seed registry rate-limited {what}")
+        return UpstreamError(f"seed registry answered {response.status_code} for {what}")
+
+    # -- the operations the node needs ------------------------------------
+
+    async def fetch(
+        self,
+        method: str,
+        repository: str,
+        path: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        max_bytes: int,
+    ) -> Fetched | None:
+        """A small GET/HEAD under `/v2/<repository>/`; None when upstream says 404."""
+        async with self._open(method, f"/v2/{repository}/{path}", repository, headers) as r:
+            if r.status_code == 404:
+                return None
+            if r.status_code >= 300:
+                raise self._fail(r, f"{repository}/{path}")
+            body = b""
+            if method != "HEAD":
+                chunks = []
+                total = 0
+                async for chunk in r.aiter_bytes():
+                    total += len(chunk)
+                    if total > max_bytes:
+                        raise UpstreamError(f"{repository}/{path} is larger than {max_bytes} bytes")
+                    chunks.append(chunk)
+                body = b"".join(chunks)
+            return Fetched(r.status_code, r.headers, body)
+
+    async def blob_size(self, repository: str, digest: Digest) -> int | None:
+        """Size of the blob if `repository` holds it upstream, else None."""
+        fetched = await self.fetch("HEAD", repository, f"blobs/{digest}", max_bytes=0)
+        if fetched is None:
+            return None
+        length = fetched.headers.get("Content-Length", "")
+        return int(length) if length.isdigit() else -1
+
+    async def tags(self, repository: str) -> list[str] | None:
+        """Every tag of `repository`, following the registry's own pagination."""
+        tags: list[str] = []
+        path = "tags/list"
+        for _ in range(MAX_TAGS_PAGES):
+            fetched = await self.fetch("GET", repository, path, max_bytes=16 * 1024 * 1024)
+            if fetched is None:
+                return None
+            try:
+                page = json.loads(fetched.body).get("tags") or []
+            except (ValueError, AttributeError):
+                raise UpstreamError("seed registry sent a malformed tag list") from None
+            tags.extend(t for t in page if isinstance(t, str))
+            link = fetched.headers.get("Link", "")
+            if 'rel="next"' not in link:
+                return tags
+            target = link.split(";")[0].strip().strip("<>")
+            prefix = f"/v2/{repository}/"
+            target = urlsplit(target)._replace(scheme="", netloc="").geturl()
+            if not target.startswith(prefix):
+                raise UpstreamError("seed registry sent a foreign pagination link")
+            path = target[len(prefix) :]
+        raise UpstreamError("seed registry tag list did not end")
+
+    async def fetch_blob(self, repository: str, digest: Digest, sink: BlobSink) -> None:
+        """Stream the blob into `sink`, resuming with Range after a cut connection.
+
+        Verification is the sink's job; this only guarantees the bytes arrive in
+        order from offset 0.
+        """
+        cuts = 0
+        while True:
+            headers = {"Range": f"bytes={sink.offset}-"} if sink.offset else {}
+            try:
+                async with self._open(
+                    "GET", f"/v2/{repository}/blobs/{digest}", repository, headers
+                ) as r:
+                    if r.status_code == 404:
+                        raise UpstreamError(f"seed registry lost blob {digest} of {repository}")
+                    if r.status_code == 206:
+                        if not r.headers.get("Content-Range", "").startswith(
+                            f"bytes {sink.offset}-"
+                        ):
+                            raise UpstreamError("seed registry resumed at the wrong offset")
+                    elif r.status_code == 200:
+                        if sink.offset:
+                            await sink.reset()
+                    else:
+                        raise self._fail(r, f"blob {digest}")
+                    async for chunk in r.aiter_bytes(1 << 20):
+                        self._on_bytes(len(chunk))
+                        await sink.write(chunk)
+                    return
+            except (httpx.TransportError, httpx.StreamError) as e:
+                cuts += 1
+                if cuts > self._retries:
+                    raise UpstreamUnavailable(
+                        f"blob {digest} download kept failing: {type(e).__name__}"
+                    ) from None
+                log.info("upstream blob %s cut at %d bytes, resuming", digest, sink.offset)
+                await trio.sleep(BACKOFF_BASE_S * cuts)
