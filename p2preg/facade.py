@@ -11,6 +11,7 @@ number of open streams is capped by the node's semaphore.
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
@@ -27,6 +28,8 @@ from p2preg.upstream import UpstreamClient
 
 if TYPE_CHECKING:
     from p2preg.node import Node
+
+log = logging.getLogger(__name__)
 
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -76,6 +79,8 @@ def create_app(node: Node) -> QuartTrio:
 
     @app.errorhandler(RegistryError)
     async def registry_error(e: RegistryError) -> Response:
+        if e.status >= 500:
+            log.warning("%s %s: %s", request.method, request.path, e.message)
         return Response(e.body(), e.status, {"Content-Type": "application/json", **e.headers})
 
     @app.errorhandler(HTTPException)
@@ -105,9 +110,9 @@ def _client(node: Node, ns: str | None) -> UpstreamClient:
 
 async def _manifest(node: Node, client: UpstreamClient, route: Route, head: bool) -> Response:
     assert route.reference is not None
-    found = await node.resolver.manifest(
-        client, route.name, route.reference, request.headers.get("Accept")
-    )
+    # Go clients (skopeo, containerd) send one Accept header per media type.
+    accept = ", ".join(request.headers.getlist("Accept")) or None
+    found = await node.resolver.manifest(client, route.name, route.reference, accept)
     headers = {
         "Content-Type": found.media_type,
         "Docker-Content-Digest": str(found.digest),

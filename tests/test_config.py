@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+
+from p2preg.config import ConfigError, HostPort, NodeConfig, Upstream, load, parse_size
+
+
+def test_precedence_cli_over_env_over_file(tmp_path: Path) -> None:
+    f = tmp_path / "node.toml"
+    f.write_text(
+        'upstream = ["docker.io=https://registry-1.docker.io"]\n'
+        'listen = "127.0.0.1:7000"\ntag_ttl_s = 5\nstore-max-bytes = "1GiB"\n'
+    )
+    env = {"P2PREG_LISTEN": "127.0.0.1:7001", "P2PREG_TAG_TTL_S": "7", "HOME": "/x"}
+    c = load(NodeConfig, cli={"listen": "0.0.0.0:7002"}, env=env, file=f)
+    assert c.listen == HostPort("0.0.0.0", 7002)
+    assert c.tag_ttl_s == 7.0
+    assert c.store_max_bytes == 1024**3
+    assert c.upstream == (Upstream("docker.io", "https://registry-1.docker.io"),)
+    assert c.upstream_for(None) is c.upstream[0]
+    assert c.upstream_for("docker.io") is c.upstream[0]
+    assert c.upstream_for("ghcr.io") is None
+
+
+def test_defaults_are_safe_for_a_node_local_endpoint() -> None:
+    c = load(NodeConfig, cli={"upstream": ["http://127.0.0.1:5001"]})
+    assert c.listen == HostPort("127.0.0.1", 5000)
+    assert c.upstream[0].ns == "127.0.0.1:5001"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cli": {}}, "at least one --upstream"),
+        ({"cli": {"upstream": ["ftp://x"]}}, "upstream URL"),
+        ({"cli": {"upstream": ["http://a", "http://a"]}}, "share one registry name"),
+        ({"cli": {"upstream": ["http://a"], "listen": "nope"}}, "HOST:PORT"),
+        ({"cli": {"upstream": ["http://a"], "tag_ttl_s": "soon"}}, "expected a number"),
+        ({"cli": {"upstream": ["http://a"], "tracker": "http://t:1/announce"}}, "base URL"),
+        ({"cli": {"upstream": ["http://a"]}, "env": {"P2PREG_NOPE": "1"}}, "P2PREG_NOPE"),
+        ({"cli": {"upstream": ["http://a"], "credentials": ["bad"]}}, "NS=USER:PASSWORD"),
+    ],
+)
+def test_bad_config_is_a_clear_error(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(NodeConfig, **kwargs)  # type: ignore[arg-type]
+
+
+def test_unknown_file_key_is_an_error(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('upstream = ["http://a"]\nlisten_adress = "x:1"\n')
+    with pytest.raises(ConfigError, match="listen_adress"):
+        load(NodeConfig, file=f)
+    f.write_text("not toml [")
+    with pytest.raises(ConfigError, match=r"c\.toml"):
+        load(NodeConfig, file=f)
+
+
+def test_credentials_are_not_in_repr() -> None:
+    c = load(NodeConfig, cli={"upstream": ["r=http://a"], "credentials": ["r=alice:s3cret"]})
+    cred = c.credential_for("r")
+    assert cred is not None and (cred.username, cred.password) == ("alice", "s3cret")
+    assert "s3cret" not in repr(c)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("1024", 1024), ("1KiB", 1024), ("2MiB", 2 << 20), ("3G", 3 * 10**9), ("5 GiB", 5 << 30)],
+)
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
