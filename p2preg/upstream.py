@@ -310,7 +310,7 @@ class UpstreamClient:
                             await sink.reset()
                     else:
                         raise self._fail(r, f"blob {digest}")
-                    async for chunk in r.aiter_bytes(1 << 20):
+                    async for chunk in r.aiter_bytes():
                         self._on_bytes(len(chunk))
                         await sink.write(chunk)
                     return
