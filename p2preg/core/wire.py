@@ -1,0 +1,188 @@
+"""Control messages between node and tracker, and their msgpack encoding.
+
+Owns the shapes of the tracker's control API bodies (metainfo publish, lookup and
+bad reports, upstream leases, errors) as frozen dataclasses, and `encode` /
+`decode`, which check every field's type on the way in. Readers ignore keys they
+do not know, so a newer peer can add optional fields without breaking an older
+one. This module is sans-IO: bytes in, dataclasses out; it must not know URLs,
+HTTP or status codes (tracker/server.py and tracker/client.py do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgpack
+
+CONTENT_TYPE = "application/msgpack"
+# Control bodies are small except metainfo; the tracker caps those separately.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# Longest accepted value of each free-text field, so a peer cannot make the
+# tracker store or log megabytes of it.
+STR_LIMITS = {"node": 128, "reason": 1024, "lease_id": 64, "digest": 160}
+
+
+class WireError(ValueError):
+    """A control message does not decode or has a field of the wrong type."""
+
+
+class LeaseStatus(enum.StrEnum):
+    GRANTED = "granted"  # you hold the lease: fetch from upstream, renew, publish
+    WAIT = "wait"  # another node holds it: ask again after retry_after_s
+    SEEDED = "seeded"  # a seeder is in the swarm: join it with `metainfo`
+
+
+@dataclass(frozen=True, slots=True)
+class PublishMetainfo:
+    """PUT /v1/metainfo/<digest>: a node that verified the blob files its torrent."""
+
+    node: str
+    size: int
+    metainfo: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MetainfoRecord:
+    """What the tracker holds for one digest; `info_hashes` are the 20-byte swarm keys."""
+
+    digest: str
+    size: int
+    metainfo: bytes
+    info_hashes: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class ReportBad:
+    """POST /v1/metainfo/<digest>/bad: the stored metainfo (`info_hash`) is wrong.
+
+    The reporter holds the verified blob and proves it the only way it can: by
+    sending the metainfo it made from those bytes, which replaces the bad one.
+    """
+
+    node: str
+    info_hash: bytes
+    reason: str
+    size: int
+    metainfo: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRequest:
+    """POST /v1/leases/<digest>: may I fetch this blob from upstream?"""
+
+    node: str
+    size: int | None = None
+    # How long the tracker may hold the request open waiting for a change.
+    wait_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRenew:
+    """PUT /v1/leases/<digest>: I still hold it and have fetched `bytes_done`."""
+
+    lease_id: str
+    bytes_done: int
+    size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRelease:
+    """POST /v1/leases/<digest>/release: I give it up (failed, or seeding already)."""
+
+    lease_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseReply:
+    status: LeaseStatus
+    lease_id: str | None = None
+    ttl_s: float = 0.0
+    retry_after_s: float = 0.0
+    holder: str | None = None
+    bytes_done: int = 0
+    size: int | None = None
+    metainfo: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """Every 4xx/5xx body of the control API: a stable `error` code and a message."""
+
+    error: str
+    message: str
+
+
+Message = (
+    PublishMetainfo
+    | MetainfoRecord
+    | ReportBad
+    | LeaseRequest
+    | LeaseRenew
+    | LeaseRelease
+    | LeaseReply
+    | ErrorReply
+)
+M = TypeVar("M", bound=Message)
+
+
+def encode(message: Message) -> bytes:
+    fields = {f.name: _plain(getattr(message, f.name)) for f in dataclasses.fields(message)}
+    return msgpack.packb(fields, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode(cls: type[M], data: bytes) -> M:
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise WireError(f"message is larger than {MAX_MESSAGE_BYTES} bytes")
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise WireError(f"body is not msgpack: {e}") from None
+    if not isinstance(raw, dict):
+        raise WireError(f"{cls.__name__} must be a map")
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            value = _check(f"{cls.__name__}.{f.name}", hints[f.name], raw[f.name])
+            limit = STR_LIMITS.get(f.name)
+            if limit is not None and isinstance(value, str) and not 0 < len(value) <= limit:
+                raise WireError(f"{cls.__name__}.{f.name} must be 1 to {limit} characters")
+            values[f.name] = value
+        elif f.default is dataclasses.MISSING:
+            raise WireError(f"{cls.__name__} lacks {f.name!r}")
+    return cls(**values)
+
+
+def _plain(value: object) -> object:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _check(name: str, tp: Any, value: object) -> object:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _check(name, inner, value)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise WireError(f"{name} must be a list")
+        return [_check(name, item, v) for v in value]
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise WireError(f"{name} has unknown value {value!r:.40}") from None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise WireError(f"{name} must be an integer")
+    if not isinstance(value, tp):
+        raise WireError(f"{name} must be {tp.__name__}, got {type(value).__name__}")
+    return value

@@ -1,0 +1,119 @@
+"""Hand-out policy (tracker/handout.py) and the peer table it draws from (tracker/peers.py)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tracker.errors import InvalidRequest, LimitReached
+from tracker.handout import hand_out
+from tracker.peers import PeerTable, compact_address
+
+
+def test_seeders_come_first_then_leechers() -> None:
+    seeders = [f"s{i}" for i in range(3)]
+    leechers = [f"l{i}" for i in range(10)]
+    got = hand_out(seeders, leechers, 6, asker="l0", rng=random.Random(1))
+    assert len(got) == 6
+    assert set(got[:3]) == set(seeders)
+    assert all(p.startswith("l") for p in got[3:])
+    assert "l0" not in got
+
+
+def test_many_seeders_fill_numwant_and_are_shuffled() -> None:
+    seeders = [f"s{i}" for i in range(100)]
+    orders = {tuple(hand_out(seeders, ["l"], 10, rng=random.Random(n))) for n in range(20)}
+    assert all(len(o) == 10 and all(p.startswith("s") for p in o) for o in orders)
+    assert len(orders) > 1  # random, not always the same ten
+
+
+def test_within_a_group_the_order_is_shuffled() -> None:
+    seeders = ["a", "b", "c", "d"]
+    firsts = {hand_out(seeders, [], 4, rng=random.Random(n))[0] for n in range(40)}
+    assert firsts == set(seeders)
+
+
+def test_seeder_gets_nobody_and_numwant_zero_gets_nobody() -> None:
+    assert hand_out(["s"], ["l"], 50, asker="s", asker_is_seeder=True) == []
+    assert hand_out(["s"], ["l"], 0, asker="l") == []
+
+
+def test_asker_is_never_handed_itself() -> None:
+    for n in range(30):
+        got = hand_out([], ["me", "x", "y"], 2, asker="me", rng=random.Random(n))
+        assert sorted(got) == ["x", "y"]
+
+
+def test_compact_addresses() -> None:
+    assert compact_address("127.0.0.1", 6881) == bytes([127, 0, 0, 1, 0x1A, 0xE1])
+    assert compact_address("::ffff:10.0.0.2", 1) == bytes([10, 0, 0, 2, 0, 1])
+    assert compact_address("::1", 2) == bytes(15) + b"\x01\x00\x02"
+    with pytest.raises(InvalidRequest):
+        compact_address("not-an-ip", 1)
+
+
+def test_peer_table_keys_by_address_and_peer_id() -> None:
+    table = PeerTable(max_peers_per_swarm=10, max_peers=100)
+    a = compact_address("10.0.0.1", 1000)
+    b = compact_address("10.0.0.2", 1000)
+    table.update("d", b"p" * 20, a, seeder=False, expires_at=10)
+    # Same peer id from another host: another peer, not a takeover.
+    table.update("d", b"p" * 20, b, seeder=True, expires_at=10)
+    swarm = table.swarm("d")
+    assert swarm is not None and len(swarm.leechers) == 1 and len(swarm.seeders) == 1
+    # The first host finishes: it moves to the seeders, still one entry.
+    table.update("d", b"p" * 20, a, seeder=True, expires_at=20)
+    assert (len(swarm.seeders), len(swarm.leechers), table.totals().peers) == (2, 0, 2)
+    # Stopping from the other host leaves the first one alone.
+    table.remove("d", b"p" * 20, b)
+    assert [p.compact for p in swarm.seeders] == [a]
+
+
+def test_peer_table_expiry_and_limits() -> None:
+    table = PeerTable(max_peers_per_swarm=2, max_peers=3)
+    for i in range(2):
+        table.update(
+            "d1",
+            bytes([i]) * 20,
+            compact_address("10.0.0.1", 100 + i),
+            seeder=False,
+            expires_at=5 + i,
+        )
+    with pytest.raises(LimitReached):
+        table.update("d1", b"z" * 20, compact_address("10.0.0.1", 200), seeder=False, expires_at=9)
+    table.update("d2", b"y" * 20, compact_address("10.0.0.1", 300), seeder=True, expires_at=9)
+    with pytest.raises(LimitReached):
+        table.update("d3", b"x" * 20, compact_address("10.0.0.1", 400), seeder=True, expires_at=9)
+    assert table.swarm("d3") is None
+    assert table.expire_swarm("d1", now=5.5) == 1
+    assert table.totals().peers == 2
+    assert table.expire_swarm("d1", now=7) == 1
+    assert table.swarm("d1") is None
+    assert table.seeders("d2") == 1 and table.totals().swarms == 1
+
+
+def test_swarm_groups_stay_consistent_under_churn() -> None:
+    rng = random.Random(7)
+    table = PeerTable(max_peers_per_swarm=1000, max_peers=1000)
+    live: set[tuple[bytes, bytes]] = set()
+    for step in range(2000):
+        pid = bytes([rng.randrange(40)]) * 20
+        addr = compact_address("10.0.0.1", 1000 + pid[0])
+        if rng.random() < 0.3:
+            table.remove("d", pid, addr)
+            live.discard((pid, addr))
+        else:
+            table.update("d", pid, addr, seeder=rng.random() < 0.5, expires_at=step)
+            live.add((pid, addr))
+        swarm = table.swarm("d")
+        if swarm is None:
+            assert not live
+            continue
+        for group, addrs in (
+            (swarm.seeders, swarm.seeder_addrs),
+            (swarm.leechers, swarm.leecher_addrs),
+        ):
+            assert [p.compact for p in group] == addrs
+            assert all(group[p.pos] is p for p in group)
+        assert len(swarm.by_key) == len(live) == table.totals().peers

@@ -1,0 +1,306 @@
+"""The tracker over real sockets, in process (tracker/server.py and its listeners).
+
+Started with `nursery.start(serve_tracker, ...)` on port 0; spoken to with
+httpx, the node's TrackerClient, raw TCP and raw UDP. Every refusal must be a
+clear error of the right kind, and the tracker must keep serving after it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote_from_bytes, urlsplit
+
+import httpx
+import libtorrent as lt
+import msgpack
+import pytest
+import trio
+
+from p2preg.config import HostPort
+from p2preg.core import wire
+from p2preg.core.digest import Digest
+from p2preg.core.metainfo import Metainfo, make_metainfo
+from tracker import errors, udp
+from tracker.client import TrackerClient, open_tracker_client
+from tracker.config import TrackerConfig
+from tracker.server import serve_tracker
+
+TOKEN = "cluster-token"
+
+
+@asynccontextmanager
+async def running(tmp_path: Path, **overrides: object) -> AsyncIterator[str]:
+    settings: dict[str, Any] = dict(
+        listen=HostPort("127.0.0.1", 0), data_dir=tmp_path / "tracker", token=TOKEN
+    )
+    settings.update(overrides)
+    async with trio.open_nursery() as nursery:
+        yield await nursery.start(serve_tracker, TrackerConfig(**settings))
+        nursery.cancel_scope.cancel()
+
+
+def blob_meta(tmp_path: Path, size: int = 100_000) -> Metainfo:
+    data = os.urandom(size)
+    digest = Digest.of(data)
+    path = tmp_path / digest.hex
+    path.write_bytes(data)
+    return make_metainfo(path, digest, size)
+
+
+def announce_query(ih: bytes, n: int, *, left: int = 0, token: str | None = TOKEN) -> str:
+    q = (
+        f"info_hash={quote_from_bytes(ih)}&peer_id={quote_from_bytes(bytes([n]) * 20)}"
+        f"&port={7000 + n}&uploaded=0&downloaded=0&left={left}&compact=1&numwant=50"
+    )
+    return q + (f"&token={token}" if token else "")
+
+
+async def healthy(http: httpx.AsyncClient, url: str) -> bool:
+    return (await http.get(url + "/healthz")).status_code == 200
+
+
+async def test_announce_scrape_auth_and_metrics(tmp_path: Path) -> None:
+    meta = blob_meta(tmp_path)
+    (ih,) = meta.swarm_keys
+    async with (
+        running(tmp_path) as url,
+        open_tracker_client(url, node="n1", token=TOKEN) as client,
+        httpx.AsyncClient(headers={"Connection": "close"}) as http,
+    ):
+        await client.publish_metainfo(meta.digest, meta.size, meta.data)
+        seeder = lt.bdecode((await http.get(f"{url}/announce?{announce_query(ih, 1)}")).content)
+        assert seeder[b"peers"] == b"" and seeder[b"complete"] == 1
+        r = await http.get(f"{url}/announce?{announce_query(ih, 2, left=5)}")
+        assert r.status_code == 200 and r.headers["connection"] == "close"
+        leecher = lt.bdecode(r.content)
+        assert leecher[b"peers"] == bytes([127, 0, 0, 1]) + (7001).to_bytes(2, "big")
+        assert (leecher[b"complete"], leecher[b"incomplete"]) == (1, 1)
+        scrape = lt.bdecode(
+            (await http.get(f"{url}/scrape?info_hash={quote_from_bytes(ih)}&token={TOKEN}")).content
+        )
+        assert scrape == {b"files": {ih: {b"complete": 1, b"incomplete": 1, b"downloaded": 0}}}
+
+        no_token = lt.bdecode(
+            (await http.get(f"{url}/announce?{announce_query(ih, 3, token=None)}")).content
+        )
+        assert b"token" in no_token[b"failure reason"]
+        r = await http.get(f"{url}/v1/metainfo/{meta.digest}")
+        assert r.status_code == 401
+        assert wire.decode(wire.ErrorReply, r.content).error == "unauthorized"
+        async with open_tracker_client(url, node="n2", token="wrong") as intruder:
+            with pytest.raises(errors.Unauthorized):
+                await intruder.publish_metainfo(meta.digest, meta.size, meta.data)
+
+        metrics = (await http.get(url + "/metrics")).text
+        assert 'p2preg_tracker_announces_total{event="none",transport="http"} 3.0' in metrics
+        assert 'p2preg_tracker_failures_total{code="unauthorized",transport="http"} 1.0' in metrics
+        assert "p2preg_tracker_metainfo 1.0" in metrics
+        assert "p2preg_tracker_peers 2.0" in metrics and "p2preg_tracker_seeders 1.0" in metrics
+        assert "p2preg_tracker_swarms 1.0" in metrics
+
+
+@pytest.mark.parametrize(
+    "target,reason",
+    [
+        ("/announce?info_hash=short&peer_id=x&port=1&left=0", b"info_hash must be 20 bytes"),
+        ("/announce?" + announce_query(b"\x07" * 20, 1), b"unregistered info_hash"),
+        ("/announce", b"info_hash"),
+        ("/scrape?token=" + TOKEN, b"at least one info_hash"),
+    ],
+)
+async def test_malformed_announces_get_bencoded_failures(
+    tmp_path: Path, target: str, reason: bytes
+) -> None:
+    async with running(tmp_path) as url, httpx.AsyncClient() as http:
+        r = await http.get(url + target)
+        assert r.status_code == 200  # BitTorrent clients read failures from 200s
+        assert reason in lt.bdecode(r.content)[b"failure reason"]
+        assert await healthy(http, url)
+
+
+async def test_garbage_and_split_requests_over_raw_tcp(tmp_path: Path) -> None:
+    async with running(tmp_path, token=None) as url:
+        host, port = urlsplit(url).hostname or "", urlsplit(url).port or 0
+        # Not HTTP at all: hypercorn answers 400 and the tracker stays up.
+        stream = await trio.open_tcp_stream(host, port)
+        await stream.send_all(b"\x16\x03\x01 hello?\r\n\r\n")
+        reply = await stream.receive_some(4096)
+        assert reply.startswith(b"HTTP/1.1 400")
+        await stream.aclose()
+        # An announce whose head arrives in two pieces takes the slow path.
+        stream = await trio.open_tcp_stream(host, port)
+        await stream.send_all(b"GET /announce?info_hash=x HTTP/1.1\r\nHost: t")
+        await trio.sleep(0.05)
+        await stream.send_all(b"\r\n\r\n")
+        data = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(4096):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and b"failure reason" in data
+        async with httpx.AsyncClient() as http:
+            assert await healthy(http, url)
+
+
+async def test_control_then_announce_on_one_keep_alive_connection(tmp_path: Path) -> None:
+    meta = blob_meta(tmp_path)
+    async with running(tmp_path) as url, httpx.AsyncClient() as http:
+        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": wire.CONTENT_TYPE}
+        body = wire.encode(wire.PublishMetainfo("n1", meta.size, meta.data))
+        r = await http.put(f"{url}/v1/metainfo/{meta.digest}", content=body, headers=headers)
+        assert r.status_code == 201
+        # hypercorn owns this connection now; it answers announces the same way,
+        # with the client's real address.
+        await http.get(f"{url}/announce?{announce_query(meta.swarm_keys[0], 1)}")
+        r = await http.get(f"{url}/announce?{announce_query(meta.swarm_keys[0], 2, left=9)}")
+        assert lt.bdecode(r.content)[b"peers"] == bytes([127, 0, 0, 1, 0x1B, 0x59])
+
+
+async def test_metainfo_refusals_are_clear_and_typed(tmp_path: Path) -> None:
+    meta = blob_meta(tmp_path)
+    other = blob_meta(tmp_path)
+    async with (
+        running(tmp_path, max_metainfo_bytes=4096) as url,
+        open_tracker_client(url, node="n1", token=TOKEN) as client,
+    ):
+        with pytest.raises(errors.InvalidMetainfo, match="length"):
+            await client.publish_metainfo(meta.digest, meta.size + 1, meta.data)
+        with pytest.raises(errors.InvalidMetainfo, match="name"):
+            await client.publish_metainfo(meta.digest, other.size, other.data)
+        top: Any = lt.bdecode(meta.data)
+        top[b"info"][b"private"] = 0
+        with pytest.raises(errors.InvalidMetainfo, match="not private"):
+            await client.publish_metainfo(meta.digest, meta.size, lt.bencode(top))
+        with pytest.raises(errors.MetainfoTooLarge):
+            await client.publish_metainfo(meta.digest, meta.size, meta.data + b"x" * 5000)
+        with pytest.raises(errors.InvalidMetainfo, match="decode"):
+            await client.publish_metainfo(meta.digest, meta.size, b"\xff not bencode")
+        first = await client.publish_metainfo(meta.digest, meta.size, meta.data)
+        assert await client.publish_metainfo(meta.digest, meta.size, meta.data) == first
+        assert await client.lookup_metainfo(meta.digest) == first
+        assert await client.lookup_metainfo(Digest.of(b"never published")) is None
+        hybrid = make_metainfo(tmp_path / meta.digest.hex, meta.digest, meta.size, hybrid=True)
+        with pytest.raises(errors.MetainfoConflict):
+            await client.publish_metainfo(meta.digest, meta.size, hybrid.data)
+        replaced = await client.report_bad(
+            meta.digest, meta.swarm_keys[0], meta.size, hybrid.data, "pieces failed"
+        )
+        assert replaced.info_hashes == list(hybrid.swarm_keys)
+        async with httpx.AsyncClient() as http:
+            r = await http.put(
+                f"{url}/v1/metainfo/{meta.digest}",
+                content=msgpack.packb({"node": 5}),
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            assert r.status_code == 400
+            assert "node must be str" in wire.decode(wire.ErrorReply, r.content).message
+            r = await http.put(
+                f"{url}/v1/metainfo/{meta.digest}",
+                content=b"x" * (4096 + 70 * 1024),
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            assert r.status_code == 413
+            r = await http.put(
+                f"{url}/v1/metainfo/md5:abc",
+                content=wire.encode(wire.PublishMetainfo("n1", meta.size, meta.data)),
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            assert r.status_code == 400
+            assert "digest" in wire.decode(wire.ErrorReply, r.content).message
+            assert await healthy(http, url)
+
+
+async def test_expired_lease_passes_on_while_a_renewing_one_does_not(tmp_path: Path) -> None:
+    digest = Digest.of(b"a blob nobody has yet")
+    async with (
+        running(tmp_path, lease_ttl_s=1.0, lease_wait_max_s=5.0) as url,
+        open_tracker_client(url, node="a", token=TOKEN) as a,
+        open_tracker_client(url, node="b", token=TOKEN) as b,
+    ):
+        held = await a.acquire_lease(digest, size=1000)
+        assert held.status is wire.LeaseStatus.GRANTED and held.lease_id is not None
+
+        async def renew_for(seconds: float) -> None:
+            assert held.lease_id is not None
+            for step in range(int(seconds / 0.25)):
+                await trio.sleep(0.25)
+                await a.renew_lease(digest, held.lease_id, 100 * (step + 1))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(renew_for, 2.5)
+            # Longer than the TTL, shorter than the renewals: never handed over.
+            waited = await b.acquire_lease(digest, wait_s=1.8)
+            assert waited.status is wire.LeaseStatus.WAIT and waited.holder == "a"
+            assert waited.bytes_done > 0 and waited.retry_after_s > 0
+        stopped = trio.current_time()
+        taken = await b.acquire_lease(digest, wait_s=4.0)
+        assert taken.status is wire.LeaseStatus.GRANTED and taken.holder == "b"
+        assert 0.5 <= trio.current_time() - stopped <= 2.5
+        with pytest.raises(errors.LeaseLost):
+            await a.renew_lease(digest, held.lease_id, 1)
+        await b.release_lease(digest, taken.lease_id or "")
+        assert (await a.acquire_lease(digest)).status is wire.LeaseStatus.GRANTED
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(url + "/metrics")).text
+        assert "p2preg_tracker_lease_grants_total 3.0" in metrics
+        assert "p2preg_tracker_lease_expiries_total 1.0" in metrics
+
+
+async def test_unreachable_tracker_is_unavailable() -> None:
+    client = TrackerClient("http://127.0.0.1:9", node="n", timeout_s=2)
+    try:
+        with pytest.raises(errors.TrackerUnavailable):
+            await client.lookup_metainfo(Digest.of(b"x"))
+    finally:
+        await client.aclose()
+
+
+def udp_announce(cid: int, ih: bytes, n: int, left: int, url_data: bytes) -> bytes:
+    fixed = struct.pack(
+        ">QII20s20sQQQIIIiH", cid, 1, 50 + n, ih, bytes([n]) * 20, 0, left, 0, 2, 0, 0, -1, 7000 + n
+    )
+    return fixed + bytes([2, len(url_data)]) + url_data + b"\x00"
+
+
+async def test_udp_tracker(tmp_path: Path) -> None:
+    meta = blob_meta(tmp_path)
+    (ih,) = meta.swarm_keys
+    async with (
+        running(tmp_path) as url,
+        open_tracker_client(url, node="n1", token=TOKEN) as client,
+    ):
+        await client.publish_metainfo(meta.digest, meta.size, meta.data)
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await sock.connect(("127.0.0.1", urlsplit(url).port or 0))
+
+        async def ask(packet: bytes) -> bytes:
+            await sock.send(packet)
+            with trio.fail_after(5):
+                return await sock.recv(2048)
+
+        action, tid, cid = struct.unpack(
+            ">IIQ", await ask(struct.pack(">QII", udp.PROTOCOL_ID, 0, 9))
+        )
+        assert (action, tid) == (0, 9)
+        good = f"/announce?token={TOKEN}".encode()
+        await ask(udp_announce(cid, ih, 1, 0, good))
+        reply = await ask(udp_announce(cid, ih, 2, 10, good))
+        action, tid, _interval, leechers, seeders = struct.unpack_from(">IIIII", reply)
+        assert (action, tid, leechers, seeders) == (1, 52, 1, 1)
+        assert reply[20:] == bytes([127, 0, 0, 1]) + (7001).to_bytes(2, "big")
+        for bad, message in (
+            (udp_announce(cid, ih, 3, 0, b"/announce?token=nope"), b"token"),
+            (udp_announce(cid ^ 1, ih, 3, 0, good), b"connection id"),
+            (struct.pack(">QII", cid, 2, 77) + ih, b"token"),  # UDP scrape cannot carry one
+            (struct.pack(">QII", cid, 9, 1), b"unknown action"),
+        ):
+            answer = await ask(bad)
+            assert answer[:4] == b"\x00\x00\x00\x03" and message in answer[8:]
+        sock.close()
+        async with httpx.AsyncClient() as http:
+            assert await healthy(http, url)

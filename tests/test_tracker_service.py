@@ -1,0 +1,210 @@
+"""The tracker's logic without sockets (tracker/service.py): swarms, registry, restore."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from p2preg.config import HostPort
+from p2preg.core import wire
+from p2preg.core.digest import Digest
+from p2preg.core.metainfo import Metainfo, make_metainfo
+from tracker import errors
+from tracker.announce import AnnounceRequest, Event, ScrapeRequest, SwarmStats
+from tracker.config import TrackerConfig
+from tracker.peers import compact_address
+from tracker.service import Tracker
+from tracker.state import MemoryStore
+
+
+def blob_meta(tmp_path: Path, *, hybrid: bool = False, size: int = 200_000) -> Metainfo:
+    data = os.urandom(size)
+    path = tmp_path / f"blob-{Digest.of(data).hex}"
+    path.write_bytes(data)
+    return make_metainfo(path, Digest.of(data), size, hybrid=hybrid)
+
+
+def remake(tmp_path: Path, meta: Metainfo, *, hybrid: bool) -> Metainfo:
+    """The same blob's metainfo made with other rules: a different torrent."""
+    path = tmp_path / f"blob-{meta.digest.hex}"
+    return make_metainfo(path, meta.digest, meta.size, hybrid=hybrid)
+
+
+def make_tracker(tmp_path: Path, store: MemoryStore | None = None, **kw: object) -> Tracker:
+    config = TrackerConfig(listen=HostPort("127.0.0.1", 0), data_dir=tmp_path, **kw)  # type: ignore[arg-type]
+    return Tracker(config, store or MemoryStore())
+
+
+def ann(
+    ih: bytes,
+    n: int,
+    *,
+    left: int = 1,
+    event: Event = Event.NONE,
+    token: bytes | None = None,
+    ip: str | None = None,
+    numwant: int | None = None,
+) -> AnnounceRequest:
+    return AnnounceRequest(ih, bytes([n]) * 20, 7000 + n, 0, 0, left, event, numwant, token, ip)
+
+
+async def publish(t: Tracker, meta: Metainfo, node: str = "n1") -> tuple[wire.MetainfoRecord, bool]:
+    return await t.publish(str(meta.digest), wire.PublishMetainfo(node, meta.size, meta.data))
+
+
+async def test_hybrid_info_hashes_share_one_swarm(tmp_path: Path) -> None:
+    t = make_tracker(tmp_path)
+    meta = blob_meta(tmp_path, hybrid=True)
+    await publish(t, meta)
+    v1, v2 = meta.swarm_keys
+    t.announce(ann(v1, 1, left=0), "10.0.0.1", "http")
+    reply = t.announce(ann(v2, 2), "10.0.0.2", "udp")
+    assert reply.peers == [compact_address("10.0.0.1", 7001)]
+    assert (reply.complete, reply.incomplete) == (1, 1)
+    stats = t.scrape(ScrapeRequest((v1, v2, b"\x00" * 20), None), "http")
+    assert [s for _, s in stats] == [SwarmStats(1, 1, 0), SwarmStats(1, 1, 0), None]
+
+
+async def test_announce_rules(tmp_path: Path) -> None:
+    t = make_tracker(
+        tmp_path, token="tok", max_numwant=3, default_numwant=3, trusted_ip_sources=("10.9.0.0/16",)
+    )
+    meta = blob_meta(tmp_path)
+    await publish(t, meta)
+    (ih,) = meta.swarm_keys
+    with pytest.raises(errors.Unauthorized):
+        t.announce(ann(ih, 1), "10.0.0.1", "http")
+    with pytest.raises(errors.Unauthorized):
+        t.announce(ann(ih, 1, token=b"wrong"), "10.0.0.1", "http")
+    with pytest.raises(errors.UnknownTorrent):
+        t.announce(ann(b"\x00" * 20, 1, token=b"tok"), "10.0.0.1", "http")
+    for n in range(1, 8):
+        t.announce(ann(ih, n, token=b"tok"), f"10.0.0.{n}", "http")
+    reply = t.announce(ann(ih, 1, token=b"tok", numwant=50), "10.0.0.1", "http")
+    assert len(reply.peers) == 3  # capped at max_numwant
+    assert compact_address("10.0.0.1", 7001) not in reply.peers
+    # `ip=` from an untrusted source is ignored; from a trusted one it counts.
+    t.announce(ann(ih, 20, token=b"tok", ip="192.0.2.1", left=0), "10.0.0.20", "http")
+    t.announce(ann(ih, 21, token=b"tok", ip="192.0.2.2", left=0), "10.9.1.1", "http")
+    swarm = t.peers.swarm(str(meta.digest))
+    assert swarm is not None
+    assert {p.compact for p in swarm.seeders} == {
+        compact_address("10.0.0.20", 7020),
+        compact_address("192.0.2.2", 7021),
+    }
+    seeder_reply = t.announce(ann(ih, 20, token=b"tok", left=0), "10.0.0.20", "http")
+    assert seeder_reply.peers == []
+    t.announce(ann(ih, 20, token=b"tok", event=Event.STOPPED), "10.0.0.20", "http")
+    assert len(swarm.seeders) == 1
+
+
+async def test_completed_counts_downloads_and_peers_expire(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    t = make_tracker(tmp_path, announce_interval_s=10, min_announce_interval_s=5, peer_ttl_s=30)
+    meta = blob_meta(tmp_path)
+    await publish(t, meta)
+    (ih,) = meta.swarm_keys
+    t.announce(ann(ih, 1, left=0, event=Event.COMPLETED), "10.0.0.1", "http")
+    await trio.sleep(20)
+    t.announce(ann(ih, 2), "10.0.0.2", "http")
+    assert t.peers.totals().peers == 2
+    await trio.sleep(15)
+    await t.sweep()
+    # Peer 1 fell silent 35 s ago (ttl 30); peer 2 spoke 15 s ago.
+    assert t.peers.totals().peers == 1 and t.peers.seeders(str(meta.digest)) == 0
+    assert t.peers.swarm(str(meta.digest)).downloaded == 1  # type: ignore[union-attr]
+
+
+async def test_publish_is_idempotent_conflicts_are_refused_and_bad_reports_replace(
+    tmp_path: Path,
+) -> None:
+    t = make_tracker(tmp_path)
+    meta = blob_meta(tmp_path)
+    digest = str(meta.digest)
+    record, created = await publish(t, meta)
+    assert created and record.info_hashes == list(meta.swarm_keys)
+    assert await publish(t, meta, "n2") == (record, False)
+    hybrid = remake(tmp_path, meta, hybrid=True)
+    with pytest.raises(errors.MetainfoConflict, match="already has metainfo"):
+        await publish(t, hybrid)
+    assert t.lookup(digest).metainfo == meta.data
+    # A holder of the verified blob reports the stored one bad, with its own.
+    bad_hash = meta.swarm_keys[0]
+    t.announce(ann(bad_hash, 1), "10.0.0.1", "http")
+    replaced = await t.report_bad(
+        digest, wire.ReportBad("n3", bad_hash, "pieces fail", meta.size, hybrid.data)
+    )
+    assert replaced.metainfo == hybrid.data and t.lookup(digest).metainfo == hybrid.data
+    with pytest.raises(errors.UnknownTorrent):
+        t.announce(ann(bad_hash, 1), "10.0.0.1", "http")
+    with pytest.raises(errors.MetainfoConflict, match="reported bad"):
+        await publish(t, meta)
+    # A stale report (the bad one is already gone) changes nothing.
+    with pytest.raises(errors.MetainfoConflict, match="no longer"):
+        await t.report_bad(digest, wire.ReportBad("n4", bad_hash, "late", meta.size, meta.data))
+    with pytest.raises(errors.InvalidMetainfo, match="replacement is the metainfo"):
+        await t.report_bad(
+            digest, wire.ReportBad("n4", hybrid.swarm_keys[0], "x", meta.size, hybrid.data)
+        )
+
+
+async def test_invalid_and_oversized_metainfo_and_limits(tmp_path: Path) -> None:
+    t = make_tracker(tmp_path, max_metainfo=1, max_metainfo_bytes=4096)
+    meta = blob_meta(tmp_path)
+    with pytest.raises(errors.InvalidRequest, match="digest"):
+        await t.publish("sha256:nothex", wire.PublishMetainfo("n", 1, meta.data))
+    with pytest.raises(errors.InvalidMetainfo, match="length"):
+        await t.publish(str(meta.digest), wire.PublishMetainfo("n", meta.size + 1, meta.data))
+    big = blob_meta(tmp_path, size=8_000_000)  # 123 pieces: ~4.2 kB of metainfo
+    with pytest.raises(errors.MetainfoTooLarge):
+        await publish(t, big)
+    await publish(t, meta)
+    with pytest.raises(errors.LimitReached):
+        await publish(t, blob_meta(tmp_path))
+
+
+async def test_a_seeder_appearing_wakes_lease_waiters_with_seeded(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    t = make_tracker(tmp_path, lease_ttl_s=30)
+    meta = blob_meta(tmp_path)
+    digest = str(meta.digest)
+    holder = await t.acquire_lease(digest, wire.LeaseRequest("a"))
+    assert holder.status is wire.LeaseStatus.GRANTED
+    got: list[tuple[float, wire.LeaseReply]] = []
+
+    async def waiter() -> None:
+        reply = await t.acquire_lease(digest, wire.LeaseRequest("b", wait_s=25))
+        got.append((trio.current_time(), reply))
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.sleep(3)
+        await publish(t, meta, "a")  # metainfo alone is not a seeder
+        await trio.sleep(3)
+        t.announce(ann(meta.swarm_keys[0], 1, left=0), "10.0.0.1", "http")
+    when, reply = got[0]
+    assert when == pytest.approx(start + 6)
+    assert reply.status is wire.LeaseStatus.SEEDED and reply.metainfo == meta.data
+
+
+async def test_restore_brings_back_metainfo_bad_reports_and_leases(tmp_path: Path) -> None:
+    store = MemoryStore()
+    t = make_tracker(tmp_path, store)
+    meta = blob_meta(tmp_path)
+    await publish(t, meta)
+    lease = await t.acquire_lease(str(meta.digest), wire.LeaseRequest("a"))
+    again = make_tracker(tmp_path, store)
+    again.restore(await store.load())
+    assert again.lookup(str(meta.digest)).metainfo == meta.data
+    again.announce(ann(meta.swarm_keys[0], 1), "10.0.0.1", "http")
+    reply = await again.acquire_lease(str(meta.digest), wire.LeaseRequest("b"))
+    assert reply.status is wire.LeaseStatus.WAIT and reply.holder == "a"
+    renewed = await again.renew_lease(str(meta.digest), wire.LeaseRenew(lease.lease_id or "", 5))
+    assert renewed.bytes_done == 5

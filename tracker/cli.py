@@ -1,0 +1,56 @@
+"""`p2preg tracker`: flags, configuration loading, and running the tracker.
+
+Owns the command line of the tracker subcommand only; everything it accepts is
+a TrackerConfig field, so the same names work as P2PREG_* variables and TOML
+keys. It must not start anything but `serve_tracker`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import trio
+
+from p2preg.config import NodeConfig, load
+from tracker.config import TrackerConfig
+from tracker.server import serve_tracker
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML file with TrackerConfig keys")
+    parser.add_argument("--listen", help="HOST:PORT for HTTP and UDP (default 127.0.0.1:6969)")
+    parser.add_argument("--data-dir", help="directory of the metainfo and lease store")
+    parser.add_argument("--token", help="cluster token (prefer P2PREG_TOKEN or --token-file)")
+    parser.add_argument("--token-file", help="file holding the cluster token")
+    parser.add_argument(
+        "--udp", action=argparse.BooleanOptionalAction, help="serve BEP 15 UDP (default on)"
+    )
+    parser.add_argument("--announce-interval-s", help="announce interval, seconds")
+    parser.add_argument("--min-announce-interval-s", help="minimum announce interval, seconds")
+    parser.add_argument("--peer-ttl-s", help="drop peers silent for this long, seconds")
+    parser.add_argument("--lease-ttl-s", help="upstream lease lifetime without renewal, seconds")
+    parser.add_argument("--lease-wait-max-s", help="longest lease long-poll, seconds")
+    parser.add_argument("--max-numwant", help="cap on peers per announce reply")
+    parser.add_argument("--max-metainfo-bytes", help="largest accepted metainfo, e.g. 1MiB")
+    parser.add_argument(
+        "--trusted-ip-sources",
+        help="comma-separated CIDRs allowed to set a peer's IP with ip=",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+def run(args: argparse.Namespace) -> int:
+    given = {k: v for k, v in vars(args).items() if k not in ("_module", "command")}
+    config_file = given.pop("config", None)
+    level = given.pop("log_level", "INFO")
+    # One environment may configure a node and a tracker: the node's keys are
+    # not ours, but they are not mistakes either.
+    node_keys = frozenset(f.name for f in dataclasses.fields(NodeConfig))
+    config = load(TrackerConfig, cli=given, env=os.environ, file=config_file, env_keys=node_keys)
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(message)s")
+    trio.run(serve_tracker, config)
+    return 0

@@ -1,0 +1,170 @@
+"""The node's client of the tracker's control API (metainfo, bad reports, leases).
+
+Speaks msgpack over httpx and raises the tracker's own exceptions
+(tracker.errors): a refused request comes back as the class the tracker raised,
+and a tracker that cannot be reached or fails on its side as
+`TrackerUnavailable`, so the node can fall back to upstream on that one class.
+It also derives the announce URLs the node gives libtorrent. This module must
+not retry or decide policy — the node does — and keeps no state but its
+connection pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from p2preg.core import wire
+from p2preg.core.digest import Digest
+from tracker import errors
+
+DEFAULT_TIMEOUT_S = 10.0
+
+
+class TrackerClient:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        node: str,
+        token: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.node = node
+        self._token = token
+        self._timeout_s = timeout_s
+        headers = {"Accept": wire.CONTENT_TYPE}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        self._own_http = http is None
+        self._http = http or httpx.AsyncClient()
+        self._headers = headers
+
+    async def aclose(self) -> None:
+        if self._own_http:
+            await self._http.aclose()
+
+    # -- URLs for libtorrent -----------------------------------------------------
+
+    @property
+    def announce_url(self) -> str:
+        """HTTP announce URL; the path ends in /announce, as libtorrent's SSRF check wants."""
+        return self.base_url + "/announce" + self._token_query()
+
+    @property
+    def udp_announce_url(self) -> str:
+        """BEP 15 URL on the same port; the token rides in BEP 41 URL data."""
+        netloc = urlsplit(self.base_url).netloc
+        return f"udp://{netloc}/announce" + self._token_query()
+
+    def _token_query(self) -> str:
+        return "" if self._token is None else "?token=" + quote(self._token, safe="")
+
+    # -- metainfo ------------------------------------------------------------------
+
+    async def publish_metainfo(
+        self, digest: Digest, size: int, metainfo: bytes
+    ) -> wire.MetainfoRecord:
+        """File the metainfo made from the verified blob; idempotent for the same bytes."""
+        msg = wire.PublishMetainfo(self.node, size, metainfo)
+        return await self._call("PUT", f"/v1/metainfo/{digest}", msg, wire.MetainfoRecord)
+
+    async def lookup_metainfo(self, digest: Digest) -> wire.MetainfoRecord | None:
+        try:
+            return await self._call("GET", f"/v1/metainfo/{digest}", None, wire.MetainfoRecord)
+        except errors.NotFound:
+            return None
+
+    async def report_bad(
+        self, digest: Digest, bad_info_hash: bytes, size: int, replacement: bytes, reason: str
+    ) -> wire.MetainfoRecord:
+        """Replace a poisoned metainfo with `replacement`, made from the verified blob."""
+        msg = wire.ReportBad(self.node, bad_info_hash, reason, size, replacement)
+        return await self._call("POST", f"/v1/metainfo/{digest}/bad", msg, wire.MetainfoRecord)
+
+    # -- leases --------------------------------------------------------------------
+
+    async def acquire_lease(
+        self, digest: Digest, *, size: int | None = None, wait_s: float = 0.0
+    ) -> wire.LeaseReply:
+        """GRANTED (fetch upstream), SEEDED (join the swarm) or WAIT (ask again later).
+
+        With `wait_s` the tracker holds the request until something changes or
+        `wait_s` (capped by the tracker) has passed.
+        """
+        msg = wire.LeaseRequest(self.node, size, wait_s)
+        return await self._call(
+            "POST", f"/v1/leases/{digest}", msg, wire.LeaseReply, extra_timeout_s=wait_s
+        )
+
+    async def renew_lease(
+        self, digest: Digest, lease_id: str, bytes_done: int, size: int | None = None
+    ) -> wire.LeaseReply:
+        """Keep the lease; raises LeaseLost once it has expired or been released."""
+        msg = wire.LeaseRenew(lease_id, bytes_done, size)
+        return await self._call("PUT", f"/v1/leases/{digest}", msg, wire.LeaseReply)
+
+    async def release_lease(self, digest: Digest, lease_id: str) -> None:
+        msg = wire.LeaseRelease(lease_id)
+        await self._call("POST", f"/v1/leases/{digest}/release", msg, None)
+
+    # -- plumbing ------------------------------------------------------------------
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        message: wire.Message | None,
+        reply: type[wire.M] | None,
+        *,
+        extra_timeout_s: float = 0.0,
+    ) -> wire.M:
+        headers = dict(self._headers)
+        content = None
+        if message is not None:
+            content = wire.encode(message)
+            headers["Content-Type"] = wire.CONTENT_TYPE
+        try:
+            response = await self._http.request(
+                method,
+                self.base_url + path,
+                content=content,
+                headers=headers,
+                timeout=self._timeout_s + extra_timeout_s,
+            )
+        except httpx.HTTPError as e:
+            raise errors.TrackerUnavailable(f"tracker {self.base_url}: {e!r}") from None
+        if response.status_code >= 400:
+            raise _error(response)
+        if reply is None:
+            return None  # type: ignore[return-value]  # release has no body
+        try:
+            return wire.decode(reply, response.content)
+        except wire.WireError as e:
+            raise errors.TrackerUnavailable(f"tracker sent a bad reply: {e}") from None
+
+
+def _error(response: httpx.Response) -> errors.TrackerError:
+    try:
+        body = wire.decode(wire.ErrorReply, response.content)
+    except wire.WireError:
+        return errors.TrackerUnavailable(f"tracker answered {response.status_code}")
+    if response.status_code >= 500 and body.error not in errors.BY_CODE:
+        return errors.TrackerUnavailable(body.message)
+    return errors.BY_CODE.get(body.error, errors.TrackerError)(body.message)
+
+
+@asynccontextmanager
+async def open_tracker_client(
+    base_url: str, *, node: str, token: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> AsyncIterator[TrackerClient]:
+    client = TrackerClient(base_url, node=node, token=token, timeout_s=timeout_s)
+    try:
+        yield client
+    finally:
+        await client.aclose()

@@ -1,0 +1,98 @@
+"""Prometheus metrics of one tracker instance, on its own registry.
+
+Counters are incremented where things happen (children are bound once, so the
+announce path pays one dict lookup and one `inc`); gauges — swarms, peers,
+seeders, metainfo, leases — are read from the live objects at scrape time by a
+collector, so the hot path never maintains them. A registry per instance, not
+prometheus-client's global one, lets several trackers live in one test
+process. This module must not hold tracker state of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tracker.announce import Event
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+TRANSPORTS = ("http", "udp")
+
+
+@dataclass(frozen=True, slots=True)
+class Gauges:
+    swarms: int
+    peers: int
+    seeders: int
+    metainfo: int
+    leases: int
+    lease_grants: int
+    lease_expiries: int
+
+
+class _LiveCollector(Collector):
+    def __init__(self, read: Callable[[], Gauges]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        g = self._read()
+        for name, doc, value in (
+            ("swarms", "Swarms with at least one live peer", g.swarms),
+            ("peers", "Live peers over all swarms", g.peers),
+            ("seeders", "Live seeders over all swarms", g.seeders),
+            ("metainfo", "Blob digests with registered metainfo", g.metainfo),
+            ("leases", "Upstream leases currently held", g.leases),
+        ):
+            yield GaugeMetricFamily(f"p2preg_tracker_{name}", doc, value=value)
+        yield CounterMetricFamily(
+            "p2preg_tracker_lease_grants", "Upstream leases granted", value=g.lease_grants
+        )
+        yield CounterMetricFamily(
+            "p2preg_tracker_lease_expiries", "Upstream leases that expired", value=g.lease_expiries
+        )
+
+
+class TrackerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        announces = Counter(
+            "p2preg_tracker_announces",
+            "Announces answered (failures included)",
+            ["transport", "event"],
+            registry=self.registry,
+        )
+        self.announce = {
+            (t, e): announces.labels(t, e.name.lower()) for t in TRANSPORTS for e in Event
+        }
+        scrapes = Counter(
+            "p2preg_tracker_scrapes", "Scrapes answered", ["transport"], registry=self.registry
+        )
+        self.scrape = {t: scrapes.labels(t) for t in TRANSPORTS}
+        failures = Counter(
+            "p2preg_tracker_failures",
+            "BitTorrent requests refused, by error code",
+            ["transport", "code"],
+            registry=self.registry,
+        )
+        self.failure = failures.labels
+        self.metainfo_published = Counter(
+            "p2preg_tracker_metainfo_published",
+            "Metainfo accepted (new, or replacing one reported bad)",
+            registry=self.registry,
+        )
+        self.metainfo_rejected = Counter(
+            "p2preg_tracker_metainfo_rejected",
+            "Metainfo refused, by error code",
+            ["code"],
+            registry=self.registry,
+        )
+
+    def watch(self, read: Callable[[], Gauges]) -> None:
+        self.registry.register(_LiveCollector(read))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,182 @@
+"""In-memory swarms: which peers are in which blob's swarm, until they expire.
+
+Owns peer records (address, seeder or not, when they expire), per-swarm
+counters and capacity limits. Swarms are keyed by blob digest, not info-hash,
+so a hybrid torrent's two info-hashes feed one swarm. Peers are never
+persisted: after a tracker restart they come back with their next announce.
+Peers are identified by their address *and* peer id, so nobody can evict or
+move another host's peer by reusing its peer id. This module is sans-IO and
+keeps time only as numbers handed to it; it must not pick peers (handout.py
+does) or know info-hashes.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from tracker.errors import InvalidRequest, LimitReached
+
+
+class Peer:
+    __slots__ = ("compact", "expires_at", "key", "pos", "seeder")
+
+    def __init__(self, key: bytes, compact: bytes, seeder: bool, expires_at: float) -> None:
+        self.key = key
+        self.compact = compact  # BEP 23/7 entry: packed address + port
+        self.seeder = seeder
+        self.expires_at = expires_at
+        self.pos = 0  # index in its swarm's seeders or leechers list
+
+
+class Swarm:
+    """Peers of one blob, seeders and leechers apart, each group in random order.
+
+    `seeders`/`leechers` hold Peer records, `seeder_addrs`/`leecher_addrs` the
+    same peers' compact entries at the same positions, so an answer is a slice
+    and a join. Inserting at a random position (the newcomer swaps places with
+    a random member) keeps every group a uniformly random permutation; removal
+    moves the last member into the hole, which keeps it one.
+    """
+
+    __slots__ = ("by_key", "downloaded", "leecher_addrs", "leechers", "seeder_addrs", "seeders")
+
+    def __init__(self) -> None:
+        self.seeders: list[Peer] = []
+        self.leechers: list[Peer] = []
+        self.seeder_addrs: list[bytes] = []
+        self.leecher_addrs: list[bytes] = []
+        self.by_key: dict[bytes, Peer] = {}
+        self.downloaded = 0  # event=completed seen since the tracker started
+
+    def add(self, peer: Peer) -> None:
+        group, addrs = (
+            (self.seeders, self.seeder_addrs)
+            if peer.seeder
+            else (self.leechers, self.leecher_addrs)
+        )
+        n = len(group)
+        at = random.randrange(n + 1)
+        if at == n:
+            group.append(peer)
+            addrs.append(peer.compact)
+        else:
+            other = group[at]
+            other.pos = n
+            group.append(other)
+            addrs.append(addrs[at])
+            group[at] = peer
+            addrs[at] = peer.compact
+        peer.pos = at
+        self.by_key[peer.key] = peer
+
+    def discard(self, peer: Peer) -> None:
+        group, addrs = (
+            (self.seeders, self.seeder_addrs)
+            if peer.seeder
+            else (self.leechers, self.leecher_addrs)
+        )
+        last = group.pop()
+        last_addr = addrs.pop()
+        if last is not peer:
+            group[peer.pos] = last
+            addrs[peer.pos] = last_addr
+            last.pos = peer.pos
+        del self.by_key[peer.key]
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    swarms: int
+    peers: int
+    seeders: int
+
+
+def compact_address(ip: str, port: int) -> bytes:
+    """BEP 23 (IPv4, 6 bytes) or BEP 7 (IPv6, 18 bytes) entry for ip:port."""
+    if ip.startswith("::ffff:") and "." in ip:
+        ip = ip[7:]  # an IPv4 client on a dual-stack socket
+    try:
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+    except OSError:
+        raise InvalidRequest(f"not an IP address: {ip[:64]!r}") from None
+    return packed + port.to_bytes(2, "big")
+
+
+class PeerTable:
+    def __init__(self, *, max_peers_per_swarm: int, max_peers: int) -> None:
+        self._swarms: dict[str, Swarm] = {}
+        self._max_per_swarm = max_peers_per_swarm
+        self._max_peers = max_peers
+        self._peers = 0
+
+    def swarm(self, key: str) -> Swarm | None:
+        return self._swarms.get(key)
+
+    def update(
+        self, key: str, peer_id: bytes, compact: bytes, *, seeder: bool, expires_at: float
+    ) -> tuple[Swarm, Peer]:
+        """Record an announce; raise LimitReached if a new peer does not fit."""
+        swarm = self._swarms.get(key)
+        if swarm is None:
+            swarm = self._swarms[key] = Swarm()
+        peer_key = compact[:-2] + peer_id
+        peer = swarm.by_key.get(peer_key)
+        if peer is None:
+            if len(swarm.by_key) >= self._max_per_swarm or self._peers >= self._max_peers:
+                if not swarm.by_key:
+                    del self._swarms[key]
+                raise LimitReached("the tracker's peer limit is reached")
+            peer = Peer(peer_key, compact, seeder, expires_at)
+            swarm.add(peer)
+            self._peers += 1
+            return swarm, peer
+        peer.expires_at = expires_at
+        if peer.compact != compact or peer.seeder != seeder:
+            swarm.discard(peer)
+            peer.compact, peer.seeder = compact, seeder
+            swarm.add(peer)
+        return swarm, peer
+
+    def remove(self, key: str, peer_id: bytes, compact: bytes) -> None:
+        swarm = self._swarms.get(key)
+        if swarm is None:
+            return
+        peer = swarm.by_key.get(compact[:-2] + peer_id)
+        if peer is not None:
+            swarm.discard(peer)
+            self._peers -= 1
+            if not swarm.by_key:
+                del self._swarms[key]
+
+    def drop_swarm(self, key: str) -> None:
+        swarm = self._swarms.pop(key, None)
+        if swarm is not None:
+            self._peers -= len(swarm.by_key)
+
+    def expire_swarm(self, key: str, now: float) -> int:
+        """Drop the swarm's peers whose time is up; return how many."""
+        swarm = self._swarms.get(key)
+        if swarm is None:
+            return 0
+        dead = [p for p in swarm.by_key.values() if p.expires_at <= now]
+        for peer in dead:
+            swarm.discard(peer)
+        self._peers -= len(dead)
+        if not swarm.by_key:
+            del self._swarms[key]
+        return len(dead)
+
+    def keys(self) -> Iterator[str]:
+        """Swarm keys, snapshotted so callers may expire while iterating."""
+        return iter(list(self._swarms))
+
+    def seeders(self, key: str) -> int:
+        swarm = self._swarms.get(key)
+        return 0 if swarm is None else len(swarm.seeders)
+
+    def totals(self) -> Totals:
+        seeders = sum(len(s.seeders) for s in self._swarms.values())
+        return Totals(len(self._swarms), self._peers, seeders)

@@ -1,0 +1,259 @@
+"""Durable tracker state behind one small seam: metainfo, bad reports, leases.
+
+`TrackerStore` is the interface the service writes through; `SqliteStore`
+keeps it in `<data_dir>/tracker.sqlite3` (WAL, synchronous=FULL, so a commit
+survives a crash of the process or the machine), and `MemoryStore` is the fake
+for pure-trio tests. A replica-shared store (Redis/Valkey) would be a third
+implementation. Peers are not state: they live in memory (peers.py) and come
+back with re-announces. The store only persists and loads; it must not
+validate, decide conflicts or keep caches — the service does all of that and
+reads the store once, at start.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import trio
+
+from p2preg.config import ConfigError
+
+SCHEMA_VERSION = 1
+DB_NAME = "tracker.sqlite3"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMetainfo:
+    digest: str
+    size: int
+    data: bytes
+    published_by: str
+    published_at_unix: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBad:
+    """A metainfo that a holder of the verified blob reported bad."""
+
+    digest: str
+    info_hash_v2: bytes
+    reported_by: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredLease:
+    digest: str
+    lease_id: str
+    holder: str
+    # Wall-clock time: monotonic clocks do not survive a restart.
+    expires_at_unix: float
+    bytes_done: int
+    size: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    metainfo: list[StoredMetainfo] = field(default_factory=list)
+    bad: list[StoredBad] = field(default_factory=list)
+    leases: list[StoredLease] = field(default_factory=list)
+
+
+class TrackerStore(Protocol):
+    async def load(self) -> Snapshot: ...
+
+    async def put_metainfo(self, record: StoredMetainfo, bad: StoredBad | None = None) -> None:
+        """Insert or replace the digest's metainfo; record `bad` in the same commit."""
+
+    async def save_lease(self, lease: StoredLease) -> None: ...
+
+    async def delete_lease(self, digest: str, lease_id: str) -> None: ...
+
+
+class MemoryStore:
+    """A TrackerStore in a dict: for tests, and for a tracker without --data-dir."""
+
+    def __init__(self) -> None:
+        self.metainfo: dict[str, StoredMetainfo] = {}
+        self.bad: list[StoredBad] = []
+        self.leases: dict[str, StoredLease] = {}
+
+    async def load(self) -> Snapshot:
+        await trio.lowlevel.checkpoint()
+        return Snapshot(list(self.metainfo.values()), list(self.bad), list(self.leases.values()))
+
+    async def put_metainfo(self, record: StoredMetainfo, bad: StoredBad | None = None) -> None:
+        await trio.lowlevel.checkpoint()
+        self.metainfo[record.digest] = record
+        if bad is not None:
+            self.bad.append(bad)
+
+    async def save_lease(self, lease: StoredLease) -> None:
+        await trio.lowlevel.checkpoint()
+        self.leases[lease.digest] = lease
+
+    async def delete_lease(self, digest: str, lease_id: str) -> None:
+        await trio.lowlevel.checkpoint()
+        if digest in self.leases and self.leases[digest].lease_id == lease_id:
+            del self.leases[digest]
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS metainfo (
+    digest TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    published_by TEXT NOT NULL,
+    published_at_unix REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS bad_metainfo (
+    digest TEXT NOT NULL,
+    info_hash_v2 BLOB NOT NULL,
+    reported_by TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (digest, info_hash_v2)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    digest TEXT PRIMARY KEY,
+    lease_id TEXT NOT NULL,
+    holder TEXT NOT NULL,
+    expires_at_unix REAL NOT NULL,
+    bytes_done INTEGER NOT NULL,
+    size INTEGER
+);
+"""
+
+T = TypeVar("T")
+
+
+class SqliteStore:
+    """SQLite in a worker thread, one statement batch at a time.
+
+    sqlite3 blocks; running it in a thread keeps announces flowing while a
+    metainfo commit waits for fsync. The limiter makes the one connection
+    single-threaded in practice.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            # Explicit transactions: the connection is in autocommit mode so
+            # that a batch of statements commits (and fsyncs) once.
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+            return result
+
+        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+
+    async def load(self) -> Snapshot:
+        def read(c: sqlite3.Connection) -> Snapshot:
+            return Snapshot(
+                [
+                    StoredMetainfo(*row)
+                    for row in c.execute(
+                        "SELECT digest, size, data, published_by, published_at_unix FROM metainfo"
+                    )
+                ],
+                [
+                    StoredBad(*row)
+                    for row in c.execute(
+                        "SELECT digest, info_hash_v2, reported_by, reason FROM bad_metainfo"
+                    )
+                ],
+                [
+                    StoredLease(*row)
+                    for row in c.execute(
+                        "SELECT digest, lease_id, holder, expires_at_unix, bytes_done, size"
+                        " FROM leases"
+                    )
+                ],
+            )
+
+        return await self._run(read)
+
+    async def put_metainfo(self, record: StoredMetainfo, bad: StoredBad | None = None) -> None:
+        def write(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT OR REPLACE INTO metainfo VALUES (?, ?, ?, ?, ?)",
+                (
+                    record.digest,
+                    record.size,
+                    record.data,
+                    record.published_by,
+                    record.published_at_unix,
+                ),
+            )
+            if bad is not None:
+                c.execute(
+                    "INSERT OR REPLACE INTO bad_metainfo VALUES (?, ?, ?, ?)",
+                    (bad.digest, bad.info_hash_v2, bad.reported_by, bad.reason),
+                )
+
+        await self._run(write)
+
+    async def save_lease(self, lease: StoredLease) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    lease.digest,
+                    lease.lease_id,
+                    lease.holder,
+                    lease.expires_at_unix,
+                    lease.bytes_done,
+                    lease.size,
+                ),
+            )
+        )
+
+    async def delete_lease(self, digest: str, lease_id: str) -> None:
+        await self._run(
+            lambda c: c.execute(
+                "DELETE FROM leases WHERE digest = ? AND lease_id = ?", (digest, lease_id)
+            )
+        )
+
+
+@asynccontextmanager
+async def open_sqlite_store(data_dir: Path) -> AsyncIterator[SqliteStore]:
+    """Open (creating if needed) the store under `data_dir`."""
+
+    def open_db() -> sqlite3.Connection:
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                data_dir / DB_NAME, check_same_thread=False, isolation_level=None
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+        except (OSError, sqlite3.Error) as e:
+            raise ConfigError(f"cannot open the tracker store in {data_dir}: {e}") from None
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(_SCHEMA)
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if row is None:
+            conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            conn.close()
+            raise ConfigError(f"{data_dir / DB_NAME} has schema {row[0]}, not {SCHEMA_VERSION}")
+        return conn
+
+    conn = await trio.to_thread.run_sync(open_db)
+    try:
+        yield SqliteStore(conn)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(conn.close)
