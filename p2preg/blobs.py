@@ -18,6 +18,7 @@ import trio
 from p2preg.core.digest import Digest
 from p2preg.errors import BlobUnknown, RegistryError, StoreFull, UpstreamError
 from p2preg.metrics import NodeMetrics
+from p2preg.p2p import P2P, Fallback, Progress
 from p2preg.store import BlobStore, BlobWriter, DigestMismatch, NoSpace, StoreError
 from p2preg.tenancy import Tenancy
 from p2preg.upstream import UpstreamClient
@@ -34,14 +35,16 @@ MISMATCH_ATTEMPTS = 2
 class _StoreSink:
     """Feeds upstream bytes to a BlobWriter in a worker thread, in large batches."""
 
-    def __init__(self, writer: BlobWriter) -> None:
+    def __init__(self, writer: BlobWriter, progress: Progress | None = None) -> None:
         self._writer = writer
+        self._progress = progress or (lambda n: None)
         self._buffer = bytearray()
         self.offset = 0
 
     async def write(self, chunk: bytes) -> None:
         self._buffer += chunk
         self.offset += len(chunk)
+        self._progress(self.offset)
         if len(self._buffer) >= WRITE_BATCH_BYTES:
             await self.flush()
 
@@ -69,7 +72,9 @@ class Blobs:
         tenancy: Tenancy,
         metrics: NodeMetrics,
         nursery: trio.Nursery,
+        p2p: P2P | None = None,
     ) -> None:
+        self._p2p = p2p
         self._store = store
         self._tenancy = tenancy
         self._metrics = metrics
@@ -127,32 +132,61 @@ class Blobs:
     ) -> None:
         start = trio.current_time()
         try:
-            size = await self._from_upstream(client, repository, digest)
+            source, size = await self._fetch(client, repository, digest)
         except RegistryError as e:
             flight.error = e
-            log.warning("blob %s from upstream failed: %s", digest, e.message)
+            log.warning("blob %s: every source failed: %s", digest, e.message)
         except Exception as e:
             flight.error = UpstreamError(f"fetching blob {digest} failed: {type(e).__name__}")
             log.exception("blob %s: unexpected failure", digest)
         else:
             elapsed = trio.current_time() - start
-            self._metrics.blob_fetches.labels("upstream").inc()
-            self._metrics.blob_fetch_seconds.labels("upstream").observe(elapsed)
+            self._metrics.blob_fetches.labels(source).inc()
+            self._metrics.blob_fetch_seconds.labels(source).observe(elapsed)
             log.info(
-                "blob %s source=upstream size=%d time=%.3fs repository=%s",
-                digest,
-                size,
-                elapsed,
-                repository,
+                "blob %s source=%s size=%d time=%.3fs repository=%s",
+                digest, source, size, elapsed, repository,
             )
         finally:
             del self._flights[digest]
             flight.done.set()
 
-    async def _from_upstream(self, client: UpstreamClient, repository: str, digest: Digest) -> int:
+    async def _fetch(
+        self, client: UpstreamClient, repository: str, digest: Digest
+    ) -> tuple[str, int]:
+        """Fetch into the store by the best path; returns (source, size)."""
+
+        async def upstream(progress: Progress | None = None) -> int:
+            return await self._from_upstream(client, repository, digest, progress)
+
+        if self._p2p is None:
+            return "upstream", await upstream()
+        size = await client.blob_size(repository, digest)
+        if size is None:
+            raise BlobUnknown(f"blob {digest} is unknown to repository {repository}")
+        if 0 <= size < self._p2p.settings.min_bytes:
+            return "upstream", await upstream()
+        try:
+            source = await self._p2p.fetch(digest, size, upstream)
+        except Fallback as e:
+            self._metrics.fallbacks.labels(e.reason).inc()
+            log.warning("blob %s: falling back to upstream (%s): %s", digest, e.reason, e)
+            size = await upstream()
+            # Seed what we verified: the swarm may lack a seeder, or hold bad metainfo.
+            await self._p2p.publish(digest, size)
+            return "upstream", size
+        return source, self._store.size(digest) or size
+
+    async def _from_upstream(
+        self,
+        client: UpstreamClient,
+        repository: str,
+        digest: Digest,
+        progress: Progress | None = None,
+    ) -> int:
         for attempt in range(1, MISMATCH_ATTEMPTS + 1):
             writer = self._store.writer(digest)
-            sink = _StoreSink(writer)
+            sink = _StoreSink(writer, progress)
             try:
                 await client.fetch_blob(repository, digest, sink)
                 await sink.flush()

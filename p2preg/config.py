@@ -123,6 +123,8 @@ def _coerce(name: str, tp: Any, value: object) -> object:
         return tuple(_coerce(name, item, v) for v in items)
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # TOML `5` for a float setting
     if hasattr(tp, "from_config"):
         return tp.from_config(value)
     if not isinstance(value, str):
@@ -205,7 +207,18 @@ class NodeConfig:
     upstream: tuple[Upstream, ...] = ()
     data_dir: Path = Path("/var/lib/p2preg")
     tracker: str | None = None
+    tracker_token: str | None = field(default=None, repr=False)
+    # Peers of other machines must reach this; the facade stays on loopback.
+    peer_host: str = "0.0.0.0"
     peer_port: int = 6881
+    node_name: str | None = None
+    # Below this a torrent costs more than it saves: straight from upstream.
+    p2p_min_bytes: int = 1 * MiB
+    # A swarm download with no new byte for this long falls back to upstream.
+    swarm_stall_s: float = 30.0
+    swarm_max_hash_failures: int = 16
+    # Nobody waits forever for a lease holder; past this, fetch from upstream.
+    lease_wait_max_s: float = 600.0
     credentials: tuple[Credential, ...] = ()
     # Tags move; a short TTL keeps `latest` fresh without an upstream round trip per pull.
     tag_ttl_s: float = 30.0

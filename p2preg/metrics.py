@@ -59,5 +59,20 @@ class NodeMetrics:
             "p2preg_store_evictions", "Blobs evicted to stay within budget", registry=r
         )
 
+        self.peer_bytes = Counter(
+            "p2preg_peer_blob_bytes", "Blob payload bytes received from peers", registry=r
+        )
+        self.fallbacks = Counter(
+            "p2preg_fallbacks", "Blobs fetched from upstream because the swarm could not",
+            ["reason"], registry=r,
+        )
+        self.hash_failures = Counter(
+            "p2preg_piece_hash_failures", "Pieces from peers that failed their hash", registry=r
+        )
+        self.peer_bans = Counter(
+            "p2preg_peer_bans", "Peers banned for sending bad data", registry=r
+        )
+        self.blobs_seeded = Gauge("p2preg_blobs_seeded", "Blobs this node seeds", registry=r)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,6 +8,7 @@ start nodes on port 0 with `await nursery.start(serve_node, config)`.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,12 +19,15 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from p2preg.blobs import Blobs
-from p2preg.config import NodeConfig
+from p2preg.config import HostPort, NodeConfig
 from p2preg.metrics import NodeMetrics
+from p2preg.p2p import P2P, P2PSettings
 from p2preg.resolver import Resolver
 from p2preg.store import BlobStore
+from p2preg.swarm import open_swarm
 from p2preg.tenancy import Tenancy
 from p2preg.upstream import UpstreamClient
+from tracker.client import TrackerClient
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ class Node:
     blobs: Blobs
     clients: dict[str, UpstreamClient]
     streams: trio.Semaphore
+    p2p: P2P | None = None
 
     def client_for(self, ns: str | None) -> UpstreamClient | None:
         upstream = self.config.upstream_for(ns)
@@ -58,6 +63,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     timeout = httpx.Timeout(config.upstream_timeout_s, connect=min(10.0, config.upstream_timeout_s))
     async with (
         httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as http,
+        _open_p2p(config, store, metrics, http) as p2p,
         trio.open_nursery() as nursery,
     ):
         clients = {
@@ -75,16 +81,14 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
             store=store,
             metrics=metrics,
             resolver=Resolver(store, tenancy, metrics, tag_ttl_s=config.tag_ttl_s),
-            blobs=Blobs(store, tenancy, metrics, nursery),
+            blobs=Blobs(store, tenancy, metrics, nursery, p2p),
             clients=clients,
             streams=trio.Semaphore(config.max_blob_streams),
+            p2p=p2p,
         )
         log.info(
             "node: store %s holds %d blobs (%d bytes of %d)",
-            config.data_dir,
-            len(store),
-            store.used_bytes,
-            store.max_bytes,
+            config.data_dir, len(store), store.used_bytes, store.max_bytes,
         )
         try:
             yield node
@@ -92,11 +96,41 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
             nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def _open_p2p(
+    config: NodeConfig, store: BlobStore, metrics: NodeMetrics, http: httpx.AsyncClient
+) -> AsyncIterator[P2P | None]:
+    """The swarm and the tracker client, when a tracker is configured."""
+    if config.tracker is None:
+        yield None
+        return
+    name = config.node_name or f"{socket.gethostname()}:{config.listen.port}"
+    tracker = TrackerClient(config.tracker, node=name, token=config.tracker_token, http=http)
+    listen = str(HostPort(config.peer_host, config.peer_port))
+    async with open_swarm(config.data_dir, listen, [tracker.announce_url], metrics) as swarm:
+        settings = P2PSettings(
+            min_bytes=config.p2p_min_bytes,
+            stall_s=config.swarm_stall_s,
+            max_hash_failures=config.swarm_max_hash_failures,
+            lease_wait_max_s=config.lease_wait_max_s,
+        )
+        p2p = P2P(store, swarm, tracker, metrics, settings, config.data_dir / "torrents")
+        store.on_remove = p2p.forget
+        reseeded = await p2p.reseed()
+        log.info(
+            "node: swarm on %s (peer port %d), tracker %s, re-seeding %d stored blobs",
+            listen, swarm.listen_port, config.tracker, reseeded,
+        )
+        yield p2p
+
+
 async def serve_node(
     config: NodeConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
 ) -> None:
     from p2preg.facade import create_app
+    from p2preg.zerocopy import install as install_zerocopy
 
+    install_zerocopy()  # blob bodies by sendfile: see p2preg/zerocopy.py
     hc = HypercornConfig()
     hc.bind = [str(config.listen)]
     hc.accesslog = None

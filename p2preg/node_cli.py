@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -12,8 +13,11 @@ import trio
 from p2preg.config import NodeConfig, load
 from p2preg.logs import setup_logging
 from p2preg.node import serve_node
+from tracker.config import TrackerConfig
 
-OTHER_ENV_KEYS: frozenset[str] = frozenset()
+# One environment may configure a node and a tracker: the tracker's keys are
+# not ours, but they are not mistakes either.
+OTHER_ENV_KEYS = frozenset(f.name for f in dataclasses.fields(TrackerConfig))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", metavar="DIR", help="blob store and state (/var/lib/p2preg)")
     p.add_argument("--tracker", metavar="URL", help="tracker base URL, http://host:port")
     p.add_argument("--peer-port", metavar="N", help="BitTorrent listen port (6881)")
+    p.add_argument("--peer-host", metavar="ADDR", help="BitTorrent listen address (0.0.0.0)")
+    p.add_argument("--node-name", metavar="NAME", help="name the tracker knows this node by")
+    p.add_argument(
+        "--p2p-min-bytes", metavar="SIZE", help="smaller blobs come straight from upstream (1MiB)"
+    )
     p.add_argument("--store-max-bytes", metavar="SIZE", help="store budget, e.g. 50GiB")
     p.add_argument("--tag-ttl-s", metavar="SECONDS", help="how long a tag → digest answer is kept")
     p.add_argument("--max-blob-streams", metavar="N", help="concurrent blob responses (64)")

@@ -20,7 +20,7 @@ import logging
 import os
 import secrets
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -108,6 +108,8 @@ class BlobStore:
         self._readers: Counter[Digest] = Counter()
         self.used_bytes = 0
         self.evictions = 0
+        # Called with each digest the store drops, so its seeding stops too.
+        self.on_remove: Callable[[Digest], None] = lambda digest: None
 
     def open(self) -> None:
         """Create the layout, drop temp files of a crashed run, index what is stored."""
@@ -146,6 +148,34 @@ class BlobStore:
 
     def writer(self, digest: Digest) -> BlobWriter:
         return BlobWriter(self, digest)
+
+    def link_verified(self, digest: Digest, source: Path) -> Path:
+        """Hard-link a file whose whole digest the caller verified into the temp dir.
+
+        Blocking (worker thread). The swarm's finished download keeps being
+        seeded from its own path; the store gets the same bytes without a copy.
+        Pass the result to `adopt`.
+        """
+        tmp = self.tmp_dir / f"{digest.hex[:16]}.{secrets.token_hex(6)}"
+        try:
+            os.link(source, tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise (NoSpace(str(e)) if e.errno == errno.ENOSPC else StoreError(str(e))) from e
+        return tmp
+
+    def adopt(self, digest: Digest, tmp: Path, size: int) -> None:
+        """Make a `link_verified` temp file the blob `digest` (trio thread)."""
+        try:
+            self._publish(digest, tmp, size)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @contextmanager
     def reading(self, digest: Digest) -> Iterator[Path]:
@@ -192,6 +222,7 @@ class BlobStore:
             return
         self.used_bytes -= size
         self.path(digest).unlink(missing_ok=True)
+        self.on_remove(digest)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,11 +1,13 @@
-"""The demo: a seed registry, p2preg nodes, and real containerd pulling through them.
+"""The demo: a seed registry, a tracker, p2preg nodes, and real containerd pulling.
 
-Starts Debian's docker-registry with a generated multi-layer image, one node
-per simulated machine, and one containerd per node whose `hosts.toml` mirror
-points at that node (the registry's own address is a closed port, so every
-byte containerd gets went through the node). It pulls the image on every node
-at once and prints what each node did and what the seed registry sent.
-Everything it starts is stopped at the end, also on Ctrl-C.
+Starts Debian's docker-registry with a generated multi-layer image, the
+tracker, one node per simulated machine, and one containerd per node whose
+`hosts.toml` mirror points at that node (the registry's own address is a
+closed port, so every byte containerd gets went through the node). It pulls
+the image on every node at once, shows each node's progress, and prints what
+each node got from peers and from upstream, and what the seed registry sent
+(counted from the registry's own log). Everything it starts is stopped at the
+end, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
 from tests.fixtures.containerd import Containerd, open_containerd, write_hosts_toml
 from tests.fixtures.images import build_image, push
-from tests.fixtures.node import NodeProcess, open_node
+from tests.fixtures.node import NodeProcess, metric_value, open_node
 from tests.fixtures.registry import open_registry
+from tests.fixtures.tracker import open_tracker
 
 SEED_NS = "seed.demo"
 MiB = 1024 * 1024
@@ -32,8 +36,8 @@ MiB = 1024 * 1024
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nodes", type=int, default=1, help="how many nodes pull (1)")
-    parser.add_argument("--layers-mib", default="8,24,48", help="layer sizes in MiB")
+    parser.add_argument("--nodes", type=int, default=4, help="how many nodes pull (4)")
+    parser.add_argument("--layers-mib", default="16,48,96", help="layer sizes in MiB")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     console = Console()
@@ -50,10 +54,15 @@ def main() -> int:
         )
         nodes: list[NodeProcess] = []
         daemons: list[Containerd] = []
-        with console.status(f"starting {args.nodes} node(s) and containerd daemon(s)…"):
+        with console.status(f"starting a tracker, {args.nodes} nodes and containerd daemons…"):
+            tracker = stack.enter_context(open_tracker(workdir / "tracker"))
             for i in range(args.nodes):
+                p2p = ("--tracker", tracker.url, "--peer-host", "127.0.0.1", "--peer-port", "0")
                 node = stack.enter_context(
-                    open_node(workdir / f"node{i}", [f"{SEED_NS}={registry.url}"], name=f"node{i}")
+                    open_node(
+                        workdir / f"node{i}", [f"{SEED_NS}={registry.url}"], name=f"node{i}",
+                        args=(*p2p, "--node-name", f"node{i}"),
+                    )
                 )
                 nodes.append(node)
                 daemons.append(stack.enter_context(open_containerd(workdir / f"ctrd{i}")))
@@ -61,30 +70,52 @@ def main() -> int:
         ref = f"{SEED_NS}/{image.repository}:{image.tag}"
         console.print(f"pulling [bold]{ref}[/] with containerd through every node at once")
 
-        def pull(i: int) -> float:
+        size = sum(b.size for b in image.blobs)
+        times: list[float] = [0.0] * args.nodes
+
+        def pull(i: int) -> None:
             start = time.monotonic()
             daemons[i].pull(ref, workdir / f"hosts{i}")
-            return time.monotonic() - start
+            times[i] = time.monotonic() - start
 
+        def received(node: NodeProcess) -> float:
+            text = node.metrics()
+            return sum(
+                metric_value(text, name)
+                for name in ("p2preg_upstream_blob_bytes_total", "p2preg_peer_blob_bytes_total")
+            )
+
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn())
         with (
-            console.status("pulling…"),
+            Progress(*columns, console=console) as progress,
             concurrent.futures.ThreadPoolExecutor(args.nodes) as pool,
         ):
-            times = list(pool.map(pull, range(args.nodes)))
+            tasks = [progress.add_task(f"node{i}", total=size) for i in range(args.nodes)]
+            futures = [pool.submit(pull, i) for i in range(args.nodes)]
+            while not all(f.done() for f in futures):
+                for task, node in zip(tasks, nodes, strict=True):
+                    progress.update(task, completed=min(size, received(node)))
+                time.sleep(0.2)
+            for task in tasks:
+                progress.update(task, completed=size)
+            for f in futures:
+                f.result()
         registry.settle()
         table = Table(title="per node")
-        for col in ("node", "pull time", "from upstream", "unpacked"):
+        for col in ("node", "pull time", "from peers", "from upstream", "unpacked"):
             table.add_column(col, justify="right")
         for i, node in enumerate(nodes):
-            upstream = node.metric("p2preg_upstream_blob_bytes_total")
+            text = node.metrics()
+            upstream = metric_value(text, "p2preg_upstream_blob_bytes_total")
+            peers = metric_value(text, "p2preg_peer_blob_bytes_total")
             unpacked = daemons[i].is_unpacked(image.manifests[0])
             table.add_row(
-                f"node{i}", f"{times[i]:.2f} s", f"{upstream / MiB:.1f} MiB",
-                "yes" if unpacked else "[red]no[/]",
+                f"node{i}", f"{times[i]:.2f} s", f"{peers / MiB:.1f} MiB",
+                f"{upstream / MiB:.1f} MiB", "yes" if unpacked else "[red]no[/]",
             )
         console.print(table)
         sent = sum(registry.blob_bytes_sent().values())
-        size = sum(b.size for b in image.blobs)
         console.print(
             f"seed registry sent {sent / MiB:.1f} MiB of blobs for a {size / MiB:.1f} MiB image "
             f"pulled {args.nodes} time(s): [bold]{sent / size:.2f}x[/] the image size"

@@ -134,8 +134,6 @@ def make_node(tmp_path: Path) -> Iterator[MakeNode]:
     with ExitStack() as stack:
 
         def make(*upstreams: str, args: tuple[str, ...] = (), name: str = "node") -> NodeProcess:
-            return stack.enter_context(
-                open_node(tmp_path / name, upstreams, args=args, name=name)
-            )
+            return stack.enter_context(open_node(tmp_path / name, upstreams, args=args, name=name))
 
         yield make

@@ -15,6 +15,7 @@ def test_precedence_cli_over_env_over_file(tmp_path: Path) -> None:
     c = load(NodeConfig, cli={"listen": "0.0.0.0:7002"}, env=env, file=f)
     assert c.listen == HostPort("0.0.0.0", 7002)
     assert c.tag_ttl_s == 7.0
+    assert load(NodeConfig, file=f).tag_ttl_s == 5.0  # a TOML integer for a float
     assert c.store_max_bytes == 1024**3
     assert c.upstream == (Upstream("docker.io", "https://registry-1.docker.io"),)
     assert c.upstream_for(None) is c.upstream[0]

@@ -23,8 +23,19 @@ def test_satisfiable(header: str | None, size: int, expected: ByteRange | None) 
 
 @pytest.mark.parametrize(
     "header",
-    ["bytes=10-", "bytes=20-30", "bytes=5-2", "bytes=-0", "bytes=-", "items=0-1", "bytes=a-b",
-     "bytes", "0-1", "bytes=1-2-3", "bytes=" + "9" * 2000],
+    [
+        "bytes=10-",
+        "bytes=20-30",
+        "bytes=5-2",
+        "bytes=-0",
+        "bytes=-",
+        "items=0-1",
+        "bytes=a-b",
+        "bytes",
+        "0-1",
+        "bytes=1-2-3",
+        "bytes=" + "9" * 2000,
+    ],
 )
 def test_unsatisfiable(header: str) -> None:
     with pytest.raises(RangeNotSatisfiable) as exc:

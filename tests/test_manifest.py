@@ -14,8 +14,12 @@ def _desc(d: Digest, **extra: str) -> dict[str, object]:
 
 def test_image_manifest_references() -> None:
     body = json.dumps(
-        {"schemaVersion": 2, "mediaType": mf.DOCKER_MANIFEST, "config": _desc(A),
-         "layers": [_desc(B), _desc(C)]}
+        {
+            "schemaVersion": 2,
+            "mediaType": mf.DOCKER_MANIFEST,
+            "config": _desc(A),
+            "layers": [_desc(B), _desc(C)],
+        }
     ).encode()
     p = mf.parse(body)
     assert p.media_type == mf.DOCKER_MANIFEST
@@ -27,14 +31,22 @@ def test_media_type_inferred_when_absent() -> None:
     index = json.dumps({"schemaVersion": 2, "manifests": [_desc(A)]}).encode()
     assert mf.parse(index).media_type == mf.OCI_INDEX
     assert mf.parse(index).manifests == {A}
-    image = json.dumps({"schemaVersion": 2, "config": _desc(A), "layers": [],
-                        "subject": _desc(B)}).encode()
+    image = json.dumps(
+        {"schemaVersion": 2, "config": _desc(A), "layers": [], "subject": _desc(B)}
+    ).encode()
     p = mf.parse(image)
     assert (p.media_type, p.subject) == (mf.OCI_MANIFEST, B)
 
 
-@pytest.mark.parametrize("body", [b"not json", b"[]", b'{"schemaVersion": 2}',
-                                  b'{"layers": [{"digest": "sha256:zz"}], "config": {}}'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[]",
+        b'{"schemaVersion": 2}',
+        b'{"layers": [{"digest": "sha256:zz"}], "config": {}}',
+    ],
+)
 def test_invalid_manifests(body: bytes) -> None:
     with pytest.raises(mf.ManifestInvalid):
         mf.parse(body)

@@ -39,14 +39,22 @@ def http() -> Iterator[httpx.Client]:
         yield client
 
 
-def _pull_through(containerd: Containerd, hosts_dir: Path, node: NodeProcess, ref: str,
-                  platform: str | None = None) -> None:
+def _pull_through(
+    containerd: Containerd,
+    hosts_dir: Path,
+    node: NodeProcess,
+    ref: str,
+    platform: str | None = None,
+) -> None:
     write_hosts_toml(hosts_dir, SEED_NS, node.url)
     containerd.pull(f"{SEED_NS}/{ref}", hosts_dir, platform=platform)
 
 
 def test_containerd_pulls_oci_and_schema2_images_through_the_mirror(
-    registry: Registry, push_image: PushImage, make_node: MakeNode, containerd: Containerd,
+    registry: Registry,
+    push_image: PushImage,
+    make_node: MakeNode,
+    containerd: Containerd,
     hosts_dir: Path,
 ) -> None:
     node = make_node(f"{SEED_NS}={registry.url}")
@@ -65,8 +73,11 @@ def test_containerd_pulls_oci_and_schema2_images_through_the_mirror(
 
 
 def test_containerd_pulls_each_platform_of_an_index(
-    registry: Registry, push_image: PushImage, make_node: MakeNode,
-    containerd_factory: Callable[..., Containerd], hosts_dir: Path,
+    registry: Registry,
+    push_image: PushImage,
+    make_node: MakeNode,
+    containerd_factory: Callable[..., Containerd],
+    hosts_dir: Path,
 ) -> None:
     node = make_node(f"{SEED_NS}={registry.url}")
     image = push_image(registry, "index")
@@ -84,8 +95,14 @@ def test_skopeo_copies_from_the_node(
     for variant, fmt in (("single", "oci"), ("single", "v2s2"), ("index", "oci")):
         image = push_image(registry, variant, format=fmt)  # type: ignore[arg-type]
         dest = tmp_path / f"copy-{variant}-{fmt}"
-        skopeo("copy", "--all", "--src-tls-verify=false", "--src-no-creds",
-               f"docker://{node.host}/{image.repository}:{image.tag}", f"dir:{dest}")
+        skopeo(
+            "copy",
+            "--all",
+            "--src-tls-verify=false",
+            "--src-no-creds",
+            f"docker://{node.host}/{image.repository}:{image.tag}",
+            f"dir:{dest}",
+        )
         copied = {p.name for p in dest.iterdir()}
         for blob in image.blobs:
             assert blob.digest.split(":")[1] in copied
@@ -160,9 +177,16 @@ def test_tags_list_is_sorted_and_paginated(
     node = make_node(registry.url)
     first = push_image(registry, "single", "test/tags")
     for tag in ("v10", "alpha", "v2", "Zeta"):
-        skopeo("copy", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false",
-               "--src-no-creds", "--dest-no-creds",
-               f"docker://{first.reference}", f"docker://{registry.host}/test/tags:{tag}")
+        skopeo(
+            "copy",
+            "--quiet",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            "--src-no-creds",
+            "--dest-no-creds",
+            f"docker://{first.reference}",
+            f"docker://{registry.host}/test/tags:{tag}",
+        )
     expected = sorted([first.tag, "v10", "alpha", "v2", "Zeta"])
     full = http.get(f"{node.url}/v2/test/tags/tags/list")
     assert full.json() == {"name": "test/tags", "tags": expected}
@@ -184,11 +208,15 @@ def test_tags_list_is_sorted_and_paginated(
     assert missing.status_code == 404 and missing.json()["errors"][0]["code"] == "NAME_UNKNOWN"
 
 
-def _put_manifest(http: httpx.Client, registry: Registry, repo: str, ref: str,
-                  doc: dict[str, object]) -> tuple[str, int]:
+def _put_manifest(
+    http: httpx.Client, registry: Registry, repo: str, ref: str, doc: dict[str, object]
+) -> tuple[str, int]:
     body = json.dumps(doc).encode()
-    r = http.put(f"{registry.url}/v2/{repo}/manifests/{ref}", content=body,
-                 headers={"Content-Type": str(doc["mediaType"])})
+    r = http.put(
+        f"{registry.url}/v2/{repo}/manifests/{ref}",
+        content=body,
+        headers={"Content-Type": str(doc["mediaType"])},
+    )
     assert r.status_code == 201, r.text
     return "sha256:" + hashlib.sha256(body).hexdigest(), len(body)
 
@@ -208,15 +236,26 @@ def test_referrers_from_tag_schema_or_empty(
     # under the `sha256-<hex>` tag.
     config = image.manifests[0].config
     artifact = {
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/x.sbom",
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": "application/x.sbom",
         "config": {"mediaType": config.media_type, "digest": config.digest, "size": config.size},
         "layers": [],
         "subject": {"mediaType": image.media_type, "digest": subject, "size": 1},
     }
     art_digest, art_size = _put_manifest(http, registry, image.repository, "sbom", artifact)
-    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
-        {"mediaType": OCI_MANIFEST, "digest": art_digest, "size": art_size,
-         "artifactType": "application/x.sbom"}]}
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": art_digest,
+                "size": art_size,
+                "artifactType": "application/x.sbom",
+            }
+        ],
+    }
     _put_manifest(http, registry, image.repository, subject.replace(":", "-"), index)
     found = http.get(url)
     assert [m["digest"] for m in found.json()["manifests"]] == [art_digest]
@@ -224,8 +263,9 @@ def test_referrers_from_tag_schema_or_empty(
     assert filtered.json()["manifests"] == []
     assert filtered.headers["OCI-Filters-Applied"] == "artifactType"
     # The referrer is now proven to be in the repository: it is served by digest.
-    art = http.get(f"{node.url}/v2/{image.repository}/manifests/{art_digest}",
-                   headers={"Accept": OCI_MANIFEST})
+    art = http.get(
+        f"{node.url}/v2/{image.repository}/manifests/{art_digest}", headers={"Accept": OCI_MANIFEST}
+    )
     assert art.status_code == 200 and art.headers["Content-Type"] == OCI_MANIFEST
 
 
@@ -268,8 +308,11 @@ def test_concurrent_requests_for_a_missing_blob_fetch_it_once(
         digests = list(pool.map(get, range(16)))
     assert digests == [blob.digest] * 16
     registry.settle()
-    gets = [r for r in registry.served_requests()
-            if r.method == "GET" and r.blob == (image.repository, blob.digest)]
+    gets = [
+        r
+        for r in registry.served_requests()
+        if r.method == "GET" and r.blob == (image.repository, blob.digest)
+    ]
     assert len(gets) == 1 and gets[0].written == blob.size
 
 
@@ -288,8 +331,13 @@ def test_store_survives_a_restart(
 
 
 def test_token_auth_with_credentials(
-    token_registry: Registry, token_issuer: TokenIssuer, push_image: PushImage,
-    make_node: MakeNode, http: httpx.Client, containerd: Containerd, hosts_dir: Path,
+    token_registry: Registry,
+    token_issuer: TokenIssuer,
+    push_image: PushImage,
+    make_node: MakeNode,
+    http: httpx.Client,
+    containerd: Containerd,
+    hosts_dir: Path,
 ) -> None:
     image = push_image(token_registry, "single", creds=CREDS)
     anonymous = make_node(f"{SEED_NS}={token_registry.url}", name="anonymous")
@@ -297,9 +345,14 @@ def test_token_auth_with_credentials(
     assert denied.status_code in (401, 403, 404)
     assert "errors" in denied.json()
     user, password = CREDS.split(":", 1)
-    node = make_node(f"{SEED_NS}={token_registry.url}", name="authed",
-                     args=("--config", str(_credentials_file(node_dir=hosts_dir.parent,
-                                                             user=user, password=password))))
+    node = make_node(
+        f"{SEED_NS}={token_registry.url}",
+        name="authed",
+        args=(
+            "--config",
+            str(_credentials_file(node_dir=hosts_dir.parent, user=user, password=password)),
+        ),
+    )
     issued_before = token_issuer.issued_count
     _pull_through(containerd, hosts_dir, node, f"{image.repository}:{image.tag}")
     assert containerd.is_unpacked(image.manifests[0])
@@ -345,8 +398,13 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize(("method", "path", "status", "code"), BAD_REQUESTS)
 def test_bad_input_gets_a_clear_client_error(
-    registry: Registry, make_node: MakeNode, http: httpx.Client, method: str, path: str,
-    status: int, code: str | None,
+    registry: Registry,
+    make_node: MakeNode,
+    http: httpx.Client,
+    method: str,
+    path: str,
+    status: int,
+    code: str | None,
 ) -> None:
     node = make_node(registry.url)
     r = http.request(method, node.url + path)

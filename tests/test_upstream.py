@@ -57,8 +57,11 @@ class Sink:
 
 
 async def test_retries_5xx_and_honours_retry_after(autojump_clock: trio.testing.MockClock) -> None:
-    answers = [httpx.Response(503), httpx.Response(429, headers={"Retry-After": "7"}),
-               httpx.Response(200, content=b"{}")]
+    answers = [
+        httpx.Response(503),
+        httpx.Response(429, headers={"Retry-After": "7"}),
+        httpx.Response(200, content=b"{}"),
+    ]
     seen: list[float] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -103,8 +106,9 @@ async def test_bearer_token_flow_and_cache() -> None:
             token_calls.append(request)
             return httpx.Response(200, json={"token": "T", "expires_in": 300})
         if request.headers.get("Authorization") != "Bearer T":
-            return httpx.Response(401, headers={
-                "WWW-Authenticate": f'Bearer realm="{REG}/token",service="seed"'})
+            return httpx.Response(
+                401, headers={"WWW-Authenticate": f'Bearer realm="{REG}/token",service="seed"'}
+            )
         return httpx.Response(200, content=b"ok")
 
     client = _client(handler, credential=Credential("seed.test", "alice", "pw"))
@@ -135,8 +139,9 @@ async def test_redirect_to_storage_drops_authorization() -> None:
         seen[request.url.host] = request.headers
         if request.url.host == "seed.test":
             if "Authorization" not in request.headers:
-                return httpx.Response(401, headers={
-                    "WWW-Authenticate": f'Bearer realm="{REG}/token"'})
+                return httpx.Response(
+                    401, headers={"WWW-Authenticate": f'Bearer realm="{REG}/token"'}
+                )
             if request.url.path == "/token":
                 return httpx.Response(200, json={"token": "T"})
             return httpx.Response(307, headers={"Location": "http://s3.test/blob?sig=x"})
@@ -167,8 +172,11 @@ async def test_blob_cut_short_is_resumed_with_range(autojump_clock: trio.testing
         if len(ranges) == 1:
             return httpx.Response(200, stream=Cut())
         start = int(request.headers["Range"].split("=")[1].rstrip("-"))
-        return httpx.Response(206, content=BLOB[start:], headers={
-            "Content-Range": f"bytes {start}-{len(BLOB) - 1}/{len(BLOB)}"})
+        return httpx.Response(
+            206,
+            content=BLOB[start:],
+            headers={"Content-Range": f"bytes {start}-{len(BLOB) - 1}/{len(BLOB)}"},
+        )
 
     sink = Sink()
     await _client(handler).fetch_blob("a", DIGEST, sink)

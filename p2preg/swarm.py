@@ -1,0 +1,322 @@
+"""The node's libtorrent session, driven from trio.
+
+Owns one session per node and `<data_dir>/swarm/`, where every torrent's file
+lives as `sha256-<hex>`. A blob the node seeds is a hard link to the store's
+verified file (no copy); a blob being downloaded is written there by
+libtorrent and only becomes a store blob after the node has checked its whole
+digest. The swarm is private: BEP 27 flag on every torrent, no DHT, LSD, UPnP,
+NAT-PMP or PEX peers, and the cluster tracker as the only tracker. Alerts reach
+trio through `set_alert_fd` on a pipe and `trio.lowlevel.wait_readable`, never
+a Python callback in libtorrent's thread (which hung teardown with the 2.1.1
+wheel). This module decides nothing about where a blob should come from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import libtorrent as lt
+import trio
+
+from p2preg.core.digest import Digest
+from p2preg.core.metainfo import Metainfo, info_name
+from p2preg.metrics import NodeMetrics
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+STATUS_INTERVAL_S = 0.5
+
+
+class SwarmError(Exception):
+    """A download from peers cannot finish; `reason` names why (a metric label)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def session_settings(listen: str) -> lt.settings_pack:
+    """libtorrent settings for a private, LAN-speed swarm (docs/SWARM.md has the numbers)."""
+    return {
+        "listen_interfaces": listen,
+        "enable_dht": False,
+        "enable_lsd": False,
+        "enable_upnp": False,
+        "enable_natpmp": False,
+        # uTP over loopback and LAN links was several times slower than TCP.
+        "enable_outgoing_utp": False,
+        "enable_incoming_utp": False,
+        # Nodes behind one address (tests, NAT) are still distinct peers.
+        "allow_multiple_connections_per_ip": True,
+        "send_buffer_watermark": 4 * MiB,
+        "send_buffer_low_watermark": 1 * MiB,
+        "max_queued_disk_bytes": 32 * MiB,
+        "request_queue_time": 1,
+        "max_out_request_queue": 2000,
+        "max_allowed_in_request_queue": 4000,
+        "suggest_mode": lt.suggest_mode_t.suggest_read_cache,
+        "unchoke_slots_limit": 64,
+        "connections_limit": 400,
+        "connection_speed": 200,
+        "smooth_connects": False,
+        "torrent_connect_boost": 64,
+        "close_redundant_connections": True,
+        "announce_to_all_trackers": True,
+        "min_announce_interval": 5,
+        # Ask the tracker again quickly when a download is missing peers.
+        "tracker_backoff": 50,
+        "alert_mask": (
+            lt.alert_category.error
+            | lt.alert_category.status
+            | lt.alert_category.storage
+            | lt.alert_category.peer
+            | lt.alert_category.tracker
+        ),
+        "alert_queue_size": 10_000,
+        "user_agent": "p2preg",
+    }
+
+
+@dataclass
+class _Torrent:
+    digest: Digest
+    handle: Any
+    seeding: bool
+    finished: trio.Event = field(default_factory=trio.Event)
+    announced: trio.Event = field(default_factory=trio.Event)
+    error: SwarmError | None = None
+    done_bytes: int = 0
+    last_progress: float = 0.0
+    hash_failures: int = 0
+    from_peers_bytes: int = 0
+
+
+class Swarm:
+    def __init__(
+        self, session: Any, swarm_dir: Path, announce_urls: list[str], metrics: NodeMetrics
+    ) -> None:
+        self._session = session
+        self.swarm_dir = swarm_dir
+        self._announce_urls = announce_urls
+        self._metrics = metrics
+        self._torrents: dict[Digest, _Torrent] = {}
+        self._by_hash: dict[bytes, _Torrent] = {}
+
+    @property
+    def listen_port(self) -> int:
+        return int(self._session.listen_port())
+
+    def path(self, digest: Digest) -> Path:
+        return self.swarm_dir / info_name(digest)
+
+    def seeding(self) -> list[Digest]:
+        return [d for d, t in self._torrents.items() if t.seeding]
+
+    def __contains__(self, digest: Digest) -> bool:
+        return digest in self._torrents
+
+    def _params(self, meta: Metainfo) -> Any:
+        atp = lt.add_torrent_params()
+        atp.ti = lt.torrent_info(meta.data)
+        atp.save_path = str(self.swarm_dir)
+        atp.trackers = list(self._announce_urls)
+        atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
+        atp.flags |= lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd
+        atp.flags |= lt.torrent_flags.disable_pex
+        return atp
+
+    def _track(self, meta: Metainfo, handle: Any, *, seeding: bool) -> _Torrent:
+        t = _Torrent(meta.digest, handle, seeding, last_progress=trio.current_time())
+        self._torrents[meta.digest] = t
+        self._by_hash[meta.info_hash_v2] = t
+        return t
+
+    def seed(self, meta: Metainfo, verified: Path) -> None:
+        """Seed the store's verified file `verified` under `meta` (no copy, no re-check)."""
+        if meta.digest in self._torrents:
+            return
+        target = self.path(meta.digest)
+        target.unlink(missing_ok=True)
+        os.link(verified, target)
+        atp = self._params(meta)
+        # The bytes were verified against the digest; libtorrent still checks
+        # each piece lazily the first time it serves it.
+        atp.flags |= lt.torrent_flags.seed_mode
+        handle = self._session.add_torrent(atp)
+        t = self._track(meta, handle, seeding=True)
+        t.finished.set()
+        self._metrics.blobs_seeded.set(len(self.seeding()))
+
+    async def download(
+        self, meta: Metainfo, *, stall_s: float, max_hash_failures: int
+    ) -> Path:
+        """Download `meta`'s file from peers; returns its path once every piece checked.
+
+        The caller must still verify the whole digest before the bytes are used.
+        Raises SwarmError when no byte arrives for `stall_s` or pieces keep
+        failing their hash.
+        """
+        t = self._torrents.get(meta.digest)
+        if t is None:
+            self.path(meta.digest).unlink(missing_ok=True)
+            handle = self._session.add_torrent(self._params(meta))
+            t = self._track(meta, handle, seeding=False)
+        while not t.finished.is_set():
+            if t.error is not None:
+                raise t.error
+            if t.hash_failures > max_hash_failures:
+                raise SwarmError("hash_failures", f"{t.hash_failures} pieces failed their hash")
+            if trio.current_time() - t.last_progress > stall_s:
+                raise SwarmError("stalled", f"no progress from peers for {stall_s:.0f} s")
+            with trio.move_on_after(STATUS_INTERVAL_S):
+                await t.finished.wait()
+        if t.error is not None:
+            raise t.error
+        return self.path(meta.digest)
+
+    def mark_seeding(self, digest: Digest) -> None:
+        t = self._torrents.get(digest)
+        if t is not None:
+            t.seeding = True
+            self._metrics.blobs_seeded.set(len(self.seeding()))
+
+    def remove(self, digest: Digest) -> None:
+        """Stop the torrent and drop its file from the swarm directory."""
+        t = self._torrents.pop(digest, None)
+        if t is None:
+            return
+        self._by_hash = {h: v for h, v in self._by_hash.items() if v is not t}
+        self._session.remove_torrent(t.handle)
+        self.path(digest).unlink(missing_ok=True)
+        self._metrics.blobs_seeded.set(len(self.seeding()))
+
+    async def wait_announced(self, digest: Digest, timeout_s: float) -> bool:
+        """Wait until the tracker has acknowledged an announce of this torrent."""
+        t = self._torrents.get(digest)
+        if t is None:
+            return False
+        with trio.move_on_after(timeout_s):
+            await t.announced.wait()
+        return t.announced.is_set()
+
+    def peer_bytes(self, digest: Digest) -> int:
+        t = self._torrents.get(digest)
+        return t.from_peers_bytes if t is not None else 0
+
+    # -- alerts ---------------------------------------------------------
+
+    def _torrent_of(self, alert: Any) -> _Torrent | None:
+        handle = getattr(alert, "handle", None)
+        if handle is None or not handle.is_valid():
+            return None
+        try:
+            key = handle.info_hashes().v2.to_bytes()
+        except RuntimeError:
+            return None
+        return self._by_hash.get(key)
+
+    def _on_alert(self, alert: Any) -> None:
+        if isinstance(alert, lt.state_update_alert):
+            for status in alert.status:
+                t = self._by_hash.get(status.info_hashes.v2.to_bytes())
+                if t is not None:
+                    self._progress(t, status)
+            return
+        t = self._torrent_of(alert)
+        if isinstance(alert, lt.torrent_finished_alert):
+            if t is not None:
+                self._progress(t, alert.handle.status())
+                # Every piece passed its hash, but some may still sit in the
+                # disk thread's queue: the file is complete once it is flushed.
+                alert.handle.flush_cache()
+        elif isinstance(alert, lt.cache_flushed_alert):
+            if t is not None:
+                t.finished.set()
+        elif isinstance(alert, lt.tracker_reply_alert):
+            if t is not None:
+                t.announced.set()
+        elif isinstance(alert, lt.tracker_error_alert | lt.tracker_warning_alert):
+            log.warning("swarm: %s", alert.message())
+        elif isinstance(alert, lt.hash_failed_alert):
+            self._metrics.hash_failures.inc()
+            if t is not None:
+                t.hash_failures += 1
+        elif isinstance(alert, lt.peer_ban_alert | lt.peer_blocked_alert):
+            self._metrics.peer_bans.inc()
+            log.warning("swarm: %s", alert.message())
+        elif isinstance(alert, lt.torrent_error_alert | lt.file_error_alert):
+            log.warning("swarm: %s", alert.message())
+            if t is not None and not t.finished.is_set():
+                t.error = SwarmError("torrent_error", alert.message())
+                t.finished.set()
+        elif isinstance(alert, lt.listen_failed_alert):
+            log.error("swarm: %s", alert.message())
+
+    def _progress(self, t: _Torrent, status: Any) -> None:
+        done = int(status.total_wanted_done)
+        if done > t.done_bytes:
+            t.done_bytes = done
+            t.last_progress = trio.current_time()
+        payload = int(status.total_payload_download)
+        if payload > t.from_peers_bytes:
+            self._metrics.peer_bytes.inc(payload - t.from_peers_bytes)
+            t.from_peers_bytes = payload
+
+    async def _pump(self, read_fd: int) -> None:
+        while True:
+            for alert in self._session.pop_alerts():
+                self._on_alert(alert)
+            await trio.lowlevel.wait_readable(read_fd)
+            try:
+                while os.read(read_fd, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+    async def _poll_status(self) -> None:
+        while True:
+            if any(not t.finished.is_set() for t in self._torrents.values()):
+                self._session.post_torrent_updates()
+            await trio.sleep(STATUS_INTERVAL_S)
+
+
+@asynccontextmanager
+async def open_swarm(
+    data_dir: Path, listen: str, announce_urls: list[str], metrics: NodeMetrics
+) -> AsyncIterator[Swarm]:
+    """A session listening on `listen` (`host:port`), torrents announced to `announce_urls`."""
+    swarm_dir = data_dir / "swarm"
+    # Whatever is here is a link to a store blob or an unverified partial
+    # download from a previous run: neither may be served as is.
+    shutil.rmtree(swarm_dir, ignore_errors=True)
+    swarm_dir.mkdir(parents=True)
+    session = lt.session(session_settings(listen))
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    session.set_alert_fd(write_fd)
+    swarm = Swarm(session, swarm_dir, announce_urls, metrics)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(swarm._pump, read_fd)
+            nursery.start_soon(swarm._poll_status)
+            try:
+                yield swarm
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        session.set_alert_fd(-1)
+        session.pause()
+        for handle in session.get_torrents():
+            session.remove_torrent(handle)
+        del session
+        os.close(read_fd)
+        os.close(write_fd)
