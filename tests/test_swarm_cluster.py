@@ -198,3 +198,27 @@ def _fast_fallback(tmp_path: Path) -> Path:
     path = tmp_path / "fast.toml"
     path.write_text("swarm_stall_s = 5\nswarm_max_hash_failures = 2\n")
     return path
+
+
+def test_a_restarted_node_seeds_its_store_without_downloading_again(
+    registry: Registry, tracker: TrackerProcess, big_layout: Any,
+    cluster: Callable[..., NodeProcess],
+) -> None:
+    image = push(big_layout, registry.host, "team/app")
+    layers = image.manifests[0].layers
+    first = cluster(registry, tracker, "first")
+    with httpx.Client(trust_env=False, timeout=120) as http:
+        for layer in layers:
+            url = f"{first.url}/v2/{image.repository}/blobs/{layer.digest}"
+            assert http.get(url).status_code == 200
+        sent = _layer_bytes_sent(registry, image)
+        first.process.stop()
+        again = cluster(registry, tracker, "first")  # same data directory
+        assert again.metric("p2preg_blobs_seeded") == len(layers)
+        second = cluster(registry, tracker, "second")
+        for layer in layers:
+            got = http.get(f"{second.url}/v2/{image.repository}/blobs/{layer.digest}")
+            assert "sha256:" + hashlib.sha256(got.content).hexdigest() == layer.digest
+    assert _layer_bytes_sent(registry, image) == sent
+    assert second.metric("p2preg_peer_blob_bytes_total") >= sum(LAYERS)
+    assert again.metric("p2preg_upstream_blob_bytes_total") == 0
