@@ -128,9 +128,7 @@ async def serve_node(
     config: NodeConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
 ) -> None:
     from p2preg.facade import create_app
-    from p2preg.zerocopy import install as install_zerocopy
 
-    install_zerocopy()  # blob bodies by sendfile: see p2preg/zerocopy.py
     hc = HypercornConfig()
     hc.bind = [str(config.listen)]
     hc.accesslog = None
