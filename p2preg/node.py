@@ -107,21 +107,29 @@ async def _open_p2p(
     name = config.node_name or f"{socket.gethostname()}:{config.listen.port}"
     tracker = TrackerClient(config.tracker, node=name, token=config.tracker_token, http=http)
     listen = str(HostPort(config.peer_host, config.peer_port))
-    async with open_swarm(config.data_dir, listen, [tracker.announce_url], metrics) as swarm:
+    async with (
+        open_swarm(config.data_dir, listen, [tracker.announce_url], metrics) as swarm,
+        trio.open_nursery() as nursery,
+    ):
         settings = P2PSettings(
             min_bytes=config.p2p_min_bytes,
             stall_s=config.swarm_stall_s,
             max_hash_failures=config.swarm_max_hash_failures,
             lease_wait_max_s=config.lease_wait_max_s,
         )
-        p2p = P2P(store, swarm, tracker, metrics, settings, config.data_dir / "torrents")
+        p2p = P2P(
+            store, swarm, tracker, metrics, settings, config.data_dir / "torrents", nursery
+        )
         store.on_remove = p2p.forget
         reseeded = await p2p.reseed()
         log.info(
             "node: swarm on %s (peer port %d), tracker %s, re-seeding %d stored blobs",
             listen, swarm.listen_port, config.tracker, reseeded,
         )
-        yield p2p
+        try:
+            yield p2p
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 async def serve_node(

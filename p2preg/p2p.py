@@ -72,7 +72,9 @@ class P2P:
         metrics: NodeMetrics,
         settings: P2PSettings,
         torrent_dir: Path,
+        nursery: trio.Nursery,
     ) -> None:
+        self._nursery = nursery
         self.store = store
         self.swarm = swarm
         self.tracker = tracker
@@ -164,8 +166,12 @@ class P2P:
                 await self._release(digest, lease_id)
             raise
         await self.publish(digest, size)
+        self._nursery.start_soon(self._release_once_seeding, digest, lease_id)
+
+    async def _release_once_seeding(self, digest: Digest, lease_id: str) -> None:
         # Hold the lease until the tracker counts us as a seeder: released any
         # sooner, the next asker would find no seeder and fetch upstream again.
+        # The client that asked for the blob does not wait for this.
         if not await self.swarm.wait_announced(digest, ANNOUNCE_WAIT_S):
             log.warning("no announce of %s acknowledged within %.0f s", digest, ANNOUNCE_WAIT_S)
         await self._release(digest, lease_id)
