@@ -91,10 +91,10 @@ class P2P:
             remaining = deadline - trio.current_time()
             if remaining <= 0:
                 raise Fallback("lease_wait", "waited too long for the upstream lease holder")
+            wait_s = min(LONG_POLL_S, remaining)
+            asked = trio.current_time()
             try:
-                reply = await self.tracker.acquire_lease(
-                    digest, size=size, wait_s=min(LONG_POLL_S, remaining)
-                )
+                reply = await self.tracker.acquire_lease(digest, size=size, wait_s=wait_s)
             except tracker_errors.TrackerError as e:
                 raise Fallback("tracker", f"tracker: {e}") from None
             if reply.status is LeaseStatus.SEEDED:
@@ -103,7 +103,10 @@ class P2P:
             if reply.status is LeaseStatus.GRANTED:
                 await self._as_holder(digest, size, reply, upstream)
                 return "upstream"
-            await trio.sleep(min(max(reply.retry_after_s, 0.05), max(0.0, remaining)))
+            # A long-poll that ran its course already waited: ask again at once.
+            # One answered early (a tracker that does not hold requests) is paced.
+            if trio.current_time() - asked < 0.8 * wait_s:
+                await trio.sleep(min(max(reply.retry_after_s, 0.05), 1.0))
 
     async def _from_peers(self, digest: Digest, size: int, reply: LeaseReply) -> None:
         if reply.metainfo is None:
