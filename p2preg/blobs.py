@@ -11,6 +11,8 @@ visible to readers only once its whole digest matched.
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import trio
@@ -30,6 +32,20 @@ log = logging.getLogger(__name__)
 WRITE_BATCH_BYTES = 1 << 20
 # A seed registry that sends corrupt bytes gets one more chance.
 MISMATCH_ATTEMPTS = 2
+# How many finished fetches `p2preg status` can show.
+RECENT_FETCHES = 50
+
+
+@dataclass(frozen=True, slots=True)
+class FetchRecord:
+    """One finished fetch into the store: where the blob came from (or `failed`)."""
+
+    at_unix: float
+    digest: str
+    repository: str
+    source: str
+    size: int
+    seconds: float
 
 
 class _StoreSink:
@@ -80,6 +96,7 @@ class Blobs:
         self._metrics = metrics
         self._nursery = nursery
         self._flights: dict[Digest, _Flight] = {}
+        self.recent: deque[FetchRecord] = deque(maxlen=RECENT_FETCHES)
 
     async def authorize(
         self, client: UpstreamClient, repository: str, digest: Digest
@@ -136,9 +153,11 @@ class Blobs:
         except RegistryError as e:
             flight.error = e
             log.warning("blob %s: every source failed: %s", digest, e.message)
+            self._remember(digest, repository, "failed", 0, start)
         except Exception as e:
             flight.error = UpstreamError(f"fetching blob {digest} failed: {type(e).__name__}")
             log.exception("blob %s: unexpected failure", digest)
+            self._remember(digest, repository, "failed", 0, start)
         else:
             elapsed = trio.current_time() - start
             self._metrics.blob_fetches.labels(source).inc()
@@ -146,10 +165,19 @@ class Blobs:
             log.info(
                 "blob %s source=%s size=%d time=%.3fs repository=%s",
                 digest, source, size, elapsed, repository,
+                extra={"digest": str(digest), "source": source, "size": size,
+                       "seconds": round(elapsed, 3), "repository": repository},
             )
+            self._remember(digest, repository, source, size, start)
         finally:
             del self._flights[digest]
             flight.done.set()
+
+    def _remember(
+        self, digest: Digest, repository: str, source: str, size: int, start: float
+    ) -> None:
+        elapsed = round(trio.current_time() - start, 3)
+        self.recent.append(FetchRecord(time.time(), str(digest), repository, source, size, elapsed))
 
     async def _fetch(
         self, client: UpstreamClient, repository: str, digest: Digest
@@ -159,11 +187,17 @@ class Blobs:
         async def upstream(progress: Progress | None = None) -> int:
             return await self._from_upstream(client, repository, digest, progress)
 
-        if self._p2p is None:
-            return "upstream", await upstream()
         size = await client.blob_size(repository, digest)
         if size is None:
             raise BlobUnknown(f"blob {digest} is unknown to repository {repository}")
+        if size > 0:
+            # Fail fast, or evict, before downloading into a disk that cannot hold it.
+            try:
+                self._store.reserve(size)
+            except NoSpace as e:
+                raise StoreFull(f"no space to store blob {digest}: {e}") from None
+        if self._p2p is None:
+            return "upstream", await upstream()
         if 0 <= size < self._p2p.settings.min_bytes:
             return "upstream", await upstream()
         try:

@@ -1,45 +1,123 @@
 """Streaming a verified blob from the store to one client.
 
-Owns the hot path of the facade: bytes of a stored blob go out in large chunks
-with one chunk in memory per open stream, and the number of open streams is
-capped by the node's semaphore. The blob stays pinned in the store while it is
-read so that eviction cannot pull it away mid-response.
+Owns the hot path of the facade. A `BlobBody` is the body of a blob response:
+while it is open it holds one of the node's stream slots (the semaphore that
+caps concurrent blob streams), keeps the blob pinned in the store so that
+eviction cannot pull it away mid-response, and holds the file open. Where the
+server offers ASGI's zero-copy send (`p2preg.zerocopy`: hypercorn's HTTP/1.1
+over plain TCP), `BlobConnection` hands the server the open file and the byte
+range, and the kernel moves the bytes from the page cache to the socket with
+sendfile: no blob byte enters Python. Elsewhere (HTTP/2, TLS, another server)
+the body is read in chunks of `stream_chunk_bytes`, one chunk in memory per
+open stream.
+
+Chunks are read with `pread` on the event loop, not in a worker thread: a
+page-cache read of 1 MiB costs about as much as the thread hop it would replace
+(measured in docs/BENCHMARKS.md), and the same holds for sendfile. A blob not
+in the page cache stalls the loop for one chunk's disk read, as nginx's
+default `sendfile on` does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import trio
+from quart.utils import encode_headers
+from quart.wrappers.response import ResponseBody
+from quart_trio.asgi import TrioASGIHTTPConnection
 
 from p2preg.core.digest import Digest
 from p2preg.httprange import ByteRange
+from p2preg.zerocopy import ZEROCOPY_SEND
 
 if TYPE_CHECKING:
     from p2preg.node import Node
 
 
-async def stream_blob(node: Node, digest: Digest, rng: ByteRange) -> AsyncIterator[bytes]:
-    """The verified blob's bytes in `rng`, one chunk in memory at a time."""
-    chunk = node.config.stream_chunk_bytes
-    async with node.streams:
-        node.metrics.streams_active.inc()
-        try:
-            with node.store.reading(digest) as path:
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    offset, end = rng.start, rng.end + 1
-                    while offset < end:
-                        n = min(chunk, end - offset)
-                        data = await trio.to_thread.run_sync(os.pread, fd, n, offset)
-                        if not data:
-                            return
-                        offset += len(data)
-                        node.metrics.bytes_served.inc(len(data))
-                        yield data
-                finally:
-                    os.close(fd)
-        finally:
-            node.metrics.streams_active.dec()
+class BlobBody(ResponseBody):
+    """The bytes of a stored blob in `rng`, as a Quart response body."""
+
+    def __init__(self, node: Node, digest: Digest, rng: ByteRange) -> None:
+        self._node = node
+        self._digest = digest
+        self._rng = rng
+        self._file: BinaryIO | None = None
+        self._exit = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> BlobBody:
+        node = self._node
+        async with contextlib.AsyncExitStack() as stack:
+            await node.streams.acquire()
+            stack.callback(node.streams.release)
+            node.metrics.streams_active.inc()
+            stack.callback(node.metrics.streams_active.dec)
+            path = stack.enter_context(node.store.reading(self._digest))
+            # Opening a local file does not block the way reading it might.
+            file = open(path, "rb", buffering=0)  # noqa: ASYNC230, SIM115
+            self._file = stack.enter_context(file)
+            self._exit = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._file = None
+        await self._exit.aclose()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        assert self._file is not None, "iterated outside `async with`"
+        fd, chunk = self._file.fileno(), self._node.config.stream_chunk_bytes
+        served = self._node.metrics.bytes_served
+        offset, end = self._rng.start, self._rng.end + 1
+        while offset < end:
+            data = os.pread(fd, min(chunk, end - offset), offset)
+            if not data:
+                return
+            offset += len(data)
+            served.inc(len(data))
+            yield data
+
+    async def send_zerocopy(self, send: Any) -> None:
+        """The whole range as one zero-copy message that also ends the response."""
+        assert self._file is not None, "sent outside `async with`"
+        # Counted when handed to the server, as each chunk is on the other path.
+        self._node.metrics.bytes_served.inc(self._rng.length)
+        await send(
+            {
+                "type": ZEROCOPY_SEND,
+                "file": self._file,
+                "offset": self._rng.start,
+                "count": self._rng.length,
+                "more_body": False,
+            }
+        )
+
+
+class BlobConnection(TrioASGIHTTPConnection):
+    """Quart's ASGI HTTP connection, sending a `BlobBody` zero-copy when it can."""
+
+    async def _send_response(self, send: Any, response: Any) -> None:
+        body = getattr(response, "response", None)
+        extensions = self.scope.get("extensions") or {}
+        if not isinstance(body, BlobBody) or ZEROCOPY_SEND not in extensions:
+            await super()._send_response(send, response)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": encode_headers(response.headers),
+            }
+        )
+        async with body:
+            await body.send_zerocopy(send)

@@ -17,6 +17,12 @@ from p2preg.config import ConfigError
 SUBCOMMANDS = {
     "node": ("p2preg.node_cli", "run a node: the registry facade containerd pulls from"),
     "tracker": ("tracker.cli", "run the cluster tracker: announces, metainfo, upstream leases"),
+    "containerd-config": (
+        "p2preg.containerd_config",
+        "write containerd hosts.toml files that send pulls to the node, upstream as fallback",
+    ),
+    "preheat": ("p2preg.preheat", "fetch images into the swarm ahead of a deploy"),
+    "status": ("p2preg.status", "show a node's or the tracker's state"),
 }
 
 
@@ -42,6 +48,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = module.run(args)
     except ConfigError as e:
         print(f"p2preg {args.command}: {e}", file=sys.stderr)
+        return 2
+    except BaseExceptionGroup as group:
+        # A service's nursery wraps the ConfigError its start-up raised.
+        errors, rest = group.split(ConfigError)
+        if errors is None or rest is not None:
+            raise
+        first: BaseException = errors
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        print(f"p2preg {args.command}: {first}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -229,6 +229,11 @@ class NodeConfig:
     upstream_timeout_s: float = 30.0
     upstream_retries: int = 4
     log_json: bool = False
+    # /healthz and /metrics only, for Prometheus: the facade stays on loopback.
+    metrics_listen: HostPort | None = None
+    # On SIGTERM, responses in flight get this long to finish (keep it below
+    # the orchestrator's kill timeout: Kubernetes' terminationGracePeriodSeconds).
+    shutdown_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.upstream:
@@ -240,6 +245,8 @@ class NodeConfig:
             raise ConfigError("stream_chunk_bytes must be ≥ 4096 and max_blob_streams ≥ 1")
         if self.tracker is not None and not re.match(r"^https?://[^/]+/?$", self.tracker):
             raise ConfigError(f"--tracker takes a base URL http://host:port, got {self.tracker!r}")
+        if self.shutdown_grace_s < 0:
+            raise ConfigError("shutdown_grace_s must be ≥ 0")
 
     def upstream_for(self, ns: str | None) -> Upstream | None:
         if not ns:

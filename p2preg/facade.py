@@ -19,10 +19,11 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from p2preg.blobstream import stream_blob
+from p2preg.admin import add_routes as add_admin_routes
+from p2preg.blobstream import BlobBody, BlobConnection
 from p2preg.errors import Denied, PaginationInvalid, RegistryError
 from p2preg.httprange import ByteRange, parse_range
-from p2preg.manifest import OCI_INDEX
+from p2preg.manifest import OCI_INDEX, forwarded_accept
 from p2preg.routes import Kind, Route, parse_route
 from p2preg.upstream import UpstreamClient
 
@@ -43,9 +44,11 @@ def _json(doc: object, status: int = 200, headers: dict[str, str] | None = None)
 
 def create_app(node: Node) -> QuartTrio:
     app = QuartTrio(__name__)
+    app.asgi_http_class = BlobConnection  # blob bodies go out zero-copy where the server can
     # Blob streams last as long as the client reads; the node caps their number.
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["MAX_CONTENT_LENGTH"] = 0
+    add_admin_routes(app, node)  # /_p2preg/status and /_p2preg/preheat: p2preg/admin.py
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> Response:
@@ -111,7 +114,7 @@ def _client(node: Node, ns: str | None) -> UpstreamClient:
 async def _manifest(node: Node, client: UpstreamClient, route: Route, head: bool) -> Response:
     assert route.reference is not None
     # Go clients (skopeo, containerd) send one Accept header per media type.
-    accept = ", ".join(request.headers.getlist("Accept")) or None
+    accept = forwarded_accept(request.headers.getlist("Accept"))
     found = await node.resolver.manifest(client, route.name, route.reference, accept)
     headers = {
         "Content-Type": found.media_type,
@@ -151,7 +154,7 @@ async def _blob(node: Node, client: UpstreamClient, route: Route, head: bool) ->
     else:
         status = 206
         headers["Content-Range"] = rng.content_range(size)
-    response = Response(stream_blob(node, digest, rng), status, headers)
+    response = Response(BlobBody(node, digest, rng), status, headers)
     response.headers["Content-Length"] = str(rng.length)
     response.timeout = None
     return response
@@ -159,7 +162,8 @@ async def _blob(node: Node, client: UpstreamClient, route: Route, head: bool) ->
 
 async def _tags(node: Node, client: UpstreamClient, route: Route) -> Response:
     n_text, last = request.args.get("n"), request.args.get("last")
-    if n_text is not None and (not n_text.isdigit() or len(n_text) > 9):
+    # isascii: str.isdigit() also takes digits such as "²" that int() refuses.
+    if n_text is not None and not (n_text.isascii() and n_text.isdigit() and len(n_text) <= 9):
         raise PaginationInvalid(f"n must be a non-negative integer, got {n_text[:20]!r}")
     n = min(int(n_text), MAX_TAGS_PAGE) if n_text is not None else None
     tags = await node.resolver.tags(client, route.name)

@@ -1,4 +1,9 @@
-"""Log setup shared by every p2preg process: readable lines, or JSON on request."""
+"""Log setup shared by every p2preg process: readable lines, or JSON on request.
+
+A JSON line carries `ts`, `level`, `logger`, `msg` and any fields the call
+passed with `extra=` (the blob line's digest, source, size...), so log
+pipelines can filter on them without parsing the message.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,25 @@ import logging
 import sys
 import time
 
+# Attributes every LogRecord has: anything else on a record came from `extra=`.
+_RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        doc = {
+        doc: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_ATTRS and key not in doc:
+                doc[key] = value
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc)
+        return json.dumps(doc, default=str)
 
 
 def setup_logging(*, json_lines: bool = False, level: int = logging.INFO) -> None:

@@ -9,6 +9,8 @@ client's `Accept`. Nothing here fetches or stores anything.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from p2preg.core.digest import Digest, DigestError
@@ -87,6 +89,30 @@ def accept_key(accept: str | None) -> str:
         return ""
     types = {part.split(";")[0].strip().lower() for part in accept.split(",")}
     return ",".join(sorted(t for t in types if t))
+
+
+# A media range as registries read it (RFC 9110 §12.5.1 tokens), parameters aside;
+# RFC 6838 caps type and subtype at 127 characters each.
+_MEDIA_RANGE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,127}/[A-Za-z0-9!#$%&'*+.^_`|~-]{1,127}")
+MAX_ACCEPT_TYPES = 32
+
+
+def forwarded_accept(values: Iterable[str]) -> str | None:
+    """The `Accept` to send upstream for a client's `Accept` header lines.
+
+    Only well-formed media ranges, in the client's order, once each, without
+    parameters (registries choose by type alone). Anything else a client put
+    there — non-ASCII bytes, stray commas, 10 KiB of junk — is dropped rather
+    than forwarded: the HTTP client refuses some of it outright and the seed
+    registry answers some with a 400, which would reach the client as a 5xx.
+    """
+    types: dict[str, None] = {}
+    for value in values:
+        for part in value.split(","):
+            media_type = part.split(";")[0].strip()
+            if _MEDIA_RANGE.fullmatch(media_type) and len(types) < MAX_ACCEPT_TYPES:
+                types[media_type] = None
+    return ", ".join(types) or None
 
 
 def empty_index() -> bytes:

@@ -2,7 +2,9 @@
 
 `open_node` builds the parts for one configuration; `serve_node` serves the
 facade with hypercorn and reports the bound URL through `task_status`, so tests
-start nodes on port 0 with `await nursery.start(serve_node, config)`.
+start nodes on port 0 with `await nursery.start(serve_node, config)`. It also
+owns the order of a graceful shutdown: listeners closed, responses in flight
+given `shutdown_grace_s`, then the swarm torn down (which announces `stopped`).
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
 from hypercorn.trio import serve
 
+from p2preg import hypercorn_guard
 from p2preg.blobs import Blobs
 from p2preg.config import HostPort, NodeConfig
 from p2preg.metrics import NodeMetrics
@@ -121,6 +126,7 @@ async def _open_p2p(
             store, swarm, tracker, metrics, settings, config.data_dir / "torrents", nursery
         )
         store.on_remove = p2p.forget
+        store.spare = swarm.last_seeder_of_live_swarm
         reseeded = await p2p.reseed()
         log.info(
             "node: swarm on %s (peer port %d), tracker %s, re-seeding %d stored blobs",
@@ -132,18 +138,78 @@ async def _open_p2p(
             nursery.cancel_scope.cancel()
 
 
-async def serve_node(
-    config: NodeConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
-) -> None:
-    from p2preg.facade import create_app
+# hypercorn's accept loop ends on the same event that starts a shutdown; the
+# listening sockets are closed only once it has (trio must not be waiting on them).
+LISTENER_CLOSE_DELAY_S = 0.05
 
-    hc = HypercornConfig()
-    hc.bind = [str(config.listen)]
+
+class _ServerConfig(HypercornConfig):
+    """A hypercorn config that keeps the listening sockets it creates."""
+
+    listening: tuple[socket.socket, ...] = ()
+
+    def create_sockets(self) -> Sockets:
+        sockets = super().create_sockets()
+        self.listening = (*sockets.secure_sockets, *sockets.insecure_sockets)
+        return sockets
+
+
+def _server_config(listen: HostPort, grace_s: float) -> _ServerConfig:
+    hc = _ServerConfig()
+    hc.bind = [str(listen)]
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
     hc.backlog = 1024
-    hc.graceful_timeout = 10.0
+    hc.graceful_timeout = grace_s
+    return hc
+
+
+async def _close_listeners(shutdown: trio.Event, hc: _ServerConfig) -> None:
+    # Refused at once rather than left in the backlog: containerd moves on to
+    # its next host (the upstream) instead of waiting for this node to exit.
+    await shutdown.wait()
+    await trio.sleep(LISTENER_CLOSE_DELAY_S)
+    for sock in hc.listening:
+        sock.close()
+
+
+async def serve_node(
+    config: NodeConfig,
+    *,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until cancelled or, gracefully, until `shutdown` is set.
+
+    A graceful shutdown stops accepting connections at once, gives responses
+    in flight `shutdown_grace_s` to finish, and then tears the swarm down,
+    which announces `stopped` for every torrent.
+    """
+    from p2preg.admin import create_metrics_app
+    from p2preg.facade import create_app
+    from p2preg.zerocopy import install as install_zerocopy
+
+    install_zerocopy()  # blob bodies by sendfile: see p2preg/zerocopy.py
+    hypercorn_guard.install()  # one bad connection must not stop the server
+    shutdown = trio.Event() if shutdown is None else shutdown
     async with open_node(config) as node, trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(serve, create_app(node), hc)
+        hc = _server_config(config.listen, config.shutdown_grace_s)
+        binds: list[str] = await nursery.start(
+            partial(serve, create_app(node), hc, shutdown_trigger=shutdown.wait)
+        )
+        nursery.start_soon(_close_listeners, shutdown, hc)
+        if config.metrics_listen is not None:
+            mhc = _server_config(config.metrics_listen, config.shutdown_grace_s)
+            mbinds: list[str] = await nursery.start(
+                partial(serve, create_metrics_app(node), mhc, shutdown_trigger=shutdown.wait)
+            )
+            nursery.start_soon(_close_listeners, shutdown, mhc)
+            log.info("node: serving /metrics and /healthz on %s", mbinds[0])
         log.info("node: serving the registry facade on %s", binds[0])
         task_status.started(binds[0])
+        await shutdown.wait()
+        log.info(
+            "node: shutting down: refusing new connections, finishing responses in flight "
+            "(at most %.0f s)", config.shutdown_grace_s,
+        )
+    log.info("node: stopped")

@@ -1,4 +1,8 @@
-"""`p2preg node`: flags, configuration loading and the trio entry point."""
+"""`p2preg node`: flags, configuration loading and the trio entry point.
+
+The entry point turns SIGTERM (and SIGINT) into a graceful shutdown of the
+node (`serve_node`'s `shutdown` event); a second signal stops it at once.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 from pathlib import Path
 
 import trio
@@ -42,6 +47,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tag-ttl-s", metavar="SECONDS", help="how long a tag → digest answer is kept")
     p.add_argument("--max-blob-streams", metavar="N", help="concurrent blob responses (64)")
     p.add_argument("--log-json", action="store_const", const=True, help="JSON log lines")
+    p.add_argument(
+        "--metrics-listen", metavar="HOST:PORT", help="a second listener: /metrics, /healthz only"
+    )
+    p.add_argument(
+        "--shutdown-grace-s",
+        metavar="SECONDS",
+        help="on SIGTERM, how long responses in flight may take to finish (10)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
@@ -65,5 +78,27 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger(__name__).info(
         "node: upstreams %s", ", ".join(f"{u.ns}={u.url}" for u in config.upstream)
     )
-    trio.run(serve_node, config)
+    trio.run(serve_until_signalled, config)
     return 0
+
+
+async def serve_until_signalled(config: NodeConfig) -> None:
+    """Serve; the first SIGTERM or SIGINT drains the node, a second one stops it now."""
+    log = logging.getLogger(__name__)
+    shutdown = trio.Event()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if shutdown.is_set():
+                        log.warning("node: second %s: stopping now", name)
+                        nursery.cancel_scope.cancel()
+                        return
+                    log.info("node: %s received", name)
+                    shutdown.set()
+
+            nursery.start_soon(watch)
+            await serve_node(config, shutdown=shutdown)
+            nursery.cancel_scope.cancel()

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 LONG_POLL_S = 10.0
 HASH_CHUNK = 4 << 20
 ANNOUNCE_WAIT_S = 10.0
+# Filing metainfo the tracker could not take: first retry, and the longest wait.
+REFILE_FIRST_S = 1.0
+REFILE_MAX_S = 30.0
 
 Progress = Callable[[int], None]
 UpstreamFetch = Callable[[Progress], Awaitable[int]]
@@ -204,10 +207,33 @@ class P2P:
         except tracker_errors.MetainfoConflict:
             await self._report_poisoned(meta)
         except tracker_errors.TrackerError as e:
-            log.warning("publishing metainfo for %s failed: %s", digest, e)
+            # Seed anyway, and keep filing: until the tracker holds the
+            # metainfo it refuses our announces and nobody can find this seeder.
+            log.warning("publishing metainfo for %s failed (will retry): %s", digest, e)
+            self._nursery.start_soon(self._file_later, meta)
         with self.store.reading(digest) as path:
             self.swarm.seed(meta, path)
         await trio.to_thread.run_sync(self._save_torrent, meta)
+
+    async def _file_later(self, meta: Metainfo) -> None:
+        """File metainfo the tracker could not take (it was down), while we seed it."""
+        delay = REFILE_FIRST_S
+        while True:
+            await trio.sleep(delay)
+            if meta.digest not in self.swarm:
+                return  # evicted meanwhile: nothing to announce
+            try:
+                await self.tracker.publish_metainfo(meta.digest, meta.size, meta.data)
+            except tracker_errors.MetainfoConflict:
+                await self._report_poisoned(meta)
+            except tracker_errors.TrackerError as e:
+                delay = min(REFILE_MAX_S, delay * 2)
+                log.info("filing metainfo for %s: %s; again in %.0f s", meta.digest, e, delay)
+                continue
+            log.info("filed metainfo for %s with the tracker", meta.digest)
+            # libtorrent backs off a tracker that refused it; announce now.
+            self.swarm.reannounce(meta.digest)
+            return
 
     async def _report_poisoned(self, meta: Metainfo) -> None:
         try:

@@ -135,8 +135,15 @@ class Resolver:
         if found is not None:
             self._memory.move_to_end(digest)
             return found
-        if digest not in self._store:
+        size = self._store.size(digest)
+        if size is None:
             return None
+        # The bytes of a digest are known here, so a stored blob that is not a
+        # manifest settles it: no manifest has this digest. (Asked upstream,
+        # the seed answers such a request with a 500.) Layers are not read whole.
+        not_a_manifest = ManifestUnknown(f"{digest} is a blob, not a manifest")
+        if size > mf.MAX_MANIFEST_BYTES:
+            raise not_a_manifest
         try:
             with self._store.reading(digest) as path:
                 body = await trio.Path(path).read_bytes()
@@ -146,7 +153,11 @@ class Resolver:
             log.error("store: manifest %s is corrupt on disk; dropping it", digest)
             self._store.remove(digest)
             return None
-        found = Manifest(digest, mf.parse(body).media_type, body)
+        try:
+            media_type = mf.parse(body).media_type
+        except mf.ManifestInvalid:
+            raise not_a_manifest from None
+        found = Manifest(digest, media_type, body)
         self._remember(found)
         return found
 

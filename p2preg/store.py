@@ -5,8 +5,12 @@ written to a temp file while it is hashed, fsynced, and renamed under its
 digest only when the digest matches, so nothing unverified is ever visible
 under a digest, whatever crashes when. Temp files left by a crash are removed
 when the store opens. The store keeps itself under one size budget by evicting
-the least recently used blobs that nobody is reading. It knows nothing of
-registries, repositories or HTTP.
+the least recently used blobs that nobody is reading (those it is asked to
+`spare`, such as the last seeder's copy of a live swarm, only when nothing
+else frees enough), and before a download
+makes room on the disk under it the same way (`reserve`), or refuses at once
+when even that would not fit the blob. It knows nothing of registries,
+repositories or HTTP.
 
 Writers are synchronous and meant to run in a worker thread (hashing and disk
 writes must not block the event loop); the index of sizes and use order is
@@ -27,6 +31,10 @@ from pathlib import Path
 from p2preg.core.digest import Digest, DigestError, Hasher
 
 log = logging.getLogger(__name__)
+
+# Free space `reserve` keeps on the disk beyond the blob itself: file system
+# metadata, the torrent files, a download's last batch.
+DISK_MARGIN_BYTES = 1 << 20
 
 
 class StoreError(Exception):
@@ -110,6 +118,9 @@ class BlobStore:
         self.evictions = 0
         # Called with each digest the store drops, so its seeding stops too.
         self.on_remove: Callable[[Digest], None] = lambda digest: None
+        # Blobs eviction takes last, only when nothing else frees enough: the
+        # node sets it to "this node is the last seeder of a live swarm".
+        self.spare: Callable[[Digest], bool] = lambda digest: False
 
     def open(self) -> None:
         """Create the layout, drop temp files of a crashed run, index what is stored."""
@@ -204,12 +215,55 @@ class BlobStore:
         self._index[digest] = size
         self.used_bytes += size
 
+    def reserve(self, size: int) -> None:
+        """Make room on the disk for a blob of `size` bytes about to be written.
+
+        The budget is one limit; the file system under the data directory is
+        another, and it may hold less than the budget allows. Evicts least
+        recently used blobs that nobody reads until the disk has `size` bytes
+        (and a margin) free. Raises NoSpace, evicting nothing, when the blob
+        exceeds the budget or would not fit even with every unread blob gone:
+        then the caller fails fast instead of downloading into a full disk.
+        """
+        if size > self.max_bytes:
+            raise NoSpace(f"a blob of {size} bytes exceeds the store budget of {self.max_bytes}")
+        free = _free_bytes(self.tmp_dir)
+        need = size + DISK_MARGIN_BYTES - free
+        if need <= 0:
+            return
+        if need > sum(n for d, n in self._index.items() if not self._readers[d]):
+            raise NoSpace(f"{size} bytes do not fit on the disk ({free} bytes free)")
+        for victim in self._victims():
+            if need <= 0:
+                return
+            need -= self._index[victim]
+            self.remove(victim)
+            self.evictions += 1
+            log.info("store: evicted %s to make room on the disk", victim)
+
+    def _victims(self) -> Iterator[Digest]:
+        """What eviction may take, in order: never a blob being read; least
+        recently used first, but the ones `spare` asks for after all others.
+
+        Lazy: `spare` (a call into libtorrent) is asked only of blobs eviction
+        reaches. The caller removes each blob it takes before the next.
+        """
+        spared: list[Digest] = []
+        for digest in list(self._index):
+            if self._readers[digest]:
+                continue
+            if self.spare(digest):
+                spared.append(digest)
+                continue
+            yield digest
+        yield from (d for d in spared if d in self._index)
+
     def _make_room(self, size: int) -> None:
-        for victim in list(self._index):
+        if self.used_bytes + size <= self.max_bytes:
+            return
+        for victim in self._victims():
             if self.used_bytes + size <= self.max_bytes:
                 return
-            if self._readers[victim]:
-                continue
             self.remove(victim)
             self.evictions += 1
             log.info("store: evicted %s to stay under %d bytes", victim, self.max_bytes)
@@ -223,6 +277,11 @@ class BlobStore:
         self.used_bytes -= size
         self.path(digest).unlink(missing_ok=True)
         self.on_remove(digest)
+
+
+def _free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 def _fsync_dir(path: Path) -> None:

@@ -182,6 +182,22 @@ class Swarm:
             raise t.error
         return self.path(meta.digest)
 
+    def last_seeder_of_live_swarm(self, digest: Digest) -> bool:
+        """We seed `digest` and, by the tracker's last counts, nobody else does
+        while someone still downloads it: dropping it would strand them."""
+        t = self._torrents.get(digest)
+        if t is None or not t.seeding:
+            return False
+        status = t.handle.status()
+        # Counts from the last tracker reply, -1 while unknown; we are one of the seeders.
+        return 0 <= int(status.num_complete) <= 1 and int(status.num_incomplete) > 0
+
+    def reannounce(self, digest: Digest) -> None:
+        """Announce `digest`'s torrent now rather than at libtorrent's next retry."""
+        t = self._torrents.get(digest)
+        if t is not None:
+            t.handle.force_reannounce()
+
     def mark_seeding(self, digest: Digest) -> None:
         t = self._torrents.get(digest)
         if t is not None:
@@ -210,6 +226,10 @@ class Swarm:
     def peer_bytes(self, digest: Digest) -> int:
         t = self._torrents.get(digest)
         return t.from_peers_bytes if t is not None else 0
+
+    def peers(self) -> int:
+        """Peer connections over all torrents right now (for `p2preg status`)."""
+        return sum(int(t.handle.status().num_peers) for t in self._torrents.values())
 
     # -- alerts ---------------------------------------------------------
 
@@ -317,6 +337,10 @@ async def open_swarm(
         session.pause()
         for handle in session.get_torrents():
             session.remove_torrent(handle)
+        # The last reference: the session's destructor sends `stopped` for every
+        # torrent and waits (at most `stop_tracker_timeout`) for the tracker, so
+        # the cluster stops handing this node out now, not a peer TTL later.
+        swarm._session = None
         del session
         os.close(read_fd)
         os.close(write_fd)

@@ -11,6 +11,9 @@ missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# The deploy tests render the Kubernetes overlay with `kubectl kustomize`;
+# any kubectl will do, Debian's comes in kubernetes-client.
+command -v kubectl >/dev/null || missing+=(kubernetes-client)
 if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "install.sh: need root to apt-get install ${missing[*]}" >&2

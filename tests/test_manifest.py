@@ -60,6 +60,16 @@ def test_accept_key_is_canonical() -> None:
     assert mf.accept_key(None) == mf.accept_key("") == ""
 
 
+def test_forwarded_accept_keeps_only_media_ranges() -> None:
+    # Found by tests/test_fuzz_facade.py: junk in Accept used to reach the upstream request.
+    accept = mf.forwarded_accept([mf.OCI_MANIFEST, f"{mf.OCI_INDEX};q=0.5, {mf.OCI_MANIFEST}"])
+    assert accept == f"{mf.OCI_MANIFEST}, {mf.OCI_INDEX}"
+    assert mf.forwarded_accept(["\xe9/\xff, , ;", "a/" + "b" * 200, "text", ""]) is None
+    assert mf.forwarded_accept([]) is None
+    many = [", ".join(f"a/b{i}" for i in range(100))]
+    assert mf.forwarded_accept(many) == ", ".join(f"a/b{i}" for i in range(mf.MAX_ACCEPT_TYPES))
+
+
 def test_referrers_index_filter() -> None:
     body = json.dumps({"manifests": [_desc(A, artifactType="sig"), _desc(B, artifactType="sbom")]})
     out = json.loads(mf.filter_index(body.encode(), "sbom"))

@@ -96,3 +96,39 @@ def test_disk_full_is_no_space(tmp_path: Path) -> None:
     w.abort()
     assert d not in store
     assert os.listdir(store.tmp_dir) == []
+
+
+def test_reserve_evicts_for_disk_space_only_when_it_can_make_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import p2preg.store as store_module
+
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    a, b, c = (_put(store, bytes([i]) * 1000) for i in range(3))
+    free = {"bytes": store_module.DISK_MARGIN_BYTES + 500}
+    monkeypatch.setattr(store_module, "_free_bytes", lambda path: free["bytes"])
+    store.reserve(500)  # fits: nothing goes
+    assert len(store) == 3
+    with store.reading(a):  # a is read (and so most recent): b, the oldest, makes the room
+        store.reserve(1500)
+    assert a in store and b not in store and c in store
+    with pytest.raises(NoSpace):  # even without every unread blob it would not fit
+        store.reserve(10_000)
+    assert a in store  # and nothing was evicted for it
+    with pytest.raises(NoSpace):
+        store.reserve(2 << 30)  # over the budget
+
+
+def test_eviction_spares_what_it_is_asked_to_until_nothing_else_frees_enough(
+    tmp_path: Path,
+) -> None:
+    store = BlobStore(tmp_path, 3000)
+    store.open()
+    a, b, c = (_put(store, bytes([i]) * 1000) for i in range(3))
+    store.spare = lambda digest: digest == a  # say a's swarm has no other seeder
+    _put(store, b"\x09" * 1000)  # needs one blob's room: b goes, not the older a
+    assert a in store and b not in store and c in store
+    _put(store, b"\x0a" * 2500)  # needs more than every other unread blob: a goes too
+    assert a not in store
+    assert store.used_bytes <= 3000

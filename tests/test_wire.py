@@ -42,6 +42,9 @@ def test_int_is_accepted_where_float_is_expected() -> None:
         ({"node": "n", "size": 1, "metainfo": "text"}, "metainfo must be bytes"),
         ({"node": "", "size": 1, "metainfo": b"x"}, "1 to 128"),
         ({"node": "n" * 129, "size": 1, "metainfo": b"x"}, "1 to 128"),
+        # Found by tests/test_fuzz_tracker.py: SQLite cannot store these (a 500).
+        ({"node": "n", "size": 2**63, "metainfo": b"x"}, "size is out of range"),
+        ({"node": "n", "size": 2**64 - 1, "metainfo": b"x"}, "size is out of range"),
     ],
 )
 def test_decode_refuses_wrong_types(payload: dict[str, object], message: str) -> None:

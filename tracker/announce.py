@@ -181,6 +181,32 @@ def encode_failure(reason: str) -> bytes:
     return lt.bencode(cast(Any, {b"failure reason": reason.encode()}))
 
 
+def decode_scrape(body: bytes) -> dict[bytes, SwarmStats]:
+    """A scrape answer back into stats by info-hash, for clients; a failure raises it."""
+    try:
+        doc: Any = lt.bdecode(body)
+    except RuntimeError as e:
+        raise InvalidRequest(f"scrape answer is not bencoded: {e}") from None
+    if not isinstance(doc, dict):
+        raise InvalidRequest("scrape answer is not a bencoded dictionary")
+    if b"failure reason" in doc:
+        raise InvalidRequest(bytes(doc[b"failure reason"]).decode("utf-8", "replace"))
+    files = doc.get(b"files")
+    if not isinstance(files, dict):
+        raise InvalidRequest("scrape answer has no files")
+    out: dict[bytes, SwarmStats] = {}
+    stats: Any
+    for ih, stats in files.items():
+        if not isinstance(stats, dict):
+            raise InvalidRequest("scrape answer has a malformed entry")
+        out[bytes(ih)] = SwarmStats(
+            int(stats.get(b"complete", 0)),
+            int(stats.get(b"incomplete", 0)),
+            int(stats.get(b"downloaded", 0)),
+        )
+    return out
+
+
 def _fields(query: bytes) -> dict[bytes, bytes]:
     if len(query) > MAX_QUERY_BYTES:
         raise InvalidRequest("query string is too long")

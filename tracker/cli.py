@@ -2,7 +2,9 @@
 
 Owns the command line of the tracker subcommand only; everything it accepts is
 a TrackerConfig field, so the same names work as P2PREG_* variables and TOML
-keys. It must not start anything but `serve_tracker`.
+keys. It must not start anything but `serve_tracker`, which it stops on SIGTERM
+or SIGINT (as PID 1 of a container, a process without a handler would ignore
+SIGTERM and wait out the kill timeout); every state change is already on disk.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 from pathlib import Path
 
 import trio
 
-from p2preg.config import NodeConfig, load
+from p2preg.config import ConfigError, NodeConfig, load
+from p2preg.logs import setup_logging
 from tracker.config import TrackerConfig
 from tracker.server import serve_tracker
 
@@ -41,16 +45,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated CIDRs allowed to set a peer's IP with ip=",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-json", action="store_const", const=True, help="JSON log lines")
 
 
-def run(args: argparse.Namespace) -> int:
-    given = {k: v for k, v in vars(args).items() if k not in ("_module", "command")}
-    config_file = given.pop("config", None)
-    level = given.pop("log_level", "INFO")
+def config_from_args(args: argparse.Namespace) -> TrackerConfig:
+    given = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("_module", "command", "config", "log_level")
+    }
     # One environment may configure a node and a tracker: the node's keys are
     # not ours, but they are not mistakes either.
     node_keys = frozenset(f.name for f in dataclasses.fields(NodeConfig))
-    config = load(TrackerConfig, cli=given, env=os.environ, file=config_file, env_keys=node_keys)
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(message)s")
-    trio.run(serve_tracker, config)
+    return load(
+        TrackerConfig,
+        cli=given,
+        env=os.environ,
+        file=getattr(args, "config", None),
+        env_keys=node_keys,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    level = getattr(args, "log_level", "INFO")
+    level_number = logging.getLevelNamesMapping().get(level.upper())
+    if level_number is None:
+        raise ConfigError(f"unknown log level {level!r}")
+    setup_logging(json_lines=config.log_json, level=level_number)
+    trio.run(serve_until_signalled, config)
     return 0
+
+
+async def serve_until_signalled(config: TrackerConfig) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_tracker, config)
+            async for signum in signals:
+                logging.getLogger("p2preg.tracker").info(
+                    "tracker: %s received: stopping", signal.Signals(signum).name
+                )
+                nursery.cancel_scope.cancel()
+                break

@@ -11,15 +11,17 @@ connection pool.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from urllib.parse import quote, urlsplit
+from typing import Any
+from urllib.parse import quote, quote_from_bytes, urlsplit
 
 import httpx
 
 from p2preg.core import wire
 from p2preg.core.digest import Digest
 from tracker import errors
+from tracker.announce import SwarmStats, decode_scrape
 
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -113,7 +115,41 @@ class TrackerClient:
         msg = wire.LeaseRelease(lease_id)
         await self._call("POST", f"/v1/leases/{digest}/release", msg, None)
 
+    # -- what operators' tools read ------------------------------------------------
+
+    async def scrape(self, info_hashes: Sequence[bytes]) -> dict[bytes, SwarmStats]:
+        """BEP 48 scrape of these info-hashes (unregistered ones are left out)."""
+        query = "&".join("info_hash=" + quote_from_bytes(ih, safe="") for ih in info_hashes)
+        token = "" if self._token is None else "&token=" + quote(self._token, safe="")
+        response = await self._get(f"/scrape?{query}{token}")
+        try:
+            return decode_scrape(response.content)
+        except errors.InvalidRequest as e:
+            raise errors.TrackerError(f"tracker refused the scrape: {e}") from None
+
+    async def status(self, limit: int = 50) -> dict[str, Any]:
+        """`GET /v1/status`: totals and the busiest swarms, as the tracker's JSON."""
+        response = await self._get(f"/v1/status?limit={limit}", accept="application/json")
+        doc = response.json()
+        if not isinstance(doc, dict):
+            raise errors.TrackerUnavailable("tracker sent a bad status")
+        return doc
+
     # -- plumbing ------------------------------------------------------------------
+
+    async def _get(self, path: str, *, accept: str | None = None) -> httpx.Response:
+        headers = dict(self._headers)
+        if accept is not None:
+            headers["Accept"] = accept
+        try:
+            response = await self._http.get(
+                self.base_url + path, headers=headers, timeout=self._timeout_s
+            )
+        except httpx.HTTPError as e:
+            raise errors.TrackerUnavailable(f"tracker {self.base_url}: {e!r}") from None
+        if response.status_code >= 400:
+            raise _error(response)
+        return response
 
     async def _call(
         self,

@@ -46,6 +46,8 @@ class TrackerConfig:
     # Only connections from these networks (CIDR) may name a peer IP other than
     # their own with `ip=` (a reverse proxy, say); everyone else's is ignored.
     trusted_ip_sources: tuple[str, ...] = ()
+    # One JSON object per log line (the node's key of the same name).
+    log_json: bool = False
 
     def __post_init__(self) -> None:
         if self.token is not None and self.token_file is not None:

@@ -12,6 +12,8 @@ or parse protocols (announce.py, udp.py, p2preg.core.wire).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import secrets
@@ -33,6 +35,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from p2preg import hypercorn_guard
 from p2preg.config import ConfigError, HostPort
 from p2preg.core import wire
 from tracker import errors, udp
@@ -58,6 +61,9 @@ from tracker.udp_listener import serve_udp
 log = logging.getLogger("p2preg.tracker")
 UDP_KEY_FILE = "udp-connection-id.key"
 _BIND_ATTEMPTS = 20
+# `GET /v1/status?limit=`: how many swarms it lists by default and at most.
+STATUS_DEFAULT_LIMIT = 50
+STATUS_MAX_LIMIT = 1000
 
 
 # -- BitTorrent answers (shared by the fast path, the app and UDP) ------------------
@@ -159,6 +165,16 @@ def create_app(tracker: Tracker) -> QuartTrio:
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(tracker.metrics.render(), content_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/v1/status")
+    async def status() -> Response:
+        # It lists blob digests: like a full scrape, nobody's business but the cluster's.
+        tracker.check_token(_bearer())
+        text = request.args.get("limit", str(STATUS_DEFAULT_LIMIT))
+        if not (text.isascii() and text.isdigit()) or len(text) > 6:  # int() refuses "²"
+            raise errors.InvalidRequest(f"limit must be a number, got {text[:20]!r}")
+        doc = dataclasses.asdict(tracker.status(min(int(text), STATUS_MAX_LIMIT)))
+        return Response(json.dumps(doc), content_type="application/json")
 
     @app.get(ANNOUNCE_PATH.decode())
     @app.get(SCRAPE_PATH.decode())
@@ -293,6 +309,7 @@ async def serve_tracker(
     config: TrackerConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Run the tracker until cancelled; `task_status.started(base_url)` once it serves."""
+    hypercorn_guard.install()  # one bad connection must not stop the server
     config = config.with_token()
     tcp, udp_sock = bind_sockets(config.listen, with_udp=config.udp)
     try:

@@ -12,6 +12,7 @@ know about sockets, HTTP or encodings, and raises only `tracker.errors`.
 
 from __future__ import annotations
 
+import heapq
 import hmac
 import ipaddress
 import time
@@ -46,6 +47,28 @@ MAX_SWEEP_INTERVAL_S = 5.0
 class _Entry:
     meta: Metainfo
     published_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmStatus:
+    digest: str
+    size: int
+    seeders: int
+    leechers: int
+    completed: int
+    published_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerStatus:
+    """What `p2preg status --tracker` shows: totals and the busiest swarms."""
+
+    swarms: int
+    peers: int
+    seeders: int
+    metainfo: int
+    leases: int
+    busiest: list[SwarmStatus]
 
 
 class Tracker:
@@ -360,6 +383,34 @@ class Tracker:
             for lease in self.leases.expire():
                 await self._store.delete_lease(lease.digest, lease.lease_id)
                 self._waiters.notify(lease.digest)
+
+    def status(self, limit: int) -> TrackerStatus:
+        """Totals, and the `limit` swarms with the most live peers."""
+
+        def size(digest: str) -> int:
+            swarm = self.peers.swarm(digest)
+            return 0 if swarm is None else len(swarm.by_key)
+
+        busiest = heapq.nlargest(limit, self.peers.keys(), key=size)
+        rows = []
+        for digest in busiest:
+            swarm, entry = self.peers.swarm(digest), self._entries.get(digest)
+            if swarm is None or entry is None:
+                continue
+            rows.append(
+                SwarmStatus(
+                    digest,
+                    entry.meta.size,
+                    len(swarm.seeders),
+                    len(swarm.leechers),
+                    swarm.downloaded,
+                    entry.published_by,
+                )
+            )
+        totals = self.peers.totals()
+        return TrackerStatus(
+            totals.swarms, totals.peers, totals.seeders, len(self._entries), len(self.leases), rows
+        )
 
     def _gauges(self) -> Gauges:
         totals = self.peers.totals()

@@ -25,6 +25,8 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 # Longest accepted value of each free-text field, so a peer cannot make the
 # tracker store or log megabytes of it.
 STR_LIMITS = {"node": 128, "reason": 1024, "lease_id": 64, "digest": 160}
+# Integers are 64-bit signed on both sides (SQLite INTEGER).
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 
 
 class WireError(ValueError):
@@ -185,4 +187,7 @@ def _check(name: str, tp: Any, value: object) -> object:
         raise WireError(f"{name} must be an integer")
     if not isinstance(value, tp):
         raise WireError(f"{name} must be {tp.__name__}, got {type(value).__name__}")
+    if tp is int and not INT_MIN <= value <= INT_MAX:
+        # msgpack carries up to 2**64 - 1; the tracker's store takes 64-bit signed.
+        raise WireError(f"{name} is out of range")
     return value

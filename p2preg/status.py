@@ -1,0 +1,176 @@
+"""`p2preg status`: a node's or the tracker's state, as readable tables.
+
+Owns reading a node's `GET /_p2preg/status` (p2preg/admin.py) and the
+tracker's `GET /v1/status` (tracker/server.py) and laying them out with rich;
+`--json` prints what was read, unchanged, for scripts. It only reads: it must
+not change anything on either side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import httpx
+import trio
+from rich.console import Console
+from rich.table import Table
+
+from p2preg.admin import STATUS_PATH
+from p2preg.preheat import TOKEN_ENV, human_size, read_token
+from tracker import errors as tracker_errors
+from tracker.client import TrackerClient
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.0f} %" if whole else "—"
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h {m:02d}m" if hours else f"{m}m {s:02d}s"
+
+
+def node_tables(doc: dict[str, Any], url: str, recent: int) -> list[Table]:
+    """The node's state and its recent fetches."""
+    store, swarm, moved, fetches = doc["store"], doc["swarm"], doc["bytes"], doc["fetches"]
+    grid = Table(title=f"node {doc['node']}  ({url})", title_justify="left", show_header=False)
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("version", f"{doc['version']}, up {_duration(doc['uptime_s'])}")
+    grid.add_row("upstreams", ", ".join(f"{u['ns']} = {u['url']}" for u in doc["upstreams"]))
+    grid.add_row(
+        "store",
+        f"{human_size(store['bytes'])} of {human_size(store['budget_bytes'])} "
+        f"({_pct(store['bytes'], store['budget_bytes'])}), {store['blobs']:,} blobs, "
+        f"{store['evictions']:,} evicted since start",
+    )
+    if swarm is None:
+        grid.add_row("swarm", "off: no tracker configured (a plain pull-through mirror)")
+    else:
+        grid.add_row(
+            "swarm",
+            f"seeding {swarm['seeding']:,} blobs, {swarm['peers']:,} peers connected, "
+            f"peer port {swarm['peer_port']}, tracker {swarm['tracker']}",
+        )
+    got = moved["from_peers"] + moved["from_upstream"]
+    grid.add_row(
+        "blob bytes in",
+        f"from peers {human_size(moved['from_peers'])} ({_pct(moved['from_peers'], got)}), "
+        f"from upstream {human_size(moved['from_upstream'])} ({_pct(moved['from_upstream'], got)})",
+    )
+    grid.add_row(
+        "blob bytes out",
+        f"{human_size(moved['served'])} to clients, {doc['streams_active']} streams now",
+    )
+    fallbacks = ", ".join(f"{k} {v}" for k, v in sorted(fetches["fallbacks"].items()) if v)
+    grid.add_row(
+        "fetches",
+        f"from peers {fetches['peers']:,}, from upstream {fetches['upstream']:,}, "
+        f"joined {fetches['joined']:,}; fallbacks to upstream: {fallbacks or 'none'}",
+    )
+    pulls = Table(title="recent blob fetches", title_justify="left")
+    for name, justify in (
+        ("when", "right"), ("blob", "left"), ("repository", "left"), ("source", "left"),
+        ("size", "right"), ("time", "right"),
+    ):
+        pulls.add_column(name, justify=justify)  # type: ignore[arg-type]
+    now = time.time()
+    for r in doc["recent"][:recent]:
+        source = r["source"] if r["source"] != "failed" else "[red]failed[/red]"
+        pulls.add_row(
+            _ago(now - r["at_unix"]), r["digest"][:19], r["repository"], source,
+            human_size(r["size"]), f"{r['seconds']:.2f} s",
+        )
+    return [grid, pulls]
+
+
+def tracker_tables(doc: dict[str, Any], url: str) -> list[Table]:
+    """The tracker's totals and its busiest swarms."""
+    grid = Table(title=f"tracker {url}", title_justify="left", show_header=False, min_width=60)
+    grid.add_column(style="bold")
+    grid.add_column(justify="right")
+    for key in ("swarms", "peers", "seeders", "metainfo", "leases"):
+        grid.add_row(key, f"{doc[key]:,}")
+    swarms = Table(title="busiest swarms", title_justify="left")
+    for name, justify in (
+        ("blob", "left"), ("size", "right"), ("seeders", "right"), ("leechers", "right"),
+        ("completed", "right"), ("published by", "left"),
+    ):
+        swarms.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for s in doc["busiest"]:
+        swarms.add_row(
+            s["digest"][:19], human_size(s["size"]), str(s["seeders"]), str(s["leechers"]),
+            str(s["completed"]), s["published_by"],
+        )
+    return [grid, swarms]
+
+
+async def _read(
+    node: str | None, tracker: str | None, token: str | None, limit: int
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    node_doc = tracker_doc = None
+    async with httpx.AsyncClient(timeout=10.0, trust_env=False) as http:
+        if node is not None:
+            r = await http.get(node + STATUS_PATH)
+            r.raise_for_status()
+            node_doc = r.json()
+        if tracker is not None:
+            client = TrackerClient(tracker, node="p2preg-status", token=token, http=http)
+            tracker_doc = await client.status(limit)
+    return node_doc, tracker_doc
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from p2preg.containerd_config import default_node_url
+
+    p.add_argument(
+        "--node", metavar="URL", help=f"a node's facade (default {default_node_url()})"
+    )
+    p.add_argument("--tracker", metavar="URL", help="the tracker (its token: --token-file or "
+                   f"${TOKEN_ENV[0]})")
+    p.add_argument("--token-file", metavar="FILE", help="cluster token for the tracker")
+    p.add_argument("--recent", type=int, metavar="N", help="recent fetches listed (10)")
+    p.add_argument("--limit", type=int, metavar="N", help="swarms listed (20)")
+    p.add_argument("--json", action="store_true", help="print what was read, as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from p2preg.containerd_config import default_node_url
+
+    tracker = getattr(args, "tracker", None)
+    node = getattr(args, "node", None)
+    if node is None and tracker is None:
+        node = default_node_url()
+    node = node.rstrip("/") if node else None
+    tracker = tracker.rstrip("/") if tracker else None
+    try:
+        node_doc, tracker_doc = trio.run(
+            _read, node, tracker, read_token(args), max(0, getattr(args, "limit", 20))
+        )
+    except (httpx.HTTPError, ValueError, tracker_errors.TrackerError) as e:
+        print(f"p2preg status: {e}", file=sys.stderr)
+        return 1
+    if getattr(args, "json", False):
+        print(json.dumps({"node": node_doc, "tracker": tracker_doc}, indent=2))
+        return 0
+    console = Console()
+    if node_doc is not None and node is not None:
+        for table in node_tables(node_doc, node, max(0, getattr(args, "recent", 10))):
+            console.print(table)
+    if tracker_doc is not None and tracker is not None:
+        for table in tracker_tables(tracker_doc, tracker):
+            console.print(table)
+    return 0

@@ -1,0 +1,79 @@
+"""Logs: readable lines by default, one JSON object per line on request, for node and tracker.
+
+The formatter is checked directly (fields passed with `extra=` become JSON
+keys); real node and tracker processes started with `--log-json` write only
+JSON lines, and the node's per-blob line carries its digest and source as
+fields.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+
+from p2preg.logs import setup_logging
+from tests.conftest import MakeNode, PushImage
+from tests.fixtures.registry import Registry
+from tests.fixtures.tracker import open_tracker
+
+
+def _records(path: Path) -> list[dict[str, object]]:
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    assert lines
+    return [json.loads(line) for line in lines]  # every line is one JSON object
+
+
+def test_json_lines_carry_extra_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging(json_lines=True)
+        log = logging.getLogger("p2preg.test")
+        log.info("blob %s done", "sha256:x", extra={"digest": "sha256:x", "where": Path("/a")})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["msg"] == "blob sha256:x done" and first["level"] == "info"
+    assert first["logger"] == "p2preg.test" and first["digest"] == "sha256:x"
+    assert first["where"] == "/a" and first["ts"].endswith("Z")
+    assert second["level"] == "error" and "ValueError: boom" in second["exc"]
+
+
+@pytest.mark.integration
+def test_a_node_and_a_tracker_log_json_when_asked(
+    registry: Registry, push_image: PushImage, make_node: MakeNode, tmp_path: Path
+) -> None:
+    image = push_image(registry, "single")
+    node = make_node(f"seed.test={registry.url}", args=("--log-json",))
+    blob = image.blobs[0]
+    assert httpx.get(f"{node.url}/v2/{image.repository}/blobs/{blob.digest}").status_code == 200
+    records = _records(node.process.log_path)
+    (line,) = [r for r in records if str(r["msg"]).startswith("blob ")]
+    assert line["digest"] == blob.digest and line["source"] == "upstream"
+    assert line["size"] == blob.size and line["repository"] == image.repository
+    with open_tracker(tmp_path / "tracker", args=("--log-json",)) as tracker:
+        assert httpx.get(f"{tracker.url}/healthz").status_code == 200
+        log_path = tracker.process.log_path
+    assert any("tracker serving on" in str(r["msg"]) for r in _records(log_path))
+
+
+@pytest.mark.integration
+def test_logs_are_readable_lines_by_default(
+    registry: Registry, make_node: MakeNode
+) -> None:
+    node = make_node(f"seed.test={registry.url}")
+    text = node.process.log_path.read_text()
+    assert "INFO    p2preg.node: node: serving the registry facade on" in text
+    assert not any(line.startswith("{") for line in text.splitlines())

@@ -1,0 +1,122 @@
+"""`p2preg status`: what a real node and a real tracker report, as tables and as JSON.
+
+A node fetches blobs from a real seed registry (alone, then in a swarm with a
+token-protected tracker); `p2preg status` run as a command shows its store,
+bytes by source, peers and recent fetches, and the tracker's swarms and
+seeders, and refuses to show the tracker's blob list without the token.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from p2preg.core import wire
+from tests.conftest import MakeNode, PushImage
+from tests.fixtures.images import build_image, push
+from tests.fixtures.node import open_node
+from tests.fixtures.procs import clean_env, free_port, wait_until
+from tests.fixtures.registry import Registry
+from tests.fixtures.tracker import open_tracker
+
+pytestmark = pytest.mark.integration
+
+SEED_NS = "seed.test"
+MiB = 1 << 20
+TOKEN = "status-test-token"
+
+
+def _status(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = clean_env(drop_prefixes=["P2PREG_"], COLUMNS="200")
+    if token is not None:
+        env["P2PREG_TRACKER_TOKEN"] = token
+    return subprocess.run(
+        [sys.executable, "-m", "p2preg", "status", *args],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+
+
+def test_a_nodes_store_bytes_and_recent_fetches(
+    registry: Registry, push_image: PushImage, make_node: MakeNode
+) -> None:
+    image = push_image(registry, "single")
+    node = make_node(f"{SEED_NS}={registry.url}")
+    for blob in image.blobs:
+        url = f"{node.url}/v2/{image.repository}/blobs/{blob.digest}?ns={SEED_NS}"
+        assert httpx.get(url, timeout=30).status_code == 200
+
+    proc = _status("--node", node.url, "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)["node"]
+    total = sum(b.size for b in image.blobs)
+    assert doc["swarm"] is None
+    assert doc["store"]["blobs"] >= len(image.blobs) and doc["store"]["bytes"] >= total
+    assert (doc["bytes"]["from_peers"], doc["bytes"]["from_upstream"]) == (0, total)
+    assert doc["fetches"]["upstream"] == len(image.blobs)
+    assert {r["digest"] for r in doc["recent"]} == {b.digest for b in image.blobs}
+    assert all(r["source"] == "upstream" and r["repository"] == image.repository
+               for r in doc["recent"])
+    assert doc["upstreams"] == [{"ns": SEED_NS, "url": registry.url}]
+
+    text = _status("--node", node.url)
+    assert text.returncode == 0, text.stderr
+    out = text.stdout
+    assert f"({node.url})" in out and "off: no tracker configured" in out
+    assert "from upstream" in out and "recent blob fetches" in out
+    for blob in image.blobs:
+        assert blob.digest[:19] in out
+
+
+def test_a_swarming_node_and_the_tracker(registry: Registry, tmp_path: Path) -> None:
+    layout = build_image(tmp_path / "layout", seed="status", layer_sizes=(2 * MiB,))
+    image = push(layout, registry.host, "team/app")
+    (layer,) = image.manifests[0].layers
+    with open_tracker(tmp_path / "tracker", token=TOKEN) as tracker:
+        args = ("--tracker", tracker.url, "--peer-host", "127.0.0.1", "--peer-port", "0",
+                "--node-name", "status-node")
+        with open_node(tmp_path / "node", [f"{SEED_NS}={registry.url}"], args=args,
+                       env={"P2PREG_TRACKER_TOKEN": TOKEN}) as node:
+            url = f"{node.url}/v2/{image.repository}/blobs/{layer.digest}"
+            assert httpx.get(url, timeout=60).status_code == 200
+
+            def seeded() -> bool:
+                proc = _status("--tracker", tracker.url, "--json", token=TOKEN)
+                return proc.returncode == 0 and json.loads(proc.stdout)["tracker"]["seeders"] == 1
+
+            wait_until(seeded, timeout_s=20, what="the tracker to count the node as a seeder")
+            proc = _status("--node", node.url, "--tracker", tracker.url, "--json", token=TOKEN)
+            assert proc.returncode == 0, proc.stderr
+            both = json.loads(proc.stdout)
+            swarm = both["node"]["swarm"]
+            assert swarm["tracker"] == tracker.url and swarm["seeding"] == 1
+            assert both["node"]["node"] == "status-node"
+            t = both["tracker"]
+            assert (t["swarms"], t["peers"], t["seeders"], t["metainfo"]) == (1, 1, 1, 1)
+            (row,) = t["busiest"]
+            assert row == {"digest": layer.digest, "size": layer.size, "seeders": 1,
+                           "leechers": 0, "completed": 0, "published_by": "status-node"}
+
+            text = _status("--node", node.url, "--tracker", tracker.url, token=TOKEN)
+            assert text.returncode == 0, text.stderr
+            assert "seeding 1 blobs" in text.stdout and "busiest swarms" in text.stdout
+            assert layer.digest[:19] in text.stdout and "status-node" in text.stdout
+
+            # The list of blobs is the cluster's business only.
+            refused = _status("--tracker", tracker.url)
+            assert refused.returncode == 1 and "token" in refused.stderr
+            r = httpx.get(f"{tracker.url}/v1/status", timeout=10)
+            assert r.status_code == 401
+            assert wire.decode(wire.ErrorReply, r.content).error == "unauthorized"
+            bad = httpx.get(f"{tracker.url}/v1/status?limit=x",
+                            headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+            assert bad.status_code == 400
+
+
+def test_an_unreachable_node_is_a_clear_error() -> None:
+    proc = _status("--node", f"http://127.0.0.1:{free_port()}")
+    assert proc.returncode == 1 and proc.stderr.startswith("p2preg status:")
