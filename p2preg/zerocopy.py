@@ -98,14 +98,14 @@ async def send_region(stream: trio.SocketStream, region: FileRegion) -> None:
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(sock)
                 continue
+            except OSError as e:  # the peer is gone, or the file cannot be read
+                raise trio.BrokenResourceError(str(e)) from e
             if sent == 0:
                 raise trio.BrokenResourceError(f"file ended {left} bytes before its region")
             offset += sent
             left -= sent
-    except OSError as e:
-        raise trio.BrokenResourceError(str(e)) from e
     except BaseException:
-        # Part of the region is on the wire and h11 has counted all of it: the
+        # h11 has counted the whole region but only part of it went out: the
         # framing is lost, so the connection must not carry another response.
         with trio.CancelScope(shield=True):
             await stream.aclose()

@@ -3,8 +3,8 @@
 A bare ASGI app (no Quart) sends a file region with `http.response.zerocopysend`
 and the bytes that arrive are checked: whole files and slices, Content-Length
 and chunked framing, a region larger than one sendfile piece, keep-alive after
-a zero-copy response, a client that hangs up mid-region, and HTTP/2, where the
-extension must not be offered.
+a zero-copy response, a client that hangs up mid-region, a region the file
+cannot fill, and HTTP/2, where the extension must not be offered.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import httpx
@@ -62,12 +63,15 @@ class App:
             await send({"type": "http.response.body", "body": body})
             self.finished.append("bytes")
             return
-        with open(self.path, "rb") as f:  # noqa: ASYNC230
-            try:
-                await send({"type": ZEROCOPY_SEND, "file": f, "offset": offset, "count": count})
-            finally:
-                self.finished.append("zerocopy")
-                self.done.set()
+        # ?unreadable sends a directory, which sendfile refuses as it would a bad disk.
+        fd = os.open(self.path.parent if "unreadable" in query else self.path, os.O_RDONLY)
+        file = SimpleNamespace(fileno=lambda: fd)
+        try:
+            await send({"type": ZEROCOPY_SEND, "file": file, "offset": offset, "count": count})
+        finally:
+            os.close(fd)
+            self.finished.append("zerocopy")
+            self.done.set()
 
 
 @asynccontextmanager
@@ -137,6 +141,18 @@ async def test_a_region_past_the_end_of_the_file_closes_the_connection(
     async with serving(app) as url, httpx.AsyncClient(base_url=url, trust_env=False) as client:
         with pytest.raises(httpx.RemoteProtocolError):
             await client.get(f"/?offset=10&count={len(data)}")
+        again = await client.get("/?count=10")
+        assert again.content == data[:10]
+
+
+async def test_a_file_that_cannot_be_read_closes_the_connection(
+    blob: tuple[Path, bytes],
+) -> None:
+    path, data = blob
+    app = App(path)
+    async with serving(app) as url, httpx.AsyncClient(base_url=url, trust_env=False) as client:
+        with trio.fail_after(10), pytest.raises(httpx.RemoteProtocolError):
+            await client.get("/?count=1000&unreadable=1")
         again = await client.get("/?count=10")
         assert again.content == data[:10]
 
