@@ -257,6 +257,15 @@ def run_peer(args: argparse.Namespace) -> int:
         status = handle.status()
         if not status.is_seeding:
             raise SystemExit("leech: finished but not seeding")
+        if args.verify:
+            # What a node does next: read the whole file back and check its digest.
+            h = hashlib.sha256()
+            with (save / handle.torrent_file().name()).open("rb") as f:
+                while chunk := f.read(MiB):
+                    h.update(chunk)
+            times["verified"] = time.monotonic()
+            if f"sha256-{h.hexdigest()}" != handle.torrent_file().name():
+                raise SystemExit("leech: the downloaded file does not match its digest")
         _emit(
             "done",
             times=times,
@@ -358,6 +367,8 @@ def peers(
             argv += [f"--set={s}" for s in args.set]
             if args.disk_io:
                 argv += ["--disk-io", args.disk_io]
+            if args.verify:
+                argv.append("--verify")
             started.append(Peer(f"{role}-{i}", argv, save.parent / f"{save.name}.log"))
         yield started
     finally:
@@ -519,6 +530,7 @@ def swarm_round(
     detail = {
         "per_leecher_s": since_start("flushed"),
         "finished_s": since_start("finished"),
+        "verified_s": since_start("verified"),
         "tracker_reply_s": since_start("tracker_reply"),
         "seeder_cpu_pct": round(100 * seed_cpu / wall, 1),
         "leecher_cpu_pct": [round(100 * d["cpu_s"] / wall, 1) for d in done],
@@ -867,6 +879,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--disk-io", choices=["default", "mmap", "posix", "pread"])
     parser.add_argument("--piece-kib", type=int, help="force this piece size (experiment)")
     parser.add_argument("--hybrid", action="store_true", help="v1+v2 metainfo (experiment)")
+    parser.add_argument(
+        "--verify", action="store_true", help="leechers also read back and hash the file"
+    )
     parser.add_argument("--workdir", help="parent of the temporary work directory")
     parser.add_argument("--out", type=Path, default=RESULTS)
     # Worker-only arguments.
