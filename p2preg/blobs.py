@@ -21,6 +21,7 @@ from p2preg.core.digest import Digest
 from p2preg.errors import BlobUnknown, RegistryError, StoreFull, UpstreamError
 from p2preg.metrics import NodeMetrics
 from p2preg.p2p import P2P, Fallback, Progress
+from p2preg.pullorder import PullOrder
 from p2preg.store import BlobStore, BlobWriter, DigestMismatch, NoSpace, StoreError
 from p2preg.tenancy import Tenancy
 from p2preg.upstream import UpstreamClient
@@ -88,9 +89,11 @@ class Blobs:
         tenancy: Tenancy,
         metrics: NodeMetrics,
         nursery: trio.Nursery,
+        pull_order: PullOrder,
         p2p: P2P | None = None,
     ) -> None:
         self._p2p = p2p
+        self._pull_order = pull_order
         self._store = store
         self._tenancy = tenancy
         self._metrics = metrics
@@ -201,7 +204,8 @@ class Blobs:
         if 0 <= size < self._p2p.settings.min_bytes:
             return "upstream", await upstream()
         try:
-            source = await self._p2p.fetch(digest, size, upstream)
+            place = self._pull_order.of(digest)
+            source = await self._p2p.fetch(digest, size, upstream, place)
         except Fallback as e:
             self._metrics.fallbacks.labels(e.reason).inc()
             log.warning("blob %s: falling back to upstream (%s): %s", digest, e.reason, e)

@@ -217,7 +217,8 @@ class NodeConfig:
     # A swarm download with no new byte for this long falls back to upstream.
     swarm_stall_s: float = 30.0
     swarm_max_hash_failures: int = 16
-    # Nobody waits forever for a lease holder; past this, fetch from upstream.
+    # Nobody waits forever for a lease holder: this long without progress from
+    # the fetch waited for (or the tracker's queue), fetch from upstream.
     lease_wait_max_s: float = 600.0
     credentials: tuple[Credential, ...] = ()
     # Tags move; a short TTL keeps `latest` fresh without an upstream round trip per pull.

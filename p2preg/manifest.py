@@ -36,18 +36,25 @@ class Parsed:
     blobs: frozenset[Digest]  # config and layers
     manifests: frozenset[Digest]  # children of an index
     subject: Digest | None = None
+    # An image manifest's config, then its layers in order (each digest once).
+    pull_order: tuple[Digest, ...] = ()
 
 
-def _digests(items: object) -> frozenset[Digest]:
-    out = set()
+def _listed(items: object) -> tuple[Digest, ...]:
+    """The digests of a descriptor list, in order, each once."""
+    out: dict[Digest, None] = {}
     if isinstance(items, list):
         for item in items:
             if isinstance(item, dict) and isinstance(item.get("digest"), str):
                 try:
-                    out.add(Digest.parse(item["digest"]))
+                    out[Digest.parse(item["digest"])] = None
                 except DigestError:
                     raise ManifestInvalid(f"bad digest {item['digest'][:80]!r}") from None
-    return frozenset(out)
+    return tuple(out)
+
+
+def _digests(items: object) -> frozenset[Digest]:
+    return frozenset(_listed(items))
 
 
 def parse(body: bytes) -> Parsed:
@@ -70,12 +77,18 @@ def parse(body: bytes) -> Parsed:
     if isinstance(doc.get("subject"), dict):
         (subject,) = _digests([doc["subject"]]) or (None,)
     config = doc.get("config")
+    pull_order = _listed(([config] if config else []) + _list(doc.get("layers")))
     return Parsed(
         media_type=media_type,
-        blobs=_digests(doc.get("layers")) | _digests([config] if config else []),
+        blobs=frozenset(pull_order),
         manifests=_digests(doc.get("manifests")),
         subject=subject,
+        pull_order=pull_order,
     )
+
+
+def _list(items: object) -> list[object]:
+    return items if isinstance(items, list) else []
 
 
 def accept_key(accept: str | None) -> str:

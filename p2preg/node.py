@@ -27,6 +27,7 @@ from p2preg.blobs import Blobs
 from p2preg.config import HostPort, NodeConfig
 from p2preg.metrics import NodeMetrics
 from p2preg.p2p import P2P, P2PSettings
+from p2preg.pullorder import PullOrder
 from p2preg.resolver import Resolver
 from p2preg.store import BlobStore
 from p2preg.swarm import open_swarm
@@ -65,6 +66,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
     await trio.to_thread.run_sync(store.open)
     metrics = NodeMetrics()
     tenancy = Tenancy()
+    pull_order = PullOrder()
     timeout = httpx.Timeout(config.upstream_timeout_s, connect=min(10.0, config.upstream_timeout_s))
     async with (
         httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as http,
@@ -85,8 +87,8 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
             config=config,
             store=store,
             metrics=metrics,
-            resolver=Resolver(store, tenancy, metrics, tag_ttl_s=config.tag_ttl_s),
-            blobs=Blobs(store, tenancy, metrics, nursery, p2p),
+            resolver=Resolver(store, tenancy, metrics, pull_order, tag_ttl_s=config.tag_ttl_s),
+            blobs=Blobs(store, tenancy, metrics, nursery, pull_order, p2p),
             clients=clients,
             streams=trio.Semaphore(config.max_blob_streams),
             p2p=p2p,

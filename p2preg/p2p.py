@@ -23,6 +23,7 @@ from p2preg.core.digest import Digest, Hasher
 from p2preg.core.metainfo import Metainfo, MetainfoError, make_metainfo, parse_metainfo
 from p2preg.core.wire import LeaseReply, LeaseStatus
 from p2preg.metrics import NodeMetrics
+from p2preg.pullorder import Place
 from p2preg.store import BlobStore, StoreError
 from p2preg.swarm import Swarm, SwarmError
 from tracker import errors as tracker_errors
@@ -87,17 +88,31 @@ class P2P:
 
     # -- the read path ----------------------------------------------------
 
-    async def fetch(self, digest: Digest, size: int, upstream: UpstreamFetch) -> str:
-        """Bring `digest` into the store; returns its source, "peers" or "upstream"."""
+    async def fetch(
+        self, digest: Digest, size: int, upstream: UpstreamFetch, place: Place | None = None
+    ) -> str:
+        """Bring `digest` into the store; returns its source, "peers" or "upstream".
+
+        `place` (the image it was asked for in, and where in it) lets the
+        tracker order the image's upstream fetches. Waiting for another node's
+        upstream fetch lasts as long as that fetch makes progress, or the
+        tracker's queue moves; `lease_wait_max_s` without either, and we
+        fetch from upstream ourselves.
+        """
+        group = None if place is None else str(place.image)
+        order = 0 if place is None else place.index
+        seen: tuple[str | None, int] | None = None
         deadline = trio.current_time() + self.settings.lease_wait_max_s
         while True:
             remaining = deadline - trio.current_time()
             if remaining <= 0:
-                raise Fallback("lease_wait", "waited too long for the upstream lease holder")
+                raise Fallback("lease_wait", "the upstream fetch waited for made no progress")
             wait_s = min(LONG_POLL_S, remaining)
             asked = trio.current_time()
             try:
-                reply = await self.tracker.acquire_lease(digest, size=size, wait_s=wait_s)
+                reply = await self.tracker.acquire_lease(
+                    digest, size=size, wait_s=wait_s, group=group, order=order
+                )
             except tracker_errors.TrackerError as e:
                 raise Fallback("tracker", f"tracker: {e}") from None
             if reply.status is LeaseStatus.SEEDED:
@@ -106,6 +121,9 @@ class P2P:
             if reply.status is LeaseStatus.GRANTED:
                 await self._as_holder(digest, size, reply, upstream)
                 return "upstream"
+            if (reply.holder, reply.bytes_done) != seen:
+                seen = (reply.holder, reply.bytes_done)
+                deadline = trio.current_time() + self.settings.lease_wait_max_s
             # A long-poll that ran its course already waited: ask again at once.
             # One answered early (a tracker that does not hold requests) is paced.
             if trio.current_time() - asked < 0.8 * wait_s:
@@ -171,6 +189,12 @@ class P2P:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self._release(digest, lease_id)
             raise
+        # Off the upstream link now: tell the tracker, which lets the image's
+        # next blob start while this one is published and spreads.
+        try:
+            await self.tracker.renew_lease(digest, lease_id, size, size)
+        except tracker_errors.TrackerError as e:
+            log.info("reporting the upstream fetch of %s done: %s", digest, e)
         await self.publish(digest, size)
         self._nursery.start_soon(self._release_once_seeding, digest, lease_id)
 

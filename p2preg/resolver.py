@@ -5,7 +5,8 @@ repository, tag and the client's Accept, so a schema2-only client never gets an
 index another client caused to be cached) and manifests by digest for good
 (content-addressed, in the blob store, verified against their digest). Each
 resolved manifest proves to the tenancy ledger that its repository holds what
-it references. Manifests are small and are never swarmed.
+it references, and notes each image's blob order for the P2P path
+(pullorder.py). Manifests are small and are never swarmed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from p2preg.core.digest import Digest, DigestError
 from p2preg.core.reference import Reference
 from p2preg.errors import ManifestUnknown, NameUnknown, UpstreamError
 from p2preg.metrics import NodeMetrics
+from p2preg.pullorder import PullOrder
 from p2preg.store import BlobStore, StoreError
 from p2preg.tenancy import Tenancy
 from p2preg.upstream import UpstreamClient
@@ -51,6 +53,7 @@ class Resolver:
         store: BlobStore,
         tenancy: Tenancy,
         metrics: NodeMetrics,
+        pull_order: PullOrder,
         *,
         tag_ttl_s: float,
         clock: Callable[[], float] = trio.current_time,
@@ -58,6 +61,7 @@ class Resolver:
         self._store = store
         self._tenancy = tenancy
         self._metrics = metrics
+        self._pull_order = pull_order
         self._tag_ttl_s = tag_ttl_s
         self._clock = clock
         self._tags: OrderedDict[tuple[str, str, str, str], _TagEntry] = OrderedDict()
@@ -127,6 +131,7 @@ class Resolver:
         found = Manifest(digest, parsed.media_type, fetched.body)
         ns = client.upstream.ns
         self._tenancy.grant(ns, repository, [digest, *parsed.blobs, *parsed.manifests])
+        self._pull_order.note(digest, parsed.pull_order)
         await self._keep(found)
         return found
 
@@ -154,10 +159,11 @@ class Resolver:
             self._store.remove(digest)
             return None
         try:
-            media_type = mf.parse(body).media_type
+            parsed = mf.parse(body)
         except mf.ManifestInvalid:
             raise not_a_manifest from None
-        found = Manifest(digest, media_type, body)
+        self._pull_order.note(digest, parsed.pull_order)
+        found = Manifest(digest, parsed.media_type, body)
         self._remember(found)
         return found
 

@@ -383,7 +383,7 @@ msgpack_values = st.recursive(
 FIELDS = {
     "PublishMetainfo": ["node", "size", "metainfo"],
     "ReportBad": ["node", "info_hash", "reason", "size", "metainfo"],
-    "LeaseRequest": ["node", "size", "wait_s"],
+    "LeaseRequest": ["node", "size", "wait_s", "group", "order"],
     "LeaseRenew": ["lease_id", "bytes_done", "size"],
     "LeaseRelease": ["lease_id"],
 }
@@ -400,6 +400,8 @@ RIGHT_TYPE: dict[str, st.SearchStrategy[Any]] = {
     "size": st.one_of(st.none(), huge_ints),
     "bytes_done": huge_ints,
     "wait_s": st.one_of(floats, huge_ints),
+    "group": st.one_of(st.none(), texts),
+    "order": huge_ints,
     "metainfo": st.binary(max_size=200),
     "info_hash": st.binary(max_size=40),
 }

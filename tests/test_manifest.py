@@ -25,6 +25,16 @@ def test_image_manifest_references() -> None:
     assert p.media_type == mf.DOCKER_MANIFEST
     assert p.blobs == {A, B, C}
     assert p.manifests == frozenset()
+    assert p.pull_order == (A, B, C)
+
+
+def test_pull_order_is_config_then_layers_each_once() -> None:
+    body = json.dumps(
+        {"config": _desc(B), "layers": [_desc(C), _desc(A), _desc(C), "junk"]}
+    ).encode()
+    assert mf.parse(body).pull_order == (B, C, A)
+    index = json.dumps({"schemaVersion": 2, "manifests": [_desc(A)]}).encode()
+    assert mf.parse(index).pull_order == ()
 
 
 def test_media_type_inferred_when_absent() -> None:

@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from p2preg.config import HostPort
+from p2preg.config import ConfigError, HostPort
 from p2preg.core import wire
 from tracker.config import TrackerConfig
 from tracker.errors import LeaseLost
@@ -186,3 +186,122 @@ async def test_sweeper_expires_leases(
         await trio.sleep(12)
         nursery.cancel_scope.cancel()
     assert len(t.leases) == 0 and t.leases.expired == 1
+
+
+IMAGE = "sha256:" + "11" * 32
+LAYERS = ["sha256:" + f"{n:02x}" * 32 for n in range(1, 5)]
+
+
+async def test_an_images_blobs_cross_upstream_one_at_a_time_in_manifest_order(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    t = tracker(tmp_path)
+    granted: list[tuple[float, str, str]] = []
+
+    async def node(name: str, order: int) -> None:
+        """Ask for one layer until granted, then fetch it in 4 s and report it done."""
+        digest = LAYERS[order]
+        while True:
+            msg = wire.LeaseRequest(name, 100, 25, IMAGE, order)
+            reply = await t.acquire_lease(digest, msg)
+            if reply.status is wire.LeaseStatus.GRANTED:
+                break
+            assert reply.status is wire.LeaseStatus.WAIT and reply.lease_id is None
+        granted.append((trio.current_time(), digest, name))
+        assert reply.lease_id is not None
+        await trio.sleep(4)
+        await t.renew_lease(digest, wire.LeaseRenew(reply.lease_id, 100, 100))
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        # Asked for in reverse: the queue still follows the manifest.
+        for order in (3, 2, 1):
+            nursery.start_soon(node, f"n{order}", order)
+            await trio.sleep(0.1)
+        nursery.start_soon(node, "n0", 0)
+    # Layer 3 asked first while nothing was fetching, so it went at once; then
+    # each layer as the previous one reported its last byte, earliest first.
+    assert [(round(at - start, 1), d) for at, d, _ in granted] == [
+        (0.0, LAYERS[3]),
+        (4.0, LAYERS[0]),
+        (8.0, LAYERS[1]),
+        (12.0, LAYERS[2]),
+    ]
+    assert t.leases.granted == 4
+
+
+async def test_a_queued_blob_waits_for_the_fetch_ahead_and_others_images_do_not(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    t = tracker(tmp_path)
+    first = await t.acquire_lease(LAYERS[0], wire.LeaseRequest("a", 100, 0, IMAGE, 1))
+    assert first.status is wire.LeaseStatus.GRANTED
+    # Another image, or no image named: not held back by this image's fetch.
+    elsewhere = wire.LeaseRequest("b", 100, 0, "sha256:" + "22" * 32, 1)
+    other = await t.acquire_lease(LAYERS[1], elsewhere)
+    assert other.status is wire.LeaseStatus.GRANTED
+    bare = await t.acquire_lease(LAYERS[2], wire.LeaseRequest("c", 100))
+    assert bare.status is wire.LeaseStatus.GRANTED
+    # The same image: a WAIT showing the fetch ahead and its progress.
+    await t.renew_lease(LAYERS[0], wire.LeaseRenew(first.lease_id or "", 40, 100))
+    start = trio.current_time()
+    queued = await t.acquire_lease(LAYERS[3], wire.LeaseRequest("d", 100, 5, IMAGE, 2))
+    assert queued.status is wire.LeaseStatus.WAIT
+    assert (queued.holder, queued.bytes_done, queued.size) == ("a", 40, 100)
+    assert trio.current_time() - start == pytest.approx(5)
+    # A holder that dies frees the slot when its lease expires (10 s TTL).
+    queued = await t.acquire_lease(LAYERS[3], wire.LeaseRequest("d", 100, 25, IMAGE, 2))
+    assert queued.status is wire.LeaseStatus.GRANTED
+    assert trio.current_time() - start == pytest.approx(10)
+
+
+async def test_releasing_a_failed_fetch_frees_the_images_slot_at_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    t = tracker(tmp_path, upstream_fetches_per_image=2)
+    a = await t.acquire_lease(LAYERS[0], wire.LeaseRequest("a", 100, 0, IMAGE, 1))
+    b = await t.acquire_lease(LAYERS[1], wire.LeaseRequest("b", 100, 0, IMAGE, 2))
+    assert a.status is b.status is wire.LeaseStatus.GRANTED  # two slots
+    got: list[tuple[float, wire.LeaseReply]] = []
+
+    async def third() -> None:
+        reply = await t.acquire_lease(LAYERS[2], wire.LeaseRequest("c", 100, 25, IMAGE, 3))
+        got.append((trio.current_time(), reply))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(third)
+        await trio.sleep(3)
+        assert not got
+        await t.release_lease(LAYERS[1], wire.LeaseRelease(b.lease_id or ""))
+    assert got[0][1].status is wire.LeaseStatus.GRANTED and got[0][0] == pytest.approx(3)
+
+
+def test_upstream_fetches_per_image_must_not_be_negative(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        tracker(tmp_path, upstream_fetches_per_image=-1)
+
+
+async def test_the_next_blob_goes_to_a_node_that_did_not_just_fetch_one(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    t = tracker(tmp_path)
+    holders: dict[str, str] = {}
+
+    async def node(name: str, order: int, start_s: float) -> None:
+        """Ask for layer `order` (from `start_s`); fetch it in 4 s if granted."""
+        await trio.sleep(start_s)
+        digest = LAYERS[order]
+        while digest not in holders:
+            reply = await t.acquire_lease(digest, wire.LeaseRequest(name, 100, 2, IMAGE, order))
+            if reply.status is wire.LeaseStatus.GRANTED:
+                holders[digest] = name
+                await trio.sleep(4)
+                await t.renew_lease(digest, wire.LeaseRenew(reply.lease_id or "", 100, 100))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node, "a", 0, 0)
+        for order in (1, 2, 3):
+            # "a" is always first in line; the other node still gets every other blob.
+            nursery.start_soon(node, "a", order, 0.1)
+            nursery.start_soon(node, "b", order, 0.2)
+    assert [holders[d] for d in LAYERS] == ["a", "b", "a", "b"]

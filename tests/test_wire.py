@@ -14,6 +14,7 @@ def test_round_trip_every_message() -> None:
         wire.MetainfoRecord("sha256:" + "a" * 64, 10, b"x", [b"\x01" * 20]),
         wire.ReportBad("node-a", b"\x02" * 20, "pieces failed", 10, b"y"),
         wire.LeaseRequest("node-a", 5, 2.5),
+        wire.LeaseRequest("node-a", 5, 2.5, "sha256:" + "c" * 64, 3),
         wire.LeaseRenew("abc", 7, None),
         wire.LeaseRelease("abc"),
         wire.LeaseReply(wire.LeaseStatus.WAIT, None, 30.0, 4.0, "node-b", 100, 200, None),

@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peer-ttl-s", help="drop peers silent for this long, seconds")
     parser.add_argument("--lease-ttl-s", help="upstream lease lifetime without renewal, seconds")
     parser.add_argument("--lease-wait-max-s", help="longest lease long-poll, seconds")
+    parser.add_argument(
+        "--upstream-fetches-per-image",
+        help="blobs of one image fetched from upstream at once, in manifest order (0: no limit)",
+    )
     parser.add_argument("--max-numwant", help="cap on peers per announce reply")
     parser.add_argument("--max-metainfo-bytes", help="largest accepted metainfo, e.g. 1MiB")
     parser.add_argument(

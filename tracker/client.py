@@ -92,14 +92,22 @@ class TrackerClient:
     # -- leases --------------------------------------------------------------------
 
     async def acquire_lease(
-        self, digest: Digest, *, size: int | None = None, wait_s: float = 0.0
+        self,
+        digest: Digest,
+        *,
+        size: int | None = None,
+        wait_s: float = 0.0,
+        group: str | None = None,
+        order: int = 0,
     ) -> wire.LeaseReply:
         """GRANTED (fetch upstream), SEEDED (join the swarm) or WAIT (ask again later).
 
         With `wait_s` the tracker holds the request until something changes or
-        `wait_s` (capped by the tracker) has passed.
+        `wait_s` (capped by the tracker) has passed. `group` (the image's
+        manifest digest) and `order` (the blob's place in it) let the tracker
+        send an image's blobs over the upstream link earliest first.
         """
-        msg = wire.LeaseRequest(self.node, size, wait_s)
+        msg = wire.LeaseRequest(self.node, size, wait_s, group, order)
         return await self._call(
             "POST", f"/v1/leases/{digest}", msg, wire.LeaseReply, extra_timeout_s=wait_s
         )

@@ -35,6 +35,11 @@ class TrackerConfig:
     lease_ttl_s: float = 30.0
     # Longest a lease request is held open waiting for a seeder or a free lease.
     lease_wait_max_s: float = 25.0
+    # How many blobs of one image (the manifest a node names with its lease
+    # request) may be fetched from upstream at once; the rest queue in manifest
+    # order. One stream fills a thin link; raise it where one upstream stream is
+    # slower than the link (a CDN's per-connection cap). 0: no limit.
+    upstream_fetches_per_image: int = 1
     default_numwant: int = 50
     max_numwant: int = 200
     max_peers_per_swarm: int = 10_000
@@ -60,6 +65,8 @@ class TrackerConfig:
             raise ConfigError("peer_ttl_s must exceed announce_interval_s")
         if self.lease_ttl_s <= 0 or self.lease_wait_max_s < 0:
             raise ConfigError("lease_ttl_s must be > 0 and lease_wait_max_s ≥ 0")
+        if self.upstream_fetches_per_image < 0:
+            raise ConfigError("upstream_fetches_per_image must be ≥ 0 (0: no limit)")
         if not 1 <= self.default_numwant <= self.max_numwant:
             raise ConfigError("need 1 ≤ default_numwant ≤ max_numwant")
         for name in ("max_peers_per_swarm", "max_peers", "max_metainfo", "max_scrape_hashes"):

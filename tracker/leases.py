@@ -29,6 +29,13 @@ class Lease:
     expires_at: float
     bytes_done: int = 0
     size: int | None = None
+    # The image the holder was asked for (see `LeaseBook.fetching`); not persisted.
+    group: str | None = None
+
+    @property
+    def fetched(self) -> bool:
+        """The holder reported every byte: it no longer uses the upstream link."""
+        return self.size is not None and self.bytes_done >= self.size
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,11 +83,22 @@ class LeaseBook:
             return None
         return lease
 
-    def acquire(self, digest: str, node: str, size: int | None = None) -> Granted | Held:
+    def fetching(self, group: str) -> list[Lease]:
+        """Live leases of `group` whose holder is still fetching from upstream."""
+        now = self._clock()
+        return [
+            lease
+            for lease in self._leases.values()
+            if lease.group == group and not lease.fetched and lease.expires_at > now
+        ]
+
+    def acquire(
+        self, digest: str, node: str, size: int | None = None, group: str | None = None
+    ) -> Granted | Held:
         lease = self.current(digest)
         now = self._clock()
         if lease is None:
-            lease = Lease(digest, self._new_id(), node, now + self.ttl_s, 0, size)
+            lease = Lease(digest, self._new_id(), node, now + self.ttl_s, 0, size, group)
             self._leases[digest] = lease
             self.granted += 1
             return Granted(lease)

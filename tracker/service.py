@@ -16,8 +16,10 @@ import heapq
 import hmac
 import ipaddress
 import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import trio
 
@@ -41,6 +43,20 @@ from tracker.state import Snapshot, StoredBad, StoredLease, StoredMetainfo, Trac
 
 # How often the sweeper drops expired peers and leases, at most.
 MAX_SWEEP_INTERVAL_S = 5.0
+# A request queued behind an earlier blob of its image looks again this soon
+# when no fetch is running (the earlier one's requester is taking the slot).
+QUEUE_RECHECK_S = 0.5
+# Images whose latest upstream fetcher is remembered (to pass the next to another node).
+MAX_GROUPS_REMEMBERED = 10_000
+
+
+class _Attempt(NamedTuple):
+    """One try at a lease: the reply, and when to try again if it says wait."""
+
+    reply: wire.LeaseReply
+    wake_at: float | None
+    # Waiting for the image's upstream slot, not for this digest's own lease.
+    queued: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +114,10 @@ class Tracker:
         )
         self.leases = LeaseBook(config.lease_ttl_s, clock)
         self._waiters = Waiters()
+        # Per image (lease group): (order, digest, node) of requests waiting for a slot.
+        self._queued: dict[str, Counter[tuple[int, str, str]]] = {}
+        # Per image: the node granted its latest upstream fetch.
+        self._last_holder: OrderedDict[str, str] = OrderedDict()
         self._lock = trio.Lock()
         self.metrics.watch(self._gauges)
 
@@ -300,37 +320,99 @@ class Tracker:
         digest = _digest(digest_text)
         wait_s = min(max(0.0, msg.wait_s), self.config.lease_wait_max_s)
         deadline = self._clock() + wait_s
-        while True:
-            async with self._lock:
-                reply, held = await self._try_acquire(digest, msg)
-            if held is None or self._clock() >= deadline:
-                return reply
-            # Wake when something changes, or when the holder's lease runs out.
-            await self._waiters.wait(digest, min(deadline, held.expires_at))
+        queued = False
+        try:
+            while True:
+                async with self._lock:
+                    attempt = await self._try_acquire(digest, msg)
+                if attempt.wake_at is None or self._clock() >= deadline:
+                    return attempt.reply
+                if attempt.queued != queued:
+                    # In the image's queue from the first wait for a slot until
+                    # the answer, so a later blob cannot slip ahead on a wake-up.
+                    queued = attempt.queued
+                    self._queue(msg, digest, +1 if queued else -1)
+                # Wake when something changes, or when the lease in the way runs out.
+                await self._waiters.wait(digest, min(deadline, attempt.wake_at))
+        finally:
+            if queued:
+                self._queue(msg, digest, -1)
 
-    async def _try_acquire(
-        self, digest: str, msg: wire.LeaseRequest
-    ) -> tuple[wire.LeaseReply, Lease | None]:
+    def _queue(self, msg: wire.LeaseRequest, digest: str, delta: int) -> None:
+        assert msg.group is not None
+        queue = self._queued.setdefault(msg.group, Counter())
+        place = (msg.order, digest, msg.node)
+        queue[place] += delta
+        if queue[place] <= 0:
+            del queue[place]
+        if not queue:
+            del self._queued[msg.group]
+
+    async def _try_acquire(self, digest: str, msg: wire.LeaseRequest) -> _Attempt:
         entry = self._entries.get(digest)
         if entry is not None:
             self.peers.expire_swarm(digest, self._clock())
             if self.peers.seeders(digest):
-                return wire.LeaseReply(wire.LeaseStatus.SEEDED, metainfo=entry.meta.data), None
+                reply = wire.LeaseReply(wire.LeaseStatus.SEEDED, metainfo=entry.meta.data)
+                return _Attempt(reply, None)
+        blocking = self._queue_blocker(digest, msg)
+        if blocking is not None:
+            return blocking
         size = msg.size if msg.size is not None else (entry.meta.size if entry else None)
-        outcome = self.leases.acquire(digest, msg.node, size)
+        outcome = self.leases.acquire(digest, msg.node, size, msg.group)
         lease = outcome.lease
         if isinstance(outcome, Granted):
             await self._store.save_lease(self._stored_lease(lease))
-            return self._lease_reply(wire.LeaseStatus.GRANTED, lease), None
-        remaining = max(0.0, lease.expires_at - self._clock())
-        retry = min(self.config.lease_ttl_s, max(1.0, remaining))
-        return self._lease_reply(wire.LeaseStatus.WAIT, lease, retry_after_s=retry), lease
+            if msg.group is not None:
+                self._last_holder[msg.group] = msg.node
+                self._last_holder.move_to_end(msg.group)
+                while len(self._last_holder) > MAX_GROUPS_REMEMBERED:
+                    self._last_holder.popitem(last=False)
+            return _Attempt(self._lease_reply(wire.LeaseStatus.GRANTED, lease), None)
+        return _Attempt(self._wait_reply(lease), lease.expires_at)
+
+    def _queue_blocker(self, digest: str, msg: wire.LeaseRequest) -> _Attempt | None:
+        """A WAIT while `msg.group`'s upstream fetches are all taken, or an earlier
+        blob of the image is waiting for one; None when this digest may go on.
+
+        One stream fills the upstream link, so fetching an image's layers one
+        by one finishes the last of them no later than fetching all at once,
+        and every earlier layer is complete, and spreading, far sooner.
+        """
+        limit = self.config.upstream_fetches_per_image
+        if msg.group is None or limit == 0 or self.leases.current(digest) is not None:
+            return None  # no image named, no limit, or the digest's own lease decides
+        fetching = self.leases.fetching(msg.group)
+        queue = self._queued.get(msg.group) or Counter()
+        earlier = any((order, d) < (msg.order, digest) for order, d, _node in queue)
+        # The node that fetched the image's last blob is seeding it now: its
+        # uplink is full, which slows the ACKs of a download. Another node
+        # waiting for the same blob takes it instead.
+        busy = self._last_holder.get(msg.group) == msg.node and any(
+            (order, d) == (msg.order, digest) and node != msg.node for order, d, node in queue
+        )
+        if len(fetching) < limit and not earlier and not busy:
+            return None
+        if not fetching:
+            # A slot is free and another request is about to take it.
+            return _Attempt(self._queued_reply(None), self._clock() + QUEUE_RECHECK_S, True)
+        first = min(fetching, key=lambda lease: lease.expires_at)
+        return _Attempt(self._queued_reply(first), first.expires_at, True)
+
+    def _free_slot(self, lease: Lease) -> None:
+        """`lease` stopped using the upstream link: wake its image's queue."""
+        queue = self._queued.get(lease.group) if lease.group is not None else None
+        for digest in {d for _order, d, _node in queue or ()}:
+            self._waiters.notify(digest)
 
     async def renew_lease(self, digest_text: str, msg: wire.LeaseRenew) -> wire.LeaseReply:
         digest = _digest(digest_text)
         async with self._lock:
+            before = self.leases.current(digest)
             lease = self.leases.renew(digest, msg.lease_id, msg.bytes_done, msg.size)
             await self._store.save_lease(self._stored_lease(lease))
+        if lease.fetched and before is not None and not before.fetched:
+            self._free_slot(lease)
         return self._lease_reply(wire.LeaseStatus.GRANTED, lease)
 
     async def release_lease(self, digest_text: str, msg: wire.LeaseRelease) -> None:
@@ -341,6 +423,20 @@ class Tracker:
                 await self._store.delete_lease(digest, lease.lease_id)
         if lease is not None:
             self._waiters.notify(digest)
+            self._free_slot(lease)
+
+    def _wait_reply(self, lease: Lease) -> wire.LeaseReply:
+        remaining = max(0.0, lease.expires_at - self._clock())
+        retry = min(self.config.lease_ttl_s, max(1.0, remaining))
+        return self._lease_reply(wire.LeaseStatus.WAIT, lease, retry_after_s=retry)
+
+    def _queued_reply(self, ahead: Lease | None) -> wire.LeaseReply:
+        """WAIT for a slot; the holder and progress shown are those of the fetch ahead."""
+        if ahead is not None:
+            return self._wait_reply(ahead)
+        return wire.LeaseReply(
+            wire.LeaseStatus.WAIT, ttl_s=self.leases.ttl_s, retry_after_s=QUEUE_RECHECK_S
+        )
 
     def _lease_reply(
         self, status: wire.LeaseStatus, lease: Lease, *, retry_after_s: float = 0.0
@@ -383,6 +479,7 @@ class Tracker:
             for lease in self.leases.expire():
                 await self._store.delete_lease(lease.digest, lease.lease_id)
                 self._waiters.notify(lease.digest)
+                self._free_slot(lease)
 
     def status(self, limit: int) -> TrackerStatus:
         """Totals, and the `limit` swarms with the most live peers."""

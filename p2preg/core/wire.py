@@ -24,7 +24,7 @@ CONTENT_TYPE = "application/msgpack"
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 # Longest accepted value of each free-text field, so a peer cannot make the
 # tracker store or log megabytes of it.
-STR_LIMITS = {"node": 128, "reason": 1024, "lease_id": 64, "digest": 160}
+STR_LIMITS = {"node": 128, "reason": 1024, "lease_id": 64, "digest": 160, "group": 160}
 # Integers are 64-bit signed on both sides (SQLite INTEGER).
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 
@@ -81,6 +81,11 @@ class LeaseRequest:
     size: int | None = None
     # How long the tracker may hold the request open waiting for a change.
     wait_s: float = 0.0
+    # The image the blob was asked for in (its manifest digest) and the blob's
+    # place in that manifest: the tracker lets an image's blobs cross the
+    # upstream link a few at a time, earliest first (docs/TRACKER.md).
+    group: str | None = None
+    order: int = 0
 
 
 @dataclass(frozen=True, slots=True)
