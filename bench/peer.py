@@ -67,6 +67,7 @@ from rich.console import Console
 from rich.table import Table
 
 import p2preg.core.metainfo as metainfo_rules
+from bench import nginx
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo, info_name, make_metainfo
 from p2preg.swarm import session_settings
@@ -587,30 +588,6 @@ def nginx_round(
     return Sample(rate, n * size / rate / MB, busy, round(max(others), 2), detail)
 
 
-def nginx_config(root: Path, port: int, blob: Path) -> str:
-    temps = "\n".join(
-        f"  {kind}_temp_path {root / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    return f"""daemon off;
-worker_processes 1;
-user root;
-pid {root / "nginx.pid"};
-error_log {root / "error.log"} warn;
-events {{ worker_connections 256; }}
-http {{
-  access_log off;
-  sendfile on;
-  tcp_nopush on;
-{temps}
-  server {{
-    listen 127.0.0.1:{port};
-    location = /blob {{ alias {blob}; default_type application/octet-stream; }}
-  }}
-}}
-"""
-
-
 # --- setup ---------------------------------------------------------------------
 
 
@@ -686,7 +663,7 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "libtorrent": lt.__version__,
-        "nginx": version(["/usr/sbin/nginx", "-v"]),
+        "nginx": version([str(nginx.NGINX_BIN), "-v"]),
         "curl": version(["curl", "--version"]),
     }
 
@@ -728,8 +705,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         ngx_root = tmp / "nginx"
         ngx_root.mkdir()
         ngx_port = free_port()
-        (ngx_root / "nginx.conf").write_text(nginx_config(ngx_root, ngx_port, blob))
-        ngx_argv = ["/usr/sbin/nginx", "-c", str(ngx_root / "nginx.conf"), "-p", str(ngx_root)]
+        ngx_argv = nginx.configure(ngx_root, "127.0.0.1", ngx_port, blob)
         with (
             tracker(tmp / "tracker", piece_bytes) as url,
             Process(ngx_argv, ngx_root, name="nginx") as ngx,

@@ -56,6 +56,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from bench import nginx
 from tests.fixtures.node import open_node
 from tests.fixtures.procs import Process, free_port, wait_for_port, wait_until
 from tests.fixtures.registry import open_registry
@@ -65,7 +66,6 @@ REPO = "bench/blob"
 TAG = "latest"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
-NGINX_BIN = "/usr/sbin/nginx"
 RECV_BUFFER = MiB
 SOCKET_TIMEOUT_S = 120.0
 # A run starts once the machine is at most this busy, or after this long anyway.
@@ -337,7 +337,7 @@ def machine() -> dict[str, object]:
         "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "nginx": version_of([NGINX_BIN, "-v"]),
+        "nginx": version_of([str(nginx.NGINX_BIN), "-v"]),
         "docker_registry": version_of(["docker-registry", "--version"]),
         "hypercorn": metadata.version("hypercorn"),
         "quart": metadata.version("quart"),
@@ -346,30 +346,6 @@ def machine() -> dict[str, object]:
 
 
 # --- nginx and py-spy ----------------------------------------------------------
-
-
-def nginx_config(root: Path, port: int, blob: Path) -> str:
-    temps = "\n".join(
-        f"  {kind}_temp_path {root / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    return f"""daemon off;
-worker_processes 1;
-user root;
-pid {root / "nginx.pid"};
-error_log {root / "error.log"} warn;
-events {{ worker_connections 256; }}
-http {{
-  access_log off;
-  sendfile on;
-  tcp_nopush on;
-{temps}
-  server {{
-    listen 127.0.0.1:{port};
-    location = /blob {{ alias {blob}; default_type application/octet-stream; }}
-  }}
-}}
-"""
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -392,8 +368,8 @@ def open_nginx(workdir: Path, blob: Path) -> Iterator[tuple[str, int]]:
     Master and worker are stopped by pid."""
     workdir.mkdir()
     port = free_port()
-    (workdir / "nginx.conf").write_text(nginx_config(workdir, port, blob))
-    proc = Process([NGINX_BIN, "-c", workdir / "nginx.conf", "-p", workdir], workdir, name="nginx")
+    argv = nginx.configure(workdir, "127.0.0.1", port, blob)
+    proc = Process(argv, workdir, name="nginx")
     with proc:
         wait_for_port("127.0.0.1", port, process=proc)
         workers = _children(proc.pid)

@@ -46,8 +46,20 @@ MAX_SWEEP_INTERVAL_S = 5.0
 # A request queued behind an earlier blob of its image looks again this soon
 # when no fetch is running (the earlier one's requester is taking the slot).
 QUEUE_RECHECK_S = 0.5
-# Images whose latest upstream fetcher is remembered (to pass the next to another node).
-MAX_GROUPS_REMEMBERED = 10_000
+# How long an image's first upstream fetch waits for the requests of its earlier
+# layers (the config is place 0, the first layer 1: those never wait).
+GATHER_S = 0.25
+# Images whose lease requests are remembered (the least recently asked go first).
+MAX_IMAGES_REMEMBERED = 10_000
+
+
+@dataclass(slots=True)
+class _Image:
+    """What the tracker remembers of one image's (lease group's) upstream fetches."""
+
+    first_seen: float
+    # The node granted the image's latest fetch.
+    last_holder: str | None = None
 
 
 class _Attempt(NamedTuple):
@@ -116,8 +128,7 @@ class Tracker:
         self._waiters = Waiters()
         # Per image (lease group): (order, digest, node) of requests waiting for a slot.
         self._queued: dict[str, Counter[tuple[int, str, str]]] = {}
-        # Per image: the node granted its latest upstream fetch.
-        self._last_holder: OrderedDict[str, str] = OrderedDict()
+        self._images: OrderedDict[str, _Image] = OrderedDict()
         self._lock = trio.Lock()
         self.metrics.watch(self._gauges)
 
@@ -364,10 +375,7 @@ class Tracker:
         if isinstance(outcome, Granted):
             await self._store.save_lease(self._stored_lease(lease))
             if msg.group is not None:
-                self._last_holder[msg.group] = msg.node
-                self._last_holder.move_to_end(msg.group)
-                while len(self._last_holder) > MAX_GROUPS_REMEMBERED:
-                    self._last_holder.popitem(last=False)
+                self._image(msg.group).last_holder = msg.node
             return _Attempt(self._lease_reply(wire.LeaseStatus.GRANTED, lease), None)
         return _Attempt(self._wait_reply(lease), lease.expires_at)
 
@@ -382,22 +390,38 @@ class Tracker:
         limit = self.config.upstream_fetches_per_image
         if msg.group is None or limit == 0 or self.leases.current(digest) is not None:
             return None  # no image named, no limit, or the digest's own lease decides
+        now = self._clock()
+        image = self._image(msg.group)
         fetching = self.leases.fetching(msg.group)
         queue = self._queued.get(msg.group) or Counter()
         earlier = any((order, d) < (msg.order, digest) for order, d, _node in queue)
+        # A client asks for all the layers at once, in no set order: before the
+        # image's first fetch, give its earlier layers' requests a moment to arrive.
+        gather_until = image.first_seen + GATHER_S
+        gathering = image.last_holder is None and msg.order > 1 and now < gather_until
         # The node that fetched the image's last blob is seeding it now: its
         # uplink is full, which slows the ACKs of a download. Another node
         # waiting for the same blob takes it instead.
-        busy = self._last_holder.get(msg.group) == msg.node and any(
+        busy = image.last_holder == msg.node and any(
             (order, d) == (msg.order, digest) and node != msg.node for order, d, node in queue
         )
-        if len(fetching) < limit and not earlier and not busy:
+        if len(fetching) < limit and not (earlier or gathering or busy):
             return None
         if not fetching:
             # A slot is free and another request is about to take it.
-            return _Attempt(self._queued_reply(None), self._clock() + QUEUE_RECHECK_S, True)
+            wake_at = gather_until if gathering else now + QUEUE_RECHECK_S
+            return _Attempt(self._queued_reply(None), wake_at, True)
         first = min(fetching, key=lambda lease: lease.expires_at)
         return _Attempt(self._queued_reply(first), first.expires_at, True)
+
+    def _image(self, group: str) -> _Image:
+        image = self._images.get(group)
+        if image is None:
+            image = self._images[group] = _Image(self._clock())
+            while len(self._images) > MAX_IMAGES_REMEMBERED:
+                self._images.popitem(last=False)
+        self._images.move_to_end(group)
+        return image
 
     def _free_slot(self, lease: Lease) -> None:
         """`lease` stopped using the upstream link: wake its image's queue."""
