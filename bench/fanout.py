@@ -84,6 +84,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from bench import nginx
 from bench.netns import (
     Host,
     Lab,
@@ -112,7 +113,6 @@ MB = 10**6
 MiB = 1 << 20
 REPO = "bench/app"
 PREFIX_ROOT = "p2pfo"
-NGINX_BIN = Path("/usr/sbin/nginx")
 CURL_BIN = Path("/usr/bin/curl")
 SETPRIV_BIN = shutil.which("setpriv")
 MODES = ("direct", "p2p")
@@ -464,45 +464,12 @@ def start_nodes(
     return nodes
 
 
-def nginx_config(root: Path, addr: str, port: int, blob: Path) -> str:
-    temps = "\n".join(
-        f"  {k}_temp_path {root / k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    return f"""daemon off;
-master_process off;
-worker_processes 1;
-user root;
-pid {root / "nginx.pid"};
-error_log {root / "error.log"} warn;
-events {{ worker_connections 256; }}
-http {{
-  access_log off;
-  sendfile on;
-  tcp_nopush on;
-{temps}
-  server {{
-    listen {addr}:{port};
-    location = /blob {{ alias {blob}; default_type application/octet-stream; }}
-  }}
-}}
-"""
-
-
 def start_nginx(stack: ExitStack, host: Host, workdir: Path, blob: Path) -> str:
     """nginx (one process, sendfile) serving `blob` on `host`; returns its URL."""
     root = workdir / f"nginx-{host.role}"
     root.mkdir(parents=True)
     port = _port(host, NGINX_PORT)
-    (root / "nginx.conf").write_text(nginx_config(root, host.addr, port, blob))
-    argv: list[str | os.PathLike[str]] = [
-        NGINX_BIN,
-        "-e",
-        root / "error.log",
-        "-p",
-        root,
-        "-c",
-        root / "nginx.conf",
-    ]
+    argv = nginx.configure(root, host.addr, port, blob, master=False)
     proc = stack.enter_context(Process(host.argv(argv), root, name="nginx"))
     url = f"http://{host.addr}:{port}/blob"
     wait_http(host, url, proc)
@@ -856,6 +823,7 @@ def run_once(
             per_node.append(run)
 
         phases = _phases(mode, per_node, nodes, manifest, t0_wall)
+        phases["client_stall_max_s"] = _longest_stall(timeline, image_bytes)
     # Where the CPU went while the pulls ran, summed over hosts; "machine" is all
     # cores' busy time, including the kernel's networking and anyone else's work.
     cpu_s: dict[str, float] = {
@@ -934,6 +902,26 @@ def _phases(
     for source, count in sources.items():
         phases[f"layer_fetches_{source}"] = count
     return phases
+
+
+def _longest_stall(timeline: list[dict[str, Any]], image_bytes: int) -> float:
+    """The longest a client went without a new byte before it held the whole image.
+
+    containerd's CRI (1.7 and later) cancels a pull that shows no progress for
+    `image_pull_progress_timeout`; this is the figure to hold against it.
+    Sampled every SAMPLE_S, so good to about that.
+    """
+    worst = 0.0
+    for i in range(len(timeline[0]["client_bytes"]) if timeline else 0):
+        since, held = 0.0, 0
+        for sample in timeline:
+            got = sample["client_bytes"][i]
+            if got >= image_bytes:
+                break
+            if got > held:
+                since, held = sample["t"], got
+            worst = max(worst, sample["t"] - since)
+    return worst
 
 
 # -- the whole benchmark --------------------------------------------------------------------
@@ -1054,7 +1042,7 @@ def _run_line(r: RunResult, image_bytes: int) -> str:
             f"; first copy {r.phases['first_copy_done_s']:.1f} s, "
             f"swarm done {r.phases['swarm_done_s']:.1f} s"
         )
-    return line
+    return line + f"; longest client stall {r.phases['client_stall_max_s']:.1f} s"
 
 
 def _document(
@@ -1259,6 +1247,7 @@ def report(doc: dict[str, Any], console: Console) -> None:
         "layer to all peers",
         "client fetch done",
         "all done",
+        "longest client stall",
         "machine busy",
     ):
         r.add_column(col, justify="right")
@@ -1286,6 +1275,7 @@ def report(doc: dict[str, Any], console: Console) -> None:
             _fmt(ph.get("layer_to_all_peers_median_s")),
             _fmt(ph.get("client_fetch_done_s")),
             _fmt(p["all_done_s"]),
+            _fmt(ph.get("client_stall_max_s")),
             f"{p['machine_busy']:.0%}",
         )
     console.print(r)
@@ -1467,7 +1457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, args = _parse_args(argv)
     # Tables are wide; a log file or pipe gets them whole rather than cut at 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=180)
-    tools = [REGISTRY_BIN, CONTAINERD_BIN, CTR_BIN, SKOPEO_BIN, NGINX_BIN, CURL_BIN]
+    tools = [REGISTRY_BIN, CONTAINERD_BIN, CTR_BIN, SKOPEO_BIN, nginx.NGINX_BIN, CURL_BIN]
     missing = [str(t) for t in tools if not t.exists()]
     if missing:
         console.print(
