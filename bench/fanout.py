@@ -167,6 +167,7 @@ class NodeRun:
     node_cpu_s: float | None = None
     node_peak_rss_mib: float | None = None
     node_from_peers_bytes: float | None = None
+    node_redundant_bytes: float | None = None
     node_from_upstream_bytes: float | None = None
     node_fallbacks: float | None = None
     error: str | None = None
@@ -814,6 +815,9 @@ def run_once(
                 run.node_cpu_s = st.cpu_s - node_before[i].cpu_s
                 run.node_peak_rss_mib = st.peak_rss_mib
                 run.node_from_peers_bytes = metric_value(metrics, "p2preg_peer_blob_bytes_total")
+                run.node_redundant_bytes = metric_value(
+                    metrics, "p2preg_peer_redundant_bytes_total"
+                )
                 run.node_from_upstream_bytes = metric_value(
                     metrics, "p2preg_upstream_blob_bytes_total"
                 )

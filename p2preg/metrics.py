@@ -62,6 +62,11 @@ class NodeMetrics:
         self.peer_bytes = Counter(
             "p2preg_peer_blob_bytes", "Blob payload bytes received from peers", registry=r
         )
+        self.peer_redundant_bytes = Counter(
+            "p2preg_peer_redundant_bytes",
+            "Of those, blocks received more than once (the swarm's end game)",
+            registry=r,
+        )
         self.fallbacks = Counter(
             "p2preg_fallbacks", "Blobs fetched from upstream because the swarm could not",
             ["reason"], registry=r,

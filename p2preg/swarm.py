@@ -97,6 +97,7 @@ class _Torrent:
     last_progress: float = 0.0
     hash_failures: int = 0
     from_peers_bytes: int = 0
+    wasted_bytes: int = 0
 
 
 class Swarm:
@@ -289,6 +290,11 @@ class Swarm:
         if payload > t.from_peers_bytes:
             self._metrics.peer_bytes.inc(payload - t.from_peers_bytes)
             t.from_peers_bytes = payload
+        # Pieces that failed their hash are counted as such (hash_failures).
+        wasted = int(status.total_redundant_bytes)
+        if wasted > t.wasted_bytes:
+            self._metrics.peer_redundant_bytes.inc(wasted - t.wasted_bytes)
+            t.wasted_bytes = wasted
 
     async def _pump(self, read_fd: int) -> None:
         while True:
