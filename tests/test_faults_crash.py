@@ -1,11 +1,13 @@
 """Processes that die: a node killed mid-download, a dead lease holder, a dead tracker.
 
 Real processes on loopback: a tracker, nodes, the real docker-registry behind a
-`FaultProxy` that slows one blob down so there is a "mid-download" to kill in.
-What must hold: after `kill -9` and a restart the store is consistent and seeds
-again without downloading; a dead lease holder delays the others by about one
-lease, a slow but live one is not overtaken; pulls complete while the tracker
-is dead and after it comes back.
+`FaultProxy` that slows one blob down so there is a "mid-download" to kill in;
+for a download from peers, a rate-limited libtorrent seeder (`SlowSeeder`)
+does the same. What must hold: after `kill -9` and a restart the store is
+consistent and seeds again without downloading, and the interrupted blob comes
+through, from peers when peers have it; a dead lease holder delays the others
+by about one lease, a slow but live one is not overtaken; pulls complete while
+the tracker is dead and after it comes back.
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ from typing import Any
 import httpx
 import pytest
 
+from p2preg.core.digest import Digest
+from p2preg.core.metainfo import info_name, make_metainfo, piece_size_for
 from tests.fixtures.cluster import (
     Background,
     Cluster,
     blob_files_verified,
     get_blob,
     kill9,
+    swarm_counts,
     wait_for,
 )
-from tests.fixtures.faults import Action, FaultProxy
+from tests.fixtures.faults import Action, FaultProxy, SlowSeeder
 from tests.fixtures.images import Blob, PushedImage, build_image, push
 from tests.fixtures.procs import free_port
 from tests.fixtures.registry import Registry
@@ -138,6 +143,126 @@ def test_kill_9_mid_download_leaves_a_consistent_store_that_seeds_again(
         tally.pulls_completed += 1
         tally.bytes_verified += verified + small.size
         assert blob_files_verified(again.data_dir).keys() >= {small.digest, big.digest}
+
+
+# The peer-kill layer: larger than the 32 MiB a node's libtorrent queues in
+# memory for the disk (`max_queued_disk_bytes`, p2preg/swarm.py), so that a
+# partial file is on disk when the node dies; a smaller download never reaches
+# the disk before it completes. Its only seeder sends 4 MiB/s until the file
+# is there, then 64 KiB/s, so the kill lands mid-way whatever the machine's speed.
+PEER_KILL_MIB = 48
+PEER_BYTES_PER_S = 4 * MiB
+PEER_CRAWL_BYTES_PER_S = 64 * 1024
+
+
+def _get_heard(url: str, heard: list[int]) -> bytes:
+    """GET `url`; the status is appended to `heard` as soon as a status line arrives."""
+    with httpx.Client(trust_env=False, timeout=120) as http, http.stream("GET", url) as r:
+        heard.append(r.status_code)
+        return r.read()
+
+
+def _pieces_held(path: Path, blob: bytes) -> int:
+    """How many of `blob`'s pieces `path` holds byte for byte (0 if it is missing)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return 0
+    piece = piece_size_for(len(blob))
+    return sum(
+        1
+        for i in range(0, len(blob), piece)
+        if data[i : i + piece] == blob[i : i + piece]
+    )
+
+
+def test_kill_9_mid_download_from_peers_leaves_nothing_unverified_and_completes_after_restart(
+    registry: Registry, tmp_path: Path, tally: Tally
+) -> None:
+    layout: Any = build_image(
+        tmp_path / "layout", seed="peer-kill", layer_sizes=(PEER_KILL_MIB * MiB,)
+    )
+    image = push(layout, registry.host, "crash/peer-kill9")
+    (blob,) = image.manifests[0].layers
+    digest = Digest.parse(blob.digest)
+    blob_bytes = layout.blob_path(blob.digest).read_bytes()
+    pieces = -(-blob.size // piece_size_for(blob.size))
+    with open_tracker(tmp_path / "tracker") as tracker, ExitStack() as stack:
+        cluster = Cluster(stack, tmp_path, registry.url, tracker.url)
+        # a fetches the layer from the seed registry (the one copy the cluster
+        # gets), seeds it and files its metainfo.
+        a = cluster.node("a")
+        verified = _fetch_ok(a.url, image, blob)
+        wait_for(lambda: swarm_counts(tracker.url, blob.digest) == (1, 0), 30, "a to seed")
+        # A slow seeder of the same bytes under the same metainfo joins; then a
+        # stops (gracefully: it announces `stopped`), so the slow one is the
+        # only source of the layer.
+        meta = make_metainfo(layout.blob_path(blob.digest), digest, blob.size)
+        slow = SlowSeeder(
+            tmp_path / "slow", tracker.url, layout.blob_path(blob.digest), meta, PEER_BYTES_PER_S
+        )
+        stack.callback(slow.close)
+        slow.wait_seeding()
+        wait_for(lambda: swarm_counts(tracker.url, blob.digest) == (2, 0), 30, "the slow seeder")
+        a.process.stop()
+        wait_for(lambda: swarm_counts(tracker.url, blob.digest) == (1, 0), 30, "a to leave")
+        registry.settle()
+        sent = registry.blob_bytes_sent().get(blob.digest, 0)
+        assert blob.size <= sent <= 1.05 * blob.size
+
+        b = cluster.node("b")
+        tally.pulls_attempted += 1
+        heard: list[int] = []
+        url = _blob_url(b.url, image, blob.digest)
+        pending = Background(lambda: _get_heard(url, heard)).start()
+        partial = b.data_dir / "swarm" / info_name(digest)
+
+        def mid_way() -> bool:
+            # Every look while b downloads: nothing under the digest, nothing in tmp/.
+            assert blob.digest not in blob_files_verified(b.data_dir)
+            assert _tmp_bytes(b.data_dir) == 0
+            return _pieces_held(partial, blob_bytes) >= 4
+
+        wait_for(mid_way, 60, "b to write 4 pieces of the layer from the slow seeder")
+        slow.set_rate(PEER_CRAWL_BYTES_PER_S)
+        kill9(b.process)
+        tally.faults_injected["kill -9 node mid-download from peers"] += 1
+        uploaded = slow.uploaded()
+        with pytest.raises(httpx.TransportError):
+            pending.result(30)
+        # The client never got as much as a status line: nothing unverified was served.
+        assert heard == []
+        assert uploaded < blob.size
+        # The download was cut mid-way: some pieces, not all, sit in swarm/ (an
+        # unverified libtorrent file), none under the digest, nothing in tmp/.
+        held = _pieces_held(partial, blob_bytes)
+        tally.extra["peer_kill_pieces_held"] = f"{held}/{pieces}"
+        assert 4 <= held < pieces, (held, pieces)
+        stored = blob_files_verified(b.data_dir)
+        assert blob.digest not in stored
+        assert _tmp_bytes(b.data_dir) == 0
+
+        again = cluster.node("b")  # same data directory
+        assert not partial.exists()  # the unverified file is gone, not resumed from
+        assert _tmp_bytes(again.data_dir) == 0
+        assert blob_files_verified(again.data_dir) == stored
+        assert again.metric("p2preg_blobs_seeded") == 0
+        # a comes back and seeds the layer from its store, the slow seeder leaves;
+        # the interrupted blob now comes through from a, verified, and the seed
+        # registry sends nothing more.
+        cluster.node("a")
+        wait_for(lambda: swarm_counts(tracker.url, blob.digest)[0] == 2, 30, "a to seed again")
+        slow.close()
+        wait_for(lambda: swarm_counts(tracker.url, blob.digest)[0] == 1, 30, "the slow one to go")
+        verified += _fetch_ok(again.url, image, blob)
+        tally.pulls_completed += 1
+        tally.bytes_verified += verified
+        assert again.metric("p2preg_blob_fetches_total", source="peers") == 1
+        assert again.metric("p2preg_peer_blob_bytes_total") >= blob.size
+        assert again.metric("p2preg_upstream_blob_bytes_total") == 0
+        assert blob_files_verified(again.data_dir).keys() == {blob.digest}
+        registry.settle()
+        assert registry.blob_bytes_sent().get(blob.digest, 0) == sent
 
 
 def _has_metainfo(tracker_url: str, digest: str) -> bool:

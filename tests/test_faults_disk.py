@@ -6,7 +6,9 @@ that fills up mid-download (a ballast file) gives a clean OCI error and leaves
 nothing under the digest or in tmp/; the node keeps serving what it has, the
 same blob comes through once the ballast is gone, and a blob that fits only
 without the least recently used one evicts it. With a size budget instead of a full disk,
-eviction drops the least recently used blob, never one a client is reading.
+eviction drops the least recently used blob, never one a client is reading,
+and a blob of which the node is the last seeder while someone still downloads
+it only once nothing else frees enough.
 """
 
 from __future__ import annotations
@@ -24,12 +26,22 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fixtures.cluster import Background, blob_files_verified, wait_for
-from tests.fixtures.faults import Action, FaultProxy
+from p2preg.core.digest import Digest
+from p2preg.core.metainfo import make_metainfo
+from tests.fixtures.cluster import (
+    Background,
+    Cluster,
+    blob_files_verified,
+    publish_metainfo,
+    swarm_counts,
+    wait_for,
+)
+from tests.fixtures.faults import Action, FaultProxy, StuckLeecher
 from tests.fixtures.images import Blob, PushedImage, build_image, push
 from tests.fixtures.node import open_node
 from tests.fixtures.registry import Registry
 from tests.fixtures.reliability import Tally
+from tests.fixtures.tracker import open_tracker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -178,3 +190,66 @@ def test_eviction_drops_the_least_recently_used_blob_but_not_one_being_served(
         tally.pulls_completed += 1
         tally.bytes_verified += verified
     http.close()
+
+
+def test_eviction_spares_the_last_seeder_of_a_live_swarm_until_space_demands_it(
+    registry: Registry, tmp_path: Path, tally: Tally
+) -> None:
+    # Three 4 MiB layers and a 7 MiB one against a 10 MiB budget: two fit, a
+    # third evicts one, the 7 MiB one needs the room of two.
+    sizes = (4 * MiB, 4 * MiB + 1, 4 * MiB + 2, 7 * MiB)
+    layout: Any = build_image(tmp_path / "layout", seed="spare", layer_sizes=sizes)
+    image = push(layout, registry.host, "disk/spare")
+    a, b, c, d = image.manifests[0].layers
+    budget = 10 * MiB
+    http = httpx.Client(trust_env=False, timeout=120)
+    with open_tracker(tmp_path / "tracker") as tracker, ExitStack() as stack:
+        stack.callback(http.close)
+        cluster = Cluster(
+            stack, tmp_path, registry.url, tracker.url, config=f"store_max_bytes = {budget}\n"
+        )
+        node = cluster.node("s")
+        # A downloader is in a's swarm before anyone seeds it: a libtorrent peer
+        # that announces the whole blob as left and never asks for a piece. The
+        # metainfo is the one every node makes from a's bytes.
+        meta_a = make_metainfo(layout.blob_path(a.digest), Digest.parse(a.digest), a.size)
+        publish_metainfo(tracker.url, meta_a)
+        leecher = StuckLeecher(tmp_path / "leecher", tracker.url, meta_a)
+        stack.callback(leecher.close)
+        wait_for(lambda: swarm_counts(tracker.url, a.digest) == (0, 1), 30, "the leecher")
+        tally.pulls_attempted += 1
+
+        # The node fetches a (the lease: nobody seeds it), seeds it, and its
+        # announce is answered with 1 seeder (itself) and 1 leecher: by the
+        # tracker's counts it is the last seeder of a live swarm.
+        verified = _ok(http, node.url, image, a)
+        wait_for(lambda: swarm_counts(tracker.url, a.digest) == (1, 1), 30, "the node to seed a")
+        # b comes later and nobody else wants it; a is now the least recently used.
+        verified += _ok(http, node.url, image, b)
+        wait_for(lambda: swarm_counts(tracker.url, b.digest) == (1, 0), 30, "the node to seed b")
+        assert node.metric("p2preg_blobs_seeded") == 2
+
+        # c needs the room of one blob. Least recently used is a, but a is spared:
+        # b, the newer blob whose swarm nobody downloads from, goes.
+        verified += _ok(http, node.url, image, c)
+        tally.faults_injected["store over budget, last seeder of a live swarm"] += 1
+        stored = blob_files_verified(node.data_dir)
+        assert a.digest in stored and c.digest in stored, sorted(stored)
+        assert b.digest not in stored, sorted(stored)
+        assert node.metric("p2preg_store_evictions") == 1
+        # The node stopped seeding what it evicted and still seeds a to the leecher.
+        wait_for(lambda: swarm_counts(tracker.url, b.digest) == (0, 0), 30, "b's seeder to go")
+        assert swarm_counts(tracker.url, a.digest) == (1, 1)
+        assert leecher.downloaded() == 0  # the swarm is still live, not finished
+
+        # d needs the room of two blobs: c is not enough, so a goes too, last.
+        verified += _ok(http, node.url, image, d)
+        tally.faults_injected["space demands the spared blob"] += 1
+        stored = blob_files_verified(node.data_dir)
+        assert set(stored) == {d.digest}, sorted(stored)
+        assert sum(stored.values()) <= budget
+        assert node.metric("p2preg_store_bytes") <= budget
+        assert node.metric("p2preg_store_evictions") == 3
+        wait_for(lambda: swarm_counts(tracker.url, a.digest) == (0, 1), 30, "a's seeder to go")
+        tally.pulls_completed += 1
+        tally.bytes_verified += verified
