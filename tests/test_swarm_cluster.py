@@ -22,7 +22,9 @@ import pytest
 
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import make_metainfo
+from tests.fixtures.cluster import Background, swarm_counts, wait_for
 from tests.fixtures.containerd import Containerd, write_hosts_toml
+from tests.fixtures.faults import SlowSeeder
 from tests.fixtures.images import PushedImage, build_image, push
 from tests.fixtures.node import NodeProcess, open_node
 from tests.fixtures.registry import Registry
@@ -227,3 +229,53 @@ def test_a_restarted_node_seeds_its_store_without_downloading_again(
     assert _layer_bytes_sent(registry, image) == sent
     assert second.metric("p2preg_peer_blob_bytes_total") >= sum(LAYERS)
     assert again.metric("p2preg_upstream_blob_bytes_total") == 0
+
+
+def test_a_seeder_that_joins_reaches_a_waiting_downloader_at_once(
+    registry: Registry, tmp_path: Path, cluster: Callable[..., NodeProcess]
+) -> None:
+    """A node stuck downloading from a crawling peer is found by a new seeder.
+
+    The tracker's announce interval is ten minutes, so the downloader will not
+    announce again during the test: only the seeder, handed the downloader
+    when it announces, can make the connection. The crawling seeder alone
+    would need over twelve minutes for the layer.
+    """
+    layout: Any = build_image(tmp_path / "layout", seed="joins", layer_sizes=(12 * MiB,))
+    image = push(layout, registry.host, "team/joins")
+    (layer,) = image.manifests[0].layers
+    digest = Digest.parse(layer.digest)
+    slow_rate = 16 * 1024
+    with (
+        open_tracker(
+            tmp_path / "tracker",
+            args=("--announce-interval-s", "600", "--min-announce-interval-s", "600",
+                  "--peer-ttl-s", "900"),
+        ) as tracker,
+        ExitStack() as stack,
+    ):
+        a = cluster(registry, tracker, "a")
+        url_a = f"{a.url}/v2/{image.repository}/blobs/{layer.digest}"
+        assert httpx.get(url_a, timeout=60, trust_env=False).status_code == 200
+        wait_for(lambda: swarm_counts(tracker.url, layer.digest) == (1, 0), 30, "a to seed")
+        meta = make_metainfo(layout.blob_path(layer.digest), digest, layer.size)
+        slow = SlowSeeder(tmp_path / "slow", tracker.url, layout.blob_path(layer.digest), meta,
+                          slow_rate)
+        stack.callback(slow.close)
+        slow.wait_seeding()
+        wait_for(lambda: swarm_counts(tracker.url, layer.digest) == (2, 0), 30, "the slow seeder")
+        a.process.stop()
+        wait_for(lambda: swarm_counts(tracker.url, layer.digest) == (1, 0), 30, "a to leave")
+
+        b = cluster(registry, tracker, "b")
+        url_b = f"{b.url}/v2/{image.repository}/blobs/{layer.digest}"
+        pending = Background(lambda: httpx.get(url_b, timeout=120, trust_env=False)).start()
+        wait_for(lambda: swarm_counts(tracker.url, layer.digest) == (1, 1), 30, "b to join")
+        cluster(registry, tracker, "a")  # the same store: it seeds the layer again
+        r = pending.result(150)
+        assert r.status_code == 200
+        assert "sha256:" + hashlib.sha256(r.content).hexdigest() == layer.digest
+        # b took the layer from a: the crawling seeder sent only a sliver of it.
+        assert b.metric("p2preg_peer_blob_bytes_total") >= layer.size
+        assert slow.uploaded() < layer.size // 4
+        assert b.metric("p2preg_upstream_blob_bytes_total") == 0

@@ -34,8 +34,9 @@ def test_within_a_group_the_order_is_shuffled() -> None:
     assert firsts == set(seeders)
 
 
-def test_seeder_gets_nobody_and_numwant_zero_gets_nobody() -> None:
-    assert hand_out(["s"], ["l"], 50, asker="s", asker_is_seeder=True) == []
+def test_a_seeder_gets_downloaders_only_and_numwant_zero_gets_nobody() -> None:
+    assert hand_out(["s", "t"], ["l"], 50, asker="s", asker_is_seeder=True) == ["l"]
+    assert hand_out(["s", "t"], [], 50, asker="s", asker_is_seeder=True) == []
     assert hand_out(["s"], ["l"], 0, asker="l") == []
 
 

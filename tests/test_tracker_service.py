@@ -96,8 +96,10 @@ async def test_announce_rules(tmp_path: Path) -> None:
         compact_address("10.0.0.20", 7020),
         compact_address("192.0.2.2", 7021),
     }
+    # A seeder is handed downloaders (capped at max_numwant), never seeders.
     seeder_reply = t.announce(ann(ih, 20, token=b"tok", left=0), "10.0.0.20", "http")
-    assert seeder_reply.peers == []
+    leechers = {p.compact for p in swarm.leechers}
+    assert len(seeder_reply.peers) == 3 and set(seeder_reply.peers) <= leechers
     t.announce(ann(ih, 20, token=b"tok", event=Event.STOPPED), "10.0.0.20", "http")
     assert len(swarm.seeders) == 1
 

@@ -1,7 +1,8 @@
 """Who gets whom: the peer hand-out policy, as a pure function.
 
 Seeders first, then downloaders, random within each, never the asker itself;
-a seeder gets no peers (downloaders come to it). Randomness is cheap on
+a seeder gets downloaders only: it connects to them at once rather than
+waiting for their next announce (a minute) to bring them to it. Randomness is cheap on
 purpose (py-spy put `random.sample` at a quarter of an announce): the swarm
 keeps each group in uniformly random order (peers.py inserts every newcomer at
 a random position), so a window at a random offset is a random pick, taken
@@ -43,9 +44,9 @@ def hand_out(
     rng: random.Random | None = None,
 ) -> list[T]:
     """Up to `numwant` peers for `asker`, best sources first."""
-    if asker_is_seeder or numwant <= 0:
+    if numwant <= 0:
         return []
-    picked = window(seeders, numwant, rng)
+    picked = [] if asker_is_seeder else window(seeders, numwant, rng)
     wanted = numwant - len(picked)
     if wanted:
         # One extra so that dropping the asker still leaves `wanted` peers.
