@@ -1,8 +1,8 @@
 """Peer-to-peer blob throughput of the node's libtorrent session, next to nginx, same run.
 
 What it measures: how fast one blob moves between libtorrent sessions configured
-exactly as a node configures its own (`p2preg.swarm.session_settings`), through
-the cluster's own torrent format (`p2preg.core.metainfo.make_metainfo`) and a real
+exactly as a node configures its own (`p2preg.node.swarm.session_settings`), through
+the cluster's own torrent format (`tracker.metainfo.make_metainfo`) and a real
 tracker process, compared with nginx serving the same bytes from the same disk.
 
 How: a random blob (200 MiB by default) is written to a work directory, its
@@ -69,11 +69,12 @@ from rich.table import Table
 import p2preg.core.metainfo as metainfo_rules
 from bench import nginx
 from p2preg.core.digest import Digest
-from p2preg.core.metainfo import Metainfo, info_name, make_metainfo
-from p2preg.swarm import session_settings
+from p2preg.core.metainfo import Metainfo, info_name
+from p2preg.node.swarm import session_settings
 from tests.fixtures.procs import Process, clean_env, free_port, wait_for_http, wait_for_port
 from tests.fixtures.tracker import open_tracker
 from tracker.client import TrackerClient
+from tracker.metainfo import make_metainfo
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -180,7 +181,7 @@ class _Stdin:
 
 
 def _torrent_params(meta: bytes, save_path: Path, announce: str, *, seed: bool) -> Any:
-    """The same add_torrent_params as `p2preg.swarm.Swarm._params` (+ seed mode for a seed)."""
+    """The same add_torrent_params as `p2preg.node.swarm.Swarm._params` (+ seed mode for a seed)."""
     atp = lt.add_torrent_params()
     atp.ti = lt.torrent_info(meta)
     atp.save_path = str(save_path)

@@ -48,8 +48,9 @@ from rich.console import Console
 from rich.table import Table
 
 from p2preg.core.digest import Digest
-from p2preg.core.metainfo import Metainfo, make_metainfo
+from p2preg.core.metainfo import Metainfo
 from tracker.client import open_tracker_client
+from tracker.metainfo import make_metainfo
 
 TOKEN = "bench-token"
 RESULTS = Path(__file__).parent / "results"

@@ -12,17 +12,17 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from p2preg.config import ConfigError
+from p2preg.core.config import ConfigError
 
 SUBCOMMANDS = {
-    "node": ("p2preg.node_cli", "run a node: the registry facade containerd pulls from"),
+    "node": ("p2preg.node.cli", "run a node: the registry facade containerd pulls from"),
     "tracker": ("tracker.cli", "run the cluster tracker: announces, metainfo, upstream leases"),
     "containerd-config": (
-        "p2preg.containerd_config",
+        "p2preg.node.containerd_config",
         "write containerd hosts.toml files that send pulls to the node, upstream as fallback",
     ),
-    "preheat": ("p2preg.preheat", "fetch images into the swarm ahead of a deploy"),
-    "status": ("p2preg.status", "show a node's or the tracker's state"),
+    "preheat": ("p2preg.node.preheat", "fetch images into the swarm ahead of a deploy"),
+    "status": ("p2preg.node.status", "show a node's or the tracker's state"),
 }
 
 

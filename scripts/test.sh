@@ -7,4 +7,5 @@ bash scripts/install.sh
 export PATH="$PWD/.venv/bin:$PATH"
 ruff check .
 mypy
+lint-imports
 exec pytest -q -ra "$@"

@@ -1,4 +1,4 @@
-"""The node's own endpoints (p2preg/admin.py) on a real node: status, preheat, metrics listener.
+"""The node's own endpoints (p2preg/node/admin.py): status, preheat, metrics listener.
 
 Preheat brings a blob into the store without sending it, under the same rules
 as a pull (known registry, the repository must hold the blob upstream); the

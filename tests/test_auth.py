@@ -1,6 +1,6 @@
 import pytest
 
-from p2preg.auth import (
+from p2preg.node.auth import (
     DEFAULT_TOKEN_TTL_S,
     EXPIRY_MARGIN_S,
     ChallengeError,

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from p2preg.config import ConfigError, HostPort, NodeConfig, Upstream, load, parse_size
+from p2preg.core.config import ConfigError, HostPort, load, parse_size
+from p2preg.node.config import NodeConfig, Upstream
 
 
 def test_precedence_cli_over_env_over_file(tmp_path: Path) -> None:

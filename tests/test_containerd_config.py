@@ -13,14 +13,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from p2preg import containerd_config as cc
-from p2preg.config import HostPort
+from p2preg.core.config import HostPort
+from p2preg.node import containerd_config as cc
 from tests.conftest import PushImage
 from tests.fixtures.containerd import Containerd
 from tests.fixtures.node import open_node
@@ -275,6 +276,10 @@ def test_a_containerd_running_an_older_config_is_named(
     containerd.config_path.write_text(
         containerd.config_path.read_text() + f'\n{V2_CRI}\n  config_path = "{tmp_path / "d"}"\n'
     )
+    # The start time /proc gives is coarse (`STALE_MARGIN_S`): date the edit past it
+    # rather than hope the fixture took that long to get here.
+    edited = time.time() + 2 * cc.STALE_MARGIN_S
+    os.utime(containerd.config_path, (edited, edited))
     err = _run(*args).stderr
     assert f"containerd (pid {containerd.process.pid}) started before" in err
     assert "restart it" in err

@@ -23,10 +23,12 @@ from typing import Any
 import pytest
 import yaml
 
-from p2preg import __version__, node_cli
-from p2preg import containerd_config as cc
+from p2preg import __version__
 from p2preg.cli import build_parser
-from p2preg.config import ENV_PREFIX, HostPort, NodeConfig, load
+from p2preg.core.config import ENV_PREFIX, HostPort, load
+from p2preg.node import cli as node_cli
+from p2preg.node import containerd_config as cc
+from p2preg.node.config import NodeConfig
 from tracker import cli as tracker_cli
 from tracker.config import TrackerConfig
 

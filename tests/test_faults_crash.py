@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from p2preg.core.digest import Digest
-from p2preg.core.metainfo import info_name, make_metainfo, piece_size_for
+from p2preg.core.metainfo import info_name, piece_size_for
 from tests.fixtures.cluster import (
     Background,
     Cluster,
@@ -38,6 +38,7 @@ from tests.fixtures.procs import free_port
 from tests.fixtures.registry import Registry
 from tests.fixtures.reliability import Tally
 from tests.fixtures.tracker import open_tracker
+from tracker.metainfo import make_metainfo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -146,7 +147,7 @@ def test_kill_9_mid_download_leaves_a_consistent_store_that_seeds_again(
 
 
 # The peer-kill layer: larger than the 32 MiB a node's libtorrent queues in
-# memory for the disk (`max_queued_disk_bytes`, p2preg/swarm.py), so that a
+# memory for the disk (`max_queued_disk_bytes`, p2preg/node/swarm.py), so that a
 # partial file is on disk when the node dies; a smaller download never reaches
 # the disk before it completes. Its only seeder sends 4 MiB/s until the file
 # is there, then 64 KiB/s, so the kill lands mid-way whatever the machine's speed.

@@ -27,7 +27,6 @@ import httpx
 import pytest
 
 from p2preg.core.digest import Digest
-from p2preg.core.metainfo import make_metainfo
 from tests.fixtures.cluster import (
     Background,
     Cluster,
@@ -42,6 +41,7 @@ from tests.fixtures.node import open_node
 from tests.fixtures.registry import Registry
 from tests.fixtures.reliability import Tally
 from tests.fixtures.tracker import open_tracker
+from tracker.metainfo import make_metainfo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -22,7 +22,6 @@ import pytest
 
 from p2preg.core import wire
 from p2preg.core.digest import Digest
-from p2preg.core.metainfo import make_metainfo
 from tests.fixtures.faults import LiarSeeder, pull_through
 from tests.fixtures.images import build_image, push
 from tests.fixtures.node import open_node
@@ -30,6 +29,7 @@ from tests.fixtures.registry import Registry
 from tests.fixtures.reliability import Tally
 from tests.fixtures.tracker import TrackerProcess, open_tracker
 from tracker.announce import decode_scrape
+from tracker.metainfo import make_metainfo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

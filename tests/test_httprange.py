@@ -1,7 +1,7 @@
 import pytest
 
-from p2preg.errors import RangeNotSatisfiable
-from p2preg.httprange import ByteRange, parse_range
+from p2preg.node.errors import RangeNotSatisfiable
+from p2preg.node.httprange import ByteRange, parse_range
 
 
 @pytest.mark.parametrize(

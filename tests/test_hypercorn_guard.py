@@ -1,4 +1,4 @@
-"""p2preg.hypercorn_guard: one hostile connection must not stop a hypercorn server.
+"""p2preg.node.hypercorn_guard: one hostile connection must not stop a hypercorn server.
 
 A quart-trio app on hypercorn's trio server, in process on port 0, is sent the
 request tests/test_fuzz_facade.py found: a GET whose chunked body is malformed,
@@ -16,7 +16,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from quart_trio import QuartTrio
 
-from p2preg import hypercorn_guard
+from p2preg.node import hypercorn_guard
 from tests.fixtures.rawhttp import exchange
 
 BAD_CHUNK = b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from p2preg.logs import setup_logging
+from p2preg.core.logs import setup_logging
 from tests.conftest import MakeNode, PushImage
 from tests.fixtures.registry import Registry
 from tests.fixtures.tracker import open_tracker
@@ -75,5 +75,5 @@ def test_logs_are_readable_lines_by_default(
 ) -> None:
     node = make_node(f"seed.test={registry.url}")
     text = node.process.log_path.read_text()
-    assert "INFO    p2preg.node: node: serving the registry facade on" in text
+    assert "INFO    p2preg.node.server: node: serving the registry facade on" in text
     assert not any(line.startswith("{") for line in text.splitlines())

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from p2preg import manifest as mf
 from p2preg.core.digest import Digest
+from p2preg.node import manifest as mf
 
 A, B, C = (Digest("sha256", ch * 64) for ch in "abc")
 

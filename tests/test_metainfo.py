@@ -1,4 +1,4 @@
-"""Deterministic metainfo and the tracker's checks of it (p2preg/core/metainfo.py)."""
+"""Deterministic metainfo and its checks (p2preg/core/metainfo.py, tracker/metainfo.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,9 @@ from p2preg.core.metainfo import (
     MetainfoError,
     MetainfoTooLarge,
     info_name,
-    make_metainfo,
-    parse_metainfo,
     piece_size_for,
 )
+from tracker.metainfo import make_metainfo, parse_metainfo
 
 
 @pytest.fixture

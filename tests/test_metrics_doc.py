@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from p2preg.metrics import NodeMetrics
+from p2preg.node.metrics import NodeMetrics
 from tracker.metrics import Gauges, TrackerMetrics
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "OPERATIONS.md"

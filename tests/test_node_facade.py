@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from p2preg.manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from p2preg.node.manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from tests.conftest import MakeNode, PushImage
 from tests.fixtures.containerd import Containerd, write_hosts_toml
 from tests.fixtures.images import skopeo

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from p2preg.core import wire
-from p2preg.preheat import ImageRef, Platform, PreheatError, parse_image, select_manifests
+from p2preg.node.preheat import ImageRef, Platform, PreheatError, parse_image, select_manifests
 from tests.fixtures.containerd import Containerd
 from tests.fixtures.images import OciLayout, PushedImage, build_index, push
 from tests.fixtures.node import NodeProcess, open_node
@@ -218,7 +218,7 @@ def test_the_token_comes_from_the_environment_or_a_file(
 ) -> None:
     import argparse
 
-    from p2preg.preheat import read_token
+    from p2preg.node.preheat import read_token
 
     for var in ("P2PREG_TRACKER_TOKEN", "P2PREG_TOKEN"):
         monkeypatch.delenv(var, raising=False)

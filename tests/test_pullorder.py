@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from p2preg.core.digest import Digest
-from p2preg.pullorder import Place, PullOrder
+from p2preg.node.pullorder import Place, PullOrder
 
 IMAGE_1, IMAGE_2, CONFIG, L1, L2 = (Digest("sha256", ch * 64) for ch in "12cde")
 

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from p2preg.core.digest import Digest
-from p2preg.errors import (
+from p2preg.node.errors import (
     BlobUnknown,
     DigestInvalid,
     NameInvalid,
@@ -12,7 +12,7 @@ from p2preg.errors import (
     TagInvalid,
     Unsupported,
 )
-from p2preg.routes import Kind, parse_route
+from p2preg.node.routes import Kind, parse_route
 
 D = "sha256:" + "c" * 64
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from p2preg.core.digest import Digest
-from p2preg.store import BlobStore, DigestMismatch, NoSpace
+from p2preg.node.store import BlobStore, DigestMismatch, NoSpace
 
 
 def _put(store: BlobStore, data: bytes) -> Digest:
@@ -101,7 +101,7 @@ def test_disk_full_is_no_space(tmp_path: Path) -> None:
 def test_reserve_evicts_for_disk_space_only_when_it_can_make_room(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import p2preg.store as store_module
+    import p2preg.node.store as store_module
 
     store = BlobStore(tmp_path, 1 << 30)
     store.open()

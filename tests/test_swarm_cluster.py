@@ -21,7 +21,6 @@ import libtorrent as lt
 import pytest
 
 from p2preg.core.digest import Digest
-from p2preg.core.metainfo import make_metainfo
 from tests.fixtures.cluster import Background, swarm_counts, wait_for
 from tests.fixtures.containerd import Containerd, write_hosts_toml
 from tests.fixtures.faults import SlowSeeder
@@ -29,6 +28,7 @@ from tests.fixtures.images import PushedImage, build_image, push
 from tests.fixtures.node import NodeProcess, open_node
 from tests.fixtures.registry import Registry
 from tests.fixtures.tracker import TrackerProcess, open_tracker
+from tracker.metainfo import make_metainfo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -8,6 +8,7 @@ from urllib.parse import quote_from_bytes
 import libtorrent as lt
 import pytest
 
+from p2preg.core.errors import InvalidRequest
 from tracker.announce import (
     AnnounceResponse,
     Event,
@@ -19,7 +20,6 @@ from tracker.announce import (
     parse_scrape,
     split_target,
 )
-from tracker.errors import InvalidRequest
 
 IH = bytes(range(20))
 PID = b"-LT2110-" + bytes(range(200, 212))

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from tracker.errors import InvalidRequest, LimitReached
+from p2preg.core.errors import InvalidRequest, LimitReached
 from tracker.handout import hand_out
 from tracker.peers import PeerTable, compact_address
 

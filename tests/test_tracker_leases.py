@@ -12,10 +12,10 @@ import pytest
 import trio
 import trio.testing
 
-from p2preg.config import ConfigError, HostPort
 from p2preg.core import wire
+from p2preg.core.config import ConfigError, HostPort
+from p2preg.core.errors import LeaseLost
 from tracker.config import TrackerConfig
-from tracker.errors import LeaseLost
 from tracker.leases import Granted, Held, LeaseBook, Waiters
 from tracker.service import Tracker
 from tracker.state import MemoryStore

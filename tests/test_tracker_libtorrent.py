@@ -17,11 +17,12 @@ import libtorrent as lt
 import pytest
 import trio
 
-from p2preg.config import HostPort
+from p2preg.core.config import HostPort
 from p2preg.core.digest import Digest
-from p2preg.core.metainfo import info_name, make_metainfo
+from p2preg.core.metainfo import info_name
 from tracker.client import open_tracker_client
 from tracker.config import TrackerConfig
+from tracker.metainfo import make_metainfo
 from tracker.server import serve_tracker
 
 pytestmark = pytest.mark.integration

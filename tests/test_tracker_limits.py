@@ -27,15 +27,16 @@ import libtorrent as lt
 import pytest
 import trio
 
-from p2preg.config import HostPort
-from p2preg.core import wire
+from p2preg.core import errors, wire
+from p2preg.core.config import HostPort
 from p2preg.core.digest import Digest
-from p2preg.core.metainfo import Metainfo, make_metainfo
+from p2preg.core.metainfo import Metainfo
 from tests.fixtures.node import metric_value
 from tests.fixtures.reliability import Tally
-from tracker import errors, udp
+from tracker import udp
 from tracker.announce import AnnounceRequest, Event
 from tracker.config import TrackerConfig
+from tracker.metainfo import make_metainfo
 from tracker.server import serve_tracker
 from tracker.service import Tracker
 from tracker.state import MemoryStore

@@ -19,8 +19,8 @@ import trio
 
 from p2preg.core import wire
 from p2preg.core.digest import Digest
-from p2preg.core.metainfo import make_metainfo
 from tracker.client import open_tracker_client
+from tracker.metainfo import make_metainfo
 
 pytestmark = pytest.mark.integration
 

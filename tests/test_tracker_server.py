@@ -22,13 +22,14 @@ import msgpack
 import pytest
 import trio
 
-from p2preg.config import HostPort
-from p2preg.core import wire
+from p2preg.core import errors, wire
+from p2preg.core.config import HostPort
 from p2preg.core.digest import Digest
-from p2preg.core.metainfo import Metainfo, make_metainfo
-from tracker import errors, udp
+from p2preg.core.metainfo import Metainfo
+from tracker import udp
 from tracker.client import TrackerClient, open_tracker_client
 from tracker.config import TrackerConfig
+from tracker.metainfo import make_metainfo
 from tracker.server import serve_tracker
 
 TOKEN = "cluster-token"

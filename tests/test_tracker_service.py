@@ -9,13 +9,13 @@ import pytest
 import trio
 import trio.testing
 
-from p2preg.config import HostPort
-from p2preg.core import wire
+from p2preg.core import errors, wire
+from p2preg.core.config import HostPort
 from p2preg.core.digest import Digest
-from p2preg.core.metainfo import Metainfo, make_metainfo
-from tracker import errors
+from p2preg.core.metainfo import Metainfo
 from tracker.announce import AnnounceRequest, Event, ScrapeRequest, SwarmStats
 from tracker.config import TrackerConfig
+from tracker.metainfo import make_metainfo
 from tracker.peers import compact_address
 from tracker.service import Tracker
 from tracker.state import MemoryStore

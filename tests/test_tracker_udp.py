@@ -6,9 +6,9 @@ import struct
 
 import pytest
 
+from p2preg.core.errors import InvalidRequest
 from tracker import udp
 from tracker.announce import AnnounceResponse, Event, SwarmStats
-from tracker.errors import InvalidRequest
 
 IH = bytes(range(20))
 PID = bytes(range(100, 120))

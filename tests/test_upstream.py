@@ -16,10 +16,10 @@ import pytest
 import trio
 import trio.testing
 
-from p2preg.config import Credential, Upstream
 from p2preg.core.digest import Digest
-from p2preg.errors import UpstreamError, UpstreamUnauthorized, UpstreamUnavailable
-from p2preg.upstream import UpstreamClient
+from p2preg.node.config import Credential, Upstream
+from p2preg.node.errors import UpstreamError, UpstreamUnauthorized, UpstreamUnavailable
+from p2preg.node.upstream import UpstreamClient
 
 BLOB = bytes(range(256)) * 64
 DIGEST = Digest("sha256", hashlib.sha256(BLOB).hexdigest())

@@ -26,8 +26,8 @@ from hypercorn.config import Config
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.trio import serve
 
-from p2preg import zerocopy
-from p2preg.zerocopy import SENDFILE_MAX_BYTES, ZEROCOPY_SEND, install
+from p2preg.node import zerocopy
+from p2preg.node.zerocopy import SENDFILE_MAX_BYTES, ZEROCOPY_SEND, install
 
 
 @dataclass

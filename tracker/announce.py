@@ -18,7 +18,7 @@ from urllib.parse import unquote_to_bytes
 
 import libtorrent as lt
 
-from tracker.errors import InvalidRequest
+from p2preg.core.errors import InvalidRequest
 
 ANNOUNCE_PATH = b"/announce"
 # BEP 48: the announce path with "announce" replaced by "scrape".

@@ -10,7 +10,6 @@ SIGTERM and wait out the kill timeout); every state change is already on disk.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
@@ -18,8 +17,8 @@ from pathlib import Path
 
 import trio
 
-from p2preg.config import ConfigError, NodeConfig, load
-from p2preg.logs import setup_logging
+from p2preg.core.config import ConfigError, load
+from p2preg.core.logs import setup_logging
 from tracker.config import TrackerConfig
 from tracker.server import serve_tracker
 
@@ -58,15 +57,11 @@ def config_from_args(args: argparse.Namespace) -> TrackerConfig:
         for k, v in vars(args).items()
         if k not in ("_module", "command", "config", "log_level")
     }
-    # One environment may configure a node and a tracker: the node's keys are
-    # not ours, but they are not mistakes either.
-    node_keys = frozenset(f.name for f in dataclasses.fields(NodeConfig))
     return load(
         TrackerConfig,
         cli=given,
         env=os.environ,
         file=getattr(args, "config", None),
-        env_keys=node_keys,
     )
 
 

@@ -1,7 +1,7 @@
 """The node's client of the tracker's control API (metainfo, bad reports, leases).
 
 Speaks msgpack over httpx and raises the tracker's own exceptions
-(tracker.errors): a refused request comes back as the class the tracker raised,
+(p2preg.core.errors): a refused request comes back as the class the tracker raised,
 and a tracker that cannot be reached or fails on its side as
 `TrackerUnavailable`, so the node can fall back to upstream on that one class.
 It also derives the announce URLs the node gives libtorrent. This module must
@@ -18,9 +18,8 @@ from urllib.parse import quote, quote_from_bytes, urlsplit
 
 import httpx
 
-from p2preg.core import wire
+from p2preg.core import errors, wire
 from p2preg.core.digest import Digest
-from tracker import errors
 from tracker.announce import SwarmStats, decode_scrape
 
 DEFAULT_TIMEOUT_S = 10.0

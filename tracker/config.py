@@ -1,6 +1,6 @@
 """TrackerConfig: every knob of the tracker, typed, frozen, with units in the name.
 
-Loaded by `p2preg.config.load` (CLI > P2PREG_* env > TOML > defaults; unknown
+Loaded by `p2preg.core.config.load` (CLI > P2PREG_* env > TOML > defaults; unknown
 keys are errors). This module checks values for consistency and reads the token
 file; it must not open sockets or the store.
 """
@@ -12,7 +12,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from p2preg.config import ConfigError, HostPort, MiB
+from p2preg.core.config import ConfigError, HostPort, MiB
 
 
 @dataclass(frozen=True, slots=True)

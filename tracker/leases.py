@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import trio
 
-from tracker.errors import LeaseLost
+from p2preg.core.errors import LeaseLost
 
 
 @dataclass(frozen=True, slots=True)

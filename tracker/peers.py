@@ -17,7 +17,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from tracker.errors import InvalidRequest, LimitReached
+from p2preg.core.errors import InvalidRequest, LimitReached
 
 
 class Peer:

@@ -35,10 +35,10 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from p2preg import hypercorn_guard
-from p2preg.config import ConfigError, HostPort
-from p2preg.core import wire
-from tracker import errors, udp
+from p2preg.core import errors, wire
+from p2preg.core.config import ConfigError, HostPort
+from p2preg.node import hypercorn_guard
+from tracker import udp
 from tracker.announce import (
     ANNOUNCE_PATH,
     SCRAPE_PATH,

@@ -7,7 +7,7 @@ durable store. Announce and scrape are synchronous — the hot path never awaits
 and the control operations serialise on one lock so a check and the write that
 follows it cannot interleave with another. Transports (http_listener,
 udp_listener, server) parse requests and encode answers; this module must not
-know about sockets, HTTP or encodings, and raises only `tracker.errors`.
+know about sockets, HTTP or encodings, and raises only `p2preg.core.errors`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from typing import NamedTuple
 
 import trio
 
-from p2preg.core import wire
+from p2preg.core import errors, wire
 from p2preg.core.digest import Digest, DigestError
-from p2preg.core.metainfo import Metainfo, MetainfoError, MetainfoTooLarge, parse_metainfo
-from tracker import errors
+from p2preg.core.metainfo import Metainfo, MetainfoError, MetainfoTooLarge
 from tracker.announce import (
     AnnounceRequest,
     AnnounceResponse,
@@ -37,6 +36,7 @@ from tracker.announce import (
 from tracker.config import TrackerConfig
 from tracker.handout import hand_out
 from tracker.leases import Granted, Lease, LeaseBook, Waiters
+from tracker.metainfo import parse_metainfo
 from tracker.metrics import Gauges, TrackerMetrics
 from tracker.peers import PeerTable, compact_address
 from tracker.state import Snapshot, StoredBad, StoredLease, StoredMetainfo, TrackerStore

@@ -21,7 +21,7 @@ from typing import Protocol, TypeVar
 
 import trio
 
-from p2preg.config import ConfigError
+from p2preg.core.config import ConfigError
 
 SCHEMA_VERSION = 1
 DB_NAME = "tracker.sqlite3"

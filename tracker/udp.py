@@ -19,8 +19,8 @@ import struct
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
+from p2preg.core.errors import InvalidRequest
 from tracker.announce import AnnounceRequest, AnnounceResponse, Event, SwarmStats
-from tracker.errors import InvalidRequest
 
 PROTOCOL_ID = 0x41727101980
 CONNECT, ANNOUNCE, SCRAPE, ERROR = 0, 1, 2, 3

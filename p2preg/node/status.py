@@ -1,6 +1,6 @@
 """`p2preg status`: a node's or the tracker's state, as readable tables.
 
-Owns reading a node's `GET /_p2preg/status` (p2preg/admin.py) and the
+Owns reading a node's `GET /_p2preg/status` (p2preg/node/admin.py) and the
 tracker's `GET /v1/status` (tracker/server.py) and laying them out with rich;
 `--json` prints what was read, unchanged, for scripts. It only reads: it must
 not change anything on either side.
@@ -19,9 +19,9 @@ import trio
 from rich.console import Console
 from rich.table import Table
 
-from p2preg.admin import STATUS_PATH
-from p2preg.preheat import TOKEN_ENV, human_size, read_token
-from tracker import errors as tracker_errors
+from p2preg.core import errors as tracker_errors
+from p2preg.node.admin import STATUS_PATH
+from p2preg.node.preheat import TOKEN_ENV, human_size, read_token
 from tracker.client import TrackerClient
 
 
@@ -134,7 +134,7 @@ async def _read(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from p2preg.containerd_config import default_node_url
+    from p2preg.node.containerd_config import default_node_url
 
     p.add_argument(
         "--node", metavar="URL", help=f"a node's facade (default {default_node_url()})"
@@ -148,7 +148,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from p2preg.containerd_config import default_node_url
+    from p2preg.node.containerd_config import default_node_url
 
     tracker = getattr(args, "tracker", None)
     node = getattr(args, "node", None)

@@ -13,7 +13,7 @@ from enum import Enum
 
 from p2preg.core.digest import Digest, DigestError
 from p2preg.core.reference import InvalidName, InvalidTag, Reference, parse_name
-from p2preg.errors import DigestInvalid, NameInvalid, NotFound, TagInvalid, Unsupported
+from p2preg.node.errors import DigestInvalid, NameInvalid, NotFound, TagInvalid, Unsupported
 
 # Whole URL path, before any parsing; longer than any valid one by far.
 MAX_PATH_LENGTH = 2048

@@ -2,7 +2,7 @@
 
 Owns resolving images for the chosen platforms through a node (the facade
 containerd uses, `?ns=` and all), asking each given node to bring every blob
-into its store and the swarm (`POST /_p2preg/preheat/…`, see p2preg/admin.py:
+into its store and the swarm (`POST /_p2preg/preheat/…`, see p2preg/node/admin.py:
 no blob byte travels to this command), and then confirming with the tracker
 that every swarmed blob has metainfo and at least `--seeders` seeders. It shows
 a progress bar, ends with a summary table, and its exit status says whether
@@ -38,12 +38,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from p2preg.admin import PREHEAT_PREFIX, STATUS_PATH
-from p2preg.config import ConfigError
+from p2preg.core import errors as tracker_errors
+from p2preg.core.config import ConfigError
 from p2preg.core.digest import Digest, DigestError
 from p2preg.core.reference import InvalidReference, Reference, parse_name
-from p2preg.manifest import DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, OCI_INDEX, OCI_MANIFEST
-from tracker import errors as tracker_errors
+from p2preg.node.admin import PREHEAT_PREFIX, STATUS_PATH
+from p2preg.node.manifest import DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, OCI_INDEX, OCI_MANIFEST
 from tracker.client import TrackerClient
 
 DOCKER_HUB = "docker.io"
@@ -413,7 +413,7 @@ def read_token(args: argparse.Namespace) -> str | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from p2preg.containerd_config import default_node_url
+    from p2preg.node.containerd_config import default_node_url
 
     default_node = default_node_url()
     p.add_argument("images", nargs="+", metavar="IMAGE", help="e.g. docker.io/library/nginx:1.27")
@@ -450,7 +450,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from p2preg.containerd_config import default_node_url
+    from p2preg.node.containerd_config import default_node_url
 
     nodes = [n.rstrip("/") for n in getattr(args, "node", None) or [default_node_url()]]
     seeders: int = getattr(args, "seeders", 1)

@@ -7,7 +7,6 @@ node (`serve_node`'s `shutdown` event); a second signal stops it at once.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
@@ -15,14 +14,10 @@ from pathlib import Path
 
 import trio
 
-from p2preg.config import NodeConfig, load
-from p2preg.logs import setup_logging
-from p2preg.node import serve_node
-from tracker.config import TrackerConfig
-
-# One environment may configure a node and a tracker: the tracker's keys are
-# not ours, but they are not mistakes either.
-OTHER_ENV_KEYS = frozenset(f.name for f in dataclasses.fields(TrackerConfig))
+from p2preg.core.config import load
+from p2preg.core.logs import setup_logging
+from p2preg.node.config import NodeConfig
+from p2preg.node.server import serve_node
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,7 +63,6 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         cli=cli,
         env=os.environ,
         file=getattr(args, "config", None),
-        env_keys=OTHER_ENV_KEYS,
     )
 
 

@@ -19,15 +19,16 @@ from pathlib import Path
 
 import trio
 
+from p2preg.core import errors as tracker_errors
 from p2preg.core.digest import Digest, Hasher
-from p2preg.core.metainfo import Metainfo, MetainfoError, make_metainfo, parse_metainfo
+from p2preg.core.metainfo import Metainfo, MetainfoError
 from p2preg.core.wire import LeaseReply, LeaseStatus
-from p2preg.metrics import NodeMetrics
-from p2preg.pullorder import Place
-from p2preg.store import BlobStore, StoreError
-from p2preg.swarm import Swarm, SwarmError
-from tracker import errors as tracker_errors
+from p2preg.node.metrics import NodeMetrics
+from p2preg.node.pullorder import Place
+from p2preg.node.store import BlobStore, StoreError
+from p2preg.node.swarm import Swarm, SwarmError
 from tracker.client import TrackerClient
+from tracker.metainfo import make_metainfo, parse_metainfo
 
 log = logging.getLogger(__name__)
 

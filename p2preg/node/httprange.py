@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from p2preg.errors import RangeNotSatisfiable
+from p2preg.node.errors import RangeNotSatisfiable
 
 _SPEC_RE = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
 MAX_RANGE_HEADER = 1024

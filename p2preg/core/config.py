@@ -14,7 +14,7 @@ import tomllib
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Self, TypeVar
 
@@ -49,45 +49,6 @@ class HostPort:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    """A seed registry: `ns` is the name containerd sends as `?ns=`."""
-
-    ns: str
-    url: str
-
-    @classmethod
-    def from_config(cls, value: object) -> Upstream:
-        if not isinstance(value, str):
-            raise ConfigError(f"expected [NS=]URL, got {value!r}")
-        ns, sep, url = value.partition("=")
-        if not sep:
-            ns, url = "", value
-        url = url.rstrip("/")
-        m = re.match(r"^(https?)://([^/?#@]+)$", url)
-        if m is None:
-            raise ConfigError(f"upstream URL must be http(s)://host[:port], got {url!r}")
-        return cls(ns or m.group(2), url)
-
-
-@dataclass(frozen=True, slots=True)
-class Credential:
-    """Basic credentials for one upstream registry (used to obtain bearer tokens)."""
-
-    ns: str
-    username: str
-    password: str = field(repr=False)
-
-    @classmethod
-    def from_config(cls, value: object) -> Credential:
-        if isinstance(value, str):
-            ns, sep, userpass = value.partition("=")
-            user, sep2, password = userpass.partition(":")
-            if sep and sep2 and ns and user:
-                return cls(ns, user, password)
-        raise ConfigError("credentials must be NS=USER:PASSWORD")
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -151,6 +112,64 @@ def _coerce(name: str, tp: Any, value: object) -> object:
 
 C = TypeVar("C")
 
+# Every component's setting names. One environment may configure a node and a
+# tracker, so a P2PREG_* variable that names another component's setting is not
+# a typo; any other unknown one is. tests/test_config.py holds this table
+# against the components' dataclasses, so it cannot drift from them.
+COMPONENT_KEYS: dict[str, frozenset[str]] = {
+    "node": frozenset(
+        {
+            "credentials",
+            "data_dir",
+            "lease_wait_max_s",
+            "listen",
+            "log_json",
+            "max_blob_streams",
+            "metrics_listen",
+            "node_name",
+            "p2p_min_bytes",
+            "peer_host",
+            "peer_port",
+            "shutdown_grace_s",
+            "store_max_bytes",
+            "stream_chunk_bytes",
+            "swarm_max_hash_failures",
+            "swarm_stall_s",
+            "tag_ttl_s",
+            "tracker",
+            "tracker_token",
+            "upstream",
+            "upstream_retries",
+            "upstream_timeout_s",
+        }
+    ),
+    "tracker": frozenset(
+        {
+            "announce_interval_s",
+            "data_dir",
+            "default_numwant",
+            "lease_ttl_s",
+            "lease_wait_max_s",
+            "listen",
+            "log_json",
+            "max_metainfo",
+            "max_metainfo_bytes",
+            "max_numwant",
+            "max_peers",
+            "max_peers_per_swarm",
+            "max_scrape_hashes",
+            "min_announce_interval_s",
+            "peer_ttl_s",
+            "token",
+            "token_file",
+            "trusted_ip_sources",
+            "udp",
+            "upstream_fetches_per_image",
+        }
+    ),
+}
+ANY_COMPONENT_KEY = frozenset().union(*COMPONENT_KEYS.values())
+
 
 def load(
     cls: type[C],
@@ -158,12 +177,11 @@ def load(
     cli: Mapping[str, object] | None = None,
     env: Mapping[str, str] | None = None,
     file: Path | None = None,
-    env_keys: frozenset[str] = frozenset(),
 ) -> C:
     """Build `cls` from defaults < TOML `file` < `env` (P2PREG_*) < `cli`.
 
-    `env_keys` names P2PREG_* variables that belong to other components and are
-    ignored here rather than refused (one environment may configure both).
+    P2PREG_* variables that name another component's setting (`COMPONENT_KEYS`)
+    are ignored here rather than refused.
     """
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -187,7 +205,7 @@ def load(
         attr = var[len(ENV_PREFIX) :].lower()
         if attr in known:
             raw[attr] = value
-        elif attr not in env_keys:
+        elif attr not in ANY_COMPONENT_KEY:
             raise ConfigError(f"unknown environment variable {var}")
     raw.update({k: v for k, v in (cli or {}).items() if v is not None})
     values = {k: _coerce(k, hints[k], v) for k, v in raw.items()}
@@ -197,62 +215,6 @@ def load(
         raise ConfigError(str(e)) from None
 
 
-GiB = 1024**3
+KiB = 1024
 MiB = 1024**2
-
-
-@dataclass(frozen=True, slots=True)
-class NodeConfig:
-    listen: HostPort = HostPort("127.0.0.1", 5000)
-    upstream: tuple[Upstream, ...] = ()
-    data_dir: Path = Path("/var/lib/p2preg")
-    tracker: str | None = None
-    tracker_token: str | None = field(default=None, repr=False)
-    # Peers of other machines must reach this; the facade stays on loopback.
-    peer_host: str = "0.0.0.0"
-    peer_port: int = 6881
-    node_name: str | None = None
-    # Below this a torrent costs more than it saves: straight from upstream.
-    p2p_min_bytes: int = 1 * MiB
-    # A swarm download with no new byte for this long falls back to upstream.
-    swarm_stall_s: float = 30.0
-    swarm_max_hash_failures: int = 16
-    # Nobody waits forever for a lease holder: this long without progress from
-    # the fetch waited for (or the tracker's queue), fetch from upstream.
-    lease_wait_max_s: float = 600.0
-    credentials: tuple[Credential, ...] = ()
-    # Tags move; a short TTL keeps `latest` fresh without an upstream round trip per pull.
-    tag_ttl_s: float = 30.0
-    store_max_bytes: int = 50 * GiB
-    # Each open blob stream holds at most one chunk in memory.
-    stream_chunk_bytes: int = 1 * MiB
-    max_blob_streams: int = 64
-    upstream_timeout_s: float = 30.0
-    upstream_retries: int = 4
-    log_json: bool = False
-    # /healthz and /metrics only, for Prometheus: the facade stays on loopback.
-    metrics_listen: HostPort | None = None
-    # On SIGTERM, responses in flight get this long to finish (keep it below
-    # the orchestrator's kill timeout: Kubernetes' terminationGracePeriodSeconds).
-    shutdown_grace_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not self.upstream:
-            raise ConfigError("at least one --upstream [NS=]URL is required")
-        seen = [u.ns for u in self.upstream]
-        if len(set(seen)) != len(seen):
-            raise ConfigError("two upstreams share one registry name")
-        if self.stream_chunk_bytes < 4096 or self.max_blob_streams < 1:
-            raise ConfigError("stream_chunk_bytes must be ≥ 4096 and max_blob_streams ≥ 1")
-        if self.tracker is not None and not re.match(r"^https?://[^/]+/?$", self.tracker):
-            raise ConfigError(f"--tracker takes a base URL http://host:port, got {self.tracker!r}")
-        if self.shutdown_grace_s < 0:
-            raise ConfigError("shutdown_grace_s must be ≥ 0")
-
-    def upstream_for(self, ns: str | None) -> Upstream | None:
-        if not ns:
-            return self.upstream[0]
-        return next((u for u in self.upstream if u.ns == ns), None)
-
-    def credential_for(self, ns: str) -> Credential | None:
-        return next((c for c in self.credentials if c.ns == ns), None)
+GiB = 1024**3

@@ -26,16 +26,21 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import trio
 
-from p2preg.auth import (
+from p2preg.core.digest import Digest
+from p2preg.node.auth import (
     ChallengeError,
     TokenCache,
     parse_challenge,
     parse_token_response,
     repository_scope,
 )
-from p2preg.config import Credential, Upstream
-from p2preg.core.digest import Digest
-from p2preg.errors import RegistryError, UpstreamError, UpstreamUnauthorized, UpstreamUnavailable
+from p2preg.node.config import Credential, Upstream
+from p2preg.node.errors import (
+    RegistryError,
+    UpstreamError,
+    UpstreamUnauthorized,
+    UpstreamUnavailable,
+)
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Owns the hot path of the facade. A `BlobBody` is the body of a blob response:
 while it is open it holds one of the node's stream slots (the semaphore that
 caps concurrent blob streams), keeps the blob pinned in the store so that
 eviction cannot pull it away mid-response, and holds the file open. Where the
-server offers ASGI's zero-copy send (`p2preg.zerocopy`: hypercorn's HTTP/1.1
+server offers ASGI's zero-copy send (`p2preg.node.zerocopy`: hypercorn's HTTP/1.1
 over plain TCP), `BlobConnection` hands the server the open file and the byte
 range, and the kernel moves the bytes from the page cache to the socket with
 sendfile: no blob byte enters Python. Elsewhere (HTTP/2, TLS, another server)
@@ -31,11 +31,11 @@ from quart.wrappers.response import ResponseBody
 from quart_trio.asgi import TrioASGIHTTPConnection
 
 from p2preg.core.digest import Digest
-from p2preg.httprange import ByteRange
-from p2preg.zerocopy import ZEROCOPY_SEND
+from p2preg.node.httprange import ByteRange
+from p2preg.node.zerocopy import ZEROCOPY_SEND
 
 if TYPE_CHECKING:
-    from p2preg.node import Node
+    from p2preg.node.server import Node
 
 
 class BlobBody(ResponseBody):

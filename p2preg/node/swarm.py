@@ -27,7 +27,7 @@ import trio
 
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo, info_name
-from p2preg.metrics import NodeMetrics
+from p2preg.node.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 

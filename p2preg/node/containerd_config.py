@@ -23,7 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from p2preg.config import ConfigError, HostPort, NodeConfig, Upstream, load
+from p2preg.core.config import ConfigError, HostPort, load
+from p2preg.node.config import NodeConfig, Upstream
 
 MARKER = "# Written by `p2preg containerd-config`"
 DEFAULT_HOSTS_DIR = Path("/etc/containerd/certs.d")
@@ -299,12 +300,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _node_config(args: argparse.Namespace) -> NodeConfig | None:
-    from p2preg.node_cli import OTHER_ENV_KEYS
-
     file = getattr(args, "config", None)
     if file is None and "P2PREG_UPSTREAM" not in os.environ:
         return None
-    return load(NodeConfig, env=os.environ, file=file, env_keys=OTHER_ENV_KEYS)
+    return load(NodeConfig, env=os.environ, file=file)
 
 
 def _default_listen() -> HostPort:

@@ -19,16 +19,16 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from p2preg.admin import add_routes as add_admin_routes
-from p2preg.blobstream import BlobBody, BlobConnection
-from p2preg.errors import Denied, PaginationInvalid, RegistryError
-from p2preg.httprange import ByteRange, parse_range
-from p2preg.manifest import OCI_INDEX, forwarded_accept
-from p2preg.routes import Kind, Route, parse_route
-from p2preg.upstream import UpstreamClient
+from p2preg.node.admin import add_routes as add_admin_routes
+from p2preg.node.blobstream import BlobBody, BlobConnection
+from p2preg.node.errors import Denied, PaginationInvalid, RegistryError
+from p2preg.node.httprange import ByteRange, parse_range
+from p2preg.node.manifest import OCI_INDEX, forwarded_accept
+from p2preg.node.routes import Kind, Route, parse_route
+from p2preg.node.upstream import UpstreamClient
 
 if TYPE_CHECKING:
-    from p2preg.node import Node
+    from p2preg.node.server import Node
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def create_app(node: Node) -> QuartTrio:
     # Blob streams last as long as the client reads; the node caps their number.
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["MAX_CONTENT_LENGTH"] = 0
-    add_admin_routes(app, node)  # /_p2preg/status and /_p2preg/preheat: p2preg/admin.py
+    add_admin_routes(app, node)  # /_p2preg/status and /_p2preg/preheat: p2preg/node/admin.py
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> Response:

@@ -22,17 +22,18 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.trio import serve
 
-from p2preg import hypercorn_guard
-from p2preg.blobs import Blobs
-from p2preg.config import HostPort, NodeConfig
-from p2preg.metrics import NodeMetrics
-from p2preg.p2p import P2P, P2PSettings
-from p2preg.pullorder import PullOrder
-from p2preg.resolver import Resolver
-from p2preg.store import BlobStore
-from p2preg.swarm import open_swarm
-from p2preg.tenancy import Tenancy
-from p2preg.upstream import UpstreamClient
+from p2preg.core.config import HostPort
+from p2preg.node import hypercorn_guard
+from p2preg.node.blobs import Blobs
+from p2preg.node.config import NodeConfig
+from p2preg.node.metrics import NodeMetrics
+from p2preg.node.p2p import P2P, P2PSettings
+from p2preg.node.pullorder import PullOrder
+from p2preg.node.resolver import Resolver
+from p2preg.node.store import BlobStore
+from p2preg.node.swarm import open_swarm
+from p2preg.node.tenancy import Tenancy
+from p2preg.node.upstream import UpstreamClient
 from tracker.client import TrackerClient
 
 log = logging.getLogger(__name__)
@@ -187,11 +188,11 @@ async def serve_node(
     in flight `shutdown_grace_s` to finish, and then tears the swarm down,
     which announces `stopped` for every torrent.
     """
-    from p2preg.admin import create_metrics_app
-    from p2preg.facade import create_app
-    from p2preg.zerocopy import install as install_zerocopy
+    from p2preg.node.admin import create_metrics_app
+    from p2preg.node.facade import create_app
+    from p2preg.node.zerocopy import install as install_zerocopy
 
-    install_zerocopy()  # blob bodies by sendfile: see p2preg/zerocopy.py
+    install_zerocopy()  # blob bodies by sendfile: see p2preg/node/zerocopy.py
     hypercorn_guard.install()  # one bad connection must not stop the server
     shutdown = trio.Event() if shutdown is None else shutdown
     async with open_node(config) as node, trio.open_nursery() as nursery:

@@ -18,15 +18,15 @@ from dataclasses import dataclass
 
 import trio
 
-from p2preg import manifest as mf
 from p2preg.core.digest import Digest, DigestError
 from p2preg.core.reference import Reference
-from p2preg.errors import ManifestUnknown, NameUnknown, UpstreamError
-from p2preg.metrics import NodeMetrics
-from p2preg.pullorder import PullOrder
-from p2preg.store import BlobStore, StoreError
-from p2preg.tenancy import Tenancy
-from p2preg.upstream import UpstreamClient
+from p2preg.node import manifest as mf
+from p2preg.node.errors import ManifestUnknown, NameUnknown, UpstreamError
+from p2preg.node.metrics import NodeMetrics
+from p2preg.node.pullorder import PullOrder
+from p2preg.node.store import BlobStore, StoreError
+from p2preg.node.tenancy import Tenancy
+from p2preg.node.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from p2preg import __version__
-from p2preg.errors import Denied, NotFound
-from p2preg.routes import Kind, parse_route
+from p2preg.node.errors import Denied, NotFound
+from p2preg.node.routes import Kind, parse_route
 
 if TYPE_CHECKING:
-    from p2preg.node import Node
+    from p2preg.node.server import Node
 
 STATUS_PATH = "/_p2preg/status"
 PREHEAT_PREFIX = "/_p2preg/preheat/"
@@ -129,7 +129,7 @@ def status_doc(node: Node, started_unix: float) -> dict[str, object]:
 
 def create_metrics_app(node: Node) -> QuartTrio:
     """The metrics listener's app: `/healthz` and `/metrics`, nothing of the registry."""
-    app = QuartTrio("p2preg.metrics")
+    app = QuartTrio("p2preg.node.metrics")
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> Response:

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 import trio
 
 from p2preg.core.digest import Digest
-from p2preg.errors import BlobUnknown, RegistryError, StoreFull, UpstreamError
-from p2preg.metrics import NodeMetrics
-from p2preg.p2p import P2P, Fallback, Progress
-from p2preg.pullorder import PullOrder
-from p2preg.store import BlobStore, BlobWriter, DigestMismatch, NoSpace, StoreError
-from p2preg.tenancy import Tenancy
-from p2preg.upstream import UpstreamClient
+from p2preg.node.errors import BlobUnknown, RegistryError, StoreFull, UpstreamError
+from p2preg.node.metrics import NodeMetrics
+from p2preg.node.p2p import P2P, Fallback, Progress
+from p2preg.node.pullorder import PullOrder
+from p2preg.node.store import BlobStore, BlobWriter, DigestMismatch, NoSpace, StoreError
+from p2preg.node.tenancy import Tenancy
+from p2preg.node.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 

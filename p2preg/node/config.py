@@ -1,0 +1,110 @@
+"""The node's configuration: upstream registries, their credentials, and NodeConfig.
+
+Loaded by `p2preg.core.config.load` (CLI > P2PREG_* env > TOML > defaults;
+unknown keys are errors). This module checks values for consistency; it must
+not start anything.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from p2preg.core.config import ConfigError, GiB, HostPort, MiB
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """A seed registry: `ns` is the name containerd sends as `?ns=`."""
+
+    ns: str
+    url: str
+
+    @classmethod
+    def from_config(cls, value: object) -> Upstream:
+        if not isinstance(value, str):
+            raise ConfigError(f"expected [NS=]URL, got {value!r}")
+        ns, sep, url = value.partition("=")
+        if not sep:
+            ns, url = "", value
+        url = url.rstrip("/")
+        m = re.match(r"^(https?)://([^/?#@]+)$", url)
+        if m is None:
+            raise ConfigError(f"upstream URL must be http(s)://host[:port], got {url!r}")
+        return cls(ns or m.group(2), url)
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """Basic credentials for one upstream registry (used to obtain bearer tokens)."""
+
+    ns: str
+    username: str
+    password: str = field(repr=False)
+
+    @classmethod
+    def from_config(cls, value: object) -> Credential:
+        if isinstance(value, str):
+            ns, sep, userpass = value.partition("=")
+            user, sep2, password = userpass.partition(":")
+            if sep and sep2 and ns and user:
+                return cls(ns, user, password)
+        raise ConfigError("credentials must be NS=USER:PASSWORD")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    listen: HostPort = HostPort("127.0.0.1", 5000)  # noqa: RUF009 (frozen, shared safely)
+    upstream: tuple[Upstream, ...] = ()
+    data_dir: Path = Path("/var/lib/p2preg")
+    tracker: str | None = None
+    tracker_token: str | None = field(default=None, repr=False)
+    # Peers of other machines must reach this; the facade stays on loopback.
+    peer_host: str = "0.0.0.0"
+    peer_port: int = 6881
+    node_name: str | None = None
+    # Below this a torrent costs more than it saves: straight from upstream.
+    p2p_min_bytes: int = 1 * MiB
+    # A swarm download with no new byte for this long falls back to upstream.
+    swarm_stall_s: float = 30.0
+    swarm_max_hash_failures: int = 16
+    # Nobody waits forever for a lease holder: this long without progress from
+    # the fetch waited for (or the tracker's queue), fetch from upstream.
+    lease_wait_max_s: float = 600.0
+    credentials: tuple[Credential, ...] = ()
+    # Tags move; a short TTL keeps `latest` fresh without an upstream round trip per pull.
+    tag_ttl_s: float = 30.0
+    store_max_bytes: int = 50 * GiB
+    # Each open blob stream holds at most one chunk in memory.
+    stream_chunk_bytes: int = 1 * MiB
+    max_blob_streams: int = 64
+    upstream_timeout_s: float = 30.0
+    upstream_retries: int = 4
+    log_json: bool = False
+    # /healthz and /metrics only, for Prometheus: the facade stays on loopback.
+    metrics_listen: HostPort | None = None
+    # On SIGTERM, responses in flight get this long to finish (keep it below
+    # the orchestrator's kill timeout: Kubernetes' terminationGracePeriodSeconds).
+    shutdown_grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.upstream:
+            raise ConfigError("at least one --upstream [NS=]URL is required")
+        seen = [u.ns for u in self.upstream]
+        if len(set(seen)) != len(seen):
+            raise ConfigError("two upstreams share one registry name")
+        if self.stream_chunk_bytes < 4096 or self.max_blob_streams < 1:
+            raise ConfigError("stream_chunk_bytes must be ≥ 4096 and max_blob_streams ≥ 1")
+        if self.tracker is not None and not re.match(r"^https?://[^/]+/?$", self.tracker):
+            raise ConfigError(f"--tracker takes a base URL http://host:port, got {self.tracker!r}")
+        if self.shutdown_grace_s < 0:
+            raise ConfigError("shutdown_grace_s must be ≥ 0")
+
+    def upstream_for(self, ns: str | None) -> Upstream | None:
+        if not ns:
+            return self.upstream[0]
+        return next((u for u in self.upstream if u.ns == ns), None)
+
+    def credential_for(self, ns: str) -> Credential | None:
+        return next((c for c in self.credentials if c.ns == ns), None)
