@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,13 @@ def test_credentials_are_not_in_repr() -> None:
 )
 def test_sizes(text: str, size: int) -> None:
     assert parse_size(text) == size
+
+
+def test_the_component_key_table_matches_every_component() -> None:
+    from p2preg.core.config import COMPONENT_KEYS
+    from tracker.config import TrackerConfig
+
+    assert {
+        "node": frozenset(f.name for f in dataclasses.fields(NodeConfig)),
+        "tracker": frozenset(f.name for f in dataclasses.fields(TrackerConfig)),
+    } == COMPONENT_KEYS
