@@ -370,8 +370,15 @@ class ZeroCopyConnection(TrioASGIHTTPConnection):
         )
 
         async def send_file(file: BinaryIO, offset: int, count: int) -> None:
-            message = {"file": file, "offset": offset, "count": count, "more_body": False}
-            await send({"type": ZEROCOPY_SEND, **message})
+            await send(
+                {
+                    "type": ZEROCOPY_SEND,
+                    "file": file,
+                    "offset": offset,
+                    "count": count,
+                    "more_body": False,
+                }
+            )
 
         async with body:
             await body.send_zerocopy(send_file)
