@@ -128,12 +128,15 @@ def test_every_internal_touched_keeps_the_signature_it_was_written_for(name: str
 
 
 def _assigned_attributes(cls: type) -> set[str]:
+    """Fields declared in the class body, and `self.x` assigned or declared in any method."""
     names = set()
     for klass in cls.__mro__[:-1]:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        (tree,) = ast.parse(textwrap.dedent(inspect.getsource(klass))).body
+        assert isinstance(tree, ast.ClassDef)
+        for statement in tree.body:
+            if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
+                names.add(statement.target.id)
         for node in ast.walk(tree):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                names.add(node.target.id)  # a dataclass field or a class attribute
             targets = node.targets if isinstance(node, ast.Assign) else []
             if isinstance(node, ast.AnnAssign):
                 targets = [node.target]
