@@ -1,10 +1,10 @@
-"""p2preg.node.hypercorn_guard: one hostile connection must not stop a hypercorn server.
+"""The guard in p2preg.node.hypercorn_internals: one hostile connection must not stop the server.
 
 A quart-trio app on hypercorn's trio server, in process on port 0, is sent the
 request tests/test_fuzz_facade.py found: a GET whose chunked body is malformed,
 which the app answers at once. Without the guard, hypercorn 0.18 let a
 `BusyResourceError` out of that connection and the whole server stopped within
-a few such requests.
+a few such requests (bugs 1 and 2 of docs/HYPERCORN.md).
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from quart_trio import QuartTrio
 
-from p2preg.node import hypercorn_guard
+from p2preg.node import hypercorn_internals
 from tests.fixtures.rawhttp import exchange
 
 BAD_CHUNK = b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n"
 
 
 async def test_a_malformed_chunked_body_does_not_stop_the_server() -> None:
-    hypercorn_guard.install()
+    hypercorn_internals.install()
     app = QuartTrio(__name__)
 
     @app.route("/")

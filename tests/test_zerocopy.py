@@ -1,10 +1,12 @@
-"""The zero-copy send shim over a real hypercorn server and real HTTP clients.
+"""Zero-copy send (p2preg.node.hypercorn_internals) over a real hypercorn server and clients.
 
 A bare ASGI app (no Quart) sends a file region with `http.response.zerocopysend`
 and the bytes that arrive are checked: whole files and slices, Content-Length
 and chunked framing, a region larger than one sendfile piece, keep-alive after
 a zero-copy response, a client that hangs up mid-region, a region the file
-cannot fill, and HTTP/2, where the extension must not be offered.
+cannot fill, and HTTP/2, where the extension must not be offered. Then the
+Quart side: a quart-trio app whose connection class is `ZeroCopyConnection`
+sends a `ZeroCopyBody` zero-copy over HTTP/1.1 and as chunks over HTTP/2.
 """
 
 from __future__ import annotations
@@ -16,18 +18,27 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
+from types import SimpleNamespace, TracebackType
+from typing import Any, BinaryIO
 
 import httpx
 import pytest
 import trio
 from hypercorn.config import Config
-from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.trio import serve
+from quart import Response
+from quart.wrappers.response import ResponseBody
+from quart_trio import QuartTrio
 
-from p2preg.node import zerocopy
-from p2preg.node.zerocopy import SENDFILE_MAX_BYTES, ZEROCOPY_SEND, install
+from p2preg.node.blobstream import BlobBody
+from p2preg.node.hypercorn_internals import (
+    SENDFILE_MAX_BYTES,
+    ZEROCOPY_SEND,
+    SendFile,
+    ZeroCopyBody,
+    ZeroCopyConnection,
+    install,
+)
 
 
 @dataclass
@@ -75,13 +86,13 @@ class App:
 
 
 @asynccontextmanager
-async def serving(app: App) -> AsyncIterator[str]:
-    assert install()
+async def serving(app: Any) -> AsyncIterator[str]:
+    install()
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(functools.partial(serve, cast(Any, app), config))
+        binds = await nursery.start(functools.partial(serve, app, config))
         yield binds[0]
         nursery.cancel_scope.cancel()
 
@@ -171,12 +182,66 @@ async def test_http2_is_not_offered_zero_copy(blob: tuple[Path, bytes]) -> None:
     assert app.finished == ["bytes"]
 
 
-def test_install_declines_a_hypercorn_it_was_not_written_for(
-    monkeypatch: pytest.MonkeyPatch,
+@dataclass
+class FileBody(ResponseBody):
+    """A Quart body of `count` bytes of `path` from `offset`; records how it went out."""
+
+    path: Path
+    offset: int
+    count: int
+    ways: list[str]
+    file: BinaryIO | None = None
+
+    async def __aenter__(self) -> FileBody:
+        self.file = open(self.path, "rb")  # noqa: ASYNC230, SIM115 (a small local file)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self.file is not None
+        self.file.close()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        assert self.file is not None
+        self.ways.append("chunks")
+        yield os.pread(self.file.fileno(), self.count, self.offset)
+
+    async def send_zerocopy(self, send_file: SendFile) -> None:
+        assert self.file is not None
+        self.ways.append("zerocopy")
+        await send_file(self.file, self.offset, self.count)
+
+
+async def test_quart_sends_a_zero_copy_body_zero_copy_over_http1_only(
+    blob: tuple[Path, bytes],
 ) -> None:
-    install()
-    handle = HTTPStream.handle
-    monkeypatch.setattr(zerocopy, "_installed", False)
-    monkeypatch.setattr(zerocopy, "SUPPORTED_HYPERCORN", frozenset())
-    assert install() is False
-    assert HTTPStream.handle is handle
+    path, data = blob
+    ways: list[str] = []
+    app = QuartTrio(__name__)
+    app.asgi_http_class = ZeroCopyConnection
+
+    @app.route("/")
+    async def index() -> Response:
+        body = FileBody(path, 3, len(data) - 3, ways)
+        return Response(body, 200, {"Content-Length": str(body.count)})
+
+    async with serving(app) as url:
+        for http2 in (False, True):
+            async with httpx.AsyncClient(
+                base_url=url, trust_env=False, http1=not http2, http2=http2
+            ) as client:
+                response = await client.get("/")
+                assert response.content == data[3:]
+    assert ways == ["zerocopy", "chunks"]
+
+
+def test_blob_bodies_are_zero_copy_bodies() -> None:
+    assert issubclass(FileBody, ZeroCopyBody)
+    assert issubclass(BlobBody, ZeroCopyBody)

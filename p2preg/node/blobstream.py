@@ -4,12 +4,14 @@ Owns the hot path of the facade. A `BlobBody` is the body of a blob response:
 while it is open it holds one of the node's stream slots (the semaphore that
 caps concurrent blob streams), keeps the blob pinned in the store so that
 eviction cannot pull it away mid-response, and holds the file open. Where the
-server offers ASGI's zero-copy send (`p2preg.node.zerocopy`: hypercorn's HTTP/1.1
-over plain TCP), `BlobConnection` hands the server the open file and the byte
-range, and the kernel moves the bytes from the page cache to the socket with
-sendfile: no blob byte enters Python. Elsewhere (HTTP/2, TLS, another server)
-the body is read in chunks of `stream_chunk_bytes`, one chunk in memory per
-open stream.
+server offers zero-copy send (hypercorn's HTTP/1.1 over plain TCP), the fence
+(`p2preg.node.hypercorn_internals.ZeroCopyConnection`) lets the body hand the
+server the open file and the byte range, and the kernel moves the bytes from
+the page cache to the socket with sendfile: no blob byte enters Python.
+Elsewhere (HTTP/2, TLS, another server) the body is read in chunks of
+`stream_chunk_bytes`, one chunk in memory per open stream. This module must
+not reach into hypercorn or Quart beyond their public API and the fence's
+public names.
 
 Chunks are read with `pread` on the event loop, not in a worker thread: a
 page-cache read of 1 MiB costs about as much as the thread hop it would replace
@@ -24,15 +26,13 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from quart.utils import encode_headers
 from quart.wrappers.response import ResponseBody
-from quart_trio.asgi import TrioASGIHTTPConnection
 
 from p2preg.core.digest import Digest
 from p2preg.node.httprange import ByteRange
-from p2preg.node.zerocopy import ZEROCOPY_SEND
+from p2preg.node.hypercorn_internals import SendFile
 
 if TYPE_CHECKING:
     from p2preg.node.server import Node
@@ -87,37 +87,9 @@ class BlobBody(ResponseBody):
             served.inc(len(data))
             yield data
 
-    async def send_zerocopy(self, send: Any) -> None:
-        """The whole range as one zero-copy message that also ends the response."""
+    async def send_zerocopy(self, send_file: SendFile) -> None:
+        """The whole range as one zero-copy send that also ends the response."""
         assert self._file is not None, "sent outside `async with`"
         # Counted when handed to the server, as each chunk is on the other path.
         self._node.metrics.bytes_served.inc(self._rng.length)
-        await send(
-            {
-                "type": ZEROCOPY_SEND,
-                "file": self._file,
-                "offset": self._rng.start,
-                "count": self._rng.length,
-                "more_body": False,
-            }
-        )
-
-
-class BlobConnection(TrioASGIHTTPConnection):
-    """Quart's ASGI HTTP connection, sending a `BlobBody` zero-copy when it can."""
-
-    async def _send_response(self, send: Any, response: Any) -> None:
-        body = getattr(response, "response", None)
-        extensions = self.scope.get("extensions") or {}
-        if not isinstance(body, BlobBody) or ZEROCOPY_SEND not in extensions:
-            await super()._send_response(send, response)
-            return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status_code,
-                "headers": encode_headers(response.headers),
-            }
-        )
-        async with body:
-            await body.send_zerocopy(send)
+        await send_file(self._file, self._rng.start, self._rng.length)

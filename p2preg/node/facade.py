@@ -20,9 +20,10 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from p2preg.node.admin import add_routes as add_admin_routes
-from p2preg.node.blobstream import BlobBody, BlobConnection
+from p2preg.node.blobstream import BlobBody
 from p2preg.node.errors import Denied, PaginationInvalid, RegistryError
 from p2preg.node.httprange import ByteRange, parse_range
+from p2preg.node.hypercorn_internals import ZeroCopyConnection as BlobConnection
 from p2preg.node.manifest import OCI_INDEX, forwarded_accept
 from p2preg.node.routes import Kind, Route, parse_route
 from p2preg.node.upstream import UpstreamClient

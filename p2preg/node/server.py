@@ -18,12 +18,10 @@ from functools import partial
 
 import httpx
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
 from hypercorn.trio import serve
 
 from p2preg.core.config import HostPort
-from p2preg.node import hypercorn_guard
+from p2preg.node import hypercorn_internals
 from p2preg.node.blobs import Blobs
 from p2preg.node.config import NodeConfig
 from p2preg.node.metrics import NodeMetrics
@@ -146,19 +144,8 @@ async def _open_p2p(
 LISTENER_CLOSE_DELAY_S = 0.05
 
 
-class _ServerConfig(HypercornConfig):
-    """A hypercorn config that keeps the listening sockets it creates."""
-
-    listening: tuple[socket.socket, ...] = ()
-
-    def create_sockets(self) -> Sockets:
-        sockets = super().create_sockets()
-        self.listening = (*sockets.secure_sockets, *sockets.insecure_sockets)
-        return sockets
-
-
-def _server_config(listen: HostPort, grace_s: float) -> _ServerConfig:
-    hc = _ServerConfig()
+def _server_config(listen: HostPort, grace_s: float) -> hypercorn_internals.ListeningConfig:
+    hc = hypercorn_internals.ListeningConfig()
     hc.bind = [str(listen)]
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
@@ -167,7 +154,7 @@ def _server_config(listen: HostPort, grace_s: float) -> _ServerConfig:
     return hc
 
 
-async def _close_listeners(shutdown: trio.Event, hc: _ServerConfig) -> None:
+async def _close_listeners(shutdown: trio.Event, hc: hypercorn_internals.ListeningConfig) -> None:
     # Refused at once rather than left in the backlog: containerd moves on to
     # its next host (the upstream) instead of waiting for this node to exit.
     await shutdown.wait()
@@ -190,10 +177,10 @@ async def serve_node(
     """
     from p2preg.node.admin import create_metrics_app
     from p2preg.node.facade import create_app
-    from p2preg.node.zerocopy import install as install_zerocopy
 
-    install_zerocopy()  # blob bodies by sendfile: see p2preg/node/zerocopy.py
-    hypercorn_guard.install()  # one bad connection must not stop the server
+    # Refuses (ConfigError) a hypercorn/Quart it was not checked against; then
+    # blob bodies go by sendfile and one bad connection cannot stop the server.
+    hypercorn_internals.install()
     shutdown = trio.Event() if shutdown is None else shutdown
     async with open_node(config) as node, trio.open_nursery() as nursery:
         hc = _server_config(config.listen, config.shutdown_grace_s)
