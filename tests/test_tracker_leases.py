@@ -16,8 +16,8 @@ from p2preg.core import wire
 from p2preg.core.config import ConfigError, HostPort
 from p2preg.core.errors import LeaseLost
 from tracker.config import TrackerConfig
+from tracker.coordinator import Tracker
 from tracker.leases import Granted, Held, LeaseBook, Waiters
-from tracker.service import Tracker
 from tracker.state import MemoryStore
 
 D = "sha256:" + "ab" * 32

@@ -36,9 +36,9 @@ from tests.fixtures.reliability import Tally
 from tracker import udp
 from tracker.announce import AnnounceRequest, Event
 from tracker.config import TrackerConfig
+from tracker.coordinator import Tracker
 from tracker.metainfo import make_metainfo
 from tracker.server import serve_tracker
-from tracker.service import Tracker
 from tracker.state import MemoryStore
 
 CAPS: dict[str, Any] = dict(

@@ -1,4 +1,4 @@
-"""The tracker's logic without sockets (tracker/service.py): swarms, registry, restore."""
+"""The tracker's logic without sockets (tracker/coordinator.py): swarms, registry, restore."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
 from tracker.announce import AnnounceRequest, Event, ScrapeRequest, SwarmStats
 from tracker.config import TrackerConfig
+from tracker.coordinator import Tracker
 from tracker.metainfo import make_metainfo
 from tracker.peers import compact_address
-from tracker.service import Tracker
 from tracker.state import MemoryStore
 
 

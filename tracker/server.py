@@ -6,7 +6,7 @@ as they expect — and control API clients get a msgpack `ErrorReply` with the
 error's 4xx status (5xx only for our own faults). Control routes, /healthz and
 /metrics are a quart-trio app served by hypercorn; announces and scrapes take
 the fast path in http_listener (and the app answers them too, for connections
-hypercorn already owns). This module must not hold tracker logic (service.py)
+hypercorn already owns). This module must not hold tracker logic (coordinator.py)
 or parse protocols (announce.py, udp.py, p2preg.core.wire).
 """
 
@@ -52,9 +52,9 @@ from tracker.announce import (
     split_target,
 )
 from tracker.config import TrackerConfig
+from tracker.coordinator import Tracker
 from tracker.http_listener import HandOff, http_response, serve_http
 from tracker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from tracker.service import Tracker
 from tracker.state import open_sqlite_store
 from tracker.udp_listener import serve_udp
 
