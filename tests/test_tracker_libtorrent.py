@@ -23,7 +23,7 @@ from p2preg.core.metainfo import info_name
 from tracker.client import open_tracker_client
 from tracker.config import TrackerConfig
 from tracker.metainfo import make_metainfo
-from tracker.server import serve_tracker
+from tracker.serve import serve_tracker
 
 pytestmark = pytest.mark.integration
 

@@ -38,7 +38,7 @@ from tracker.announce import AnnounceRequest, Event
 from tracker.config import TrackerConfig
 from tracker.coordinator import Tracker
 from tracker.metainfo import make_metainfo
-from tracker.server import serve_tracker
+from tracker.serve import serve_tracker
 from tracker.state import MemoryStore
 
 CAPS: dict[str, Any] = dict(

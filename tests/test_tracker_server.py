@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote_from_bytes, urlsplit
 
+import h11
 import httpx
 import libtorrent as lt
 import msgpack
@@ -30,7 +31,7 @@ from tracker import udp
 from tracker.client import TrackerClient, open_tracker_client
 from tracker.config import TrackerConfig
 from tracker.metainfo import make_metainfo
-from tracker.server import serve_tracker
+from tracker.serve import serve_tracker
 
 TOKEN = "cluster-token"
 
@@ -128,7 +129,7 @@ async def test_malformed_announces_get_bencoded_failures(
 async def test_garbage_and_split_requests_over_raw_tcp(tmp_path: Path) -> None:
     async with running(tmp_path, token=None) as url:
         host, port = urlsplit(url).hostname or "", urlsplit(url).port or 0
-        # Not HTTP at all: hypercorn answers 400 and the tracker stays up.
+        # Not HTTP at all: a 400, and the tracker stays up.
         stream = await trio.open_tcp_stream(host, port)
         await stream.send_all(b"\x16\x03\x01 hello?\r\n\r\n")
         reply = await stream.receive_some(4096)
@@ -148,17 +149,58 @@ async def test_garbage_and_split_requests_over_raw_tcp(tmp_path: Path) -> None:
             assert await healthy(http, url)
 
 
-async def test_control_then_announce_on_one_keep_alive_connection(tmp_path: Path) -> None:
+async def exchange_on(
+    stream: trio.SocketStream, conn: h11.Connection, method: str, target: str, body: bytes = b""
+) -> tuple[h11.Response, bytes]:
+    """One request on an open connection, read back with h11 (client side)."""
+    headers = [("Host", "tracker"), ("Authorization", f"Bearer {TOKEN}")]
+    headers.append(("Content-Length", str(len(body))))
+    data = conn.send(h11.Request(method=method, target=target, headers=headers)) or b""
+    data += conn.send(h11.Data(data=body)) if body else b""
+    await stream.send_all(data + (conn.send(h11.EndOfMessage()) or b""))
+    head: h11.Response | None = None
+    answer = b""
+    with trio.fail_after(10):  # a hang guard, not a timing assertion
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                head = event
+            elif isinstance(event, h11.Data):
+                answer += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert head is not None
+                return head, answer
+
+
+async def test_control_requests_keep_the_connection_and_announces_close_it(
+    tmp_path: Path,
+) -> None:
     meta = blob_meta(tmp_path)
-    async with running(tmp_path) as url, httpx.AsyncClient() as http:
-        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": wire.CONTENT_TYPE}
+    async with running(tmp_path) as url:
+        stream = await trio.open_tcp_stream("127.0.0.1", urlsplit(url).port or 0)
+        conn = h11.Connection(h11.CLIENT)
         body = wire.encode(wire.PublishMetainfo("n1", meta.size, meta.data))
-        r = await http.put(f"{url}/v1/metainfo/{meta.digest}", content=body, headers=headers)
-        assert r.status_code == 201
-        # hypercorn owns this connection now; it answers announces the same way,
-        # with the client's real address.
-        await http.get(f"{url}/announce?{announce_query(meta.swarm_keys[0], 1)}")
-        r = await http.get(f"{url}/announce?{announce_query(meta.swarm_keys[0], 2, left=9)}")
+        head, _ = await exchange_on(stream, conn, "PUT", f"/v1/metainfo/{meta.digest}", body)
+        assert head.status_code == 201
+        conn.start_next_cycle()
+        head, answer = await exchange_on(stream, conn, "GET", "/healthz")
+        assert (head.status_code, answer) == (200, b"ok\n")
+        conn.start_next_cycle()
+        # A HEAD is a GET without the body.
+        head, answer = await exchange_on(stream, conn, "HEAD", "/healthz")
+        assert (head.status_code, answer) == (200, b"")
+        conn.start_next_cycle()
+        # An announce on the same connection: the client's real address, then close.
+        query = announce_query(meta.swarm_keys[0], 1)
+        head, answer = await exchange_on(stream, conn, "GET", f"/announce?{query}")
+        assert head.status_code == 200 and (b"connection", b"close") in list(head.headers)
+        assert lt.bdecode(answer)[b"complete"] == 1
+        assert await stream.receive_some(1) == b""
+        await stream.aclose()
+        async with httpx.AsyncClient() as http:
+            r = await http.get(f"{url}/announce?{announce_query(meta.swarm_keys[0], 2, left=9)}")
         assert lt.bdecode(r.content)[b"peers"] == bytes([127, 0, 0, 1, 0x1B, 0x59])
 
 
