@@ -18,10 +18,8 @@ import trio
 import trio.testing
 
 from p2preg.core import wire
-from p2preg.core.config import HostPort
 from p2preg.core.digest import Digest
-from tracker.config import TrackerConfig
-from tracker.coordinator import Tracker
+from tests.tracker_helpers import make_tracker
 from tracker.http_listener import HEAD_TIMEOUT_S, KEEP_ALIVE_TIMEOUT_S, serve_connection
 from tracker.http_protocol import (
     HttpConnection,
@@ -32,7 +30,6 @@ from tracker.http_protocol import (
     first_get,
 )
 from tracker.http_routes import ROUTES, TrackerHttp, match
-from tracker.state import MemoryStore
 
 TOKEN = "t0ken"
 DIGEST = str(Digest.of(b"some blob"))
@@ -145,13 +142,8 @@ def test_the_route_table_matches_paths_and_names_the_digest() -> None:
     }
 
 
-def app(tmp_path: Path, **overrides: object) -> TrackerHttp:
-    config = TrackerConfig(
-        listen=HostPort("127.0.0.1", 0),
-        data_dir=tmp_path,
-        **{"token": TOKEN, **overrides},  # type: ignore[arg-type]
-    )
-    return TrackerHttp(Tracker(config, MemoryStore()))
+def app(tmp_path: Path) -> TrackerHttp:
+    return TrackerHttp(make_tracker(tmp_path, token=TOKEN))
 
 
 def request(method: bytes, target: str, body: bytes = b"", token: str | None = TOKEN) -> Request:

@@ -1,13 +1,13 @@
-"""The tracker over real sockets, in process (tracker/server.py and its listeners).
+"""The tracker over real sockets, in process (tracker/serve.py, its listeners and routes).
 
-Started with `nursery.start(serve_tracker, ...)` on port 0; spoken to with
-httpx, the node's TrackerClient, raw TCP and raw UDP. Every refusal must be a
-clear error of the right kind, and the tracker must keep serving after it.
+Started with `nursery.start(serve_tracker, ...)` on port 0 (tests/tracker_helpers.py);
+spoken to with httpx, the node's TrackerClient, raw TCP and raw UDP. Every
+refusal must be a clear error of the right kind, and the tracker must keep
+serving after it.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -22,37 +22,22 @@ import libtorrent as lt
 import msgpack
 import pytest
 import trio
+import trio.testing
 
 from p2preg.core import errors, wire
-from p2preg.core.config import HostPort
 from p2preg.core.digest import Digest
-from p2preg.core.metainfo import Metainfo
+from tests.tracker_helpers import SteppedClock, blob_meta, remake, running_tracker
 from tracker import udp
 from tracker.client import TrackerClient, open_tracker_client
-from tracker.config import TrackerConfig
-from tracker.metainfo import make_metainfo
-from tracker.serve import serve_tracker
 
 TOKEN = "cluster-token"
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, **overrides: object) -> AsyncIterator[str]:
-    settings: dict[str, Any] = dict(
-        listen=HostPort("127.0.0.1", 0), data_dir=tmp_path / "tracker", token=TOKEN
-    )
-    settings.update(overrides)
-    async with trio.open_nursery() as nursery:
-        yield await nursery.start(serve_tracker, TrackerConfig(**settings))
-        nursery.cancel_scope.cancel()
-
-
-def blob_meta(tmp_path: Path, size: int = 100_000) -> Metainfo:
-    data = os.urandom(size)
-    digest = Digest.of(data)
-    path = tmp_path / digest.hex
-    path.write_bytes(data)
-    return make_metainfo(path, digest, size)
+async def running(tmp_path: Path, **overrides: Any) -> AsyncIterator[str]:
+    """The shared in-process tracker, with this file's cluster token."""
+    async with running_tracker(tmp_path, **{"token": TOKEN, **overrides}) as url:
+        yield url
 
 
 def announce_query(ih: bytes, n: int, *, left: int = 0, token: str | None = TOKEN) -> str:
@@ -227,7 +212,7 @@ async def test_metainfo_refusals_are_clear_and_typed(tmp_path: Path) -> None:
         assert await client.publish_metainfo(meta.digest, meta.size, meta.data) == first
         assert await client.lookup_metainfo(meta.digest) == first
         assert await client.lookup_metainfo(Digest.of(b"never published")) is None
-        hybrid = make_metainfo(tmp_path / meta.digest.hex, meta.digest, meta.size, hybrid=True)
+        hybrid = remake(tmp_path, meta, hybrid=True)
         with pytest.raises(errors.MetainfoConflict):
             await client.publish_metainfo(meta.digest, meta.size, hybrid.data)
         replaced = await client.report_bad(
@@ -259,35 +244,40 @@ async def test_metainfo_refusals_are_clear_and_typed(tmp_path: Path) -> None:
 
 
 async def test_expired_lease_passes_on_while_a_renewing_one_does_not(tmp_path: Path) -> None:
+    """Over HTTP, with the tracker's clock stepped by hand: no wall-clock waits."""
     digest = Digest.of(b"a blob nobody has yet")
+    clock = SteppedClock()
     async with (
-        running(tmp_path, lease_ttl_s=1.0, lease_wait_max_s=5.0) as url,
+        running(tmp_path, clock=clock, lease_ttl_s=1.0, lease_wait_max_s=5.0) as url,
         open_tracker_client(url, node="a", token=TOKEN) as a,
         open_tracker_client(url, node="b", token=TOKEN) as b,
     ):
         held = await a.acquire_lease(digest, size=1000)
         assert held.status is wire.LeaseStatus.GRANTED and held.lease_id is not None
-
-        async def renew_for(seconds: float) -> None:
-            assert held.lease_id is not None
-            for step in range(int(seconds / 0.25)):
-                await trio.sleep(0.25)
-                await a.renew_lease(digest, held.lease_id, 100 * (step + 1))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(renew_for, 2.5)
-            # Longer than the TTL, shorter than the renewals: never handed over.
-            waited = await b.acquire_lease(digest, wait_s=1.8)
+        # Renewed every 0.6 s for 3 s, longer than the TTL: never handed over.
+        for step in range(1, 6):
+            clock.step(0.6)
+            await a.renew_lease(digest, held.lease_id, 100 * step)
+            waited = await b.acquire_lease(digest)
             assert waited.status is wire.LeaseStatus.WAIT and waited.holder == "a"
-            assert waited.bytes_done > 0 and waited.retry_after_s > 0
-        stopped = trio.current_time()
-        taken = await b.acquire_lease(digest, wait_s=4.0)
+            assert waited.bytes_done == 100 * step and waited.retry_after_s > 0
+        # Silent past its TTL: the next asker takes it, and the old holder has lost it.
+        clock.step(1.1)
+        taken = await b.acquire_lease(digest)
         assert taken.status is wire.LeaseStatus.GRANTED and taken.holder == "b"
-        assert 0.5 <= trio.current_time() - stopped <= 2.5
         with pytest.raises(errors.LeaseLost):
             await a.renew_lease(digest, held.lease_id, 1)
-        await b.release_lease(digest, taken.lease_id or "")
-        assert (await a.acquire_lease(digest)).status is wire.LeaseStatus.GRANTED
+        # A long-polled request is answered the moment the lease is released.
+        async with trio.open_nursery() as nursery:
+            got: list[wire.LeaseReply] = []
+
+            async def long_poll() -> None:
+                got.append(await a.acquire_lease(digest, wait_s=5.0))
+
+            nursery.start_soon(long_poll)
+            await trio.testing.wait_all_tasks_blocked()
+            await b.release_lease(digest, taken.lease_id or "")
+        assert got[0].status is wire.LeaseStatus.GRANTED and got[0].holder == "a"
         async with httpx.AsyncClient() as http:
             metrics = (await http.get(url + "/metrics")).text
         assert "p2preg_tracker_lease_grants_total 3.0" in metrics
