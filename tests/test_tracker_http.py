@@ -59,7 +59,7 @@ def test_pipelined_keep_alive_requests_come_out_one_cycle_at_a_time() -> None:
     assert conn.next_cycle()
     second = conn.next_request()
     assert isinstance(second, Request) and (second.method, second.body) == (b"PUT", b"abc")
-    conn.respond(Response(204))
+    assert conn.respond(Response(204)) == b"HTTP/1.1 204 No Content\r\n\r\n"
     assert conn.next_cycle()
     assert conn.next_request() is Wait.NEED_DATA
     conn.receive(b"")

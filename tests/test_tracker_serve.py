@@ -267,16 +267,19 @@ async def test_expired_lease_passes_on_while_a_renewing_one_does_not(tmp_path: P
         assert taken.status is wire.LeaseStatus.GRANTED and taken.holder == "b"
         with pytest.raises(errors.LeaseLost):
             await a.renew_lease(digest, held.lease_id, 1)
-        # A long-polled request is answered the moment the lease is released.
-        async with trio.open_nursery() as nursery:
-            got: list[wire.LeaseReply] = []
+        # A long-polled request is answered when the lease is released (on the
+        # stepped clock it has no other way to end; fail_after guards a hang).
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                got: list[wire.LeaseReply] = []
 
-            async def long_poll() -> None:
-                got.append(await a.acquire_lease(digest, wait_s=5.0))
+                async def long_poll() -> None:
+                    got.append(await a.acquire_lease(digest, wait_s=5.0))
 
-            nursery.start_soon(long_poll)
-            await trio.testing.wait_all_tasks_blocked()
-            await b.release_lease(digest, taken.lease_id or "")
+                nursery.start_soon(long_poll)
+                await trio.testing.wait_all_tasks_blocked()
+                assert got == []
+                await b.release_lease(digest, taken.lease_id or "")
         assert got[0].status is wire.LeaseStatus.GRANTED and got[0].holder == "a"
         async with httpx.AsyncClient() as http:
             metrics = (await http.get(url + "/metrics")).text

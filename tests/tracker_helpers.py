@@ -4,9 +4,9 @@
 loopback port (real sockets, real SQLite) and stops it when the block ends;
 `make_tracker` builds the coordinator alone over a MemoryStore, for pure-trio
 tests. `blob_meta` writes random bytes under the test's directory and makes
-their metainfo the way a node does. `SteppedClock` is trio's clock plus an
-offset the test moves, for in-process tests that also use sockets or threads,
-where trio's autojumping MockClock would fire timeouts while a thread works.
+their metainfo the way a node does. `SteppedClock` is a tracker clock the test
+moves by hand, for in-process tests that also use sockets or threads, where
+trio's autojumping MockClock would fire timeouts while a thread works.
 """
 
 from __future__ import annotations
@@ -31,16 +31,21 @@ from tracker.state import MemoryStore
 
 
 class SteppedClock:
-    """trio.current_time() plus whatever the test has stepped it forward by."""
+    """A clock that moves only when the test steps it.
+
+    It starts a day ahead of trio's clock: deadlines the tracker computes from
+    it and hands to trio (a long poll's) then lie in trio's future, so a long
+    poll ends when it is woken, never because real time passed.
+    """
 
     def __init__(self) -> None:
-        self.offset = 0.0
+        self.now = trio.current_time() + 86_400.0
 
     def __call__(self) -> float:
-        return trio.current_time() + self.offset
+        return self.now
 
     def step(self, seconds: float) -> None:
-        self.offset += seconds
+        self.now += seconds
 
 
 @asynccontextmanager

@@ -128,11 +128,12 @@ class HttpConnection:
 
     def respond(self, response: Response, *, head_only: bool = False) -> bytes:
         """The bytes of `response`; `head_only` for an answer to HEAD."""
-        headers = [
-            ("Content-Type", response.content_type),
-            ("Content-Length", str(len(response.body))),
-            *response.headers,
-        ]
+        headers = [*response.headers]
+        if response.status != 204:  # RFC 9110: a 204 has no content, nor a length of it
+            headers[:0] = [
+                ("Content-Type", response.content_type),
+                ("Content-Length", str(len(response.body))),
+            ]
         if response.close:
             headers.append(("Connection", "close"))
         out = self._h11.send(
