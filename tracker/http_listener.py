@@ -192,7 +192,12 @@ async def _answer_while_connected(
     stream: trio.abc.Stream, http: HttpConnection, app: HttpApp, request: Request
 ) -> Response | None:
     """`app.handle(request)`, cancelled if the client hangs up first (a long poll's
-    waiter must not hold a place in a queue for a node that is gone)."""
+    waiter must not hold a place in a queue for a node that is gone).
+
+    The watcher's `receive_some` is cancelled when the answer is ready: safe on
+    a SocketStream, and on an SSLStream once its handshake is done (a whole
+    request has been read by then).
+    """
     response: Response | None = None
 
     async def handle(cancel_scope: trio.CancelScope) -> None:
