@@ -10,6 +10,7 @@ MockClock.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import libtorrent as lt
@@ -224,7 +225,9 @@ async def read_all(stream: trio.abc.Stream) -> bytes:
     return data
 
 
-async def run_connection(app: FakeApp, client_does: object) -> float:
+async def run_connection(
+    app: FakeApp, client_does: Callable[[trio.abc.Stream], Awaitable[None]]
+) -> float:
     """Serve one connection while `client_does(stream)` runs; how long it stayed open."""
     client, server = trio.testing.memory_stream_pair()
     start = trio.current_time()
@@ -235,7 +238,7 @@ async def run_connection(app: FakeApp, client_does: object) -> float:
             await server.aclose()
 
         nursery.start_soon(serve)
-        await client_does(client)  # type: ignore[operator]
+        await client_does(client)
     return trio.current_time() - start
 
 
