@@ -41,8 +41,8 @@ from tests.fixtures.node import metric_value
 from tests.fixtures.rawhttp import RawResponse, build_request, exchange
 from tests.fixtures.reliability import Tally
 from tests.fixtures.tracker import TrackerProcess, open_tracker
+from tests.tracker_helpers import blob_meta
 from tracker import udp
-from tracker.metainfo import make_metainfo
 
 pytestmark = pytest.mark.integration
 
@@ -91,10 +91,8 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     base = tmp_path_factory.mktemp("fuzz-tracker")
     config = base / "tracker.toml"
     config.write_text(CONFIG + "\n")
-    data = os.urandom(100_000)
-    digest = Digest.of(data)
-    (base / "blob").write_bytes(data)
-    meta = make_metainfo(base / "blob", digest, len(data))
+    meta = blob_meta(base)
+    digest = meta.digest
     tally = Tally("tracker", f"FUZZ_SCALE={SCALE:g} .venv/bin/pytest -q tests/test_fuzz_tracker.py")
     with open_tracker(base / "tracker", token=TOKEN, args=("--config", str(config))) as tracker:
         parts = urlsplit(tracker.url)

@@ -13,12 +13,11 @@ import trio
 import trio.testing
 
 from p2preg.core import wire
-from p2preg.core.config import ConfigError, HostPort
+from p2preg.core.config import ConfigError
 from p2preg.core.errors import LeaseLost
-from tracker.config import TrackerConfig
+from tests.tracker_helpers import make_tracker
+from tracker.coordinator import Tracker
 from tracker.leases import Granted, Held, LeaseBook, Waiters
-from tracker.service import Tracker
-from tracker.state import MemoryStore
 
 D = "sha256:" + "ab" * 32
 
@@ -110,14 +109,7 @@ async def test_waiters_wake_on_notify_or_deadline(autojump_clock: trio.testing.M
 
 
 def tracker(tmp_path: Path, **overrides: object) -> Tracker:
-    config = TrackerConfig(
-        listen=HostPort("127.0.0.1", 0),
-        data_dir=tmp_path,
-        lease_ttl_s=10.0,
-        lease_wait_max_s=25.0,
-        **overrides,  # type: ignore[arg-type]
-    )
-    return Tracker(config, MemoryStore())
+    return make_tracker(tmp_path, **{"lease_ttl_s": 10.0, "lease_wait_max_s": 25.0, **overrides})
 
 
 async def test_live_holder_is_never_overtaken_and_expired_lease_passes_on(

@@ -17,13 +17,11 @@ import libtorrent as lt
 import pytest
 import trio
 
-from p2preg.core.config import HostPort
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import info_name
+from tests.tracker_helpers import running_tracker
 from tracker.client import open_tracker_client
-from tracker.config import TrackerConfig
 from tracker.metainfo import make_metainfo
-from tracker.server import serve_tracker
 
 pytestmark = pytest.mark.integration
 
@@ -103,20 +101,12 @@ async def open_session(name: str) -> AsyncIterator[Session]:
 
 
 @asynccontextmanager
-async def running_tracker(tmp_path: Path, **overrides: object) -> AsyncIterator[str]:
-    config = TrackerConfig(
-        listen=HostPort("127.0.0.1", 0),
-        data_dir=tmp_path / "tracker",
-        token=TOKEN,
-        announce_interval_s=2,
-        min_announce_interval_s=1,
-        peer_ttl_s=10,
-        **overrides,  # type: ignore[arg-type]
-    )
-    async with trio.open_nursery() as nursery:
-        url = await nursery.start(serve_tracker, config)
+async def swarm_tracker(tmp_path: Path) -> AsyncIterator[str]:
+    """The shared in-process tracker, announcing often enough for a short test."""
+    async with running_tracker(
+        tmp_path, token=TOKEN, announce_interval_s=2, min_announce_interval_s=1, peer_ttl_s=10
+    ) as url:
         yield url
-        nursery.cancel_scope.cancel()
 
 
 def add_torrent(
@@ -142,7 +132,7 @@ async def test_swarm_forms_through_tracker_and_moves_the_blob(
     meta = make_metainfo(seed_dir / info_name(digest), digest, len(blob), hybrid=hybrid)
 
     async with (
-        running_tracker(tmp_path) as base_url,
+        swarm_tracker(tmp_path) as base_url,
         open_tracker_client(base_url, node="seeder", token=TOKEN) as client,
         open_session("seeder") as seeder,
         open_session("leecher") as leecher,

@@ -16,8 +16,7 @@ import os
 import socket
 import struct
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote_from_bytes, urlsplit
@@ -28,18 +27,12 @@ import pytest
 import trio
 
 from p2preg.core import errors, wire
-from p2preg.core.config import HostPort
-from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
 from tests.fixtures.node import metric_value
 from tests.fixtures.reliability import Tally
+from tests.tracker_helpers import blob_meta, make_tracker, running_tracker
 from tracker import udp
 from tracker.announce import AnnounceRequest, Event
-from tracker.config import TrackerConfig
-from tracker.metainfo import make_metainfo
-from tracker.server import serve_tracker
-from tracker.service import Tracker
-from tracker.state import MemoryStore
 
 CAPS: dict[str, Any] = dict(
     max_peers_per_swarm=3, max_peers=5, max_metainfo=2, max_numwant=2, default_numwant=2
@@ -51,22 +44,6 @@ def tally() -> Iterator[Tally]:
     t = Tally("tracker-limits", ".venv/bin/pytest -q tests/test_tracker_limits.py")
     yield t
     t.write()
-
-
-@asynccontextmanager
-async def running(tmp_path: Path, **overrides: Any) -> AsyncIterator[str]:
-    settings: dict[str, Any] = dict(listen=HostPort("127.0.0.1", 0), data_dir=tmp_path / "t")
-    settings.update(overrides)
-    async with trio.open_nursery() as nursery:
-        yield await nursery.start(serve_tracker, TrackerConfig(**settings))
-        nursery.cancel_scope.cancel()
-
-
-def blob_meta(tmp_path: Path) -> Metainfo:
-    data = os.urandom(50_000)
-    digest = Digest.of(data)
-    (tmp_path / digest.hex).write_bytes(data)
-    return make_metainfo(tmp_path / digest.hex, digest, len(data))
 
 
 async def publish(http: httpx.AsyncClient, url: str, meta: Metainfo) -> httpx.Response:
@@ -97,7 +74,7 @@ def peers_of(answer: Any) -> list[tuple[str, int]]:
 async def test_caps_refuse_the_next_peer_swarm_and_metainfo(tmp_path: Path, tally: Tally) -> None:
     metas = [blob_meta(tmp_path) for _ in range(3)]
     a, b = metas[0].swarm_keys[0], metas[1].swarm_keys[0]
-    async with running(tmp_path, **CAPS) as url, httpx.AsyncClient() as http:
+    async with running_tracker(tmp_path, **CAPS) as url, httpx.AsyncClient() as http:
         assert (await publish(http, url, metas[0])).status_code == 201
         assert (await publish(http, url, metas[1])).status_code == 201
         # The third metainfo, and so a third swarm, does not fit.
@@ -175,7 +152,10 @@ async def test_ip_is_honoured_only_from_trusted_sources(
     meta = blob_meta(tmp_path)
     (ih,) = meta.swarm_keys
     honoured = "127.0.0.0/8" in trusted  # the test's connections come from 127.0.0.1
-    async with running(tmp_path, trusted_ip_sources=trusted) as url, httpx.AsyncClient() as http:
+    async with (
+        running_tracker(tmp_path, trusted_ip_sources=trusted) as url,
+        httpx.AsyncClient() as http,
+    ):
         assert (await publish(http, url, meta)).status_code == 201
         # Peer 1 claims to be 10.9.8.7 over HTTP, peer 2 claims 10.1.1.1 over UDP.
         await announce(http, url, ih, 1, "&ip=10.9.8.7", left=0)
@@ -194,10 +174,7 @@ async def test_a_flood_past_the_caps_allocates_nothing_that_stays(
 ) -> None:
     """Sans-IO: 20,000 new peers past a full swarm, 20,000 unregistered info-hashes."""
     cap = 1000
-    config = TrackerConfig(
-        data_dir=tmp_path, max_peers_per_swarm=cap, max_peers=2 * cap, max_metainfo=1
-    )
-    tracker = Tracker(config, MemoryStore())
+    tracker = make_tracker(tmp_path, max_peers_per_swarm=cap, max_peers=2 * cap, max_metainfo=1)
     meta = blob_meta(tmp_path)
     await tracker.publish(str(meta.digest), wire.PublishMetainfo("n", meta.size, meta.data))
     (ih,) = meta.swarm_keys

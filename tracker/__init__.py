@@ -1,10 +1,16 @@
 """The p2preg tracker: BitTorrent tracker, metainfo registry and upstream leases.
 
 A separate deployable (`p2preg tracker`). Modules, one concern each: `config`
-(TrackerConfig), `errors` (the one exception hierarchy), `announce` and `udp`
-(sans-IO BitTorrent codecs), `peers` and `handout` (in-memory swarms and who gets
-whom), `leases` (upstream-fetch leases), `state` (the persistence seam and its
-SQLite store), `service` (the tracker's logic over all of these), `http_listener`
-and `udp_listener` (sockets), `server` (the control API app and `serve_tracker`),
-`metrics`, `client` (what nodes use) and `cli`.
+(TrackerConfig); sans-IO protocol codecs `announce` and `udp` (BitTorrent),
+`http_protocol` (HTTP/1.1 framing over h11) and `metainfo` (torrents); sans-IO
+state and policy `peers` and `handout` (swarms and who gets whom), `registry`
+(metainfo by digest, bad reports), `leases` (the `LeaseBook`, and `Waiters` for
+long polls), `upstream_queue` (which blob of an image crosses the upstream link
+next) and `auth` (the cluster token, trusted `ip=` sources); `state` (the
+persistence seam and its SQLite store); `coordinator` (`Tracker`, the service
+composing all of these); the transports `bittorrent` (announce/scrape/UDP
+answers), `http_routes` (every HTTP route, as one table), `http_listener` and
+`udp_listener` (sockets); `serve` (`serve_tracker`, the wiring); `metrics`;
+`client` (what nodes use, with `metainfo`) and `cli`. The tracker's errors are
+`p2preg.core.errors`.
 """

@@ -20,7 +20,7 @@ import trio
 from p2preg.core.config import ConfigError, load
 from p2preg.core.logs import setup_logging
 from tracker.config import TrackerConfig
-from tracker.server import serve_tracker
+from tracker.serve import serve_tracker
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,113 +1,73 @@
-"""The tracker's TCP listener: announces answered inline, everything else to hypercorn.
+"""The tracker's TCP port: one accept loop, BitTorrent GETs answered inline, the rest per task.
 
-Why not let hypercorn take every connection: measured on this machine with a
+Why not a task per connection for everything: measured on this machine with a
 new connection per request (what libtorrent does), quart-trio on hypercorn
-answers about 540 requests/s and even `trio.serve_tcp` with a task per
-connection about 3,600/s, while accepting in a loop and answering a complete
+answered about 540 requests/s and `trio.serve_tcp` with a task per connection
+about 3,600/s, while accepting in a loop and answering a complete
 `GET /announce` straight from the first `recv` — no task, no stream object —
-reaches about 13,000/s (docs/BENCHMARKS.md). So this loop accepts, reads the
-request head, and when it is a GET of a BitTorrent path (`answer` returns a
-response) writes it and closes. Any other request — the control API,
-/healthz, /metrics, a head that did not arrive in one piece and turns out not to
-be an announce — is handed, with the bytes already read, to `hand_off` (the
-hypercorn connection handler), which then owns the connection for good,
-keep-alive and all. This module owns sockets and the request head only; it
-must not interpret queries (announce.py) or know the app.
+reached about 13,000/s (docs/BENCHMARKS.md, with a hand-written parser; h11's
+parse adds about 25 µs to the ~80 µs of an announce). So this loop accepts, reads what
+has arrived, and when it is one complete GET that the app answers at once
+(`fast_answer`: an announce or scrape) writes the answer and closes. Every other
+connection — the control API, /healthz, /metrics, a head that came in pieces —
+gets a task running `serve_connection`, the one place that speaks HTTP on a
+stream, keep-alive and all, with the bytes already read. A TLS listener would
+wrap the stream in a `trio.SSLStream` in `_connection` and skip the fast path;
+`serve_connection` needs nothing else. This module owns sockets, streams and
+time limits only: framing is http_protocol's, answers are the app's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import socket
-from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import trio
 
-# A BitTorrent client's GET fits in one segment; more is not an announce.
-MAX_HEAD_BYTES = 16 * 1024
+from tracker.http_protocol import (
+    MAX_HEAD_BYTES,
+    HttpConnection,
+    Refusal,
+    Request,
+    Response,
+    Wait,
+    first_get,
+)
+
+log = logging.getLogger("p2preg.tracker")
+# Before authentication, a client gets this long for its first request's head ...
 HEAD_TIMEOUT_S = 10.0
+# ... this long, idle, between keep-alive requests (hypercorn's default) ...
+KEEP_ALIVE_TIMEOUT_S = 5.0
+# ... this long for a body once the head is in (Quart's BODY_TIMEOUT) ...
+BODY_TIMEOUT_S = 60.0
+# ... and this long to take an answer off our hands.
+SEND_TIMEOUT_S = 30.0
+RECEIVE_BYTES = 64 * 1024
 # Connections accepted per wake-up before letting other tasks run.
 ACCEPT_BATCH = 64
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-
-# (request target, client ip) → full HTTP response, or None: not ours to answer.
-Answer = Callable[[bytes, str], bytes | None]
-HandOff = Callable[[trio.abc.HalfCloseableStream], Awaitable[None]]
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-def http_response(body: bytes, status: bytes = b"200 OK") -> bytes:
-    """A complete HTTP/1.1 response that closes the connection after it."""
-    return (
-        b"HTTP/1.1 "
-        + status
-        + b"\r\nContent-Type: text/plain\r\nContent-Length: "
-        + str(len(body)).encode()
-        + b"\r\nConnection: close\r\n\r\n"
-        + body
-    )
+class HttpApp(Protocol):
+    """What the listener serves (http_routes.TrackerHttp; a fake in tests)."""
 
+    max_body_bytes: int
 
-def get_target(data: bytes) -> bytes | None:
-    """The target of a complete, bodiless GET request head in `data`, else None."""
-    end = data.find(b"\r\n\r\n")
-    if end < 0 or not data.startswith(b"GET "):
-        return None
-    head = data[:end]
-    line_end = head.find(b"\r\n")
-    request_line = head if line_end < 0 else head[:line_end]
-    parts = request_line.split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-        return None
-    if end + 4 != len(data):
-        return None  # a body or a pipelined request: let hypercorn handle it
-    lowered = head.lower()
-    if b"\ncontent-length:" in lowered or b"\ntransfer-encoding:" in lowered:
-        return None
-    return parts[1]
+    def fast_answer(self, target: bytes, ip: str) -> bytes | None: ...
 
+    async def handle(self, request: Request) -> Response: ...
 
-class ReplayStream(trio.abc.HalfCloseableStream):
-    """A socket stream that first yields bytes already read from it.
-
-    hypercorn's connection handler reads `.socket` for the peer address, so the
-    real client address reaches the app unchanged.
-    """
-
-    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
-        self.transport = stream
-        self.socket = stream.socket
-        self._prefix = prefix
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            await trio.lowlevel.checkpoint()
-            data, self._prefix = self._prefix, b""
-            return data
-        return bytes(await self.transport.receive_some(max_bytes))
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.transport.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.transport.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.transport.send_eof()
-
-    async def aclose(self) -> None:
-        await self.transport.aclose()
-
-
-def _fast_answer(answer: Answer, data: bytes, ip: str) -> bytes | None:
-    target = get_target(data)
-    return None if target is None else answer(target, ip)
+    def refuse(self, refusal: Refusal) -> Response: ...
 
 
 async def serve_http(
     sock: socket.socket,
-    answer: Answer,
-    hand_off: HandOff,
+    app: HttpApp,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -128,62 +88,151 @@ async def serve_http(
                             raise
                         await trio.sleep(0.1)  # out of descriptors: let some close
                         break
-                    conn.setblocking(False)
-                    ip = addr[0]
-                    try:
-                        data = conn.recv(MAX_HEAD_BYTES)
-                    except BlockingIOError:
-                        data = b""
-                    except OSError:
-                        conn.close()
-                        continue
-                    response = _fast_answer(answer, data, ip) if data else None
-                    if response is None:
-                        nursery.start_soon(_connection, conn, ip, data, answer, hand_off)
-                        continue
-                    try:
-                        sent = conn.send(response)
-                    except OSError:
-                        conn.close()
-                        continue
-                    if sent == len(response):
-                        conn.close()
-                    else:
-                        nursery.start_soon(_finish, conn, response[sent:])
+                    _accepted(nursery, conn, addr[0], app)
                 await trio.lowlevel.checkpoint()
         finally:
             sock.close()
 
 
+def _accepted(nursery: trio.Nursery, conn: socket.socket, ip: str, app: HttpApp) -> None:
+    """Answer a new connection from its first bytes if we can, else give it a task."""
+    conn.setblocking(False)
+    try:
+        data = conn.recv(MAX_HEAD_BYTES)
+    except BlockingIOError:
+        data = b""
+    except OSError:
+        conn.close()
+        return
+    target = first_get(data) if data else None
+    response = None if target is None else app.fast_answer(target, ip)
+    if response is None:
+        nursery.start_soon(_connection, conn, ip, data, app)
+        return
+    try:
+        sent = conn.send(response)
+    except OSError:
+        conn.close()
+        return
+    if sent == len(response):
+        conn.close()
+    else:
+        nursery.start_soon(_finish, conn, response[sent:])
+
+
 async def _finish(conn: socket.socket, rest: bytes) -> None:
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
-    with trio.move_on_after(HEAD_TIMEOUT_S):
-        with contextlib.suppress(trio.BrokenResourceError, OSError):
-            await stream.send_all(rest)
+    with trio.move_on_after(SEND_TIMEOUT_S), contextlib.suppress(*_GONE):
+        await stream.send_all(rest)
     await stream.aclose()
 
 
-async def _connection(
-    conn: socket.socket, ip: str, data: bytes, answer: Answer, hand_off: HandOff
-) -> None:
+async def _connection(conn: socket.socket, ip: str, data: bytes, app: HttpApp) -> None:
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
     try:
-        with trio.move_on_after(HEAD_TIMEOUT_S) as timeout:
-            while b"\r\n\r\n" not in data and len(data) < MAX_HEAD_BYTES:
-                chunk = await stream.receive_some(MAX_HEAD_BYTES)
-                if not chunk:
-                    await stream.aclose()
-                    return
-                data += chunk
-        if timeout.cancelled_caught:
-            await stream.aclose()
-            return
-        response = _fast_answer(answer, data, ip)
-        if response is not None:
-            await stream.send_all(response)
-            await stream.aclose()
-            return
-    except (trio.BrokenResourceError, OSError):
+        await serve_connection(stream, HttpConnection(ip, app.max_body_bytes), app, data)
+    except _GONE:
+        pass
+    except Exception:
+        # One connection's failure must not end the accept loop's nursery.
+        log.exception("a connection from %s failed; the listener goes on", ip)
+    finally:
         await stream.aclose()
-        return
-    await hand_off(ReplayStream(stream, data))
+
+
+async def serve_connection(
+    stream: trio.abc.Stream, http: HttpConnection, app: HttpApp, data: bytes = b""
+) -> None:
+    """Speak HTTP/1.1 on `stream` until either side is done; `data` was read already."""
+    if data:
+        http.receive(data)
+    idle_s = HEAD_TIMEOUT_S
+    while True:
+        request = await _read_request(stream, http, idle_s)
+        if request is None:
+            return
+        if isinstance(request, Refusal):
+            if http.can_respond:
+                await _send(stream, http.respond(app.refuse(request)))
+            return
+        response = await _answer_while_connected(stream, http, app, request)
+        if response is None:
+            return  # the client left: nobody to answer
+        head_only = request.method == b"HEAD"
+        if not await _send(stream, http.respond(response, head_only=head_only)):
+            return
+        if not http.next_cycle():
+            return
+        idle_s = KEEP_ALIVE_TIMEOUT_S
+
+
+async def _read_request(
+    stream: trio.abc.Stream, http: HttpConnection, head_timeout_s: float
+) -> Request | Refusal | None:
+    """The next request, a refusal to answer, or None: closed or out of time."""
+    deadline = trio.current_time() + head_timeout_s
+    body_clock_started = False
+    while True:
+        got = http.next_request()
+        if got is Wait.CLOSED:
+            return None
+        if not isinstance(got, Wait):
+            return got
+        if http.reading_body and not body_clock_started:
+            deadline, body_clock_started = trio.current_time() + BODY_TIMEOUT_S, True
+        chunk = None
+        with trio.move_on_at(deadline):
+            chunk = await stream.receive_some(RECEIVE_BYTES)
+        if chunk is None:
+            return None  # too slow before we know who it is: hang up without a word
+        http.receive(bytes(chunk))
+
+
+async def _answer_while_connected(
+    stream: trio.abc.Stream, http: HttpConnection, app: HttpApp, request: Request
+) -> Response | None:
+    """`app.handle(request)`, cancelled if the client hangs up first (a long poll's
+    waiter must not hold a place in a queue for a node that is gone).
+
+    The watcher's `receive_some` is cancelled when the answer is ready: safe on
+    a SocketStream, and on an SSLStream once its handshake is done (a whole
+    request has been read by then).
+    """
+    response: Response | None = None
+
+    async def handle(cancel_scope: trio.CancelScope) -> None:
+        nonlocal response
+        response = await app.handle(request)
+        cancel_scope.cancel()
+
+    async def watch(cancel_scope: trio.CancelScope) -> None:
+        read = 0
+        # Bytes that arrive meanwhile are the next pipelined request: keep them,
+        # up to one head's worth; past that, stop reading and let TCP push back.
+        while read <= MAX_HEAD_BYTES:
+            try:
+                chunk = await stream.receive_some(RECEIVE_BYTES)
+            except _GONE:
+                chunk = b""
+            if not chunk:
+                cancel_scope.cancel()
+                return
+            read += len(chunk)
+            http.receive(bytes(chunk))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handle, nursery.cancel_scope)
+        nursery.start_soon(watch, nursery.cancel_scope)
+    return response
+
+
+async def _send(stream: trio.abc.Stream, data: bytes) -> bool:
+    """Send `data`; False when the client is gone or does not read it in time."""
+    with trio.move_on_after(SEND_TIMEOUT_S):
+        try:
+            await stream.send_all(data)
+        except _GONE:
+            return False
+        return True
+    return False

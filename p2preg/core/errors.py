@@ -1,11 +1,11 @@
 """The tracker's one exception hierarchy, and what each error means on the wire.
 
 Handlers and the service raise these; exactly two places turn them into bytes:
-`announce.encode_failure` / `udp.encode_error` for BitTorrent clients (a
-bencoded or BEP 15 failure, always HTTP 200 as BitTorrent clients expect) and
-`server` for the control API (an `ErrorReply` with `status`). `client` maps the
-`code` of an `ErrorReply` back to the same class, so node code catches what the
-tracker raised. This module must not import anything else of the tracker.
+`tracker.bittorrent` for BitTorrent clients (a bencoded or BEP 15 failure,
+always HTTP 200 as BitTorrent clients expect) and `tracker.http_routes` for the
+control API (an `ErrorReply` with `status`). `client` maps the `code` of an
+`ErrorReply` back to the same class, so node code catches what the tracker
+raised. This module must not import anything else of the tracker.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ bad reports, upstream leases, errors) as frozen dataclasses, and `encode` /
 `decode`, which check every field's type on the way in. Readers ignore keys they
 do not know, so a newer peer can add optional fields without breaking an older
 one. This module is sans-IO: bytes in, dataclasses out; it must not know URLs,
-HTTP or status codes (tracker/server.py and tracker/client.py do).
+HTTP or status codes (tracker/http_routes.py and tracker/client.py do).
 """
 
 from __future__ import annotations

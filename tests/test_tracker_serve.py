@@ -1,13 +1,13 @@
-"""The tracker over real sockets, in process (tracker/server.py and its listeners).
+"""The tracker over real sockets, in process (tracker/serve.py, its listeners and routes).
 
-Started with `nursery.start(serve_tracker, ...)` on port 0; spoken to with
-httpx, the node's TrackerClient, raw TCP and raw UDP. Every refusal must be a
-clear error of the right kind, and the tracker must keep serving after it.
+Started with `nursery.start(serve_tracker, ...)` on port 0 (tests/tracker_helpers.py);
+spoken to with httpx, the node's TrackerClient, raw TCP and raw UDP. Every
+refusal must be a clear error of the right kind, and the tracker must keep
+serving after it.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -16,42 +16,28 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote_from_bytes, urlsplit
 
+import h11
 import httpx
 import libtorrent as lt
 import msgpack
 import pytest
 import trio
+import trio.testing
 
 from p2preg.core import errors, wire
-from p2preg.core.config import HostPort
 from p2preg.core.digest import Digest
-from p2preg.core.metainfo import Metainfo
+from tests.tracker_helpers import SteppedClock, blob_meta, remake, running_tracker
 from tracker import udp
 from tracker.client import TrackerClient, open_tracker_client
-from tracker.config import TrackerConfig
-from tracker.metainfo import make_metainfo
-from tracker.server import serve_tracker
 
 TOKEN = "cluster-token"
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, **overrides: object) -> AsyncIterator[str]:
-    settings: dict[str, Any] = dict(
-        listen=HostPort("127.0.0.1", 0), data_dir=tmp_path / "tracker", token=TOKEN
-    )
-    settings.update(overrides)
-    async with trio.open_nursery() as nursery:
-        yield await nursery.start(serve_tracker, TrackerConfig(**settings))
-        nursery.cancel_scope.cancel()
-
-
-def blob_meta(tmp_path: Path, size: int = 100_000) -> Metainfo:
-    data = os.urandom(size)
-    digest = Digest.of(data)
-    path = tmp_path / digest.hex
-    path.write_bytes(data)
-    return make_metainfo(path, digest, size)
+async def running(tmp_path: Path, **overrides: Any) -> AsyncIterator[str]:
+    """The shared in-process tracker, with this file's cluster token."""
+    async with running_tracker(tmp_path, **{"token": TOKEN, **overrides}) as url:
+        yield url
 
 
 def announce_query(ih: bytes, n: int, *, left: int = 0, token: str | None = TOKEN) -> str:
@@ -128,7 +114,7 @@ async def test_malformed_announces_get_bencoded_failures(
 async def test_garbage_and_split_requests_over_raw_tcp(tmp_path: Path) -> None:
     async with running(tmp_path, token=None) as url:
         host, port = urlsplit(url).hostname or "", urlsplit(url).port or 0
-        # Not HTTP at all: hypercorn answers 400 and the tracker stays up.
+        # Not HTTP at all: a 400, and the tracker stays up.
         stream = await trio.open_tcp_stream(host, port)
         await stream.send_all(b"\x16\x03\x01 hello?\r\n\r\n")
         reply = await stream.receive_some(4096)
@@ -148,17 +134,58 @@ async def test_garbage_and_split_requests_over_raw_tcp(tmp_path: Path) -> None:
             assert await healthy(http, url)
 
 
-async def test_control_then_announce_on_one_keep_alive_connection(tmp_path: Path) -> None:
+async def exchange_on(
+    stream: trio.SocketStream, conn: h11.Connection, method: str, target: str, body: bytes = b""
+) -> tuple[h11.Response, bytes]:
+    """One request on an open connection, read back with h11 (client side)."""
+    headers = [("Host", "tracker"), ("Authorization", f"Bearer {TOKEN}")]
+    headers.append(("Content-Length", str(len(body))))
+    data = conn.send(h11.Request(method=method, target=target, headers=headers)) or b""
+    data += conn.send(h11.Data(data=body)) if body else b""
+    await stream.send_all(data + (conn.send(h11.EndOfMessage()) or b""))
+    head: h11.Response | None = None
+    answer = b""
+    with trio.fail_after(10):  # a hang guard, not a timing assertion
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                head = event
+            elif isinstance(event, h11.Data):
+                answer += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert head is not None
+                return head, answer
+
+
+async def test_control_requests_keep_the_connection_and_announces_close_it(
+    tmp_path: Path,
+) -> None:
     meta = blob_meta(tmp_path)
-    async with running(tmp_path) as url, httpx.AsyncClient() as http:
-        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": wire.CONTENT_TYPE}
+    async with running(tmp_path) as url:
+        stream = await trio.open_tcp_stream("127.0.0.1", urlsplit(url).port or 0)
+        conn = h11.Connection(h11.CLIENT)
         body = wire.encode(wire.PublishMetainfo("n1", meta.size, meta.data))
-        r = await http.put(f"{url}/v1/metainfo/{meta.digest}", content=body, headers=headers)
-        assert r.status_code == 201
-        # hypercorn owns this connection now; it answers announces the same way,
-        # with the client's real address.
-        await http.get(f"{url}/announce?{announce_query(meta.swarm_keys[0], 1)}")
-        r = await http.get(f"{url}/announce?{announce_query(meta.swarm_keys[0], 2, left=9)}")
+        head, _ = await exchange_on(stream, conn, "PUT", f"/v1/metainfo/{meta.digest}", body)
+        assert head.status_code == 201
+        conn.start_next_cycle()
+        head, answer = await exchange_on(stream, conn, "GET", "/healthz")
+        assert (head.status_code, answer) == (200, b"ok\n")
+        conn.start_next_cycle()
+        # A HEAD is a GET without the body.
+        head, answer = await exchange_on(stream, conn, "HEAD", "/healthz")
+        assert (head.status_code, answer) == (200, b"")
+        conn.start_next_cycle()
+        # An announce on the same connection: the client's real address, then close.
+        query = announce_query(meta.swarm_keys[0], 1)
+        head, answer = await exchange_on(stream, conn, "GET", f"/announce?{query}")
+        assert head.status_code == 200 and (b"connection", b"close") in list(head.headers)
+        assert lt.bdecode(answer)[b"complete"] == 1
+        assert await stream.receive_some(1) == b""
+        await stream.aclose()
+        async with httpx.AsyncClient() as http:
+            r = await http.get(f"{url}/announce?{announce_query(meta.swarm_keys[0], 2, left=9)}")
         assert lt.bdecode(r.content)[b"peers"] == bytes([127, 0, 0, 1, 0x1B, 0x59])
 
 
@@ -185,7 +212,7 @@ async def test_metainfo_refusals_are_clear_and_typed(tmp_path: Path) -> None:
         assert await client.publish_metainfo(meta.digest, meta.size, meta.data) == first
         assert await client.lookup_metainfo(meta.digest) == first
         assert await client.lookup_metainfo(Digest.of(b"never published")) is None
-        hybrid = make_metainfo(tmp_path / meta.digest.hex, meta.digest, meta.size, hybrid=True)
+        hybrid = remake(tmp_path, meta, hybrid=True)
         with pytest.raises(errors.MetainfoConflict):
             await client.publish_metainfo(meta.digest, meta.size, hybrid.data)
         replaced = await client.report_bad(
@@ -217,35 +244,43 @@ async def test_metainfo_refusals_are_clear_and_typed(tmp_path: Path) -> None:
 
 
 async def test_expired_lease_passes_on_while_a_renewing_one_does_not(tmp_path: Path) -> None:
+    """Over HTTP, with the tracker's clock stepped by hand: no wall-clock waits."""
     digest = Digest.of(b"a blob nobody has yet")
+    clock = SteppedClock()
     async with (
-        running(tmp_path, lease_ttl_s=1.0, lease_wait_max_s=5.0) as url,
+        running(tmp_path, clock=clock, lease_ttl_s=1.0, lease_wait_max_s=5.0) as url,
         open_tracker_client(url, node="a", token=TOKEN) as a,
         open_tracker_client(url, node="b", token=TOKEN) as b,
     ):
         held = await a.acquire_lease(digest, size=1000)
         assert held.status is wire.LeaseStatus.GRANTED and held.lease_id is not None
-
-        async def renew_for(seconds: float) -> None:
-            assert held.lease_id is not None
-            for step in range(int(seconds / 0.25)):
-                await trio.sleep(0.25)
-                await a.renew_lease(digest, held.lease_id, 100 * (step + 1))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(renew_for, 2.5)
-            # Longer than the TTL, shorter than the renewals: never handed over.
-            waited = await b.acquire_lease(digest, wait_s=1.8)
+        # Renewed every 0.6 s for 3 s, longer than the TTL: never handed over.
+        for step in range(1, 6):
+            clock.step(0.6)
+            await a.renew_lease(digest, held.lease_id, 100 * step)
+            waited = await b.acquire_lease(digest)
             assert waited.status is wire.LeaseStatus.WAIT and waited.holder == "a"
-            assert waited.bytes_done > 0 and waited.retry_after_s > 0
-        stopped = trio.current_time()
-        taken = await b.acquire_lease(digest, wait_s=4.0)
+            assert waited.bytes_done == 100 * step and waited.retry_after_s > 0
+        # Silent past its TTL: the next asker takes it, and the old holder has lost it.
+        clock.step(1.1)
+        taken = await b.acquire_lease(digest)
         assert taken.status is wire.LeaseStatus.GRANTED and taken.holder == "b"
-        assert 0.5 <= trio.current_time() - stopped <= 2.5
         with pytest.raises(errors.LeaseLost):
             await a.renew_lease(digest, held.lease_id, 1)
-        await b.release_lease(digest, taken.lease_id or "")
-        assert (await a.acquire_lease(digest)).status is wire.LeaseStatus.GRANTED
+        # A long-polled request is answered when the lease is released (on the
+        # stepped clock it has no other way to end; fail_after guards a hang).
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                got: list[wire.LeaseReply] = []
+
+                async def long_poll() -> None:
+                    got.append(await a.acquire_lease(digest, wait_s=5.0))
+
+                nursery.start_soon(long_poll)
+                await trio.testing.wait_all_tasks_blocked()
+                assert got == []
+                await b.release_lease(digest, taken.lease_id or "")
+        assert got[0].status is wire.LeaseStatus.GRANTED and got[0].holder == "a"
         async with httpx.AsyncClient() as http:
             metrics = (await http.get(url + "/metrics")).text
         assert "p2preg_tracker_lease_grants_total 3.0" in metrics

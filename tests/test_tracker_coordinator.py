@@ -1,8 +1,7 @@
-"""The tracker's logic without sockets (tracker/service.py): swarms, registry, restore."""
+"""The tracker's service without sockets (tracker/coordinator.py): swarms, registry, restore."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,33 +9,12 @@ import trio
 import trio.testing
 
 from p2preg.core import errors, wire
-from p2preg.core.config import HostPort
-from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
+from tests.tracker_helpers import blob_meta, make_tracker, remake
 from tracker.announce import AnnounceRequest, Event, ScrapeRequest, SwarmStats
-from tracker.config import TrackerConfig
-from tracker.metainfo import make_metainfo
+from tracker.coordinator import Tracker
 from tracker.peers import compact_address
-from tracker.service import Tracker
-from tracker.state import MemoryStore
-
-
-def blob_meta(tmp_path: Path, *, hybrid: bool = False, size: int = 200_000) -> Metainfo:
-    data = os.urandom(size)
-    path = tmp_path / f"blob-{Digest.of(data).hex}"
-    path.write_bytes(data)
-    return make_metainfo(path, Digest.of(data), size, hybrid=hybrid)
-
-
-def remake(tmp_path: Path, meta: Metainfo, *, hybrid: bool) -> Metainfo:
-    """The same blob's metainfo made with other rules: a different torrent."""
-    path = tmp_path / f"blob-{meta.digest.hex}"
-    return make_metainfo(path, meta.digest, meta.size, hybrid=hybrid)
-
-
-def make_tracker(tmp_path: Path, store: MemoryStore | None = None, **kw: object) -> Tracker:
-    config = TrackerConfig(listen=HostPort("127.0.0.1", 0), data_dir=tmp_path, **kw)  # type: ignore[arg-type]
-    return Tracker(config, store or MemoryStore())
+from tracker.state import MemoryStore, StoredBad, StoredMetainfo
 
 
 def ann(
@@ -210,3 +188,57 @@ async def test_restore_brings_back_metainfo_bad_reports_and_leases(tmp_path: Pat
     assert reply.status is wire.LeaseStatus.WAIT and reply.holder == "a"
     renewed = await again.renew_lease(str(meta.digest), wire.LeaseRenew(lease.lease_id or "", 5))
     assert renewed.bytes_done == 5
+
+
+class SlowStore(MemoryStore):
+    """A MemoryStore whose metainfo commits wait until the test lets them through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.committing = trio.Event()
+        self.go = trio.Event()
+
+    async def put_metainfo(self, record: StoredMetainfo, bad: StoredBad | None = None) -> None:
+        self.committing.set()
+        await self.go.wait()
+        await super().put_metainfo(record, bad)
+
+
+async def test_a_slow_metainfo_commit_holds_up_nothing_else(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = SlowStore()
+    t = make_tracker(tmp_path, store)
+    meta, other = blob_meta(tmp_path), blob_meta(tmp_path)
+    results: list[tuple[wire.MetainfoRecord, bool]] = []
+
+    async def publish_as(node: str) -> None:
+        results.append(await publish(t, meta, node))
+
+    # Whatever waits on a lock held across the commit would run into this.
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publish_as, "n1")
+            await store.committing.wait()
+            # Meanwhile: leases of other blobs, lookups and announces go on...
+            lease = await t.acquire_lease(str(other.digest), wire.LeaseRequest("a", 10))
+            assert lease.status is wire.LeaseStatus.GRANTED
+            renewed = await t.renew_lease(
+                str(other.digest), wire.LeaseRenew(lease.lease_id or "", 5)
+            )
+            assert renewed.bytes_done == 5 and str(other.digest) in store.leases
+            # ... the metainfo being committed is not served before it is durable ...
+            with pytest.raises(errors.NotFound):
+                t.lookup(str(meta.digest))
+            with pytest.raises(errors.UnknownTorrent):
+                t.announce(ann(meta.swarm_keys[0], 1), "10.0.0.1", "http")
+            # ... and a second write of the same digest waits for the first's outcome.
+            nursery.start_soon(publish_as, "n2")
+            await trio.testing.wait_all_tasks_blocked()
+            assert results == []
+            store.go.set()
+    assert [(r.digest, created) for r, created in results] == [
+        (str(meta.digest), True),
+        (str(meta.digest), False),
+    ]
+    assert store.metainfo[str(meta.digest)].published_by == "n1"

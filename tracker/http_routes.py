@@ -1,0 +1,216 @@
+"""Every HTTP route of the tracker's port, as one table, and their answers.
+
+Owns what each request gets: BitTorrent announces and scrapes (bencoded, HTTP
+200 even for failures, and the connection closes, as BitTorrent clients
+expect), the control API (msgpack bodies, bearer token), `/healthz`,
+`/metrics` and `/v1/status`; and the one place where an error becomes a control
+API answer: a msgpack `ErrorReply` with the error's 4xx status (500 only for
+our own faults, logged). `TrackerHttp` is what the listener serves: `handle`
+for a parsed request, `refuse` for one that could not be read, `fast_answer`
+for the listener's fast path. This module must not parse HTTP framing
+(http_protocol does) or touch sockets (http_listener does), and holds no tracker
+logic (the coordinator does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+from p2preg.core import errors, wire
+from tracker import bittorrent
+from tracker.announce import ANNOUNCE_PATH, SCRAPE_PATH, split_target
+from tracker.coordinator import Tracker
+from tracker.http_protocol import Refusal, Request, Response, encode_closing
+from tracker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+
+log = logging.getLogger("p2preg.tracker")
+# The largest body is a metainfo upload: the metainfo plus a little framing.
+BODY_FRAMING_BYTES = 64 * 1024
+# `GET /v1/status?limit=`: how many swarms it lists by default and at most.
+STATUS_DEFAULT_LIMIT = 50
+STATUS_MAX_LIMIT = 1000
+# Codes of refusals that are about HTTP, not about the tracker's errors.
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One routed request: the tracker, the request, and the `{digest}` of its path."""
+
+    tracker: Tracker
+    request: Request
+    digest: str = ""
+
+    def message(self, cls: type[wire.M]) -> wire.M:
+        return wire.decode(cls, self.request.body)
+
+
+Handler = Callable[[Call], Awaitable[Response]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: bytes
+    # Segments; "{digest}" matches any one segment.
+    path: tuple[str, ...]
+    handler: Handler
+    # Needs the bearer token (BitTorrent routes carry theirs in the query).
+    bearer: bool = True
+
+
+def _msgpack(message: wire.Message, status: int = 200) -> Response:
+    return Response(status, wire.encode(message), wire.CONTENT_TYPE)
+
+
+def _error(code: str, message: str, status: int) -> Response:
+    return _msgpack(wire.ErrorReply(code, message), status)
+
+
+# -- handlers ----------------------------------------------------------------------
+
+
+async def _healthz(call: Call) -> Response:
+    return Response(200, b"ok\n", "text/plain; charset=utf-8")
+
+
+async def _metrics(call: Call) -> Response:
+    return Response(200, call.tracker.metrics.render(), METRICS_CONTENT_TYPE)
+
+
+async def _bittorrent(call: Call) -> Response:
+    req = call.request
+    # The route matched the decoded path; the BitTorrent codec reads the raw query.
+    path = ANNOUNCE_PATH if req.path == ANNOUNCE_PATH.decode() else SCRAPE_PATH
+    body = bittorrent.http_body(call.tracker, path, req.query, req.client_ip)
+    return Response(200, body or b"", "text/plain", close=True)
+
+
+async def _status(call: Call) -> Response:
+    query = call.request.query.decode("latin-1")
+    text = next((v for k, v in parse_qsl(query, keep_blank_values=True) if k == "limit"), None)
+    text = str(STATUS_DEFAULT_LIMIT) if text is None else text
+    if not (text.isascii() and text.isdigit()) or len(text) > 6:  # int() refuses "²"
+        raise errors.InvalidRequest(f"limit must be a number, got {text[:20]!r}")
+    doc = dataclasses.asdict(call.tracker.status(min(int(text), STATUS_MAX_LIMIT)))
+    return Response(200, json.dumps(doc).encode(), "application/json")
+
+
+async def _lookup(call: Call) -> Response:
+    return _msgpack(call.tracker.lookup(call.digest))
+
+
+async def _publish(call: Call) -> Response:
+    msg = call.message(wire.PublishMetainfo)
+    record, created = await call.tracker.publish(call.digest, msg)
+    return _msgpack(record, 201 if created else 200)
+
+
+async def _report_bad(call: Call) -> Response:
+    return _msgpack(await call.tracker.report_bad(call.digest, call.message(wire.ReportBad)))
+
+
+async def _acquire(call: Call) -> Response:
+    msg = call.message(wire.LeaseRequest)
+    return _msgpack(await call.tracker.acquire_lease(call.digest, msg))
+
+
+async def _renew(call: Call) -> Response:
+    return _msgpack(await call.tracker.renew_lease(call.digest, call.message(wire.LeaseRenew)))
+
+
+async def _release(call: Call) -> Response:
+    await call.tracker.release_lease(call.digest, call.message(wire.LeaseRelease))
+    return Response(204, b"", wire.CONTENT_TYPE)
+
+
+def _route(method: str, path: str, handler: Handler, *, bearer: bool = True) -> Route:
+    return Route(method.encode(), tuple(path.strip("/").split("/")), handler, bearer)
+
+
+ROUTES: tuple[Route, ...] = (
+    _route("GET", "/healthz", _healthz, bearer=False),
+    _route("GET", "/metrics", _metrics, bearer=False),
+    _route("GET", "/announce", _bittorrent, bearer=False),
+    _route("GET", "/scrape", _bittorrent, bearer=False),
+    _route("GET", "/v1/status", _status),
+    _route("GET", "/v1/metainfo/{digest}", _lookup),
+    _route("PUT", "/v1/metainfo/{digest}", _publish),
+    _route("POST", "/v1/metainfo/{digest}/bad", _report_bad),
+    _route("POST", "/v1/leases/{digest}", _acquire),
+    _route("PUT", "/v1/leases/{digest}", _renew),
+    _route("POST", "/v1/leases/{digest}/release", _release),
+)
+
+
+def match(path: str, routes: tuple[Route, ...] = ROUTES) -> list[tuple[Route, str]]:
+    """The routes whose path matches (any method), each with its `{digest}` segment."""
+    if not path.startswith("/"):
+        return []  # an absolute-form or asterisk target names no route of ours
+    segments = path.strip("/").split("/")
+    found = []
+    for route in routes:
+        if len(route.path) != len(segments):
+            continue
+        digest = ""
+        for want, got in zip(route.path, segments, strict=True):
+            if want == "{digest}" and got:
+                digest = got
+            elif want != got:
+                break
+        else:
+            found.append((route, digest))
+    return found
+
+
+def _bearer(request: Request) -> bytes | None:
+    header = (request.header(b"authorization") or b"").decode("latin-1")
+    scheme, _, token = header.partition(" ")
+    return token.strip().encode() if scheme.lower() == "bearer" and token else None
+
+
+class TrackerHttp:
+    """The tracker's HTTP side: what http_listener serves on every connection."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+        self.max_body_bytes = tracker.config.max_metainfo_bytes + BODY_FRAMING_BYTES
+
+    def fast_answer(self, target: bytes, ip: str) -> bytes | None:
+        """The whole response to a GET of `target` if it is a BitTorrent one, else None."""
+        path, query = split_target(target)
+        body = bittorrent.http_body(self.tracker, path, query, ip)
+        return None if body is None else encode_closing(body)
+
+    async def handle(self, request: Request) -> Response:
+        # HEAD is GET without the body (the framing leaves it out).
+        method = b"GET" if request.method == b"HEAD" else request.method
+        found = match(request.path)
+        if not found:
+            return _error("not_found", f"no route {request.path[:200]!r}", 404)
+        chosen = next(((r, d) for r, d in found if r.method == method), None)
+        if chosen is None:
+            allowed = ", ".join(sorted({r.method.decode() for r, _ in found}))
+            refused = _error("method_not_allowed", f"use {allowed}", 405)
+            return dataclasses.replace(refused, headers=(("Allow", allowed),))
+        route, digest = chosen
+        try:
+            if route.bearer:
+                self.tracker.check_token(_bearer(request))
+            return await route.handler(Call(self.tracker, request, digest))
+        except errors.TrackerError as e:
+            return _error(e.code, str(e), e.status)
+        except wire.WireError as e:
+            return _error(errors.InvalidRequest.code, str(e), 400)
+        except Exception:
+            log.exception("%s %s failed", method.decode(), request.path[:200])
+            return _error("internal_error", "the tracker failed on its side; see its log", 500)
+
+    def refuse(self, refusal: Refusal) -> Response:
+        """The answer to a request that could not be read; the connection closes after it."""
+        code = _HTTP_CODES.get(refusal.status, errors.InvalidRequest.code)
+        return dataclasses.replace(_error(code, refusal.reason, refusal.status), close=True)

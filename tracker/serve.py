@@ -1,0 +1,124 @@
+"""`serve_tracker`: the running tracker — its sockets, its store, its listeners.
+
+Owns the wiring of one tracker process: binding the TCP port and its UDP twin,
+opening the SQLite store and loading it into the coordinator, the UDP
+connection-id key kept across restarts, and the nursery in which the HTTP
+listener (http_listener serving http_routes), the UDP listener and the sweeper
+run. `task_status.started(base_url)` once it serves, so tests start it on port
+0. This module must not answer requests (http_routes, bittorrent do) or hold
+tracker logic (coordinator does).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from p2preg.core.config import ConfigError, HostPort
+from tracker import udp
+from tracker.bittorrent import udp_answer
+from tracker.config import TrackerConfig
+from tracker.coordinator import Tracker
+from tracker.http_listener import serve_http
+from tracker.http_routes import TrackerHttp
+from tracker.state import open_sqlite_store
+from tracker.udp_listener import serve_udp
+
+log = logging.getLogger("p2preg.tracker")
+UDP_KEY_FILE = "udp-connection-id.key"
+_BIND_ATTEMPTS = 20
+
+
+def bind_sockets(listen: HostPort, *, with_udp: bool) -> tuple[socket.socket, socket.socket | None]:
+    """A listening TCP socket and, if asked, a UDP socket on the same port number."""
+    try:
+        info = socket.getaddrinfo(
+            listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise ConfigError(f"cannot resolve listen address {listen}: {e}") from None
+    family, _, _, _, address = info
+    for _ in range(_BIND_ATTEMPTS):
+        tcp = socket.socket(family, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            tcp.bind(address)
+            tcp.listen(1024)
+        except OSError as e:
+            tcp.close()
+            raise ConfigError(f"cannot listen on {listen}: {e.strerror}") from None
+        if not with_udp:
+            return tcp, None
+        port = tcp.getsockname()[1]
+        udp_sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            udp_sock.bind((address[0], port, *address[2:]))
+            return tcp, udp_sock
+        except OSError as e:
+            udp_sock.close()
+            tcp.close()
+            if listen.port != 0:
+                raise ConfigError(f"cannot bind UDP {listen}: {e.strerror}") from None
+            # Port 0 gave a TCP port whose UDP twin is taken: try another.
+    raise ConfigError(f"found no port free for both TCP and UDP on {listen.host}")
+
+
+def _udp_key(data_dir: Path) -> bytes:
+    """The connection-id key, kept so that ids stay valid across a restart."""
+    path = data_dir / UDP_KEY_FILE
+    try:
+        key = path.read_bytes()
+        if len(key) == 32:
+            return key
+    except FileNotFoundError:
+        pass
+    key = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return key
+
+
+def _base_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def serve_tracker(
+    config: TrackerConfig,
+    *,
+    clock: Callable[[], float] = trio.current_time,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the tracker until cancelled; `task_status.started(base_url)` once it serves.
+
+    `clock` is the coordinator's (leases, peer expiry): tests that move time by
+    hand pass their own, ahead of trio's.
+    """
+    config = config.with_token()
+    tcp, udp_sock = bind_sockets(config.listen, with_udp=config.udp)
+    try:
+        async with open_sqlite_store(config.data_dir) as store:
+            tracker = Tracker(config, store, clock=clock)
+            tracker.restore(await store.load())
+            key = await trio.to_thread.run_sync(_udp_key, config.data_dir)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_http, tcp, TrackerHttp(tracker))
+                if udp_sock is not None:
+                    answer = udp_answer(tracker, udp.ConnectionIds(key))
+                    await nursery.start(partial(serve_udp, udp_sock, answer))
+                nursery.start_soon(tracker.sweep_forever)
+                url = _base_url(tcp)
+                log.info("tracker serving on %s (udp: %s)", url, udp_sock is not None)
+                task_status.started(url)
+    finally:
+        tcp.close()
+        if udp_sock is not None:
+            udp_sock.close()

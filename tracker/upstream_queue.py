@@ -1,0 +1,136 @@
+"""The per-image upstream queue: which blob of an image may be fetched from upstream next.
+
+`UpstreamQueue` is a sans-IO state machine over an injected clock, like
+leases.py's `LeaseBook`: it remembers, per image (a lease request's `group`,
+the manifest digest), the requests waiting for one of the image's
+`upstream_fetches_per_image` slots, when the image was first asked for and who
+fetched its latest blob, and answers one question — may this request take a
+lease now, or must it wait, and until when. Why a queue at all: one stream
+fills the upstream link, so fetching an image's layers one by one finishes the
+last of them no later than fetching all at once, and every earlier layer is
+complete, and spreading, far sooner. It must not hold leases (the caller passes
+the image's fetching leases in), sleep or wake anybody (the caller's `Waiters`
+do), or persist anything: after a restart the queue starts empty.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from tracker.leases import Lease
+
+# A request queued behind an earlier blob of its image looks again this soon
+# when no fetch is running (the earlier one's requester is taking the slot).
+QUEUE_RECHECK_S = 0.5
+# How long an image's first upstream fetch waits for the requests of its earlier
+# layers (the config is place 0, the first layer 1: those never wait).
+GATHER_S = 0.25
+# Images remembered (the least recently asked go first).
+MAX_IMAGES_REMEMBERED = 10_000
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Place:
+    """One lease request's place in its image: `order` is the blob's place in the manifest."""
+
+    order: int
+    digest: str
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """Wait; look again at `wake_at` (or when woken). `ahead` is the fetch in the way, if any."""
+
+    wake_at: float
+    ahead: Lease | None
+
+
+@dataclass(slots=True)
+class _Image:
+    first_seen: float
+    # The node granted the image's latest fetch.
+    last_holder: str | None = None
+
+
+class UpstreamQueue:
+    def __init__(
+        self,
+        fetches_per_image: int,
+        clock: Callable[[], float],
+        *,
+        max_images: int = MAX_IMAGES_REMEMBERED,
+    ) -> None:
+        self.fetches_per_image = fetches_per_image
+        self._clock = clock
+        self._max_images = max_images
+        # Per image: the places waiting for a slot, counted (one node may ask twice).
+        self._queued: dict[str, Counter[Place]] = {}
+        self._images: OrderedDict[str, _Image] = OrderedDict()
+
+    def check(self, group: str, place: Place, fetching: Sequence[Lease]) -> Queued | None:
+        """None when `place` may take its lease now; else how long to wait.
+
+        `fetching` are the image's live leases whose holders are still fetching
+        from upstream. The caller asks only for a digest nobody holds a lease on
+        (a held lease decides by itself who fetches).
+        """
+        if self.fetches_per_image == 0:
+            return None
+        now = self._clock()
+        image = self._image(group)
+        queue = self._queued.get(group) or Counter()
+        earlier = any((p.order, p.digest) < (place.order, place.digest) for p in queue)
+        # A client asks for all the layers at once, in no set order: before the
+        # image's first fetch, give its earlier layers' requests a moment to arrive.
+        gather_until = image.first_seen + GATHER_S
+        gathering = image.last_holder is None and place.order > 1 and now < gather_until
+        # The node that fetched the image's last blob is seeding it now: its
+        # uplink is full, which slows the ACKs of a download. Another node
+        # waiting for the same blob takes it instead.
+        busy = image.last_holder == place.node and any(
+            (p.order, p.digest) == (place.order, place.digest) and p.node != place.node
+            for p in queue
+        )
+        if len(fetching) < self.fetches_per_image and not (earlier or gathering or busy):
+            return None
+        if not fetching:
+            # A slot is free and another request is about to take it.
+            return Queued(gather_until if gathering else now + QUEUE_RECHECK_S, None)
+        first = min(fetching, key=lambda lease: lease.expires_at)
+        return Queued(first.expires_at, first)
+
+    def enter(self, group: str, place: Place) -> None:
+        """`place` waits for a slot from now until it is answered, wake-ups included,
+        so that a later blob cannot take a freed slot from an earlier one woken with it."""
+        self._queued.setdefault(group, Counter())[place] += 1
+
+    def leave(self, group: str, place: Place) -> None:
+        queue = self._queued.get(group)
+        if queue is None or place not in queue:
+            return
+        queue[place] -= 1
+        if queue[place] <= 0:
+            del queue[place]
+        if not queue:
+            del self._queued[group]
+
+    def granted(self, group: str, node: str) -> None:
+        """`node` got a lease on one of `group`'s blobs."""
+        self._image(group).last_holder = node
+
+    def waiting(self, group: str | None) -> set[str]:
+        """Digests with requests queued in `group`: wake them when one of its slots frees."""
+        queue = self._queued.get(group) if group is not None else None
+        return {p.digest for p in queue or ()}
+
+    def _image(self, group: str) -> _Image:
+        image = self._images.get(group)
+        if image is None:
+            image = self._images[group] = _Image(self._clock())
+            while len(self._images) > self._max_images:
+                self._images.popitem(last=False)
+        self._images.move_to_end(group)
+        return image
