@@ -129,6 +129,7 @@ async def test_garbage_and_split_requests_over_raw_tcp(tmp_path: Path) -> None:
         with trio.fail_after(5):
             while chunk := await stream.receive_some(4096):
                 data += chunk
+        await stream.aclose()
         assert data.startswith(b"HTTP/1.1 200") and b"failure reason" in data
         async with httpx.AsyncClient() as http:
             assert await healthy(http, url)

@@ -16,11 +16,11 @@ import json
 import logging
 import math
 import random
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Protocol
+from typing import Protocol, cast
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -84,6 +84,15 @@ class BlobSink(Protocol):
 
     async def reset(self) -> None: ...
 
+
+
+def _body_chunks(r: httpx.Response) -> AbstractAsyncContextManager[AsyncGenerator[bytes, None]]:
+    """The body's chunks, closed as soon as the reader stops, even early.
+
+    httpx's iterator is an async generator; left to the garbage collector it is
+    closed at some later point, outside any task (a ResourceWarning).
+    """
+    return aclosing(cast("AsyncGenerator[bytes, None]", r.aiter_bytes()))
 
 class UpstreamClient:
     def __init__(
@@ -250,11 +259,15 @@ class UpstreamClient:
             if method != "HEAD":
                 chunks = []
                 total = 0
-                async for chunk in r.aiter_bytes():
-                    total += len(chunk)
-                    if total > max_bytes:
-                        raise UpstreamError(f"{repository}/{path} is larger than {max_bytes} bytes")
-                    chunks.append(chunk)
+                # Closed at once when we stop early, not whenever it is collected.
+                async with _body_chunks(r) as body_chunks:
+                    async for chunk in body_chunks:
+                        total += len(chunk)
+                        if total > max_bytes:
+                            raise UpstreamError(
+                                f"{repository}/{path} is larger than {max_bytes} bytes"
+                            )
+                        chunks.append(chunk)
                 body = b"".join(chunks)
             return Fetched(r.status_code, r.headers, body)
 
@@ -315,9 +328,10 @@ class UpstreamClient:
                             await sink.reset()
                     else:
                         raise self._fail(r, f"blob {digest}")
-                    async for chunk in r.aiter_bytes():
-                        self._on_bytes(len(chunk))
-                        await sink.write(chunk)
+                    async with _body_chunks(r) as body_chunks:
+                        async for chunk in body_chunks:
+                            self._on_bytes(len(chunk))
+                            await sink.write(chunk)
                     return
             except (httpx.TransportError, httpx.StreamError) as e:
                 cuts += 1
