@@ -23,39 +23,51 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
+import trio
 from quart.utils import encode_headers
 from quart.wrappers.response import ResponseBody
 from quart_trio.asgi import TrioASGIHTTPConnection
 
 from p2preg.core.digest import Digest
 from p2preg.node.httprange import ByteRange
+from p2preg.node.metrics import NodeMetrics
+from p2preg.node.store import BlobStore
 from p2preg.node.zerocopy import ZEROCOPY_SEND
 
-if TYPE_CHECKING:
-    from p2preg.node.server import Node
+
+@dataclass(frozen=True)
+class BlobStreams:
+    """What every blob body shares: the store it reads, the slots that cap open
+    streams, the chunk size of the copying path, and the metrics it counts in."""
+
+    store: BlobStore
+    slots: trio.Semaphore
+    chunk_bytes: int
+    metrics: NodeMetrics
 
 
 class BlobBody(ResponseBody):
     """The bytes of a stored blob in `rng`, as a Quart response body."""
 
-    def __init__(self, node: Node, digest: Digest, rng: ByteRange) -> None:
-        self._node = node
+    def __init__(self, streams: BlobStreams, digest: Digest, rng: ByteRange) -> None:
+        self._streams = streams
         self._digest = digest
         self._rng = rng
         self._file: BinaryIO | None = None
         self._exit = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> BlobBody:
-        node = self._node
+        streams = self._streams
         async with contextlib.AsyncExitStack() as stack:
-            await node.streams.acquire()
-            stack.callback(node.streams.release)
-            node.metrics.streams_active.inc()
-            stack.callback(node.metrics.streams_active.dec)
-            path = stack.enter_context(node.store.reading(self._digest))
+            await streams.slots.acquire()
+            stack.callback(streams.slots.release)
+            streams.metrics.streams_active.inc()
+            stack.callback(streams.metrics.streams_active.dec)
+            path = stack.enter_context(streams.store.reading(self._digest))
             # Opening a local file does not block the way reading it might.
             file = open(path, "rb", buffering=0)  # noqa: ASYNC230, SIM115
             self._file = stack.enter_context(file)
@@ -76,8 +88,8 @@ class BlobBody(ResponseBody):
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         assert self._file is not None, "iterated outside `async with`"
-        fd, chunk = self._file.fileno(), self._node.config.stream_chunk_bytes
-        served = self._node.metrics.bytes_served
+        fd, chunk = self._file.fileno(), self._streams.chunk_bytes
+        served = self._streams.metrics.bytes_served
         offset, end = self._rng.start, self._rng.end + 1
         while offset < end:
             data = os.pread(fd, min(chunk, end - offset), offset)
@@ -91,7 +103,7 @@ class BlobBody(ResponseBody):
         """The whole range as one zero-copy message that also ends the response."""
         assert self._file is not None, "sent outside `async with`"
         # Counted when handed to the server, as each chunk is on the other path.
-        self._node.metrics.bytes_served.inc(self._rng.length)
+        self._streams.metrics.bytes_served.inc(self._rng.length)
         await send(
             {
                 "type": ZEROCOPY_SEND,
