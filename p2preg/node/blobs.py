@@ -6,7 +6,8 @@ fetch then uses), and the single flight that fetches a missing blob once
 however many ask, with its metrics, log line and `recent` record. A fetch runs
 in the node's own nursery, not in the request that started it, so a client
 that hangs up does not cancel the download the other waiters are counting on.
-Where the bytes come from is fetch.py's decision, not this module's.
+Where the bytes come from is fetch.py's decision: this module must not
+ask the swarm or the tracker anything.
 """
 
 from __future__ import annotations

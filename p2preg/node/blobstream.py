@@ -15,7 +15,9 @@ Chunks are read with `pread` on the event loop, not in a worker thread: a
 page-cache read of 1 MiB costs about as much as the thread hop it would replace
 (measured in docs/BENCHMARKS.md), and the same holds for sendfile. A blob not
 in the page cache stalls the loop for one chunk's disk read, as nginx's
-default `sendfile on` does.
+default `sendfile on` does. It gets its store, slots and metrics as one
+`BlobStreams` and must not fetch, verify or decide anything: it serves only
+what the store holds verified.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 One `NodeMetrics` per node instance (several nodes run in one test process, so
 nothing goes on prometheus-client's global registry). Exposition uses
-prometheus-client's own text format. Documented in docs/OPERATIONS.md.
+prometheus-client's own text format. Documented in docs/OPERATIONS.md. Names
+are an interface (dashboards, bench/): they must not change.
 """
 
 from __future__ import annotations
