@@ -12,6 +12,7 @@ them with blocking store work kept on the trio thread.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -21,6 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
 import trio
 
 from p2preg.core import errors as tracker_errors
@@ -74,6 +76,9 @@ class FakeUpstream:
         self.says_size = True  # False: HEAD answers without a Content-Length
         self.heads = 0
         self.gets = 0
+        # (repository, tag or digest) → manifest bytes; each GET of one is counted.
+        self.manifests: dict[tuple[str, str], bytes] = {}
+        self.manifest_gets = 0
 
     @property
     def upstream(self) -> Upstream:
@@ -107,7 +112,15 @@ class FakeUpstream:
         headers: Mapping[str, str] | None = None, max_bytes: int,
     ) -> Fetched | None:
         self._check()
-        return None  # no manifests here: the pull path asks for blobs only
+        kind, _, ref = path.partition("/")
+        body = self.manifests.get((repository, ref)) if kind == "manifests" else None
+        if body is None:
+            return None
+        self.manifest_gets += 1
+        digest = Digest.of(body, "sha256")
+        media_type = json.loads(body)["mediaType"]
+        headers = httpx.Headers({"Docker-Content-Digest": str(digest), "Content-Type": media_type})
+        return Fetched(200, headers, b"" if method == "HEAD" else body)
 
     async def tags(self, repository: str) -> list[str] | None:
         self._check()
