@@ -149,33 +149,28 @@ class BlobFetcher:
         if cluster is None or 0 <= size < cluster.settings.min_bytes:
             return "upstream", await copy(_ignore_progress)
         outcome = await self._await_lease(cluster, digest, size, self._pull_order.of(digest))
-        lease: FetchAsHolder | None = None
-        fallback: Fallback | None = None
         if isinstance(outcome, JoinSwarm):
             try:
                 meta = await cluster.peers.fetch(digest, size, outcome.metainfo)
             except Fallback as e:
-                fallback = e
+                outcome = FallBack(e.reason, str(e))
             else:
                 await cluster.seeding.keep(meta)
                 return "peers", self._store.size(digest) or size
-        elif isinstance(outcome, FallBack):
-            fallback = Fallback(outcome.reason, outcome.message)
+        if isinstance(outcome, FetchAsHolder):
+            size = await self._as_holder(cluster.tracker, digest, size, outcome, copy)
         else:
-            lease = outcome
-        if fallback is not None:
-            self._metrics.fallbacks.labels(fallback.reason).inc()
-            log.warning(
-                "blob %s: falling back to upstream (%s): %s", digest, fallback.reason, fallback
-            )
+            self._metrics.fallbacks.labels(outcome.reason).inc()
+            reason, message = outcome.reason, outcome.message
+            log.warning("blob %s: falling back to upstream (%s): %s", digest, reason, message)
             size = await copy(_ignore_progress)
-        else:
-            assert lease is not None
-            size = await self._as_holder(cluster.tracker, digest, size, lease, copy)
-        # Seed what we verified: the swarm may lack a seeder, or hold bad metainfo.
+        # The one place a blob is published. Seed what we verified: the swarm may
+        # lack a seeder, or hold bad metainfo.
         await cluster.seeding.publish(digest, size)
-        if lease is not None:
-            self._nursery.start_soon(self._release_once_seeding, cluster, digest, lease.lease_id)
+        if isinstance(outcome, FetchAsHolder):
+            self._nursery.start_soon(
+                self._release_once_seeding, cluster, digest, outcome.lease_id
+            )
         return "upstream", size
 
     # -- the tracker ------------------------------------------------------------
