@@ -79,7 +79,7 @@ async def _open_swarm(
         yield swarm, tracker
 
 
-def _open_store(config: NodeConfig, swarm: Swarm | None, torrents: TorrentFiles) -> BlobStore:
+def _new_store(config: NodeConfig, swarm: Swarm | None, torrents: TorrentFiles) -> BlobStore:
     if swarm is None:
         return BlobStore(config.data_dir, config.store_max_bytes)
     return BlobStore(
@@ -129,7 +129,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
         _open_swarm(config, http, metrics) as p2p,
         trio.open_nursery() as nursery,
     ):
-        store = _open_store(config, None if p2p is None else p2p[0], torrents)
+        store = _new_store(config, None if p2p is None else p2p[0], torrents)
         await trio.to_thread.run_sync(store.open)
         cluster = None if p2p is None else _cluster(config, store, p2p, torrents, nursery)
         upstreams = Upstreams([
@@ -151,9 +151,10 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
             store, trio.Semaphore(config.max_blob_streams), config.stream_chunk_bytes, metrics
         )
         facade = create_app(Registry(upstreams, resolver, blobs, streams))
+        # Without a tracker the node has no tracker-given name to report.
+        name = (config.node_name or socket.gethostname()) if cluster is None else _node_name(config)
         add_routes(facade, Admin(
-            name=_node_name(config) if cluster is not None else (
-                config.node_name or socket.gethostname()),
+            name=name,
             upstreams=upstreams,
             store=store,
             blobs=blobs,
