@@ -36,7 +36,7 @@ from p2preg.node.fetch import BlobFetcher, Cluster, SwarmSettings
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.peers import PeerDownload
 from p2preg.node.pullorder import PullOrder
-from p2preg.node.seams import SwarmError, SwarmSeam, TrackerSeam, UpstreamSeam
+from p2preg.node.seams import Offload, SwarmError, SwarmSeam, TrackerSeam, UpstreamSeam
 from p2preg.node.seeding import Seeding, TorrentFiles, stop_seeding
 from p2preg.node.store import BlobStore
 from p2preg.node.tenancy import Tenancy
@@ -331,6 +331,51 @@ class PullNode:
             "p2preg_fallbacks_total", {"reason": reason}) or 0)
 
 
+@dataclass
+class PullPath:
+    """The parts of one node's pull path a test looks at."""
+
+    blobs: Blobs
+    store: BlobStore
+    metrics: NodeMetrics
+    tenancy: Tenancy
+
+
+@asynccontextmanager
+async def open_pull_path(
+    data_dir: Path,
+    p2p: tuple[SwarmSeam, TrackerSeam] | None,
+    *,
+    settings: SwarmSettings,
+    offload: Offload = inline,
+    store_max_bytes: int = 1 << 30,
+) -> AsyncIterator[PullPath]:
+    """The real pull path of one node, wired as server.py wires it, over any seams."""
+    metrics, tenancy = NodeMetrics(), Tenancy()
+    async with trio.open_nursery() as nursery:
+        cluster = None
+        if p2p is None:
+            store = BlobStore(data_dir, store_max_bytes)
+        else:
+            swarm, tracker = p2p
+            torrents = TorrentFiles(data_dir / "torrents")
+            store = BlobStore(data_dir, store_max_bytes,
+                              on_remove=partial(stop_seeding, swarm, torrents),
+                              spare=swarm.last_seeder_of_live_swarm)
+            seeding = Seeding(store, swarm, tracker, torrents, nursery, offload)
+            peers = PeerDownload(store, swarm, stall_s=settings.stall_s,
+                                 max_hash_failures=settings.max_hash_failures, offload=offload)
+            cluster = Cluster(tracker, swarm, seeding, peers, settings)
+        store.open()
+        if cluster is not None:
+            cluster.seeding.reseed()  # as the node does at start: seeds what it held
+        fetcher = BlobFetcher(store, metrics, PullOrder(), nursery, offload=offload,
+                              cluster=cluster)
+        blobs = Blobs(store, tenancy, metrics, fetcher, nursery)
+        yield PullPath(blobs, store, metrics, tenancy)
+        nursery.cancel_scope.cancel()
+
+
 @asynccontextmanager
 async def open_pull_node(
     data_dir: Path,
@@ -344,30 +389,15 @@ async def open_pull_node(
     settings = settings or SwarmSettings(
         min_bytes=1024, stall_s=30.0, max_hash_failures=4, lease_wait_max_s=60.0
     )
-    metrics, tenancy = NodeMetrics(), Tenancy()
-    async with trio.open_nursery() as nursery:
-        swarm = tracker = cluster = None
-        if server is None:
-            store = BlobStore(data_dir, store_max_bytes)
-        else:
-            swarm = FakeSwarm(name, data_dir / "swarm", server)
-            tracker = server.client(name)
-            torrents = TorrentFiles(data_dir / "torrents")
-            store = BlobStore(data_dir, store_max_bytes,
-                              on_remove=partial(stop_seeding, swarm, torrents),
-                              spare=swarm.last_seeder_of_live_swarm)
-            seeding = Seeding(store, swarm, tracker, torrents, nursery, inline)
-            peers = PeerDownload(store, swarm, stall_s=settings.stall_s,
-                                 max_hash_failures=settings.max_hash_failures, offload=inline)
-            cluster = Cluster(tracker, swarm, seeding, peers, settings)
-        store.open()
-        if cluster is not None:
-            cluster.seeding.reseed()  # as the node does at start: seeds what it held
-        fetcher = BlobFetcher(store, metrics, PullOrder(), nursery, offload=inline,
-                              cluster=cluster)
-        blobs = Blobs(store, tenancy, metrics, fetcher, nursery)
-        yield PullNode(name, blobs, store, metrics, tenancy, swarm, tracker)
-        nursery.cancel_scope.cancel()
+    swarm = tracker = None
+    if server is not None:
+        swarm = FakeSwarm(name, data_dir / "swarm", server)
+        tracker = server.client(name)
+    p2p = None if swarm is None or tracker is None else (swarm, tracker)
+    async with open_pull_path(
+        data_dir, p2p, settings=settings, store_max_bytes=store_max_bytes
+    ) as path:
+        yield PullNode(name, path.blobs, path.store, path.metrics, path.tenancy, swarm, tracker)
 
 
 def _seams_hold(swarm: FakeSwarm, tracker: FakeTracker, upstream: FakeUpstream) -> None:
