@@ -6,7 +6,8 @@ libtorrent session (`swarm.Swarm`), the tracker's control API
 satisfy these structurally, and in-memory fakes (tests/fakes.py) do too, so
 the pull path runs in-process without sockets. `Offload` says where blocking
 store work (hashing, fsync) runs: a worker thread in the node (`in_thread`),
-the trio thread in tests that move a fake clock. This module must not hold
+the trio thread in tests that move a fake clock. Beside the Protocols it holds
+only the swarm seam's error and the real `Offload`; it must not hold pull-path
 behaviour or import the real implementations.
 """
 
