@@ -23,7 +23,13 @@ import httpx
 import pytest
 
 from p2preg.core import wire
-from p2preg.node.preheat import ImageRef, Platform, PreheatError, parse_image, select_manifests
+from p2preg.node.imagerefs import (
+    ImageRef,
+    Platform,
+    PreheatError,
+    parse_image,
+    select_manifests,
+)
 from tests.fixtures.containerd import Containerd
 from tests.fixtures.images import OciLayout, PushedImage, build_index, push
 from tests.fixtures.node import NodeProcess, open_node

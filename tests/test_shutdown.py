@@ -14,7 +14,6 @@ import hashlib
 import os
 import signal
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote_from_bytes
@@ -34,6 +33,8 @@ pytestmark = pytest.mark.integration
 
 MiB = 1 << 20
 SEED_NS = "seed.test"
+# What the node logs when its grace period ends with a response still open.
+CUT_OFF = "still in flight after the grace period: cutting them off"
 
 
 @pytest.fixture(scope="module")
@@ -86,15 +87,15 @@ def test_a_response_in_flight_finishes_while_new_connections_are_refused(
         sha.update(next(chunks))
         os.kill(node.process.pid, signal.SIGTERM)
         wait_until(lambda: _refused(port), timeout_s=5, what="new connections to be refused")
-        time.sleep(0.5)  # still in flight, and the node is still there for it
-        assert node.process.returncode is None
+        assert node.process.returncode is None  # still there for the response in flight
         for chunk in chunks:
             sha.update(chunk)
         assert response.num_bytes_downloaded == size
     assert "sha256:" + sha.hexdigest() == digest
-    assert _exited(node, timeout_s=10) == 0
+    assert _exited(node, timeout_s=30) == 0
     log = node.process.log_tail(20)
     assert "SIGTERM received" in log and "node: stopped" in log
+    assert CUT_OFF not in log  # it finished within the grace period
 
 
 def test_a_client_that_stops_reading_is_cut_off_after_the_grace_period(
@@ -104,17 +105,21 @@ def test_a_client_that_stops_reading_is_cut_off_after_the_grace_period(
     with httpx.Client(timeout=30) as http, http.stream("GET", url) as response:
         chunks = response.iter_raw(256 * 1024)
         next(chunks)
-        start = time.monotonic()
         os.kill(node.process.pid, signal.SIGTERM)
-        # The client reads nothing more: the node waits 3 s for it, then leaves.
-        code = _exited(node, timeout_s=15)
-        waited = time.monotonic() - start
+        # The client reads nothing more: the node waits out the grace period, then
+        # leaves. Its log says so in order — no clock in this process measures it.
+        code = _exited(node, timeout_s=60)
         with pytest.raises(httpx.HTTPError):
             for _ in chunks:
                 pass
         assert response.num_bytes_downloaded < size
     assert code == 0
-    assert 2.5 <= waited < 12, waited
+    log = node.process.log_tail(60)
+    shutting, cut, stopped = (
+        log.index(s) for s in ("node: shutting down", CUT_OFF, "node: stopped")
+    )
+    assert shutting < cut < stopped
+    assert "1 blob response(s) still in flight after the grace period" in log
 
 
 def _seeders(tracker: TrackerProcess, info_hash: bytes) -> int:
@@ -150,10 +155,8 @@ def test_a_seeding_node_leaves_the_swarm_when_it_stops(
 def test_the_tracker_stops_at_once_on_sigterm(tmp_path: Path) -> None:
     # As PID 1 of a container, a process without a SIGTERM handler would ignore it.
     with open_tracker(tmp_path / "tracker") as tracker:
-        start = time.monotonic()
         os.kill(tracker.process.pid, signal.SIGTERM)
-        wait_until(lambda: tracker.process.returncode is not None, timeout_s=10,
+        wait_until(lambda: tracker.process.returncode is not None, timeout_s=30,
                    what="the tracker to exit")
-        assert time.monotonic() - start < 5
         assert tracker.process.returncode == 0
         assert "SIGTERM received: stopping" in tracker.process.log_tail()

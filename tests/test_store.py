@@ -124,12 +124,16 @@ def test_reserve_evicts_for_disk_space_only_when_it_can_make_room(
 def test_eviction_spares_what_it_is_asked_to_until_nothing_else_frees_enough(
     tmp_path: Path,
 ) -> None:
-    store = BlobStore(tmp_path, 3000)
+    spared: set[Digest] = set()
+    removed: list[Digest] = []
+    store = BlobStore(tmp_path, 3000, on_remove=removed.append, spare=spared.__contains__)
     store.open()
     a, b, c = (_put(store, bytes([i]) * 1000) for i in range(3))
-    store.spare = lambda digest: digest == a  # say a's swarm has no other seeder
-    _put(store, b"\x09" * 1000)  # needs one blob's room: b goes, not the older a
+    spared.add(a)  # say a's swarm has no other seeder
+    d = _put(store, b"\x09" * 1000)  # needs one blob's room: b goes, not the older a
     assert a in store and b not in store and c in store
+    assert removed == [b]  # and whoever seeds it is told
     _put(store, b"\x0a" * 2500)  # needs more than every other unread blob: a goes too
     assert a not in store
+    assert removed == [b, c, d, a]  # the spared one last
     assert store.used_bytes <= 3000

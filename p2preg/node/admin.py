@@ -8,26 +8,28 @@ listener (`/healthz` and `/metrics` only). The first two are added to the
 facade's app, on its loopback listener: they are exactly as reachable as a
 pull, and a client that can pull a blob can already make the node fetch it.
 Preheat goes through the same tenancy check and single-flight fetch as a pull.
-This module must not decide where a blob comes from (blobs.py does).
+This module must not decide where a blob comes from (fetch.py does).
 """
 
 from __future__ import annotations
 
 import json
-import socket
 import time
-from dataclasses import asdict
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from p2preg import __version__
+from p2preg.node.blobs import Blobs
+from p2preg.node.config import Upstream
 from p2preg.node.errors import Denied, NotFound
+from p2preg.node.metrics import NodeMetrics
 from p2preg.node.routes import Kind, parse_route
-
-if TYPE_CHECKING:
-    from p2preg.node.server import Node
+from p2preg.node.seams import SwarmSeam
+from p2preg.node.store import BlobStore
+from p2preg.node.upstream import Upstreams
 
 STATUS_PATH = "/_p2preg/status"
 PREHEAT_PREFIX = "/_p2preg/preheat/"
@@ -37,14 +39,28 @@ def _json(doc: object, status: int = 200) -> Response:
     return Response(json.dumps(doc).encode(), status, {"Content-Type": "application/json"})
 
 
-def add_routes(app: QuartTrio, node: Node) -> None:
+@dataclass(frozen=True)
+class Admin:
+    """What the node's endpoints read; `swarm` and `tracker` are None without a tracker."""
+
+    name: str
+    upstreams: Upstreams
+    store: BlobStore
+    blobs: Blobs
+    metrics: NodeMetrics
+    swarm: SwarmSeam | None
+    tracker: str | None
+    p2p_min_bytes: int
+
+
+def add_routes(app: QuartTrio, admin: Admin) -> None:
     """Add the status and preheat endpoints to the facade's app."""
     started = time.time()
 
     @app.route(STATUS_PATH, methods=["GET"])
     async def status() -> Response:
         g.route = "status"
-        return _json(status_doc(node, started))
+        return _json(status_doc(admin, started))
 
     @app.route(PREHEAT_PREFIX + "<path:path>", methods=["POST"])
     async def preheat(path: str) -> Response:
@@ -53,64 +69,67 @@ def add_routes(app: QuartTrio, node: Node) -> None:
         if route.kind is not Kind.BLOB:
             raise NotFound(f"preheat takes {PREHEAT_PREFIX}<name>/blobs/<digest>")
         ns = request.args.get("ns")
-        client = node.client_for(ns)
+        client = admin.upstreams.client_for(ns)
         if client is None:
             raise Denied(f"registry {(ns or '')[:100]!r} is not mirrored by this node")
         digest = route.digest
-        held = digest in node.store
-        await node.blobs.authorize(client, route.name, digest)
-        await node.blobs.ensure(client, route.name, digest)
+        held = digest in admin.store
+        await admin.blobs.ensure(client, route.name, digest)
         source = "store"
         if not held:
-            fetched = [r for r in node.blobs.recent if r.digest == str(digest)]
+            fetched = [r for r in admin.blobs.recent if r.digest == str(digest)]
             source = fetched[-1].source if fetched else "store"
-        seeding = node.p2p is not None and digest in node.p2p.swarm.seeding()
+        swarm = admin.swarm
         return _json(
             {
                 "digest": str(digest),
-                "size": node.store.size(digest) or 0,
+                "size": admin.store.size(digest) or 0,
                 "source": source,
-                "seeding": seeding,
-                "p2p_min_bytes": node.config.p2p_min_bytes if node.p2p is not None else None,
+                "seeding": swarm is not None and digest in swarm.seeding(),
+                "p2p_min_bytes": admin.p2p_min_bytes if swarm is not None else None,
             }
         )
 
 
-def status_doc(node: Node, started_unix: float) -> dict[str, object]:
+def _upstreams(upstreams: Sequence[Upstream]) -> list[dict[str, str]]:
+    return [{"ns": u.ns, "url": u.url} for u in upstreams]
+
+
+def status_doc(admin: Admin, started_unix: float) -> dict[str, object]:
     """Everything `p2preg status` shows about a node, as plain JSON values."""
-    node.refresh_gauges()
-    sample = node.metrics.registry.get_sample_value
+    metrics, store, swarm = admin.metrics, admin.store, admin.swarm
+    metrics.refresh(store)
+    sample = metrics.registry.get_sample_value
 
     def count(name: str, **labels: str) -> int:
         return int(sample(name, labels) or 0)
 
     fallbacks = {
         s.labels["reason"]: int(s.value)
-        for family in node.metrics.fallbacks.collect()
+        for family in metrics.fallbacks.collect()
         for s in family.samples
         if s.name.endswith("_total")
     }
-    config, store, p2p = node.config, node.store, node.p2p
-    swarm: dict[str, object] | None = None
-    if p2p is not None:
-        swarm = {
-            "tracker": config.tracker,
-            "seeding": len(p2p.swarm.seeding()),
-            "peers": p2p.swarm.peers(),
-            "peer_port": p2p.swarm.listen_port,
+    swarm_doc: dict[str, object] | None = None
+    if swarm is not None:
+        swarm_doc = {
+            "tracker": admin.tracker,
+            "seeding": len(swarm.seeding()),
+            "peers": swarm.peers(),
+            "peer_port": swarm.listen_port,
         }
     return {
-        "node": p2p.tracker.node if p2p is not None else (config.node_name or socket.gethostname()),
+        "node": admin.name,
         "version": __version__,
         "uptime_s": round(time.time() - started_unix, 1),
-        "upstreams": [{"ns": u.ns, "url": u.url} for u in config.upstream],
+        "upstreams": _upstreams(admin.upstreams.upstreams),
         "store": {
             "bytes": store.used_bytes,
             "budget_bytes": store.max_bytes,
             "blobs": len(store),
             "evictions": store.evictions,
         },
-        "swarm": swarm,
+        "swarm": swarm_doc,
         "bytes": {
             "from_peers": count("p2preg_peer_blob_bytes_total"),
             "from_upstream": count("p2preg_upstream_blob_bytes_total"),
@@ -123,11 +142,11 @@ def status_doc(node: Node, started_unix: float) -> dict[str, object]:
             "fallbacks": fallbacks,
         },
         "streams_active": count("p2preg_blob_streams_active"),
-        "recent": [asdict(r) for r in reversed(node.blobs.recent)],
+        "recent": [asdict(r) for r in reversed(admin.blobs.recent)],
     }
 
 
-def create_metrics_app(node: Node) -> QuartTrio:
+def create_metrics_app(metrics: NodeMetrics, store: BlobStore) -> QuartTrio:
     """The metrics listener's app: `/healthz` and `/metrics`, nothing of the registry."""
     app = QuartTrio("p2preg.node.metrics")
 
@@ -136,10 +155,8 @@ def create_metrics_app(node: Node) -> QuartTrio:
         return Response(b"ok\n", 200, {"Content-Type": "text/plain"})
 
     @app.route("/metrics", methods=["GET"])
-    async def metrics() -> Response:
-        node.refresh_gauges()
-        return Response(
-            node.metrics.exposition(), 200, {"Content-Type": "text/plain; version=0.0.4"}
-        )
+    async def exposition() -> Response:
+        metrics.refresh(store)
+        return Response(metrics.exposition(), 200, {"Content-Type": "text/plain; version=0.0.4"})
 
     return app

@@ -17,7 +17,9 @@ Chunks are read with `pread` on the event loop, not in a worker thread: a
 page-cache read of 1 MiB costs about as much as the thread hop it would replace
 (measured in docs/BENCHMARKS.md), and the same holds for sendfile. A blob not
 in the page cache stalls the loop for one chunk's disk read, as nginx's
-default `sendfile on` does.
+default `sendfile on` does. It gets its store, slots and metrics as one
+`BlobStreams` and must not fetch, verify or decide anything: it serves only
+what the store holds verified.
 """
 
 from __future__ import annotations
@@ -25,37 +27,49 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
+import trio
 from quart.wrappers.response import ResponseBody
 
 from p2preg.core.digest import Digest
 from p2preg.node.httprange import ByteRange
 from p2preg.node.hypercorn_internals import SendFile
+from p2preg.node.metrics import NodeMetrics
+from p2preg.node.store import BlobStore
 
-if TYPE_CHECKING:
-    from p2preg.node.server import Node
+
+@dataclass(frozen=True)
+class BlobStreams:
+    """What every blob body shares: the store it reads, the slots that cap open
+    streams, the chunk size of the copying path, and the metrics it counts in."""
+
+    store: BlobStore
+    slots: trio.Semaphore
+    chunk_bytes: int
+    metrics: NodeMetrics
 
 
 class BlobBody(ResponseBody):
     """The bytes of a stored blob in `rng`, as a Quart response body."""
 
-    def __init__(self, node: Node, digest: Digest, rng: ByteRange) -> None:
-        self._node = node
+    def __init__(self, streams: BlobStreams, digest: Digest, rng: ByteRange) -> None:
+        self._streams = streams
         self._digest = digest
         self._rng = rng
         self._file: BinaryIO | None = None
         self._exit = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> BlobBody:
-        node = self._node
+        streams = self._streams
         async with contextlib.AsyncExitStack() as stack:
-            await node.streams.acquire()
-            stack.callback(node.streams.release)
-            node.metrics.streams_active.inc()
-            stack.callback(node.metrics.streams_active.dec)
-            path = stack.enter_context(node.store.reading(self._digest))
+            await streams.slots.acquire()
+            stack.callback(streams.slots.release)
+            streams.metrics.streams_active.inc()
+            stack.callback(streams.metrics.streams_active.dec)
+            path = stack.enter_context(streams.store.reading(self._digest))
             # Opening a local file does not block the way reading it might.
             file = open(path, "rb", buffering=0)  # noqa: ASYNC230, SIM115
             self._file = stack.enter_context(file)
@@ -76,8 +90,8 @@ class BlobBody(ResponseBody):
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         assert self._file is not None, "iterated outside `async with`"
-        fd, chunk = self._file.fileno(), self._node.config.stream_chunk_bytes
-        served = self._node.metrics.bytes_served
+        fd, chunk = self._file.fileno(), self._streams.chunk_bytes
+        served = self._streams.metrics.bytes_served
         offset, end = self._rng.start, self._rng.end + 1
         while offset < end:
             data = os.pread(fd, min(chunk, end - offset), offset)
@@ -91,5 +105,5 @@ class BlobBody(ResponseBody):
         """The whole range as one zero-copy send that also ends the response."""
         assert self._file is not None, "sent outside `async with`"
         # Counted when handed to the server, as each chunk is on the other path.
-        self._node.metrics.bytes_served.inc(self._rng.length)
+        self._streams.metrics.bytes_served.inc(self._rng.length)
         await send_file(self._file, self._rng.start, self._rng.length)

@@ -2,6 +2,7 @@
 
 The entry point turns SIGTERM (and SIGINT) into a graceful shutdown of the
 node (`serve_node`'s `shutdown` event); a second signal stops it at once.
+It must not build any part of the node (server.py does).
 """
 
 from __future__ import annotations

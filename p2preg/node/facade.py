@@ -1,35 +1,35 @@
 """The registry facade: the OCI distribution pull API over HTTP (quart-trio).
 
 This layer only moves bytes: it parses the request with the sans-IO route and
-range parsers, asks the node for manifests and blobs, and writes responses.
-Every `RegistryError` becomes an OCI JSON error in one handler; nothing a
-client sends can produce a 5xx. Blob bodies stream from the verified store in
-large chunks, each open stream holding at most one chunk in memory, and the
-number of open streams is capped by the node's semaphore.
+range parsers, asks the resolver for manifests and `Blobs` for blobs, and writes
+responses. Every `RegistryError` becomes an OCI JSON error in one handler;
+nothing a client sends can produce a 5xx. Blob bodies stream from the verified
+store (blobstream.py), the number of open streams capped. It gets exactly the
+parts it uses at construction and must not decide where a blob comes from,
+fetch anything itself, or know of the swarm.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 from urllib.parse import urlencode
 
 from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from p2preg.node.admin import add_routes as add_admin_routes
-from p2preg.node.blobstream import BlobBody
+from p2preg.node.blobs import Blobs
+from p2preg.node.blobstream import BlobBody, BlobStreams
 from p2preg.node.errors import Denied, PaginationInvalid, RegistryError
 from p2preg.node.httprange import ByteRange, parse_range
-from p2preg.node.hypercorn_internals import ZeroCopyConnection as BlobConnection
+from p2preg.node.hypercorn_internals import ZeroCopyConnection
 from p2preg.node.manifest import OCI_INDEX, forwarded_accept
+from p2preg.node.resolver import Resolver
 from p2preg.node.routes import Kind, Route, parse_route
-from p2preg.node.upstream import UpstreamClient
-
-if TYPE_CHECKING:
-    from p2preg.node.server import Node
+from p2preg.node.seams import UpstreamSeam
+from p2preg.node.upstream import Upstreams
 
 log = logging.getLogger(__name__)
 
@@ -43,43 +43,53 @@ def _json(doc: object, status: int = 200, headers: dict[str, str] | None = None)
     return Response(body, status, {"Content-Type": "application/json", **(headers or {})})
 
 
-def create_app(node: Node) -> QuartTrio:
+@dataclass(frozen=True)
+class Registry:
+    """What the registry routes read: the mirrored upstreams, manifests, blobs and their bodies."""
+
+    upstreams: Upstreams
+    resolver: Resolver
+    blobs: Blobs
+    streams: BlobStreams
+
+
+def create_app(registry: Registry) -> QuartTrio:
+    """The facade's app; the node adds its own endpoints (admin.py) beside the registry's."""
     app = QuartTrio(__name__)
-    app.asgi_http_class = BlobConnection  # blob bodies go out zero-copy where the server can
+    app.asgi_http_class = ZeroCopyConnection  # blob bodies go out zero-copy where the server can
     # Blob streams last as long as the client reads; the node caps their number.
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["MAX_CONTENT_LENGTH"] = 0
-    add_admin_routes(app, node)  # /_p2preg/status and /_p2preg/preheat: p2preg/node/admin.py
+    metrics = registry.streams.metrics
+    store = registry.streams.store
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> Response:
         return Response(b"ok\n", 200, {"Content-Type": "text/plain"})
 
     @app.route("/metrics", methods=["GET"])
-    async def metrics() -> Response:
-        node.refresh_gauges()
-        return Response(
-            node.metrics.exposition(), 200, {"Content-Type": "text/plain; version=0.0.4"}
-        )
+    async def exposition() -> Response:
+        metrics.refresh(store)
+        return Response(metrics.exposition(), 200, {"Content-Type": "text/plain; version=0.0.4"})
 
     @app.route("/", defaults={"path": ""}, methods=ALL_METHODS)
     @app.route("/<path:path>", methods=ALL_METHODS)
-    async def registry(path: str) -> Response:
+    async def serve(path: str) -> Response:
         route = parse_route(request.method, request.path)
         g.route = route.kind.value
-        client = _client(node, request.args.get("ns"))
+        client = _client(registry.upstreams, request.args.get("ns"))
         head = request.method == "HEAD"
         match route.kind:
             case Kind.BASE:
                 return _json({})
             case Kind.MANIFEST:
-                return await _manifest(node, client, route, head)
+                return await _manifest(registry.resolver, client, route, head)
             case Kind.BLOB:
-                return await _blob(node, client, route, head)
+                return await _blob(registry, client, route, head)
             case Kind.TAGS:
-                return await _tags(node, client, route)
+                return await _tags(registry.resolver, client, route)
             case Kind.REFERRERS:
-                return await _referrers(node, client, route)
+                return await _referrers(registry.resolver, client, route)
 
     @app.errorhandler(RegistryError)
     async def registry_error(e: RegistryError) -> Response:
@@ -97,14 +107,14 @@ def create_app(node: Node) -> QuartTrio:
     async def count(response: Response) -> Response:
         if request.path.startswith("/v2"):
             response.headers.update(API_VERSION)
-        node.metrics.requests.labels(g.get("route", "other"), str(response.status_code)).inc()
+        metrics.requests.labels(g.get("route", "other"), str(response.status_code)).inc()
         return response
 
     return app
 
 
-def _client(node: Node, ns: str | None) -> UpstreamClient:
-    client = node.client_for(ns)
+def _client(upstreams: Upstreams, ns: str | None) -> UpstreamSeam:
+    client = upstreams.client_for(ns)
     if client is None:
         # Refused at once: containerd falls back to its next host, and the node
         # never becomes an open proxy to registries it was not given.
@@ -112,11 +122,13 @@ def _client(node: Node, ns: str | None) -> UpstreamClient:
     return client
 
 
-async def _manifest(node: Node, client: UpstreamClient, route: Route, head: bool) -> Response:
+async def _manifest(
+    resolver: Resolver, client: UpstreamSeam, route: Route, head: bool
+) -> Response:
     assert route.reference is not None
     # Go clients (skopeo, containerd) send one Accept header per media type.
     accept = forwarded_accept(request.headers.getlist("Accept"))
-    found = await node.resolver.manifest(client, route.name, route.reference, accept)
+    found = await resolver.manifest(client, route.name, route.reference, accept)
     headers = {
         "Content-Type": found.media_type,
         "Docker-Content-Digest": str(found.digest),
@@ -127,7 +139,7 @@ async def _manifest(node: Node, client: UpstreamClient, route: Route, head: bool
     return response
 
 
-async def _blob(node: Node, client: UpstreamClient, route: Route, head: bool) -> Response:
+async def _blob(registry: Registry, client: UpstreamSeam, route: Route, head: bool) -> Response:
     digest = route.digest
     headers = {
         "Content-Type": "application/octet-stream",
@@ -136,17 +148,17 @@ async def _blob(node: Node, client: UpstreamClient, route: Route, head: bool) ->
         "ETag": f'"{digest}"',
         "Cache-Control": "max-age=31536000",
     }
+    blobs, store = registry.blobs, registry.streams.store
     if head:
-        size = await node.blobs.size(client, route.name, digest)
+        size = await blobs.size(client, route.name, digest)
         response = Response(b"", 200, headers)
         response.headers["Content-Length"] = str(size)
         return response
-    await node.blobs.authorize(client, route.name, digest)
-    await node.blobs.ensure(client, route.name, digest)
-    stored = node.store.size(digest)
+    await blobs.ensure(client, route.name, digest)
+    stored = store.size(digest)
     if stored is None:  # evicted between the fetch and now: fetch again
-        await node.blobs.ensure(client, route.name, digest)
-        stored = node.store.size(digest) or 0
+        await blobs.ensure(client, route.name, digest)
+        stored = store.size(digest) or 0
     size = stored
     rng = parse_range(request.headers.get("Range"), size)
     status = 200
@@ -155,19 +167,19 @@ async def _blob(node: Node, client: UpstreamClient, route: Route, head: bool) ->
     else:
         status = 206
         headers["Content-Range"] = rng.content_range(size)
-    response = Response(BlobBody(node, digest, rng), status, headers)
+    response = Response(BlobBody(registry.streams, digest, rng), status, headers)
     response.headers["Content-Length"] = str(rng.length)
     response.timeout = None
     return response
 
 
-async def _tags(node: Node, client: UpstreamClient, route: Route) -> Response:
+async def _tags(resolver: Resolver, client: UpstreamSeam, route: Route) -> Response:
     n_text, last = request.args.get("n"), request.args.get("last")
     # isascii: str.isdigit() also takes digits such as "²" that int() refuses.
     if n_text is not None and not (n_text.isascii() and n_text.isdigit() and len(n_text) <= 9):
         raise PaginationInvalid(f"n must be a non-negative integer, got {n_text[:20]!r}")
     n = min(int(n_text), MAX_TAGS_PAGE) if n_text is not None else None
-    tags = await node.resolver.tags(client, route.name)
+    tags = await resolver.tags(client, route.name)
     if last:
         tags = [t for t in tags if t > last]
     headers = {}
@@ -181,9 +193,9 @@ async def _tags(node: Node, client: UpstreamClient, route: Route) -> Response:
     return _json({"name": route.name, "tags": tags}, headers=headers)
 
 
-async def _referrers(node: Node, client: UpstreamClient, route: Route) -> Response:
+async def _referrers(resolver: Resolver, client: UpstreamSeam, route: Route) -> Response:
     artifact_type = request.args.get("artifactType")
-    body = await node.resolver.referrers(client, route.name, route.digest, artifact_type)
+    body = await resolver.referrers(client, route.name, route.digest, artifact_type)
     headers = {"Content-Type": OCI_INDEX}
     if artifact_type is not None:
         headers["OCI-Filters-Applied"] = "artifactType"

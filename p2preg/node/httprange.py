@@ -3,7 +3,8 @@
 One byte range per request, which is what every registry client sends. A set of
 several ranges is answered with the whole blob (the RFC lets a server ignore
 Range); a malformed or unsatisfiable range raises `RangeNotSatisfiable`, as
-Go's `http.ServeContent` does for the reference registry.
+Go's `http.ServeContent` does for the reference registry. It must not touch
+files or sockets.
 """
 
 from __future__ import annotations

@@ -2,12 +2,25 @@
 
 One `NodeMetrics` per node instance (several nodes run in one test process, so
 nothing goes on prometheus-client's global registry). Exposition uses
-prometheus-client's own text format. Documented in docs/OPERATIONS.md.
+prometheus-client's own text format. Documented in docs/OPERATIONS.md. Names
+are an interface (dashboards, bench/): they must not change.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class StoreStats(Protocol):
+    """What the store gauges read (p2preg.node.store.BlobStore)."""
+
+    used_bytes: int
+    max_bytes: int
+    evictions: int
+
+    def __len__(self) -> int: ...
 
 
 class NodeMetrics:
@@ -78,6 +91,13 @@ class NodeMetrics:
             "p2preg_peer_bans", "Peers banned for sending bad data", registry=r
         )
         self.blobs_seeded = Gauge("p2preg_blobs_seeded", "Blobs this node seeds", registry=r)
+
+    def refresh(self, store: StoreStats) -> None:
+        """Gauges read from the store when they are shown, not kept up to date."""
+        self.store_bytes.set(store.used_bytes)
+        self.store_blobs.set(len(store))
+        self.store_budget.set(store.max_bytes)
+        self.store_evictions.set(store.evictions)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

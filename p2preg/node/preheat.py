@@ -7,7 +7,8 @@ no blob byte travels to this command), and then confirming with the tracker
 that every swarmed blob has metainfo and at least `--seeders` seeders. It shows
 a progress bar, ends with a summary table, and its exit status says whether
 the cluster is ready. Image references and platform choice are sans-IO
-functions here; where each blob comes from is the nodes' business.
+functions in imagerefs.py; where each blob comes from is the nodes' business,
+and this command must not fetch a blob's bytes itself.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -41,111 +41,23 @@ from rich.table import Table
 from p2preg.core import errors as tracker_errors
 from p2preg.core.config import ConfigError
 from p2preg.core.digest import Digest, DigestError
-from p2preg.core.reference import InvalidReference, Reference, parse_name
 from p2preg.node.admin import PREHEAT_PREFIX, STATUS_PATH
+from p2preg.node.imagerefs import (
+    ImageRef,
+    Platform,
+    PreheatError,
+    host_platform,
+    parse_image,
+    select_manifests,
+)
 from p2preg.node.manifest import DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, OCI_INDEX, OCI_MANIFEST
 from tracker.client import TrackerClient
 
-DOCKER_HUB = "docker.io"
 MANIFEST_ACCEPT = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
 # A scrape carries at most this many info-hashes (the tracker's default cap).
 SCRAPE_BATCH = 64
 CONFIRM_POLL_S = 0.5
 TOKEN_ENV = ("P2PREG_TRACKER_TOKEN", "P2PREG_TOKEN")
-GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
-
-
-class PreheatError(Exception):
-    """An image cannot be resolved or a node cannot be asked; the message says which."""
-
-
-# -- sans-IO: references and platforms ---------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ImageRef:
-    """`registry` is the name containerd sends as `?ns=` (docker.io for Docker Hub)."""
-
-    registry: str
-    repository: str
-    reference: str
-
-    def __str__(self) -> str:
-        sep = "@" if ":" in self.reference else ":"
-        return f"{self.registry}/{self.repository}{sep}{self.reference}"
-
-
-def parse_image(text: str) -> ImageRef:
-    """`nginx`, `ghcr.io/org/app:1.2`, `host:5000/app@sha256:…`, as containerd reads them."""
-    name, _, digest = text.partition("@")
-    tag = None
-    slash, colon = name.rfind("/"), name.rfind(":")
-    if colon > slash:
-        name, tag = name[:colon], name[colon + 1 :]
-    first, sep, rest = name.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost"):
-        registry, repository = first, rest
-    else:
-        registry, repository = DOCKER_HUB, name
-    if registry == "index.docker.io":
-        registry = DOCKER_HUB
-    if registry == DOCKER_HUB and "/" not in repository:
-        repository = "library/" + repository
-    reference = digest or tag or "latest"
-    try:
-        parse_name(repository)
-        Reference.parse(reference)
-    except InvalidReference as e:
-        raise PreheatError(f"{text!r} is not an image reference: {e}") from None
-    return ImageRef(registry, repository, reference)
-
-
-@dataclass(frozen=True, slots=True)
-class Platform:
-    os: str
-    architecture: str
-    variant: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Platform:
-        parts = text.split("/")
-        if len(parts) not in (2, 3) or not all(parts):
-            raise PreheatError(f"a platform is OS/ARCH[/VARIANT], got {text!r}")
-        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
-
-    def matches(self, doc: object) -> bool:
-        if not isinstance(doc, dict):
-            return False
-        if (doc.get("os"), doc.get("architecture")) != (self.os, self.architecture):
-            return False
-        return self.variant is None or doc.get("variant") == self.variant
-
-    def __str__(self) -> str:
-        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
-
-
-def host_platform() -> Platform:
-    """This machine's platform, which is what ctr and kubelet pull by default."""
-    machine = platform.machine().lower()
-    return Platform("linux", GOARCH.get(machine, machine))
-
-
-def select_manifests(index: dict[str, Any], platforms: Sequence[Platform] | None) -> list[str]:
-    """Digests of an index's manifests for `platforms` (None: every real platform)."""
-    chosen = []
-    for entry in index.get("manifests") or []:
-        if not isinstance(entry, dict) or not isinstance(entry.get("digest"), str):
-            continue
-        plat = entry.get("platform")
-        if platforms is None:
-            # BuildKit's attestation manifests claim the platform unknown/unknown.
-            if isinstance(plat, dict) and plat.get("os") == "unknown":
-                continue
-            chosen.append(entry["digest"])
-        elif any(p.matches(plat) for p in platforms):
-            chosen.append(entry["digest"])
-    return chosen
-
 
 # -- the run ---------------------------------------------------------------------------
 

@@ -6,7 +6,8 @@ blob sits in it (config first, then the layers in manifest order); the P2P path
 names that place in its upstream lease request, so the tracker can let an
 image's blobs cross the upstream link earliest first. Only a hint: a blob with
 no place noted (a restart, or a client that skipped the manifest) is fetched
-without one. Bounded, least recently noted first out; memory only.
+without one. Bounded, least recently noted first out; memory only. It must
+not be used to refuse or delay a fetch.
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ from p2preg.node import manifest as mf
 from p2preg.node.errors import ManifestUnknown, NameUnknown, UpstreamError
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.pullorder import PullOrder
+from p2preg.node.seams import UpstreamSeam
 from p2preg.node.store import BlobStore, StoreError
 from p2preg.node.tenancy import Tenancy
-from p2preg.node.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class Resolver:
     # -- manifests --------------------------------------------------------
 
     async def manifest(
-        self, client: UpstreamClient, repository: str, ref: Reference, accept: str | None
+        self, client: UpstreamSeam, repository: str, ref: Reference, accept: str | None
     ) -> Manifest:
         ns = client.upstream.ns
         if ref.digest is not None:
@@ -99,7 +99,7 @@ class Resolver:
         return found
 
     async def _fetch(
-        self, client: UpstreamClient, repository: str, ref: Reference, accept: str | None
+        self, client: UpstreamSeam, repository: str, ref: Reference, accept: str | None
     ) -> Manifest:
         headers = {"Accept": accept} if accept else {}
         fetched = await client.fetch(
@@ -191,14 +191,14 @@ class Resolver:
 
     # -- tags and referrers -----------------------------------------------
 
-    async def tags(self, client: UpstreamClient, repository: str) -> list[str]:
+    async def tags(self, client: UpstreamSeam, repository: str) -> list[str]:
         tags = await client.tags(repository)
         if tags is None:
             raise NameUnknown(f"repository {repository} is unknown to the seed registry")
         return sorted(set(tags))
 
     async def referrers(
-        self, client: UpstreamClient, repository: str, subject: Digest, artifact_type: str | None
+        self, client: UpstreamSeam, repository: str, subject: Digest, artifact_type: str | None
     ) -> bytes:
         """Referrers of `subject` as an OCI index, from the API or the tag schema."""
         headers = {"Accept": mf.OCI_INDEX}

@@ -1,10 +1,14 @@
-"""A node: wires the store, the resolver, the blob path and the facade.
+"""A node: wires the store, the resolver, the pull path and the facade.
 
-`open_node` builds the parts for one configuration; `serve_node` serves the
-facade with hypercorn and reports the bound URL through `task_status`, so tests
-start nodes on port 0 with `await nursery.start(serve_node, config)`. It also
-owns the order of a graceful shutdown: listeners closed, responses in flight
-given `shutdown_grace_s`, then the swarm torn down (which announces `stopped`).
+Owns the construction of one node from its configuration — each part gets the
+narrow pieces it uses, and the store its eviction hooks, at construction —
+and its lifetime: `open_node` builds the parts for one configuration and
+yields the apps; `serve_node` serves them with hypercorn and reports the bound
+URL through `task_status`, so tests start nodes on port 0 with
+`await nursery.start(serve_node, config)`. It also owns the order of a
+graceful shutdown: listeners closed, responses in flight given
+`shutdown_grace_s`, then the swarm torn down (which announces `stopped`). It
+must not hold request logic: that is the facade's and the pull path's.
 """
 
 from __future__ import annotations
@@ -19,61 +23,115 @@ from functools import partial
 import httpx
 import trio
 from hypercorn.trio import serve
+from quart_trio import QuartTrio
 
 from p2preg.core.config import HostPort
 from p2preg.node import hypercorn_internals
+from p2preg.node.admin import Admin, add_routes, create_metrics_app
 from p2preg.node.blobs import Blobs
+from p2preg.node.blobstream import BlobStreams
 from p2preg.node.config import NodeConfig
+from p2preg.node.facade import Registry, create_app
+from p2preg.node.fetch import BlobFetcher, Cluster, SwarmSettings
 from p2preg.node.metrics import NodeMetrics
-from p2preg.node.p2p import P2P, P2PSettings
+from p2preg.node.peers import PeerDownload
 from p2preg.node.pullorder import PullOrder
 from p2preg.node.resolver import Resolver
+from p2preg.node.seams import in_thread
+from p2preg.node.seeding import Seeding, TorrentFiles, stop_seeding
 from p2preg.node.store import BlobStore
-from p2preg.node.swarm import open_swarm
+from p2preg.node.swarm import Swarm, open_swarm
 from p2preg.node.tenancy import Tenancy
-from p2preg.node.upstream import UpstreamClient
+from p2preg.node.upstream import UpstreamClient, Upstreams
 from tracker.client import TrackerClient
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Node:
-    config: NodeConfig
-    store: BlobStore
-    metrics: NodeMetrics
-    resolver: Resolver
-    blobs: Blobs
-    clients: dict[str, UpstreamClient]
-    streams: trio.Semaphore
-    p2p: P2P | None = None
+@dataclass(frozen=True)
+class NodeApps:
+    """What a node serves: the facade, and the metrics listener's app."""
 
-    def client_for(self, ns: str | None) -> UpstreamClient | None:
-        upstream = self.config.upstream_for(ns)
-        return None if upstream is None else self.clients[upstream.ns]
+    facade: QuartTrio
+    metrics: QuartTrio
+    streams: BlobStreams
 
-    def refresh_gauges(self) -> None:
-        self.metrics.store_bytes.set(self.store.used_bytes)
-        self.metrics.store_blobs.set(len(self.store))
-        self.metrics.store_budget.set(self.store.max_bytes)
-        self.metrics.store_evictions.set(self.store.evictions)
+
+def _node_name(config: NodeConfig) -> str:
+    return config.node_name or f"{socket.gethostname()}:{config.listen.port}"
 
 
 @asynccontextmanager
-async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
-    store = BlobStore(config.data_dir, config.store_max_bytes)
-    await trio.to_thread.run_sync(store.open)
+async def _open_swarm(
+    config: NodeConfig, http: httpx.AsyncClient, metrics: NodeMetrics
+) -> AsyncIterator[tuple[Swarm, TrackerClient] | None]:
+    """The swarm and the tracker client, when a tracker is configured."""
+    if config.tracker is None:
+        yield None
+        return
+    tracker = TrackerClient(
+        config.tracker, node=_node_name(config), token=config.tracker_token, http=http
+    )
+    listen = str(HostPort(config.peer_host, config.peer_port))
+    async with open_swarm(config.data_dir, listen, [tracker.announce_url], metrics) as swarm:
+        yield swarm, tracker
+
+
+def _new_store(config: NodeConfig, swarm: Swarm | None, torrents: TorrentFiles) -> BlobStore:
+    if swarm is None:
+        return BlobStore(config.data_dir, config.store_max_bytes)
+    return BlobStore(
+        config.data_dir,
+        config.store_max_bytes,
+        on_remove=partial(stop_seeding, swarm, torrents),
+        spare=swarm.last_seeder_of_live_swarm,
+    )
+
+
+def _cluster(
+    config: NodeConfig,
+    store: BlobStore,
+    p2p: tuple[Swarm, TrackerClient],
+    torrents: TorrentFiles,
+    nursery: trio.Nursery,
+) -> Cluster:
+    swarm, tracker = p2p
+    settings = SwarmSettings(
+        min_bytes=config.p2p_min_bytes,
+        stall_s=config.swarm_stall_s,
+        max_hash_failures=config.swarm_max_hash_failures,
+        lease_wait_max_s=config.lease_wait_max_s,
+    )
+    peers = PeerDownload(
+        store, swarm, stall_s=settings.stall_s, max_hash_failures=settings.max_hash_failures,
+        offload=in_thread,
+    )
+    seeding = Seeding(store, swarm, tracker, torrents, nursery, in_thread)
+    reseeded = seeding.reseed()
+    log.info(
+        "node: swarm on %s (peer port %d), tracker %s, re-seeding %d stored blobs",
+        HostPort(config.peer_host, config.peer_port), swarm.listen_port, config.tracker, reseeded,
+    )
+    return Cluster(tracker, swarm, seeding, peers, settings)
+
+
+@asynccontextmanager
+async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
     metrics = NodeMetrics()
     tenancy = Tenancy()
     pull_order = PullOrder()
+    torrents = TorrentFiles(config.data_dir / "torrents")
     timeout = httpx.Timeout(config.upstream_timeout_s, connect=min(10.0, config.upstream_timeout_s))
     async with (
         httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as http,
-        _open_p2p(config, store, metrics, http) as p2p,
+        _open_swarm(config, http, metrics) as p2p,
         trio.open_nursery() as nursery,
     ):
-        clients = {
-            u.ns: UpstreamClient(
+        store = _new_store(config, None if p2p is None else p2p[0], torrents)
+        await trio.to_thread.run_sync(store.open)
+        cluster = None if p2p is None else _cluster(config, store, p2p, torrents, nursery)
+        upstreams = Upstreams([
+            UpstreamClient(
                 u,
                 http,
                 credential=config.credential_for(u.ns),
@@ -81,60 +139,34 @@ async def open_node(config: NodeConfig) -> AsyncIterator[Node]:
                 on_bytes=metrics.upstream_bytes.inc,
             )
             for u in config.upstream
-        }
-        node = Node(
-            config=config,
-            store=store,
-            metrics=metrics,
-            resolver=Resolver(store, tenancy, metrics, pull_order, tag_ttl_s=config.tag_ttl_s),
-            blobs=Blobs(store, tenancy, metrics, nursery, pull_order, p2p),
-            clients=clients,
-            streams=trio.Semaphore(config.max_blob_streams),
-            p2p=p2p,
+        ])
+        fetcher = BlobFetcher(
+            store, metrics, pull_order, nursery, offload=in_thread, cluster=cluster
         )
+        blobs = Blobs(store, tenancy, metrics, fetcher, nursery)
+        resolver = Resolver(store, tenancy, metrics, pull_order, tag_ttl_s=config.tag_ttl_s)
+        streams = BlobStreams(
+            store, trio.Semaphore(config.max_blob_streams), config.stream_chunk_bytes, metrics
+        )
+        facade = create_app(Registry(upstreams, resolver, blobs, streams))
+        # Without a tracker the node has no tracker-given name to report.
+        name = (config.node_name or socket.gethostname()) if cluster is None else _node_name(config)
+        add_routes(facade, Admin(
+            name=name,
+            upstreams=upstreams,
+            store=store,
+            blobs=blobs,
+            metrics=metrics,
+            swarm=None if cluster is None else cluster.swarm,
+            tracker=config.tracker,
+            p2p_min_bytes=config.p2p_min_bytes,
+        ))
         log.info(
             "node: store %s holds %d blobs (%d bytes of %d)",
             config.data_dir, len(store), store.used_bytes, store.max_bytes,
         )
         try:
-            yield node
-        finally:
-            nursery.cancel_scope.cancel()
-
-
-@asynccontextmanager
-async def _open_p2p(
-    config: NodeConfig, store: BlobStore, metrics: NodeMetrics, http: httpx.AsyncClient
-) -> AsyncIterator[P2P | None]:
-    """The swarm and the tracker client, when a tracker is configured."""
-    if config.tracker is None:
-        yield None
-        return
-    name = config.node_name or f"{socket.gethostname()}:{config.listen.port}"
-    tracker = TrackerClient(config.tracker, node=name, token=config.tracker_token, http=http)
-    listen = str(HostPort(config.peer_host, config.peer_port))
-    async with (
-        open_swarm(config.data_dir, listen, [tracker.announce_url], metrics) as swarm,
-        trio.open_nursery() as nursery,
-    ):
-        settings = P2PSettings(
-            min_bytes=config.p2p_min_bytes,
-            stall_s=config.swarm_stall_s,
-            max_hash_failures=config.swarm_max_hash_failures,
-            lease_wait_max_s=config.lease_wait_max_s,
-        )
-        p2p = P2P(
-            store, swarm, tracker, metrics, settings, config.data_dir / "torrents", nursery
-        )
-        store.on_remove = p2p.forget
-        store.spare = swarm.last_seeder_of_live_swarm
-        reseeded = await p2p.reseed()
-        log.info(
-            "node: swarm on %s (peer port %d), tracker %s, re-seeding %d stored blobs",
-            listen, swarm.listen_port, config.tracker, reseeded,
-        )
-        try:
-            yield p2p
+            yield NodeApps(facade, create_metrics_app(metrics, store), streams)
         finally:
             nursery.cancel_scope.cancel()
 
@@ -175,31 +207,46 @@ async def serve_node(
     in flight `shutdown_grace_s` to finish, and then tears the swarm down,
     which announces `stopped` for every torrent.
     """
-    from p2preg.node.admin import create_metrics_app
-    from p2preg.node.facade import create_app
-
     # Refuses (ConfigError) a hypercorn/Quart it was not checked against; then
     # blob bodies go by sendfile and one bad connection cannot stop the server.
     hypercorn_internals.install()
     shutdown = trio.Event() if shutdown is None else shutdown
-    async with open_node(config) as node, trio.open_nursery() as nursery:
+    async with open_node(config) as apps, trio.open_nursery() as nursery:
         hc = _server_config(config.listen, config.shutdown_grace_s)
         binds: list[str] = await nursery.start(
-            partial(serve, create_app(node), hc, shutdown_trigger=shutdown.wait)
+            partial(serve, apps.facade, hc, shutdown_trigger=shutdown.wait)
         )
         nursery.start_soon(_close_listeners, shutdown, hc)
         if config.metrics_listen is not None:
             mhc = _server_config(config.metrics_listen, config.shutdown_grace_s)
             mbinds: list[str] = await nursery.start(
-                partial(serve, create_metrics_app(node), mhc, shutdown_trigger=shutdown.wait)
+                partial(serve, apps.metrics, mhc, shutdown_trigger=shutdown.wait)
             )
             nursery.start_soon(_close_listeners, shutdown, mhc)
             log.info("node: serving /metrics and /healthz on %s", mbinds[0])
         log.info("node: serving the registry facade on %s", binds[0])
         task_status.started(binds[0])
         await shutdown.wait()
+        # Before hypercorn's own grace deadline, which it sets once its serve
+        # loop has unwound: ours fires first, while the responses are still there.
+        deadline = trio.current_time() + config.shutdown_grace_s
         log.info(
             "node: shutting down: refusing new connections, finishing responses in flight "
             "(at most %.0f s)", config.shutdown_grace_s,
         )
+        nursery.start_soon(_drain, apps.streams, config.max_blob_streams, deadline)
     log.info("node: stopped")
+
+
+async def _drain(streams: BlobStreams, slots: int, deadline: float) -> None:
+    """Take back every blob stream slot; say how many responses the grace period cuts off."""
+    taken = 0
+    with trio.move_on_at(deadline):
+        while taken < slots:
+            await streams.slots.acquire()
+            taken += 1
+    if taken < slots:
+        log.warning(
+            "node: %d blob response(s) still in flight after the grace period: cutting them off",
+            slots - taken,
+        )

@@ -9,8 +9,9 @@ the least recently used blobs that nobody is reading (those it is asked to
 `spare`, such as the last seeder's copy of a live swarm, only when nothing
 else frees enough), and before a download
 makes room on the disk under it the same way (`reserve`), or refuses at once
-when even that would not fit the blob. It knows nothing of registries,
-repositories or HTTP.
+when even that would not fit the blob. What to spare and whom to tell of a
+removal are given at construction. It knows nothing of registries,
+repositories, HTTP or libtorrent.
 
 Writers are synchronous and meant to run in a worker thread (hashing and disk
 writes must not block the event loop); the index of sizes and use order is
@@ -106,8 +107,31 @@ class BlobWriter:
         self._tmp.unlink(missing_ok=True)
 
 
+def _keep_nothing(digest: Digest) -> bool:
+    return False
+
+
+def _ignore(digest: Digest) -> None:
+    return None
+
+
 class BlobStore:
-    def __init__(self, data_dir: Path, max_bytes: int) -> None:
+    """The store under `data_dir`, within `max_bytes`.
+
+    `on_remove` is called with each digest the store drops (so that its seeding
+    stops too); `spare` names the blobs eviction takes last, only when nothing
+    else frees enough (the node passes "this node is the last seeder of a live
+    swarm"). Both are fixed at construction.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        max_bytes: int,
+        *,
+        on_remove: Callable[[Digest], None] = _ignore,
+        spare: Callable[[Digest], bool] = _keep_nothing,
+    ) -> None:
         self.blob_dir = data_dir / "blobs"
         self.tmp_dir = data_dir / "tmp"
         self.max_bytes = max_bytes
@@ -116,11 +140,8 @@ class BlobStore:
         self._readers: Counter[Digest] = Counter()
         self.used_bytes = 0
         self.evictions = 0
-        # Called with each digest the store drops, so its seeding stops too.
-        self.on_remove: Callable[[Digest], None] = lambda digest: None
-        # Blobs eviction takes last, only when nothing else frees enough: the
-        # node sets it to "this node is the last seeder of a live swarm".
-        self.spare: Callable[[Digest], bool] = lambda digest: False
+        self._on_remove = on_remove
+        self._spare = spare
 
     def open(self) -> None:
         """Create the layout, drop temp files of a crashed run, index what is stored."""
@@ -252,7 +273,7 @@ class BlobStore:
         for digest in list(self._index):
             if self._readers[digest]:
                 continue
-            if self.spare(digest):
+            if self._spare(digest):
                 spared.append(digest)
                 continue
             yield digest
@@ -276,7 +297,7 @@ class BlobStore:
             return
         self.used_bytes -= size
         self.path(digest).unlink(missing_ok=True)
-        self.on_remove(digest)
+        self._on_remove(digest)
 
 
 def _free_bytes(path: Path) -> int:

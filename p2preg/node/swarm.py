@@ -28,19 +28,12 @@ import trio
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo, info_name
 from p2preg.node.metrics import NodeMetrics
+from p2preg.node.seams import SwarmError
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 STATUS_INTERVAL_S = 0.5
-
-
-class SwarmError(Exception):
-    """A download from peers cannot finish; `reason` names why (a metric label)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def session_settings(listen: str) -> lt.settings_pack:

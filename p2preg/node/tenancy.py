@@ -5,7 +5,8 @@ that R holds it for this node: a manifest of R resolved here references it,
 or an upstream `HEAD` of it in R succeeded. This keeps a blob cached for a
 private repository from leaking through another repository name. The ledger
 is bounded (least recently proven entries go first; forgetting one only costs
-an upstream HEAD) and lives in memory: a restart re-proves on first use.
+an upstream HEAD) and lives in memory: a restart re-proves on first use. It
+must not ask the upstream itself (blobs.py and the resolver do).
 """
 
 from __future__ import annotations

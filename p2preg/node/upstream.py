@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -41,6 +41,7 @@ from p2preg.node.errors import (
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
+from p2preg.node.seams import UpstreamSeam
 
 log = logging.getLogger(__name__)
 
@@ -341,3 +342,23 @@ class UpstreamClient:
                     ) from None
                 log.info("upstream blob %s cut at %d bytes, resuming", digest, sink.offset)
                 await trio.sleep(BACKOFF_BASE_S * cuts)
+
+
+class Upstreams:
+    """The seed registries this node mirrors, by the name containerd sends as `?ns=`.
+
+    The first one also serves requests that name none.
+    """
+
+    def __init__(self, clients: Sequence[UpstreamSeam]) -> None:
+        if not clients:
+            raise ValueError("a node mirrors at least one seed registry")
+        self._default = clients[0]
+        self._by_ns = {c.upstream.ns: c for c in clients}
+
+    def client_for(self, ns: str | None) -> UpstreamSeam | None:
+        return self._by_ns.get(ns) if ns else self._default
+
+    @property
+    def upstreams(self) -> list[Upstream]:
+        return [c.upstream for c in self._by_ns.values()]

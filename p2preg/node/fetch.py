@@ -1,0 +1,313 @@
+"""Where a blob comes from: the store's disk, the swarm, or the seed registry — decided once.
+
+Owns the order of the pull path for one blob that is not in the store yet:
+room on the disk first; then, with a tracker, the lease wait (leasewait.py
+says what each reply means) that ends in joining the swarm (peers.py), in
+fetching from upstream as the lease holder (renewing the lease with progress),
+or in falling back to upstream with a reason; without a tracker, or for a blob
+below `p2p_min_bytes`, upstream straight away. A blob that came from upstream
+is published to the swarm here and nowhere else, once, before the holder's
+lease is let go. Upstream bytes are hashed while written and enter the store
+only when they match. A pull never fails because of the P2P layer. It must
+not check tenancy or run fetches once per digest (blobs.py does both).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+
+from p2preg.core import errors as tracker_errors
+from p2preg.core.digest import Digest
+from p2preg.node.errors import StoreFull, UpstreamError
+from p2preg.node.leasewait import (
+    Ask,
+    AskAgain,
+    Due,
+    FallBack,
+    FetchAsHolder,
+    JoinSwarm,
+    LeaseWait,
+    Outcome,
+    Replied,
+    TrackerFailed,
+)
+from p2preg.node.metrics import NodeMetrics
+from p2preg.node.peers import Fallback, PeerDownload
+from p2preg.node.pullorder import Place, PullOrder
+from p2preg.node.seams import Offload, SwarmSeam, TrackerSeam, UpstreamSeam
+from p2preg.node.seeding import Seeding
+from p2preg.node.store import BlobStore, BlobWriter, DigestMismatch, NoSpace, StoreError
+
+log = logging.getLogger(__name__)
+
+# Blob bytes are handed to the hashing/writing thread in batches this large, so
+# the per-batch thread hop stays small next to the work it carries.
+WRITE_BATCH_BYTES = 1 << 20
+# A seed registry that sends corrupt bytes gets one more chance.
+MISMATCH_ATTEMPTS = 2
+# How long the holder keeps its lease after publishing, waiting for the
+# tracker to count it as a seeder.
+ANNOUNCE_WAIT_S = 10.0
+# A failed holder gives its lease back within this long, or lets it expire.
+RELEASE_ON_FAILURE_S = 5.0
+
+Progress = Callable[[int], None]
+
+
+def _ignore_progress(n: int) -> None:
+    return None
+
+
+class _StoreSink:
+    """Feeds upstream bytes to a BlobWriter off the event loop, in large batches."""
+
+    def __init__(self, writer: BlobWriter, offload: Offload, progress: Progress) -> None:
+        self._writer = writer
+        self._offload = offload
+        self._progress = progress
+        self._buffer = bytearray()
+        self.offset = 0
+
+    async def write(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        self.offset += len(chunk)
+        self._progress(self.offset)
+        if len(self._buffer) >= WRITE_BATCH_BYTES:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._buffer:
+            batch, self._buffer = bytes(self._buffer), bytearray()
+            await self._offload(partial(self._writer.write, batch))
+
+    async def reset(self) -> None:
+        self._buffer.clear()
+        self.offset = 0
+        await self._offload(self._writer.reset)
+
+
+@dataclass(frozen=True)
+class SwarmSettings:
+    min_bytes: int
+    stall_s: float
+    max_hash_failures: int
+    lease_wait_max_s: float
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The P2P side of the pull path, present when the node has a tracker."""
+
+    tracker: TrackerSeam
+    swarm: SwarmSeam
+    seeding: Seeding
+    peers: PeerDownload
+    settings: SwarmSettings
+
+
+class BlobFetcher:
+    def __init__(
+        self,
+        store: BlobStore,
+        metrics: NodeMetrics,
+        pull_order: PullOrder,
+        nursery: trio.Nursery,
+        *,
+        offload: Offload,
+        cluster: Cluster | None = None,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._pull_order = pull_order
+        self._nursery = nursery
+        self._offload = offload
+        self._cluster = cluster
+        self._clock = clock
+
+    async def fetch(
+        self, upstream: UpstreamSeam, repository: str, digest: Digest, size: int
+    ) -> tuple[str, int]:
+        """Bring `digest` (`size` bytes as upstream said, -1 if it did not) into the store.
+
+        Returns where it came from ("peers" or "upstream") and its size.
+        """
+        if size > 0:
+            # Fail fast, or evict, before downloading into a disk that cannot hold it.
+            try:
+                self._store.reserve(size)
+            except NoSpace as e:
+                raise StoreFull(f"no space to store blob {digest}: {e}") from None
+        copy = partial(self._from_upstream, upstream, repository, digest)
+        cluster = self._cluster
+        if cluster is None or 0 <= size < cluster.settings.min_bytes:
+            return "upstream", await copy(_ignore_progress)
+        outcome = await self._await_lease(cluster, digest, size, self._pull_order.of(digest))
+        if isinstance(outcome, JoinSwarm):
+            try:
+                meta = await cluster.peers.fetch(digest, size, outcome.metainfo)
+            except Fallback as e:
+                outcome = FallBack(e.reason, str(e))
+            else:
+                await cluster.seeding.keep(meta)
+                return "peers", self._store.size(digest) or size
+        if isinstance(outcome, FetchAsHolder):
+            size = await self._as_holder(cluster.tracker, digest, size, outcome, copy)
+        else:
+            self._metrics.fallbacks.labels(outcome.reason).inc()
+            reason, message = outcome.reason, outcome.message
+            log.warning("blob %s: falling back to upstream (%s): %s", digest, reason, message)
+            size = await copy(_ignore_progress)
+        # The one place a blob is published. Seed what we verified: the swarm may
+        # lack a seeder, or hold bad metainfo.
+        await cluster.seeding.publish(digest, size)
+        if isinstance(outcome, FetchAsHolder):
+            self._nursery.start_soon(
+                self._release_once_seeding, cluster, digest, outcome.lease_id
+            )
+        return "upstream", size
+
+    # -- the tracker ------------------------------------------------------------
+
+    async def _await_lease(
+        self, cluster: Cluster, digest: Digest, size: int, place: Place | None
+    ) -> Outcome:
+        """Ask the tracker until the lease wait ends in an outcome.
+
+        `place` (the image it was asked for in, and where in it) lets the
+        tracker order the image's upstream fetches.
+        """
+        group = None if place is None else str(place.image)
+        order = 0 if place is None else place.index
+        wait = LeaseWait(cluster.settings.lease_wait_max_s, self._clock)
+        action = wait.step(Due())
+        while True:
+            if isinstance(action, Ask):
+                try:
+                    reply = await cluster.tracker.acquire_lease(
+                        digest, size=size, wait_s=action.wait_s, group=group, order=order
+                    )
+                except tracker_errors.TrackerError as e:
+                    action = wait.step(TrackerFailed(str(e)))
+                else:
+                    action = wait.step(Replied(reply))
+            elif isinstance(action, AskAgain):
+                if action.after_s > 0:
+                    await trio.sleep(action.after_s)
+                action = wait.step(Due())
+            else:
+                return action
+
+    async def _as_holder(
+        self,
+        tracker: TrackerSeam,
+        digest: Digest,
+        size: int,
+        lease: FetchAsHolder,
+        copy: Callable[[Progress], Awaitable[int]],
+    ) -> int:
+        """Fetch from upstream while holding the lease; give it back if that fails."""
+        try:
+            async with _renewing(self._nursery, tracker, digest, lease, size) as progress:
+                size = await copy(progress)
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_ON_FAILURE_S):
+                await _release(tracker, digest, lease.lease_id)
+            raise
+        # Off the upstream link now: tell the tracker, which lets the image's
+        # next blob start while this one is published and spreads.
+        try:
+            await tracker.renew_lease(digest, lease.lease_id, size, size)
+        except tracker_errors.TrackerError as e:
+            log.info("reporting the upstream fetch of %s done: %s", digest, e)
+        return size
+
+    async def _release_once_seeding(self, cluster: Cluster, digest: Digest, lease_id: str) -> None:
+        # Hold the lease until the tracker counts us as a seeder: released any
+        # sooner, the next asker would find no seeder and fetch upstream again.
+        # The client that asked for the blob does not wait for this.
+        if not await cluster.swarm.wait_announced(digest, ANNOUNCE_WAIT_S):
+            log.warning("no announce of %s acknowledged within %.0f s", digest, ANNOUNCE_WAIT_S)
+        await _release(cluster.tracker, digest, lease_id)
+
+    # -- the seed registry --------------------------------------------------------
+
+    async def _from_upstream(
+        self, upstream: UpstreamSeam, repository: str, digest: Digest, progress: Progress
+    ) -> int:
+        for attempt in range(1, MISMATCH_ATTEMPTS + 1):
+            writer = self._store.writer(digest)
+            sink = _StoreSink(writer, self._offload, progress)
+            try:
+                await upstream.fetch_blob(repository, digest, sink)
+                await sink.flush()
+                size = await self._offload(writer.finish)
+            except DigestMismatch as e:
+                self._metrics.digest_mismatches.inc()
+                log.warning("blob %s: upstream sent bad bytes (attempt %d): %s", digest, attempt, e)
+                continue
+            except NoSpace as e:
+                writer.abort()
+                raise StoreFull(f"no space to store blob {digest}: {e}") from None
+            except StoreError as e:
+                writer.abort()
+                raise UpstreamError(f"cannot store blob {digest}: {e}") from None
+            except BaseException:
+                writer.abort()
+                raise
+            try:
+                writer.commit()
+            except NoSpace as e:
+                writer.abort()
+                raise StoreFull(str(e)) from None
+            return size
+        raise UpstreamError(f"seed registry kept sending bytes that do not match {digest}")
+
+
+@asynccontextmanager
+async def _renewing(
+    nursery: trio.Nursery, tracker: TrackerSeam, digest: Digest, lease: FetchAsHolder, size: int
+) -> AsyncIterator[Progress]:
+    """Renew `lease` every ttl/3 with the progress reported through the yielded callback.
+
+    The renewals run in the node's nursery, not around the body: the body's own
+    exception (an upstream that failed) comes out as itself, not in a group.
+    """
+    done = 0
+    scope = trio.CancelScope()
+
+    def progress(n: int) -> None:
+        nonlocal done
+        done = n
+
+    async def renew() -> None:
+        interval = max(0.5, lease.ttl_s / 3)
+        with scope:
+            while True:
+                await trio.sleep(interval)
+                try:
+                    await tracker.renew_lease(digest, lease.lease_id, done, size)
+                except tracker_errors.LeaseLost:
+                    log.warning("lease for %s lost while fetching; finishing anyway", digest)
+                    return
+                except tracker_errors.TrackerError as e:
+                    log.warning("lease renewal for %s failed: %s", digest, e)
+
+    nursery.start_soon(renew)
+    try:
+        yield progress
+    finally:
+        scope.cancel()
+
+
+async def _release(tracker: TrackerSeam, digest: Digest, lease_id: str) -> None:
+    try:
+        await tracker.release_lease(digest, lease_id)
+    except tracker_errors.TrackerError as e:
+        log.info("lease release for %s: %s", digest, e)

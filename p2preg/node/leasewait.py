@@ -1,0 +1,274 @@
+"""The node's wait for a blob's upstream lease, as a sans-IO state machine.
+
+Owns the rules by which a node that needs a blob reads the tracker's lease
+replies: SEEDED → join the swarm; GRANTED → fetch from upstream as the holder;
+WAIT → ask again (long-polling) for as long as the fetch waited for makes
+progress — its holder's `bytes_done` grows, or the holder changes because the
+tracker's queue moved; `lease_wait_max_s` without either, or a tracker that
+fails, → fetch from upstream ourselves, with a reason (a metric label). The
+rules are one ordered table, `RULES`, read first match first: a new rule is a
+new row. Time comes from an injected clock, as in tracker/leases.py's
+`LeaseBook`. This module does no I/O and imports no trio: the caller asks the
+tracker, sleeps and fetches (p2preg/node/fetch.py), and must not bend an
+action it was given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from p2preg.core.wire import LeaseReply, LeaseStatus
+
+# How long one lease request may be held open by the tracker.
+LONG_POLL_S = 10.0
+# A reply that came back sooner than this share of the long poll was not held
+# by the tracker (an old tracker, or one under load): the next ask is paced.
+HELD_SHARE = 0.8
+# Pacing of asks the tracker answered early: its retry_after_s, within these bounds.
+PACE_MIN_S = 0.05
+PACE_MAX_S = 1.0
+
+# -- what happens to the wait (events) ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """It is time to ask the tracker (first, or again after an `AskAgain`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Replied:
+    """The tracker answered the last `Ask`."""
+
+    reply: LeaseReply
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerFailed:
+    """The last `Ask` failed: the tracker is down, or refused it."""
+
+    message: str
+
+
+Event = Due | Replied | TrackerFailed
+
+# -- what the node does next (actions) ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """Ask the tracker for the lease, letting it hold the request `wait_s`."""
+
+    wait_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class AskAgain:
+    """Sleep `after_s` (0: not at all), then step `Due`."""
+
+    after_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class JoinSwarm:
+    """A seeder exists: download from peers with this metainfo."""
+
+    metainfo: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FetchAsHolder:
+    """This node holds the lease: fetch from upstream, renewing it every `ttl_s` / 3."""
+
+    lease_id: str
+    ttl_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class FallBack:
+    """Stop waiting on the cluster and fetch from upstream; `reason` is a metric label."""
+
+    reason: str
+    message: str
+
+
+Action = Ask | AskAgain | JoinSwarm | FetchAsHolder | FallBack
+# The actions that end the wait.
+Outcome = JoinSwarm | FetchAsHolder | FallBack
+
+# -- the state, and the table ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WaitState:
+    started_at: float
+    # Waiting without progress ends here; progress moves it to now + max_s.
+    deadline: float
+    # The (holder, bytes_done) the tracker last reported.
+    progress: tuple[str | None, int] | None = None
+    # When the last Ask was given, and how long it let the tracker hold it.
+    asked_at: float = 0.0
+    wait_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Situation:
+    """What a rule sees: the event, the state it found (progress already noted), the time."""
+
+    event: Event
+    state: WaitState
+    now: float
+    max_s: float
+
+    @property
+    def reply(self) -> LeaseReply:
+        assert isinstance(self.event, Replied), "a rule on replies applied to another event"
+        return self.event.reply
+
+    @property
+    def status(self) -> LeaseStatus | None:
+        return self.event.reply.status if isinstance(self.event, Replied) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """When an `on` event arrives and `when` holds, the node does `then`."""
+
+    name: str
+    on: type[Due] | type[Replied] | type[TrackerFailed]
+    when: Callable[[Situation], bool]
+    then: Callable[[Situation], Action]
+
+    def applies(self, s: Situation) -> bool:
+        return isinstance(s.event, self.on) and self.when(s)
+
+
+def _always(s: Situation) -> bool:
+    return True
+
+
+def _tracker_failed(s: Situation) -> Action:
+    assert isinstance(s.event, TrackerFailed)
+    return FallBack("tracker", f"tracker: {s.event.message}")
+
+
+def _out_of_time(s: Situation) -> bool:
+    return s.now >= s.state.deadline
+
+
+def _ask(s: Situation) -> Action:
+    return Ask(min(LONG_POLL_S, s.state.deadline - s.now))
+
+
+def _seeded_without_metainfo(s: Situation) -> bool:
+    return s.status is LeaseStatus.SEEDED and s.reply.metainfo is None
+
+
+def _join(s: Situation) -> Action:
+    assert s.reply.metainfo is not None
+    return JoinSwarm(s.reply.metainfo)
+
+
+def _granted_without_id(s: Situation) -> bool:
+    return s.status is LeaseStatus.GRANTED and not s.reply.lease_id
+
+
+def _hold(s: Situation) -> Action:
+    assert s.reply.lease_id is not None
+    return FetchAsHolder(s.reply.lease_id, s.reply.ttl_s)
+
+
+def _held_its_course(s: Situation) -> bool:
+    return s.status is LeaseStatus.WAIT and s.now - s.state.asked_at >= HELD_SHARE * s.state.wait_s
+
+
+def _pace(s: Situation) -> Action:
+    return AskAgain(min(max(s.reply.retry_after_s, PACE_MIN_S), PACE_MAX_S))
+
+
+def _status_is(status: LeaseStatus) -> Callable[[Situation], bool]:
+    return lambda s: s.status is status
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("a tracker that fails: fall back", TrackerFailed, _always, _tracker_failed),
+    Rule(
+        "lease_wait_max_s without progress: fall back",
+        Due,
+        _out_of_time,
+        lambda s: FallBack("lease_wait", "the upstream fetch waited for made no progress"),
+    ),
+    Rule("due: ask, long-polling at most until the deadline", Due, _always, _ask),
+    Rule(
+        "seeded without metainfo: fall back",
+        Replied,
+        _seeded_without_metainfo,
+        lambda s: FallBack("bad_metainfo", "tracker said SEEDED without metainfo"),
+    ),
+    Rule("seeded: join the swarm", Replied, _status_is(LeaseStatus.SEEDED), _join),
+    Rule(
+        "granted without a lease id: fall back",
+        Replied,
+        _granted_without_id,
+        lambda s: FallBack("tracker", "tracker granted a lease without naming it"),
+    ),
+    Rule("granted: fetch from upstream as the holder", Replied, _status_is(LeaseStatus.GRANTED),
+         _hold),
+    # A long poll that ran its course already waited.
+    Rule("wait, held by the tracker: ask again at once", Replied, _held_its_course,
+         lambda s: AskAgain(0.0)),
+    Rule("wait, answered early: ask again after retry_after_s", Replied,
+         _status_is(LeaseStatus.WAIT), _pace),
+    Rule(
+        "a reply this node does not know: fall back",
+        Replied,
+        _always,
+        lambda s: FallBack("tracker", f"tracker replied {s.reply.status!r}"),
+    ),
+)
+
+
+def note_progress(state: WaitState, event: Event, now: float, max_s: float) -> WaitState:
+    """A WAIT whose (holder, bytes_done) changed means the cluster moves: the deadline resets."""
+    if not isinstance(event, Replied) or event.reply.status is not LeaseStatus.WAIT:
+        return state
+    seen = (event.reply.holder, event.reply.bytes_done)
+    if seen == state.progress:
+        return state
+    return replace(state, progress=seen, deadline=now + max_s)
+
+
+def decide(s: Situation, rules: tuple[Rule, ...] = RULES) -> tuple[Rule, Action]:
+    """The first rule that applies, and its action."""
+    for rule in rules:
+        if rule.applies(s):
+            return rule, rule.then(s)
+    raise AssertionError(f"no lease-wait rule for {s.event!r}")  # the table ends in catch-alls
+
+
+class LeaseWait:
+    """One node's wait for one blob's lease: feed it events, do what it returns."""
+
+    def __init__(
+        self,
+        max_s: float,
+        clock: Callable[[], float],
+        rules: tuple[Rule, ...] = RULES,
+    ) -> None:
+        self.max_s = max_s
+        self._clock = clock
+        self._rules = rules
+        now = clock()
+        self.state = WaitState(started_at=now, deadline=now + max_s)
+        # The name of the rule behind the last action, for logs and tests.
+        self.last_rule = ""
+
+    def step(self, event: Event) -> Action:
+        now = self._clock()
+        self.state = note_progress(self.state, event, now, self.max_s)
+        rule, action = decide(Situation(event, self.state, now, self.max_s), self._rules)
+        self.last_rule = rule.name
+        if isinstance(action, Ask):
+            self.state = replace(self.state, asked_at=now, wait_s=action.wait_s)
+        return action

@@ -1,0 +1,81 @@
+"""Bringing one blob in from peers, with metainfo the tracker handed out.
+
+Owns the swarm leg of a fetch: check the metainfo against the digest and size,
+let the swarm download it (every piece checked by libtorrent), hash the whole
+file against its digest — whoever sent the pieces — and only then link it into
+the store. Whatever goes wrong raises `Fallback` with a reason (a metric
+label), and the blob's torrent is dropped; the caller (fetch.py) then fetches
+from upstream. It must not ask the tracker anything or fetch from upstream.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from p2preg.core.digest import Digest, Hasher
+from p2preg.core.metainfo import Metainfo, MetainfoError
+from p2preg.node.seams import Offload, SwarmError, SwarmSeam
+from p2preg.node.store import BlobStore, StoreError
+from tracker.metainfo import parse_metainfo
+
+HASH_CHUNK = 4 << 20
+
+
+class Fallback(Exception):
+    """The swarm cannot deliver this blob now; fetch it from upstream."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def file_digest(path: Path, algorithm: str) -> Digest:
+    """Blocking: the digest of a whole file."""
+    h = Hasher(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.digest()
+
+
+class PeerDownload:
+    def __init__(
+        self,
+        store: BlobStore,
+        swarm: SwarmSeam,
+        *,
+        stall_s: float,
+        max_hash_failures: int,
+        offload: Offload,
+    ) -> None:
+        self._store = store
+        self._swarm = swarm
+        self._stall_s = stall_s
+        self._max_hash_failures = max_hash_failures
+        self._offload = offload
+
+    async def fetch(self, digest: Digest, size: int, metainfo: bytes) -> Metainfo:
+        """Download, verify and store `digest`; returns the metainfo it came by."""
+        try:
+            meta = parse_metainfo(metainfo, digest, size)
+        except MetainfoError as e:
+            raise Fallback("bad_metainfo", f"tracker metainfo for {digest}: {e}") from None
+        try:
+            path = await self._swarm.download(
+                meta, stall_s=self._stall_s, max_hash_failures=self._max_hash_failures
+            )
+        except SwarmError as e:
+            self._swarm.remove(digest)
+            raise Fallback(e.reason, f"swarm download of {digest}: {e}") from None
+        got = await self._offload(partial(file_digest, path, digest.algorithm))
+        if got != digest:
+            self._swarm.remove(digest)
+            raise Fallback("digest_mismatch", f"swarm bytes hash to {got}, not {digest}")
+        try:
+            tmp = await self._offload(partial(self._store.link_verified, digest, path))
+            self._store.adopt(digest, tmp, size)
+        except StoreError as e:
+            self._swarm.remove(digest)
+            raise Fallback("store", str(e)) from None
+        return meta
