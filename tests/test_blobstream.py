@@ -100,8 +100,10 @@ def test_streams_are_capped_and_a_hung_up_stream_gives_its_slot_back(
 
     thread = threading.Thread(target=second, daemon=True)
     thread.start()
-    thread.join(1.0)
-    assert not got
+    wait_until(
+        lambda: node.metric("p2preg_blob_streams_waiting") == 1, timeout_s=10, what="1 waiting"
+    )
+    assert not got and node.metric("p2preg_blob_streams_active") == 1
 
     first.close()  # hang up mid-body: the slot must come back
     thread.join(30)

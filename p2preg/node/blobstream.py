@@ -65,7 +65,11 @@ class BlobBody(ResponseBody):
     async def __aenter__(self) -> BlobBody:
         streams = self._streams
         async with contextlib.AsyncExitStack() as stack:
-            await streams.slots.acquire()
+            streams.metrics.streams_waiting.inc()
+            try:
+                await streams.slots.acquire()
+            finally:
+                streams.metrics.streams_waiting.dec()
             stack.callback(streams.slots.release)
             streams.metrics.streams_active.inc()
             stack.callback(streams.metrics.streams_active.dec)

@@ -63,6 +63,11 @@ class NodeMetrics:
         self.streams_active = Gauge(
             "p2preg_blob_streams_active", "Blob responses being streamed", registry=r
         )
+        self.streams_waiting = Gauge(
+            "p2preg_blob_streams_waiting",
+            "Blob responses whose head is sent, waiting for a stream slot",
+            registry=r,
+        )
         self.store_bytes = Gauge("p2preg_store_bytes", "Bytes held in the store", registry=r)
         self.store_blobs = Gauge("p2preg_store_blobs", "Blobs held in the store", registry=r)
         self.store_budget = Gauge(
