@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from tracker.server import serve_tracker
+from tracker.serve import serve_tracker
 
 from p2preg.core.config import HostPort
 from p2preg.node.fetch import SwarmSettings
