@@ -19,6 +19,7 @@ from p2preg.core.pki import (
     Issued,
     ca_cluster,
     check_key_pair,
+    check_usage,
     identity_of,
     identity_of_der,
     issue,
@@ -124,7 +125,9 @@ def test_a_bad_identity_is_refused(args: tuple[str, str, str], message: str) -> 
         Identity(*args)
 
 
-def _custom_leaf(ca: Issued, sans: list[x509.GeneralName]) -> bytes:
+def _custom_leaf(
+    ca: Issued, sans: list[x509.GeneralName], extra: x509.ExtensionType | None = None
+) -> bytes:
     """A certificate the user's own CA might issue, with whatever SANs it likes."""
     ca_cert = _cert(ca.cert_pem)
     ca_key = serialization.load_pem_private_key(ca.key_pem, None)
@@ -140,6 +143,8 @@ def _custom_leaf(ca: Issued, sans: list[x509.GeneralName]) -> bytes:
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    if extra is not None:
+        builder = builder.add_extension(extra, critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -225,3 +230,17 @@ def test_a_mismatched_key_and_bad_input_are_clear_errors(ca: Issued) -> None:
     with pytest.raises(CertificateError, match=r"'bad name' is not a DNS name"):
         issue(ca, Identity("prod-eu", "node", "c"), dns=["bad name"], now=NOW)
     assert issubclass(CertificateError, ConfigError)  # the CLI's one-line exit 2
+
+
+def test_a_ca_or_a_certificate_unfit_for_its_role_is_refused(ca: Issued) -> None:
+    check_usage(issue(ca, Identity("prod-eu", "node", "n"), now=NOW).cert_pem)
+    uri = x509.UniformResourceIdentifier("p2preg://prod-eu/node/a")
+    check_usage(_custom_leaf(ca, [uri]))  # no extended key usage: any use (RFC 5280)
+    server_only = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
+    with pytest.raises(CertificateError, match=r"a node certificate needs .* clientAuth"):
+        check_usage(_custom_leaf(ca, [uri], server_only))
+    tracker = x509.UniformResourceIdentifier("p2preg://prod-eu/tracker/t")
+    check_usage(_custom_leaf(ca, [tracker], server_only))
+    as_ca = x509.BasicConstraints(ca=True, path_length=None)
+    with pytest.raises(CertificateError, match="is a CA certificate, not a member's"):
+        check_usage(_custom_leaf(ca, [uri], as_ca))

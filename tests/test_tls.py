@@ -251,3 +251,22 @@ def test_a_reloader_refuses_a_bad_tls_dir_at_start(tmp_path: Path, ca: Issued) -
     (d / "tls.crt").unlink()
     with pytest.raises(ConfigError, match=r"tls\.crt: no such file"):
         ReloadingTLS(d)
+
+
+def test_a_kubernetes_secret_swap_is_picked_up(tmp_path: Path, ca: Issued) -> None:
+    """The kubelet mounts each file as a symlink through `..data`, swapped atomically."""
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    for version, name in (("..v1", "n1"), ("..v2", "n1-renewed")):
+        _tls_dir(mount / version, ca, issue(ca, Identity("test", "node", name)))
+    (mount / "..data").symlink_to("..v1")
+    for f in ("tls.crt", "tls.key", "ca.crt"):
+        (mount / f).symlink_to(f"..data/{f}")
+    clock = Clock()
+    tls = ReloadingTLS(mount, role="node", check_interval_s=1.0, clock=clock)
+    assert tls.identity.name == "n1"
+    (mount / "..data_tmp").symlink_to("..v2")
+    (mount / "..data_tmp").rename(mount / "..data")
+    clock.now = 1.0
+    assert tls.identity.name == "n1-renewed" and tls.generation == 1
+    assert tls.files.cert == mount / "tls.crt"  # libtorrent gets the stable path

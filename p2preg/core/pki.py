@@ -362,6 +362,35 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
+# What each role does with its certificate: a node serves peers and is a client
+# of the tracker; the tracker serves. A certificate without the extension may do
+# anything (RFC 5280), which a user's CA is free to rely on.
+_SERVER = (ExtendedKeyUsageOID.SERVER_AUTH, "serverAuth")
+_CLIENT = (ExtendedKeyUsageOID.CLIENT_AUTH, "clientAuth")
+_ROLE_USAGES = {"node": (_SERVER, _CLIENT), "tracker": (_SERVER,)}
+
+
+def check_usage(cert_pem: bytes) -> None:
+    """Refuse a leaf that is a CA, or whose extended key usage does not fit its role.
+
+    OpenSSL would refuse either at the handshake ("unsupported certificate
+    purpose"); saying so at start names the problem.
+    """
+    cert = load_certificates(cert_pem, "certificate")[0]
+    identity = identity_from_certificate(cert)
+    if _is_ca(cert):
+        raise CertificateError("certificate is a CA certificate, not a member's")
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    missing = [name for oid, name in _ROLE_USAGES[identity.role] if oid not in eku]
+    if missing:
+        raise CertificateError(
+            f"a {identity.role} certificate needs extended key usage {', '.join(missing)}"
+        )
+
+
 def verify_chain(cert_pem: bytes, ca_pem: bytes, *, now: dt.datetime | None = None) -> Identity:
     """Check that the bundle's leaf chains to a CA in `ca_pem` and is valid now.
 

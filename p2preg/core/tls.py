@@ -26,6 +26,7 @@ from p2preg.core.pki import (
     CertificateError,
     Identity,
     check_key_pair,
+    check_usage,
     identity_of_der,
     load_certificates,
     verify_chain,
@@ -87,6 +88,7 @@ def _checked(files: TLSFiles, cert: bytes, key: bytes, ca: bytes, now: dt.dateti
         raise ConfigError(f"{files.ca}: {e}") from None
     try:
         identity = verify_chain(cert, ca, now=now)
+        check_usage(cert)
     except CertificateError as e:
         raise ConfigError(f"{files.cert}: {e}") from None
     try:
