@@ -67,8 +67,8 @@ class TLSMaterial:
     identity: Identity
     not_after: dt.datetime
     cert_pem: bytes
+    ca_pem: bytes
     key_pem: bytes = field(repr=False)
-    ca_pem: bytes = b""
 
 
 def _read(path: Path) -> bytes:
@@ -114,7 +114,7 @@ def load_tls_dir(
             f"{role} certificate"
         )
     not_after = load_certificates(cert, "certificate")[0].not_valid_after_utc
-    return TLSMaterial(files, identity, not_after, cert, key, ca)
+    return TLSMaterial(files, identity, not_after, cert, ca, key)
 
 
 def _base_context(purpose: int, material: TLSMaterial) -> ssl.SSLContext:
@@ -126,9 +126,10 @@ def _base_context(purpose: int, material: TLSMaterial) -> ssl.SSLContext:
     # Only the cluster CA(s) from ca.crt, never the system store: a public CA's
     # certificate must not pass for a cluster member.
     ctx.load_verify_locations(cadata=material.ca_pem.decode("ascii", "replace"))
-    # ssl takes the chain and key as paths only; the caller compares the files
-    # with the checked bytes afterwards (see `_build`).
-    ctx.load_cert_chain(material.files.cert, material.files.key)
+    # ssl takes the chain and key as paths only; `_build` compares the files
+    # with the checked bytes afterwards. The empty password keeps OpenSSL from
+    # prompting on a terminal if an encrypted key slipped in after the check.
+    ctx.load_cert_chain(material.files.cert, material.files.key, password=b"")
     return ctx
 
 
