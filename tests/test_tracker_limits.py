@@ -27,11 +27,11 @@ import libtorrent as lt
 import pytest
 import trio
 
+from harness.node import metric_value
 from p2preg.core import errors, wire
 from p2preg.core.config import HostPort
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
-from tests.fixtures.node import metric_value
 from tests.fixtures.reliability import Tally
 from tracker import udp
 from tracker.announce import AnnounceRequest, Event
