@@ -40,6 +40,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 from urllib.parse import quote_from_bytes
 
 import httpx
@@ -257,8 +258,11 @@ def check_answers(port: int, ih: bytes, token: str | None) -> None:
             f"http://127.0.0.1:{port}/announce?{q}" + (f"&token={token}" if token else "")
         ).content
     )
-    if b"failure reason" in body:
-        raise RuntimeError(f"tracker on {port} refused the load: {body[b'failure reason']!r}")
+    if not isinstance(body, dict):
+        raise RuntimeError(f"tracker on {port} answered something not a dictionary: {body!r}")
+    reason = cast(dict[bytes, object], body).get(b"failure reason")
+    if reason is not None:
+        raise RuntimeError(f"tracker on {port} refused the load: {reason!r}")
 
 
 async def publish_all(url: str, metas: list[Metainfo]) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 from rich.console import Console
 
 import bench.fanout
+from bench.data import write_random
 from bench.fanout.capacity import (
     CURL_BIN,
     Capacity,
@@ -39,7 +40,7 @@ from bench.fanout.cluster import Cluster, make_cluster, start_registry
 from bench.fanout.document import document
 from bench.fanout.report import plot, report, run_line
 from bench.fanout.runs import RunResult, run_once
-from bench.fanout.settings import CLIENT, MB, PREFIX_ROOT, REPO, MiB, Settings, parse_args
+from bench.fanout.settings import CLIENT, MB, PREFIX_ROOT, REPO, Settings, parse_args
 from harness.containerd import CONTAINERD_BIN, CTR_BIN
 from harness.images import PushedImage, build_image
 from harness.netns import remove_namespaces, stale_namespaces, unavailable_reason
@@ -67,13 +68,7 @@ def build_and_push(
         with open_registry(workdir / "push") as reg:
             pushed = push(layout, reg.host, REPO)
     image_bytes = sum(b.size for b in pushed.blobs)
-    blob = workdir / "capacity.bin"
-    with blob.open("wb") as f:
-        left = image_bytes
-        while left:
-            chunk = min(left, 4 * MiB)
-            f.write(os.urandom(chunk))
-            left -= chunk
+    write_random(workdir / "capacity.bin", image_bytes)
     return pushed, image_bytes, workdir / "push" / "storage"
 
 

@@ -56,7 +56,11 @@ class Settings:
 
 
 def _parser(description: str | None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(
+        # The name it had as one module; its usage line stays the same.
+        prog="fanout.py",
+        description=description,
+    )
     p.add_argument("--nodes", default="2,4,8", help="values of N, comma-separated (2,4,8)")
     p.add_argument("--size-mb", type=float, default=100.0, help="image size S in MB (100)")
     p.add_argument("--layers", type=int, default=4, help="layers L, of equal size (4)")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -33,6 +32,7 @@ from rich.table import Table
 
 import bench.peer
 import p2preg.core.metainfo as metainfo_rules
+from bench.data import write_random
 from bench.machine import add_tls_flag, version_of
 from bench.peer.rounds import (
     REPO_ROOT,
@@ -69,18 +69,6 @@ CASES = {
 }
 
 console = Console()
-
-
-def make_blob(path: Path, size: int) -> Digest:
-    h = hashlib.sha256()
-    with path.open("wb") as f:
-        left = size
-        while left:
-            chunk = os.urandom(min(left, 4 * MiB))
-            f.write(chunk)
-            h.update(chunk)
-            left -= len(chunk)
-    return Digest("sha256", h.hexdigest())
 
 
 @contextlib.contextmanager
@@ -140,7 +128,7 @@ def _jsonable(settings: dict[str, Any]) -> dict[str, Any]:
 def _prepare(args: argparse.Namespace, tmp: Path, size: int) -> tuple[Path, Path, Metainfo]:
     """The blob, the seeder's hard link to it, and its metainfo (written to blob.torrent)."""
     blob = tmp / "blob"
-    digest = make_blob(blob, size)
+    digest = Digest("sha256", write_random(blob, size))
     seed_dir = tmp / "seed"
     seed_dir.mkdir()
     os.link(blob, seed_dir / info_name(digest))
@@ -335,7 +323,9 @@ def report(result: dict[str, Any], out: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(bench.peer.__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="peer.py", description=(bench.peer.__doc__ or "").splitlines()[0]
+    )
     parser.add_argument("--role", choices=["bench", "seed", "leech"], default="bench")
     parser.add_argument("--size-mib", type=int, default=200)
     parser.add_argument("--runs", type=int, default=5)

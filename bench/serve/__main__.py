@@ -206,7 +206,9 @@ def report(result: dict[str, object]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(bench.serve.__doc__ or "").splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="serve.py", description=(bench.serve.__doc__ or "").splitlines()[0]
+    )
     p.add_argument("--size-mib", type=int, default=256, help="blob size in MiB (256)")
     p.add_argument("--runs", type=int, default=5, help="alternating rounds per case (5)")
     p.add_argument("--streams", type=int, default=4, help="concurrent streams, second case (4)")

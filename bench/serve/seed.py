@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+
+from bench.data import write_random
 
 MiB = 1 << 20
 REPO = "bench/blob"
@@ -23,17 +24,8 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 def make_blob(path: Path, size: int, seed: int = 20240601) -> str:
-    """Write `size` pseudo-random bytes to `path`; return their sha256 hex."""
-    rng = random.Random(seed)
-    h = hashlib.sha256()
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            chunk = rng.randbytes(min(left, 4 * MiB))
-            f.write(chunk)
-            h.update(chunk)
-            left -= len(chunk)
-    return h.hexdigest()
+    """Write `size` pseudo-random bytes to `path` (the same every run); their sha256 hex."""
+    return write_random(path, size, seed=seed)
 
 
 def push_blob(http: httpx.Client, base: str, digest: str, body: Path | bytes) -> None:
