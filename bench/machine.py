@@ -2,8 +2,8 @@
 
 Owns the one machine-busy formula (from the first line of /proc/stat, the
 same for fanout, peer and serve), waiting until a shared machine is nearly
-idle, a process's CPU seconds and peak RSS from /proc, its child pids, the
-version line of a tool, and the `--tls` switch every benchmark takes. Busy is
+idle, a process's CPU seconds and peak RSS from /proc, the version line of a
+tool, and the `--tls` switch every benchmark takes. Busy is
 the share of all CPUs' time spent running anything (user, nice, system, irq,
 softirq; guest time is already inside user and nice); idle, iowait and steal
 are not busy: steal is time the hypervisor gave our CPUs to someone else, and
@@ -27,9 +27,9 @@ __all__ = [
     "add_tls_flag",
     "busy_over",
     "busy_seconds",
-    "child_pids",
     "cpu_seconds",
     "proc_stat",
+    "status_kib",
     "version_of",
     "wait_quiet",
 ]
@@ -93,39 +93,37 @@ class ProcStat:
     peak_rss_mib: float
 
 
-def _stat_fields(pid: int) -> list[str]:
+def _cpu_s(pid: int) -> float:
+    """utime + stime of /proc/PID/stat, in seconds (OSError once the process is gone)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2 :].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _USER_HZ
 
 
 def cpu_seconds(pid: int) -> float:
     """CPU seconds (user + system) of a live process; 0 once it is gone."""
     try:
-        fields = _stat_fields(pid)
+        return _cpu_s(pid)
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / _USER_HZ
+
+
+def status_kib(pid: int, key: str) -> int:
+    """One kB figure of /proc/PID/status (`VmRSS`, `VmHWM`); KeyError if it has none."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
 
 
 def proc_stat(pid: int) -> ProcStat:
     """CPU seconds (user + system) and peak RSS (VmHWM) of a live process; NaN once gone."""
     try:
-        fields = _stat_fields(pid)
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
+        cpu = _cpu_s(pid)
+        hwm_kib = status_kib(pid, "VmHWM")
+    except (OSError, KeyError):
         return ProcStat(float("nan"), float("nan"))
-    cpu = (int(fields[11]) + int(fields[12])) / _USER_HZ
-    hwm = next(
-        (int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0
-    )
-    return ProcStat(cpu, hwm / 1024)
-
-
-def child_pids(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+    return ProcStat(cpu, hwm_kib / 1024)
 
 
 def version_of(argv: list[str]) -> str:

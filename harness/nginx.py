@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.procs import Process, free_port, wait_for_port
+from harness.procs import Process, child_pids, free_port, wait_for_port
 
 __all__ = ["NGINX_BIN", "Nginx", "configure", "open_nginx"]
 
@@ -76,12 +76,6 @@ class Nginx:
         return self.process.pid
 
 
-def _children(pid: int) -> list[int]:
-    with contextlib.suppress(OSError):
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    return []
-
-
 @contextlib.contextmanager
 def open_nginx(
     root: Path,
@@ -102,7 +96,7 @@ def open_nginx(
     proc = Process(argv, root, name="nginx", netns=netns)
     with proc:
         wait_for_port(addr, port, timeout_s=start_timeout_s, process=proc, netns=netns)
-        workers = _children(proc.pid)
+        workers = child_pids(proc.pid)
         try:
             yield Nginx(f"http://{addr}:{port}/blob", proc)
         finally:

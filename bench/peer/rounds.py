@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.machine import busy_seconds, child_pids, cpu_seconds, wait_quiet
+from bench.machine import busy_seconds, cpu_seconds, wait_quiet
 from bench.peer.worker import READY_TIMEOUT_S
-from harness.procs import Process, WaitTimeout, clean_env, wait_until
+from harness.procs import Process, WaitTimeout, child_pids, clean_env, wait_until
 
 MiB = 1 << 20
 MB = 1e6

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 import bench.serve
-from bench.machine import add_tls_flag, version_of
+from bench.machine import add_tls_flag, status_kib, version_of
 from bench.serve.client import RECV_BUFFER, fetch
 from bench.serve.measure import (
     PROFILE_GETS,
@@ -39,7 +39,6 @@ from bench.serve.measure import (
     measure,
     pin,
     profile_node,
-    status_kib,
 )
 from bench.serve.seed import OCI_MANIFEST, REPO, TAG, make_blob, push_image
 from harness.nginx import NGINX_BIN, open_nginx

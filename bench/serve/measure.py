@@ -24,9 +24,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bench.machine import child_pids, wait_quiet
+from bench.machine import status_kib, wait_quiet
 from bench.serve.client import timed_get
-from harness.procs import Process, wait_until
+from harness.procs import Process, child_pids, wait_until
 
 # A run starts once the machine is at most this busy, or after this long anyway.
 QUIET_BUSY = 0.10
@@ -34,13 +34,6 @@ QUIET_MAX_WAIT_S = 60.0
 PROFILE_GETS = 16
 
 console = Console()
-
-
-def status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
 
 
 class RssWatch:
