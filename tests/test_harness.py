@@ -21,7 +21,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness.containerd import CLOSED_SERVER, Containerd, chain_id, write_hosts_toml
+from harness.containerd import (
+    CLOSED_SERVER,
+    Containerd,
+    chain_id,
+    open_containerd,
+    write_hosts_toml,
+)
 from harness.images import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
@@ -38,6 +44,7 @@ from harness.images import (
     build_index,
 )
 from harness.netns import open_lab, unavailable_reason
+from harness.nginx import open_nginx
 from harness.node import open_node
 from harness.procs import (
     Process,
@@ -48,7 +55,7 @@ from harness.procs import (
     wait_for_port,
     wait_until,
 )
-from harness.registry import Registry
+from harness.registry import Registry, open_registry
 from harness.skopeo import push, skopeo
 from harness.tracker import open_tracker
 from tests.conftest import ImageVariant, PushImage
@@ -135,6 +142,32 @@ def test_tracker_and_node_run_inside_a_namespace(tmp_path: Path) -> None:
             # A loopback port inside the namespace is not the machine's.
             with pytest.raises(WaitTimeout):
                 wait_for_port("127.0.0.1", 1, timeout_s=0.3, netns=host.netns)
+
+
+@pytest.mark.integration
+def test_registry_nginx_and_containerd_run_inside_a_namespace(tmp_path: Path) -> None:
+    reason = unavailable_reason()
+    assert reason is None, reason
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"p2preg" * 1000)
+    with open_lab(f"p2pht-{os.getpid()}", subnet="198.18.1.0/24") as lab:
+        host = lab.add_host("h", 2)
+        assert host.netns is not None
+        ns_inode = os.stat(f"/run/netns/{host.netns}").st_ino
+        with (
+            open_registry(
+                tmp_path / "registry", host=host.addr, port=5000, netns=host.netns
+            ) as reg,
+            open_nginx(
+                tmp_path / "nginx", blob, addr=host.addr, port=8080, netns=host.netns
+            ) as ngx,
+            open_containerd(tmp_path / "containerd", netns=host.netns) as daemon,
+        ):
+            for pid in (reg.process.pid, ngx.pid, daemon.process.pid):
+                assert os.stat(f"/proc/{pid}/ns/net").st_ino == ns_inode
+            assert http_get(f"{reg.url}/v2/", netns=host.netns).status_code == 200
+            assert http_get(ngx.url, netns=host.netns).content == blob.read_bytes()
+            assert "Version" in daemon.ctr("version").stdout
 
 
 # -- images (no processes) ---------------------------------------------------
