@@ -19,6 +19,9 @@ speed. Usage:
     .venv/bin/python -m bench.tracker [--swarms 1000] [--seconds 10] [--connections 64]
 
 Needs `wrk` and `opentracker` (apt; installed here if missing and run as root).
+Both trackers start and stop by pid through harness.procs (ours through
+harness.tracker), pinned with `taskset`; `--tls off` (the only value yet) is
+recorded in the JSON's `args`.
 """
 
 from __future__ import annotations
@@ -35,10 +38,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 from urllib.parse import quote_from_bytes
 
 import httpx
@@ -47,6 +49,9 @@ import trio
 from rich.console import Console
 from rich.table import Table
 
+from bench.machine import add_tls_flag, cpu_seconds
+from harness.procs import Process, free_port, wait_for_http
+from harness.tracker import open_tracker
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
 from tracker.client import open_tracker_client
@@ -78,20 +83,6 @@ def ensure_tools() -> None:
         subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
 
 
-def free_port() -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            try:
-                u.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free TCP+UDP port")
-
-
 def make_torrents(workdir: Path, n: int) -> list[Metainfo]:
     blobs = workdir / "blobs"
     blobs.mkdir()
@@ -102,42 +93,6 @@ def make_torrents(workdir: Path, n: int) -> list[Metainfo]:
         path.write_bytes(data)
         metas.append(make_metainfo(path, Digest.of(data), len(data)))
     return metas
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@contextmanager
-def process(
-    argv: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
-    log = open((cwd or Path(tempfile.gettempdir())) / "process.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        ["taskset", "-c", TRACKER_CORE, *argv], cwd=cwd, env=env, stdout=log, stderr=log
-    )
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def wait_http(url: str, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer")
 
 
 def lua_script(path: Path, hashes: list[bytes], token: str | None) -> None:
@@ -303,8 +258,11 @@ def check_answers(port: int, ih: bytes, token: str | None) -> None:
             f"http://127.0.0.1:{port}/announce?{q}" + (f"&token={token}" if token else "")
         ).content
     )
-    if b"failure reason" in body:
-        raise RuntimeError(f"tracker on {port} refused the load: {body[b'failure reason']!r}")
+    if not isinstance(body, dict):
+        raise RuntimeError(f"tracker on {port} answered something not a dictionary: {body!r}")
+    reason = cast(dict[bytes, object], body).get(b"failure reason")
+    if reason is not None:
+        raise RuntimeError(f"tracker on {port} refused the load: {reason!r}")
 
 
 async def publish_all(url: str, metas: list[Metainfo]) -> None:
@@ -313,72 +271,59 @@ async def publish_all(url: str, metas: list[Metainfo]) -> None:
             await client.publish_metainfo(meta.digest, meta.size, meta.data)
 
 
+def _measure_ours(
+    workdir: Path, metas: list[Metainfo], hashes: list[bytes], args: argparse.Namespace
+) -> list[Result]:
+    port = free_port(udp=True)
+    with open_tracker(
+        workdir / "ours",
+        port=port,
+        token=TOKEN,
+        args=["--log-level", "WARNING"],
+        cpus=TRACKER_CORE,
+    ) as ours:
+        trio.run(publish_all, ours.url, metas)
+        check_answers(port, hashes[0], TOKEN)
+        return measure(
+            "p2preg", ours.process.pid, port, hashes, TOKEN, workdir, args.seconds, args.connections
+        )
+
+
+def _measure_opentracker(
+    workdir: Path, hashes: list[bytes], args: argparse.Namespace
+) -> list[Result]:
+    port = free_port(udp=True)
+    ot = workdir / "opentracker"
+    ot.mkdir()
+    ot.chmod(0o755)
+    (ot / "whitelist").write_text("".join(h.hex() + "\n" for h in hashes))
+    (ot / "whitelist").chmod(0o644)
+    argv = ["opentracker", "-i", "127.0.0.1", "-p", str(port), "-P", str(port)]
+    argv += ["-d", str(ot), "-w", "whitelist"]
+    if os.geteuid() == 0:
+        argv += ["-u", "nobody"]  # as root it must drop privileges
+    with Process(argv, ot, cwd=ot, cpus=TRACKER_CORE, term_grace_s=10.0) as proc:
+        wait_for_http(f"http://127.0.0.1:{port}/announce", timeout_s=20.0, process=proc)
+        check_answers(port, hashes[0], None)
+        return measure(
+            "opentracker", proc.pid, port, hashes, None, workdir, args.seconds, args.connections
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--swarms", type=int, default=1000)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
+    add_tls_flag(parser)
     args = parser.parse_args()
     ensure_tools()
     with tempfile.TemporaryDirectory(prefix="p2preg-bench-tracker-") as tmp:
         workdir = Path(tmp)
         metas = make_torrents(workdir, args.swarms)
         hashes = [m.swarm_keys[0] for m in metas]
-        results: list[Result] = []
-
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("P2PREG_")}
-        env["P2PREG_TOKEN"] = TOKEN
-        ours = [
-            sys.executable,
-            "-m",
-            "p2preg",
-            "tracker",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--data-dir",
-            str(workdir / "ours"),
-            "--log-level",
-            "WARNING",
-        ]
-        (workdir / "ours").mkdir()
-        with process(ours, cwd=workdir / "ours", env=env) as proc:
-            wait_http(f"http://127.0.0.1:{port}/healthz")
-            trio.run(publish_all, f"http://127.0.0.1:{port}", metas)
-            check_answers(port, hashes[0], TOKEN)
-            results += measure(
-                "p2preg", proc.pid, port, hashes, TOKEN, workdir, args.seconds, args.connections
-            )
-
-        port = free_port()
-        ot = workdir / "opentracker"
-        ot.mkdir()
-        ot.chmod(0o755)
-        (ot / "whitelist").write_text("".join(h.hex() + "\n" for h in hashes))
-        (ot / "whitelist").chmod(0o644)
-        argv = [
-            "opentracker",
-            "-i",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-P",
-            str(port),
-            "-d",
-            str(ot),
-            "-w",
-            "whitelist",
-        ]
-        if os.geteuid() == 0:
-            argv += ["-u", "nobody"]  # as root it must drop privileges
-        with process(argv, cwd=ot) as proc:
-            time.sleep(0.5)
-            wait_http(f"http://127.0.0.1:{port}/announce")
-            check_answers(port, hashes[0], None)
-            results += measure(
-                "opentracker", proc.pid, port, hashes, None, workdir, args.seconds, args.connections
-            )
-
+        results = _measure_ours(workdir, metas, hashes, args)
+        results += _measure_opentracker(workdir, hashes, args)
     report(results, args)
 
 

@@ -1,4 +1,4 @@
-"""pytest fixtures over tests/fixtures: real registries, containerd, test images.
+"""pytest fixtures over the harness: real registries, containerd, test images.
 
 Everything here is synchronous and function-scoped unless building it is both
 slow and read-only afterwards (the image layouts are built once per session).
@@ -16,11 +16,12 @@ from typing import Literal, Protocol
 
 import pytest
 
-from tests.fixtures.containerd import Containerd, Snapshotter, open_containerd
-from tests.fixtures.images import OciLayout, PushedImage, PushFormat, build_image, build_index, push
-from tests.fixtures.node import NodeProcess, open_node
-from tests.fixtures.registry import Registry, open_registry
-from tests.fixtures.token_issuer import TokenAuth, TokenIssuer, open_token_issuer
+from harness.containerd import Containerd, Snapshotter, open_containerd
+from harness.images import OciLayout, PushedImage, PushFormat, build_image, build_index
+from harness.node import NodeProcess, open_node
+from harness.registry import Registry, TokenAuth, open_registry
+from harness.skopeo import push
+from tests.fixtures.token_issuer import TokenIssuer, open_token_issuer
 
 ImageVariant = Literal["single", "index"]
 MakeNode = Callable[..., NodeProcess]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from harness.procs import free_port
+from harness.registry import Registry
 from tests.conftest import MakeNode, PushImage
-from tests.fixtures.procs import free_port
-from tests.fixtures.registry import Registry
 
 pytestmark = pytest.mark.integration
 

@@ -16,11 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.images import build_image
+from harness.node import NodeProcess
+from harness.procs import wait_until
+from harness.registry import Registry
+from harness.skopeo import push
 from tests.conftest import MakeNode
-from tests.fixtures.images import build_image, push
-from tests.fixtures.node import NodeProcess
-from tests.fixtures.procs import wait_until
-from tests.fixtures.registry import Registry
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.procs import clean_env
 from p2preg.core.pki import Identity, identity_of, verify_chain
 from p2preg.core.tls import load_tls_dir
-from tests.fixtures.procs import clean_env
 
 
 def _ca(*args: str) -> subprocess.CompletedProcess[str]:

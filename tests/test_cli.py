@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from harness.procs import clean_env
 from p2preg.cli import SUBCOMMANDS
-from tests.fixtures.procs import clean_env
 
 
 def _p2preg(*args: str) -> subprocess.CompletedProcess[str]:

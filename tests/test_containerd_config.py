@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from harness.containerd import Containerd
+from harness.node import open_node
+from harness.procs import clean_env, free_port
+from harness.registry import Registry
 from p2preg.core.config import HostPort
 from p2preg.node import containerd_config as cc
 from tests.conftest import PushImage
-from tests.fixtures.containerd import Containerd
-from tests.fixtures.node import open_node
-from tests.fixtures.procs import clean_env, free_port
-from tests.fixtures.registry import Registry
 
 SEED_NS = "seed.test"
 NODE = "http://127.0.0.1:5000"

@@ -21,6 +21,11 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.images import Blob, PushedImage, build_image
+from harness.procs import free_port
+from harness.registry import Registry
+from harness.skopeo import push
+from harness.tracker import open_tracker
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import info_name, piece_size_for
 from tests.fixtures.cluster import (
@@ -33,11 +38,7 @@ from tests.fixtures.cluster import (
     wait_for,
 )
 from tests.fixtures.faults import Action, FaultProxy, SlowSeeder
-from tests.fixtures.images import Blob, PushedImage, build_image, push
-from tests.fixtures.procs import free_port
-from tests.fixtures.registry import Registry
 from tests.fixtures.reliability import Tally
-from tests.fixtures.tracker import open_tracker
 from tracker.metainfo import make_metainfo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

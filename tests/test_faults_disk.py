@@ -26,6 +26,11 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.images import Blob, PushedImage, build_image
+from harness.node import open_node
+from harness.registry import Registry
+from harness.skopeo import push
+from harness.tracker import open_tracker
 from p2preg.core.digest import Digest
 from tests.fixtures.cluster import (
     Background,
@@ -36,11 +41,7 @@ from tests.fixtures.cluster import (
     wait_for,
 )
 from tests.fixtures.faults import Action, FaultProxy, StuckLeecher
-from tests.fixtures.images import Blob, PushedImage, build_image, push
-from tests.fixtures.node import open_node
-from tests.fixtures.registry import Registry
 from tests.fixtures.reliability import Tally
-from tests.fixtures.tracker import open_tracker
 from tracker.metainfo import make_metainfo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

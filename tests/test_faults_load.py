@@ -32,10 +32,11 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.images import build_image, push
-from tests.fixtures.node import open_node
+from harness.images import build_image
+from harness.node import open_node
+from harness.registry import Registry
+from harness.skopeo import push
 from tests.fixtures.rawhttp import build_request, parse_response
-from tests.fixtures.registry import Registry
 from tests.fixtures.reliability import Tally
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

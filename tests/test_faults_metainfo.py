@@ -20,14 +20,15 @@ from urllib.parse import quote_from_bytes
 import httpx
 import pytest
 
+from harness.images import build_image
+from harness.node import open_node
+from harness.registry import Registry
+from harness.skopeo import push
+from harness.tracker import TrackerProcess, open_tracker
 from p2preg.core import wire
 from p2preg.core.digest import Digest
 from tests.fixtures.faults import LiarSeeder, pull_through
-from tests.fixtures.images import build_image, push
-from tests.fixtures.node import open_node
-from tests.fixtures.registry import Registry
 from tests.fixtures.reliability import Tally
-from tests.fixtures.tracker import TrackerProcess, open_tracker
 from tracker.announce import decode_scrape
 from tracker.metainfo import make_metainfo
 

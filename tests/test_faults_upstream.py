@@ -18,10 +18,11 @@ from typing import Any
 import httpx
 import pytest
 
+from harness.images import PushedImage, build_image
+from harness.node import NodeProcess, open_node
+from harness.registry import Registry
+from harness.skopeo import push
 from tests.fixtures.faults import Action, FaultProxy, pull_through
-from tests.fixtures.images import PushedImage, build_image, push
-from tests.fixtures.node import NodeProcess, open_node
-from tests.fixtures.registry import Registry
 from tests.fixtures.reliability import Tally
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -19,11 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.images import build_image
+from harness.registry import Registry
+from harness.skopeo import push
+from harness.tracker import open_tracker
 from tests.fixtures.cluster import Cluster
 from tests.fixtures.faults import MANIFEST_ACCEPT, Action, FaultProxy
-from tests.fixtures.images import build_image, push
-from tests.fixtures.registry import Registry
-from tests.fixtures.tracker import open_tracker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -36,12 +36,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.images import OciLayout, PushedImage
+from harness.node import NodeProcess, open_node
+from harness.registry import Registry, open_registry
+from harness.skopeo import push, skopeo
 from p2preg.node.manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from tests.conftest import ImageVariant
-from tests.fixtures.images import OciLayout, PushedImage, push, skopeo
-from tests.fixtures.node import NodeProcess, open_node
 from tests.fixtures.rawhttp import RawResponse, build_request, exchange
-from tests.fixtures.registry import Registry, open_registry
 from tests.fixtures.reliability import Tally
 
 pytestmark = pytest.mark.integration

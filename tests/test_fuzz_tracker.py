@@ -34,13 +34,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.node import metric_value
+from harness.tracker import TrackerProcess, open_tracker
 from p2preg.core import wire
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
-from tests.fixtures.node import metric_value
 from tests.fixtures.rawhttp import RawResponse, build_request, exchange
 from tests.fixtures.reliability import Tally
-from tests.fixtures.tracker import TrackerProcess, open_tracker
 from tests.tracker_helpers import blob_meta
 from tracker import udp
 

@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from harness.procs import clean_env, free_port
 from p2preg.core.config import ConfigError, HostPort
 from p2preg.node import hypercorn_internals
 from p2preg.node.config import NodeConfig, Upstream
 from p2preg.node.server import serve_node
-from tests.fixtures.procs import clean_env, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FENCE = ROOT / "p2preg" / "node" / "hypercorn_internals.py"

@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.registry import Registry
+from harness.tracker import open_tracker
 from p2preg.core.logs import setup_logging
 from tests.conftest import MakeNode, PushImage
-from tests.fixtures.registry import Registry
-from tests.fixtures.tracker import open_tracker
 
 
 def _records(path: Path) -> list[dict[str, object]]:

@@ -16,12 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.containerd import Containerd, write_hosts_toml
+from harness.node import NodeProcess, open_node
+from harness.registry import Registry
+from harness.skopeo import skopeo
 from p2preg.node.manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from tests.conftest import MakeNode, PushImage
-from tests.fixtures.containerd import Containerd, write_hosts_toml
-from tests.fixtures.images import skopeo
-from tests.fixtures.node import NodeProcess, open_node
-from tests.fixtures.registry import Registry
 from tests.fixtures.token_issuer import TokenIssuer
 
 pytestmark = pytest.mark.integration

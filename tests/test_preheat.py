@@ -22,6 +22,13 @@ from urllib.parse import quote_from_bytes
 import httpx
 import pytest
 
+from harness.containerd import Containerd
+from harness.images import OciLayout, PushedImage, build_index
+from harness.node import NodeProcess, open_node
+from harness.procs import clean_env
+from harness.registry import Registry
+from harness.skopeo import push
+from harness.tracker import TrackerProcess, open_tracker
 from p2preg.core import wire
 from p2preg.node.imagerefs import (
     ImageRef,
@@ -30,12 +37,6 @@ from p2preg.node.imagerefs import (
     parse_image,
     select_manifests,
 )
-from tests.fixtures.containerd import Containerd
-from tests.fixtures.images import OciLayout, PushedImage, build_index, push
-from tests.fixtures.node import NodeProcess, open_node
-from tests.fixtures.procs import clean_env
-from tests.fixtures.registry import Registry
-from tests.fixtures.tracker import TrackerProcess, open_tracker
 from tracker.announce import decode_scrape
 
 SEED_NS = "seed.test"

@@ -21,12 +21,13 @@ from urllib.parse import quote_from_bytes
 import httpx
 import pytest
 
+from harness.images import OciLayout, build_image
+from harness.node import NodeProcess, open_node
+from harness.procs import wait_until
+from harness.registry import Registry
+from harness.skopeo import push
+from harness.tracker import TrackerProcess, open_tracker
 from p2preg.core import wire
-from tests.fixtures.images import OciLayout, build_image, push
-from tests.fixtures.node import NodeProcess, open_node
-from tests.fixtures.procs import wait_until
-from tests.fixtures.registry import Registry
-from tests.fixtures.tracker import TrackerProcess, open_tracker
 from tracker.announce import decode_scrape
 
 pytestmark = pytest.mark.integration

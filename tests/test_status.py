@@ -16,13 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.images import build_image
+from harness.node import open_node
+from harness.procs import clean_env, free_port, wait_until
+from harness.registry import Registry
+from harness.skopeo import push
+from harness.tracker import open_tracker
 from p2preg.core import wire
 from tests.conftest import MakeNode, PushImage
-from tests.fixtures.images import build_image, push
-from tests.fixtures.node import open_node
-from tests.fixtures.procs import clean_env, free_port, wait_until
-from tests.fixtures.registry import Registry
-from tests.fixtures.tracker import open_tracker
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from tracker.serve import serve_tracker
 
 from p2preg.core.config import HostPort
 from p2preg.node.fetch import SwarmSettings
@@ -25,6 +24,7 @@ from p2preg.node.swarm import Swarm, open_swarm
 from tests.fakes import FakeUpstream, PullPath, blob, open_pull_path
 from tracker.client import TrackerClient, open_tracker_client
 from tracker.config import TrackerConfig
+from tracker.serve import serve_tracker
 
 pytestmark = pytest.mark.slow
 

@@ -20,14 +20,15 @@ import httpx
 import libtorrent as lt
 import pytest
 
+from harness.containerd import Containerd, write_hosts_toml
+from harness.images import PushedImage, build_image
+from harness.node import NodeProcess, open_node
+from harness.registry import Registry
+from harness.skopeo import push
+from harness.tracker import TrackerProcess, open_tracker
 from p2preg.core.digest import Digest
 from tests.fixtures.cluster import Background, swarm_counts, wait_for
-from tests.fixtures.containerd import Containerd, write_hosts_toml
 from tests.fixtures.faults import SlowSeeder
-from tests.fixtures.images import PushedImage, build_image, push
-from tests.fixtures.node import NodeProcess, open_node
-from tests.fixtures.registry import Registry
-from tests.fixtures.tracker import TrackerProcess, open_tracker
 from tracker.metainfo import make_metainfo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

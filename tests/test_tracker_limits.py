@@ -26,9 +26,9 @@ import libtorrent as lt
 import pytest
 import trio
 
+from harness.node import metric_value
 from p2preg.core import errors, wire
 from p2preg.core.metainfo import Metainfo
-from tests.fixtures.node import metric_value
 from tests.fixtures.reliability import Tally
 from tests.tracker_helpers import blob_meta, make_tracker, running_tracker
 from tracker import udp

@@ -1,4 +1,4 @@
-"""A small lab of network namespaces for benchmarks: hosts on one bridge, shaped by `tc`.
+"""A small lab of network namespaces for benchmarks and tests: hosts on one bridge, shaped by `tc`.
 
 Owns creating named network namespaces (`<prefix>-<role>`), one bridge in a
 namespace of its own, one veth per host into it with an address in the
@@ -8,7 +8,8 @@ namespaces it created, by name, also when setup fails half-way. Everything,
 the bridge included, lives inside those namespaces: it never adds a link,
 address or route to the root namespace, so parallel labs (different
 prefixes) cannot collide and nothing it carries can leave the machine. It
-knows nothing about what runs on the hosts.
+knows nothing about what runs on the hosts: the launchers take a host's
+`netns` (harness.nsenter enters it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from harness.nsenter import IP_BIN, netns_argv
 
 __all__ = [
     "BENCH_NET",
@@ -38,7 +41,7 @@ __all__ = [
 BENCH_NET = ipaddress.IPv4Network("198.18.0.0/15")
 """RFC 2544's benchmarking range: the only addresses a lab hands out."""
 
-IP = "/usr/sbin/ip"
+IP = IP_BIN
 TC = "/usr/sbin/tc"
 _CMD_TIMEOUT_S = 20.0
 # Queue at most this much time worth of bytes in a shaper before dropping.
@@ -74,8 +77,7 @@ class Host:
 
     def argv(self, argv: Sequence[str | os.PathLike[str]]) -> list[str]:
         """`argv` run on this host. `ip netns exec` execs it, so its pid is the program's."""
-        cmd = [os.fspath(a) for a in argv]
-        return [IP, "netns", "exec", self.netns, *cmd] if self.netns else cmd
+        return netns_argv(argv, self.netns)
 
     @property
     def isolated(self) -> bool:

@@ -1,7 +1,7 @@
-"""Tests of the integration harness itself (tests/fixtures), against the real
-docker-registry, skopeo and containerd: before any p2preg node exists, they
-show that the harness starts these, pushes what it says it pushes, and that
-containerd really pulls through a hosts.toml mirror entry.
+"""Tests of the harness itself (harness/), against the real docker-registry,
+skopeo and containerd: they show that the harness starts these, pushes what it
+says it pushes, that containerd really pulls through a hosts.toml mirror entry,
+and that a launcher given a network namespace runs its process there.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import gzip
 import hashlib
 import io
 import json
+import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -19,9 +21,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ImageVariant, PushImage
-from tests.fixtures.containerd import CLOSED_SERVER, Containerd, chain_id, write_hosts_toml
-from tests.fixtures.images import (
+from harness.containerd import (
+    CLOSED_SERVER,
+    Containerd,
+    chain_id,
+    open_containerd,
+    write_hosts_toml,
+)
+from harness.images import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
     DOCKER_MANIFEST,
@@ -35,11 +42,23 @@ from tests.fixtures.images import (
     PushFormat,
     build_image,
     build_index,
-    push,
-    skopeo,
 )
-from tests.fixtures.procs import Process, ProcessError, wait_until
-from tests.fixtures.registry import Registry
+from harness.netns import open_lab, unavailable_reason
+from harness.nginx import open_nginx
+from harness.node import open_node
+from harness.procs import (
+    Process,
+    ProcessError,
+    WaitTimeout,
+    free_port,
+    http_get,
+    wait_for_port,
+    wait_until,
+)
+from harness.registry import Registry, open_registry
+from harness.skopeo import push, skopeo
+from harness.tracker import open_tracker
+from tests.conftest import ImageVariant, PushImage
 from tests.fixtures.token_issuer import (
     TokenIssuer,
     decode_jwt_unverified,
@@ -78,6 +97,77 @@ def test_process_stop_escalates_to_sigkill(tmp_path: Path) -> None:
     with proc:
         wait_until(lambda: "ready" in proc.log_tail(), timeout_s=10.0, what="ready", process=proc)
     assert proc.returncode == -9
+
+
+def test_free_port_with_udp_is_free_for_both(tmp_path: Path) -> None:
+    port = free_port(udp=True)
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", port))
+
+
+def test_process_pipes_stdio_and_pins_cpus(tmp_path: Path) -> None:
+    code = "import os, sys; print(sorted(os.sched_getaffinity(0)), sys.stdin.readline().strip())"
+    with Process([sys.executable, "-c", code], tmp_path, cpus="0", pipe_stdio=True) as proc:
+        proc.stdin.write(b"hello\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().decode().strip() == "[0] hello"
+
+
+# -- network namespaces --------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_tracker_and_node_run_inside_a_namespace(tmp_path: Path) -> None:
+    """Launchers given `netns` start there, keep the program's own pid, and are asked there."""
+    reason = unavailable_reason()
+    assert reason is None, reason
+    with open_lab(f"p2pht-{os.getpid()}", subnet="198.18.1.0/24") as lab:
+        host = lab.add_host("h", 2)
+        assert host.netns is not None
+        ns_inode = os.stat(f"/run/netns/{host.netns}").st_ino
+        with open_tracker(
+            tmp_path / "tracker", host=host.addr, port=6969, netns=host.netns
+        ) as tracker:
+            pid = tracker.process.pid
+            assert b"tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert os.stat(f"/proc/{pid}/ns/net").st_ino == ns_inode
+            assert http_get(f"{tracker.url}/healthz", netns=host.netns).status_code == 200
+            args = ["--tracker", tracker.url, "--peer-host", host.addr, "--peer-port", "6881"]
+            with open_node(
+                tmp_path / "node", ["seed.test=http://127.0.0.1:9"], args=args, netns=host.netns
+            ) as node:
+                assert os.stat(f"/proc/{node.process.pid}/ns/net").st_ino == ns_inode
+                assert "p2preg_" in node.metrics()
+            # A loopback port inside the namespace is not the machine's.
+            with pytest.raises(WaitTimeout):
+                wait_for_port("127.0.0.1", 1, timeout_s=0.3, netns=host.netns)
+
+
+@pytest.mark.integration
+def test_registry_nginx_and_containerd_run_inside_a_namespace(tmp_path: Path) -> None:
+    reason = unavailable_reason()
+    assert reason is None, reason
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"p2preg" * 1000)
+    with open_lab(f"p2pht-{os.getpid()}", subnet="198.18.1.0/24") as lab:
+        host = lab.add_host("h", 2)
+        assert host.netns is not None
+        ns_inode = os.stat(f"/run/netns/{host.netns}").st_ino
+        with (
+            open_registry(
+                tmp_path / "registry", host=host.addr, port=5000, netns=host.netns
+            ) as reg,
+            open_nginx(
+                tmp_path / "nginx", blob, addr=host.addr, port=8080, netns=host.netns
+            ) as ngx,
+            open_containerd(tmp_path / "containerd", netns=host.netns) as daemon,
+        ):
+            for pid in (reg.process.pid, ngx.pid, daemon.process.pid):
+                assert os.stat(f"/proc/{pid}/ns/net").st_ino == ns_inode
+            assert http_get(f"{reg.url}/v2/", netns=host.netns).status_code == 200
+            assert http_get(ngx.url, netns=host.netns).content == blob.read_bytes()
+            assert "Version" in daemon.ctr("version").stdout
 
 
 # -- images (no processes) ---------------------------------------------------

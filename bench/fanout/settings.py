@@ -1,0 +1,148 @@
+"""The fan-out benchmark's settings: its constants, the command line, and the frozen `Settings`.
+
+Owns every flag `python -m bench.fanout` takes (the ones docs/BENCHMARKS.md
+documents), their checks, and the fixed numbers of the cluster (ports, host
+numbers in 198.18.0.0/24, the sampling period). `Settings` is written into the
+JSON as it is, so a field here is a JSON key: rename none. It must not start
+anything or measure anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import get_args
+
+from bench.machine import add_tls_flag
+from harness.containerd import Snapshotter
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+MB = 10**6
+MiB = 1 << 20
+REPO = "bench/app"
+PREFIX_ROOT = "p2pfo"
+MODES = ("direct", "p2p")
+CLIENT = "client"  # the client-floor run: not a mode under test, a measure of the machine
+
+# Fixed ports are safe inside a namespace (each has its own port space).
+REGISTRY_PORT, TRACKER_PORT, FACADE_PORT, PEER_PORT, NGINX_PORT = 5000, 6969, 5000, 6881, 8080
+# Host numbers in 198.18.0.0/24.
+SEED_IX, FAST_IX, TRACKER_IX, NODE_IX0 = 2, 3, 4, 10
+MAX_NODES = 64
+SAMPLE_S = 0.5
+START_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    nodes: tuple[int, ...]
+    size_bytes: int
+    layers: int
+    upstream_mbit: float
+    node_mbit: float
+    loopback: bool
+    modes: tuple[str, ...]
+    client_floor: bool
+    snapshotter: Snapshotter
+    unpack: bool
+    capacity_repeats: int
+    repeats: int
+    pull_timeout_s: float
+    node_args: tuple[str, ...]
+    seed: str
+    tls: str = "off"
+
+
+def _parser(description: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        # The name it had as one module; its usage line stays the same.
+        prog="fanout.py",
+        description=description,
+    )
+    p.add_argument("--nodes", default="2,4,8", help="values of N, comma-separated (2,4,8)")
+    p.add_argument("--size-mb", type=float, default=100.0, help="image size S in MB (100)")
+    p.add_argument("--layers", type=int, default=4, help="layers L, of equal size (4)")
+    p.add_argument("--upstream-mbit", type=float, default=50.0, help="upstream link U (50)")
+    p.add_argument("--node-mbit", type=float, default=200.0, help="each node's link B (200)")
+    p.add_argument(
+        "--loopback",
+        action="store_true",
+        help="everything on 127.0.0.1: no namespaces, no shaping, no root needed",
+    )
+    p.add_argument("--modes", default="direct,p2p", help="modes to run (direct,p2p)")
+    p.add_argument(
+        "--no-client-floor",
+        action="store_true",
+        help="skip the client(N) runs (then the bound has no client term)",
+    )
+    p.add_argument("--snapshotter", default="native", choices=get_args(Snapshotter))
+    p.add_argument(
+        "--fetch-only",
+        action="store_true",
+        help="`ctr content fetch` instead of `ctr images pull` (no unpack)",
+    )
+    p.add_argument(
+        "--capacity-repeats",
+        type=int,
+        default=2,
+        help="ring measurements per N; the best counts (2)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of client(N) and p2p per N; the median counts (1; direct runs once)",
+    )
+    p.add_argument("--pull-timeout-s", type=float, default=900.0)
+    p.add_argument(
+        "--node-arg",
+        action="append",
+        default=[],
+        help="extra flag for every p2preg node, e.g. --node-arg=--p2p-min-bytes=4MiB",
+    )
+    p.add_argument("--seed", default="fanout", help="image content seed")
+    add_tls_flag(p)
+    p.add_argument("--out", type=Path, default=RESULTS, help="where JSON and PNG go")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    p.add_argument(
+        "--reap-stale",
+        action="store_true",
+        help=f"first remove {PREFIX_ROOT}-<pid>-* namespaces whose benchmark died",
+    )
+    return p
+
+
+def parse_args(
+    argv: Sequence[str] | None, description: str | None
+) -> tuple[Settings, argparse.Namespace]:
+    p = _parser(description)
+    a = p.parse_args(argv)
+    nodes = tuple(sorted({int(x) for x in a.nodes.split(",") if x.strip()}))
+    modes = tuple(m for m in a.modes.split(",") if m)
+    if not nodes or nodes[0] < 2 or nodes[-1] > MAX_NODES:
+        p.error(f"--nodes: values between 2 and {MAX_NODES}")
+    if any(m not in MODES for m in modes):
+        p.error(f"--modes: from {', '.join(MODES)}")
+    if a.layers < 1 or a.size_mb <= 0 or a.upstream_mbit <= 0 or a.node_mbit <= 0:
+        p.error("sizes, layers and rates must be positive")
+    settings = Settings(
+        nodes=nodes,
+        size_bytes=int(a.size_mb * MB),
+        layers=a.layers,
+        upstream_mbit=a.upstream_mbit,
+        node_mbit=a.node_mbit,
+        loopback=a.loopback,
+        modes=modes,
+        client_floor=not a.no_client_floor,
+        snapshotter=a.snapshotter,
+        unpack=not a.fetch_only,
+        capacity_repeats=max(1, a.capacity_repeats),
+        repeats=max(1, a.repeats),
+        pull_timeout_s=a.pull_timeout_s,
+        node_args=tuple(a.node_arg),
+        seed=a.seed,
+        tls=a.tls,
+    )
+    return settings, a

@@ -1,0 +1,365 @@
+"""`python -m bench.peer`: the peer throughput benchmark's setup, run and report.
+
+Owns the command line (the benchmark's flags and the worker's hidden ones),
+the blob, its metainfo (with a forced piece size for `--piece-kib`, in this
+process and in the tracker it starts through harness.tracker), nginx through
+harness.nginx, the order of the rounds, the swarm/nginx ratios, the table and
+bench/results/peer.json (every flag, `--tls` included, is in its `args`). A
+`--role seed|leech` run is the worker (bench.peer.worker), nothing else.
+What a round does lives in bench.peer.rounds; it must not time anything itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libtorrent as lt
+import trio
+from rich.console import Console
+from rich.table import Table
+
+import bench.peer
+import p2preg.core.metainfo as metainfo_rules
+from bench.data import write_random
+from bench.machine import add_tls_flag, version_of
+from bench.peer.rounds import (
+    REPO_ROOT,
+    Case,
+    Memory,
+    Peer,
+    Sample,
+    nginx_round,
+    peers,
+    swarm_round,
+)
+from bench.peer.worker import READY_TIMEOUT_S, parse_overrides, peer_settings, run_peer
+from harness.nginx import NGINX_BIN, open_nginx
+from harness.tracker import TRACKER_COMMAND, open_tracker
+from p2preg.core.digest import Digest
+from p2preg.core.metainfo import Metainfo, info_name
+from tracker.client import TrackerClient
+from tracker.metainfo import make_metainfo
+
+MiB = 1 << 20
+KiB = 1 << 10
+MB = 1e6
+TOKEN = "bench-peer-token"
+RESULTS = REPO_ROOT / "bench" / "results" / "peer.json"
+# What is measured; nginx*file are curl writing the blob to a file, as a node must.
+# Each case: its name and whether it has one client (else N).
+CASES = {
+    "pair": ("swarm 1→1", True),
+    "nginx1": ("nginx 1 client", True),
+    "nginx1file": ("nginx 1 client → file", True),
+    "swarm": ("swarm 1→{n}", False),
+    "nginxN": ("nginx {n} clients", False),
+    "nginxNfile": ("nginx {n} clients → file", False),
+}
+
+console = Console()
+
+
+@contextlib.contextmanager
+def piece_rule(piece_bytes: int | None) -> Iterator[None]:
+    """Force one piece size in this process's metainfo rules (`--piece-kib` only)."""
+    if piece_bytes is None:
+        yield
+        return
+    saved = metainfo_rules.MIN_PIECE_BYTES, metainfo_rules.MAX_PIECE_BYTES
+    metainfo_rules.MIN_PIECE_BYTES = metainfo_rules.MAX_PIECE_BYTES = piece_bytes
+    try:
+        yield
+    finally:
+        metainfo_rules.MIN_PIECE_BYTES, metainfo_rules.MAX_PIECE_BYTES = saved
+
+
+@contextlib.contextmanager
+def tracker(workdir: Path, piece_bytes: int | None) -> Iterator[str]:
+    """A real tracker process; with a forced piece size, one that checks that rule instead."""
+    command = TRACKER_COMMAND
+    if piece_bytes is not None:
+        patch = (
+            "import sys, p2preg.core.metainfo as m; "
+            f"m.MIN_PIECE_BYTES = m.MAX_PIECE_BYTES = {piece_bytes}; "
+            "from p2preg.cli import main; sys.exit(main(sys.argv[1:]))"
+        )
+        command = (sys.executable, "-c", patch)
+    args = ["--log-level", "WARNING"]
+    with open_tracker(workdir, token=TOKEN, args=args, command=command, cwd=REPO_ROOT) as t:
+        yield t.url
+
+
+async def publish(url: str, meta: Metainfo) -> str:
+    client = TrackerClient(url, node="bench-peer", token=TOKEN)
+    try:
+        await client.publish_metainfo(meta.digest, meta.size, meta.data)
+    finally:
+        await client.aclose()
+    return client.announce_url
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "libtorrent": lt.__version__,
+        "nginx": version_of([str(NGINX_BIN), "-v"]),
+        "curl": version_of(["curl", "--version"]),
+    }
+
+
+def _jsonable(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v if isinstance(v, bool | str) else int(v) for k, v in sorted(settings.items())}
+
+
+def _prepare(args: argparse.Namespace, tmp: Path, size: int) -> tuple[Path, Path, Metainfo]:
+    """The blob, the seeder's hard link to it, and its metainfo (written to blob.torrent)."""
+    blob = tmp / "blob"
+    digest = Digest("sha256", write_random(blob, size))
+    seed_dir = tmp / "seed"
+    seed_dir.mkdir()
+    os.link(blob, seed_dir / info_name(digest))
+    with piece_rule(args.piece_kib * KiB if args.piece_kib else None):
+        meta = make_metainfo(blob, digest, size, hybrid=args.hybrid)
+    (tmp / "blob.torrent").write_bytes(meta.data)
+    console.print(
+        f"blob {size / MiB:.0f} MiB, piece {meta.piece_size // KiB} KiB, "
+        f"{'hybrid' if args.hybrid else 'v2'}, overrides {args.set or 'none'}, "
+        f"disk_io {args.disk_io or 'default'}"
+    )
+    return blob, seed_dir, meta
+
+
+@dataclass
+class _Run:
+    """What every round of one benchmark run shares."""
+
+    args: argparse.Namespace
+    tmp: Path
+    announce: str
+    seeder: Peer
+    size: int
+    memory: Memory
+    nginx_url: str
+    nginx_pid: int
+
+    def round(self, key: str, case: Case, r: int) -> Sample:
+        if key in ("pair", "swarm"):
+            torrent = self.tmp / "blob.torrent"
+            return swarm_round(
+                self.args,
+                self.tmp,
+                torrent,
+                self.announce,
+                self.seeder,
+                self.size,
+                case.clients,
+                f"{r}",
+                self.memory,
+            )
+        store = self.tmp / "fetched" if key.endswith("file") else None
+        if store:
+            store.mkdir(exist_ok=True)
+        gets = self.args.nginx_gets
+        return nginx_round(
+            self.nginx_url, self.size, case.clients, gets, self.memory, store, self.nginx_pid
+        )
+
+
+def _rounds(run: _Run, cases: dict[str, Case]) -> None:
+    args = run.args
+    for r in range(args.runs):
+        order = [key for key in CASES if key in args.cases]
+        if r % 2:
+            order.reverse()
+        for key in order:
+            s = run.round(key, cases[key], r)
+            cases[key].samples.append(s)
+            cpu = (
+                f"  seeder CPU {s.detail['seeder_cpu_pct']:.0f} %, leechers "
+                f"{'/'.join(f'{c:.0f}' for c in s.detail['leecher_cpu_pct'])} %"
+                if "seeder_cpu_pct" in s.detail
+                else ""
+            )
+            console.print(
+                f"  round {r + 1}/{args.runs} {cases[key].name:16}"
+                f" {s.mb_per_s:8.0f} MB/s  (others used {s.others_cpus:.1f} CPUs){cpu}"
+            )
+
+
+def _measure(
+    args: argparse.Namespace, tmp: Path, size: int, cases: dict[str, Case]
+) -> tuple[Metainfo, Sample]:
+    """Start the tracker, nginx and the seeder; the warm-up, then every round."""
+    memory = Memory(args.memory, tmp / "memory-scratch")
+    blob, seed_dir, meta = _prepare(args, tmp, size)
+    torrent = tmp / "blob.torrent"
+    piece_bytes = args.piece_kib * KiB if args.piece_kib else None
+    with (
+        tracker(tmp / "tracker", piece_bytes) as url,
+        open_nginx(tmp / "nginx", blob) as ngx,
+    ):
+        # The tracker refuses announces for info-hashes it has no metainfo for.
+        announce = trio.run(publish, url, meta)
+        with peers(args, "seed", torrent, [seed_dir], announce) as (seeder,):
+            seeder.expect("ready", READY_TIMEOUT_S)
+            # Seed mode checks each piece the first time it is sent: do that once.
+            warmup = swarm_round(args, tmp, torrent, announce, seeder, size, 1, "warmup", memory)
+            console.print(f"  warm-up pair (seeder checks pieces): {warmup.mb_per_s:.0f} MB/s")
+            run = _Run(args, tmp, announce, seeder, size, memory, ngx.url, ngx.pid)
+            _rounds(run, cases)
+    return meta, warmup
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    size = args.size_mib * MiB
+    n = args.leechers
+    parse_overrides(args.set)  # fail before starting anything
+    base = Path(args.workdir) if args.workdir else None
+    tmp = Path(tempfile.mkdtemp(prefix="p2preg-bench-peer-", dir=base))
+    cases = {
+        key: Case(name.format(n=n), 1 if single else n) for key, (name, single) in CASES.items()
+    }
+    try:
+        meta, warmup = _measure(args, tmp, size, cases)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "args": vars(args),
+        "machine": machine(),
+        "blob_bytes": size,
+        "piece_bytes": meta.piece_size,
+        "format": "hybrid" if args.hybrid else "v2",
+        "memory": args.memory,
+        "settings": _jsonable(peer_settings(parse_overrides(args.set))),
+        "warmup": warmup.__dict__ if warmup else None,
+        "cases": {k: c.summary() for k, c in cases.items() if c.samples},
+        "ratios": ratios(cases),
+    }
+
+
+def ratios(cases: dict[str, Case]) -> dict[str, Any]:
+    """swarm/nginx: of the medians, and the spread of each round's own pair."""
+    out: dict[str, Any] = {}
+    for swarm, ngx in (
+        ("pair", "nginx1"),
+        ("pair", "nginx1file"),
+        ("swarm", "nginxN"),
+        ("swarm", "nginxNfile"),
+    ):
+        a, b = cases[swarm].rates(), cases[ngx].rates()
+        if not a or not b:
+            continue
+        per_round = [x / y for x, y in zip(a, b, strict=False)]
+        out[f"{swarm}/{ngx}"] = {
+            "of_medians": statistics.median(a) / statistics.median(b),
+            "per_round_min": min(per_round),
+            "per_round_max": max(per_round),
+        }
+    return out
+
+
+def report(result: dict[str, Any], out: Path) -> None:
+    n = result["args"]["leechers"]
+    table = Table(
+        title=f"Blob of {result['blob_bytes'] / MiB:.0f} MiB over loopback, MB/s (10⁶ B/s);"
+        f" piece {result['piece_bytes'] // KiB} KiB, {result['format']},"
+        f" {result['memory']} memory"
+    )
+    for col in ("case", "median", "min", "max", "rounds", "others' CPUs (max)"):
+        table.add_column(col, justify="left" if col == "case" else "right")
+    for case in result["cases"].values():
+        rate = case["mb_per_s"]
+        table.add_row(
+            case["name"] + (" (aggregate)" if case["clients"] > 1 else ""),
+            f"{rate['median']:,.0f}",
+            f"{rate['min']:,.0f}",
+            f"{rate['max']:,.0f}",
+            str(len(case["samples"])),
+            f"{max(x['others_cpus'] for x in case['samples']):.1f}",
+        )
+    console.print(table)
+    ratios = Table(title="swarm / nginx")
+    for col in ("comparison", "of medians", "per round (min .. max)"):
+        ratios.add_column(col, justify="left" if col == "comparison" else "right")
+    for key, r in result["ratios"].items():
+        swarm, ngx = key.split("/")
+        ratios.add_row(
+            f"{result['cases'][swarm]['name']} / {result['cases'][ngx]['name']}",
+            f"{r['of_medians']:.3f}",
+            f"{r['per_round_min']:.3f} .. {r['per_round_max']:.3f}",
+        )
+    console.print(ratios)
+    for key in ("pair", "swarm"):
+        case = result["cases"].get(key)
+        if case is None:
+            continue
+        details = [s["detail"] for s in case["samples"]]
+        uploaded = statistics.median(sum(d["leecher_upload_mb"]) for d in details)
+        console.print(
+            f"{case['name']}: tracker reply after "
+            f"{statistics.median(min(d['tracker_reply_s']) for d in details) * 1000:.0f} ms,"
+            f" seeder CPU {statistics.median(d['seeder_cpu_pct'] for d in details):.0f} %,"
+            f" leecher CPU {statistics.median(max(d['leecher_cpu_pct']) for d in details):.0f} %"
+            + (f", leechers uploaded {uploaded:.0f} MB" if key == "swarm" else "")
+            + f" (of {n if key == 'swarm' else 1} x {result['blob_bytes'] / MB:.0f} MB)"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    console.print(f"wrote {out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="peer.py", description=(bench.peer.__doc__ or "").splitlines()[0]
+    )
+    parser.add_argument("--role", choices=["bench", "seed", "leech"], default="bench")
+    parser.add_argument("--size-mib", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--leechers", type=int, default=4)
+    parser.add_argument("--nginx-gets", type=int, default=3, help="fetches per nginx round")
+    parser.add_argument("--cases", default=",".join(CASES), type=lambda s: s.split(","))
+    parser.add_argument(
+        "--memory",
+        choices=["cold", "warm"],
+        default="cold",
+        help="guest memory state before a timed write (see Memory; warm is an experiment)",
+    )
+    parser.add_argument("--transfer-timeout-s", type=float, default=120.0)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--disk-io", choices=["default", "mmap", "posix", "pread"])
+    parser.add_argument("--piece-kib", type=int, help="force this piece size (experiment)")
+    parser.add_argument("--hybrid", action="store_true", help="v1+v2 metainfo (experiment)")
+    parser.add_argument(
+        "--verify", action="store_true", help="leechers also read back and hash the file"
+    )
+    parser.add_argument("--workdir", help="parent of the temporary work directory")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_tls_flag(parser)
+    # Worker-only arguments.
+    parser.add_argument("--torrent", help=argparse.SUPPRESS)
+    parser.add_argument("--save-path", help=argparse.SUPPRESS)
+    parser.add_argument("--announce", help=argparse.SUPPRESS)
+    parser.add_argument("--timeout-s", type=float, default=600.0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.role != "bench":
+        return run_peer(args)
+    report(run_bench(args), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""bench.peer's worker: one libtorrent session, configured as a node's, in a process of its own.
+
+Owns what runs inside a `python -m bench.peer --role seed|leech` child: the
+node's session settings (`p2preg.node.swarm.session_settings`, on loopback,
+plus experiment overrides), the same add_torrent_params as the node's swarm,
+the alert loop that records when the tracker answered, the torrent finished
+and its writes were flushed, and the JSON lines it reports on stdout to the
+orchestrator (which drives it with lines on stdin). It must not start other
+processes or measure anything but its own session and CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import select
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import libtorrent as lt
+
+from p2preg.node.swarm import session_settings
+
+MiB = 1 << 20
+READY_TIMEOUT_S = 30.0
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, int | bool | str]:
+    """`NAME=VALUE` strings to session settings; unknown names are an error."""
+    known = lt.default_settings()
+    out: dict[str, int | bool | str] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or name not in known:
+            raise SystemExit(f"bench/peer.py: unknown libtorrent setting {pair!r}")
+        default = known[name]  # type: ignore[literal-required]
+        if isinstance(default, bool):
+            out[name] = text.lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, int):
+            out[name] = int(text, 0)
+        else:
+            out[name] = text
+    return out
+
+
+def peer_settings(overrides: dict[str, int | bool | str]) -> dict[str, Any]:
+    """The node's settings (`session_settings`) on loopback, plus experiment overrides."""
+    settings: dict[str, Any] = dict(session_settings("127.0.0.1:0"))
+    settings.update(overrides)
+    return settings
+
+
+def _emit(event: str, **fields: object) -> None:
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _thread_cpu_s() -> dict[str, float]:
+    """CPU seconds of each of this process's threads, by `name/tid`."""
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[f"{comm}/{task.name}"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def _busiest_threads(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    used = {k: round(v - before.get(k, 0.0), 3) for k, v in after.items()}
+    return dict(sorted(used.items(), key=lambda kv: -kv[1])[:4])
+
+
+class _Stdin:
+    """Lines from the orchestrator, read without blocking the alert loop for long."""
+
+    def __init__(self) -> None:
+        self._fd = sys.stdin.fileno()
+        self._buf = b""
+        self.closed = False
+
+    def line(self, timeout_s: float) -> str | None:
+        if b"\n" not in self._buf and not self.closed:
+            ready, _, _ = select.select([self._fd], [], [], timeout_s)
+            if ready:
+                chunk = os.read(self._fd, 4096)
+                self._buf += chunk
+                self.closed = not chunk
+        if b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            return line.decode().strip()
+        return "quit" if self.closed else None
+
+
+def _torrent_params(meta: bytes, save_path: Path, announce: str, *, seed: bool) -> Any:
+    """The same add_torrent_params as `p2preg.node.swarm.Swarm._params` (+ seed mode for a seed)."""
+    atp = lt.add_torrent_params()
+    atp.ti = lt.torrent_info(meta)
+    atp.save_path = str(save_path)
+    atp.trackers = [announce]
+    atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
+    atp.flags |= lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd
+    atp.flags |= lt.torrent_flags.disable_pex
+    if seed:
+        atp.flags |= lt.torrent_flags.seed_mode
+    return atp
+
+
+def _open_session(args: argparse.Namespace) -> Any:
+    params = lt.session_params(cast(Any, peer_settings(parse_overrides(args.set))))
+    if args.disk_io:
+        params.disk_io_constructor = f"{args.disk_io}_disk_io_constructor"
+    session = lt.session(params)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while session.listen_port() == 0:
+        if time.monotonic() > deadline:
+            raise SystemExit("peer: session did not start listening")
+        time.sleep(0.01)
+    return session
+
+
+def _drain(session: Any, handle: Any, times: dict[str, float], counts: dict[str, int]) -> None:
+    """Record the moments a leecher cares about; raise on a torrent error."""
+    for alert in session.pop_alerts():
+        now = time.monotonic()
+        if isinstance(alert, lt.tracker_reply_alert):
+            times.setdefault("tracker_reply", now)
+        elif isinstance(alert, lt.torrent_finished_alert):
+            if "finished" not in times:
+                times["finished"] = now
+                handle.flush_cache()
+        elif isinstance(alert, lt.cache_flushed_alert):
+            if "finished" in times:
+                times.setdefault("flushed", now)
+        elif isinstance(alert, lt.hash_failed_alert):
+            counts["hash_failures"] += 1
+        elif isinstance(alert, lt.torrent_error_alert | lt.file_error_alert):
+            raise SystemExit(f"peer: {alert.message()}")
+
+
+def run_peer(args: argparse.Namespace) -> int:
+    """`--role seed|leech`: one libtorrent session driven by lines on stdin."""
+    stdin = _Stdin()
+    deadline = time.monotonic() + args.timeout_s
+    session = _open_session(args)
+    meta = Path(args.torrent).read_bytes()
+    save = Path(args.save_path)
+    times: dict[str, float] = {}
+    counts = {"hash_failures": 0}
+    if args.role == "seed":
+        handle = session.add_torrent(_torrent_params(meta, save, args.announce, seed=True))
+        while "tracker_reply" not in times:
+            if time.monotonic() > deadline:
+                raise SystemExit("seed: the tracker never answered")
+            session.wait_for_alert(100)
+            _drain(session, handle, times, counts)
+        _emit("ready", port=session.listen_port())
+    else:
+        _emit("ready", port=session.listen_port())
+        while (line := stdin.line(1.0)) != "go":
+            if line == "quit" or time.monotonic() > deadline:
+                return 0
+        cpu0, threads0 = _cpu_s(), _thread_cpu_s()
+        times["start"] = time.monotonic()
+        handle = session.add_torrent(_torrent_params(meta, save, args.announce, seed=False))
+        while "flushed" not in times:
+            if time.monotonic() > deadline:
+                raise SystemExit("leech: transfer did not finish in time")
+            session.wait_for_alert(50)
+            _drain(session, handle, times, counts)
+        status = handle.status()
+        if not status.is_seeding:
+            raise SystemExit("leech: finished but not seeding")
+        if args.verify:
+            # What a node does next: read the whole file back and check its digest.
+            h = hashlib.sha256()
+            with (save / handle.torrent_file().name()).open("rb") as f:
+                while chunk := f.read(MiB):
+                    h.update(chunk)
+            times["verified"] = time.monotonic()
+            if f"sha256-{h.hexdigest()}" != handle.torrent_file().name():
+                raise SystemExit("leech: the downloaded file does not match its digest")
+        _emit(
+            "done",
+            times=times,
+            cpu_s=_cpu_s() - cpu0,
+            threads_cpu_s=_busiest_threads(threads0, _thread_cpu_s()),
+            hash_failures=counts["hash_failures"],
+            payload_down=status.total_payload_download,
+        )
+    # Stay in the swarm (seeding) until told to quit, as a node does.
+    while (line := stdin.line(0.2)) != "quit" and time.monotonic() < deadline:
+        session.pop_alerts()
+        if line == "stats":
+            status = handle.status()
+            _emit("stats", payload_up=status.total_payload_upload, cpu_s=_cpu_s())
+    status = handle.status()
+    _emit("bye", payload_up=status.total_payload_upload, cpu_s=_cpu_s())
+    return 0
