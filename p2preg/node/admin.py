@@ -54,8 +54,9 @@ class Admin:
 
 
 def add_routes(app: QuartTrio, admin: Admin) -> None:
-    """Add the status and preheat endpoints to the facade's app."""
+    """Add the status, preheat, health and metrics endpoints to the facade's app."""
     started = time.time()
+    add_health_routes(app, admin.metrics, admin.store)
 
     @app.route(STATUS_PATH, methods=["GET"])
     async def status() -> Response:
@@ -146,9 +147,8 @@ def status_doc(admin: Admin, started_unix: float) -> dict[str, object]:
     }
 
 
-def create_metrics_app(metrics: NodeMetrics, store: BlobStore) -> QuartTrio:
-    """The metrics listener's app: `/healthz` and `/metrics`, nothing of the registry."""
-    app = QuartTrio("p2preg.node.metrics")
+def add_health_routes(app: QuartTrio, metrics: NodeMetrics, store: BlobStore) -> None:
+    """`/healthz` and `/metrics`, on the facade and on the metrics listener alike."""
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> Response:
@@ -159,4 +159,9 @@ def create_metrics_app(metrics: NodeMetrics, store: BlobStore) -> QuartTrio:
         metrics.refresh(store)
         return Response(metrics.exposition(), 200, {"Content-Type": "text/plain; version=0.0.4"})
 
+
+def create_metrics_app(metrics: NodeMetrics, store: BlobStore) -> QuartTrio:
+    """The metrics listener's app: `/healthz` and `/metrics`, nothing of the registry."""
+    app = QuartTrio("p2preg.node.metrics")
+    add_health_routes(app, metrics, store)
     return app

@@ -61,17 +61,6 @@ def create_app(registry: Registry) -> QuartTrio:
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["MAX_CONTENT_LENGTH"] = 0
     metrics = registry.streams.metrics
-    store = registry.streams.store
-
-    @app.route("/healthz", methods=["GET", "HEAD"])
-    async def healthz() -> Response:
-        return Response(b"ok\n", 200, {"Content-Type": "text/plain"})
-
-    @app.route("/metrics", methods=["GET"])
-    async def exposition() -> Response:
-        metrics.refresh(store)
-        return Response(metrics.exposition(), 200, {"Content-Type": "text/plain; version=0.0.4"})
-
     @app.route("/", defaults={"path": ""}, methods=ALL_METHODS)
     @app.route("/<path:path>", methods=ALL_METHODS)
     async def serve(path: str) -> Response:
