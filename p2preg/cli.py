@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     ),
     "preheat": ("p2preg.node.preheat", "fetch images into the swarm ahead of a deploy"),
     "status": ("p2preg.node.status", "show a node's or the tracker's state"),
+    "ca": ("p2preg.ca", "make a cluster CA and issue node and tracker certificates"),
 }
 
 

@@ -82,3 +82,31 @@ def test_the_component_key_table_matches_every_component() -> None:
         "node": frozenset(f.name for f in dataclasses.fields(NodeConfig)),
         "tracker": frozenset(f.name for f in dataclasses.fields(TrackerConfig)),
     } == COMPONENT_KEYS
+
+
+def test_tls_dir_is_checked_at_load_and_names_the_bad_file(tmp_path: Path) -> None:
+    from p2preg.core.pki import Identity, issue, make_ca
+    from tracker.config import TrackerConfig
+
+    ca = make_ca("test")
+    for role in ("node", "tracker"):
+        d = tmp_path / role
+        d.mkdir(mode=0o700)
+        leaf = issue(ca, Identity("test", role, "x"))
+        (d / "tls.crt").write_bytes(leaf.cert_pem)
+        (d / "tls.key").write_bytes(leaf.key_pem)
+        (d / "ca.crt").write_bytes(ca.cert_pem)
+    node_env = {"P2PREG_TLS_DIR": str(tmp_path / "node"), "P2PREG_UPSTREAM": "http://a"}
+    node = load(NodeConfig, env=node_env)
+    assert node.tls_dir == tmp_path / "node" and node.insecure is False
+    tracker = load(TrackerConfig, cli={"tls_dir": str(tmp_path / "tracker")})
+    assert tracker.tls_dir == tmp_path / "tracker"
+    assert load(TrackerConfig, env={"P2PREG_INSECURE": "true"}).insecure is True
+
+    with pytest.raises(ConfigError, match=r"a tracker certificate .* this node needs a node"):
+        load(NodeConfig, env={**node_env, "P2PREG_TLS_DIR": str(tmp_path / "tracker")})
+    with pytest.raises(ConfigError, match="give tls_dir or insecure, not both"):
+        load(NodeConfig, env=node_env, cli={"insecure": True})
+    (tmp_path / "tracker" / "tls.key").unlink()
+    with pytest.raises(ConfigError, match=r"tracker/tls\.key: no such file"):
+        load(TrackerConfig, cli={"tls_dir": str(tmp_path / "tracker")})

@@ -47,6 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--trusted-ip-sources",
         help="comma-separated CIDRs allowed to set a peer's IP with ip=",
     )
+    parser.add_argument(
+        "--tls-dir", help="cluster identity: tls.crt, tls.key, ca.crt (cert-manager layout)"
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_const",
+        const=True,
+        help="no TLS: plain HTTP, token auth (a trusted network only)",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.add_argument("--log-json", action="store_const", const=True, help="JSON log lines")
 

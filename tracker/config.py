@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2preg.core.config import ConfigError, HostPort, MiB
+from p2preg.core.tls import load_tls_dir
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,11 @@ class TrackerConfig:
     trusted_ip_sources: tuple[str, ...] = ()
     # One JSON object per log line (the node's key of the same name).
     log_json: bool = False
+    # The cluster identity (tls.crt, tls.key, ca.crt, the cert-manager layout):
+    # checked here so a bad file stops the tracker at start, naming the file.
+    tls_dir: Path | None = None
+    # Plain text beyond loopback, on purpose: a token cluster, no certificates.
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         if self.token is not None and self.token_file is not None:
@@ -79,6 +85,12 @@ class TrackerConfig:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 raise ConfigError(f"trusted_ip_sources: {net!r} is not a network") from None
+        if self.tls_dir is not None:
+            if self.insecure:
+                raise ConfigError(
+                    "give tls_dir or insecure, not both: a cluster is one or the other"
+                )
+            load_tls_dir(self.tls_dir, role="tracker")
 
     def resolved_token(self) -> str | None:
         """The token, read from `token_file` if that is how it was given."""

@@ -47,6 +47,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--metrics-listen", metavar="HOST:PORT", help="a second listener: /metrics, /healthz only"
     )
     p.add_argument(
+        "--tls-dir",
+        metavar="DIR",
+        help="cluster identity: tls.crt, tls.key, ca.crt (cert-manager layout; `p2preg ca issue`)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_const",
+        const=True,
+        help="no TLS: plain tracker link and peer wire (a token cluster on a trusted network)",
+    )
+    p.add_argument(
         "--shutdown-grace-s",
         metavar="SECONDS",
         help="on SIGTERM, how long responses in flight may take to finish (10)",

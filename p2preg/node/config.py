@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2preg.core.config import ConfigError, GiB, HostPort, MiB
+from p2preg.core.tls import load_tls_dir
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,12 @@ class NodeConfig:
     # On SIGTERM, responses in flight get this long to finish (keep it below
     # the orchestrator's kill timeout: Kubernetes' terminationGracePeriodSeconds).
     shutdown_grace_s: float = 10.0
+    # The cluster identity: tls.crt, tls.key, ca.crt (the cert-manager layout),
+    # for the tracker link and the peer wire. Checked here so a bad file stops
+    # the node at start, naming the file, rather than at its first handshake.
+    tls_dir: Path | None = None
+    # Plain text beyond loopback, on purpose: a token cluster on a trusted network.
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         if not self.upstream:
@@ -100,6 +107,12 @@ class NodeConfig:
             raise ConfigError(f"--tracker takes a base URL http://host:port, got {self.tracker!r}")
         if self.shutdown_grace_s < 0:
             raise ConfigError("shutdown_grace_s must be ≥ 0")
+        if self.tls_dir is not None:
+            if self.insecure:
+                raise ConfigError(
+                    "give tls_dir or insecure, not both: a cluster is one or the other"
+                )
+            load_tls_dir(self.tls_dir, role="node")
 
     def upstream_for(self, ns: str | None) -> Upstream | None:
         if not ns:
