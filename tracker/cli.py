@@ -13,6 +13,8 @@ import argparse
 import logging
 import os
 import signal
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 
 import trio
@@ -30,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", help="cluster token (prefer P2PREG_TOKEN or --token-file)")
     parser.add_argument("--token-file", help="file holding the cluster token")
     parser.add_argument(
-        "--udp", action=argparse.BooleanOptionalAction, help="serve BEP 15 UDP (default on)"
+        "--udp",
+        action=argparse.BooleanOptionalAction,
+        help="serve BEP 15 UDP (default: on, off with --tls-dir)",
     )
     parser.add_argument("--announce-interval-s", help="announce interval, seconds")
     parser.add_argument("--min-announce-interval-s", help="minimum announce interval, seconds")
@@ -56,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         const=True,
         help="no TLS: plain HTTP, token auth (a trusted network only)",
     )
+    parser.add_argument(
+        "--metrics-listen", help="HOST:PORT of a plain listener with /metrics and /healthz only"
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.add_argument("--log-json", action="store_const", const=True, help="JSON log lines")
 
@@ -66,12 +73,32 @@ def config_from_args(args: argparse.Namespace) -> TrackerConfig:
         for k, v in vars(args).items()
         if k not in ("_module", "command", "config", "log_level")
     }
+    refuse_blank_token(given, os.environ, getattr(args, "config", None))
     return load(
         TrackerConfig,
         cli=given,
         env=os.environ,
         file=getattr(args, "config", None),
     )
+
+
+def refuse_blank_token(cli: dict[str, object], env: Mapping[str, str], file: Path | None) -> None:
+    """An empty token is an error, not "no auth" (the loader reads "" as unset).
+
+    A Secret that failed to mount as `P2PREG_TOKEN=` must stop the tracker, not
+    open it.
+    """
+    given: list[tuple[str, object]] = [("--token", cli.get("token"))]
+    given.append(("P2PREG_TOKEN", env.get("P2PREG_TOKEN")))
+    if file is not None:
+        try:
+            with open(file, "rb") as f:
+                given.append((f"token in {file}", tomllib.load(f).get("token")))
+        except (OSError, tomllib.TOMLDecodeError):
+            pass  # load() reports the file's own problem
+    for where, value in given:
+        if isinstance(value, str) and not value.strip():
+            raise ConfigError(f"{where} is empty: give the cluster token, or no token at all")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,7 +26,9 @@ class TrackerConfig:
     # token on the control API. None: no auth (only on a trusted network).
     token: str | None = field(default=None, repr=False)
     token_file: Path | None = None
-    udp: bool = True
+    # BEP 15 on the same port number. None: on without TLS, off with it (a UDP
+    # announce cannot show a client certificate, so it would bypass mTLS).
+    udp: bool | None = None
     # BitTorrent intervals are whole seconds on the wire.
     announce_interval_s: int = 60
     min_announce_interval_s: int = 15
@@ -59,6 +61,9 @@ class TrackerConfig:
     tls_dir: Path | None = None
     # Plain text beyond loopback, on purpose: a token cluster, no certificates.
     insecure: bool = False
+    # A plain HTTP listener with /metrics and /healthz only, so Prometheus and
+    # probes need no client certificate when the tracker's port speaks mTLS.
+    metrics_listen: HostPort | None = None
 
     def __post_init__(self) -> None:
         if self.token is not None and self.token_file is not None:
@@ -90,7 +95,25 @@ class TrackerConfig:
                 raise ConfigError(
                     "give tls_dir or insecure, not both: a cluster is one or the other"
                 )
+            if self.token is not None or self.token_file is not None:
+                raise ConfigError("a cluster uses certificates or a token, not both")
+            if self.udp:
+                raise ConfigError(
+                    "udp announces cannot show a client certificate: leave udp off with tls_dir"
+                )
             load_tls_dir(self.tls_dir, role="tracker")
+
+    @property
+    def serves_udp(self) -> bool:
+        return self.udp if self.udp is not None else self.tls_dir is None
+
+    def check_exposure(self) -> None:
+        """Fail closed: the tracker protocol beyond loopback needs TLS or `insecure`."""
+        if self.tls_dir is None and not self.insecure and not is_loopback(self.listen.host):
+            raise ConfigError(
+                f"listen {self.listen} is beyond loopback and there is no tls_dir: give "
+                "--tls-dir (or --insecure for plain HTTP on a trusted network)"
+            )
 
     def resolved_token(self) -> str | None:
         """The token, read from `token_file` if that is how it was given."""
@@ -109,3 +132,13 @@ class TrackerConfig:
         if self.token_file is None:
             return self
         return dataclasses.replace(self, token=self.resolved_token(), token_file=None)
+
+
+def is_loopback(host: str) -> bool:
+    """`host` is a loopback address (or `localhost`); a name we cannot judge is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

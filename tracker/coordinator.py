@@ -328,18 +328,23 @@ class Tracker:
         for digest in self.queue.waiting(lease.group):
             self._waiters.notify(digest)
 
-    async def renew_lease(self, digest_text: str, msg: wire.LeaseRenew) -> wire.LeaseReply:
+    async def renew_lease(
+        self, digest_text: str, msg: wire.LeaseRenew, *, holder: str | None = None
+    ) -> wire.LeaseReply:
+        """Renew with progress; `holder` (a certificate's node) must be the lease's."""
         digest = _digest(digest_text)
         before = self.leases.current(digest)
-        lease = self.leases.renew(digest, msg.lease_id, msg.bytes_done, msg.size)
+        lease = self.leases.renew(digest, msg.lease_id, msg.bytes_done, msg.size, holder=holder)
         await self._store.save_lease(self._stored_lease(lease))
         if lease.fetched and before is not None and not before.fetched:
             self._free_slot(lease)
         return self._lease_reply(wire.LeaseStatus.GRANTED, lease)
 
-    async def release_lease(self, digest_text: str, msg: wire.LeaseRelease) -> None:
+    async def release_lease(
+        self, digest_text: str, msg: wire.LeaseRelease, *, holder: str | None = None
+    ) -> None:
         digest = _digest(digest_text)
-        lease = self.leases.release(digest, msg.lease_id)
+        lease = self.leases.release(digest, msg.lease_id, holder=holder)
         if lease is None:
             return
         # Deletes name the lease id, so this commit cannot remove a newer lease.

@@ -11,10 +11,14 @@ has arrived, and when it is one complete GET that the app answers at once
 (`fast_answer`: an announce or scrape) writes the answer and closes. Every other
 connection — the control API, /healthz, /metrics, a head that came in pieces —
 gets a task running `serve_connection`, the one place that speaks HTTP on a
-stream, keep-alive and all, with the bytes already read. A TLS listener would
-wrap the stream in a `trio.SSLStream` in `_connection` and skip the fast path;
-`serve_connection` needs nothing else. This module owns sockets, streams and
-time limits only: framing is http_protocol's, answers are the app's.
+stream, keep-alive and all, with the bytes already read. With a `TLSGate`
+(mutual TLS) every connection gets a task at once: a `trio.SSLStream` with the
+gate's current server context, a handshake bounded by HEAD_TIMEOUT_S, the
+gate's verdict on the client certificate, then `serve_connection` with the
+identity stamped on each request; a refused handshake is counted and closed,
+a verified certificate of the wrong role or cluster gets one 403. The plain
+path is untouched by TLS. This module owns sockets, streams and time limits
+only: framing is http_protocol's, answers are the app's, verdicts the gate's.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ import contextlib
 import errno
 import logging
 import socket
-from typing import Protocol
+import ssl
+from typing import Protocol, cast
 
 import trio
 
+from p2preg.core.pki import Identity
 from tracker.http_protocol import (
     MAX_HEAD_BYTES,
     HttpConnection,
@@ -36,6 +42,7 @@ from tracker.http_protocol import (
     Wait,
     first_get,
 )
+from tracker.tls_gate import TLSGate, handshake_refusal
 
 log = logging.getLogger("p2preg.tracker")
 # Before authentication, a client gets this long for its first request's head ...
@@ -69,9 +76,13 @@ async def serve_http(
     sock: socket.socket,
     app: HttpApp,
     *,
+    gate: TLSGate | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve on `sock` (bound and listening) until cancelled; closes it at the end."""
+    """Serve on `sock` (bound and listening) until cancelled; closes it at the end.
+
+    With `gate`, the port speaks HTTPS only and admits whom the gate admits.
+    """
     sock.setblocking(False)
     async with trio.open_nursery() as nursery:
         task_status.started()
@@ -88,7 +99,10 @@ async def serve_http(
                             raise
                         await trio.sleep(0.1)  # out of descriptors: let some close
                         break
-                    _accepted(nursery, conn, addr[0], app)
+                    if gate is None:
+                        _accepted(nursery, conn, addr[0], app)
+                    else:
+                        nursery.start_soon(_tls_connection, conn, addr[0], app, gate)
                 await trio.lowlevel.checkpoint()
         finally:
             sock.close()
@@ -138,6 +152,64 @@ async def _connection(conn: socket.socket, ip: str, data: bytes, app: HttpApp) -
         log.exception("a connection from %s failed; the listener goes on", ip)
     finally:
         await stream.aclose()
+
+
+async def _tls_connection(conn: socket.socket, ip: str, app: HttpApp, gate: TLSGate) -> None:
+    conn.setblocking(False)
+    transport = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+    # https_compatible: HTTP clients (libtorrent, httpx) close without close_notify.
+    stream = trio.SSLStream(
+        transport, gate.server_context(), server_side=True, https_compatible=True
+    )
+    try:
+        identity, refusal = await _handshake(stream, gate)
+        if refusal is not None:
+            gate.refused(*refusal, ip)
+        if identity is not None:
+            http = HttpConnection(ip, app.max_body_bytes, identity)
+            await serve_connection(stream, http, app)
+        elif refusal is not None and refusal[0] in ("wrong_cluster", "wrong_role"):
+            # A good certificate used in the wrong place: say so once, in HTTP.
+            forbidden = _Forbidden(app, refusal[1])
+            await serve_connection(stream, HttpConnection(ip, app.max_body_bytes), forbidden)
+    except _GONE:
+        pass
+    except Exception:
+        log.exception("a TLS connection from %s failed; the listener goes on", ip)
+    finally:
+        await transport.aclose()  # no close_notify to wait for: see https_compatible
+
+
+async def _handshake(
+    stream: trio.SSLStream[trio.SocketStream], gate: TLSGate
+) -> tuple[Identity | None, tuple[str, str] | None]:
+    """The admitted identity, or the refusal (reason, detail) of this connection."""
+    with trio.move_on_after(HEAD_TIMEOUT_S):
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as e:
+            return None, handshake_refusal(e.__cause__)
+        # trio's SSLStream forwards getpeercert to its SSLObject.
+        return gate.admit(cast(ssl.SSLObject, stream))
+    return None, ("handshake_timeout", f"no handshake within {HEAD_TIMEOUT_S:g} s")
+
+
+class _Forbidden:
+    """Answers every request of a connection with the app's 403 (then closes)."""
+
+    def __init__(self, app: HttpApp, message: str) -> None:
+        self._app = app
+        self._message = message
+        self.max_body_bytes = app.max_body_bytes
+
+    def fast_answer(self, target: bytes, ip: str) -> bytes | None:
+        return None
+
+    async def handle(self, request: Request) -> Response:
+        return self._app.refuse(Refusal(403, self._message))
+
+    def refuse(self, refusal: Refusal) -> Response:
+        return self._app.refuse(refusal)
 
 
 async def serve_connection(

@@ -20,6 +20,8 @@ from urllib.parse import unquote_to_bytes
 
 import h11
 
+from p2preg.core.pki import Identity
+
 # A BitTorrent client's GET fits in one segment; a control request's head is small too.
 MAX_HEAD_BYTES = 16 * 1024
 
@@ -33,6 +35,8 @@ class Request:
     headers: tuple[tuple[bytes, bytes], ...]
     body: bytes
     client_ip: str
+    # Who the client certificate says sent it; None on a plain (token) port.
+    identity: Identity | None = None
 
     @property
     def raw_path(self) -> bytes:
@@ -78,8 +82,11 @@ class Wait(enum.Enum):
 class HttpConnection:
     """One server-side HTTP/1.1 connection over h11, with the tracker's limits."""
 
-    def __init__(self, client_ip: str, max_body_bytes: int) -> None:
+    def __init__(
+        self, client_ip: str, max_body_bytes: int, identity: Identity | None = None
+    ) -> None:
         self.client_ip = client_ip
+        self.identity = identity
         self._max_body = max_body_bytes
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         self._head: h11.Request | None = None
@@ -121,7 +128,9 @@ class HttpConnection:
         head, self._head = self._head, None
         assert head is not None
         body, self._body = bytes(self._body), bytearray()
-        return Request(head.method, head.target, tuple(head.headers), body, self.client_ip)
+        return Request(
+            head.method, head.target, tuple(head.headers), body, self.client_ip, self.identity
+        )
 
     def _too_large(self) -> Refusal:
         return Refusal(413, f"the body exceeds {self._max_body} bytes")

@@ -3,7 +3,9 @@
 Owns what each request gets: BitTorrent announces and scrapes (bencoded, HTTP
 200 even for failures, and the connection closes, as BitTorrent clients
 expect), the control API (msgpack bodies, bearer token), `/healthz`,
-`/metrics` and `/v1/status`; and the one place where an error becomes a control
+`/metrics` and `/v1/status`; under mutual TLS, the rule that a control message
+names the node of its client certificate and no other (403 otherwise); and
+the one place where an error becomes a control
 API answer: a msgpack `ErrorReply` with the error's 4xx status (500 only for
 our own faults, logged). `TrackerHttp` is what the listener serves: `handle`
 for a parsed request, `refuse` for one that could not be read, `fast_answer`
@@ -35,7 +37,12 @@ BODY_FRAMING_BYTES = 64 * 1024
 STATUS_DEFAULT_LIMIT = 50
 STATUS_MAX_LIMIT = 1000
 # Codes of refusals that are about HTTP, not about the tracker's errors.
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+_HTTP_CODES = {
+    403: errors.Forbidden.code,
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +54,21 @@ class Call:
     digest: str = ""
 
     def message(self, cls: type[wire.M]) -> wire.M:
-        return wire.decode(cls, self.request.body)
+        """The body as `cls`; a `node` it names must be the client certificate's."""
+        msg = wire.decode(cls, self.request.body)
+        named = getattr(msg, "node", None)
+        identity = self.request.identity
+        if identity is not None and named is not None and named != identity.name:
+            raise errors.Forbidden(
+                f"the message names node {named[:128]!r}; this connection is {identity.name!r}"
+            )
+        return msg
+
+    @property
+    def holder(self) -> str | None:
+        """Who must hold a lease to renew or release it: the certificate's node, if any."""
+        identity = self.request.identity
+        return None if identity is None else identity.name
 
 
 Handler = Callable[[Call], Awaitable[Response]]
@@ -120,11 +141,13 @@ async def _acquire(call: Call) -> Response:
 
 
 async def _renew(call: Call) -> Response:
-    return _msgpack(await call.tracker.renew_lease(call.digest, call.message(wire.LeaseRenew)))
+    msg = call.message(wire.LeaseRenew)
+    return _msgpack(await call.tracker.renew_lease(call.digest, msg, holder=call.holder))
 
 
 async def _release(call: Call) -> Response:
-    await call.tracker.release_lease(call.digest, call.message(wire.LeaseRelease))
+    msg = call.message(wire.LeaseRelease)
+    await call.tracker.release_lease(call.digest, msg, holder=call.holder)
     return Response(204, b"", wire.CONTENT_TYPE)
 
 
@@ -145,6 +168,9 @@ ROUTES: tuple[Route, ...] = (
     _route("PUT", "/v1/leases/{digest}", _renew),
     _route("POST", "/v1/leases/{digest}/release", _release),
 )
+# What the plain metrics listener serves beside an mTLS port: nothing that
+# carries a secret or changes state.
+METRICS_ROUTES: tuple[Route, ...] = ROUTES[:2]
 
 
 def match(path: str, routes: tuple[Route, ...] = ROUTES) -> list[tuple[Route, str]]:
@@ -176,12 +202,16 @@ def _bearer(request: Request) -> bytes | None:
 class TrackerHttp:
     """The tracker's HTTP side: what http_listener serves on every connection."""
 
-    def __init__(self, tracker: Tracker) -> None:
+    def __init__(self, tracker: Tracker, routes: tuple[Route, ...] = ROUTES) -> None:
         self.tracker = tracker
+        self.routes = routes
+        self._bittorrent = any(r.handler is _bittorrent for r in routes)
         self.max_body_bytes = tracker.config.max_metainfo_bytes + BODY_FRAMING_BYTES
 
     def fast_answer(self, target: bytes, ip: str) -> bytes | None:
         """The whole response to a GET of `target` if it is a BitTorrent one, else None."""
+        if not self._bittorrent:
+            return None
         path, query = split_target(target)
         body = bittorrent.http_body(self.tracker, path, query, ip)
         return None if body is None else encode_closing(body)
@@ -189,7 +219,7 @@ class TrackerHttp:
     async def handle(self, request: Request) -> Response:
         # HEAD is GET without the body (the framing leaves it out).
         method = b"GET" if request.method == b"HEAD" else request.method
-        found = match(request.path)
+        found = match(request.path, self.routes)
         if not found:
             return _error("not_found", f"no route {request.path[:200]!r}", 404)
         chosen = next(((r, d) for r, d in found if r.method == method), None)

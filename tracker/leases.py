@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import trio
 
-from p2preg.core.errors import LeaseLost
+from p2preg.core.errors import Forbidden, LeaseLost
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +110,20 @@ class LeaseBook:
             return Granted(lease)
         return Held(lease)
 
-    def renew(self, digest: str, lease_id: str, bytes_done: int, size: int | None) -> Lease:
+    def renew(
+        self,
+        digest: str,
+        lease_id: str,
+        bytes_done: int,
+        size: int | None,
+        *,
+        holder: str | None = None,
+    ) -> Lease:
+        """Extend the lease `lease_id`; with `holder` (a certificate's node), only its own."""
         lease = self.current(digest)
         if lease is None or lease.lease_id != lease_id:
             raise LeaseLost(f"no live lease {lease_id[:16]} on {digest}: it expired or moved on")
+        _check_holder(lease, holder)
         lease = replace(
             lease,
             expires_at=self._clock() + self.ttl_s,
@@ -123,11 +133,15 @@ class LeaseBook:
         self._leases[digest] = lease
         return lease
 
-    def release(self, digest: str, lease_id: str) -> Lease | None:
-        """Give the lease up; releasing a lease already gone is not an error."""
+    def release(self, digest: str, lease_id: str, *, holder: str | None = None) -> Lease | None:
+        """Give the lease up; releasing a lease already gone is not an error.
+
+        With `holder`, only the node holding it may (a lease id is no credential).
+        """
         lease = self.current(digest)
         if lease is None or lease.lease_id != lease_id:
             return None
+        _check_holder(lease, holder)
         del self._leases[digest]
         return lease
 
@@ -147,6 +161,11 @@ class LeaseBook:
         """Put back a lease loaded from the store after a restart."""
         if lease.expires_at > self._clock():
             self._leases[lease.digest] = lease
+
+
+def _check_holder(lease: Lease, holder: str | None) -> None:
+    if holder is not None and lease.holder != holder:
+        raise Forbidden(f"the lease on {lease.digest} is held by another node, not {holder!r}")
 
 
 class Waiters:

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from tracker.announce import Event
+from tracker.tls_gate import REFUSAL_REASONS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TRANSPORTS = ("http", "udp")
@@ -90,6 +91,18 @@ class TrackerMetrics:
             ["code"],
             registry=self.registry,
         )
+
+        refusals = Counter(
+            "p2preg_tracker_tls_refusals",
+            "Connections refused by the mutual-TLS gate, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        # Every reason exists from the start, at 0: a fixed, small label set.
+        self.tls_refusal = {r: refusals.labels(r) for r in REFUSAL_REASONS}
+
+    def tls_refused(self, reason: str) -> None:
+        self.tls_refusal[reason].inc()
 
     def watch(self, read: Callable[[], Gauges]) -> None:
         self.registry.register(_LiveCollector(read))

@@ -1,12 +1,15 @@
 """`serve_tracker`: the running tracker — its sockets, its store, its listeners.
 
-Owns the wiring of one tracker process: binding the TCP port and its UDP twin,
-opening the SQLite store and loading it into the coordinator, the UDP
-connection-id key kept across restarts, and the nursery in which the HTTP
-listener (http_listener serving http_routes), the UDP listener and the sweeper
-run. `task_status.started(base_url)` once it serves, so tests start it on port
-0. This module must not answer requests (http_routes, bittorrent do) or hold
-tracker logic (coordinator does).
+Owns the wiring of one tracker process: the start-up checks that fail closed
+(no plain tracker beyond loopback unless `insecure`; the token and TLS files
+read here, each error naming its file), binding the TCP port and its UDP twin
+and the plain metrics port, opening the SQLite store and loading it into the
+coordinator, the UDP connection-id key kept across restarts, and the nursery
+in which the HTTP listener (http_listener serving http_routes, behind the
+mutual-TLS gate when `tls_dir` is set), the metrics listener, the UDP listener
+and the sweeper run. `task_status.started(base_url)` once it serves, so tests
+start it on port 0. This module must not answer requests (http_routes,
+bittorrent do) or hold tracker logic (coordinator does).
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ from pathlib import Path
 import trio
 
 from p2preg.core.config import ConfigError, HostPort
+from p2preg.core.tls import ReloadingTLS
 from tracker import udp
 from tracker.bittorrent import udp_answer
 from tracker.config import TrackerConfig
 from tracker.coordinator import Tracker
 from tracker.http_listener import serve_http
-from tracker.http_routes import TrackerHttp
+from tracker.http_routes import METRICS_ROUTES, TrackerHttp
 from tracker.state import open_sqlite_store
+from tracker.tls_gate import TLSGate
 from tracker.udp_listener import serve_udp
 
 log = logging.getLogger("p2preg.tracker")
@@ -86,9 +91,21 @@ def _udp_key(data_dir: Path) -> bytes:
     return key
 
 
-def _base_url(sock: socket.socket) -> str:
+def _base_url(sock: socket.socket, scheme: str = "http") -> str:
     host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def _start_checks(config: TrackerConfig) -> tuple[TrackerConfig, ReloadingTLS | None]:
+    """Fail closed before binding anything: exposure, token, TLS files (read now)."""
+    config.check_exposure()
+    config = config.with_token()
+    tls = None if config.tls_dir is None else ReloadingTLS(config.tls_dir, role="tracker")
+    if tls is not None:
+        log.info("tracker: mutual TLS as %s; UDP announces are off", tls.identity)
+    elif config.token is None and config.insecure:
+        log.warning("tracker: --insecure and no token: anyone who reaches it may use it")
+    return config, tls
 
 
 async def serve_tracker(
@@ -102,23 +119,33 @@ async def serve_tracker(
     `clock` is the coordinator's (leases, peer expiry): tests that move time by
     hand pass their own, ahead of trio's.
     """
-    config = config.with_token()
-    tcp, udp_sock = bind_sockets(config.listen, with_udp=config.udp)
+    config, tls = _start_checks(config)
+    tcp, udp_sock = bind_sockets(config.listen, with_udp=config.serves_udp)
+    metrics_sock = None
     try:
+        if config.metrics_listen is not None:
+            metrics_sock, _ = bind_sockets(config.metrics_listen, with_udp=False)
         async with open_sqlite_store(config.data_dir) as store:
             tracker = Tracker(config, store, clock=clock)
             tracker.restore(await store.load())
             key = await trio.to_thread.run_sync(_udp_key, config.data_dir)
+            gate = None if tls is None else TLSGate(tls, tracker.metrics.tls_refused)
             async with trio.open_nursery() as nursery:
-                await nursery.start(serve_http, tcp, TrackerHttp(tracker))
+                await nursery.start(partial(serve_http, tcp, TrackerHttp(tracker), gate=gate))
+                if metrics_sock is not None:
+                    metrics_app = TrackerHttp(tracker, METRICS_ROUTES)
+                    await nursery.start(serve_http, metrics_sock, metrics_app)
+                    log.info("tracker metrics on %s", _base_url(metrics_sock))
                 if udp_sock is not None:
                     answer = udp_answer(tracker, udp.ConnectionIds(key))
                     await nursery.start(partial(serve_udp, udp_sock, answer))
                 nursery.start_soon(tracker.sweep_forever)
-                url = _base_url(tcp)
+                url = _base_url(tcp, "https" if tls is not None else "http")
                 log.info("tracker serving on %s (udp: %s)", url, udp_sock is not None)
                 task_status.started(url)
     finally:
         tcp.close()
         if udp_sock is not None:
             udp_sock.close()
+        if metrics_sock is not None:
+            metrics_sock.close()

@@ -161,6 +161,7 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
             "max_peers",
             "max_peers_per_swarm",
             "max_scrape_hashes",
+            "metrics_listen",
             "min_announce_interval_s",
             "peer_ttl_s",
             "tls_dir",

@@ -27,6 +27,13 @@ class Unauthorized(TrackerError):
     code = "unauthorized"
 
 
+class Forbidden(TrackerError):
+    """Authenticated, but not allowed: a request naming another node than its certificate's."""
+
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(TrackerError):
     status = 404
     code = "not_found"
@@ -82,6 +89,7 @@ BY_CODE: dict[str, type[TrackerError]] = {
         TrackerError,
         InvalidRequest,
         Unauthorized,
+        Forbidden,
         NotFound,
         UnknownTorrent,
         InvalidMetainfo,
