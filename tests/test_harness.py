@@ -127,7 +127,7 @@ def test_tracker_and_node_run_inside_a_namespace(tmp_path: Path) -> None:
         assert host.netns is not None
         ns_inode = os.stat(f"/run/netns/{host.netns}").st_ino
         with open_tracker(
-            tmp_path / "tracker", host=host.addr, port=6969, netns=host.netns
+            tmp_path / "tracker", host=host.addr, port=6969, netns=host.netns, insecure=True
         ) as tracker:
             pid = tracker.process.pid
             assert b"tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()

@@ -14,7 +14,7 @@ import trio.testing
 
 from p2preg.core import wire
 from p2preg.core.config import ConfigError
-from p2preg.core.errors import LeaseLost
+from p2preg.core.errors import Forbidden, LeaseLost
 from tests.tracker_helpers import make_tracker
 from tracker.coordinator import Tracker
 from tracker.leases import Granted, Held, LeaseBook, Waiters
@@ -66,6 +66,19 @@ def test_renewing_an_expired_or_foreign_lease_fails() -> None:
     clock.now += 11
     with pytest.raises(LeaseLost):
         book.renew(D, lease.lease_id, 1, None)
+
+
+def test_with_a_holder_only_that_node_renews_or_releases_even_knowing_the_id() -> None:
+    clock = FakeClock()
+    book = LeaseBook(10.0, clock)
+    lease = book.acquire(D, "a").lease
+    with pytest.raises(Forbidden, match="held by another node"):
+        book.renew(D, lease.lease_id, 5, None, holder="b")
+    with pytest.raises(Forbidden):
+        book.release(D, lease.lease_id, holder="b")
+    assert book.current(D) == lease
+    assert book.renew(D, lease.lease_id, 5, None, holder="a").bytes_done == 5
+    assert book.release(D, lease.lease_id, holder="a") is not None
 
 
 def test_holder_asking_again_keeps_its_lease_and_release_frees_it() -> None:

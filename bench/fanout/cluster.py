@@ -38,6 +38,7 @@ from harness.node import NodeProcess, open_node
 from harness.procs import Process
 from harness.registry import Registry, open_registry
 from harness.tracker import open_tracker
+from tracker.config import is_loopback
 
 
 @dataclass
@@ -101,6 +102,9 @@ def start_tracker(stack: ExitStack, host: Host, workdir: Path) -> tuple[str, Pro
             port=_port(host, TRACKER_PORT),
             netns=host.netns,
             start_timeout_s=START_TIMEOUT_S,
+            # In a lab the tracker binds a namespace's address, beyond loopback:
+            # a plain tracker there must say it is plain on purpose.
+            insecure=not is_loopback(host.addr),
         )
     )
     return tracker.url, tracker.process
