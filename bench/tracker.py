@@ -18,10 +18,16 @@ speed. Usage:
 
     .venv/bin/python -m bench.tracker [--swarms 1000] [--seconds 10] [--connections 64]
 
+Then the mTLS mode (bench/tracker_mtls.py): our tracker with `--tls-dir`,
+announces over HTTPS with a node's client certificate and a new TLS handshake
+each (`Connection: close`, as libtorrent does), and, in the same run and with
+the same Python generator, our tracker in plain HTTP; the table gives their
+ratio (wrk cannot show a client certificate, so it cannot drive this row).
+
 Needs `wrk` and `opentracker` (apt; installed here if missing and run as root).
-Both trackers start and stop by pid through harness.procs (ours through
+All trackers start and stop by pid through harness.procs (ours through
 harness.tracker), pinned with `taskset`; `--tls off` (the only value yet) is
-recorded in the JSON's `args`.
+recorded in the JSON's `args`: it is about the wrk rows, the mTLS rows always run.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.machine import add_tls_flag, cpu_seconds
+from bench.tracker_mtls import Load, measure_both
 from harness.procs import Process, free_port, wait_for_http
 from harness.tracker import open_tracker
 from p2preg.core.digest import Digest
@@ -58,6 +65,8 @@ from tracker.client import open_tracker_client
 from tracker.metainfo import make_metainfo
 
 TOKEN = "bench-token"
+# Rows measured with bench/tracker_mtls.py's generator rather than wrk.
+PY_GEN = "p2preg (py gen)"
 RESULTS = Path(__file__).parent / "results"
 TRACKER_CORE, LOAD_CORE = "0", "1"
 
@@ -324,7 +333,22 @@ def main() -> None:
         hashes = [m.swarm_keys[0] for m in metas]
         results = _measure_ours(workdir, metas, hashes, args)
         results += _measure_opentracker(workdir, hashes, args)
+        loads = measure_both(
+            workdir,
+            metas,
+            hashes,
+            args.seconds,
+            tracker_core=TRACKER_CORE,
+            load_core=int(LOAD_CORE),
+        )
+    results += [_from_load(mode, load) for mode, load in loads.items()]
     report(results, args)
+
+
+def _from_load(mode: str, load: Load) -> Result:
+    rate = load.answered / load.seconds
+    cpu = load.tracker_cpu_pct
+    return Result(PY_GEN, mode, rate, load.answered, load.errors, load.seconds, cpu)
 
 
 def report(results: list[Result], args: argparse.Namespace) -> None:
@@ -333,10 +357,13 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
         title=f"Tracker announces/s — {args.swarms} swarms, numwant=50, new connection per"
         f" HTTP request, tracker on core {TRACKER_CORE}, load on core {LOAD_CORE}"
     )
-    for name in ("tracker", "protocol", "announces/s", "errors", "tracker CPU", "vs opentracker"):
+    ref_name = "vs opentracker (py gen: vs its http)"
+    columns = ("tracker", "protocol", "announces/s", "errors", "tracker CPU", "CPU µs/announce")
+    for name in (*columns, ref_name):
         table.add_column(name, justify="left" if name in ("tracker", "protocol") else "right")
     for r in results:
-        ref = by.get(("opentracker", r.protocol))
+        # The generator's rows compare with its own plain row: mTLS / plain.
+        ref = by.get((PY_GEN, "http") if r.tracker == PY_GEN else ("opentracker", r.protocol))
         ratio = r.announces_per_s / ref.announces_per_s if ref else float("nan")
         table.add_row(
             r.tracker,
@@ -344,6 +371,7 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
             f"{r.announces_per_s:,.0f}",
             str(r.errors),
             f"{r.tracker_cpu_pct:.0f} %",
+            f"{r.tracker_cpu_pct / 100 * r.seconds / max(1, r.requests) * 1e6:.0f}",
             f"{ratio:.2f}",
         )
     Console().print(table)
