@@ -17,8 +17,9 @@ from pathlib import Path
 
 import trio
 
-from p2preg.core.config import ConfigError, load
-from p2preg.core.logs import setup_logging
+from p2preg.core.config import load
+from p2preg.core.hostfiles import private_umask
+from p2preg.core.logs import log_level, setup_logging
 from tracker.config import TrackerConfig
 from tracker.serve import serve_tracker
 
@@ -27,8 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML file with TrackerConfig keys")
     parser.add_argument("--listen", help="HOST:PORT for HTTP and UDP (default 127.0.0.1:6969)")
     parser.add_argument("--data-dir", help="directory of the metainfo and lease store")
-    parser.add_argument("--token", help="cluster token (prefer P2PREG_TOKEN or --token-file)")
-    parser.add_argument("--token-file", help="file holding the cluster token")
+    # No --token: a command line is readable by every local user (/proc/<pid>/cmdline).
+    parser.add_argument(
+        "--token-file", help="file holding the cluster token (or P2PREG_TOKEN in the environment)"
+    )
     parser.add_argument(
         "--udp", action=argparse.BooleanOptionalAction, help="serve BEP 15 UDP (default on)"
     )
@@ -56,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         const=True,
         help="no TLS: plain HTTP, token auth (a trusted network only)",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-level", help="logging level (default INFO)")
     parser.add_argument("--log-json", action="store_const", const=True, help="JSON log lines")
 
 
@@ -75,12 +78,10 @@ def config_from_args(args: argparse.Namespace) -> TrackerConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The store and the UDP key are the tracker user's alone (hostfiles.py).
+    private_umask()
     config = config_from_args(args)
-    level = getattr(args, "log_level", "INFO")
-    level_number = logging.getLevelNamesMapping().get(level.upper())
-    if level_number is None:
-        raise ConfigError(f"unknown log level {level!r}")
-    setup_logging(json_lines=config.log_json, level=level_number)
+    setup_logging(json_lines=config.log_json, level=log_level(getattr(args, "log_level", None)))
     trio.run(serve_until_signalled, config)
     return 0
 

@@ -12,7 +12,6 @@ tracker logic (coordinator does).
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import socket
 from collections.abc import Callable
@@ -22,6 +21,8 @@ from pathlib import Path
 import trio
 
 from p2preg.core.config import ConfigError, HostPort
+from p2preg.core.hostfiles import write_private
+from p2preg.core.logs import register_secret
 from tracker import udp
 from tracker.bittorrent import udp_answer
 from tracker.config import TrackerConfig
@@ -80,9 +81,7 @@ def _udp_key(data_dir: Path) -> bytes:
     except FileNotFoundError:
         pass
     key = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
+    write_private(path, key)
     return key
 
 
@@ -103,6 +102,7 @@ async def serve_tracker(
     hand pass their own, ahead of trio's.
     """
     config = config.with_token()
+    register_secret(config.token)
     tcp, udp_sock = bind_sockets(config.listen, with_udp=config.udp)
     try:
         async with open_sqlite_store(config.data_dir) as store:
