@@ -32,7 +32,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2preg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, argument_default=argparse.SUPPRESS)
+        # No abbreviations: `--token S3CRET` must not become `--token-file S3CRET`
+        # (and an error message quoting it).
+        p = sub.add_parser(
+            name, help=help_text, argument_default=argparse.SUPPRESS, allow_abbrev=False
+        )
         p.set_defaults(_module=module)
         if only is None or only == name:
             importlib.import_module(module).add_arguments(p)

@@ -42,3 +42,9 @@ def test_operator_commands_refuse_bad_input_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2 and proc.stderr.startswith("p2preg containerd-config: name the")
     proc = _p2preg("preheat", "nginx", "--seeders", "0")
     assert proc.returncode == 2 and "--seeders must be ≥ 1" in proc.stderr
+
+
+def test_the_tracker_takes_no_token_on_its_command_line(tmp_path: Path) -> None:
+    """argv is readable by every local user (/proc/<pid>/cmdline): the flag is gone."""
+    proc = _p2preg("tracker", "--token", "on-the-command-line", "--data-dir", str(tmp_path))
+    assert proc.returncode == 2 and "unrecognized arguments: --token" in proc.stderr

@@ -110,3 +110,39 @@ def test_tls_dir_is_checked_at_load_and_names_the_bad_file(tmp_path: Path) -> No
     (tmp_path / "tracker" / "tls.key").unlink()
     with pytest.raises(ConfigError, match=r"tracker/tls\.key: no such file"):
         load(TrackerConfig, cli={"tls_dir": str(tmp_path / "tracker")})
+
+
+@pytest.mark.parametrize(
+    ("component", "env", "message"),
+    [
+        ("node", {"P2PREG_TRACKER_TOKEN": ""}, "tracker_token is empty"),
+        ("node", {"P2PREG_TRACKER_TOKEN": "  "}, "tracker_token is empty"),
+        ("node", {"P2PREG_ADMIN_TOKEN_FILE": ""}, "admin_token_file is empty"),
+        ("tracker", {"P2PREG_TOKEN": ""}, "token is empty"),
+        ("tracker", {"P2PREG_TOKEN_FILE": ""}, "token_file is empty"),
+    ],
+)
+def test_an_empty_secret_is_an_error_not_auth_off(
+    component: str, env: dict[str, str], message: str
+) -> None:
+    from tracker.config import TrackerConfig
+
+    cls: type = NodeConfig if component == "node" else TrackerConfig
+    cli = {"upstream": ["http://a"]} if component == "node" else {}
+    with pytest.raises(ConfigError, match=message):
+        load(cls, cli=cli, env=env)
+
+
+def test_an_empty_token_file_stops_node_and_tracker(tmp_path: Path) -> None:
+    from tracker.config import TrackerConfig
+
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    node = load(NodeConfig, cli={"upstream": ["http://a"], "tracker_token_file": str(empty)})
+    with pytest.raises(ConfigError, match="is empty"):
+        node.resolved_tracker_token()
+    tracker = load(TrackerConfig, cli={"token_file": str(empty)})
+    with pytest.raises(ConfigError, match="is empty"):
+        tracker.resolved_token()
+    with pytest.raises(ConfigError, match="NS=USER:PASSWORD"):
+        load(NodeConfig, cli={"upstream": ["r=http://a"], "credentials": ["r=alice:"]})

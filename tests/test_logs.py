@@ -77,3 +77,46 @@ def test_logs_are_readable_lines_by_default(
     text = node.process.log_path.read_text()
     assert "INFO    p2preg.node.server: node: serving the registry facade on" in text
     assert not any(line.startswith("{") for line in text.splitlines())
+
+
+def test_redact_urls_strips_queries_and_userinfo() -> None:
+    from p2preg.core.logs import redact_urls
+
+    said = ('tracker_error: ab (http://127.0.0.1:6969/announce?token=S3CRET%2Fx&n=1)[v2] '
+            'udp://t:6969/announce?S3CRET "https://user:S3CRET@reg.example/v2/?a=b" done')
+    out = redact_urls(said)
+    assert "S3CRET" not in out
+    assert "http://127.0.0.1:6969/announce?token=REDACTED&n=REDACTED)[v2]" in out
+    assert "udp://t:6969/announce?REDACTED" in out and "https://REDACTED@reg.example/v2/" in out
+    assert redact_urls("no url here: a=b?c") == "no url here: a=b?c"
+
+
+def test_registered_secrets_never_reach_a_log_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The formatters' last defence: a secret in a message, a field or a traceback."""
+    from urllib.parse import quote
+
+    from p2preg.core.logs import SECRET_REDACTED, register_secret
+
+    secret = 'registered-"secret"/value'
+    register_secret(secret)
+    for json_lines in (True, False):
+        stream = io.StringIO()
+        monkeypatch.setattr("sys.stderr", stream)
+        root = logging.getLogger()
+        saved = root.handlers[:], root.level
+        try:
+            setup_logging(json_lines=json_lines)
+            log = logging.getLogger("p2preg.test")
+            log.warning("url http://t/announce?token=%s", quote(secret, safe=""))
+            log.warning("field", extra={"header": f"Bearer {secret}"})
+            try:
+                raise ValueError(f"bad token {secret}")
+            except ValueError:
+                log.exception("failed")
+        finally:
+            root.handlers[:] = saved[0]
+            root.setLevel(saved[1])
+        text = stream.getvalue()
+        assert "registered-" not in text and quote(secret, safe="") not in text, text
+        # The plain format has no fields: a message and a traceback there.
+        assert text.count(SECRET_REDACTED) >= (3 if json_lines else 2)

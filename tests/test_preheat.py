@@ -106,13 +106,18 @@ def index_layout(tmp_path_factory: pytest.TempPathFactory) -> OciLayout:
 def cluster(
     registry: Registry, tmp_path: Path
 ) -> Iterator[tuple[TrackerProcess, list[NodeProcess]]]:
+    # One admin token for every node: one `--admin-token-file` preheats them all.
+    admin = tmp_path / ADMIN_TOKEN
+    admin.write_text("preheat-test-admin-token\n")
+    admin.chmod(0o600)
     with ExitStack() as stack:
         tracker = stack.enter_context(open_tracker(tmp_path / "tracker"))
         nodes = []
         for i in range(3):
             # Every blob through the swarm, configs too: "zero upstream bytes" is exact.
             args = ("--tracker", tracker.url, "--peer-host", "127.0.0.1", "--peer-port", "0",
-                    "--node-name", f"node{i}", "--p2p-min-bytes", "0")
+                    "--node-name", f"node{i}", "--p2p-min-bytes", "0",
+                    "--admin-token-file", str(admin))
             nodes.append(stack.enter_context(
                 open_node(tmp_path / f"node{i}", [f"{SEED_NS}={registry.url}"], args=args,
                           name=f"node{i}")
@@ -120,11 +125,18 @@ def cluster(
         yield tracker, nodes
 
 
+ADMIN_TOKEN = "admin.token"
+
+
 def _p2preg(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "p2preg", *args], capture_output=True, text=True, timeout=300,
         env=clean_env(drop_prefixes=["P2PREG_"], COLUMNS="160"),
     )
+
+
+def _preheat(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return _p2preg("preheat", "--admin-token-file", str(tmp_path / ADMIN_TOKEN), *args)
 
 
 def _seeders(tracker: TrackerProcess, digest: str) -> tuple[bool, int]:
@@ -156,7 +168,7 @@ def test_after_a_preheat_the_next_pull_costs_the_seed_no_blob_bytes(
     amd64, arm64 = image.for_platform("linux/amd64"), image.for_platform("linux/arm64")
     ref = f"{SEED_NS}/{image.repository}:{image.tag}"
 
-    proc = _p2preg("preheat", ref, "--node", nodes[0].url, "--node", nodes[1].url,
+    proc = _preheat(tmp_path, ref, "--node", nodes[0].url, "--node", nodes[1].url,
                    "--seeders", "2", "--platform", "linux/amd64", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -196,27 +208,27 @@ def test_after_a_preheat_the_next_pull_costs_the_seed_no_blob_bytes(
 @pytest.mark.integration
 @pytest.mark.slow
 def test_preheat_says_when_the_cluster_is_not_ready(
-    registry: Registry, index_layout: OciLayout,
+    registry: Registry, index_layout: OciLayout, tmp_path: Path,
     cluster: tuple[TrackerProcess, list[NodeProcess]],
 ) -> None:
     _, nodes = cluster
     image = push(index_layout, registry.host, "team/app")
     ref = f"{SEED_NS}/{image.repository}:{image.tag}"
     # One node cannot make three seeders: the tracker counts one, and it says so.
-    proc = _p2preg("preheat", ref, "--node", nodes[0].url, "--seeders", "3",
+    proc = _preheat(tmp_path, ref, "--node", nodes[0].url, "--seeders", "3",
                    "--platform", "linux/arm64", "--confirm-timeout-s", "2")
     assert proc.returncode == 1
     assert "not ready" in proc.stdout and "3 seeder(s)" in proc.stdout
     for blob in image.for_platform("linux/arm64").blobs:
         assert blob.digest[:19] in proc.stdout
     # A second run finds everything in the node's store already.
-    again = _p2preg("preheat", ref, "--node", nodes[0].url, "--platform", "linux/arm64", "--json")
+    again = _preheat(tmp_path, ref, "--node", nodes[0].url, "--platform", "linux/arm64", "--json")
     assert again.returncode == 0, again.stderr
     for row in json.loads(again.stdout)["blobs"]:
         assert row["fetched"] == {nodes[0].url: "store"} and row["seeders"] >= 1
-    missing = _p2preg("preheat", f"{SEED_NS}/team/nothing:here", "--node", nodes[0].url)
+    missing = _preheat(tmp_path, f"{SEED_NS}/team/nothing:here", "--node", nodes[0].url)
     assert missing.returncode == 1 and "404" in missing.stderr
-    other = _p2preg("preheat", ref, "--node", nodes[0].url, "--platform", "linux/s390x")
+    other = _preheat(tmp_path, ref, "--node", nodes[0].url, "--platform", "linux/s390x")
     assert other.returncode == 1 and "no manifest for platform linux/s390x" in other.stderr
 
 

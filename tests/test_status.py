@@ -51,7 +51,8 @@ def test_a_nodes_store_bytes_and_recent_fetches(
         url = f"{node.url}/v2/{image.repository}/blobs/{blob.digest}?ns={SEED_NS}"
         assert httpx.get(url, timeout=30).status_code == 200
 
-    proc = _status("--node", node.url, "--json")
+    admin = ("--admin-token-file", str(node.admin_token_file))
+    proc = _status("--node", node.url, "--json", *admin)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)["node"]
     total = sum(b.size for b in image.blobs)
@@ -64,13 +65,21 @@ def test_a_nodes_store_bytes_and_recent_fetches(
                for r in doc["recent"])
     assert doc["upstreams"] == [{"ns": SEED_NS, "url": registry.url}]
 
-    text = _status("--node", node.url)
+    text = _status("--node", node.url, *admin)
     assert text.returncode == 0, text.stderr
     out = text.stdout
     assert f"({node.url})" in out and "off: no tracker configured" in out
     assert "from upstream" in out and "recent blob fetches" in out
     for blob in image.blobs:
         assert blob.digest[:19] in out
+
+    # Without the admin token: counts only, no repository, digest or upstream.
+    bare = _status("--node", node.url, "--admin-token-file", "/dev/null/none")
+    assert bare.returncode != 0 and "cannot read admin token file" in bare.stderr
+    counts = _status("--node", node.url)
+    assert counts.returncode == 0, counts.stderr
+    assert "need the admin token" in counts.stdout
+    assert image.repository not in counts.stdout and registry.url not in counts.stdout
 
 
 def test_a_swarming_node_and_the_tracker(registry: Registry, tmp_path: Path) -> None:
@@ -90,7 +99,8 @@ def test_a_swarming_node_and_the_tracker(registry: Registry, tmp_path: Path) -> 
                 return proc.returncode == 0 and json.loads(proc.stdout)["tracker"]["seeders"] == 1
 
             wait_until(seeded, timeout_s=20, what="the tracker to count the node as a seeder")
-            proc = _status("--node", node.url, "--tracker", tracker.url, "--json", token=TOKEN)
+            proc = _status("--node", node.url, "--tracker", tracker.url, "--json",
+                           "--admin-token-file", str(node.admin_token_file), token=TOKEN)
             assert proc.returncode == 0, proc.stderr
             both = json.loads(proc.stdout)
             swarm = both["node"]["swarm"]

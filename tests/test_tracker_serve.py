@@ -228,12 +228,7 @@ async def test_metainfo_refusals_are_clear_and_typed(tmp_path: Path) -> None:
             )
             assert r.status_code == 400
             assert "node must be str" in wire.decode(wire.ErrorReply, r.content).message
-            r = await http.put(
-                f"{url}/v1/metainfo/{meta.digest}",
-                content=b"x" * (4096 + 70 * 1024),
-                headers={"Authorization": f"Bearer {TOKEN}"},
-            )
-            assert r.status_code == 413
+            assert await _oversized_put(url, f"/v1/metainfo/{meta.digest}", 4096 + 70 * 1024) == 413
             r = await http.put(
                 f"{url}/v1/metainfo/md5:abc",
                 content=wire.encode(wire.PublishMetainfo("n1", meta.size, meta.data)),
@@ -242,6 +237,31 @@ async def test_metainfo_refusals_are_clear_and_typed(tmp_path: Path) -> None:
             assert r.status_code == 400
             assert "digest" in wire.decode(wire.ErrorReply, r.content).message
             assert await healthy(http, url)
+
+
+async def _oversized_put(url: str, path: str, length: int) -> int:
+    """The status a PUT announcing `length` body bytes gets before sending them.
+
+    Over a raw stream: the tracker answers from the head and closes, and an
+    HTTP client still uploading would see the reset instead of the answer.
+    """
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    head = (
+        f"PUT {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Length: {length}\r\n"
+        f"Authorization: Bearer {TOKEN}\r\n\r\n"
+    )
+    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    async with stream:
+        await stream.send_all(head.encode())
+        reply = b""
+        with trio.fail_after(10):
+            while b"\r\n" not in reply:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                reply += chunk
+    return int(reply.split(b" ", 2)[1])
 
 
 async def test_expired_lease_passes_on_while_a_renewing_one_does_not(tmp_path: Path) -> None:

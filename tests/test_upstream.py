@@ -23,7 +23,7 @@ from p2preg.node.upstream import UpstreamClient
 
 BLOB = bytes(range(256)) * 64
 DIGEST = Digest("sha256", hashlib.sha256(BLOB).hexdigest())
-REG = "http://seed.test"
+REG = "https://seed.test"
 
 
 @pytest.fixture
@@ -144,7 +144,7 @@ async def test_redirect_to_storage_drops_authorization() -> None:
                 )
             if request.url.path == "/token":
                 return httpx.Response(200, json={"token": "T"})
-            return httpx.Response(307, headers={"Location": "http://s3.test/blob?sig=x"})
+            return httpx.Response(307, headers={"Location": "https://s3.test/blob?sig=x"})
         return httpx.Response(200, content=BLOB)
 
     def token_first(request: httpx.Request) -> httpx.Response:

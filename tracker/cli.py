@@ -13,14 +13,13 @@ import argparse
 import logging
 import os
 import signal
-import tomllib
-from collections.abc import Mapping
 from pathlib import Path
 
 import trio
 
-from p2preg.core.config import ConfigError, load
-from p2preg.core.logs import setup_logging
+from p2preg.core.config import load
+from p2preg.core.hostfiles import private_umask
+from p2preg.core.logs import log_level, setup_logging
 from tracker.config import TrackerConfig
 from tracker.serve import serve_tracker
 
@@ -29,8 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML file with TrackerConfig keys")
     parser.add_argument("--listen", help="HOST:PORT for HTTP and UDP (default 127.0.0.1:6969)")
     parser.add_argument("--data-dir", help="directory of the metainfo and lease store")
-    parser.add_argument("--token", help="cluster token (prefer P2PREG_TOKEN or --token-file)")
-    parser.add_argument("--token-file", help="file holding the cluster token")
+    # No --token: a command line is readable by every local user (/proc/<pid>/cmdline).
+    parser.add_argument(
+        "--token-file", help="file holding the cluster token (or P2PREG_TOKEN in the environment)"
+    )
     parser.add_argument(
         "--udp",
         action=argparse.BooleanOptionalAction,
@@ -63,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-listen", help="HOST:PORT of a plain listener with /metrics and /healthz only"
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-level", help="logging level (default INFO)")
     parser.add_argument("--log-json", action="store_const", const=True, help="JSON log lines")
 
 
@@ -73,7 +74,6 @@ def config_from_args(args: argparse.Namespace) -> TrackerConfig:
         for k, v in vars(args).items()
         if k not in ("_module", "command", "config", "log_level")
     }
-    refuse_blank_token(given, os.environ, getattr(args, "config", None))
     return load(
         TrackerConfig,
         cli=given,
@@ -82,32 +82,11 @@ def config_from_args(args: argparse.Namespace) -> TrackerConfig:
     )
 
 
-def refuse_blank_token(cli: dict[str, object], env: Mapping[str, str], file: Path | None) -> None:
-    """An empty token is an error, not "no auth" (the loader reads "" as unset).
-
-    A Secret that failed to mount as `P2PREG_TOKEN=` must stop the tracker, not
-    open it.
-    """
-    given: list[tuple[str, object]] = [("--token", cli.get("token"))]
-    given.append(("P2PREG_TOKEN", env.get("P2PREG_TOKEN")))
-    if file is not None:
-        try:
-            with open(file, "rb") as f:
-                given.append((f"token in {file}", tomllib.load(f).get("token")))
-        except (OSError, tomllib.TOMLDecodeError):
-            pass  # load() reports the file's own problem
-    for where, value in given:
-        if isinstance(value, str) and not value.strip():
-            raise ConfigError(f"{where} is empty: give the cluster token, or no token at all")
-
-
 def run(args: argparse.Namespace) -> int:
+    # The store and the UDP key are the tracker user's alone (hostfiles.py).
+    private_umask()
     config = config_from_args(args)
-    level = getattr(args, "log_level", "INFO")
-    level_number = logging.getLevelNamesMapping().get(level.upper())
-    if level_number is None:
-        raise ConfigError(f"unknown log level {level!r}")
-    setup_logging(json_lines=config.log_json, level=level_number)
+    setup_logging(json_lines=config.log_json, level=log_level(getattr(args, "log_level", None)))
     trio.run(serve_until_signalled, config)
     return 0
 

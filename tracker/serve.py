@@ -15,7 +15,6 @@ bittorrent do) or hold tracker logic (coordinator does).
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import socket
 from collections.abc import Callable
@@ -25,6 +24,8 @@ from pathlib import Path
 import trio
 
 from p2preg.core.config import ConfigError, HostPort
+from p2preg.core.hostfiles import write_private
+from p2preg.core.logs import register_secret
 from p2preg.core.tls import ReloadingTLS
 from tracker import udp
 from tracker.bittorrent import udp_answer
@@ -85,9 +86,7 @@ def _udp_key(data_dir: Path) -> bytes:
     except FileNotFoundError:
         pass
     key = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
+    write_private(path, key)
     return key
 
 
@@ -100,6 +99,7 @@ def _start_checks(config: TrackerConfig) -> tuple[TrackerConfig, ReloadingTLS | 
     """Fail closed before binding anything: exposure, token, TLS files (read now)."""
     config.check_exposure()
     config = config.with_token()
+    register_secret(config.token)
     tls = None if config.tls_dir is None else ReloadingTLS(config.tls_dir, role="tracker")
     if tls is not None:
         log.info("tracker: mutual TLS as %s; UDP announces are off", tls.identity)

@@ -12,6 +12,7 @@ reads the store once, at start.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from typing import Protocol, TypeVar
 import trio
 
 from p2preg.core.config import ConfigError
+from p2preg.core.hostfiles import open_private, private_dir, tighten
 
 SCHEMA_VERSION = 1
 DB_NAME = "tracker.sqlite3"
@@ -233,8 +235,15 @@ async def open_sqlite_store(data_dir: Path) -> AsyncIterator[SqliteStore]:
     """Open (creating if needed) the store under `data_dir`."""
 
     def open_db() -> sqlite3.Connection:
+        private_dir(data_dir)
+        db = data_dir / DB_NAME
         try:
-            data_dir.mkdir(parents=True, exist_ok=True)
+            # SQLite gives its journal and WAL files the database file's mode.
+            if db.exists():
+                for path in data_dir.glob(DB_NAME + "*"):
+                    tighten(path)
+            else:
+                os.close(open_private(db, exclusive=True))
             conn = sqlite3.connect(
                 data_dir / DB_NAME, check_same_thread=False, isolation_level=None
             )

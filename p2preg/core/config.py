@@ -119,7 +119,9 @@ C = TypeVar("C")
 COMPONENT_KEYS: dict[str, frozenset[str]] = {
     "node": frozenset(
         {
+            "admin_token_file",
             "credentials",
+            "credentials_file",
             "data_dir",
             "insecure",
             "lease_wait_max_s",
@@ -140,6 +142,8 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
             "tls_dir",
             "tracker",
             "tracker_token",
+            "tracker_token_file",
+            "trusted_realms",
             "upstream",
             "upstream_retries",
             "upstream_timeout_s",
@@ -174,6 +178,14 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
     ),
 }
 ANY_COMPONENT_KEY = frozenset().union(*COMPONENT_KEYS.values())
+
+# Settings that hold a secret or name the file of one. Elsewhere an empty
+# value means "unset"; here it is an error: `P2PREG_TOKEN=` from a template
+# whose secret did not render must not turn authentication off.
+SECRET_KEYS = frozenset(
+    {"token", "token_file", "tracker_token", "tracker_token_file", "admin_token_file",
+     "credentials_file"}
+)
 
 
 def load(
@@ -213,6 +225,10 @@ def load(
         elif attr not in ANY_COMPONENT_KEY:
             raise ConfigError(f"unknown environment variable {var}")
     raw.update({k: v for k, v in (cli or {}).items() if v is not None})
+    for key in SECRET_KEYS & raw.keys():
+        value = raw[key]
+        if isinstance(value, str) and not value.strip():
+            raise ConfigError(f"{key} is empty: give the secret, or leave the setting out")
     values = {k: _coerce(k, hints[k], v) for k, v in raw.items()}
     try:
         return cls(**values)

@@ -5,10 +5,13 @@ shows), `POST /_p2preg/preheat/<name>/blobs/<digest>?ns=` (bring a blob into
 the store and the swarm without sending its bytes anywhere, what `p2preg
 preheat` asks of each node), and the small app of the optional metrics
 listener (`/healthz` and `/metrics` only). The first two are added to the
-facade's app, on its loopback listener: they are exactly as reachable as a
-pull, and a client that can pull a blob can already make the node fetch it.
-Preheat goes through the same tenancy check and single-flight fetch as a pull.
-This module must not decide where a blob comes from (fetch.py does).
+facade's app, on its loopback listener, where any local process may reach
+them: so preheat needs the node's admin credential (adminauth.py) and
+answers 401 without it, and the status shows only counts to a caller without
+it — repository names and fetch history tell a local process which private
+images the host runs. Preheat goes through the same tenancy check and
+single-flight fetch as a pull. This module must not decide where a blob
+comes from (fetch.py does).
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from p2preg import __version__
+from p2preg.node.adminauth import AdminAuth
 from p2preg.node.blobs import Blobs
 from p2preg.node.config import Upstream
-from p2preg.node.errors import Denied, NotFound
+from p2preg.node.errors import AdminUnauthorized, Denied, NotFound
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.routes import Kind, parse_route
 from p2preg.node.seams import SwarmSeam
@@ -51,6 +55,7 @@ class Admin:
     swarm: SwarmSeam | None
     tracker: str | None
     p2p_min_bytes: int
+    auth: AdminAuth
 
 
 def add_routes(app: QuartTrio, admin: Admin) -> None:
@@ -61,11 +66,14 @@ def add_routes(app: QuartTrio, admin: Admin) -> None:
     @app.route(STATUS_PATH, methods=["GET"])
     async def status() -> Response:
         g.route = "status"
-        return _json(status_doc(admin, started))
+        full = admin.auth.allows(request.headers.get("Authorization"))
+        return _json(status_doc(admin, started, full=full))
 
     @app.route(PREHEAT_PREFIX + "<path:path>", methods=["POST"])
     async def preheat(path: str) -> Response:
         g.route = "preheat"
+        if not admin.auth.allows(request.headers.get("Authorization")):
+            raise AdminUnauthorized("preheat needs the node's admin token (admin.token)")
         route = parse_route("GET", "/v2/" + path)
         if route.kind is not Kind.BLOB:
             raise NotFound(f"preheat takes {PREHEAT_PREFIX}<name>/blobs/<digest>")
@@ -96,8 +104,11 @@ def _upstreams(upstreams: Sequence[Upstream]) -> list[dict[str, str]]:
     return [{"ns": u.ns, "url": u.url} for u in upstreams]
 
 
-def status_doc(admin: Admin, started_unix: float) -> dict[str, object]:
-    """Everything `p2preg status` shows about a node, as plain JSON values."""
+def status_doc(admin: Admin, started_unix: float, *, full: bool) -> dict[str, object]:
+    """What `p2preg status` shows about a node, as plain JSON values.
+
+    Without `full` (no admin token) only counts: no repository, digest or URL.
+    """
     metrics, store, swarm = admin.metrics, admin.store, admin.swarm
     metrics.refresh(store)
     sample = metrics.registry.get_sample_value
@@ -114,16 +125,17 @@ def status_doc(admin: Admin, started_unix: float) -> dict[str, object]:
     swarm_doc: dict[str, object] | None = None
     if swarm is not None:
         swarm_doc = {
-            "tracker": admin.tracker,
             "seeding": len(swarm.seeding()),
             "peers": swarm.peers(),
             "peer_port": swarm.listen_port,
         }
-    return {
+        if full:
+            swarm_doc["tracker"] = admin.tracker
+    doc: dict[str, object] = {
         "node": admin.name,
         "version": __version__,
         "uptime_s": round(time.time() - started_unix, 1),
-        "upstreams": _upstreams(admin.upstreams.upstreams),
+        "full": full,
         "store": {
             "bytes": store.used_bytes,
             "budget_bytes": store.max_bytes,
@@ -143,8 +155,11 @@ def status_doc(admin: Admin, started_unix: float) -> dict[str, object]:
             "fallbacks": fallbacks,
         },
         "streams_active": count("p2preg_blob_streams_active"),
-        "recent": [asdict(r) for r in reversed(admin.blobs.recent)],
     }
+    if full:
+        doc["upstreams"] = _upstreams(admin.upstreams.upstreams)
+        doc["recent"] = [asdict(r) for r in reversed(admin.blobs.recent)]
+    return doc
 
 
 def add_health_routes(app: QuartTrio, metrics: NodeMetrics, store: BlobStore) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import trio
 
 from p2preg.core.config import load
-from p2preg.core.logs import setup_logging
+from p2preg.core.hostfiles import private_umask
+from p2preg.core.logs import log_level, setup_logging
 from p2preg.node.config import NodeConfig
 from p2preg.node.server import serve_node
 
@@ -58,6 +59,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="no TLS: plain tracker link and peer wire (a token cluster on a trusted network)",
     )
     p.add_argument(
+        "--tracker-token-file",
+        metavar="FILE",
+        help="the cluster token for the tracker (token clusters; never give it on the "
+        "command line, which every local user can read)",
+    )
+    p.add_argument(
+        "--admin-token-file",
+        metavar="FILE",
+        help="the admin token for preheat and the full status (default: a new "
+        "<data-dir>/admin.token at every start)",
+    )
+    p.add_argument(
+        "--credentials-file",
+        metavar="FILE",
+        help="registry credentials, TOML or JSON: NS = {username, password}; mode 0600",
+    )
+    p.add_argument(
+        "--trusted-realms",
+        metavar="NS=HOST",
+        action="append",
+        help="a token realm host that may get NS's credentials besides NS's own host "
+        "(repeatable; e.g. docker.io=auth.docker.io)",
+    )
+    p.add_argument("--log-level", help="logging level (default INFO)")
+    p.add_argument(
         "--shutdown-grace-s",
         metavar="SECONDS",
         help="on SIGTERM, how long responses in flight may take to finish (10)",
@@ -68,7 +94,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     cli = {
         k: v
         for k, v in vars(args).items()
-        if not k.startswith("_") and k not in ("command", "config")
+        if not k.startswith("_") and k not in ("command", "config", "log_level")
     }
     return load(
         NodeConfig,
@@ -79,8 +105,10 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    # What libtorrent and the store create is the node user's alone (hostfiles.py).
+    private_umask()
     config = config_from_args(args)
-    setup_logging(json_lines=config.log_json)
+    setup_logging(json_lines=config.log_json, level=log_level(getattr(args, "log_level", None)))
     logging.getLogger(__name__).info(
         "node: upstreams %s", ", ".join(f"{u.ns}={u.url}" for u in config.upstream)
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2preg.core.config import ConfigError, GiB, HostPort, MiB
+from p2preg.core.hostfiles import read_secret_file
 from p2preg.core.tls import load_tls_dir
 
 
@@ -49,9 +50,29 @@ class Credential:
         if isinstance(value, str):
             ns, sep, userpass = value.partition("=")
             user, sep2, password = userpass.partition(":")
-            if sep and sep2 and ns and user:
+            if sep and sep2 and ns and user and password:
                 return cls(ns, user, password)
-        raise ConfigError("credentials must be NS=USER:PASSWORD")
+        # Never echo the value: it holds a password.
+        raise ConfigError("credentials must be NS=USER:PASSWORD, none of them empty")
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedRealm:
+    """A token realm host, other than the registry's own, that may get its credentials."""
+
+    ns: str
+    host: str
+
+    @classmethod
+    def from_config(cls, value: object) -> TrustedRealm:
+        if isinstance(value, str):
+            ns, sep, host = value.partition("=")
+            host = host.strip().lower()
+            if sep and ns and re.match(r"^[a-z0-9.-]+$|^\[[0-9a-f:.]+\]$", host):
+                return cls(ns, host.strip("[]"))
+        raise ConfigError(
+            f"trusted_realms takes NS=HOST (e.g. docker.io=auth.docker.io), got {value!r}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +82,8 @@ class NodeConfig:
     data_dir: Path = Path("/var/lib/p2preg")
     tracker: str | None = None
     tracker_token: str | None = field(default=None, repr=False)
+    # The cluster token in a file (a mounted Secret): never on a command line.
+    tracker_token_file: Path | None = None
     # Peers of other machines must reach this; the facade stays on loopback.
     peer_host: str = "0.0.0.0"
     peer_port: int = 6881
@@ -74,6 +97,14 @@ class NodeConfig:
     # the fetch waited for (or the tracker's queue), fetch from upstream.
     lease_wait_max_s: float = 600.0
     credentials: tuple[Credential, ...] = ()
+    # Registry → username/password (TOML or JSON, mode 0600), read at start:
+    # passwords stay out of the config file, the environment and argv.
+    credentials_file: Path | None = None
+    # Token realm hosts, besides each registry's own, that may get its credentials.
+    trusted_realms: tuple[TrustedRealm, ...] = ()
+    # The admin credential for preheat and the full status; without it the
+    # node writes a fresh <data_dir>/admin.token (0600) at every start.
+    admin_token_file: Path | None = None
     # Tags move; a short TTL keeps `latest` fresh without an upstream round trip per pull.
     tag_ttl_s: float = 30.0
     store_max_bytes: int = 50 * GiB
@@ -105,6 +136,13 @@ class NodeConfig:
             raise ConfigError("stream_chunk_bytes must be ≥ 4096 and max_blob_streams ≥ 1")
         if self.tracker is not None and not re.match(r"^https?://[^/]+/?$", self.tracker):
             raise ConfigError(f"--tracker takes a base URL http://host:port, got {self.tracker!r}")
+        if self.tracker_token is not None and not self.tracker_token.strip():
+            raise ConfigError("tracker_token must not be empty")
+        if self.tracker_token is not None and self.tracker_token_file is not None:
+            raise ConfigError("give tracker_token or tracker_token_file, not both")
+        for realm in self.trusted_realms:
+            if self.upstream_for(realm.ns) is None:
+                raise ConfigError(f"trusted_realms: {realm.ns!r} is not a configured upstream")
         if self.shutdown_grace_s < 0:
             raise ConfigError("shutdown_grace_s must be ≥ 0")
         if self.tls_dir is not None:
@@ -121,3 +159,12 @@ class NodeConfig:
 
     def credential_for(self, ns: str) -> Credential | None:
         return next((c for c in self.credentials if c.ns == ns), None)
+
+    def trusted_realms_for(self, ns: str) -> list[str]:
+        return [r.host for r in self.trusted_realms if r.ns == ns]
+
+    def resolved_tracker_token(self) -> str | None:
+        """The cluster token, read from `tracker_token_file` if given (empty: ConfigError)."""
+        if self.tracker_token_file is None:
+            return self.tracker_token
+        return read_secret_file(self.tracker_token_file, "tracker_token_file", check_mode=False)

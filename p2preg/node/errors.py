@@ -40,6 +40,15 @@ class PaginationInvalid(RegistryError):
     status, code = 400, "PAGINATION_NUMBER_INVALID"
 
 
+class AdminUnauthorized(RegistryError):
+    """An admin endpoint without the node's admin token."""
+
+    status, code = 401, "UNAUTHORIZED"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="p2preg-admin"'})
+
+
 class Denied(RegistryError):
     status, code = 403, "DENIED"
 

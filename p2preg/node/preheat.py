@@ -42,6 +42,7 @@ from p2preg.core import errors as tracker_errors
 from p2preg.core.config import ConfigError
 from p2preg.core.digest import Digest, DigestError
 from p2preg.node.admin import PREHEAT_PREFIX, STATUS_PATH
+from p2preg.node.adminauth import ADMIN_TOKEN_ENV, admin_headers, read_admin_token
 from p2preg.node.imagerefs import (
     ImageRef,
     Platform,
@@ -160,6 +161,7 @@ async def _fetch_on(
     limit: trio.Semaphore,
     progress: Progress,
     task: Any,
+    admin: str,
 ) -> None:
     url = (
         f"{node}{PREHEAT_PREFIX}{plan.repository}/blobs/{plan.digest}"
@@ -167,7 +169,7 @@ async def _fetch_on(
     )
     async with limit:
         try:
-            r = await http.post(url)
+            r = await http.post(url, headers=admin_headers(admin))
             doc = r.json() if r.status_code == 200 else None
         except (httpx.HTTPError, ValueError) as e:
             plan.fetched[node] = f"error: {e!r}"
@@ -184,9 +186,9 @@ async def _fetch_on(
     progress.advance(task, plan.size)
 
 
-async def _tracker_of(http: httpx.AsyncClient, node: str) -> str | None:
+async def _tracker_of(http: httpx.AsyncClient, node: str, admin: str) -> str | None:
     try:
-        doc = (await http.get(node + STATUS_PATH)).json()
+        doc = (await http.get(node + STATUS_PATH, headers=admin_headers(admin))).json()
     except (httpx.HTTPError, ValueError):
         return None
     swarm = doc.get("swarm") if isinstance(doc, dict) else None
@@ -236,6 +238,7 @@ async def preheat(
     seeders: int,
     tracker_url: str | None,
     token: str | None,
+    admin_token: str,
     timeout_s: float,
     confirm_timeout_s: float,
     per_node: int,
@@ -262,11 +265,13 @@ async def preheat(
                 for node in nodes:
                     limit = trio.Semaphore(per_node)
                     for plan in blobs:
-                        nursery.start_soon(_fetch_on, http, node, plan, limit, progress, task)
+                        nursery.start_soon(
+                            _fetch_on, http, node, plan, limit, progress, task, admin_token
+                        )
         failed = [p for p in blobs if p.failures()]
         if failed:
             return Outcome(False, blobs, time.monotonic() - start, "some fetches failed")
-        tracker_url = tracker_url or await _tracker_of(http, nodes[0])
+        tracker_url = tracker_url or await _tracker_of(http, nodes[0], admin_token)
         swarmed = [p for p in blobs if p.swarmed]
         if tracker_url is None:
             problem = "the nodes have no tracker: blobs are in their stores, not in a swarm"
@@ -349,6 +354,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--token-file", metavar="FILE", help="cluster token (default: $P2PREG_TRACKER_TOKEN)"
     )
     p.add_argument(
+        "--admin-token-file",
+        metavar="FILE",
+        help=f"the nodes' admin token (default ${ADMIN_TOKEN_ENV}, else "
+        "/var/lib/p2preg/admin.token; nodes given one admin_token_file share it)",
+    )
+    p.add_argument(
         "--timeout-s", type=float, metavar="SECONDS", help="longest fetch of one blob (3600)"
     )
     p.add_argument(
@@ -377,6 +388,12 @@ def run(args: argparse.Namespace) -> int:
             f"[yellow]asking {len(nodes)} node(s) for {seeders} seeders: the others must "
             "already hold the blobs (or be preheated by another run)[/yellow]"
         )
+    admin_token = read_admin_token(getattr(args, "admin_token_file", None))
+    if admin_token is None:
+        raise ConfigError(
+            "preheat needs the nodes' admin token: --admin-token-file FILE "
+            f"(or ${ADMIN_TOKEN_ENV}); a node writes <data_dir>/admin.token at start"
+        )
     try:
         images = [parse_image(i) for i in args.images]
         run_preheat = partial(
@@ -387,6 +404,7 @@ def run(args: argparse.Namespace) -> int:
             seeders=seeders,
             tracker_url=getattr(args, "tracker", None),
             token=read_token(args),
+            admin_token=admin_token,
             timeout_s=getattr(args, "timeout_s", 3600.0),
             confirm_timeout_s=getattr(args, "confirm_timeout_s", 60.0),
             per_node=max(1, getattr(args, "per_node", 4)),

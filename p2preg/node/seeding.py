@@ -12,7 +12,6 @@ per fetch) and must not fetch anything.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -21,6 +20,7 @@ import trio
 
 from p2preg.core import errors as tracker_errors
 from p2preg.core.digest import Digest
+from p2preg.core.hostfiles import private_dir, tighten, write_private
 from p2preg.core.metainfo import Metainfo, MetainfoError
 from p2preg.node.seams import Offload, SwarmSeam, TrackerSeam
 from p2preg.node.store import BlobStore
@@ -45,16 +45,14 @@ class TorrentFiles:
     def save(self, meta: Metainfo) -> None:
         """Blocking: write it whole or not at all."""
         path = self.path(meta.digest)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(meta.data)
-        os.replace(tmp, path)
+        write_private(path, meta.data)
 
     def forget(self, digest: Digest) -> None:
         self.path(digest).unlink(missing_ok=True)
 
     def saved(self) -> Iterator[tuple[Digest, Path]]:
         """Every saved torrent by digest; anything else in the directory is removed."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dir(self.directory)
         for path in sorted(self.directory.iterdir()):
             try:
                 if path.suffix != ".torrent":
@@ -63,6 +61,7 @@ class TorrentFiles:
             except ValueError:
                 path.unlink(missing_ok=True)
                 continue
+            tighten(path)
             yield digest, path
 
 

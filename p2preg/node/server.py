@@ -26,11 +26,15 @@ from hypercorn.trio import serve
 from quart_trio import QuartTrio
 
 from p2preg.core.config import HostPort
+from p2preg.core.hostfiles import private_dir
+from p2preg.core.logs import register_secret
 from p2preg.node import hypercorn_internals
 from p2preg.node.admin import Admin, add_routes, create_metrics_app
+from p2preg.node.adminauth import AdminAuth, open_admin_auth
 from p2preg.node.blobs import Blobs
 from p2preg.node.blobstream import BlobStreams
-from p2preg.node.config import NodeConfig
+from p2preg.node.config import Credential, NodeConfig
+from p2preg.node.credentials import node_credentials
 from p2preg.node.facade import Registry, create_app
 from p2preg.node.fetch import BlobFetcher, Cluster, SwarmSettings
 from p2preg.node.metrics import NodeMetrics
@@ -63,15 +67,13 @@ def _node_name(config: NodeConfig) -> str:
 
 @asynccontextmanager
 async def _open_swarm(
-    config: NodeConfig, http: httpx.AsyncClient, metrics: NodeMetrics
+    config: NodeConfig, http: httpx.AsyncClient, metrics: NodeMetrics, token: str | None
 ) -> AsyncIterator[tuple[Swarm, TrackerClient] | None]:
     """The swarm and the tracker client, when a tracker is configured."""
     if config.tracker is None:
         yield None
         return
-    tracker = TrackerClient(
-        config.tracker, node=_node_name(config), token=config.tracker_token, http=http
-    )
+    tracker = TrackerClient(config.tracker, node=_node_name(config), token=token, http=http)
     listen = str(HostPort(config.peer_host, config.peer_port))
     async with open_swarm(config.data_dir, listen, [tracker.announce_url], metrics) as swarm:
         yield swarm, tracker
@@ -115,8 +117,28 @@ def _cluster(
     return Cluster(tracker, swarm, seeding, peers, settings)
 
 
+@dataclass(frozen=True)
+class _Secrets:
+    tracker_token: str | None
+    credentials: dict[str, Credential]
+    admin: AdminAuth
+
+
+def _read_secrets(config: NodeConfig) -> _Secrets:
+    """Every secret the node holds, read (and registered with the log formatter) at start.
+
+    Also makes the data directory private (0700, ours) before anything is written there.
+    """
+    private_dir(config.data_dir)
+    token = config.resolved_tracker_token()
+    register_secret(token)
+    credentials = node_credentials(config)
+    return _Secrets(token, credentials, open_admin_auth(config.data_dir, config.admin_token_file))
+
+
 @asynccontextmanager
 async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
+    held = _read_secrets(config)
     metrics = NodeMetrics()
     tenancy = Tenancy()
     pull_order = PullOrder()
@@ -124,7 +146,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
     timeout = httpx.Timeout(config.upstream_timeout_s, connect=min(10.0, config.upstream_timeout_s))
     async with (
         httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as http,
-        _open_swarm(config, http, metrics) as p2p,
+        _open_swarm(config, http, metrics, held.tracker_token) as p2p,
         trio.open_nursery() as nursery,
     ):
         store = _new_store(config, None if p2p is None else p2p[0], torrents)
@@ -134,9 +156,10 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
             UpstreamClient(
                 u,
                 http,
-                credential=config.credential_for(u.ns),
+                credential=held.credentials.get(u.ns),
                 retries=config.upstream_retries,
                 on_bytes=metrics.upstream_bytes.inc,
+                trusted_realms=config.trusted_realms_for(u.ns),
             )
             for u in config.upstream
         ])
@@ -160,6 +183,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
             swarm=None if cluster is None else cluster.swarm,
             tracker=config.tracker,
             p2p_min_bytes=config.p2p_min_bytes,
+            auth=held.admin,
         ))
         log.info(
             "node: store %s holds %d blobs (%d bytes of %d)",

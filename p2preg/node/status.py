@@ -21,6 +21,7 @@ from rich.table import Table
 
 from p2preg.core import errors as tracker_errors
 from p2preg.node.admin import STATUS_PATH
+from p2preg.node.adminauth import ADMIN_TOKEN_ENV, admin_headers, read_admin_token
 from p2preg.node.preheat import TOKEN_ENV, human_size, read_token
 from tracker.client import TrackerClient
 
@@ -50,7 +51,8 @@ def node_tables(doc: dict[str, Any], url: str, recent: int) -> list[Table]:
     grid.add_column(style="bold")
     grid.add_column()
     grid.add_row("version", f"{doc['version']}, up {_duration(doc['uptime_s'])}")
-    grid.add_row("upstreams", ", ".join(f"{u['ns']} = {u['url']}" for u in doc["upstreams"]))
+    if "upstreams" in doc:
+        grid.add_row("upstreams", ", ".join(f"{u['ns']} = {u['url']}" for u in doc["upstreams"]))
     grid.add_row(
         "store",
         f"{human_size(store['bytes'])} of {human_size(store['budget_bytes'])} "
@@ -63,7 +65,7 @@ def node_tables(doc: dict[str, Any], url: str, recent: int) -> list[Table]:
         grid.add_row(
             "swarm",
             f"seeding {swarm['seeding']:,} blobs, {swarm['peers']:,} peers connected, "
-            f"peer port {swarm['peer_port']}, tracker {swarm['tracker']}",
+            f"peer port {swarm['peer_port']}, tracker {swarm.get('tracker', '(admin only)')}",
         )
     got = moved["from_peers"] + moved["from_upstream"]
     grid.add_row(
@@ -81,6 +83,10 @@ def node_tables(doc: dict[str, Any], url: str, recent: int) -> list[Table]:
         f"from peers {fetches['peers']:,}, from upstream {fetches['upstream']:,}, "
         f"joined {fetches['joined']:,}; fallbacks to upstream: {fallbacks or 'none'}",
     )
+    if "recent" not in doc:
+        grid.add_row("more", f"repositories and recent fetches need the admin token "
+                     f"(--admin-token-file or ${ADMIN_TOKEN_ENV})")
+        return [grid]
     pulls = Table(title="recent blob fetches", title_justify="left")
     for name, justify in (
         ("when", "right"), ("blob", "left"), ("repository", "left"), ("source", "left"),
@@ -119,12 +125,12 @@ def tracker_tables(doc: dict[str, Any], url: str) -> list[Table]:
 
 
 async def _read(
-    node: str | None, tracker: str | None, token: str | None, limit: int
+    node: str | None, tracker: str | None, token: str | None, limit: int, admin: str | None
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     node_doc = tracker_doc = None
     async with httpx.AsyncClient(timeout=10.0, trust_env=False) as http:
         if node is not None:
-            r = await http.get(node + STATUS_PATH)
+            r = await http.get(node + STATUS_PATH, headers=admin_headers(admin))
             r.raise_for_status()
             node_doc = r.json()
         if tracker is not None:
@@ -142,6 +148,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracker", metavar="URL", help="the tracker (its token: --token-file or "
                    f"${TOKEN_ENV[0]})")
     p.add_argument("--token-file", metavar="FILE", help="cluster token for the tracker")
+    p.add_argument(
+        "--admin-token-file",
+        metavar="FILE",
+        help=f"the node's admin token, for repositories and recent fetches "
+        f"(default ${ADMIN_TOKEN_ENV}, else /var/lib/p2preg/admin.token)",
+    )
     p.add_argument("--recent", type=int, metavar="N", help="recent fetches listed (10)")
     p.add_argument("--limit", type=int, metavar="N", help="swarms listed (20)")
     p.add_argument("--json", action="store_true", help="print what was read, as JSON")
@@ -157,8 +169,9 @@ def run(args: argparse.Namespace) -> int:
     node = node.rstrip("/") if node else None
     tracker = tracker.rstrip("/") if tracker else None
     try:
+        admin = read_admin_token(getattr(args, "admin_token_file", None)) if node else None
         node_doc, tracker_doc = trio.run(
-            _read, node, tracker, read_token(args), max(0, getattr(args, "limit", 20))
+            _read, node, tracker, read_token(args), max(0, getattr(args, "limit", 20)), admin
         )
     except (httpx.HTTPError, ValueError, tracker_errors.TrackerError) as e:
         print(f"p2preg status: {e}", file=sys.stderr)

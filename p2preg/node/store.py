@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from p2preg.core.digest import Digest, DigestError, Hasher
+from p2preg.core.hostfiles import FILE_MODE, open_private, private_dir, tighten
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ class BlobWriter:
         self.digest = digest
         self._store = store
         self._tmp = store.tmp_dir / f"{digest.hex[:16]}.{secrets.token_hex(6)}"
-        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit/abort
+        # 0600 whatever the umask: a private layer is nobody else's to read.
+        self._file = os.fdopen(open_private(self._tmp, exclusive=True), "wb")
         self._hasher = digest.hasher()
 
     @property
@@ -145,13 +147,16 @@ class BlobStore:
 
     def open(self) -> None:
         """Create the layout, drop temp files of a crashed run, index what is stored."""
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.tmp_dir)
+        private_dir(self.blob_dir)
         for leftover in self.tmp_dir.iterdir():
             leftover.unlink(missing_ok=True)
         found: list[tuple[float, Digest, int]] = []
         for alg_dir in self.blob_dir.iterdir():
+            private_dir(alg_dir)
             for path in alg_dir.iterdir():
+                # A store written by an older version (default modes) is tightened.
+                tighten(path)
                 try:
                     digest = Digest.parse(f"{alg_dir.name}:{path.name}")
                 except DigestError:
@@ -193,6 +198,8 @@ class BlobStore:
             os.link(source, tmp)
             fd = os.open(tmp, os.O_RDONLY)
             try:
+                # libtorrent created the file with its own modes; the inode is ours.
+                os.fchmod(fd, FILE_MODE)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -230,7 +237,8 @@ class BlobStore:
             return
         self._make_room(size)
         final = self.path(digest)
-        final.parent.mkdir(exist_ok=True)
+        if not final.parent.is_dir():
+            private_dir(final.parent)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         self._index[digest] = size

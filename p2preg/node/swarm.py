@@ -26,6 +26,8 @@ import libtorrent as lt
 import trio
 
 from p2preg.core.digest import Digest
+from p2preg.core.hostfiles import private_dir
+from p2preg.core.logs import redact_urls
 from p2preg.core.metainfo import Metainfo, info_name
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.seams import SwarmError
@@ -76,6 +78,16 @@ def session_settings(listen: str) -> lt.settings_pack:
         "alert_queue_size": 10_000,
         "user_agent": "p2preg",
     }
+
+
+def _said(alert: Any) -> str:
+    """An alert's message with its URLs' queries and userinfo redacted.
+
+    libtorrent quotes the tracker URL in its tracker alerts, and a token
+    cluster's announce URL carries `?token=`: logged as is, every tracker
+    error would hand the cluster token to whoever reads the logs.
+    """
+    return f"{alert.what()}: {redact_urls(alert.message())}"
 
 
 @dataclass
@@ -258,21 +270,21 @@ class Swarm:
             if t is not None:
                 t.announced.set()
         elif isinstance(alert, lt.tracker_error_alert | lt.tracker_warning_alert):
-            log.warning("swarm: %s", alert.message())
+            log.warning("swarm: %s", _said(alert))
         elif isinstance(alert, lt.hash_failed_alert):
             self._metrics.hash_failures.inc()
             if t is not None:
                 t.hash_failures += 1
         elif isinstance(alert, lt.peer_ban_alert | lt.peer_blocked_alert):
             self._metrics.peer_bans.inc()
-            log.warning("swarm: %s", alert.message())
+            log.warning("swarm: %s", _said(alert))
         elif isinstance(alert, lt.torrent_error_alert | lt.file_error_alert):
-            log.warning("swarm: %s", alert.message())
+            log.warning("swarm: %s", _said(alert))
             if t is not None and not t.finished.is_set():
-                t.error = SwarmError("torrent_error", alert.message())
+                t.error = SwarmError("torrent_error", _said(alert))
                 t.finished.set()
         elif isinstance(alert, lt.listen_failed_alert):
-            log.error("swarm: %s", alert.message())
+            log.error("swarm: %s", _said(alert))
 
     def _progress(self, t: _Torrent, status: Any) -> None:
         done = int(status.total_wanted_done)
@@ -316,7 +328,7 @@ async def open_swarm(
     # Whatever is here is a link to a store blob or an unverified partial
     # download from a previous run: neither may be served as is.
     shutil.rmtree(swarm_dir, ignore_errors=True)
-    swarm_dir.mkdir(parents=True)
+    private_dir(swarm_dir)
     session = lt.session(session_settings(listen))
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)

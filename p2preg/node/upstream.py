@@ -4,9 +4,12 @@ Owns everything about talking to an upstream registry: bearer-token auth
 (anonymous or with basic credentials, per-repository scope, tokens cached until
 expiry), retries with backoff on 429/5xx/connection errors (honouring
 `Retry-After`), timeouts, and blob redirects (an S3-style 307 is followed
-without sending our `Authorization` to another host). Blob bodies are resumed
-with `Range` when a connection drops mid-way. It never logs credentials or
-tokens, and it never decides what to cache: callers do.
+without sending our `Authorization` to another origin). Before it sends
+credentials anywhere or follows a redirect or a token realm it asks the rules
+in egress.py (https only, the registry's own host or a trusted realm, no
+loopback or link-local target unless the registry is there). Blob bodies are
+resumed with `Range` when a connection drops mid-way. It never logs
+credentials or tokens, and it never decides what to cache: callers do.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from p2preg.node.auth import (
     repository_scope,
 )
 from p2preg.node.config import Credential, Upstream
+from p2preg.node.egress import Egress
 from p2preg.node.errors import (
     RegistryError,
     UpstreamError,
@@ -104,10 +108,12 @@ class UpstreamClient:
         credential: Credential | None = None,
         retries: int = 4,
         on_bytes: Callable[[int], None] = lambda n: None,
+        trusted_realms: Sequence[str] = (),
     ) -> None:
         self.upstream = upstream
         self._http = http
         self._credential = credential
+        self._egress = Egress.of(upstream.url, trusted_realms)
         self._retries = retries
         self._tokens = TokenCache(trio.current_time)
         self._basic = False  # the registry asked for Basic auth
@@ -137,15 +143,21 @@ class UpstreamClient:
         if challenge.scheme == "basic":
             if self._credential is None or self._basic:
                 raise UpstreamUnauthorized("the seed registry wants credentials we do not have")
+            self._refuse_credentials(self.upstream.url)
             self._basic = True
             return
         if challenge.scheme != "bearer" or not challenge.realm.startswith(("http://", "https://")):
             raise UpstreamError(f"unsupported auth challenge scheme {challenge.scheme!r}")
+        refusal = self._egress.target_refusal(challenge.realm)
+        if refusal is not None:
+            raise UpstreamError(f"seed registry {self.upstream.ns} named a token realm refused: "
+                                f"{refusal}")
         params = {"scope": scope}
         if "service" in challenge.params:
             params["service"] = challenge.params["service"]
         auth = None
         if self._credential is not None:
+            self._refuse_credentials(challenge.realm)
             auth = httpx.BasicAuth(self._credential.username, self._credential.password)
         self.token_fetches += 1
         try:
@@ -161,6 +173,18 @@ class UpstreamClient:
         except (ValueError, ChallengeError) as e:
             raise UpstreamError(f"token service sent a bad answer: {e}") from None
         self._tokens.put(scope, token)
+
+    def _refuse_credentials(self, url: str) -> None:
+        """Raise unless our basic credentials may go to `url` (egress.py's rules)."""
+        refusal = self._egress.credentials_refusal(url)
+        if refusal is not None:
+            log.warning(
+                "upstream %s: not sending credentials: %s", self.upstream.ns, refusal
+            )
+            raise UpstreamUnauthorized(
+                f"credentials for {self.upstream.ns} are not sent there: {refusal} "
+                "(trusted_realms lists the token hosts that may have them)"
+            )
 
     @asynccontextmanager
     async def _open(
@@ -219,18 +243,37 @@ class UpstreamClient:
             await trio.sleep(delay)
 
     async def _send(self, method: str, url: str, headers: dict[str, str]) -> httpx.Response:
-        origin = urlsplit(url).netloc
+        origin = _origin(url)
+        redirected = False
         for _ in range(MAX_REDIRECTS + 1):
             request = self._http.build_request(method, url, headers=headers)
             response = await self._http.send(request, stream=True)
+            if redirected:
+                await self._check_peer(response)
             if response.status_code not in REDIRECTS or "Location" not in response.headers:
                 return response
             await response.aclose()
             url = urljoin(url, response.headers["Location"])
-            if urlsplit(url).netloc != origin:
-                # Our token is for the registry, never for its storage backend.
+            refusal = self._egress.target_refusal(url)
+            if refusal is not None:
+                raise UpstreamError(
+                    f"seed registry {self.upstream.ns} redirected to a refused target: {refusal}"
+                )
+            redirected = True
+            if _origin(url) != origin:
+                # Our token is for the registry, never for its storage backend,
+                # and never for plain http.
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         raise UpstreamError("seed registry redirected too many times")
+
+    async def _check_peer(self, response: httpx.Response) -> None:
+        """A redirect to a name that resolved to loopback or link-local: drop it unread."""
+        stream = response.extensions.get("network_stream")
+        peer = stream.get_extra_info("server_addr") if stream is not None else None
+        refusal = self._egress.peer_refusal(str(peer[0])) if peer else None
+        if refusal is not None:
+            await response.aclose()
+            raise UpstreamError(f"seed registry {self.upstream.ns} redirect refused: {refusal}")
 
     def _fail(self, response: httpx.Response, what: str) -> RegistryError:
         if response.status_code in (401, 403):
@@ -342,6 +385,11 @@ class UpstreamClient:
                     ) from None
                 log.info("upstream blob %s cut at %d bytes, resuming", digest, sink.offset)
                 await trio.sleep(BACKOFF_BASE_S * cuts)
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc
 
 
 class Upstreams:

@@ -1,0 +1,186 @@
+"""No secret leaks from a running cluster: not to a log, a response, a file or a command line.
+
+A real cluster — a docker-registry behind token auth with a password only the
+nodes' credentials file holds, a tracker, three nodes, every process logging
+JSON at DEBUG — pulls an image through the swarm; then the tracker is killed,
+so libtorrent reports tracker errors quoting the announce URL (which carries
+`?token=` in a token cluster), and started again on the same port, and the
+nodes pull again. Then every log line, every response the test could ask for
+(errors included), every file in the data directories (but the admin token
+file itself) and every process's command line are searched for the cluster
+token, each node's admin token and the registry password, raw and URL-quoted.
+The test checks that the alert it relies on was logged (redacted by
+`redact_urls`, not merely blanked by the formatter's last defence), so it
+fails if that redaction is removed. `mode` is a parameter so that the same
+run covers the TLS cluster once its wire lands.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from contextlib import ExitStack
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from harness.images import OciLayout
+from harness.node import NodeProcess, open_node
+from harness.procs import Process, free_port, wait_until
+from harness.registry import Registry, open_registry
+from harness.skopeo import push
+from harness.tracker import TrackerProcess, open_tracker
+from p2preg.core.logs import URL_REDACTED
+from tests.conftest import ImageVariant
+from tests.fixtures.cluster import kill9
+from tests.fixtures.token_issuer import open_token_issuer
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SEED_NS = "seed.test"
+USER = "leak-test-puller"
+# Token clusters today; "tls" joins once the TLS wire is on main (issue 12).
+MODES = ["token"]
+
+
+def _secrets_in(text: str, secrets_: dict[str, str]) -> list[str]:
+    found = []
+    for name, value in secrets_.items():
+        for form in {value, quote(value, safe="")}:
+            if form in text:
+                found.append(name)
+    return found
+
+
+def _json_lines(process: Process) -> list[dict[str, object]]:
+    lines = [line for line in process.log_path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in lines]  # JSON only: a stray line would fail here
+
+
+def _start_node(
+    stack: ExitStack, workdir: Path, name: str, registry: Registry, tracker_url: str,
+    mode: str, cluster_token: str, credentials: Path,
+) -> NodeProcess:
+    args = ["--node-name", name, "--tracker", tracker_url, "--peer-host", "127.0.0.1",
+            "--peer-port", "0", "--p2p-min-bytes", "0", "--log-json", "--log-level", "DEBUG",
+            "--credentials-file", str(credentials)]
+    env = {"P2PREG_TRACKER_TOKEN": cluster_token} if mode == "token" else {}
+    return stack.enter_context(open_node(
+        workdir / name, [f"{SEED_NS}={registry.url}"], args=tuple(args), env=env, name=name,
+    ))
+
+
+def _start_tracker(
+    stack: ExitStack, workdir: Path, mode: str, cluster_token: str, port: int
+) -> TrackerProcess:
+    args = ("--log-json", "--log-level", "DEBUG", "--announce-interval-s", "2",
+            "--min-announce-interval-s", "1", "--peer-ttl-s", "30")
+    token = cluster_token if mode == "token" else None
+    return stack.enter_context(open_tracker(workdir, port=port, token=token, args=args))
+
+
+def _pull(node: NodeProcess, repository: str, digests: list[str]) -> None:
+    for digest in digests:
+        r = httpx.get(f"{node.url}/v2/{repository}/blobs/{digest}?ns={SEED_NS}", timeout=120)
+        assert r.status_code == 200, r.text
+
+
+def _swarm_alerts(node: NodeProcess) -> list[str]:
+    return [str(r["msg"]) for r in _json_lines(node.process)
+            if r["logger"] == "p2preg.node.swarm" and "tracker_error" in str(r["msg"])]
+
+
+def _responses(tracker_url: str, nodes: list[NodeProcess], token: str) -> list[str]:
+    """Everything an outsider or an operator can read back, error bodies included."""
+    out = []
+    with httpx.Client(timeout=10, trust_env=False) as http:
+        for node in nodes:
+            for path in ("/metrics", "/healthz", "/_p2preg/status", "/v2/"):
+                out.append(http.get(node.url + path).text)
+            out.append(http.get(node.url + "/_p2preg/status", headers=node.admin_headers()).text)
+            for auth in ("Bearer not-the-token", f"Bearer {token}"):
+                r = http.post(f"{node.url}/_p2preg/preheat/x/blobs/sha256:{'0' * 64}",
+                              headers={"Authorization": auth})
+                out.append(r.text + str(r.headers))
+        for path in ("/metrics", "/healthz", "/v1/status", "/announce", "/announce?token=wrong",
+                     f"/v1/metainfo/sha256:{'0' * 64}"):
+            r = http.get(tracker_url + path)
+            out.append(r.text + str(r.headers))
+        out.append(http.get(f"{tracker_url}/v1/status",
+                            headers={"Authorization": f"Bearer {token}"}).text)
+    return out
+
+
+def _files(directory: Path, skip: set[Path]) -> list[tuple[Path, bytes]]:
+    return [(p, p.read_bytes()) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p not in skip]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_secret_in_logs_responses_files_or_argv(
+    mode: str, tmp_path: Path, image_layouts: dict[ImageVariant, OciLayout]
+) -> None:
+    cluster_token = "ct-" + secrets.token_urlsafe(24)
+    password = "pw-" + secrets.token_urlsafe(24)
+    credentials = tmp_path / "credentials.toml"
+    credentials.write_text(f'["{SEED_NS}"]\nusername = "{USER}"\npassword = "{password}"\n')
+    credentials.chmod(0o600)
+    with ExitStack() as stack:
+        issuer = stack.enter_context(
+            open_token_issuer(tmp_path / "issuer", users={USER: password}, anonymous="refuse")
+        )
+        registry = stack.enter_context(open_registry(tmp_path / "registry",
+                                                     token_auth=issuer.auth))
+        first = push(image_layouts["single"], registry.host, "team/one",
+                     creds=f"{USER}:{password}")
+        second = push(image_layouts["index"], registry.host, "team/two",
+                      creds=f"{USER}:{password}")
+        port = free_port()
+        tracker_stack = stack.enter_context(ExitStack())
+        tracker = _start_tracker(tracker_stack, tmp_path / "tracker", mode, cluster_token, port)
+        nodes = [_start_node(stack, tmp_path, f"node{i}", registry, tracker.url, mode,
+                             cluster_token, credentials) for i in range(3)]
+        digests = [b.digest for b in first.blobs]
+        for node in nodes:
+            _pull(node, first.repository, digests)
+        assert nodes[2].metric("p2preg_peer_blob_bytes_total") > 0  # the swarm carried some
+
+        # The tracker dies: libtorrent's next announces fail, quoting the announce URL.
+        kill9(tracker.process)
+        wait_until(lambda: all(_swarm_alerts(n) for n in nodes), timeout_s=60,
+                   what="every node to log a tracker error alert", interval_s=0.2)
+        tracker_stack.close()
+        tracker = _start_tracker(stack, tmp_path / "tracker", mode, cluster_token, port)
+        for node in nodes:
+            _pull(node, second.repository, [b.digest for b in second.blobs])
+
+        admin_tokens = {n.process.name: n.admin_token_file.read_text().strip() for n in nodes}
+        secret_values = {"cluster token": cluster_token, "registry password": password,
+                         **{f"admin token of {k}": v for k, v in admin_tokens.items()}}
+
+        # The alerts were logged, with the URL's query redacted by redact_urls itself.
+        for node in nodes:
+            alerts = _swarm_alerts(node)
+            if mode == "token":
+                assert any(f"/announce?token={URL_REDACTED}" in a for a in alerts), alerts
+        # Logs: every line of every process, JSON at DEBUG.
+        for node in nodes:
+            assert any(r["level"] == "debug" for r in _json_lines(node.process)), node
+        for process in [tracker.process, *(n.process for n in nodes)]:
+            text = process.log_path.read_text()
+            assert not _secrets_in(text, secret_values), (process.name, process.log_path)
+        # Responses, error bodies included.
+        for body in _responses(tracker.url, nodes, cluster_token):
+            assert not _secrets_in(body, secret_values), body[:500]
+        # Files: the data directories, but for each node's own admin token file.
+        skip = {n.admin_token_file for n in nodes}
+        for directory in [tracker.data_dir, *(n.data_dir for n in nodes)]:
+            for path, data in _files(directory, skip):
+                text = data.decode("latin-1")
+                assert not _secrets_in(text, secret_values), path
+        # Command lines every local user can read.
+        for process in [tracker.process, *(n.process for n in nodes)]:
+            cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes().decode()
+            assert not _secrets_in(cmdline, secret_values), cmdline
