@@ -14,6 +14,7 @@ keeps no state but its connection pool.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -208,7 +209,7 @@ class TrackerClient:
                 self.base_url + path, headers=headers, timeout=self._timeout_s
             )
         except httpx.HTTPError as e:
-            raise errors.TrackerUnavailable(f"tracker {self.base_url}: {e!r}") from None
+            raise errors.TrackerUnavailable(f"tracker {self.base_url}: {_why(e)}") from None
         self._check_server(response)
         if response.status_code >= 400:
             raise _error(response)
@@ -238,7 +239,7 @@ class TrackerClient:
                 timeout=self._timeout_s + extra_timeout_s,
             )
         except httpx.HTTPError as e:
-            raise errors.TrackerUnavailable(f"tracker {self.base_url}: {e!r}") from None
+            raise errors.TrackerUnavailable(f"tracker {self.base_url}: {_why(e)}") from None
         self._check_server(response)
         if response.status_code >= 400:
             raise _error(response)
@@ -248,6 +249,20 @@ class TrackerClient:
             return wire.decode(reply, response.content)
         except wire.WireError as e:
             raise errors.TrackerUnavailable(f"tracker sent a bad reply: {e}") from None
+
+
+def _why(e: httpx.HTTPError) -> str:
+    """The exception, or the TLS failure under it: httpx's ConnectError says nothing itself."""
+    cause: BaseException | None = e
+    for _ in range(5):  # a chain of a few wrappers at most
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"TLS: {cause.verify_message} (the tracker's certificate)"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS: {cause.reason or cause}"
+        cause = cause.__cause__ or cause.__context__
+    return repr(e)
 
 
 def _error(response: httpx.Response) -> errors.TrackerError:
