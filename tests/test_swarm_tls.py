@@ -29,7 +29,7 @@ from p2preg.core.metainfo import Metainfo
 from p2preg.core.tls import ReloadingTLS
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.peertls import PeerTLS, write_dh_params
-from p2preg.node.swarm import Swarm, listen_interfaces, open_swarm
+from p2preg.node.swarm import Swarm, listen_interfaces, open_swarm, redact_url_secrets
 from tests.fixtures.tls_tracker import TinyTracker, server_tls_dir, tiny_tracker
 from tracker.metainfo import make_metainfo
 
@@ -209,3 +209,10 @@ async def test_renewed_certificate_files_reach_every_torrent(
             while "p2preg://swarmtls/node/a-renewed" not in tracker.announcers():
                 a.reannounce(meta.digest)
                 await trio.sleep(0.2)
+
+
+def test_tracker_alerts_are_logged_without_the_url_token() -> None:
+    message = "(http://t:1/announce?token=S3CRET-TOKEN)[127.0.0.1:5-v2] certificate verify failed"
+    assert redact_url_secrets(message) == (
+        "(http://t:1/announce?token=<redacted>)[127.0.0.1:5-v2] certificate verify failed"
+    )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -85,6 +86,14 @@ def session_settings(listen: str) -> lt.settings_pack:
         "alert_queue_size": 10_000,
         "user_agent": "p2preg",
     }
+
+
+_URL_SECRET = re.compile(r"([?&](?:token|key|password|secret)=)[^&\s)\]\"']*", re.IGNORECASE)
+
+
+def redact_url_secrets(text: str) -> str:
+    """`…/announce?token=S3CRET` → `…/announce?token=<redacted>`."""
+    return _URL_SECRET.sub(r"\1<redacted>", text)
 
 
 @dataclass
@@ -287,7 +296,8 @@ class Swarm:
             if t is not None:
                 t.announced.set()
         elif isinstance(alert, lt.tracker_error_alert | lt.tracker_warning_alert):
-            log.warning("swarm: %s", alert.message())
+            # libtorrent quotes the announce URL, which carries a token-mode cluster's token.
+            log.warning("swarm: %s", redact_url_secrets(alert.message()))
         elif isinstance(alert, lt.hash_failed_alert):
             self._metrics.hash_failures.inc()
             if t is not None:
