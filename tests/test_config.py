@@ -14,7 +14,7 @@ def test_precedence_cli_over_env_over_file(tmp_path: Path) -> None:
         'listen = "127.0.0.1:7000"\ntag_ttl_s = 5\nstore-max-bytes = "1GiB"\n'
     )
     env = {"P2PREG_LISTEN": "127.0.0.1:7001", "P2PREG_TAG_TTL_S": "7", "HOME": "/x"}
-    c = load(NodeConfig, cli={"listen": "0.0.0.0:7002"}, env=env, file=f)
+    c = load(NodeConfig, cli={"listen": "0.0.0.0:7002", "insecure": True}, env=env, file=f)
     assert c.listen == HostPort("0.0.0.0", 7002)
     assert c.tag_ttl_s == 7.0
     assert load(NodeConfig, file=f).tag_ttl_s == 5.0  # a TOML integer for a float

@@ -135,7 +135,11 @@ def test_tracker_and_node_run_inside_a_namespace(tmp_path: Path) -> None:
             assert http_get(f"{tracker.url}/healthz", netns=host.netns).status_code == 200
             args = ["--tracker", tracker.url, "--peer-host", host.addr, "--peer-port", "6881"]
             with open_node(
-                tmp_path / "node", ["seed.test=http://127.0.0.1:9"], args=args, netns=host.netns
+                tmp_path / "node",
+                ["seed.test=http://127.0.0.1:9"],
+                args=args,
+                netns=host.netns,
+                insecure=True,
             ) as node:
                 assert os.stat(f"/proc/{node.process.pid}/ns/net").st_ino == ns_inode
                 assert "p2preg_" in node.metrics()

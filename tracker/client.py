@@ -4,13 +4,17 @@ Speaks msgpack over httpx and raises the tracker's own exceptions
 (p2preg.core.errors): a refused request comes back as the class the tracker raised,
 and a tracker that cannot be reached or fails on its side as
 `TrackerUnavailable`, so the node can fall back to upstream on that one class.
-It also derives the announce URLs the node gives libtorrent. This module must
-not retry or decide policy — the node does — and keeps no state but its
-connection pool.
+With a tls_dir (`ReloadingTLS`) it speaks HTTPS showing the node's certificate,
+checks the tracker's (chain to ca.crt, hostname, and a `tracker` identity of the
+node's own cluster), sends no token, and moves to a fresh connection pool when
+renewed files were loaded. It also derives the announce URLs the node gives
+libtorrent. This module must not retry or decide policy — the node does — and
+keeps no state but its connection pool.
 """
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +24,8 @@ import httpx
 
 from p2preg.core import errors, wire
 from p2preg.core.digest import Digest
+from p2preg.core.pki import CertificateError
+from p2preg.core.tls import ReloadingTLS, peer_identity
 from tracker.announce import SwarmStats, decode_scrape
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -32,21 +38,70 @@ class TrackerClient:
         *,
         node: str,
         token: str | None = None,
+        tls: ReloadingTLS | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         http: httpx.AsyncClient | None = None,
     ) -> None:
+        if tls is not None and (token is not None or http is not None):
+            raise ValueError("a TLS tracker client takes no token and builds its own pool")
         self.base_url = base_url.rstrip("/")
         self.node = node
         self._token = token
+        self._tls = tls
         self._timeout_s = timeout_s
         headers = {"Accept": wire.CONTENT_TYPE}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         self._own_http = http is None
-        self._http = http or httpx.AsyncClient()
+        self._http = http or self._new_pool()
+        # The pool a renewal replaced: requests may still be running on it.
+        self._retired: httpx.AsyncClient | None = None
+        self._generation = 0 if tls is None else tls.generation
         self._headers = headers
 
+    def _new_pool(self) -> httpx.AsyncClient:
+        if self._tls is None:
+            return httpx.AsyncClient()
+        # The context verifies the tracker against ca.crt only, and its hostname
+        # (the tracker's certificate must name the host in --tracker, which
+        # libtorrent's HTTPS announces check too).
+        return httpx.AsyncClient(
+            verify=self._tls.client_context(), trust_env=False, follow_redirects=False
+        )
+
+    async def _pool(self) -> httpx.AsyncClient:
+        """The connection pool, a fresh one once renewed certificate files were loaded."""
+        tls = self._tls
+        if tls is not None:
+            tls.client_context()  # notices renewed files
+            if tls.generation != self._generation:
+                self._generation = tls.generation
+                if self._retired is not None:
+                    await self._retired.aclose()
+                self._retired, self._http = self._http, self._new_pool()
+        return self._http
+
+    def _check_server(self, response: httpx.Response) -> None:
+        """Over TLS, only this cluster's tracker may answer (not another member's certificate)."""
+        if self._tls is None or response.url.scheme != "https":
+            return
+        stream = response.extensions.get("network_stream")
+        ssl_object = None if stream is None else stream.get_extra_info("ssl_object")
+        if ssl_object is None:
+            raise errors.TrackerUnavailable(f"tracker {self.base_url}: no TLS session to check")
+        try:
+            who = peer_identity(ssl_object)
+        except CertificateError as e:
+            raise errors.TrackerUnavailable(f"tracker {self.base_url}: {e}") from None
+        mine = self._tls.identity.cluster
+        if who.role != "tracker" or who.cluster != mine:
+            raise errors.TrackerUnavailable(
+                f"tracker {self.base_url} presented {who}, not a tracker of cluster {mine}"
+            )
+
     async def aclose(self) -> None:
+        if self._retired is not None:
+            await self._retired.aclose()
         if self._own_http:
             await self._http.aclose()
 
@@ -148,12 +203,14 @@ class TrackerClient:
         headers = dict(self._headers)
         if accept is not None:
             headers["Accept"] = accept
+        http = await self._pool()
         try:
-            response = await self._http.get(
+            response = await http.get(
                 self.base_url + path, headers=headers, timeout=self._timeout_s
             )
         except httpx.HTTPError as e:
-            raise errors.TrackerUnavailable(f"tracker {self.base_url}: {e!r}") from None
+            raise errors.TrackerUnavailable(f"tracker {self.base_url}: {_why(e)}") from None
+        self._check_server(response)
         if response.status_code >= 400:
             raise _error(response)
         return response
@@ -172,8 +229,9 @@ class TrackerClient:
         if message is not None:
             content = wire.encode(message)
             headers["Content-Type"] = wire.CONTENT_TYPE
+        http = await self._pool()
         try:
-            response = await self._http.request(
+            response = await http.request(
                 method,
                 self.base_url + path,
                 content=content,
@@ -181,7 +239,8 @@ class TrackerClient:
                 timeout=self._timeout_s + extra_timeout_s,
             )
         except httpx.HTTPError as e:
-            raise errors.TrackerUnavailable(f"tracker {self.base_url}: {e!r}") from None
+            raise errors.TrackerUnavailable(f"tracker {self.base_url}: {_why(e)}") from None
+        self._check_server(response)
         if response.status_code >= 400:
             raise _error(response)
         if reply is None:
@@ -190,6 +249,20 @@ class TrackerClient:
             return wire.decode(reply, response.content)
         except wire.WireError as e:
             raise errors.TrackerUnavailable(f"tracker sent a bad reply: {e}") from None
+
+
+def _why(e: httpx.HTTPError) -> str:
+    """The exception, or the TLS failure under it: httpx's ConnectError says nothing itself."""
+    cause: BaseException | None = e
+    for _ in range(5):  # a chain of a few wrappers at most
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"TLS: {cause.verify_message} (the tracker's certificate)"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS: {cause.reason or cause}"
+        cause = cause.__cause__ or cause.__context__
+    return repr(e)
 
 
 def _error(response: httpx.Response) -> errors.TrackerError:
@@ -204,9 +277,14 @@ def _error(response: httpx.Response) -> errors.TrackerError:
 
 @asynccontextmanager
 async def open_tracker_client(
-    base_url: str, *, node: str, token: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
+    base_url: str,
+    *,
+    node: str,
+    token: str | None = None,
+    tls: ReloadingTLS | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> AsyncIterator[TrackerClient]:
-    client = TrackerClient(base_url, node=node, token=token, timeout_s=timeout_s)
+    client = TrackerClient(base_url, node=node, token=token, tls=tls, timeout_s=timeout_s)
     try:
         yield client
     finally:

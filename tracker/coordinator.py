@@ -26,6 +26,7 @@ import trio
 from p2preg.core import errors, wire
 from p2preg.core.digest import Digest, DigestError
 from p2preg.core.metainfo import Metainfo, MetainfoError, MetainfoTooLarge
+from p2preg.core.tls import TLSFiles
 from tracker.announce import AnnounceRequest, AnnounceResponse, Event, ScrapeRequest, SwarmStats
 from tracker.auth import ClusterAuth
 from tracker.config import TrackerConfig
@@ -110,9 +111,10 @@ class Tracker:
         """Load what the store kept; records that no longer validate are skipped."""
         for bad in snapshot.bad:
             self.registry.mark_bad(bad.digest, bad.info_hash_v2)
+        roots = self._torrent_roots()
         for rec in snapshot.metainfo:
             try:
-                meta = parse_metainfo(rec.data, Digest.parse(rec.digest), rec.size)
+                meta = parse_metainfo(rec.data, Digest.parse(rec.digest), rec.size, roots=roots)
             except (DigestError, MetainfoError):
                 continue
             self.registry.install(meta, rec.published_by)
@@ -251,13 +253,27 @@ class Tracker:
     def _validate(self, digest: str, size: int, data: bytes) -> Metainfo:
         try:
             return parse_metainfo(
-                data, Digest.parse(digest), size, max_bytes=self.config.max_metainfo_bytes
+                data,
+                Digest.parse(digest),
+                size,
+                roots=self._torrent_roots(),
+                max_bytes=self.config.max_metainfo_bytes,
             )
         except MetainfoError as e:
             too_large = isinstance(e, MetainfoTooLarge)
             err = (errors.MetainfoTooLarge if too_large else errors.InvalidMetainfo)(str(e))
             self.metrics.metainfo_rejected.labels(err.code).inc()
             raise err from None
+
+    def _torrent_roots(self) -> tuple[bytes, ...]:
+        """With TLS, torrents must be SSL torrents rooted at a CA of ca.crt (read now:
+        a CA rotation adds one without a restart); without TLS, plain torrents only."""
+        if self.config.tls_dir is None:
+            return ()
+        try:
+            return (TLSFiles.in_dir(self.config.tls_dir).ca.read_bytes(),)
+        except OSError as e:
+            raise errors.TrackerUnavailable(f"cannot read ca.crt: {e.strerror}") from None
 
     def _stored(self, meta: Metainfo, node: str) -> StoredMetainfo:
         return StoredMetainfo(str(meta.digest), meta.size, meta.data, node, self._wall())

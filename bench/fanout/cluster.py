@@ -132,6 +132,7 @@ def start_nodes(
             port=_port(host, FACADE_PORT),
             netns=host.netns,
             wait=False,
+            insecure=True,  # plain; bench/fanout's TLS mode comes with its own tls_dirs
         )
         nodes.append(stack.enter_context(started))
     for node in nodes:  # started together, then waited for: the imports overlap

@@ -133,6 +133,7 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
             "p2p_min_bytes",
             "peer_host",
             "peer_port",
+            "peer_ssl_port",
             "shutdown_grace_s",
             "store_max_bytes",
             "stream_chunk_bytes",

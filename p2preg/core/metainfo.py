@@ -2,15 +2,21 @@
 
 Owns what makes metainfo deterministic: one file named after the digest
 (`info_name`) and a piece size that is a function of the blob size only
-(`piece_size_for`). Making and checking bencoded metainfo needs libtorrent and
-lives in `tracker.metainfo`; this module imports no I/O library.
+(`piece_size_for`), and for a TLS cluster the CA every torrent names as its
+root certificate, in one canonical form (`canonical_roots`). Making and
+checking bencoded metainfo needs libtorrent and lives in `tracker.metainfo`;
+this module imports no I/O library.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from p2preg.core.digest import Digest
+from p2preg.core.pki import CertificateError, load_certificates
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -40,6 +46,24 @@ def piece_size_for(size: int) -> int:
     return min(MAX_PIECE_BYTES, max(MIN_PIECE_BYTES, piece))
 
 
+def canonical_roots(pems: Iterable[bytes]) -> tuple[bytes, ...]:
+    """Every certificate in these PEM bundles, each re-encoded as canonical PEM.
+
+    The same CA can be written out with other line breaks or comments (a
+    user's ca.crt, cert-manager's); its DER, and so this PEM, is one. That is
+    what keeps an SSL torrent's bytes the same on every node of a cluster.
+    """
+    out: dict[bytes, None] = {}
+    for pem in pems:
+        try:
+            certs = load_certificates(pem, "root certificate")
+        except CertificateError as e:
+            raise MetainfoError(str(e)) from None
+        for cert in certs:
+            out[cert.public_bytes(Encoding.PEM)] = None
+    return tuple(out)
+
+
 def info_name(digest: Digest) -> str:
     """The torrent's name: `sha256-<hex>`, a valid file name on every platform."""
     return f"{digest.algorithm}-{digest.hex}"
@@ -55,6 +79,9 @@ class Metainfo:
     piece_size: int
     info_hash_v1: bytes | None  # 20-byte SHA-1, hybrid torrents only
     info_hash_v2: bytes  # 32-byte SHA-256
+    # The CA (canonical PEM) that an SSL torrent's peers must chain to (its
+    # `ssl-cert`), or None for a plain torrent.
+    root_cert: bytes | None = None
 
     @property
     def swarm_keys(self) -> tuple[bytes, ...]:

@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracker", metavar="URL", help="tracker base URL, http://host:port")
     p.add_argument("--peer-port", metavar="N", help="BitTorrent listen port (6881)")
     p.add_argument("--peer-host", metavar="ADDR", help="BitTorrent listen address (0.0.0.0)")
+    p.add_argument(
+        "--peer-ssl-port", metavar="N", help="BitTorrent over TLS port, with --tls-dir (6882)"
+    )
     p.add_argument("--node-name", metavar="NAME", help="name the tracker knows this node by")
     p.add_argument(
         "--p2p-min-bytes", metavar="SIZE", help="smaller blobs come straight from upstream (1MiB)"

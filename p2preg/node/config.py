@@ -7,9 +7,11 @@ not start anything.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from p2preg.core.config import ConfigError, GiB, HostPort, MiB
 from p2preg.core.hostfiles import read_secret_file
@@ -75,6 +77,15 @@ class TrustedRealm:
         )
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     listen: HostPort = HostPort("127.0.0.1", 5000)  # noqa: RUF009 (frozen, shared safely)
@@ -87,6 +98,9 @@ class NodeConfig:
     # Peers of other machines must reach this; the facade stays on loopback.
     peer_host: str = "0.0.0.0"
     peer_port: int = 6881
+    # With tls_dir, peers connect over TLS on this port (libtorrent's `s`
+    # interface) and peer_port is not opened: SSL torrents take no plain peer.
+    peer_ssl_port: int = 6882
     node_name: str | None = None
     # Below this a torrent costs more than it saves: straight from upstream.
     p2p_min_bytes: int = 1 * MiB
@@ -150,7 +164,37 @@ class NodeConfig:
                 raise ConfigError(
                     "give tls_dir or insecure, not both: a cluster is one or the other"
                 )
-            load_tls_dir(self.tls_dir, role="node")
+            identity = load_tls_dir(self.tls_dir, role="node").identity
+            if self.tracker_token is not None:
+                raise ConfigError(
+                    "give tls_dir or tracker_token, not both: with certificates there is no token"
+                )
+            if self.node_name is not None and self.node_name != identity.name:
+                raise ConfigError(
+                    f"node_name {self.node_name!r} is not {identity.name!r}, the name in the "
+                    "certificate: with tls_dir the certificate names the node"
+                )
+        refusal = self._plain_beyond_loopback()
+        if refusal is not None:
+            raise ConfigError(
+                f"{refusal}: give tls_dir for a cluster identity, or insecure to run so on purpose"
+            )
+
+    def _plain_beyond_loopback(self) -> str | None:
+        """What would cross the network in plain text, when neither TLS nor `insecure` is set."""
+        if self.insecure:
+            return None
+        if self.tracker is not None:
+            url = urlsplit(self.tracker)
+            if url.scheme == "http" and not _is_loopback(url.hostname or ""):
+                return f"tracker {url.scheme}://{url.netloc} is plain HTTP beyond loopback"
+        if self.tls_dir is not None:
+            return None
+        if not _is_loopback(self.listen.host):
+            return f"the facade on {self.listen} serves beyond loopback in plain text"
+        if self.tracker is not None and not _is_loopback(self.peer_host):
+            return f"peer_host {self.peer_host} serves the peer wire beyond loopback in plain text"
+        return None
 
     def upstream_for(self, ns: str | None) -> Upstream | None:
         if not ns:

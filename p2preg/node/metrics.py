@@ -95,6 +95,11 @@ class NodeMetrics:
         self.peer_bans = Counter(
             "p2preg_peer_bans", "Peers banned for sending bad data", registry=r
         )
+        self.peer_tls_refusals = Counter(
+            "p2preg_peer_tls_refusals",
+            "Peer connections refused in the TLS handshake (no, expired or foreign certificate)",
+            registry=r,
+        )
         self.blobs_seeded = Gauge("p2preg_blobs_seeded", "Blobs this node seeds", registry=r)
 
     def refresh(self, store: StoreStats) -> None:

@@ -1,6 +1,7 @@
 """Bringing one blob in from peers, with metainfo the tracker handed out.
 
 Owns the swarm leg of a fetch: check the metainfo against the digest and size,
+(in a TLS cluster: an SSL torrent rooted at a CA of ca.crt, nothing else),
 let the swarm download it (every piece checked by libtorrent), hash the whole
 file against its digest — whoever sent the pieces — and only then link it into
 the store. Whatever goes wrong raises `Fallback` with a reason (a metric
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from p2preg.core.digest import Digest, Hasher
 from p2preg.core.metainfo import Metainfo, MetainfoError
+from p2preg.node.peertls import PlainTorrents, TorrentRoots
 from p2preg.node.seams import Offload, SwarmError, SwarmSeam
 from p2preg.node.store import BlobStore, StoreError
 from tracker.metainfo import parse_metainfo
@@ -48,7 +50,9 @@ class PeerDownload:
         stall_s: float,
         max_hash_failures: int,
         offload: Offload,
+        roots: TorrentRoots | None = None,
     ) -> None:
+        self._roots = roots or PlainTorrents()
         self._store = store
         self._swarm = swarm
         self._stall_s = stall_s
@@ -58,7 +62,7 @@ class PeerDownload:
     async def fetch(self, digest: Digest, size: int, metainfo: bytes) -> Metainfo:
         """Download, verify and store `digest`; returns the metainfo it came by."""
         try:
-            meta = parse_metainfo(metainfo, digest, size)
+            meta = parse_metainfo(metainfo, digest, size, roots=self._roots.roots())
         except MetainfoError as e:
             raise Fallback("bad_metainfo", f"tracker metainfo for {digest}: {e}") from None
         try:

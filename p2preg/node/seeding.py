@@ -2,7 +2,8 @@
 
 Owns `<data_dir>/torrents/` (one `.torrent` per seeded blob, so a restart seeds
 again without re-hashing) and the node's side of publishing: the metainfo is
-made from store bytes that matched their digest, filed with the tracker before
+made from store bytes that matched their digest (rooted, in a TLS cluster, at
+the CA that issued the node's certificate), filed with the tracker before
 the first announce, filed again in the background while the tracker cannot take
 it, and — when the tracker holds a different one for the digest — reported as
 poisoned. It must not decide whether a blob is published (fetch.py does, once
@@ -22,6 +23,7 @@ from p2preg.core import errors as tracker_errors
 from p2preg.core.digest import Digest
 from p2preg.core.hostfiles import private_dir, tighten, write_private
 from p2preg.core.metainfo import Metainfo, MetainfoError
+from p2preg.node.peertls import PlainTorrents, TorrentRoots
 from p2preg.node.seams import Offload, SwarmSeam, TrackerSeam
 from p2preg.node.store import BlobStore
 from tracker.metainfo import make_metainfo, parse_metainfo
@@ -80,7 +82,9 @@ class Seeding:
         torrents: TorrentFiles,
         nursery: trio.Nursery,
         offload: Offload,
+        roots: TorrentRoots | None = None,
     ) -> None:
+        self._roots = roots or PlainTorrents()
         self._store = store
         self._swarm = swarm
         self._tracker = tracker
@@ -97,7 +101,8 @@ class Seeding:
         if digest in self._swarm:
             return
         with self._store.reading(digest) as path:
-            meta = await self._offload(partial(make_metainfo, path, digest, size))
+            make = partial(make_metainfo, path, digest, size, root=self._roots.root())
+            meta = await self._offload(make)
         # The tracker refuses announces for metainfo it does not hold: file it
         # first, then seed, so the first announce already counts.
         try:
@@ -153,13 +158,15 @@ class Seeding:
     def reseed(self) -> int:
         """Seed every stored blob that has a saved torrent, without re-downloading."""
         count = 0
+        # A torrent saved under another CA (a rotation since) is dropped, not seeded.
+        roots = self._roots.roots()
         for digest, path in self._torrents.saved():
             size = self._store.size(digest)
             if size is None:
                 path.unlink(missing_ok=True)
                 continue
             try:
-                meta = parse_metainfo(path.read_bytes(), digest, size)
+                meta = parse_metainfo(path.read_bytes(), digest, size, roots=roots)
             except MetainfoError:
                 path.unlink(missing_ok=True)
                 continue

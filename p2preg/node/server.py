@@ -28,6 +28,7 @@ from quart_trio import QuartTrio
 from p2preg.core.config import HostPort
 from p2preg.core.hostfiles import private_dir
 from p2preg.core.logs import register_secret
+from p2preg.core.tls import ReloadingTLS
 from p2preg.node import hypercorn_internals
 from p2preg.node.admin import Admin, add_routes, create_metrics_app
 from p2preg.node.adminauth import AdminAuth, open_admin_auth
@@ -39,12 +40,13 @@ from p2preg.node.facade import Registry, create_app
 from p2preg.node.fetch import BlobFetcher, Cluster, SwarmSettings
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.peers import PeerDownload
+from p2preg.node.peertls import PeerTLS, PlainTorrents, TorrentRoots
 from p2preg.node.pullorder import PullOrder
 from p2preg.node.resolver import Resolver
 from p2preg.node.seams import in_thread
 from p2preg.node.seeding import Seeding, TorrentFiles, stop_seeding
 from p2preg.node.store import BlobStore
-from p2preg.node.swarm import Swarm, open_swarm
+from p2preg.node.swarm import Swarm, listen_interfaces, open_swarm
 from p2preg.node.tenancy import Tenancy
 from p2preg.node.upstream import UpstreamClient, Upstreams
 from tracker.client import TrackerClient
@@ -61,22 +63,47 @@ class NodeApps:
     streams: BlobStreams
 
 
-def _node_name(config: NodeConfig) -> str:
+def _node_name(config: NodeConfig, tls: ReloadingTLS | None) -> str:
+    if tls is not None:
+        return tls.identity.name  # the tracker reads it from the certificate too
     return config.node_name or f"{socket.gethostname()}:{config.listen.port}"
+
+
+@dataclass(frozen=True)
+class _P2P:
+    swarm: Swarm
+    tracker: TrackerClient
+    roots: TorrentRoots
 
 
 @asynccontextmanager
 async def _open_swarm(
-    config: NodeConfig, http: httpx.AsyncClient, metrics: NodeMetrics, token: str | None
-) -> AsyncIterator[tuple[Swarm, TrackerClient] | None]:
+    config: NodeConfig,
+    http: httpx.AsyncClient,
+    metrics: NodeMetrics,
+    token: str | None,
+    tls: ReloadingTLS | None,
+) -> AsyncIterator[_P2P | None]:
     """The swarm and the tracker client, when a tracker is configured."""
     if config.tracker is None:
         yield None
         return
-    tracker = TrackerClient(config.tracker, node=_node_name(config), token=token, http=http)
-    listen = str(HostPort(config.peer_host, config.peer_port))
-    async with open_swarm(config.data_dir, listen, [tracker.announce_url], metrics) as swarm:
-        yield swarm, tracker
+    name = _node_name(config, tls)
+    peer_tls = None if tls is None else PeerTLS(tls, config.data_dir)
+    listen = listen_interfaces(
+        config.peer_host, config.peer_port, config.peer_ssl_port, tls=tls is not None
+    )
+    if tls is None:
+        tracker = TrackerClient(config.tracker, node=name, token=token, http=http)
+    else:
+        tracker = TrackerClient(config.tracker, node=name, tls=tls)
+    try:
+        async with open_swarm(
+            config.data_dir, listen, [tracker.announce_url], metrics, tls=peer_tls
+        ) as swarm:
+            yield _P2P(swarm, tracker, peer_tls or PlainTorrents())
+    finally:
+        await tracker.aclose()
 
 
 def _new_store(config: NodeConfig, swarm: Swarm | None, torrents: TorrentFiles) -> BlobStore:
@@ -93,11 +120,11 @@ def _new_store(config: NodeConfig, swarm: Swarm | None, torrents: TorrentFiles) 
 def _cluster(
     config: NodeConfig,
     store: BlobStore,
-    p2p: tuple[Swarm, TrackerClient],
+    p2p: _P2P,
     torrents: TorrentFiles,
     nursery: trio.Nursery,
 ) -> Cluster:
-    swarm, tracker = p2p
+    swarm, tracker = p2p.swarm, p2p.tracker
     settings = SwarmSettings(
         min_bytes=config.p2p_min_bytes,
         stall_s=config.swarm_stall_s,
@@ -106,13 +133,14 @@ def _cluster(
     )
     peers = PeerDownload(
         store, swarm, stall_s=settings.stall_s, max_hash_failures=settings.max_hash_failures,
-        offload=in_thread,
+        offload=in_thread, roots=p2p.roots,
     )
-    seeding = Seeding(store, swarm, tracker, torrents, nursery, in_thread)
+    seeding = Seeding(store, swarm, tracker, torrents, nursery, in_thread, p2p.roots)
     reseeded = seeding.reseed()
     log.info(
-        "node: swarm on %s (peer port %d), tracker %s, re-seeding %d stored blobs",
-        HostPort(config.peer_host, config.peer_port), swarm.listen_port, config.tracker, reseeded,
+        "node: swarm on %s (peer port %d%s), tracker %s as %s, re-seeding %d stored blobs",
+        config.peer_host, swarm.listen_port,
+        ", TLS" if isinstance(p2p.roots, PeerTLS) else "", config.tracker, tracker.node, reseeded,
     )
     return Cluster(tracker, swarm, seeding, peers, settings)
 
@@ -144,12 +172,13 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
     pull_order = PullOrder()
     torrents = TorrentFiles(config.data_dir / "torrents")
     timeout = httpx.Timeout(config.upstream_timeout_s, connect=min(10.0, config.upstream_timeout_s))
+    tls = None if config.tls_dir is None else ReloadingTLS(config.tls_dir, role="node")
     async with (
         httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as http,
-        _open_swarm(config, http, metrics, held.tracker_token) as p2p,
+        _open_swarm(config, http, metrics, held.tracker_token, tls) as p2p,
         trio.open_nursery() as nursery,
     ):
-        store = _new_store(config, None if p2p is None else p2p[0], torrents)
+        store = _new_store(config, None if p2p is None else p2p.swarm, torrents)
         await trio.to_thread.run_sync(store.open)
         cluster = None if p2p is None else _cluster(config, store, p2p, torrents, nursery)
         upstreams = Upstreams([
@@ -173,7 +202,11 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
         )
         facade = create_app(Registry(upstreams, resolver, blobs, streams))
         # Without a tracker the node has no tracker-given name to report.
-        name = (config.node_name or socket.gethostname()) if cluster is None else _node_name(config)
+        name = (
+            (config.node_name or socket.gethostname())
+            if cluster is None
+            else _node_name(config, tls)
+        )
         add_routes(facade, Admin(
             name=name,
             upstreams=upstreams,

@@ -5,7 +5,12 @@ lives as `sha256-<hex>`. A blob the node seeds is a hard link to the store's
 verified file (no copy); a blob being downloaded is written there by
 libtorrent and only becomes a store blob after the node has checked its whole
 digest. The swarm is private: BEP 27 flag on every torrent, no DHT, LSD, UPnP,
-NAT-PMP or PEX peers, and the cluster tracker as the only tracker. Alerts reach
+NAT-PMP or PEX peers, and the cluster tracker as the only tracker. With a
+tls_dir every torrent is a libtorrent SSL torrent: the session listens on an
+`s` interface only, a torrent is added without trackers, given the node's
+certificate, and only then its trackers (libtorrent shows the certificate to an
+HTTPS tracker only once it is set), and renewed files are set again on every
+torrent. Alerts reach
 trio through `set_alert_fd` on a pipe and `trio.lowlevel.wait_readable`, never
 a Python callback in libtorrent's thread (which hung teardown with the 2.1.1
 wheel). This module decides nothing about where a blob should come from.
@@ -30,12 +35,16 @@ from p2preg.core.hostfiles import private_dir
 from p2preg.core.logs import redact_urls
 from p2preg.core.metainfo import Metainfo, info_name
 from p2preg.node.metrics import NodeMetrics
+from p2preg.node.peertls import PeerTLS
 from p2preg.node.seams import SwarmError
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 STATUS_INTERVAL_S = 0.5
+# How often renewed certificate files are looked for (a clock read; ReloadingTLS
+# itself stats the files at most every few seconds).
+TLS_CHECK_INTERVAL_S = 1.0
 
 
 def session_settings(listen: str) -> lt.settings_pack:
@@ -107,17 +116,26 @@ class _Torrent:
 
 class Swarm:
     def __init__(
-        self, session: Any, swarm_dir: Path, announce_urls: list[str], metrics: NodeMetrics
+        self,
+        session: Any,
+        swarm_dir: Path,
+        announce_urls: list[str],
+        metrics: NodeMetrics,
+        tls: PeerTLS | None = None,
     ) -> None:
         self._session = session
         self.swarm_dir = swarm_dir
         self._announce_urls = announce_urls
         self._metrics = metrics
+        self._tls = tls
         self._torrents: dict[Digest, _Torrent] = {}
         self._by_hash: dict[bytes, _Torrent] = {}
 
     @property
     def listen_port(self) -> int:
+        """The port peers connect to: the SSL one with a tls_dir."""
+        if self._tls is not None:
+            return int(self._session.ssl_listen_port())
         return int(self._session.listen_port())
 
     def path(self, digest: Digest) -> Path:
@@ -133,11 +151,22 @@ class Swarm:
         atp = lt.add_torrent_params()
         atp.ti = lt.torrent_info(meta.data)
         atp.save_path = str(self.swarm_dir)
-        atp.trackers = list(self._announce_urls)
+        # An SSL torrent gets its trackers only once its certificate is set (_add).
+        atp.trackers = [] if self._tls is not None else list(self._announce_urls)
         atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
         atp.flags |= lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd
         atp.flags |= lt.torrent_flags.disable_pex
         return atp
+
+    def _add(self, atp: Any) -> Any:
+        handle = self._session.add_torrent(atp)
+        if self._tls is not None:
+            # An announce sent before this goes without a client certificate,
+            # which an mTLS tracker refuses: hence no trackers until now.
+            self._tls.apply(handle)
+            for url in self._announce_urls:
+                handle.add_tracker({"url": url})
+        return handle
 
     def _track(self, meta: Metainfo, handle: Any, *, seeding: bool) -> _Torrent:
         t = _Torrent(meta.digest, handle, seeding, last_progress=trio.current_time())
@@ -156,7 +185,7 @@ class Swarm:
         # The bytes were verified against the digest; libtorrent still checks
         # each piece lazily the first time it serves it.
         atp.flags |= lt.torrent_flags.seed_mode
-        handle = self._session.add_torrent(atp)
+        handle = self._add(atp)
         t = self._track(meta, handle, seeding=True)
         t.finished.set()
         self._metrics.blobs_seeded.set(len(self.seeding()))
@@ -173,7 +202,7 @@ class Swarm:
         t = self._torrents.get(meta.digest)
         if t is None:
             self.path(meta.digest).unlink(missing_ok=True)
-            handle = self._session.add_torrent(self._params(meta))
+            handle = self._add(self._params(meta))
             t = self._track(meta, handle, seeding=False)
         while not t.finished.is_set():
             if t.error is not None:
@@ -283,6 +312,11 @@ class Swarm:
             if t is not None and not t.finished.is_set():
                 t.error = SwarmError("torrent_error", _said(alert))
                 t.finished.set()
+        elif isinstance(alert, lt.peer_error_alert):
+            if alert.op == lt.operation_t.ssl_handshake:
+                # No certificate, another CA's, an expired one, or not TLS at all.
+                self._metrics.peer_tls_refusals.inc()
+                log.debug("swarm: %s", alert.message())
         elif isinstance(alert, lt.listen_failed_alert):
             log.error("swarm: %s", _said(alert))
 
@@ -312,6 +346,18 @@ class Swarm:
             except BlockingIOError:
                 pass
 
+    async def _watch_tls(self, tls: PeerTLS) -> None:
+        """Set renewed certificate files on every torrent (new connections use them)."""
+        seen = tls.generation
+        while True:
+            await trio.sleep(TLS_CHECK_INTERVAL_S)
+            if tls.generation == seen:
+                continue
+            seen = tls.generation
+            for t in list(self._torrents.values()):
+                tls.apply(t.handle)
+            log.info("swarm: renewed certificate set on %d torrents", len(self._torrents))
+
     async def _poll_status(self) -> None:
         while True:
             if any(not t.finished.is_set() for t in self._torrents.values()):
@@ -319,11 +365,27 @@ class Swarm:
             await trio.sleep(STATUS_INTERVAL_S)
 
 
+def listen_interfaces(host: str, port: int, ssl_port: int, *, tls: bool) -> str:
+    """libtorrent's `listen_interfaces`: the plain port, or with TLS the SSL (`s`) port only.
+
+    An SSL torrent takes peers on an SSL interface only, so a plain port under
+    TLS would serve nothing of the cluster's: it is not opened.
+    """
+    address = f"[{host}]" if ":" in host else host
+    return f"{address}:{ssl_port}s" if tls else f"{address}:{port}"
+
+
 @asynccontextmanager
 async def open_swarm(
-    data_dir: Path, listen: str, announce_urls: list[str], metrics: NodeMetrics
+    data_dir: Path,
+    listen: str,
+    announce_urls: list[str],
+    metrics: NodeMetrics,
+    *,
+    tls: PeerTLS | None = None,
 ) -> AsyncIterator[Swarm]:
-    """A session listening on `listen` (`host:port`), torrents announced to `announce_urls`."""
+    """A session listening on `listen` (libtorrent's `listen_interfaces`), torrents
+    announced to `announce_urls`; with `tls`, SSL torrents only."""
     swarm_dir = data_dir / "swarm"
     # Whatever is here is a link to a store blob or an unverified partial
     # download from a previous run: neither may be served as is.
@@ -334,11 +396,13 @@ async def open_swarm(
     os.set_blocking(read_fd, False)
     os.set_blocking(write_fd, False)
     session.set_alert_fd(write_fd)
-    swarm = Swarm(session, swarm_dir, announce_urls, metrics)
+    swarm = Swarm(session, swarm_dir, announce_urls, metrics, tls)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(swarm._pump, read_fd)
             nursery.start_soon(swarm._poll_status)
+            if tls is not None:
+                nursery.start_soon(swarm._watch_tls, tls)
             try:
                 yield swarm
             finally:

@@ -1,0 +1,212 @@
+"""The node's swarm over TLS (p2preg/node/swarm.py, peertls.py): real libtorrent sessions.
+
+Two nodes' `Swarm`s with certificates from one cluster CA move a blob over their
+SSL ports, finding each other through a tiny HTTPS tracker that requires client
+certificates (tests/fixtures/tls_tracker.py): so the announces showed the node's
+certificate. A bare libtorrent session holding the metainfo — with no
+certificate, another CA's, an expired one, or speaking plain BitTorrent — gets
+no byte from a node, and the node counts the refused handshake. Real time here:
+libtorrent runs its own threads.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import libtorrent as lt
+import pytest
+import trio
+
+from harness.tlscerts import ClusterCA, expired_tls_dir
+from p2preg.core.digest import Digest
+from p2preg.core.metainfo import Metainfo
+from p2preg.core.tls import ReloadingTLS
+from p2preg.node.metrics import NodeMetrics
+from p2preg.node.peertls import PeerTLS, write_dh_params
+from p2preg.node.swarm import Swarm, listen_interfaces, open_swarm
+from tests.fixtures.tls_tracker import TinyTracker, server_tls_dir, tiny_tracker
+from tracker.metainfo import make_metainfo
+
+pytestmark = pytest.mark.slow
+
+SIZE = 3 << 20
+
+
+@pytest.fixture
+def ca() -> ClusterCA:
+    return ClusterCA.make("swarmtls")
+
+
+@pytest.fixture
+def tracker(ca: ClusterCA, tmp_path: Path) -> Any:
+    with tiny_tracker(server_tls_dir(ca, tmp_path / "tracker", ips=("127.0.0.1",))) as t:
+        yield t
+
+
+def _blob(tmp_path: Path, ca: ClusterCA) -> tuple[Path, Metainfo]:
+    data = os.urandom(SIZE)
+    path = tmp_path / "verified-blob"
+    path.write_bytes(data)
+    return path, make_metainfo(path, Digest.of(data), SIZE, root=ca.cert_pem)
+
+
+@asynccontextmanager
+async def tls_swarm(
+    tmp_path: Path, ca: ClusterCA, name: str, announce: list[str], metrics: NodeMetrics
+) -> AsyncIterator[tuple[Swarm, PeerTLS]]:
+    tls = PeerTLS(
+        ReloadingTLS(ca.tls_dir(tmp_path / f"{name}-tls", "node", name), role="node"),
+        tmp_path / name,
+    )
+    listen = listen_interfaces("127.0.0.1", 0, 0, tls=True)
+    async with open_swarm(tmp_path / name, listen, announce, metrics, tls=tls) as swarm:
+        yield swarm, tls
+
+
+def test_with_tls_only_the_ssl_interface_is_opened() -> None:
+    assert listen_interfaces("0.0.0.0", 6881, 6882, tls=True) == "0.0.0.0:6882s"
+    assert listen_interfaces("0.0.0.0", 6881, 6882, tls=False) == "0.0.0.0:6881"
+    assert listen_interfaces("::", 6881, 6882, tls=True) == "[::]:6882s"
+
+
+async def test_two_nodes_with_certificates_from_one_ca_move_a_blob_over_the_ssl_port(
+    tmp_path: Path, ca: ClusterCA, tracker: TinyTracker
+) -> None:
+    path, meta = _blob(tmp_path, ca)
+    announce = [tracker.url + "/announce"]
+    a_metrics, b_metrics = NodeMetrics(), NodeMetrics()
+    with trio.fail_after(60):
+        async with (
+            tls_swarm(tmp_path, ca, "a", announce, a_metrics) as (a, _),
+            tls_swarm(tmp_path, ca, "b", announce, b_metrics) as (b, _),
+        ):
+            a.seed(meta, path)
+            assert await a.wait_announced(meta.digest, 20)
+            got = await b.download(meta, stall_s=20, max_hash_failures=2)
+            assert got.read_bytes() == path.read_bytes()
+            assert b.peer_bytes(meta.digest) >= SIZE
+            # Both announced with their certificate, and each the port peers reach it on.
+            ports = {a.listen_port, b.listen_port}
+            announced = {
+                int.from_bytes(addr[4:], "big")
+                for swarm in tracker.peers.values()
+                for addr in swarm
+            }
+            assert ports <= announced
+    assert {"p2preg://swarmtls/node/a", "p2preg://swarmtls/node/b"} <= tracker.announcers()
+    assert a_metrics.registry.get_sample_value("p2preg_peer_tls_refusals_total") == 0
+
+
+def _bare_session(meta: Metainfo, save: Path, cert_dir: Path | None) -> tuple[Any, Any]:
+    """An outsider's libtorrent session holding the metainfo, and its torrent."""
+    ses = lt.session({
+        "listen_interfaces": "127.0.0.1:0,127.0.0.1:0s",
+        "enable_dht": False, "enable_lsd": False, "enable_upnp": False, "enable_natpmp": False,
+        "enable_outgoing_utp": False, "enable_incoming_utp": False,
+        "allow_multiple_connections_per_ip": True,
+    })
+    atp = lt.add_torrent_params()
+    atp.ti = lt.torrent_info(meta.data)
+    atp.save_path = str(save)
+    atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
+    handle = ses.add_torrent(atp)
+    if cert_dir is not None:
+        dh = write_dh_params(save)
+        handle.set_ssl_certificate(str(cert_dir / "tls.crt"), str(cert_dir / "tls.key"), str(dh))
+    return ses, handle
+
+
+async def until(ready: Callable[[], bool], interval_s: float = 0.05) -> None:
+    """Poll; the test's fail_after bounds it."""
+    while not ready():  # noqa: ASYNC110  (no event: libtorrent's threads change it)
+        await trio.sleep(interval_s)
+
+
+def _refusals(metrics: NodeMetrics) -> float:
+    return metrics.registry.get_sample_value("p2preg_peer_tls_refusals_total") or 0.0
+
+
+@pytest.mark.parametrize("who", ["no certificate", "another CA", "expired"])
+async def test_a_bare_session_with_the_metainfo_gets_no_byte(
+    tmp_path: Path, ca: ClusterCA, who: str
+) -> None:
+    path, meta = _blob(tmp_path, ca)
+    cert_dir = {
+        "no certificate": None,
+        "another CA": ClusterCA.make("swarmtls").tls_dir(tmp_path / "x", "node", "x"),
+        "expired": expired_tls_dir(ca, tmp_path / "x", "node", "x"),
+    }[who]
+    metrics = NodeMetrics()
+    with trio.fail_after(60):
+        async with tls_swarm(tmp_path, ca, "a", [], metrics) as (a, _):
+            a.seed(meta, path)
+            save = tmp_path / "outsider"
+            save.mkdir()
+            ses, handle = _bare_session(meta, save, cert_dir)
+            handle.connect_peer(("127.0.0.1", a.listen_port))
+            # The node refused the handshake, and counted it; the outsider then
+            # holds a failed peer and no piece.
+            await until(lambda: _refusals(metrics) >= 1)
+            status = handle.status()
+            assert status.total_payload_download == 0 and status.num_pieces == 0
+            del ses
+
+
+def test_plain_bittorrent_to_the_ssl_port_gets_no_handshake(tmp_path: Path, ca: ClusterCA) -> None:
+    path, meta = _blob(tmp_path, ca)
+
+    async def run() -> bytes:
+        async with tls_swarm(tmp_path, ca, "a", [], NodeMetrics()) as (a, _):
+            a.seed(meta, path)
+            port = a.listen_port
+            return await trio.to_thread.run_sync(_plain_handshake, port, meta)
+
+    reply = trio.run(run)
+    assert b"BitTorrent protocol" not in reply
+    assert reply[:1] in (b"", b"\x15")  # nothing, or a TLS alert record
+
+
+def _plain_handshake(port: int, meta: Metainfo) -> bytes:
+    hello = b"\x13BitTorrent protocol" + bytes(8) + meta.swarm_keys[0] + b"-XX0000-" + bytes(12)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(hello)
+        got = b""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until the node closes the connection
+            try:
+                chunk = s.recv(4096)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+async def test_renewed_certificate_files_reach_every_torrent(
+    tmp_path: Path, ca: ClusterCA, tracker: TinyTracker
+) -> None:
+    """A renewal (same CA, here a new name) is set again on a running torrent: its
+    next announce shows the new certificate."""
+    path, meta = _blob(tmp_path, ca)
+    announce = [tracker.url + "/announce"]
+    with trio.fail_after(60):
+        async with tls_swarm(tmp_path, ca, "a", announce, NodeMetrics()) as (a, peer_tls):
+            a.seed(meta, path)
+            assert await a.wait_announced(meta.digest, 20)
+            assert tracker.announcers() == {"p2preg://swarmtls/node/a"}
+            before = peer_tls.generation
+            ca.tls_dir(tmp_path / "a-tls", "node", "a-renewed")
+            await until(lambda: peer_tls.generation != before)  # stats every 5 s
+            # The swarm's watcher sets it within a second; until then announces
+            # still show the old certificate.
+            while "p2preg://swarmtls/node/a-renewed" not in tracker.announcers():
+                a.reannounce(meta.digest)
+                await trio.sleep(0.2)
+
