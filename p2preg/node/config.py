@@ -190,8 +190,6 @@ class NodeConfig:
                 return f"tracker {url.scheme}://{url.netloc} is plain HTTP beyond loopback"
         if self.tls_dir is not None:
             return None
-        if not _is_loopback(self.listen.host):
-            return f"the facade on {self.listen} serves beyond loopback in plain text"
         if self.tracker is not None and not _is_loopback(self.peer_host):
             return f"peer_host {self.peer_host} serves the peer wire beyond loopback in plain text"
         return None
