@@ -12,6 +12,10 @@ does) for the whole run; an untimed warm-up transfer first makes it check
 every piece once. Then rounds alternate (order flipped every round):
 
 - pair: one leecher process downloads from the seeder;
+- pairtls: the same between two TLS nodes of a fresh cluster CA (an SSL
+  torrent of the same blob, `s` ports, certificates set as the node's swarm
+  sets them), announcing to a second tracker started with that CA's
+  `--tls-dir`, with its own seeder; the ratio TLS pair / plain pair is reported;
 - swarm: N leecher processes (4 by default) download at once, from the seeder
   and from each other; each keeps seeding until all are done;
 - nginx: `sendfile on`, one worker, serving the same file; `curl -o /dev/null`

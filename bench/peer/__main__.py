@@ -46,9 +46,12 @@ from bench.peer.rounds import (
 )
 from bench.peer.worker import READY_TIMEOUT_S, parse_overrides, peer_settings, run_peer
 from harness.nginx import NGINX_BIN, open_nginx
+from harness.tlscerts import ClusterCA
 from harness.tracker import TRACKER_COMMAND, open_tracker
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo, info_name
+from p2preg.core.pki import Identity, issue
+from p2preg.core.tls import ReloadingTLS
 from tracker.client import TrackerClient
 from tracker.metainfo import make_metainfo
 
@@ -61,6 +64,9 @@ RESULTS = REPO_ROOT / "bench" / "results" / "peer.json"
 # Each case: its name and whether it has one client (else N).
 CASES = {
     "pair": ("swarm 1→1", True),
+    # Both peers TLS nodes of one fresh cluster CA (SSL torrent, `s` port), with
+    # a tracker of that CA: a pair as two TLS nodes make it.
+    "pairtls": ("swarm 1→1 TLS", True),
     "nginx1": ("nginx 1 client", True),
     "nginx1file": ("nginx 1 client → file", True),
     "swarm": ("swarm 1→{n}", False),
@@ -86,8 +92,12 @@ def piece_rule(piece_bytes: int | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def tracker(workdir: Path, piece_bytes: int | None) -> Iterator[str]:
-    """A real tracker process; with a forced piece size, one that checks that rule instead."""
+def tracker(
+    workdir: Path, piece_bytes: int | None, *, tls_dir: Path | None = None
+) -> Iterator[str]:
+    """A real tracker process; with a forced piece size, one that checks that rule instead.
+
+    With `tls_dir`, a tracker of that cluster (no token): it takes SSL torrents."""
     command = TRACKER_COMMAND
     if piece_bytes is not None:
         patch = (
@@ -97,7 +107,11 @@ def tracker(workdir: Path, piece_bytes: int | None) -> Iterator[str]:
         )
         command = (sys.executable, "-c", patch)
     args = ["--log-level", "WARNING"]
-    with open_tracker(workdir, token=TOKEN, args=args, command=command, cwd=REPO_ROOT) as t:
+    token: str | None = TOKEN
+    if tls_dir is not None:
+        args += ["--tls-dir", str(tls_dir)]
+        token = None
+    with open_tracker(workdir, token=token, args=args, command=command, cwd=REPO_ROOT) as t:
         yield t.url
 
 
@@ -143,6 +157,68 @@ def _prepare(args: argparse.Namespace, tmp: Path, size: int) -> tuple[Path, Path
     return blob, seed_dir, meta
 
 
+@dataclass(frozen=True)
+class _TLSPair:
+    """The TLS pair's SSL torrent, its announce URL, its seeder, the leecher's worker flags."""
+
+    torrent: Path
+    announce: str
+    seeder: Peer
+    leecher_args: tuple[str, ...]
+
+
+async def publish_tls(url: str, meta: Metainfo, tls_dir: Path) -> str:
+    """File SSL metainfo with a tracker of the pair's CA: over HTTPS with the seeder's
+    certificate once the tracker speaks it, else over its plain loopback port."""
+    tls = ReloadingTLS(tls_dir, role="node") if url.startswith("https:") else None
+    client = TrackerClient(url, node="seed", tls=tls)
+    try:
+        await client.publish_metainfo(meta.digest, meta.size, meta.data)
+    finally:
+        await client.aclose()
+    return client.announce_url
+
+
+@contextlib.contextmanager
+def tls_pair(
+    args: argparse.Namespace, tmp: Path, blob: Path, meta: Metainfo, seed_dir: Path
+) -> Iterator[_TLSPair | None]:
+    """A fresh cluster CA, its tracker, an SSL torrent of the blob, and a TLS seeder of it."""
+    if "pairtls" not in args.cases:
+        yield None
+        return
+    ca = ClusterCA.make("bench")
+    seed_tls = ca.tls_dir(tmp / "tls-seed", "node", "seed")
+    leech_tls = ca.tls_dir(tmp / "tls-leech", "node", "leech")
+    tracker_tls = tracker_tls_dir(ca, tmp / "tls-tracker")
+    with piece_rule(args.piece_kib * KiB if args.piece_kib else None):
+        ssl_meta = make_metainfo(blob, meta.digest, meta.size, hybrid=args.hybrid, root=ca.cert_pem)
+    torrent = tmp / "blob-tls.torrent"
+    torrent.write_bytes(ssl_meta.data)
+    piece_bytes = args.piece_kib * KiB if args.piece_kib else None
+    with tracker(tmp / "tracker-tls", piece_bytes, tls_dir=tracker_tls) as url:
+        announce = trio.run(publish_tls, url, ssl_meta, seed_tls)
+        tls_args = ("--tls-dir", str(seed_tls))
+        with peers(args, "seed", torrent, [seed_dir], announce, tls_args) as (seeder,):
+            seeder.expect("ready", READY_TIMEOUT_S)
+            yield _TLSPair(torrent, announce, seeder, ("--tls-dir", str(leech_tls)))
+
+
+def tracker_tls_dir(ca: ClusterCA, out: Path) -> Path:
+    """The tracker's tls_dir: its certificate names 127.0.0.1, as libtorrent checks."""
+    leaf = issue(ca.ca, Identity(ca.cluster, "tracker", "bench"), ips=["127.0.0.1"])
+    out.mkdir(mode=0o700)
+    for name, data, mode in (
+        ("tls.crt", leaf.cert_pem, 0o644),
+        ("tls.key", leaf.key_pem, 0o600),
+        ("ca.crt", ca.cert_pem, 0o644),
+    ):
+        fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    return out
+
+
 @dataclass
 class _Run:
     """What every round of one benchmark run shares."""
@@ -155,8 +231,16 @@ class _Run:
     memory: Memory
     nginx_url: str
     nginx_pid: int
+    tls: _TLSPair | None = None
 
     def round(self, key: str, case: Case, r: int) -> Sample:
+        if key == "pairtls":
+            assert self.tls is not None
+            t = self.tls
+            return swarm_round(
+                self.args, self.tmp, t.torrent, t.announce, t.seeder, self.size, 1, f"tls{r}",
+                self.memory, t.leecher_args,
+            )
         if key in ("pair", "swarm"):
             torrent = self.tmp / "blob.torrent"
             return swarm_round(
@@ -214,12 +298,18 @@ def _measure(
     ):
         # The tracker refuses announces for info-hashes it has no metainfo for.
         announce = trio.run(publish, url, meta)
-        with peers(args, "seed", torrent, [seed_dir], announce) as (seeder,):
+        with (
+            peers(args, "seed", torrent, [seed_dir], announce) as (seeder,),
+            tls_pair(args, tmp, blob, meta, seed_dir) as tls,
+        ):
             seeder.expect("ready", READY_TIMEOUT_S)
             # Seed mode checks each piece the first time it is sent: do that once.
             warmup = swarm_round(args, tmp, torrent, announce, seeder, size, 1, "warmup", memory)
             console.print(f"  warm-up pair (seeder checks pieces): {warmup.mb_per_s:.0f} MB/s")
-            run = _Run(args, tmp, announce, seeder, size, memory, ngx.url, ngx.pid)
+            run = _Run(args, tmp, announce, seeder, size, memory, ngx.url, ngx.pid, tls)
+            if tls is not None:
+                w = run.round("pairtls", Case("warm-up TLS", 1), -1)
+                console.print(f"  warm-up TLS pair (seeder checks pieces): {w.mb_per_s:.0f} MB/s")
             _rounds(run, cases)
     return meta, warmup
 
@@ -252,9 +342,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def ratios(cases: dict[str, Case]) -> dict[str, Any]:
-    """swarm/nginx: of the medians, and the spread of each round's own pair."""
+    """swarm/nginx (and TLS pair/plain pair): of the medians, and each round's own ratio."""
     out: dict[str, Any] = {}
     for swarm, ngx in (
+        ("pairtls", "pair"),
         ("pair", "nginx1"),
         ("pair", "nginx1file"),
         ("swarm", "nginxN"),
@@ -292,7 +383,7 @@ def report(result: dict[str, Any], out: Path) -> None:
             f"{max(x['others_cpus'] for x in case['samples']):.1f}",
         )
     console.print(table)
-    ratios = Table(title="swarm / nginx")
+    ratios = Table(title="ratios: swarm / nginx, TLS pair / plain pair")
     for col in ("comparison", "of medians", "per round (min .. max)"):
         ratios.add_column(col, justify="left" if col == "comparison" else "right")
     for key, r in result["ratios"].items():
@@ -353,6 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--torrent", help=argparse.SUPPRESS)
     parser.add_argument("--save-path", help=argparse.SUPPRESS)
     parser.add_argument("--announce", help=argparse.SUPPRESS)
+    parser.add_argument("--tls-dir", help=argparse.SUPPRESS)
     parser.add_argument("--timeout-s", type=float, default=600.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role != "bench":

@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,8 +112,14 @@ class Peer:
 
 @contextlib.contextmanager
 def peers(
-    args: argparse.Namespace, role: str, torrent: Path, save_paths: list[Path], announce: str
+    args: argparse.Namespace,
+    role: str,
+    torrent: Path,
+    save_paths: list[Path],
+    announce: str,
+    extra: Sequence[str] = (),
 ) -> Iterator[list[Peer]]:
+    """Peer processes; `extra` worker flags (`--tls-dir`, `--connect`) for a TLS pair."""
     started: list[Peer] = []
     try:
         for i, save in enumerate(save_paths):
@@ -126,6 +132,7 @@ def peers(
                 argv += ["--disk-io", args.disk_io]
             if args.verify:
                 argv.append("--verify")
+            argv += list(extra)
             started.append(Peer(f"{role}-{i}", argv, save.parent))
         yield started
     finally:
@@ -204,10 +211,11 @@ def swarm_round(
     n: int,
     tag: str,
     memory: Memory,
+    extra: Sequence[str] = (),
 ) -> Sample:
     saves = [workdir / f"leech-{tag}-{i}" for i in range(n)]
     try:
-        with peers(args, "leech", torrent, saves, announce) as leechers:
+        with peers(args, "leech", torrent, saves, announce, extra) as leechers:
             for p in leechers:
                 p.expect("ready", READY_TIMEOUT_S)
             busy = _wait_quiet()
@@ -237,6 +245,7 @@ def swarm_round(
         "finished_s": since_start("finished"),
         "verified_s": since_start("verified"),
         "tracker_reply_s": since_start("tracker_reply"),
+        "first_byte_s": since_start("first_byte"),
         "seeder_cpu_pct": round(100 * seed_cpu / wall, 1),
         "leecher_cpu_pct": [round(100 * d["cpu_s"] / wall, 1) for d in done],
         "leecher_busiest_threads_pct": [

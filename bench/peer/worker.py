@@ -5,8 +5,11 @@ node's session settings (`p2preg.node.swarm.session_settings`, on loopback,
 plus experiment overrides), the same add_torrent_params as the node's swarm,
 the alert loop that records when the tracker answered, the torrent finished
 and its writes were flushed, and the JSON lines it reports on stdout to the
-orchestrator (which drives it with lines on stdin). It must not start other
-processes or measure anything but its own session and CPU.
+orchestrator (which drives it with lines on stdin). With `--tls-dir` it is a
+TLS node's session instead: SSL torrent, an `s` listen interface only, added
+without trackers, the certificate set, then the tracker, as the node's swarm
+does. It must not start other processes or measure anything but its own
+session and CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from typing import Any, cast
 
 import libtorrent as lt
 
-from p2preg.node.swarm import session_settings
+from p2preg.node.peertls import write_dh_params
+from p2preg.node.swarm import listen_interfaces, session_settings
 
 MiB = 1 << 20
 READY_TIMEOUT_S = 30.0
@@ -49,9 +53,11 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, int | bool | str]:
     return out
 
 
-def peer_settings(overrides: dict[str, int | bool | str]) -> dict[str, Any]:
+def peer_settings(
+    overrides: dict[str, int | bool | str], *, tls: bool = False
+) -> dict[str, Any]:
     """The node's settings (`session_settings`) on loopback, plus experiment overrides."""
-    settings: dict[str, Any] = dict(session_settings("127.0.0.1:0"))
+    settings: dict[str, Any] = dict(session_settings(listen_interfaces("127.0.0.1", 0, 0, tls=tls)))
     settings.update(overrides)
     return settings
 
@@ -119,13 +125,33 @@ def _torrent_params(meta: bytes, save_path: Path, announce: str, *, seed: bool) 
     return atp
 
 
+def _port(session: Any, args: argparse.Namespace) -> int:
+    return int(session.ssl_listen_port() if args.tls_dir else session.listen_port())
+
+
+def _add(session: Any, args: argparse.Namespace, atp: Any) -> Any:
+    """add_torrent; with TLS trackerless, then the certificate, then the tracker
+    (`p2preg.node.swarm.Swarm._add`)."""
+    if not args.tls_dir:
+        return session.add_torrent(atp)
+    trackers, atp.trackers = list(atp.trackers), []
+    handle = session.add_torrent(atp)
+    tls, save = Path(args.tls_dir), Path(args.save_path)
+    dh = write_dh_params(save.parent / f"dh-{save.name}")
+    handle.set_ssl_certificate(str(tls / "tls.crt"), str(tls / "tls.key"), str(dh))
+    for url in trackers:
+        handle.add_tracker({"url": url})
+    return handle
+
+
 def _open_session(args: argparse.Namespace) -> Any:
-    params = lt.session_params(cast(Any, peer_settings(parse_overrides(args.set))))
+    settings = peer_settings(parse_overrides(args.set), tls=bool(args.tls_dir))
+    params = lt.session_params(cast(Any, settings))
     if args.disk_io:
         params.disk_io_constructor = f"{args.disk_io}_disk_io_constructor"
     session = lt.session(params)
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while session.listen_port() == 0:
+    while _port(session, args) == 0:
         if time.monotonic() > deadline:
             raise SystemExit("peer: session did not start listening")
         time.sleep(0.01)
@@ -161,25 +187,27 @@ def run_peer(args: argparse.Namespace) -> int:
     times: dict[str, float] = {}
     counts = {"hash_failures": 0}
     if args.role == "seed":
-        handle = session.add_torrent(_torrent_params(meta, save, args.announce, seed=True))
+        handle = _add(session, args, _torrent_params(meta, save, args.announce, seed=True))
         while "tracker_reply" not in times:
             if time.monotonic() > deadline:
                 raise SystemExit("seed: the tracker never answered")
             session.wait_for_alert(100)
             _drain(session, handle, times, counts)
-        _emit("ready", port=session.listen_port())
+        _emit("ready", port=_port(session, args))
     else:
-        _emit("ready", port=session.listen_port())
+        _emit("ready", port=_port(session, args))
         while (line := stdin.line(1.0)) != "go":
             if line == "quit" or time.monotonic() > deadline:
                 return 0
         cpu0, threads0 = _cpu_s(), _thread_cpu_s()
         times["start"] = time.monotonic()
-        handle = session.add_torrent(_torrent_params(meta, save, args.announce, seed=False))
+        handle = _add(session, args, _torrent_params(meta, save, args.announce, seed=False))
         while "flushed" not in times:
             if time.monotonic() > deadline:
                 raise SystemExit("leech: transfer did not finish in time")
             session.wait_for_alert(50)
+            if "first_byte" not in times and handle.status().total_payload_download > 0:
+                times["first_byte"] = time.monotonic()
             _drain(session, handle, times, counts)
         status = handle.status()
         if not status.is_seeding:
