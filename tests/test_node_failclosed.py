@@ -29,8 +29,15 @@ def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ClusterCA.make("fc").tls_dir(tmp_path_factory.mktemp("fc") / "tls", "node", "n1")
 
 
-def _config(**cli: Any) -> NodeConfig:
+def _loaded(**cli: Any) -> NodeConfig:
     return load(NodeConfig, cli={"upstream": [UPSTREAM], **cli})
+
+
+def _config(**cli: Any) -> NodeConfig:
+    """Loaded and checked as the node does at start."""
+    config = _loaded(**cli)
+    config.check_exposure()
+    return config
 
 
 LOOPBACK_TRACKER = {"tracker": "http://127.0.0.1:6969", "peer_host": "127.0.0.1"}
@@ -52,8 +59,9 @@ LOOPBACK_TRACKER = {"tracker": "http://127.0.0.1:6969", "peer_host": "127.0.0.1"
 def test_plain_text_beyond_loopback_is_refused_unless_insecure(
     cli: dict[str, Any], why: str
 ) -> None:
+    config = _loaded(**cli)  # loading alone refuses nothing: containerd-config reads it
     with pytest.raises(ConfigError, match=why) as refused:
-        _config(**cli)
+        config.check_exposure()
     assert "give tls_dir" in str(refused.value) and "\n" not in str(refused.value)
     assert _config(**cli, insecure=True).insecure
 

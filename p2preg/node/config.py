@@ -174,6 +174,13 @@ class NodeConfig:
                     f"node_name {self.node_name!r} is not {identity.name!r}, the name in the "
                     "certificate: with tls_dir the certificate names the node"
                 )
+
+    def check_exposure(self) -> None:
+        """Fail closed, at start: no plain peer wire or tracker link beyond loopback by accident.
+
+        At start rather than at load: containerd-config and the deploy tests read
+        a node.toml whose tls_dir comes on the node's command line.
+        """
         refusal = self._plain_beyond_loopback()
         if refusal is not None:
             raise ConfigError(
