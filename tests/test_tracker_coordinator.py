@@ -8,11 +8,15 @@ import pytest
 import trio
 import trio.testing
 
+from harness.tlscerts import ClusterCA
 from p2preg.core import errors, wire
-from p2preg.core.metainfo import Metainfo
-from tests.tracker_helpers import blob_meta, make_tracker, remake
+from p2preg.core.config import HostPort
+from p2preg.core.metainfo import Metainfo, canonical_roots
+from tests.tracker_helpers import blob_meta, blob_path, make_tracker, remake
 from tracker.announce import AnnounceRequest, Event, ScrapeRequest, SwarmStats
+from tracker.config import TrackerConfig
 from tracker.coordinator import Tracker
+from tracker.metainfo import make_metainfo
 from tracker.peers import compact_address
 from tracker.state import MemoryStore, StoredBad, StoredMetainfo
 
@@ -242,3 +246,55 @@ async def test_a_slow_metainfo_commit_holds_up_nothing_else(
         (str(meta.digest), False),
     ]
     assert store.metainfo[str(meta.digest)].published_by == "n1"
+
+
+async def test_a_ca_rotation_replaces_metainfo_persists_it_and_restore_drops_a_gone_root(
+    tmp_path: Path,
+) -> None:
+    """With ca.crt holding both CAs, the tracker re-issued under the new one takes the
+    new-root torrent in place of the old-root one; a restart whose ca.crt no longer
+    holds a record's root does not bring that record back."""
+    old_ca, new_ca = ClusterCA.make("rot"), ClusterCA.make("rot")
+    tls_dir = old_ca.tls_dir(
+        tmp_path / "tls", "tracker", "t", trust=old_ca.cert_pem + new_ca.cert_pem
+    )
+    current = [canonical_roots([old_ca.cert_pem])[0]]
+    store = MemoryStore()
+    config = TrackerConfig(listen=HostPort("127.0.0.1", 0), data_dir=tmp_path, tls_dir=tls_dir)
+    t = Tracker(config, store, current_root=lambda: current[0])
+    plain = blob_meta(tmp_path)
+    old, new = (
+        make_metainfo(blob_path(tmp_path, plain.digest), plain.digest, plain.size, root=ca.cert_pem)
+        for ca in (old_ca, new_ca)
+    )
+    digest = str(plain.digest)
+    assert (await publish(t, old))[1]
+    t.announce(ann(old.swarm_keys[0], 1, left=0), "10.0.0.1", "http")
+    # Still on the old CA: a node already re-issued meets a conflict.
+    with pytest.raises(errors.MetainfoConflict):
+        await publish(t, new, "n2")
+    current[0] = canonical_roots([new_ca.cert_pem])[0]
+    record, stored = await publish(t, new, "n2")
+    assert stored and record.metainfo == new.data and t.lookup(digest).metainfo == new.data
+    # The old swarm is gone: its members announce a torrent the tracker no longer knows.
+    assert t.peers.swarm(digest) is None
+    with pytest.raises(errors.UnknownTorrent):
+        t.announce(ann(old.swarm_keys[0], 1, left=0), "10.0.0.1", "http")
+    assert t.metrics.registry.get_sample_value("p2preg_tracker_metainfo_rerooted_total") == 1
+    assert store.metainfo[digest].data == new.data and store.bad == []
+    # A node still on the old CA cannot take the digest back.
+    with pytest.raises(errors.MetainfoConflict):
+        await publish(t, old, "n1")
+    # A restart after the old CA left ca.crt: a record still rooted there is dropped.
+    stale_plain = blob_meta(tmp_path)
+    stale = make_metainfo(
+        blob_path(tmp_path, stale_plain.digest), stale_plain.digest, stale_plain.size,
+        root=old_ca.cert_pem,
+    )
+    await publish(t, stale)
+    new_ca.tls_dir(tmp_path / "tls", "tracker", "t")  # ca.crt: the new CA alone
+    again = Tracker(config, store, current_root=lambda: current[0])
+    again.restore(await store.load())
+    assert again.lookup(digest).metainfo == new.data
+    with pytest.raises(errors.NotFound):
+        again.lookup(str(stale.digest))

@@ -35,7 +35,7 @@ from tracker.leases import Granted, Lease, LeaseBook, Waiters
 from tracker.metainfo import parse_metainfo
 from tracker.metrics import Gauges, TrackerMetrics
 from tracker.peers import PeerTable, compact_address
-from tracker.registry import MetainfoRegistry
+from tracker.registry import MetainfoRegistry, Rerooted
 from tracker.state import Snapshot, StoredBad, StoredLease, StoredMetainfo, TrackerStore
 from tracker.upstream_queue import QUEUE_RECHECK_S, Place, Queued, UpstreamQueue
 
@@ -87,8 +87,11 @@ class Tracker:
         metrics: TrackerMetrics | None = None,
         clock: Callable[[], float] = trio.current_time,
         wall_clock: Callable[[], float] = time.time,
+        current_root: Callable[[], bytes | None] = lambda: None,
     ) -> None:
         self.config = config
+        # The CA that issued the tracker's own certificate, now (None without TLS).
+        self._current_root = current_root
         self.metrics = metrics or TrackerMetrics()
         self._store = store
         self._clock = clock
@@ -108,7 +111,8 @@ class Tracker:
     # -- start -----------------------------------------------------------------
 
     def restore(self, snapshot: Snapshot) -> None:
-        """Load what the store kept; records that no longer validate are skipped."""
+        """Load what the store kept; records that no longer validate are skipped
+        (with TLS: metainfo rooted at a CA that has left ca.crt since)."""
         for bad in snapshot.bad:
             self.registry.mark_bad(bad.digest, bad.info_hash_v2)
         roots = self._torrent_roots()
@@ -202,10 +206,12 @@ class Tracker:
         meta = self._validate(digest, msg.size, msg.metainfo)
         await self._await_writes(digest)
         try:
-            filed = self.registry.check_publish(meta)
+            filed = self.registry.check_publish(meta, current_root=self._current_root())
         except errors.MetainfoConflict:
             self.metrics.metainfo_rejected.labels(errors.MetainfoConflict.code).inc()
             raise
+        if isinstance(filed, Rerooted):
+            return await self._reroot(filed.old, meta, msg.node), True
         if filed is not None:
             return filed.record, False
         self.registry.reserve(digest)
@@ -217,6 +223,18 @@ class Tracker:
         entry = self.registry.install(meta, msg.node)
         self.metrics.metainfo_published.inc()
         return entry.record, True
+
+    async def _reroot(self, old: Metainfo, meta: Metainfo, node: str) -> wire.MetainfoRecord:
+        """A CA rotation: `meta`, rooted at our current CA, takes the place of `old`."""
+        digest = str(meta.digest)
+        with self._writing_turn(digest):
+            await self._store.put_metainfo(self._stored(meta, node))
+        entry = self.registry.reroot(old, meta, node)
+        # Peers of the old-root torrent cannot verify the new root's members.
+        self.peers.drop_swarm(digest)
+        self.metrics.metainfo_rerooted.inc()
+        self._waiters.notify(digest)
+        return entry.record
 
     async def report_bad(self, digest_text: str, msg: wire.ReportBad) -> wire.MetainfoRecord:
         """Replace the stored metainfo `msg.info_hash` with the reporter's own."""

@@ -85,6 +85,11 @@ class TrackerMetrics:
             "Metainfo accepted (new, or replacing one reported bad)",
             registry=self.registry,
         )
+        self.metainfo_rerooted = Counter(
+            "p2preg_tracker_metainfo_rerooted",
+            "Metainfo replaced by one rooted at the tracker's current CA (a CA rotation)",
+            registry=self.registry,
+        )
         self.metainfo_rejected = Counter(
             "p2preg_tracker_metainfo_rejected",
             "Metainfo refused, by error code",

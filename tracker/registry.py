@@ -5,7 +5,11 @@
 swarm), the info-hashes reported bad per digest, and the rules that decide a
 publish or a bad report: idempotent for the same torrent, refused for another
 one unless the stored one is reported bad, never again for one reported bad,
-bounded by `max_metainfo`. It is sans-IO and synchronous: a decision (`check_*`)
+bounded by `max_metainfo`. One exception, for a CA rotation: metainfo rooted at
+the tracker's current CA (the one that issued the tracker's own certificate)
+replaces metainfo for the same digest rooted at another CA — the cluster is
+moving to the new CA, and a root is not evidence about a torrent, so nothing is
+marked bad. It is sans-IO and synchronous: a decision (`check_*`)
 and the change that follows it (`install`, `replace`) are separate calls so the
 caller can commit to the store in between; `reserve` holds a place under the
 cap meanwhile. It must not validate bencoding (tracker.metainfo does), persist
@@ -29,6 +33,22 @@ class Entry:
     def record(self) -> wire.MetainfoRecord:
         meta = self.meta
         return wire.MetainfoRecord(str(meta.digest), meta.size, meta.data, list(meta.swarm_keys))
+
+
+@dataclass(frozen=True, slots=True)
+class Rerooted:
+    """The publish replaces `old`, rooted at a CA the tracker has moved away from."""
+
+    old: Metainfo
+
+
+def moves_to_current_root(old: Metainfo, new: Metainfo, current_root: bytes | None) -> bool:
+    """`new` is rooted at the tracker's current CA and `old` is not: a CA rotation."""
+    return (
+        current_root is not None
+        and new.root_cert == current_root
+        and old.root_cert != current_root
+    )
 
 
 class MetainfoRegistry:
@@ -58,11 +78,16 @@ class MetainfoRegistry:
 
     # -- deciding ------------------------------------------------------------------
 
-    def check_publish(self, meta: Metainfo) -> Entry | None:
-        """The entry already filed if it is this very torrent; None if `meta` may be filed.
+    def check_publish(
+        self, meta: Metainfo, *, current_root: bytes | None = None
+    ) -> Entry | Rerooted | None:
+        """The entry already filed if it is this very torrent; None if `meta` may be filed;
+        `Rerooted` if it replaces the filed one because of a CA rotation.
 
-        Raises MetainfoConflict for a torrent reported bad or one that differs
-        from the filed one, LimitReached when the registry is full.
+        `current_root` is the CA that issued the tracker's own certificate (None
+        without TLS). Raises MetainfoConflict for a torrent reported bad or one
+        that differs from the filed one (but for a rotation), LimitReached when
+        the registry is full.
         """
         digest = str(meta.digest)
         if meta.info_hash_v2 in self._bad.get(digest, ()):
@@ -71,6 +96,8 @@ class MetainfoRegistry:
         if entry is not None:
             if entry.meta.info_hash_v2 == meta.info_hash_v2:
                 return entry
+            if moves_to_current_root(entry.meta, meta, current_root):
+                return Rerooted(entry.meta)
             raise errors.MetainfoConflict(
                 f"{digest} already has metainfo with info-hash "
                 f"{entry.meta.info_hash_v2.hex()}; only a holder of the verified blob "
@@ -114,10 +141,14 @@ class MetainfoRegistry:
 
     def replace(self, old: Metainfo, new: Metainfo, published_by: str) -> Entry:
         """Swap a torrent reported bad for its replacement; the old one stays bad."""
+        self.mark_bad(str(old.digest), old.info_hash_v2)
+        return self.reroot(old, new, published_by)
+
+    def reroot(self, old: Metainfo, new: Metainfo, published_by: str) -> Entry:
+        """Swap `old` for `new` (a CA rotation): `old`'s info-hashes name no swarm now."""
         for key in old.swarm_keys:
             self._by_hash.pop(key, None)
         self._entries.pop(str(old.digest), None)
-        self.mark_bad(str(old.digest), old.info_hash_v2)
         return self.install(new, published_by)
 
     def mark_bad(self, digest: str, info_hash_v2: bytes) -> None:

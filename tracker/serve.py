@@ -126,7 +126,8 @@ async def serve_tracker(
         if config.metrics_listen is not None:
             metrics_sock, _ = bind_sockets(config.metrics_listen, with_udp=False)
         async with open_sqlite_store(config.data_dir) as store:
-            tracker = Tracker(config, store, clock=clock)
+            root = (lambda: None) if tls is None else tls.issuer_root
+            tracker = Tracker(config, store, clock=clock, current_root=root)
             tracker.restore(await store.load())
             key = await trio.to_thread.run_sync(_udp_key, config.data_dir)
             gate = None if tls is None else TLSGate(tls, tracker.metrics.tls_refused)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from p2preg.core.digest import Digest
-from p2preg.core.pki import CertificateError, load_certificates
+from p2preg.core.pki import CertificateError, load_certificates, verify_chain
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -62,6 +62,26 @@ def canonical_roots(pems: Iterable[bytes]) -> tuple[bytes, ...]:
         for cert in certs:
             out[cert.public_bytes(Encoding.PEM)] = None
     return tuple(out)
+
+
+def issuing_root(cert_pem: bytes, ca_pem: bytes) -> bytes | None:
+    """The CA of the `ca_pem` bundle (canonical PEM) that issued `cert_pem`'s leaf, or None.
+
+    That CA is the root certificate of the torrents a member makes, and the
+    tracker's "current root" during a CA rotation: the one its own certificate
+    was issued by.
+    """
+    try:
+        cas = canonical_roots([ca_pem])
+    except MetainfoError:
+        return None
+    for ca in cas:
+        try:
+            verify_chain(cert_pem, ca)
+        except CertificateError:
+            continue
+        return ca
+    return None
 
 
 def info_name(digest: Digest) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2preg.core.config import ConfigError
+from p2preg.core.metainfo import issuing_root
 from p2preg.core.pki import (
     CertificateError,
     Identity,
@@ -220,6 +221,7 @@ class ReloadingTLS:
         self._material, self._server, self._client = _build(tls_dir, role)
         self._next_check = clock() + check_interval_s
         self.generation = 0
+        self._root: tuple[int, bytes | None] | None = None  # (generation, issuer_root)
 
     @property
     def files(self) -> TLSFiles:
@@ -233,6 +235,20 @@ class ReloadingTLS:
     @property
     def identity(self) -> Identity:
         return self.material.identity
+
+    def issuer_root(self) -> bytes | None:
+        """The CA of ca.crt that issued tls.crt (canonical PEM), computed once per reload.
+
+        In a CA rotation this is the side of the overlap the holder is on: a node
+        roots its torrents there, the tracker prefers metainfo rooted there.
+        """
+        self._maybe_reload()
+        with self._lock:  # the material and its generation, from one reload
+            cached, material = self._root, self._material
+            if cached is None or cached[0] != self.generation:
+                root = issuing_root(material.cert_pem, material.ca_pem)
+                cached = self._root = (self.generation, root)
+            return cached[1]
 
     def server_context(self) -> ssl.SSLContext:
         self._maybe_reload()

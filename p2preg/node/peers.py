@@ -1,7 +1,8 @@
 """Bringing one blob in from peers, with metainfo the tracker handed out.
 
 Owns the swarm leg of a fetch: check the metainfo against the digest and size,
-(in a TLS cluster: an SSL torrent rooted at a CA of ca.crt, nothing else),
+(in a TLS cluster: an SSL torrent rooted at a CA of ca.crt, nothing else, and
+at the CA that issued our certificate, or its peers would refuse us),
 let the swarm download it (every piece checked by libtorrent), hash the whole
 file against its digest — whoever sent the pieces — and only then link it into
 the store. Whatever goes wrong raises `Fallback` with a reason (a metric
@@ -65,6 +66,12 @@ class PeerDownload:
             meta = parse_metainfo(metainfo, digest, size, roots=self._roots.roots())
         except MetainfoError as e:
             raise Fallback("bad_metainfo", f"tracker metainfo for {digest}: {e}") from None
+        if meta.root_cert != self._roots.root():
+            # A CA rotation under way: the swarm's members verify peers against the
+            # torrent's root, which did not issue our certificate. Not a bad torrent.
+            raise Fallback(
+                "root_mismatch", f"the swarm of {digest} is rooted at another CA than ours"
+            )
         try:
             path = await self._swarm.download(
                 meta, stall_s=self._stall_s, max_hash_failures=self._max_hash_failures

@@ -18,7 +18,6 @@ from typing import Any, Protocol
 
 from p2preg.core.config import ConfigError
 from p2preg.core.metainfo import canonical_roots
-from p2preg.core.pki import CertificateError, verify_chain
 from p2preg.core.tls import ReloadingTLS
 
 DH_FILE = "ffdhe2048.pem"
@@ -112,14 +111,11 @@ class PeerTLS:
 
     def root(self) -> bytes:
         """The CA that issued tls.crt: the root certificate of the torrents this node makes."""
-        material = self.tls.material
-        for ca in canonical_roots([material.ca_pem]):
-            try:
-                verify_chain(material.cert_pem, ca)
-            except CertificateError:
-                continue
-            return ca
-        raise ConfigError(f"{material.files.cert}: no CA in {material.files.ca} issued it")
+        root = self.tls.issuer_root()
+        if root is None:
+            files = self.tls.files
+            raise ConfigError(f"{files.cert}: no CA in {files.ca} issued it")
+        return root
 
     def apply(self, handle: Any) -> None:
         """Give one SSL torrent the node's certificate (libtorrent reads the files now)."""

@@ -6,20 +6,25 @@ made from store bytes that matched their digest (rooted, in a TLS cluster, at
 the CA that issued the node's certificate), filed with the tracker before
 the first announce, filed again in the background while the tracker cannot take
 it, and — when the tracker holds a different one for the digest — reported as
-poisoned. It must not decide whether a blob is published (fetch.py does, once
-per fetch) and must not fetch anything.
+poisoned, unless the two differ only in their root (a CA rotation: filed again
+later, never reported). When the node's certificate comes from another CA (it
+was re-issued in a rotation), every blob it seeds is moved, one at a time, to a
+torrent rooted there and published again. It must not decide whether a blob is
+published (fetch.py does, once per fetch) and must not fetch anything.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import trio
 
 from p2preg.core import errors as tracker_errors
+from p2preg.core.config import ConfigError
 from p2preg.core.digest import Digest
 from p2preg.core.hostfiles import private_dir, tighten, write_private
 from p2preg.core.metainfo import Metainfo, MetainfoError
@@ -33,6 +38,24 @@ log = logging.getLogger(__name__)
 # Filing metainfo the tracker could not take: first retry, and the longest wait.
 REFILE_FIRST_S = 1.0
 REFILE_MAX_S = 30.0
+# The tracker holds the digest rooted at the other CA of a rotation: file ours
+# again, backing off to this. Every seeded blob of a node re-issued before the
+# tracker does it (docs/OPERATIONS.md says: the tracker first), so it is slow.
+REFILE_ROOT_MAX_S = 300.0
+# How often the node looks whether its certificate now comes from another CA
+# (a clock read; ReloadingTLS stats the files every few seconds).
+ROOT_CHECK_INTERVAL_S = 1.0
+# A root that is no CA's: what the helpers below say for "none we could use".
+UNUSABLE = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Rerooted:
+    """One pass over the seeded blobs after the node's CA changed."""
+
+    moved: int
+    already: int
+    failed: int
 
 
 class TorrentFiles:
@@ -108,7 +131,8 @@ class Seeding:
         try:
             await self._tracker.publish_metainfo(digest, size, meta.data)
         except tracker_errors.MetainfoConflict:
-            await self._report_poisoned(meta)
+            if await self._on_conflict(meta):
+                self._nursery.start_soon(self._file_later, meta)
         except tracker_errors.TrackerError as e:
             # Seed anyway, and keep filing: until the tracker holds the
             # metainfo it refuses our announces and nobody can find this seeder.
@@ -124,16 +148,20 @@ class Seeding:
         await self._offload(partial(self._torrents.save, meta))
 
     async def _file_later(self, meta: Metainfo) -> None:
-        """File metainfo the tracker could not take (it was down), while we seed it."""
+        """File metainfo the tracker could not take (it was down, or on the other CA of
+        a rotation), while we seed it."""
         delay = REFILE_FIRST_S
         while True:
             await trio.sleep(delay)
-            if meta.digest not in self._swarm:
-                return  # evicted meanwhile: nothing to announce
+            if meta.digest not in self._swarm or meta.root_cert != self._root():
+                return  # evicted, or moved to another root, meanwhile
             try:
                 await self._tracker.publish_metainfo(meta.digest, meta.size, meta.data)
             except tracker_errors.MetainfoConflict:
-                await self._report_poisoned(meta)
+                if not await self._on_conflict(meta):
+                    return
+                delay = min(REFILE_ROOT_MAX_S, delay * 2)
+                continue
             except tracker_errors.TrackerError as e:
                 delay = min(REFILE_MAX_S, delay * 2)
                 log.info("filing metainfo for %s: %s; again in %.0f s", meta.digest, e, delay)
@@ -143,17 +171,102 @@ class Seeding:
             self._swarm.reannounce(meta.digest)
             return
 
-    async def _report_poisoned(self, meta: Metainfo) -> None:
+    async def _on_conflict(self, meta: Metainfo) -> bool:
+        """The tracker holds other metainfo for the digest: report it as poisoned —
+        unless it is rooted at another CA than ours. Then it is a CA rotation, not
+        evidence of a bad torrent: True, file ours again later."""
         try:
             record = await self._tracker.lookup_metainfo(meta.digest)
-            if record is not None and record.metainfo != meta.data:
-                bad = record.info_hashes[0] if record.info_hashes else b""
-                await self._tracker.report_bad(
-                    meta.digest, bad, meta.size, meta.data, "digest_mismatch"
+            if record is None or record.metainfo == meta.data:
+                return False
+            if await self._offload(partial(self._root_of, record.metainfo, meta)) != (
+                meta.root_cert
+            ):
+                log.info(
+                    "the tracker holds metainfo for %s rooted at another CA (a CA rotation); "
+                    "not reporting it, filing ours again later", meta.digest,
                 )
-                log.warning("reported poisoned metainfo for %s to the tracker", meta.digest)
+                return True
+            bad = record.info_hashes[0] if record.info_hashes else b""
+            await self._tracker.report_bad(
+                meta.digest, bad, meta.size, meta.data, "digest_mismatch"
+            )
+            log.warning("reported poisoned metainfo for %s to the tracker", meta.digest)
         except tracker_errors.TrackerError as e:
             log.warning("reporting bad metainfo for %s failed: %s", meta.digest, e)
+        return False
+
+    def _root_of(self, data: bytes, like: Metainfo) -> bytes | None:
+        """The root of metainfo for `like`'s blob; UNUSABLE if it is not one we trust."""
+        try:
+            return parse_metainfo(data, like.digest, like.size, roots=self._roots.roots()).root_cert
+        except MetainfoError:
+            return UNUSABLE
+
+    def _root(self) -> bytes | None:
+        """The root our torrents name now; UNUSABLE while our certificate has none."""
+        try:
+            return self._roots.root()
+        except ConfigError:
+            return UNUSABLE
+
+    # -- a CA rotation ---------------------------------------------------------------
+
+    async def follow_root(self) -> None:
+        """Run forever: when the node's certificate comes from another CA, re-root."""
+        seen = self._root()
+        while True:
+            await trio.sleep(ROOT_CHECK_INTERVAL_S)
+            root = self._root()
+            if root in (seen, UNUSABLE):
+                continue
+            seen = root
+            start = trio.current_time()
+            done = await self.reroot()
+            log.info(
+                "tls: the node's certificate comes from another CA now: %d seeded blobs "
+                "moved to torrents rooted there and published again (%d already were, "
+                "%d failed) in %.1f s",
+                done.moved, done.already, done.failed, trio.current_time() - start,
+            )
+
+    async def reroot(self) -> Rerooted:
+        """Move every seeded blob to a torrent rooted at our CA, one at a time."""
+        root = self._root()
+        moved = already = failed = 0
+        for digest in self._swarm.seeding():
+            size = self._store.size(digest)
+            if self._root() != root:
+                break  # changed again: the next pass takes over
+            if size is None:
+                continue  # evicted meanwhile
+            saved = partial(self._saved_root, digest, size)
+            if await self._offload(saved) == root:
+                already += 1
+                continue
+            self._swarm.remove(digest)
+            try:
+                await self.publish(digest, size)
+            except (KeyError, MetainfoError, OSError) as e:
+                # Evicted meanwhile, or unreadable: not seeded, not after a restart either.
+                failed += 1
+                self._torrents.forget(digest)
+                log.warning("moving %s to the new CA's torrent failed: %s", digest, e)
+                continue
+            moved += 1
+        return Rerooted(moved, already, failed)
+
+    def _saved_root(self, digest: Digest, size: int) -> bytes | None:
+        """Blocking: the root of the torrent saved for `digest`; UNUSABLE if none is."""
+        try:
+            data = self._torrents.path(digest).read_bytes()
+        except OSError:
+            return UNUSABLE
+        try:
+            meta = parse_metainfo(data, digest, size, roots=self._roots.roots())
+        except MetainfoError:
+            return UNUSABLE
+        return meta.root_cert
 
     def reseed(self) -> int:
         """Seed every stored blob that has a saved torrent, without re-downloading."""

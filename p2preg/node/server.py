@@ -137,6 +137,9 @@ def _cluster(
     )
     seeding = Seeding(store, swarm, tracker, torrents, nursery, in_thread, p2p.roots)
     reseeded = seeding.reseed()
+    if isinstance(p2p.roots, PeerTLS):
+        # Re-issued under another CA (a rotation): move the seeded blobs there.
+        nursery.start_soon(seeding.follow_root)
     log.info(
         "node: swarm on %s (peer port %d%s), tracker %s as %s, re-seeding %d stored blobs",
         config.peer_host, swarm.listen_port,
