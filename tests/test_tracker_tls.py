@@ -110,7 +110,7 @@ async def serves_the_good_node(t: TrackerProcess, certs: Certs, meta: Metainfo |
 async def test_a_good_node_does_everything_over_mtls_without_a_token(
     tracker: TrackerProcess, certs: Certs, tmp_path: Path
 ) -> None:
-    meta = blob_meta(tmp_path)
+    meta = blob_meta(tmp_path, root=certs.ca.cert_pem)
     n1 = client(tracker, certs.n1, "n1")
     try:
         record = await n1.publish_metainfo(meta.digest, meta.size, meta.data)
@@ -151,7 +151,7 @@ async def test_a_good_node_does_everything_over_mtls_without_a_token(
 async def test_a_node_cannot_act_as_another(
     tracker: TrackerProcess, certs: Certs, tmp_path: Path
 ) -> None:
-    meta = blob_meta(tmp_path)
+    meta = blob_meta(tmp_path, root=certs.ca.cert_pem)
     digest = blob_meta(tmp_path).digest
     # n2's certificate, messages naming n1: every one is refused with 403.
     posing = client(tracker, certs.n2, "n1")
@@ -192,7 +192,7 @@ def plain_http_to(t: TrackerProcess) -> bytes:
 async def test_every_bad_client_is_refused_counted_and_the_tracker_goes_on(
     tracker: TrackerProcess, certs: Certs, tmp_path: Path
 ) -> None:
-    meta = blob_meta(tmp_path)
+    meta = blob_meta(tmp_path, root=certs.ca.cert_pem)
     async with https_client(certs.n1) as good:
         await TrackerClient(tracker.url, node="n1", http=good).publish_metainfo(
             meta.digest, meta.size, meta.data

@@ -71,12 +71,17 @@ def blob_path(tmp_path: Path, digest: Digest) -> Path:
     return tmp_path / f"blob-{digest.hex}"
 
 
-def blob_meta(tmp_path: Path, size: int = 100_000, *, hybrid: bool = False) -> Metainfo:
-    """Random bytes of `size` written under `tmp_path`, and their metainfo."""
+def blob_meta(
+    tmp_path: Path, size: int = 100_000, *, hybrid: bool = False, root: bytes | None = None
+) -> Metainfo:
+    """Random bytes of `size` written under `tmp_path`, and their metainfo.
+
+    `root` (a cluster CA's PEM) makes it the SSL torrent a TLS cluster's tracker takes.
+    """
     data = os.urandom(size)
     digest = Digest.of(data)
     blob_path(tmp_path, digest).write_bytes(data)
-    return make_metainfo(blob_path(tmp_path, digest), digest, size, hybrid=hybrid)
+    return make_metainfo(blob_path(tmp_path, digest), digest, size, hybrid=hybrid, root=root)
 
 
 def remake(tmp_path: Path, meta: Metainfo, *, hybrid: bool) -> Metainfo:
