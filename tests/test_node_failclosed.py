@@ -30,7 +30,9 @@ def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(**cli: Any) -> NodeConfig:
-    return load(NodeConfig, cli={"upstream": [UPSTREAM], **cli})
+    config = load(NodeConfig, cli={"upstream": [UPSTREAM], **cli})
+    config.check_serving()
+    return config
 
 
 LOOPBACK_TRACKER = {"tracker": "http://127.0.0.1:6969", "peer_host": "127.0.0.1"}
@@ -115,3 +117,22 @@ def test_the_node_process_refuses_to_start_in_one_line(
     assert proc.stderr.count("\n") == 1 and why in proc.stderr, proc.stderr
     assert proc.stderr.startswith("p2preg node: ")
     assert not (tmp_path / "data").exists()  # refused before touching anything
+
+
+def test_reading_the_config_for_its_upstreams_needs_no_certificate(tmp_path: Path) -> None:
+    """`p2preg containerd-config` reads node.toml in an init container that holds no
+    certificate: loading it must not run the serving checks the node runs at start."""
+    toml = tmp_path / "node.toml"
+    toml.write_text('upstream = ["seed.test=http://127.0.0.1:9"]\ntracker = "https://t.example:6969"\n'
+                    f'tls_dir = "{tmp_path / "not-mounted-here"}"\n')
+    config = load(NodeConfig, file=toml)
+    with pytest.raises(ConfigError, match="not-mounted-here: not a directory"):
+        config.check_serving()
+    hosts = tmp_path / "certs.d"
+    proc = subprocess.run(
+        [sys.executable, "-m", "p2preg", "containerd-config", "--config", str(toml),
+         "--hosts-dir", str(hosts), "--containerd-config", str(tmp_path / "absent.toml")],
+        capture_output=True, text=True, timeout=60, env=clean_env(drop_prefixes=["P2PREG_"]),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (hosts / "seed.test" / "hosts.toml").is_file()
