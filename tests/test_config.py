@@ -84,7 +84,7 @@ def test_the_component_key_table_matches_every_component() -> None:
     } == COMPONENT_KEYS
 
 
-def test_tls_dir_is_checked_at_load_and_names_the_bad_file(tmp_path: Path) -> None:
+def test_tls_dir_is_checked_and_names_the_bad_file(tmp_path: Path) -> None:
     from p2preg.core.pki import Identity, issue, make_ca
     from tracker.config import TrackerConfig
 
@@ -103,8 +103,11 @@ def test_tls_dir_is_checked_at_load_and_names_the_bad_file(tmp_path: Path) -> No
     assert tracker.tls_dir == tmp_path / "tracker"
     assert load(TrackerConfig, env={"P2PREG_INSECURE": "true"}).insecure is True
 
+    # The node reads its files when it starts serving (containerd-config reads the
+    # same config for its upstreams, without the certificate).
+    wrong = load(NodeConfig, env={**node_env, "P2PREG_TLS_DIR": str(tmp_path / "tracker")})
     with pytest.raises(ConfigError, match=r"a tracker certificate .* this node needs a node"):
-        load(NodeConfig, env={**node_env, "P2PREG_TLS_DIR": str(tmp_path / "tracker")})
+        wrong.check_serving()
     with pytest.raises(ConfigError, match="give tls_dir or insecure, not both"):
         load(NodeConfig, env=node_env, cli={"insecure": True})
     (tmp_path / "tracker" / "tls.key").unlink()

@@ -53,9 +53,6 @@ INSTALL_DIR = Path("/opt/p2preg")
 ENTRYPOINT = INSTALL_DIR / ".venv" / "bin" / "p2preg"
 # The unprivileged user of the image, the pods, and the files handed to them.
 UID = 65532
-# The node's TLS peer port (its `s` listen interface): 6882 in the base, beside
-# peer_port. Tie it to the node's setting once that lands (tls-node).
-PEER_TLS_PORT = 6882
 TRACKER_METRICS_PORT = 6970
 CSI = "csi.cert-manager.io"
 ISSUER = "p2preg-ca"
@@ -81,6 +78,8 @@ def _default(cls: type[Any], name: str) -> Any:
 NODE_LISTEN: HostPort = _default(NodeConfig, "listen")
 NODE_DATA_DIR: Path = _default(NodeConfig, "data_dir")
 PEER_PORT: int = _default(NodeConfig, "peer_port")
+# The node's TLS peer port (its `s` listen interface), the only one it opens with a tls_dir.
+PEER_TLS_PORT: int = _default(NodeConfig, "peer_ssl_port")
 TRACKER_LISTEN: HostPort = _default(TrackerConfig, "listen")
 TRACKER_DATA_DIR: Path = _default(TrackerConfig, "data_dir")
 
@@ -428,10 +427,10 @@ def test_the_node_runs_on_the_host_network_with_the_codes_ports_and_paths(
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     metrics = HostPort.from_config(node_toml["metrics_listen"])
     assert ports == {
-        "registry": NODE_LISTEN.port, "metrics": metrics.port, "bittorrent": PEER_PORT,
-        "bittorrent-tls": PEER_TLS_PORT,
+        "registry": NODE_LISTEN.port, "metrics": metrics.port, "bittorrent-tls": PEER_TLS_PORT,
     }
-    assert node_toml["peer_port"] == PEER_PORT
+    # A TLS node opens only its SSL peer port: that is the port the base names.
+    assert node_toml["peer_ssl_port"] == PEER_TLS_PORT and "peer_port" not in node_toml
     assert int(node["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]) == (
         metrics.port
     )
@@ -667,7 +666,7 @@ def test_only_nodes_reach_the_tracker_and_peers_and_only_prometheus_the_metrics(
             ([PROMETHEUS], {tracker_ports["metrics"]}),
         ]),
         "p2preg-node": (node, [
-            (nodes_only, {node_ports["bittorrent"], node_ports["bittorrent-tls"]}),
+            (nodes_only, {node_ports["bittorrent-tls"]}),
             ([PROMETHEUS], {node_ports["metrics"]}),
         ]),
     }

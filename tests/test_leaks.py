@@ -11,12 +11,20 @@ file itself) and every process's command line are searched for the cluster
 token, each node's admin token and the registry password, raw and URL-quoted.
 The test checks that the alert it relies on was logged (redacted by
 `redact_urls`, not merely blanked by the formatter's last defence), so it
-fails if that redaction is removed. `mode` is a parameter so that the same
-run covers the TLS cluster once its wire lands.
+fails if that redaction is removed.
+
+`mode` "tls" runs the same cluster with certificates instead of a token: a
+cluster CA, a tracker whose certificate names 127.0.0.1, each node with its
+own certificate, the tracker's protocol over mutual TLS. There the secrets are
+also every private key (each tls.key, the CA's key), searched for whole, as
+the scalar's hex, and as each base64 line of the PEM that holds a byte of the
+scalar; responses from the tracker's main
+port are read with a node's certificate, and its plain metrics listener too.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 from contextlib import ExitStack
@@ -25,12 +33,15 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from harness.images import OciLayout
 from harness.node import NodeProcess, open_node
 from harness.procs import Process, free_port, wait_until
 from harness.registry import Registry, open_registry
 from harness.skopeo import push
+from harness.tlscerts import ClusterCA, client_ssl_context
 from harness.tracker import TrackerProcess, open_tracker
 from p2preg.core.logs import URL_REDACTED
 from tests.conftest import ImageVariant
@@ -41,8 +52,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SEED_NS = "seed.test"
 USER = "leak-test-puller"
-# Token clusters today; "tls" joins once the TLS wire is on main (issue 12).
-MODES = ["token"]
+MODES = ["token", "tls"]
 
 
 def _secrets_in(text: str, secrets_: dict[str, str]) -> list[str]:
@@ -59,26 +69,50 @@ def _json_lines(process: Process) -> list[dict[str, object]]:
     return [json.loads(line) for line in lines]  # JSON only: a stray line would fail here
 
 
+def _key_secrets(pems: dict[str, bytes]) -> dict[str, str]:
+    """Each key whole, its private scalar in hex, and each base64 line of the PEM that
+    carries a byte of that scalar (a log may quote a fragment). Lines of only the
+    public point are left out: every certificate carries those bytes too."""
+    out = {}
+    for name, pem in pems.items():
+        key = serialization.load_pem_private_key(pem, password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey), name
+        scalar = key.private_numbers().private_value.to_bytes(key.curve.key_size // 8, "big")
+        lines = pem.decode().splitlines()[1:-1]
+        der = base64.b64decode("".join(lines))
+        start = der.index(scalar)
+        line_bytes = len(base64.b64decode(lines[0]))
+        first, last = start // line_bytes, (start + len(scalar) - 1) // line_bytes
+        out[name] = pem.decode()
+        out[f"{name}, scalar"] = scalar.hex()
+        out.update({f"{name}, line {i}": lines[i] for i in range(first, last + 1)})
+    return out
+
+
 def _start_node(
     stack: ExitStack, workdir: Path, name: str, registry: Registry, tracker_url: str,
-    mode: str, cluster_token: str, credentials: Path,
+    cluster_token: str, credentials: Path, tls_dir: Path | None,
 ) -> NodeProcess:
     args = ["--node-name", name, "--tracker", tracker_url, "--peer-host", "127.0.0.1",
-            "--peer-port", "0", "--p2p-min-bytes", "0", "--log-json", "--log-level", "DEBUG",
-            "--credentials-file", str(credentials)]
-    env = {"P2PREG_TRACKER_TOKEN": cluster_token} if mode == "token" else {}
+            "--peer-port", "0", "--peer-ssl-port", "0", "--p2p-min-bytes", "0",
+            "--log-json", "--log-level", "DEBUG", "--credentials-file", str(credentials)]
+    env = {"P2PREG_TRACKER_TOKEN": cluster_token} if tls_dir is None else {}
     return stack.enter_context(open_node(
         workdir / name, [f"{SEED_NS}={registry.url}"], args=tuple(args), env=env, name=name,
+        tls_dir=tls_dir,
     ))
 
 
 def _start_tracker(
-    stack: ExitStack, workdir: Path, mode: str, cluster_token: str, port: int
+    stack: ExitStack, workdir: Path, cluster_token: str, ports: tuple[int, int],
+    tls_dir: Path | None,
 ) -> TrackerProcess:
     args = ("--log-json", "--log-level", "DEBUG", "--announce-interval-s", "2",
             "--min-announce-interval-s", "1", "--peer-ttl-s", "30")
-    token = cluster_token if mode == "token" else None
-    return stack.enter_context(open_tracker(workdir, port=port, token=token, args=args))
+    token = cluster_token if tls_dir is None else None
+    return stack.enter_context(open_tracker(
+        workdir, port=ports[0], token=token, args=args, tls_dir=tls_dir, metrics_port=ports[1],
+    ))
 
 
 def _pull(node: NodeProcess, repository: str, digests: list[str]) -> None:
@@ -92,10 +126,18 @@ def _swarm_alerts(node: NodeProcess) -> list[str]:
             if r["logger"] == "p2preg.node.swarm" and "tracker_error" in str(r["msg"])]
 
 
-def _responses(tracker_url: str, nodes: list[NodeProcess], token: str) -> list[str]:
+def _responses(
+    tracker: TrackerProcess, nodes: list[NodeProcess], token: str, tls_dir: Path | None
+) -> list[str]:
     """Everything an outsider or an operator can read back, error bodies included."""
     out = []
-    with httpx.Client(timeout=10, trust_env=False) as http:
+    if tracker.metrics_url is not None:
+        for path in ("/metrics", "/healthz", "/v1/status"):
+            r = httpx.get(tracker.metrics_url + path, timeout=10, trust_env=False)
+            out.append(r.text + str(r.headers))
+    verify = True if tls_dir is None else client_ssl_context(tls_dir)
+    tracker_url = tracker.url
+    with httpx.Client(timeout=10, trust_env=False, verify=verify) as http:
         for node in nodes:
             for path in ("/metrics", "/healthz", "/_p2preg/status", "/v2/"):
                 out.append(http.get(node.url + path).text)
@@ -123,6 +165,14 @@ def test_no_secret_in_logs_responses_files_or_argv(
     mode: str, tmp_path: Path, image_layouts: dict[ImageVariant, OciLayout]
 ) -> None:
     cluster_token = "ct-" + secrets.token_urlsafe(24)
+    ca = ClusterCA.make("leaks")
+    certs = tmp_path / "certs"
+    tracker_tls: Path | None = None
+    node_tls: dict[str, Path] = {}
+    if mode == "tls":
+        tracker_tls = ca.tls_dir(certs / "tracker", "tracker", "t", ips=["127.0.0.1"])
+        node_tls = {f"node{i}": ca.tls_dir(certs / f"node{i}", "node", f"node{i}")
+                    for i in range(3)}
     password = "pw-" + secrets.token_urlsafe(24)
     credentials = tmp_path / "credentials.toml"
     credentials.write_text(f'["{SEED_NS}"]\nusername = "{USER}"\npassword = "{password}"\n')
@@ -137,11 +187,13 @@ def test_no_secret_in_logs_responses_files_or_argv(
                      creds=f"{USER}:{password}")
         second = push(image_layouts["index"], registry.host, "team/two",
                       creds=f"{USER}:{password}")
-        port = free_port()
+        ports = (free_port(), free_port())
         tracker_stack = stack.enter_context(ExitStack())
-        tracker = _start_tracker(tracker_stack, tmp_path / "tracker", mode, cluster_token, port)
-        nodes = [_start_node(stack, tmp_path, f"node{i}", registry, tracker.url, mode,
-                             cluster_token, credentials) for i in range(3)]
+        tracker = _start_tracker(
+            tracker_stack, tmp_path / "tracker", cluster_token, ports, tracker_tls
+        )
+        nodes = [_start_node(stack, tmp_path, f"node{i}", registry, tracker.url, cluster_token,
+                             credentials, node_tls.get(f"node{i}")) for i in range(3)]
         digests = [b.digest for b in first.blobs]
         for node in nodes:
             _pull(node, first.repository, digests)
@@ -152,19 +204,26 @@ def test_no_secret_in_logs_responses_files_or_argv(
         wait_until(lambda: all(_swarm_alerts(n) for n in nodes), timeout_s=60,
                    what="every node to log a tracker error alert", interval_s=0.2)
         tracker_stack.close()
-        tracker = _start_tracker(stack, tmp_path / "tracker", mode, cluster_token, port)
+        tracker = _start_tracker(stack, tmp_path / "tracker", cluster_token, ports, tracker_tls)
         for node in nodes:
             _pull(node, second.repository, [b.digest for b in second.blobs])
 
         admin_tokens = {n.process.name: n.admin_token_file.read_text().strip() for n in nodes}
         secret_values = {"cluster token": cluster_token, "registry password": password,
                          **{f"admin token of {k}": v for k, v in admin_tokens.items()}}
+        if mode == "tls":
+            keys = {"the CA's key": ca.ca.key_pem}
+            keys.update({f"{d.name}'s tls.key": (d / "tls.key").read_bytes()
+                         for d in certs.iterdir()})
+            secret_values.update(_key_secrets(keys))
 
         # The alerts were logged, with the URL's query redacted by redact_urls itself.
         for node in nodes:
             alerts = _swarm_alerts(node)
             if mode == "token":
                 assert any(f"/announce?token={URL_REDACTED}" in a for a in alerts), alerts
+            else:  # no query to redact: the URL is logged as it is
+                assert any(f"{tracker.url}/announce" in a for a in alerts), alerts
         # Logs: every line of every process, JSON at DEBUG.
         for node in nodes:
             assert any(r["level"] == "debug" for r in _json_lines(node.process)), node
@@ -172,11 +231,12 @@ def test_no_secret_in_logs_responses_files_or_argv(
             text = process.log_path.read_text()
             assert not _secrets_in(text, secret_values), (process.name, process.log_path)
         # Responses, error bodies included.
-        for body in _responses(tracker.url, nodes, cluster_token):
+        for body in _responses(tracker, nodes, cluster_token, node_tls.get("node0")):
             assert not _secrets_in(body, secret_values), body[:500]
-        # Files: the data directories, but for each node's own admin token file.
-        skip = {n.admin_token_file for n in nodes}
-        for directory in [tracker.data_dir, *(n.data_dir for n in nodes)]:
+        # Files: the data directories, but for each node's own admin token
+        # file, and the certificates, but for the key files themselves.
+        skip = {n.admin_token_file for n in nodes} | set(certs.rglob("tls.key"))
+        for directory in [tracker.data_dir, *(n.data_dir for n in nodes), certs]:
             for path, data in _files(directory, skip):
                 text = data.decode("latin-1")
                 assert not _secrets_in(text, secret_values), path

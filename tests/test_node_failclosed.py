@@ -36,7 +36,7 @@ def _loaded(**cli: Any) -> NodeConfig:
 def _config(**cli: Any) -> NodeConfig:
     """Loaded and checked as the node does at start."""
     config = _loaded(**cli)
-    config.check_exposure()
+    config.check_serving()
     return config
 
 
@@ -61,7 +61,7 @@ def test_plain_text_beyond_loopback_is_refused_unless_insecure(
 ) -> None:
     config = _loaded(**cli)  # loading alone refuses nothing: containerd-config reads it
     with pytest.raises(ConfigError, match=why) as refused:
-        config.check_exposure()
+        config.check_serving()
     assert "give tls_dir" in str(refused.value) and "\n" not in str(refused.value)
     assert _config(**cli, insecure=True).insecure
 
@@ -123,3 +123,22 @@ def test_the_node_process_refuses_to_start_in_one_line(
     assert proc.stderr.count("\n") == 1 and why in proc.stderr, proc.stderr
     assert proc.stderr.startswith("p2preg node: ")
     assert not (tmp_path / "data").exists()  # refused before touching anything
+
+
+def test_reading_the_config_for_its_upstreams_needs_no_certificate(tmp_path: Path) -> None:
+    """`p2preg containerd-config` reads node.toml in an init container that holds no
+    certificate: loading it must not run the serving checks the node runs at start."""
+    toml = tmp_path / "node.toml"
+    toml.write_text('upstream = ["seed.test=http://127.0.0.1:9"]\ntracker = "https://t.example:6969"\n'
+                    f'tls_dir = "{tmp_path / "not-mounted-here"}"\n')
+    config = load(NodeConfig, file=toml)
+    with pytest.raises(ConfigError, match="not-mounted-here: not a directory"):
+        config.check_serving()
+    hosts = tmp_path / "certs.d"
+    proc = subprocess.run(
+        [sys.executable, "-m", "p2preg", "containerd-config", "--config", str(toml),
+         "--hosts-dir", str(hosts), "--containerd-config", str(tmp_path / "absent.toml")],
+        capture_output=True, text=True, timeout=60, env=clean_env(drop_prefixes=["P2PREG_"]),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (hosts / "seed.test" / "hosts.toml").is_file()

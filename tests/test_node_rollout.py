@@ -17,12 +17,12 @@ import httpx
 import pytest
 
 from harness.images import build_image
-from harness.node import NodeProcess, open_node
+from harness.node import NodeProcess, metric_value, open_node
 from harness.registry import Registry
 from harness.skopeo import push
 from harness.tlscerts import ClusterCA
-from harness.tracker import open_tracker
-from tests.fixtures.tls_tracker import server_tls_dir, tiny_tracker
+from harness.tracker import TrackerProcess, open_tracker
+from tracker.tls_gate import REFUSAL_REASONS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -80,10 +80,16 @@ def test_a_certificate_node_at_a_token_tracker_falls_back_and_serves(
     assert "PRIVATE KEY" not in log and TOKEN not in log
 
 
+def _tracker_metrics(tracker: TrackerProcess) -> str:
+    assert tracker.metrics_url is not None
+    return httpx.get(f"{tracker.metrics_url}/metrics", timeout=10).text
+
+
 def test_a_token_node_at_a_certificate_tracker_falls_back_and_serves(
     tmp_path: Path, registry: Registry, layer: tuple[str, int], ca: ClusterCA
 ) -> None:
-    with tiny_tracker(server_tls_dir(ca, tmp_path / "tracker", ips=("127.0.0.1",))) as tracker:
+    tracker_tls = ca.tls_dir(tmp_path / "tracker-tls", "tracker", "t", ips=["127.0.0.1"])
+    with open_tracker(tmp_path / "tracker", tls_dir=tracker_tls) as tracker:
         with open_node(
             tmp_path / "node",
             [f"{SEED_NS}={registry.url}"],
@@ -91,8 +97,18 @@ def test_a_token_node_at_a_certificate_tracker_falls_back_and_serves(
             env={"P2PREG_TRACKER_TOKEN": TOKEN},
         ) as node:
             _serves_verified(node, *layer)
-        # The node did not trust the tracker's certificate (not from a public CA),
-        # so no request, and no token, ever reached it.
-        assert tracker.seen == []
+        # The node did not trust the tracker's certificate (not from a public CA)
+        # and the tracker wants one from the node: no request, and no token, ever
+        # reached it. It counted the handshakes it refused.
+        metrics = _tracker_metrics(tracker)
+        assert "p2preg_tracker_metainfo 0.0" in metrics and "p2preg_tracker_peers 0.0" in metrics
+        assert metric_value(metrics, "p2preg_tracker_metainfo") == 0
+        assert metric_value(metrics, "p2preg_tracker_peers") == 0
+        refused = sum(
+            metric_value(metrics, "p2preg_tracker_tls_refusals_total", reason=r)
+            for r in REFUSAL_REASONS
+        )
+        assert refused >= 1
+        assert TOKEN not in tracker.process.log_path.read_text()
     log = node.process.log_path.read_text()
     assert "falling back to upstream (tracker)" in log and TOKEN not in log

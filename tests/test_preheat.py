@@ -5,7 +5,8 @@ nodes of a three-node cluster with K=2, checks with the tracker itself that
 every blob has metainfo and two seeders, and then has a real containerd pull
 the image through the third node: the seed registry's own log shows that the
 pull cost it zero blob bytes, and the other platform's blobs were never
-fetched at all.
+fetched at all. Against a mutual-TLS tracker preheat confirms as a node
+(`--tls-dir`), and says in one line when it has no certificate to show.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from harness.node import NodeProcess, open_node
 from harness.procs import clean_env
 from harness.registry import Registry
 from harness.skopeo import push
+from harness.tlscerts import ClusterCA
 from harness.tracker import TrackerProcess, open_tracker
 from p2preg.core import wire
 from p2preg.node.imagerefs import (
@@ -248,3 +250,40 @@ def test_the_token_comes_from_the_environment_or_a_file(
     assert read_token(argparse.Namespace()) == "from-node-env"
     (tmp_path / "t").write_text("from-file\n")
     assert read_token(argparse.Namespace(token_file=str(tmp_path / "t"))) == "from-file"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_preheat_confirms_with_a_mutual_tls_tracker_as_a_node(
+    registry: Registry, index_layout: OciLayout, tmp_path: Path
+) -> None:
+    image = push(index_layout, registry.host, "team/app")
+    ref = f"{SEED_NS}/{image.repository}:{image.tag}"
+    ca = ClusterCA.make("preheat")
+    tracker_tls = ca.tls_dir(tmp_path / "certs" / "t", "tracker", "t", ips=["127.0.0.1"])
+    node_tls = ca.tls_dir(tmp_path / "certs" / "n", "node", "node0")
+    with (
+        open_tracker(tmp_path / "tracker", tls_dir=tracker_tls) as tracker,
+        open_node(tmp_path / "node0", [f"{SEED_NS}={registry.url}"], tls_dir=node_tls,
+                  args=("--tracker", tracker.url, "--peer-host", "127.0.0.1", "--peer-port",
+                        "0", "--peer-ssl-port", "0", "--p2p-min-bytes", "0")) as node,
+    ):
+        run = ("preheat", ref, "--node", node.url, "--platform", "linux/amd64",
+               "--admin-token-file", str(node.admin_token_file))
+        # The tracker comes from the node's status: https, and no certificate to show.
+        blind = _p2preg(*run, "--json")
+        assert blind.returncode == 1, blind.stderr
+        problem = json.loads(blind.stdout)["problem"]
+        assert problem.startswith(f"the tracker {tracker.url} wants a client certificate")
+        # Named, it is a one-line error before anything is fetched.
+        named = _p2preg(*run, "--tracker", tracker.url)
+        assert named.returncode == 2 and named.stderr.count("\n") == 1, named.stderr
+        assert "give --tls-dir DIR" in named.stderr
+        # With the node's certificate: confirmed by the tracker, blob by blob.
+        proc = _p2preg(*run, "--json", "--tls-dir", str(node_tls))
+        assert proc.returncode == 0, proc.stderr
+        rows = json.loads(proc.stdout)["blobs"]
+        assert {r["digest"] for r in rows} == {
+            b.digest for b in image.for_platform("linux/amd64").blobs
+        }
+        assert all(r["metainfo"] and r["seeders"] >= 1 for r in rows), rows

@@ -3,7 +3,9 @@
 A node fetches blobs from a real seed registry (alone, then in a swarm with a
 token-protected tracker); `p2preg status` run as a command shows its store,
 bytes by source, peers and recent fetches, and the tracker's swarms and
-seeders, and refuses to show the tracker's blob list without the token.
+seeders, and refuses to show the tracker's blob list without the token. Over
+mutual TLS it shows a node's certificate (`--tls-dir`), and says in one line
+what is missing or refused.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from harness.node import open_node
 from harness.procs import clean_env, free_port, wait_until
 from harness.registry import Registry
 from harness.skopeo import push
+from harness.tlscerts import ClusterCA
 from harness.tracker import open_tracker
 from p2preg.core import wire
 from tests.conftest import MakeNode, PushImage
@@ -131,3 +134,49 @@ def test_a_swarming_node_and_the_tracker(registry: Registry, tmp_path: Path) -> 
 def test_an_unreachable_node_is_a_clear_error() -> None:
     proc = _status("--node", f"http://127.0.0.1:{free_port()}")
     assert proc.returncode == 1 and proc.stderr.startswith("p2preg status:")
+
+
+def test_the_tracker_over_mutual_tls_shows_itself_to_a_node_certificate(
+    registry: Registry, tmp_path: Path
+) -> None:
+    layout = build_image(tmp_path / "layout", seed="status-tls", layer_sizes=(2 * MiB,))
+    image = push(layout, registry.host, "team/app")
+    (layer,) = image.manifests[0].layers
+    ca = ClusterCA.make("status")
+    tracker_tls = ca.tls_dir(tmp_path / "certs" / "t", "tracker", "t", ips=["127.0.0.1"])
+    node_tls = ca.tls_dir(tmp_path / "certs" / "n", "node", "status-node")
+    with open_tracker(tmp_path / "tracker", tls_dir=tracker_tls) as tracker:
+        args = ("--tracker", tracker.url, "--peer-host", "127.0.0.1", "--peer-port", "0",
+                "--peer-ssl-port", "0")
+        with open_node(tmp_path / "node", [f"{SEED_NS}={registry.url}"], args=args,
+                       tls_dir=node_tls) as node:
+            url = f"{node.url}/v2/{image.repository}/blobs/{layer.digest}"
+            assert httpx.get(url, timeout=60).status_code == 200
+            mine = ("--tracker", tracker.url, "--json", "--tls-dir", str(node_tls))
+
+            def seeded() -> bool:
+                proc = _status(*mine)
+                return proc.returncode == 0 and json.loads(proc.stdout)["tracker"]["seeders"] == 1
+
+            wait_until(seeded, timeout_s=20, what="the tracker to count the node as a seeder")
+            (row,) = json.loads(_status(*mine).stdout)["tracker"]["busiest"]
+            assert row["digest"] == layer.digest and row["published_by"] == "status-node"
+
+            # Without a certificate, with another CA's, beside a token: one line each.
+            stranger_ca = ClusterCA.make("status")
+            stranger = stranger_ca.tls_dir(tmp_path / "certs" / "s", "node", "s",
+                                           trust=stranger_ca.cert_pem + ca.cert_pem)
+            token_file = tmp_path / "token"
+            token_file.write_text("a-token\n")
+            cases = [
+                ((), 2, f"the tracker {tracker.url} wants a client certificate: give --tls-dir"),
+                (("--tls-dir", str(stranger)), 1, "p2preg status: tracker"),
+                (("--tls-dir", str(tmp_path / "absent")), 2, "absent: not a directory"),
+                (("--tls-dir", str(node_tls), "--token-file", str(token_file)), 2,
+                 "give --tls-dir or --token-file, not both"),
+            ]
+            for extra, status, message in cases:
+                proc = _status("--tracker", tracker.url, *extra)
+                assert proc.returncode == status, (extra, proc.stderr)
+                assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+                assert "Traceback" not in proc.stderr and "PRIVATE" not in proc.stderr

@@ -1,36 +1,41 @@
 """The node's swarm over TLS (p2preg/node/swarm.py, peertls.py): real libtorrent sessions.
 
 Two nodes' `Swarm`s with certificates from one cluster CA move a blob over their
-SSL ports, finding each other through a tiny HTTPS tracker that requires client
-certificates (tests/fixtures/tls_tracker.py): so the announces showed the node's
-certificate. A bare libtorrent session holding the metainfo — with no
-certificate, another CA's, an expired one, or speaking plain BitTorrent — gets
-no byte from a node, and the node counts the refused handshake. Real time here:
-libtorrent runs its own threads.
+SSL ports, finding each other through the real tracker under mutual TLS
+(`serve_tracker` in the test's trio run), which admits only node certificates
+of its cluster: so the announces showed the node's certificate. A bare
+libtorrent session holding the metainfo — with no certificate, another CA's,
+an expired one, or speaking plain BitTorrent — gets no byte from a node, and
+the node counts the refused handshake. Real time here: libtorrent runs its own
+threads.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote_from_bytes
 
 import libtorrent as lt
 import pytest
 import trio
 
-from harness.tlscerts import ClusterCA, expired_tls_dir
+from harness.node import metric_value
+from harness.tlscerts import ClusterCA, expired_tls_dir, https_client
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
 from p2preg.core.tls import ReloadingTLS
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.peertls import PeerTLS, write_dh_params
 from p2preg.node.swarm import Swarm, listen_interfaces, open_swarm
-from tests.fixtures.tls_tracker import TinyTracker, server_tls_dir, tiny_tracker
+from tests.tracker_helpers import running_tracker
+from tracker.client import open_tracker_client
 from tracker.metainfo import make_metainfo
 
 pytestmark = pytest.mark.slow
@@ -43,10 +48,31 @@ def ca() -> ClusterCA:
     return ClusterCA.make("swarmtls")
 
 
-@pytest.fixture
-def tracker(ca: ClusterCA, tmp_path: Path) -> Any:
-    with tiny_tracker(server_tls_dir(ca, tmp_path / "tracker", ips=("127.0.0.1",))) as t:
-        yield t
+@asynccontextmanager
+async def tls_tracker(tmp_path: Path, ca: ClusterCA, meta: Metainfo) -> AsyncIterator[str]:
+    """The real tracker under mutual TLS, holding `meta` (it refuses unknown info-hashes)."""
+    tls_dir = ca.tls_dir(tmp_path / "tracker-tls", "tracker", "t", ips=["127.0.0.1"])
+    async with running_tracker(tmp_path, tls_dir=tls_dir) as url:
+        publisher = ReloadingTLS(ca.tls_dir(tmp_path / "pub-tls", "node", "pub"), role="node")
+        async with open_tracker_client(url, node="pub", tls=publisher) as client:
+            await client.publish_metainfo(meta.digest, meta.size, meta.data)
+        yield url
+
+
+async def _tracker_view(
+    url: str, tls_dir: Path, meta: Metainfo
+) -> tuple[set[int], dict[str, float], str]:
+    """What a third node learns from the tracker: the peers' ports, its refusals, metrics."""
+    (ih,) = meta.swarm_keys
+    query = (f"info_hash={quote_from_bytes(ih)}&peer_id={'-XX0000-' + '9' * 12}&port=9"
+             "&uploaded=0&downloaded=0&left=1&compact=1&numwant=50")
+    async with https_client(tls_dir, headers={"Connection": "close"}) as http:
+        peers = lt.bdecode((await http.get(f"{url}/announce?{query}")).content)[b"peers"]
+        metrics = (await http.get(f"{url}/metrics")).text
+    ports = {int.from_bytes(peers[i + 4 : i + 6], "big") for i in range(0, len(peers), 6)}
+    found = re.findall(r'^p2preg_tracker_tls_refusals_total\{reason="(\w+)"\} (\S+)$',
+                       metrics, re.M)
+    return ports, {r: float(n) for r, n in found}, metrics
 
 
 def _blob(tmp_path: Path, ca: ClusterCA) -> tuple[Path, Metainfo]:
@@ -58,10 +84,17 @@ def _blob(tmp_path: Path, ca: ClusterCA) -> tuple[Path, Metainfo]:
 
 @asynccontextmanager
 async def tls_swarm(
-    tmp_path: Path, ca: ClusterCA, name: str, announce: list[str], metrics: NodeMetrics
+    tmp_path: Path,
+    ca: ClusterCA,
+    name: str,
+    announce: list[str],
+    metrics: NodeMetrics,
+    issuer: ClusterCA | None = None,
 ) -> AsyncIterator[tuple[Swarm, PeerTLS]]:
+    """A node's swarm; its certificate is `issuer`'s (default `ca`'s), of `issuer`'s cluster."""
+    tls_dir = (issuer or ca).tls_dir(tmp_path / f"{name}-tls", "node", name)
     tls = PeerTLS(
-        ReloadingTLS(ca.tls_dir(tmp_path / f"{name}-tls", "node", name), role="node"),
+        ReloadingTLS(tls_dir, role="node"),
         tmp_path / name,
     )
     listen = listen_interfaces("127.0.0.1", 0, 0, tls=True)
@@ -76,30 +109,29 @@ def test_with_tls_only_the_ssl_interface_is_opened() -> None:
 
 
 async def test_two_nodes_with_certificates_from_one_ca_move_a_blob_over_the_ssl_port(
-    tmp_path: Path, ca: ClusterCA, tracker: TinyTracker
+    tmp_path: Path, ca: ClusterCA
 ) -> None:
     path, meta = _blob(tmp_path, ca)
-    announce = [tracker.url + "/announce"]
     a_metrics, b_metrics = NodeMetrics(), NodeMetrics()
+    viewer = ca.tls_dir(tmp_path / "c-tls", "node", "c")
     with trio.fail_after(60):
         async with (
-            tls_swarm(tmp_path, ca, "a", announce, a_metrics) as (a, _),
-            tls_swarm(tmp_path, ca, "b", announce, b_metrics) as (b, _),
+            tls_tracker(tmp_path, ca, meta) as url,
+            tls_swarm(tmp_path, ca, "a", [url + "/announce"], a_metrics) as (a, _),
+            tls_swarm(tmp_path, ca, "b", [url + "/announce"], b_metrics) as (b, _),
         ):
             a.seed(meta, path)
             assert await a.wait_announced(meta.digest, 20)
             got = await b.download(meta, stall_s=20, max_hash_failures=2)
             assert got.read_bytes() == path.read_bytes()
             assert b.peer_bytes(meta.digest) >= SIZE
-            # Both announced with their certificate, and each the port peers reach it on.
-            ports = {a.listen_port, b.listen_port}
-            announced = {
-                int.from_bytes(addr[4:], "big")
-                for swarm in tracker.peers.values()
-                for addr in swarm
-            }
-            assert ports <= announced
-    assert {"p2preg://swarmtls/node/a", "p2preg://swarmtls/node/b"} <= tracker.announcers()
+            # The tracker took both announces (it takes none without a node
+            # certificate of its cluster), each with the port peers reach it on,
+            # and refused no connection of theirs.
+            assert await b.wait_announced(meta.digest, 20)
+            ports, refusals, _ = await _tracker_view(url, viewer, meta)
+            assert {a.listen_port, b.listen_port} <= ports
+            assert set(refusals.values()) == {0.0}
     assert a_metrics.registry.get_sample_value("p2preg_peer_tls_refusals_total") == 0
 
 
@@ -190,23 +222,36 @@ def _plain_handshake(port: int, meta: Metainfo) -> bytes:
 
 
 async def test_renewed_certificate_files_reach_every_torrent(
-    tmp_path: Path, ca: ClusterCA, tracker: TinyTracker
+    tmp_path: Path, ca: ClusterCA
 ) -> None:
-    """A renewal (same CA, here a new name) is set again on a running torrent: its
-    next announce shows the new certificate."""
+    """A renewal is set again on a running torrent: its next announce shows the new
+    certificate. The first one names another cluster (the same CA signs for it),
+    which the tracker refuses; the renewed one is of the tracker's cluster."""
     path, meta = _blob(tmp_path, ca)
-    announce = [tracker.url + "/announce"]
+    viewer = ca.tls_dir(tmp_path / "c-tls", "node", "c")
+    elsewhere = ClusterCA("elsewhere", ca.ca)
     with trio.fail_after(60):
-        async with tls_swarm(tmp_path, ca, "a", announce, NodeMetrics()) as (a, peer_tls):
+        async with (
+            tls_tracker(tmp_path, ca, meta) as url,
+            tls_swarm(
+                tmp_path, ca, "a", [url + "/announce"], NodeMetrics(), issuer=elsewhere
+            ) as (a, peer_tls),
+        ):
             a.seed(meta, path)
-            assert await a.wait_announced(meta.digest, 20)
-            assert tracker.announcers() == {"p2preg://swarmtls/node/a"}
+            refusals: dict[str, float] = {}
+            while not refusals.get("wrong_cluster"):
+                a.reannounce(meta.digest)
+                await trio.sleep(0.2)
+                ports, refusals, _ = await _tracker_view(url, viewer, meta)
+            assert a.listen_port not in ports
             before = peer_tls.generation
-            ca.tls_dir(tmp_path / "a-tls", "node", "a-renewed")
+            ca.tls_dir(tmp_path / "a-tls", "node", "a")
             await until(lambda: peer_tls.generation != before)  # stats every 5 s
             # The swarm's watcher sets it within a second; until then announces
             # still show the old certificate.
-            while "p2preg://swarmtls/node/a-renewed" not in tracker.announcers():
+            while a.listen_port not in ports:
                 a.reannounce(meta.digest)
                 await trio.sleep(0.2)
+                ports, _, metrics = await _tracker_view(url, viewer, meta)
+            assert metric_value(metrics, "p2preg_tracker_seeders") == 1
 

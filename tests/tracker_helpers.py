@@ -76,7 +76,7 @@ def blob_meta(
 ) -> Metainfo:
     """Random bytes of `size` written under `tmp_path`, and their metainfo.
 
-    `root`: the cluster CA a TLS cluster's torrents carry (an SSL torrent).
+    `root` (a cluster CA's PEM) makes it the SSL torrent a TLS cluster's tracker takes.
     """
     data = os.urandom(size)
     digest = Digest.of(data)

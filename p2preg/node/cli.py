@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     # What libtorrent and the store create is the node user's alone (hostfiles.py).
     private_umask()
     config = config_from_args(args)
-    config.check_exposure()
+    config.check_serving()  # before any log line: a refusal is one line on stderr
     setup_logging(json_lines=config.log_json, level=log_level(getattr(args, "log_level", None)))
     logging.getLogger(__name__).info(
         "node: upstreams %s", ", ".join(f"{u.ns}={u.url}" for u in config.upstream)

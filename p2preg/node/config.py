@@ -159,28 +159,26 @@ class NodeConfig:
                 raise ConfigError(f"trusted_realms: {realm.ns!r} is not a configured upstream")
         if self.shutdown_grace_s < 0:
             raise ConfigError("shutdown_grace_s must be ≥ 0")
+        if self.tls_dir is not None and self.insecure:
+            raise ConfigError("give tls_dir or insecure, not both: a cluster is one or the other")
+        if self.tls_dir is not None and self.tracker_token is not None:
+            raise ConfigError(
+                "give tls_dir or tracker_token, not both: with certificates there is no token"
+            )
+
+    def check_serving(self) -> None:
+        """Fail closed before serving: the TLS files (read now) and what would go plain.
+
+        Not part of construction: `p2preg containerd-config` reads the same file
+        for its upstreams, in an init container that holds no certificate.
+        """
         if self.tls_dir is not None:
-            if self.insecure:
-                raise ConfigError(
-                    "give tls_dir or insecure, not both: a cluster is one or the other"
-                )
             identity = load_tls_dir(self.tls_dir, role="node").identity
-            if self.tracker_token is not None:
-                raise ConfigError(
-                    "give tls_dir or tracker_token, not both: with certificates there is no token"
-                )
             if self.node_name is not None and self.node_name != identity.name:
                 raise ConfigError(
                     f"node_name {self.node_name!r} is not {identity.name!r}, the name in the "
                     "certificate: with tls_dir the certificate names the node"
                 )
-
-    def check_exposure(self) -> None:
-        """Fail closed, at start: no plain peer wire or tracker link beyond loopback by accident.
-
-        At start rather than at load: containerd-config and the deploy tests read
-        a node.toml whose tls_dir comes on the node's command line.
-        """
         refusal = self._plain_beyond_loopback()
         if refusal is not None:
             raise ConfigError(

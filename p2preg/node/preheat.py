@@ -41,6 +41,7 @@ from rich.table import Table
 from p2preg.core import errors as tracker_errors
 from p2preg.core.config import ConfigError
 from p2preg.core.digest import Digest, DigestError
+from p2preg.core.tls import ReloadingTLS
 from p2preg.node.admin import PREHEAT_PREFIX, STATUS_PATH
 from p2preg.node.adminauth import ADMIN_TOKEN_ENV, admin_headers, read_admin_token
 from p2preg.node.imagerefs import (
@@ -52,7 +53,8 @@ from p2preg.node.imagerefs import (
     select_manifests,
 )
 from p2preg.node.manifest import DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, OCI_INDEX, OCI_MANIFEST
-from tracker.client import TrackerClient
+from p2preg.node.operator_tls import add_tls_argument, needs_tls_dir, read_tls
+from tracker.client import TrackerClient, open_tracker_client
 
 MANIFEST_ACCEPT = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
 # A scrape carries at most this many info-hashes (the tracker's default cap).
@@ -238,6 +240,7 @@ async def preheat(
     seeders: int,
     tracker_url: str | None,
     token: str | None,
+    tls: ReloadingTLS | None,
     admin_token: str,
     timeout_s: float,
     confirm_timeout_s: float,
@@ -276,9 +279,16 @@ async def preheat(
         if tracker_url is None:
             problem = "the nodes have no tracker: blobs are in their stores, not in a swarm"
             return Outcome(False, blobs, time.monotonic() - start, problem)
-        client = TrackerClient(tracker_url, node="p2preg-preheat", token=token, http=http)
+        if tls is None and tracker_url.startswith("https://"):
+            return Outcome(False, blobs, time.monotonic() - start, needs_tls_dir(tracker_url))
         try:
-            ready = await confirm(client, swarmed, seeders, confirm_timeout_s)
+            if tls is None:
+                client = TrackerClient(tracker_url, node="p2preg-preheat", token=token, http=http)
+                ready = await confirm(client, swarmed, seeders, confirm_timeout_s)
+            else:
+                name = tls.identity.name
+                async with open_tracker_client(tracker_url, node=name, tls=tls) as client:
+                    ready = await confirm(client, swarmed, seeders, confirm_timeout_s)
         except tracker_errors.TrackerError as e:
             return Outcome(False, blobs, time.monotonic() - start, f"tracker: {e}")
         problem = "" if ready else f"not every blob reached {seeders} seeder(s) in time"
@@ -353,6 +363,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--token-file", metavar="FILE", help="cluster token (default: $P2PREG_TRACKER_TOKEN)"
     )
+    add_tls_argument(p)
     p.add_argument(
         "--admin-token-file",
         metavar="FILE",
@@ -394,6 +405,8 @@ def run(args: argparse.Namespace) -> int:
             "preheat needs the nodes' admin token: --admin-token-file FILE "
             f"(or ${ADMIN_TOKEN_ENV}); a node writes <data_dir>/admin.token at start"
         )
+    tracker_url = getattr(args, "tracker", None)
+    tls = read_tls(args, tracker_url)
     try:
         images = [parse_image(i) for i in args.images]
         run_preheat = partial(
@@ -402,8 +415,9 @@ def run(args: argparse.Namespace) -> int:
             nodes,
             platforms=platforms,
             seeders=seeders,
-            tracker_url=getattr(args, "tracker", None),
-            token=read_token(args),
+            tracker_url=tracker_url,
+            token=None if tls is not None else read_token(args),
+            tls=tls,
             admin_token=admin_token,
             timeout_s=getattr(args, "timeout_s", 3600.0),
             confirm_timeout_s=getattr(args, "confirm_timeout_s", 60.0),

@@ -270,6 +270,7 @@ async def serve_node(
     # Refuses (ConfigError) a hypercorn/Quart it was not checked against; then
     # blob bodies go by sendfile and one bad connection cannot stop the server.
     hypercorn_internals.install()
+    config.check_serving()
     shutdown = trio.Event() if shutdown is None else shutdown
     async with open_node(config) as apps, trio.open_nursery() as nursery:
         hc = _server_config(config.listen, config.shutdown_grace_s)
