@@ -77,7 +77,6 @@ def _default(cls: type[Any], name: str) -> Any:
 
 NODE_LISTEN: HostPort = _default(NodeConfig, "listen")
 NODE_DATA_DIR: Path = _default(NodeConfig, "data_dir")
-PEER_PORT: int = _default(NodeConfig, "peer_port")
 # The node's TLS peer port (its `s` listen interface), the only one it opens with a tls_dir.
 PEER_TLS_PORT: int = _default(NodeConfig, "peer_ssl_port")
 TRACKER_LISTEN: HostPort = _default(TrackerConfig, "listen")
@@ -182,7 +181,7 @@ def test_the_image_matches_the_code() -> None:
     exposed = {int(p) for op, args in steps if op == "EXPOSE" for p in args.split()}
     metrics = HostPort.from_config(_toml(BASE / "node.toml")["metrics_listen"]).port
     assert exposed == {
-        NODE_LISTEN.port, metrics, PEER_PORT, PEER_TLS_PORT, TRACKER_LISTEN.port,
+        NODE_LISTEN.port, metrics, PEER_TLS_PORT, TRACKER_LISTEN.port,
         TRACKER_METRICS_PORT,
     }
     assert ("ENV", f"PATH={INSTALL_DIR}/.venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 "
@@ -734,7 +733,7 @@ def _one(section: list[tuple[str, str]], key: str) -> str:
 def test_the_sample_configs_load() -> None:
     node = load(NodeConfig, file=DEPLOY / "config/node.toml", env={})
     assert node.listen == NODE_LISTEN and node.data_dir == NODE_DATA_DIR
-    assert node.peer_port == PEER_PORT and node.metrics_listen is not None
+    assert node.peer_ssl_port == PEER_TLS_PORT and node.metrics_listen is not None
     assert node.tracker is not None and node.tracker.startswith("https://")
     tracker = load(TrackerConfig, file=DEPLOY / "config/tracker.toml", env={})
     assert tracker.listen.port == TRACKER_LISTEN.port and tracker.data_dir == TRACKER_DATA_DIR
