@@ -170,7 +170,7 @@ def test_the_tracker_over_mutual_tls_shows_itself_to_a_node_certificate(
             token_file.write_text("a-token\n")
             cases = [
                 ((), 2, f"the tracker {tracker.url} wants a client certificate: give --tls-dir"),
-                (("--tls-dir", str(stranger)), 1, "p2preg status: tracker"),
+                (("--tls-dir", str(stranger)), 1, "refuses this node's certificate"),
                 (("--tls-dir", str(tmp_path / "absent")), 2, "absent: not a directory"),
                 (("--tls-dir", str(node_tls), "--token-file", str(token_file)), 2,
                  "give --tls-dir or --token-file, not both"),

@@ -209,7 +209,9 @@ class TrackerClient:
                 self.base_url + path, headers=headers, timeout=self._timeout_s
             )
         except httpx.HTTPError as e:
-            raise errors.TrackerUnavailable(f"tracker {self.base_url}: {_why(e)}") from None
+            raise errors.TrackerUnavailable(
+                f"tracker {self.base_url}: {_why(e, tls=self._tls is not None)}"
+            ) from None
         self._check_server(response)
         if response.status_code >= 400:
             raise _error(response)
@@ -239,7 +241,9 @@ class TrackerClient:
                 timeout=self._timeout_s + extra_timeout_s,
             )
         except httpx.HTTPError as e:
-            raise errors.TrackerUnavailable(f"tracker {self.base_url}: {_why(e)}") from None
+            raise errors.TrackerUnavailable(
+                f"tracker {self.base_url}: {_why(e, tls=self._tls is not None)}"
+            ) from None
         self._check_server(response)
         if response.status_code >= 400:
             raise _error(response)
@@ -251,8 +255,19 @@ class TrackerClient:
             raise errors.TrackerUnavailable(f"tracker sent a bad reply: {e}") from None
 
 
-def _why(e: httpx.HTTPError) -> str:
+# A TLS 1.3 server checks the client's certificate after the client thinks the
+# handshake is done; the tracker then closes without a word (trio drops the alert).
+_REFUSED_AFTER_HANDSHAKE = (
+    "the tracker closed the TLS connection without an answer: if this repeats, it "
+    "refuses this node's certificate (another CA, expired, or not a node of its "
+    "cluster); its p2preg_tracker_tls_refusals_total says which"
+)
+
+
+def _why(e: httpx.HTTPError, *, tls: bool = False) -> str:
     """The exception, or the TLS failure under it: httpx's ConnectError says nothing itself."""
+    if tls and isinstance(e, httpx.RemoteProtocolError | httpx.ReadError):
+        return _REFUSED_AFTER_HANDSHAKE
     cause: BaseException | None = e
     for _ in range(5):  # a chain of a few wrappers at most
         if cause is None:
