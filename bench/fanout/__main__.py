@@ -72,6 +72,23 @@ def build_and_push(
     return pushed, image_bytes, workdir / "push" / "storage"
 
 
+def _run_order(settings: Settings) -> list[tuple[str, int]]:
+    """(mode, repeat) in the order they run.
+
+    Direct pulls are bound by U and repeat within a few percent: once, first.
+    The short, machine-bound runs are the noisy ones on a shared machine, so
+    their repeats are interleaved (client, p2p, p2p_tls, then again), and
+    with two p2p modes each repeat swaps which goes first: a change in the
+    machine's load, or a cache warmed by the run before, falls on both alike.
+    """
+    order = [("direct", 0)] if "direct" in settings.modes else []
+    p2p = [m for m in settings.modes if m != "direct"]
+    for k in range(settings.repeats):
+        client = [CLIENT] if settings.client_floor else []
+        order += [(m, k) for m in client + (p2p[::-1] if k % 2 else p2p)]
+    return order
+
+
 def _modes_for(
     n: int,
     settings: Settings,
@@ -84,21 +101,15 @@ def _modes_for(
     console: Console,
 ) -> list[RunResult]:
     results: list[RunResult] = []
-    modes = ([CLIENT] if settings.client_floor else []) + list(settings.modes)
-    for mode in modes:
-        # Direct pulls are bound by U and repeat within a few percent; the
-        # short, machine-bound runs are the noisy ones on a shared machine.
-        for k in range(1 if mode == "direct" else settings.repeats):
-            run_dir = workdir / f"run-{mode}-{n}-{k}"
-            run_dir.mkdir()
-            r = run_once(
-                mode, n, cluster, seed, fast, image, image_bytes, settings, run_dir, console
-            )
-            r.repeat = k
-            results.append(r)
-            console.print(run_line(r, image_bytes))
-            for failure in r.failures:
-                console.print(f"  [red]{failure}[/]")
+    for mode, k in _run_order(settings):
+        run_dir = workdir / f"run-{mode}-{n}-{k}"
+        run_dir.mkdir()
+        r = run_once(mode, n, cluster, seed, fast, image, image_bytes, settings, run_dir, console)
+        r.repeat = k
+        results.append(r)
+        console.print(run_line(r, image_bytes))
+        for failure in r.failures:
+            console.print(f"  [red]{failure}[/]")
     return results
 
 
@@ -118,7 +129,7 @@ def _first_copy(cluster: Cluster, workdir: Path, image_bytes: int, console: Cons
 def run_benchmark(settings: Settings, workdir: Path, console: Console) -> dict[str, Any]:
     results: list[RunResult] = []
     with ExitStack() as stack:
-        cluster = make_cluster(stack, settings)
+        cluster = make_cluster(stack, settings, workdir)
         pushed, image_bytes, storage = build_and_push(workdir, settings, console)
         console.print(
             f"image {REPO}: {len(pushed.blobs)} blobs, {image_bytes / MB:.1f} MB "
