@@ -137,13 +137,21 @@ def version_of(argv: list[str]) -> str:
 
 
 TLS_MODES = ("off",)
-"""What `--tls` accepts today; each run records its value, the baseline for a TLS change."""
+"""What `--tls` accepts where a benchmark has no TLS runs yet; each run records its value."""
 
 
-def add_tls_flag(parser: argparse.ArgumentParser) -> None:
+def add_tls_flag(parser: argparse.ArgumentParser, modes: tuple[str, ...] = TLS_MODES) -> None:
+    """`--tls` from `modes` (default off); a benchmark with TLS runs passes its own."""
+    helps = {
+        "off": "plain text",
+        "on": "mutual TLS, with a cluster CA made for the run",
+        "both": "plain and TLS runs side by side, interleaved",
+    }
     parser.add_argument(
         "--tls",
-        choices=TLS_MODES,
+        choices=modes,
         default="off",
-        help="TLS between the pieces under test (only 'off' for now; recorded in the JSON)",
+        help="TLS between the pieces under test: "
+        + "; ".join(f"{m}: {helps.get(m, m)}" for m in modes)
+        + " (off; recorded in the JSON)",
     )

@@ -8,6 +8,14 @@ the image on every node at once, shows each node's progress, and prints what
 each node got from peers and from upstream, and what the seed registry sent
 (counted from the registry's own log). Every process starts and stops through
 harness/ (by pid, also on Ctrl-C); the demo must not start one any other way.
+
+By default the cluster runs over TLS, as a real one should: the demo makes its
+own cluster CA (harness.tlscerts, in memory), a tracker certificate naming
+127.0.0.1 (libtorrent checks the tracker's hostname against an IP SAN) and one
+certificate per node, whose name is the node's name. The tracker then speaks
+HTTPS only and wants every node's certificate; the nodes swap blobs over
+libtorrent SSL torrents rooted at that CA. The summary says what ran over TLS.
+`--tls off` runs the same cluster in plain text (everything is on loopback).
 """
 
 from __future__ import annotations
@@ -27,12 +35,27 @@ from rich.table import Table
 from harness.containerd import Containerd, open_containerd, write_hosts_toml
 from harness.images import PushedImage, build_image
 from harness.node import NodeProcess, metric_value, open_node
+from harness.procs import http_get
 from harness.registry import Registry, open_registry
 from harness.skopeo import push
-from harness.tracker import open_tracker
+from harness.tlscerts import ClusterCA
+from harness.tracker import TrackerProcess, open_tracker
 
 SEED_NS = "seed.demo"
+CLUSTER = "demo"
 MiB = 1024 * 1024
+# Everything is on loopback: ports are free ones, the SSL peer port too.
+LOOPBACK_PEERS = ("--peer-host", "127.0.0.1", "--peer-port", "0", "--peer-ssl-port", "0")
+
+
+def _metric_sum(text: str, name: str) -> float:
+    """The sum of every sample of `name` in Prometheus text, whatever its labels."""
+    total = 0.0
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample.partition("{")[0] == name:
+            total += float(value)
+    return total
 
 
 def _received(node: NodeProcess) -> float:
@@ -43,27 +66,41 @@ def _received(node: NodeProcess) -> float:
     )
 
 
+def _tls_dirs(workdir: Path, count: int) -> tuple[Path, list[Path]]:
+    """A cluster CA's tls_dirs: the tracker's (IP SAN 127.0.0.1) and one per node."""
+    ca = ClusterCA.make(CLUSTER)
+    certs = workdir / "certs"
+    certs.mkdir(mode=0o700)
+    tracker = ca.tls_dir(certs / "tracker", "tracker", "tracker", ips=("127.0.0.1",))
+    return tracker, [ca.tls_dir(certs / f"node{i}", "node", f"node{i}") for i in range(count)]
+
+
 def _start_nodes(
-    stack: ExitStack, workdir: Path, registry: Registry, count: int
-) -> tuple[list[NodeProcess], list[Containerd]]:
-    """A tracker, `count` nodes on it, and one containerd per node mirrored to it."""
+    stack: ExitStack, workdir: Path, registry: Registry, count: int, tls: bool
+) -> tuple[TrackerProcess, list[NodeProcess], list[Containerd]]:
+    """A tracker, `count` nodes on it, and one containerd per node mirrored to it.
+
+    With `tls`, each node's name comes from its certificate (`p2preg://demo/node/nodeI`).
+    """
     nodes: list[NodeProcess] = []
     daemons: list[Containerd] = []
-    tracker = stack.enter_context(open_tracker(workdir / "tracker"))
+    tracker_tls, node_tls = _tls_dirs(workdir, count) if tls else (None, [None] * count)
+    tracker = stack.enter_context(open_tracker(workdir / "tracker", tls_dir=tracker_tls))
     for i in range(count):
-        p2p = ("--tracker", tracker.url, "--peer-host", "127.0.0.1", "--peer-port", "0")
+        name = () if tls else ("--node-name", f"node{i}")
         node = stack.enter_context(
             open_node(
                 workdir / f"node{i}",
                 [f"{SEED_NS}={registry.url}"],
                 name=f"node{i}",
-                args=(*p2p, "--node-name", f"node{i}"),
+                args=("--tracker", tracker.url, *LOOPBACK_PEERS, *name),
+                tls_dir=node_tls[i],
             )
         )
         nodes.append(node)
         daemons.append(stack.enter_context(open_containerd(workdir / f"ctrd{i}")))
         write_hosts_toml(workdir / f"hosts{i}", SEED_NS, node.url)
-    return nodes, daemons
+    return tracker, nodes, daemons
 
 
 def _pull_all(
@@ -130,10 +167,39 @@ def _report(
     console.print(table)
 
 
+def _transport(console: Console, tracker: TrackerProcess, nodes: list[NodeProcess]) -> None:
+    """What crossed the cluster's links and how: the tracker's scheme, announces, peer bytes."""
+    # With mutual TLS the tracker's own port wants a certificate: its metrics are on a plain one.
+    text = http_get(f"{tracker.metrics_url or tracker.url}/metrics").text
+    announces = _metric_sum(text, "p2preg_tracker_announces_total")
+    node_texts = [node.metrics() for node in nodes]
+    peers = sum(_metric_sum(t, "p2preg_peer_blob_bytes_total") for t in node_texts)
+    if tracker.metrics_url is None:
+        console.print(
+            f"cluster in plain text (--tls off): tracker {tracker.url}, {announces:.0f} "
+            f"announces; {peers / MiB:.1f} MiB between nodes over plain BitTorrent"
+        )
+        return
+    gate = _metric_sum(text, "p2preg_tracker_tls_refusals_total")
+    peer_refused = sum(_metric_sum(t, "p2preg_peer_tls_refusals_total") for t in node_texts)
+    console.print(
+        f"cluster over TLS (CA {CLUSTER!r}, made for this run): tracker [bold]{tracker.url}[/], "
+        f"{announces:.0f} announces over mutual TLS, each with a node's certificate "
+        f"({gate:.0f} connections refused); [bold]{peers / MiB:.1f} MiB[/] between nodes over "
+        f"SSL torrents, the only peer wire the nodes open ({peer_refused:.0f} handshakes refused)"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--nodes", type=int, default=4, help="how many nodes pull (4)")
     parser.add_argument("--layers-mib", default="16,48,96", help="layer sizes in MiB")
+    parser.add_argument(
+        "--tls",
+        choices=("on", "off"),
+        default="on",
+        help="mutual TLS to the tracker and between peers, with a CA made for the run (on)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     console = Console()
@@ -148,14 +214,16 @@ def main() -> int:
             f"seed registry {registry.url}: pushed [bold]{image.repository}:{image.tag}[/] "
             f"({len(image.blobs)} blobs, {sum(b.size for b in image.blobs) / MiB:.1f} MiB)"
         )
+        tls = args.tls == "on"
         with console.status(f"starting a tracker, {args.nodes} nodes and containerd daemons…"):
-            nodes, daemons = _start_nodes(stack, workdir, registry, args.nodes)
+            tracker, nodes, daemons = _start_nodes(stack, workdir, registry, args.nodes, tls)
         ref = f"{SEED_NS}/{image.repository}:{image.tag}"
         console.print(f"pulling [bold]{ref}[/] with containerd through every node at once")
         size = sum(b.size for b in image.blobs)
         times = _pull_all(console, nodes, daemons, ref, size, workdir)
         registry.settle()
         _report(console, nodes, daemons, image, times)
+        _transport(console, tracker, nodes)
         sent = sum(registry.blob_bytes_sent().values())
         console.print(
             f"seed registry sent {sent / MiB:.1f} MiB of blobs for a {size / MiB:.1f} MiB image "

@@ -36,6 +36,14 @@ Beside it: the network-only bound, first copy + ring(N), with no client work in
 it, and floor(N) = max(first copy, ring(N), client(N)), what perfect cut-through
 pipelining would allow. docs/BENCHMARKS.md argues the choice.
 
+`--tls on` runs p2p as a TLS cluster (mode `p2p_tls`): a CA made for the run,
+the tracker on HTTPS only with a certificate naming its 198.18 address (IP SAN:
+libtorrent checks the hostname), each node with its host's certificate and only
+its SSL peer port open. `--tls both` runs p2p and p2p_tls in the same run, on
+the same image and shaping, their repeats interleaved, and reports TLS / plain
+(the goal: at most 1.05 at N = 8). Plain nodes and tracker in the namespaces
+run with `--insecure`, since their addresses are beyond loopback.
+
 Prints progress and tables; writes bench/results/fanout-<time>.json and .png.
 Needs root (containerd, and the namespaces; says so and stops otherwise);
 `--loopback` runs the same on 127.0.0.1 with no namespaces and no shaping.
@@ -48,6 +56,7 @@ CPU-bound runs (client(N), p2p) several times and reports the median.
     .venv/bin/python -m bench.fanout --repeats 3           # medians of 3, ~13 min
     .venv/bin/python -m bench.fanout --nodes 16 --upstream-mbit 100
     .venv/bin/python -m bench.fanout --loopback --nodes 2,4 --size-mb 50
+    .venv/bin/python -m bench.fanout --nodes 8 --repeats 3 --tls both   # TLS vs plain, ~10 min
 
 The package: `settings` (flags, constants), `cluster` (namespaces, shaping,
 what runs where, all through harness/), `capacity` (first copy, ring, bound),

@@ -72,6 +72,37 @@ def build_and_push(
     return pushed, image_bytes, workdir / "push" / "storage"
 
 
+def _run_order(settings: Settings) -> list[tuple[str, int]]:
+    """(mode, repeat) in the order they run.
+
+    Direct pulls are bound by U and repeat within a few percent: once, first.
+    The short, machine-bound runs are the noisy ones on a shared machine, so
+    their repeats are interleaved (client, p2p, p2p_tls, then again), and
+    with two p2p modes each repeat swaps which goes first: a change in the
+    machine's load, or a cache warmed by the run before, falls on both alike.
+    """
+    order = [("direct", 0)] if "direct" in settings.modes else []
+    p2p = [m for m in settings.modes if m != "direct"]
+    for k in range(settings.repeats):
+        client = [CLIENT] if settings.client_floor else []
+        order += [(m, k) for m in client + (p2p[::-1] if k % 2 else p2p)]
+    return order
+
+
+def _prune(run_dir: Path, keep: bool) -> None:
+    """Free a finished run's disk: all of it, or with `keep` all but the logs.
+
+    A p2p run at N = 8 leaves about 4 GB (every containerd's content and
+    snapshots, every node's store): kept until the end, ten runs filled the
+    disk this machine shares.
+    """
+    if not keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for heavy in [*run_dir.glob("ctrd*/root"), *run_dir.glob("node*/data")]:
+        shutil.rmtree(heavy, ignore_errors=True)
+
+
 def _modes_for(
     n: int,
     settings: Settings,
@@ -82,23 +113,23 @@ def _modes_for(
     image_bytes: int,
     workdir: Path,
     console: Console,
+    keep: bool = False,
 ) -> list[RunResult]:
     results: list[RunResult] = []
-    modes = ([CLIENT] if settings.client_floor else []) + list(settings.modes)
-    for mode in modes:
-        # Direct pulls are bound by U and repeat within a few percent; the
-        # short, machine-bound runs are the noisy ones on a shared machine.
-        for k in range(1 if mode == "direct" else settings.repeats):
-            run_dir = workdir / f"run-{mode}-{n}-{k}"
-            run_dir.mkdir()
+    for mode, k in _run_order(settings):
+        run_dir = workdir / f"run-{mode}-{n}-{k}"
+        run_dir.mkdir()
+        try:
             r = run_once(
                 mode, n, cluster, seed, fast, image, image_bytes, settings, run_dir, console
             )
-            r.repeat = k
-            results.append(r)
-            console.print(run_line(r, image_bytes))
-            for failure in r.failures:
-                console.print(f"  [red]{failure}[/]")
+        finally:
+            _prune(run_dir, keep)
+        r.repeat = k
+        results.append(r)
+        console.print(run_line(r, image_bytes))
+        for failure in r.failures:
+            console.print(f"  [red]{failure}[/]")
     return results
 
 
@@ -115,10 +146,12 @@ def _first_copy(cluster: Cluster, workdir: Path, image_bytes: int, console: Cons
     return cap
 
 
-def run_benchmark(settings: Settings, workdir: Path, console: Console) -> dict[str, Any]:
+def run_benchmark(
+    settings: Settings, workdir: Path, console: Console, keep: bool = False
+) -> dict[str, Any]:
     results: list[RunResult] = []
     with ExitStack() as stack:
-        cluster = make_cluster(stack, settings)
+        cluster = make_cluster(stack, settings, workdir)
         pushed, image_bytes, storage = build_and_push(workdir, settings, console)
         console.print(
             f"image {REPO}: {len(pushed.blobs)} blobs, {image_bytes / MB:.1f} MB "
@@ -150,9 +183,20 @@ def run_benchmark(settings: Settings, workdir: Path, console: Console) -> dict[s
                 f"(runs {', '.join(f'{r:.2f}' for r in cap.ring_runs[n])})"
             )
             results += _modes_for(
-                n, settings, cluster, seed, fast, image, image_bytes, workdir, console
+                n, settings, cluster, seed, fast, image, image_bytes, workdir, console, keep
             )
     return document(settings, pushed, image_bytes, cap, results)
+
+
+def disk_needed(settings: Settings) -> int:
+    """Bytes of disk a run needs at its peak, with a margin left for others on the machine.
+
+    One run at a time holds the disk (`_prune`): per host, containerd's
+    content and native snapshots (about 3.5 S for 4 layers) and the node's
+    store; beside them the image, its pushed copy and the capacity file.
+    """
+    per_host = 5 * settings.size_bytes
+    return max(settings.nodes) * per_host + 4 * settings.size_bytes + 2 * 10**9
 
 
 def _preflight(settings: Settings, reap_stale: bool, console: Console) -> bool:
@@ -168,6 +212,14 @@ def _preflight(settings: Settings, reap_stale: bool, console: Console) -> bool:
     if os.geteuid() != 0:
         console.print(
             "[red]containerd (and network namespaces) need root here[/]: run as root, as CI does"
+        )
+        return False
+    need = disk_needed(settings)
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    if free < need:
+        console.print(
+            f"[red]{free / 1e9:.1f} GB free in {tempfile.gettempdir()}, the benchmark needs "
+            f"about {need / 1e9:.1f} GB[/] (smaller --size-mb or --nodes)"
         )
         return False
     if settings.loopback:
@@ -210,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix=f"{PREFIX_ROOT}-{os.getpid()}-"))
     started = time.monotonic()
     try:
-        doc = run_benchmark(settings, workdir, console)
+        doc = run_benchmark(settings, workdir, console, args.keep)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: everything started was stopped[/]")
         return 130

@@ -5,6 +5,11 @@ fast registry host and tracker host, N node hosts behind B each; or all of
 them on 127.0.0.1 with `--loopback`) and starting on them, through the
 harness, the seed registries, and per run a tracker, the nodes, one private
 containerd per host with its `hosts.toml`, and nginx for the capacity runs.
+With `--tls on|both` it also makes the cluster's certificates once (a CA in
+memory, harness.tlscerts): the tracker's names its address as an IP SAN,
+since libtorrent checks the tracker's hostname, and each node's is named after
+its host; a p2p_tls run starts the tracker and nodes with them, a p2p run
+without them (then `--insecure`, since a namespace's address is beyond loopback).
 Everything it starts is entered on the caller's ExitStack, so it is stopped by
 pid when the stack closes. It measures nothing and must not start a process
 any way but through the harness.
@@ -22,14 +27,18 @@ from bench.fanout.settings import (
     FAST_IX,
     NGINX_PORT,
     NODE_IX0,
+    P2P_TLS,
     PEER_PORT,
+    PEER_SSL_PORT,
     PREFIX_ROOT,
     REGISTRY_PORT,
     SEED_IX,
     START_TIMEOUT_S,
     TRACKER_IX,
+    TRACKER_METRICS_PORT,
     TRACKER_PORT,
     Settings,
+    is_p2p,
 )
 from harness.containerd import CLOSED_SERVER, Containerd, open_containerd, write_hosts_toml
 from harness.netns import Host, Lab, loopback_host, open_lab
@@ -37,8 +46,19 @@ from harness.nginx import open_nginx
 from harness.node import NodeProcess, open_node
 from harness.procs import Process
 from harness.registry import Registry, open_registry
+from harness.tlscerts import ClusterCA
 from harness.tracker import open_tracker
 from tracker.config import is_loopback
+
+CLUSTER_NAME = "fanout"
+
+
+@dataclass(frozen=True)
+class Certs:
+    """The cluster's tls_dirs: the tracker's, and each node host's by its role (n0, n1, …)."""
+
+    tracker: Path
+    nodes: dict[str, Path]
 
 
 @dataclass
@@ -48,6 +68,7 @@ class Cluster:
     fast_host: Host
     tracker_host: Host
     node_hosts: list[Host]
+    certs: Certs | None = None
 
     def tx_bytes(self, host: Host) -> int | None:
         return None if self.lab is None else self.lab.link_bytes(host)[1]
@@ -58,23 +79,37 @@ def _port(host: Host, fixed: int) -> int | None:
     return fixed if host.isolated else None
 
 
-def make_cluster(stack: ExitStack, settings: Settings) -> Cluster:
+def make_certs(out: Path, tracker: Host, nodes: list[Host]) -> Certs:
+    """A CA made here, a tracker certificate naming `tracker`'s address, one per node host."""
+    ca = ClusterCA.make(CLUSTER_NAME)
+    out.mkdir(mode=0o700)
+    return Certs(
+        ca.tls_dir(out / "tracker", "tracker", "tracker", ips=(tracker.addr,)),
+        {h.role: ca.tls_dir(out / h.role, "node", h.role) for h in nodes},
+    )
+
+
+def make_cluster(stack: ExitStack, settings: Settings, workdir: Path) -> Cluster:
     count = max(settings.nodes)
     if settings.loopback:
-        return Cluster(
+        cluster = Cluster(
             None,
             loopback_host("seed"),
             loopback_host("fast"),
             loopback_host("tracker"),
             [loopback_host(f"n{i}") for i in range(count)],
         )
-    lab = stack.enter_context(open_lab(f"{PREFIX_ROOT}-{os.getpid()}"))
-    u, b = settings.upstream_mbit, settings.node_mbit
-    seed = lab.add_host("seed", SEED_IX, up_mbit=u, down_mbit=u)
-    fast = lab.add_host("fast", FAST_IX)
-    tracker = lab.add_host("tracker", TRACKER_IX)
-    nodes = [lab.add_host(f"n{i}", NODE_IX0 + i, up_mbit=b, down_mbit=b) for i in range(count)]
-    return Cluster(lab, seed, fast, tracker, nodes)
+    else:
+        lab = stack.enter_context(open_lab(f"{PREFIX_ROOT}-{os.getpid()}"))
+        u, b = settings.upstream_mbit, settings.node_mbit
+        seed = lab.add_host("seed", SEED_IX, up_mbit=u, down_mbit=u)
+        fast = lab.add_host("fast", FAST_IX)
+        tracker = lab.add_host("tracker", TRACKER_IX)
+        nodes = [lab.add_host(f"n{i}", NODE_IX0 + i, up_mbit=b, down_mbit=b) for i in range(count)]
+        cluster = Cluster(lab, seed, fast, tracker, nodes)
+    if P2P_TLS in settings.modes:
+        cluster.certs = make_certs(workdir / "certs", cluster.tracker_host, cluster.node_hosts)
+    return cluster
 
 
 def start_registry(
@@ -94,7 +129,10 @@ def start_registry(
     )
 
 
-def start_tracker(stack: ExitStack, host: Host, workdir: Path) -> tuple[str, Process]:
+def start_tracker(
+    stack: ExitStack, host: Host, workdir: Path, tls_dir: Path | None
+) -> tuple[str, Process]:
+    """The tracker on `host`: mutual TLS with `tls_dir`, else plain HTTP."""
     tracker = stack.enter_context(
         open_tracker(
             workdir,
@@ -102,9 +140,11 @@ def start_tracker(stack: ExitStack, host: Host, workdir: Path) -> tuple[str, Pro
             port=_port(host, TRACKER_PORT),
             netns=host.netns,
             start_timeout_s=START_TIMEOUT_S,
+            tls_dir=tls_dir,
+            metrics_port=_port(host, TRACKER_METRICS_PORT) if tls_dir else None,
             # In a lab the tracker binds a namespace's address, beyond loopback:
             # a plain tracker there must say it is plain on purpose.
-            insecure=not is_loopback(host.addr),
+            insecure=tls_dir is None and not is_loopback(host.addr),
         )
     )
     return tracker.url, tracker.process
@@ -117,13 +157,22 @@ def start_nodes(
     upstream: str,
     tracker_url: str,
     extra: tuple[str, ...],
+    certs: Certs | None = None,
 ) -> list[NodeProcess]:
-    """A node per host, its facade on the host's own 127.0.0.1, its peers on the host's address."""
+    """A node per host, its facade on the host's own 127.0.0.1, its peers on the host's address.
+
+    With `certs` each node has its host's certificate (which names it) and
+    opens only the SSL peer port; without, it runs plain on purpose.
+    """
     nodes: list[NodeProcess] = []
     for i, host in enumerate(hosts):
         args = ["--tracker", tracker_url, "--peer-host", host.addr]
         args += ["--peer-port", str(PEER_PORT if host.isolated else 0)]
-        args += ["--node-name", host.role, "--log-json", *extra]
+        if certs is None:
+            args += ["--node-name", host.role]
+        else:
+            args += ["--peer-ssl-port", str(PEER_SSL_PORT if host.isolated else 0)]
+        args += ["--log-json", *extra]
         started = open_node(
             run_dir / f"node{i}",
             [upstream],
@@ -132,7 +181,8 @@ def start_nodes(
             port=_port(host, FACADE_PORT),
             netns=host.netns,
             wait=False,
-            insecure=True,  # plain; bench/fanout's TLS mode comes with its own tls_dirs
+            tls_dir=certs.nodes[host.role] if certs is not None else None,
+            insecure=certs is None,
         )
         nodes.append(stack.enter_context(started))
     for node in nodes:  # started together, then waited for: the imports overlap
@@ -174,20 +224,27 @@ def start_stage(
     settings: Settings,
     run_dir: Path,
     tracker_host: Host,
+    certs: Certs | None = None,
 ) -> Stage:
+    """What a run of `mode` needs; `certs` are used by a p2p_tls run only."""
     nodes: list[NodeProcess] = []
     tracker: Process | None = None
-    if mode == "p2p":
-        tracker_url, tracker = start_tracker(stack, tracker_host, run_dir / "tracker")
+    if is_p2p(mode):
+        tls = certs if mode == P2P_TLS else None
+        if mode == P2P_TLS and tls is None:
+            raise ValueError("a p2p_tls run needs the cluster's certificates")
+        tracker_tls = tls.tracker if tls is not None else None
+        tracker_url, tracker = start_tracker(stack, tracker_host, run_dir / "tracker", tracker_tls)
         upstream = f"{registry.host}={registry.url}"
-        nodes = start_nodes(stack, hosts, run_dir, upstream, tracker_url, settings.node_args)
+        extra = settings.node_args
+        nodes = start_nodes(stack, hosts, run_dir, upstream, tracker_url, extra, tls)
     daemons = [
         stack.enter_context(open_containerd(run_dir / f"ctrd{i}", snapshotter=settings.snapshotter))
         for i in range(len(hosts))
     ]
     hosts_dirs = [run_dir / f"hosts{i}" for i in range(len(hosts))]
     for i, hd in enumerate(hosts_dirs):
-        if mode == "p2p":
+        if is_p2p(mode):
             # The registry's own address is a closed port here: a pull that
             # succeeds went through the node.
             write_hosts_toml(hd, registry.host, nodes[i].url, server=CLOSED_SERVER)

@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from bench.fanout.settings import is_p2p
+
 _BLOB_LOG = re.compile(r"^blob (?P<digest>\S+) source=(?P<source>\S+) size=(?P<size>\d+) ")
 _GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
 _GO_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
@@ -124,7 +126,7 @@ def phases(
     if unpacks:
         out["unpack_median_s"] = percentile(unpacks, 50)
         out["unpack_max_s"] = max(unpacks)
-    if mode == "p2p":
+    if is_p2p(mode):
         out.update(_swarm_phases(node_logs, layers, t0_wall))
     return out
 

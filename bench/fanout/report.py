@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.fanout.runs import RunResult
-from bench.fanout.settings import MB
+from bench.fanout.settings import MB, P2P_MODES, P2P_TLS, is_p2p
 
 
 def run_line(r: RunResult, image_bytes: int) -> str:
@@ -26,11 +26,12 @@ def run_line(r: RunResult, image_bytes: int) -> str:
         up = f"link {r.upstream_link_bytes / image_bytes:.2f}x, "
     log_x = r.upstream_log_blob_bytes / image_bytes
     line = (
-        f"{r.mode:>6} N={r.nodes} #{r.repeat + 1}: all done {r.all_done_s:.2f} s "
+        f"{r.mode:>7} N={r.nodes} #{r.repeat + 1}: all done {r.all_done_s:.2f} s "
         f"(p50 {r.p50_s:.2f}, p90 {r.p90_s:.2f}); upstream {up}log {log_x:.2f}x the image; "
-        f"machine {r.machine_busy:.0%} busy ({r.machine_busy_before:.0%} just before)"
+        f"machine {r.machine_busy:.0%} busy ({r.machine_busy_before:.0%} just before, "
+        f"load {r.load_avg_before[0]:.2f})"
     )
-    if r.mode == "p2p" and "first_copy_done_s" in r.phases:
+    if is_p2p(r.mode) and "first_copy_done_s" in r.phases:
         line += (
             f"; first copy {r.phases['first_copy_done_s']:.1f} s, "
             f"swarm done {r.phases['swarm_done_s']:.1f} s"
@@ -42,6 +43,10 @@ def _fmt(x: float | None, unit: str = "", digits: int = 1) -> str:
     if x is None or x != x:
         return "-"
     return f"{x:.{digits}f}{unit}"
+
+
+def _has_tls(doc: dict[str, Any]) -> bool:
+    return P2P_TLS in doc["settings"]["modes"]
 
 
 def _time_table(doc: dict[str, Any], runs: dict[tuple[str, int], dict[str, Any]]) -> Table:
@@ -56,32 +61,22 @@ def _time_table(doc: dict[str, Any], runs: dict[tuple[str, int], dict[str, Any]]
         title=f"Pull fan-out: {image_bytes / MB:.0f} MB in {settings['layers']} layers, "
         f"{where}; seconds until the last node is done"
     )
-    for col in (
-        "N",
-        "direct",
-        "p2p",
-        "bound",
-        "p2p/bound",
-        "net bound",
-        "p2p/net",
-        "floor",
-        "first copy",
-        "ring",
-        "client",
-        "direct p50/p90",
-        "p2p p50/p90",
-    ):
+    tls = _has_tls(doc)
+    columns = ["N", "direct", "p2p"] + (["p2p TLS", "TLS/plain"] if tls else [])
+    columns += ["bound", "p2p/bound", "net bound", "p2p/net", "floor", "first copy", "ring"]
+    columns += ["client", "direct p50/p90", "p2p p50/p90"] + (["TLS p50/p90"] if tls else [])
+    for col in columns:
         t.add_column(col, justify="right")
     cap = doc["capacity"]
     for row in doc["summary"]:
         n = row["nodes"]
-        d, p = runs.get(("direct", n)), runs.get(("p2p", n))
+        d, p, pt = runs.get(("direct", n)), runs.get(("p2p", n)), runs.get((P2P_TLS, n))
         ratio = row["p2p_s"] / row["bound_s"] if row.get("p2p_s") else None
         net = row["p2p_s"] / row["bound_net_s"] if row.get("p2p_s") else None
-        t.add_row(
-            str(n),
-            _fmt(row.get("direct_s")),
-            _fmt(row.get("p2p_s")),
+        cells = [str(n), _fmt(row.get("direct_s")), _fmt(row.get("p2p_s"))]
+        if tls:
+            cells += [_fmt(row.get(f"{P2P_TLS}_s")), _fmt(row.get("tls_over_plain"), "x", 3)]
+        cells += [
             _fmt(row["bound_s"]),
             _fmt(ratio, "x", 2),
             _fmt(row["bound_net_s"]),
@@ -90,9 +85,10 @@ def _time_table(doc: dict[str, Any], runs: dict[tuple[str, int], dict[str, Any]]
             _fmt(cap["first_copy_s"]),
             _fmt(row["ring_s"]),
             _fmt(row["client_s"]),
-            f"{_fmt(d['p50_s'])}/{_fmt(d['p90_s'])}" if d else "-",
-            f"{_fmt(p['p50_s'])}/{_fmt(p['p90_s'])}" if p else "-",
-        )
+        ]
+        for r in [d, p] + ([pt] if tls else []):
+            cells.append(f"{_fmt(r['p50_s'])}/{_fmt(r['p90_s'])}" if r else "-")
+        t.add_row(*cells)
 
     return t
 
@@ -102,19 +98,26 @@ def _upstream_table(doc: dict[str, Any], runs: dict[tuple[str, int], dict[str, A
         title="Bytes that crossed the upstream link, as multiples of the image "
         "(link: registry veth tx; log: blob bytes docker-registry logged)"
     )
-    for col in ("N", "direct link", "direct log", "p2p link", "p2p log", "p2p MB (log)"):
+    p2p_modes = [m for m in P2P_MODES if m in doc["settings"]["modes"]]
+    for col in ["N", "direct link", "direct log"] + [
+        f"{m} {what}" for m in p2p_modes for what in ("link", "log", "MB (log)")
+    ]:
         u.add_column(col, justify="right")
     for row in doc["summary"]:
         n = row["nodes"]
-        p = runs.get(("p2p", n))
-        u.add_row(
+        cells = [
             str(n),
             _fmt(row.get("direct_upstream_link_x"), "x", 2),
             _fmt(row.get("direct_upstream_log_x"), "x", 2),
-            _fmt(row.get("p2p_upstream_link_x"), "x", 3),
-            _fmt(row.get("p2p_upstream_log_x"), "x", 3),
-            _fmt(p["upstream_log_blob_bytes"] / MB) if p else "-",
-        )
+        ]
+        for m in p2p_modes:
+            p = runs.get((m, n))
+            cells += [
+                _fmt(row.get(f"{m}_upstream_link_x"), "x", 3),
+                _fmt(row.get(f"{m}_upstream_log_x"), "x", 3),
+                _fmt(p["upstream_log_blob_bytes"] / MB) if p else "-",
+            ]
+        u.add_row(*cells)
 
     return u
 
@@ -125,6 +128,7 @@ def _per_node_table(doc: dict[str, Any], runs: dict[tuple[str, int], dict[str, A
         "the time went (s after the pulls started)"
     )
     for col in (
+        "mode",
         "N",
         "node CPU s",
         "node peak RSS MiB",
@@ -141,8 +145,8 @@ def _per_node_table(doc: dict[str, Any], runs: dict[tuple[str, int], dict[str, A
         "machine busy",
     ):
         r.add_column(col, justify="right")
-    for row in doc["summary"]:
-        p = runs.get(("p2p", row["nodes"]))
+    for mode, row in [(m, row) for m in P2P_MODES for row in doc["summary"]]:
+        p = runs.get((mode, row["nodes"]))
         if p is None:
             continue
         nodes = p["per_node"]
@@ -153,6 +157,7 @@ def _per_node_table(doc: dict[str, Any], runs: dict[tuple[str, int], dict[str, A
             return max(vals) if vals else None
 
         r.add_row(
+            mode,
             str(row["nodes"]),
             _fmt(mx("node_cpu_s")),
             _fmt(mx("node_peak_rss_mib"), "", 0),
@@ -229,6 +234,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     series = [
         ("direct_s", "direct", "o-"),
         ("p2p_s", "p2p", "s-"),
+        (f"{P2P_TLS}_s", "p2p with TLS", "d-"),
         ("bound_s", "bound: first copy + max(ring, client)", "kx--"),
         ("bound_net_s", "network-only bound: first copy + ring", "x-."),
         ("floor_s", "floor: max(first copy, ring, client)", "k+:"),
@@ -246,6 +252,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     for key, label, style in [
         ("direct_upstream_log_x", "direct", "o-"),
         ("p2p_upstream_log_x", "p2p", "s-"),
+        (f"{P2P_TLS}_upstream_log_x", "p2p with TLS", "d-"),
     ]:
         pts = [(n, row[key]) for n, row in zip(ns, rows, strict=True) if row.get(key) is not None]
         if pts:

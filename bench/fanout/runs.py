@@ -35,7 +35,7 @@ from rich.progress import (
 
 from bench.fanout.cluster import Cluster, Stage, start_stage
 from bench.fanout.phases import longest_stall, percentile, phases, unpack_seconds
-from bench.fanout.settings import CLIENT, SAMPLE_S, Settings
+from bench.fanout.settings import CLIENT, SAMPLE_S, Settings, is_p2p
 from bench.machine import BusyMeter, ProcStat, proc_stat
 from harness.containerd import Containerd
 from harness.images import ImageManifest, PushedImage
@@ -83,6 +83,8 @@ class RunResult:
     timeline: list[dict[str, Any]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     repeat: int = 0
+    # The 1, 5 and 15 minute load averages just before the pulls (others share the machine).
+    load_avg_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     # The run of its (mode, N) with the median time: the one tables and targets use.
     representative: bool = True
 
@@ -138,6 +140,7 @@ class _Before:
     """What was counted just before the pulls started."""
 
     busy: float
+    load_avg: tuple[float, float, float]
     log_requests: int
     tx: int | None
     nodes: list[ProcStat]
@@ -153,6 +156,7 @@ def _count_before(stage: Stage, cluster: Cluster) -> _Before:
     busy = idle_meter.busy()
     return _Before(
         busy=busy,
+        load_avg=os.getloadavg(),
         log_requests=len(stage.registry.served_requests()),
         tx=cluster.tx_bytes(stage.link_host),
         nodes=[proc_stat(nd.process.pid) for nd in stage.nodes],
@@ -189,7 +193,7 @@ class _Watch:
             TimeElapsedColumn(),
         )
         with Progress(*columns, console=console, transient=True) as progress:
-            up_total = self.image_bytes * (1 if self.mode == "p2p" else len(self.hosts))
+            up_total = self.image_bytes * (1 if is_p2p(self.mode) else len(self.hosts))
             up_task = progress.add_task(f"{self.mode} upstream", total=up_total)
             tasks = [
                 progress.add_task(f"{self.mode} {h.role}", total=self.image_bytes)
@@ -373,10 +377,18 @@ def run_once(
     with ExitStack() as stack:
         with console.status(
             f"{mode} N={n}: starting {n} containerd"
-            + (f", a tracker and {n} nodes…" if mode == "p2p" else "…")
+            + (f", a tracker and {n} nodes…" if is_p2p(mode) else "…")
         ):
             stage = start_stage(
-                stack, mode, hosts, registry, link_host, settings, run_dir, cluster.tracker_host
+                stack,
+                mode,
+                hosts,
+                registry,
+                link_host,
+                settings,
+                run_dir,
+                cluster.tracker_host,
+                cluster.certs,
             )
         before = _count_before(stage, cluster)
         meter = BusyMeter()
@@ -414,6 +426,7 @@ def run_once(
         upstream_log_all_bytes=up.log_all_bytes,
         machine_busy=busy,
         machine_busy_before=before.busy,
+        load_avg_before=before.load_avg,
         cpu_s=_cpu_seconds(busy, elapsed, per_node, up, bool(stage.nodes)),
         phases=run_phases,
         per_node=per_node,

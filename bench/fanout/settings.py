@@ -24,10 +24,17 @@ MiB = 1 << 20
 REPO = "bench/app"
 PREFIX_ROOT = "p2pfo"
 MODES = ("direct", "p2p")
+# p2p with mutual TLS (tracker over HTTPS with node certificates, SSL torrents):
+# `--tls on|both` turns the p2p mode into this one, or into both.
+P2P_TLS = "p2p_tls"
+P2P_MODES = ("p2p", P2P_TLS)
+FANOUT_TLS = ("off", "on", "both")
 CLIENT = "client"  # the client-floor run: not a mode under test, a measure of the machine
 
 # Fixed ports are safe inside a namespace (each has its own port space).
 REGISTRY_PORT, TRACKER_PORT, FACADE_PORT, PEER_PORT, NGINX_PORT = 5000, 6969, 5000, 6881, 8080
+# With TLS: the nodes' SSL peer port, the tracker's plain /metrics and /healthz.
+PEER_SSL_PORT, TRACKER_METRICS_PORT = 6882, 6970
 # Host numbers in 198.18.0.0/24.
 SEED_IX, FAST_IX, TRACKER_IX, NODE_IX0 = 2, 3, 4, 10
 MAX_NODES = 64
@@ -71,7 +78,11 @@ def _parser(description: str | None) -> argparse.ArgumentParser:
         action="store_true",
         help="everything on 127.0.0.1: no namespaces, no shaping, no root needed",
     )
-    p.add_argument("--modes", default="direct,p2p", help="modes to run (direct,p2p)")
+    p.add_argument(
+        "--modes",
+        default="direct,p2p",
+        help="modes to run (direct,p2p); --tls makes p2p plain, TLS or both",
+    )
     p.add_argument(
         "--no-client-floor",
         action="store_true",
@@ -103,7 +114,7 @@ def _parser(description: str | None) -> argparse.ArgumentParser:
         help="extra flag for every p2preg node, e.g. --node-arg=--p2p-min-bytes=4MiB",
     )
     p.add_argument("--seed", default="fanout", help="image content seed")
-    add_tls_flag(p)
+    add_tls_flag(p, FANOUT_TLS)
     p.add_argument("--out", type=Path, default=RESULTS, help="where JSON and PNG go")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     p.add_argument(
@@ -112,6 +123,17 @@ def _parser(description: str | None) -> argparse.ArgumentParser:
         help=f"first remove {PREFIX_ROOT}-<pid>-* namespaces whose benchmark died",
     )
     return p
+
+
+def is_p2p(mode: str) -> bool:
+    """Whether a run of `mode` goes through p2preg nodes (plain or TLS)."""
+    return mode in P2P_MODES
+
+
+def _with_tls(modes: tuple[str, ...], tls: str) -> tuple[str, ...]:
+    """`--modes` with p2p replaced by what `--tls` asks: p2p, p2p_tls, or both."""
+    p2p = {"off": ("p2p",), "on": (P2P_TLS,), "both": P2P_MODES}[tls]
+    return tuple(x for m in modes for x in (p2p if m == "p2p" else (m,)))
 
 
 def parse_args(
@@ -127,6 +149,7 @@ def parse_args(
         p.error(f"--modes: from {', '.join(MODES)}")
     if a.layers < 1 or a.size_mb <= 0 or a.upstream_mbit <= 0 or a.node_mbit <= 0:
         p.error("sizes, layers and rates must be positive")
+    modes = _with_tls(modes, a.tls)
     settings = Settings(
         nodes=nodes,
         size_bytes=int(a.size_mb * MB),
