@@ -15,6 +15,7 @@ policy of its own (the parts above do) and raises only `p2preg.core.errors`.
 from __future__ import annotations
 
 import heapq
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,7 +32,7 @@ from tracker.announce import AnnounceRequest, AnnounceResponse, Event, ScrapeReq
 from tracker.auth import ClusterAuth
 from tracker.config import TrackerConfig
 from tracker.handout import hand_out
-from tracker.leases import Granted, Lease, LeaseBook, Waiters
+from tracker.leases import Granted, Lease, LeaseBook, RateRule, Waiters
 from tracker.metainfo import parse_metainfo
 from tracker.metrics import Gauges, TrackerMetrics
 from tracker.peers import PeerTable, compact_address
@@ -39,6 +40,7 @@ from tracker.registry import MetainfoRegistry, Rerooted
 from tracker.state import Snapshot, StoredBad, StoredLease, StoredMetainfo, TrackerStore
 from tracker.upstream_queue import QUEUE_RECHECK_S, Place, Queued, UpstreamQueue
 
+log = logging.getLogger("p2preg.tracker")
 # How often the sweeper drops expired peers and leases, at most.
 MAX_SWEEP_INTERVAL_S = 5.0
 
@@ -101,7 +103,12 @@ class Tracker:
         self.peers = PeerTable(
             max_peers_per_swarm=config.max_peers_per_swarm, max_peers=config.max_peers
         )
-        self.leases = LeaseBook(config.lease_ttl_s, clock)
+        self.leases = LeaseBook(
+            config.lease_ttl_s,
+            clock,
+            rate=RateRule(config.lease_min_rate_bytes_s, config.lease_rate_window_s),
+            max_per_holder=config.max_leases_per_node,
+        )
         self.queue = UpstreamQueue(config.upstream_fetches_per_image, clock)
         self._waiters = Waiters()
         # Metainfo writes in flight, by digest: a second write waits for the first.
@@ -298,12 +305,20 @@ class Tracker:
 
     # -- upstream leases ---------------------------------------------------------
 
-    async def acquire_lease(self, digest_text: str, msg: wire.LeaseRequest) -> wire.LeaseReply:
-        """Grant, refuse (wait) or point at the swarm; long-polls up to `msg.wait_s`."""
+    async def acquire_lease(
+        self, digest_text: str, msg: wire.LeaseRequest, *, identity: str | None = None
+    ) -> wire.LeaseReply:
+        """Grant, refuse (wait) or point at the swarm; long-polls up to `msg.wait_s`.
+
+        `identity` is the caller's (http_routes' `Call.identity`); None, in
+        process, takes the node the message names. A lease id goes to its
+        holder's identity only.
+        """
         digest = _digest(digest_text)
+        who = identity if identity is not None else msg.node
         wait_s = min(max(0.0, msg.wait_s), self.config.lease_wait_max_s)
         deadline = self._clock() + wait_s
-        place = Place(msg.order, digest, msg.node)
+        place = Place(msg.order, digest, who)
         queued = False
         try:
             while True:
@@ -334,15 +349,32 @@ class Tracker:
             if waiting is not None:
                 return _Attempt(self._queued_reply(waiting), waiting.wake_at, True)
         size = msg.size if msg.size is not None else (entry.meta.size if entry else None)
-        fresh = self.leases.current(digest) is None
-        outcome = self.leases.acquire(digest, msg.node, size, msg.group)
+        before = self.leases.current(digest)
+        try:
+            outcome = self.leases.acquire(digest, place.node, size, msg.group)
+        except errors.LeaseCapReached:
+            self.metrics.lease_refused.labels(errors.LeaseCapReached.code).inc()
+            raise
         lease = outcome.lease
         if isinstance(outcome, Granted):
             if msg.group is not None:
-                self.queue.granted(msg.group, msg.node)
-            reply = self._lease_reply(wire.LeaseStatus.GRANTED, lease)
+                self.queue.granted(msg.group, place.node)
+            if outcome.replaced is not None:
+                self._replaced(outcome.replaced, lease)
+            fresh = before is None or outcome.replaced is not None
+            reply = self._lease_reply(wire.LeaseStatus.GRANTED, lease, replaced=outcome.replaced)
             return _Attempt(reply, None, granted=lease, fresh=fresh)
         return _Attempt(self._wait_reply(lease), lease.expires_at)
+
+    def _replaced(self, old: Lease, new: Lease) -> None:
+        """`new` took the fetch of `old`, whose holder fell below the minimum rate."""
+        self.metrics.lease_replacements.inc()
+        log.warning(
+            "lease on %s handed from %r to %r: %d of %s bytes reported, below %d B/s over %.0f s",
+            old.digest, old.holder, new.holder, old.bytes_done,
+            "?" if old.size is None else old.size,
+            self.leases.rate.min_bytes_s, self.leases.rate.window_s,
+        )
 
     async def _commit_grant(self, lease: Lease, fresh: bool) -> None:
         try:
@@ -363,22 +395,32 @@ class Tracker:
             self._waiters.notify(digest)
 
     async def renew_lease(
-        self, digest_text: str, msg: wire.LeaseRenew, *, holder: str | None = None
+        self, digest_text: str, msg: wire.LeaseRenew, *, identity: str | None = None
     ) -> wire.LeaseReply:
-        """Renew with progress; `holder` (a certificate's node) must be the lease's."""
+        """Renew with progress; `identity` (the caller's), when known, must be the holder."""
         digest = _digest(digest_text)
         before = self.leases.current(digest)
-        lease = self.leases.renew(digest, msg.lease_id, msg.bytes_done, msg.size, holder=holder)
+        try:
+            lease = self.leases.renew(
+                digest, msg.lease_id, msg.bytes_done, msg.size, holder=identity
+            )
+        except errors.InvalidRequest:
+            self.metrics.lease_refused.labels("bad_progress").inc()
+            raise
         await self._store.save_lease(self._stored_lease(lease))
-        if lease.fetched and before is not None and not before.fetched:
+        was_busy = before is not None and not before.fetched and not before.slow
+        if was_busy and (lease.fetched or lease.slow):
             self._free_slot(lease)
+        if lease.slow and before is not None and not before.slow:
+            # Below the minimum rate: a waiter may take the fetch over now.
+            self._waiters.notify(digest)
         return self._lease_reply(wire.LeaseStatus.GRANTED, lease)
 
     async def release_lease(
-        self, digest_text: str, msg: wire.LeaseRelease, *, holder: str | None = None
+        self, digest_text: str, msg: wire.LeaseRelease, *, identity: str | None = None
     ) -> None:
         digest = _digest(digest_text)
-        lease = self.leases.release(digest, msg.lease_id, holder=holder)
+        lease = self.leases.release(digest, msg.lease_id, holder=identity)
         if lease is None:
             return
         # Deletes name the lease id, so this commit cannot remove a newer lease.
@@ -395,22 +437,38 @@ class Tracker:
         """WAIT for a slot; the holder and progress shown are those of the fetch ahead."""
         if waiting.ahead is not None:
             return self._wait_reply(waiting.ahead)
+        rate = self.leases.rate
         return wire.LeaseReply(
-            wire.LeaseStatus.WAIT, ttl_s=self.leases.ttl_s, retry_after_s=QUEUE_RECHECK_S
+            wire.LeaseStatus.WAIT,
+            ttl_s=self.leases.ttl_s,
+            retry_after_s=QUEUE_RECHECK_S,
+            min_rate_bytes_s=rate.min_bytes_s,
+            rate_window_s=rate.window_s,
         )
 
     def _lease_reply(
-        self, status: wire.LeaseStatus, lease: Lease, *, retry_after_s: float = 0.0
+        self,
+        status: wire.LeaseStatus,
+        lease: Lease,
+        *,
+        retry_after_s: float = 0.0,
+        replaced: Lease | None = None,
     ) -> wire.LeaseReply:
         granted = status is wire.LeaseStatus.GRANTED
+        rate = self.leases.rate
         return wire.LeaseReply(
             status,
+            # Only ever in a reply to the holder's own request or renewal.
             lease_id=lease.lease_id if granted else None,
             ttl_s=self.leases.ttl_s,
             retry_after_s=retry_after_s,
             holder=lease.holder,
             bytes_done=lease.bytes_done,
             size=lease.size,
+            digest=lease.digest,
+            min_rate_bytes_s=rate.min_bytes_s,
+            rate_window_s=rate.window_s,
+            replaced=None if replaced is None else replaced.holder,
         )
 
     def _stored_lease(self, lease: Lease) -> StoredLease:
