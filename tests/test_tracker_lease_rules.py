@@ -57,7 +57,7 @@ def test_one_byte_per_renewal_is_replaced_after_the_window_and_told_why() -> Non
     assert isinstance(taken, Granted) and taken.replaced is not None
     assert taken.lease.holder == "honest" and taken.lease.lease_id != lease.lease_id
     assert taken.replaced.holder == "evil" and b.replacements == 1
-    with pytest.raises(LeaseLost, match=r"handed to 'honest'.*below the minimum"):
+    with pytest.raises(LeaseLost, match=r"handed from 'evil' to 'honest'.*below the minimum"):
         b.renew(D, lease.lease_id, done + 2, SIZE, holder="evil")
 
 
@@ -212,7 +212,7 @@ async def test_a_waiter_is_woken_and_handed_the_fetch_when_the_holder_falls_behi
             try:
                 await t.renew_lease(D, wire.LeaseRenew(held.lease_id, n), identity="evil")
             except LeaseLost as e:
-                assert "handed to 'b'" in str(e)
+                assert "handed from 'evil' to 'b'" in str(e)
                 break
     final = got[-1]
     assert final.status is wire.LeaseStatus.GRANTED and final.replaced == "evil"

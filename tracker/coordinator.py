@@ -28,6 +28,7 @@ from p2preg.core import errors, wire
 from p2preg.core.digest import Digest, DigestError
 from p2preg.core.metainfo import Metainfo, MetainfoError, MetainfoTooLarge
 from p2preg.core.tls import TLSFiles
+from tracker import lease_replies as replies
 from tracker.announce import AnnounceRequest, AnnounceResponse, Event, ScrapeRequest, SwarmStats
 from tracker.auth import ClusterAuth
 from tracker.config import TrackerConfig
@@ -38,7 +39,7 @@ from tracker.metrics import Gauges, TrackerMetrics
 from tracker.peers import PeerTable, compact_address
 from tracker.registry import MetainfoRegistry, Rerooted
 from tracker.state import Snapshot, StoredBad, StoredLease, StoredMetainfo, TrackerStore
-from tracker.upstream_queue import QUEUE_RECHECK_S, Place, Queued, UpstreamQueue
+from tracker.upstream_queue import Place, UpstreamQueue
 
 log = logging.getLogger("p2preg.tracker")
 # How often the sweeper drops expired peers and leases, at most.
@@ -310,9 +311,7 @@ class Tracker:
     ) -> wire.LeaseReply:
         """Grant, refuse (wait) or point at the swarm; long-polls up to `msg.wait_s`.
 
-        `identity` is the caller's (http_routes' `Call.identity`); None, in
-        process, takes the node the message names. A lease id goes to its
-        holder's identity only.
+        `identity` is the caller's (`Call.identity`); None: the node `msg` names.
         """
         digest = _digest(digest_text)
         who = identity if identity is not None else msg.node
@@ -347,7 +346,8 @@ class Tracker:
         if msg.group is not None and self.leases.current(digest) is None:
             waiting = self.queue.check(msg.group, place, self.leases.fetching(msg.group))
             if waiting is not None:
-                return _Attempt(self._queued_reply(waiting), waiting.wake_at, True)
+                reply = replies.queued(self.leases, waiting, self._clock())
+                return _Attempt(reply, waiting.wake_at, True)
         size = msg.size if msg.size is not None else (entry.meta.size if entry else None)
         before = self.leases.current(digest)
         try:
@@ -359,22 +359,13 @@ class Tracker:
         if isinstance(outcome, Granted):
             if msg.group is not None:
                 self.queue.granted(msg.group, place.node)
-            if outcome.replaced is not None:
-                self._replaced(outcome.replaced, lease)
+            if outcome.replaced is not None:  # its holder fell below the minimum rate
+                self.metrics.lease_replacements.inc()
+                log.warning("%s", self.leases.why_replaced(outcome.replaced.lease_id))
             fresh = before is None or outcome.replaced is not None
-            reply = self._lease_reply(wire.LeaseStatus.GRANTED, lease, replaced=outcome.replaced)
+            reply = replies.granted(self.leases, lease, outcome.replaced)
             return _Attempt(reply, None, granted=lease, fresh=fresh)
-        return _Attempt(self._wait_reply(lease), lease.expires_at)
-
-    def _replaced(self, old: Lease, new: Lease) -> None:
-        """`new` took the fetch of `old`, whose holder fell below the minimum rate."""
-        self.metrics.lease_replacements.inc()
-        log.warning(
-            "lease on %s handed from %r to %r: %d of %s bytes reported, below %d B/s over %.0f s",
-            old.digest, old.holder, new.holder, old.bytes_done,
-            "?" if old.size is None else old.size,
-            self.leases.rate.min_bytes_s, self.leases.rate.window_s,
-        )
+        return _Attempt(replies.held(self.leases, lease, self._clock()), lease.expires_at)
 
     async def _commit_grant(self, lease: Lease, fresh: bool) -> None:
         try:
@@ -414,7 +405,7 @@ class Tracker:
         if lease.slow and before is not None and not before.slow:
             # Below the minimum rate: a waiter may take the fetch over now.
             self._waiters.notify(digest)
-        return self._lease_reply(wire.LeaseStatus.GRANTED, lease)
+        return replies.granted(self.leases, lease)
 
     async def release_lease(
         self, digest_text: str, msg: wire.LeaseRelease, *, identity: str | None = None
@@ -427,49 +418,6 @@ class Tracker:
         await self._store.delete_lease(digest, lease.lease_id)
         self._waiters.notify(digest)
         self._free_slot(lease)
-
-    def _wait_reply(self, lease: Lease) -> wire.LeaseReply:
-        remaining = max(0.0, lease.expires_at - self._clock())
-        retry = min(self.config.lease_ttl_s, max(1.0, remaining))
-        return self._lease_reply(wire.LeaseStatus.WAIT, lease, retry_after_s=retry)
-
-    def _queued_reply(self, waiting: Queued) -> wire.LeaseReply:
-        """WAIT for a slot; the holder and progress shown are those of the fetch ahead."""
-        if waiting.ahead is not None:
-            return self._wait_reply(waiting.ahead)
-        rate = self.leases.rate
-        return wire.LeaseReply(
-            wire.LeaseStatus.WAIT,
-            ttl_s=self.leases.ttl_s,
-            retry_after_s=QUEUE_RECHECK_S,
-            min_rate_bytes_s=rate.min_bytes_s,
-            rate_window_s=rate.window_s,
-        )
-
-    def _lease_reply(
-        self,
-        status: wire.LeaseStatus,
-        lease: Lease,
-        *,
-        retry_after_s: float = 0.0,
-        replaced: Lease | None = None,
-    ) -> wire.LeaseReply:
-        granted = status is wire.LeaseStatus.GRANTED
-        rate = self.leases.rate
-        return wire.LeaseReply(
-            status,
-            # Only ever in a reply to the holder's own request or renewal.
-            lease_id=lease.lease_id if granted else None,
-            ttl_s=self.leases.ttl_s,
-            retry_after_s=retry_after_s,
-            holder=lease.holder,
-            bytes_done=lease.bytes_done,
-            size=lease.size,
-            digest=lease.digest,
-            min_rate_bytes_s=rate.min_bytes_s,
-            rate_window_s=rate.window_s,
-            replaced=None if replaced is None else replaced.holder,
-        )
 
     def _stored_lease(self, lease: Lease) -> StoredLease:
         expires = self._wall() + (lease.expires_at - self._clock())

@@ -187,6 +187,10 @@ class LeaseBook:
         self.granted += 1
         return Granted(fresh, replaced=lease)
 
+    def why_replaced(self, lease_id: str) -> str:
+        """Why the lease `lease_id` was handed to another node ("" if it was not)."""
+        return self._replaced.get(lease_id, "")
+
     def _may_replace(self, lease: Lease, now: float) -> bool:
         last = self._last_replaced.get(lease.digest)
         recent = last is not None and now - last < self.rate.window_s
@@ -319,8 +323,8 @@ def _replaced_why(lease: Lease, by: str, rate: RateRule, now: float) -> str:
     span = max(now - lease.mark_at, 1e-9)
     got = (lease.bytes_done - lease.mark_bytes) / span
     return (
-        f"lease on {lease.digest} handed to {by!r}: {got:.0f} B/s over {span:.0f} s is below "
-        f"the minimum {rate.min_bytes_s} B/s (lease_min_rate_bytes_s)"
+        f"lease on {lease.digest} handed from {lease.holder!r} to {by!r}: {got:.0f} B/s over "
+        f"{span:.0f} s is below the minimum {rate.min_bytes_s} B/s (lease_min_rate_bytes_s)"
     )
 
 
