@@ -286,8 +286,10 @@ async def _renewing(
     scope = trio.CancelScope()
 
     def progress(n: int) -> None:
+        # The tracker refuses progress that goes backwards; a retry after a
+        # digest mismatch starts again from 0, so report the most fetched yet.
         nonlocal done
-        done = n
+        done = max(done, n)
 
     async def renew() -> None:
         interval = max(0.5, lease.ttl_s / 3)
