@@ -383,8 +383,8 @@ FIELDS = {
     "PublishMetainfo": ["node", "size", "metainfo"],
     "ReportBad": ["node", "info_hash", "reason", "size", "metainfo"],
     "LeaseRequest": ["node", "size", "wait_s", "group", "order"],
-    "LeaseRenew": ["lease_id", "bytes_done", "size"],
-    "LeaseRelease": ["lease_id"],
+    "LeaseRenew": ["lease_id", "bytes_done", "size", "node"],
+    "LeaseRelease": ["lease_id", "node"],
 }
 # Values of each field's own type, from ordinary to extreme: most messages get
 # past the type checks, so the values reach the service and the store.

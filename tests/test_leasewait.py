@@ -9,12 +9,14 @@ import pytest
 
 from p2preg.core.wire import LeaseReply, LeaseStatus
 from p2preg.node.leasewait import (
+    BOUND_FLOOR_S,
     LONG_POLL_S,
     PACE_MAX_S,
     PACE_MIN_S,
     RULES,
     Ask,
     AskAgain,
+    Blob,
     Due,
     FallBack,
     FetchAsHolder,
@@ -44,16 +46,26 @@ def wait_reply(holder: str | None = "a", done: int = 0, retry_after_s: float = 0
 
 
 def situation(event: Replied | Due | TrackerFailed, *, now: float = 0.0, deadline: float = 60.0,
-              asked_at: float = 0.0, wait_s: float = LONG_POLL_S) -> Situation:
-    state = WaitState(started_at=0.0, deadline=deadline, asked_at=asked_at, wait_s=wait_s)
+              asked_at: float = 0.0, wait_s: float = LONG_POLL_S,
+              bound: float = float("inf")) -> Situation:
+    state = WaitState(started_at=0.0, deadline=deadline, asked_at=asked_at, wait_s=wait_s,
+                      bound=bound)
     return Situation(event, state, now, MAX_S)
 
 
 # -- the table, row by row ---------------------------------------------------------
 
 CASES = [
+    (situation(TrackerFailed("too many", "lease_cap")),
+     "a lease refused at this node's cap: fall back",
+     FallBack("lease_cap", "the tracker refused a lease: this node holds its cap")),
     (situation(TrackerFailed("down")), "a tracker that fails: fall back",
      FallBack("tracker", "tracker: down")),
+    (situation(Due(), now=50.0, bound=50.0),
+     "past the absolute bound of the fetch waited for: fall back",
+     FallBack("lease_bound", "the upstream fetch waited for passed its bound")),
+    (situation(Due(), now=55.0, bound=57.0), "due: ask, long-polling at most until the deadline",
+     Ask(2.0)),
     (situation(Due(), now=60.0), "lease_wait_max_s without progress: fall back",
      FallBack("lease_wait", "the upstream fetch waited for made no progress")),
     (situation(Due(), now=1.0), "due: ask, long-polling at most until the deadline",
@@ -192,3 +204,71 @@ def test_a_rule_added_in_front_takes_precedence() -> None:
     clock.now += 1
     wait.step(wait_reply(done=2))
     assert wait.step(Due()) == FallBack("lease_wait_total", "waited too long in all")
+
+
+# -- the absolute bound per fetch waited for -----------------------------------------
+
+D = "sha256:" + "aa" * 32
+AHEAD = "sha256:" + "bb" * 32
+RATE = 256 * 1024
+WINDOW = 30.0
+SIZE = 64 << 20  # 256 s at the minimum rate
+
+
+def rated(holder: str | None = "evil", done: int = 0, digest: str | None = D,
+          size: int | None = SIZE) -> Replied:
+    return Replied(LeaseReply(LeaseStatus.WAIT, holder=holder, bytes_done=done, size=size,
+                              digest=digest, min_rate_bytes_s=RATE, rate_window_s=WINDOW))
+
+
+def test_fake_progress_forever_ends_at_the_blobs_absolute_bound() -> None:
+    clock = Clock()
+    wait = LeaseWait(MAX_S, clock, blob=Blob(D, SIZE))
+    wait.step(Due())
+    first = clock.now
+    action = None
+    for n in range(1, 1000):  # one more byte per reply: "progress" that never ends
+        clock.now += LONG_POLL_S
+        wait.step(rated(done=n))
+        action = wait.step(Due())
+        if isinstance(action, FallBack):
+            break
+    assert action == FallBack("lease_bound", "the upstream fetch waited for passed its bound")
+    bound = first + LONG_POLL_S + BOUND_FLOOR_S + WINDOW + SIZE / RATE
+    assert wait.state.bound == bound and bound <= clock.now < bound + LONG_POLL_S
+
+
+def test_the_bound_uses_this_nodes_own_size_not_the_holders_claim() -> None:
+    clock = Clock()
+    wait = LeaseWait(MAX_S, clock, blob=Blob(D, SIZE))
+    wait.step(Due())
+    wait.step(rated(size=1 << 50))  # a holder claiming a petabyte
+    assert wait.state.bound == clock.now + BOUND_FLOOR_S + WINDOW + SIZE / RATE
+
+
+def test_each_fetch_queued_ahead_gets_its_own_bound_once() -> None:
+    clock = Clock()
+    wait = LeaseWait(MAX_S, clock, blob=Blob(D, SIZE))
+    wait.step(Due())
+    wait.step(rated(holder="a", digest=AHEAD, size=RATE))  # 1 s at the rate
+    ahead = wait.state.bound
+    assert ahead == clock.now + BOUND_FLOOR_S + WINDOW + 1
+    clock.now += 20
+    wait.step(rated(holder="b", digest=D))  # the queue moved on to our own blob
+    own = wait.state.bound
+    assert own == clock.now + BOUND_FLOOR_S + WINDOW + SIZE / RATE
+    clock.now += 45  # 65 s since AHEAD was first waited for, its bound 61 s
+    wait.step(rated(holder="c", digest=AHEAD))  # back to one seen before: its old bound
+    assert wait.state.bound == ahead
+    assert wait.step(Due()) == FallBack(
+        "lease_bound", "the upstream fetch waited for passed its bound"
+    )
+
+
+def test_a_wait_naming_no_holder_or_no_rate_sets_no_bound() -> None:
+    clock = Clock()
+    wait = LeaseWait(MAX_S, clock, blob=Blob(D, SIZE))
+    wait.step(Due())
+    wait.step(rated(holder=None, digest=None))  # a slot about to be taken
+    wait.step(wait_reply(holder="a"))  # an older tracker: no rate
+    assert wait.state.bound == float("inf") and wait.state.bounds == ()

@@ -128,7 +128,8 @@ def tracker(tmp_path: Path, **overrides: object) -> Tracker:
 async def test_live_holder_is_never_overtaken_and_expired_lease_passes_on(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    t = tracker(tmp_path)
+    # 10 bytes every 5 s is exactly the minimum rate here: live, and keeping up.
+    t = tracker(tmp_path, lease_min_rate_bytes_s=2, lease_rate_window_s=10.0)
     held = await t.acquire_lease(D, wire.LeaseRequest("a", 1000))
     assert held.status is wire.LeaseStatus.GRANTED and held.lease_id
     start = trio.current_time()

@@ -43,6 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lease-ttl-s", help="upstream lease lifetime without renewal, seconds")
     parser.add_argument("--lease-wait-max-s", help="longest lease long-poll, seconds")
     parser.add_argument(
+        "--lease-min-rate-bytes-s",
+        help="progress a lease holder must keep up, bytes/s (0: none); below it, "
+        "the next node asking takes the fetch over",
+    )
+    parser.add_argument(
+        "--lease-rate-window-s", help="window over which that rate is measured, seconds"
+    )
+    parser.add_argument("--max-leases-per-node", help="open leases one node may hold at once")
+    parser.add_argument(
         "--upstream-fetches-per-image",
         help="blobs of one image fetched from upstream at once, in manifest order (0: no limit)",
     )

@@ -170,11 +170,11 @@ class TrackerClient:
         self, digest: Digest, lease_id: str, bytes_done: int, size: int | None = None
     ) -> wire.LeaseReply:
         """Keep the lease; raises LeaseLost once it has expired or been released."""
-        msg = wire.LeaseRenew(lease_id, bytes_done, size)
+        msg = wire.LeaseRenew(lease_id, bytes_done, size, self.node)
         return await self._call("PUT", f"/v1/leases/{digest}", msg, wire.LeaseReply)
 
     async def release_lease(self, digest: Digest, lease_id: str) -> None:
-        msg = wire.LeaseRelease(lease_id)
+        msg = wire.LeaseRelease(lease_id, self.node)
         await self._call("POST", f"/v1/leases/{digest}/release", msg, None)
 
     # -- what operators' tools read ------------------------------------------------

@@ -12,7 +12,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from p2preg.core.config import ConfigError, HostPort, MiB
+from p2preg.core.config import ConfigError, HostPort, KiB, MiB
 from p2preg.core.tls import load_tls_dir
 
 
@@ -38,6 +38,15 @@ class TrackerConfig:
     lease_ttl_s: float = 30.0
     # Longest a lease request is held open waiting for a seeder or a free lease.
     lease_wait_max_s: float = 25.0
+    # A holder must report this much progress per second, on average over each
+    # `lease_rate_window_s`, or the next node asking takes the fetch over (at
+    # most once per blob per window). 0: no minimum (a holder keeps its lease as
+    # long as it renews).
+    lease_min_rate_bytes_s: int = 256 * KiB
+    lease_rate_window_s: float = 30.0
+    # Open leases one node (identity) may hold at once; past it, it fetches
+    # from upstream without one.
+    max_leases_per_node: int = 64
     # How many blobs of one image (the manifest a node names with its lease
     # request) may be fetched from upstream at once; the rest queue in manifest
     # order. One stream fills a thin link; raise it where one upstream stream is
@@ -76,11 +85,19 @@ class TrackerConfig:
             raise ConfigError("peer_ttl_s must exceed announce_interval_s")
         if self.lease_ttl_s <= 0 or self.lease_wait_max_s < 0:
             raise ConfigError("lease_ttl_s must be > 0 and lease_wait_max_s ≥ 0")
+        if self.lease_min_rate_bytes_s < 0 or self.lease_rate_window_s <= 0:
+            raise ConfigError("lease_min_rate_bytes_s must be ≥ 0 and lease_rate_window_s > 0")
         if self.upstream_fetches_per_image < 0:
             raise ConfigError("upstream_fetches_per_image must be ≥ 0 (0: no limit)")
         if not 1 <= self.default_numwant <= self.max_numwant:
             raise ConfigError("need 1 ≤ default_numwant ≤ max_numwant")
-        for name in ("max_peers_per_swarm", "max_peers", "max_metainfo", "max_scrape_hashes"):
+        for name in (
+            "max_peers_per_swarm",
+            "max_peers",
+            "max_metainfo",
+            "max_scrape_hashes",
+            "max_leases_per_node",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1")
         if self.max_metainfo_bytes < 4096:

@@ -15,6 +15,7 @@ policy of its own (the parts above do) and raises only `p2preg.core.errors`.
 from __future__ import annotations
 
 import heapq
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,18 +28,20 @@ from p2preg.core import errors, wire
 from p2preg.core.digest import Digest, DigestError
 from p2preg.core.metainfo import Metainfo, MetainfoError, MetainfoTooLarge
 from p2preg.core.tls import TLSFiles
+from tracker import lease_replies as replies
 from tracker.announce import AnnounceRequest, AnnounceResponse, Event, ScrapeRequest, SwarmStats
 from tracker.auth import ClusterAuth
 from tracker.config import TrackerConfig
 from tracker.handout import hand_out
-from tracker.leases import Granted, Lease, LeaseBook, Waiters
+from tracker.leases import Granted, Lease, LeaseBook, RateRule, Waiters
 from tracker.metainfo import parse_metainfo
 from tracker.metrics import Gauges, TrackerMetrics
 from tracker.peers import PeerTable, compact_address
 from tracker.registry import MetainfoRegistry, Rerooted
 from tracker.state import Snapshot, StoredBad, StoredLease, StoredMetainfo, TrackerStore
-from tracker.upstream_queue import QUEUE_RECHECK_S, Place, Queued, UpstreamQueue
+from tracker.upstream_queue import Place, UpstreamQueue
 
+log = logging.getLogger("p2preg.tracker")
 # How often the sweeper drops expired peers and leases, at most.
 MAX_SWEEP_INTERVAL_S = 5.0
 
@@ -101,7 +104,12 @@ class Tracker:
         self.peers = PeerTable(
             max_peers_per_swarm=config.max_peers_per_swarm, max_peers=config.max_peers
         )
-        self.leases = LeaseBook(config.lease_ttl_s, clock)
+        self.leases = LeaseBook(
+            config.lease_ttl_s,
+            clock,
+            rate=RateRule(config.lease_min_rate_bytes_s, config.lease_rate_window_s),
+            max_per_holder=config.max_leases_per_node,
+        )
         self.queue = UpstreamQueue(config.upstream_fetches_per_image, clock)
         self._waiters = Waiters()
         # Metainfo writes in flight, by digest: a second write waits for the first.
@@ -298,12 +306,18 @@ class Tracker:
 
     # -- upstream leases ---------------------------------------------------------
 
-    async def acquire_lease(self, digest_text: str, msg: wire.LeaseRequest) -> wire.LeaseReply:
-        """Grant, refuse (wait) or point at the swarm; long-polls up to `msg.wait_s`."""
+    async def acquire_lease(
+        self, digest_text: str, msg: wire.LeaseRequest, *, identity: str | None = None
+    ) -> wire.LeaseReply:
+        """Grant, refuse (wait) or point at the swarm; long-polls up to `msg.wait_s`.
+
+        `identity` is the caller's (`Call.identity`); None: the node `msg` names.
+        """
         digest = _digest(digest_text)
+        who = identity if identity is not None else msg.node
         wait_s = min(max(0.0, msg.wait_s), self.config.lease_wait_max_s)
         deadline = self._clock() + wait_s
-        place = Place(msg.order, digest, msg.node)
+        place = Place(msg.order, digest, who)
         queued = False
         try:
             while True:
@@ -332,17 +346,26 @@ class Tracker:
         if msg.group is not None and self.leases.current(digest) is None:
             waiting = self.queue.check(msg.group, place, self.leases.fetching(msg.group))
             if waiting is not None:
-                return _Attempt(self._queued_reply(waiting), waiting.wake_at, True)
+                reply = replies.queued(self.leases, waiting, self._clock())
+                return _Attempt(reply, waiting.wake_at, True)
         size = msg.size if msg.size is not None else (entry.meta.size if entry else None)
-        fresh = self.leases.current(digest) is None
-        outcome = self.leases.acquire(digest, msg.node, size, msg.group)
+        before = self.leases.current(digest)
+        try:
+            outcome = self.leases.acquire(digest, place.node, size, msg.group)
+        except errors.LeaseCapReached:
+            self.metrics.lease_refused.labels(errors.LeaseCapReached.code).inc()
+            raise
         lease = outcome.lease
         if isinstance(outcome, Granted):
             if msg.group is not None:
-                self.queue.granted(msg.group, msg.node)
-            reply = self._lease_reply(wire.LeaseStatus.GRANTED, lease)
+                self.queue.granted(msg.group, place.node)
+            if outcome.replaced is not None:  # its holder fell below the minimum rate
+                self.metrics.lease_replacements.inc()
+                log.warning("%s", self.leases.why_replaced(outcome.replaced.lease_id))
+            fresh = before is None or outcome.replaced is not None
+            reply = replies.granted(self.leases, lease, outcome.replaced)
             return _Attempt(reply, None, granted=lease, fresh=fresh)
-        return _Attempt(self._wait_reply(lease), lease.expires_at)
+        return _Attempt(replies.held(self.leases, lease, self._clock()), lease.expires_at)
 
     async def _commit_grant(self, lease: Lease, fresh: bool) -> None:
         try:
@@ -363,55 +386,38 @@ class Tracker:
             self._waiters.notify(digest)
 
     async def renew_lease(
-        self, digest_text: str, msg: wire.LeaseRenew, *, holder: str | None = None
+        self, digest_text: str, msg: wire.LeaseRenew, *, identity: str | None = None
     ) -> wire.LeaseReply:
-        """Renew with progress; `holder` (a certificate's node) must be the lease's."""
+        """Renew with progress; `identity` (the caller's), when known, must be the holder."""
         digest = _digest(digest_text)
         before = self.leases.current(digest)
-        lease = self.leases.renew(digest, msg.lease_id, msg.bytes_done, msg.size, holder=holder)
+        try:
+            lease = self.leases.renew(
+                digest, msg.lease_id, msg.bytes_done, msg.size, holder=identity
+            )
+        except errors.InvalidRequest:
+            self.metrics.lease_refused.labels("bad_progress").inc()
+            raise
         await self._store.save_lease(self._stored_lease(lease))
-        if lease.fetched and before is not None and not before.fetched:
+        was_busy = before is not None and not before.fetched and not before.slow
+        if was_busy and (lease.fetched or lease.slow):
             self._free_slot(lease)
-        return self._lease_reply(wire.LeaseStatus.GRANTED, lease)
+        if lease.slow and before is not None and not before.slow:
+            # Below the minimum rate: a waiter may take the fetch over now.
+            self._waiters.notify(digest)
+        return replies.granted(self.leases, lease)
 
     async def release_lease(
-        self, digest_text: str, msg: wire.LeaseRelease, *, holder: str | None = None
+        self, digest_text: str, msg: wire.LeaseRelease, *, identity: str | None = None
     ) -> None:
         digest = _digest(digest_text)
-        lease = self.leases.release(digest, msg.lease_id, holder=holder)
+        lease = self.leases.release(digest, msg.lease_id, holder=identity)
         if lease is None:
             return
         # Deletes name the lease id, so this commit cannot remove a newer lease.
         await self._store.delete_lease(digest, lease.lease_id)
         self._waiters.notify(digest)
         self._free_slot(lease)
-
-    def _wait_reply(self, lease: Lease) -> wire.LeaseReply:
-        remaining = max(0.0, lease.expires_at - self._clock())
-        retry = min(self.config.lease_ttl_s, max(1.0, remaining))
-        return self._lease_reply(wire.LeaseStatus.WAIT, lease, retry_after_s=retry)
-
-    def _queued_reply(self, waiting: Queued) -> wire.LeaseReply:
-        """WAIT for a slot; the holder and progress shown are those of the fetch ahead."""
-        if waiting.ahead is not None:
-            return self._wait_reply(waiting.ahead)
-        return wire.LeaseReply(
-            wire.LeaseStatus.WAIT, ttl_s=self.leases.ttl_s, retry_after_s=QUEUE_RECHECK_S
-        )
-
-    def _lease_reply(
-        self, status: wire.LeaseStatus, lease: Lease, *, retry_after_s: float = 0.0
-    ) -> wire.LeaseReply:
-        granted = status is wire.LeaseStatus.GRANTED
-        return wire.LeaseReply(
-            status,
-            lease_id=lease.lease_id if granted else None,
-            ttl_s=self.leases.ttl_s,
-            retry_after_s=retry_after_s,
-            holder=lease.holder,
-            bytes_done=lease.bytes_done,
-            size=lease.size,
-        )
 
     def _stored_lease(self, lease: Lease) -> StoredLease:
         expires = self._wall() + (lease.expires_at - self._clock())

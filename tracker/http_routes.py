@@ -64,11 +64,11 @@ class Call:
             )
         return msg
 
-    @property
-    def holder(self) -> str | None:
-        """Who must hold a lease to renew or release it: the certificate's node, if any."""
+    def identity(self, named: str | None) -> str | None:
+        """Who is asking: the certificate's node under TLS, else the node the message
+        names (`named`; None when it names none, an older node's renewal)."""
         identity = self.request.identity
-        return None if identity is None else identity.name
+        return named if identity is None else identity.name
 
 
 Handler = Callable[[Call], Awaitable[Response]]
@@ -137,17 +137,19 @@ async def _report_bad(call: Call) -> Response:
 
 async def _acquire(call: Call) -> Response:
     msg = call.message(wire.LeaseRequest)
-    return _msgpack(await call.tracker.acquire_lease(call.digest, msg))
+    reply = await call.tracker.acquire_lease(call.digest, msg, identity=call.identity(msg.node))
+    return _msgpack(reply)
 
 
 async def _renew(call: Call) -> Response:
     msg = call.message(wire.LeaseRenew)
-    return _msgpack(await call.tracker.renew_lease(call.digest, msg, holder=call.holder))
+    reply = await call.tracker.renew_lease(call.digest, msg, identity=call.identity(msg.node))
+    return _msgpack(reply)
 
 
 async def _release(call: Call) -> Response:
     msg = call.message(wire.LeaseRelease)
-    await call.tracker.release_lease(call.digest, msg, holder=call.holder)
+    await call.tracker.release_lease(call.digest, msg, identity=call.identity(msg.node))
     return Response(204, b"", wire.CONTENT_TYPE)
 
 

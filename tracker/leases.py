@@ -1,24 +1,34 @@
-"""Upstream-fetch leases: one node per blob fetches from the seed registry.
+"""Upstream-fetch leases: one node per blob fetches from the seed registry, and cannot stall it.
 
 `LeaseBook` is the sans-IO state machine (time comes from an injected clock):
-a digest has at most one live lease; the holder renews it with its byte
-progress; a lease nobody renews expires after `ttl_s`, and only then can
-another node take it — so a slow but live holder is never overtaken.
-`Waiters` is the trio side: requests long-polling for a digest sleep on it and
-are woken when something changes (a seeder appears, a lease is released). This
-module does not decide *whether* a lease is needed (the service checks for
-seeders first) and must not persist anything (the service does, via state.py).
+a digest has at most one live lease, bound to the identity that took it (its id
+goes to that identity only, and only it renews or releases); the holder renews
+it with its byte progress, which may only grow and never pass the blob's size;
+a lease nobody renews expires after `ttl_s`. A holder that keeps the lease
+alive without keeping up `min_rate_bytes_s` over `rate_window_s` is *slow*, and
+the next other identity that asks takes the fetch over (`Granted.replaced`) —
+at most once per digest per window, since a second holder on the same thin
+link doubles what crosses it. One identity holds at most `max_per_holder`
+leases at once. `Waiters` is the trio side: requests long-polling for a digest
+sleep on it and are woken when something changes (a seeder appears, a lease is
+released or turns slow). This module does not decide *whether* a lease is
+needed (the service checks for seeders first) and must not persist anything
+(the service does, via state.py).
 """
 
 from __future__ import annotations
 
 import secrets
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import trio
 
-from p2preg.core.errors import Forbidden, LeaseLost
+from p2preg.core.errors import Forbidden, InvalidRequest, LeaseCapReached, LeaseLost
+
+# Replaced leases remembered, so their holder is told why its renewal fails.
+MAX_REPLACED_REMEMBERED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +41,11 @@ class Lease:
     size: int | None = None
     # The image the holder was asked for (see `LeaseBook.fetching`); not persisted.
     group: str | None = None
+    # The start of the current rate window: when, and `bytes_done` then.
+    mark_at: float = 0.0
+    mark_bytes: int = 0
+    # A renewal found the progress since `mark_at` below the minimum rate.
+    slow: bool = False
 
     @property
     def fetched(self) -> bool:
@@ -40,9 +55,13 @@ class Lease:
 
 @dataclass(frozen=True, slots=True)
 class Granted:
-    """The asker holds `lease` (new, or its own lease asked for again)."""
+    """The asker holds `lease` (new, or its own lease asked for again).
+
+    `replaced` is the slow lease it took the fetch over from, if it did.
+    """
 
     lease: Lease
+    replaced: Lease | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +69,18 @@ class Held:
     """Another node holds `lease`; ask again once it expires or something changes."""
 
     lease: Lease
+
+
+@dataclass(frozen=True, slots=True)
+class RateRule:
+    """A holder must fetch `min_bytes_s` on average over each `window_s`; 0: no rule."""
+
+    min_bytes_s: int = 0
+    window_s: float = 30.0
+
+    def falls_short(self, done: int, since: float, now: float) -> bool:
+        """`done` bytes over `since`..`now` (at least one window) are below the rate."""
+        return done < self.min_bytes_s * (now - since)
 
 
 def new_lease_id() -> str:
@@ -62,53 +93,116 @@ class LeaseBook:
         ttl_s: float,
         clock: Callable[[], float],
         new_id: Callable[[], str] = new_lease_id,
+        *,
+        rate: RateRule = RateRule(),
+        max_per_holder: int | None = None,
     ) -> None:
         self.ttl_s = ttl_s
+        self.rate = rate
+        self.max_per_holder = max_per_holder
         self._clock = clock
         self._new_id = new_id
         self._leases: dict[str, Lease] = {}
+        self._by_holder: dict[str, set[str]] = {}
+        # Digest → when its fetch was last handed over (one handover per window).
+        self._last_replaced: dict[str, float] = {}
+        # Lease id → why it was taken away, for the old holder's next renewal.
+        self._replaced: OrderedDict[str, str] = OrderedDict()
         # Totals since start, for metrics.
         self.granted = 0
         self.expired = 0
+        self.replacements = 0
 
     def __len__(self) -> int:
         return len(self._leases)
+
+    def held_by(self, holder: str) -> int:
+        """Live leases `holder` holds now."""
+        for digest in list(self._by_holder.get(holder, ())):
+            self.current(digest)
+        return len(self._by_holder.get(holder, ()))
 
     def current(self, digest: str) -> Lease | None:
         """The live lease on `digest`, if any; an expired one is dropped here."""
         lease = self._leases.get(digest)
         if lease is not None and lease.expires_at <= self._clock():
-            del self._leases[digest]
+            self._remove(lease)
             self.expired += 1
             return None
         return lease
 
+    def is_slow(self, lease: Lease) -> bool:
+        """Below the minimum rate: a renewal said so, or none moved the window on in time.
+
+        The second case is a holder that keeps its lease alive by asking again
+        instead of renewing: one window plus one TTL (the renewals' slack) is
+        all an honest holder needs to report a window's progress.
+        """
+        if self.rate.min_bytes_s <= 0:
+            return False
+        return lease.slow or self._clock() - lease.mark_at >= self.rate.window_s + self.ttl_s
+
     def fetching(self, group: str) -> list[Lease]:
-        """Live leases of `group` whose holder is still fetching from upstream."""
+        """Live leases of `group` whose holder is still fetching from upstream at the rate.
+
+        A slow lease gives up its image's slot: one fetch that never finishes
+        must not hold up the image's other blobs.
+        """
         now = self._clock()
         return [
             lease
             for lease in self._leases.values()
-            if lease.group == group and not lease.fetched and lease.expires_at > now
+            if lease.group == group
+            and not lease.fetched
+            and lease.expires_at > now
+            and not self.is_slow(lease)
         ]
 
     def acquire(
         self, digest: str, node: str, size: int | None = None, group: str | None = None
     ) -> Granted | Held:
+        """`node` is the asker's identity (its certificate's name under TLS)."""
         lease = self.current(digest)
         now = self._clock()
-        if lease is None:
-            lease = Lease(digest, self._new_id(), node, now + self.ttl_s, 0, size, group)
-            self._leases[digest] = lease
-            self.granted += 1
-            return Granted(lease)
-        if lease.holder == node:
+        if lease is not None and lease.holder == node:
             # The holder asking again (it restarted, or lost our reply) keeps
             # its lease and progress; asking is a sign of life.
             lease = replace(lease, expires_at=now + self.ttl_s)
             self._leases[digest] = lease
             return Granted(lease)
-        return Held(lease)
+        if lease is not None and not self._may_replace(lease, now):
+            return Held(lease)
+        self._check_cap(node)
+        size = size if size is not None and size >= 0 else None
+        fresh = Lease(digest, self._new_id(), node, now + self.ttl_s, 0, size, group, now, 0)
+        if lease is not None:
+            self._remove(lease)
+            self._last_replaced[digest] = now
+            self._replaced[lease.lease_id] = _replaced_why(lease, node, self.rate, now)
+            while len(self._replaced) > MAX_REPLACED_REMEMBERED:
+                self._replaced.popitem(last=False)
+            self.replacements += 1
+            fresh = replace(fresh, size=size if size is not None else lease.size)
+        self._put(fresh)
+        self.granted += 1
+        return Granted(fresh, replaced=lease)
+
+    def why_replaced(self, lease_id: str) -> str:
+        """Why the lease `lease_id` was handed to another node ("" if it was not)."""
+        return self._replaced.get(lease_id, "")
+
+    def _may_replace(self, lease: Lease, now: float) -> bool:
+        last = self._last_replaced.get(lease.digest)
+        recent = last is not None and now - last < self.rate.window_s
+        return self.is_slow(lease) and not recent
+
+    def _check_cap(self, node: str) -> None:
+        cap = self.max_per_holder
+        if cap is not None and self.held_by(node) >= cap:
+            raise LeaseCapReached(
+                f"node {node!r} holds {cap} open leases, the most one node may "
+                "(max_leases_per_node): fetch this blob from upstream"
+            )
 
     def renew(
         self,
@@ -119,19 +213,37 @@ class LeaseBook:
         *,
         holder: str | None = None,
     ) -> Lease:
-        """Extend the lease `lease_id`; with `holder` (a certificate's node), only its own."""
+        """Extend the lease `lease_id` with the holder's progress.
+
+        With `holder` (the caller's identity), only its own. Progress that goes
+        backwards or past the size is refused and extends nothing.
+        """
         lease = self.current(digest)
         if lease is None or lease.lease_id != lease_id:
+            why = self._replaced.get(lease_id)
+            if why is not None:
+                raise LeaseLost(why)
             raise LeaseLost(f"no live lease {lease_id[:16]} on {digest}: it expired or moved on")
         _check_holder(lease, holder)
-        lease = replace(
-            lease,
-            expires_at=self._clock() + self.ttl_s,
-            bytes_done=max(0, bytes_done),
-            size=size if size is not None else lease.size,
-        )
+        size = _checked_size(lease, size)
+        _check_progress(lease, bytes_done, size)
+        now = self._clock()
+        lease = replace(lease, expires_at=now + self.ttl_s, bytes_done=bytes_done, size=size)
+        lease = self._judged(lease, now)
         self._leases[digest] = lease
         return lease
+
+    def _judged(self, lease: Lease, now: float) -> Lease:
+        """Once a window has passed since the mark: a new window, or slow for good."""
+        if lease.slow or self.rate.min_bytes_s <= 0 or now - lease.mark_at < self.rate.window_s:
+            return lease
+        # A fetch that ended within this window kept up; the next window is the
+        # time it may take to publish and seed.
+        finished_now = lease.fetched and lease.mark_bytes < lease.bytes_done
+        done = lease.bytes_done - lease.mark_bytes
+        if finished_now or not self.rate.falls_short(done, lease.mark_at, now):
+            return replace(lease, mark_at=now, mark_bytes=lease.bytes_done)
+        return replace(lease, slow=True)
 
     def release(self, digest: str, lease_id: str, *, holder: str | None = None) -> Lease | None:
         """Give the lease up; releasing a lease already gone is not an error.
@@ -142,30 +254,78 @@ class LeaseBook:
         if lease is None or lease.lease_id != lease_id:
             return None
         _check_holder(lease, holder)
-        del self._leases[digest]
+        self._remove(lease)
         return lease
 
     def drop(self, digest: str) -> None:
-        self._leases.pop(digest, None)
+        lease = self._leases.get(digest)
+        if lease is not None:
+            self._remove(lease)
 
     def expire(self) -> list[Lease]:
         """Drop every lease whose time is up; return them."""
         now = self._clock()
         dead = [lease for lease in self._leases.values() if lease.expires_at <= now]
         for lease in dead:
-            del self._leases[lease.digest]
+            self._remove(lease)
         self.expired += len(dead)
+        for digest, at in list(self._last_replaced.items()):
+            if now - at >= self.rate.window_s:
+                del self._last_replaced[digest]
         return dead
 
     def restore(self, lease: Lease) -> None:
-        """Put back a lease loaded from the store after a restart."""
-        if lease.expires_at > self._clock():
-            self._leases[lease.digest] = lease
+        """Put back a lease loaded from the store after a restart (its rate window restarts)."""
+        now = self._clock()
+        if lease.expires_at > now:
+            self._put(replace(lease, mark_at=now, mark_bytes=lease.bytes_done, slow=False))
+
+    def _put(self, lease: Lease) -> None:
+        self._leases[lease.digest] = lease
+        self._by_holder.setdefault(lease.holder, set()).add(lease.digest)
+
+    def _remove(self, lease: Lease) -> None:
+        del self._leases[lease.digest]
+        held = self._by_holder.get(lease.holder)
+        if held is not None:
+            held.discard(lease.digest)
+            if not held:
+                del self._by_holder[lease.holder]
 
 
 def _check_holder(lease: Lease, holder: str | None) -> None:
     if holder is not None and lease.holder != holder:
         raise Forbidden(f"the lease on {lease.digest} is held by another node, not {holder!r}")
+
+
+def _checked_size(lease: Lease, size: int | None) -> int | None:
+    """The blob's size, once known, is the lease's for good."""
+    if size is None or size < 0:
+        return lease.size
+    if lease.size is not None and size != lease.size:
+        raise InvalidRequest(f"lease on {lease.digest}: size {size} is not its size {lease.size}")
+    return size
+
+
+def _check_progress(lease: Lease, bytes_done: int, size: int | None) -> None:
+    if bytes_done < lease.bytes_done:
+        raise InvalidRequest(
+            f"lease on {lease.digest}: bytes_done {bytes_done} is below the "
+            f"{lease.bytes_done} already reported; progress only grows"
+        )
+    if size is not None and bytes_done > size:
+        raise InvalidRequest(
+            f"lease on {lease.digest}: bytes_done {bytes_done} is past the blob's size {size}"
+        )
+
+
+def _replaced_why(lease: Lease, by: str, rate: RateRule, now: float) -> str:
+    span = max(now - lease.mark_at, 1e-9)
+    got = (lease.bytes_done - lease.mark_bytes) / span
+    return (
+        f"lease on {lease.digest} handed from {lease.holder!r} to {by!r}: {got:.0f} B/s over "
+        f"{span:.0f} s is below the minimum {rate.min_bytes_s} B/s (lease_min_rate_bytes_s)"
+    )
 
 
 class Waiters:

@@ -22,6 +22,7 @@ from tracker.tls_gate import REFUSAL_REASONS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TRANSPORTS = ("http", "udp")
+LEASE_REFUSALS = ("lease_cap", "bad_progress")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,20 @@ class TrackerMetrics:
             ["code"],
             registry=self.registry,
         )
+        self.lease_replacements = Counter(
+            "p2preg_tracker_lease_replacements",
+            "Upstream fetches handed to another node: the holder fell below the minimum rate",
+            registry=self.registry,
+        )
+        self.lease_refused = Counter(
+            "p2preg_tracker_lease_refused",
+            "Lease requests and renewals refused: lease_cap (a node at its open-lease cap), "
+            "bad_progress (progress backwards or past the size)",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in LEASE_REFUSALS:
+            self.lease_refused.labels(reason)
 
         refusals = Counter(
             "p2preg_tracker_tls_refusals",

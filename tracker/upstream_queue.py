@@ -74,8 +74,9 @@ class UpstreamQueue:
         """None when `place` may take its lease now; else how long to wait.
 
         `fetching` are the image's live leases whose holders are still fetching
-        from upstream. The caller asks only for a digest nobody holds a lease on
-        (a held lease decides by itself who fetches).
+        from upstream at the minimum rate (a slow one gives its slot up). The
+        caller asks only for a digest nobody holds a lease on (a held lease
+        decides by itself who fetches).
         """
         if self.fetches_per_image == 0:
             return None

@@ -76,6 +76,13 @@ class LimitReached(TrackerError):
     code = "limit_reached"
 
 
+class LeaseCapReached(TrackerError):
+    """The asking node holds as many open leases as one node may: it fetches from upstream."""
+
+    status = 429
+    code = "lease_cap"
+
+
 class TrackerUnavailable(TrackerError):
     """The tracker could not be reached or failed on its side (client only)."""
 
@@ -97,6 +104,7 @@ BY_CODE: dict[str, type[TrackerError]] = {
         MetainfoConflict,
         LeaseLost,
         LimitReached,
+        LeaseCapReached,
         TrackerUnavailable,
     )
 }

@@ -24,7 +24,14 @@ CONTENT_TYPE = "application/msgpack"
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 # Longest accepted value of each free-text field, so a peer cannot make the
 # tracker store or log megabytes of it.
-STR_LIMITS = {"node": 128, "reason": 1024, "lease_id": 64, "digest": 160, "group": 160}
+STR_LIMITS = {
+    "node": 128,
+    "replaced": 128,
+    "reason": 1024,
+    "lease_id": 64,
+    "digest": 160,
+    "group": 160,
+}
 # Integers are 64-bit signed on both sides (SQLite INTEGER).
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 
@@ -95,6 +102,8 @@ class LeaseRenew:
     lease_id: str
     bytes_done: int
     size: int | None = None
+    # Who renews (under TLS it must be the certificate's node); older nodes leave it out.
+    node: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +111,7 @@ class LeaseRelease:
     """POST /v1/leases/<digest>/release: I give it up (failed, or seeding already)."""
 
     lease_id: str
+    node: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +124,15 @@ class LeaseReply:
     bytes_done: int = 0
     size: int | None = None
     metainfo: bytes | None = None
+    # The blob whose fetch this reply is about: the asked one, or (queued) the
+    # image's fetch ahead of it. None from older trackers: the asked one.
+    digest: str | None = None
+    # The progress a holder must keep up (0: no minimum), over which window: a
+    # waiting node bounds its wait by the blob's size at that rate.
+    min_rate_bytes_s: int = 0
+    rate_window_s: float = 0.0
+    # GRANTED to take over from this holder, which fell below the minimum rate.
+    replaced: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from p2preg.node.errors import StoreFull, UpstreamError
 from p2preg.node.leasewait import (
     Ask,
     AskAgain,
+    Blob,
     Due,
     FallBack,
     FetchAsHolder,
@@ -185,7 +186,9 @@ class BlobFetcher:
         """
         group = None if place is None else str(place.image)
         order = 0 if place is None else place.index
-        wait = LeaseWait(cluster.settings.lease_wait_max_s, self._clock)
+        wait = LeaseWait(
+            cluster.settings.lease_wait_max_s, self._clock, blob=Blob(str(digest), size)
+        )
         action = wait.step(Due())
         while True:
             if isinstance(action, Ask):
@@ -194,7 +197,7 @@ class BlobFetcher:
                         digest, size=size, wait_s=action.wait_s, group=group, order=order
                     )
                 except tracker_errors.TrackerError as e:
-                    action = wait.step(TrackerFailed(str(e)))
+                    action = wait.step(TrackerFailed(str(e), e.code))
                 else:
                     action = wait.step(Replied(reply))
             elif isinstance(action, AskAgain):
@@ -283,8 +286,10 @@ async def _renewing(
     scope = trio.CancelScope()
 
     def progress(n: int) -> None:
+        # The tracker refuses progress that goes backwards; a retry after a
+        # digest mismatch starts again from 0, so report the most fetched yet.
         nonlocal done
-        done = n
+        done = max(done, n)
 
     async def renew() -> None:
         interval = max(0.5, lease.ttl_s / 3)

@@ -4,8 +4,12 @@ Owns the rules by which a node that needs a blob reads the tracker's lease
 replies: SEEDED → join the swarm; GRANTED → fetch from upstream as the holder;
 WAIT → ask again (long-polling) for as long as the fetch waited for makes
 progress — its holder's `bytes_done` grows, or the holder changes because the
-tracker's queue moved; `lease_wait_max_s` without either, or a tracker that
-fails, → fetch from upstream ourselves, with a reason (a metric label). The
+tracker's queue moved — but never past that fetch's absolute bound, derived
+once per digest from its size and the minimum rate the tracker enforces on
+holders, so no holder (a compromised node faking progress, a rotation of
+them) keeps this node waiting; `lease_wait_max_s` without progress, the
+bound, a tracker that fails or refuses us a lease → fetch from upstream
+ourselves, with a reason (a metric label). The
 rules are one ordered table, `RULES`, read first match first: a new rule is a
 new row. Time comes from an injected clock, as in tracker/leases.py's
 `LeaseBook`. This module does no I/O and imports no trio: the caller asks the
@@ -28,6 +32,13 @@ HELD_SHARE = 0.8
 # Pacing of asks the tracker answered early: its retry_after_s, within these bounds.
 PACE_MIN_S = 0.05
 PACE_MAX_S = 1.0
+# A fetch waited for gets this long on top of one rate window and its size at
+# the minimum rate (the holder's TLS, token and first-byte latency, the
+# renewals' lag), from when this node first waited for it.
+BOUND_FLOOR_S = 30.0
+# Distinct fetches one wait keeps a bound for (an image's blobs queued ahead);
+# past that, a new one shares the last bound.
+MAX_BOUNDS = 256
 
 # -- what happens to the wait (events) ------------------------------------------
 
@@ -46,9 +57,10 @@ class Replied:
 
 @dataclass(frozen=True, slots=True)
 class TrackerFailed:
-    """The last `Ask` failed: the tracker is down, or refused it."""
+    """The last `Ask` failed: the tracker is down, or refused it (`code`, its error's)."""
 
     message: str
+    code: str = ""
 
 
 Event = Due | Replied | TrackerFailed
@@ -107,6 +119,10 @@ class WaitState:
     deadline: float
     # The (holder, bytes_done) the tracker last reported.
     progress: tuple[str | None, int] | None = None
+    # The absolute bound of each fetch waited for (digest, when to give up on
+    # it), set when first seen and never moved; `bound` is the current one's.
+    bounds: tuple[tuple[str, float], ...] = ()
+    bound: float = float("inf")
     # When the last Ask was given, and how long it let the tracker hold it.
     asked_at: float = 0.0
     wait_s: float = 0.0
@@ -157,8 +173,16 @@ def _out_of_time(s: Situation) -> bool:
     return s.now >= s.state.deadline
 
 
+def _past_bound(s: Situation) -> bool:
+    return s.now >= s.state.bound
+
+
+def _refused_at_cap(s: Situation) -> bool:
+    return isinstance(s.event, TrackerFailed) and s.event.code == "lease_cap"
+
+
 def _ask(s: Situation) -> Action:
-    return Ask(min(LONG_POLL_S, s.state.deadline - s.now))
+    return Ask(min(LONG_POLL_S, s.state.deadline - s.now, s.state.bound - s.now))
 
 
 def _seeded_without_metainfo(s: Situation) -> bool:
@@ -192,7 +216,19 @@ def _status_is(status: LeaseStatus) -> Callable[[Situation], bool]:
 
 
 RULES: tuple[Rule, ...] = (
+    Rule(
+        "a lease refused at this node's cap: fall back",
+        TrackerFailed,
+        _refused_at_cap,
+        lambda s: FallBack("lease_cap", "the tracker refused a lease: this node holds its cap"),
+    ),
     Rule("a tracker that fails: fall back", TrackerFailed, _always, _tracker_failed),
+    Rule(
+        "past the absolute bound of the fetch waited for: fall back",
+        Due,
+        _past_bound,
+        lambda s: FallBack("lease_bound", "the upstream fetch waited for passed its bound"),
+    ),
     Rule(
         "lease_wait_max_s without progress: fall back",
         Due,
@@ -239,6 +275,44 @@ def note_progress(state: WaitState, event: Event, now: float, max_s: float) -> W
     return replace(state, progress=seen, deadline=now + max_s)
 
 
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """The blob this node waits for: its digest and size (-1: unknown)."""
+
+    digest: str | None = None
+    size: int = -1
+
+
+def note_bound(state: WaitState, event: Event, now: float, max_s: float, blob: Blob) -> WaitState:
+    """A WAIT about a fetch (the blob's own, or one queued ahead of it) bounds the wait.
+
+    The bound is set when a digest is first waited for and never moves: the
+    floor, one rate window (a holder that falls behind is replaced within
+    it) and the blob's size at the minimum rate (this node's own size for its
+    own blob: a holder cannot talk it up). A WAIT naming no holder is a moment
+    between two fetches of the queue, and a tracker with no minimum rate
+    sets no bound.
+    """
+    if not isinstance(event, Replied):
+        return state
+    reply = event.reply
+    if reply.status is not LeaseStatus.WAIT or reply.holder is None:
+        return state
+    if reply.min_rate_bytes_s <= 0:
+        return state
+    key = reply.digest or blob.digest or ""
+    known = dict(state.bounds)
+    if key in known:
+        return replace(state, bound=known[key])
+    if len(known) >= MAX_BOUNDS:
+        return state
+    own = key == (blob.digest or "") and blob.size >= 0
+    size = blob.size if own else reply.size
+    need = max_s if size is None or size < 0 else size / reply.min_rate_bytes_s
+    bound = now + BOUND_FLOOR_S + reply.rate_window_s + need
+    return replace(state, bounds=(*state.bounds, (key, bound)), bound=bound)
+
+
 def decide(s: Situation, rules: tuple[Rule, ...] = RULES) -> tuple[Rule, Action]:
     """The first rule that applies, and its action."""
     for rule in rules:
@@ -255,10 +329,13 @@ class LeaseWait:
         max_s: float,
         clock: Callable[[], float],
         rules: tuple[Rule, ...] = RULES,
+        *,
+        blob: Blob = Blob(),
     ) -> None:
         self.max_s = max_s
         self._clock = clock
         self._rules = rules
+        self._blob = blob
         now = clock()
         self.state = WaitState(started_at=now, deadline=now + max_s)
         # The name of the rule behind the last action, for logs and tests.
@@ -267,6 +344,7 @@ class LeaseWait:
     def step(self, event: Event) -> Action:
         now = self._clock()
         self.state = note_progress(self.state, event, now, self.max_s)
+        self.state = note_bound(self.state, event, now, self.max_s, self._blob)
         rule, action = decide(Situation(event, self.state, now, self.max_s), self._rules)
         self.last_rule = rule.name
         if isinstance(action, Ask):
