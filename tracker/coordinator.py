@@ -30,11 +30,13 @@ from p2preg.core.tls import TLSFiles
 from tracker.announce import AnnounceRequest, AnnounceResponse, Event, ScrapeRequest, SwarmStats
 from tracker.auth import ClusterAuth
 from tracker.config import TrackerConfig
+from tracker.expiry import IdleMetainfo
 from tracker.handout import hand_out
 from tracker.leases import Granted, Lease, LeaseBook, Waiters
 from tracker.metainfo import parse_metainfo
 from tracker.metrics import Gauges, TrackerMetrics
 from tracker.peers import PeerTable, compact_address
+from tracker.quotas import Quotas
 from tracker.registry import MetainfoRegistry, Rerooted
 from tracker.state import Snapshot, StoredBad, StoredLease, StoredMetainfo, TrackerStore
 from tracker.upstream_queue import QUEUE_RECHECK_S, Place, Queued, UpstreamQueue
@@ -104,6 +106,8 @@ class Tracker:
         self.leases = LeaseBook(config.lease_ttl_s, clock)
         self.queue = UpstreamQueue(config.upstream_fetches_per_image, clock)
         self._waiters = Waiters()
+        self.quotas = Quotas.from_config(config, clock, self.metrics)
+        self.idle = IdleMetainfo(config.metainfo_idle_expiry_s, config.pinned_digests)
         # Metainfo writes in flight, by digest: a second write waits for the first.
         self._writing: dict[str, trio.Event] = {}
         self.metrics.watch(self._gauges)
@@ -440,6 +444,14 @@ class Tracker:
             await self._store.delete_lease(lease.digest, lease.lease_id)
             self._waiters.notify(lease.digest)
             self._free_slot(lease)
+        for digest in self.idle.expired(self.registry.digests, self._in_use, now):
+            if self.registry.remove(digest) is not None:
+                with self._writing_turn(digest):
+                    await self._store.delete_metainfo(digest)
+                self.metrics.metainfo_expired.inc()
+
+    def _in_use(self, d: str) -> bool:  # for expiry: announced, fetched or being filed
+        return d in self._writing or bool(self.peers.swarm(d) or self.leases.current(d))
 
     def status(self, limit: int) -> TrackerStatus:
         """Totals, and the `limit` swarms with the most live peers."""

@@ -83,6 +83,14 @@ class TrackerUnavailable(TrackerError):
     code = "unavailable"
 
 
+class RateLimited(TrackerUnavailable):
+    """This identity is over its quota for this kind of request: the tracker is
+    unavailable to it for this, for a moment; a node goes on without it (upstream)."""
+
+    status = 429
+    code = "rate_limited"
+
+
 BY_CODE: dict[str, type[TrackerError]] = {
     cls.code: cls
     for cls in (
@@ -98,5 +106,6 @@ BY_CODE: dict[str, type[TrackerError]] = {
         LeaseLost,
         LimitReached,
         TrackerUnavailable,
+        RateLimited,
     )
 }
