@@ -61,6 +61,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--trusted-ip-sources",
         help="comma-separated CIDRs allowed to set a peer's IP with ip=",
     )
+    for kind in ("publish", "report", "lease"):
+        parser.add_argument(f"--quota-{kind}-per-s", help=f"{kind} requests a second, per node")
+        parser.add_argument(f"--quota-{kind}-burst", help=f"{kind} requests saved up, per node")
+    parser.add_argument(
+        "--metainfo-idle-expiry-s", help="forget metainfo nobody announced for this long, seconds"
+    )
+    parser.add_argument(
+        "--pinned-digests", help="comma-separated digests whose metainfo never expires"
+    )
+    parser.add_argument(
+        "--max-preauth-connections", help="connections not yet past a request or handshake"
+    )
+    parser.add_argument(
+        "--max-preauth-connections-per-ip", help="the same, per client address"
+    )
+    parser.add_argument("--max-long-polls", help="lease requests held open at once")
+    parser.add_argument(
+        "--max-long-polls-per-identity", help="lease requests held open at once, per node"
+    )
     parser.add_argument(
         "--tls-dir", help="cluster identity: tls.crt, tls.key, ca.crt (cert-manager layout)"
     )

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from p2preg.core.config import ConfigError, HostPort, KiB, MiB
+from p2preg.core.digest import Digest, DigestError
 from p2preg.core.tls import load_tls_dir
+from tracker.quotas import request_cost
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,35 @@ class TrackerConfig:
     max_metainfo: int = 1_000_000
     max_metainfo_bytes: int = 1 * MiB
     max_scrape_hashes: int = 64
+    # Per-identity rates of control requests, as token buckets: so many a
+    # second, so many saved up. A request costs one token per started 64 KiB of
+    # its body (a big blob's chunk torrents will cost one each). Generous for
+    # honest nodes: a node pulling a few big images at once asks a lease per
+    # blob (hundreds at once), renews what it holds, and publishes each blob it
+    # fetched. Past them: 429 `rate_limited`, and the node goes upstream.
+    quota_publish_per_s: float = 5.0
+    quota_publish_burst: int = 1000
+    quota_report_per_s: float = 1.0
+    quota_report_burst: int = 100
+    quota_lease_per_s: float = 50.0
+    quota_lease_burst: int = 2000
+    # Metainfo of a digest no peer has announced for this long is forgotten, in
+    # the store too: torrents filed for blobs nobody seeds do not pile up. At
+    # least twice the announce interval; never for `pinned_digests`.
+    metainfo_idle_expiry_s: float = 1800.0
+    # Digests whose metainfo stays however long its seeders are silent (an edge
+    # site's base images, whose seeders may be cut off for hours: they are
+    # taken back at their first announce instead of costing an upstream copy).
+    pinned_digests: tuple[str, ...] = ()
+    # Connections that have not completed a request (plain HTTP) or a TLS
+    # handshake, per client address and in all; past either, a new connection is
+    # closed unanswered. BitTorrent GETs answered from their first read never count.
+    max_preauth_connections: int = 4096
+    max_preauth_connections_per_ip: int = 256
+    # Lease requests held open (long polls), per identity and in all; past
+    # either, a request is answered at once instead of held.
+    max_long_polls: int = 20_000
+    max_long_polls_per_identity: int = 1000
     # Only connections from these networks (CIDR) may name a peer IP other than
     # their own with `ip=` (a reverse proxy, say); everyone else's is ignored.
     trusted_ip_sources: tuple[str, ...] = ()
@@ -102,6 +133,7 @@ class TrackerConfig:
                 raise ConfigError(f"{name} must be ≥ 1")
         if self.max_metainfo_bytes < 4096:
             raise ConfigError("max_metainfo_bytes must be ≥ 4096")
+        self._check_quotas()
         for net in self.trusted_ip_sources:
             try:
                 ipaddress.ip_network(net, strict=False)
@@ -119,6 +151,33 @@ class TrackerConfig:
                     "udp announces cannot show a client certificate: leave udp off with tls_dir"
                 )
             load_tls_dir(self.tls_dir, role="tracker")
+
+    def _check_quotas(self) -> None:
+        largest = request_cost(self.max_metainfo_bytes)
+        for kind in ("publish", "report", "lease"):
+            if not getattr(self, f"quota_{kind}_per_s") > 0:
+                raise ConfigError(f"quota_{kind}_per_s must be > 0")
+            # A metainfo at the size limit must fit a burst, or it could never be filed.
+            need = 1 if kind == "lease" else largest
+            if getattr(self, f"quota_{kind}_burst") < need:
+                raise ConfigError(
+                    f"quota_{kind}_burst must be ≥ {need}, the cost of its largest request"
+                )
+        if self.metainfo_idle_expiry_s < 2 * self.announce_interval_s:
+            raise ConfigError(
+                "metainfo_idle_expiry_s must be at least twice announce_interval_s "
+                "(a live seeder must get a chance to announce)"
+            )
+        for text in self.pinned_digests:
+            try:
+                Digest.parse(text)
+            except DigestError as e:
+                raise ConfigError(f"pinned_digests: {e}") from None
+        for what in ("preauth_connections", "long_polls"):
+            per = "per_ip" if what == "preauth_connections" else "per_identity"
+            each, total = getattr(self, f"max_{what}_{per}"), getattr(self, f"max_{what}")
+            if not 1 <= each <= total:
+                raise ConfigError(f"need 1 ≤ max_{what}_{per} ≤ max_{what}")
 
     @property
     def serves_udp(self) -> bool:

@@ -14,12 +14,10 @@ policy of its own (the parts above do) and raises only `p2preg.core.errors`.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import trio
@@ -32,11 +30,13 @@ from tracker import lease_replies as replies
 from tracker.announce import AnnounceRequest, AnnounceResponse, Event, ScrapeRequest, SwarmStats
 from tracker.auth import ClusterAuth
 from tracker.config import TrackerConfig
+from tracker.expiry import IdleMetainfo
 from tracker.handout import hand_out
 from tracker.leases import Granted, Lease, LeaseBook, RateRule, Waiters
 from tracker.metainfo import parse_metainfo
 from tracker.metrics import Gauges, TrackerMetrics
 from tracker.peers import PeerTable, compact_address
+from tracker.quotas import Quotas
 from tracker.registry import MetainfoRegistry, Rerooted
 from tracker.state import Snapshot, StoredBad, StoredLease, StoredMetainfo, TrackerStore
 from tracker.upstream_queue import Place, UpstreamQueue
@@ -57,28 +57,6 @@ class _Attempt(NamedTuple):
     # it is new (not its holder asking again).
     granted: Lease | None = None
     fresh: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class SwarmStatus:
-    digest: str
-    size: int
-    seeders: int
-    leechers: int
-    completed: int
-    published_by: str
-
-
-@dataclass(frozen=True, slots=True)
-class TrackerStatus:
-    """What `p2preg status --tracker` shows: totals and the busiest swarms."""
-
-    swarms: int
-    peers: int
-    seeders: int
-    metainfo: int
-    leases: int
-    busiest: list[SwarmStatus]
 
 
 class Tracker:
@@ -112,6 +90,8 @@ class Tracker:
         )
         self.queue = UpstreamQueue(config.upstream_fetches_per_image, clock)
         self._waiters = Waiters()
+        self.quotas = Quotas.from_config(config, clock, self.metrics)
+        self.idle = IdleMetainfo(config.metainfo_idle_expiry_s, config.pinned_digests)
         # Metainfo writes in flight, by digest: a second write waits for the first.
         self._writing: dict[str, trio.Event] = {}
         self.metrics.watch(self._gauges)
@@ -446,33 +426,14 @@ class Tracker:
             await self._store.delete_lease(lease.digest, lease.lease_id)
             self._waiters.notify(lease.digest)
             self._free_slot(lease)
+        for digest in self.idle.expired(self.registry.digests, self._in_use, now):
+            if self.registry.remove(digest) is not None:
+                with self._writing_turn(digest):
+                    await self._store.delete_metainfo(digest)
+                self.metrics.metainfo_expired.inc()
 
-    def status(self, limit: int) -> TrackerStatus:
-        """Totals, and the `limit` swarms with the most live peers."""
-
-        def size(digest: str) -> int:
-            swarm = self.peers.swarm(digest)
-            return 0 if swarm is None else len(swarm.by_key)
-
-        rows = []
-        for digest in heapq.nlargest(limit, self.peers.keys(), key=size):
-            swarm, entry = self.peers.swarm(digest), self.registry.get(digest)
-            if swarm is None or entry is None:
-                continue
-            rows.append(
-                SwarmStatus(
-                    digest,
-                    entry.meta.size,
-                    len(swarm.seeders),
-                    len(swarm.leechers),
-                    swarm.downloaded,
-                    entry.published_by,
-                )
-            )
-        totals = self.peers.totals()
-        return TrackerStatus(
-            totals.swarms, totals.peers, totals.seeders, len(self.registry), len(self.leases), rows
-        )
+    def _in_use(self, d: str) -> bool:  # for expiry: announced, fetched or being filed
+        return d in self._writing or bool(self.peers.swarm(d) or self.leases.current(d))
 
     def _gauges(self) -> Gauges:
         totals = self.peers.totals()

@@ -17,7 +17,11 @@ gate's current server context, a handshake bounded by HEAD_TIMEOUT_S, the
 gate's verdict on the client certificate, then `serve_connection` with the
 identity stamped on each request; a refused handshake is counted and closed,
 a verified certificate of the wrong role or cluster gets one 403. The plain
-path is untouched by TLS. This module owns sockets, streams and time limits
+path is untouched by TLS. A connection that gets a task holds a place among
+those not yet past their first request (plain) or handshake (TLS), capped per
+client IP and in all (tracker/quotas.py); one that finds none is closed
+unanswered, so a client that opens connections and says nothing cannot take
+the port from the others. This module owns sockets, streams and time limits
 only: framing is http_protocol's, answers are the app's, verdicts the gate's.
 """
 
@@ -28,6 +32,7 @@ import errno
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Protocol, cast
 
 import trio
@@ -42,6 +47,7 @@ from tracker.http_protocol import (
     Wait,
     first_get,
 )
+from tracker.quotas import PreAuthConnections, Ticket
 from tracker.tls_gate import TLSGate, handshake_refusal
 
 log = logging.getLogger("p2preg.tracker")
@@ -58,6 +64,9 @@ RECEIVE_BYTES = 64 * 1024
 ACCEPT_BATCH = 64
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+# A listener given no pre-authentication caps (tests, the metrics port) counts
+# its connections against these.
+UNCAPPED = 1 << 62
 
 
 class HttpApp(Protocol):
@@ -77,12 +86,17 @@ async def serve_http(
     app: HttpApp,
     *,
     gate: TLSGate | None = None,
+    preauth: PreAuthConnections | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve on `sock` (bound and listening) until cancelled; closes it at the end.
 
     With `gate`, the port speaks HTTPS only and admits whom the gate admits.
+    With `preauth`, a connection that needs a task holds a place in it until
+    its first request is read (its TLS handshake admitted); one that finds no
+    place is closed unanswered.
     """
+    preauth = preauth or PreAuthConnections(UNCAPPED, UNCAPPED)
     sock.setblocking(False)
     async with trio.open_nursery() as nursery:
         task_status.started()
@@ -100,16 +114,25 @@ async def serve_http(
                         await trio.sleep(0.1)  # out of descriptors: let some close
                         break
                     if gate is None:
-                        _accepted(nursery, conn, addr[0], app)
+                        _accepted(nursery, conn, addr[0], app, preauth)
+                    elif (ticket := preauth.admit(addr[0])) is None:
+                        conn.close()
                     else:
-                        nursery.start_soon(_tls_connection, conn, addr[0], app, gate)
+                        nursery.start_soon(_tls_connection, conn, addr[0], app, gate, ticket)
                 await trio.lowlevel.checkpoint()
         finally:
             sock.close()
 
 
-def _accepted(nursery: trio.Nursery, conn: socket.socket, ip: str, app: HttpApp) -> None:
-    """Answer a new connection from its first bytes if we can, else give it a task."""
+def _accepted(
+    nursery: trio.Nursery,
+    conn: socket.socket,
+    ip: str,
+    app: HttpApp,
+    preauth: PreAuthConnections,
+) -> None:
+    """Answer a new connection from its first bytes if we can, else give it a task
+    (if it finds a place among the connections not yet past their first request)."""
     conn.setblocking(False)
     try:
         data = conn.recv(MAX_HEAD_BYTES)
@@ -121,7 +144,11 @@ def _accepted(nursery: trio.Nursery, conn: socket.socket, ip: str, app: HttpApp)
     target = first_get(data) if data else None
     response = None if target is None else app.fast_answer(target, ip)
     if response is None:
-        nursery.start_soon(_connection, conn, ip, data, app)
+        ticket = preauth.admit(ip)
+        if ticket is None:
+            conn.close()
+        else:
+            nursery.start_soon(_connection, conn, ip, data, app, ticket)
         return
     try:
         sent = conn.send(response)
@@ -141,20 +168,26 @@ async def _finish(conn: socket.socket, rest: bytes) -> None:
     await stream.aclose()
 
 
-async def _connection(conn: socket.socket, ip: str, data: bytes, app: HttpApp) -> None:
+async def _connection(
+    conn: socket.socket, ip: str, data: bytes, app: HttpApp, ticket: Ticket
+) -> None:
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
     try:
-        await serve_connection(stream, HttpConnection(ip, app.max_body_bytes), app, data)
+        http = HttpConnection(ip, app.max_body_bytes)
+        await serve_connection(stream, http, app, data, first_request=ticket.release)
     except _GONE:
         pass
     except Exception:
         # One connection's failure must not end the accept loop's nursery.
         log.exception("a connection from %s failed; the listener goes on", ip)
     finally:
+        ticket.release()
         await stream.aclose()
 
 
-async def _tls_connection(conn: socket.socket, ip: str, app: HttpApp, gate: TLSGate) -> None:
+async def _tls_connection(
+    conn: socket.socket, ip: str, app: HttpApp, gate: TLSGate, ticket: Ticket
+) -> None:
     conn.setblocking(False)
     transport = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
     # https_compatible: HTTP clients (libtorrent, httpx) close without close_notify.
@@ -163,6 +196,7 @@ async def _tls_connection(conn: socket.socket, ip: str, app: HttpApp, gate: TLSG
     )
     try:
         identity, refusal = await _handshake(stream, gate)
+        ticket.release()
         if refusal is not None:
             gate.refused(*refusal, ip)
         if identity is not None:
@@ -177,6 +211,7 @@ async def _tls_connection(conn: socket.socket, ip: str, app: HttpApp, gate: TLSG
     except Exception:
         log.exception("a TLS connection from %s failed; the listener goes on", ip)
     finally:
+        ticket.release()
         await transport.aclose()  # no close_notify to wait for: see https_compatible
 
 
@@ -213,9 +248,17 @@ class _Forbidden:
 
 
 async def serve_connection(
-    stream: trio.abc.Stream, http: HttpConnection, app: HttpApp, data: bytes = b""
+    stream: trio.abc.Stream,
+    http: HttpConnection,
+    app: HttpApp,
+    data: bytes = b"",
+    *,
+    first_request: Callable[[], None] = lambda: None,
 ) -> None:
-    """Speak HTTP/1.1 on `stream` until either side is done; `data` was read already."""
+    """Speak HTTP/1.1 on `stream` until either side is done; `data` was read already.
+
+    `first_request` is called once the first request has been read whole.
+    """
     if data:
         http.receive(data)
     idle_s = HEAD_TIMEOUT_S
@@ -223,6 +266,7 @@ async def serve_connection(
         request = await _read_request(stream, http, idle_s)
         if request is None:
             return
+        first_request()
         if isinstance(request, Refusal):
             if http.can_respond:
                 await _send(stream, http.respond(app.refuse(request)))

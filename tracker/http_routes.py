@@ -4,8 +4,9 @@ Owns what each request gets: BitTorrent announces and scrapes (bencoded, HTTP
 200 even for failures, and the connection closes, as BitTorrent clients
 expect), the control API (msgpack bodies, bearer token), `/healthz`,
 `/metrics` and `/v1/status`; under mutual TLS, the rule that a control message
-names the node of its client certificate and no other (403 otherwise); and
-the one place where an error becomes a control
+names the node of its client certificate and no other (403 otherwise); who
+a request is counted against (`Call.who`) for its quota and long poll
+(tracker/quotas.py decides); and the one place where an error becomes a control
 API answer: a msgpack `ErrorReply` with the error's 4xx status (500 only for
 our own faults, logged). `TrackerHttp` is what the listener serves: `handle`
 for a parsed request, `refuse` for one that could not be read, `fast_answer`
@@ -29,6 +30,8 @@ from tracker.announce import ANNOUNCE_PATH, SCRAPE_PATH, split_target
 from tracker.coordinator import Tracker
 from tracker.http_protocol import Refusal, Request, Response, encode_closing
 from tracker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from tracker.quotas import Kind
+from tracker.status import tracker_status
 
 log = logging.getLogger("p2preg.tracker")
 # The largest body is a metainfo upload: the metainfo plus a little framing.
@@ -53,8 +56,9 @@ class Call:
     request: Request
     digest: str = ""
 
-    def message(self, cls: type[wire.M]) -> wire.M:
-        """The body as `cls`; a `node` it names must be the client certificate's."""
+    def message(self, cls: type[wire.M], quota: Kind | None = None) -> wire.M:
+        """The body as `cls`; a `node` it names must be the client certificate's.
+        With `quota`, the request is charged to its identity (RateLimited past it)."""
         msg = wire.decode(cls, self.request.body)
         named = getattr(msg, "node", None)
         identity = self.request.identity
@@ -62,6 +66,8 @@ class Call:
             raise errors.Forbidden(
                 f"the message names node {named[:128]!r}; this connection is {identity.name!r}"
             )
+        if quota is not None:
+            self.tracker.quotas.take(quota, self.who(msg), len(self.request.body))
         return msg
 
     def identity(self, named: str | None) -> str | None:
@@ -69,6 +75,14 @@ class Call:
         names (`named`; None when it names none, an older node's renewal)."""
         identity = self.request.identity
         return named if identity is None else identity.name
+
+    def who(self, msg: object) -> str:
+        """The identity a request is counted against (quotas): `identity`, or the
+        client's address for a message that names no node."""
+        named = getattr(msg, "node", None)
+        return self.identity(named if isinstance(named, str) else None) or (
+            f"ip:{self.request.client_ip}"
+        )
 
 
 Handler = Callable[[Call], Awaitable[Response]]
@@ -117,7 +131,7 @@ async def _status(call: Call) -> Response:
     text = str(STATUS_DEFAULT_LIMIT) if text is None else text
     if not (text.isascii() and text.isdigit()) or len(text) > 6:  # int() refuses "²"
         raise errors.InvalidRequest(f"limit must be a number, got {text[:20]!r}")
-    doc = dataclasses.asdict(call.tracker.status(min(int(text), STATUS_MAX_LIMIT)))
+    doc = dataclasses.asdict(tracker_status(call.tracker, min(int(text), STATUS_MAX_LIMIT)))
     return Response(200, json.dumps(doc).encode(), "application/json")
 
 
@@ -126,29 +140,33 @@ async def _lookup(call: Call) -> Response:
 
 
 async def _publish(call: Call) -> Response:
-    msg = call.message(wire.PublishMetainfo)
+    msg = call.message(wire.PublishMetainfo, Kind.PUBLISH)
     record, created = await call.tracker.publish(call.digest, msg)
     return _msgpack(record, 201 if created else 200)
 
 
 async def _report_bad(call: Call) -> Response:
-    return _msgpack(await call.tracker.report_bad(call.digest, call.message(wire.ReportBad)))
+    msg = call.message(wire.ReportBad, Kind.REPORT)
+    return _msgpack(await call.tracker.report_bad(call.digest, msg))
 
 
 async def _acquire(call: Call) -> Response:
-    msg = call.message(wire.LeaseRequest)
-    reply = await call.tracker.acquire_lease(call.digest, msg, identity=call.identity(msg.node))
-    return _msgpack(reply)
+    msg = call.message(wire.LeaseRequest, Kind.LEASE)
+    identity = call.identity(msg.node)
+    # Past a long-poll cap the request is answered at once instead of held.
+    with call.tracker.quotas.long_polls.hold(call.who(msg), msg.wait_s) as wait_s:
+        msg = dataclasses.replace(msg, wait_s=wait_s)
+        return _msgpack(await call.tracker.acquire_lease(call.digest, msg, identity=identity))
 
 
 async def _renew(call: Call) -> Response:
-    msg = call.message(wire.LeaseRenew)
+    msg = call.message(wire.LeaseRenew, Kind.LEASE)
     reply = await call.tracker.renew_lease(call.digest, msg, identity=call.identity(msg.node))
     return _msgpack(reply)
 
 
 async def _release(call: Call) -> Response:
-    msg = call.message(wire.LeaseRelease)
+    msg = call.message(wire.LeaseRelease, Kind.LEASE)
     await call.tracker.release_lease(call.digest, msg, identity=call.identity(msg.node))
     return Response(204, b"", wire.CONTENT_TYPE)
 

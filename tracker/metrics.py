@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from tracker.announce import Event
+from tracker.quotas import CONNECTION_REFUSALS, QUOTA_KINDS
 from tracker.tls_gate import REFUSAL_REASONS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -120,6 +121,48 @@ class TrackerMetrics:
         )
         # Every reason exists from the start, at 0: a fixed, small label set.
         self.tls_refusal = {r: refusals.labels(r) for r in REFUSAL_REASONS}
+        self._limits()
+
+    def _limits(self) -> None:
+        """Quotas, caps and expiry (tracker/quotas.py; the coordinator's sweep)."""
+        quota = Counter(
+            "p2preg_tracker_quota_refusals",
+            "Control requests refused (429) because their identity was over its quota, by kind",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.quota_refusal = {k: quota.labels(k) for k in QUOTA_KINDS}
+        refused = Counter(
+            "p2preg_tracker_connections_refused",
+            "Connections closed unanswered because of a pre-authentication cap, by cap",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.connection_refusal = {r: refused.labels(r) for r in CONNECTION_REFUSALS}
+        self.preauth_connections = Gauge(
+            "p2preg_tracker_preauth_connections",
+            "Connections that have not completed a request or TLS handshake yet",
+            registry=self.registry,
+        )
+        self.long_polls = Gauge(
+            "p2preg_tracker_long_polls", "Lease requests held open", registry=self.registry
+        )
+        self.long_polls_shortened = Counter(
+            "p2preg_tracker_long_polls_shortened",
+            "Lease requests answered at once because a long-poll cap was reached",
+            registry=self.registry,
+        )
+        self.metainfo_expired = Counter(
+            "p2preg_tracker_metainfo_expired",
+            "Metainfo forgotten because no peer announced its digest for metainfo_idle_expiry_s",
+            registry=self.registry,
+        )
+
+    def quota_refused(self, kind: str) -> None:
+        self.quota_refusal[kind].inc()
+
+    def connection_refused(self, reason: str) -> None:
+        self.connection_refusal[reason].inc()
 
     def tls_refused(self, reason: str) -> None:
         self.tls_refusal[reason].inc()

@@ -153,3 +153,17 @@ class MetainfoRegistry:
 
     def mark_bad(self, digest: str, info_hash_v2: bytes) -> None:
         self._bad.setdefault(digest, set()).add(info_hash_v2)
+
+    # -- expiry (tracker/expiry.py decides when) -----------------------------------
+
+    def digests(self) -> list[str]:
+        """Every digest with metainfo, snapshotted."""
+        return list(self._entries)
+
+    def remove(self, digest: str) -> Entry | None:
+        """Forget `digest`'s metainfo and its info-hashes (its bad reports stay)."""
+        entry = self._entries.pop(digest, None)
+        if entry is not None:
+            for key in entry.meta.swarm_keys:
+                self._by_hash.pop(key, None)
+        return entry

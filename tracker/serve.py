@@ -33,6 +33,7 @@ from tracker.config import TrackerConfig
 from tracker.coordinator import Tracker
 from tracker.http_listener import serve_http
 from tracker.http_routes import METRICS_ROUTES, TrackerHttp
+from tracker.quotas import PreAuthConnections
 from tracker.state import open_sqlite_store
 from tracker.tls_gate import TLSGate
 from tracker.udp_listener import serve_udp
@@ -131,11 +132,17 @@ async def serve_tracker(
             tracker.restore(await store.load())
             key = await trio.to_thread.run_sync(_udp_key, config.data_dir)
             gate = None if tls is None else TLSGate(tls, tracker.metrics.tls_refused)
+            preauth = PreAuthConnections.from_config(config, tracker.metrics)
             async with trio.open_nursery() as nursery:
-                await nursery.start(partial(serve_http, tcp, TrackerHttp(tracker), gate=gate))
+                app = TrackerHttp(tracker)
+                await nursery.start(partial(serve_http, tcp, app, gate=gate, preauth=preauth))
                 if metrics_sock is not None:
                     metrics_app = TrackerHttp(tracker, METRICS_ROUTES)
-                    await nursery.start(serve_http, metrics_sock, metrics_app)
+                    # Its own places: a flood of the main port leaves Prometheus its view.
+                    own = PreAuthConnections(
+                        config.max_preauth_connections, config.max_preauth_connections_per_ip
+                    )
+                    await nursery.start(partial(serve_http, metrics_sock, metrics_app, preauth=own))
                     log.info("tracker metrics on %s", _base_url(metrics_sock))
                 if udp_sock is not None:
                     answer = udp_answer(tracker, udp.ConnectionIds(key))

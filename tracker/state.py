@@ -76,6 +76,9 @@ class TrackerStore(Protocol):
 
     async def delete_lease(self, digest: str, lease_id: str) -> None: ...
 
+    async def delete_metainfo(self, digest: str) -> None:
+        """Forget the digest's metainfo (it expired); its bad reports stay."""
+
 
 class MemoryStore:
     """A TrackerStore in a dict: for tests, and for a tracker without --data-dir."""
@@ -103,6 +106,10 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         if digest in self.leases and self.leases[digest].lease_id == lease_id:
             del self.leases[digest]
+
+    async def delete_metainfo(self, digest: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self.metainfo.pop(digest, None)
 
 
 _SCHEMA = """
@@ -228,6 +235,9 @@ class SqliteStore:
                 "DELETE FROM leases WHERE digest = ? AND lease_id = ?", (digest, lease_id)
             )
         )
+
+    async def delete_metainfo(self, digest: str) -> None:
+        await self._run(lambda c: c.execute("DELETE FROM metainfo WHERE digest = ?", (digest,)))
 
 
 @asynccontextmanager

@@ -90,6 +90,14 @@ class TrackerUnavailable(TrackerError):
     code = "unavailable"
 
 
+class RateLimited(TrackerUnavailable):
+    """This identity is over its quota for this kind of request: the tracker is
+    unavailable to it for this, for a moment; a node goes on without it (upstream)."""
+
+    status = 429
+    code = "rate_limited"
+
+
 BY_CODE: dict[str, type[TrackerError]] = {
     cls.code: cls
     for cls in (
@@ -106,5 +114,6 @@ BY_CODE: dict[str, type[TrackerError]] = {
         LimitReached,
         LeaseCapReached,
         TrackerUnavailable,
+        RateLimited,
     )
 }
