@@ -155,6 +155,7 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
             "announce_interval_s",
             "data_dir",
             "default_numwant",
+            "dispute_quarantine_s",
             "insecure",
             "lease_ttl_s",
             "lease_wait_max_s",

@@ -5,8 +5,9 @@ again without re-hashing) and the node's side of publishing: the metainfo is
 made from store bytes that matched their digest (rooted, in a TLS cluster, at
 the CA that issued the node's certificate), filed with the tracker before
 the first announce, filed again in the background while the tracker cannot take
-it, and — when the tracker holds a different one for the digest — reported as
-poisoned, unless the two differ only in their root (a CA rotation: filed again
+it (not when it refuses: only a lease holder defines a first torrent), and — when
+the tracker holds a different one for the digest — reported as poisoned (the
+tracker then has a third node verify), unless the two differ only in their root (a CA rotation: filed again
 later, never reported). When the node's certificate comes from another CA (it
 was re-issued in a rotation), every blob it seeds is moved, one at a time, to a
 torrent rooted there and published again. It must not decide whether a blob is
@@ -133,6 +134,10 @@ class Seeding:
         except tracker_errors.MetainfoConflict:
             if await self._on_conflict(meta):
                 self._nursery.start_soon(self._file_later, meta)
+        except tracker_errors.Forbidden as e:
+            # Not ours to define (we do not hold the lease): seed anyway; once the
+            # holder files this same torrent, libtorrent's next announce counts.
+            log.info("not filing metainfo for %s: %s", digest, e)
         except tracker_errors.TrackerError as e:
             # Seed anyway, and keep filing: until the tracker holds the
             # metainfo it refuses our announces and nobody can find this seeder.
@@ -162,6 +167,9 @@ class Seeding:
                     return
                 delay = min(REFILE_ROOT_MAX_S, delay * 2)
                 continue
+            except tracker_errors.Forbidden as e:
+                log.info("not filing metainfo for %s: %s", meta.digest, e)
+                return
             except tracker_errors.TrackerError as e:
                 delay = min(REFILE_MAX_S, delay * 2)
                 log.info("filing metainfo for %s: %s; again in %.0f s", meta.digest, e, delay)
