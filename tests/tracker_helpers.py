@@ -24,6 +24,7 @@ from p2preg.core import wire
 from p2preg.core.config import HostPort
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
+from tracker.client import TrackerClient
 from tracker.config import TrackerConfig
 from tracker.coordinator import Tracker
 from tracker.metainfo import make_metainfo
@@ -102,3 +103,10 @@ async def publish_as_holder(
     finally:
         if lease.status is wire.LeaseStatus.GRANTED and lease.lease_id is not None:
             await t.release_lease(digest, wire.LeaseRelease(lease.lease_id))
+
+
+async def file_as_holder(client: TrackerClient, meta: Metainfo) -> wire.MetainfoRecord:
+    """File `meta` through `client` as a node does: holding the digest's lease first."""
+    lease = await client.acquire_lease(meta.digest, size=meta.size)
+    assert lease.status is wire.LeaseStatus.GRANTED, lease
+    return await client.publish_metainfo(meta.digest, meta.size, meta.data)
