@@ -145,6 +145,7 @@ class FakeTrackerServer:
         # Digests whose torrent is disputed: never SEEDED, the lease is VERIFY,
         # and the verifier's publish settles it (the real rules: tracker/disputes.py).
         self.disputed: set[Digest] = set()
+        self.sizes: dict[Digest, int] = {}
         self._changed: dict[Digest, trio.Event] = {}
 
     def client(self, node: str) -> FakeTracker:
@@ -228,7 +229,10 @@ class FakeTracker:
         if digest in self.server.disputed and lease is not None and lease.holder == self.node:
             self.server.disputed.discard(digest)
             self.server.metainfo[digest] = metainfo
+            self.server.sizes[digest] = size
             self.server.seeders.pop(digest, None)  # the losing torrent's swarm
+        if digest not in self.server.metainfo:
+            self.server.sizes[digest] = size
         held = self.server.metainfo.setdefault(digest, metainfo)
         if held != metainfo:
             raise tracker_errors.MetainfoConflict(f"another metainfo is filed for {digest}")
@@ -238,7 +242,8 @@ class FakeTracker:
     async def lookup_metainfo(self, digest: Digest) -> MetainfoRecord | None:
         self.server.check()
         data = self.server.metainfo.get(digest)
-        return None if data is None else MetainfoRecord(str(digest), 0, data, [b"\x00" * 20])
+        size = self.server.sizes.get(digest, 0)
+        return None if data is None else MetainfoRecord(str(digest), size, data, [b"\x00" * 20])
 
     async def report_bad(
         self, digest: Digest, bad_info_hash: bytes, size: int, replacement: bytes, reason: str

@@ -116,6 +116,21 @@ async def test_a_node_told_verify_fetches_upstream_and_its_publish_settles_the_d
     assert server.replies == [("a", LeaseStatus.VERIFY), ("b", LeaseStatus.SEEDED)]
 
 
+async def test_a_torrent_for_another_size_is_reported_whatever_its_root(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A torrent that does not even parse for the blob's size is no CA rotation: the
+    holder that fetched the blob disputes it."""
+    digest, data = blob()
+    upstream = FakeUpstream({(REPO, digest): data})
+    server = FakeTrackerServer()
+    server.metainfo[digest], server.sizes[digest] = b"poison", len(data) + 1
+    async with open_pull_node(tmp_path / "a", server, name="a", settings=SETTINGS) as a:
+        await a.blobs.ensure(upstream, REPO, digest)
+        assert stored(a, digest) == data
+    assert server.reports == [("a", digest)]
+
+
 async def test_a_waiter_follows_a_holder_that_makes_progress_past_lease_wait_max_s(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

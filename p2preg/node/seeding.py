@@ -7,11 +7,12 @@ the CA that issued the node's certificate), filed with the tracker before
 the first announce, filed again in the background while the tracker cannot take
 it (not when it refuses: only a lease holder defines a first torrent), and — when
 the tracker holds a different one for the digest — reported as poisoned (the
-tracker then has a third node verify), unless the two differ only in their root (a CA rotation: filed again
-later, never reported). When the node's certificate comes from another CA (it
-was re-issued in a rotation), every blob it seeds is moved, one at a time, to a
-torrent rooted there and published again. It must not decide whether a blob is
-published (fetch.py does, once per fetch) and must not fetch anything.
+tracker then has a third node verify), unless the two differ only in their root
+(a CA rotation: filed again later, never reported). When the node's certificate
+comes from another CA (it was re-issued in a rotation), every blob it seeds is
+moved, one at a time, to a torrent rooted there and published again. It must
+not decide whether a blob is published (fetch.py does, once per fetch) and must
+not fetch anything.
 """
 
 from __future__ import annotations
@@ -181,15 +182,16 @@ class Seeding:
 
     async def _on_conflict(self, meta: Metainfo) -> bool:
         """The tracker holds other metainfo for the digest: report it as poisoned —
-        unless it is rooted at another CA than ours. Then it is a CA rotation, not
-        evidence of a bad torrent: True, file ours again later."""
+        unless it is for the right size and rooted at another CA than ours. Then it
+        is a CA rotation, not evidence of a bad torrent: True, file ours again later."""
         try:
             record = await self._tracker.lookup_metainfo(meta.digest)
             if record is None or record.metainfo == meta.data:
                 return False
-            if await self._offload(partial(self._root_of, record.metainfo, meta)) != (
-                meta.root_cert
-            ):
+            wrong_size = record.size != meta.size  # a lie whatever its root
+            if not wrong_size and await self._offload(
+                partial(self._root_of, record.metainfo, meta)
+            ) != meta.root_cert:
                 log.info(
                     "the tracker holds metainfo for %s rooted at another CA (a CA rotation); "
                     "not reporting it, filing ours again later", meta.digest,
