@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote_from_bytes
@@ -109,9 +110,11 @@ def test_poisoned_metainfo_is_caught_disputed_and_settled_by_verification(
             str(fast),
         )
         upstreams = [f"{SEED_NS}={registry.url}"]
-        with open_node(
-            tmp_path / "victim", upstreams, args=(*args, "--node-name", "victim"), name="victim"
-        ) as victim:
+        with ExitStack() as stack:
+            victim = stack.enter_context(open_node(
+                tmp_path / "victim", upstreams, args=(*args, "--node-name", "victim"),
+                name="victim",
+            ))  # fmt: skip
             tally.pulls_attempted += 1
             tally.bytes_verified += pull_through(http, victim.url, image)
             tally.pulls_completed += 1
@@ -122,12 +125,12 @@ def test_poisoned_metainfo_is_caught_disputed_and_settled_by_verification(
             assert _lookup(http, tracker, layer.digest).metainfo == liar.meta.data
             # The next node is no party: told VERIFY, it fetches the layer upstream
             # and its torrent settles the dispute for the honest one.
-            with open_node(
+            nxt = stack.enter_context(open_node(
                 tmp_path / "next", upstreams, args=(*args, "--node-name", "next"), name="next"
-            ) as nxt:
-                tally.pulls_attempted += 1
-                tally.bytes_verified += pull_through(http, nxt.url, image)
-                tally.pulls_completed += 1
+            ))  # fmt: skip
+            tally.pulls_attempted += 1
+            tally.bytes_verified += pull_through(http, nxt.url, image)
+            tally.pulls_completed += 1
             record = _lookup(http, tracker, layer.digest)
             assert record.metainfo == honest.data, "the tracker still holds the poison"
             # The liar lost its right to define torrents (for a while).

@@ -182,8 +182,9 @@ class Seeding:
 
     async def _on_conflict(self, meta: Metainfo) -> bool:
         """The tracker holds other metainfo for the digest: report it as poisoned —
-        unless it is for the right size and rooted at another CA than ours. Then it
-        is a CA rotation, not evidence of a bad torrent: True, file ours again later."""
+        unless it is for the right size and rooted at another CA than ours, which is
+        a CA rotation, not evidence of a bad torrent. True: file ours again later
+        (after a rotation, or a report: ours may win the dispute it opened)."""
         try:
             record = await self._tracker.lookup_metainfo(meta.digest)
             if record is None or record.metainfo == meta.data:
@@ -204,7 +205,10 @@ class Seeding:
             log.warning("reported poisoned metainfo for %s to the tracker", meta.digest)
         except tracker_errors.TrackerError as e:
             log.warning("reporting bad metainfo for %s failed: %s", meta.digest, e)
-        return False
+            return False
+        # A report opens a dispute that a third node settles later: keep filing,
+        # so that once ours wins, this node is counted as a seeder at once.
+        return True
 
     def _root_of(self, data: bytes, like: Metainfo) -> bytes | None:
         """The root of metainfo for `like`'s blob; UNUSABLE if it is not one we trust."""
