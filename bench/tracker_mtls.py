@@ -130,6 +130,8 @@ async def _publish(url: str, node_dir: Path | None, metas: list[Metainfo]) -> No
     client = TrackerClient(url, node="bench", http=http)
     try:
         for meta in metas:
+            # Only the digest's lease holder defines its first torrent.
+            await client.acquire_lease(meta.digest, size=meta.size)
             await client.publish_metainfo(meta.digest, meta.size, meta.data)
     finally:
         await client.aclose()

@@ -142,6 +142,10 @@ class FakeTrackerServer:
         self.corrupt_peers = False
         self.replies: list[tuple[str, LeaseStatus]] = []
         self.reports: list[tuple[str, Digest]] = []
+        # Digests whose torrent is disputed: never SEEDED, the lease is VERIFY,
+        # and the verifier's publish settles it (the real rules: tracker/disputes.py).
+        self.disputed: set[Digest] = set()
+        self.sizes: dict[Digest, int] = {}
         self._changed: dict[Digest, trio.Event] = {}
 
     def client(self, node: str) -> FakeTracker:
@@ -178,13 +182,15 @@ class FakeTrackerServer:
                 await event.wait()
 
     def _try(self, node: str, digest: Digest, size: int | None) -> tuple[LeaseReply, float | None]:
-        if digest in self.metainfo and self.seeders.get(digest):
+        disputed = digest in self.disputed
+        if digest in self.metainfo and self.seeders.get(digest) and not disputed:
             return LeaseReply(LeaseStatus.SEEDED, metainfo=self.metainfo[digest]), None
         outcome = self.leases.acquire(str(digest), node, size)
         lease = outcome.lease
         if isinstance(outcome, Granted):
             ttl_s = self.leases.ttl_s
-            return LeaseReply(LeaseStatus.GRANTED, lease_id=lease.lease_id, ttl_s=ttl_s), None
+            status = LeaseStatus.VERIFY if disputed else LeaseStatus.GRANTED
+            return LeaseReply(status, lease_id=lease.lease_id, ttl_s=ttl_s), None
         wait = LeaseReply(LeaseStatus.WAIT, retry_after_s=1.0, holder=lease.holder,
                           bytes_done=lease.bytes_done, size=lease.size)
         return wait, lease.expires_at
@@ -219,6 +225,14 @@ class FakeTracker:
 
     async def publish_metainfo(self, digest: Digest, size: int, metainfo: bytes) -> MetainfoRecord:
         self.server.check()
+        lease = self.server.leases.current(str(digest))
+        if digest in self.server.disputed and lease is not None and lease.holder == self.node:
+            self.server.disputed.discard(digest)
+            self.server.metainfo[digest] = metainfo
+            self.server.sizes[digest] = size
+            self.server.seeders.pop(digest, None)  # the losing torrent's swarm
+        if digest not in self.server.metainfo:
+            self.server.sizes[digest] = size
         held = self.server.metainfo.setdefault(digest, metainfo)
         if held != metainfo:
             raise tracker_errors.MetainfoConflict(f"another metainfo is filed for {digest}")
@@ -228,7 +242,8 @@ class FakeTracker:
     async def lookup_metainfo(self, digest: Digest) -> MetainfoRecord | None:
         self.server.check()
         data = self.server.metainfo.get(digest)
-        return None if data is None else MetainfoRecord(str(digest), 0, data, [b"\x00" * 20])
+        size = self.server.sizes.get(digest, 0)
+        return None if data is None else MetainfoRecord(str(digest), size, data, [b"\x00" * 20])
 
     async def report_bad(
         self, digest: Digest, bad_info_hash: bytes, size: int, replacement: bytes, reason: str

@@ -129,7 +129,7 @@ def test_a_rotation_moves_the_swarm_to_the_new_ca_and_upstream_sends_the_blob_on
     a_log = a.process.log_path.read_text()
     assert "1 seeded blobs moved to torrents rooted there" in a_log
     assert "reported poisoned" not in a_log
-    assert _bad_reports(tracker) == 0
+    assert _disputes(tracker) == 0
 
 
 def test_a_node_of_the_other_ca_falls_back_and_does_not_report_the_swarms_torrent(
@@ -175,11 +175,11 @@ def test_a_node_of_the_other_ca_falls_back_and_does_not_report_the_swarms_torren
             assert _tracker_metric(tracker, "p2preg_tracker_metainfo_rerooted_total") == 0
             assert _tracker_metric(tracker, "p2preg_tracker_seeders") >= 1
     assert "reported poisoned" not in b.process.log_path.read_text()
-    assert _bad_reports(tracker) == 0
+    assert _disputes(tracker) == 0
 
 
-def _bad_reports(tracker: TrackerProcess) -> int:
-    """Metainfo reports the tracker stored (read once it has stopped)."""
+def _disputes(tracker: TrackerProcess) -> int:
+    """Disputes the tracker stored (read once it has stopped)."""
     with closing(sqlite3.connect(tracker.data_dir / DB_NAME)) as db:
-        (count,) = db.execute("SELECT count(*) FROM bad_metainfo").fetchone()
+        (count,) = db.execute("SELECT count(*) FROM disputes").fetchone()
     return int(count)

@@ -3,9 +3,10 @@
 The tracker holds, for a real layer's digest, metainfo that follows every
 cluster rule but was made from other bytes of the same size; a libtorrent
 session seeds those bytes, so every piece checks and only the whole-digest
-check can tell. A node must still serve the right bytes (from upstream), prove
-the metainfo wrong with its own, made from the verified blob, and leave the
-tracker holding the honest one, which the next node then downloads from peers.
+check can tell. A node must still serve the right bytes (from upstream) and
+dispute the metainfo with its own, made from the verified blob; the next node,
+told VERIFY, fetches the blob upstream once more and settles the dispute for the
+honest torrent, which the node after it then downloads from peers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote_from_bytes
@@ -51,13 +53,19 @@ def _seeders(http: httpx.Client, tracker: TrackerProcess, info_hash: bytes) -> i
     return 0 if stats is None else stats.complete
 
 
+def _take_lease(http: httpx.Client, tracker: TrackerProcess, digest: Digest, node: str) -> int:
+    """Ask for the digest's upstream lease as `node`; the status code of the answer."""
+    body = wire.encode(wire.LeaseRequest(node))
+    return http.post(f"{tracker.url}/v1/leases/{digest}", content=body).status_code
+
+
 def _lookup(http: httpx.Client, tracker: TrackerProcess, digest: str) -> wire.MetainfoRecord:
     r = http.get(f"{tracker.url}/v1/metainfo/{digest}")
     assert r.status_code == 200, r.content
     return wire.decode(wire.MetainfoRecord, r.content)
 
 
-def test_poisoned_metainfo_is_caught_reported_and_replaced(
+def test_poisoned_metainfo_is_caught_disputed_and_settled_by_verification(
     registry: Registry, tracker: TrackerProcess, tmp_path: Path
 ) -> None:
     tally = Tally("faults-metainfo", COMMAND)
@@ -72,6 +80,8 @@ def test_poisoned_metainfo_is_caught_reported_and_replaced(
     assert liar.meta.info_hash_v2 != honest.info_hash_v2
     http = httpx.Client(trust_env=False, timeout=120)
     try:
+        # The liar holds the lease: only the lease holder defines a first torrent.
+        assert _take_lease(http, tracker, digest, "liar") == 200
         r = http.put(
             f"{tracker.url}/v1/metainfo/{digest}",
             content=wire.encode(wire.PublishMetainfo("liar", layer.size, liar.meta.data)),
@@ -100,38 +110,46 @@ def test_poisoned_metainfo_is_caught_reported_and_replaced(
             str(fast),
         )
         upstreams = [f"{SEED_NS}={registry.url}"]
-        with open_node(
-            tmp_path / "victim", upstreams, args=(*args, "--node-name", "victim"), name="victim"
-        ) as victim:
+        with ExitStack() as stack:
+            victim = stack.enter_context(open_node(
+                tmp_path / "victim", upstreams, args=(*args, "--node-name", "victim"),
+                name="victim",
+            ))  # fmt: skip
             tally.pulls_attempted += 1
             tally.bytes_verified += pull_through(http, victim.url, image)
             tally.pulls_completed += 1
             # The liar's bytes reached the node (every piece checked) and were refused whole.
             assert liar.uploaded() >= layer.size * 0.9
             assert victim.metric("p2preg_fallbacks_total", reason="digest_mismatch") == 1
+            # A report is evidence, not a verdict: the poison stays until verified.
+            assert _lookup(http, tracker, layer.digest).metainfo == liar.meta.data
+            # The next node is no party: told VERIFY, it fetches the layer upstream
+            # and its torrent settles the dispute for the honest one.
+            nxt = stack.enter_context(open_node(
+                tmp_path / "next", upstreams, args=(*args, "--node-name", "next"), name="next"
+            ))  # fmt: skip
+            tally.pulls_attempted += 1
+            tally.bytes_verified += pull_through(http, nxt.url, image)
+            tally.pulls_completed += 1
             record = _lookup(http, tracker, layer.digest)
             assert record.metainfo == honest.data, "the tracker still holds the poison"
-            # The poison cannot come back.
-            r = http.put(
-                f"{tracker.url}/v1/metainfo/{digest}",
-                content=wire.encode(wire.PublishMetainfo("liar", layer.size, liar.meta.data)),
-                headers={"Content-Type": wire.CONTENT_TYPE},
-            )
-            assert r.status_code == 409, r.content
+            # The liar lost its right to define torrents (for a while).
+            assert _take_lease(http, tracker, Digest.of(b"another blob"), "liar") == 403
 
-            # The next node gets the layer from the victim's honest torrent.
+            # The node after it gets the layer from the honest torrent's swarm.
             registry.settle()
             sent_before = registry.blob_bytes_sent().get(layer.digest, 0)
             with open_node(
-                tmp_path / "next", upstreams, args=(*args, "--node-name", "next"), name="next"
-            ) as nxt:
+                tmp_path / "later", upstreams, args=(*args, "--node-name", "later"), name="later"
+            ) as later:
                 tally.pulls_attempted += 1
-                tally.bytes_verified += pull_through(http, nxt.url, image)
+                tally.bytes_verified += pull_through(http, later.url, image)
                 tally.pulls_completed += 1
-                assert nxt.metric("p2preg_peer_blob_bytes_total") >= layer.size
+                assert later.metric("p2preg_peer_blob_bytes_total") >= layer.size
             registry.settle()
             assert registry.blob_bytes_sent().get(layer.digest, 0) == sent_before
-            assert sent_before <= 1.05 * layer.size  # the victim's one fallback
+            # The victim's fallback and the verifier's fetch: one copy more than none.
+            assert sent_before <= 2.05 * layer.size
     finally:
         http.close()
         liar.close()
@@ -155,6 +173,7 @@ def test_a_peer_serving_corrupt_pieces_is_banned_and_the_pull_completes(
     liar = LiarSeeder(tmp_path / "liar", tracker.url, bytes(bad), digest, honest=path)
     http = httpx.Client(trust_env=False, timeout=120)
     try:
+        assert _take_lease(http, tracker, digest, "test") == 200
         r = http.put(
             f"{tracker.url}/v1/metainfo/{digest}",
             content=wire.encode(wire.PublishMetainfo("test", layer.size, liar.meta.data)),

@@ -91,6 +91,46 @@ async def test_corrupt_bytes_from_peers_fall_back_to_upstream_and_are_never_stor
     assert upstream.gets == 2
 
 
+async def test_a_node_told_verify_fetches_upstream_and_its_publish_settles_the_dispute(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    digest, data = blob()
+    upstream = FakeUpstream({(REPO, digest): data})
+    server = FakeTrackerServer()
+    async with (
+        open_pull_node(tmp_path / "a", server, name="a", settings=SETTINGS) as a,
+        open_pull_node(tmp_path / "b", server, name="b", settings=SETTINGS) as b,
+    ):
+        # A poisoned torrent with a seeder, disputed: nobody is sent to its swarm.
+        server.metainfo[digest] = b"poison"
+        server.seeders[digest] = {"evil": tmp_path / "nothing"}
+        server.disputed.add(digest)
+        await a.blobs.ensure(upstream, REPO, digest)
+        assert a.fetches("upstream") == 1 and a.fallbacks("bad_metainfo") == 0
+        assert a.tracker is not None and a.tracker.published == [digest]
+        assert server.disputed == set() and server.metainfo[digest] != b"poison"
+        await trio.sleep(1)
+        await b.blobs.ensure(upstream, REPO, digest)
+        assert b.fetches("peers") == 1 and stored(b, digest) == data
+    assert upstream.gets == 1
+    assert server.replies == [("a", LeaseStatus.VERIFY), ("b", LeaseStatus.SEEDED)]
+
+
+async def test_a_torrent_for_another_size_is_reported_whatever_its_root(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A torrent that does not even parse for the blob's size is no CA rotation: the
+    holder that fetched the blob disputes it."""
+    digest, data = blob()
+    upstream = FakeUpstream({(REPO, digest): data})
+    server = FakeTrackerServer()
+    server.metainfo[digest], server.sizes[digest] = b"poison", len(data) + 1
+    async with open_pull_node(tmp_path / "a", server, name="a", settings=SETTINGS) as a:
+        await a.blobs.ensure(upstream, REPO, digest)
+        assert stored(a, digest) == data
+    assert server.reports == [("a", digest)]
+
+
 async def test_a_waiter_follows_a_holder_that_makes_progress_past_lease_wait_max_s(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -97,6 +97,9 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     with open_tracker(base / "tracker", token=TOKEN, args=("--config", str(config))) as tracker:
         parts = urlsplit(tracker.url)
         host, port = parts.hostname or "", parts.port or 0
+        r = control(host, port, b"POST", f"/v1/leases/{digest}".encode(),
+                    wire.encode(wire.LeaseRequest("fuzz", meta.size)))  # fmt: skip
+        assert r.status == 200, r.raw[:300]
         r = control(host, port, b"PUT", f"/v1/metainfo/{digest}".encode(),
                     wire.encode(wire.PublishMetainfo("fuzz", meta.size, meta.data)))  # fmt: skip
         assert r.status == 201, r.raw[:300]

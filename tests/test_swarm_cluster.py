@@ -184,6 +184,8 @@ def test_a_peer_serving_corrupt_data_cannot_break_a_pull(
     with httpx.Client(trust_env=False) as http:
         from p2preg.core import wire
 
+        lease = wire.encode(wire.LeaseRequest("test", layer.size))
+        assert http.post(f"{tracker.url}/v1/leases/{digest}", content=lease).status_code == 200
         r = http.put(f"{tracker.url}/v1/metainfo/{digest}",
                      content=wire.encode(wire.PublishMetainfo("test", layer.size, meta.data)),
                      headers={"Content-Type": wire.CONTENT_TYPE})

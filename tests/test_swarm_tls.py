@@ -34,7 +34,7 @@ from p2preg.core.tls import ReloadingTLS
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.peertls import PeerTLS, write_dh_params
 from p2preg.node.swarm import Swarm, listen_interfaces, open_swarm
-from tests.tracker_helpers import running_tracker
+from tests.tracker_helpers import file_as_holder, running_tracker
 from tracker.client import open_tracker_client
 from tracker.metainfo import make_metainfo
 
@@ -55,7 +55,7 @@ async def tls_tracker(tmp_path: Path, ca: ClusterCA, meta: Metainfo) -> AsyncIte
     async with running_tracker(tmp_path, tls_dir=tls_dir) as url:
         publisher = ReloadingTLS(ca.tls_dir(tmp_path / "pub-tls", "node", "pub"), role="node")
         async with open_tracker_client(url, node="pub", tls=publisher) as client:
-            await client.publish_metainfo(meta.digest, meta.size, meta.data)
+            await file_as_holder(client, meta)
         yield url
 
 

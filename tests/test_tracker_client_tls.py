@@ -25,7 +25,7 @@ from harness.tlscerts import ClusterCA
 from p2preg.core import errors
 from p2preg.core.digest import Digest
 from p2preg.core.tls import ReloadingTLS
-from tests.tracker_helpers import blob_meta, running_tracker
+from tests.tracker_helpers import blob_meta, file_as_holder, running_tracker
 from tracker.client import TrackerClient, open_tracker_client
 
 DIGEST = Digest.of(b"some blob")
@@ -63,7 +63,7 @@ async def test_the_client_shows_the_node_certificate_and_no_token(
         assert await client.lookup_metainfo(DIGEST) is None  # the tracker's 404
         # The tracker admitted the certificate: it took the node's metainfo and
         # a lease, held by the certificate's name.
-        await client.publish_metainfo(meta.digest, meta.size, meta.data)
+        await file_as_holder(client, meta)
         lease = await client.acquire_lease(DIGEST, size=10)
         assert lease.status == "granted" and lease.holder == "n1"
         assert "token" not in client.announce_url

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,13 +13,19 @@ from harness.tlscerts import ClusterCA
 from p2preg.core import errors, wire
 from p2preg.core.config import HostPort
 from p2preg.core.metainfo import Metainfo, canonical_roots
-from tests.tracker_helpers import blob_meta, blob_path, make_tracker, remake
+from tests.tracker_helpers import (
+    blob_meta,
+    blob_path,
+    make_tracker,
+    publish_as_holder,
+    remake,
+)
 from tracker.announce import AnnounceRequest, Event, ScrapeRequest, SwarmStats
 from tracker.config import TrackerConfig
 from tracker.coordinator import Tracker
 from tracker.metainfo import make_metainfo
 from tracker.peers import compact_address
-from tracker.state import MemoryStore, StoredBad, StoredMetainfo
+from tracker.state import MemoryStore, StoredMetainfo
 
 
 def ann(
@@ -35,7 +42,9 @@ def ann(
 
 
 async def publish(t: Tracker, meta: Metainfo, node: str = "n1") -> tuple[wire.MetainfoRecord, bool]:
-    return await t.publish(str(meta.digest), wire.PublishMetainfo(node, meta.size, meta.data))
+    """Publish as a node does: holding the digest's lease if it can get it, and letting
+    it go after."""
+    return await publish_as_holder(t, meta, node)
 
 
 async def test_hybrid_info_hashes_share_one_swarm(tmp_path: Path) -> None:
@@ -104,9 +113,7 @@ async def test_completed_counts_downloads_and_peers_expire(
     assert t.peers.swarm(str(meta.digest)).downloaded == 1  # type: ignore[union-attr]
 
 
-async def test_publish_is_idempotent_conflicts_are_refused_and_bad_reports_replace(
-    tmp_path: Path,
-) -> None:
+async def test_publish_is_idempotent_and_conflicts_are_refused(tmp_path: Path) -> None:
     t = make_tracker(tmp_path)
     meta = blob_meta(tmp_path)
     digest = str(meta.digest)
@@ -117,24 +124,131 @@ async def test_publish_is_idempotent_conflicts_are_refused_and_bad_reports_repla
     with pytest.raises(errors.MetainfoConflict, match="already has metainfo"):
         await publish(t, hybrid)
     assert t.lookup(digest).metainfo == meta.data
-    # A holder of the verified blob reports the stored one bad, with its own.
-    bad_hash = meta.swarm_keys[0]
-    t.announce(ann(bad_hash, 1), "10.0.0.1", "http")
-    replaced = await t.report_bad(
-        digest, wire.ReportBad("n3", bad_hash, "pieces fail", meta.size, hybrid.data)
-    )
-    assert replaced.metainfo == hybrid.data and t.lookup(digest).metainfo == hybrid.data
-    with pytest.raises(errors.UnknownTorrent):
-        t.announce(ann(bad_hash, 1), "10.0.0.1", "http")
-    with pytest.raises(errors.MetainfoConflict, match="reported bad"):
-        await publish(t, meta)
-    # A stale report (the bad one is already gone) changes nothing.
+    # A stale report (naming a torrent no longer stored) changes nothing.
     with pytest.raises(errors.MetainfoConflict, match="no longer"):
-        await t.report_bad(digest, wire.ReportBad("n4", bad_hash, "late", meta.size, meta.data))
+        late = wire.ReportBad("n4", b"\x01" * 20, "late", meta.size, hybrid.data)
+        await t.report_bad(digest, late)
     with pytest.raises(errors.InvalidMetainfo, match="replacement is the metainfo"):
+        same = wire.ReportBad("n4", meta.swarm_keys[0], "x", meta.size, meta.data)
+        await t.report_bad(digest, same)
+
+
+async def test_only_the_lease_holder_defines_a_first_torrent(tmp_path: Path) -> None:
+    t = make_tracker(tmp_path)
+    meta = blob_meta(tmp_path)
+    digest = str(meta.digest)
+    msg = wire.PublishMetainfo("n2", meta.size, meta.data)
+    with pytest.raises(errors.Forbidden, match="only the holder of the upstream lease"):
+        await t.publish(digest, msg)
+    lease = await t.acquire_lease(digest, wire.LeaseRequest("n1", meta.size))
+    assert lease.status is wire.LeaseStatus.GRANTED
+    with pytest.raises(errors.Forbidden, match="'n2' does not hold it"):
+        await t.publish(digest, msg)
+    forbidden = t.metrics.registry.get_sample_value(
+        "p2preg_tracker_metainfo_rejected_total", {"code": "forbidden"}
+    )
+    assert forbidden == 2
+    record, created = await t.publish(digest, wire.PublishMetainfo("n1", meta.size, meta.data))
+    assert created and t.registry.get(digest).published_by == "n1"  # type: ignore[union-attr]
+    # Once it is filed, anyone may file the same torrent again (it defines nothing).
+    assert await t.publish(digest, msg) == (record, False)
+
+
+def _garbage(tmp_path: Path, like: Metainfo) -> Metainfo:
+    path = tmp_path / f"garbage-{like.digest.hex}"
+    path.write_bytes(os.urandom(like.size))
+    return make_metainfo(path, like.digest, like.size)
+
+
+def _disputes(t: Tracker, outcome: str) -> float | None:
+    return t.metrics.registry.get_sample_value(
+        "p2preg_tracker_disputes_total", {"outcome": outcome}
+    )
+
+
+async def test_a_report_is_evidence_settled_by_a_third_nodes_verification(
+    tmp_path: Path,
+) -> None:
+    """The issue's sequence: honest publish → a report with a torrent made from
+    garbage → the honest torrent stays and the reporter loses its rights."""
+    store = MemoryStore()
+    t = make_tracker(tmp_path, store)
+    meta = blob_meta(tmp_path)
+    digest = str(meta.digest)
+    garbage = _garbage(tmp_path, meta)
+    await publish(t, meta, "honest")
+    t.announce(ann(meta.swarm_keys[0], 1, left=0), "10.0.0.1", "http")
+    got = await t.report_bad(
+        digest, wire.ReportBad("evil", meta.swarm_keys[0], "mismatch", meta.size, garbage.data)
+    )
+    assert got.metainfo == garbage.data and t.lookup(digest).metainfo == meta.data
+    assert _disputes(t, "opened") == 1 and digest in store.disputes
+    # While disputed nobody is told SEEDED; neither side may verify.
+    for party in ("honest", "evil"):
+        reply = await t.acquire_lease(digest, wire.LeaseRequest(party, meta.size))
+        assert reply.status is wire.LeaseStatus.WAIT and reply.lease_id is None
+    verify = await t.acquire_lease(digest, wire.LeaseRequest("third", meta.size))
+    assert verify.status is wire.LeaseStatus.VERIFY and verify.lease_id
+    waiting = await t.acquire_lease(digest, wire.LeaseRequest("fourth", meta.size))
+    assert waiting.status is wire.LeaseStatus.WAIT and waiting.holder == "third"
+    # A publish by anyone else settles nothing.
+    assert (await publish(t, meta, "fourth"))[1] is False and t.registry.dispute(digest)
+    record, changed = await t.publish(digest, wire.PublishMetainfo("third", meta.size, meta.data))
+    assert record.metainfo == meta.data and not changed
+    assert t.registry.dispute(digest) is None and store.disputes == {}
+    assert _disputes(t, "upheld") == 1 and set(store.quarantines) == {"evil"}
+    # The loser may not define torrents for a while: no lease, no publish, no report.
+    other = blob_meta(tmp_path)
+    with pytest.raises(errors.Forbidden, match="may not take an upstream lease"):
+        await t.acquire_lease(str(other.digest), wire.LeaseRequest("evil", other.size))
+    with pytest.raises(errors.Forbidden, match="may not report metainfo"):
         await t.report_bad(
-            digest, wire.ReportBad("n4", hybrid.swarm_keys[0], "x", meta.size, hybrid.data)
+            digest, wire.ReportBad("evil", meta.swarm_keys[0], "again", meta.size, garbage.data)
         )
+    # The stored torrent's swarm serves again.
+    seeded = await t.acquire_lease(digest, wire.LeaseRequest("fourth", meta.size))
+    assert seeded.status is wire.LeaseStatus.SEEDED
+    # A restart keeps the quarantine.
+    again = make_tracker(tmp_path, store)
+    again.restore(await store.load())
+    with pytest.raises(errors.Forbidden, match="may not take an upstream lease"):
+        await again.acquire_lease(str(other.digest), wire.LeaseRequest("evil", other.size))
+
+
+async def test_poison_published_first_loses_and_a_restart_keeps_the_dispute(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = MemoryStore()
+    t = make_tracker(tmp_path, store, dispute_quarantine_s=100)
+    meta = blob_meta(tmp_path)
+    digest = str(meta.digest)
+    garbage = _garbage(tmp_path, meta)
+    # The attacker holds the lease, so it defines the first torrent, and keeps the lease.
+    lease = await t.acquire_lease(digest, wire.LeaseRequest("evil", meta.size))
+    assert lease.status is wire.LeaseStatus.GRANTED
+    await t.publish(digest, wire.PublishMetainfo("evil", meta.size, garbage.data))
+    # An honest node that fetched the blob reports it: the attacker's lease is dropped.
+    await t.report_bad(
+        digest, wire.ReportBad("honest", garbage.swarm_keys[0], "x", meta.size, meta.data)
+    )
+    assert t.leases.current(digest) is None and digest not in store.leases
+    again = make_tracker(tmp_path, store, dispute_quarantine_s=100)
+    again.restore(await store.load())
+    assert again.registry.dispute(digest) is not None
+    verify = await again.acquire_lease(digest, wire.LeaseRequest("third", meta.size))
+    assert verify.status is wire.LeaseStatus.VERIFY
+    _, changed = await again.publish(digest, wire.PublishMetainfo("third", meta.size, meta.data))
+    assert changed and again.lookup(digest).metainfo == meta.data
+    assert again.registry.get(digest).published_by == "honest"  # type: ignore[union-attr]
+    assert store.metainfo[digest].data == meta.data and _disputes(again, "overturned") == 1
+    with pytest.raises(errors.UnknownTorrent):
+        again.announce(ann(garbage.swarm_keys[0], 1, left=0), "10.0.0.1", "http")
+    with pytest.raises(errors.Forbidden):
+        await again.acquire_lease(str(blob_meta(tmp_path).digest), wire.LeaseRequest("evil"))
+    # Quarantines expire: no permanent blacklist from one report.
+    await trio.sleep(101)
+    reply = await again.acquire_lease(str(blob_meta(tmp_path).digest), wire.LeaseRequest("evil"))
+    assert reply.status is wire.LeaseStatus.GRANTED
 
 
 async def test_invalid_and_oversized_metainfo_and_limits(tmp_path: Path) -> None:
@@ -170,7 +284,8 @@ async def test_a_seeder_appearing_wakes_lease_waiters_with_seeded(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(waiter)
         await trio.sleep(3)
-        await publish(t, meta, "a")  # metainfo alone is not a seeder
+        # The holder files it (metainfo alone is not a seeder) and keeps its lease.
+        await t.publish(digest, wire.PublishMetainfo("a", meta.size, meta.data))
         await trio.sleep(3)
         t.announce(ann(meta.swarm_keys[0], 1, left=0), "10.0.0.1", "http")
     when, reply = got[0]
@@ -178,7 +293,7 @@ async def test_a_seeder_appearing_wakes_lease_waiters_with_seeded(
     assert reply.status is wire.LeaseStatus.SEEDED and reply.metainfo == meta.data
 
 
-async def test_restore_brings_back_metainfo_bad_reports_and_leases(tmp_path: Path) -> None:
+async def test_restore_brings_back_metainfo_and_leases(tmp_path: Path) -> None:
     store = MemoryStore()
     t = make_tracker(tmp_path, store)
     meta = blob_meta(tmp_path)
@@ -202,10 +317,10 @@ class SlowStore(MemoryStore):
         self.committing = trio.Event()
         self.go = trio.Event()
 
-    async def put_metainfo(self, record: StoredMetainfo, bad: StoredBad | None = None) -> None:
+    async def put_metainfo(self, record: StoredMetainfo) -> None:
         self.committing.set()
         await self.go.wait()
-        await super().put_metainfo(record, bad)
+        await super().put_metainfo(record)
 
 
 async def test_a_slow_metainfo_commit_holds_up_nothing_else(
@@ -281,7 +396,7 @@ async def test_a_ca_rotation_replaces_metainfo_persists_it_and_restore_drops_a_g
     with pytest.raises(errors.UnknownTorrent):
         t.announce(ann(old.swarm_keys[0], 1, left=0), "10.0.0.1", "http")
     assert t.metrics.registry.get_sample_value("p2preg_tracker_metainfo_rerooted_total") == 1
-    assert store.metainfo[digest].data == new.data and store.bad == []
+    assert store.metainfo[digest].data == new.data and store.disputes == {}
     # A node still on the old CA cannot take the digest back.
     with pytest.raises(errors.MetainfoConflict):
         await publish(t, old, "n1")

@@ -14,7 +14,13 @@ import trio
 
 from p2preg.core import errors, wire
 from p2preg.core.config import HostPort
-from tests.tracker_helpers import SteppedClock, blob_meta, running_tracker
+from tests.tracker_helpers import (
+    SteppedClock,
+    blob_meta,
+    file_as_holder,
+    publish_as_holder,
+    running_tracker,
+)
 from tracker.announce import AnnounceRequest, Event
 from tracker.client import open_tracker_client
 from tracker.config import TrackerConfig
@@ -74,7 +80,7 @@ async def test_the_sweep_forgets_idle_metainfo_in_memory_and_in_the_store(tmp_pa
     store = tracker._store
     assert isinstance(store, MemoryStore)
     for meta in (idle, seeded, leased, pinned):
-        await tracker.publish(str(meta.digest), wire.PublishMetainfo("a", meta.size, meta.data))
+        await publish_as_holder(tracker, meta, "a")
     await tracker.sweep()  # first sight: every clock starts now
     lease = await tracker.acquire_lease(str(leased.digest), wire.LeaseRequest("a", leased.size))
     assert lease.status is wire.LeaseStatus.GRANTED
@@ -100,8 +106,7 @@ async def test_the_sweep_forgets_idle_metainfo_in_memory_and_in_the_store(tmp_pa
     text = tracker.metrics.render().decode()
     assert "p2preg_tracker_metainfo_expired_total 1.0" in text
     # The next holder of the blob files the same torrent again.
-    msg = wire.PublishMetainfo("b", idle.size, idle.data)
-    _, created = await tracker.publish(str(idle.digest), msg)
+    _, created = await publish_as_holder(tracker, idle, "b")
     assert created and str(idle.digest) in store.metainfo
 
 
@@ -118,7 +123,7 @@ async def test_an_expiry_survives_a_restart_and_a_pinned_digest_is_kept(tmp_path
         open_tracker_client(url, node="a") as client,
     ):
         for meta in (idle, pinned):
-            await client.publish_metainfo(meta.digest, meta.size, meta.data)
+            await file_as_holder(client, meta)
         # Move the tracker's clock a tenth of the idle time per sweep until it forgets.
         for _ in range(200):
             if await client.lookup_metainfo(idle.digest) is None:

@@ -137,6 +137,7 @@ async def test_swarm_forms_through_tracker_and_moves_the_blob(
         open_session("seeder") as seeder,
         open_session("leecher") as leecher,
     ):
+        await client.acquire_lease(digest, size=len(blob))  # the holder defines the torrent
         await client.publish_metainfo(digest, len(blob), meta.data)
         url = client.announce_url if transport == "http" else client.udp_announce_url
         assert url.endswith(f"/announce?token={TOKEN}")

@@ -30,7 +30,7 @@ from harness.node import metric_value
 from p2preg.core import errors, wire
 from p2preg.core.metainfo import Metainfo
 from tests.fixtures.reliability import Tally
-from tests.tracker_helpers import blob_meta, make_tracker, running_tracker
+from tests.tracker_helpers import blob_meta, make_tracker, publish_as_holder, running_tracker
 from tracker import udp
 from tracker.announce import AnnounceRequest, Event
 
@@ -47,6 +47,9 @@ def tally() -> Iterator[Tally]:
 
 
 async def publish(http: httpx.AsyncClient, url: str, meta: Metainfo) -> httpx.Response:
+    """File `meta` as node "n", holding its lease (only the holder defines a torrent)."""
+    lease = wire.encode(wire.LeaseRequest("n", meta.size))
+    assert (await http.post(f"{url}/v1/leases/{meta.digest}", content=lease)).status_code == 200
     body = wire.encode(wire.PublishMetainfo("n", meta.size, meta.data))
     return await http.put(f"{url}/v1/metainfo/{meta.digest}", content=body)
 
@@ -176,7 +179,7 @@ async def test_a_flood_past_the_caps_allocates_nothing_that_stays(
     cap = 1000
     tracker = make_tracker(tmp_path, max_peers_per_swarm=cap, max_peers=2 * cap, max_metainfo=1)
     meta = blob_meta(tmp_path)
-    await tracker.publish(str(meta.digest), wire.PublishMetainfo("n", meta.size, meta.data))
+    await publish_as_holder(tracker, meta, "n")
     (ih,) = meta.swarm_keys
 
     def req(info_hash: bytes, i: int) -> AnnounceRequest:

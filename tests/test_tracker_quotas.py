@@ -189,6 +189,8 @@ async def test_a_forged_big_metainfo_costs_more_than_an_honest_one(tmp_path: Pat
     tracker = make_tracker(tmp_path, quota_publish_per_s=0.001, quota_publish_burst=17)
     http = TrackerHttp(tracker)
     meta = blob_meta(tmp_path)
+    # Only the holder of the digest's upstream lease files its first torrent.
+    await tracker.acquire_lease(str(meta.digest), wire.LeaseRequest("a", meta.size))
     honest = wire.PublishMetainfo("a", meta.size, meta.data)
     put = _request(f"/v1/metainfo/{meta.digest}", honest, "a")
     put = Request(b"PUT", put.target, (), put.body, put.client_ip, put.identity)

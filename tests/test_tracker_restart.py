@@ -62,6 +62,7 @@ async def test_restart_keeps_metainfo_and_leases_and_the_swarm_reforms(tmp_path:
         tracker_process(data_dir) as url,
         open_tracker_client(url, node="a", token=TOKEN) as a,
     ):
+        await a.acquire_lease(digest, size=len(data))  # the holder defines the torrent
         await a.publish_metainfo(digest, len(data), meta.data)
         lease = await a.acquire_lease(leased, size=10)
         assert lease.status is wire.LeaseStatus.GRANTED

@@ -26,7 +26,13 @@ import trio.testing
 
 from p2preg.core import errors, wire
 from p2preg.core.digest import Digest
-from tests.tracker_helpers import SteppedClock, blob_meta, remake, running_tracker
+from tests.tracker_helpers import (
+    SteppedClock,
+    blob_meta,
+    file_as_holder,
+    remake,
+    running_tracker,
+)
 from tracker import udp
 from tracker.client import TrackerClient, open_tracker_client
 
@@ -60,7 +66,7 @@ async def test_announce_scrape_auth_and_metrics(tmp_path: Path) -> None:
         open_tracker_client(url, node="n1", token=TOKEN) as client,
         httpx.AsyncClient(headers={"Connection": "close"}) as http,
     ):
-        await client.publish_metainfo(meta.digest, meta.size, meta.data)
+        await file_as_holder(client, meta)
         seeder = lt.bdecode((await http.get(f"{url}/announce?{announce_query(ih, 1)}")).content)
         assert seeder[b"peers"] == b"" and seeder[b"complete"] == 1
         r = await http.get(f"{url}/announce?{announce_query(ih, 2, left=5)}")
@@ -165,6 +171,8 @@ async def test_control_requests_keep_the_connection_and_announces_close_it(
 ) -> None:
     meta = blob_meta(tmp_path)
     async with running(tmp_path) as url:
+        async with open_tracker_client(url, node="n1", token=TOKEN) as client:
+            await client.acquire_lease(meta.digest, size=meta.size)  # the lease holder files
         stream = await trio.open_tcp_stream("127.0.0.1", urlsplit(url).port or 0)
         conn = h11.Connection(h11.CLIENT)
         body = wire.encode(wire.PublishMetainfo("n1", meta.size, meta.data))
@@ -196,6 +204,7 @@ async def test_metainfo_refusals_are_clear_and_typed(tmp_path: Path) -> None:
     async with (
         running(tmp_path, max_metainfo_bytes=4096) as url,
         open_tracker_client(url, node="n1", token=TOKEN) as client,
+        open_tracker_client(url, node="n2", token=TOKEN) as other_node,
     ):
         with pytest.raises(errors.InvalidMetainfo, match="length"):
             await client.publish_metainfo(meta.digest, meta.size + 1, meta.data)
@@ -209,17 +218,23 @@ async def test_metainfo_refusals_are_clear_and_typed(tmp_path: Path) -> None:
             await client.publish_metainfo(meta.digest, meta.size, meta.data + b"x" * 5000)
         with pytest.raises(errors.InvalidMetainfo, match="decode"):
             await client.publish_metainfo(meta.digest, meta.size, b"\xff not bencode")
-        first = await client.publish_metainfo(meta.digest, meta.size, meta.data)
+        with pytest.raises(errors.Forbidden, match="only the holder of the upstream lease"):
+            await client.publish_metainfo(meta.digest, meta.size, meta.data)
+        first = await file_as_holder(client, meta)
         assert await client.publish_metainfo(meta.digest, meta.size, meta.data) == first
         assert await client.lookup_metainfo(meta.digest) == first
         assert await client.lookup_metainfo(Digest.of(b"never published")) is None
         hybrid = remake(tmp_path, meta, hybrid=True)
         with pytest.raises(errors.MetainfoConflict):
             await client.publish_metainfo(meta.digest, meta.size, hybrid.data)
-        replaced = await client.report_bad(
+        # A report is evidence: the reporter's torrent comes back, the stored one stays.
+        with pytest.raises(errors.InvalidRequest, match="published this metainfo itself"):
+            await client.report_bad(meta.digest, meta.swarm_keys[0], meta.size, hybrid.data, "x")
+        challenger = await other_node.report_bad(
             meta.digest, meta.swarm_keys[0], meta.size, hybrid.data, "pieces failed"
         )
-        assert replaced.info_hashes == list(hybrid.swarm_keys)
+        assert challenger.info_hashes == list(hybrid.swarm_keys)
+        assert await client.lookup_metainfo(meta.digest) == first
         async with httpx.AsyncClient() as http:
             r = await http.put(
                 f"{url}/v1/metainfo/{meta.digest}",
@@ -331,7 +346,7 @@ async def test_udp_tracker(tmp_path: Path) -> None:
         running(tmp_path) as url,
         open_tracker_client(url, node="n1", token=TOKEN) as client,
     ):
-        await client.publish_metainfo(meta.digest, meta.size, meta.data)
+        await file_as_holder(client, meta)
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         await sock.connect(("127.0.0.1", urlsplit(url).port or 0))
 

@@ -30,7 +30,7 @@ from harness.tlscerts import ClusterCA, client_ssl_context, expired_tls_dir, htt
 from harness.tracker import TrackerProcess, open_tracker
 from p2preg.core import errors
 from p2preg.core.metainfo import Metainfo
-from tests.tracker_helpers import blob_meta
+from tests.tracker_helpers import blob_meta, file_as_holder
 from tracker.client import TrackerClient
 
 # Bounds on waiting for the tracker process to count what a client just saw.
@@ -113,7 +113,7 @@ async def test_a_good_node_does_everything_over_mtls_without_a_token(
     meta = blob_meta(tmp_path, root=certs.ca.cert_pem)
     n1 = client(tracker, certs.n1, "n1")
     try:
-        record = await n1.publish_metainfo(meta.digest, meta.size, meta.data)
+        record = await file_as_holder(n1, meta)
         assert await n1.lookup_metainfo(meta.digest) == record
         digest = blob_meta(tmp_path).digest
         lease = await n1.acquire_lease(digest, size=10)
@@ -194,9 +194,7 @@ async def test_every_bad_client_is_refused_counted_and_the_tracker_goes_on(
 ) -> None:
     meta = blob_meta(tmp_path, root=certs.ca.cert_pem)
     async with https_client(certs.n1) as good:
-        await TrackerClient(tracker.url, node="n1", http=good).publish_metainfo(
-            meta.digest, meta.size, meta.data
-        )
+        await file_as_holder(TrackerClient(tracker.url, node="n1", http=good), meta)
     stranger = ClusterCA.make("test")  # same cluster name, another key: not ours
     # A CA the user brings may sign for several clusters: ours signs for "other".
     other_cluster = ClusterCA("other", certs.ca.ca)

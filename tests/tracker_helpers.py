@@ -20,9 +20,11 @@ from typing import Any
 
 import trio
 
+from p2preg.core import wire
 from p2preg.core.config import HostPort
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
+from tracker.client import TrackerClient
 from tracker.config import TrackerConfig
 from tracker.coordinator import Tracker
 from tracker.metainfo import make_metainfo
@@ -87,3 +89,24 @@ def blob_meta(
 def remake(tmp_path: Path, meta: Metainfo, *, hybrid: bool) -> Metainfo:
     """The same blob's metainfo made with other rules: a different torrent."""
     return make_metainfo(blob_path(tmp_path, meta.digest), meta.digest, meta.size, hybrid=hybrid)
+
+
+async def publish_as_holder(
+    t: Tracker, meta: Metainfo, node: str = "n1"
+) -> tuple[wire.MetainfoRecord, bool]:
+    """Publish `meta` as a node does: holding the digest's upstream lease (only the
+    holder defines a first torrent) when it can get it, and giving it back after."""
+    digest = str(meta.digest)
+    lease = await t.acquire_lease(digest, wire.LeaseRequest(node, meta.size))
+    try:
+        return await t.publish(digest, wire.PublishMetainfo(node, meta.size, meta.data))
+    finally:
+        if lease.status is wire.LeaseStatus.GRANTED and lease.lease_id is not None:
+            await t.release_lease(digest, wire.LeaseRelease(lease.lease_id))
+
+
+async def file_as_holder(client: TrackerClient, meta: Metainfo) -> wire.MetainfoRecord:
+    """File `meta` through `client` as a node does: holding the digest's lease first."""
+    lease = await client.acquire_lease(meta.digest, size=meta.size)
+    assert lease.status is wire.LeaseStatus.GRANTED, lease
+    return await client.publish_metainfo(meta.digest, meta.size, meta.data)

@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--upstream-fetches-per-image",
         help="blobs of one image fetched from upstream at once, in manifest order (0: no limit)",
     )
+    parser.add_argument(
+        "--dispute-quarantine-s",
+        help="how long a node whose torrent lost a dispute may not define torrents, seconds",
+    )
     parser.add_argument("--max-numwant", help="cap on peers per announce reply")
     parser.add_argument("--max-metainfo-bytes", help="largest accepted metainfo, e.g. 1MiB")
     parser.add_argument(

@@ -54,6 +54,10 @@ class TrackerConfig:
     # order. One stream fills a thin link; raise it where one upstream stream is
     # slower than the link (a CDN's per-connection cap). 0: no limit.
     upstream_fetches_per_image: int = 1
+    # An identity whose torrent lost a dispute may not define torrents (take a
+    # lease, publish, report) for this long; then it may again. Each later loss
+    # costs the cluster one more upstream copy of that blob at most.
+    dispute_quarantine_s: float = 3600.0
     default_numwant: int = 50
     max_numwant: int = 200
     max_peers_per_swarm: int = 10_000
@@ -118,6 +122,8 @@ class TrackerConfig:
             raise ConfigError("lease_ttl_s must be > 0 and lease_wait_max_s ≥ 0")
         if self.lease_min_rate_bytes_s < 0 or self.lease_rate_window_s <= 0:
             raise ConfigError("lease_min_rate_bytes_s must be ≥ 0 and lease_rate_window_s > 0")
+        if self.dispute_quarantine_s <= 0:
+            raise ConfigError("dispute_quarantine_s must be > 0")
         if self.upstream_fetches_per_image < 0:
             raise ConfigError("upstream_fetches_per_image must be ≥ 0 (0: no limit)")
         if not 1 <= self.default_numwant <= self.max_numwant:

@@ -1,8 +1,11 @@
 """The tracker's service: announces, the metainfo registry and leases, composed over one store.
 
 `Tracker` wires the sans-IO parts together — `ClusterAuth`, the `PeerTable`
-swarms, the `MetainfoRegistry`, the `LeaseBook` and the `UpstreamQueue` — with
-the durable `TrackerStore` and the `Waiters` of long-polled lease requests.
+swarms, the `MetainfoRegistry` and its disputes' `Quarantines` (applied by
+`Publishing`), the `LeaseBook` and the `UpstreamQueue` — with the durable
+`TrackerStore` and the `Waiters` of long-polled lease requests. A digest whose
+torrent is disputed is never answered SEEDED: its next lease goes to a node
+that is neither side, as VERIFY.
 Announce and scrape are synchronous: the hot path never awaits. A control
 operation decides on memory synchronously (trio runs nothing else in between),
 then awaits its store commit without holding anything that others wait for:
@@ -16,29 +19,27 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import NamedTuple
 
 import trio
 
 from p2preg.core import errors, wire
 from p2preg.core.digest import Digest, DigestError
-from p2preg.core.metainfo import Metainfo, MetainfoError, MetainfoTooLarge
-from p2preg.core.tls import TLSFiles
 from tracker import lease_replies as replies
 from tracker.announce import AnnounceRequest, AnnounceResponse, Event, ScrapeRequest, SwarmStats
 from tracker.auth import ClusterAuth
 from tracker.config import TrackerConfig
+from tracker.disputes import Quarantines
 from tracker.expiry import IdleMetainfo
 from tracker.handout import hand_out
 from tracker.leases import Granted, Lease, LeaseBook, RateRule, Waiters
-from tracker.metainfo import parse_metainfo
 from tracker.metrics import Gauges, TrackerMetrics
 from tracker.peers import PeerTable, compact_address
+from tracker.publishing import Publishing
 from tracker.quotas import Quotas
-from tracker.registry import MetainfoRegistry, Rerooted
-from tracker.state import Snapshot, StoredBad, StoredLease, StoredMetainfo, TrackerStore
+from tracker.registry import MetainfoRegistry
+from tracker.state import Snapshot, StoredLease, TrackerStore
 from tracker.upstream_queue import Place, UpstreamQueue
 
 log = logging.getLogger("p2preg.tracker")
@@ -71,8 +72,6 @@ class Tracker:
         current_root: Callable[[], bytes | None] = lambda: None,
     ) -> None:
         self.config = config
-        # The CA that issued the tracker's own certificate, now (None without TLS).
-        self._current_root = current_root
         self.metrics = metrics or TrackerMetrics()
         self._store = store
         self._clock = clock
@@ -88,28 +87,32 @@ class Tracker:
             rate=RateRule(config.lease_min_rate_bytes_s, config.lease_rate_window_s),
             max_per_holder=config.max_leases_per_node,
         )
+        self.quarantines = Quarantines(config.dispute_quarantine_s, clock)
         self.queue = UpstreamQueue(config.upstream_fetches_per_image, clock)
         self._waiters = Waiters()
         self.quotas = Quotas.from_config(config, clock, self.metrics)
         self.idle = IdleMetainfo(config.metainfo_idle_expiry_s, config.pinned_digests)
-        # Metainfo writes in flight, by digest: a second write waits for the first.
-        self._writing: dict[str, trio.Event] = {}
+        self.publishing = Publishing(
+            config,
+            store,
+            self.metrics,
+            self.registry,
+            self.quarantines,
+            clock=clock,
+            wall_clock=wall_clock,
+            current_root=current_root,
+            lease_of=self.leases.current,
+            drop_lease=self._drop_lease,
+            drop_swarm=self.peers.drop_swarm,
+            notify=self._waiters.notify,
+        )
         self.metrics.watch(self._gauges)
 
     # -- start -----------------------------------------------------------------
 
     def restore(self, snapshot: Snapshot) -> None:
-        """Load what the store kept; records that no longer validate are skipped
-        (with TLS: metainfo rooted at a CA that has left ca.crt since)."""
-        for bad in snapshot.bad:
-            self.registry.mark_bad(bad.digest, bad.info_hash_v2)
-        roots = self._torrent_roots()
-        for rec in snapshot.metainfo:
-            try:
-                meta = parse_metainfo(rec.data, Digest.parse(rec.digest), rec.size, roots=roots)
-            except (DigestError, MetainfoError):
-                continue
-            self.registry.install(meta, rec.published_by)
+        """Load what the store kept (see Publishing.restore for metainfo)."""
+        self.publishing.restore(snapshot)
         now, wall = self._clock(), self._wall()
         for sl in snapshot.leases:
             expires_at = now + (sl.expires_at_unix - wall)
@@ -190,99 +193,10 @@ class Tracker:
         self, digest_text: str, msg: wire.PublishMetainfo
     ) -> tuple[wire.MetainfoRecord, bool]:
         """File metainfo for a digest; returns (record, newly stored)."""
-        digest = _digest(digest_text)
-        meta = self._validate(digest, msg.size, msg.metainfo)
-        await self._await_writes(digest)
-        try:
-            filed = self.registry.check_publish(meta, current_root=self._current_root())
-        except errors.MetainfoConflict:
-            self.metrics.metainfo_rejected.labels(errors.MetainfoConflict.code).inc()
-            raise
-        if isinstance(filed, Rerooted):
-            return await self._reroot(filed.old, meta, msg.node), True
-        if filed is not None:
-            return filed.record, False
-        self.registry.reserve(digest)
-        try:
-            with self._writing_turn(digest):
-                await self._store.put_metainfo(self._stored(meta, msg.node))
-        finally:
-            self.registry.unreserve(digest)
-        entry = self.registry.install(meta, msg.node)
-        self.metrics.metainfo_published.inc()
-        return entry.record, True
-
-    async def _reroot(self, old: Metainfo, meta: Metainfo, node: str) -> wire.MetainfoRecord:
-        """A CA rotation: `meta`, rooted at our current CA, takes the place of `old`."""
-        digest = str(meta.digest)
-        with self._writing_turn(digest):
-            await self._store.put_metainfo(self._stored(meta, node))
-        entry = self.registry.reroot(old, meta, node)
-        # Peers of the old-root torrent cannot verify the new root's members.
-        self.peers.drop_swarm(digest)
-        self.metrics.metainfo_rerooted.inc()
-        self._waiters.notify(digest)
-        return entry.record
+        return await self.publishing.publish(_digest(digest_text), msg)
 
     async def report_bad(self, digest_text: str, msg: wire.ReportBad) -> wire.MetainfoRecord:
-        """Replace the stored metainfo `msg.info_hash` with the reporter's own."""
-        digest = _digest(digest_text)
-        replacement = self._validate(digest, msg.size, msg.metainfo)
-        await self._await_writes(digest)
-        old = self.registry.check_report(digest, msg.info_hash, replacement)
-        bad = StoredBad(digest, old.info_hash_v2, msg.node, msg.reason)
-        with self._writing_turn(digest):
-            await self._store.put_metainfo(self._stored(replacement, msg.node), bad)
-        entry = self.registry.replace(old, replacement, msg.node)
-        # Peers of the bad torrent cannot help with the good one.
-        self.peers.drop_swarm(digest)
-        self.metrics.metainfo_published.inc()
-        self._waiters.notify(digest)
-        return entry.record
-
-    async def _await_writes(self, digest: str) -> None:
-        """Let a metainfo write in flight for `digest` finish before deciding on it."""
-        while (writing := self._writing.get(digest)) is not None:
-            await writing.wait()
-
-    @contextmanager
-    def _writing_turn(self, digest: str) -> Iterator[None]:
-        """Mark a metainfo write for `digest` in flight; call it right after deciding."""
-        assert digest not in self._writing, "decide only after _await_writes"
-        done = self._writing[digest] = trio.Event()
-        try:
-            yield
-        finally:
-            del self._writing[digest]
-            done.set()
-
-    def _validate(self, digest: str, size: int, data: bytes) -> Metainfo:
-        try:
-            return parse_metainfo(
-                data,
-                Digest.parse(digest),
-                size,
-                roots=self._torrent_roots(),
-                max_bytes=self.config.max_metainfo_bytes,
-            )
-        except MetainfoError as e:
-            too_large = isinstance(e, MetainfoTooLarge)
-            err = (errors.MetainfoTooLarge if too_large else errors.InvalidMetainfo)(str(e))
-            self.metrics.metainfo_rejected.labels(err.code).inc()
-            raise err from None
-
-    def _torrent_roots(self) -> tuple[bytes, ...]:
-        """With TLS, torrents must be SSL torrents rooted at a CA of ca.crt (read now:
-        a CA rotation adds one without a restart); without TLS, plain torrents only."""
-        if self.config.tls_dir is None:
-            return ()
-        try:
-            return (TLSFiles.in_dir(self.config.tls_dir).ca.read_bytes(),)
-        except OSError as e:
-            raise errors.TrackerUnavailable(f"cannot read ca.crt: {e.strerror}") from None
-
-    def _stored(self, meta: Metainfo, node: str) -> StoredMetainfo:
-        return StoredMetainfo(str(meta.digest), meta.size, meta.data, node, self._wall())
+        return await self.publishing.report_bad(_digest(digest_text), msg)
 
     # -- upstream leases ---------------------------------------------------------
 
@@ -317,12 +231,18 @@ class Tracker:
 
     def _try_acquire(self, digest: str, msg: wire.LeaseRequest, place: Place) -> _Attempt:
         """Decide one try on memory alone; a grant is committed by the caller."""
-        entry = self.registry.get(digest)
-        if entry is not None:
+        entry, dispute = self.registry.get(digest), self.registry.dispute(digest)
+        if entry is not None and dispute is None:
             self.peers.expire_swarm(digest, self._clock())
             if self.peers.seeders(digest):
                 reply = wire.LeaseReply(wire.LeaseStatus.SEEDED, metainfo=entry.meta.data)
                 return _Attempt(reply, None)
+        self.quarantines.check(place.node, "take an upstream lease")
+        if dispute is not None and dispute.party(place.node) and self._lease_holder(digest) is None:
+            # Neither side's fetch settles it: wait for a node that can verify.
+            ttl = self.leases.ttl_s
+            reply = wire.LeaseReply(wire.LeaseStatus.WAIT, ttl_s=ttl, retry_after_s=ttl)
+            return _Attempt(reply, self._clock() + ttl)
         if msg.group is not None and self.leases.current(digest) is None:
             waiting = self.queue.check(msg.group, place, self.leases.fetching(msg.group))
             if waiting is not None:
@@ -343,7 +263,8 @@ class Tracker:
                 self.metrics.lease_replacements.inc()
                 log.warning("%s", self.leases.why_replaced(outcome.replaced.lease_id))
             fresh = before is None or outcome.replaced is not None
-            reply = replies.granted(self.leases, lease, outcome.replaced)
+            verify = dispute is not None
+            reply = replies.granted(self.leases, lease, outcome.replaced, verify=verify)
             return _Attempt(reply, None, granted=lease, fresh=fresh)
         return _Attempt(replies.held(self.leases, lease, self._clock()), lease.expires_at)
 
@@ -359,6 +280,15 @@ class Tracker:
                 self.leases.release(lease.digest, lease.lease_id)
                 self._waiters.notify(lease.digest)
             raise
+
+    def _lease_holder(self, digest: str) -> str | None:
+        lease = self.leases.current(digest)
+        return None if lease is None else lease.holder
+
+    async def _drop_lease(self, lease: Lease) -> None:
+        self.leases.drop(lease.digest)
+        await self._store.delete_lease(lease.digest, lease.lease_id)
+        self._free_slot(lease)
 
     def _free_slot(self, lease: Lease) -> None:
         """`lease` stopped using the upstream link: wake its image's queue."""
@@ -427,13 +357,13 @@ class Tracker:
             self._waiters.notify(lease.digest)
             self._free_slot(lease)
         for digest in self.idle.expired(self.registry.digests, self._in_use, now):
-            if self.registry.remove(digest) is not None:
-                with self._writing_turn(digest):
-                    await self._store.delete_metainfo(digest)
+            if await self.publishing.forget(digest):
                 self.metrics.metainfo_expired.inc()
 
-    def _in_use(self, d: str) -> bool:  # for expiry: announced, fetched or being filed
-        return d in self._writing or bool(self.peers.swarm(d) or self.leases.current(d))
+    def _in_use(self, d: str) -> bool:  # for expiry: announced, fetched, filed or disputed
+        if self.publishing.writing(d) or self.registry.dispute(d) is not None:
+            return True
+        return bool(self.peers.swarm(d) or self.leases.current(d))
 
     def _gauges(self) -> Gauges:
         totals = self.peers.totals()

@@ -16,10 +16,16 @@ from tracker.leases import Lease, LeaseBook
 from tracker.upstream_queue import QUEUE_RECHECK_S, Queued
 
 
-def granted(book: LeaseBook, lease: Lease, replaced: Lease | None = None) -> wire.LeaseReply:
-    """To `lease`'s holder only: its id, and whom it took the fetch over from, if anyone."""
+def granted(
+    book: LeaseBook, lease: Lease, replaced: Lease | None = None, *, verify: bool = False
+) -> wire.LeaseReply:
+    """To `lease`'s holder only: its id, and whom it took the fetch over from, if anyone.
+
+    `verify`: the fetch settles a dispute over the digest's torrent (VERIFY).
+    """
     by = None if replaced is None else replaced.holder
-    return _reply(book, wire.LeaseStatus.GRANTED, lease, lease_id=lease.lease_id, replaced=by)
+    status = wire.LeaseStatus.VERIFY if verify else wire.LeaseStatus.GRANTED
+    return _reply(book, status, lease, lease_id=lease.lease_id, replaced=by)
 
 
 def held(book: LeaseBook, lease: Lease, now: float) -> wire.LeaseReply:

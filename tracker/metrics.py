@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from tracker.announce import Event
+from tracker.disputes import OUTCOMES
 from tracker.quotas import CONNECTION_REFUSALS, QUOTA_KINDS
 from tracker.tls_gate import REFUSAL_REASONS
 
@@ -84,7 +85,7 @@ class TrackerMetrics:
         self.failure = failures.labels
         self.metainfo_published = Counter(
             "p2preg_tracker_metainfo_published",
-            "Metainfo accepted (new, or replacing one reported bad)",
+            "Metainfo accepted (new, or replacing one that lost a dispute)",
             registry=self.registry,
         )
         self.metainfo_rerooted = Counter(
@@ -112,6 +113,13 @@ class TrackerMetrics:
         )
         for reason in LEASE_REFUSALS:
             self.lease_refused.labels(reason)
+        disputes = Counter(
+            "p2preg_tracker_disputes",
+            "Disputes over a digest's torrent: opened, and settled by verification",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.disputes = {o: disputes.labels(o) for o in OUTCOMES}
 
         refusals = Counter(
             "p2preg_tracker_tls_refusals",

@@ -1,4 +1,4 @@
-"""Durable tracker state behind one small seam: metainfo, bad reports, leases.
+"""Durable tracker state behind one small seam: metainfo, disputes, quarantines, leases.
 
 `TrackerStore` is the interface the service writes through; `SqliteStore`
 keeps it in `<data_dir>/tracker.sqlite3` (WAL, synchronous=FULL, so a commit
@@ -39,13 +39,25 @@ class StoredMetainfo:
 
 
 @dataclass(frozen=True, slots=True)
-class StoredBad:
-    """A metainfo that a holder of the verified blob reported bad."""
+class StoredDispute:
+    """A report's torrent (`data`), kept beside the digest's stored one until settled."""
 
     digest: str
-    info_hash_v2: bytes
+    size: int
+    data: bytes
     reported_by: str
     reason: str
+    published_by: str
+    opened_at_unix: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoredQuarantine:
+    """An identity whose torrent for `digest` lost a dispute, and until when."""
+
+    identity: str
+    until_unix: float
+    digest: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,15 +74,24 @@ class StoredLease:
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     metainfo: list[StoredMetainfo] = field(default_factory=list)
-    bad: list[StoredBad] = field(default_factory=list)
     leases: list[StoredLease] = field(default_factory=list)
+    disputes: list[StoredDispute] = field(default_factory=list)
+    quarantines: list[StoredQuarantine] = field(default_factory=list)
 
 
 class TrackerStore(Protocol):
     async def load(self) -> Snapshot: ...
 
-    async def put_metainfo(self, record: StoredMetainfo, bad: StoredBad | None = None) -> None:
-        """Insert or replace the digest's metainfo; record `bad` in the same commit."""
+    async def put_metainfo(self, record: StoredMetainfo) -> None:
+        """Insert or replace the digest's metainfo."""
+
+    async def put_dispute(self, dispute: StoredDispute) -> None: ...
+
+    async def settle_dispute(
+        self, digest: str, winner: StoredMetainfo | None, losers: list[StoredQuarantine]
+    ) -> None:
+        """In one commit: drop the dispute, store `winner` (None: the stored one won),
+        quarantine `losers`."""
 
     async def save_lease(self, lease: StoredLease) -> None: ...
 
@@ -85,18 +106,36 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.metainfo: dict[str, StoredMetainfo] = {}
-        self.bad: list[StoredBad] = []
         self.leases: dict[str, StoredLease] = {}
+        self.disputes: dict[str, StoredDispute] = {}
+        self.quarantines: dict[str, StoredQuarantine] = {}
 
     async def load(self) -> Snapshot:
         await trio.lowlevel.checkpoint()
-        return Snapshot(list(self.metainfo.values()), list(self.bad), list(self.leases.values()))
+        return Snapshot(
+            metainfo=list(self.metainfo.values()),
+            leases=list(self.leases.values()),
+            disputes=list(self.disputes.values()),
+            quarantines=list(self.quarantines.values()),
+        )
 
-    async def put_metainfo(self, record: StoredMetainfo, bad: StoredBad | None = None) -> None:
+    async def put_metainfo(self, record: StoredMetainfo) -> None:
         await trio.lowlevel.checkpoint()
         self.metainfo[record.digest] = record
-        if bad is not None:
-            self.bad.append(bad)
+
+    async def put_dispute(self, dispute: StoredDispute) -> None:
+        await trio.lowlevel.checkpoint()
+        self.disputes[dispute.digest] = dispute
+
+    async def settle_dispute(
+        self, digest: str, winner: StoredMetainfo | None, losers: list[StoredQuarantine]
+    ) -> None:
+        await trio.lowlevel.checkpoint()
+        self.disputes.pop(digest, None)
+        if winner is not None:
+            self.metainfo[digest] = winner
+        for q in losers:
+            self.quarantines[q.identity] = q
 
     async def save_lease(self, lease: StoredLease) -> None:
         await trio.lowlevel.checkpoint()
@@ -121,13 +160,22 @@ CREATE TABLE IF NOT EXISTS metainfo (
     published_by TEXT NOT NULL,
     published_at_unix REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS bad_metainfo (
-    digest TEXT NOT NULL,
-    info_hash_v2 BLOB NOT NULL,
+CREATE TABLE IF NOT EXISTS disputes (
+    digest TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    data BLOB NOT NULL,
     reported_by TEXT NOT NULL,
     reason TEXT NOT NULL,
-    PRIMARY KEY (digest, info_hash_v2)
+    published_by TEXT NOT NULL,
+    opened_at_unix REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS quarantines (
+    identity TEXT PRIMARY KEY,
+    until_unix REAL NOT NULL,
+    digest TEXT NOT NULL
+);
+-- Bad reports were permanent blacklists before disputes replaced them.
+DROP TABLE IF EXISTS bad_metainfo;
 CREATE TABLE IF NOT EXISTS leases (
     digest TEXT PRIMARY KEY,
     lease_id TEXT NOT NULL,
@@ -171,45 +219,58 @@ class SqliteStore:
     async def load(self) -> Snapshot:
         def read(c: sqlite3.Connection) -> Snapshot:
             return Snapshot(
-                [
+                metainfo=[
                     StoredMetainfo(*row)
                     for row in c.execute(
                         "SELECT digest, size, data, published_by, published_at_unix FROM metainfo"
                     )
                 ],
-                [
-                    StoredBad(*row)
-                    for row in c.execute(
-                        "SELECT digest, info_hash_v2, reported_by, reason FROM bad_metainfo"
-                    )
-                ],
-                [
+                leases=[
                     StoredLease(*row)
                     for row in c.execute(
                         "SELECT digest, lease_id, holder, expires_at_unix, bytes_done, size"
                         " FROM leases"
                     )
                 ],
+                disputes=[
+                    StoredDispute(*row)
+                    for row in c.execute(
+                        "SELECT digest, size, data, reported_by, reason, published_by,"
+                        " opened_at_unix FROM disputes"
+                    )
+                ],
+                quarantines=[
+                    StoredQuarantine(*row)
+                    for row in c.execute("SELECT identity, until_unix, digest FROM quarantines")
+                ],
             )
 
         return await self._run(read)
 
-    async def put_metainfo(self, record: StoredMetainfo, bad: StoredBad | None = None) -> None:
-        def write(c: sqlite3.Connection) -> None:
-            c.execute(
-                "INSERT OR REPLACE INTO metainfo VALUES (?, ?, ?, ?, ?)",
-                (
-                    record.digest,
-                    record.size,
-                    record.data,
-                    record.published_by,
-                    record.published_at_unix,
-                ),
+    async def put_metainfo(self, record: StoredMetainfo) -> None:
+        await self._run(lambda c: _put_metainfo(c, record))
+
+    async def put_dispute(self, dispute: StoredDispute) -> None:
+        d = dispute
+        await self._run(
+            lambda c: c.execute(
+                "INSERT OR REPLACE INTO disputes VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (d.digest, d.size, d.data, d.reported_by, d.reason, d.published_by,
+                 d.opened_at_unix),
             )
-            if bad is not None:
+        )
+
+    async def settle_dispute(
+        self, digest: str, winner: StoredMetainfo | None, losers: list[StoredQuarantine]
+    ) -> None:
+        def write(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM disputes WHERE digest = ?", (digest,))
+            if winner is not None:
+                _put_metainfo(c, winner)
+            for q in losers:
                 c.execute(
-                    "INSERT OR REPLACE INTO bad_metainfo VALUES (?, ?, ?, ?)",
-                    (bad.digest, bad.info_hash_v2, bad.reported_by, bad.reason),
+                    "INSERT OR REPLACE INTO quarantines VALUES (?, ?, ?)",
+                    (q.identity, q.until_unix, q.digest),
                 )
 
         await self._run(write)
@@ -238,6 +299,13 @@ class SqliteStore:
 
     async def delete_metainfo(self, digest: str) -> None:
         await self._run(lambda c: c.execute("DELETE FROM metainfo WHERE digest = ?", (digest,)))
+
+
+def _put_metainfo(c: sqlite3.Connection, record: StoredMetainfo) -> None:
+    c.execute(
+        "INSERT OR REPLACE INTO metainfo VALUES (?, ?, ?, ?, ?)",
+        (record.digest, record.size, record.data, record.published_by, record.published_at_unix),
+    )
 
 
 @asynccontextmanager

@@ -118,6 +118,8 @@ def tracker(
 async def publish(url: str, meta: Metainfo) -> str:
     client = TrackerClient(url, node="bench-peer", token=TOKEN)
     try:
+        # Only the digest's lease holder defines its first torrent.
+        await client.acquire_lease(meta.digest, size=meta.size)
         await client.publish_metainfo(meta.digest, meta.size, meta.data)
     finally:
         await client.aclose()
@@ -173,6 +175,8 @@ async def publish_tls(url: str, meta: Metainfo, tls_dir: Path) -> str:
     tls = ReloadingTLS(tls_dir, role="node") if url.startswith("https:") else None
     client = TrackerClient(url, node="seed", tls=tls)
     try:
+        # Only the digest's lease holder defines its first torrent.
+        await client.acquire_lease(meta.digest, size=meta.size)
         await client.publish_metainfo(meta.digest, meta.size, meta.data)
     finally:
         await client.aclose()

@@ -155,6 +155,7 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
             "announce_interval_s",
             "data_dir",
             "default_numwant",
+            "dispute_quarantine_s",
             "insecure",
             "lease_min_rate_bytes_s",
             "lease_rate_window_s",

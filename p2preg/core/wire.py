@@ -44,6 +44,9 @@ class LeaseStatus(enum.StrEnum):
     GRANTED = "granted"  # you hold the lease: fetch from upstream, renew, publish
     WAIT = "wait"  # another node holds it: ask again after retry_after_s
     SEEDED = "seeded"  # a seeder is in the swarm: join it with `metainfo`
+    # The digest's torrent is disputed and you are no party to it: fetch from
+    # upstream as for GRANTED (renew, release), make the torrent and publish it.
+    VERIFY = "verify"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +72,9 @@ class MetainfoRecord:
 class ReportBad:
     """POST /v1/metainfo/<digest>/bad: the stored metainfo (`info_hash`) is wrong.
 
-    The reporter holds the verified blob and proves it the only way it can: by
-    sending the metainfo it made from those bytes, which replaces the bad one.
+    The reporter holds the verified blob and shows it the only way it can: by
+    sending the metainfo it made from those bytes. The tracker cannot check that:
+    it keeps both torrents and has a third node verify (LeaseStatus.VERIFY).
     """
 
     node: str

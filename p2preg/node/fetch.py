@@ -159,6 +159,8 @@ class BlobFetcher:
                 await cluster.seeding.keep(meta)
                 return "peers", self._store.size(digest) or size
         if isinstance(outcome, FetchAsHolder):
+            if outcome.verify:
+                log.info("blob %s: its torrent is disputed; fetching it upstream to settle", digest)
             size = await self._as_holder(cluster.tracker, digest, size, outcome, copy)
         else:
             self._metrics.fallbacks.labels(outcome.reason).inc()
@@ -166,7 +168,9 @@ class BlobFetcher:
             log.warning("blob %s: falling back to upstream (%s): %s", digest, reason, message)
             size = await copy(_ignore_progress)
         # The one place a blob is published. Seed what we verified: the swarm may
-        # lack a seeder, or hold bad metainfo.
+        # lack a seeder, or hold bad metainfo. Published as the holder (GRANTED or
+        # VERIFY), it defines or settles the torrent; after a fallback it is only
+        # filed if the same torrent is already there (else refused, or reported).
         await cluster.seeding.publish(digest, size)
         if isinstance(outcome, FetchAsHolder):
             self._nursery.start_soon(

@@ -2,6 +2,8 @@
 
 Owns the rules by which a node that needs a blob reads the tracker's lease
 replies: SEEDED → join the swarm; GRANTED → fetch from upstream as the holder;
+VERIFY → the same, as the node the tracker picked to settle a dispute over the
+blob's torrent (the holder publishes what it made either way);
 WAIT → ask again (long-polling) for as long as the fetch waited for makes
 progress — its holder's `bytes_done` grows, or the holder changes because the
 tracker's queue moved — but never past that fetch's absolute bound, derived
@@ -95,6 +97,8 @@ class FetchAsHolder:
 
     lease_id: str
     ttl_s: float
+    # The tracker asked this node to settle a dispute over the blob's torrent.
+    verify: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +207,12 @@ def _hold(s: Situation) -> Action:
     return FetchAsHolder(s.reply.lease_id, s.reply.ttl_s)
 
 
+def _verify(s: Situation) -> Action:
+    if not s.reply.lease_id:
+        return FallBack("tracker", "tracker asked to verify without naming the lease")
+    return FetchAsHolder(s.reply.lease_id, s.reply.ttl_s, verify=True)
+
+
 def _held_its_course(s: Situation) -> bool:
     return s.status is LeaseStatus.WAIT and s.now - s.state.asked_at >= HELD_SHARE * s.state.wait_s
 
@@ -251,6 +261,8 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("granted: fetch from upstream as the holder", Replied, _status_is(LeaseStatus.GRANTED),
          _hold),
+    Rule("verify: fetch from upstream as the holder, to settle a dispute", Replied,
+         _status_is(LeaseStatus.VERIFY), _verify),
     # A long poll that ran its course already waited.
     Rule("wait, held by the tracker: ask again at once", Replied, _held_its_course,
          lambda s: AskAgain(0.0)),

@@ -5,12 +5,14 @@ again without re-hashing) and the node's side of publishing: the metainfo is
 made from store bytes that matched their digest (rooted, in a TLS cluster, at
 the CA that issued the node's certificate), filed with the tracker before
 the first announce, filed again in the background while the tracker cannot take
-it, and — when the tracker holds a different one for the digest — reported as
-poisoned, unless the two differ only in their root (a CA rotation: filed again
-later, never reported). When the node's certificate comes from another CA (it
-was re-issued in a rotation), every blob it seeds is moved, one at a time, to a
-torrent rooted there and published again. It must not decide whether a blob is
-published (fetch.py does, once per fetch) and must not fetch anything.
+it (not when it refuses: only a lease holder defines a first torrent), and — when
+the tracker holds a different one for the digest — reported as poisoned (the
+tracker then has a third node verify), unless the two differ only in their root
+(a CA rotation: filed again later, never reported). When the node's certificate
+comes from another CA (it was re-issued in a rotation), every blob it seeds is
+moved, one at a time, to a torrent rooted there and published again. It must
+not decide whether a blob is published (fetch.py does, once per fetch) and must
+not fetch anything.
 """
 
 from __future__ import annotations
@@ -133,6 +135,10 @@ class Seeding:
         except tracker_errors.MetainfoConflict:
             if await self._on_conflict(meta):
                 self._nursery.start_soon(self._file_later, meta)
+        except tracker_errors.Forbidden as e:
+            # Not ours to define (we do not hold the lease): seed anyway; once the
+            # holder files this same torrent, libtorrent's next announce counts.
+            log.info("not filing metainfo for %s: %s", digest, e)
         except tracker_errors.TrackerError as e:
             # Seed anyway, and keep filing: until the tracker holds the
             # metainfo it refuses our announces and nobody can find this seeder.
@@ -162,6 +168,9 @@ class Seeding:
                     return
                 delay = min(REFILE_ROOT_MAX_S, delay * 2)
                 continue
+            except tracker_errors.Forbidden as e:
+                log.info("not filing metainfo for %s: %s", meta.digest, e)
+                return
             except tracker_errors.TrackerError as e:
                 delay = min(REFILE_MAX_S, delay * 2)
                 log.info("filing metainfo for %s: %s; again in %.0f s", meta.digest, e, delay)
@@ -173,15 +182,17 @@ class Seeding:
 
     async def _on_conflict(self, meta: Metainfo) -> bool:
         """The tracker holds other metainfo for the digest: report it as poisoned —
-        unless it is rooted at another CA than ours. Then it is a CA rotation, not
-        evidence of a bad torrent: True, file ours again later."""
+        unless it is for the right size and rooted at another CA than ours, which is
+        a CA rotation, not evidence of a bad torrent. True: file ours again later
+        (after a rotation, or a report: ours may win the dispute it opened)."""
         try:
             record = await self._tracker.lookup_metainfo(meta.digest)
             if record is None or record.metainfo == meta.data:
                 return False
-            if await self._offload(partial(self._root_of, record.metainfo, meta)) != (
-                meta.root_cert
-            ):
+            wrong_size = record.size != meta.size  # a lie whatever its root
+            if not wrong_size and await self._offload(
+                partial(self._root_of, record.metainfo, meta)
+            ) != meta.root_cert:
                 log.info(
                     "the tracker holds metainfo for %s rooted at another CA (a CA rotation); "
                     "not reporting it, filing ours again later", meta.digest,
@@ -194,7 +205,10 @@ class Seeding:
             log.warning("reported poisoned metainfo for %s to the tracker", meta.digest)
         except tracker_errors.TrackerError as e:
             log.warning("reporting bad metainfo for %s failed: %s", meta.digest, e)
-        return False
+            return False
+        # A report opens a dispute that a third node settles later: keep filing,
+        # so that once ours wins, this node is counted as a seeder at once.
+        return True
 
     def _root_of(self, data: bytes, like: Metainfo) -> bytes | None:
         """The root of metainfo for `like`'s blob; UNUSABLE if it is not one we trust."""
