@@ -30,8 +30,12 @@ def ann(
     token: bytes | None = None,
     ip: str | None = None,
     numwant: int | None = None,
+    node: str | None = None,
 ) -> AnnounceRequest:
-    return AnnounceRequest(ih, bytes([n]) * 20, 7000 + n, 0, 0, left, event, numwant, token, ip)
+    """Peer `n`'s announce; it asserts the node name `node` or, by default, `n<n>`."""
+    return AnnounceRequest(
+        ih, bytes([n]) * 20, 7000 + n, 0, 0, left, event, numwant, token, ip, node or f"n{n}"
+    )
 
 
 async def publish(t: Tracker, meta: Metainfo, node: str = "n1") -> tuple[wire.MetainfoRecord, bool]:
@@ -70,6 +74,8 @@ async def test_announce_rules(tmp_path: Path) -> None:
     assert len(reply.peers) == 3  # capped at max_numwant
     assert compact_address("10.0.0.1", 7001) not in reply.peers
     # `ip=` from an untrusted source is ignored; from a trusted one it counts.
+    for node in ("n20", "n21"):  # downloaded and verified it: they count as seeders
+        t.confirm_seed(str(meta.digest), wire.ConfirmSeed(node, ih))
     t.announce(ann(ih, 20, token=b"tok", ip="192.0.2.1", left=0), "10.0.0.20", "http")
     t.announce(ann(ih, 21, token=b"tok", ip="192.0.2.2", left=0), "10.9.1.1", "http")
     swarm = t.peers.swarm(str(meta.digest))
@@ -172,7 +178,7 @@ async def test_a_seeder_appearing_wakes_lease_waiters_with_seeded(
         await trio.sleep(3)
         await publish(t, meta, "a")  # metainfo alone is not a seeder
         await trio.sleep(3)
-        t.announce(ann(meta.swarm_keys[0], 1, left=0), "10.0.0.1", "http")
+        t.announce(ann(meta.swarm_keys[0], 1, left=0, node="a"), "10.0.0.1", "http")
     when, reply = got[0]
     assert when == pytest.approx(start + 6)
     assert reply.status is wire.LeaseStatus.SEEDED and reply.metainfo == meta.data

@@ -27,16 +27,16 @@ from p2preg.core import errors, wire
 from p2preg.core.digest import Digest, DigestError
 from p2preg.core.metainfo import Metainfo, MetainfoError, MetainfoTooLarge
 from p2preg.core.tls import TLSFiles
-from tracker.announce import AnnounceRequest, AnnounceResponse, Event, ScrapeRequest, SwarmStats
+from tracker.announce import AnnounceRequest, AnnounceResponse, ScrapeRequest, SwarmStats
 from tracker.auth import ClusterAuth
 from tracker.config import TrackerConfig
-from tracker.handout import hand_out
 from tracker.leases import Granted, Lease, LeaseBook, Waiters
 from tracker.metainfo import parse_metainfo
 from tracker.metrics import Gauges, TrackerMetrics
-from tracker.peers import PeerTable, compact_address
+from tracker.peers import PeerTable
 from tracker.registry import MetainfoRegistry, Rerooted
 from tracker.state import Snapshot, StoredBad, StoredLease, StoredMetainfo, TrackerStore
+from tracker.swarms import Swarms, checked_digest
 from tracker.upstream_queue import QUEUE_RECHECK_S, Place, Queued, UpstreamQueue
 
 # How often the sweeper drops expired peers and leases, at most.
@@ -104,6 +104,9 @@ class Tracker:
         self.leases = LeaseBook(config.lease_ttl_s, clock)
         self.queue = UpstreamQueue(config.upstream_fetches_per_image, clock)
         self._waiters = Waiters()
+        self.swarms = Swarms(
+            config, self.metrics, self.auth, self.registry, self.peers, self._waiters, clock
+        )
         # Metainfo writes in flight, by digest: a second write waits for the first.
         self._writing: dict[str, trio.Event] = {}
         self.metrics.watch(self._gauges)
@@ -134,75 +137,37 @@ class Tracker:
 
     # -- BitTorrent ------------------------------------------------------------
 
-    def announce(self, req: AnnounceRequest, client_ip: str, transport: str) -> AnnounceResponse:
-        self.metrics.announce[transport, req.event].inc()
-        self.auth.check(req.token)
-        digest = self.registry.digest_of(req.info_hash)
-        if digest is None:
-            raise errors.UnknownTorrent("unregistered info_hash: publish its metainfo first")
-        compact = compact_address(self.auth.peer_ip(client_ip, req.claimed_ip), req.port)
-        cfg = self.config
-        if req.event is Event.STOPPED:
-            self.peers.remove(digest, req.peer_id, compact)
-            swarm = self.peers.swarm(digest)
-            seeders, leechers = (
-                (0, 0) if swarm is None else (len(swarm.seeders), len(swarm.leechers))
-            )
-            return AnnounceResponse(
-                cfg.announce_interval_s, cfg.min_announce_interval_s, seeders, leechers, []
-            )
-        seeder = req.left == 0
-        swarm, peer = self.peers.update(
-            digest, req.peer_id, compact, seeder=seeder, expires_at=self._clock() + cfg.peer_ttl_s
-        )
-        if req.event is Event.COMPLETED:
-            swarm.downloaded += 1
-        if seeder and len(swarm.seeders) == 1 and digest in self._waiters:
-            # The swarm's first seeder: nodes waiting for a lease can join it.
-            self._waiters.notify(digest)
-        numwant = req.numwant if req.numwant is not None else cfg.default_numwant
-        picked = hand_out(
-            swarm.seeder_addrs,
-            swarm.leecher_addrs,
-            min(numwant, cfg.max_numwant),
-            asker=peer.compact,
-            asker_is_seeder=seeder,
-        )
-        return AnnounceResponse(
-            cfg.announce_interval_s,
-            cfg.min_announce_interval_s,
-            len(swarm.seeders),
-            len(swarm.leechers),
-            picked,
-        )
+    def announce(
+        self,
+        req: AnnounceRequest,
+        client_ip: str,
+        transport: str,
+        *,
+        identity: str | None = None,
+    ) -> AnnounceResponse:
+        """`identity`: the client certificate's node under mutual TLS, else None."""
+        return self.swarms.announce(req, client_ip, transport, identity=identity)
 
     def scrape(self, req: ScrapeRequest, transport: str) -> list[tuple[bytes, SwarmStats | None]]:
         """Stats per asked info-hash, in order; None for a torrent nobody registered."""
-        self.metrics.scrape[transport].inc()
-        self.auth.check(req.token)
-        out: list[tuple[bytes, SwarmStats | None]] = []
-        for ih in req.info_hashes:
-            digest = self.registry.digest_of(ih)
-            swarm = None if digest is None else self.peers.swarm(digest)
-            if digest is None:
-                out.append((ih, None))
-            elif swarm is None:
-                out.append((ih, SwarmStats(0, 0, 0)))
-            else:
-                stats = SwarmStats(len(swarm.seeders), len(swarm.leechers), swarm.downloaded)
-                out.append((ih, stats))
-        return out
+        return self.swarms.scrape(req, transport)
+
+    def confirm_seed(self, digest_text: str, msg: wire.ConfirmSeed) -> None:
+        self.swarms.confirm_seed(digest_text, msg)
+
+    def report_stall(self, digest_text: str, msg: wire.ReportStall) -> None:
+        self.swarms.report_stall(digest_text, msg)
 
     # -- metainfo registry -------------------------------------------------------
 
     def lookup(self, digest_text: str) -> wire.MetainfoRecord:
-        return self.registry.lookup(_digest(digest_text))
+        return self.registry.lookup(checked_digest(digest_text))
 
     async def publish(
         self, digest_text: str, msg: wire.PublishMetainfo
     ) -> tuple[wire.MetainfoRecord, bool]:
         """File metainfo for a digest; returns (record, newly stored)."""
-        digest = _digest(digest_text)
+        digest = checked_digest(digest_text)
         meta = self._validate(digest, msg.size, msg.metainfo)
         await self._await_writes(digest)
         try:
@@ -213,6 +178,8 @@ class Tracker:
         if isinstance(filed, Rerooted):
             return await self._reroot(filed.old, meta, msg.node), True
         if filed is not None:
+            # The same torrent from another verified copy: that node confirms it.
+            self.confirm_seed(digest, wire.ConfirmSeed(msg.node, meta.info_hash_v2))
             return filed.record, False
         self.registry.reserve(digest)
         try:
@@ -232,13 +199,14 @@ class Tracker:
         entry = self.registry.reroot(old, meta, node)
         # Peers of the old-root torrent cannot verify the new root's members.
         self.peers.drop_swarm(digest)
+        self.swarms.admission.forget(digest)
         self.metrics.metainfo_rerooted.inc()
         self._waiters.notify(digest)
         return entry.record
 
     async def report_bad(self, digest_text: str, msg: wire.ReportBad) -> wire.MetainfoRecord:
         """Replace the stored metainfo `msg.info_hash` with the reporter's own."""
-        digest = _digest(digest_text)
+        digest = checked_digest(digest_text)
         replacement = self._validate(digest, msg.size, msg.metainfo)
         await self._await_writes(digest)
         old = self.registry.check_report(digest, msg.info_hash, replacement)
@@ -248,6 +216,7 @@ class Tracker:
         entry = self.registry.replace(old, replacement, msg.node)
         # Peers of the bad torrent cannot help with the good one.
         self.peers.drop_swarm(digest)
+        self.swarms.admission.forget(digest)
         self.metrics.metainfo_published.inc()
         self._waiters.notify(digest)
         return entry.record
@@ -300,7 +269,7 @@ class Tracker:
 
     async def acquire_lease(self, digest_text: str, msg: wire.LeaseRequest) -> wire.LeaseReply:
         """Grant, refuse (wait) or point at the swarm; long-polls up to `msg.wait_s`."""
-        digest = _digest(digest_text)
+        digest = checked_digest(digest_text)
         wait_s = min(max(0.0, msg.wait_s), self.config.lease_wait_max_s)
         deadline = self._clock() + wait_s
         place = Place(msg.order, digest, msg.node)
@@ -366,7 +335,7 @@ class Tracker:
         self, digest_text: str, msg: wire.LeaseRenew, *, holder: str | None = None
     ) -> wire.LeaseReply:
         """Renew with progress; `holder` (a certificate's node) must be the lease's."""
-        digest = _digest(digest_text)
+        digest = checked_digest(digest_text)
         before = self.leases.current(digest)
         lease = self.leases.renew(digest, msg.lease_id, msg.bytes_done, msg.size, holder=holder)
         await self._store.save_lease(self._stored_lease(lease))
@@ -377,7 +346,7 @@ class Tracker:
     async def release_lease(
         self, digest_text: str, msg: wire.LeaseRelease, *, holder: str | None = None
     ) -> None:
-        digest = _digest(digest_text)
+        digest = checked_digest(digest_text)
         lease = self.leases.release(digest, msg.lease_id, holder=holder)
         if lease is None:
             return
@@ -436,6 +405,7 @@ class Tracker:
             self.peers.expire_swarm(key, now)
             if n % 1000 == 999:
                 await trio.lowlevel.checkpoint()  # let announces through on big trackers
+        self.swarms.admission.sweep()
         for lease in self.leases.expire():
             await self._store.delete_lease(lease.digest, lease.lease_id)
             self._waiters.notify(lease.digest)
@@ -478,11 +448,5 @@ class Tracker:
             leases=len(self.leases),
             lease_grants=self.leases.granted,
             lease_expiries=self.leases.expired,
+            peers_cooling=self.swarms.admission.cooling_count(),
         )
-
-
-def _digest(text: str) -> str:
-    try:
-        return str(Digest.parse(text))
-    except DigestError as e:
-        raise errors.InvalidRequest(str(e)) from None

@@ -66,7 +66,8 @@ class Call:
 
     @property
     def holder(self) -> str | None:
-        """Who must hold a lease to renew or release it: the certificate's node, if any."""
+        """The certificate's node, if any: who must hold a lease to renew or release
+        it, and who an announce is."""
         identity = self.request.identity
         return None if identity is None else identity.name
 
@@ -107,7 +108,7 @@ async def _bittorrent(call: Call) -> Response:
     req = call.request
     # The route matched the decoded path; the BitTorrent codec reads the raw query.
     path = ANNOUNCE_PATH if req.path == ANNOUNCE_PATH.decode() else SCRAPE_PATH
-    body = bittorrent.http_body(call.tracker, path, req.query, req.client_ip)
+    body = bittorrent.http_body(call.tracker, path, req.query, req.client_ip, call.holder)
     return Response(200, body or b"", "text/plain", close=True)
 
 
@@ -133,6 +134,16 @@ async def _publish(call: Call) -> Response:
 
 async def _report_bad(call: Call) -> Response:
     return _msgpack(await call.tracker.report_bad(call.digest, call.message(wire.ReportBad)))
+
+
+async def _confirm(call: Call) -> Response:
+    call.tracker.confirm_seed(call.digest, call.message(wire.ConfirmSeed))
+    return Response(204, b"", wire.CONTENT_TYPE)
+
+
+async def _stalled(call: Call) -> Response:
+    call.tracker.report_stall(call.digest, call.message(wire.ReportStall))
+    return Response(204, b"", wire.CONTENT_TYPE)
 
 
 async def _acquire(call: Call) -> Response:
@@ -164,6 +175,8 @@ ROUTES: tuple[Route, ...] = (
     _route("GET", "/v1/metainfo/{digest}", _lookup),
     _route("PUT", "/v1/metainfo/{digest}", _publish),
     _route("POST", "/v1/metainfo/{digest}/bad", _report_bad),
+    _route("POST", "/v1/metainfo/{digest}/confirm", _confirm),
+    _route("POST", "/v1/swarms/{digest}/stalled", _stalled),
     _route("POST", "/v1/leases/{digest}", _acquire),
     _route("PUT", "/v1/leases/{digest}", _renew),
     _route("POST", "/v1/leases/{digest}/release", _release),

@@ -22,6 +22,7 @@ from tracker.tls_gate import REFUSAL_REASONS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TRANSPORTS = ("http", "udp")
+STALL_OUTCOMES = ("counted", "ignored", "unknown_peer", "delisted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,7 @@ class Gauges:
     leases: int
     lease_grants: int
     lease_expiries: int
+    peers_cooling: int = 0
 
 
 class _LiveCollector(Collector):
@@ -47,6 +49,7 @@ class _LiveCollector(Collector):
             ("seeders", "Live seeders over all swarms", g.seeders),
             ("metainfo", "Blob digests with registered metainfo", g.metainfo),
             ("leases", "Upstream leases currently held", g.leases),
+            ("peers_cooling", "Peers delisted for stalling others, cooling off", g.peers_cooling),
         ):
             yield GaugeMetricFamily(f"p2preg_tracker_{name}", doc, value=value)
         yield CounterMetricFamily(
@@ -96,6 +99,28 @@ class TrackerMetrics:
             ["code"],
             registry=self.registry,
         )
+        self.peers_replaced = Counter(
+            "p2preg_tracker_peers_replaced",
+            "Announces that replaced their identity's peer (another peer id or port)",
+            registry=self.registry,
+        )
+        self.unconfirmed_seeds = Counter(
+            "p2preg_tracker_unconfirmed_seeds",
+            "left=0 announces not counted as a seeder (identity neither published nor confirmed)",
+            registry=self.registry,
+        )
+        self.seed_confirms = Counter(
+            "p2preg_tracker_seed_confirms",
+            "Identities that confirmed a torrent (downloaded and verified it)",
+            registry=self.registry,
+        )
+        stalls = Counter(
+            "p2preg_tracker_stall_reports",
+            "Stall reports, by outcome: counted, ignored, unknown_peer, delisted",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.stall_reports = {o: stalls.labels(o) for o in STALL_OUTCOMES}
 
         refusals = Counter(
             "p2preg_tracker_tls_refusals",
