@@ -142,6 +142,7 @@ class FakeTrackerServer:
         self.corrupt_peers = False
         self.replies: list[tuple[str, LeaseStatus]] = []
         self.reports: list[tuple[str, Digest]] = []
+        self.confirms: list[tuple[str, Digest]] = []
         self._changed: dict[Digest, trio.Event] = {}
 
     def client(self, node: str) -> FakeTracker:
@@ -237,6 +238,10 @@ class FakeTracker:
         self.server.reports.append((self.node, digest))
         self.server.metainfo[digest] = replacement
         return MetainfoRecord(str(digest), size, replacement, [])
+
+    async def confirm_seed(self, digest: Digest, info_hash: bytes) -> None:
+        self.server.check()
+        self.server.confirms.append((self.node, digest))
 
 
 # -- the swarm ---------------------------------------------------------------------

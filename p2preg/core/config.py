@@ -137,6 +137,7 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
             "shutdown_grace_s",
             "store_max_bytes",
             "stream_chunk_bytes",
+            "peer_stall_report_s",
             "swarm_max_hash_failures",
             "swarm_stall_s",
             "tag_ttl_s",
