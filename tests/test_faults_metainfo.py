@@ -74,7 +74,7 @@ def test_poisoned_metainfo_is_caught_reported_and_replaced(
     try:
         r = http.put(
             f"{tracker.url}/v1/metainfo/{digest}",
-            content=wire.encode(wire.PublishMetainfo("liar", layer.size, liar.meta.data)),
+            content=wire.encode(wire.PublishMetainfo(liar.node, layer.size, liar.meta.data)),
             headers={"Content-Type": wire.CONTENT_TYPE},
         )
         assert r.status_code in (200, 201), r.content
@@ -114,7 +114,7 @@ def test_poisoned_metainfo_is_caught_reported_and_replaced(
             # The poison cannot come back.
             r = http.put(
                 f"{tracker.url}/v1/metainfo/{digest}",
-                content=wire.encode(wire.PublishMetainfo("liar", layer.size, liar.meta.data)),
+                content=wire.encode(wire.PublishMetainfo(liar.node, layer.size, liar.meta.data)),
                 headers={"Content-Type": wire.CONTENT_TYPE},
             )
             assert r.status_code == 409, r.content
@@ -157,7 +157,7 @@ def test_a_peer_serving_corrupt_pieces_is_banned_and_the_pull_completes(
     try:
         r = http.put(
             f"{tracker.url}/v1/metainfo/{digest}",
-            content=wire.encode(wire.PublishMetainfo("test", layer.size, liar.meta.data)),
+            content=wire.encode(wire.PublishMetainfo(liar.node, layer.size, liar.meta.data)),
             headers={"Content-Type": wire.CONTENT_TYPE},
         )
         assert r.status_code in (200, 201), r.content
