@@ -146,6 +146,7 @@ class FakeTrackerServer:
         # and the verifier's publish settles it (the real rules: tracker/disputes.py).
         self.disputed: set[Digest] = set()
         self.sizes: dict[Digest, int] = {}
+        self.confirms: list[tuple[str, Digest]] = []
         self._changed: dict[Digest, trio.Event] = {}
 
     def client(self, node: str) -> FakeTracker:
@@ -252,6 +253,10 @@ class FakeTracker:
         self.server.reports.append((self.node, digest))
         self.server.metainfo[digest] = replacement
         return MetainfoRecord(str(digest), size, replacement, [])
+
+    async def confirm_seed(self, digest: Digest, info_hash: bytes) -> None:
+        self.server.check()
+        self.server.confirms.append((self.node, digest))
 
 
 # -- the swarm ---------------------------------------------------------------------

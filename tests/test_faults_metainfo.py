@@ -84,7 +84,7 @@ def test_poisoned_metainfo_is_caught_disputed_and_settled_by_verification(
         assert _take_lease(http, tracker, digest, "liar") == 200
         r = http.put(
             f"{tracker.url}/v1/metainfo/{digest}",
-            content=wire.encode(wire.PublishMetainfo("liar", layer.size, liar.meta.data)),
+            content=wire.encode(wire.PublishMetainfo(liar.node, layer.size, liar.meta.data)),
             headers={"Content-Type": wire.CONTENT_TYPE},
         )
         assert r.status_code in (200, 201), r.content
@@ -173,10 +173,10 @@ def test_a_peer_serving_corrupt_pieces_is_banned_and_the_pull_completes(
     liar = LiarSeeder(tmp_path / "liar", tracker.url, bytes(bad), digest, honest=path)
     http = httpx.Client(trust_env=False, timeout=120)
     try:
-        assert _take_lease(http, tracker, digest, "test") == 200
+        assert _take_lease(http, tracker, digest, liar.node) == 200
         r = http.put(
             f"{tracker.url}/v1/metainfo/{digest}",
-            content=wire.encode(wire.PublishMetainfo("test", layer.size, liar.meta.data)),
+            content=wire.encode(wire.PublishMetainfo(liar.node, layer.size, liar.meta.data)),
             headers={"Content-Type": wire.CONTENT_TYPE},
         )
         assert r.status_code in (200, 201), r.content

@@ -152,7 +152,8 @@ class CorruptSeeder:
         atp = lt.add_torrent_params()
         atp.ti = lt.torrent_info(meta.data)
         atp.save_path = str(workdir)
-        atp.trackers = [f"{tracker_url}/announce"]
+        # The publisher (see the test): its left=0 counts as a seeder.
+        atp.trackers = [f"{tracker_url}/announce?node=test"]
         # Claim every piece without checking the file: a lying seeder.
         atp.have_pieces = [True] * atp.ti.num_pieces()
         atp.flags |= lt.torrent_flags.no_verify_files | lt.torrent_flags.disable_pex

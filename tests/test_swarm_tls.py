@@ -245,8 +245,12 @@ async def test_renewed_certificate_files_reach_every_torrent(
                 ports, refusals, _ = await _tracker_view(url, viewer, meta)
             assert a.listen_port not in ports
             before = peer_tls.generation
-            ca.tls_dir(tmp_path / "a-tls", "node", "a")
+            renewed = ca.tls_dir(tmp_path / "a-tls", "node", "a")
             await until(lambda: peer_tls.generation != before)  # stats every 5 s
+            # a holds the verified blob: it says so, so its left=0 counts as a seeder.
+            as_a = ReloadingTLS(renewed, role="node")
+            async with open_tracker_client(url, node="a", tls=as_a) as client:
+                await client.confirm_seed(meta.digest, meta.info_hash_v2)
             # The swarm's watcher sets it within a second; until then announces
             # still show the old certificate.
             while a.listen_port not in ports:

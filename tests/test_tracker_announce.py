@@ -77,6 +77,15 @@ def test_numwant_absent_or_negative_means_default_and_ip_is_only_claimed() -> No
     assert parse_announce(q(**good(ip="10.0.0.9"))).claimed_ip == "10.0.0.9"
 
 
+def test_node_is_the_asserted_name_checked_like_a_control_message() -> None:
+    assert parse_announce(q(**good())).node is None
+    assert parse_announce(q(**good(node="n%C3%A9-1"))).node == "né-1"
+    with pytest.raises(InvalidRequest, match="node must be UTF-8"):
+        parse_announce(q(**good(node="%FF")))
+    with pytest.raises(InvalidRequest, match="1 to 128 characters"):
+        parse_announce(q(**good(node="x" * 129)))
+
+
 @pytest.mark.parametrize(
     "fields,message",
     [

@@ -54,38 +54,70 @@ def test_compact_addresses() -> None:
         compact_address("not-an-ip", 1)
 
 
-def test_peer_table_keys_by_address_and_peer_id() -> None:
+def _up(
+    table: PeerTable, key: str, who: str, pid: bytes, addr: bytes, *, seeder: bool, at: float
+) -> tuple[object, object, bool]:
+    return table.update(
+        key, who, pid, addr, seeder=seeder, claims_seed=seeder, expires_at=at
+    )
+
+
+def test_peer_table_keeps_one_peer_per_identity() -> None:
     table = PeerTable(max_peers_per_swarm=10, max_peers=100)
     a = compact_address("10.0.0.1", 1000)
     b = compact_address("10.0.0.2", 1000)
-    table.update("d", b"p" * 20, a, seeder=False, expires_at=10)
-    # Same peer id from another host: another peer, not a takeover.
-    table.update("d", b"p" * 20, b, seeder=True, expires_at=10)
+    _up(table, "d", "node-a", b"p" * 20, a, seeder=False, at=10)
+    # Same peer id and port from another identity: another peer, not a takeover.
+    _up(table, "d", "node-b", b"p" * 20, b, seeder=True, at=10)
     swarm = table.swarm("d")
     assert swarm is not None and len(swarm.leechers) == 1 and len(swarm.seeders) == 1
-    # The first host finishes: it moves to the seeders, still one entry.
-    table.update("d", b"p" * 20, a, seeder=True, expires_at=20)
+    # The first identity finishes: it moves to the seeders, still one entry.
+    *_, replaced = _up(table, "d", "node-a", b"p" * 20, a, seeder=True, at=20)
+    assert not replaced
     assert (len(swarm.seeders), len(swarm.leechers), table.totals().peers) == (2, 0, 2)
-    # Stopping from the other host leaves the first one alone.
-    table.remove("d", b"p" * 20, b)
+    # Stopping as the other identity leaves the first one alone.
+    table.remove("d", "node-b", b"p" * 20)
     assert [p.compact for p in swarm.seeders] == [a]
+    # 1,000 peer ids and ports of one identity: one entry, the last one announced.
+    for i in range(1000):
+        *_, replaced = _up(
+            table, "d", "node-a", bytes([i % 256]) * 20, compact_address("10.0.0.1", 2000 + i),
+            seeder=True, at=30,
+        )
+        assert replaced
+    assert table.totals().peers == 1
+    assert swarm.seeder_addrs == [compact_address("10.0.0.1", 2999)]
+    assert table.holder_of("d", compact_address("10.0.0.1", 2999)) == "node-a"
+    assert table.holder_of("d", a) is None
+    # A late `stopped` of a replaced session does not remove its successor.
+    table.remove("d", "node-a", bytes([0]) * 20)
+    assert table.totals().peers == 1
+    table.remove("d", "node-a", bytes([999 % 256]) * 20)
+    assert table.swarm("d") is None
+
+
+def test_peer_table_promotes_only_a_peer_that_claims_to_seed() -> None:
+    table = PeerTable(max_peers_per_swarm=10, max_peers=100)
+    a, b = compact_address("10.0.0.1", 1), compact_address("10.0.0.2", 1)
+    table.update("d", "a", b"a" * 20, a, seeder=False, claims_seed=True, expires_at=9)
+    table.update("d", "b", b"b" * 20, b, seeder=False, claims_seed=False, expires_at=9)
+    assert table.seeders("d") == 0
+    assert table.promote("d", "a") and not table.promote("d", "a")
+    assert not table.promote("d", "b") and not table.promote("d", "nobody")
+    swarm = table.swarm("d")
+    assert swarm is not None and swarm.seeder_addrs == [a] and swarm.leecher_addrs == [b]
 
 
 def test_peer_table_expiry_and_limits() -> None:
     table = PeerTable(max_peers_per_swarm=2, max_peers=3)
     for i in range(2):
-        table.update(
-            "d1",
-            bytes([i]) * 20,
-            compact_address("10.0.0.1", 100 + i),
-            seeder=False,
-            expires_at=5 + i,
-        )
+        _up(table, "d1", f"n{i}", bytes([i]) * 20, compact_address("10.0.0.1", 100 + i),
+            seeder=False, at=5 + i)
     with pytest.raises(LimitReached):
-        table.update("d1", b"z" * 20, compact_address("10.0.0.1", 200), seeder=False, expires_at=9)
-    table.update("d2", b"y" * 20, compact_address("10.0.0.1", 300), seeder=True, expires_at=9)
+        _up(table, "d1", "z", b"z" * 20, compact_address("10.0.0.1", 200), seeder=False, at=9)
+    _up(table, "d2", "y", b"y" * 20, compact_address("10.0.0.1", 300), seeder=True, at=9)
     with pytest.raises(LimitReached):
-        table.update("d3", b"x" * 20, compact_address("10.0.0.1", 400), seeder=True, expires_at=9)
+        _up(table, "d3", "x", b"x" * 20, compact_address("10.0.0.1", 400), seeder=True, at=9)
     assert table.swarm("d3") is None
     assert table.expire_swarm("d1", now=5.5) == 1
     assert table.totals().peers == 2
@@ -97,16 +129,17 @@ def test_peer_table_expiry_and_limits() -> None:
 def test_swarm_groups_stay_consistent_under_churn() -> None:
     rng = random.Random(7)
     table = PeerTable(max_peers_per_swarm=1000, max_peers=1000)
-    live: set[tuple[bytes, bytes]] = set()
+    live: set[str] = set()
     for step in range(2000):
-        pid = bytes([rng.randrange(40)]) * 20
-        addr = compact_address("10.0.0.1", 1000 + pid[0])
+        who = f"n{rng.randrange(40)}"
+        pid = bytes([rng.randrange(3)]) * 20
+        addr = compact_address("10.0.0.1", 1000 + rng.randrange(3))
         if rng.random() < 0.3:
-            table.remove("d", pid, addr)
-            live.discard((pid, addr))
+            table.remove("d", who)
+            live.discard(who)
         else:
-            table.update("d", pid, addr, seeder=rng.random() < 0.5, expires_at=step)
-            live.add((pid, addr))
+            _up(table, "d", who, pid, addr, seeder=rng.random() < 0.5, at=step)
+            live.add(who)
         swarm = table.swarm("d")
         if swarm is None:
             assert not live

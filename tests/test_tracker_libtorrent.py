@@ -134,13 +134,18 @@ async def test_swarm_forms_through_tracker_and_moves_the_blob(
     async with (
         swarm_tracker(tmp_path) as base_url,
         open_tracker_client(base_url, node="seeder", token=TOKEN) as client,
+        open_tracker_client(base_url, node="leecher", token=TOKEN) as leecher_client,
         open_session("seeder") as seeder,
         open_session("leecher") as leecher,
     ):
         await client.acquire_lease(digest, size=len(blob))  # the holder defines the torrent
         await client.publish_metainfo(digest, len(blob), meta.data)
         url = client.announce_url if transport == "http" else client.udp_announce_url
-        assert url.endswith(f"/announce?token={TOKEN}")
+        # The node name rides along: the tracker keeps one peer per node in a swarm.
+        assert url.endswith(f"/announce?token={TOKEN}&node=seeder")
+        leecher_url = (
+            leecher_client.announce_url if transport == "http" else leecher_client.udp_announce_url
+        )
 
         seed_handle = add_torrent(seeder, meta.data, seed_dir, url)
         await seeder.wait_for(lambda a: isinstance(a, lt.torrent_finished_alert), 20)
@@ -151,7 +156,7 @@ async def test_swarm_forms_through_tracker_and_moves_the_blob(
             20,
         )
 
-        add_torrent(leecher, meta.data, leech_dir, url)
+        add_torrent(leecher, meta.data, leech_dir, leecher_url)
         reply = await leecher.wait_for(lambda a: isinstance(a, lt.tracker_reply_alert), 20)
         assert reply.num_peers >= 1
         connected = await leecher.wait_for(

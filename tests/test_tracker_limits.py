@@ -59,7 +59,7 @@ async def announce(
 ) -> Any:
     query = (
         f"info_hash={quote_from_bytes(ih)}&peer_id={quote_from_bytes(bytes([n]) * 20)}"
-        f"&port={7000 + n}&uploaded=0&downloaded=0&left={left}&compact=1{extra}"
+        f"&port={7000 + n}&uploaded=0&downloaded=0&left={left}&compact=1&node=n{n}{extra}"
     )
     r = await http.get(f"{url}/announce?{query}")
     assert r.status_code == 200

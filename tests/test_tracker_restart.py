@@ -79,9 +79,12 @@ async def test_restart_keeps_metainfo_and_leases_and_the_swarm_reforms(tmp_path:
         # Peers were not kept; the next announces form the swarm again.
         ih = quote_from_bytes(meta.swarm_keys[0])
         base = f"{url}/announce?info_hash={ih}&uploaded=0&downloaded=0&token={TOKEN}"
-        await http.get(f"{base}&peer_id={'s' * 20}&port=7001&left=0")
-        r = await http.get(f"{base}&peer_id={'l' * 20}&port=7002&left=1")
-        assert lt.bdecode(r.content)[b"peers"] == bytes([127, 0, 0, 1]) + (7001).to_bytes(2, "big")
+        await http.get(f"{base}&peer_id={'s' * 20}&port=7001&left=0&node=a")
+        r = await http.get(f"{base}&peer_id={'l' * 20}&port=7002&left=1&node=b")
+        answer = lt.bdecode(r.content)
+        assert answer[b"peers"] == bytes([127, 0, 0, 1]) + (7001).to_bytes(2, "big")
+        # a published it (kept with the metainfo): its left=0 still counts as a seeder.
+        assert answer[b"complete"] == 1
 
 
 def test_bad_configuration_exits_with_status_2(tmp_path: Path) -> None:

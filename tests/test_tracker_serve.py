@@ -47,9 +47,10 @@ async def running(tmp_path: Path, **overrides: Any) -> AsyncIterator[str]:
 
 
 def announce_query(ih: bytes, n: int, *, left: int = 0, token: str | None = TOKEN) -> str:
+    """Peer `n`'s announce, as node `n<n>` (the publisher in these tests is n1)."""
     q = (
         f"info_hash={quote_from_bytes(ih)}&peer_id={quote_from_bytes(bytes([n]) * 20)}"
-        f"&port={7000 + n}&uploaded=0&downloaded=0&left={left}&compact=1&numwant=50"
+        f"&port={7000 + n}&uploaded=0&downloaded=0&left={left}&compact=1&numwant=50&node=n{n}"
     )
     return q + (f"&token={token}" if token else "")
 
@@ -360,8 +361,9 @@ async def test_udp_tracker(tmp_path: Path) -> None:
         )
         assert (action, tid) == (0, 9)
         good = f"/announce?token={TOKEN}".encode()
-        await ask(udp_announce(cid, ih, 1, 0, good))
-        reply = await ask(udp_announce(cid, ih, 2, 10, good))
+        # BEP 41 URL data names the node: the seeder is n1, the publisher.
+        await ask(udp_announce(cid, ih, 1, 0, good + b"&node=n1"))
+        reply = await ask(udp_announce(cid, ih, 2, 10, good + b"&node=n2"))
         action, tid, _interval, leechers, seeders = struct.unpack_from(">IIIII", reply)
         assert (action, tid, leechers, seeders) == (1, 52, 1, 1)
         assert reply[20:] == bytes([127, 0, 0, 1]) + (7001).to_bytes(2, "big")

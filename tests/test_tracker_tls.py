@@ -124,9 +124,13 @@ async def test_a_good_node_does_everything_over_mtls_without_a_token(
         assert (await n1.acquire_lease(digest)).lease_id != lease.lease_id  # it was free
     finally:
         await n1._http.aclose()
-    async with https_client(certs.n2, headers={"Connection": "close"}) as http:
+    async with (
+        https_client(certs.n1, headers={"Connection": "close"}) as as_n1,
+        https_client(certs.n2, headers={"Connection": "close"}) as http,
+    ):
         # libtorrent's way: a new connection per announce, no token in the URL.
-        r = await http.get(announce_url(tracker.url, meta, 1))
+        # n1 published the torrent: its left=0 counts as a seeder.
+        r = await as_n1.get(announce_url(tracker.url, meta, 1))
         assert r.status_code == 200 and r.headers["connection"] == "close"
         seeder = lt.bdecode(r.content)
         assert seeder[b"complete"] == 1, seeder

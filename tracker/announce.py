@@ -24,6 +24,8 @@ ANNOUNCE_PATH = b"/announce"
 # BEP 48: the announce path with "announce" replaced by "scrape".
 SCRAPE_PATH = b"/scrape"
 MAX_QUERY_BYTES = 4096
+# As long as a control message's `node` may be (p2preg.core.wire.STR_LIMITS).
+MAX_NODE_CHARS = 128
 
 
 class Event(enum.IntEnum):
@@ -58,6 +60,9 @@ class AnnounceRequest:
     token: bytes | None
     # The `ip` parameter as sent; the service honours it for trusted sources only.
     claimed_ip: str | None = None
+    # The `node` parameter: the node name asserted without TLS (under mutual TLS
+    # the client certificate names the node and this is ignored).
+    node: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +112,7 @@ def parse_announce(query: bytes) -> AnnounceRequest:
     numwant = _int(fields, b"numwant", -1)
     ip = fields.get(b"ip")
     token = fields.get(b"token")
+    node = fields.get(b"node")
     return AnnounceRequest(
         info_hash=info_hash,
         peer_id=peer_id,
@@ -118,7 +124,19 @@ def parse_announce(query: bytes) -> AnnounceRequest:
         numwant=numwant if numwant >= 0 else None,
         token=None if token is None else unquote_to_bytes(token),
         claimed_ip=None if ip is None else unquote_to_bytes(ip).decode("ascii", "replace"),
+        node=None if node is None else node_name(unquote_to_bytes(node)),
     )
+
+
+def node_name(raw: bytes) -> str:
+    """An asserted `node=` name, checked as the control API checks a message's `node`."""
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("node must be UTF-8") from None
+    if not 0 < len(name) <= MAX_NODE_CHARS:
+        raise InvalidRequest(f"node must be 1 to {MAX_NODE_CHARS} characters")
+    return name
 
 
 def parse_scrape(query: bytes, max_hashes: int) -> ScrapeRequest:

@@ -30,11 +30,17 @@ from tracker.coordinator import Tracker
 PATHS = (ANNOUNCE_PATH, SCRAPE_PATH)
 
 
-def http_body(tracker: Tracker, path: bytes, query: bytes, ip: str) -> bytes | None:
-    """Bencoded answer to an announce or scrape; None for any other path."""
+def http_body(
+    tracker: Tracker, path: bytes, query: bytes, ip: str, identity: str | None = None
+) -> bytes | None:
+    """Bencoded answer to an announce or scrape; None for any other path.
+
+    `identity` is the client certificate's node under mutual TLS.
+    """
     try:
         if path == ANNOUNCE_PATH:
-            return encode_announce(tracker.announce(parse_announce(query), ip, "http"))
+            asked = parse_announce(query)
+            return encode_announce(tracker.announce(asked, ip, "http", identity=identity))
         if path == SCRAPE_PATH:
             req = parse_scrape(query, tracker.config.max_scrape_hashes)
             stats = tracker.scrape(req, "http")

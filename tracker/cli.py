@@ -60,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long a node whose torrent lost a dispute may not define torrents, seconds",
     )
     parser.add_argument("--max-numwant", help="cap on peers per announce reply")
+    parser.add_argument(
+        "--stall-reporters", help="identities whose stall reports delist a peer (at least 2)"
+    )
+    parser.add_argument("--stall-window-s", help="how long a stall report counts, seconds")
+    parser.add_argument("--stall-cooloff-s", help="how long a delisted peer is not handed out")
     parser.add_argument("--max-metainfo-bytes", help="largest accepted metainfo, e.g. 1MiB")
     parser.add_argument(
         "--trusted-ip-sources",

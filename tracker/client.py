@@ -110,16 +110,21 @@ class TrackerClient:
     @property
     def announce_url(self) -> str:
         """HTTP announce URL; the path ends in /announce, as libtorrent's SSRF check wants."""
-        return self.base_url + "/announce" + self._token_query()
+        return self.base_url + "/announce" + self._announce_query()
 
     @property
     def udp_announce_url(self) -> str:
         """BEP 15 URL on the same port; the token rides in BEP 41 URL data."""
         netloc = urlsplit(self.base_url).netloc
-        return f"udp://{netloc}/announce" + self._token_query()
+        return f"udp://{netloc}/announce" + self._announce_query()
 
-    def _token_query(self) -> str:
-        return "" if self._token is None else "?token=" + quote(self._token, safe="")
+    def _announce_query(self) -> str:
+        """`token=` and, without TLS, `node=`: the tracker keeps one peer per node in
+        a swarm (under mutual TLS the certificate names the node)."""
+        params = [] if self._token is None else ["token=" + quote(self._token, safe="")]
+        if self._tls is None:
+            params.append("node=" + quote(self.node, safe=""))
+        return "?" + "&".join(params) if params else ""
 
     # -- metainfo ------------------------------------------------------------------
 
@@ -142,6 +147,16 @@ class TrackerClient:
         """Replace a poisoned metainfo with `replacement`, made from the verified blob."""
         msg = wire.ReportBad(self.node, bad_info_hash, reason, size, replacement)
         return await self._call("POST", f"/v1/metainfo/{digest}/bad", msg, wire.MetainfoRecord)
+
+    async def confirm_seed(self, digest: Digest, info_hash: bytes) -> None:
+        """Tell the tracker we downloaded torrent `info_hash` and verified its bytes."""
+        msg = wire.ConfirmSeed(self.node, info_hash)
+        await self._call("POST", f"/v1/metainfo/{digest}/confirm", msg, None)
+
+    async def report_stall(self, digest: Digest, peer: bytes) -> None:
+        """Report the peer at `peer` (compact address): unchoked, asked, no block."""
+        msg = wire.ReportStall(self.node, peer)
+        await self._call("POST", f"/v1/swarms/{digest}/stalled", msg, None)
 
     # -- leases --------------------------------------------------------------------
 

@@ -62,6 +62,11 @@ class TrackerConfig:
     max_numwant: int = 200
     max_peers_per_swarm: int = 10_000
     max_peers: int = 1_000_000
+    # A peer reported stalling downloads (unchoked, asked, no block) by this many
+    # identities within stall_window_s is not handed out for stall_cooloff_s.
+    stall_reporters: int = 2
+    stall_window_s: float = 120.0
+    stall_cooloff_s: float = 600.0
     # Swarms are only formed for registered metainfo, so this bounds swarms too.
     max_metainfo: int = 1_000_000
     max_metainfo_bytes: int = 1 * MiB
@@ -137,6 +142,10 @@ class TrackerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1")
+        if self.stall_reporters < 2:
+            raise ConfigError("stall_reporters must be ≥ 2: no identity may delist a peer alone")
+        if self.stall_window_s <= 0 or self.stall_cooloff_s <= 0:
+            raise ConfigError("stall_window_s and stall_cooloff_s must be > 0")
         if self.max_metainfo_bytes < 4096:
             raise ConfigError("max_metainfo_bytes must be ≥ 4096")
         self._check_quotas()

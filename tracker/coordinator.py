@@ -25,21 +25,20 @@ from typing import NamedTuple
 import trio
 
 from p2preg.core import errors, wire
-from p2preg.core.digest import Digest, DigestError
 from tracker import lease_replies as replies
-from tracker.announce import AnnounceRequest, AnnounceResponse, Event, ScrapeRequest, SwarmStats
+from tracker.announce import AnnounceRequest, AnnounceResponse, ScrapeRequest, SwarmStats
 from tracker.auth import ClusterAuth
 from tracker.config import TrackerConfig
 from tracker.disputes import Quarantines
 from tracker.expiry import IdleMetainfo
-from tracker.handout import hand_out
 from tracker.leases import Granted, Lease, LeaseBook, RateRule, Waiters
 from tracker.metrics import Gauges, TrackerMetrics
-from tracker.peers import PeerTable, compact_address
+from tracker.peers import PeerTable
 from tracker.publishing import Publishing
 from tracker.quotas import Quotas
 from tracker.registry import MetainfoRegistry
 from tracker.state import Snapshot, StoredLease, TrackerStore
+from tracker.swarms import Swarms, checked_digest
 from tracker.upstream_queue import Place, UpstreamQueue
 
 log = logging.getLogger("p2preg.tracker")
@@ -92,6 +91,9 @@ class Tracker:
         self._waiters = Waiters()
         self.quotas = Quotas.from_config(config, clock, self.metrics)
         self.idle = IdleMetainfo(config.metainfo_idle_expiry_s, config.pinned_digests)
+        self.swarms = Swarms(
+            config, self.metrics, self.auth, self.registry, self.peers, self._waiters, clock
+        )
         self.publishing = Publishing(
             config,
             store,
@@ -103,8 +105,9 @@ class Tracker:
             current_root=current_root,
             lease_of=self.leases.current,
             drop_lease=self._drop_lease,
-            drop_swarm=self.peers.drop_swarm,
+            drop_swarm=self._drop_swarm,
             notify=self._waiters.notify,
+            confirm=self.swarms.confirm_seed,
         )
         self.metrics.watch(self._gauges)
 
@@ -125,78 +128,45 @@ class Tracker:
 
     # -- BitTorrent ------------------------------------------------------------
 
-    def announce(self, req: AnnounceRequest, client_ip: str, transport: str) -> AnnounceResponse:
-        self.metrics.announce[transport, req.event].inc()
-        self.auth.check(req.token)
-        digest = self.registry.digest_of(req.info_hash)
-        if digest is None:
-            raise errors.UnknownTorrent("unregistered info_hash: publish its metainfo first")
-        compact = compact_address(self.auth.peer_ip(client_ip, req.claimed_ip), req.port)
-        cfg = self.config
-        if req.event is Event.STOPPED:
-            self.peers.remove(digest, req.peer_id, compact)
-            swarm = self.peers.swarm(digest)
-            seeders, leechers = (
-                (0, 0) if swarm is None else (len(swarm.seeders), len(swarm.leechers))
-            )
-            return AnnounceResponse(
-                cfg.announce_interval_s, cfg.min_announce_interval_s, seeders, leechers, []
-            )
-        seeder = req.left == 0
-        swarm, peer = self.peers.update(
-            digest, req.peer_id, compact, seeder=seeder, expires_at=self._clock() + cfg.peer_ttl_s
-        )
-        if req.event is Event.COMPLETED:
-            swarm.downloaded += 1
-        if seeder and len(swarm.seeders) == 1 and digest in self._waiters:
-            # The swarm's first seeder: nodes waiting for a lease can join it.
-            self._waiters.notify(digest)
-        numwant = req.numwant if req.numwant is not None else cfg.default_numwant
-        picked = hand_out(
-            swarm.seeder_addrs,
-            swarm.leecher_addrs,
-            min(numwant, cfg.max_numwant),
-            asker=peer.compact,
-            asker_is_seeder=seeder,
-        )
-        return AnnounceResponse(
-            cfg.announce_interval_s,
-            cfg.min_announce_interval_s,
-            len(swarm.seeders),
-            len(swarm.leechers),
-            picked,
-        )
+    def announce(
+        self,
+        req: AnnounceRequest,
+        client_ip: str,
+        transport: str,
+        *,
+        identity: str | None = None,
+    ) -> AnnounceResponse:
+        """`identity`: the client certificate's node under mutual TLS, else None."""
+        return self.swarms.announce(req, client_ip, transport, identity=identity)
 
     def scrape(self, req: ScrapeRequest, transport: str) -> list[tuple[bytes, SwarmStats | None]]:
         """Stats per asked info-hash, in order; None for a torrent nobody registered."""
-        self.metrics.scrape[transport].inc()
-        self.auth.check(req.token)
-        out: list[tuple[bytes, SwarmStats | None]] = []
-        for ih in req.info_hashes:
-            digest = self.registry.digest_of(ih)
-            swarm = None if digest is None else self.peers.swarm(digest)
-            if digest is None:
-                out.append((ih, None))
-            elif swarm is None:
-                out.append((ih, SwarmStats(0, 0, 0)))
-            else:
-                stats = SwarmStats(len(swarm.seeders), len(swarm.leechers), swarm.downloaded)
-                out.append((ih, stats))
-        return out
+        return self.swarms.scrape(req, transport)
+
+    def confirm_seed(self, digest_text: str, msg: wire.ConfirmSeed) -> None:
+        self.swarms.confirm_seed(digest_text, msg)
+
+    def report_stall(self, digest_text: str, msg: wire.ReportStall) -> None:
+        self.swarms.report_stall(digest_text, msg)
+
+    def _drop_swarm(self, digest: str) -> None:
+        """The digest's torrent changed: its peers and their confirmations go."""
+        self.peers.drop_swarm(digest)
+        self.swarms.admission.forget(digest)
 
     # -- metainfo registry -------------------------------------------------------
 
     def lookup(self, digest_text: str) -> wire.MetainfoRecord:
-        return self.registry.lookup(_digest(digest_text))
+        return self.registry.lookup(checked_digest(digest_text))
 
     async def publish(
         self, digest_text: str, msg: wire.PublishMetainfo
     ) -> tuple[wire.MetainfoRecord, bool]:
         """File metainfo for a digest; returns (record, newly stored)."""
-        return await self.publishing.publish(_digest(digest_text), msg)
+        return await self.publishing.publish(checked_digest(digest_text), msg)
 
     async def report_bad(self, digest_text: str, msg: wire.ReportBad) -> wire.MetainfoRecord:
-        return await self.publishing.report_bad(_digest(digest_text), msg)
+        return await self.publishing.report_bad(checked_digest(digest_text), msg)
 
     # -- upstream leases ---------------------------------------------------------
 
@@ -207,7 +177,7 @@ class Tracker:
 
         `identity` is the caller's (`Call.identity`); None: the node `msg` names.
         """
-        digest = _digest(digest_text)
+        digest = checked_digest(digest_text)
         who = identity if identity is not None else msg.node
         wait_s = min(max(0.0, msg.wait_s), self.config.lease_wait_max_s)
         deadline = self._clock() + wait_s
@@ -299,7 +269,7 @@ class Tracker:
         self, digest_text: str, msg: wire.LeaseRenew, *, identity: str | None = None
     ) -> wire.LeaseReply:
         """Renew with progress; `identity` (the caller's), when known, must be the holder."""
-        digest = _digest(digest_text)
+        digest = checked_digest(digest_text)
         before = self.leases.current(digest)
         try:
             lease = self.leases.renew(
@@ -320,7 +290,7 @@ class Tracker:
     async def release_lease(
         self, digest_text: str, msg: wire.LeaseRelease, *, identity: str | None = None
     ) -> None:
-        digest = _digest(digest_text)
+        digest = checked_digest(digest_text)
         lease = self.leases.release(digest, msg.lease_id, holder=identity)
         if lease is None:
             return
@@ -352,6 +322,7 @@ class Tracker:
             self.peers.expire_swarm(key, now)
             if n % 1000 == 999:
                 await trio.lowlevel.checkpoint()  # let announces through on big trackers
+        self.swarms.admission.sweep()
         for lease in self.leases.expire():
             await self._store.delete_lease(lease.digest, lease.lease_id)
             self._waiters.notify(lease.digest)
@@ -375,11 +346,6 @@ class Tracker:
             leases=len(self.leases),
             lease_grants=self.leases.granted,
             lease_expiries=self.leases.expired,
+            peers_cooling=self.swarms.admission.cooling_count(),
         )
 
-
-def _digest(text: str) -> str:
-    try:
-        return str(Digest.parse(text))
-    except DigestError as e:
-        raise errors.InvalidRequest(str(e)) from None

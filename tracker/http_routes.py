@@ -121,7 +121,7 @@ async def _bittorrent(call: Call) -> Response:
     req = call.request
     # The route matched the decoded path; the BitTorrent codec reads the raw query.
     path = ANNOUNCE_PATH if req.path == ANNOUNCE_PATH.decode() else SCRAPE_PATH
-    body = bittorrent.http_body(call.tracker, path, req.query, req.client_ip)
+    body = bittorrent.http_body(call.tracker, path, req.query, req.client_ip, call.identity(None))
     return Response(200, body or b"", "text/plain", close=True)
 
 
@@ -148,6 +148,16 @@ async def _publish(call: Call) -> Response:
 async def _report_bad(call: Call) -> Response:
     msg = call.message(wire.ReportBad, Kind.REPORT)
     return _msgpack(await call.tracker.report_bad(call.digest, msg))
+
+
+async def _confirm(call: Call) -> Response:
+    call.tracker.confirm_seed(call.digest, call.message(wire.ConfirmSeed, Kind.PUBLISH))
+    return Response(204, b"", wire.CONTENT_TYPE)
+
+
+async def _stalled(call: Call) -> Response:
+    call.tracker.report_stall(call.digest, call.message(wire.ReportStall, Kind.REPORT))
+    return Response(204, b"", wire.CONTENT_TYPE)
 
 
 async def _acquire(call: Call) -> Response:
@@ -184,6 +194,8 @@ ROUTES: tuple[Route, ...] = (
     _route("GET", "/v1/metainfo/{digest}", _lookup),
     _route("PUT", "/v1/metainfo/{digest}", _publish),
     _route("POST", "/v1/metainfo/{digest}/bad", _report_bad),
+    _route("POST", "/v1/metainfo/{digest}/confirm", _confirm),
+    _route("POST", "/v1/swarms/{digest}/stalled", _stalled),
     _route("POST", "/v1/leases/{digest}", _acquire),
     _route("PUT", "/v1/leases/{digest}", _renew),
     _route("POST", "/v1/leases/{digest}/release", _release),

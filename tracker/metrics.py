@@ -25,6 +25,7 @@ from tracker.tls_gate import REFUSAL_REASONS
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TRANSPORTS = ("http", "udp")
 LEASE_REFUSALS = ("lease_cap", "bad_progress")
+STALL_OUTCOMES = ("counted", "ignored", "unknown_peer", "delisted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,7 @@ class Gauges:
     leases: int
     lease_grants: int
     lease_expiries: int
+    peers_cooling: int = 0
 
 
 class _LiveCollector(Collector):
@@ -50,6 +52,7 @@ class _LiveCollector(Collector):
             ("seeders", "Live seeders over all swarms", g.seeders),
             ("metainfo", "Blob digests with registered metainfo", g.metainfo),
             ("leases", "Upstream leases currently held", g.leases),
+            ("peers_cooling", "Peers delisted for stalling others, cooling off", g.peers_cooling),
         ):
             yield GaugeMetricFamily(f"p2preg_tracker_{name}", doc, value=value)
         yield CounterMetricFamily(
@@ -120,7 +123,6 @@ class TrackerMetrics:
             registry=self.registry,
         )
         self.disputes = {o: disputes.labels(o) for o in OUTCOMES}
-
         refusals = Counter(
             "p2preg_tracker_tls_refusals",
             "Connections refused by the mutual-TLS gate, by reason",
@@ -129,7 +131,33 @@ class TrackerMetrics:
         )
         # Every reason exists from the start, at 0: a fixed, small label set.
         self.tls_refusal = {r: refusals.labels(r) for r in REFUSAL_REASONS}
+        self._admission()
         self._limits()
+
+    def _admission(self) -> None:
+        """Who counts as a seeder, and stall reports (tracker/admission.py)."""
+        self.peers_replaced = Counter(
+            "p2preg_tracker_peers_replaced",
+            "Announces that replaced their identity's peer (another peer id or port)",
+            registry=self.registry,
+        )
+        self.unconfirmed_seeds = Counter(
+            "p2preg_tracker_unconfirmed_seeds",
+            "left=0 announces not counted as a seeder (identity neither published nor confirmed)",
+            registry=self.registry,
+        )
+        self.seed_confirms = Counter(
+            "p2preg_tracker_seed_confirms",
+            "Identities that confirmed a torrent (downloaded and verified it)",
+            registry=self.registry,
+        )
+        stalls = Counter(
+            "p2preg_tracker_stall_reports",
+            "Stall reports, by outcome: counted, ignored, unknown_peer, delisted",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.stall_reports = {o: stalls.labels(o) for o in STALL_OUTCOMES}
 
     def _limits(self) -> None:
         """Quotas, caps and expiry (tracker/quotas.py; the coordinator's sweep)."""

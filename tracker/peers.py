@@ -4,10 +4,13 @@ Owns peer records (address, seeder or not, when they expire), per-swarm
 counters and capacity limits. Swarms are keyed by blob digest, not info-hash,
 so a hybrid torrent's two info-hashes feed one swarm. Peers are never
 persisted: after a tracker restart they come back with their next announce.
-Peers are identified by their address *and* peer id, so nobody can evict or
-move another host's peer by reusing its peer id. This module is sans-IO and
-keeps time only as numbers handed to it; it must not pick peers (handout.py
-does) or know info-hashes.
+A swarm holds one peer per *identity* (admission.announce_identity): a new
+announce of an identity with another peer id or port replaces its entry, so
+one identity cannot fill a swarm with fake peers, and nobody can evict or move
+another identity's peer by reusing its peer id or address. A peer's `left=0`
+is a claim (`claims_seed`); whether it counts as a seeder is the caller's
+decision (admission.py). This module is sans-IO and keeps time only as numbers
+handed to it; it must not pick peers (handout.py does) or know info-hashes.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ from p2preg.core.errors import InvalidRequest, LimitReached
 
 
 class Peer:
-    __slots__ = ("compact", "expires_at", "key", "pos", "seeder")
+    __slots__ = ("claims_seed", "compact", "expires_at", "key", "peer_id", "pos", "seeder")
 
-    def __init__(self, key: bytes, compact: bytes, seeder: bool, expires_at: float) -> None:
-        self.key = key
+    def __init__(
+        self, key: str, peer_id: bytes, compact: bytes, seeder: bool, expires_at: float
+    ) -> None:
+        self.key = key  # the identity whose peer this is
+        self.peer_id = peer_id
         self.compact = compact  # BEP 23/7 entry: packed address + port
-        self.seeder = seeder
+        self.seeder = seeder  # counted and handed out as a seeder
+        self.claims_seed = seeder  # announced left=0
         self.expires_at = expires_at
         self.pos = 0  # index in its swarm's seeders or leechers list
 
@@ -48,7 +55,7 @@ class Swarm:
         self.leechers: list[Peer] = []
         self.seeder_addrs: list[bytes] = []
         self.leecher_addrs: list[bytes] = []
-        self.by_key: dict[bytes, Peer] = {}
+        self.by_key: dict[str, Peer] = {}
         self.downloaded = 0  # event=completed seen since the tracker started
 
     def add(self, peer: Peer) -> None:
@@ -116,40 +123,74 @@ class PeerTable:
         return self._swarms.get(key)
 
     def update(
-        self, key: str, peer_id: bytes, compact: bytes, *, seeder: bool, expires_at: float
-    ) -> tuple[Swarm, Peer]:
-        """Record an announce; raise LimitReached if a new peer does not fit."""
+        self,
+        key: str,
+        identity: str,
+        peer_id: bytes,
+        compact: bytes,
+        *,
+        seeder: bool,
+        claims_seed: bool,
+        expires_at: float,
+    ) -> tuple[Swarm, Peer, bool]:
+        """Record an announce of `identity`: (swarm, its peer, whether it replaced
+        another peer id or port of the same identity). LimitReached if a new
+        peer does not fit."""
         swarm = self._swarms.get(key)
         if swarm is None:
             swarm = self._swarms[key] = Swarm()
-        peer_key = compact[:-2] + peer_id
-        peer = swarm.by_key.get(peer_key)
+        peer = swarm.by_key.get(identity)
         if peer is None:
             if len(swarm.by_key) >= self._max_per_swarm or self._peers >= self._max_peers:
                 if not swarm.by_key:
                     del self._swarms[key]
                 raise LimitReached("the tracker's peer limit is reached")
-            peer = Peer(peer_key, compact, seeder, expires_at)
+            peer = Peer(identity, peer_id, compact, seeder, expires_at)
+            peer.claims_seed = claims_seed
             swarm.add(peer)
             self._peers += 1
-            return swarm, peer
+            return swarm, peer, False
+        replaced = peer.peer_id != peer_id or peer.compact != compact
         peer.expires_at = expires_at
+        peer.peer_id = peer_id
+        peer.claims_seed = claims_seed
         if peer.compact != compact or peer.seeder != seeder:
             swarm.discard(peer)
             peer.compact, peer.seeder = compact, seeder
             swarm.add(peer)
-        return swarm, peer
+        return swarm, peer, replaced
 
-    def remove(self, key: str, peer_id: bytes, compact: bytes) -> None:
+    def promote(self, key: str, identity: str) -> bool:
+        """`identity` became a counted seeder: move its peer if it claims to seed."""
+        swarm = self._swarms.get(key)
+        peer = None if swarm is None else swarm.by_key.get(identity)
+        if swarm is None or peer is None or peer.seeder or not peer.claims_seed:
+            return False
+        swarm.discard(peer)
+        peer.seeder = True
+        swarm.add(peer)
+        return True
+
+    def remove(self, key: str, identity: str, peer_id: bytes | None = None) -> None:
+        """Drop `identity`'s peer; with `peer_id`, only if it is still that one (a
+        late `stopped` of a replaced session leaves its successor alone)."""
         swarm = self._swarms.get(key)
         if swarm is None:
             return
-        peer = swarm.by_key.get(compact[:-2] + peer_id)
-        if peer is not None:
+        peer = swarm.by_key.get(identity)
+        if peer is not None and (peer_id is None or peer.peer_id == peer_id):
             swarm.discard(peer)
             self._peers -= 1
             if not swarm.by_key:
                 del self._swarms[key]
+
+    def holder_of(self, key: str, compact: bytes) -> str | None:
+        """The identity whose peer is at `compact` in the swarm, if any (a scan:
+        for stall reports, not announces)."""
+        swarm = self._swarms.get(key)
+        if swarm is None:
+            return None
+        return next((p.key for p in swarm.by_key.values() if p.compact == compact), None)
 
     def drop_swarm(self, key: str) -> None:
         swarm = self._swarms.pop(key, None)

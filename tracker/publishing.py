@@ -56,6 +56,7 @@ class Publishing:
         drop_lease: Callable[[Lease], Awaitable[None]],
         drop_swarm: Callable[[str], None],
         notify: Callable[[str], None],
+        confirm: Callable[[str, wire.ConfirmSeed], None],
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -69,6 +70,7 @@ class Publishing:
         self._drop_lease = drop_lease
         self._drop_swarm = drop_swarm
         self._notify = notify
+        self._confirm = confirm
         # Metainfo writes in flight, by digest: a second write waits for the first.
         self._writing: dict[str, trio.Event] = {}
 
@@ -119,6 +121,8 @@ class Publishing:
         if isinstance(filed, Rerooted):
             return await self._reroot(filed.old, meta, msg.node), True
         if filed is not None:
+            # The same torrent from another verified copy: that node confirms it.
+            self._confirm(digest, wire.ConfirmSeed(msg.node, meta.info_hash_v2))
             return filed.record, False
         self.registry.reserve(digest)
         try:
@@ -186,6 +190,10 @@ class Publishing:
             # Peers of the losing torrent cannot help with the winning one.
             self._drop_swarm(digest)
             self.metrics.metainfo_published.inc()
+        # The verifier holds the bytes, and so does the author of the torrent that
+        # matched them: both count as seeders of it from their next announce.
+        for who in sorted({verifier, settlement.author}):
+            self._confirm(digest, wire.ConfirmSeed(who, winner.info_hash_v2))
         self.metrics.disputes[settlement.outcome].inc()
         log.warning("tracker: dispute over %s %s by %r's verification; quarantined for %.0f s: %s",
                     digest, settlement.outcome, verifier, self.quarantines.period_s,

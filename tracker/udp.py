@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
 from p2preg.core.errors import InvalidRequest
-from tracker.announce import AnnounceRequest, AnnounceResponse, Event, SwarmStats
+from tracker.announce import AnnounceRequest, AnnounceResponse, Event, SwarmStats, node_name
 
 PROTOCOL_ID = 0x41727101980
 CONNECT, ANNOUNCE, SCRAPE, ERROR = 0, 1, 2, 3
@@ -122,7 +122,9 @@ def parse_request(packet: bytes) -> Connect | Announce | Scrape:
             raise InvalidRequest("unknown announce event")
         if port == 0:
             raise InvalidRequest("port must be 1 to 65535")
-        token = _token(_url_data(packet, _ANNOUNCE_REQ.size))
+        url = _url_data(packet, _ANNOUNCE_REQ.size)
+        token = _param(url, b"token")
+        node = _param(url, b"node")
         request = AnnounceRequest(
             info_hash=info_hash,
             peer_id=peer_id,
@@ -134,6 +136,7 @@ def parse_request(packet: bytes) -> Connect | Announce | Scrape:
             numwant=numwant if numwant >= 0 else None,
             token=token,
             claimed_ip=socket.inet_ntoa(ip.to_bytes(4, "big")) if ip else None,
+            node=None if node is None else node_name(node),
         )
         return Announce(connection_id, tid, request)
     if action == SCRAPE:
@@ -190,10 +193,11 @@ def _url_data(packet: bytes, at: int) -> bytes:
     return url
 
 
-def _token(url: bytes) -> bytes | None:
+def _param(url: bytes, name: bytes) -> bytes | None:
+    """A query parameter of the BEP 41 URL data (`token`, `node`), unquoted."""
     _, _, query = url.partition(b"?")
     for part in query.split(b"&"):
         key, _, value = part.partition(b"=")
-        if key == b"token":
+        if key == name:
             return unquote_to_bytes(value)
     return None

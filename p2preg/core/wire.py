@@ -1,11 +1,12 @@
 """Control messages between node and tracker, and their msgpack encoding.
 
 Owns the shapes of the tracker's control API bodies (metainfo publish, lookup and
-bad reports, upstream leases, errors) as frozen dataclasses, and `encode` /
-`decode`, which check every field's type on the way in. Readers ignore keys they
-do not know, so a newer peer can add optional fields without breaking an older
-one. This module is sans-IO: bytes in, dataclasses out; it must not know URLs,
-HTTP or status codes (tracker/http_routes.py and tracker/client.py do).
+bad reports, seed confirmations and stall reports, upstream leases, errors) as
+frozen dataclasses, and `encode` / `decode`, which check every field's type on
+the way in. Readers ignore keys they do not know, so a newer peer can add
+optional fields without breaking an older one. This module is sans-IO: bytes
+in, dataclasses out; it must not know URLs, HTTP or status codes
+(tracker/http_routes.py and tracker/client.py do).
 """
 
 from __future__ import annotations
@@ -85,6 +86,25 @@ class ReportBad:
 
 
 @dataclass(frozen=True, slots=True)
+class ConfirmSeed:
+    """POST /v1/metainfo/<digest>/confirm: `node` downloaded the torrent `info_hash`
+    (its v2 info-hash, whole or as announced) and its bytes matched the digest;
+    its `left=0` announces now count as a seeder."""
+
+    node: str
+    info_hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ReportStall:
+    """POST /v1/swarms/<digest>/stalled: the peer at `peer` (a BEP 23/7 compact
+    address, as handed out) unchoked `node`, was asked, and sent no block."""
+
+    node: str
+    peer: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class LeaseRequest:
     """POST /v1/leases/<digest>: may I fetch this blob from upstream?"""
 
@@ -151,6 +171,8 @@ Message = (
     PublishMetainfo
     | MetainfoRecord
     | ReportBad
+    | ConfirmSeed
+    | ReportStall
     | LeaseRequest
     | LeaseRenew
     | LeaseRelease

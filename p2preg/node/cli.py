@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store-max-bytes", metavar="SIZE", help="store budget, e.g. 50GiB")
     p.add_argument("--tag-ttl-s", metavar="SECONDS", help="how long a tag → digest answer is kept")
     p.add_argument("--max-blob-streams", metavar="N", help="concurrent blob responses (64)")
+    p.add_argument(
+        "--peer-stall-report-s", metavar="SECONDS",
+        help="report a peer that unchoked us and was asked but sent no block this long (10)",
+    )
     p.add_argument("--log-json", action="store_const", const=True, help="JSON log lines")
     p.add_argument(
         "--metrics-listen", metavar="HOST:PORT", help="a second listener: /metrics, /healthz only"

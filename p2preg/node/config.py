@@ -106,6 +106,9 @@ class NodeConfig:
     p2p_min_bytes: int = 1 * MiB
     # A swarm download with no new byte for this long falls back to upstream.
     swarm_stall_s: float = 30.0
+    # A peer that unchoked us and was asked but sent no block for this long is
+    # reported to the tracker, which delists it once two nodes did.
+    peer_stall_report_s: float = 10.0
     swarm_max_hash_failures: int = 16
     # Nobody waits forever for a lease holder: this long without progress from
     # the fetch waited for (or the tracker's queue), fetch from upstream.
@@ -159,6 +162,8 @@ class NodeConfig:
                 raise ConfigError(f"trusted_realms: {realm.ns!r} is not a configured upstream")
         if self.shutdown_grace_s < 0:
             raise ConfigError("shutdown_grace_s must be ≥ 0")
+        if self.peer_stall_report_s <= 0:
+            raise ConfigError("peer_stall_report_s must be > 0")
         if self.tls_dir is not None and self.insecure:
             raise ConfigError("give tls_dir or insecure, not both: a cluster is one or the other")
         if self.tls_dir is not None and self.tracker_token is not None:

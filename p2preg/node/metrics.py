@@ -95,6 +95,9 @@ class NodeMetrics:
         self.peer_bans = Counter(
             "p2preg_peer_bans", "Peers banned for sending bad data", registry=r
         )
+        self.peer_stalls = Counter(
+            "p2preg_peer_stalls", "Peers reported to the tracker for stalling us", registry=r
+        )
         self.peer_tls_refusals = Counter(
             "p2preg_peer_tls_refusals",
             "Peer connections refused in the TLS handshake (no, expired or foreign certificate)",

@@ -108,6 +108,8 @@ class TrackerSeam(Protocol):
         self, digest: Digest, bad_info_hash: bytes, size: int, replacement: bytes, reason: str
     ) -> MetainfoRecord: ...
 
+    async def confirm_seed(self, digest: Digest, info_hash: bytes) -> None: ...
+
 
 class UpstreamSeam(Protocol):
     """One seed registry; failures raise RegistryError subclasses, 404 is None."""

@@ -5,14 +5,15 @@ again without re-hashing) and the node's side of publishing: the metainfo is
 made from store bytes that matched their digest (rooted, in a TLS cluster, at
 the CA that issued the node's certificate), filed with the tracker before
 the first announce, filed again in the background while the tracker cannot take
-it (not when it refuses: only a lease holder defines a first torrent), and — when
-the tracker holds a different one for the digest — reported as poisoned (the
-tracker then has a third node verify), unless the two differ only in their root
-(a CA rotation: filed again later, never reported). When the node's certificate
-comes from another CA (it was re-issued in a rotation), every blob it seeds is
-moved, one at a time, to a torrent rooted there and published again. It must
-not decide whether a blob is published (fetch.py does, once per fetch) and must
-not fetch anything.
+it (not when it refuses: only a lease holder defines a first torrent),
+confirmed (a blob that came from peers, verified) so the tracker counts us as a
+seeder, and — when the tracker holds a different one for the digest — reported
+as poisoned (the tracker then has a third node verify), unless the two differ
+only in their root (a CA rotation: filed again later, never reported). When the
+node's certificate comes from another CA (it was re-issued in a rotation), every
+blob it seeds is moved, one at a time, to a torrent rooted there and published
+again. It must not decide whether a blob is published (fetch.py does, once per
+fetch) and must not fetch anything.
 """
 
 from __future__ import annotations
@@ -149,9 +150,19 @@ class Seeding:
         await self._offload(partial(self._torrents.save, meta))
 
     async def keep(self, meta: Metainfo) -> None:
-        """A blob downloaded from peers entered the store: seed it on, now and after a restart."""
+        """A blob downloaded from peers entered the store: seed it on, now and after a
+        restart, and tell the tracker we verified it (only then does our `left=0`
+        count as a seeder there)."""
         self._swarm.mark_seeding(meta.digest)
+        self._nursery.start_soon(self._confirm, meta)
         await self._offload(partial(self._torrents.save, meta))
+
+    async def _confirm(self, meta: Metainfo) -> None:
+        try:
+            await self._tracker.confirm_seed(meta.digest, meta.info_hash_v2)
+        except tracker_errors.TrackerError as e:
+            # We still seed; the tracker just hands us out as a downloader.
+            log.info("confirming %s with the tracker failed: %s", meta.digest, e)
 
     async def _file_later(self, meta: Metainfo) -> None:
         """File metainfo the tracker could not take (it was down, or on the other CA of

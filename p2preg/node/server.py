@@ -99,7 +99,8 @@ async def _open_swarm(
         tracker = TrackerClient(config.tracker, node=name, tls=tls)
     try:
         async with open_swarm(
-            config.data_dir, listen, [tracker.announce_url], metrics, tls=peer_tls
+            config.data_dir, listen, [tracker.announce_url], metrics, tls=peer_tls,
+            stall_reports=(tracker.report_stall, config.peer_stall_report_s),
         ) as swarm:
             yield _P2P(swarm, tracker, peer_tls or PlainTorrents())
     finally:

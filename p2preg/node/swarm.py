@@ -10,7 +10,9 @@ tls_dir every torrent is a libtorrent SSL torrent: the session listens on an
 `s` interface only, a torrent is added without trackers, given the node's
 certificate, and only then its trackers (libtorrent shows the certificate to an
 HTTPS tracker only once it is set), and renewed files are set again on every
-torrent. Alerts reach
+torrent. While a download runs it samples the torrent's peers for one that
+unchoked us, was asked and sends nothing (stallwatch.py decides) and hands it
+to the `report_stall` it was given (the tracker client's). Alerts reach
 trio through `set_alert_fd` on a pipe and `trio.lowlevel.wait_readable`, never
 a Python callback in libtorrent's thread (which hung teardown with the 2.1.1
 wheel). This module decides nothing about where a blob should come from.
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ from p2preg.core.metainfo import Metainfo, info_name
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.peertls import PeerTLS
 from p2preg.node.seams import SwarmError
+from p2preg.node.stallwatch import PeerSample, StallWatch, compact
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,10 @@ STATUS_INTERVAL_S = 0.5
 # How often renewed certificate files are looked for (a clock read; ReloadingTLS
 # itself stats the files at most every few seconds).
 TLS_CHECK_INTERVAL_S = 1.0
+# Stall reports sent at once, at most; more are dropped (each is evidence, not a duty).
+MAX_STALL_REPORTS_IN_FLIGHT = 8
+
+ReportStall = Callable[[Digest, bytes], Awaitable[None]]
 
 
 def session_settings(listen: str) -> lt.settings_pack:
@@ -112,6 +119,7 @@ class _Torrent:
     hash_failures: int = 0
     from_peers_bytes: int = 0
     wasted_bytes: int = 0
+    stalls: StallWatch | None = None
 
 
 class Swarm:
@@ -122,8 +130,13 @@ class Swarm:
         announce_urls: list[str],
         metrics: NodeMetrics,
         tls: PeerTLS | None = None,
+        stall_reports: tuple[ReportStall, float] | None = None,
     ) -> None:
         self._session = session
+        # (the tracker's report call, seconds a peer may stall us before it is reported)
+        self._stall_reports = stall_reports
+        self._reporting = 0
+        self._nursery: trio.Nursery | None = None
         self.swarm_dir = swarm_dir
         self._announce_urls = announce_urls
         self._metrics = metrics
@@ -204,7 +217,10 @@ class Swarm:
             self.path(meta.digest).unlink(missing_ok=True)
             handle = self._add(self._params(meta))
             t = self._track(meta, handle, seeding=False)
+        if self._stall_reports is not None and t.stalls is None:
+            t.stalls = StallWatch(self._stall_reports[1])
         while not t.finished.is_set():
+            self._watch_stalls(t)
             if t.error is not None:
                 raise t.error
             if t.hash_failures > max_hash_failures:
@@ -216,6 +232,34 @@ class Swarm:
         if t.error is not None:
             raise t.error
         return self.path(meta.digest)
+
+    def _watch_stalls(self, t: _Torrent) -> None:
+        """Report the peers that unchoked us, were asked and sent no block for too long."""
+        if t.stalls is None or self._stall_reports is None or self._nursery is None:
+            return
+        samples = [
+            PeerSample(
+                (str(p.ip[0]), int(p.ip[1])),
+                not (p.flags & lt.peer_info.remote_choked) and p.download_queue_length > 0,
+                int(p.total_download),
+            )
+            for p in t.handle.get_peer_info()
+        ]
+        for endpoint in t.stalls.observe(samples, trio.current_time()):
+            self._metrics.peer_stalls.inc()
+            log.info("swarm: peer %s:%d stalls %s: reporting it", *endpoint, t.digest)
+            if self._reporting < MAX_STALL_REPORTS_IN_FLIGHT:
+                self._nursery.start_soon(self._report_stall, t.digest, compact(endpoint))
+
+    async def _report_stall(self, digest: Digest, peer: bytes) -> None:
+        assert self._stall_reports is not None
+        self._reporting += 1
+        try:
+            await self._stall_reports[0](digest, peer)
+        except Exception as e:  # a report is evidence, not a duty: never fail a download
+            log.info("swarm: reporting a stalled peer of %s failed: %s", digest, e)
+        finally:
+            self._reporting -= 1
 
     def last_seeder_of_live_swarm(self, digest: Digest) -> bool:
         """We seed `digest` and, by the tracker's last counts, nobody else does
@@ -383,9 +427,11 @@ async def open_swarm(
     metrics: NodeMetrics,
     *,
     tls: PeerTLS | None = None,
+    stall_reports: tuple[ReportStall, float] | None = None,
 ) -> AsyncIterator[Swarm]:
     """A session listening on `listen` (libtorrent's `listen_interfaces`), torrents
-    announced to `announce_urls`; with `tls`, SSL torrents only."""
+    announced to `announce_urls`; with `tls`, SSL torrents only; with
+    `stall_reports` (report call, seconds), peers that stall a download reported."""
     swarm_dir = data_dir / "swarm"
     # Whatever is here is a link to a store blob or an unverified partial
     # download from a previous run: neither may be served as is.
@@ -396,9 +442,10 @@ async def open_swarm(
     os.set_blocking(read_fd, False)
     os.set_blocking(write_fd, False)
     session.set_alert_fd(write_fd)
-    swarm = Swarm(session, swarm_dir, announce_urls, metrics, tls)
+    swarm = Swarm(session, swarm_dir, announce_urls, metrics, tls, stall_reports)
     try:
         async with trio.open_nursery() as nursery:
+            swarm._nursery = nursery
             nursery.start_soon(swarm._pump, read_fd)
             nursery.start_soon(swarm._poll_status)
             if tls is not None:

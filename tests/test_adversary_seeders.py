@@ -1,0 +1,120 @@
+"""Issue 13 attack: 1,000 fake seeders from one identity.
+
+A member gone bad ("mallory": a valid node certificate of the cluster CA)
+announces the blob 1,000 times with `left=0`, each with another peer id and
+port, straight at the mTLS tracker. Real tracker, real nodes, real registry:
+
+- the tracker holds one entry for mallory (each announce replaced the last),
+  never counts it as a seeder (it neither published nor confirmed the torrent),
+  and keeps answering everyone;
+- an honest node pulls from the honest seeder meanwhile, bytes verified;
+- once the honest seeders have left, a pull is not told SEEDED because of
+  mallory (which would send it into a dead swarm until `swarm_stall_s`): it
+  gets the upstream lease at once, and the blob crosses the upstream link
+  exactly as often as without the attack (twice: the first pull, and the pull
+  after every honest seeder left).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote_from_bytes
+
+import libtorrent as lt
+import pytest
+import trio
+
+from harness.images import build_image
+from harness.procs import wait_until
+from harness.registry import Registry
+from harness.skopeo import push
+from harness.tlscerts import ClusterCA, https_client
+from p2preg.core.digest import Digest
+from p2preg.core.tls import ReloadingTLS
+from tests.adversary_cluster import Blob, Cluster, MiB, pull_verified, start_tracker
+from tracker.client import open_tracker_client
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = "team/fake-seeders"
+FAKES = 1000
+# Short peer lifetimes, so that honest seeders that left are gone within the test.
+TRACKER_ARGS = ("--announce-interval-s", "10", "--min-announce-interval-s", "1",
+                "--peer-ttl-s", "20")
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return build_image(tmp_path_factory.mktemp("fakeseeders"), seed="fakeseeders",
+                       layer_sizes=(3 * MiB,))
+
+
+async def _swarm_key(cluster: Cluster, tls_dir: Path) -> bytes:
+    """The blob's info-hash as announced, read as any member may read it."""
+    tls = ReloadingTLS(tls_dir, role="node")
+    async with open_tracker_client(cluster.tracker.url, node="mallory", tls=tls) as client:
+        record = await client.lookup_metainfo(Digest.parse(cluster.blob.digest))
+    assert record is not None
+    return bytes(lt.torrent_info(record.metainfo).info_hashes().v2.to_bytes()[:20])
+
+
+async def _announce(cluster: Cluster, tls_dir: Path, ih: bytes, count: int) -> list[Any]:
+    """`count` left=0 announces, each a new peer id and port: the answers, decoded."""
+    answers = []
+    async with https_client(tls_dir, headers={"Connection": "close"}, timeout=30) as http:
+        for i in range(count):
+            peer_id = quote_from_bytes(i.to_bytes(20, "big"))
+            query = (
+                f"info_hash={quote_from_bytes(ih)}&peer_id={peer_id}"
+                f"&port={20000 + i}&uploaded=0&downloaded=0&left=0&compact=1&event=started"
+            )
+            r = await http.get(f"{cluster.tracker.url}/announce?{query}")
+            assert r.status_code == 200
+            answers.append(lt.bdecode(r.content))
+    return answers
+
+
+def test_a_thousand_fake_seeders_hold_one_entry_and_win_no_seeded(
+    tmp_path: Path, registry: Registry, layout: Any
+) -> None:
+    (layer,) = push(layout, registry.host, REPO).manifests[0].layers
+    ca = ClusterCA.make("fakeseeders")
+    with ExitStack() as stack:
+        tracker = start_tracker(stack, tmp_path, ca, TRACKER_ARGS)
+        cluster = Cluster(ca, tmp_path / "certs", tracker, registry,
+                          Blob(REPO, layer.digest, layer.size), tmp_path)
+        mallory = cluster.identity("mallory")
+        with ExitStack() as honest:
+            a = cluster.node(honest, "a")
+            pull_verified(a, cluster.blob)  # upstream copy 1; a publishes and seeds
+            ih = trio.run(_swarm_key, cluster, mallory)
+            answers = trio.run(_announce, cluster, mallory, ih, FAKES)
+            assert all(b"failure reason" not in answer for answer in answers)
+            # One entry for mallory beside a; only a counts as a seeder.
+            assert cluster.tracker_metric("p2preg_tracker_peers") == 2
+            assert cluster.tracker_metric("p2preg_tracker_seeders") == 1
+            assert answers[-1][b"complete"] == 1
+            assert cluster.tracker_metric("p2preg_tracker_peers_replaced_total") == FAKES - 1
+            assert cluster.tracker_metric("p2preg_tracker_unconfirmed_seeds_total") == FAKES
+            # An honest pull meanwhile: from a, through the swarm, verified.
+            b = cluster.node(honest, "b")
+            pull_verified(b, cluster.blob)
+            assert b.metric("p2preg_blob_fetches_total", source="peers") == 1
+        # Every honest seeder has left; mallory's claim stays a claim.
+        wait_until(lambda: cluster.tracker_metric("p2preg_tracker_peers") == 0, timeout_s=60,
+                   what="the honest seeders to leave the swarm", process=tracker.process)
+        (again,) = trio.run(_announce, cluster, mallory, ih, 1)
+        assert again[b"complete"] == 0
+        assert cluster.tracker_metric("p2preg_tracker_peers") == 1
+        c = cluster.node(stack, "c")
+        pull_verified(c, cluster.blob)
+        # c got the lease at once: no stalled swarm download, no fallback.
+        assert c.metric("p2preg_blob_fetches_total", source="upstream") == 1
+        assert sum(c.metric("p2preg_fallbacks_total", reason=r)
+                   for r in ("stalled", "tracker", "lease_wait")) == 0
+        assert cluster.tracker_metric("p2preg_tracker_lease_grants_total") == 2
+        assert cluster.upstream_copies() == 2  # the same as without mallory
+        assert cluster.tracker_answers()
+        assert trio.run(_announce, cluster, mallory, ih, 1)[0][b"complete"] == 1  # c seeds

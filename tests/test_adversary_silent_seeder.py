@@ -1,0 +1,169 @@
+"""Issue 13 attack: a seeder that never sends.
+
+"mallory", a member gone bad (a valid node certificate of the cluster CA),
+runs a libtorrent SSL session that holds the blob, tells the tracker it
+verified it (a lie the tracker cannot check), announces as a seeder, unchokes
+whoever connects and takes their requests — but sends at 512 B/s, far less
+than one 16 KiB block in the nodes' `peer_stall_report_s`. The honest
+publisher has left, so the tracker's SEEDED points every downloader at
+mallory. Real tracker, real nodes, real registry:
+
+- two honest nodes pulling at once are stalled by it; each reports it, and the
+  second report delists it (the tracker logs its identity);
+- both pulls still complete, verified, from upstream once their own
+  `swarm_stall_s` ran out: one upstream copy more than without mallory (where
+  one of them would have taken the lease and fed the other);
+- the next pull is not handed mallory: it gets the blob from the honest
+  nodes through the swarm, and the tracker keeps answering everyone.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import libtorrent as lt
+import pytest
+import trio
+
+from harness.images import build_image
+from harness.procs import wait_until
+from harness.registry import Registry
+from harness.skopeo import push
+from harness.tlscerts import ClusterCA
+from p2preg.core.digest import Digest
+from p2preg.core.metainfo import info_name
+from p2preg.core.tls import ReloadingTLS
+from p2preg.node.peertls import PeerTLS
+from p2preg.node.swarm import session_settings
+from tests.adversary_cluster import Blob, Cluster, MiB, pull_verified, start_tracker
+from tracker.client import open_tracker_client
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = "team/silent-seeder"
+# Far below a block per peer_stall_report_s, yet enough to get the handshake,
+# bitfield and unchoke out (libtorrent rate-limits protocol bytes too).
+MALLORY_BYTES_PER_S = 512
+NODE_CONFIG = "swarm_stall_s = 10\npeer_stall_report_s = 2\n"
+TRACKER_ARGS = ("--announce-interval-s", "10", "--min-announce-interval-s", "1",
+                "--peer-ttl-s", "20")
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return build_image(tmp_path_factory.mktemp("silentseeder"), seed="silentseeder",
+                       layer_sizes=(3 * MiB,))
+
+
+class SilentSeeder:
+    """An SSL libtorrent session holding the blob that uploads at a trickle."""
+
+    def __init__(self, workdir: Path, tls_dir: Path, tracker_url: str, metainfo: bytes,
+                 blob: Path, digest: Digest) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        os.link(blob, workdir / info_name(digest))
+        settings = session_settings("127.0.0.1:0s")
+        settings["num_want"] = 0  # it only waits to be dialled, at its listening port
+        self.session = lt.session(settings)
+        for cls in (self.session.local_peer_class_id, self.session.global_peer_class_id):
+            pc = self.session.get_peer_class(cls)
+            pc["upload_limit"] = MALLORY_BYTES_PER_S
+            self.session.set_peer_class(cls, pc)
+        atp = lt.add_torrent_params()
+        atp.ti = lt.torrent_info(metainfo)
+        atp.save_path = str(workdir)
+        atp.flags |= lt.torrent_flags.seed_mode | lt.torrent_flags.disable_pex
+        atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
+        self.handle = self.session.add_torrent(atp)
+        PeerTLS(ReloadingTLS(tls_dir, role="node"), workdir).apply(self.handle)
+        self.handle.add_tracker({"url": f"{tracker_url}/announce"})
+
+    def uploaded(self) -> int:
+        return int(self.handle.status().total_payload_upload)
+
+    def close(self) -> None:
+        self.session.remove_torrent(self.handle)
+        del self.session
+
+
+async def _confirm(cluster: Cluster, tls_dir: Path) -> bytes:
+    """mallory reads the metainfo and claims it verified the blob; returns the metainfo."""
+    tls = ReloadingTLS(tls_dir, role="node")
+    digest = Digest.parse(cluster.blob.digest)
+    async with open_tracker_client(cluster.tracker.url, node="mallory", tls=tls) as client:
+        record = await client.lookup_metainfo(digest)
+        assert record is not None
+        info_hash = lt.torrent_info(record.metainfo).info_hashes().v2.to_bytes()
+        await client.confirm_seed(digest, bytes(info_hash))
+    return record.metainfo
+
+
+def _pull_all(nodes: list[Any], blob: Blob) -> None:
+    """Pull through every node at once; re-raise the first failure."""
+    failures: list[BaseException] = []
+
+    def pull(node: Any) -> None:
+        try:
+            pull_verified(node, blob)
+        except BaseException as e:  # handed to the test thread
+            failures.append(e)
+
+    threads = [threading.Thread(target=pull, args=(n,)) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    assert not any(t.is_alive() for t in threads), "a pull did not end"
+    if failures:
+        raise failures[0]
+
+
+def test_a_seeder_that_never_sends_is_reported_delisted_and_costs_one_copy(
+    tmp_path: Path, registry: Registry, layout: Any
+) -> None:
+    (layer,) = push(layout, registry.host, REPO).manifests[0].layers
+    ca = ClusterCA.make("silentseeder")
+    config = tmp_path / "node.toml"
+    config.write_text(NODE_CONFIG)
+    node_args = ("--config", str(config))
+    with ExitStack() as stack:
+        tracker = start_tracker(stack, tmp_path, ca, TRACKER_ARGS)
+        cluster = Cluster(ca, tmp_path / "certs", tracker, registry,
+                          Blob(REPO, layer.digest, layer.size), tmp_path)
+        mallory_tls = cluster.identity("mallory")
+        with ExitStack() as first:
+            a = cluster.node(first, "a", node_args)
+            pull_verified(a, cluster.blob)  # upstream copy 1; a publishes and seeds
+            metainfo = trio.run(_confirm, cluster, mallory_tls)
+            mallory = SilentSeeder(tmp_path / "mallory", mallory_tls, tracker.url, metainfo,
+                                   layout.blob_path(layer.digest), Digest.parse(layer.digest))
+            stack.callback(mallory.close)
+            wait_until(lambda: cluster.tracker_metric("p2preg_tracker_seeders") == 2,
+                       timeout_s=30, what="mallory to count as a seeder", process=tracker.process)
+        # a has left: the tracker sends every downloader to mallory.
+        wait_until(lambda: cluster.tracker_metric("p2preg_tracker_seeders") == 1, timeout_s=60,
+                   what="a to leave the swarm", process=tracker.process)
+        b, c = cluster.node(stack, "b", node_args), cluster.node(stack, "c", node_args)
+        _pull_all([b, c], cluster.blob)
+        for node in (b, c):
+            assert node.metric("p2preg_peer_stalls_total") == 1
+            assert node.metric("p2preg_fallbacks_total", reason="stalled") == 1
+        assert cluster.tracker_metric("p2preg_tracker_stall_reports_total",
+                                      outcome="delisted") == 1
+        assert cluster.tracker_metric("p2preg_tracker_peers_cooling") == 1
+        assert "'mallory' delisted" in tracker.process.log_path.read_text()
+        assert mallory.uploaded() < 64 * 1024  # not a block per report period
+        # One copy more than without mallory: a's, and b's and c's fallbacks.
+        assert cluster.upstream_copies() == 3
+        # The next pull is not sent to mallory: b and c (they published the same
+        # torrent after their fallback, which confirms it) serve it.
+        d = cluster.node(stack, "d", node_args)
+        pull_verified(d, cluster.blob)
+        assert d.metric("p2preg_blob_fetches_total", source="peers") == 1
+        assert d.metric("p2preg_peer_stalls_total") == 0
+        assert cluster.upstream_copies() == 3
+        assert cluster.tracker_answers()

@@ -1,0 +1,64 @@
+"""The node's stall detector (p2preg/node/stallwatch.py) over a clock it is handed.
+
+A peer that unchoked us and holds our requests but sends no block for `stall_s`
+is reported once; a slow peer that does deliver a block per `stall_s`, a peer
+that chokes us, and a peer gone from the samples are never reported.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from p2preg.node.stallwatch import BLOCK_BYTES, PeerSample, StallWatch, compact
+
+SILENT = ("10.0.0.66", 6882)
+SLOW = ("10.0.0.2", 6882)
+CHOKING = ("10.0.0.3", 6882)
+
+
+def test_a_silent_peer_is_reported_once_a_slow_one_that_delivers_never() -> None:
+    watch = StallWatch(stall_s=10)
+    reported: list[tuple[str, int]] = []
+    slow_bytes = 0
+    for second in range(0, 120):
+        # The slow peer sends one block every 9 s: slower than anyone would like.
+        if second % 9 == 8:
+            slow_bytes += BLOCK_BYTES
+        samples = [
+            PeerSample(SILENT, asked=True, received=100),  # a few bytes, never a block
+            PeerSample(SLOW, asked=True, received=slow_bytes),
+            PeerSample(CHOKING, asked=False, received=0),
+        ]
+        reported += watch.observe(samples, float(second))
+    assert reported == [SILENT]
+
+
+def test_stalling_starts_when_asked_and_a_block_resets_it() -> None:
+    watch = StallWatch(stall_s=5)
+    assert watch.observe([PeerSample(SILENT, False, 0)], 0) == []
+    assert watch.observe([PeerSample(SILENT, True, 0)], 100) == []  # asked from now on
+    assert watch.observe([PeerSample(SILENT, True, BLOCK_BYTES - 1)], 104) == []
+    assert watch.observe([PeerSample(SILENT, True, BLOCK_BYTES)], 104.5) == []  # a block
+    assert watch.observe([PeerSample(SILENT, True, BLOCK_BYTES)], 109) == []
+    assert watch.observe([PeerSample(SILENT, True, BLOCK_BYTES)], 109.5) == [SILENT]
+    # Choked then asked again: a new wait, but a peer is reported once per watch.
+    watch.observe([PeerSample(SILENT, False, BLOCK_BYTES)], 110)
+    watch.observe([PeerSample(SILENT, True, BLOCK_BYTES)], 111)
+    assert watch.observe([PeerSample(SILENT, True, BLOCK_BYTES)], 200) == []
+
+
+def test_a_peer_that_left_is_forgotten() -> None:
+    watch = StallWatch(stall_s=5)
+    watch.observe([PeerSample(SILENT, True, 0)], 0)
+    watch.observe([], 3)  # disconnected: its wait is over
+    watch.observe([PeerSample(SILENT, True, 0)], 4)
+    assert watch.observe([PeerSample(SILENT, True, 0)], 8) == []
+    assert watch.observe([PeerSample(SILENT, True, 0)], 9) == [SILENT]
+    with pytest.raises(ValueError):
+        StallWatch(0)
+
+
+def test_compact_entries_match_the_trackers() -> None:
+    assert compact(("127.0.0.1", 6881)) == bytes([127, 0, 0, 1, 0x1A, 0xE1])
+    assert compact(("::ffff:10.0.0.2", 1)) == bytes([10, 0, 0, 2, 0, 1])
+    assert compact(("::1", 2)) == bytes(15) + b"\x01\x00\x02"

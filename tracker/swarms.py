@@ -1,0 +1,188 @@
+"""The BitTorrent side of the tracker's service: announces, scrapes, who seeds, who stalls.
+
+`Swarms` answers announces and scrapes over the `PeerTable` and applies
+`Admission`'s rules: one peer per identity per swarm, a `left=0` announce counted
+as a seeder only for an identity that published or confirmed the torrent, and
+a peer delisted once enough identities reported it stalling them. It wakes the
+lease waiters of a digest whose first counted seeder appears (the coordinator
+owns the waiters and the leases). Synchronous: the announce hot path never
+awaits. It must not know sockets, HTTP or encodings, and holds no rule of its
+own (admission.py, peers.py and handout.py do).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from p2preg.core import errors, wire
+from p2preg.core.digest import Digest, DigestError
+from tracker.admission import Admission, announce_identity
+from tracker.announce import AnnounceRequest, AnnounceResponse, Event, ScrapeRequest, SwarmStats
+from tracker.auth import ClusterAuth
+from tracker.config import TrackerConfig
+from tracker.handout import hand_out
+from tracker.leases import Waiters
+from tracker.metrics import TrackerMetrics
+from tracker.peers import PeerTable, Swarm, compact_address
+from tracker.registry import MetainfoRegistry
+
+log = logging.getLogger("p2preg.tracker")
+
+
+class Swarms:
+    def __init__(
+        self,
+        config: TrackerConfig,
+        metrics: TrackerMetrics,
+        auth: ClusterAuth,
+        registry: MetainfoRegistry,
+        peers: PeerTable,
+        waiters: Waiters,
+        clock: Callable[[], float],
+    ) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._auth = auth
+        self._registry = registry
+        self._peers = peers
+        self._waiters = waiters
+        self._clock = clock
+        self._admission = Admission(
+            stall_window_s=config.stall_window_s,
+            stall_cooloff_s=config.stall_cooloff_s,
+            stall_reporters=config.stall_reporters,
+            max_entries=config.max_peers,
+            clock=clock,
+        )
+
+    @property
+    def admission(self) -> Admission:
+        return self._admission
+
+    def announce(
+        self,
+        req: AnnounceRequest,
+        client_ip: str,
+        transport: str,
+        *,
+        identity: str | None = None,
+    ) -> AnnounceResponse:
+        """`identity`: the client certificate's node under mutual TLS, else None."""
+        self._metrics.announce[transport, req.event].inc()
+        self._auth.check(req.token)
+        digest = self._registry.digest_of(req.info_hash)
+        if digest is None:
+            raise errors.UnknownTorrent("unregistered info_hash: publish its metainfo first")
+        ip = self._auth.peer_ip(client_ip, req.claimed_ip)
+        compact = compact_address(ip, req.port)
+        who = announce_identity(identity, req.node, ip)
+        cfg = self._config
+        if req.event is Event.STOPPED:
+            self._peers.remove(digest, who, req.peer_id)
+            return self._answer(self._peers.swarm(digest), [])
+        seeder, swarm = self._admit(digest, who, req, compact)
+        if swarm is not None and req.event is Event.COMPLETED:
+            swarm.downloaded += 1
+        numwant = req.numwant if req.numwant is not None else cfg.default_numwant
+        picked = [] if swarm is None else hand_out(
+            swarm.seeder_addrs,
+            swarm.leecher_addrs,
+            min(numwant, cfg.max_numwant),
+            asker=compact,
+            asker_is_seeder=seeder,
+        )
+        return self._answer(swarm, picked)
+
+    def _admit(
+        self, digest: str, who: str, req: AnnounceRequest, compact: bytes
+    ) -> tuple[bool, Swarm | None]:
+        """Enter `who`'s one peer into the swarm (unless it is cooling off); whether it
+        counts as a seeder (admission.py) and the swarm, for the answer."""
+        entry = self._registry.get(digest)
+        claims = req.left == 0
+        if self._admission.cooling(digest, who):
+            # Delisted for stalling others: it may still download, but is not handed out.
+            self._peers.remove(digest, who)
+            return False, self._peers.swarm(digest)
+        seeder = claims and entry is not None and self._admission.is_seeder(
+            digest, entry.meta.info_hash_v2, who, entry.published_by
+        )
+        if claims and not seeder:
+            self._metrics.unconfirmed_seeds.inc()
+        expires_at = self._clock() + self._config.peer_ttl_s
+        swarm, _, replaced = self._peers.update(
+            digest, who, req.peer_id, compact, seeder=seeder, claims_seed=claims,
+            expires_at=expires_at,
+        )
+        if replaced:
+            self._metrics.peers_replaced.inc()
+        if seeder and len(swarm.seeders) == 1 and digest in self._waiters:
+            # The swarm's first seeder: nodes waiting for a lease can join it.
+            self._waiters.notify(digest)
+        return seeder, swarm
+
+    def _answer(self, swarm: Swarm | None, peers: list[bytes]) -> AnnounceResponse:
+        cfg = self._config
+        seeders, leechers = (0, 0) if swarm is None else (len(swarm.seeders), len(swarm.leechers))
+        return AnnounceResponse(
+            cfg.announce_interval_s, cfg.min_announce_interval_s, seeders, leechers, peers
+        )
+
+    def confirm_seed(self, digest_text: str, msg: wire.ConfirmSeed) -> None:
+        """`msg.node` verified the blob of the current torrent: count it as a seeder."""
+        digest = checked_digest(digest_text)
+        entry = self._registry.get(digest)
+        if entry is None:
+            raise errors.NotFound(f"no metainfo for {digest}")
+        if msg.info_hash not in (entry.meta.info_hash_v2, *entry.meta.swarm_keys):
+            raise errors.MetainfoConflict("that torrent is not the one filed for the digest")
+        if not self._admission.confirm(digest, entry.meta.info_hash_v2, msg.node):
+            return
+        self._metrics.seed_confirms.inc()
+        if self._admission.cooling(digest, msg.node):
+            return
+        if self._peers.promote(digest, msg.node) and self._peers.seeders(digest) == 1:
+            self._waiters.notify(digest)
+
+    def report_stall(self, digest_text: str, msg: wire.ReportStall) -> None:
+        """`msg.node` says the peer at `msg.peer` stalled it; enough such reports delist it."""
+        digest = checked_digest(digest_text)
+        target = self._peers.holder_of(digest, msg.peer)
+        if target is None:
+            self._metrics.stall_reports["unknown_peer"].inc()
+            return
+        verdict = self._admission.report_stall(digest, target, msg.node)
+        outcome = "delisted" if verdict.delisted else "counted" if verdict.counted else "ignored"
+        self._metrics.stall_reports[outcome].inc()
+        if verdict.delisted:
+            self._peers.remove(digest, target)
+            log.warning(
+                "swarm %s: %r delisted for %.0f s: stall reports from %d identities",
+                digest, target, self._config.stall_cooloff_s, self._config.stall_reporters,
+            )
+
+    def scrape(self, req: ScrapeRequest, transport: str) -> list[tuple[bytes, SwarmStats | None]]:
+        """Stats per asked info-hash, in order; None for a torrent nobody registered."""
+        self._metrics.scrape[transport].inc()
+        self._auth.check(req.token)
+        out: list[tuple[bytes, SwarmStats | None]] = []
+        for ih in req.info_hashes:
+            digest = self._registry.digest_of(ih)
+            swarm = None if digest is None else self._peers.swarm(digest)
+            if digest is None:
+                out.append((ih, None))
+            elif swarm is None:
+                out.append((ih, SwarmStats(0, 0, 0)))
+            else:
+                stats = SwarmStats(len(swarm.seeders), len(swarm.leechers), swarm.downloaded)
+                out.append((ih, stats))
+        return out
+
+
+def checked_digest(text: str) -> str:
+    """A digest from a request path, canonical; InvalidRequest if it is not one."""
+    try:
+        return str(Digest.parse(text))
+    except DigestError as e:
+        raise errors.InvalidRequest(str(e)) from None
