@@ -142,9 +142,11 @@ def control(
 
 
 def announce_query(ih: bytes, n: int, *, left: int = 0, extra: str = "") -> bytes:
+    """Peer `n`'s announce as node `n<n>`: the tracker keeps one peer per node."""
     q = (
         f"info_hash={quote_from_bytes(ih)}&peer_id={quote_from_bytes(bytes([n]) * 20)}"
         f"&port={7000 + n}&uploaded=0&downloaded=0&left={left}&compact=1&token={TOKEN}"
+        f"&node=n{n}"
     )
     return (q + extra).encode()
 
