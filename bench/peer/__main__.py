@@ -107,11 +107,11 @@ def tracker(
         )
         command = (sys.executable, "-c", patch)
     args = ["--log-level", "WARNING"]
-    token: str | None = TOKEN
-    if tls_dir is not None:
-        args += ["--tls-dir", str(tls_dir)]
-        token = None
-    with open_tracker(workdir, token=token, args=args, command=command, cwd=REPO_ROOT) as t:
+    # The mTLS tracker answers /healthz on its plain metrics listener only (open_tracker's).
+    token = TOKEN if tls_dir is None else None
+    with open_tracker(
+        workdir, token=token, args=args, command=command, cwd=REPO_ROOT, tls_dir=tls_dir
+    ) as t:
         yield t.url
 
 

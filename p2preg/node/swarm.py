@@ -70,6 +70,13 @@ def session_settings(listen: str) -> lt.settings_pack:
         "send_buffer_watermark": 4 * MiB,
         "send_buffer_low_watermark": 1 * MiB,
         "max_queued_disk_bytes": 32 * MiB,
+        # One disk thread, not libtorrent's 10: every batch of read jobs wakes all
+        # idle disk threads (notify_all), and an SSL peer sends 8 KiB TLS records,
+        # so a TLS seeder queued one job per record and woke ten threads for it.
+        # Measured (docs/BENCHMARKS.md, "The TLS pair"): TLS seeder CPU 3.1-4.1 ->
+        # 1.7-1.8 ms/MB, TLS/plain pair 0.49-0.70x -> 0.80-0.97x, plain pair and
+        # 1->4 swarm unchanged within noise, fan-out at N = 8 TLS/plain 1.01x.
+        "aio_threads": 1,
         "request_queue_time": 1,
         "max_out_request_queue": 2000,
         "max_allowed_in_request_queue": 4000,
