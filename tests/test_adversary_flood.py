@@ -33,15 +33,15 @@ import pytest
 import trio
 
 from harness.images import build_image
-from harness.node import NodeProcess, metric_value, open_node
-from harness.procs import free_port
+from harness.node import NodeProcess, metric_value
 from harness.registry import Registry
 from harness.skopeo import push
 from harness.tlscerts import ClusterCA, client_ssl_context
-from harness.tracker import TrackerProcess, open_tracker
+from harness.tracker import TrackerProcess
 from p2preg.core import wire
 from p2preg.core.digest import Digest
 from p2preg.core.tls import ReloadingTLS
+from tests.fixtures.cluster import open_tls_cluster
 from tracker.client import open_tracker_client
 from tracker.metainfo import make_metainfo
 
@@ -88,18 +88,7 @@ def cluster(tmp_path: Path, registry: Registry, layout: Any) -> Iterator[Cluster
     ca = ClusterCA.make("flood")
     certs = tmp_path / "certs"
     with ExitStack() as stack:
-        tracker = stack.enter_context(open_tracker(
-            tmp_path / "tracker", args=QUOTAS,
-            tls_dir=ca.tls_dir(certs / "tracker", "tracker", "t", ips=["127.0.0.1"]),
-        ))
-        nodes = []
-        for name in ("a", "b"):
-            args = ("--tracker", tracker.url, "--peer-host", "127.0.0.1", "--peer-port", "0",
-                    "--peer-ssl-port", str(free_port()))
-            nodes.append(stack.enter_context(open_node(
-                tmp_path / name, [f"{SEED_NS}={registry.url}"], args=args, name=name,
-                tls_dir=ca.tls_dir(certs / name, "node", name),
-            )))
+        tracker, nodes = open_tls_cluster(stack, tmp_path, ca, registry.url, tracker_args=QUOTAS)
         yield Cluster(ca, certs, tracker, nodes, registry, layers)
 
 

@@ -35,17 +35,17 @@ import pytest
 import trio
 
 from harness.images import Blob, PushedImage, build_image
-from harness.node import NodeProcess, metric_value, open_node
-from harness.procs import free_port, wait_until
+from harness.node import NodeProcess, metric_value
+from harness.procs import wait_until
 from harness.registry import Registry
 from harness.skopeo import push
 from harness.tlscerts import ClusterCA
-from harness.tracker import TrackerProcess, open_tracker
+from harness.tracker import TrackerProcess
 from p2preg.core import errors
 from p2preg.core.digest import Digest
 from p2preg.core.tls import ReloadingTLS
 from p2preg.core.wire import LeaseStatus
-from tests.fixtures.cluster import Background
+from tests.fixtures.cluster import Background, open_tls_cluster
 from tests.fixtures.faults import Action, FaultProxy
 from tests.fixtures.reliability import Tally
 from tracker.client import TrackerClient, open_tracker_client
@@ -93,18 +93,9 @@ def cluster(tmp_path: Path, registry: Registry, layout: Any) -> Iterator[Cluster
     certs = tmp_path / "certs"
     with ExitStack() as stack:
         proxy = stack.enter_context(FaultProxy(registry.url))
-        tracker = stack.enter_context(open_tracker(
-            tmp_path / "tracker", args=TRACKER_ARGS,
-            tls_dir=ca.tls_dir(certs / "tracker", "tracker", "t", ips=["127.0.0.1"]),
-        ))
-        nodes = []
-        for name in ("a", "b"):
-            args = ("--tracker", tracker.url, "--peer-host", "127.0.0.1", "--peer-port", "0",
-                    "--peer-ssl-port", str(free_port()))
-            nodes.append(stack.enter_context(open_node(
-                tmp_path / name, [f"{SEED_NS}={proxy.url}"], args=args, name=name,
-                tls_dir=ca.tls_dir(certs / name, "node", name),
-            )))
+        tracker, nodes = open_tls_cluster(
+            stack, tmp_path, ca, proxy.url, tracker_args=TRACKER_ARGS
+        )
         yield Cluster(ca, certs, tracker, nodes[0], nodes[1], proxy, image)
 
 

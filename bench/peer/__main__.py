@@ -116,9 +116,13 @@ def tracker(
 
 
 async def publish(url: str, meta: Metainfo) -> str:
-    client = TrackerClient(url, node="bench-peer", token=TOKEN)
+    return await _file(TrackerClient(url, node="bench-peer", token=TOKEN), meta)
+
+
+async def _file(client: TrackerClient, meta: Metainfo) -> str:
+    """File `meta` as its lease holder (only the holder defines a first torrent);
+    the announce URL the seeder uses."""
     try:
-        # Only the digest's lease holder defines its first torrent.
         await client.acquire_lease(meta.digest, size=meta.size)
         await client.publish_metainfo(meta.digest, meta.size, meta.data)
     finally:
@@ -170,17 +174,9 @@ class _TLSPair:
 
 
 async def publish_tls(url: str, meta: Metainfo, tls_dir: Path) -> str:
-    """File SSL metainfo with a tracker of the pair's CA: over HTTPS with the seeder's
-    certificate once the tracker speaks it, else over its plain loopback port."""
-    tls = ReloadingTLS(tls_dir, role="node") if url.startswith("https:") else None
-    client = TrackerClient(url, node="seed", tls=tls)
-    try:
-        # Only the digest's lease holder defines its first torrent.
-        await client.acquire_lease(meta.digest, size=meta.size)
-        await client.publish_metainfo(meta.digest, meta.size, meta.data)
-    finally:
-        await client.aclose()
-    return client.announce_url
+    """File SSL metainfo with the pair's mTLS tracker, as the seeder's certificate."""
+    tls = ReloadingTLS(tls_dir, role="node")
+    return await _file(TrackerClient(url, node="seed", tls=tls), meta)
 
 
 @contextlib.contextmanager
