@@ -63,12 +63,13 @@ class Cluster:
         text = httpx.get(f"{self.tracker.metrics_url}/metrics", timeout=10).text
         return metric_value(text, name, **labels)
 
-    def upstream_copies(self) -> int:
-        """Blob GETs of our blob the seed registry served."""
+    def upstream_copies(self, blob: Blob | None = None) -> int:
+        """Blob GETs of `blob` (by default the cluster's) the seed registry served."""
+        digest = (blob or self.blob).digest
         self.registry.settle()
         return sum(
             1 for r in self.registry.served_requests()
-            if r.method == "GET" and r.blob is not None and r.blob[1] == self.blob.digest
+            if r.method == "GET" and r.blob is not None and r.blob[1] == digest
         )
 
     def tracker_answers(self) -> bool:

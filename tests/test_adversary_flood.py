@@ -42,6 +42,7 @@ from p2preg.core import wire
 from p2preg.core.digest import Digest
 from p2preg.core.tls import ReloadingTLS
 from tests.fixtures.cluster import open_tls_cluster
+from tests.fixtures.reliability import Attack, Tally
 from tracker.client import open_tracker_client
 from tracker.metainfo import make_metainfo
 
@@ -51,6 +52,7 @@ SEED_NS = "seed.test"
 REPO = "team/flooded"
 MiB = 1 << 20
 LAYERS = (3 * MiB, 4 * MiB)  # above the node's p2p threshold: lease and swarm
+COMMAND = ".venv/bin/pytest -q tests/test_adversary_flood.py"
 # Quotas low enough that the flood meets them within a second, far above what
 # two nodes pulling two layers ask for.
 QUOTAS = (
@@ -75,11 +77,13 @@ class Cluster:
     nodes: list[NodeProcess]
     registry: Registry
     layers: list[tuple[str, int]]
+    twins: list[tuple[str, int]]  # layers of the same sizes, pulled before the flood
 
 
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return build_image(tmp_path_factory.mktemp("flood"), seed="flood", layer_sizes=LAYERS)
+    return build_image(tmp_path_factory.mktemp("flood"), seed="flood",
+                       layer_sizes=LAYERS + LAYERS)
 
 
 @pytest.fixture
@@ -89,7 +93,8 @@ def cluster(tmp_path: Path, registry: Registry, layout: Any) -> Iterator[Cluster
     certs = tmp_path / "certs"
     with ExitStack() as stack:
         tracker, nodes = open_tls_cluster(stack, tmp_path, ca, registry.url, tracker_args=QUOTAS)
-        yield Cluster(ca, certs, tracker, nodes, registry, layers)
+        half = len(LAYERS)
+        yield Cluster(ca, certs, tracker, nodes, registry, layers[:half], layers[half:])
 
 
 class Flood:
@@ -177,9 +182,21 @@ def _tracker_metric(cluster: Cluster, name: str, **labels: str) -> float:
     return metric_value(text, name, **labels)
 
 
+async def _pull_all(cluster: Cluster, layers: list[tuple[str, int]]) -> float:
+    """Every node pulls every layer of `layers` at once; the seconds it took."""
+    started = trio.current_time()
+    with trio.fail_after(PULL_TIMEOUT_S):
+        async with trio.open_nursery() as pulls:
+            for node in cluster.nodes:
+                for digest, size in layers:
+                    pulls.start_soon(_pull, node, digest, size)
+    return trio.current_time() - started
+
+
 async def test_a_member_flooding_publishes_reports_and_leases_costs_the_others_nothing(
     cluster: Cluster, tmp_path: Path
 ) -> None:
+    without_s = await _pull_all(cluster, cluster.twins)  # the same pulls, no flood yet
     flood = Flood(cluster, tmp_path)
     done = trio.Event()
     watched: list[int] = []
@@ -193,13 +210,8 @@ async def test_a_member_flooding_publishes_reports_and_leases_costs_the_others_n
         # Let the adversary spend its bursts before the honest pulls start.
         with trio.fail_after(60):
             await flood.spent.wait()
-        started, sent = trio.current_time(), sum(flood.statuses.values())
-        with trio.fail_after(PULL_TIMEOUT_S):
-            async with trio.open_nursery() as pulls:
-                for node in cluster.nodes:
-                    for digest, size in cluster.layers:
-                        pulls.start_soon(_pull, node, digest, size)
-        pull_s = trio.current_time() - started
+        sent = sum(flood.statuses.values())
+        pull_s = await _pull_all(cluster, cluster.layers)
         during = sum(flood.statuses.values()) - sent
         done.set()
     # What the run saw (pytest -s shows it; nothing below depends on time).
@@ -226,6 +238,24 @@ async def test_a_member_flooding_publishes_reports_and_leases_costs_the_others_n
     for digest, _ in cluster.layers:
         assert 1 <= gets[digest] <= 2, gets
     upstream = sum(n.metric("p2preg_blob_fetches_total", source="upstream") for n in cluster.nodes)
-    assert upstream <= 2 * len(cluster.layers)
+    assert upstream <= 2 * len(cluster.layers) + sum(gets[d] for d, _ in cluster.twins)
     for process in (cluster.tracker.process, *(n.process for n in cluster.nodes)):
         assert process.returncode is None, process.name
+    _record(cluster, without_s, pull_s, gets, during)
+
+
+def _record(cluster: Cluster, without_s: float, with_s: float, gets: Counter[str],
+            during: int) -> None:
+    tally = Tally("adversary-flood", COMMAND)
+    pulls = len(cluster.nodes) * (len(cluster.layers) + len(cluster.twins))
+    tally.pulls_attempted = tally.pulls_completed = pulls
+    tally.bytes_verified = len(cluster.nodes) * sum(size for _, size in cluster.layers * 2)
+    tally.faults_injected["a flood of publishes, reports and leases"] += 1
+    tally.attacks.append(Attack(
+        "a flood of publishes, reports and leases", without_s, with_s,
+        sum(gets[d] for d, _ in cluster.twins), sum(gets[d] for d, _ in cluster.layers),
+        p2p_again_s=None,
+        note=f"{len(cluster.nodes)} nodes pull {len(cluster.layers)} layers at once; "
+             f"{during / with_s:.0f} adversary requests/s meanwhile",
+    ))  # fmt: skip
+    tally.write()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +47,7 @@ from p2preg.core.tls import ReloadingTLS
 from p2preg.core.wire import LeaseStatus
 from tests.fixtures.cluster import Background, open_tls_cluster
 from tests.fixtures.faults import Action, FaultProxy
-from tests.fixtures.reliability import Tally
+from tests.fixtures.reliability import Attack, Tally
 from tracker.client import TrackerClient, open_tracker_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -194,13 +194,12 @@ def test_fake_progress_on_a_lease_costs_one_window_and_no_extra_upstream_copy(
     assert sum(n.metric("p2preg_blob_fetches_total", source="peers")
                for n in (cluster.a, cluster.b)) == 2
     _honest_nodes_never_gave_up(cluster)
-    tally.extra["fake_progress"] = {
-        "pull_s_without_attack": round(baseline_s, 2),
-        "pull_s_with_attack": round(attacked_s, 2),
-        "rate_window_s": WINDOW_S,
-        "upstream_copies_with_attack": _upstream_gets(cluster, attacked),
-        "replacements": 1,
-    }
+    tally.attacks.append(Attack(
+        "fake progress on a lease (+1 byte/s)", baseline_s, attacked_s,
+        _upstream_gets(cluster, base), _upstream_gets(cluster, attacked),
+        p2p_again_s=attacked_s,  # the honest fetch that replaced evil's fed the other node
+        note=f"rate window {WINDOW_S:.0f} s (30 s by default)",
+    ))  # fmt: skip
 
 
 async def _hijack(cluster: Cluster, blob: Blob) -> None:
@@ -220,40 +219,49 @@ async def _hijack(cluster: Cluster, blob: Blob) -> None:
             await evil.renew_lease(digest, "0" * 32, blob.size, blob.size)
 
 
-def test_naming_the_holder_gets_no_lease_id_and_the_holder_is_undisturbed(
-    cluster: Cluster, tally: Tally
-) -> None:
-    _, blob = _layers(cluster)
-    cluster.proxy.script(lambda m, p: m == "GET" and p.endswith(blob.digest),
-                         Action("throttle", bytes_per_s=SHAPED_BYTES_S))
-    holder = Background(lambda: _pull(cluster.a, cluster, blob)).start()
-    wait_until(lambda: _upstream_gets(cluster, blob) == 1, timeout_s=30,
-               what="a to start its upstream fetch", interval_s=0.1)
-    trio.run(_hijack, cluster, blob)
-    waiting = Background(lambda: _pull(cluster.b, cluster, blob)).start()
-    assert holder.result(120) == waiting.result(120) == blob.size
-    tally.pulls_attempted += 2
-    tally.pulls_completed += 2
-    tally.faults_injected["lease hijack naming the holder"] += 1
-    assert _upstream_gets(cluster, blob) == 1
-    assert _tracker_metric(cluster, "p2preg_tracker_lease_replacements_total") == 0
-    assert cluster.b.metric("p2preg_blob_fetches_total", source="peers") == 1
-    _honest_nodes_never_gave_up(cluster)
-
-
-def test_an_honest_holder_on_a_shaped_link_is_not_replaced(
-    cluster: Cluster, tally: Tally
-) -> None:
-    _, blob = _layers(cluster)
+def _paced_pair(
+    cluster: Cluster, blob: Blob, meanwhile: Callable[[], None] | None = None
+) -> float:
+    """a pulls `blob` over the paced link, `meanwhile` runs once a's fetch began,
+    then b pulls it too; seconds until both have the verified bytes."""
     cluster.proxy.script(lambda m, p: m == "GET" and p.endswith(blob.digest),
                          Action("throttle", bytes_per_s=SHAPED_BYTES_S))
     start = time.monotonic()
     holder = Background(lambda: _pull(cluster.a, cluster, blob)).start()
     wait_until(lambda: _upstream_gets(cluster, blob) == 1, timeout_s=30,
                what="a to start its upstream fetch", interval_s=0.1)
+    if meanwhile is not None:
+        meanwhile()
     waiting = Background(lambda: _pull(cluster.b, cluster, blob)).start()
     assert holder.result(120) == waiting.result(120) == blob.size
-    took = time.monotonic() - start
+    return time.monotonic() - start
+
+
+def test_naming_the_holder_gets_no_lease_id_and_the_holder_is_undisturbed(
+    cluster: Cluster, tally: Tally
+) -> None:
+    base, blob = _layers(cluster)
+    baseline_s = _paced_pair(cluster, base)
+    hijacked_s = _paced_pair(cluster, blob, lambda: trio.run(_hijack, cluster, blob))
+    tally.pulls_attempted += 4
+    tally.pulls_completed += 4
+    tally.faults_injected["lease hijack naming the holder"] += 1
+    assert _upstream_gets(cluster, blob) == 1
+    assert _tracker_metric(cluster, "p2preg_tracker_lease_replacements_total") == 0
+    assert cluster.b.metric("p2preg_blob_fetches_total", source="peers") == 2
+    _honest_nodes_never_gave_up(cluster)
+    tally.attacks.append(Attack(
+        "lease hijack: naming the holder, and asking as itself", baseline_s, hijacked_s,
+        _upstream_gets(cluster, base), _upstream_gets(cluster, blob), p2p_again_s=None,
+        note=f"upstream paced at {SHAPED_BYTES_S // 1024} KiB/s",
+    ))  # fmt: skip
+
+
+def test_an_honest_holder_on_a_shaped_link_is_not_replaced(
+    cluster: Cluster, tally: Tally
+) -> None:
+    _, blob = _layers(cluster)
+    took = _paced_pair(cluster, blob)
     tally.pulls_attempted += 2
     tally.pulls_completed += 2
     # 3 MiB at 512 KiB/s is about 6 s against a 4 s window: the rate was judged

@@ -18,7 +18,9 @@ rooted at the cluster CA, made from garbage bytes of the layer's size.
 
 Each time: every pull returns the right bytes, the seed registry sends the
 layer twice in all (one copy more than without the attack), `evil` loses its
-right to define torrents, and the tracker answers throughout.
+right to define torrents, and the tracker answers throughout. The same three
+nodes pull a twin layer of the same size, which nobody attacks, first: the
+side-by-side numbers.
 """
 
 from __future__ import annotations
@@ -48,10 +50,12 @@ from p2preg.core import wire
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
 from p2preg.core.tls import ReloadingTLS
+from tests.fixtures.reliability import Attack, Tally
 from tracker.metainfo import make_metainfo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+COMMAND = ".venv/bin/pytest -q tests/test_adversary_poison.py"
 SEED_NS = "seed.test"
 REPO = "team/poison"
 MiB = 1 << 20
@@ -66,6 +70,7 @@ class World:
     registry: Registry
     digest: str
     size: int
+    twin: str  # a layer of the same size nobody attacks
     stack: ExitStack
     workdir: Path
     config: Path
@@ -79,13 +84,18 @@ class World:
             tls_dir=tls_dir,
         ))  # fmt: skip
 
-    def upstream_gets(self) -> int:
-        """GETs of the layer the seed registry answered, so far."""
+    def upstream_gets(self, digest: str | None = None) -> int:
+        """GETs of the layer (or of `digest`) the seed registry answered, so far."""
         self.registry.settle()
         return sum(
             1 for r in self.registry.served_requests()
-            if r.method == "GET" and r.blob is not None and r.blob[1] == self.digest
+            if r.method == "GET" and r.blob is not None and r.blob[1] == (digest or self.digest)
         )  # fmt: skip
+
+    def control_pulls(self, names: tuple[str, ...]) -> tuple[list[NodeProcess], float]:
+        """Start the honest nodes; they pull the twin layer one after another: seconds."""
+        nodes = [self.node(name) for name in names]
+        return nodes, sum(pull(node, self, self.twin) for node in nodes)
 
     def tracker_metric(self, name: str, **labels: str) -> float:
         assert self.tracker.metrics_url is not None
@@ -131,12 +141,20 @@ class Adversary:
 
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    return build_image(tmp_path_factory.mktemp("poison"), seed="poison", layer_sizes=(SIZE,))
+    return build_image(tmp_path_factory.mktemp("poison"), seed="poison",
+                       layer_sizes=(SIZE, SIZE))
+
+
+@pytest.fixture(scope="module")
+def tally() -> Iterator[Tally]:
+    t = Tally("adversary-poison", COMMAND)
+    yield t
+    t.write()
 
 
 @pytest.fixture
 def world(tmp_path: Path, registry: Registry, layout: Any) -> Iterator[World]:
-    (blob,) = push(layout, registry.host, REPO).manifests[0].layers
+    blob, twin = push(layout, registry.host, REPO).manifests[0].layers
     ca = ClusterCA.make("poison")
     certs = tmp_path / "certs"
     config = tmp_path / "node.toml"
@@ -147,8 +165,8 @@ def world(tmp_path: Path, registry: Registry, layout: Any) -> Iterator[World]:
             tmp_path / "tracker",
             tls_dir=ca.tls_dir(certs / "tracker", "tracker", "t", ips=["127.0.0.1"]),
         ))  # fmt: skip
-        yield World(ca, certs, tracker, registry, blob.digest, blob.size, stack, tmp_path,
-                    config)  # fmt: skip
+        yield World(ca, certs, tracker, registry, blob.digest, blob.size, twin.digest, stack,
+                    tmp_path, config)  # fmt: skip
 
 
 def poison_for(world: World) -> Metainfo:
@@ -158,13 +176,14 @@ def poison_for(world: World) -> Metainfo:
     return make_metainfo(path, Digest.parse(world.digest), world.size, root=world.ca.cert_pem)
 
 
-def pull(node: NodeProcess, world: World) -> float:
-    """Pull the layer through `node`, check every byte, return how long it took."""
+def pull(node: NodeProcess, world: World, digest: str | None = None) -> float:
+    """Pull the layer (or `digest`) through `node`, check every byte, return the seconds."""
+    digest = digest or world.digest
     start = time.monotonic()
-    r = httpx.get(f"{node.url}/v2/{REPO}/blobs/{world.digest}?ns={SEED_NS}", timeout=120)
+    r = httpx.get(f"{node.url}/v2/{REPO}/blobs/{digest}?ns={SEED_NS}", timeout=120)
     took = time.monotonic() - start
     assert r.status_code == 200, r.text[:300]
-    assert "sha256:" + hashlib.sha256(r.content).hexdigest() == world.digest
+    assert "sha256:" + hashlib.sha256(r.content).hexdigest() == digest
     return took
 
 
@@ -186,16 +205,16 @@ def assert_quarantined(evil: Adversary) -> None:
     assert "lost a dispute" in wire.decode(wire.ErrorReply, refused.content).message
 
 
-def test_poisoning_before_the_honest_publish(world: World) -> None:
+def test_poisoning_before_the_honest_publish(world: World, tally: Tally) -> None:
     evil = Adversary(world)
     try:
+        (h1, h2, h3), without_s = world.control_pulls(("h1", "h2", "h3"))
         poison = poison_for(world)
         granted = wire.decode(wire.LeaseReply, evil.lease(world.digest, world.size).content)
         assert granted.status is wire.LeaseStatus.GRANTED  # first to ask: the holder
         assert evil.publish(poison).status_code == 201
         assert evil.announce_seeder(poison, free_port()).get(b"complete") == 1
 
-        h1 = world.node("h1")
         took_h1 = pull(h1, world)  # the poisoned swarm stalls; h1 falls back and disputes
         assert h1.metric("p2preg_fallbacks_total", reason="stalled") == 1
         assert world.tracker_metric("p2preg_tracker_disputes_total", outcome="opened") == 1
@@ -203,28 +222,28 @@ def test_poisoning_before_the_honest_publish(world: World) -> None:
         assert lookup(evil.http, world) == poison.data
         assert evil.publish(poison).status_code == 200  # the same torrent: nothing defined
 
-        h2 = world.node("h2")
         took_h2 = pull(h2, world)  # told VERIFY: fetches upstream, settles
         assert world.tracker_metric("p2preg_tracker_disputes_total", outcome="overturned") == 1
         assert lookup(evil.http, world) != poison.data
         assert_quarantined(evil)
 
-        h3 = world.node("h3")
         took_h3 = pull(h3, world)
         assert h3.metric("p2preg_peer_blob_bytes_total") > 0  # P2P serves the digest again
-        assert h3.metric("p2preg_blob_fetches_total", source="peers") == 1
+        assert h3.metric("p2preg_blob_fetches_total", source="peers") == 2  # and the twin
         assert world.upstream_gets() == 2  # h1's fallback and h2's verification
-        assert all(n.metric("p2preg_blob_fetches_total", source="upstream") == 1
-                   for n in (h1, h2))  # fmt: skip
-        print(f"\npoison before: h1 {took_h1:.2f} s, h2 {took_h2:.2f} s, h3 {took_h3:.2f} s")
+        assert world.upstream_gets(world.twin) == 1
+        assert [n.metric("p2preg_blob_fetches_total", source="upstream")
+                for n in (h1, h2)] == [2, 1]  # fmt: skip
+        record_attack(tally, world, "poisoning before the honest publish", without_s,
+                      (took_h1, took_h2, took_h3))  # fmt: skip
     finally:
         evil.close()
 
 
-def test_poisoning_after_the_honest_publish(world: World) -> None:
+def test_poisoning_after_the_honest_publish(world: World, tally: Tally) -> None:
     evil = Adversary(world)
     try:
-        h1 = world.node("h1")
+        (h1, h2, h3), without_s = world.control_pulls(("h1", "h2", "h3"))
         took_h1 = pull(h1, world)  # granted: defines the torrent
         filed = record(evil.http, world)
         honest, stored_hash = filed.metainfo, filed.info_hashes[0]
@@ -238,18 +257,32 @@ def test_poisoning_after_the_honest_publish(world: World) -> None:
         again = evil.report(stored_hash, poison_for(world))
         assert again.status_code == 409  # one dispute per digest at a time
 
-        h2 = world.node("h2")
         took_h2 = pull(h2, world)  # told VERIFY: fetches upstream, the honest torrent stays
         assert world.tracker_metric("p2preg_tracker_disputes_total", outcome="upheld") == 1
         assert lookup(evil.http, world) == honest
         assert_quarantined(evil)
         assert evil.report(stored_hash, poison).status_code == 403
 
-        h3 = world.node("h3")
         took_h3 = pull(h3, world)
         assert h3.metric("p2preg_peer_blob_bytes_total") > 0
         assert world.upstream_gets() == 2  # h1's own fetch and h2's verification
-        print(f"\npoison after: h1 {took_h1:.2f} s, h2 {took_h2:.2f} s, h3 {took_h3:.2f} s")
+        assert world.upstream_gets(world.twin) == 1
+        record_attack(tally, world, "poisoning after the honest publish", without_s,
+                      (took_h1, took_h2, took_h3), settled_s=took_h2)  # fmt: skip
     finally:
         evil.close()
 
+
+def record_attack(tally: Tally, world: World, name: str, without_s: float,
+                  took: tuple[float, float, float], settled_s: float | None = None) -> None:
+    """One attack's numbers: P2P serves the digest again once h2 settled the dispute
+    (`settled_s` after the attack began: by default h1's and h2's pulls)."""
+    tally.pulls_attempted += 6
+    tally.pulls_completed += 6
+    tally.bytes_verified += 6 * world.size
+    tally.faults_injected[name] += 1
+    tally.attacks.append(Attack(
+        name, without_s, sum(took), world.upstream_gets(world.twin), world.upstream_gets(),
+        p2p_again_s=took[0] + took[1] if settled_s is None else settled_s,
+        note="h1, h2, h3 one after another; swarm_stall_s = 3 here (30 by default)",
+    ))  # fmt: skip

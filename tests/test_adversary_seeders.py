@@ -13,10 +13,14 @@ port, straight at the mTLS tracker. Real tracker, real nodes, real registry:
   gets the upstream lease at once, and the blob crosses the upstream link
   exactly as often as without the attack (twice: the first pull, and the pull
   after every honest seeder left).
+
+The same nodes pull a twin layer of the same size that mallory leaves alone
+right before each attacked pull: the side-by-side numbers.
 """
 
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ import pytest
 import trio
 
 from harness.images import build_image
+from harness.node import NodeProcess
 from harness.procs import wait_until
 from harness.registry import Registry
 from harness.skopeo import push
@@ -34,10 +39,12 @@ from harness.tlscerts import ClusterCA, https_client
 from p2preg.core.digest import Digest
 from p2preg.core.tls import ReloadingTLS
 from tests.adversary_cluster import Blob, Cluster, MiB, pull_verified, start_tracker
+from tests.fixtures.reliability import Attack, Tally
 from tracker.client import open_tracker_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+COMMAND = ".venv/bin/pytest -q tests/test_adversary_seeders.py"
 REPO = "team/fake-seeders"
 FAKES = 1000
 # Short peer lifetimes, so that honest seeders that left are gone within the test.
@@ -48,7 +55,7 @@ TRACKER_ARGS = ("--announce-interval-s", "10", "--min-announce-interval-s", "1",
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return build_image(tmp_path_factory.mktemp("fakeseeders"), seed="fakeseeders",
-                       layer_sizes=(3 * MiB,))
+                       layer_sizes=(3 * MiB, 3 * MiB))
 
 
 async def _swarm_key(cluster: Cluster, tls_dir: Path) -> bytes:
@@ -76,32 +83,41 @@ async def _announce(cluster: Cluster, tls_dir: Path, ih: bytes, count: int) -> l
     return answers
 
 
+def _timed(node: NodeProcess, blob: Blob) -> float:
+    start = time.monotonic()
+    pull_verified(node, blob)
+    return time.monotonic() - start
+
+
 def test_a_thousand_fake_seeders_hold_one_entry_and_win_no_seeded(
     tmp_path: Path, registry: Registry, layout: Any
 ) -> None:
-    (layer,) = push(layout, registry.host, REPO).manifests[0].layers
+    layer, twin = push(layout, registry.host, REPO).manifests[0].layers
     ca = ClusterCA.make("fakeseeders")
+    tally = Tally("adversary-fake-seeders", COMMAND)
     with ExitStack() as stack:
         tracker = start_tracker(stack, tmp_path, ca, TRACKER_ARGS)
         cluster = Cluster(ca, tmp_path / "certs", tracker, registry,
                           Blob(REPO, layer.digest, layer.size), tmp_path)
+        control = Blob(REPO, twin.digest, twin.size)
         mallory = cluster.identity("mallory")
         with ExitStack() as honest:
             a = cluster.node(honest, "a")
-            pull_verified(a, cluster.blob)  # upstream copy 1; a publishes and seeds
+            for blob in (cluster.blob, control):
+                pull_verified(a, blob)  # upstream copy 1 of each; a publishes and seeds
             ih = trio.run(_swarm_key, cluster, mallory)
             answers = trio.run(_announce, cluster, mallory, ih, FAKES)
             assert all(b"failure reason" not in answer for answer in answers)
-            # One entry for mallory beside a; only a counts as a seeder.
-            assert cluster.tracker_metric("p2preg_tracker_peers") == 2
-            assert cluster.tracker_metric("p2preg_tracker_seeders") == 1
+            # One entry for mallory beside a's two; only a counts as a seeder.
+            assert cluster.tracker_metric("p2preg_tracker_peers") == 3
+            assert cluster.tracker_metric("p2preg_tracker_seeders") == 2
             assert answers[-1][b"complete"] == 1
             assert cluster.tracker_metric("p2preg_tracker_peers_replaced_total") == FAKES - 1
             assert cluster.tracker_metric("p2preg_tracker_unconfirmed_seeds_total") == FAKES
             # An honest pull meanwhile: from a, through the swarm, verified.
             b = cluster.node(honest, "b")
-            pull_verified(b, cluster.blob)
-            assert b.metric("p2preg_blob_fetches_total", source="peers") == 1
+            without_s, with_s = _timed(b, control), _timed(b, cluster.blob)
+            assert b.metric("p2preg_blob_fetches_total", source="peers") == 2
         # Every honest seeder has left; mallory's claim stays a claim.
         wait_until(lambda: cluster.tracker_metric("p2preg_tracker_peers") == 0, timeout_s=60,
                    what="the honest seeders to leave the swarm", process=tracker.process)
@@ -109,12 +125,23 @@ def test_a_thousand_fake_seeders_hold_one_entry_and_win_no_seeded(
         assert again[b"complete"] == 0
         assert cluster.tracker_metric("p2preg_tracker_peers") == 1
         c = cluster.node(stack, "c")
-        pull_verified(c, cluster.blob)
+        without_s += _timed(c, control)
+        with_s += _timed(c, cluster.blob)
         # c got the lease at once: no stalled swarm download, no fallback.
-        assert c.metric("p2preg_blob_fetches_total", source="upstream") == 1
+        assert c.metric("p2preg_blob_fetches_total", source="upstream") == 2
         assert sum(c.metric("p2preg_fallbacks_total", reason=r)
                    for r in ("stalled", "tracker", "lease_wait")) == 0
-        assert cluster.tracker_metric("p2preg_tracker_lease_grants_total") == 2
+        assert cluster.tracker_metric("p2preg_tracker_lease_grants_total") == 4
         assert cluster.upstream_copies() == 2  # the same as without mallory
+        assert cluster.upstream_copies(control) == 2
         assert cluster.tracker_answers()
         assert trio.run(_announce, cluster, mallory, ih, 1)[0][b"complete"] == 1  # c seeds
+        tally.pulls_attempted = tally.pulls_completed = 6
+        tally.bytes_verified = 6 * layer.size
+        tally.faults_injected[f"{FAKES} fake seeders from one identity"] += 1
+        tally.attacks.append(Attack(
+            f"{FAKES} fake seeders from one identity", without_s, with_s,
+            cluster.upstream_copies(control), cluster.upstream_copies(), p2p_again_s=None,
+            note="b pulls with an honest seeder beside mallory, c after every honest one left",
+        ))  # fmt: skip
+        tally.write()

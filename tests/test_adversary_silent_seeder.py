@@ -10,9 +10,13 @@ mallory. Real tracker, real nodes, real registry:
 
 - two honest nodes pulling at once are stalled by it; each reports it, and the
   second report delists it (the tracker logs its identity);
-- both pulls still complete, verified, from upstream once their own
-  `swarm_stall_s` ran out: one upstream copy more than without mallory (where
-  one of them would have taken the lease and fed the other);
+- as soon as mallory is the only peer they have and they reported it
+  (`peer_stall_report_s`, not `swarm_stall_s`), they ask the tracker again,
+  which no longer sends them to the swarm: one takes the lease and fetches
+  upstream, the other waits for it and gets the blob from it. Both pulls
+  complete, verified, and the blob crosses the upstream link as often as
+  without mallory — as the same two nodes show with a twin layer of the same
+  size just before, for the side-by-side numbers;
 - the next pull is not handed mallory: it gets the blob from the honest
   nodes through the swarm, and the tracker keeps answering everyone.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -40,10 +45,12 @@ from p2preg.core.tls import ReloadingTLS
 from p2preg.node.peertls import PeerTLS
 from p2preg.node.swarm import session_settings
 from tests.adversary_cluster import Blob, Cluster, MiB, pull_verified, start_tracker
+from tests.fixtures.reliability import Attack, Tally
 from tracker.client import open_tracker_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+COMMAND = ".venv/bin/pytest -q tests/test_adversary_silent_seeder.py"
 REPO = "team/silent-seeder"
 # Far below a block per peer_stall_report_s, yet enough to get the handshake,
 # bitfield and unchoke out (libtorrent rate-limits protocol bytes too).
@@ -56,7 +63,7 @@ TRACKER_ARGS = ("--announce-interval-s", "10", "--min-announce-interval-s", "1",
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return build_image(tmp_path_factory.mktemp("silentseeder"), seed="silentseeder",
-                       layer_sizes=(3 * MiB,))
+                       layer_sizes=(3 * MiB, 3 * MiB))
 
 
 class SilentSeeder:
@@ -102,8 +109,9 @@ async def _confirm(cluster: Cluster, tls_dir: Path) -> bytes:
     return record.metainfo
 
 
-def _pull_all(nodes: list[Any], blob: Blob) -> None:
-    """Pull through every node at once; re-raise the first failure."""
+def _pull_all(nodes: list[Any], blob: Blob) -> float:
+    """Pull through every node at once; re-raise the first failure, or return the seconds."""
+    start = time.monotonic()
     failures: list[BaseException] = []
 
     def pull(node: Any) -> None:
@@ -120,50 +128,69 @@ def _pull_all(nodes: list[Any], blob: Blob) -> None:
     assert not any(t.is_alive() for t in threads), "a pull did not end"
     if failures:
         raise failures[0]
+    return time.monotonic() - start
 
 
-def test_a_seeder_that_never_sends_is_reported_delisted_and_costs_one_copy(
+def test_a_seeder_that_never_sends_is_reported_delisted_and_costs_no_copy(
     tmp_path: Path, registry: Registry, layout: Any
 ) -> None:
-    (layer,) = push(layout, registry.host, REPO).manifests[0].layers
+    layer, twin = push(layout, registry.host, REPO).manifests[0].layers
     ca = ClusterCA.make("silentseeder")
     config = tmp_path / "node.toml"
     config.write_text(NODE_CONFIG)
     node_args = ("--config", str(config))
+    tally = Tally("adversary-silent-seeder", COMMAND)
     with ExitStack() as stack:
         tracker = start_tracker(stack, tmp_path, ca, TRACKER_ARGS)
         cluster = Cluster(ca, tmp_path / "certs", tracker, registry,
                           Blob(REPO, layer.digest, layer.size), tmp_path)
+        control = Blob(REPO, twin.digest, twin.size)
         mallory_tls = cluster.identity("mallory")
         with ExitStack() as first:
             a = cluster.node(first, "a", node_args)
-            pull_verified(a, cluster.blob)  # upstream copy 1; a publishes and seeds
+            for blob in (cluster.blob, control):
+                pull_verified(a, blob)  # upstream copy 1 of each; a publishes and seeds
             metainfo = trio.run(_confirm, cluster, mallory_tls)
             mallory = SilentSeeder(tmp_path / "mallory", mallory_tls, tracker.url, metainfo,
                                    layout.blob_path(layer.digest), Digest.parse(layer.digest))
             stack.callback(mallory.close)
-            wait_until(lambda: cluster.tracker_metric("p2preg_tracker_seeders") == 2,
+            wait_until(lambda: cluster.tracker_metric("p2preg_tracker_seeders") == 3,
                        timeout_s=30, what="mallory to count as a seeder", process=tracker.process)
-        # a has left: the tracker sends every downloader to mallory.
+        # a has left: the tracker sends every downloader of the layer to mallory.
         wait_until(lambda: cluster.tracker_metric("p2preg_tracker_seeders") == 1, timeout_s=60,
                    what="a to leave the swarm", process=tracker.process)
         b, c = cluster.node(stack, "b", node_args), cluster.node(stack, "c", node_args)
-        _pull_all([b, c], cluster.blob)
+        without_s = _pull_all([b, c], control)  # nobody seeds it: one fetches, feeds the other
+        with_s = _pull_all([b, c], cluster.blob)
         for node in (b, c):
             assert node.metric("p2preg_peer_stalls_total") == 1
-            assert node.metric("p2preg_fallbacks_total", reason="stalled") == 1
+            assert node.metric("p2preg_fallbacks_total", reason="stalled") == 0
+            assert node.metric("p2preg_fallbacks_total", reason="peers_stalled") == 0
+        # One of them fetched the layer as the lease holder, one the twin.
+        assert sum(n.metric("p2preg_blob_fetches_total", source="upstream")
+                   for n in (b, c)) == 2  # fmt: skip
         assert cluster.tracker_metric("p2preg_tracker_stall_reports_total",
                                       outcome="delisted") == 1
         assert cluster.tracker_metric("p2preg_tracker_peers_cooling") == 1
         assert "'mallory' delisted" in tracker.process.log_path.read_text()
         assert mallory.uploaded() < 64 * 1024  # not a block per report period
-        # One copy more than without mallory: a's, and b's and c's fallbacks.
-        assert cluster.upstream_copies() == 3
-        # The next pull is not sent to mallory: b and c (they published the same
-        # torrent after their fallback, which confirms it) serve it.
+        # As many copies as without mallory: a's, and the new holder's.
+        assert cluster.upstream_copies() == 2
+        assert cluster.upstream_copies(control) == 2
+        # The next pull is not sent to mallory: b and c serve it.
         d = cluster.node(stack, "d", node_args)
         pull_verified(d, cluster.blob)
         assert d.metric("p2preg_blob_fetches_total", source="peers") == 1
         assert d.metric("p2preg_peer_stalls_total") == 0
-        assert cluster.upstream_copies() == 3
+        assert cluster.upstream_copies() == 2
         assert cluster.tracker_answers()
+        tally.pulls_attempted = tally.pulls_completed = 7
+        tally.bytes_verified = 7 * layer.size
+        tally.faults_injected["a seeder that never sends"] += 1
+        tally.attacks.append(Attack(
+            "a seeder that never sends (the only one)", without_s, with_s,
+            cluster.upstream_copies(control) - 1, cluster.upstream_copies() - 1,
+            p2p_again_s=with_s,  # from then on b and c seed it; d got it from them
+            note="after a's first copy; peer_stall_report_s = 2 here (10 by default)",
+        ))  # fmt: skip
+        tally.write()

@@ -62,3 +62,36 @@ def test_compact_entries_match_the_trackers() -> None:
     assert compact(("127.0.0.1", 6881)) == bytes([127, 0, 0, 1, 0x1A, 0xE1])
     assert compact(("::ffff:10.0.0.2", 1)) == bytes([10, 0, 0, 2, 0, 1])
     assert compact(("::1", 2)) == bytes(15) + b"\x01\x00\x02"
+
+
+def test_every_peer_stalls_only_while_each_is_a_stalling_one() -> None:
+    watch = StallWatch(stall_s=5)
+    assert not watch.every_peer_stalls()  # no peers yet: the swarm may still find some
+    watch.observe([PeerSample(SILENT, True, 0), PeerSample(CHOKING, False, 0)], 0)
+    watch.observe([PeerSample(SILENT, True, 0), PeerSample(CHOKING, False, 0)], 6)
+    assert not watch.every_peer_stalls()  # the choking peer may still unchoke us
+    assert watch.observe([PeerSample(SILENT, True, 0)], 7) == []  # reported already
+    assert watch.every_peer_stalls()  # the choking one left: only the silent one is left
+    watch.observe([PeerSample(SILENT, True, BLOCK_BYTES)], 8)
+    assert not watch.every_peer_stalls()  # a block came: it delivers after all
+    watch.observe([PeerSample(SILENT, True, BLOCK_BYTES), PeerSample(SLOW, True, 0)], 14)
+    assert not watch.every_peer_stalls()  # a new peer is not judged yet
+    assert not watch.alone_too_long()
+    # A peer with nothing we want (a fellow downloader) neither serves nor stalls us.
+    fellow = PeerSample(CHOKING, False, 0, wanted=False)
+    watch.observe([PeerSample(SILENT, True, BLOCK_BYTES), fellow], 20)
+    assert watch.every_peer_stalls()
+
+
+def test_alone_too_long_once_no_peer_came_for_a_period() -> None:
+    watch = StallWatch(stall_s=5)
+    watch.observe([], 0)
+    watch.observe([], 4)
+    assert not watch.alone_too_long()  # connecting takes a moment
+    watch.observe([PeerSample(SLOW, False, 0)], 4.5)
+    watch.observe([], 5)
+    watch.observe([], 9)
+    assert not watch.alone_too_long()  # alone again only since 5
+    watch.observe([PeerSample(CHOKING, False, 0, wanted=False)], 10)
+    assert watch.alone_too_long()  # the seeders the tracker named never answered
+    assert not watch.every_peer_stalls()

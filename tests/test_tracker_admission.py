@@ -18,6 +18,7 @@ from tests.tracker_helpers import blob_meta, make_tracker, publish_as_holder
 from tracker.admission import Admission, StallVerdict, announce_identity
 from tracker.announce import AnnounceRequest, Event
 from tracker.peers import compact_address
+from tracker.state import open_sqlite_store
 from tracker.status import tracker_status
 
 
@@ -124,16 +125,16 @@ async def test_the_coordinator_admits_one_peer_per_identity_and_confirmed_seeder
     # comes before the node has hashed the blob); its confirmation promotes it.
     t.announce(ann(ih, 7001, "b", left=0), "10.0.0.2", "http")
     assert t.peers.seeders(digest) == 0
-    t.confirm_seed(digest, wire.ConfirmSeed("b", meta.info_hash_v2))
+    await t.confirm_seed(digest, wire.ConfirmSeed("b", meta.info_hash_v2))
     assert t.peers.seeders(digest) == 1
     # The publisher counts from its first left=0 announce.
     reply = t.announce(ann(ih, 7000, "pub", left=0), "10.0.0.1", "http")
     assert reply.complete == 2
     # A confirmation must name the torrent filed now.
     with pytest.raises(errors.MetainfoConflict):
-        t.confirm_seed(digest, wire.ConfirmSeed("c", b"\x00" * 32))
+        await t.confirm_seed(digest, wire.ConfirmSeed("c", b"\x00" * 32))
     with pytest.raises(errors.NotFound):
-        t.confirm_seed(str(blob_meta(tmp_path).digest), wire.ConfirmSeed("c", ih))
+        await t.confirm_seed(str(blob_meta(tmp_path).digest), wire.ConfirmSeed("c", ih))
     # Publishing the same torrent again is a confirmation too.
     await t.publish(digest, wire.PublishMetainfo("c", meta.size, meta.data))
     t.announce(ann(ih, 7003, "c", left=0), "10.0.0.3", "http")
@@ -169,3 +170,48 @@ async def test_the_coordinator_delists_a_peer_two_identities_report(tmp_path: Pa
     outcomes = {o: c._value.get() for o, c in t.metrics.stall_reports.items()}
     assert outcomes == {"counted": 1, "ignored": 1, "unknown_peer": 1, "delisted": 1}
     assert tracker_status(t, 10).seeders == 0
+
+
+async def test_a_node_that_reported_every_seeder_is_not_sent_back_to_the_swarm(
+    tmp_path: Path,
+) -> None:
+    t = make_tracker(tmp_path)
+    meta = blob_meta(tmp_path)
+    digest = str(meta.digest)
+    (ih,) = meta.swarm_keys
+    await publish_as_holder(t, meta, "pub")
+    silent = compact_address("10.0.0.66", 6666)
+    t.announce(ann(ih, 6666, "pub", left=0), "10.0.0.66", "http")
+
+    async def ask(node: str) -> wire.LeaseReply:
+        return await t.acquire_lease(digest, wire.LeaseRequest(node, meta.size))
+
+    assert (await ask("n1")).status is wire.LeaseStatus.SEEDED
+    t.report_stall(digest, wire.ReportStall("n1", silent))
+    # n1 reported the only seeder: it fetches; n2, who did not, still joins the swarm.
+    granted = await ask("n1")
+    assert granted.status is wire.LeaseStatus.GRANTED and granted.holder == "n1"
+    assert (await ask("n2")).status is wire.LeaseStatus.SEEDED
+    # A second seeder n1 has not reported: the swarm again, for n1 too.
+    await t.confirm_seed(digest, wire.ConfirmSeed("n3", ih))
+    t.announce(ann(ih, 6667, "n3", left=0), "10.0.0.3", "http")
+    assert (await ask("n1")).status is wire.LeaseStatus.SEEDED
+
+
+async def test_confirmations_survive_a_tracker_restart_on_its_store(tmp_path: Path) -> None:
+    meta = blob_meta(tmp_path)
+    digest = str(meta.digest)
+    (ih,) = meta.swarm_keys
+    async with open_sqlite_store(tmp_path / "state") as store:
+        t = make_tracker(tmp_path, store)
+        await publish_as_holder(t, meta, "pub")
+        await t.confirm_seed(digest, wire.ConfirmSeed("b", meta.info_hash_v2))
+    # A new process on the same store: b's left=0 announce counts at once, as it did.
+    async with open_sqlite_store(tmp_path / "state") as store:
+        again = make_tracker(tmp_path, store)
+        again.restore(await store.load())
+        assert again.announce(ann(ih, 7001, "b"), "10.0.0.2", "http").complete == 1
+        assert again.announce(ann(ih, 7002, "c"), "10.0.0.3", "http").complete == 1  # c: no
+        # The digest's metainfo expiring takes its confirmations with it.
+        await store.delete_metainfo(digest)
+        assert (await store.load()).confirmations == []

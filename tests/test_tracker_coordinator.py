@@ -84,7 +84,7 @@ async def test_announce_rules(tmp_path: Path) -> None:
     assert compact_address("10.0.0.1", 7001) not in reply.peers
     # `ip=` from an untrusted source is ignored; from a trusted one it counts.
     for node in ("n20", "n21"):  # downloaded and verified it: they count as seeders
-        t.confirm_seed(str(meta.digest), wire.ConfirmSeed(node, ih))
+        await t.confirm_seed(str(meta.digest), wire.ConfirmSeed(node, ih))
     t.announce(ann(ih, 20, token=b"tok", ip="192.0.2.1", left=0), "10.0.0.20", "http")
     t.announce(ann(ih, 21, token=b"tok", ip="192.0.2.2", left=0), "10.9.1.1", "http")
     swarm = t.peers.swarm(str(meta.digest))
@@ -373,8 +373,8 @@ async def test_a_ca_rotation_replaces_metainfo_persists_it_and_restore_drops_a_g
     tmp_path: Path,
 ) -> None:
     """With ca.crt holding both CAs, the tracker re-issued under the new one takes the
-    new-root torrent in place of the old-root one; a restart whose ca.crt no longer
-    holds a record's root does not bring that record back."""
+    new-root torrent of the same bytes in place of the old-root one, and no other; a
+    restart whose ca.crt no longer holds a record's root does not bring that record back."""
     old_ca, new_ca = ClusterCA.make("rot"), ClusterCA.make("rot")
     tls_dir = old_ca.tls_dir(
         tmp_path / "tls", "tracker", "t", trust=old_ca.cert_pem + new_ca.cert_pem
@@ -395,6 +395,14 @@ async def test_a_ca_rotation_replaces_metainfo_persists_it_and_restore_drops_a_g
     with pytest.raises(errors.MetainfoConflict):
         await publish(t, new, "n2")
     current[0] = canonical_roots([new_ca.cert_pem])[0]
+    # A rotation moves the same bytes to the new root, never other bytes: a
+    # new-root torrent of garbage is a conflict, not a reroot.
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(os.urandom(plain.size))
+    poison = make_metainfo(garbage, plain.digest, plain.size, root=new_ca.cert_pem)
+    with pytest.raises(errors.MetainfoConflict):
+        await publish(t, poison, "evil")
+    assert t.lookup(digest).metainfo == old.data
     record, stored = await publish(t, new, "n2")
     assert stored and record.metainfo == new.data and t.lookup(digest).metainfo == new.data
     # The old swarm is gone: its members announce a torrent the tracker no longer knows.

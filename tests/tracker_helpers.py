@@ -29,7 +29,7 @@ from tracker.config import TrackerConfig
 from tracker.coordinator import Tracker
 from tracker.metainfo import make_metainfo
 from tracker.serve import serve_tracker
-from tracker.state import MemoryStore
+from tracker.state import MemoryStore, TrackerStore
 
 
 class SteppedClock:
@@ -63,7 +63,7 @@ async def running_tracker(
         nursery.cancel_scope.cancel()
 
 
-def make_tracker(tmp_path: Path, store: MemoryStore | None = None, **overrides: Any) -> Tracker:
+def make_tracker(tmp_path: Path, store: TrackerStore | None = None, **overrides: Any) -> Tracker:
     """The coordinator alone, on trio's clock, over a MemoryStore (or `store`)."""
     config = TrackerConfig(listen=HostPort("127.0.0.1", 0), data_dir=tmp_path, **overrides)
     return Tracker(config, store or MemoryStore())

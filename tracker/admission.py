@@ -135,6 +135,12 @@ class Admission:
         self.delisted += 1
         return StallVerdict(fresh, True)
 
+    def reported(self, digest: str, target: str, reporter: str) -> bool:
+        """Whether `reporter` said, within the window, that `target` stalls it."""
+        reports = self._reports.get((digest, target))
+        at = None if reports is None else reports.by.get(reporter)
+        return at is not None and self._clock() - at <= self._window
+
     def cooling(self, digest: str, identity: str) -> bool:
         until = self._cooling.get((digest, identity))
         if until is None:

@@ -5,7 +5,8 @@ swarms, the `MetainfoRegistry` and its disputes' `Quarantines` (applied by
 `Publishing`), the `LeaseBook` and the `UpstreamQueue` — with the durable
 `TrackerStore` and the `Waiters` of long-polled lease requests. A digest whose
 torrent is disputed is never answered SEEDED: its next lease goes to a node
-that is neither side, as VERIFY.
+that is neither side, as VERIFY. Nor is a node that reported every seeder of
+the swarm for stalling it: it takes the lease, or waits for its holder.
 Announce and scrape are synchronous: the hot path never awaits. A control
 operation decides on memory synchronously (trio runs nothing else in between),
 then awaits its store commit without holding anything that others wait for:
@@ -37,7 +38,7 @@ from tracker.peers import PeerTable
 from tracker.publishing import Publishing
 from tracker.quotas import Quotas
 from tracker.registry import MetainfoRegistry
-from tracker.state import Snapshot, StoredLease, TrackerStore
+from tracker.state import Snapshot, StoredConfirmation, StoredLease, TrackerStore
 from tracker.swarms import Swarms, checked_digest
 from tracker.upstream_queue import Place, UpstreamQueue
 
@@ -107,7 +108,7 @@ class Tracker:
             drop_lease=self._drop_lease,
             drop_swarm=self._drop_swarm,
             notify=self._waiters.notify,
-            confirm=self.swarms.confirm_seed,
+            confirm=self.confirm_seed,
         )
         self.metrics.watch(self._gauges)
 
@@ -122,6 +123,15 @@ class Tracker:
             self.leases.restore(
                 Lease(sl.digest, sl.lease_id, sl.holder, expires_at, sl.bytes_done, sl.size)
             )
+        for c in snapshot.confirmations:  # those of a torrent replaced since are void
+            entry = self.registry.get(c.digest)
+            if entry is not None and entry.meta.info_hash_v2 == c.info_hash:
+                try:
+                    self.swarms.admission.confirm(c.digest, c.info_hash, c.identity)
+                except errors.LimitReached:
+                    log.warning("tracker: admission records full; %d confirmations not loaded",
+                                len(snapshot.confirmations))
+                    break
 
     def check_token(self, token: bytes | None) -> None:
         self.auth.check(token)
@@ -143,8 +153,11 @@ class Tracker:
         """Stats per asked info-hash, in order; None for a torrent nobody registered."""
         return self.swarms.scrape(req, transport)
 
-    def confirm_seed(self, digest_text: str, msg: wire.ConfirmSeed) -> None:
-        self.swarms.confirm_seed(digest_text, msg)
+    async def confirm_seed(self, digest_text: str, msg: wire.ConfirmSeed) -> None:
+        """Count `msg.node` as a seeder of the digest's torrent, across restarts too."""
+        news = self.swarms.confirm_seed(digest_text, msg)
+        if news is not None:
+            await self._store.put_confirmation(StoredConfirmation(*news, msg.node))
 
     def report_stall(self, digest_text: str, msg: wire.ReportStall) -> None:
         self.swarms.report_stall(digest_text, msg)
@@ -199,12 +212,19 @@ class Tracker:
             if queued and msg.group is not None:
                 self.queue.leave(msg.group, place)
 
+    def _seeded_for(self, digest: str, node: str) -> bool:
+        """Whether the swarm has a seeder `node` has not reported for stalling it: a
+        node whose every seeder stalled it is let fetch, or wait for who does."""
+        admission = self.swarms.admission
+        return any(not admission.reported(digest, seeder, node)
+                   for seeder in self.peers.seeder_identities(digest))  # fmt: skip
+
     def _try_acquire(self, digest: str, msg: wire.LeaseRequest, place: Place) -> _Attempt:
         """Decide one try on memory alone; a grant is committed by the caller."""
         entry, dispute = self.registry.get(digest), self.registry.dispute(digest)
         if entry is not None and dispute is None:
             self.peers.expire_swarm(digest, self._clock())
-            if self.peers.seeders(digest):
+            if self._seeded_for(digest, place.node):
                 reply = wire.LeaseReply(wire.LeaseStatus.SEEDED, metainfo=entry.meta.data)
                 return _Attempt(reply, None)
         self.quarantines.check(place.node, "take an upstream lease")

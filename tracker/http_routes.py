@@ -151,7 +151,7 @@ async def _report_bad(call: Call) -> Response:
 
 
 async def _confirm(call: Call) -> Response:
-    call.tracker.confirm_seed(call.digest, call.message(wire.ConfirmSeed, Kind.PUBLISH))
+    await call.tracker.confirm_seed(call.digest, call.message(wire.ConfirmSeed, Kind.PUBLISH))
     return Response(204, b"", wire.CONTENT_TYPE)
 
 

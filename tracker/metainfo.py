@@ -15,6 +15,7 @@ is given (blocking: run it in a worker thread).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Sequence
@@ -156,7 +157,13 @@ def parse_metainfo(
         info_hash_v1=hashes.v1.to_bytes() if hashes.has_v1() else None,
         info_hash_v2=hashes.v2.to_bytes(),
         root_cert=root,
+        content_hash=hashlib.sha256(lt.bencode(_without_root(info))).digest(),
     )
+
+
+def _without_root(info: dict[bytes, object]) -> dict[bytes, Any]:
+    """The info dictionary as it would be under any root: everything but `ssl-cert`."""
+    return {k: v for k, v in info.items() if k != _SSL_CERT}
 
 
 def _root_cert(ssl_cert: object, roots: Sequence[bytes]) -> bytes | None:

@@ -218,6 +218,10 @@ class PeerTable:
         swarm = self._swarms.get(key)
         return 0 if swarm is None else len(swarm.seeders)
 
+    def seeder_identities(self, key: str) -> list[str]:
+        swarm = self._swarms.get(key)
+        return [] if swarm is None else [p.key for p in swarm.seeders]
+
     def totals(self) -> Totals:
         seeders = sum(len(s.seeders) for s in self._swarms.values())
         return Totals(len(self._swarms), self._peers, seeders)

@@ -56,7 +56,7 @@ class Publishing:
         drop_lease: Callable[[Lease], Awaitable[None]],
         drop_swarm: Callable[[str], None],
         notify: Callable[[str], None],
-        confirm: Callable[[str, wire.ConfirmSeed], None],
+        confirm: Callable[[str, wire.ConfirmSeed], Awaitable[None]],
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -122,7 +122,7 @@ class Publishing:
             return await self._reroot(filed.old, meta, msg.node), True
         if filed is not None:
             # The same torrent from another verified copy: that node confirms it.
-            self._confirm(digest, wire.ConfirmSeed(msg.node, meta.info_hash_v2))
+            await self._confirm(digest, wire.ConfirmSeed(msg.node, meta.info_hash_v2))
             return filed.record, False
         self.registry.reserve(digest)
         try:
@@ -193,7 +193,7 @@ class Publishing:
         # The verifier holds the bytes, and so does the author of the torrent that
         # matched them: both count as seeders of it from their next announce.
         for who in sorted({verifier, settlement.author}):
-            self._confirm(digest, wire.ConfirmSeed(who, winner.info_hash_v2))
+            await self._confirm(digest, wire.ConfirmSeed(who, winner.info_hash_v2))
         self.metrics.disputes[settlement.outcome].inc()
         log.warning("tracker: dispute over %s %s by %r's verification; quarantined for %.0f s: %s",
                     digest, settlement.outcome, verifier, self.quarantines.period_s,

@@ -46,11 +46,14 @@ class Rerooted:
 
 
 def moves_to_current_root(old: Metainfo, new: Metainfo, current_root: bytes | None) -> bool:
-    """`new` is rooted at the tracker's current CA and `old` is not: a CA rotation."""
+    """`new` is `old`'s torrent (the same bytes) rooted at the tracker's current CA,
+    and `old` is not: a CA rotation. Any member may file it; none can change the
+    bytes that way."""
     return (
         current_root is not None
         and new.root_cert == current_root
         and old.root_cert != current_root
+        and new.content_hash == old.content_hash
     )
 
 

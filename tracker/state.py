@@ -1,11 +1,13 @@
-"""Durable tracker state behind one small seam: metainfo, disputes, quarantines, leases.
+"""Durable tracker state behind one small seam: metainfo, disputes, quarantines, leases,
+and which identities confirmed (downloaded and verified) a digest's torrent.
 
 `TrackerStore` is the interface the service writes through; `SqliteStore`
 keeps it in `<data_dir>/tracker.sqlite3` (WAL, synchronous=FULL, so a commit
 survives a crash of the process or the machine), and `MemoryStore` is the fake
 for pure-trio tests. A replica-shared store (Redis/Valkey) would be a third
 implementation. Peers are not state: they live in memory (peers.py) and come
-back with re-announces. The store only persists and loads; it must not
+back with re-announces; confirmations do not (a node confirms once per
+download), so they are kept here. The store only persists and loads; it must not
 validate, decide conflicts or keep caches — the service does all of that and
 reads the store once, at start.
 """
@@ -72,11 +74,22 @@ class StoredLease:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredConfirmation:
+    """`identity` downloaded and verified the blob of the torrent `info_hash` (its v2
+    info-hash): its `left=0` announces count as a seeder of `digest`."""
+
+    digest: str
+    info_hash: bytes
+    identity: str
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     metainfo: list[StoredMetainfo] = field(default_factory=list)
     leases: list[StoredLease] = field(default_factory=list)
     disputes: list[StoredDispute] = field(default_factory=list)
     quarantines: list[StoredQuarantine] = field(default_factory=list)
+    confirmations: list[StoredConfirmation] = field(default_factory=list)
 
 
 class TrackerStore(Protocol):
@@ -97,8 +110,11 @@ class TrackerStore(Protocol):
 
     async def delete_lease(self, digest: str, lease_id: str) -> None: ...
 
+    async def put_confirmation(self, confirmation: StoredConfirmation) -> None:
+        """Insert or replace what the identity confirmed for the digest."""
+
     async def delete_metainfo(self, digest: str) -> None:
-        """Forget the digest's metainfo (it expired); its bad reports stay."""
+        """Forget the digest's metainfo (it expired) and its confirmations."""
 
 
 class MemoryStore:
@@ -109,6 +125,7 @@ class MemoryStore:
         self.leases: dict[str, StoredLease] = {}
         self.disputes: dict[str, StoredDispute] = {}
         self.quarantines: dict[str, StoredQuarantine] = {}
+        self.confirmations: dict[tuple[str, str], StoredConfirmation] = {}
 
     async def load(self) -> Snapshot:
         await trio.lowlevel.checkpoint()
@@ -117,6 +134,7 @@ class MemoryStore:
             leases=list(self.leases.values()),
             disputes=list(self.disputes.values()),
             quarantines=list(self.quarantines.values()),
+            confirmations=list(self.confirmations.values()),
         )
 
     async def put_metainfo(self, record: StoredMetainfo) -> None:
@@ -146,9 +164,15 @@ class MemoryStore:
         if digest in self.leases and self.leases[digest].lease_id == lease_id:
             del self.leases[digest]
 
+    async def put_confirmation(self, confirmation: StoredConfirmation) -> None:
+        await trio.lowlevel.checkpoint()
+        self.confirmations[(confirmation.digest, confirmation.identity)] = confirmation
+
     async def delete_metainfo(self, digest: str) -> None:
         await trio.lowlevel.checkpoint()
         self.metainfo.pop(digest, None)
+        for key in [k for k in self.confirmations if k[0] == digest]:
+            del self.confirmations[key]
 
 
 _SCHEMA = """
@@ -183,6 +207,12 @@ CREATE TABLE IF NOT EXISTS leases (
     expires_at_unix REAL NOT NULL,
     bytes_done INTEGER NOT NULL,
     size INTEGER
+);
+CREATE TABLE IF NOT EXISTS confirmations (
+    digest TEXT NOT NULL,
+    identity TEXT NOT NULL,
+    info_hash BLOB NOT NULL,
+    PRIMARY KEY (digest, identity)
 );
 """
 
@@ -243,6 +273,10 @@ class SqliteStore:
                     StoredQuarantine(*row)
                     for row in c.execute("SELECT identity, until_unix, digest FROM quarantines")
                 ],
+                confirmations=[
+                    StoredConfirmation(*row)
+                    for row in c.execute("SELECT digest, info_hash, identity FROM confirmations")
+                ],
             )
 
         return await self._run(read)
@@ -297,8 +331,21 @@ class SqliteStore:
             )
         )
 
+    async def put_confirmation(self, confirmation: StoredConfirmation) -> None:
+        c = confirmation
+        await self._run(
+            lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO confirmations VALUES (?, ?, ?)",
+                (c.digest, c.identity, c.info_hash),
+            )
+        )
+
     async def delete_metainfo(self, digest: str) -> None:
-        await self._run(lambda c: c.execute("DELETE FROM metainfo WHERE digest = ?", (digest,)))
+        def write(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM metainfo WHERE digest = ?", (digest,))
+            c.execute("DELETE FROM confirmations WHERE digest = ?", (digest,))
+
+        await self._run(write)
 
 
 def _put_metainfo(c: sqlite3.Connection, record: StoredMetainfo) -> None:

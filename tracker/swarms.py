@@ -129,8 +129,9 @@ class Swarms:
             cfg.announce_interval_s, cfg.min_announce_interval_s, seeders, leechers, peers
         )
 
-    def confirm_seed(self, digest_text: str, msg: wire.ConfirmSeed) -> None:
-        """`msg.node` verified the blob of the current torrent: count it as a seeder."""
+    def confirm_seed(self, digest_text: str, msg: wire.ConfirmSeed) -> tuple[str, bytes] | None:
+        """`msg.node` verified the blob of the current torrent: count it as a seeder.
+        Returns (digest, the torrent's v2 info-hash) when that is news, to be kept."""
         digest = checked_digest(digest_text)
         entry = self._registry.get(digest)
         if entry is None:
@@ -138,12 +139,14 @@ class Swarms:
         if msg.info_hash not in (entry.meta.info_hash_v2, *entry.meta.swarm_keys):
             raise errors.MetainfoConflict("that torrent is not the one filed for the digest")
         if not self._admission.confirm(digest, entry.meta.info_hash_v2, msg.node):
-            return
+            return None
         self._metrics.seed_confirms.inc()
-        if self._admission.cooling(digest, msg.node):
-            return
-        if self._peers.promote(digest, msg.node) and self._peers.seeders(digest) == 1:
+        promoted = not self._admission.cooling(digest, msg.node) and self._peers.promote(
+            digest, msg.node
+        )
+        if promoted and self._peers.seeders(digest) == 1:
             self._waiters.notify(digest)
+        return digest, entry.meta.info_hash_v2
 
     def report_stall(self, digest_text: str, msg: wire.ReportStall) -> None:
         """`msg.node` says the peer at `msg.peer` stalled it; enough such reports delist it."""

@@ -102,6 +102,10 @@ class Metainfo:
     # The CA (canonical PEM) that an SSL torrent's peers must chain to (its
     # `ssl-cert`), or None for a plain torrent.
     root_cert: bytes | None = None
+    # SHA-256 of the info dictionary without `ssl-cert`: equal for the torrents
+    # of the same bytes under any root, and only for those (the pieces root, and
+    # a hybrid's v1 pieces, are in it).
+    content_hash: bytes = b""
 
     @property
     def swarm_keys(self) -> tuple[bytes, ...]:

@@ -4,12 +4,15 @@ Owns the order of the pull path for one blob that is not in the store yet:
 room on the disk first; then, with a tracker, the lease wait (leasewait.py
 says what each reply means) that ends in joining the swarm (peers.py), in
 fetching from upstream as the lease holder (renewing the lease with progress),
-or in falling back to upstream with a reason; without a tracker, or for a blob
-below `p2p_min_bytes`, upstream straight away. A blob that came from upstream
-is published to the swarm here and nowhere else, once, before the holder's
-lease is let go. Upstream bytes are hashed while written and enter the store
-only when they match. A pull never fails because of the P2P layer. It must
-not check tenancy or run fetches once per digest (blobs.py does both).
+or in falling back to upstream with a reason — a swarm whose peers stalled the
+download (and were reported) sends it back to the lease wait once, so that the
+stalled nodes share one upstream fetch instead of each making its own; without
+a tracker, or for a blob below `p2p_min_bytes`, upstream straight away. A blob
+that came from upstream is published to the swarm here and nowhere else, once,
+before the holder's lease is let go. Upstream bytes are hashed while written
+and enter the store only when they match. A pull never fails because of the
+P2P layer. It must not check tenancy or run fetches once per digest (blobs.py
+does both).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import trio
 
 from p2preg.core import errors as tracker_errors
 from p2preg.core.digest import Digest
+from p2preg.core.metainfo import Metainfo
 from p2preg.node.errors import StoreFull, UpstreamError
 from p2preg.node.leasewait import (
     Ask,
@@ -57,6 +61,9 @@ MISMATCH_ATTEMPTS = 2
 ANNOUNCE_WAIT_S = 10.0
 # A failed holder gives its lease back within this long, or lets it expire.
 RELEASE_ON_FAILURE_S = 5.0
+# Swarm downloads of one blob: a second only after the first stalled and the
+# tracker still names a seeder this node did not report.
+SWARM_ATTEMPTS = 2
 
 Progress = Callable[[int], None]
 
@@ -149,15 +156,14 @@ class BlobFetcher:
         cluster = self._cluster
         if cluster is None or 0 <= size < cluster.settings.min_bytes:
             return "upstream", await copy(_ignore_progress)
-        outcome = await self._await_lease(cluster, digest, size, self._pull_order.of(digest))
+        place = self._pull_order.of(digest)
+        outcome = await self._await_lease(cluster, digest, size, place)
         if isinstance(outcome, JoinSwarm):
-            try:
-                meta = await cluster.peers.fetch(digest, size, outcome.metainfo)
-            except Fallback as e:
-                outcome = FallBack(e.reason, str(e))
-            else:
-                await cluster.seeding.keep(meta)
+            got = await self._from_swarm(cluster, digest, size, place, outcome)
+            if isinstance(got, Metainfo):
+                await cluster.seeding.keep(got)
                 return "peers", self._store.size(digest) or size
+            outcome = got
         if isinstance(outcome, FetchAsHolder):
             if outcome.verify:
                 log.info("blob %s: its torrent is disputed; fetching it upstream to settle", digest)
@@ -210,6 +216,28 @@ class BlobFetcher:
                 action = wait.step(Due())
             else:
                 return action
+
+    async def _from_swarm(
+        self, cluster: Cluster, digest: Digest, size: int, place: Place | None, join: JoinSwarm
+    ) -> Metainfo | FetchAsHolder | FallBack:
+        """Download from peers: the metainfo it came by, or what to do instead."""
+        for attempt in range(SWARM_ATTEMPTS):
+            try:
+                return await cluster.peers.fetch(digest, size, join.metainfo)
+            except Fallback as e:
+                fell = FallBack(e.reason, str(e))
+            if fell.reason != "peers_stalled" or attempt + 1 == SWARM_ATTEMPTS:
+                break
+            # The peers that stalled us are reported: the tracker sends us to the
+            # swarm again only for a seeder we did not report; else the lease, or
+            # a wait for the node that holds it.
+            again = await self._await_lease(cluster, digest, size, place)
+            log.info("blob %s: every peer stalled us; the tracker now says %s",
+                     digest, type(again).__name__)  # fmt: skip
+            if not isinstance(again, JoinSwarm):
+                return again
+            join = again
+        return fell
 
     async def _as_holder(
         self,

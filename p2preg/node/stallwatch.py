@@ -3,13 +3,17 @@
 Owns the node's side of issue 13's stall reports, as a sans-IO state machine
 over samples of one torrent's peers (swarm.py takes them from libtorrent's
 `peer_info` while a download runs): a peer is *stalling* while it has us
-unchoked and holds requests of ours, and it has sent less than one block
-(16 KiB) since that began. A peer that stays stalling for `stall_s` is
-reported, once per download. A slow peer that does deliver — a block per
-`stall_s` — is never reported, nor one that chokes us (that is BitTorrent's
-normal flow control). Memory is bounded by the peers of the samples: a peer
-missing from a sample is forgotten. It must not talk to libtorrent or the
-tracker.
+unchoked and holds requests of ours, and it has sent less than one block (16
+KiB) since that began. A peer that stays stalling for `stall_s` is reported,
+once per download. A slow peer that does deliver — a block per `stall_s` — is
+never reported, nor one that chokes us (that is BitTorrent's normal flow
+control). When every peer that has pieces we want is a reported peer still
+stalling (`every_peer_stalls`), or no peer has had any for `stall_s`
+(`alone_too_long`: the seeders the tracker named never answered), waiting
+longer for that swarm
+only delays the download's next step (asking the tracker again). Memory is bounded by the
+peers of the samples: a peer missing from a sample is forgotten. It must not
+talk to libtorrent or the tracker.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ class PeerSample:
     asked: bool
     # Payload bytes received from it over the connection's life.
     received: int
+    # It has pieces we still want (we are interested in it); one that has not
+    # cannot serve us, and neither stalls us nor keeps us company.
+    wanted: bool = True
 
 
 @dataclass(slots=True)
@@ -37,6 +44,9 @@ class _Watched:
     since: float | None  # when it began stalling (None: not stalling)
     mark: int  # bytes received at `since`
     reported: bool = False
+    # Reported, and has sent no block nor stopped being asked since.
+    stalling: bool = False
+    wanted: bool = True
 
 
 class StallWatch:
@@ -45,9 +55,16 @@ class StallWatch:
             raise ValueError("stall_s must be > 0")
         self._stall_s = stall_s
         self._peers: dict[tuple[str, int], _Watched] = {}
+        self._alone_since: float | None = None  # since when no peer was in the samples
+        self._alone_for = 0.0
 
     def observe(self, samples: list[PeerSample], now: float) -> list[tuple[str, int]]:
         """Feed one sample of every peer; returns those to report now (each once)."""
+        if any(s.wanted for s in samples):
+            self._alone_since, self._alone_for = None, 0.0
+        else:
+            self._alone_since = now if self._alone_since is None else self._alone_since
+            self._alone_for = now - self._alone_since
         seen = {s.endpoint for s in samples}
         for gone in [e for e in self._peers if e not in seen]:
             del self._peers[gone]
@@ -56,16 +73,29 @@ class StallWatch:
             w = self._peers.get(s.endpoint)
             if w is None:
                 w = self._peers[s.endpoint] = _Watched(None, s.received)
+            w.wanted = s.wanted
             if not s.asked:
-                w.since = None
+                w.since, w.stalling = None, False
                 continue
             if w.since is None or s.received - w.mark >= BLOCK_BYTES:
                 w.since, w.mark = now, s.received  # started waiting, or a block came
+                w.stalling = False
                 continue
-            if not w.reported and now - w.since >= self._stall_s:
-                w.reported = True
-                due.append(s.endpoint)
+            if now - w.since >= self._stall_s:
+                w.stalling = True
+                if not w.reported:
+                    w.reported = True
+                    due.append(s.endpoint)
         return due
+
+    def every_peer_stalls(self) -> bool:
+        """Whether the last sample had peers with pieces we want, and each stalls us."""
+        wanted = [w for w in self._peers.values() if w.wanted]
+        return bool(wanted) and all(w.stalling for w in wanted)
+
+    def alone_too_long(self) -> bool:
+        """Whether the samples have had no peer with pieces we want for `stall_s`."""
+        return self._alone_since is not None and self._alone_for >= self._stall_s
 
 
 def compact(endpoint: tuple[str, int]) -> bytes:

@@ -127,6 +127,7 @@ class _Torrent:
     from_peers_bytes: int = 0
     wasted_bytes: int = 0
     stalls: StallWatch | None = None
+    reports_in_flight: int = 0
 
 
 class Swarm:
@@ -216,8 +217,9 @@ class Swarm:
         """Download `meta`'s file from peers; returns its path once every piece checked.
 
         The caller must still verify the whole digest before the bytes are used.
-        Raises SwarmError when no byte arrives for `stall_s` or pieces keep
-        failing their hash.
+        Raises SwarmError when no byte arrives for `stall_s`, no peer answers
+        for the report period, every peer it has stalls it (`peers_stalled`,
+        once reported), or pieces keep failing their hash.
         """
         t = self._torrents.get(meta.digest)
         if t is None:
@@ -234,6 +236,11 @@ class Swarm:
                 raise SwarmError("hash_failures", f"{t.hash_failures} pieces failed their hash")
             if trio.current_time() - t.last_progress > stall_s:
                 raise SwarmError("stalled", f"no progress from peers for {stall_s:.0f} s")
+            if t.stalls is not None and t.stalls.alone_too_long():
+                raise SwarmError("stalled", "no peer with pieces we want answered")
+            if t.stalls is not None and t.stalls.every_peer_stalls() and not t.reports_in_flight:
+                # Once the tracker has our reports: the caller asks it what next.
+                raise SwarmError("peers_stalled", "every peer of the swarm stalls us")
             with trio.move_on_after(STATUS_INTERVAL_S):
                 await t.finished.wait()
         if t.error is not None:
@@ -249,6 +256,7 @@ class Swarm:
                 (str(p.ip[0]), int(p.ip[1])),
                 not (p.flags & lt.peer_info.remote_choked) and p.download_queue_length > 0,
                 int(p.total_download),
+                wanted=bool(p.flags & lt.peer_info.interesting),
             )
             for p in t.handle.get_peer_info()
         ]
@@ -256,17 +264,21 @@ class Swarm:
             self._metrics.peer_stalls.inc()
             log.info("swarm: peer %s:%d stalls %s: reporting it", *endpoint, t.digest)
             if self._reporting < MAX_STALL_REPORTS_IN_FLIGHT:
-                self._nursery.start_soon(self._report_stall, t.digest, compact(endpoint))
+                # Counted now, not when the task starts: the download must not
+                # ask the tracker what next before the tracker has the report.
+                self._reporting += 1
+                t.reports_in_flight += 1
+                self._nursery.start_soon(self._report_stall, t, compact(endpoint))
 
-    async def _report_stall(self, digest: Digest, peer: bytes) -> None:
+    async def _report_stall(self, t: _Torrent, peer: bytes) -> None:
         assert self._stall_reports is not None
-        self._reporting += 1
         try:
-            await self._stall_reports[0](digest, peer)
+            await self._stall_reports[0](t.digest, peer)
         except Exception as e:  # a report is evidence, not a duty: never fail a download
-            log.info("swarm: reporting a stalled peer of %s failed: %s", digest, e)
+            log.info("swarm: reporting a stalled peer of %s failed: %s", t.digest, e)
         finally:
             self._reporting -= 1
+            t.reports_in_flight -= 1
 
     def last_seeder_of_live_swarm(self, digest: Digest) -> bool:
         """We seed `digest` and, by the tracker's last counts, nobody else does
