@@ -47,9 +47,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 COMMAND = ".venv/bin/pytest -q tests/test_adversary_seeders.py"
 REPO = "team/fake-seeders"
 FAKES = 1000
-# Short peer lifetimes, so that honest seeders that left are gone within the test.
+# Short peer lifetimes, seeders' too, so that honest seeders that left are gone within the test.
 TRACKER_ARGS = ("--announce-interval-s", "10", "--min-announce-interval-s", "1",
-                "--peer-ttl-s", "20")
+                "--peer-ttl-s", "20", "--seeder-announce-interval-s", "10")
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ REPO = "team/silent-seeder"
 MALLORY_BYTES_PER_S = 512
 NODE_CONFIG = "swarm_stall_s = 10\npeer_stall_report_s = 2\n"
 TRACKER_ARGS = ("--announce-interval-s", "10", "--min-announce-interval-s", "1",
-                "--peer-ttl-s", "20")
+                "--peer-ttl-s", "20", "--seeder-announce-interval-s", "10")
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,10 @@ SEED_NS = "seed.test"
 REPO = "team/rotation"
 MiB = 1 << 20
 LOOPBACK_PEERS = ("--peer-host", "127.0.0.1", "--peer-port", "0", "--peer-ssl-port", "0")
-TRACKER_ARGS = ("--announce-interval-s", "2", "--min-announce-interval-s", "1")
+# Seeders announce every 2 s too: the tracker loads renewed files at a handshake,
+# and A's announces are this test's only connections to it.
+TRACKER_ARGS = ("--announce-interval-s", "2", "--min-announce-interval-s", "1",
+                "--seeder-announce-interval-s", "2")
 # ReloadingTLS looks at the files every 5 s; a rotation step is seen well within this.
 RELOAD_TIMEOUT_S = 60.0
 

@@ -29,6 +29,8 @@ from tracker.expiry import SCAN_BATCH, IdleMetainfo
 from tracker.state import MemoryStore
 
 IDLE_S = 300.0
+# The longest the expiry may be is twice the seeders' announce interval.
+SEEDER_S = int(IDLE_S / 2)
 
 
 def test_idle_digests_expire_in_use_ones_restart_their_clock_pinned_never() -> None:
@@ -63,7 +65,7 @@ def test_a_pass_over_many_digests_is_spread_over_sweeps() -> None:
 def _tracker(tmp_path: Path, clock: SteppedClock, **overrides: object) -> Tracker:
     config = TrackerConfig(
         listen=HostPort("127.0.0.1", 0), data_dir=tmp_path, metainfo_idle_expiry_s=IDLE_S,
-        **overrides,  # type: ignore[arg-type]
+        seeder_announce_interval_s=SEEDER_S, **overrides,  # type: ignore[arg-type]
     )
     return Tracker(config, MemoryStore(), clock=clock)
 
@@ -113,7 +115,8 @@ async def test_the_sweep_forgets_idle_metainfo_in_memory_and_in_the_store(tmp_pa
 async def test_an_expiry_survives_a_restart_and_a_pinned_digest_is_kept(tmp_path: Path) -> None:
     idle, pinned = blob_meta(tmp_path, 2000), blob_meta(tmp_path, 2001)
     settings = dict(
-        metainfo_idle_expiry_s=IDLE_S, pinned_digests=(str(pinned.digest),),
+        metainfo_idle_expiry_s=IDLE_S, seeder_announce_interval_s=SEEDER_S,
+        pinned_digests=(str(pinned.digest),),
         # The sweeper runs every lease_ttl_s/2: often, so the test waits little.
         lease_ttl_s=0.2,
     )

@@ -143,7 +143,7 @@ def test_preauth_places_per_address_and_in_all() -> None:
     [
         ({"quota_lease_per_s": 0}, "quota_lease_per_s must be > 0"),
         ({"quota_publish_burst": 16}, "quota_publish_burst must be ≥ 17"),
-        ({"metainfo_idle_expiry_s": 119}, "at least twice announce_interval_s"),
+        ({"metainfo_idle_expiry_s": 3599}, "at least twice seeder_announce_interval_s"),
         ({"pinned_digests": ("sha256:nothex",)}, "pinned_digests"),
         ({"max_preauth_connections_per_ip": 9, "max_preauth_connections": 8}, "per_ip"),
         ({"max_long_polls_per_identity": 0}, "max_long_polls_per_identity"),

@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--announce-interval-s", help="announce interval, seconds")
     parser.add_argument("--min-announce-interval-s", help="minimum announce interval, seconds")
     parser.add_argument("--peer-ttl-s", help="drop peers silent for this long, seconds")
+    parser.add_argument("--seeder-announce-interval-s", help="known seeders' interval (±10 %%)")
     parser.add_argument("--lease-ttl-s", help="upstream lease lifetime without renewal, seconds")
     parser.add_argument("--lease-wait-max-s", help="longest lease long-poll, seconds")
     parser.add_argument(

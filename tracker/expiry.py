@@ -3,10 +3,11 @@
 `IdleMetainfo` remembers, for each digest with metainfo, since when it has
 been idle: no live peer in its swarm, no lease on it, no write of it in flight
 (the caller's `in_use` says which). A digest idle for `idle_s` is due to be
-forgotten; a pinned one never is. Peers announce at least every announce
-interval and live `peer_ttl_s` after, so "no live peer since T" means "no
-announce since T - peer_ttl_s" at the latest: expiry comes `idle_s` to
-`idle_s + peer_ttl_s` after the last announce. One call looks at a batch of
+forgotten; a pinned one never is. Peers announce at least every interval
+they were told and live their lifetime after (`peer_ttl_s`; a known seeder's,
+intervals.py, is 1.25 x `seeder_announce_interval_s`), so "no live peer since
+T" means "no announce since T - lifetime" at the latest: expiry comes `idle_s`
+to `idle_s` + that lifetime after the last announce. One call looks at a batch of
 at most `SCAN_BATCH` digests (a cursor goes round them), so a sweep over a
 million digests never holds the event loop for long; a full pass takes
 `len / SCAN_BATCH` sweeps, which adds to the idle time, never subtracts. The

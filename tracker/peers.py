@@ -160,6 +160,12 @@ class PeerTable:
             swarm.add(peer)
         return swarm, peer, replaced
 
+    def claims_seed(self, key: str, identity: str) -> bool:
+        """`identity`'s peer is in the swarm and announced `left=0` last time."""
+        swarm = self._swarms.get(key)
+        peer = None if swarm is None else swarm.by_key.get(identity)
+        return peer is not None and peer.claims_seed
+
     def promote(self, key: str, identity: str) -> bool:
         """`identity` became a counted seeder: move its peer if it claims to seed."""
         swarm = self._swarms.get(key)

@@ -3,7 +3,8 @@
 `Swarms` answers announces and scrapes over the `PeerTable` and applies
 `Admission`'s rules: one peer per identity per swarm, a `left=0` announce counted
 as a seeder only for an identity that published or confirmed the torrent, and
-a peer delisted once enough identities reported it stalling them. It wakes the
+a peer delisted once enough identities reported it stalling them; each answer's
+interval and the peer's lifetime follow intervals.py. It wakes the
 lease waiters of a digest whose first counted seeder appears (the coordinator
 owns the waiters and the leases). Synchronous: the announce hot path never
 awaits. It must not know sockets, HTTP or encodings, and holds no rule of its
@@ -13,6 +14,7 @@ own (admission.py, peers.py and handout.py do).
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 
 from p2preg.core import errors, wire
@@ -22,6 +24,7 @@ from tracker.announce import AnnounceRequest, AnnounceResponse, Event, ScrapeReq
 from tracker.auth import ClusterAuth
 from tracker.config import TrackerConfig
 from tracker.handout import hand_out
+from tracker.intervals import AnnounceIntervals, Cadence
 from tracker.leases import Waiters
 from tracker.metrics import TrackerMetrics
 from tracker.peers import PeerTable, Swarm, compact_address
@@ -40,6 +43,7 @@ class Swarms:
         peers: PeerTable,
         waiters: Waiters,
         clock: Callable[[], float],
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self._config = config
         self._metrics = metrics
@@ -54,6 +58,12 @@ class Swarms:
             stall_reporters=config.stall_reporters,
             max_entries=config.max_peers,
             clock=clock,
+        )
+        self.intervals = AnnounceIntervals(
+            interval_s=config.announce_interval_s,
+            seeder_interval_s=config.seeder_announce_interval_s,
+            peer_ttl_s=config.peer_ttl_s,
+            jitter=jitter,
         )
 
     @property
@@ -80,8 +90,8 @@ class Swarms:
         cfg = self._config
         if req.event is Event.STOPPED:
             self._peers.remove(digest, who, req.peer_id)
-            return self._answer(self._peers.swarm(digest), [])
-        seeder, swarm = self._admit(digest, who, req, compact)
+            return self._answer(self._peers.swarm(digest), [], self.intervals.short)
+        seeder, swarm, cadence = self._admit(digest, who, req, compact)
         if swarm is not None and req.event is Event.COMPLETED:
             swarm.downloaded += 1
         numwant = req.numwant if req.numwant is not None else cfg.default_numwant
@@ -92,25 +102,27 @@ class Swarms:
             asker=compact,
             asker_is_seeder=seeder,
         )
-        return self._answer(swarm, picked)
+        return self._answer(swarm, picked, cadence)
 
     def _admit(
         self, digest: str, who: str, req: AnnounceRequest, compact: bytes
-    ) -> tuple[bool, Swarm | None]:
+    ) -> tuple[bool, Swarm | None, Cadence]:
         """Enter `who`'s one peer into the swarm (unless it is cooling off); whether it
-        counts as a seeder (admission.py) and the swarm, for the answer."""
+        counts as a seeder (admission.py), the swarm and the cadence, for the answer."""
         entry = self._registry.get(digest)
         claims = req.left == 0
         if self._admission.cooling(digest, who):
             # Delisted for stalling others: it may still download, but is not handed out.
             self._peers.remove(digest, who)
-            return False, self._peers.swarm(digest)
+            return False, self._peers.swarm(digest), self.intervals.short
         seeder = claims and entry is not None and self._admission.is_seeder(
             digest, entry.meta.info_hash_v2, who, entry.published_by
         )
         if claims and not seeder:
             self._metrics.unconfirmed_seeds.inc()
-        expires_at = self._clock() + self._config.peer_ttl_s
+        known = self._peers.claims_seed(digest, who)
+        cadence = self.intervals.choose(seeding=claims, event=req.event, known_seeder=known)
+        expires_at = self._clock() + cadence.ttl_s
         swarm, _, replaced = self._peers.update(
             digest, who, req.peer_id, compact, seeder=seeder, claims_seed=claims,
             expires_at=expires_at,
@@ -120,13 +132,14 @@ class Swarms:
         if seeder and len(swarm.seeders) == 1 and digest in self._waiters:
             # The swarm's first seeder: nodes waiting for a lease can join it.
             self._waiters.notify(digest)
-        return seeder, swarm
+        return seeder, swarm, cadence
 
-    def _answer(self, swarm: Swarm | None, peers: list[bytes]) -> AnnounceResponse:
-        cfg = self._config
+    def _answer(
+        self, swarm: Swarm | None, peers: list[bytes], cadence: Cadence
+    ) -> AnnounceResponse:
         seeders, leechers = (0, 0) if swarm is None else (len(swarm.seeders), len(swarm.leechers))
         return AnnounceResponse(
-            cfg.announce_interval_s, cfg.min_announce_interval_s, seeders, leechers, peers
+            cadence.interval_s, self._config.min_announce_interval_s, seeders, leechers, peers
         )
 
     def confirm_seed(self, digest_text: str, msg: wire.ConfirmSeed) -> tuple[str, bytes] | None:
