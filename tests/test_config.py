@@ -66,7 +66,6 @@ def test_defaults_are_safe_for_a_node_local_endpoint() -> None:
          "mix http and https"),
         ({"cli": {"upstream": ["http://a"], "trackers": ["http://t:1", "http://t:1/"]}},
          "given twice"),
-        ({"cli": {"upstream": ["http://a"], "tracker": "https://t:1"}}, "give tls_dir"),
         ({"cli": {"upstream": ["http://a"], "tag_ttl_s": "soon"}}, "expected a number"),
         ({"cli": {"upstream": ["http://a"], "tracker": "http://t:1/announce"}}, "base URL"),
         ({"cli": {"upstream": ["http://a"]}, "env": {"P2PREG_NOPE": "1"}}, "P2PREG_NOPE"),

@@ -288,6 +288,7 @@ class TrackerClient:
         http = await self._pool()
         start = self._current
         failure: errors.TrackerError | None = None
+        said: list[str] = []
         for step in range(len(self.base_urls)):
             index = (start + step) % len(self.base_urls)
             base = self.base_urls[index]
@@ -309,8 +310,12 @@ class TrackerClient:
                         raise _error(response)
                     return response
                 failure, reason = _error(response), "server_error"
-            self._failed(index, reason, failure)
+            said.append(_named(base, failure))
+            if step + 1 < len(self.base_urls):  # the last one tried stays current
+                self._failed(index, reason, failure)
         assert failure is not None
+        if len(said) > 1:  # every one of them failed: say how
+            raise type(failure)("; ".join(said))
         raise failure
 
     def _failed(self, index: int, reason: str, failure: errors.TrackerError) -> None:
@@ -319,11 +324,16 @@ class TrackerClient:
         if len(self.base_urls) == 1 or self._current != index:
             return
         self._current = (index + 1) % len(self.base_urls)
-        log.warning(
-            "tracker %s failed (%s): using %s", self.base_urls[index], failure, self.base_url
-        )
+        failed = _named(self.base_urls[index], failure)
+        log.warning("%s: moving on to tracker %s", failed, self.base_url)
         if self._on_failover is not None:
             self._on_failover(reason)
+
+
+def _named(base: str, failure: errors.TrackerError) -> str:
+    """The failure, naming its tracker once."""
+    text = str(failure)
+    return text if text.startswith(f"tracker {base}") else f"tracker {base}: {text}"
 
 
 # A TLS 1.3 server checks the client's certificate after the client thinks the

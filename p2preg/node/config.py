@@ -89,11 +89,10 @@ def _is_loopback(host: str) -> bool:
 TRACKER_URL = re.compile(r"^(https?)://[^/?#@]+/?$")
 
 
-def check_tracker_urls(urls: tuple[str, ...], *, tls: bool) -> None:
-    """One cluster's trackers: base URLs, each once, all of one scheme — https
-    with a tls_dir (the cluster's certificates), http with a token or none.
-
-    Raises ConfigError with a one-line message naming what is wrong.
+def check_tracker_urls(urls: tuple[str, ...]) -> str | None:
+    """One cluster's trackers: base URLs, each once, all of one scheme (https
+    with a tls_dir, http with a token or none). Returns that scheme (None for
+    no tracker); raises ConfigError with a one-line message naming what is wrong.
     """
     schemes = set()
     for url in urls:
@@ -108,10 +107,7 @@ def check_tracker_urls(urls: tuple[str, ...], *, tls: bool) -> None:
             f"trackers {', '.join(urls)} mix http and https: every tracker of a cluster "
             "speaks https (with tls_dir) or every one http (with a token or insecure)"
         )
-    if schemes == {"https"} and not tls:
-        raise ConfigError(
-            f"tracker {urls[0]} is https: give tls_dir, the cluster certificate it wants"
-        )
+    return schemes.pop() if schemes else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +180,7 @@ class NodeConfig:
             raise ConfigError("stream_chunk_bytes must be ≥ 4096 and max_blob_streams ≥ 1")
         if self.tracker is not None and self.trackers:
             raise ConfigError("give tracker or trackers, not both")
-        check_tracker_urls(self.tracker_urls, tls=self.tls_dir is not None)
+        check_tracker_urls(self.tracker_urls)
         if self.tracker_token is not None and not self.tracker_token.strip():
             raise ConfigError("tracker_token must not be empty")
         if self.tracker_token is not None and self.tracker_token_file is not None:
@@ -216,6 +212,11 @@ class NodeConfig:
                     f"node_name {self.node_name!r} is not {identity.name!r}, the name in the "
                     "certificate: with tls_dir the certificate names the node"
                 )
+        if self.tls_dir is None and check_tracker_urls(self.tracker_urls) == "https":
+            raise ConfigError(
+                f"tracker {self.tracker_urls[0]} is https: give tls_dir, the cluster "
+                "certificate it wants"
+            )
         refusal = self._plain_beyond_loopback()
         if refusal is not None:
             raise ConfigError(

@@ -44,7 +44,7 @@ def read_tls(args: argparse.Namespace, trackers: Sequence[str] | None) -> Reload
     """
     given = getattr(args, "tls_dir", None) or os.environ.get(TLS_DIR_ENV) or None
     if trackers:
-        check_tracker_urls(tuple(trackers), tls=True)  # the scheme rules; https is next
+        check_tracker_urls(tuple(trackers))
     if given is None:
         if trackers and trackers[0].startswith("https://"):
             raise ConfigError(needs_tls_dir(trackers[0]))
