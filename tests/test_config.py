@@ -25,6 +25,28 @@ def test_precedence_cli_over_env_over_file(tmp_path: Path) -> None:
     assert c.upstream_for("ghcr.io") is None
 
 
+def test_tracker_and_trackers_are_one_setting(tmp_path: Path) -> None:
+    """The single-URL form and the list are one setting: the source of higher
+    precedence that gives either wins; one source giving both is an error."""
+    one, two, three = "http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"
+    up = {"upstream": ["http://a"]}
+    f = tmp_path / "node.toml"
+    f.write_text(f'trackers = ["{one}", "{two}"]\n')
+    assert load(NodeConfig, cli=up, file=f).tracker_urls == (one, two)
+    assert load(NodeConfig, cli={**up, "tracker": three}, file=f).tracker_urls == (three,)
+    env = {"P2PREG_TRACKERS": f"{three},{one}"}
+    assert load(NodeConfig, cli=up, env=env, file=f).tracker_urls == (three, one)
+    f.write_text(f'tracker = "{one}"\n')
+    assert load(NodeConfig, cli={**up, "trackers": [two, three]}, file=f).tracker_urls == (
+        two, three,
+    )
+    assert load(NodeConfig, cli=up, file=f).tracker_urls == (one,)
+    assert load(NodeConfig, cli=up).tracker_urls == ()
+    f.write_text(f'tracker = "{one}"\ntrackers = ["{two}"]\n')
+    with pytest.raises(ConfigError, match="give tracker or trackers, not both"):
+        load(NodeConfig, cli=up, file=f)
+
+
 def test_defaults_are_safe_for_a_node_local_endpoint() -> None:
     c = load(NodeConfig, cli={"upstream": ["http://127.0.0.1:5001"]})
     assert c.listen == HostPort("127.0.0.1", 5000)
@@ -38,6 +60,12 @@ def test_defaults_are_safe_for_a_node_local_endpoint() -> None:
         ({"cli": {"upstream": ["ftp://x"]}}, "upstream URL"),
         ({"cli": {"upstream": ["http://a", "http://a"]}}, "share one registry name"),
         ({"cli": {"upstream": ["http://a"], "listen": "nope"}}, "HOST:PORT"),
+        ({"cli": {"upstream": ["http://a"], "trackers": ["http://t:1", "ftp://t:2"]}},
+         "takes a base URL"),
+        ({"cli": {"upstream": ["http://a"], "trackers": ["http://t:1", "https://t:2"]}},
+         "mix http and https"),
+        ({"cli": {"upstream": ["http://a"], "trackers": ["http://t:1", "http://t:1/"]}},
+         "given twice"),
         ({"cli": {"upstream": ["http://a"], "tag_ttl_s": "soon"}}, "expected a number"),
         ({"cli": {"upstream": ["http://a"], "tracker": "http://t:1/announce"}}, "base URL"),
         ({"cli": {"upstream": ["http://a"]}, "env": {"P2PREG_NOPE": "1"}}, "P2PREG_NOPE"),

@@ -131,6 +131,21 @@ def test_a_swarming_node_and_the_tracker(registry: Registry, tmp_path: Path) -> 
             assert bad.status_code == 400
 
 
+def test_of_several_trackers_the_first_that_answers_is_shown(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    with open_tracker(tmp_path / "tracker", token=TOKEN) as tracker:
+        proc = _status("--tracker", dead, "--tracker", tracker.url, token=TOKEN)
+        assert proc.returncode == 0, proc.stderr
+        assert f"tracker {tracker.url}" in proc.stdout and dead not in proc.stdout
+    gone = _status("--tracker", dead, "--tracker", tracker.url, token=TOKEN)
+    # One line per tracker given up, then the error naming both.
+    *moved, error = gone.stderr.splitlines()
+    assert gone.returncode == 1 and error.startswith(f"p2preg status: tracker {dead}: ")
+    assert f"; tracker {tracker.url}: " in error and len(moved) == 1
+    mixed = _status("--tracker", dead, "--tracker", "https://127.0.0.1:1", token=TOKEN)
+    assert mixed.returncode != 0 and "mix http and https" in mixed.stderr
+
+
 def test_an_unreachable_node_is_a_clear_error() -> None:
     proc = _status("--node", f"http://127.0.0.1:{free_port()}")
     assert proc.returncode == 1 and proc.stderr.startswith("p2preg status:")

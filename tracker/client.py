@@ -4,18 +4,24 @@ Speaks msgpack over httpx and raises the tracker's own exceptions
 (p2preg.core.errors): a refused request comes back as the class the tracker raised,
 and a tracker that cannot be reached or fails on its side as
 `TrackerUnavailable`, so the node can fall back to upstream on that one class.
+Given several trackers (replicas of one cluster), a request that cannot reach
+the current one, or gets a 5xx from it, goes to the next, once round the list
+at most; the one that answered stays current, so a healthy first tracker takes
+all the traffic. A 4xx is an answer and goes back to the caller as is.
 With a tls_dir (`ReloadingTLS`) it speaks HTTPS showing the node's certificate,
 checks the tracker's (chain to ca.crt, hostname, and a `tracker` identity of the
 node's own cluster), sends no token, and moves to a fresh connection pool when
 renewed files were loaded. It also derives the announce URLs the node gives
-libtorrent. This module must not retry or decide policy — the node does — and
-keeps no state but its connection pool.
+libtorrent (one per tracker). This module must not retry beyond that one
+round or decide policy — the node does — and keeps no state but its
+connection pool and which tracker is current.
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import quote, quote_from_bytes, urlsplit
@@ -28,23 +34,33 @@ from p2preg.core.pki import CertificateError
 from p2preg.core.tls import ReloadingTLS, peer_identity
 from tracker.announce import SwarmStats, decode_scrape
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TIMEOUT_S = 10.0
 
 
 class TrackerClient:
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         node: str,
         token: str | None = None,
         tls: ReloadingTLS | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         http: httpx.AsyncClient | None = None,
+        on_failover: Callable[[str], None] | None = None,
     ) -> None:
         if tls is not None and (token is not None or http is not None):
             raise ValueError("a TLS tracker client takes no token and builds its own pool")
-        self.base_url = base_url.rstrip("/")
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise ValueError("a tracker client needs at least one tracker URL")
+        self.base_urls = tuple(u.rstrip("/") for u in urls)
+        # Index of the tracker requests go to first; moved only when it fails.
+        self._current = 0
+        # Called with the reason ("unreachable" or "server_error") on each move.
+        self._on_failover = on_failover
         self.node = node
         self._token = token
         self._tls = tls
@@ -53,11 +69,17 @@ class TrackerClient:
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         self._own_http = http is None
+        # One pool for every tracker: httpx keeps connections per host.
         self._http = http or self._new_pool()
         # The pool a renewal replaced: requests may still be running on it.
         self._retired: httpx.AsyncClient | None = None
         self._generation = 0 if tls is None else tls.generation
         self._headers = headers
+
+    @property
+    def base_url(self) -> str:
+        """The tracker requests go to first now."""
+        return self.base_urls[self._current]
 
     def _new_pool(self) -> httpx.AsyncClient:
         if self._tls is None:
@@ -81,22 +103,22 @@ class TrackerClient:
                 self._retired, self._http = self._http, self._new_pool()
         return self._http
 
-    def _check_server(self, response: httpx.Response) -> None:
+    def _check_server(self, base: str, response: httpx.Response) -> None:
         """Over TLS, only this cluster's tracker may answer (not another member's certificate)."""
         if self._tls is None or response.url.scheme != "https":
             return
         stream = response.extensions.get("network_stream")
         ssl_object = None if stream is None else stream.get_extra_info("ssl_object")
         if ssl_object is None:
-            raise errors.TrackerUnavailable(f"tracker {self.base_url}: no TLS session to check")
+            raise errors.TrackerUnavailable(f"tracker {base}: no TLS session to check")
         try:
             who = peer_identity(ssl_object)
         except CertificateError as e:
-            raise errors.TrackerUnavailable(f"tracker {self.base_url}: {e}") from None
+            raise errors.TrackerUnavailable(f"tracker {base}: {e}") from None
         mine = self._tls.identity.cluster
         if who.role != "tracker" or who.cluster != mine:
             raise errors.TrackerUnavailable(
-                f"tracker {self.base_url} presented {who}, not a tracker of cluster {mine}"
+                f"tracker {base} presented {who}, not a tracker of cluster {mine}"
             )
 
     async def aclose(self) -> None:
@@ -108,14 +130,20 @@ class TrackerClient:
     # -- URLs for libtorrent -----------------------------------------------------
 
     @property
+    def announce_urls(self) -> list[str]:
+        """HTTP announce URLs, one per tracker in the order given (a tier each)."""
+        return [base + "/announce" + self._announce_query() for base in self.base_urls]
+
+    @property
     def announce_url(self) -> str:
-        """HTTP announce URL; the path ends in /announce, as libtorrent's SSRF check wants."""
-        return self.base_url + "/announce" + self._announce_query()
+        """The first tracker's announce URL; the path ends in /announce, as
+        libtorrent's SSRF check wants."""
+        return self.announce_urls[0]
 
     @property
     def udp_announce_url(self) -> str:
-        """BEP 15 URL on the same port; the token rides in BEP 41 URL data."""
-        netloc = urlsplit(self.base_url).netloc
+        """BEP 15 URL on the first tracker's port; the token rides in BEP 41 URL data."""
+        netloc = urlsplit(self.base_urls[0]).netloc
         return f"udp://{netloc}/announce" + self._announce_query()
 
     def _announce_query(self) -> str:
@@ -218,19 +246,7 @@ class TrackerClient:
         headers = dict(self._headers)
         if accept is not None:
             headers["Accept"] = accept
-        http = await self._pool()
-        try:
-            response = await http.get(
-                self.base_url + path, headers=headers, timeout=self._timeout_s
-            )
-        except httpx.HTTPError as e:
-            raise errors.TrackerUnavailable(
-                f"tracker {self.base_url}: {_why(e, tls=self._tls is not None)}"
-            ) from None
-        self._check_server(response)
-        if response.status_code >= 400:
-            raise _error(response)
-        return response
+        return await self._send("GET", path, None, headers, self._timeout_s)
 
     async def _call(
         self,
@@ -246,28 +262,78 @@ class TrackerClient:
         if message is not None:
             content = wire.encode(message)
             headers["Content-Type"] = wire.CONTENT_TYPE
-        http = await self._pool()
-        try:
-            response = await http.request(
-                method,
-                self.base_url + path,
-                content=content,
-                headers=headers,
-                timeout=self._timeout_s + extra_timeout_s,
-            )
-        except httpx.HTTPError as e:
-            raise errors.TrackerUnavailable(
-                f"tracker {self.base_url}: {_why(e, tls=self._tls is not None)}"
-            ) from None
-        self._check_server(response)
-        if response.status_code >= 400:
-            raise _error(response)
+        timeout_s = self._timeout_s + extra_timeout_s
+        response = await self._send(method, path, content, headers, timeout_s)
         if reply is None:
             return None  # type: ignore[return-value]  # release has no body
         try:
             return wire.decode(reply, response.content)
         except wire.WireError as e:
             raise errors.TrackerUnavailable(f"tracker sent a bad reply: {e}") from None
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        content: bytes | None,
+        headers: dict[str, str],
+        timeout_s: float,
+    ) -> httpx.Response:
+        """One request, to the current tracker and, if it cannot answer, the next ones.
+
+        Each tracker is tried once at most, starting from the current one; a
+        connection failure (refused, reset, timed out, a TLS failure or the wrong
+        server certificate) or a 5xx moves to the next. A 4xx is raised at once.
+        """
+        http = await self._pool()
+        start = self._current
+        failure: errors.TrackerError | None = None
+        said: list[str] = []
+        for step in range(len(self.base_urls)):
+            index = (start + step) % len(self.base_urls)
+            base = self.base_urls[index]
+            try:
+                response = await http.request(
+                    method, base + path, content=content, headers=headers, timeout=timeout_s
+                )
+                self._check_server(base, response)
+            except httpx.HTTPError as e:
+                failure = errors.TrackerUnavailable(
+                    f"tracker {base}: {_why(e, tls=self._tls is not None)}"
+                )
+                reason = "unreachable"
+            except errors.TrackerUnavailable as e:
+                failure, reason = e, "unreachable"
+            else:
+                if response.status_code < 500:
+                    if response.status_code >= 400:
+                        raise _error(response)
+                    return response
+                failure, reason = _error(response), "server_error"
+            said.append(_named(base, failure))
+            if step + 1 < len(self.base_urls):  # the last one tried stays current
+                self._failed(index, reason, failure)
+        assert failure is not None
+        if len(said) > 1:  # every one of them failed: say how
+            raise type(failure)("; ".join(said))
+        raise failure
+
+    def _failed(self, index: int, reason: str, failure: errors.TrackerError) -> None:
+        """Tracker `index` could not answer: the next becomes current, unless a
+        concurrent request already moved on (one move per failure seen)."""
+        if len(self.base_urls) == 1 or self._current != index:
+            return
+        self._current = (index + 1) % len(self.base_urls)
+        failed = _named(self.base_urls[index], failure)
+        log.warning("%s: moving on to tracker %s", failed, self.base_url)
+        if self._on_failover is not None:
+            self._on_failover(reason)
+
+
+def _named(base: str, failure: errors.TrackerError) -> str:
+    """The failure, naming its tracker once."""
+    text = str(failure)
+    return text if text.startswith(f"tracker {base}") else f"tracker {base}: {text}"
 
 
 # A TLS 1.3 server checks the client's certificate after the client thinks the
@@ -307,14 +373,18 @@ def _error(response: httpx.Response) -> errors.TrackerError:
 
 @asynccontextmanager
 async def open_tracker_client(
-    base_url: str,
+    base_url: str | Sequence[str],
     *,
     node: str,
     token: str | None = None,
     tls: ReloadingTLS | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    on_failover: Callable[[str], None] | None = None,
 ) -> AsyncIterator[TrackerClient]:
-    client = TrackerClient(base_url, node=node, token=token, tls=tls, timeout_s=timeout_s)
+    """A client of the tracker at `base_url`, or of several, tried in that order."""
+    client = TrackerClient(
+        base_url, node=node, token=token, tls=tls, timeout_s=timeout_s, on_failover=on_failover
+    )
     try:
         yield client
     finally:

@@ -112,6 +112,23 @@ def _coerce(name: str, tp: Any, value: object) -> object:
 
 C = TypeVar("C")
 
+# Two keys that spell one setting (a single value, or a list): a source of
+# higher precedence that gives either replaces what a lower one gave for both,
+# and one source giving both is an error.
+SAME_SETTING: dict[str, str] = {"tracker": "trackers", "trackers": "tracker"}
+
+
+def _put(raw: dict[str, object], given: Mapping[str, object], where: str) -> None:
+    """Add one source's values over the lower sources' ones (`SAME_SETTING` pairs as one)."""
+    for key in given:
+        other = SAME_SETTING.get(key)
+        if other is None:
+            continue
+        if other in given:
+            raise ConfigError(f"{where}: give {key} or {other}, not both")
+        raw.pop(other, None)
+    raw.update(given)
+
 # Every component's setting names. One environment may configure a node and a
 # tracker, so a P2PREG_* variable that names another component's setting is not
 # a typo; any other unknown one is. tests/test_config.py holds this table
@@ -145,6 +162,7 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
             "tracker",
             "tracker_token",
             "tracker_token_file",
+            "trackers",
             "trusted_realms",
             "upstream",
             "upstream_retries",
@@ -225,6 +243,7 @@ def load(
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     raw: dict[str, object] = {}
+    from_file: dict[str, object] = {}
     if file is not None:
         try:
             with open(file, "rb") as f:
@@ -237,16 +256,19 @@ def load(
             attr = key.replace("-", "_")
             if attr not in known:
                 raise ConfigError(f"config file {file}: unknown key {key!r}")
-            raw[attr] = value
+            from_file[attr] = value
+    _put(raw, from_file, f"config file {file}")
+    from_env: dict[str, object] = {}
     for var, value in (env or {}).items():
         if not var.startswith(ENV_PREFIX):
             continue
         attr = var[len(ENV_PREFIX) :].lower()
         if attr in known:
-            raw[attr] = value
+            from_env[attr] = value
         elif attr not in ANY_COMPONENT_KEY:
             raise ConfigError(f"unknown environment variable {var}")
-    raw.update({k: v for k, v in (cli or {}).items() if v is not None})
+    _put(raw, from_env, "environment")
+    _put(raw, {k: v for k, v in (cli or {}).items() if v is not None}, "command line")
     for key in SECRET_KEYS & raw.keys():
         value = raw[key]
         if isinstance(value, str) and not value.strip():

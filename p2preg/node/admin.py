@@ -45,7 +45,7 @@ def _json(doc: object, status: int = 200) -> Response:
 
 @dataclass(frozen=True)
 class Admin:
-    """What the node's endpoints read; `swarm` and `tracker` are None without a tracker."""
+    """What the node's endpoints read; `swarm` is None and `trackers` empty without a tracker."""
 
     name: str
     upstreams: Upstreams
@@ -53,7 +53,7 @@ class Admin:
     blobs: Blobs
     metrics: NodeMetrics
     swarm: SwarmSeam | None
-    tracker: str | None
+    trackers: tuple[str, ...]
     p2p_min_bytes: int
     auth: AdminAuth
 
@@ -130,7 +130,8 @@ def status_doc(admin: Admin, started_unix: float, *, full: bool) -> dict[str, ob
             "peer_port": swarm.listen_port,
         }
         if full:
-            swarm_doc["tracker"] = admin.tracker
+            swarm_doc["tracker"] = admin.trackers[0] if admin.trackers else None
+            swarm_doc["trackers"] = list(admin.trackers)
     doc: dict[str, object] = {
         "node": admin.name,
         "version": __version__,

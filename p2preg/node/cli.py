@@ -33,7 +33,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "first also serves requests without ns)",
     )
     p.add_argument("--data-dir", metavar="DIR", help="blob store and state (/var/lib/p2preg)")
-    p.add_argument("--tracker", metavar="URL", help="tracker base URL, http://host:port")
+    p.add_argument(
+        "--tracker",
+        metavar="URL",
+        action="append",
+        help="tracker base URL, http(s)://host:port (repeatable: replicas of one cluster, "
+        "tried in this order)",
+    )
     p.add_argument("--peer-port", metavar="N", help="BitTorrent listen port (6881)")
     p.add_argument("--peer-host", metavar="ADDR", help="BitTorrent listen address (0.0.0.0)")
     p.add_argument(
@@ -103,6 +109,11 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         for k, v in vars(args).items()
         if not k.startswith("_") and k not in ("command", "config", "log_level")
     }
+    trackers = cli.pop("tracker", None)
+    if isinstance(trackers, list) and len(trackers) > 1:
+        cli["trackers"] = trackers
+    elif isinstance(trackers, list | str):
+        cli["tracker"] = trackers[0] if isinstance(trackers, list) else trackers
     return load(
         NodeConfig,
         cli=cli,

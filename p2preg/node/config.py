@@ -86,12 +86,39 @@ def _is_loopback(host: str) -> bool:
         return False  # a name: it may resolve anywhere
 
 
+TRACKER_URL = re.compile(r"^(https?)://[^/?#@]+/?$")
+
+
+def check_tracker_urls(urls: tuple[str, ...]) -> str | None:
+    """One cluster's trackers: base URLs, each once, all of one scheme (https
+    with a tls_dir, http with a token or none). Returns that scheme (None for
+    no tracker); raises ConfigError with a one-line message naming what is wrong.
+    """
+    schemes = set()
+    for url in urls:
+        m = TRACKER_URL.match(url)
+        if m is None:
+            raise ConfigError(f"--tracker takes a base URL http://host:port, got {url!r}")
+        schemes.add(m.group(1))
+    if len({u.rstrip("/") for u in urls}) != len(urls):
+        raise ConfigError(f"a tracker is given twice in {', '.join(urls)}")
+    if len(schemes) > 1:
+        raise ConfigError(
+            f"trackers {', '.join(urls)} mix http and https: every tracker of a cluster "
+            "speaks https (with tls_dir) or every one http (with a token or insecure)"
+        )
+    return schemes.pop() if schemes else None
+
+
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     listen: HostPort = HostPort("127.0.0.1", 5000)  # noqa: RUF009 (frozen, shared safely)
     upstream: tuple[Upstream, ...] = ()
     data_dir: Path = Path("/var/lib/p2preg")
     tracker: str | None = None
+    # Several trackers of one cluster (replicas), tried in this order: the
+    # list form of `tracker` (--tracker given more than once). Give one or the other.
+    trackers: tuple[str, ...] = ()
     tracker_token: str | None = field(default=None, repr=False)
     # The cluster token in a file (a mounted Secret): never on a command line.
     tracker_token_file: Path | None = None
@@ -151,8 +178,9 @@ class NodeConfig:
             raise ConfigError("two upstreams share one registry name")
         if self.stream_chunk_bytes < 4096 or self.max_blob_streams < 1:
             raise ConfigError("stream_chunk_bytes must be ≥ 4096 and max_blob_streams ≥ 1")
-        if self.tracker is not None and not re.match(r"^https?://[^/]+/?$", self.tracker):
-            raise ConfigError(f"--tracker takes a base URL http://host:port, got {self.tracker!r}")
+        if self.tracker is not None and self.trackers:
+            raise ConfigError("give tracker or trackers, not both")
+        check_tracker_urls(self.tracker_urls)
         if self.tracker_token is not None and not self.tracker_token.strip():
             raise ConfigError("tracker_token must not be empty")
         if self.tracker_token is not None and self.tracker_token_file is not None:
@@ -184,6 +212,11 @@ class NodeConfig:
                     f"node_name {self.node_name!r} is not {identity.name!r}, the name in the "
                     "certificate: with tls_dir the certificate names the node"
                 )
+        if self.tls_dir is None and check_tracker_urls(self.tracker_urls) == "https":
+            raise ConfigError(
+                f"tracker {self.tracker_urls[0]} is https: give tls_dir, the cluster "
+                "certificate it wants"
+            )
         refusal = self._plain_beyond_loopback()
         if refusal is not None:
             raise ConfigError(
@@ -194,15 +227,22 @@ class NodeConfig:
         """What would cross the network in plain text, when neither TLS nor `insecure` is set."""
         if self.insecure:
             return None
-        if self.tracker is not None:
-            url = urlsplit(self.tracker)
+        for tracker in self.tracker_urls:
+            url = urlsplit(tracker)
             if url.scheme == "http" and not _is_loopback(url.hostname or ""):
                 return f"tracker {url.scheme}://{url.netloc} is plain HTTP beyond loopback"
         if self.tls_dir is not None:
             return None
-        if self.tracker is not None and not _is_loopback(self.peer_host):
+        if self.tracker_urls and not _is_loopback(self.peer_host):
             return f"peer_host {self.peer_host} serves the peer wire beyond loopback in plain text"
         return None
+
+    @property
+    def tracker_urls(self) -> tuple[str, ...]:
+        """Every tracker, in the order they are tried; empty without one."""
+        if self.trackers:
+            return self.trackers
+        return () if self.tracker is None else (self.tracker,)
 
     def upstream_for(self, ns: str | None) -> Upstream | None:
         if not ns:

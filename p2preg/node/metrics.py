@@ -27,9 +27,7 @@ class NodeMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
-            "p2preg_http_requests",
-            "Facade requests by route and status",
-            ["route", "status"],
+            "p2preg_http_requests", "Facade requests by route and status", ["route", "status"],
             registry=r,
         )
         self.bytes_served = Counter(
@@ -39,9 +37,7 @@ class NodeMetrics:
             "p2preg_upstream_blob_bytes", "Blob bytes received from seed registries", registry=r
         )
         self.blob_fetches = Counter(
-            "p2preg_blob_fetches",
-            "Blobs fetched into the store, by source",
-            ["source"],
+            "p2preg_blob_fetches", "Blobs fetched into the store, by source", ["source"],
             registry=r,
         )
         self.blob_fetch_joins = Counter(
@@ -76,7 +72,6 @@ class NodeMetrics:
         self.store_evictions = Gauge(
             "p2preg_store_evictions", "Blobs evicted to stay within budget", registry=r
         )
-
         self.peer_bytes = Counter(
             "p2preg_peer_blob_bytes", "Blob payload bytes received from peers", registry=r
         )
@@ -102,6 +97,10 @@ class NodeMetrics:
             "p2preg_peer_tls_refusals",
             "Peer connections refused in the TLS handshake (no, expired or foreign certificate)",
             registry=r,
+        )
+        self.tracker_failovers = Counter(
+            "p2preg_tracker_failovers", "Control-API requests moved on to the next tracker",
+            ["reason"], registry=r,
         )
         self.blobs_seeded = Gauge("p2preg_blobs_seeded", "Blobs this node seeds", registry=r)
 

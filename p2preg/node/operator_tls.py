@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from p2preg.core.config import ConfigError
 from p2preg.core.tls import ReloadingTLS
+from p2preg.node.config import check_tracker_urls
 
 TLS_DIR_ENV = "P2PREG_TLS_DIR"
 
@@ -25,16 +27,27 @@ def needs_tls_dir(tracker_url: str) -> str:
             f"(a node's tls_dir, or ${TLS_DIR_ENV})")
 
 
-def read_tls(args: argparse.Namespace, tracker_url: str | None) -> ReloadingTLS | None:
+def tracker_urls(args: argparse.Namespace) -> list[str] | None:
+    """The `--tracker` URLs given (repeatable: one cluster's replicas), None if none."""
+    given = getattr(args, "tracker", None)
+    if isinstance(given, str):
+        given = [given]
+    return [u.rstrip("/") for u in given] if given else None
+
+
+def read_tls(args: argparse.Namespace, trackers: Sequence[str] | None) -> ReloadingTLS | None:
     """The node certificate a mutual-TLS tracker wants: --tls-dir, else $P2PREG_TLS_DIR.
 
     A tracker URL given as https:// without one is a one-line error here, not a
-    TLS failure later; so is a certificate beside a cluster token.
+    TLS failure later; so is a certificate beside a cluster token, and trackers
+    that mix http and https.
     """
     given = getattr(args, "tls_dir", None) or os.environ.get(TLS_DIR_ENV) or None
+    if trackers:
+        check_tracker_urls(tuple(trackers))
     if given is None:
-        if tracker_url is not None and tracker_url.startswith("https://"):
-            raise ConfigError(needs_tls_dir(tracker_url))
+        if trackers and trackers[0].startswith("https://"):
+            raise ConfigError(needs_tls_dir(trackers[0]))
         return None
     if getattr(args, "token_file", None) is not None:
         raise ConfigError("give --tls-dir or --token-file, not both: a cluster is one or the other")

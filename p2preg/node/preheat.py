@@ -53,7 +53,7 @@ from p2preg.node.imagerefs import (
     select_manifests,
 )
 from p2preg.node.manifest import DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, OCI_INDEX, OCI_MANIFEST
-from p2preg.node.operator_tls import add_tls_argument, needs_tls_dir, read_tls
+from p2preg.node.operator_tls import add_tls_argument, needs_tls_dir, read_tls, tracker_urls
 from tracker.client import TrackerClient, open_tracker_client
 
 MANIFEST_ACCEPT = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
@@ -188,14 +188,20 @@ async def _fetch_on(
     progress.advance(task, plan.size)
 
 
-async def _tracker_of(http: httpx.AsyncClient, node: str, admin: str) -> str | None:
+async def _trackers_of(http: httpx.AsyncClient, node: str, admin: str) -> list[str] | None:
+    """The trackers the node uses, from its full status (every replica, in its order)."""
     try:
         doc = (await http.get(node + STATUS_PATH, headers=admin_headers(admin))).json()
     except (httpx.HTTPError, ValueError):
         return None
     swarm = doc.get("swarm") if isinstance(doc, dict) else None
-    url = swarm.get("tracker") if isinstance(swarm, dict) else None
-    return url if isinstance(url, str) else None
+    if not isinstance(swarm, dict):
+        return None
+    urls = swarm.get("trackers")
+    if isinstance(urls, list) and urls and all(isinstance(u, str) for u in urls):
+        return urls
+    url = swarm.get("tracker")  # a node of an earlier version names one
+    return [url] if isinstance(url, str) else None
 
 
 async def confirm(
@@ -238,7 +244,7 @@ async def preheat(
     *,
     platforms: Sequence[Platform] | None,
     seeders: int,
-    tracker_url: str | None,
+    tracker_urls: Sequence[str] | None,
     token: str | None,
     tls: ReloadingTLS | None,
     admin_token: str,
@@ -274,20 +280,20 @@ async def preheat(
         failed = [p for p in blobs if p.failures()]
         if failed:
             return Outcome(False, blobs, time.monotonic() - start, "some fetches failed")
-        tracker_url = tracker_url or await _tracker_of(http, nodes[0], admin_token)
+        trackers = tracker_urls or await _trackers_of(http, nodes[0], admin_token)
         swarmed = [p for p in blobs if p.swarmed]
-        if tracker_url is None:
+        if not trackers:
             problem = "the nodes have no tracker: blobs are in their stores, not in a swarm"
             return Outcome(False, blobs, time.monotonic() - start, problem)
-        if tls is None and tracker_url.startswith("https://"):
-            return Outcome(False, blobs, time.monotonic() - start, needs_tls_dir(tracker_url))
+        if tls is None and trackers[0].startswith("https://"):
+            return Outcome(False, blobs, time.monotonic() - start, needs_tls_dir(trackers[0]))
         try:
             if tls is None:
-                client = TrackerClient(tracker_url, node="p2preg-preheat", token=token, http=http)
+                client = TrackerClient(trackers, node="p2preg-preheat", token=token, http=http)
                 ready = await confirm(client, swarmed, seeders, confirm_timeout_s)
             else:
                 name = tls.identity.name
-                async with open_tracker_client(tracker_url, node=name, tls=tls) as client:
+                async with open_tracker_client(trackers, node=name, tls=tls) as client:
                     ready = await confirm(client, swarmed, seeders, confirm_timeout_s)
         except tracker_errors.TrackerError as e:
             return Outcome(False, blobs, time.monotonic() - start, f"tracker: {e}")
@@ -359,7 +365,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seeders", type=int, metavar="K", help="done when every blob has K seeders (1)"
     )
-    p.add_argument("--tracker", metavar="URL", help="the tracker (default: the first node's)")
+    p.add_argument(
+        "--tracker",
+        metavar="URL",
+        action="append",
+        help="the tracker (repeatable: one cluster's replicas; default: the first node's)",
+    )
     p.add_argument(
         "--token-file", metavar="FILE", help="cluster token (default: $P2PREG_TRACKER_TOKEN)"
     )
@@ -405,8 +416,8 @@ def run(args: argparse.Namespace) -> int:
             "preheat needs the nodes' admin token: --admin-token-file FILE "
             f"(or ${ADMIN_TOKEN_ENV}); a node writes <data_dir>/admin.token at start"
         )
-    tracker_url = getattr(args, "tracker", None)
-    tls = read_tls(args, tracker_url)
+    trackers = tracker_urls(args)
+    tls = read_tls(args, trackers)
     try:
         images = [parse_image(i) for i in args.images]
         run_preheat = partial(
@@ -415,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
             nodes,
             platforms=platforms,
             seeders=seeders,
-            tracker_url=tracker_url,
+            tracker_urls=trackers,
             token=None if tls is not None else read_token(args),
             tls=tls,
             admin_token=admin_token,

@@ -85,7 +85,7 @@ async def _open_swarm(
     tls: ReloadingTLS | None,
 ) -> AsyncIterator[_P2P | None]:
     """The swarm and the tracker client, when a tracker is configured."""
-    if config.tracker is None:
+    if not config.tracker_urls:
         yield None
         return
     name = _node_name(config, tls)
@@ -93,13 +93,18 @@ async def _open_swarm(
     listen = listen_interfaces(
         config.peer_host, config.peer_port, config.peer_ssl_port, tls=tls is not None
     )
+    def failover(reason: str) -> None:
+        metrics.tracker_failovers.labels(reason).inc()
+
     if tls is None:
-        tracker = TrackerClient(config.tracker, node=name, token=token, http=http)
+        tracker = TrackerClient(
+            config.tracker_urls, node=name, token=token, http=http, on_failover=failover
+        )
     else:
-        tracker = TrackerClient(config.tracker, node=name, tls=tls)
+        tracker = TrackerClient(config.tracker_urls, node=name, tls=tls, on_failover=failover)
     try:
         async with open_swarm(
-            config.data_dir, listen, [tracker.announce_url], metrics, tls=peer_tls,
+            config.data_dir, listen, tracker.announce_urls, metrics, tls=peer_tls,
             stall_reports=(tracker.report_stall, config.peer_stall_report_s),
         ) as swarm:
             yield _P2P(swarm, tracker, peer_tls or PlainTorrents())
@@ -144,7 +149,8 @@ def _cluster(
     log.info(
         "node: swarm on %s (peer port %d%s), tracker %s as %s, re-seeding %d stored blobs",
         config.peer_host, swarm.listen_port,
-        ", TLS" if isinstance(p2p.roots, PeerTLS) else "", config.tracker, tracker.node, reseeded,
+        ", TLS" if isinstance(p2p.roots, PeerTLS) else "", ", ".join(tracker.base_urls),
+        tracker.node, reseeded,
     )
     return Cluster(tracker, swarm, seeding, peers, settings)
 
@@ -218,7 +224,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
             blobs=blobs,
             metrics=metrics,
             swarm=None if cluster is None else cluster.swarm,
-            tracker=config.tracker,
+            trackers=config.tracker_urls,
             p2p_min_bytes=config.p2p_min_bytes,
             auth=held.admin,
         ))

@@ -23,7 +23,7 @@ from p2preg.core import errors as tracker_errors
 from p2preg.core.tls import ReloadingTLS
 from p2preg.node.admin import STATUS_PATH
 from p2preg.node.adminauth import ADMIN_TOKEN_ENV, admin_headers, read_admin_token
-from p2preg.node.operator_tls import add_tls_argument, read_tls
+from p2preg.node.operator_tls import add_tls_argument, read_tls, tracker_urls
 from p2preg.node.preheat import TOKEN_ENV, human_size, read_token
 from tracker.client import TrackerClient, open_tracker_client
 
@@ -128,26 +128,30 @@ def tracker_tables(doc: dict[str, Any], url: str) -> list[Table]:
 
 async def _read(
     node: str | None,
-    tracker: str | None,
+    trackers: list[str] | None,
     token: str | None,
     limit: int,
     admin: str | None,
     tls: ReloadingTLS | None,
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str | None]:
+    """The node's status, and the status of the first of `trackers` that answered (its URL)."""
     node_doc = tracker_doc = None
+    answered = None
     async with httpx.AsyncClient(timeout=10.0, trust_env=False) as http:
         if node is not None:
             r = await http.get(node + STATUS_PATH, headers=admin_headers(admin))
             r.raise_for_status()
             node_doc = r.json()
-        if tracker is not None and tls is not None:
+        if trackers and tls is not None:
             name = tls.identity.name
-            async with open_tracker_client(tracker, node=name, tls=tls) as client:
+            async with open_tracker_client(trackers, node=name, tls=tls) as client:
                 tracker_doc = await client.status(limit)
-        elif tracker is not None:
-            client = TrackerClient(tracker, node="p2preg-status", token=token, http=http)
+                answered = client.base_url
+        elif trackers:
+            client = TrackerClient(trackers, node="p2preg-status", token=token, http=http)
             tracker_doc = await client.status(limit)
-    return node_doc, tracker_doc
+            answered = client.base_url
+    return node_doc, tracker_doc, answered
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -156,8 +160,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--node", metavar="URL", help=f"a node's facade (default {default_node_url()})"
     )
-    p.add_argument("--tracker", metavar="URL", help="the tracker (its token: --token-file or "
-                   f"${TOKEN_ENV[0]})")
+    p.add_argument("--tracker", metavar="URL", action="append",
+                   help="the tracker (its token: --token-file or "
+                   f"${TOKEN_ENV[0]}); repeatable: the first replica that answers")
     p.add_argument("--token-file", metavar="FILE", help="cluster token for the tracker")
     add_tls_argument(p)
     p.add_argument(
@@ -174,18 +179,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from p2preg.node.containerd_config import default_node_url
 
-    tracker = getattr(args, "tracker", None)
+    trackers = tracker_urls(args)
     node = getattr(args, "node", None)
-    if node is None and tracker is None:
+    if node is None and trackers is None:
         node = default_node_url()
     node = node.rstrip("/") if node else None
-    tracker = tracker.rstrip("/") if tracker else None
-    tls = read_tls(args, tracker) if tracker else None
+    tls = read_tls(args, trackers) if trackers else None
     token = None if tls is not None else read_token(args)
     try:
         admin = read_admin_token(getattr(args, "admin_token_file", None)) if node else None
-        node_doc, tracker_doc = trio.run(
-            _read, node, tracker, token, max(0, getattr(args, "limit", 20)), admin, tls
+        node_doc, tracker_doc, tracker = trio.run(
+            _read, node, trackers, token, max(0, getattr(args, "limit", 20)), admin, tls
         )
     except (httpx.HTTPError, ValueError, tracker_errors.TrackerError) as e:
         print(f"p2preg status: {e}", file=sys.stderr)
