@@ -109,7 +109,7 @@ async def test_over_the_clock_seeders_announce_rarely_and_are_kept_longer(
     # The leecher completes: short once more, then long.
     done = t.announce(ann(ih, 2, left=0, event=Event.COMPLETED), "10.0.0.2", "http")
     assert done.interval == 60 and done.min_interval == 15
-    t.confirm_seed(digest, wire.ConfirmSeed("n2", meta.info_hash_v2))  # it verified the blob
+    await t.confirm_seed(digest, wire.ConfirmSeed("n2", meta.info_hash_v2))  # it verified the blob
     clock.step(60)
     assert low <= t.announce(ann(ih, 2, left=0), "10.0.0.2", "http").interval <= high
     # A third node, a leecher, goes silent: gone after peer_ttl_s; the seeders stay.

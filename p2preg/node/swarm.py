@@ -153,7 +153,6 @@ class Swarm:
         self._session = session
         # (the tracker's report call, seconds a peer may stall us before it is reported)
         self._stall_reports = stall_reports
-        self._reporting = 0
         self._nursery: trio.Nursery | None = None
         self.swarm_dir = swarm_dir
         self._announce_urls = announce_urls
@@ -277,10 +276,10 @@ class Swarm:
         for endpoint in t.stalls.observe(samples, trio.current_time()):
             self._metrics.peer_stalls.inc()
             log.info("swarm: peer %s:%d stalls %s: reporting it", *endpoint, t.digest)
-            if self._reporting < MAX_STALL_REPORTS_IN_FLIGHT:
+            in_flight = sum(x.reports_in_flight for x in self._torrents.values())
+            if in_flight < MAX_STALL_REPORTS_IN_FLIGHT:
                 # Counted now, not when the task starts: the download must not
                 # ask the tracker what next before the tracker has the report.
-                self._reporting += 1
                 t.reports_in_flight += 1
                 self._nursery.start_soon(self._report_stall, t, compact(endpoint))
 
@@ -291,7 +290,6 @@ class Swarm:
         except Exception as e:  # a report is evidence, not a duty: never fail a download
             log.info("swarm: reporting a stalled peer of %s failed: %s", t.digest, e)
         finally:
-            self._reporting -= 1
             t.reports_in_flight -= 1
 
     def last_seeder_of_live_swarm(self, digest: Digest) -> bool:
