@@ -6,10 +6,14 @@ the cluster's own torrent format (`tracker.metainfo.make_metainfo`) and a real
 tracker process, compared with nginx serving the same bytes from the same disk.
 
 How: a random blob (200 MiB by default) is written to a work directory, its
-metainfo made and published to a real tracker (`harness.tracker`) before
-any announce. One seeder process seeds the blob (seed mode, as `Swarm.seed`
-does) for the whole run; an untimed warm-up transfer first makes it check
-every piece once. Then rounds alternate (order flipped every round):
+metainfo made and filed with a real tracker (`harness.tracker`) before any
+announce, as a node that fetched it upstream files it: the seeder's node
+takes the digest's lease, publishes, and releases the lease once its seeder
+was announced. Every peer is a node of its own to the tracker (`node=` name,
+or its certificate under TLS), which keeps one peer per node in a swarm.
+One seeder process seeds the blob (seed mode, as `Swarm.seed` does) for the
+whole run; an untimed warm-up transfer first makes it check every piece once.
+Then rounds alternate (order flipped every round):
 
 - pair: one leecher process downloads from the seeder;
 - pairtls: the same between two TLS nodes of a fresh cluster CA (an SSL
@@ -43,6 +47,7 @@ ended by its pid when it finishes, fails or is interrupted.
     .venv/bin/python -m bench.peer [--size-mib 200] [--runs 5] [--leechers 4]
 
 The package: `worker` (the peer process), `rounds` (the timed rounds),
-`__main__` (setup, the run, the report). Processes start through harness/,
+`cluster` (the trackers, and who each peer is there), `__main__` (setup,
+the run, the report). Processes start through harness/,
 the machine-busy formula is bench/machine.py's; none of it imports tests/.
 """

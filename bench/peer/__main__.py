@@ -1,9 +1,9 @@
 """`python -m bench.peer`: the peer throughput benchmark's setup, run and report.
 
 Owns the command line (the benchmark's flags and the worker's hidden ones),
-the blob, its metainfo (with a forced piece size for `--piece-kib`, in this
-process and in the tracker it starts through harness.tracker), nginx through
-harness.nginx, the order of the rounds, the swarm/nginx ratios, the table and
+the blob, its metainfo (with a forced piece size for `--piece-kib`), which
+node each peer is (the trackers and filing are bench.peer.cluster's), nginx
+through harness.nginx, the order of the rounds, the swarm/nginx ratios, the table and
 bench/results/peer.json (every flag, `--tls` included, is in its `args`). A
 `--role seed|leech` run is the worker (bench.peer.worker), nothing else.
 What a round does lives in bench.peer.rounds; it must not time anything itself.
@@ -26,39 +26,32 @@ from pathlib import Path
 from typing import Any
 
 import libtorrent as lt
-import trio
 from rich.console import Console
 from rich.table import Table
 
 import bench.peer
-import p2preg.core.metainfo as metainfo_rules
 from bench.data import write_random
 from bench.machine import add_tls_flag, version_of
-from bench.peer.rounds import (
-    REPO_ROOT,
-    Case,
-    Memory,
-    Peer,
-    Sample,
-    nginx_round,
-    peers,
-    swarm_round,
+from bench.peer.cluster import (
+    SEEDER,
+    Member,
+    TLSCluster,
+    announce_urls,
+    leecher,
+    piece_rule,
+    seeding,
+    tracker,
 )
-from bench.peer.worker import READY_TIMEOUT_S, parse_overrides, peer_settings, run_peer
+from bench.peer.rounds import REPO_ROOT, Case, Memory, Peer, Sample, nginx_round, swarm_round
+from bench.peer.worker import parse_overrides, peer_settings, run_peer
 from harness.nginx import NGINX_BIN, open_nginx
-from harness.tlscerts import ClusterCA
-from harness.tracker import TRACKER_COMMAND, open_tracker
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo, info_name
-from p2preg.core.pki import Identity, issue
-from p2preg.core.tls import ReloadingTLS
-from tracker.client import TrackerClient
 from tracker.metainfo import make_metainfo
 
 MiB = 1 << 20
 KiB = 1 << 10
 MB = 1e6
-TOKEN = "bench-peer-token"
 RESULTS = REPO_ROOT / "bench" / "results" / "peer.json"
 # What is measured; nginx*file are curl writing the blob to a file, as a node must.
 # Each case: its name and whether it has one client (else N).
@@ -75,59 +68,6 @@ CASES = {
 }
 
 console = Console()
-
-
-@contextlib.contextmanager
-def piece_rule(piece_bytes: int | None) -> Iterator[None]:
-    """Force one piece size in this process's metainfo rules (`--piece-kib` only)."""
-    if piece_bytes is None:
-        yield
-        return
-    saved = metainfo_rules.MIN_PIECE_BYTES, metainfo_rules.MAX_PIECE_BYTES
-    metainfo_rules.MIN_PIECE_BYTES = metainfo_rules.MAX_PIECE_BYTES = piece_bytes
-    try:
-        yield
-    finally:
-        metainfo_rules.MIN_PIECE_BYTES, metainfo_rules.MAX_PIECE_BYTES = saved
-
-
-@contextlib.contextmanager
-def tracker(
-    workdir: Path, piece_bytes: int | None, *, tls_dir: Path | None = None
-) -> Iterator[str]:
-    """A real tracker process; with a forced piece size, one that checks that rule instead.
-
-    With `tls_dir`, a tracker of that cluster (no token): it takes SSL torrents."""
-    command = TRACKER_COMMAND
-    if piece_bytes is not None:
-        patch = (
-            "import sys, p2preg.core.metainfo as m; "
-            f"m.MIN_PIECE_BYTES = m.MAX_PIECE_BYTES = {piece_bytes}; "
-            "from p2preg.cli import main; sys.exit(main(sys.argv[1:]))"
-        )
-        command = (sys.executable, "-c", patch)
-    args = ["--log-level", "WARNING"]
-    # The mTLS tracker answers /healthz on its plain metrics listener only (open_tracker's).
-    token = TOKEN if tls_dir is None else None
-    with open_tracker(
-        workdir, token=token, args=args, command=command, cwd=REPO_ROOT, tls_dir=tls_dir
-    ) as t:
-        yield t.url
-
-
-async def publish(url: str, meta: Metainfo) -> str:
-    return await _file(TrackerClient(url, node="bench-peer", token=TOKEN), meta)
-
-
-async def _file(client: TrackerClient, meta: Metainfo) -> str:
-    """File `meta` as its lease holder (only the holder defines a first torrent);
-    the announce URL the seeder uses."""
-    try:
-        await client.acquire_lease(meta.digest, size=meta.size)
-        await client.publish_metainfo(meta.digest, meta.size, meta.data)
-    finally:
-        await client.aclose()
-    return client.announce_url
 
 
 def machine() -> dict[str, Any]:
@@ -165,18 +105,12 @@ def _prepare(args: argparse.Namespace, tmp: Path, size: int) -> tuple[Path, Path
 
 @dataclass(frozen=True)
 class _TLSPair:
-    """The TLS pair's SSL torrent, its announce URL, its seeder, the leecher's worker flags."""
+    """The TLS pair's SSL torrent, its seeder, the leecher's announce URL and worker flags."""
 
     torrent: Path
-    announce: str
     seeder: Peer
+    leecher_announce: str
     leecher_args: tuple[str, ...]
-
-
-async def publish_tls(url: str, meta: Metainfo, tls_dir: Path) -> str:
-    """File SSL metainfo with the pair's mTLS tracker, as the seeder's certificate."""
-    tls = ReloadingTLS(tls_dir, role="node")
-    return await _file(TrackerClient(url, node="seed", tls=tls), meta)
 
 
 @contextlib.contextmanager
@@ -187,36 +121,20 @@ def tls_pair(
     if "pairtls" not in args.cases:
         yield None
         return
-    ca = ClusterCA.make("bench")
-    seed_tls = ca.tls_dir(tmp / "tls-seed", "node", "seed")
-    leech_tls = ca.tls_dir(tmp / "tls-leech", "node", "leech")
-    tracker_tls = tracker_tls_dir(ca, tmp / "tls-tracker")
-    with piece_rule(args.piece_kib * KiB if args.piece_kib else None):
-        ssl_meta = make_metainfo(blob, meta.digest, meta.size, hybrid=args.hybrid, root=ca.cert_pem)
+    pki = TLSCluster.make(tmp)
+    piece_bytes = args.piece_kib * KiB if args.piece_kib else None
+    with piece_rule(piece_bytes):
+        ssl_meta = make_metainfo(
+            blob, meta.digest, meta.size, hybrid=args.hybrid, root=pki.root_pem
+        )
     torrent = tmp / "blob-tls.torrent"
     torrent.write_bytes(ssl_meta.data)
-    piece_bytes = args.piece_kib * KiB if args.piece_kib else None
-    with tracker(tmp / "tracker-tls", piece_bytes, tls_dir=tracker_tls) as url:
-        announce = trio.run(publish_tls, url, ssl_meta, seed_tls)
-        tls_args = ("--tls-dir", str(seed_tls))
-        with peers(args, "seed", torrent, [seed_dir], announce, tls_args) as (seeder,):
-            seeder.expect("ready", READY_TIMEOUT_S)
-            yield _TLSPair(torrent, announce, seeder, ("--tls-dir", str(leech_tls)))
-
-
-def tracker_tls_dir(ca: ClusterCA, out: Path) -> Path:
-    """The tracker's tls_dir: its certificate names 127.0.0.1, as libtorrent checks."""
-    leaf = issue(ca.ca, Identity(ca.cluster, "tracker", "bench"), ips=["127.0.0.1"])
-    out.mkdir(mode=0o700)
-    for name, data, mode in (
-        ("tls.crt", leaf.cert_pem, 0o644),
-        ("tls.key", leaf.key_pem, 0o600),
-        ("ca.crt", ca.cert_pem, 0o644),
-    ):
-        fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-    return out
+    with tracker(tmp / "tracker-tls", piece_bytes, tls_dir=pki.tracker) as url:
+        seed = Member(url, SEEDER, pki.seed)
+        with seeding(args, seed, ssl_meta, torrent, seed_dir, ("--tls-dir", str(pki.seed))) as s:
+            # Under mTLS the certificate names the node: the leecher's URL is the seeder's.
+            (announce,) = announce_urls([Member(url, "leech", pki.leech)])
+            yield _TLSPair(torrent, s, announce, ("--tls-dir", str(pki.leech)))
 
 
 @dataclass
@@ -225,7 +143,8 @@ class _Run:
 
     args: argparse.Namespace
     tmp: Path
-    announce: str
+    # One per leecher of the swarm round (the pair's is the first): one node each.
+    announces: list[str]
     seeder: Peer
     size: int
     memory: Memory
@@ -238,20 +157,14 @@ class _Run:
             assert self.tls is not None
             t = self.tls
             return swarm_round(
-                self.args, self.tmp, t.torrent, t.announce, t.seeder, self.size, 1, f"tls{r}",
-                self.memory, t.leecher_args,
+                self.args, self.tmp, t.torrent, [t.leecher_announce], t.seeder, self.size,
+                f"tls{r}", self.memory, t.leecher_args,
             )
         if key in ("pair", "swarm"):
             torrent = self.tmp / "blob.torrent"
+            announces = self.announces[: case.clients]
             return swarm_round(
-                self.args,
-                self.tmp,
-                torrent,
-                self.announce,
-                self.seeder,
-                self.size,
-                case.clients,
-                f"{r}",
+                self.args, self.tmp, torrent, announces, self.seeder, self.size, f"{r}",
                 self.memory,
             )
         store = self.tmp / "fetched" if key.endswith("file") else None
@@ -296,17 +209,16 @@ def _measure(
         tracker(tmp / "tracker", piece_bytes) as url,
         open_nginx(tmp / "nginx", blob) as ngx,
     ):
-        # The tracker refuses announces for info-hashes it has no metainfo for.
-        announce = trio.run(publish, url, meta)
+        leechers = [Member(url, leecher(i)) for i in range(args.leechers)]
+        announces = announce_urls(leechers)
         with (
-            peers(args, "seed", torrent, [seed_dir], announce) as (seeder,),
+            seeding(args, Member(url, SEEDER), meta, torrent, seed_dir) as seeder,
             tls_pair(args, tmp, blob, meta, seed_dir) as tls,
         ):
-            seeder.expect("ready", READY_TIMEOUT_S)
             # Seed mode checks each piece the first time it is sent: do that once.
-            warmup = swarm_round(args, tmp, torrent, announce, seeder, size, 1, "warmup", memory)
+            warmup = swarm_round(args, tmp, torrent, announces[:1], seeder, size, "warmup", memory)
             console.print(f"  warm-up pair (seeder checks pieces): {warmup.mb_per_s:.0f} MB/s")
-            run = _Run(args, tmp, announce, seeder, size, memory, ngx.url, ngx.pid, tls)
+            run = _Run(args, tmp, announces, seeder, size, memory, ngx.url, ngx.pid, tls)
             if tls is not None:
                 w = run.round("pairtls", Case("warm-up TLS", 1), -1)
                 console.print(f"  warm-up TLS pair (seeder checks pieces): {w.mb_per_s:.0f} MB/s")

@@ -116,13 +116,14 @@ def peers(
     role: str,
     torrent: Path,
     save_paths: list[Path],
-    announce: str,
+    announces: Sequence[str],
     extra: Sequence[str] = (),
 ) -> Iterator[list[Peer]]:
-    """Peer processes; `extra` worker flags (`--tls-dir`, `--connect`) for a TLS pair."""
+    """Peer processes, each announcing to its own URL (a node's, bench.peer.cluster's);
+    `extra` worker flags (`--tls-dir`) for a TLS pair."""
     started: list[Peer] = []
     try:
-        for i, save in enumerate(save_paths):
+        for i, (save, announce) in enumerate(zip(save_paths, announces, strict=True)):
             save.mkdir(parents=True, exist_ok=True)
             argv = [sys.executable, "-m", "bench.peer", "--role", role, "--torrent", str(torrent)]
             argv += ["--save-path", str(save), "--announce", announce]
@@ -205,17 +206,18 @@ def swarm_round(
     args: argparse.Namespace,
     workdir: Path,
     torrent: Path,
-    announce: str,
+    announces: Sequence[str],
     seeder: Peer,
     size: int,
-    n: int,
     tag: str,
     memory: Memory,
     extra: Sequence[str] = (),
 ) -> Sample:
+    """One leecher per announce URL (one per node identity), all at once."""
+    n = len(announces)
     saves = [workdir / f"leech-{tag}-{i}" for i in range(n)]
     try:
-        with peers(args, "leech", torrent, saves, announce, extra) as leechers:
+        with peers(args, "leech", torrent, saves, announces, extra) as leechers:
             for p in leechers:
                 p.expect("ready", READY_TIMEOUT_S)
             busy = _wait_quiet()
