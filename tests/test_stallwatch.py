@@ -95,3 +95,24 @@ def test_alone_too_long_once_no_peer_came_for_a_period() -> None:
     watch.observe([PeerSample(CHOKING, False, 0, wanted=False)], 10)
     assert watch.alone_too_long()  # the seeders the tracker named never answered
     assert not watch.every_peer_stalls()
+
+
+def test_unreachable_peers_are_reported_once_nobody_served_for_a_period() -> None:
+    watch = StallWatch(stall_s=5)
+    gone, back = ("10.0.0.9", 6882), ("10.0.0.8", 6882)
+    watch.unreachable(gone)
+    watch.unreachable(back)
+    assert watch.observe([], 0) == []
+    assert watch.observe([PeerSample(back, False, 0)], 1) == []  # it connected after all
+    assert watch.observe([], 2) == []
+    assert not watch.every_peer_stalls()  # connecting may still succeed
+    assert watch.observe([], 7) == [gone]  # alone for a period: report the one we never reached
+    assert watch.observe([], 8) == []  # once
+    assert watch.every_peer_stalls() and watch.alone_too_long()
+
+
+def test_alone_with_nobody_to_report_is_only_alone() -> None:
+    watch = StallWatch(stall_s=5)
+    watch.observe([], 0)
+    assert watch.observe([], 6) == []
+    assert watch.alone_too_long() and not watch.every_peer_stalls()

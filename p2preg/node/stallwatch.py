@@ -7,9 +7,13 @@ unchoked and holds requests of ours, and it has sent less than one block (16
 KiB) since that began. A peer that stays stalling for `stall_s` is reported,
 once per download. A slow peer that does deliver — a block per `stall_s` — is
 never reported, nor one that chokes us (that is BitTorrent's normal flow
-control). When every peer that has pieces we want is a reported peer still
-stalling (`every_peer_stalls`), or no peer has had any for `stall_s`
-(`alone_too_long`: the seeders the tracker named never answered), waiting
+control). A peer the tracker named that refused or timed out our connection
+(`unreachable`) is reported once no peer with pieces we want has been
+connected for `stall_s`: a seeder that died without saying so stays handed
+out until its announce expires. When every peer that has pieces we want is a
+reported peer still stalling, or the unreachable ones were reported
+(`every_peer_stalls`), or no peer has had any for `stall_s` (`alone_too_long`:
+nobody to report), waiting
 longer for that swarm
 only delays the download's next step (asking the tracker again). Memory is bounded by the
 peers of the samples: a peer missing from a sample is forgotten. It must not
@@ -49,6 +53,10 @@ class _Watched:
     wanted: bool = True
 
 
+# Endpoints that refused or timed out our connection, remembered per download.
+MAX_UNREACHABLE = 256
+
+
 class StallWatch:
     def __init__(self, stall_s: float) -> None:
         if stall_s <= 0:
@@ -57,6 +65,13 @@ class StallWatch:
         self._peers: dict[tuple[str, int], _Watched] = {}
         self._alone_since: float | None = None  # since when no peer was in the samples
         self._alone_for = 0.0
+        # endpoint → reported yet: peers the tracker named that we could not reach
+        self._unreachable: dict[tuple[str, int], bool] = {}
+
+    def unreachable(self, endpoint: tuple[str, int]) -> None:
+        """Our connection to `endpoint` was refused or timed out."""
+        if endpoint not in self._unreachable and len(self._unreachable) < MAX_UNREACHABLE:
+            self._unreachable[endpoint] = False
 
     def observe(self, samples: list[PeerSample], now: float) -> list[tuple[str, int]]:
         """Feed one sample of every peer; returns those to report now (each once)."""
@@ -69,6 +84,13 @@ class StallWatch:
         for gone in [e for e in self._peers if e not in seen]:
             del self._peers[gone]
         due = []
+        for e in seen:
+            self._unreachable.pop(e, None)  # connected after all
+        if self.alone_too_long():
+            # Nobody to download from for a report period: the peers we could not
+            # reach are as good as silent ones.
+            due += [e for e, reported in self._unreachable.items() if not reported]
+            self._unreachable = dict.fromkeys(self._unreachable, True)
         for s in samples:
             w = self._peers.get(s.endpoint)
             if w is None:
@@ -89,7 +111,10 @@ class StallWatch:
         return due
 
     def every_peer_stalls(self) -> bool:
-        """Whether the last sample had peers with pieces we want, and each stalls us."""
+        """Whether the last sample had peers with pieces we want and each stalls us, or
+        it had none for a report period and we reported the ones we could not reach."""
+        if self.alone_too_long():
+            return any(self._unreachable.values())
         wanted = [w for w in self._peers.values() if w.wanted]
         return bool(wanted) and all(w.stalling for w in wanted)
 

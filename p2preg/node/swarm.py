@@ -5,15 +5,15 @@ lives as `sha256-<hex>`. A blob the node seeds is a hard link to the store's
 verified file (no copy); a blob being downloaded is written there by
 libtorrent and only becomes a store blob after the node has checked its whole
 digest. The swarm is private: BEP 27 flag on every torrent, no DHT, LSD, UPnP,
-NAT-PMP or PEX peers, and the cluster's trackers as the only trackers, each
-replica a tier of its own, in the order configured. With a
-tls_dir every torrent is a libtorrent SSL torrent: the session listens on an
-`s` interface only, a torrent is added without trackers, given the node's
-certificate, and only then its trackers (libtorrent shows the certificate to an
-HTTPS tracker only once it is set), and renewed files are set again on every
-torrent. While a download runs it samples the torrent's peers for one that
-unchoked us, was asked and sends nothing (stallwatch.py decides) and hands it
-to the `report_stall` it was given (the tracker client's). Alerts reach
+NAT-PMP or PEX peers; the cluster's trackers, each a tier of its own, in the
+order configured, are its only trackers. With a tls_dir every torrent is a
+libtorrent SSL torrent: the session listens on an `s` interface only, a torrent
+is added without trackers, given the node's certificate, and only then its
+trackers (libtorrent shows the certificate to an HTTPS tracker only once it is
+set); renewed files are set again on every torrent. While a download runs it
+samples the torrent's peers, and the connections that failed, for stalling or
+unreachable ones (stallwatch.py decides) and hands them to the `report_stall`
+it was given (the tracker client's). Alerts reach
 trio through `set_alert_fd` on a pipe and `trio.lowlevel.wait_readable`, never
 a Python callback in libtorrent's thread (which hung teardown with the 2.1.1
 wheel). This module decides nothing about where a blob should come from.
@@ -106,6 +106,7 @@ def session_settings(listen: str) -> lt.settings_pack:
             | lt.alert_category.status
             | lt.alert_category.storage
             | lt.alert_category.peer
+            | lt.alert_category.connect  # failed connections: unreachable peers
             | lt.alert_category.tracker
         ),
         "alert_queue_size": 10_000,
@@ -249,11 +250,11 @@ class Swarm:
                 raise SwarmError("hash_failures", f"{t.hash_failures} pieces failed their hash")
             if trio.current_time() - t.last_progress > stall_s:
                 raise SwarmError("stalled", f"no progress from peers for {stall_s:.0f} s")
-            if t.stalls is not None and t.stalls.alone_too_long():
+            if t.stalls is not None and t.stalls.every_peer_stalls():
+                if not t.reports_in_flight:  # the tracker has our reports: ask it what next
+                    raise SwarmError("peers_stalled", "every peer stalls us or is unreachable")
+            elif t.stalls is not None and t.stalls.alone_too_long():
                 raise SwarmError("stalled", "no peer with pieces we want answered")
-            if t.stalls is not None and t.stalls.every_peer_stalls() and not t.reports_in_flight:
-                # Once the tracker has our reports: the caller asks it what next.
-                raise SwarmError("peers_stalled", "every peer of the swarm stalls us")
             with trio.move_on_after(STATUS_INTERVAL_S):
                 await t.finished.wait()
         if t.error is not None:
@@ -264,18 +265,15 @@ class Swarm:
         """Report the peers that unchoked us, were asked and sent no block for too long."""
         if t.stalls is None or self._stall_reports is None or self._nursery is None:
             return
-        samples = [
-            PeerSample(
-                (str(p.ip[0]), int(p.ip[1])),
-                not (p.flags & lt.peer_info.remote_choked) and p.download_queue_length > 0,
-                int(p.total_download),
-                wanted=bool(p.flags & lt.peer_info.interesting),
-            )
-            for p in t.handle.get_peer_info()
-        ]
+        samples = [PeerSample(
+            (str(p.ip[0]), int(p.ip[1])),
+            not (p.flags & lt.peer_info.remote_choked) and p.download_queue_length > 0,
+            int(p.total_download), wanted=bool(p.flags & lt.peer_info.interesting),
+        ) for p in t.handle.get_peer_info()]  # fmt: skip
         for endpoint in t.stalls.observe(samples, trio.current_time()):
             self._metrics.peer_stalls.inc()
-            log.info("swarm: peer %s:%d stalls %s: reporting it", *endpoint, t.digest)
+            log.info("swarm: peer %s:%d stalls %s or is unreachable: reporting it",
+                     *endpoint, t.digest)  # fmt: skip
             in_flight = sum(x.reports_in_flight for x in self._torrents.values())
             if in_flight < MAX_STALL_REPORTS_IN_FLIGHT:
                 # Counted now, not when the task starts: the download must not
@@ -387,6 +385,9 @@ class Swarm:
             if t is not None and not t.finished.is_set():
                 t.error = SwarmError("torrent_error", _said(alert))
                 t.finished.set()
+        elif isinstance(alert, lt.peer_disconnected_alert):
+            if alert.op == lt.operation_t.connect and t is not None and t.stalls is not None:
+                t.stalls.unreachable((str(alert.endpoint[0]), int(alert.endpoint[1])))
         elif isinstance(alert, lt.peer_error_alert):
             if alert.op == lt.operation_t.ssl_handshake:
                 # No certificate, another CA's, an expired one, or not TLS at all.
