@@ -89,14 +89,6 @@ def test_with_a_tls_dir_peers_and_facade_may_listen_beyond_loopback(tls_dir: Pat
         _config(tls_dir=str(tls_dir), tracker="http://198.18.0.1:6969")
 
 
-def test_an_https_tracker_needs_a_tls_dir() -> None:
-    https = ("https://127.0.0.1:6969", "https://127.0.0.1:6970")
-    config = _loaded(trackers=list(https), peer_host="127.0.0.1")  # containerd-config's read
-    with pytest.raises(ConfigError, match="is https: give tls_dir") as refused:
-        config.check_serving()
-    assert "\n" not in str(refused.value)
-
-
 def test_with_a_tls_dir_there_is_no_token_and_the_certificate_names_the_node(
     tls_dir: Path,
 ) -> None:

@@ -172,8 +172,5 @@ def test_trackers_of_mixed_schemes_stop_the_node_in_one_line(tmp_path: Path) -> 
     toml = tmp_path / "node.toml"
     toml.write_text('trackers = ["https://127.0.0.1:6969", "http://127.0.0.1:6970"]\n')
     assert "mix http and https" in _refused(tmp_path, "--config", str(toml))
-    plain = _refused(tmp_path, "--tracker", "https://127.0.0.1:6969", "--tracker",
-                     "https://127.0.0.1:6970")  # fmt: skip
-    assert "is https: give tls_dir" in plain
     twice = _refused(tmp_path, "--tracker", "http://127.0.0.1:1", "--tracker", "http://127.0.0.1:1")
     assert "given twice" in twice

@@ -212,11 +212,6 @@ class NodeConfig:
                     f"node_name {self.node_name!r} is not {identity.name!r}, the name in the "
                     "certificate: with tls_dir the certificate names the node"
                 )
-        if self.tls_dir is None and check_tracker_urls(self.tracker_urls) == "https":
-            raise ConfigError(
-                f"tracker {self.tracker_urls[0]} is https: give tls_dir, the cluster "
-                "certificate it wants"
-            )
         refusal = self._plain_beyond_loopback()
         if refusal is not None:
             raise ConfigError(
