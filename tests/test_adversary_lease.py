@@ -245,6 +245,7 @@ def test_naming_the_holder_gets_no_lease_id_and_the_holder_is_undisturbed(
     hijacked_s = _paced_pair(cluster, blob, lambda: trio.run(_hijack, cluster, blob))
     tally.pulls_attempted += 4
     tally.pulls_completed += 4
+    tally.bytes_verified += 2 * (base.size + blob.size)
     tally.faults_injected["lease hijack naming the holder"] += 1
     assert _upstream_gets(cluster, blob) == 1
     assert _tracker_metric(cluster, "p2preg_tracker_lease_replacements_total") == 0
@@ -264,6 +265,7 @@ def test_an_honest_holder_on_a_shaped_link_is_not_replaced(
     took = _paced_pair(cluster, blob)
     tally.pulls_attempted += 2
     tally.pulls_completed += 2
+    tally.bytes_verified += 2 * blob.size
     # 3 MiB at 512 KiB/s is about 6 s against a 4 s window: the rate was judged
     # at least once while the fetch ran (recorded below, not asserted: no timing).
     assert _tracker_metric(cluster, "p2preg_tracker_lease_replacements_total") == 0
