@@ -417,27 +417,29 @@ def test_a_seeder_killed_without_a_word_is_reported_and_its_downloaders_share_on
     report it once nobody served them for `peer_stall_report_s`, and ask again:
     one fetches upstream as the lease holder, the other gets the blob from it."""
     image = push(layout, registry.host, "crash/vanished")
-    small, _ = _layers(image)
+    small, big = _layers(image)
     with ExitStack() as stack:
         tracker = stack.enter_context(open_tracker(tmp_path / "tracker"))
         # A long swarm_stall_s: the downloaders must not just time out into upstream.
         cluster = Cluster(stack, tmp_path, proxy.url, tracker.url,
                           config="peer_stall_report_s = 2\nswarm_stall_s = 120\n")  # fmt: skip
-        a = cluster.node("a")
-        tally.bytes_verified += _fetch_ok(a.url, image, small)
+        a, b, c = cluster.node("a"), cluster.node("b"), cluster.node("c")
+        tally.bytes_verified += _fetch_ok(a.url, image, small) + _fetch_ok(a.url, image, big)
         wait_for(lambda: swarm_counts(tracker.url, small.digest) == (1, 0), 30, "a to seed")
+        # b and c have reached a peer lately (a node that never reached one does not
+        # report others unreachable: its own network may be what is broken).
+        tally.bytes_verified += _fetch_ok(b.url, image, big) + _fetch_ok(c.url, image, big)
         kill9(a.process)
         tally.faults_injected["kill -9 of the only seeder"] += 1
-        b, c = cluster.node("b"), cluster.node("c")
         pulls = [Background(lambda n=n: _fetch_ok(n.url, image, small)).start()  # type: ignore[misc]
                  for n in (b, c)]  # fmt: skip
         tally.bytes_verified += sum(p.result(150) for p in pulls)
-        tally.pulls_attempted += 3
-        tally.pulls_completed += 3
+        tally.pulls_attempted += 6
+        tally.pulls_completed += 6
         for node in (b, c):
             assert node.metric("p2preg_peer_stalls_total") == 1  # a, unreachable
             assert node.metric("p2preg_fallbacks_total", reason="stalled") == 0
         assert sorted(n.metric("p2preg_blob_fetches_total", source=s)
-                      for n in (b, c) for s in ("upstream", "peers")) == [0, 0, 1, 1]  # fmt: skip
+                      for n in (b, c) for s in ("upstream", "peers")) == [0, 1, 1, 2]  # fmt: skip
         gets = [e for e in proxy.log if e[1] == "GET" and e[2].endswith(small.digest)]
         assert len(gets) == 2  # a's copy and the new holder's; without reports, three

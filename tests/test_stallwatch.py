@@ -116,3 +116,21 @@ def test_alone_with_nobody_to_report_is_only_alone() -> None:
     watch.observe([], 0)
     assert watch.observe([], 6) == []
     assert watch.alone_too_long() and not watch.every_peer_stalls()
+
+
+def test_a_peer_that_dialled_us_is_never_judged_and_may_still_serve() -> None:
+    watch = StallWatch(stall_s=5)
+    incoming = PeerSample(SILENT, True, 0, ours=False)  # its port is not where it listens
+    for second in (0, 6, 12):
+        assert watch.observe([incoming], float(second)) == []
+    assert not watch.every_peer_stalls() and not watch.alone_too_long()
+
+
+def test_an_unreported_peer_is_judged_afresh() -> None:
+    watch = StallWatch(stall_s=5)
+    watch.observe([PeerSample(SILENT, True, 0)], 0)
+    assert watch.observe([PeerSample(SILENT, True, 0)], 6) == [SILENT]
+    watch.unreport(SILENT)  # the report did not reach the tracker
+    assert not watch.every_peer_stalls()
+    assert watch.observe([PeerSample(SILENT, True, 0)], 7) == []
+    assert watch.observe([PeerSample(SILENT, True, 0)], 12) == [SILENT]  # reported again

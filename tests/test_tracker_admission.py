@@ -18,7 +18,7 @@ from tests.tracker_helpers import blob_meta, make_tracker, publish_as_holder
 from tracker.admission import Admission, StallVerdict, announce_identity
 from tracker.announce import AnnounceRequest, Event
 from tracker.peers import compact_address
-from tracker.state import open_sqlite_store
+from tracker.state import StoredConfirmation, open_sqlite_store
 from tracker.status import tracker_status
 
 
@@ -206,12 +206,18 @@ async def test_confirmations_survive_a_tracker_restart_on_its_store(tmp_path: Pa
         t = make_tracker(tmp_path, store)
         await publish_as_holder(t, meta, "pub")
         await t.confirm_seed(digest, wire.ConfirmSeed("b", meta.info_hash_v2))
+        # A row of a torrent the digest no longer has (replaced since): void, and it
+        # must not reset the current torrent's confirmations whatever the load order.
+        for node in ("a", "z"):
+            await store.put_confirmation(StoredConfirmation(digest, b"\x01" * 32, node))
     # A new process on the same store: b's left=0 announce counts at once, as it did.
     async with open_sqlite_store(tmp_path / "state") as store:
         again = make_tracker(tmp_path, store)
         again.restore(await store.load())
         assert again.announce(ann(ih, 7001, "b"), "10.0.0.2", "http").complete == 1
         assert again.announce(ann(ih, 7002, "c"), "10.0.0.3", "http").complete == 1  # c: no
+        assert again.announce(ann(ih, 7003, "z"), "10.0.0.4", "http").complete == 1  # void row
         # The digest's metainfo expiring takes its confirmations with it.
         await store.delete_metainfo(digest)
         assert (await store.load()).confirmations == []
+

@@ -83,6 +83,7 @@ async def test_the_sweep_forgets_idle_metainfo_in_memory_and_in_the_store(tmp_pa
     assert isinstance(store, MemoryStore)
     for meta in (idle, seeded, leased, pinned):
         await publish_as_holder(tracker, meta, "a")
+    await tracker.confirm_seed(str(idle.digest), wire.ConfirmSeed("b", idle.info_hash_v2))
     await tracker.sweep()  # first sight: every clock starts now
     lease = await tracker.acquire_lease(str(leased.digest), wire.LeaseRequest("a", leased.size))
     assert lease.status is wire.LeaseStatus.GRANTED
@@ -96,6 +97,11 @@ async def test_the_sweep_forgets_idle_metainfo_in_memory_and_in_the_store(tmp_pa
         await tracker.sweep()
     assert tracker.registry.get(str(idle.digest)) is None
     assert str(idle.digest) not in store.metainfo
+    # Its confirmations go too, from memory (they count against the tracker's caps)
+    # and from the store.
+    admission = tracker.swarms.admission
+    assert not admission.is_seeder(str(idle.digest), idle.info_hash_v2, "b", "a")
+    assert admission.entries == 0 and store.confirmations == {}
     try:
         tracker.announce(_announce(idle.swarm_keys[0], 7001), "127.0.0.1", "http")
     except errors.UnknownTorrent:

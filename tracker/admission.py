@@ -79,6 +79,11 @@ class Admission:
         self._entries = 0
         self.delisted = 0
 
+    @property
+    def entries(self) -> int:
+        """Confirmations and stall reports held: what counts against `max_entries`."""
+        return self._entries
+
     # -- confirmed seeders -------------------------------------------------------
 
     def confirm(self, digest: str, info_hash: bytes, identity: str) -> bool:

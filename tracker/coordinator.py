@@ -349,6 +349,7 @@ class Tracker:
             self._free_slot(lease)
         for digest in self.idle.expired(self.registry.digests, self._in_use, now):
             if await self.publishing.forget(digest):
+                self.swarms.admission.forget(digest)  # its confirmations and reports
                 self.metrics.metainfo_expired.inc()
 
     def _in_use(self, d: str) -> bool:  # for expiry: announced, fetched, filed or disputed

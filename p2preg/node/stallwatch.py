@@ -41,6 +41,10 @@ class PeerSample:
     # It has pieces we still want (we are interested in it); one that has not
     # cannot serve us, and neither stalls us nor keeps us company.
     wanted: bool = True
+    # We opened the connection, so `endpoint` is where it listens, as the tracker
+    # hands it out. A peer that dialled us shows a port of its own choosing: it
+    # is never judged (nor reported), and counts as one that may still serve.
+    ours: bool = True
 
 
 @dataclass(slots=True)
@@ -96,7 +100,7 @@ class StallWatch:
             if w is None:
                 w = self._peers[s.endpoint] = _Watched(None, s.received)
             w.wanted = s.wanted
-            if not s.asked:
+            if not (s.asked and s.ours):
                 w.since, w.stalling = None, False
                 continue
             if w.since is None or s.received - w.mark >= BLOCK_BYTES:
@@ -109,6 +113,14 @@ class StallWatch:
                     w.reported = True
                     due.append(s.endpoint)
         return due
+
+    def unreport(self, endpoint: tuple[str, int]) -> None:
+        """The report of `endpoint` did not reach the tracker: judge it afresh."""
+        if endpoint in self._unreachable:
+            self._unreachable[endpoint] = False
+        w = self._peers.get(endpoint)
+        if w is not None:
+            w.since, w.stalling, w.reported = None, False, False
 
     def every_peer_stalls(self) -> bool:
         """Whether the last sample had peers with pieces we want and each stalls us, or

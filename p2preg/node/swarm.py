@@ -12,8 +12,8 @@ is added without trackers, given the node's certificate, and only then its
 trackers (libtorrent shows the certificate to an HTTPS tracker only once it is
 set); renewed files are set again on every torrent. While a download runs it
 samples the torrent's peers, and the connections that failed, for stalling or
-unreachable ones (stallwatch.py decides) and hands them to the `report_stall`
-it was given (the tracker client's). Alerts reach
+unreachable ones and reports them through the `report_stall` it was given
+(the tracker client's; stallreports.py). Alerts reach
 trio through `set_alert_fd` on a pipe and `trio.lowlevel.wait_readable`, never
 a Python callback in libtorrent's thread (which hung teardown with the 2.1.1
 wheel). This module decides nothing about where a blob should come from.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +40,7 @@ from p2preg.core.metainfo import Metainfo, info_name
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.peertls import PeerTLS
 from p2preg.node.seams import SwarmError
-from p2preg.node.stallwatch import PeerSample, StallWatch, compact
+from p2preg.node.stallreports import ReportStall, StallReports, Watched
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,7 @@ STATUS_INTERVAL_S = 0.5
 # How often renewed certificate files are looked for (a clock read; ReloadingTLS
 # itself stats the files at most every few seconds).
 TLS_CHECK_INTERVAL_S = 1.0
-# Stall reports sent at once, at most; more are dropped (each is evidence, not a duty).
-MAX_STALL_REPORTS_IN_FLIGHT = 8
 
-ReportStall = Callable[[Digest, bytes], Awaitable[None]]
 
 
 def session_settings(listen: str) -> lt.settings_pack:
@@ -98,6 +95,10 @@ def session_settings(listen: str) -> lt.settings_pack:
         # accepts and never answers held it for the default 30 s (measured),
         # 10 s here, the control API's timeout (tracker/client.py) too.
         "tracker_completion_timeout": 10,
+        # A peer that has not accepted our connection within 5 s on a cluster's
+        # network is gone (default 15 s): it is then reported unreachable
+        # within peer_stall_report_s rather than after it (stallreports.py).
+        "peer_connect_timeout": 5,
         "min_announce_interval": 5,
         # Ask the tracker again quickly when a download is missing peers.
         "tracker_backoff": 50,
@@ -137,8 +138,7 @@ class _Torrent:
     hash_failures: int = 0
     from_peers_bytes: int = 0
     wasted_bytes: int = 0
-    stalls: StallWatch | None = None
-    reports_in_flight: int = 0
+    stalls: Watched | None = None
 
 
 class Swarm:
@@ -154,7 +154,7 @@ class Swarm:
         self._session = session
         # (the tracker's report call, seconds a peer may stall us before it is reported)
         self._stall_reports = stall_reports
-        self._nursery: trio.Nursery | None = None
+        self._reports: StallReports | None = None  # set once the nursery runs
         self.swarm_dir = swarm_dir
         self._announce_urls = announce_urls
         self._metrics = metrics
@@ -231,64 +231,34 @@ class Swarm:
         """Download `meta`'s file from peers; returns its path once every piece checked.
 
         The caller must still verify the whole digest before the bytes are used.
-        Raises SwarmError when no byte arrives for `stall_s`, no peer answers
-        for the report period, every peer it has stalls it (`peers_stalled`,
-        once reported), or pieces keep failing their hash.
+        Raises SwarmError when no byte arrives for `stall_s`, every peer it has
+        stalls it or cannot be reached (`peers_stalled`, once the tracker has
+        the reports: stallreports.py), or pieces keep failing their hash.
         """
         t = self._torrents.get(meta.digest)
         if t is None:
             self.path(meta.digest).unlink(missing_ok=True)
             handle = self._add(self._params(meta))
             t = self._track(meta, handle, seeding=False)
-        if self._stall_reports is not None and t.stalls is None:
-            t.stalls = StallWatch(self._stall_reports[1])
+        if self._reports is not None and t.stalls is None:
+            t.stalls = self._reports.watch(meta.digest)
         while not t.finished.is_set():
-            self._watch_stalls(t)
             if t.error is not None:
                 raise t.error
             if t.hash_failures > max_hash_failures:
                 raise SwarmError("hash_failures", f"{t.hash_failures} pieces failed their hash")
             if trio.current_time() - t.last_progress > stall_s:
                 raise SwarmError("stalled", f"no progress from peers for {stall_s:.0f} s")
-            if t.stalls is not None and t.stalls.every_peer_stalls():
-                if not t.reports_in_flight:  # the tracker has our reports: ask it what next
-                    raise SwarmError("peers_stalled", "every peer stalls us or is unreachable")
-            elif t.stalls is not None and t.stalls.alone_too_long():
-                raise SwarmError("stalled", "no peer with pieces we want answered")
+            if self._reports is not None and t.stalls is not None and t.announced.is_set():
+                # (before its first tracker reply nobody could have served it)
+                self._reports.sample(t.stalls, t.handle.get_peer_info())
+                if (verdict := self._reports.verdict(t.stalls)) is not None:
+                    raise verdict
             with trio.move_on_after(STATUS_INTERVAL_S):
                 await t.finished.wait()
         if t.error is not None:
             raise t.error
         return self.path(meta.digest)
-
-    def _watch_stalls(self, t: _Torrent) -> None:
-        """Report the peers that unchoked us, were asked and sent no block for too long."""
-        if t.stalls is None or self._stall_reports is None or self._nursery is None:
-            return
-        samples = [PeerSample(
-            (str(p.ip[0]), int(p.ip[1])),
-            not (p.flags & lt.peer_info.remote_choked) and p.download_queue_length > 0,
-            int(p.total_download), wanted=bool(p.flags & lt.peer_info.interesting),
-        ) for p in t.handle.get_peer_info()]  # fmt: skip
-        for endpoint in t.stalls.observe(samples, trio.current_time()):
-            self._metrics.peer_stalls.inc()
-            log.info("swarm: peer %s:%d stalls %s or is unreachable: reporting it",
-                     *endpoint, t.digest)  # fmt: skip
-            in_flight = sum(x.reports_in_flight for x in self._torrents.values())
-            if in_flight < MAX_STALL_REPORTS_IN_FLIGHT:
-                # Counted now, not when the task starts: the download must not
-                # ask the tracker what next before the tracker has the report.
-                t.reports_in_flight += 1
-                self._nursery.start_soon(self._report_stall, t, compact(endpoint))
-
-    async def _report_stall(self, t: _Torrent, peer: bytes) -> None:
-        assert self._stall_reports is not None
-        try:
-            await self._stall_reports[0](t.digest, peer)
-        except Exception as e:  # a report is evidence, not a duty: never fail a download
-            log.info("swarm: reporting a stalled peer of %s failed: %s", t.digest, e)
-        finally:
-            t.reports_in_flight -= 1
 
     def last_seeder_of_live_swarm(self, digest: Digest) -> bool:
         """We seed `digest` and, by the tracker's last counts, nobody else does
@@ -387,7 +357,9 @@ class Swarm:
                 t.finished.set()
         elif isinstance(alert, lt.peer_disconnected_alert):
             if alert.op == lt.operation_t.connect and t is not None and t.stalls is not None:
-                t.stalls.unreachable((str(alert.endpoint[0]), int(alert.endpoint[1])))
+                endpoint = (str(alert.endpoint[0]), int(alert.endpoint[1]))
+                assert self._reports is not None
+                self._reports.connect_failed(t.stalls, endpoint, alert.error.value())
         elif isinstance(alert, lt.peer_error_alert):
             if alert.op == lt.operation_t.ssl_handshake:
                 # No certificate, another CA's, an expired one, or not TLS at all.
@@ -405,6 +377,8 @@ class Swarm:
         if payload > t.from_peers_bytes:
             self._metrics.peer_bytes.inc(payload - t.from_peers_bytes)
             t.from_peers_bytes = payload
+            if self._reports is not None:
+                self._reports.reached()
         # Pieces that failed their hash are counted as such (hash_failures).
         wasted = int(status.total_redundant_bytes)
         if wasted > t.wasted_bytes:
@@ -477,7 +451,8 @@ async def open_swarm(
     swarm = Swarm(session, swarm_dir, announce_urls, metrics, tls, stall_reports)
     try:
         async with trio.open_nursery() as nursery:
-            swarm._nursery = nursery
+            if stall_reports is not None:
+                swarm._reports = StallReports(*stall_reports, metrics, nursery)
             nursery.start_soon(swarm._pump, read_fd)
             nursery.start_soon(swarm._poll_status)
             if tls is not None:
