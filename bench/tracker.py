@@ -337,6 +337,10 @@ def main() -> None:
                 load_core=int(LOAD_CORE),
             )
             results += [_from_load(mode, load) for mode, load in loads.items()]
+            for mode, load in loads.items():
+                if mode.startswith("https"):
+                    done = load.answered + load.errors
+                    print(f"{mode}: the tracker resumed {load.resumed} of {done} TLS sessions")
     report(results, args)
 
 

@@ -63,6 +63,7 @@ class Load:
     tracker_cpu_pct: float
     peers: int = 0  # peers in all answers
     replaced: int = -1  # announces that replaced an identity's peer
+    resumed: int = 0  # TLS handshakes the tracker resumed (of `answered` + errors)
 
 
 @dataclass(frozen=True)
@@ -76,25 +77,54 @@ class Job:
     core: int
     seconds: float
     warmup: bool  # walk this worker's members once instead of announcing at random
+    # Offer each node's last TLS session (what libtorrent 2.1.1 does not do: a full
+    # handshake per announce); measures what resumption would save the tracker.
+    resume: bool = False
 
 
-def _one(port: int, request: bytes, ctx: ssl.SSLContext | None) -> int:
-    """Peers in the answer; -1 for a failure."""
-    with socket.create_connection(("127.0.0.1", port), timeout=CONNECT_TIMEOUT_S) as raw:
-        # Without it, Nagle holds the request behind the unacknowledged client
-        # Finished until the tracker's delayed ACK: measured 44 ms per HTTPS
-        # announce instead of 3.5 ms. The generator measures the tracker's cost,
-        # not that stall (a client latency, not tracker load).
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock = raw if ctx is None else ctx.wrap_socket(raw, server_hostname="127.0.0.1")
-        sock.sendall(request)
-        answer = b""
-        for _ in range(1000):  # an announce answer is a few hundred bytes
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-        return count_peers(answer) if answer.startswith(b"HTTP/1.1 200") else -1
+class _Conn:
+    """One worker's TLS side: a context per node, and with `resume` each node's last session."""
+
+    def __init__(self, job: Job, w: int) -> None:
+        self.contexts: dict[int, ssl.SSLContext] = {}
+        if job.pool is not None:
+            for i in range(w, job.cluster.nodes, WORKERS):
+                self.contexts[i] = client_ssl_context(job.pool / str(i))
+        self.resume = job.resume
+        self.sessions: dict[int, ssl.SSLSession] = {}
+        self.reused = 0  # handshakes the tracker resumed
+
+    def announce(self, port: int, i: int, request: bytes) -> int:
+        """Node i's announce on a new connection; peers in the answer, -1 for a failure."""
+        ctx = self.contexts.get(i)
+        with socket.create_connection(("127.0.0.1", port), timeout=CONNECT_TIMEOUT_S) as raw:
+            # Without it, Nagle holds the request behind the unacknowledged client
+            # Finished until the tracker's delayed ACK: measured 44 ms per HTTPS
+            # announce instead of 3.5 ms. The generator measures the tracker's cost,
+            # not that stall (a client latency, not tracker load).
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock: socket.socket = raw
+            if ctx is not None:
+                offered = self.sessions.get(i) if self.resume else None
+                tls = ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=offered)
+                sock = tls
+                self.reused += bool(tls.session_reused)
+            sock.sendall(request)
+            answer = b""
+            for _ in range(1000):  # an announce answer is a few hundred bytes
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+            if ctx is not None and self.resume and tls.session is not None:
+                self.sessions[i] = tls.session  # TLS 1.3: the ticket came after the handshake
+            return count_peers(answer) if answer.startswith(b"HTTP/1.1 200") else -1
+
+
+def _request(job: Job, s: int, j: int) -> bytes:
+    """Member j of swarm s announcing (with `node=` in plain HTTP), `Connection: close`."""
+    q = query(job.cluster, job.hashes[s], s, j, node=job.pool is None)
+    return f"GET /announce?{q} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
 
 
 def _members(cluster: Cluster, w: int) -> list[tuple[int, int]]:
@@ -111,16 +141,19 @@ def _worker(
     job: Job,
     w: int,
     go: multiprocessing.synchronize.Event,
-    out: multiprocessing.queues.Queue[tuple[int, int, int, float]],
+    ready: multiprocessing.queues.Queue[int],
+    out: multiprocessing.queues.Queue[tuple[int, int, int, float, int]],
 ) -> None:
     os.sched_setaffinity(0, {job.core})
     members = _members(job.cluster, w)
-    contexts: dict[int, ssl.SSLContext] = {}
-    if job.pool is not None:
-        for i in range(w, job.cluster.nodes, WORKERS):
-            contexts[i] = client_ssl_context(job.pool / str(i))
+    conn = _Conn(job, w)
     rnd = random.Random()
     answered = errors = peers = 0
+    if job.resume:  # one full handshake per node, before the clock: a session to offer
+        firsts = {job.cluster.node(s, j): (s, j) for s, j in reversed(members)}
+        for i, (s, j) in firsts.items():
+            conn.announce(job.port, i, _request(job, s, j))
+    ready.put(w)
     go.wait()
     start = time.perf_counter()
     deadline = start + (WARMUP_LIMIT_S if job.warmup else job.seconds)
@@ -129,27 +162,29 @@ def _worker(
             break
         s, j = members[n] if job.warmup else rnd.choice(members)
         i = job.cluster.node(s, j)
-        q = query(job.cluster, job.hashes[s], s, j, node=job.pool is None)
-        request = f"GET /announce?{q} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
         try:
-            got = _one(job.port, request.encode(), contexts.get(i))
+            got = conn.announce(job.port, i, _request(job, s, j))
         except OSError:
             got = -1
         answered += got >= 0
         errors += got < 0
         peers += max(0, got)
-    out.put((answered, errors, peers, time.perf_counter() - start))
+    out.put((answered, errors, peers, time.perf_counter() - start, conn.reused))
 
 
 def run_load(job: Job, pid: int, metrics_url: str) -> Load:
     """WORKERS processes announcing; the tracker's CPU over the same span."""
     mp = multiprocessing.get_context("spawn")
     go = mp.Event()
-    out: multiprocessing.queues.Queue[tuple[int, int, int, float]] = mp.Queue()
-    procs = [mp.Process(target=_worker, args=(job, w, go, out)) for w in range(WORKERS)]
+    out: multiprocessing.queues.Queue[tuple[int, int, int, float, int]] = mp.Queue()
+    ready: multiprocessing.queues.Queue[int] = mp.Queue()
+    procs = [mp.Process(target=_worker, args=(job, w, go, ready, out)) for w in range(WORKERS)]
     for p in procs:
         p.start()
-    time.sleep(3.0)  # let every worker import and build its contexts before the clock starts
+    # Every worker has imported, built its contexts (and, resuming, shaken hands once
+    # per node) before the clock starts.
+    for _ in procs:
+        ready.get(timeout=WARMUP_LIMIT_S)
     replaced0 = _replaced(metrics_url)
     cpu0, t0 = cpu_seconds(pid), time.perf_counter()
     go.set()
@@ -168,6 +203,7 @@ def run_load(job: Job, pid: int, metrics_url: str) -> Load:
         cpu,
         sum(r[2] for r in results),
         _replaced(metrics_url) - replaced0,
+        sum(r[4] for r in results),
     )
 
 
@@ -219,9 +255,7 @@ def _sample(job: Job) -> None:
     """Swarm 0's first leecher and last seeder announce by hand: both must get peers."""
     for j in (0, job.cluster.per_swarm - 1):
         i = job.cluster.node(0, j)
-        ctx = None if job.pool is None else client_ssl_context(job.pool / str(i))
-        q = query(job.cluster, job.hashes[0], 0, j, node=job.pool is None)
-        got = _one(job.port, f"GET /announce?{q} HTTP/1.1\r\nHost: t\r\n\r\n".encode(), ctx)
+        got = _Conn(job, i % WORKERS).announce(job.port, i, _request(job, 0, j))
         if got <= 0:
             raise RuntimeError(f"member {j} of swarm 0 got {got} peers: no swarm to measure")
 
@@ -235,7 +269,8 @@ def measure_both(
     tracker_core: str,
     load_core: int,
 ) -> dict[str, Load]:
-    """The same generator against a plain and an mTLS tracker, one after the other.
+    """The same generator against a plain and an mTLS tracker, one after the other;
+    then the mTLS one again with clients resuming their TLS sessions (`Job.resume`).
 
     The plain one has no token (loopback): a token check is one constant-time
     compare, nothing beside a handshake.
@@ -259,4 +294,7 @@ def measure_both(
             port = int(t.url.rsplit(":", 1)[1])
             job = Job(port, hashes, cluster, pool if tls_dir else None, load_core, seconds, True)
             loads[mode] = _measure_one(t, job, job.pool, mode_metas, publisher)
+            if tls_dir is not None:
+                resumed = dataclasses.replace(job, warmup=False, resume=True)
+                loads[f"{mode}-resumed"] = run_load(resumed, t.process.pid, t.metrics_url or t.url)
     return loads
