@@ -26,10 +26,13 @@ bench/results/. Not a test: no assertions on speed. Usage:
     .venv/bin/python -m bench.tracker [--swarms 1000] [--nodes 10000] [--seconds 10]
 
 Then the mTLS mode (bench/tracker_mtls.py): our tracker with `--tls-dir`,
-announces over HTTPS with node certificates from a pool and a new TLS handshake
-each (`Connection: close`, as libtorrent does), and, in the same run and with
-the same Python generator, our tracker in plain HTTP; the table gives their
-ratio (wrk cannot show a client certificate, so it cannot drive this row).
+announces over HTTPS with node certificates from a pool (`--tls-nodes`, in
+`--tls-swarms` swarms) and a new TLS handshake each (`Connection: close`, as
+libtorrent does); the same with each node's TLS session resumed (what that
+would save; libtorrent does not resume); and, in the same run and with the same
+Python generator, our tracker in plain HTTP; the table gives their ratio (wrk
+cannot show a client certificate, so it cannot drive these rows). `--only wrk`
+or `--only gen` runs one part.
 
 Needs `wrk` and `opentracker` (apt; installed here if missing and run as root).
 All trackers start and stop by pid through harness.procs (ours through
