@@ -2,27 +2,37 @@
 
 Both trackers run as processes pinned to core 0 (`taskset`), the load generator
 to core 1. Both whitelist the same 1,000 torrents (ours via published metainfo,
-opentracker via its whitelist file) and get the same shape of load: random
-torrent among the 1,000, random peer id and port, `left` > 0 so every answer
-carries up to `numwant=50` peers, and —
+opentracker via its whitelist file) and get the same load: a cluster of
+10,000 nodes, each swarm 56 of them (6 downloading, 50 confirmed seeders),
+each node announcing with its own `node=` name, peer id and port, every
+announce a member at random re-announcing (bench/tracker_load.py) — so the
+tracker's one peer per identity holds a full swarm and a leecher's answer
+carries `numwant=50` peers —
 
 - HTTP: `wrk` with a Lua request generator and `Connection: close`, so every
   announce is a new TCP connection (as libtorrent does);
 - UDP (BEP 15): a Python generator keeping a window of announces in flight
-  (one connect, then announces; the same code for both trackers).
+  (one connect, then announces; `node=` in BEP 41 URL data, as libtorrent
+  sends a tracker URL's query; the same code for both trackers).
 
-Before measuring, a warm-up fills the swarms. Tracker CPU use over each run is
-read from /proc, to tell a saturated tracker from a saturated generator.
-Prints a table, writes JSON to bench/results/. Not a test: no assertions on
-speed. Usage:
+Before measuring, every member announces once (over UDP, in order), so
+the run measures re-announces, not arrivals; a leecher's and a seeder's
+answer are checked to carry peers, and every row gives the mean peers per
+answer and, for ours, how many announces replaced an identity's peer (none
+should). Tracker CPU use over each run is read from /proc, to tell a saturated
+tracker from a saturated generator. Prints a table, writes JSON to
+bench/results/. Not a test: no assertions on speed. Usage:
 
-    .venv/bin/python -m bench.tracker [--swarms 1000] [--seconds 10] [--connections 64]
+    .venv/bin/python -m bench.tracker [--swarms 1000] [--nodes 10000] [--seconds 10]
 
 Then the mTLS mode (bench/tracker_mtls.py): our tracker with `--tls-dir`,
-announces over HTTPS with a node's client certificate and a new TLS handshake
-each (`Connection: close`, as libtorrent does), and, in the same run and with
-the same Python generator, our tracker in plain HTTP; the table gives their
-ratio (wrk cannot show a client certificate, so it cannot drive this row).
+announces over HTTPS with node certificates from a pool (`--tls-nodes`, in
+`--tls-swarms` swarms) and a new TLS handshake each (`Connection: close`, as
+libtorrent does); the same with each node's TLS session resumed (what that
+would save; libtorrent does not resume); and, in the same run and with the same
+Python generator, our tracker in plain HTTP; the table gives their ratio (wrk
+cannot show a client certificate, so it cannot drive these rows). `--only wrk`
+or `--only gen` runs one part.
 
 Needs `wrk` and `opentracker` (apt; installed here if missing and run as root).
 All trackers start and stop by pid through harness.procs (ours through
@@ -35,40 +45,48 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import re
 import shutil
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import cast
 from urllib.parse import quote_from_bytes
 
 import httpx
-import libtorrent as lt
 import trio
 from rich.console import Console
 from rich.table import Table
 
+from bench import tracker_udp as udp
 from bench.machine import add_tls_flag, cpu_seconds
+from bench.tracker_load import (
+    FIRST_PORT,
+    NUMWANT,
+    Cluster,
+    check_answer,
+    confirm_seeders,
+    make_torrents,
+    node_name,
+    publish_all,
+)
 from bench.tracker_mtls import Load, measure_both
+from bench.tracker_udp import Run
 from harness.procs import Process, free_port, wait_for_http
 from harness.tracker import open_tracker
-from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
-from tracker.client import open_tracker_client
-from tracker.metainfo import make_metainfo
+from tracker.client import TrackerClient
 
 TOKEN = "bench-token"
 # Rows measured with bench/tracker_mtls.py's generator rather than wrk.
 PY_GEN = "p2preg (py gen)"
 RESULTS = Path(__file__).parent / "results"
 TRACKER_CORE, LOAD_CORE = "0", "1"
+LOAD = int(LOAD_CORE)
+WARMUP_LIMIT_S = 120  # a warm-up walk that takes longer is a broken tracker
+UDP_WINDOW = 64
 
 
 @dataclass
@@ -80,6 +98,9 @@ class Result:
     errors: int
     seconds: float
     tracker_cpu_pct: float
+    peers_per_answer: float
+    # Announces of the run that replaced an identity's peer (ours only, else -1).
+    replaced: int = -1
 
 
 def ensure_tools() -> None:
@@ -92,44 +113,52 @@ def ensure_tools() -> None:
         subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
 
 
-def make_torrents(workdir: Path, n: int) -> list[Metainfo]:
-    blobs = workdir / "blobs"
-    blobs.mkdir()
-    metas = []
-    for i in range(n):
-        data = i.to_bytes(4, "big") + os.urandom(16 * 1024)
-        path = blobs / str(i)
-        path.write_bytes(data)
-        metas.append(make_metainfo(path, Digest.of(data), len(data)))
-    return metas
-
-
-def lua_script(path: Path, hashes: list[bytes], token: str | None) -> None:
+def lua_script(path: Path, hashes: list[bytes], cluster: Cluster, token: str | None) -> None:
+    """wrk's request generator: members of `cluster` at random re-announcing
+    (tracker_load.py). `response` counts the peers of each answer; `done` prints
+    them as `PEERS <answers> <peers>`."""
     encoded = ",\n".join(f'"{quote_from_bytes(h, safe="")}"' for h in hashes)
     extra = f"&token={token}" if token else ""
     path.write_text(
         f"""
 local hashes = {{ {encoded} }}
-local enc = {{}}
-for i = 0, 255 do enc[i] = string.format("%%%02X", i) end
-local function rand20()
-  local t = {{}}
-  for i = 1, 20 do t[i] = enc[math.random(0, 255)] end
-  return table.concat(t)
-end
+local N, M, L = {cluster.nodes}, {cluster.per_swarm}, {cluster.leechers}
+local FIRST, NUMWANT = {FIRST_PORT}, {NUMWANT}
+local TOTAL = #hashes * M
+answers, peers = 0, 0
 math.randomseed(os.time() * 1000 + math.floor(os.clock() * 1000000))
+local function member(k)
+  local s, j = math.floor(k / M), k % M
+  local i = (s * M + j) % N
+  local left = 0
+  if j < L then left = 1 + j * 1000 end
+  return "/announce?info_hash=" .. hashes[s + 1]
+    .. string.format("&peer_id=-BN0001-%012d&port=%d", i, FIRST + i)
+    .. "&uploaded=0&downloaded=0&left=" .. left .. "&compact=1&numwant=" .. NUMWANT
+    .. string.format("&node=bench-node-%05d", i) .. "{extra}"
+end
 request = function()
-  local path = "/announce?info_hash=" .. hashes[math.random(#hashes)]
-    .. "&peer_id=" .. rand20() .. "&port=" .. math.random(1024, 65535)
-    .. "&uploaded=0&downloaded=0&left=" .. math.random(1, 1000000)
-    .. "&compact=1&numwant=50{extra}"
-  return wrk.format("GET", path)
+  return wrk.format("GET", member(math.random(0, TOTAL - 1)))
+end
+response = function(status, headers, body)
+  answers = answers + 1
+  local n = string.match(body, "5:peers(%d+):")
+  if n then peers = peers + math.floor(tonumber(n) / 6) end
+end
+local threads = {{}}
+setup = function(thread)
+  table.insert(threads, thread)
+end
+done = function(summary, latency, requests)
+  local a, p = 0, 0
+  for _, t in ipairs(threads) do a = a + t:get("answers"); p = p + t:get("peers") end
+  io.write(string.format("PEERS %d %d\\n", a, p))
 end
 """
     )
 
 
-def run_wrk(port: int, script: Path, seconds: int, connections: int) -> tuple[int, int, float]:
+def run_wrk(port: int, script: Path, seconds: int, connections: int) -> Run:
     out = subprocess.run(
         [
             "taskset",
@@ -156,136 +185,89 @@ def run_wrk(port: int, script: Path, seconds: int, connections: int) -> tuple[in
     # those as read errors though the answer arrived: count only failures that
     # cost an answer (connect errors, timeouts, non-2xx).
     hard = sum(int(n) for n in re.findall(r"(?:connect|timeout) (\d+)", out))
-    return requests, hard + (int(non2xx.group(1)) if non2xx else 0), elapsed
+    peers = int(re.search(r"PEERS \d+ (\d+)", out).group(1))  # type: ignore[union-attr]
+    return Run(requests, hard + (int(non2xx.group(1)) if non2xx else 0), peers, elapsed)
 
 
-def udp_load(
-    port: int, hashes: list[bytes], seconds: float, window: int, token: str | None
-) -> tuple[int, int, float]:
-    """Announce over BEP 15 as fast as replies come back; returns (answered, errors, seconds)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.connect(("127.0.0.1", port))
-    sock.settimeout(2)
-    sock.send(struct.pack(">QII", 0x41727101980, 0, 1))
-    _, _, cid = struct.unpack(">IIQ", sock.recv(64))
-    sock.setblocking(False)
-    url = (f"/announce?token={token}" if token else "/announce").encode()
-    options = bytes([2, len(url)]) + url + b"\x00"
-    head = struct.Struct(">QII20s20sQQQIIIiH")
-    rnd = random.Random()
-    answered = errors = inflight = 0
-    tid = 0
-    start = last_reply = time.perf_counter()
-    deadline = start + seconds
-    while True:
-        now = time.perf_counter()
-        if now >= deadline:
-            break
-        while inflight < window:
-            tid = (tid + 1) & 0xFFFFFFFF
-            packet = head.pack(
-                cid,
-                1,
-                tid,
-                rnd.choice(hashes),
-                rnd.randbytes(20),
-                0,
-                rnd.randint(1, 10**6),
-                0,
-                0,
-                0,
-                0,
-                50,
-                rnd.randint(1024, 65535),
-            )
-            try:
-                sock.send(packet + options)
-            except BlockingIOError:
-                break
-            inflight += 1
-        got = 0
-        while True:
-            try:
-                reply = sock.recv(2048)
-            except BlockingIOError:
-                break
-            got += 1
-            if reply[:4] == b"\x00\x00\x00\x01":
-                answered += 1
-            else:
-                errors += 1
-        inflight -= got
-        if got:
-            last_reply = now
-        elif now - last_reply > 0.2:
-            inflight = 0  # replies lost (socket buffer overflow): refill the window
-            last_reply = now
-    sock.close()
-    return answered, errors, time.perf_counter() - start
+def replaced_total(metrics_url: str | None) -> int:
+    """p2preg_tracker_peers_replaced_total now (-1 without a metrics URL: opentracker)."""
+    if metrics_url is None:
+        return -1
+    text = httpx.get(f"{metrics_url}/metrics", timeout=10).text
+    found = re.search(r"^p2preg_tracker_peers_replaced_total ([\d.e+]+)$", text, re.M)
+    return int(float(found.group(1))) if found else -1
+
+
+@dataclass(frozen=True)
+class Target:
+    """A tracker under load: its name, pid, port, token and (ours) metrics URL."""
+
+    name: str
+    pid: int
+    port: int
+    token: str | None
+    metrics_url: str | None = None
 
 
 def measure(
-    name: str,
-    pid: int,
-    port: int,
+    t: Target,
     hashes: list[bytes],
-    token: str | None,
+    cluster: Cluster,
     workdir: Path,
-    seconds: int,
-    connections: int,
+    args: argparse.Namespace,
 ) -> list[Result]:
-    script = workdir / f"{name}.lua"
-    lua_script(script, hashes, token)
-    run_wrk(port, script, 3, connections)  # warm-up: fill the swarms
+    script = workdir / f"{t.name}.lua"
+    lua_script(script, hashes, cluster, t.token)
+    members = udp.packets(cluster, hashes, t.token)
+    # Every member announces once (over UDP: 3-10x faster than HTTP, same identities).
+    walked = udp.run_pinned(LOAD, t.port, members, WARMUP_LIMIT_S, UDP_WINDOW, walk=True)
+    if walked.answered < cluster.members:
+        raise RuntimeError(f"{t.name}: the warm-up reached {walked.answered} members only")
+    sample = check_answer(f"http://127.0.0.1:{t.port}", cluster, hashes[0], token=t.token)
+    print(f"{t.name}: swarm 0's first leecher got {sample[0]} peers, a seeder {sample[1]}")
     results = []
-    cpu0 = cpu_seconds(pid)
-    requests, errs, elapsed = run_wrk(port, script, seconds, connections)
-    cpu = (cpu_seconds(pid) - cpu0) / elapsed * 100
-    results.append(Result(name, "http", requests / elapsed, requests, errs, elapsed, cpu))
-    cpu0 = cpu_seconds(pid)
-    answered, errs, elapsed = run_pinned_udp(port, hashes, seconds, token)
-    cpu = (cpu_seconds(pid) - cpu0) / elapsed * 100
-    results.append(Result(name, "udp", answered / elapsed, answered, errs, elapsed, cpu))
+    for protocol in ("http", "udp"):
+        cpu0, replaced0 = cpu_seconds(t.pid), replaced_total(t.metrics_url)
+        if protocol == "http":
+            run = run_wrk(t.port, script, args.seconds, args.connections)
+        else:
+            run = udp.run_pinned(LOAD, t.port, members, args.seconds, UDP_WINDOW, walk=False)
+        cpu = (cpu_seconds(t.pid) - cpu0) / run.seconds * 100
+        replaced = replaced_total(t.metrics_url) - replaced0 if t.metrics_url else -1
+        rate = run.answered / run.seconds
+        per_answer = run.peers / max(1, run.answered)
+        results.append(
+            Result(
+                t.name,
+                protocol,
+                rate,
+                run.answered,
+                run.errors,
+                run.seconds,
+                cpu,
+                per_answer,
+                replaced,
+            )
+        )
     return results
 
 
-def run_pinned_udp(
-    port: int, hashes: list[bytes], seconds: float, token: str | None
-) -> tuple[int, int, float]:
-    os.sched_setaffinity(0, {int(LOAD_CORE)})
-    try:
-        return udp_load(port, hashes, seconds, 64, token)
-    finally:
-        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-
-
-def check_answers(port: int, ih: bytes, token: str | None) -> None:
-    """One announce by hand: both trackers must answer with peers, not a failure."""
-    q = f"info_hash={quote_from_bytes(ih)}&peer_id={'x' * 20}&port=999&left=5&compact=1&numwant=50"
-    body = lt.bdecode(
-        httpx.get(
-            f"http://127.0.0.1:{port}/announce?{q}" + (f"&token={token}" if token else "")
-        ).content
-    )
-    if not isinstance(body, dict):
-        raise RuntimeError(f"tracker on {port} answered something not a dictionary: {body!r}")
-    reason = cast(dict[bytes, object], body).get(b"failure reason")
-    if reason is not None:
-        raise RuntimeError(f"tracker on {port} refused the load: {reason!r}")
-
-
-async def publish_all(url: str, metas: list[Metainfo]) -> None:
-    async with open_tracker_client(url, node="bench", token=TOKEN) as client:
-        for meta in metas:
-            # Only the digest's lease holder defines its first torrent.
-            await client.acquire_lease(meta.digest, size=meta.size)
-            await client.publish_metainfo(meta.digest, meta.size, meta.data)
+async def setup_ours(url: str, metas: list[Metainfo], cluster: Cluster) -> None:
+    """Publish every torrent, then every seeding member confirms its swarm's."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        await publish_all(TrackerClient(url, node="bench", token=TOKEN, http=http), metas)
+        clients = {
+            i: TrackerClient(url, node=node_name(i), token=TOKEN, http=http)
+            for i in range(cluster.nodes)
+        }
+        await confirm_seeders(clients, cluster, metas)
 
 
 def _measure_ours(
     workdir: Path, metas: list[Metainfo], hashes: list[bytes], args: argparse.Namespace
 ) -> list[Result]:
     port = free_port(udp=True)
+    cluster = Cluster(nodes=args.nodes, swarms=len(metas))
     with open_tracker(
         workdir / "ours",
         port=port,
@@ -293,11 +275,9 @@ def _measure_ours(
         args=["--log-level", "WARNING"],
         cpus=TRACKER_CORE,
     ) as ours:
-        trio.run(publish_all, ours.url, metas)
-        check_answers(port, hashes[0], TOKEN)
-        return measure(
-            "p2preg", ours.process.pid, port, hashes, TOKEN, workdir, args.seconds, args.connections
-        )
+        trio.run(setup_ours, ours.url, metas, cluster)
+        target = Target("p2preg", ours.process.pid, port, TOKEN, ours.url)
+        return measure(target, hashes, cluster, workdir, args)
 
 
 def _measure_opentracker(
@@ -313,54 +293,87 @@ def _measure_opentracker(
     argv += ["-d", str(ot), "-w", "whitelist"]
     if os.geteuid() == 0:
         argv += ["-u", "nobody"]  # as root it must drop privileges
+    cluster = Cluster(nodes=args.nodes, swarms=len(hashes))
     with Process(argv, ot, cwd=ot, cpus=TRACKER_CORE, term_grace_s=10.0) as proc:
         wait_for_http(f"http://127.0.0.1:{port}/announce", timeout_s=20.0, process=proc)
-        check_answers(port, hashes[0], None)
-        return measure(
-            "opentracker", proc.pid, port, hashes, None, workdir, args.seconds, args.connections
-        )
+        target = Target("opentracker", proc.pid, port, None)
+        return measure(target, hashes, cluster, workdir, args)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--swarms", type=int, default=1000)
+    parser.add_argument("--nodes", type=int, default=10_000)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--tls-swarms",
+        type=int,
+        default=100,
+        help="swarms of the Python generator's rows (a walk over every member at ~500"
+        " mTLS announces/s must stay short)",
+    )
+    parser.add_argument(
+        "--tls-nodes", type=int, default=1000, help="node certificates in the mTLS pool"
+    )
+    parser.add_argument("--only", choices=("wrk", "gen"), help="run one part only")
     add_tls_flag(parser)
     args = parser.parse_args()
     ensure_tools()
+    results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="p2preg-bench-tracker-") as tmp:
         workdir = Path(tmp)
-        metas = make_torrents(workdir, args.swarms)
-        hashes = [m.swarm_keys[0] for m in metas]
-        results = _measure_ours(workdir, metas, hashes, args)
-        results += _measure_opentracker(workdir, hashes, args)
-        loads = measure_both(
-            workdir,
-            metas,
-            hashes,
-            args.seconds,
-            tracker_core=TRACKER_CORE,
-            load_core=int(LOAD_CORE),
-        )
-    results += [_from_load(mode, load) for mode, load in loads.items()]
+        metas = make_torrents(workdir, max(args.swarms, args.tls_swarms))
+        if args.only != "gen":
+            some = metas[: args.swarms]
+            hashes = [m.swarm_keys[0] for m in some]
+            results += _measure_ours(workdir, some, hashes, args)
+            results += _measure_opentracker(workdir, hashes, args)
+        if args.only != "wrk":
+            gen = Cluster(nodes=args.tls_nodes, swarms=args.tls_swarms)
+            loads = measure_both(
+                workdir,
+                metas[: args.tls_swarms],
+                gen,
+                args.seconds,
+                tracker_core=TRACKER_CORE,
+                load_core=int(LOAD_CORE),
+            )
+            results += [_from_load(mode, load) for mode, load in loads.items()]
+            for mode, load in loads.items():
+                if mode.startswith("https"):
+                    done = load.answered + load.errors
+                    print(f"{mode}: the tracker resumed {load.resumed} of {done} TLS sessions")
     report(results, args)
 
 
 def _from_load(mode: str, load: Load) -> Result:
     rate = load.answered / load.seconds
     cpu = load.tracker_cpu_pct
-    return Result(PY_GEN, mode, rate, load.answered, load.errors, load.seconds, cpu)
+    per_answer = load.peers / max(1, load.answered)
+    return Result(
+        PY_GEN, mode, rate, load.answered, load.errors, load.seconds, cpu, per_answer, load.replaced
+    )
 
 
 def report(results: list[Result], args: argparse.Namespace) -> None:
     by = {(r.tracker, r.protocol): r for r in results}
     table = Table(
-        title=f"Tracker announces/s — {args.swarms} swarms, numwant=50, new connection per"
-        f" HTTP request, tracker on core {TRACKER_CORE}, load on core {LOAD_CORE}"
+        title=f"Tracker announces/s — {args.swarms} swarms of 56 of {args.nodes} nodes"
+        f" (py gen: {args.tls_swarms} of {args.tls_nodes}), numwant={NUMWANT}, new connection"
+        f" per HTTP request, tracker on core {TRACKER_CORE}, load on core {LOAD_CORE}"
     )
     ref_name = "vs opentracker (py gen: vs its http)"
-    columns = ("tracker", "protocol", "announces/s", "errors", "tracker CPU", "CPU µs/announce")
+    columns = (
+        "tracker",
+        "protocol",
+        "announces/s",
+        "errors",
+        "tracker CPU",
+        "CPU µs/announce",
+        "peers/answer",
+        "replaced",
+    )
     for name in (*columns, ref_name):
         table.add_column(name, justify="left" if name in ("tracker", "protocol") else "right")
     for r in results:
@@ -374,9 +387,11 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
             str(r.errors),
             f"{r.tracker_cpu_pct:.0f} %",
             f"{r.tracker_cpu_pct / 100 * r.seconds / max(1, r.requests) * 1e6:.0f}",
+            f"{r.peers_per_answer:.1f}",
+            "—" if r.replaced < 0 else str(r.replaced),
             f"{ratio:.2f}",
         )
-    Console().print(table)
+    Console(width=160).print(table)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"tracker-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(

@@ -4,38 +4,55 @@ libtorrent opens a new connection for every HTTPS announce (`Connection:
 close`), so each one pays a full TLS handshake with a client certificate. `wrk`
 cannot show a client certificate, so this generator is ours: worker processes
 pinned to the load core, each a blocking loop of connect → (TLS handshake with
-the node's certificate) → `GET /announce` → read to the end. The same
-generator also runs against the same tracker build in plain HTTP, so the ratio
-compares like with like; `bench/tracker.py` prints both beside its `wrk`
-numbers. Used by bench/tracker.py only; holds no assertions.
+a node's certificate) → `GET /announce` → read to the end. Under mutual TLS an
+announce's identity is its certificate's node, so the load comes from a pool of
+node certificates (one per node of the cluster, bench/tracker_load.py), each
+worker announcing for its share of the nodes with each node's own certificate;
+in plain HTTP the same announces carry `node=` instead. Before measuring, every
+member of every swarm announces once, so the swarms are full and the run
+measures re-announces. The same generator runs against the same tracker build
+in plain HTTP, so the ratio compares like with like; `bench/tracker.py` prints
+both beside its `wrk` numbers. Used by bench/tracker.py only; holds no
+assertions on speed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import multiprocessing.queues
 import multiprocessing.synchronize
 import os
 import random
+import re
 import socket
 import ssl
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote_from_bytes
 
+import httpx
 import trio
 
 from bench.machine import cpu_seconds
+from bench.tracker_load import (
+    Cluster,
+    confirm_seeders,
+    count_peers,
+    make_torrents,
+    node_name,
+    publish_all,
+    query,
+)
 from harness.tlscerts import ClusterCA, client_ssl_context, https_client
-from harness.tracker import open_tracker
+from harness.tracker import TrackerProcess, open_tracker
 from p2preg.core.metainfo import Metainfo
 from tracker.client import TrackerClient
 
 # Blocking workers on the one load core: enough in flight to keep the tracker busy.
 WORKERS = 16
 CONNECT_TIMEOUT_S = 10.0
+WARMUP_LIMIT_S = 300.0  # a walk over every member that takes longer is a broken tracker
 
 
 @dataclass(frozen=True)
@@ -44,129 +61,240 @@ class Load:
     errors: int
     seconds: float
     tracker_cpu_pct: float
+    peers: int = 0  # peers in all answers
+    replaced: int = -1  # announces that replaced an identity's peer
+    resumed: int = 0  # TLS handshakes the tracker resumed (of `answered` + errors)
 
 
-def _request(hashes: Sequence[bytes], rnd: random.Random) -> bytes:
-    query = (
-        f"info_hash={quote_from_bytes(rnd.choice(hashes), safe='')}"
-        f"&peer_id={quote_from_bytes(rnd.randbytes(20), safe='')}&port={rnd.randint(1024, 65535)}"
-        f"&uploaded=0&downloaded=0&left={rnd.randint(1, 10**6)}&compact=1&numwant=50"
-    )
-    return f"GET /announce?{query} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
+@dataclass(frozen=True)
+class Job:
+    """What every worker is given: where to announce, as which cluster, how long."""
+
+    port: int
+    hashes: list[bytes]
+    cluster: Cluster
+    pool: Path | None  # node i's tls_dir is pool/i; None: plain HTTP with node=
+    core: int
+    seconds: float
+    warmup: bool  # walk this worker's members once instead of announcing at random
+    # Offer each node's last TLS session (what libtorrent 2.1.1 does not do: a full
+    # handshake per announce); measures what resumption would save the tracker.
+    resume: bool = False
 
 
-def _one(port: int, request: bytes, ctx: ssl.SSLContext | None) -> bool:
-    with socket.create_connection(("127.0.0.1", port), timeout=CONNECT_TIMEOUT_S) as raw:
-        # Without it, Nagle holds the request behind the unacknowledged client
-        # Finished until the tracker's delayed ACK: measured 44 ms per HTTPS
-        # announce instead of 3.5 ms. The generator measures the tracker's cost,
-        # not that stall (a client latency, not tracker load).
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock = raw if ctx is None else ctx.wrap_socket(raw, server_hostname="127.0.0.1")
-        sock.sendall(request)
-        answer = b""
-        for _ in range(1000):  # an announce answer is a few hundred bytes
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-        return answer.startswith(b"HTTP/1.1 200") and b"failure reason" not in answer
+class _Conn:
+    """One worker's TLS side: a context per node, and with `resume` each node's last session."""
+
+    def __init__(self, job: Job, w: int) -> None:
+        self.contexts: dict[int, ssl.SSLContext] = {}
+        if job.pool is not None:
+            for i in range(w, job.cluster.nodes, WORKERS):
+                self.contexts[i] = client_ssl_context(job.pool / str(i))
+        self.resume = job.resume
+        self.sessions: dict[int, ssl.SSLSession] = {}
+        self.reused = 0  # handshakes the tracker resumed
+
+    def announce(self, port: int, i: int, request: bytes) -> int:
+        """Node i's announce on a new connection; peers in the answer, -1 for a failure."""
+        ctx = self.contexts.get(i)
+        with socket.create_connection(("127.0.0.1", port), timeout=CONNECT_TIMEOUT_S) as raw:
+            # Without it, Nagle holds the request behind the unacknowledged client
+            # Finished until the tracker's delayed ACK: measured 44 ms per HTTPS
+            # announce instead of 3.5 ms. The generator measures the tracker's cost,
+            # not that stall (a client latency, not tracker load).
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock: socket.socket = raw
+            if ctx is not None:
+                offered = self.sessions.get(i) if self.resume else None
+                tls = ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=offered)
+                sock = tls
+                self.reused += bool(tls.session_reused)
+            sock.sendall(request)
+            answer = b""
+            for _ in range(1000):  # an announce answer is a few hundred bytes
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+            if ctx is not None and self.resume and tls.session is not None:
+                self.sessions[i] = tls.session  # TLS 1.3: the ticket came after the handshake
+            return count_peers(answer) if answer.startswith(b"HTTP/1.1 200") else -1
+
+
+def _request(job: Job, s: int, j: int) -> bytes:
+    """Member j of swarm s announcing (with `node=` in plain HTTP), `Connection: close`."""
+    q = query(job.cluster, job.hashes[s], s, j, node=job.pool is None)
+    return f"GET /announce?{q} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
+
+
+def _members(cluster: Cluster, w: int) -> list[tuple[int, int]]:
+    """(swarm, j) of every member whose node is worker `w`'s."""
+    return [
+        (s, j)
+        for s in range(cluster.swarms)
+        for j in range(cluster.per_swarm)
+        if cluster.node(s, j) % WORKERS == w
+    ]
 
 
 def _worker(
-    port: int,
-    hashes: list[bytes],
-    seconds: float,
-    tls_dir: Path | None,
-    core: int,
+    job: Job,
+    w: int,
     go: multiprocessing.synchronize.Event,
-    out: multiprocessing.queues.Queue[tuple[int, int, float]],
+    ready: multiprocessing.queues.Queue[int],
+    out: multiprocessing.queues.Queue[tuple[int, int, int, float, int]],
 ) -> None:
-    os.sched_setaffinity(0, {core})
-    ctx = None if tls_dir is None else client_ssl_context(tls_dir)
+    os.sched_setaffinity(0, {job.core})
+    members = _members(job.cluster, w)
+    conn = _Conn(job, w)
     rnd = random.Random()
-    answered = errors = 0
+    answered = errors = peers = 0
+    if job.resume:  # one full handshake per node, before the clock: a session to offer
+        firsts = {job.cluster.node(s, j): (s, j) for s, j in reversed(members)}
+        for i, (s, j) in firsts.items():
+            conn.announce(job.port, i, _request(job, s, j))
+    ready.put(w)
     go.wait()
     start = time.perf_counter()
-    deadline = start + seconds
-    while time.perf_counter() < deadline:
+    deadline = start + (WARMUP_LIMIT_S if job.warmup else job.seconds)
+    for n in range(len(members) if job.warmup else 1 << 62):
+        if time.perf_counter() >= deadline:
+            break
+        s, j = members[n] if job.warmup else rnd.choice(members)
+        i = job.cluster.node(s, j)
         try:
-            ok = _one(port, _request(hashes, rnd), ctx)
+            got = conn.announce(job.port, i, _request(job, s, j))
         except OSError:
-            ok = False
-        answered += ok
-        errors += not ok
-    out.put((answered, errors, time.perf_counter() - start))
+            got = -1
+        answered += got >= 0
+        errors += got < 0
+        peers += max(0, got)
+    out.put((answered, errors, peers, time.perf_counter() - start, conn.reused))
 
 
-def run_load(
-    port: int, pid: int, hashes: list[bytes], seconds: float, tls_dir: Path | None, core: int
-) -> Load:
-    """WORKERS processes announcing for `seconds`; the tracker's CPU over the same span."""
+def run_load(job: Job, pid: int, metrics_url: str) -> Load:
+    """WORKERS processes announcing; the tracker's CPU over the same span."""
     mp = multiprocessing.get_context("spawn")
     go = mp.Event()
-    out: multiprocessing.queues.Queue[tuple[int, int, float]] = mp.Queue()
-    procs = [
-        mp.Process(target=_worker, args=(port, hashes, seconds, tls_dir, core, go, out))
-        for _ in range(WORKERS)
-    ]
+    out: multiprocessing.queues.Queue[tuple[int, int, int, float, int]] = mp.Queue()
+    ready: multiprocessing.queues.Queue[int] = mp.Queue()
+    procs = [mp.Process(target=_worker, args=(job, w, go, ready, out)) for w in range(WORKERS)]
     for p in procs:
         p.start()
-    time.sleep(2.0)  # let every worker import and build its context before the clock starts
+    # Every worker has imported, built its contexts (and, resuming, shaken hands once
+    # per node) before the clock starts.
+    for _ in procs:
+        ready.get(timeout=WARMUP_LIMIT_S)
+    replaced0 = _replaced(metrics_url)
     cpu0, t0 = cpu_seconds(pid), time.perf_counter()
     go.set()
-    results = [out.get(timeout=seconds + 60) for _ in procs]
+    limit = WARMUP_LIMIT_S if job.warmup else job.seconds
+    results = [out.get(timeout=limit + 60) for _ in procs]
     elapsed = time.perf_counter() - t0
     cpu = (cpu_seconds(pid) - cpu0) / elapsed * 100
     for p in procs:
         p.join(timeout=30)
     answered = sum(r[0] for r in results)
-    rate_seconds = max(r[2] for r in results)
-    return Load(answered, sum(r[1] for r in results), rate_seconds, cpu)
+    rate_seconds = max(r[3] for r in results)
+    return Load(
+        answered,
+        sum(r[1] for r in results),
+        rate_seconds,
+        cpu,
+        sum(r[2] for r in results),
+        _replaced(metrics_url) - replaced0,
+        sum(r[4] for r in results),
+    )
 
 
-async def _publish(url: str, node_dir: Path | None, metas: list[Metainfo]) -> None:
-    http = https_client(node_dir) if node_dir is not None else None
-    client = TrackerClient(url, node="bench", http=http)
+def _replaced(metrics_url: str) -> int:
+    text = httpx.get(f"{metrics_url}/metrics", timeout=10).text
+    found = re.search(r"^p2preg_tracker_peers_replaced_total ([\d.e+]+)$", text, re.M)
+    return int(float(found.group(1))) if found else 0
+
+
+async def _setup(
+    url: str, publisher: Path | None, pool: Path | None, metas: list[Metainfo], cluster: Cluster
+) -> None:
+    """Publish every torrent (as `bench`), then every seeding member confirms."""
+    https = pool is not None
+    shared = https_client(publisher, timeout=30) if https else httpx.AsyncClient(timeout=30)
+    nodes: dict[int, httpx.AsyncClient] = {}
     try:
-        for meta in metas:
-            # Only the digest's lease holder defines its first torrent.
-            await client.acquire_lease(meta.digest, size=meta.size)
-            await client.publish_metainfo(meta.digest, meta.size, meta.data)
+        await publish_all(TrackerClient(url, node="bench", http=shared), metas)
+        for i in range(cluster.nodes):
+            # Under mutual TLS a node confirms over a connection showing its certificate.
+            nodes[i] = https_client(pool / str(i), timeout=30) if pool is not None else shared
+        clients = {i: TrackerClient(url, node=node_name(i), http=h) for i, h in nodes.items()}
+        await confirm_seeders(clients, cluster, metas)
     finally:
-        await client.aclose()
-        if http is not None:
-            await http.aclose()
+        for h in {id(h): h for h in (shared, *nodes.values())}.values():
+            await h.aclose()
+
+
+def _node_pool(ca: ClusterCA, root: Path, cluster: Cluster) -> Path:
+    """tls_dirs for every node of the cluster: root/i holds node i's certificate."""
+    for i in range(cluster.nodes):
+        ca.tls_dir(root / str(i), "node", node_name(i))
+    return root
+
+
+def _measure_one(
+    t: TrackerProcess, job: Job, pool: Path | None, metas: list[Metainfo], publisher: Path
+) -> Load:
+    trio.run(_setup, t.url, publisher if pool else None, pool, metas, job.cluster)
+    metrics_url = t.metrics_url or t.url
+    walked = run_load(job, t.process.pid, metrics_url)
+    if walked.answered < job.cluster.members:
+        raise RuntimeError(f"the warm-up reached {walked.answered} members only")
+    _sample(job)
+    return run_load(dataclasses.replace(job, warmup=False), t.process.pid, metrics_url)
+
+
+def _sample(job: Job) -> None:
+    """Swarm 0's first leecher and last seeder announce by hand: both must get peers."""
+    for j in (0, job.cluster.per_swarm - 1):
+        i = job.cluster.node(0, j)
+        got = _Conn(job, i % WORKERS).announce(job.port, i, _request(job, 0, j))
+        if got <= 0:
+            raise RuntimeError(f"member {j} of swarm 0 got {got} peers: no swarm to measure")
 
 
 def measure_both(
     workdir: Path,
     metas: list[Metainfo],
-    hashes: list[bytes],
+    cluster: Cluster,
     seconds: float,
     *,
     tracker_core: str,
     load_core: int,
 ) -> dict[str, Load]:
-    """The same generator against a plain and an mTLS tracker, one after the other.
+    """The same generator against a plain and an mTLS tracker, one after the other;
+    then the mTLS one again with clients resuming their TLS sessions (`Job.resume`).
 
     The plain one has no token (loopback): a token check is one constant-time
     compare, nothing beside a handshake.
     """
     ca = ClusterCA.make("bench")
     tracker_dir = ca.tls_dir(workdir / "pki" / "tracker", "tracker", "t", ips=["127.0.0.1"])
-    node_dir = ca.tls_dir(workdir / "pki" / "node", "node", "bench")
+    publisher = ca.tls_dir(workdir / "pki" / "bench", "node", "bench")
+    pool = _node_pool(ca, workdir / "pki" / "nodes", cluster)
+    # Under mutual TLS the cluster's torrents are SSL torrents rooted at its CA.
+    ssl_metas = make_torrents(workdir, len(metas), root=ca.cert_pem)
     loads: dict[str, Load] = {}
     for mode, tls_dir in (("http", None), ("https-mtls", tracker_dir)):
+        mode_metas = metas if tls_dir is None else ssl_metas
+        hashes = [m.swarm_keys[0] for m in mode_metas]
         with open_tracker(
             workdir / f"gen-{mode}",
             tls_dir=tls_dir,
             args=["--log-level", "WARNING", "--no-udp"],
             cpus=tracker_core,
         ) as t:
-            trio.run(_publish, t.url, node_dir if tls_dir else None, metas)
             port = int(t.url.rsplit(":", 1)[1])
-            client_dir = node_dir if tls_dir else None
-            run_load(port, t.process.pid, hashes, 3, client_dir, load_core)  # warm-up
-            loads[mode] = run_load(port, t.process.pid, hashes, seconds, client_dir, load_core)
+            job = Job(port, hashes, cluster, pool if tls_dir else None, load_core, seconds, True)
+            loads[mode] = _measure_one(t, job, job.pool, mode_metas, publisher)
+            if tls_dir is not None:
+                resumed = dataclasses.replace(job, warmup=False, resume=True)
+                loads[f"{mode}-resumed"] = run_load(resumed, t.process.pid, t.metrics_url or t.url)
     return loads

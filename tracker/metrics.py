@@ -131,6 +131,13 @@ class TrackerMetrics:
         )
         # Every reason exists from the start, at 0: a fixed, small label set.
         self.tls_refusal = {r: refusals.labels(r) for r in REFUSAL_REASONS}
+        handshakes = Counter(
+            "p2preg_tracker_tls_handshakes",
+            "Mutual-TLS handshakes admitted, by whether they resumed a TLS session",
+            ["resumed"],
+            registry=self.registry,
+        )
+        self.tls_handshake = {r: handshakes.labels(str(r).lower()) for r in (False, True)}
         self._admission()
         self._limits()
 
@@ -202,6 +209,9 @@ class TrackerMetrics:
 
     def tls_refused(self, reason: str) -> None:
         self.tls_refusal[reason].inc()
+
+    def tls_admitted(self, resumed: bool) -> None:
+        self.tls_handshake[resumed].inc()
 
     def watch(self, read: Callable[[], Gauges]) -> None:
         self.registry.register(_LiveCollector(read))

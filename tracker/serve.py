@@ -131,7 +131,9 @@ async def serve_tracker(
             tracker = Tracker(config, store, clock=clock, current_root=root)
             tracker.restore(await store.load())
             key = await trio.to_thread.run_sync(_udp_key, config.data_dir)
-            gate = None if tls is None else TLSGate(tls, tracker.metrics.tls_refused)
+            gate = None if tls is None else TLSGate(
+                tls, tracker.metrics.tls_refused, admitted=tracker.metrics.tls_admitted
+            )
             preauth = PreAuthConnections.from_config(config, tracker.metrics)
             async with trio.open_nursery() as nursery:
                 app = TrackerHttp(tracker)

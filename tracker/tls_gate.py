@@ -4,9 +4,10 @@ Owns the tracker's side of the cluster identity: the server context to wrap an
 accepted connection in (fetched per connection from `ReloadingTLS`, so renewed
 files take effect without a restart), the rule for a certificate that passed
 the handshake (role `node`, the tracker's own cluster), the small fixed set of
-refusal reasons, the mapping of a failed handshake to one of them, and
-counting and logging each refusal (one INFO line per reason at most every
-LOG_EVERY_S, never a certificate's bytes). It must not touch sockets or
+refusal reasons, the mapping of a failed handshake to one of them, counting
+admitted handshakes (resumed or full), and counting and logging each refusal
+(one INFO line per reason at most every LOG_EVERY_S, never a certificate's
+bytes). It must not touch sockets or
 streams (http_listener does) or decide what an admitted node may do
 (http_routes and the coordinator do, with the identity it hands them).
 """
@@ -88,9 +89,13 @@ class TLSGate:
         count: Callable[[str], None],
         *,
         clock: Callable[[], float] = time.monotonic,
+        admitted: Callable[[bool], None] = lambda resumed: None,
     ) -> None:
+        """`count` tallies a refusal by reason; `admitted` an admitted handshake,
+        by whether it resumed a TLS session (a full one costs the tracker more)."""
         self._tls = tls
         self._count = count
+        self._admitted = admitted
         self._clock = clock
         self.cluster = tls.identity.cluster
         self._last_logged: dict[str, float] = {}
@@ -108,7 +113,10 @@ class TLSGate:
         except CertificateError as e:
             return None, ("bad_identity", str(e))
         refusal = identity_refusal(identity, self.cluster)
-        return (None, refusal) if refusal else (identity, None)
+        if refusal:
+            return None, refusal
+        self._admitted(bool(peer.session_reused))
+        return identity, None
 
     def refused(self, reason: str, detail: str, ip: str) -> None:
         """Count a refusal; log it unless this reason was logged within LOG_EVERY_S."""
