@@ -221,23 +221,36 @@ class BlobFetcher:
         self, cluster: Cluster, digest: Digest, size: int, place: Place | None, join: JoinSwarm
     ) -> Metainfo | FetchAsHolder | FallBack:
         """Download from peers: the metainfo it came by, or what to do instead."""
-        for attempt in range(SWARM_ATTEMPTS):
-            try:
-                return await cluster.peers.fetch(digest, size, join.metainfo)
-            except Fallback as e:
-                fell = FallBack(e.reason, str(e))
-            if fell.reason != "peers_stalled" or attempt + 1 == SWARM_ATTEMPTS:
-                break
-            # The peers that stalled us are reported: the tracker sends us to the
-            # swarm again only for a seeder we did not report; else the lease, or
-            # a wait for the node that holds it.
-            again = await self._await_lease(cluster, digest, size, place)
-            log.info("blob %s: every peer stalled us; the tracker now says %s",
-                     digest, type(again).__name__)  # fmt: skip
-            if not isinstance(again, JoinSwarm):
-                return again
-            join = again
-        return fell
+        outcome: FetchAsHolder | FallBack | None = None
+        try:
+            for attempt in range(SWARM_ATTEMPTS):
+                outcome = None
+                try:
+                    return await cluster.peers.fetch(digest, size, join.metainfo)
+                except Fallback as e:
+                    outcome = FallBack(e.reason, str(e))
+                if outcome.reason != "peers_stalled" or attempt + 1 == SWARM_ATTEMPTS:
+                    break
+                # The peers that stalled us are reported: the tracker sends us to
+                # the swarm again only for a seeder we did not report; else the
+                # lease, or a wait for the node that holds it.
+                again = await self._await_lease(cluster, digest, size, place)
+                log.info("blob %s: every peer stalled us; the tracker now says %s",
+                         digest, type(again).__name__)  # fmt: skip
+                if not isinstance(again, JoinSwarm):
+                    outcome = again
+                    break
+                if again.metainfo != join.metainfo:  # another torrent: the pieces are no use
+                    cluster.swarm.remove(digest)
+                join = again
+        finally:
+            # A download given up on leaves nothing behind (the one kept after
+            # `peers_stalled` for another try included): the upstream copy is
+            # seeded anew.
+            if outcome is not None:
+                cluster.swarm.remove(digest)
+        assert outcome is not None  # the loop ends only by a break after setting it
+        return outcome
 
     async def _as_holder(
         self,

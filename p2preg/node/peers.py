@@ -77,7 +77,8 @@ class PeerDownload:
                 meta, stall_s=self._stall_s, max_hash_failures=self._max_hash_failures
             )
         except SwarmError as e:
-            self._swarm.remove(digest)
+            if e.reason != "peers_stalled":  # (kept: the caller may ask the swarm again)
+                self._swarm.remove(digest)
             raise Fallback(e.reason, f"swarm download of {digest}: {e}") from None
         got = await self._offload(partial(file_digest, path, digest.algorithm))
         if got != digest:

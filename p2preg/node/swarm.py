@@ -240,7 +240,12 @@ class Swarm:
             self.path(meta.digest).unlink(missing_ok=True)
             handle = self._add(self._params(meta))
             t = self._track(meta, handle, seeding=False)
-        if self._reports is not None and t.stalls is None:
+        elif not t.finished.is_set():
+            # Again after `peers_stalled`: keep the pieces, judge the peers afresh,
+            # and ask the tracker for the peers it names now.
+            t.last_progress = trio.current_time()
+            t.handle.force_reannounce()
+        if self._reports is not None:
             t.stalls = self._reports.watch(meta.digest)
         while not t.finished.is_set():
             if t.error is not None:
