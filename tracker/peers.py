@@ -224,9 +224,10 @@ class PeerTable:
         swarm = self._swarms.get(key)
         return 0 if swarm is None else len(swarm.seeders)
 
-    def seeder_identities(self, key: str) -> list[str]:
+    def seeder_identities(self, key: str) -> Iterator[str]:
+        """Lazily: a caller looking for one that qualifies mostly stops at the first."""
         swarm = self._swarms.get(key)
-        return [] if swarm is None else [p.key for p in swarm.seeders]
+        return iter(()) if swarm is None else (p.key for p in swarm.seeders)
 
     def totals(self) -> Totals:
         seeders = sum(len(s.seeders) for s in self._swarms.values())
