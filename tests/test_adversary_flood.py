@@ -19,11 +19,9 @@ kind (`p2preg_tracker_quota_refusals_total{kind}`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,24 +31,20 @@ import pytest
 import trio
 
 from harness.images import build_image
-from harness.node import NodeProcess, metric_value
+from harness.node import NodeProcess
 from harness.registry import Registry
-from harness.skopeo import push
-from harness.tlscerts import ClusterCA, client_ssl_context
-from harness.tracker import TrackerProcess
+from harness.tlscerts import client_ssl_context
 from p2preg.core import wire
 from p2preg.core.digest import Digest
 from p2preg.core.tls import ReloadingTLS
-from tests.fixtures.cluster import open_tls_cluster
+from tests.adversary_cluster import Blob, Cluster, MiB, open_cluster, pull_all
 from tests.fixtures.reliability import Attack, Tally
 from tracker.client import open_tracker_client
 from tracker.metainfo import make_metainfo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SEED_NS = "seed.test"
 REPO = "team/flooded"
-MiB = 1 << 20
 LAYERS = (3 * MiB, 4 * MiB)  # above the node's p2p threshold: lease and swarm
 COMMAND = ".venv/bin/pytest -q tests/test_adversary_flood.py"
 # Quotas low enough that the flood meets them within a second, far above what
@@ -66,18 +60,14 @@ SPEND_FIRST = 600
 # Bounds: the flood stops after this many requests per connection even if the
 # pulls have not finished (they finish long before, on this machine).
 FLOOD_MAX_REQUESTS = 20_000
-PULL_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
-class Cluster:
-    ca: ClusterCA
-    certs: Path
-    tracker: TrackerProcess
+class World:
+    cluster: Cluster
     nodes: list[NodeProcess]
-    registry: Registry
-    layers: list[tuple[str, int]]
-    twins: list[tuple[str, int]]  # layers of the same sizes, pulled before the flood
+    layers: list[Blob]
+    twins: list[Blob]  # layers of the same sizes, pulled before the flood
 
 
 @pytest.fixture(scope="module")
@@ -87,22 +77,18 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, registry: Registry, layout: Any) -> Iterator[Cluster]:
-    layers = [(b.digest, b.size) for b in push(layout, registry.host, REPO).manifests[0].layers]
-    ca = ClusterCA.make("flood")
-    certs = tmp_path / "certs"
-    with ExitStack() as stack:
-        tracker, nodes = open_tls_cluster(stack, tmp_path, ca, registry.url, tracker_args=QUOTAS)
+def world(tmp_path: Path, registry: Registry, layout: Any) -> Iterator[World]:
+    with open_cluster(tmp_path, registry, layout, REPO, tracker_args=QUOTAS) as c:
         half = len(LAYERS)
-        yield Cluster(ca, certs, tracker, nodes, registry, layers[:half], layers[half:])
+        yield World(c, [c.node("a"), c.node("b")], c.layers[:half], c.layers[half:])
 
 
 class Flood:
     """The adversary: a member's certificate and every control request it can send."""
 
-    def __init__(self, cluster: Cluster, tmp_path: Path) -> None:
-        self.cluster = cluster
-        self.tls = client_ssl_context(cluster.ca.tls_dir(cluster.certs / "m", "node", "mallory"))
+    def __init__(self, world: World, tmp_path: Path) -> None:
+        self.world = world
+        self.tls = client_ssl_context(world.cluster.identity("mallory"))
         self.statuses: Counter[int] = Counter()
         self.spent = trio.Event()
         # Valid torrents for blobs nobody has: they pass every check but the quota.
@@ -112,12 +98,12 @@ class Flood:
             path = tmp_path / f"forged-{n}"
             path.write_bytes(data)
             self.forged.append(make_metainfo(path, Digest.of(data), len(data),
-                                             root=cluster.ca.cert_pem))
+                                             root=world.cluster.ca.cert_pem))
 
     def requests(self, n: int) -> tuple[str, str, wire.Message]:
         """The n-th request of a connection: publish, report, lease in turn."""
         fake = str(Digest.of(b"made up %d" % n))
-        honest = self.cluster.layers[n % len(self.cluster.layers)][0]
+        honest = self.world.layers[n % len(self.world.layers)].digest
         kind = n % 3
         if kind == 0:
             if n % 9 == 0:
@@ -143,7 +129,7 @@ class Flood:
                     return
                 method, path, msg = self.requests(n)
                 r = await http.request(
-                    method, self.cluster.tracker.url + path, content=wire.encode(msg),
+                    method, self.world.cluster.tracker.url + path, content=wire.encode(msg),
                     headers={"Content-Type": wire.CONTENT_TYPE}, timeout=30,
                 )
                 self.statuses[r.status_code] += 1
@@ -151,9 +137,9 @@ class Flood:
                     self.spent.set()
 
 
-async def _watch(cluster: Cluster, tmp_path: Path, done: trio.Event) -> int:
+async def _watch(cluster: Cluster, done: trio.Event) -> int:
     """Another member's requests during the flood; every one must succeed."""
-    tls = ReloadingTLS(cluster.ca.tls_dir(cluster.certs / "w", "node", "watcher"), role="node")
+    tls = ReloadingTLS(cluster.identity("watcher"), role="node")
     answered = 0
     async with open_tracker_client(cluster.tracker.url, node="watcher", tls=tls) as client:
         mine = Digest.of(b"the watcher's own blob")
@@ -168,50 +154,26 @@ async def _watch(cluster: Cluster, tmp_path: Path, done: trio.Event) -> int:
     return answered
 
 
-async def _pull(node: NodeProcess, digest: str, size: int) -> None:
-    async with httpx.AsyncClient() as http:
-        r = await http.get(f"{node.url}/v2/{REPO}/blobs/{digest}?ns={SEED_NS}",
-                           timeout=PULL_TIMEOUT_S)
-    assert r.status_code == 200, r.text[:300]
-    assert len(r.content) == size and "sha256:" + hashlib.sha256(r.content).hexdigest() == digest
-
-
-def _tracker_metric(cluster: Cluster, name: str, **labels: str) -> float:
-    assert cluster.tracker.metrics_url is not None
-    text = httpx.get(f"{cluster.tracker.metrics_url}/metrics", timeout=10).text
-    return metric_value(text, name, **labels)
-
-
-async def _pull_all(cluster: Cluster, layers: list[tuple[str, int]]) -> float:
-    """Every node pulls every layer of `layers` at once; the seconds it took."""
-    started = trio.current_time()
-    with trio.fail_after(PULL_TIMEOUT_S):
-        async with trio.open_nursery() as pulls:
-            for node in cluster.nodes:
-                for digest, size in layers:
-                    pulls.start_soon(_pull, node, digest, size)
-    return trio.current_time() - started
-
-
 async def test_a_member_flooding_publishes_reports_and_leases_costs_the_others_nothing(
-    cluster: Cluster, tmp_path: Path
+    world: World, tmp_path: Path
 ) -> None:
-    without_s = await _pull_all(cluster, cluster.twins)  # the same pulls, no flood yet
-    flood = Flood(cluster, tmp_path)
+    # The same pulls, no flood yet.
+    without_s = await trio.to_thread.run_sync(pull_all, world.nodes, world.twins)
+    flood = Flood(world, tmp_path)
     done = trio.Event()
     watched: list[int] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(flood.run, done)
 
         async def watch() -> None:
-            watched.append(await _watch(cluster, tmp_path, done))
+            watched.append(await _watch(world.cluster, done))
 
         nursery.start_soon(watch)
         # Let the adversary spend its bursts before the honest pulls start.
         with trio.fail_after(60):
             await flood.spent.wait()
         sent = sum(flood.statuses.values())
-        pull_s = await _pull_all(cluster, cluster.layers)
+        pull_s = await trio.to_thread.run_sync(pull_all, world.nodes, world.layers)
         during = sum(flood.statuses.values()) - sent
         done.set()
     # What the run saw (pytest -s shows it; nothing below depends on time).
@@ -221,41 +183,37 @@ async def test_a_member_flooding_publishes_reports_and_leases_costs_the_others_n
     # The flood was real, and the tracker turned it away on every kind.
     assert flood.statuses[429] > 100, flood.statuses
     refused = {
-        kind: _tracker_metric(cluster, "p2preg_tracker_quota_refusals_total", kind=kind)
+        kind: world.cluster.tracker_metric("p2preg_tracker_quota_refusals_total", kind=kind)
         for kind in ("publish", "report", "lease")
     }
     assert all(refused.values()), (refused, flood.statuses)
     # The others were answered all along.
     assert watched and watched[0] > 0
-    for node in cluster.nodes:
+    for node in world.nodes:
         assert node.metric("p2preg_fallbacks_total", reason="tracker") == 0
     # Each layer crossed the upstream link at most once more than without the flood.
-    cluster.registry.settle()
-    gets = Counter(
-        r.blob[1] for r in cluster.registry.served_requests()
-        if r.method == "GET" and r.blob is not None
-    )
-    for digest, _ in cluster.layers:
-        assert 1 <= gets[digest] <= 2, gets
-    upstream = sum(n.metric("p2preg_blob_fetches_total", source="upstream") for n in cluster.nodes)
-    assert upstream <= 2 * len(cluster.layers) + sum(gets[d] for d, _ in cluster.twins)
-    for process in (cluster.tracker.process, *(n.process for n in cluster.nodes)):
+    gets = {b.digest: world.cluster.upstream_copies(b) for b in world.layers + world.twins}
+    for layer in world.layers:
+        assert 1 <= gets[layer.digest] <= 2, gets
+    upstream = sum(n.metric("p2preg_blob_fetches_total", source="upstream") for n in world.nodes)
+    assert upstream <= 2 * len(world.layers) + sum(gets[t.digest] for t in world.twins)
+    for process in (world.cluster.tracker.process, *(n.process for n in world.nodes)):
         assert process.returncode is None, process.name
-    _record(cluster, without_s, pull_s, gets, during)
+    _record(world, without_s, pull_s, gets, during)
 
 
-def _record(cluster: Cluster, without_s: float, with_s: float, gets: Counter[str],
+def _record(world: World, without_s: float, with_s: float, gets: dict[str, int],
             during: int) -> None:
     tally = Tally("adversary-flood", COMMAND)
-    pulls = len(cluster.nodes) * (len(cluster.layers) + len(cluster.twins))
+    pulls = len(world.nodes) * (len(world.layers) + len(world.twins))
     tally.pulls_attempted = tally.pulls_completed = pulls
-    tally.bytes_verified = len(cluster.nodes) * sum(size for _, size in cluster.layers * 2)
+    tally.bytes_verified = len(world.nodes) * sum(b.size for b in world.layers * 2)
     tally.faults_injected["a flood of publishes, reports and leases"] += 1
     tally.attacks.append(Attack(
         "a flood of publishes, reports and leases", without_s, with_s,
-        sum(gets[d] for d, _ in cluster.twins), sum(gets[d] for d, _ in cluster.layers),
+        sum(gets[t.digest] for t in world.twins), sum(gets[b.digest] for b in world.layers),
         p2p_again_s=None,
-        note=f"{len(cluster.nodes)} nodes pull {len(cluster.layers)} layers at once; "
+        note=f"{len(world.nodes)} nodes pull {len(world.layers)} layers at once; "
              f"{during / with_s:.0f} adversary requests/s meanwhile",
     ))  # fmt: skip
     tally.write()

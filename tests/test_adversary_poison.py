@@ -25,12 +25,8 @@ side-by-side numbers.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import time
 from collections.abc import Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote_from_bytes
@@ -40,76 +36,31 @@ import libtorrent as lt
 import pytest
 
 from harness.images import build_image
-from harness.node import NodeProcess, metric_value, open_node
+from harness.node import NodeProcess
 from harness.procs import free_port
 from harness.registry import Registry
-from harness.skopeo import push
-from harness.tlscerts import ClusterCA
-from harness.tracker import TrackerProcess, open_tracker
 from p2preg.core import wire
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
 from p2preg.core.tls import ReloadingTLS
+from tests.adversary_cluster import Cluster, MiB, open_cluster, pull
 from tests.fixtures.reliability import Attack, Tally
 from tracker.metainfo import make_metainfo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 COMMAND = ".venv/bin/pytest -q tests/test_adversary_poison.py"
-SEED_NS = "seed.test"
 REPO = "team/poison"
-MiB = 1 << 20
 SIZE = 3 * MiB  # above the node's p2p threshold: the layer goes through lease and swarm
-
-
-@dataclass
-class World:
-    ca: ClusterCA
-    certs: Path
-    tracker: TrackerProcess
-    registry: Registry
-    digest: str
-    size: int
-    twin: str  # a layer of the same size nobody attacks
-    stack: ExitStack
-    workdir: Path
-    config: Path
-
-    def node(self, name: str) -> NodeProcess:
-        args = ("--tracker", self.tracker.url, "--peer-host", "127.0.0.1", "--peer-port", "0",
-                "--peer-ssl-port", str(free_port()), "--config", str(self.config))  # fmt: skip
-        tls_dir = self.ca.tls_dir(self.certs / name, "node", name)
-        return self.stack.enter_context(open_node(
-            self.workdir / name, [f"{SEED_NS}={self.registry.url}"], args=args, name=name,
-            tls_dir=tls_dir,
-        ))  # fmt: skip
-
-    def upstream_gets(self, digest: str | None = None) -> int:
-        """GETs of the layer (or of `digest`) the seed registry answered, so far."""
-        self.registry.settle()
-        return sum(
-            1 for r in self.registry.served_requests()
-            if r.method == "GET" and r.blob is not None and r.blob[1] == (digest or self.digest)
-        )  # fmt: skip
-
-    def control_pulls(self, names: tuple[str, ...]) -> tuple[list[NodeProcess], float]:
-        """Start the honest nodes; they pull the twin layer one after another: seconds."""
-        nodes = [self.node(name) for name in names]
-        return nodes, sum(pull(node, self, self.twin) for node in nodes)
-
-    def tracker_metric(self, name: str, **labels: str) -> float:
-        assert self.tracker.metrics_url is not None
-        text = httpx.get(f"{self.tracker.metrics_url}/metrics", timeout=10).text
-        return metric_value(text, name, **labels)
 
 
 class Adversary:
     """A member gone bad: a valid node certificate, and the control API as a node uses it."""
 
-    def __init__(self, world: World, name: str = "evil") -> None:
+    def __init__(self, world: Cluster, name: str = "evil") -> None:
         self.name = name
         self.url = world.tracker.url
-        tls = ReloadingTLS(world.ca.tls_dir(world.certs / name, "node", name), role="node")
+        tls = ReloadingTLS(world.identity(name), role="node")
         self.http = httpx.Client(verify=tls.client_context(), trust_env=False, timeout=30)
 
     def close(self) -> None:
@@ -153,47 +104,34 @@ def tally() -> Iterator[Tally]:
 
 
 @pytest.fixture
-def world(tmp_path: Path, registry: Registry, layout: Any) -> Iterator[World]:
-    blob, twin = push(layout, registry.host, REPO).manifests[0].layers
-    ca = ClusterCA.make("poison")
-    certs = tmp_path / "certs"
-    config = tmp_path / "node.toml"
+def world(tmp_path: Path, registry: Registry, layout: Any) -> Iterator[Cluster]:
+    """The layer, then a twin of the same size nobody attacks; no node yet."""
     # A swarm whose only seeder never answers is given up on after 3 s, not 30.
-    config.write_text("swarm_stall_s = 3\n")
-    with ExitStack() as stack:
-        tracker = stack.enter_context(open_tracker(
-            tmp_path / "tracker",
-            tls_dir=ca.tls_dir(certs / "tracker", "tracker", "t", ips=["127.0.0.1"]),
-        ))  # fmt: skip
-        yield World(ca, certs, tracker, registry, blob.digest, blob.size, twin.digest, stack,
-                    tmp_path, config)  # fmt: skip
+    with open_cluster(tmp_path, registry, layout, REPO, node_config="swarm_stall_s = 3\n") as c:
+        yield c
 
 
-def poison_for(world: World) -> Metainfo:
+def control_pulls(world: Cluster, names: tuple[str, ...]) -> tuple[list[NodeProcess], float]:
+    """Start the honest nodes; they pull the twin layer one after another: seconds."""
+    nodes = [world.node(name) for name in names]
+    return nodes, sum(pull(node, world.layers[1]) for node in nodes)
+
+
+def poison_for(world: Cluster) -> Metainfo:
     """A torrent for the layer's digest and size by every cluster rule, made from garbage."""
+    layer = world.layers[0]
     path = world.workdir / "garbage"
-    path.write_bytes(os.urandom(world.size))
-    return make_metainfo(path, Digest.parse(world.digest), world.size, root=world.ca.cert_pem)
+    path.write_bytes(os.urandom(layer.size))
+    return make_metainfo(path, Digest.parse(layer.digest), layer.size, root=world.ca.cert_pem)
 
 
-def pull(node: NodeProcess, world: World, digest: str | None = None) -> float:
-    """Pull the layer (or `digest`) through `node`, check every byte, return the seconds."""
-    digest = digest or world.digest
-    start = time.monotonic()
-    r = httpx.get(f"{node.url}/v2/{REPO}/blobs/{digest}?ns={SEED_NS}", timeout=120)
-    took = time.monotonic() - start
-    assert r.status_code == 200, r.text[:300]
-    assert "sha256:" + hashlib.sha256(r.content).hexdigest() == digest
-    return took
-
-
-def record(client: httpx.Client, world: World) -> wire.MetainfoRecord:
-    r = client.get(f"{world.tracker.url}/v1/metainfo/{world.digest}")
+def record(client: httpx.Client, world: Cluster) -> wire.MetainfoRecord:
+    r = client.get(f"{world.tracker.url}/v1/metainfo/{world.layers[0].digest}")
     assert r.status_code == 200, r.content
     return wire.decode(wire.MetainfoRecord, r.content)
 
 
-def lookup(client: httpx.Client, world: World) -> bytes:
+def lookup(client: httpx.Client, world: Cluster) -> bytes:
     return record(client, world).metainfo
 
 
@@ -205,33 +143,34 @@ def assert_quarantined(evil: Adversary) -> None:
     assert "lost a dispute" in wire.decode(wire.ErrorReply, refused.content).message
 
 
-def test_poisoning_before_the_honest_publish(world: World, tally: Tally) -> None:
+def test_poisoning_before_the_honest_publish(world: Cluster, tally: Tally) -> None:
+    layer, twin = world.layers
     evil = Adversary(world)
     try:
-        (h1, h2, h3), without_s = world.control_pulls(("h1", "h2", "h3"))
+        (h1, h2, h3), without_s = control_pulls(world, ("h1", "h2", "h3"))
         poison = poison_for(world)
-        granted = wire.decode(wire.LeaseReply, evil.lease(world.digest, world.size).content)
+        granted = wire.decode(wire.LeaseReply, evil.lease(layer.digest, layer.size).content)
         assert granted.status is wire.LeaseStatus.GRANTED  # first to ask: the holder
         assert evil.publish(poison).status_code == 201
         assert evil.announce_seeder(poison, free_port()).get(b"complete") == 1
 
-        took_h1 = pull(h1, world)  # the poisoned swarm stalls; h1 falls back and disputes
+        took_h1 = pull(h1, layer)  # the poisoned swarm stalls; h1 falls back and disputes
         assert h1.metric("p2preg_fallbacks_total", reason="stalled") == 1
         assert world.tracker_metric("p2preg_tracker_disputes_total", outcome="opened") == 1
         # Evidence, not a verdict: the poison is still what the tracker holds.
         assert lookup(evil.http, world) == poison.data
         assert evil.publish(poison).status_code == 200  # the same torrent: nothing defined
 
-        took_h2 = pull(h2, world)  # told VERIFY: fetches upstream, settles
+        took_h2 = pull(h2, layer)  # told VERIFY: fetches upstream, settles
         assert world.tracker_metric("p2preg_tracker_disputes_total", outcome="overturned") == 1
         assert lookup(evil.http, world) != poison.data
         assert_quarantined(evil)
 
-        took_h3 = pull(h3, world)
+        took_h3 = pull(h3, layer)
         assert h3.metric("p2preg_peer_blob_bytes_total") > 0  # P2P serves the digest again
         assert h3.metric("p2preg_blob_fetches_total", source="peers") == 2  # and the twin
-        assert world.upstream_gets() == 2  # h1's fallback and h2's verification
-        assert world.upstream_gets(world.twin) == 1
+        assert world.upstream_copies(layer) == 2  # h1's fallback and h2's verification
+        assert world.upstream_copies(twin) == 1
         assert [n.metric("p2preg_blob_fetches_total", source="upstream")
                 for n in (h1, h2)] == [2, 1]  # fmt: skip
         record_attack(tally, world, "poisoning before the honest publish", without_s,
@@ -240,11 +179,12 @@ def test_poisoning_before_the_honest_publish(world: World, tally: Tally) -> None
         evil.close()
 
 
-def test_poisoning_after_the_honest_publish(world: World, tally: Tally) -> None:
+def test_poisoning_after_the_honest_publish(world: Cluster, tally: Tally) -> None:
+    layer, twin = world.layers
     evil = Adversary(world)
     try:
-        (h1, h2, h3), without_s = world.control_pulls(("h1", "h2", "h3"))
-        took_h1 = pull(h1, world)  # granted: defines the torrent
+        (h1, h2, h3), without_s = control_pulls(world, ("h1", "h2", "h3"))
+        took_h1 = pull(h1, layer)  # granted: defines the torrent
         filed = record(evil.http, world)
         honest, stored_hash = filed.metainfo, filed.info_hashes[0]
         poison = poison_for(world)
@@ -257,32 +197,33 @@ def test_poisoning_after_the_honest_publish(world: World, tally: Tally) -> None:
         again = evil.report(stored_hash, poison_for(world))
         assert again.status_code == 409  # one dispute per digest at a time
 
-        took_h2 = pull(h2, world)  # told VERIFY: fetches upstream, the honest torrent stays
+        took_h2 = pull(h2, layer)  # told VERIFY: fetches upstream, the honest torrent stays
         assert world.tracker_metric("p2preg_tracker_disputes_total", outcome="upheld") == 1
         assert lookup(evil.http, world) == honest
         assert_quarantined(evil)
         assert evil.report(stored_hash, poison).status_code == 403
 
-        took_h3 = pull(h3, world)
+        took_h3 = pull(h3, layer)
         assert h3.metric("p2preg_peer_blob_bytes_total") > 0
-        assert world.upstream_gets() == 2  # h1's own fetch and h2's verification
-        assert world.upstream_gets(world.twin) == 1
+        assert world.upstream_copies(layer) == 2  # h1's own fetch and h2's verification
+        assert world.upstream_copies(twin) == 1
         record_attack(tally, world, "poisoning after the honest publish", without_s,
                       (took_h1, took_h2, took_h3), settled_s=took_h2)  # fmt: skip
     finally:
         evil.close()
 
 
-def record_attack(tally: Tally, world: World, name: str, without_s: float,
+def record_attack(tally: Tally, world: Cluster, name: str, without_s: float,
                   took: tuple[float, float, float], settled_s: float | None = None) -> None:
     """One attack's numbers: P2P serves the digest again once h2 settled the dispute
     (`settled_s` after the attack began: by default h1's and h2's pulls)."""
+    layer, twin = world.layers
     tally.pulls_attempted += 6
     tally.pulls_completed += 6
-    tally.bytes_verified += 6 * world.size
+    tally.bytes_verified += 6 * layer.size
     tally.faults_injected[name] += 1
     tally.attacks.append(Attack(
-        name, without_s, sum(took), world.upstream_gets(world.twin), world.upstream_gets(),
+        name, without_s, sum(took), world.upstream_copies(twin), world.upstream_copies(layer),
         p2p_again_s=took[0] + took[1] if settled_s is None else settled_s,
         note="h1, h2, h3 one after another; swarm_stall_s = 3 here (30 by default)",
     ))  # fmt: skip

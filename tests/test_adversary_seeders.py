@@ -20,7 +20,6 @@ right before each attacked pull: the side-by-side numbers.
 
 from __future__ import annotations
 
-import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,12 @@ import pytest
 import trio
 
 from harness.images import build_image
-from harness.node import NodeProcess
 from harness.procs import wait_until
 from harness.registry import Registry
-from harness.skopeo import push
-from harness.tlscerts import ClusterCA, https_client
+from harness.tlscerts import https_client
 from p2preg.core.digest import Digest
 from p2preg.core.tls import ReloadingTLS
-from tests.adversary_cluster import Blob, Cluster, MiB, pull_verified, start_tracker
+from tests.adversary_cluster import Cluster, MiB, open_cluster, pull
 from tests.fixtures.reliability import Attack, Tally
 from tracker.client import open_tracker_client
 
@@ -62,7 +59,7 @@ async def _swarm_key(cluster: Cluster, tls_dir: Path) -> bytes:
     """The blob's info-hash as announced, read as any member may read it."""
     tls = ReloadingTLS(tls_dir, role="node")
     async with open_tracker_client(cluster.tracker.url, node="mallory", tls=tls) as client:
-        record = await client.lookup_metainfo(Digest.parse(cluster.blob.digest))
+        record = await client.lookup_metainfo(Digest.parse(cluster.layers[0].digest))
     assert record is not None
     return bytes(lt.torrent_info(record.metainfo).info_hashes().v2.to_bytes()[:20])
 
@@ -83,28 +80,17 @@ async def _announce(cluster: Cluster, tls_dir: Path, ih: bytes, count: int) -> l
     return answers
 
 
-def _timed(node: NodeProcess, blob: Blob) -> float:
-    start = time.monotonic()
-    pull_verified(node, blob)
-    return time.monotonic() - start
-
-
 def test_a_thousand_fake_seeders_hold_one_entry_and_win_no_seeded(
     tmp_path: Path, registry: Registry, layout: Any
 ) -> None:
-    layer, twin = push(layout, registry.host, REPO).manifests[0].layers
-    ca = ClusterCA.make("fakeseeders")
     tally = Tally("adversary-fake-seeders", COMMAND)
-    with ExitStack() as stack:
-        tracker = start_tracker(stack, tmp_path, ca, TRACKER_ARGS)
-        cluster = Cluster(ca, tmp_path / "certs", tracker, registry,
-                          Blob(REPO, layer.digest, layer.size), tmp_path)
-        control = Blob(REPO, twin.digest, twin.size)
+    with open_cluster(tmp_path, registry, layout, REPO, tracker_args=TRACKER_ARGS) as cluster:
+        layer, control = cluster.layers
         mallory = cluster.identity("mallory")
         with ExitStack() as honest:
-            a = cluster.node(honest, "a")
-            for blob in (cluster.blob, control):
-                pull_verified(a, blob)  # upstream copy 1 of each; a publishes and seeds
+            a = cluster.node("a", stack=honest)
+            for blob in (layer, control):
+                pull(a, blob)  # upstream copy 1 of each; a publishes and seeds
             ih = trio.run(_swarm_key, cluster, mallory)
             answers = trio.run(_announce, cluster, mallory, ih, FAKES)
             assert all(b"failure reason" not in answer for answer in answers)
@@ -115,24 +101,24 @@ def test_a_thousand_fake_seeders_hold_one_entry_and_win_no_seeded(
             assert cluster.tracker_metric("p2preg_tracker_peers_replaced_total") == FAKES - 1
             assert cluster.tracker_metric("p2preg_tracker_unconfirmed_seeds_total") == FAKES
             # An honest pull meanwhile: from a, through the swarm, verified.
-            b = cluster.node(honest, "b")
-            without_s, with_s = _timed(b, control), _timed(b, cluster.blob)
+            b = cluster.node("b", stack=honest)
+            without_s, with_s = pull(b, control), pull(b, layer)
             assert b.metric("p2preg_blob_fetches_total", source="peers") == 2
         # Every honest seeder has left; mallory's claim stays a claim.
         wait_until(lambda: cluster.tracker_metric("p2preg_tracker_peers") == 0, timeout_s=60,
-                   what="the honest seeders to leave the swarm", process=tracker.process)
+                   what="the honest seeders to leave the swarm", process=cluster.tracker.process)
         (again,) = trio.run(_announce, cluster, mallory, ih, 1)
         assert again[b"complete"] == 0
         assert cluster.tracker_metric("p2preg_tracker_peers") == 1
-        c = cluster.node(stack, "c")
-        without_s += _timed(c, control)
-        with_s += _timed(c, cluster.blob)
+        c = cluster.node("c")
+        without_s += pull(c, control)
+        with_s += pull(c, layer)
         # c got the lease at once: no stalled swarm download, no fallback.
         assert c.metric("p2preg_blob_fetches_total", source="upstream") == 2
         assert sum(c.metric("p2preg_fallbacks_total", reason=r)
                    for r in ("stalled", "tracker", "lease_wait")) == 0
         assert cluster.tracker_metric("p2preg_tracker_lease_grants_total") == 4
-        assert cluster.upstream_copies() == 2  # the same as without mallory
+        assert cluster.upstream_copies(layer) == 2  # the same as without mallory
         assert cluster.upstream_copies(control) == 2
         assert cluster.tracker_answers()
         assert trio.run(_announce, cluster, mallory, ih, 1)[0][b"complete"] == 1  # c seeds
@@ -141,7 +127,7 @@ def test_a_thousand_fake_seeders_hold_one_entry_and_win_no_seeded(
         tally.faults_injected[f"{FAKES} fake seeders from one identity"] += 1
         tally.attacks.append(Attack(
             f"{FAKES} fake seeders from one identity", without_s, with_s,
-            cluster.upstream_copies(control), cluster.upstream_copies(), p2p_again_s=None,
+            cluster.upstream_copies(control), cluster.upstream_copies(layer), p2p_again_s=None,
             note="b pulls with an honest seeder beside mallory, c after every honest one left",
         ))  # fmt: skip
         tally.write()

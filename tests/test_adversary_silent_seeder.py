@@ -24,8 +24,6 @@ mallory. Real tracker, real nodes, real registry:
 from __future__ import annotations
 
 import os
-import threading
-import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -37,14 +35,12 @@ import trio
 from harness.images import build_image
 from harness.procs import wait_until
 from harness.registry import Registry
-from harness.skopeo import push
-from harness.tlscerts import ClusterCA
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import info_name
 from p2preg.core.tls import ReloadingTLS
 from p2preg.node.peertls import PeerTLS
 from p2preg.node.swarm import session_settings
-from tests.adversary_cluster import Blob, Cluster, MiB, pull_verified, start_tracker
+from tests.adversary_cluster import Cluster, MiB, open_cluster, pull, pull_all
 from tests.fixtures.reliability import Attack, Tally
 from tracker.client import open_tracker_client
 
@@ -100,7 +96,7 @@ class SilentSeeder:
 async def _confirm(cluster: Cluster, tls_dir: Path) -> bytes:
     """mallory reads the metainfo and claims it verified the blob; returns the metainfo."""
     tls = ReloadingTLS(tls_dir, role="node")
-    digest = Digest.parse(cluster.blob.digest)
+    digest = Digest.parse(cluster.layers[0].digest)
     async with open_tracker_client(cluster.tracker.url, node="mallory", tls=tls) as client:
         record = await client.lookup_metainfo(digest)
         assert record is not None
@@ -109,59 +105,31 @@ async def _confirm(cluster: Cluster, tls_dir: Path) -> bytes:
     return record.metainfo
 
 
-def _pull_all(nodes: list[Any], blob: Blob) -> float:
-    """Pull through every node at once; re-raise the first failure, or return the seconds."""
-    start = time.monotonic()
-    failures: list[BaseException] = []
-
-    def pull(node: Any) -> None:
-        try:
-            pull_verified(node, blob)
-        except BaseException as e:  # handed to the test thread
-            failures.append(e)
-
-    threads = [threading.Thread(target=pull, args=(n,)) for n in nodes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(240)
-    assert not any(t.is_alive() for t in threads), "a pull did not end"
-    if failures:
-        raise failures[0]
-    return time.monotonic() - start
-
-
 def test_a_seeder_that_never_sends_is_reported_delisted_and_costs_no_copy(
     tmp_path: Path, registry: Registry, layout: Any
 ) -> None:
-    layer, twin = push(layout, registry.host, REPO).manifests[0].layers
-    ca = ClusterCA.make("silentseeder")
-    config = tmp_path / "node.toml"
-    config.write_text(NODE_CONFIG)
-    node_args = ("--config", str(config))
     tally = Tally("adversary-silent-seeder", COMMAND)
-    with ExitStack() as stack:
-        tracker = start_tracker(stack, tmp_path, ca, TRACKER_ARGS)
-        cluster = Cluster(ca, tmp_path / "certs", tracker, registry,
-                          Blob(REPO, layer.digest, layer.size), tmp_path)
-        control = Blob(REPO, twin.digest, twin.size)
+    with open_cluster(tmp_path, registry, layout, REPO, tracker_args=TRACKER_ARGS,
+                      node_config=NODE_CONFIG) as cluster:
+        layer, control = cluster.layers
+        tracker = cluster.tracker
         mallory_tls = cluster.identity("mallory")
         with ExitStack() as first:
-            a = cluster.node(first, "a", node_args)
-            for blob in (cluster.blob, control):
-                pull_verified(a, blob)  # upstream copy 1 of each; a publishes and seeds
+            a = cluster.node("a", stack=first)
+            for blob in (layer, control):
+                pull(a, blob)  # upstream copy 1 of each; a publishes and seeds
             metainfo = trio.run(_confirm, cluster, mallory_tls)
             mallory = SilentSeeder(tmp_path / "mallory", mallory_tls, tracker.url, metainfo,
                                    layout.blob_path(layer.digest), Digest.parse(layer.digest))
-            stack.callback(mallory.close)
+            cluster.stack.callback(mallory.close)
             wait_until(lambda: cluster.tracker_metric("p2preg_tracker_seeders") == 3,
                        timeout_s=30, what="mallory to count as a seeder", process=tracker.process)
         # a has left: the tracker sends every downloader of the layer to mallory.
         wait_until(lambda: cluster.tracker_metric("p2preg_tracker_seeders") == 1, timeout_s=60,
                    what="a to leave the swarm", process=tracker.process)
-        b, c = cluster.node(stack, "b", node_args), cluster.node(stack, "c", node_args)
-        without_s = _pull_all([b, c], control)  # nobody seeds it: one fetches, feeds the other
-        with_s = _pull_all([b, c], cluster.blob)
+        b, c = cluster.node("b"), cluster.node("c")
+        without_s = pull_all([b, c], [control])  # nobody seeds it: one fetches, feeds the other
+        with_s = pull_all([b, c], [layer])
         for node in (b, c):
             assert node.metric("p2preg_peer_stalls_total") == 1
             assert node.metric("p2preg_fallbacks_total", reason="stalled") == 0
@@ -175,21 +143,21 @@ def test_a_seeder_that_never_sends_is_reported_delisted_and_costs_no_copy(
         assert "'mallory' delisted" in tracker.process.log_path.read_text()
         assert mallory.uploaded() < 64 * 1024  # not a block per report period
         # As many copies as without mallory: a's, and the new holder's.
-        assert cluster.upstream_copies() == 2
+        assert cluster.upstream_copies(layer) == 2
         assert cluster.upstream_copies(control) == 2
         # The next pull is not sent to mallory: b and c serve it.
-        d = cluster.node(stack, "d", node_args)
-        pull_verified(d, cluster.blob)
+        d = cluster.node("d")
+        pull(d, layer)
         assert d.metric("p2preg_blob_fetches_total", source="peers") == 1
         assert d.metric("p2preg_peer_stalls_total") == 0
-        assert cluster.upstream_copies() == 2
+        assert cluster.upstream_copies(layer) == 2
         assert cluster.tracker_answers()
         tally.pulls_attempted = tally.pulls_completed = 7
         tally.bytes_verified = 7 * layer.size
         tally.faults_injected["a seeder that never sends"] += 1
         tally.attacks.append(Attack(
             "a seeder that never sends (the only one)", without_s, with_s,
-            cluster.upstream_copies(control) - 1, cluster.upstream_copies() - 1,
+            cluster.upstream_copies(control) - 1, cluster.upstream_copies(layer) - 1,
             p2p_again_s=with_s,  # from then on b and c seed it; d got it from them
             note="after a's first copy; peer_stall_report_s = 2 here (10 by default)",
         ))  # fmt: skip
