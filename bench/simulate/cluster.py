@@ -43,6 +43,9 @@ from p2preg.node.leasewait import (
 )
 from tracker.leases import RateRule
 
+# How often idle receivers look for a sender again (libtorrent's tick is 1 s).
+TICK_S = 0.25
+
 
 def chunk_sizes(size: int, chunk_bytes: int) -> list[int]:
     """The layer's transfer units: whole pieces of at least `chunk_bytes`."""
@@ -92,6 +95,7 @@ class Cluster:
             node.start_at = self.rng.uniform(0.0, p.start_spread_s) if p.start_spread_s else 0.0
             e.schedule(node.start_at, partial(self._start, node))
         self._every(5.0, self.tracker.sweep)
+        self._every(TICK_S, self.swarms.tick)
         e.run(p.max_sim_s, lambda: self.unfinished == 0)
         return collect(self, time.perf_counter() - started)
 

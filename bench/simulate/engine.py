@@ -26,7 +26,7 @@ INF = float("inf")
 class Node:
     __slots__ = (
         "alive", "complete", "conns", "done_at", "downs", "fetching", "finished_at", "have",
-        "id", "joined", "nbrs", "needy", "pending", "reserved", "rr", "start_at", "ups",
+        "id", "joined", "links", "nbrs", "needy", "pending", "reserved", "rr", "start_at", "ups",
     )
 
     def __init__(self, node_id: int, layers: int) -> None:
@@ -40,6 +40,9 @@ class Node:
         self.have = [0] * layers
         self.pending = [0] * layers
         self.nbrs: list[list[int]] = [[] for _ in range(layers)]
+        # Open connections, as other id * 1024 + layer: `nbrs` may keep a closed
+        # one between two nodes that both hold the layer (neither uses it again).
+        self.links: set[int] = set()
         # The neighbours that may still lack the layer (pruned lazily): whom to upload to.
         self.needy: list[list[int]] = [[] for _ in range(layers)]
         self.joined = [False] * layers

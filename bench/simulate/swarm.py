@@ -20,8 +20,9 @@ from collections.abc import Callable
 
 from bench.simulate.engine import Engine, Flow, Node
 
-# Senders a receiver with transfers running looks at per layer (see try_download).
+# Neighbours a node with transfers running looks at per layer for a new one.
 SCAN = 32
+LINK = 1024  # layers per image, at most (a connection's key: other * LINK + layer)
 
 
 def _bits(mask: int) -> list[int]:
@@ -61,17 +62,20 @@ class Swarms:
         self.delivered = 0  # chunk bytes received from peers
         self.aborted = 0  # bytes of chunk transfers cut by a death
         self.refused = 0  # connections refused: a dead peer, or a full end
+        self.idle: set[int] = set()  # receivers with nothing in flight that found no sender
 
     # -- connections -------------------------------------------------------------------
 
     def connect(self, a: Node, b: Node, layer: int) -> bool:
-        if a is b or b.id in a.nbrs[layer]:
+        if a is b or b.id * LINK + layer in a.links:
             return False
         if not b.alive or a.conns >= self.limit or b.conns >= self.limit:
             self.refused += 1
             return False
         if a.complete[layer] and b.complete[layer]:
             return False
+        a.links.add(b.id * LINK + layer)
+        b.links.add(a.id * LINK + layer)
         a.nbrs[layer].append(b.id)
         b.nbrs[layer].append(a.id)
         if not b.complete[layer]:
@@ -83,14 +87,19 @@ class Swarms:
         return True
 
     def close_redundant(self, node: Node, layer: int) -> None:
-        """`node` holds `layer` now: drop its connections to others that hold it."""
+        """`node` holds `layer` now: close its connections to others that hold it.
+
+        The other end's `nbrs` keeps the entry (it holds the layer, so never
+        looks there again); `links` and the connection counts are exact."""
         keep = []
         for other_id in node.nbrs[layer]:
             other = self.nodes[other_id]
             if other.complete[layer]:
-                other.nbrs[layer].remove(node.id)
-                other.conns -= 1
-                node.conns -= 1
+                if other_id * LINK + layer in node.links:
+                    node.links.discard(other_id * LINK + layer)
+                    other.links.discard(node.id * LINK + layer)
+                    other.conns -= 1
+                    node.conns -= 1
             else:
                 keep.append(other_id)
         node.nbrs[layer] = keep
@@ -114,13 +123,15 @@ class Swarms:
             other = flow.dst if flow.src is node else flow.src
             if other is not None:
                 touched[other.id] = other
-        for layer, nbrs in enumerate(node.nbrs):
-            for other_id in nbrs:
-                other = self.nodes[other_id]
-                other.nbrs[layer].remove(node.id)
-                if node.id in other.needy[layer]:
-                    other.needy[layer].remove(node.id)
-                other.conns -= 1
+        for key in node.links:
+            other, layer = self.nodes[key // LINK], key % LINK
+            other.links.discard(node.id * LINK + layer)
+            other.nbrs[layer].remove(node.id)
+            if node.id in other.needy[layer]:
+                other.needy[layer].remove(node.id)
+            other.conns -= 1
+        node.links.clear()
+        for layer in range(len(node.nbrs)):
             node.nbrs[layer] = []
             node.needy[layer] = []
             for c in _bits(node.have[layer]):
@@ -142,7 +153,7 @@ class Swarms:
         assert flow.src is not None
         self.try_upload(flow.src)
         self.try_download(node)
-        self.try_upload(node)
+        self.offer(node, layer)
 
     def kick(self, node: Node) -> None:
         """Something changed for `node` (new peers, a freed slot): look both ways."""
@@ -172,12 +183,41 @@ class Swarms:
             options = [c for c in options if avail[c] == least]
         return options[self.rng.randrange(len(options))] if len(options) > 1 else options[0]
 
+    def offer(self, u: Node, layer: int) -> None:
+        """`u` gained a chunk of `layer`: offer it to `SCAN` needy neighbours (see tick)."""
+        needy, nodes, d = u.needy[layer], self.nodes, self.d
+        while u.alive and len(u.ups) < self.k and needy:
+            u.rr += 1
+            n = len(needy)
+            start = (u.rr * SCAN) % n
+            for j in range(min(n, SCAN)):
+                r = nodes[needy[(start + j) % n]]
+                if len(r.downs) >= d or r.complete[layer]:
+                    continue
+                want = u.have[layer] & ~(r.have[layer] | r.pending[layer])
+                if want:
+                    self._start(u, r, layer, want)
+                    break
+            else:
+                return
+
+    def tick(self) -> None:
+        """Receivers that found nothing to fetch while fetching nothing look again.
+
+        The windows of `offer` and `try_upload` can miss a receiver that is idle;
+        this is what libtorrent's own timer does for a peer with nothing in flight."""
+        idle, self.idle = self.idle, set()
+        for node_id in sorted(idle):
+            self.try_download(self.nodes[node_id])
+
     def try_upload(self, u: Node) -> None:
         """Fill `u`'s free upload slots with receivers that lack what it has.
 
-        Scans every neighbour that may still need a layer (those that hold it are
-        dropped from the list as they are met), so a free upload slot never stays
-        idle while a connected receiver could use it."""
+        Looks at the neighbours that may still need a layer (those that hold it
+        are dropped as they are met): `SCAN` of them from a window that moves on
+        every call, all of them when `u` sends nothing. A node with a transfer
+        running looks again when it ends, and one with none looks everywhere,
+        so a possible transfer waits at most until one of its ends looks again."""
         nodes, layers, d = self.nodes, len(u.have), self.d
         while u.alive and len(u.ups) < self.k:
             u.rr += 1
@@ -188,8 +228,8 @@ class Swarms:
                 if not have or not needy:
                     continue
                 n = len(needy)
-                start, stale = u.rr % n, False
-                for j in range(n):
+                start, stale = (u.rr * SCAN) % n, False
+                for j in range(n if not u.ups else min(n, SCAN)):
                     r = nodes[needy[(start + j) % n]]
                     if r.complete[layer]:
                         stale = True
@@ -211,23 +251,23 @@ class Swarms:
     def try_download(self, r: Node) -> None:
         """Fill `r`'s free download slots from connected senders with a free upload slot.
 
-        Looks at `SCAN` neighbours per layer from a rotating start, all of them
-        when nothing else is coming in: senders scan every receiver when their
-        own slot frees, so the window loses no transfer for good."""
+        Looks at `SCAN` neighbours per layer from a moving window, all of them
+        when nothing else is coming in (see try_upload)."""
         nodes, k = self.nodes, self.k
         while r.alive and len(r.downs) < self.d:
             r.rr += 1
-            found = False
+            found = wanted = False
             for layer, nbrs in enumerate(r.nbrs):
                 if not r.joined[layer] or not nbrs:
                     continue
                 missing = self.full[layer] & ~(r.have[layer] | r.pending[layer])
                 if not missing:
                     continue
+                wanted = True
                 n = len(nbrs)
                 look = n if not r.downs else min(n, SCAN)
                 for j in range(look):
-                    u = nodes[nbrs[(r.rr + j) % n]]
+                    u = nodes[nbrs[(r.rr * SCAN + j) % n]]
                     if len(u.ups) >= k:
                         continue
                     want = u.have[layer] & missing
@@ -238,4 +278,6 @@ class Swarms:
                 if found:
                     break
             if not found:
+                if wanted and not r.downs:
+                    self.idle.add(r.id)
                 return
