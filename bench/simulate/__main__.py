@@ -84,7 +84,7 @@ def matrix(a: argparse.Namespace) -> None:
                 for seed in range(1, a.seeds + 1):
                     p = Params(
                         nodes=n, upstream_mbit=up, node_mbit=link, policy=policy, seed=seed,
-                        holder_failures=a.holder_failures,
+                        holder_failures=a.holder_failures, lease_ttl_s=a.lease_ttl_s,
                     )
                     jobs.append((profile, p))
     started = time.perf_counter()
@@ -118,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     r.add_argument("--seeds", type=int, default=5)
     r.add_argument("--holder-failures", type=int, default=1,
                    help="of the failing nodes, how many die holding a lease, mid-fetch (1)")
+    r.add_argument("--lease-ttl-s", type=float, default=Params(nodes=2).lease_ttl_s,
+                   help="the tracker's lease_ttl_s (its default)")
     for p in (v, r):
         p.add_argument("--jobs", type=int, default=1, help="simulations at once (1)")
         p.add_argument("--out", type=Path, default=RESULTS)

@@ -82,6 +82,7 @@ class Cluster:
         self.holder_deaths: list[int] = []  # layers whose holder is to die mid-fetch
         self.unfinished = p.nodes
         self.killed = 0
+        self.granted_to_dead = 0
         # (node, layer) → the lease id it fetches under.
         self._leases: dict[tuple[int, int], str] = {}
 
@@ -163,6 +164,9 @@ class Cluster:
 
     def _delivered(self, poll: Poll, reply: wire.LeaseReply) -> None:
         node, layer = self.nodes[poll.node], poll.order - 1
+        if not node.alive and reply.status is wire.LeaseStatus.GRANTED:
+            # Its long poll outlived it: the lease runs out unused.
+            self.granted_to_dead += 1
         wait = self.waits[node.id, layer]
         self.engine.schedule(
             self.engine.now + self.p.rtt_s / 2,

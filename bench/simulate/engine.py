@@ -87,6 +87,7 @@ class Engine:
         self.upstream: list[Flow] = []
         self.on_done: Callable[[Flow], None] = lambda flow: None
         self.events = 0
+        self._stale = 0  # heap entries of flows re-rated or gone since they were filed
 
     def clock(self) -> float:
         return self.now
@@ -104,6 +105,7 @@ class Engine:
                 self.now = until
                 return
             if flow is not None and flow.version != version:
+                self._stale -= 1
                 continue
             self.now = at
             self.events += 1
@@ -140,6 +142,7 @@ class Engine:
 
     def _detach(self, flow: Flow) -> None:
         flow.version += 1
+        self._stale += 1
         if flow.src is not None:
             flow.src.ups.remove(flow)
             flow.dst.downs.remove(flow)
@@ -193,8 +196,19 @@ class Engine:
         flow.at = now
         if rate == flow.rate:
             return
+        if flow.rate:
+            self._stale += 1
         flow.rate = rate
         flow.version += 1
         self._seq += 1
         left = flow.left if flow.left > 0 else 0.0
         heapq.heappush(self._heap, (now + left / rate, self._seq, None, flow, flow.version))
+        if self._stale > 1_000_000 and self._stale * 2 > len(self._heap):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the stale entries (re-rated or finished flows) from the heap, in place."""
+        heap = self._heap
+        heap[:] = [e for e in heap if e[3] is None or e[3].version == e[4]]
+        heapq.heapify(heap)
+        self._stale = 0

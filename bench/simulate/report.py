@@ -44,6 +44,7 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "lease_asks_per_s": statistics.fmean(r["lease_asks_per_s"] for r in rs),
             "lease_asks_peak_s": max(r["lease_asks_peak_s"] for r in rs),
             "expired": sum(r["leases_expired"] for r in rs),
+            "granted_to_dead": sum(r["granted_to_dead"] for r in rs),
             "fallbacks": sum(sum(r["fallbacks"].values()) for r in rs),
             "wall_s": max(r["wall_s"] for r in rs),
         })

@@ -49,6 +49,7 @@ class Result:
     leases_granted: int
     leases_expired: int
     leases_replaced: int
+    granted_to_dead: int  # leases granted on a long poll whose node had died
     fallbacks: dict[str, int]
     peer_bytes: int
     aborted_bytes: int
@@ -116,6 +117,7 @@ def collect(c: Cluster, wall_s: float) -> Result:
         leases_granted=tr.leases.granted,
         leases_expired=tr.leases.expired,
         leases_replaced=tr.leases.replacements,
+        granted_to_dead=c.granted_to_dead,
         fallbacks=dict(c.fallbacks),
         peer_bytes=c.swarms.delivered,
         aborted_bytes=c.swarms.aborted,
