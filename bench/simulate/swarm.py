@@ -6,8 +6,9 @@ libtorrent has one per torrent); a node uploads at most `upload_slots` chunks
 at once and downloads at most `download_slots`, and uploads only chunks it
 holds whole. A transfer starts whenever a sender has a free slot, a connected
 receiver has one too and lacks a chunk the sender has: each side looks for the
-other when one of its slots frees or it gains a chunk, so no possible transfer
-is left idle. The receiver's chunk is the rarest in the swarm (or a random
+other when one of its slots frees or it gains a chunk (a window of `SCAN`
+neighbours; all of them for a node with nothing in flight), and receivers that
+found nothing look again every tick. The receiver's chunk is the rarest in the swarm (or a random
 one). Connections between two nodes that both hold a layer are closed, as
 libtorrent's `close_redundant_connections` does. It must not decide when a
 node joins a swarm or what a finished layer means (cluster.py does).
