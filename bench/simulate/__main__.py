@@ -3,7 +3,7 @@
     python -m bench.simulate validate                 # N = 4, 8 against docs/img/fanout.json
     python -m bench.simulate run        # N = 100,1000,10000; 2 profiles, 2 policies, 5 seeds
     python -m bench.simulate run --nodes 1000 --profiles edge --policies real --seeds 1
-    python -m bench.simulate report bench/results/simulate-<time>.json --plot docs/img/simulate.png
+    python -m bench.simulate report bench/results/simulate-run-*.json --plot docs/img/simulate.png
 
 Each writes bench/results/simulate-<kind>-<time>.json (every run's result and
 parameters) and prints markdown tables. `--jobs` runs that many simulations at
@@ -96,9 +96,9 @@ def matrix(a: argparse.Namespace) -> None:
     print(f"wrote {path} ({len(runs)} runs, {wall:.0f} s)")
 
 
-def report(path: Path, plot_to: Path | None) -> None:
-    doc = json.loads(path.read_text())
-    rows = summary(doc["runs"])
+def report(paths: list[Path], plot_to: Path | None) -> None:
+    runs = [r for path in paths for r in json.loads(path.read_text())["runs"]]
+    rows = summary(runs)
     print(markdown_table(rows))
     if plot_to is not None:
         plot(rows, plot_to)
@@ -123,8 +123,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for p in (v, r):
         p.add_argument("--jobs", type=int, default=1, help="simulations at once (1)")
         p.add_argument("--out", type=Path, default=RESULTS)
-    rep = sub.add_parser("report", help="tables (and a plot) of a run's JSON")
-    rep.add_argument("json", type=Path)
+    rep = sub.add_parser("report", help="tables (and a plot) of runs' JSON files, together")
+    rep.add_argument("json", type=Path, nargs="+")
     rep.add_argument("--plot", type=Path)
     a = ap.parse_args(argv)
     if a.cmd == "validate":

@@ -21,16 +21,18 @@ FANOUT_JSON = Path(__file__).resolve().parents[2] / "docs" / "img" / "fanout.jso
 
 def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (profile, N, policy), its seeds pooled."""
-    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, int, str, int], list[dict[str, Any]]] = {}
     for r in runs:
-        key = (r["profile"], r["params"]["nodes"], r["params"]["policy"])
+        pr = r["params"]
+        key = (r["profile"], pr["nodes"], pr["policy"], pr["holder_failures"])
         groups.setdefault(key, []).append(r)
     rows = []
-    for (profile, n, policy), rs in sorted(groups.items()):
+    for (profile, n, policy, holders), rs in sorted(groups.items()):
         pooled = sorted(x for r in rs for x in r["completion_s"])
         bound = rs[0]["bound_s"]
         rows.append({
             "profile": profile, "nodes": n, "policy": policy, "seeds": len(rs),
+            "holder_failures": holders,
             "bound_s": bound,
             "p50_s": quantile(pooled, 0.5), "p99_s": quantile(pooled, 0.99),
             "max_s": pooled[-1] if pooled else float("nan"),
@@ -53,13 +55,16 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| profile | N | policy | p50 | p99 | max | bound | p99 / bound | upstream "
+        "| profile | N | policy | holder dies | seeds | p50 | p99 | max | bound | p99 / bound "
+        "| upstream "
         "copies (mean, max) | announces/s (mean, peak) | lease requests/s (mean, peak) "
         "| wall |\n"
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "| --- | ---: | --- | :---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |\n"
     )
     lines = [
-        f"| {r['profile']} | {r['nodes']:,} | {r['policy']} | {r['p50_s']:.1f} s | "
+        f"| {r['profile']} | {r['nodes']:,} | {r['policy']} | "
+        f"{'yes' if r['holder_failures'] else 'no'} | {r['seeds']} | {r['p50_s']:.1f} s | "
         f"{r['p99_s']:.1f} s | {r['max_s']:.1f} s | {r['bound_s']:.1f} s | "
         f"**{r['p99_s'] / r['bound_s']:.2f}{TIMES}** | "
         f"{r['upstream_mean']:.3f}, {r['upstream_max']:.3f} | "
@@ -149,16 +154,19 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     profiles = sorted({r["profile"] for r in rows})
     fig, axes = plt.subplots(1, len(profiles), figsize=(5.5 * len(profiles), 4), squeeze=False)
     for ax, profile in zip(axes[0], profiles, strict=True):
-        for policy in sorted({r["policy"] for r in rows}):
-            sel = [r for r in rows if r["profile"] == profile and r["policy"] == policy]
+        for policy, holders in sorted({(r["policy"], r["holder_failures"]) for r in rows}):
+            sel = [
+                r for r in rows
+                if (r["profile"], r["policy"], r["holder_failures"]) == (profile, policy, holders)
+            ]
             ns = [r["nodes"] for r in sel]
-            ax.plot(ns, [r["p99_s"] / r["bound_s"] for r in sel], "o-", label=f"{policy}: p99")
-            ax.plot(ns, [r["p50_s"] / r["bound_s"] for r in sel], "x--", label=f"{policy}: p50")
+            name = f"{policy}, {'a holder dies' if holders else 'no holder dies'}"
+            ax.plot(ns, [r["p99_s"] / r["bound_s"] for r in sel], "o-", label=f"{name}: p99")
         ax.axhline(1.5, color="grey", linestyle=":", label=f"target: p99 1.5{TIMES} bound")
         ax.axhline(1.0, color="black", linewidth=0.5)
         ax.set_xscale("log")
         ax.set_xlabel("nodes N")
-        ax.set_ylabel("completion / bound (S/U + S/B)")
+        ax.set_ylabel("p99 completion / bound (S/U + S/B)")
         ax.set_title(f"{profile}: 1 GB in 10 layers, 1 % of nodes fail")
         ax.legend(fontsize=8)
     fig.tight_layout()
