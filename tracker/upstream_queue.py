@@ -66,8 +66,12 @@ class UpstreamQueue:
         self.fetches_per_image = fetches_per_image
         self._clock = clock
         self._max_images = max_images
-        # Per image: the places waiting for a slot, counted (one node may ask twice).
+        # Per image: the places waiting for a slot, counted (one node may ask twice),
+        # and the same counted per blob, (order, digest): `check` reads only the
+        # latter, so it costs the image's blob count, not its waiting requests
+        # (10,000 nodes queue 90,000 places behind a 10-layer image's first fetch).
         self._queued: dict[str, Counter[Place]] = {}
+        self._blobs: dict[str, Counter[tuple[int, str]]] = {}
         self._images: OrderedDict[str, _Image] = OrderedDict()
 
     def check(self, group: str, place: Place, fetching: Sequence[Lease]) -> Queued | None:
@@ -82,8 +86,9 @@ class UpstreamQueue:
             return None
         now = self._clock()
         image = self._image(group)
-        queue = self._queued.get(group) or Counter()
-        earlier = any((p.order, p.digest) < (place.order, place.digest) for p in queue)
+        blobs = self._blobs.get(group) or Counter()
+        blob = (place.order, place.digest)
+        earlier = bool(blobs) and min(blobs) < blob
         # A client asks for all the layers at once, in no set order: before the
         # image's first fetch, give its earlier layers' requests a moment to arrive.
         gather_until = image.first_seen + GATHER_S
@@ -91,10 +96,8 @@ class UpstreamQueue:
         # The node that fetched the image's last blob is seeding it now: its
         # uplink is full, which slows the ACKs of a download. Another node
         # waiting for the same blob takes it instead.
-        busy = image.last_holder == place.node and any(
-            (p.order, p.digest) == (place.order, place.digest) and p.node != place.node
-            for p in queue
-        )
+        own = self._queued.get(group, Counter())[place]
+        busy = image.last_holder == place.node and blobs[blob] > own
         if len(fetching) < self.fetches_per_image and not (earlier or gathering or busy):
             return None
         if not fetching:
@@ -107,6 +110,7 @@ class UpstreamQueue:
         """`place` waits for a slot from now until it is answered, wake-ups included,
         so that a later blob cannot take a freed slot from an earlier one woken with it."""
         self._queued.setdefault(group, Counter())[place] += 1
+        self._blobs.setdefault(group, Counter())[place.order, place.digest] += 1
 
     def leave(self, group: str, place: Place) -> None:
         queue = self._queued.get(group)
@@ -115,8 +119,14 @@ class UpstreamQueue:
         queue[place] -= 1
         if queue[place] <= 0:
             del queue[place]
+        blobs = self._blobs[group]
+        blob = (place.order, place.digest)
+        blobs[blob] -= 1
+        if blobs[blob] <= 0:
+            del blobs[blob]
         if not queue:
             del self._queued[group]
+            del self._blobs[group]
 
     def granted(self, group: str, node: str) -> None:
         """`node` got a lease on one of `group`'s blobs."""
@@ -124,8 +134,8 @@ class UpstreamQueue:
 
     def waiting(self, group: str | None) -> set[str]:
         """Digests with requests queued in `group`: wake them when one of its slots frees."""
-        queue = self._queued.get(group) if group is not None else None
-        return {p.digest for p in queue or ()}
+        blobs = self._blobs.get(group) if group is not None else None
+        return {digest for _, digest in blobs or ()}
 
     def _image(self, group: str) -> _Image:
         image = self._images.get(group)

@@ -1,0 +1,296 @@
+"""One simulated pull: N nodes ask for every layer of one image at once, and what follows.
+
+Owns the nodes' behaviour. Each (node, layer) waits for its lease with the
+node's real `LeaseWait` (p2preg/node/leasewait.py) over `SimTracker`'s
+replies: SEEDED joins the swarm (announce, connect to the peers handed out,
+re-announce every interval); GRANTED fetches the layer from upstream, renewing
+the lease every ttl/3 with its progress, reports the last byte, then verifies,
+makes and files the torrent, announces as a seeder and releases the lease, as
+p2preg/node/fetch.py does; a fall-back fetches from upstream without a lease.
+A node that holds every chunk of a layer verifies it and announces `completed`
+(and is handed downloaders). Failures: `fail_fraction` of the nodes die, at a
+uniform time within the bound, `holder_failures` of them halfway through an
+upstream fetch they hold a lease for; the dead stop everything and announce
+nothing, so their leases expire and their peers age out per the tracker's own
+rules. `simulate` returns a `Result`; this module must not format or file it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from functools import partial
+
+from bench.simulate.control import Poll, SimTracker
+from bench.simulate.engine import Engine, Flow, Node
+from bench.simulate.params import Params
+from bench.simulate.result import Result, collect
+from bench.simulate.swarm import Swarms
+from p2preg.core import wire
+from p2preg.core.metainfo import piece_size_for
+from p2preg.node.leasewait import (
+    Action,
+    Ask,
+    AskAgain,
+    Blob,
+    Due,
+    FallBack,
+    FetchAsHolder,
+    JoinSwarm,
+    LeaseWait,
+    Replied,
+)
+from tracker.leases import RateRule
+
+# How often idle receivers look for a sender again (libtorrent's tick is 1 s).
+TICK_S = 0.25
+
+
+def chunk_sizes(size: int, chunk_bytes: int) -> list[int]:
+    """The layer's transfer units: whole pieces of at least `chunk_bytes`."""
+    piece = piece_size_for(size)
+    unit = max(piece, -(-chunk_bytes // piece) * piece)
+    full, rest = divmod(size, unit)
+    return [unit] * full + ([rest] if rest else [])
+
+
+class Cluster:
+    def __init__(self, p: Params) -> None:
+        self.p = p
+        self.rng = random.Random(p.seed)
+        self.engine = Engine(p.node_bytes_s, p.upstream_bytes_s)
+        self.sizes = p.layer_sizes()
+        self.digests = [f"sha256:layer{i:02d}" for i in range(p.layers)]
+        self.nodes = [Node(i, p.layers) for i in range(p.nodes)]
+        self.tracker = SimTracker(
+            p.lease_ttl_s, p.lease_wait_max_s,
+            RateRule(p.lease_min_rate_bytes_s, p.lease_rate_window_s),
+            p.fetches_per_image, p.peer_ttl_s, p.numwant, p.policy,
+            self.engine.clock, self.rng, self.engine.schedule, self._delivered,
+        )
+        self.swarms = Swarms(
+            self.engine, self.nodes, [chunk_sizes(s, p.chunk_bytes) for s in self.sizes],
+            upload_slots=p.upload_slots, download_slots=p.download_slots,
+            connections_limit=p.connections_limit, picker=p.picker, rng=self.rng,
+            on_layer=self._layer_received,
+        )
+        self.engine.on_done = self._flow_done
+        self.waits: dict[tuple[int, int], LeaseWait] = {}
+        self.upstream_bytes = [0.0] * p.layers
+        self.fallbacks: dict[str, int] = {}
+        self.holder_deaths: list[int] = []  # layers whose holder is to die mid-fetch
+        self.unfinished = p.nodes
+        self.killed = 0
+        self.granted_to_dead = 0
+        # (node, layer) → the lease id it fetches under.
+        self._leases: dict[tuple[int, int], str] = {}
+
+    # -- the run -----------------------------------------------------------------------
+
+    def run(self) -> Result:
+        started = time.perf_counter()
+        p, e = self.p, self.engine
+        self._plan_failures()
+        for node in self.nodes:
+            node.start_at = self.rng.uniform(0.0, p.start_spread_s) if p.start_spread_s else 0.0
+            e.schedule(node.start_at, partial(self._start, node))
+        self._every(5.0, self.tracker.sweep)
+        self._every(TICK_S, self.swarms.tick)
+        e.run(p.max_sim_s, lambda: self.unfinished == 0)
+        return collect(self, time.perf_counter() - started)
+
+    def _every(self, period: float, fn: Callable[[], None]) -> None:
+        def tick() -> None:
+            fn()
+            self.engine.schedule(self.engine.now + period, tick)
+
+        self.engine.schedule(self.engine.now + period, tick)
+
+    def _plan_failures(self) -> None:
+        p, failing = self.p, self.p.failing()
+        holders = min(p.holder_failures, failing)
+        # Holders of layers spread over the image die mid-fetch.
+        self.holder_deaths = sorted({(i + 1) * p.layers // (holders + 1) for i in range(holders)})
+        for node in self.rng.sample(self.nodes, failing - len(self.holder_deaths)):
+            at = self.rng.uniform(0.0, p.bound_s)
+            self.engine.schedule(at, partial(self._kill, node))
+
+    def _kill(self, node: Node) -> None:
+        if not node.alive:
+            return
+        for flow in [f for f in self.engine.upstream if f.dst is node]:
+            self.upstream_bytes[flow.layer] += self.engine.abort(flow)
+        touched = self.swarms.kill(node)
+        self.killed += 1
+        if node.finished_at is None:
+            self.unfinished -= 1
+        for other in touched:
+            self.swarms.kick(other)
+
+    # -- the lease wait (p2preg/node/fetch.py's _await_lease) ----------------------------
+
+    def _start(self, node: Node) -> None:
+        for layer, size in enumerate(self.sizes):
+            wait = LeaseWait(
+                self.p.node_wait_max_s, self.engine.clock, blob=Blob(self.digests[layer], size)
+            )
+            self.waits[node.id, layer] = wait
+            self._act(node, layer, wait.step(Due()))
+
+    def _act(self, node: Node, layer: int, action: Action) -> None:
+        if not node.alive:
+            return
+        e, half = self.engine, self.p.rtt_s / 2
+        wait = self.waits[node.id, layer]
+        if isinstance(action, Ask):
+            ask = action
+
+            def send() -> None:
+                self.tracker.ask(
+                    node.id, self.digests[layer], layer + 1, self.sizes[layer], ask.wait_s
+                )
+
+            e.schedule(e.now + half, send)
+        elif isinstance(action, AskAgain):
+            e.schedule(e.now + action.after_s, lambda: self._act(node, layer, wait.step(Due())))
+        elif isinstance(action, JoinSwarm):
+            self._join(node, layer)
+        elif isinstance(action, FetchAsHolder):
+            self._fetch(node, layer, action.lease_id, action.ttl_s)
+        elif isinstance(action, FallBack):
+            self.fallbacks[action.reason] = self.fallbacks.get(action.reason, 0) + 1
+            self._fetch(node, layer, None, 0.0)
+
+    def _delivered(self, poll: Poll, reply: wire.LeaseReply) -> None:
+        node, layer = self.nodes[poll.node], poll.order - 1
+        if not node.alive and reply.status is wire.LeaseStatus.GRANTED:
+            # Its long poll outlived it: the lease runs out unused.
+            self.granted_to_dead += 1
+        wait = self.waits[node.id, layer]
+        self.engine.schedule(
+            self.engine.now + self.p.rtt_s / 2,
+            lambda: self._act(node, layer, wait.step(Replied(reply))),
+        )
+
+    # -- the holder (fetch.py's _as_holder, _release_once_seeding) ------------------------
+
+    def _fetch(self, node: Node, layer: int, lease_id: str | None, ttl_s: float) -> None:
+        e = self.engine
+        flow = Flow(None, node, layer, -1, self.sizes[layer])
+
+        def begin() -> None:
+            if node.alive:
+                e.start(flow)
+                if lease_id is not None and layer in self.holder_deaths:
+                    self.holder_deaths.remove(layer)
+                    half = self.sizes[layer] / 2 / self.p.upstream_bytes_s
+                    e.schedule(e.now + half, lambda: self._kill(node))
+
+        e.schedule(e.now + self.p.upstream_start_s, begin)
+        if lease_id is None:
+            return
+        lease = lease_id
+        interval = max(0.5, ttl_s / 3)
+
+        def renew() -> None:
+            if node.alive and flow in e.upstream:
+                done = int(min(e.progress(flow), flow.size - 1)) if flow.rate else 0
+                self.tracker.renew(self.digests[layer], lease, done, flow.size, node.id)
+                e.schedule(e.now + interval, renew)
+
+        e.schedule(e.now + interval, renew)
+        self._leases[node.id, layer] = lease
+
+    def _flow_done(self, flow: Flow) -> None:
+        if flow.src is not None:
+            self.swarms.chunk_done(flow)
+            return
+        node, layer = flow.dst, flow.layer
+        self.upstream_bytes[layer] += flow.size
+        digest, e, half = self.digests[layer], self.engine, self.p.rtt_s / 2
+        lease = self._leases.pop((node.id, layer), None)
+        if lease is not None:
+            size = flow.size
+
+            def fetched() -> None:  # off the upstream link: the next blob may start
+                if node.alive:
+                    self.tracker.renew(digest, lease, size, size, node.id)
+
+            e.schedule(e.now + half, fetched)
+        was_complete = node.complete[layer]
+        self._complete(node, layer)
+        if was_complete:
+            return
+        # Verify is done while writing; the torrent is hashed again to be made.
+        made = e.now + self.sizes[layer] / self.p.hash_bytes_s + half
+
+        def publish() -> None:
+            if not node.alive:
+                return
+            self.swarms.seed(node, layer)
+            if lease is not None or digest in self.tracker.published:
+                self.tracker.publish(digest)
+                self._announce(node, layer, seeder=True, periodic=True)
+            if lease is not None:
+                e.schedule(e.now + self.p.rtt_s, lambda: self._release(node, layer, lease))
+
+        e.schedule(made, publish)
+
+    def _release(self, node: Node, layer: int, lease: str) -> None:
+        if node.alive:
+            self.tracker.release(self.digests[layer], lease, node.id)
+
+    # -- the swarm ---------------------------------------------------------------------
+
+    def _join(self, node: Node, layer: int) -> None:
+        node.joined[layer] = True
+        self._announce(node, layer, seeder=False, periodic=True)
+
+    def _announce(self, node: Node, layer: int, *, seeder: bool, periodic: bool) -> None:
+        if not node.alive:
+            return
+        peers = self.tracker.announce(node.id, self.digests[layer], seeder)
+        for peer in peers:
+            other = self.nodes[peer]
+            if self.swarms.connect(node, other, layer):
+                self.swarms.pair(node, other, layer)
+        if periodic:
+            e = self.engine
+
+            def again() -> None:
+                self._announce(node, layer, seeder=node.complete[layer], periodic=True)
+
+            e.schedule(e.now + self.p.announce_interval_s, again)
+
+    def _layer_received(self, node: Node, layer: int) -> None:
+        """Every chunk is in: verify the blob, then seed it as a completed peer."""
+        e = self.engine
+
+        def verified() -> None:
+            if node.alive:
+                self._complete(node, layer)
+                self._announce(node, layer, seeder=True, periodic=False)
+
+        e.schedule(e.now + self.sizes[layer] / self.p.hash_bytes_s, verified)
+
+    def _complete(self, node: Node, layer: int) -> None:
+        if node.complete[layer]:
+            return
+        node.complete[layer] = True
+        node.done_at[layer] = self.engine.now
+        self.swarms.close_redundant(node, layer)
+        if all(node.complete):
+            node.finished_at = self.engine.now
+            self.unfinished -= 1
+
+
+def simulate(p: Params) -> Result:
+    """Run one pull; the module-level `random` (peers.py draws from it) is seeded and put back."""
+    state = random.getstate()
+    random.seed(p.seed)
+    try:
+        return Cluster(p).run()
+    finally:
+        random.setstate(state)
+

@@ -1,0 +1,247 @@
+"""The simulated tracker: the real lease book, upstream queue, peer table and hand-out policy.
+
+`SimTracker` does what tracker/coordinator.py's `Tracker` does for lease
+requests and what tracker/swarms.py does for announces, step for step, but
+over the simulator's clock and its event queue instead of trio: a lease
+request is decided by `UpstreamQueue.check` and `LeaseBook.acquire`, its reply
+made by tracker/lease_replies.py, and a request told to wait is held (a long
+poll) until its deadline, its `wake_at`, or a notification of its digest
+(a first seeder, a released or expired lease, a freed slot of its image). Peers
+live in the real `PeerTable`; answers come from `hand_out` (policy "real") or
+a uniform pick (policy "random"). It counts what reaches the tracker. It does
+not model disputes, quotas, admission or stall reports (every seeder is
+counted at once), and must not touch nodes' transfers: replies go back through
+the `deliver` callback.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from p2preg.core import wire
+from p2preg.core.errors import LeaseLost
+from tracker import lease_replies as replies
+from tracker.handout import hand_out
+from tracker.leases import Granted, Lease, LeaseBook, RateRule
+from tracker.peers import PeerTable
+from tracker.upstream_queue import Place, UpstreamQueue
+
+GROUP = "image"  # the one manifest every node pulls
+SWEEP_S = 5.0  # coordinator.MAX_SWEEP_INTERVAL_S with the default TTLs
+
+Schedule = Callable[[float, Callable[[], None]], None]
+
+
+def compact(node: int) -> bytes:
+    """A node's BEP 23 entry: 198.18.0.0/15 address plus port, unique per node."""
+    return bytes([198, 18 + (node >> 16), (node >> 8) & 0xFF, node & 0xFF, 0x1A, 0xE1])
+
+
+def node_of(entry: bytes) -> int:
+    return ((entry[1] - 18) << 16) | (entry[2] << 8) | entry[3]
+
+
+@dataclass(eq=False)
+class Poll:
+    """One lease request held open at the tracker."""
+
+    node: int
+    digest: str
+    order: int
+    size: int
+    deadline: float
+    queued: bool = False
+    version: int = 0
+    done: bool = False
+
+    @property
+    def place(self) -> Place:
+        return Place(self.order, self.digest, str(self.node))
+
+
+@dataclass
+class Counts:
+    """What reached the tracker, and when (whole seconds → count)."""
+
+    announces: dict[int, int] = field(default_factory=dict)
+    lease_asks: dict[int, int] = field(default_factory=dict)
+    renewals: int = 0
+    releases: int = 0
+    publishes: int = 0
+    wakeups: int = 0
+
+    @staticmethod
+    def tick(hist: dict[int, int], now: float) -> None:
+        second = int(now)
+        hist[second] = hist.get(second, 0) + 1
+
+
+class SimTracker:
+    def __init__(
+        self,
+        ttl_s: float,
+        wait_max_s: float,
+        rate: RateRule,
+        fetches_per_image: int,
+        peer_ttl_s: float,
+        numwant: int,
+        policy: str,
+        clock: Callable[[], float],
+        rng: random.Random,
+        schedule: Schedule,
+        deliver: Callable[[Poll, wire.LeaseReply], None],
+    ) -> None:
+        ids = itertools.count()
+        self.leases = LeaseBook(ttl_s, clock, lambda: f"lease-{next(ids)}", rate=rate)
+        self.queue = UpstreamQueue(fetches_per_image, clock)
+        self.peers = PeerTable(max_peers_per_swarm=1 << 30, max_peers=1 << 40)
+        self._wait_max_s = wait_max_s
+        self._peer_ttl_s = peer_ttl_s
+        self._numwant = numwant
+        self._policy = policy
+        self._clock = clock
+        self._rng = rng
+        self._schedule = schedule
+        self._deliver = deliver
+        self.published: set[str] = set()
+        # Held requests per digest (a dict: ordered, and O(1) to drop one).
+        self._polls: dict[str, dict[Poll, None]] = {}
+        self.counts = Counts()
+
+    # -- leases (coordinator.acquire_lease / _try_acquire) ------------------------
+
+    def ask(self, node: int, digest: str, order: int, size: int, wait_s: float) -> None:
+        now = self._clock()
+        Counts.tick(self.counts.lease_asks, now)
+        deadline = now + min(max(0.0, wait_s), self._wait_max_s)
+        self._attempt(Poll(node, digest, order, size, deadline))
+
+    def _attempt(self, poll: Poll) -> None:
+        if poll.done:
+            return
+        now = self._clock()
+        place = poll.place
+        reply, wake_at, queued = self._decide(poll.digest, poll.size, place)
+        if wake_at is None or now >= poll.deadline:
+            self._finish(poll)
+            self._deliver(poll, reply)
+            return
+        if queued != poll.queued:
+            poll.queued = queued
+            (self.queue.enter if queued else self.queue.leave)(GROUP, place)
+        self._polls.setdefault(poll.digest, {})[poll] = None
+        poll.version += 1
+        version = poll.version
+
+        def wake() -> None:
+            if poll.version == version:
+                self._attempt(poll)
+
+        self._schedule(min(poll.deadline, wake_at), wake)
+
+    def _decide(
+        self, digest: str, size: int, place: Place
+    ) -> tuple[wire.LeaseReply, float | None, bool]:
+        now = self._clock()
+        if digest in self.published:
+            self.peers.expire_swarm(digest, now)
+            if self.peers.seeders(digest):
+                return wire.LeaseReply(wire.LeaseStatus.SEEDED, metainfo=b"m"), None, False
+        if self.leases.current(digest) is None:
+            waiting = self.queue.check(GROUP, place, self.leases.fetching(GROUP))
+            if waiting is not None:
+                return replies.queued(self.leases, waiting, now), waiting.wake_at, True
+        outcome = self.leases.acquire(digest, place.node, size, GROUP)
+        if isinstance(outcome, Granted):
+            self.queue.granted(GROUP, place.node)
+            return replies.granted(self.leases, outcome.lease, outcome.replaced), None, False
+        lease = outcome.lease
+        return replies.held(self.leases, lease, now), lease.expires_at, False
+
+    def _finish(self, poll: Poll) -> None:
+        poll.done = True
+        if poll.queued:
+            self.queue.leave(GROUP, poll.place)
+        waiting = self._polls.get(poll.digest)
+        if waiting is not None:
+            waiting.pop(poll, None)
+
+    def notify(self, digest: str) -> None:
+        """Wake every request held for `digest`, in a random order (as trio might)."""
+        waiting = list(self._polls.get(digest, ()))
+        self._rng.shuffle(waiting)
+        self.counts.wakeups += len(waiting)
+        for poll in waiting:
+            poll.version += 1
+            self._attempt(poll)
+
+    def _free_slot(self, lease: Lease) -> None:
+        for digest in sorted(self.queue.waiting(lease.group)):
+            self.notify(digest)
+
+    def renew(self, digest: str, lease_id: str, done: int, size: int, node: int) -> bool:
+        """The holder's progress; False if its lease is lost (it finishes anyway)."""
+        self.counts.renewals += 1
+        before = self.leases.current(digest)
+        try:
+            lease = self.leases.renew(digest, lease_id, done, size, holder=str(node))
+        except LeaseLost:
+            return False
+        was_busy = before is not None and not before.fetched and not before.slow
+        if was_busy and (lease.fetched or lease.slow):
+            self._free_slot(lease)
+        if lease.slow and before is not None and not before.slow:
+            self.notify(digest)
+        return True
+
+    def release(self, digest: str, lease_id: str, node: int) -> None:
+        self.counts.releases += 1
+        lease = self.leases.release(digest, lease_id, holder=str(node))
+        if lease is not None:
+            self.notify(digest)
+            self._free_slot(lease)
+
+    def sweep(self) -> None:
+        now = self._clock()
+        swarms = self.peers.keys()  # a snapshot: expiry may drop swarms
+        for key in swarms:
+            self.peers.expire_swarm(key, now)
+        for lease in self.leases.expire():
+            self.notify(lease.digest)
+            self._free_slot(lease)
+
+    # -- metainfo and announces (swarms.announce) -----------------------------------
+
+    def publish(self, digest: str) -> None:
+        self.counts.publishes += 1
+        self.published.add(digest)
+
+    def announce(self, node: int, digest: str, seeder: bool) -> list[int]:
+        """`node` announces (left=0 when `seeder`); the peers it is handed."""
+        now = self._clock()
+        Counts.tick(self.counts.announces, now)
+        me = compact(node)
+        swarm, _, _ = self.peers.update(
+            digest, str(node), me, me, seeder=seeder, claims_seed=seeder,
+            expires_at=now + self._peer_ttl_s,
+        )
+        if seeder and len(swarm.seeders) == 1:
+            self.notify(digest)
+        if self._policy == "real":
+            picked = hand_out(
+                swarm.seeder_addrs, swarm.leecher_addrs, self._numwant,
+                asker=me, asker_is_seeder=seeder, rng=self._rng,
+            )
+        else:
+            picked = self._uniform(swarm.seeder_addrs, swarm.leecher_addrs, me)
+        return [node_of(p) for p in picked]
+
+    def _uniform(self, seeders: list[bytes], leechers: list[bytes], me: bytes) -> list[bytes]:
+        """Up to numwant peers drawn uniformly from the whole swarm, the asker left out."""
+        n = len(seeders) + len(leechers)
+        picks = self._rng.sample(range(n), min(self._numwant + 1, n))
+        chosen = [seeders[i] if i < len(seeders) else leechers[i - len(seeders)] for i in picks]
+        return [p for p in chosen if p != me][: self._numwant]

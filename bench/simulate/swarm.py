@@ -1,0 +1,284 @@
+"""Who sends which chunk to whom: connections, unchoke slots and piece picking.
+
+Owns the peer side of the model. Nodes connect to the peers the tracker hands
+them, within `connections_limit` on both ends (a connection per layer, as
+libtorrent has one per torrent); a node uploads at most `upload_slots` chunks
+at once and downloads at most `download_slots`, and uploads only chunks it
+holds whole. A transfer starts whenever a sender has a free slot, a connected
+receiver has one too and lacks a chunk the sender has: each side looks for the
+other when one of its slots frees or it gains a chunk (a window of `SCAN`
+neighbours; all of them for a node with nothing in flight), and receivers that
+found nothing look again every tick. The receiver's chunk is the rarest in the swarm (or a random
+one). Connections between two nodes that both hold a layer are closed, as
+libtorrent's `close_redundant_connections` does. It must not decide when a
+node joins a swarm or what a finished layer means (cluster.py does).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from bench.simulate.engine import Engine, Flow, Node
+
+# Neighbours a node with transfers running looks at per layer for a new one.
+SCAN = 32
+LINK = 1024  # layers per image, at most (a connection's key: other * LINK + layer)
+
+
+def _bits(mask: int) -> list[int]:
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
+
+
+class Swarms:
+    def __init__(
+        self,
+        engine: Engine,
+        nodes: list[Node],
+        chunks: list[list[int]],
+        *,
+        upload_slots: int,
+        download_slots: int,
+        connections_limit: int,
+        picker: str,
+        rng: random.Random,
+        on_layer: Callable[[Node, int], None],
+    ) -> None:
+        self.engine = engine
+        self.nodes = nodes
+        self.chunks = chunks  # per layer, each chunk's size
+        self.full = [(1 << len(c)) - 1 for c in chunks]
+        self.avail = [[0] * len(c) for c in chunks]  # live holders per chunk
+        self.k = upload_slots
+        self.d = download_slots
+        self.limit = connections_limit
+        self.rarest = picker == "rarest"
+        self.rng = rng
+        self.on_layer = on_layer  # a node now holds every chunk of a layer
+        self.delivered = 0  # chunk bytes received from peers
+        self.aborted = 0  # bytes of chunk transfers cut by a death
+        self.refused = 0  # connections refused: a dead peer, or a full end
+        self.idle: set[int] = set()  # receivers with nothing in flight that found no sender
+
+    # -- connections -------------------------------------------------------------------
+
+    def connect(self, a: Node, b: Node, layer: int) -> bool:
+        if a is b or b.id * LINK + layer in a.links:
+            return False
+        if not b.alive or a.conns >= self.limit or b.conns >= self.limit:
+            self.refused += 1
+            return False
+        if a.complete[layer] and b.complete[layer]:
+            return False
+        a.links.add(b.id * LINK + layer)
+        b.links.add(a.id * LINK + layer)
+        a.nbrs[layer].append(b.id)
+        b.nbrs[layer].append(a.id)
+        if not b.complete[layer]:
+            a.needy[layer].append(b.id)
+        if not a.complete[layer]:
+            b.needy[layer].append(a.id)
+        a.conns += 1
+        b.conns += 1
+        return True
+
+    def close_redundant(self, node: Node, layer: int) -> None:
+        """`node` holds `layer` now: close its connections to others that hold it.
+
+        The other end's `nbrs` keeps the entry (it holds the layer, so never
+        looks there again); `links` and the connection counts are exact."""
+        keep = []
+        for other_id in node.nbrs[layer]:
+            other = self.nodes[other_id]
+            if other.complete[layer]:
+                if other_id * LINK + layer in node.links:
+                    node.links.discard(other_id * LINK + layer)
+                    other.links.discard(node.id * LINK + layer)
+                    other.conns -= 1
+                    node.conns -= 1
+            else:
+                keep.append(other_id)
+        node.nbrs[layer] = keep
+        node.needy[layer] = list(keep)
+
+    def seed(self, node: Node, layer: int) -> None:
+        """`node` has the whole layer (from upstream): it can upload every chunk."""
+        for c in _bits(self.full[layer] & ~node.have[layer]):
+            self.avail[layer][c] += 1
+        node.have[layer] = self.full[layer]
+        node.pending[layer] = 0
+
+    def kill(self, node: Node) -> list[Node]:
+        """`node` died: its transfers stop, its connections close. The peers touched."""
+        touched: dict[int, Node] = {}
+        for flow in [*node.ups, *node.downs]:
+            moved = self.engine.abort(flow)
+            if flow.src is not None:
+                self.aborted += int(moved)
+                flow.dst.pending[flow.layer] &= ~(1 << flow.chunk)
+            other = flow.dst if flow.src is node else flow.src
+            if other is not None:
+                touched[other.id] = other
+        for key in node.links:
+            other, layer = self.nodes[key // LINK], key % LINK
+            other.links.discard(node.id * LINK + layer)
+            other.nbrs[layer].remove(node.id)
+            if node.id in other.needy[layer]:
+                other.needy[layer].remove(node.id)
+            other.conns -= 1
+        node.links.clear()
+        for layer in range(len(node.nbrs)):
+            node.nbrs[layer] = []
+            node.needy[layer] = []
+            for c in _bits(node.have[layer]):
+                self.avail[layer][c] -= 1
+        node.conns = 0
+        node.alive = False
+        return list(touched.values())
+
+    # -- transfers ---------------------------------------------------------------------
+
+    def chunk_done(self, flow: Flow) -> None:
+        node, layer, bit = flow.dst, flow.layer, 1 << flow.chunk
+        node.pending[layer] &= ~bit
+        node.have[layer] |= bit
+        self.avail[layer][flow.chunk] += 1
+        self.delivered += flow.size
+        if node.have[layer] == self.full[layer]:
+            self.on_layer(node, layer)
+        assert flow.src is not None
+        self.try_upload(flow.src)
+        self.try_download(node)
+        self.offer(node, layer)
+
+    def kick(self, node: Node) -> None:
+        """Something changed for `node` (new peers, a freed slot): look both ways."""
+        self.try_download(node)
+        self.try_upload(node)
+
+    def pair(self, a: Node, b: Node, layer: int) -> None:
+        """`a` and `b` just connected on `layer`: start what can flow between them."""
+        for src, dst in ((a, b), (b, a)):
+            if len(src.ups) < self.k and len(dst.downs) < self.d and dst.joined[layer]:
+                want = src.have[layer] & ~(dst.have[layer] | dst.pending[layer])
+                if want:
+                    self._start(src, dst, layer, want)
+
+    def _start(self, src: Node, dst: Node, layer: int, want: int) -> None:
+        chunk = self._pick(layer, want)
+        dst.pending[layer] |= 1 << chunk
+        self.engine.start(Flow(src, dst, layer, chunk, self.chunks[layer][chunk]))
+
+    def _pick(self, layer: int, want: int) -> int:
+        options = _bits(want)
+        if len(options) == 1:
+            return options[0]
+        if self.rarest:
+            avail = self.avail[layer]
+            least = min(avail[c] for c in options)
+            options = [c for c in options if avail[c] == least]
+        return options[self.rng.randrange(len(options))] if len(options) > 1 else options[0]
+
+    def offer(self, u: Node, layer: int) -> None:
+        """`u` gained a chunk of `layer`: offer it to `SCAN` needy neighbours (see tick)."""
+        needy, nodes, d = u.needy[layer], self.nodes, self.d
+        while u.alive and len(u.ups) < self.k and needy:
+            u.rr += 1
+            n = len(needy)
+            start = (u.rr * SCAN) % n
+            for j in range(min(n, SCAN)):
+                r = nodes[needy[(start + j) % n]]
+                if len(r.downs) >= d or r.complete[layer]:
+                    continue
+                want = u.have[layer] & ~(r.have[layer] | r.pending[layer])
+                if want:
+                    self._start(u, r, layer, want)
+                    break
+            else:
+                return
+
+    def tick(self) -> None:
+        """Receivers that found nothing to fetch while fetching nothing look again.
+
+        The windows of `offer` and `try_upload` can miss a receiver that is idle;
+        this is what libtorrent's own timer does for a peer with nothing in flight."""
+        idle, self.idle = self.idle, set()
+        for node_id in sorted(idle):
+            self.try_download(self.nodes[node_id])
+
+    def try_upload(self, u: Node) -> None:
+        """Fill `u`'s free upload slots with receivers that lack what it has.
+
+        Looks at the neighbours that may still need a layer (those that hold it
+        are dropped as they are met): `SCAN` of them from a window that moves on
+        every call, all of them when `u` sends nothing. A node with a transfer
+        running looks again when it ends, and one with none looks everywhere,
+        so a possible transfer waits at most until one of its ends looks again."""
+        nodes, layers, d = self.nodes, len(u.have), self.d
+        while u.alive and len(u.ups) < self.k:
+            u.rr += 1
+            found = False
+            for i in range(layers):
+                layer = (u.rr + i) % layers
+                have, needy = u.have[layer], u.needy[layer]
+                if not have or not needy:
+                    continue
+                n = len(needy)
+                start, stale = (u.rr * SCAN) % n, False
+                for j in range(n if not u.ups else min(n, SCAN)):
+                    r = nodes[needy[(start + j) % n]]
+                    if r.complete[layer]:
+                        stale = True
+                        continue
+                    if len(r.downs) >= d:
+                        continue
+                    want = have & ~(r.have[layer] | r.pending[layer])
+                    if want:
+                        self._start(u, r, layer, want)
+                        found = True
+                        break
+                if stale:
+                    u.needy[layer] = [x for x in needy if not nodes[x].complete[layer]]
+                if found:
+                    break
+            if not found:
+                return
+
+    def try_download(self, r: Node) -> None:
+        """Fill `r`'s free download slots from connected senders with a free upload slot.
+
+        Looks at `SCAN` neighbours per layer from a moving window, all of them
+        when nothing else is coming in (see try_upload)."""
+        nodes, k = self.nodes, self.k
+        while r.alive and len(r.downs) < self.d:
+            r.rr += 1
+            found = wanted = False
+            for layer, nbrs in enumerate(r.nbrs):
+                if not r.joined[layer] or not nbrs:
+                    continue
+                missing = self.full[layer] & ~(r.have[layer] | r.pending[layer])
+                if not missing:
+                    continue
+                wanted = True
+                n = len(nbrs)
+                look = n if not r.downs else min(n, SCAN)
+                for j in range(look):
+                    u = nodes[nbrs[(r.rr * SCAN + j) % n]]
+                    if len(u.ups) >= k:
+                        continue
+                    want = u.have[layer] & missing
+                    if want:
+                        self._start(u, r, layer, want)
+                        found = True
+                        break
+                if found:
+                    break
+            if not found:
+                if wanted and not r.downs:
+                    self.idle.add(r.id)
+                return

@@ -1,0 +1,102 @@
+"""The cluster simulation (bench/simulate/): the invariants its numbers rest on.
+
+Small clusters (tens of nodes, tens of MB) so the whole file runs in seconds;
+each test runs the real simulator, which drives the tracker's real lease book,
+upstream queue, peer table and hand-out, and the node's real lease wait.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.simulate.cluster import Cluster, chunk_sizes, simulate
+from bench.simulate.params import MB, MiB, Params
+
+SMALL = Params(
+    nodes=24, image_bytes=60 * MB, layers=3, upstream_mbit=100.0, node_mbit=1000.0,
+    fail_fraction=0.0, holder_failures=0,
+)
+
+
+def test_chunks_are_whole_pieces_of_at_least_4_mib_and_add_up() -> None:
+    for size in (1, 5 * MiB, 25_008_141, 100 * MB, 1 << 31):
+        sizes = chunk_sizes(size, 4 * MiB)
+        assert sum(sizes) == size
+        assert all(s >= 4 * MiB for s in sizes[:-1])
+
+
+def test_bytes_delivered_are_what_the_nodes_needed() -> None:
+    c = Cluster(SMALL)
+    r = c.run()
+    assert r.unfinished == 0 and len(r.completion_s) == SMALL.nodes
+    from_upstream = sum(c.upstream_bytes)
+    assert r.peer_bytes + from_upstream == SMALL.nodes * SMALL.image_bytes
+    assert all(n.have == c.swarms.full for n in c.nodes)
+
+
+def test_without_failures_each_layer_crosses_upstream_once() -> None:
+    r = simulate(SMALL)
+    assert r.upstream_layer_copies == [1.0] * SMALL.layers
+    assert r.leases_granted == SMALL.layers
+    assert r.fallbacks == {} and r.leases_expired == 0
+
+
+@pytest.mark.parametrize("policy", ["real", "random"])
+def test_no_node_completes_before_the_links_allow(policy: str) -> None:
+    p = Params(
+        nodes=40, image_bytes=80 * MB, layers=4, upstream_mbit=200.0, node_mbit=400.0,
+        fail_fraction=0.0, policy=policy,
+    )
+    r = simulate(p)
+    # The image crosses U once, and every node takes all of it in over its link.
+    floor = max(p.image_bytes / p.upstream_bytes_s, p.image_bytes / p.node_bytes_s)
+    assert r.completion_s[0] >= floor
+    assert len(r.completion_s) == p.nodes
+    # With one stream on U and pipelining by layers, the p99 stays near the bound.
+    assert r.stats["p99_x"] < 1.5
+
+
+def test_a_seed_gives_the_same_run_and_another_seed_another() -> None:
+    p = Params(
+        nodes=30, image_bytes=60 * MB, layers=3, upstream_mbit=100.0, node_mbit=1000.0,
+        fail_fraction=0.1,
+    )
+
+    def outcome(params: Params) -> dict[str, object]:
+        out = simulate(params).as_json()
+        del out["wall_s"]
+        return out
+
+    assert outcome(p) == outcome(p)
+    other = Params(**{**p.__dict__, "seed": 2})
+    assert outcome(other)["completion_s"] != outcome(p)["completion_s"]
+
+
+def test_a_dead_holder_s_lease_expires_and_the_fetch_passes_to_another_node() -> None:
+    p = Params(
+        nodes=30, image_bytes=60 * MB, layers=3, upstream_mbit=100.0, node_mbit=1000.0,
+        fail_fraction=0.1, holder_failures=1,
+    )
+    c = Cluster(p)
+    r = c.run()
+    assert r.killed == p.failing() == 3
+    # The dying holder's lease ran out in the real LeaseBook, and one more was granted.
+    assert r.leases_expired >= 1
+    assert r.leases_granted == p.layers + 1
+    # Its layer crossed upstream once whole, plus the dead holder's half.
+    dead_layer = max(range(p.layers), key=lambda i: r.upstream_layer_copies[i])
+    assert 1.4 < r.upstream_layer_copies[dead_layer] < 1.6
+    assert sum(r.upstream_layer_copies) - r.upstream_layer_copies[dead_layer] == p.layers - 1
+    # Every survivor finished, no later than a lease TTL past the bound plus the spread.
+    assert r.unfinished == 0 and len(r.completion_s) == p.nodes - r.killed
+    assert r.completion_s[-1] < r.bound_s + p.lease_ttl_s + 10
+    assert all(n.finished_at is None for n in c.nodes if not n.alive)
+
+
+def test_bad_parameters_are_refused() -> None:
+    with pytest.raises(ValueError, match="4 MiB"):
+        Params(nodes=10, chunk_bytes=MiB)
+    with pytest.raises(ValueError, match="policy"):
+        Params(nodes=10, policy="fastest")
+    with pytest.raises(ValueError, match="2 nodes"):
+        Params(nodes=1)
