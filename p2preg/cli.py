@@ -21,6 +21,10 @@ SUBCOMMANDS = {
         "p2preg.node.containerd_config",
         "write containerd hosts.toml files that send pulls to the node, upstream as fallback",
     ),
+    "registries-conf": (
+        "p2preg.node.registries_conf",
+        "write podman/CRI-O registries.conf or k3s/RKE2 registries.yaml mirror entries",
+    ),
     "preheat": ("p2preg.node.preheat", "fetch images into the swarm ahead of a deploy"),
     "status": ("p2preg.node.status", "show a node's or the tracker's state"),
     "ca": ("p2preg.ca", "make a cluster CA and issue node and tracker certificates"),

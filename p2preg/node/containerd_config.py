@@ -231,15 +231,16 @@ def stale_containerd(config_file: Path, proc: Path = Path("/proc")) -> list[int]
 # -- writing ------------------------------------------------------------------------
 
 
-def write_file(path: Path, text: str, *, force: bool) -> str:
-    """Write `text` atomically; returns "wrote", "unchanged" or "kept" (foreign file)."""
+def write_file(path: Path, text: str, *, force: bool, marker: str = MARKER) -> str:
+    """Write `text` atomically; returns "wrote", "unchanged" or "kept" (a file not
+    starting with `marker`: someone else's)."""
     try:
         old = path.read_text()
     except FileNotFoundError:
         old = None
     if old == text:
         return "unchanged"
-    if old is not None and not old.startswith(MARKER) and not force:
+    if old is not None and not old.startswith(marker) and not force:
         return "kept"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

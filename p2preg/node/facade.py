@@ -64,9 +64,11 @@ def create_app(registry: Registry) -> QuartTrio:
     @app.route("/", defaults={"path": ""}, methods=ALL_METHODS)
     @app.route("/<path:path>", methods=ALL_METHODS)
     async def serve(path: str) -> Response:
-        route = parse_route(request.method, request.path)
+        ns = request.args.get("ns")
+        # ?ns= (containerd) names the upstream; without it the path may (routes.py).
+        route = parse_route(request.method, request.path, () if ns else registry.upstreams.names)
         g.route = route.kind.value
-        client = _client(registry.upstreams, request.args.get("ns"))
+        client = _client(registry.upstreams, ns or route.upstream)
         head = request.method == "HEAD"
         match route.kind:
             case Kind.BASE:
@@ -178,8 +180,8 @@ async def _tags(resolver: Resolver, client: UpstreamSeam, route: Route) -> Respo
         query = {"n": str(n), "last": tags[-1]}
         if request.args.get("ns"):
             query["ns"] = request.args["ns"]
-        headers["Link"] = f'</v2/{route.name}/tags/list?{urlencode(query)}>; rel="next"'
-    return _json({"name": route.name, "tags": tags}, headers=headers)
+        headers["Link"] = f'</v2/{route.path_name}/tags/list?{urlencode(query)}>; rel="next"'
+    return _json({"name": route.path_name, "tags": tags}, headers=headers)
 
 
 async def _referrers(resolver: Resolver, client: UpstreamSeam, route: Route) -> Response:

@@ -3,11 +3,18 @@
 Validation happens here, before a name, tag or digest reaches the store, a
 cache key or an upstream URL: the facade never forwards input that the spec's
 grammar refuses (the seed registry answers some of it with a 500).
+
+A client that sends no `?ns=` (podman, CRI-O, k3s through a `host:port/<ns>`
+mirror) names the upstream in the path instead: a first segment equal to a
+configured upstream's name, followed by at least one more, picks that upstream
+and is stripped once (`/v2/docker.io/library/alpine/...` is `library/alpine` on
+`docker.io`). The caller passes no names when `?ns=` is present: it has priority.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import Enum
 
@@ -32,6 +39,13 @@ class Route:
     kind: Kind
     name: str = ""
     reference: Reference | None = None
+    # The upstream named by the path's first segment (stripped from `name`), if any.
+    upstream: str | None = None
+
+    @property
+    def path_name(self) -> str:
+        """The repository as the client wrote it in the path, prefix included."""
+        return f"{self.upstream}/{self.name}" if self.upstream else self.name
 
     @property
     def digest(self) -> Digest:
@@ -56,8 +70,19 @@ def _digest(text: str) -> Digest:
         raise DigestInvalid(str(e)) from None
 
 
-def parse_route(method: str, path: str) -> Route:
-    """Map a request to a Route, or raise the RegistryError the client should see."""
+def split_upstream(name: str, upstreams: Collection[str]) -> tuple[str | None, str]:
+    """(upstream, repository): the first segment when it names one of `upstreams`."""
+    first, sep, rest = name.partition("/")
+    if sep and rest and first in upstreams:
+        return first, rest
+    return None, name
+
+
+def parse_route(method: str, path: str, upstreams: Collection[str] = ()) -> Route:
+    """Map a request to a Route, or raise the RegistryError the client should see.
+
+    `upstreams`: the names a path prefix may pick (empty when `?ns=` chose one).
+    """
     if len(path) > MAX_PATH_LENGTH:
         raise NameInvalid("request path is too long")
     if path in ("/v2", "/v2/"):
@@ -68,7 +93,8 @@ def parse_route(method: str, path: str) -> Route:
         for kind, pattern in _PATTERNS:
             m = pattern.match(path)
             if m is not None:
-                route = _build(kind, m.group("name"), m.groupdict().get("ref"))
+                upstream, name = split_upstream(m.group("name"), upstreams)
+                route = _build(kind, name, m.groupdict().get("ref"), upstream)
                 break
         else:
             raise NotFound(f"no such endpoint {path[:100]!r}")
@@ -77,19 +103,17 @@ def parse_route(method: str, path: str) -> Route:
     return route
 
 
-def _build(kind: Kind, name: str, ref: str | None) -> Route:
+def _build(kind: Kind, name: str, ref: str | None, upstream: str | None) -> Route:
     try:
         parse_name(name)
     except InvalidName as e:
         raise NameInvalid(str(e)) from None
     if kind is Kind.TAGS:
-        return Route(kind, name)
+        return Route(kind, name, upstream=upstream)
     assert ref is not None
-    if kind is Kind.MANIFEST:
-        if ":" in ref:
-            return Route(kind, name, Reference(digest=_digest(ref)))
+    if kind is Kind.MANIFEST and ":" not in ref:
         try:
-            return Route(kind, name, Reference.parse(ref))
+            return Route(kind, name, Reference.parse(ref), upstream)
         except InvalidTag as e:
             raise TagInvalid(str(e)) from None
-    return Route(kind, name, Reference(digest=_digest(ref)))
+    return Route(kind, name, Reference(digest=_digest(ref)), upstream)

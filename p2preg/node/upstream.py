@@ -393,7 +393,8 @@ def _origin(url: str) -> tuple[str, str]:
 
 
 class Upstreams:
-    """The seed registries this node mirrors, by the name containerd sends as `?ns=`.
+    """The seed registries this node mirrors, by the name containerd sends as `?ns=`
+    (or a client puts first in the path, routes.py).
 
     The first one also serves requests that name none.
     """
@@ -410,3 +411,8 @@ class Upstreams:
     @property
     def upstreams(self) -> list[Upstream]:
         return [c.upstream for c in self._by_ns.values()]
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The names a request's path may start with to pick an upstream (routes.py)."""
+        return frozenset(self._by_ns)
