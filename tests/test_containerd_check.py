@@ -185,3 +185,18 @@ def test_status_reports_the_finding_for_the_node_on_this_machine(tmp_path: Path)
             table = _p2preg("status", "--node", node.url, "--host-root", host,
                             "--containerd-version", version)
             assert ("NO: they bypass the node" in table.stdout) is not ok, table.stdout
+
+
+def test_a_node_exports_the_finding_as_a_metric_and_rereads_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text((DATA / "2.1-single-dir.toml").read_text())
+    args = ("--containerd-config", str(config), "--containerd-version", "2.1.4")
+    with open_node(tmp_path / "node", ["http://127.0.0.1:9"], args=args) as node:
+        assert node.metric("p2preg_containerd_config_ok") == 0
+        finding = json.loads(_p2preg("status", "--node", node.url, "--json").stdout)
+        assert finding["node"]["containerd"]["add"] == [LOCAL_PULL]
+        # The operator's fix, before containerd's restart: the next scrape says so.
+        config.write_text((DATA / "2.1-configured.toml").read_text())
+        assert node.metric("p2preg_containerd_config_ok") == 1
+    with open_node(tmp_path / "plain", ["http://127.0.0.1:9"]) as node:
+        assert "p2preg_containerd_config_ok" not in node.metrics()

@@ -3,8 +3,9 @@
 Owns reading `containerd --version` output and containerd's `config.toml`
 (config version 1, 2 or 3) and deciding, for that daemon version, whether CRI
 pulls consult a given hosts directory, and which exact TOML keys to add when
-they do not. Sans-IO apart from `detect_version` (one bounded subprocess): it
-must not write containerd's config or restart anything.
+they do not. Sans-IO apart from `detect_version` (one bounded subprocess) and
+`watch_host` (reads the file): it must not write containerd's config or
+restart anything.
 
 What differs between versions:
 - 1.6/1.7 read `plugins."io.containerd.grpc.v1.cri".registry.config_path`
@@ -25,7 +26,7 @@ import re
 import shutil
 import subprocess
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,3 +210,27 @@ def _judge(
             fix, keys,
         )
     return ConfigCheck(True, f"{where}: the CRI plugin reads hosts.toml from {hosts_dir}.")
+
+
+def watch_host(
+    path: Path, hosts_dir: Path, version: str | None
+) -> Callable[[], dict[str, object]]:
+    """A node's view of its host: the finding as JSON, the file re-read at every call.
+
+    containerd reads its config only when it starts, but an operator fixing it
+    edits the file first; the version (`version`, else `containerd --version`)
+    is read once.
+    """
+    daemon = parse_version(version) if version else detect_version()
+
+    def check() -> dict[str, object]:
+        try:
+            text: str | None = path.read_text()
+        except FileNotFoundError:
+            text = None
+        except OSError as e:
+            reason = f"{path}: cannot read it ({e.strerror})"
+            return ConfigCheck(False, reason, version=str(daemon or "unknown")).as_json()
+        return check_config(text, hosts_dir, path, daemon).as_json()
+
+    return check
