@@ -1,9 +1,10 @@
 """`p2preg containerd-config`: the files it writes, and real containerd pulling with them.
 
 Units check the hosts.toml it renders and how it reads containerd's own
-config.toml (CRI `config_path`). The integration tests run the command as an
-operator would, then `ctr images pull --hosts-dir` on a real containerd: with
-the node up the node serves every blob (its metrics count them, the seed
+config.toml (CRI `config_path`; each release's own: tests/test_containerd_check.py).
+The integration tests run the command as an operator would, then
+`ctr images pull --hosts-dir` on a real containerd: with the node up the node
+serves every blob (its metrics count them, the seed
 registry's log shows only the node fetching), and with the node stopped the
 same files make containerd fall back to the seed registry itself.
 """
@@ -25,6 +26,7 @@ from harness.node import open_node
 from harness.procs import clean_env, free_port
 from harness.registry import Registry
 from p2preg.core.config import HostPort
+from p2preg.node import containerd_check as ck
 from p2preg.node import containerd_config as cc
 from tests.conftest import PushImage
 
@@ -76,23 +78,16 @@ def test_hosts_toml_puts_the_node_first_and_keeps_the_registry_as_server() -> No
 @pytest.mark.parametrize(
     ("config", "hosts_dir", "ok", "says"),
     [
-        (None, "/etc/containerd/certs.d", False, "does not exist"),
         ("version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".cni]\nbin_dir = \"/x\"\n",
-         "/etc/containerd/certs.d", False, "sets no registry config_path"),
-        (f'version = 2\n{V2_CRI}\nconfig_path = "/etc/containerd/certs.d"\n',
-         "/etc/containerd/certs.d", True, "reads hosts.toml"),
-        (f'version = 2\n{V2_CRI}\nconfig_path = "/etc/docker/certs.d:/etc/containerd/certs.d"\n',
-         "/etc/containerd/certs.d", True, "reads hosts.toml"),
+         "/etc/containerd/certs.d", False, "sets no"),
         (f'version = 2\n{V2_CRI}\nconfig_path = "/etc/other"\n',
-         "/etc/containerd/certs.d", False, "does not include"),
+         "/etc/containerd/certs.d", False, "is not /etc/containerd/certs.d"),
         (f'version = 2\n{V2_CRI}\nconfig_path = "/etc/containerd/certs.d"\n'
          f'[plugins."io.containerd.grpc.v1.cri".registry.mirrors."docker.io"]\n'
          'endpoint = ["https://m.example"]\n',
          "/etc/containerd/certs.d", False, "deprecated registry.mirrors"),
         ('version = 2\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n',
          "/etc/containerd/certs.d", True, "disables containerd's CRI plugin"),
-        ("version = 3\n", "/etc/containerd/certs.d", True, "reads hosts.toml"),
-        ("version = 3\n", "/srv/certs.d", False, "does not include"),
         ('[plugins.cri.registry]\nconfig_path = "/etc/containerd/certs.d"\n',
          "/etc/containerd/certs.d", True, "reads hosts.toml"),
         ("version = [", "/etc/containerd/certs.d", False, "not valid TOML"),
@@ -101,15 +96,14 @@ def test_hosts_toml_puts_the_node_first_and_keeps_the_registry_as_server() -> No
 def test_reading_containerds_config(
     config: str | None, hosts_dir: str, ok: bool, says: str
 ) -> None:
-    check = cc.check_containerd_config(config, Path(hosts_dir), Path("/etc/containerd/config.toml"))
+    # Releases and their own configs: tests/test_containerd_check.py; here the odd cases.
+    daemon = ck.Version(1, 6, 20)
+    check = ck.check_config(config, Path(hosts_dir), Path("/etc/containerd/config.toml"), daemon)
     assert check.ok is ok and says in check.message, check
     if not ok and check.fix:
         # The fix, on its own, is a config whose CRI plugin reads hosts_dir.
-        version = 3 if config and "version = 3" in config else 2
-        fixed = check.fix
-        if not fixed.startswith("version"):
-            fixed = f"version = {version}\n{fixed}"
-        assert cc.check_containerd_config(fixed, Path(hosts_dir), Path("/c")).ok
+        fixed = f"version = 2\n{check.fix}"
+        assert ck.check_config(fixed, Path(hosts_dir), Path("/c"), daemon).ok
 
 
 def test_files_it_did_not_write_are_kept_unless_forced(tmp_path: Path) -> None:
@@ -131,18 +125,19 @@ def test_files_it_did_not_write_are_kept_unless_forced(tmp_path: Path) -> None:
     assert again.stdout.startswith("unchanged")
 
 
-def test_a_missing_config_path_is_loud_and_can_be_made_fatal(tmp_path: Path) -> None:
+def test_a_missing_config_path_is_refused_and_ctr_only_writes_anyway(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('version = 2\n[plugins."io.containerd.grpc.v1.cri"]\n')
     args = ("--registry", "docker.io", "--hosts-dir", tmp_path / "certs.d",
-            "--containerd-config", config)
-    proc = _run(*args)
+            "--containerd-config", config, "--containerd-version", "1.6.20")
+    refused = _run(*args, check=False)
+    assert refused.returncode == 2 and not (tmp_path / "certs.d").exists()
+    assert f'registry.config_path = "{tmp_path / "certs.d"}"' in refused.stderr
+    # ctr --hosts-dir uses the files without config_path: written, with the banner.
+    proc = _run(*args, "--ctr-only")
     assert "WARNING: kubelet pulls will NOT go through p2preg" in proc.stderr
     assert f'{V2_CRI}\n      config_path = "{tmp_path / "certs.d"}"' in proc.stderr
     assert "systemctl restart containerd" in proc.stderr
-    strict = _run(*args, "--require-config-path", check=False)
-    assert strict.returncode == cc.EXIT_NO_CONFIG_PATH
-    # The files are written all the same: ctr --hosts-dir uses them.
     assert (tmp_path / "certs.d/docker.io/hosts.toml").exists()
 
 
@@ -164,7 +159,7 @@ def test_the_registries_and_the_node_come_from_the_node_config(tmp_path: Path) -
         'upstream = ["docker.io=https://registry-1.docker.io", "seed.test=http://10.9.9.9:80"]\n'
     )
     _run("--config", node_toml, "--hosts-dir", tmp_path / "d", "--containerd-config",
-         tmp_path / "none.toml", "--default")
+         tmp_path / "none.toml", "--default", "--ctr-only")
     for ns, server in (("docker.io", "https://registry-1.docker.io"),
                        ("seed.test", "http://10.9.9.9:80"), ("_default", None)):
         doc = tomllib.loads((tmp_path / "d" / ns / "hosts.toml").read_text())

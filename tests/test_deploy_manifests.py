@@ -33,7 +33,7 @@ import yaml
 from harness.tlscerts import ClusterCA
 from p2preg import __version__
 from p2preg.cli import build_parser
-from p2preg.core.config import ENV_PREFIX, HostPort, load
+from p2preg.core.config import ENV_PREFIX, ConfigError, HostPort, load
 from p2preg.core.pki import Identity
 from p2preg.core.tls import load_tls_dir
 from p2preg.node import cli as node_cli
@@ -613,6 +613,17 @@ def test_the_init_step_writes_hosts_toml_for_every_upstream(
     (host / "etc/containerd").mkdir(parents=True)
     (host / "etc/containerd/config.toml").write_text(DEBIAN_CONTAINERD_CONFIG)
     argv = [str(host) if a == "/host" else a for a in configure]
+    # As Debian ships it, kubelet pulls would ignore the files: the step refuses,
+    # writes nothing, and names the key (the pod's init container fails, visibly).
+    refused = build_parser("containerd-config").parse_args(_config_path(argv, BASE / "node.toml"))
+    with pytest.raises(ConfigError, match=r'registry\.config_path = "/etc/containerd/certs\.d"'):
+        cc.run(refused)
+    assert not (host / "etc/containerd/certs.d").exists()
+    (host / "etc/containerd/config.toml").write_text(
+        DEBIAN_CONTAINERD_CONFIG
+        + '\n  [plugins."io.containerd.grpc.v1.cri".registry]\n'
+        '    config_path = "/etc/containerd/certs.d"\n'
+    )
     for example in (BASE, EXAMPLE):
         args = build_parser("containerd-config").parse_args(
             _config_path(argv, example / "node.toml")
@@ -625,9 +636,7 @@ def test_the_init_step_writes_hosts_toml_for_every_upstream(
             doc = tomllib.loads(text)
             assert doc["server"] == url
             assert doc["host"] == {f"http://{NODE_LISTEN}": {"capabilities": ["pull", "resolve"]}}
-    err = capsys.readouterr().err
-    assert "WARNING: kubelet pulls will NOT go through p2preg" in err
-    assert 'config_path = "/etc/containerd/certs.d"' in err
+    assert "reads hosts.toml from /etc/containerd/certs.d" in capsys.readouterr().out
 
 
 # -- Kubernetes: who may reach what ------------------------------------------------------------

@@ -137,7 +137,8 @@ def test_reading_the_config_for_its_upstreams_needs_no_certificate(tmp_path: Pat
     hosts = tmp_path / "certs.d"
     proc = subprocess.run(
         [sys.executable, "-m", "p2preg", "containerd-config", "--config", str(toml),
-         "--hosts-dir", str(hosts), "--containerd-config", str(tmp_path / "absent.toml")],
+         "--hosts-dir", str(hosts), "--containerd-config", str(tmp_path / "absent.toml"),
+         "--ctr-only"],
         capture_output=True, text=True, timeout=60, env=clean_env(drop_prefixes=["P2PREG_"]),
     )
     assert proc.returncode == 0, proc.stderr

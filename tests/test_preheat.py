@@ -197,7 +197,7 @@ def test_after_a_preheat_the_next_pull_costs_the_seed_no_blob_bytes(
     hosts = tmp_path / "certs.d"
     wrote = _p2preg("containerd-config", "--registry", f"{SEED_NS}={registry.url}",
                     "--node", nodes[2].url, "--hosts-dir", str(hosts),
-                    "--containerd-config", str(tmp_path / "absent.toml"))
+                    "--containerd-config", str(tmp_path / "absent.toml"), "--ctr-only")
     assert wrote.returncode == 0, wrote.stderr
     daemon = containerd_factory()
     daemon.pull(ref, hosts, platform="linux/amd64")

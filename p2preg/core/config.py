@@ -137,6 +137,9 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
     "node": frozenset(
         {
             "admin_token_file",
+            "containerd_config",
+            "containerd_hosts_dir",
+            "containerd_version",
             "credentials",
             "credentials_file",
             "data_dir",

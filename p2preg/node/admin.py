@@ -157,6 +157,8 @@ def status_doc(admin: Admin, started_unix: float, *, full: bool) -> dict[str, ob
         },
         "streams_active": count("p2preg_blob_streams_active"),
     }
+    if metrics.containerd is not None:
+        doc["containerd"] = metrics.containerd
     if full:
         doc["upstreams"] = _upstreams(admin.upstreams.upstreams)
         doc["recent"] = [asdict(r) for r in reversed(admin.blobs.recent)]

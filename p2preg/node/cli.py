@@ -95,11 +95,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a token realm host that may get NS's credentials besides NS's own host "
         "(repeatable; e.g. docker.io=auth.docker.io)",
     )
+    _add_containerd_arguments(p)
     p.add_argument("--log-level", help="logging level (default INFO)")
     p.add_argument(
         "--shutdown-grace-s",
         metavar="SECONDS",
         help="on SIGTERM, how long responses in flight may take to finish (10)",
+    )
+
+
+def _add_containerd_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--containerd-config",
+        metavar="PATH",
+        help="containerd's config.toml as this node sees it: report whether kubelet pulls "
+        "reach the node (p2preg_containerd_config_ok)",
+    )
+    p.add_argument(
+        "--containerd-version",
+        metavar="VERSION",
+        help="containerd's version where `containerd --version` cannot run (2.1.3)",
+    )
+    p.add_argument(
+        "--containerd-hosts-dir",
+        metavar="DIR",
+        help="the hosts.toml directory as containerd names it (/etc/containerd/certs.d)",
     )
 
 

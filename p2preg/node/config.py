@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from p2preg.core.config import ConfigError, GiB, HostPort, MiB
 from p2preg.core.hostfiles import read_secret_file
 from p2preg.core.tls import load_tls_dir
+from p2preg.node.containerd_check import parse_version
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +170,14 @@ class NodeConfig:
     tls_dir: Path | None = None
     # Plain text beyond loopback, on purpose: a token cluster on a trusted network.
     insecure: bool = False
+    # containerd's config.toml as this node sees it (in a pod: the host's, mounted);
+    # with it the node reports whether kubelet pulls reach it at all
+    # (p2preg_containerd_config_ok, status `containerd`), re-read at every scrape.
+    containerd_config: Path | None = None
+    # The daemon's version where `containerd --version` cannot run (a pod).
+    containerd_version: str | None = None
+    # The hosts.toml directory as containerd names it (containerd-config --hosts-dir).
+    containerd_hosts_dir: Path = Path("/etc/containerd/certs.d")
 
     def __post_init__(self) -> None:
         if not self.upstream:
@@ -192,6 +201,10 @@ class NodeConfig:
             raise ConfigError("shutdown_grace_s must be ≥ 0")
         if self.peer_stall_report_s <= 0:
             raise ConfigError("peer_stall_report_s must be > 0")
+        if self.containerd_version is not None and parse_version(self.containerd_version) is None:
+            raise ConfigError(
+                f"containerd_version takes a version such as 2.1.3, got {self.containerd_version!r}"
+            )
         if self.tls_dir is not None and self.insecure:
             raise ConfigError("give tls_dir or insecure, not both: a cluster is one or the other")
         if self.tls_dir is not None and self.tracker_token is not None:

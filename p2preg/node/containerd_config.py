@@ -4,12 +4,14 @@ Owns writing `<hosts-dir>/<registry>/hosts.toml` for each registry the node
 mirrors (and `_default/hosts.toml` on request): the node is the first host,
 the registry itself stays the `server`, so a node that is down or refuses a
 request costs containerd one refused connection, not a failed pull. It also
-reads containerd's own `config.toml`, because containerd 1.6/1.7's CRI plugin
-(what kubelet pulls through) ignores hosts.toml until its registry
-`config_path` names the directory, and containerd reads that only when it
-starts. It says so loudly, with the exact change to make; it never edits
-config.toml and never restarts containerd (that is a decision for whoever
-runs the machine, as with Spegel and Dragonfly).
+reads the daemon's version and its `config.toml` (p2preg/node/containerd_check.py),
+because containerd's CRI plugin (what kubelet pulls through) ignores hosts.toml
+until its registry `config_path` names the directory (and, from 2.1, until
+`use_local_image_pull` is set), and containerd reads that only when it starts.
+Files the daemon would ignore look like a working setup, so it refuses to
+write them (exit 2, naming the TOML keys to add) unless told they are for ctr
+alone. It never edits config.toml and never restarts containerd (that is a
+decision for whoever runs the machine, as with Spegel and Dragonfly).
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ import argparse
 import dataclasses
 import os
 import sys
-import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from p2preg.core.config import ConfigError, HostPort, load
 from p2preg.node.config import NodeConfig, Upstream
+from p2preg.node.containerd_check import ConfigCheck, check_config, detect_version, parse_version
 
 MARKER = "# Written by `p2preg containerd-config`"
 DEFAULT_HOSTS_DIR = Path("/etc/containerd/certs.d")
@@ -32,15 +34,10 @@ DEFAULT_CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 DEFAULT_NAMESPACE = "_default"
 # containerd's own name for Docker Hub's API host.
 DOCKER_HUB = ("docker.io", "https://registry-1.docker.io")
-CRI_V2 = "io.containerd.grpc.v1.cri"  # containerd 1.x, config version 2
-CRI_V3_IMAGES = "io.containerd.cri.v1.images"  # containerd 2.x, config version 3
-# containerd 2.x's default config_path; 1.6/1.7 default to none at all.
-V3_DEFAULT_CONFIG_PATH = "/etc/containerd/certs.d:/etc/docker/certs.d"
 # A config written just before containerd started is not "changed since": the
 # start time has a granularity of one clock tick and the writer may be a script.
 STALE_MARGIN_S = 1.0
 EXIT_FOREIGN_FILE = 1
-EXIT_NO_CONFIG_PATH = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,86 +96,22 @@ def _toml_str(s: str) -> str:
 # -- containerd's config.toml ------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class ConfigCheck:
-    """What containerd's config.toml means for kubelet pulls through `hosts_dir`."""
-
-    ok: bool
-    message: str
-    fix: str = ""
-
-
-def _table(doc: Mapping[str, object], *keys: str) -> Mapping[str, object]:
-    node: object = doc
-    for key in keys:
-        node = node.get(key, {}) if isinstance(node, Mapping) else {}
-    return node if isinstance(node, Mapping) else {}
-
-
-def fix_snippet(version: int, hosts_dir: Path) -> str:
-    table = (
-        f'[plugins."{CRI_V3_IMAGES}".registry]'
-        if version >= 3
-        else f'[plugins."{CRI_V2}".registry]'
-        if version == 2
-        else "[plugins.cri.registry]"
-    )
-    return f"{table}\n  config_path = {_toml_str(str(hosts_dir))}"
-
-
-def check_containerd_config(text: str | None, hosts_dir: Path, path: Path) -> ConfigCheck:
-    """Whether kubelet pulls (CRI) read hosts.toml from `hosts_dir` with this config."""
-    if text is None:
-        return ConfigCheck(
-            False,
-            f"{path} does not exist: containerd 1.6/1.7 then runs with no registry "
-            "config_path, and its CRI plugin (kubelet) ignores hosts.toml.",
-            f"version = 2\n\n{fix_snippet(2, hosts_dir)}",
-        )
+def read_containerd_config(root: Path, config_file: Path) -> str | None:
+    """The host's containerd config text, None when it has none."""
     try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        return ConfigCheck(False, f"{path} is not valid TOML ({e}); containerd will not start.")
-    version = doc.get("version", 1)
-    version = version if isinstance(version, int) else 1
-    disabled = doc.get("disabled_plugins", [])
-    if isinstance(disabled, list) and ({CRI_V2, "cri", CRI_V3_IMAGES} & set(map(str, disabled))):
-        return ConfigCheck(
-            True,
-            f"{path} disables containerd's CRI plugin: no kubelet pulls here; ctr and "
-            "nerdctl read hosts.toml with --hosts-dir.",
-        )
-    if version >= 3:
-        registry = _table(doc, "plugins", CRI_V3_IMAGES, "registry")
-        default = V3_DEFAULT_CONFIG_PATH
-    else:
-        registry = _table(doc, "plugins", CRI_V2 if version == 2 else "cri", "registry")
-        default = ""
-    config_path = registry.get("config_path", default)
-    config_path = config_path if isinstance(config_path, str) else ""
-    fix = fix_snippet(version, hosts_dir)
-    if registry.get("mirrors"):
-        return ConfigCheck(
-            False,
-            f"{path} sets the deprecated registry.mirrors: containerd refuses it together "
-            "with config_path. Move those mirrors into hosts.toml files and remove them.",
-            fix,
-        )
-    if not config_path:
-        return ConfigCheck(
-            False,
-            f"{path} sets no registry config_path (containerd 1.6/1.7's default is none): "
-            f"the CRI plugin, and so kubelet, ignores {hosts_dir}.",
-            fix,
-        )
-    dirs = [Path(d) for d in config_path.split(":") if d]
-    if hosts_dir not in dirs:
-        return ConfigCheck(
-            False,
-            f"{path} has config_path = {config_path!r}, which does not include {hosts_dir}.",
-            fix,
-        )
-    return ConfigCheck(True, f"{path}: the CRI plugin reads hosts.toml from {hosts_dir}.")
+        return on_host(root, config_file).read_text()
+    except FileNotFoundError:
+        return None
+
+
+def check_host(
+    root: Path, config_file: Path, hosts_dir: Path, version: str | None
+) -> ConfigCheck:
+    """The finding for this host's containerd: `version` as given, else `containerd --version`."""
+    daemon = parse_version(version) if version else detect_version()
+    if version and daemon is None:
+        raise ConfigError(f"--containerd-version takes a version such as 2.1.3, got {version!r}")
+    return check_config(read_containerd_config(root, config_file), hosts_dir, config_file, daemon)
 
 
 def _containerd_config_of(cmdline: list[str]) -> Path:
@@ -284,9 +217,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"containerd's config to check for config_path ({DEFAULT_CONTAINERD_CONFIG})",
     )
     p.add_argument(
-        "--require-config-path",
+        "--containerd-version",
+        metavar="VERSION",
+        help="the daemon's version (1.6, 2.1.3, ...) where `containerd --version` cannot run",
+    )
+    p.add_argument(
+        "--ctr-only",
         action="store_true",
-        help=f"exit {EXIT_NO_CONFIG_PATH} when kubelet pulls would not read these files",
+        help="write the files even when kubelet pulls would ignore them (for ctr/nerdctl "
+        "--hosts-dir); otherwise such a host is refused with exit 2",
     )
     p.add_argument(
         "--force", action="store_true", help="overwrite hosts.toml files not written by p2preg"
@@ -349,14 +288,17 @@ def run(args: argparse.Namespace) -> int:
             path = on_host(root, hosts_dir / registry.name / "hosts.toml")
             print(f"# {path}\n{render_hosts_toml(registry, node)}")
         return 0
-    kept = _write_all(registries, node, root, hosts_dir, force=getattr(args, "force", False))
     config_file: Path = getattr(args, "containerd_config", DEFAULT_CONTAINERD_CONFIG)
-    config_ok = _report_containerd(root, config_file, hosts_dir)
-    if kept:
-        return EXIT_FOREIGN_FILE
-    if not config_ok and getattr(args, "require_config_path", False):
-        return EXIT_NO_CONFIG_PATH
-    return 0
+    check = check_host(root, config_file, hosts_dir, getattr(args, "containerd_version", None))
+    if not check.ok and not getattr(args, "ctr_only", False):
+        # Files the daemon would ignore look like a working setup: write none.
+        raise ConfigError(
+            f"refusing to write hosts.toml that kubelet pulls would ignore (containerd "
+            f"{check.version}): {check.message} (--ctr-only writes them for ctr alone)"
+        )
+    kept = _write_all(registries, node, root, hosts_dir, force=getattr(args, "force", False))
+    _report_containerd(root, config_file, check)
+    return EXIT_FOREIGN_FILE if kept else 0
 
 
 def _write_all(
@@ -380,15 +322,10 @@ def _write_all(
     return kept
 
 
-def _report_containerd(root: Path, config_file: Path, hosts_dir: Path) -> bool:
-    """Say, loudly when it matters, whether kubelet pulls will read the files."""
-    try:
-        config_text: str | None = on_host(root, config_file).read_text()
-    except FileNotFoundError:
-        config_text = None
-    check = check_containerd_config(config_text, hosts_dir, config_file)
+def _report_containerd(root: Path, config_file: Path, check: ConfigCheck) -> None:
+    """Say whether kubelet pulls read the files, loudly when they do not (--ctr-only)."""
     if check.ok:
-        print(f"containerd: {check.message}")
+        print(f"containerd {check.version}: {check.message}")
     else:
         lines = ["WARNING: kubelet pulls will NOT go through p2preg on this machine."]
         lines.append(check.message)
@@ -416,4 +353,3 @@ def _report_containerd(root: Path, config_file: Path, hosts_dir: Path) -> bool:
             ),
             file=sys.stderr,
         )
-    return check.ok

@@ -8,6 +8,7 @@ are an interface (dashboards, bench/): they must not change.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -24,6 +25,10 @@ class StoreStats(Protocol):
 
 
 class NodeMetrics:
+    # This host's containerd finding (watch_containerd), as of the last refresh.
+    _containerd: Callable[[], dict[str, object]] | None = None
+    containerd: dict[str, object] | None = None
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -104,12 +109,27 @@ class NodeMetrics:
         )
         self.blobs_seeded = Gauge("p2preg_blobs_seeded", "Blobs this node seeds", registry=r)
 
+    def watch_containerd(self, check: Callable[[], dict[str, object]]) -> None:
+        """Export `check()["ok"]` as p2preg_containerd_config_ok, read at each refresh.
+
+        Registered only here: a node that does not check exports no 0 that reads as "bypassed".
+        """
+        self._containerd = check
+        self.containerd_config_ok = Gauge(
+            "p2preg_containerd_config_ok",
+            "1 when containerd's CRI plugin (kubelet pulls) reads this node's hosts.toml",
+            registry=self.registry,
+        )
+
     def refresh(self, store: StoreStats) -> None:
         """Gauges read from the store when they are shown, not kept up to date."""
         self.store_bytes.set(store.used_bytes)
         self.store_blobs.set(len(store))
         self.store_budget.set(store.max_bytes)
         self.store_evictions.set(store.evictions)
+        if self._containerd is not None:
+            self.containerd = self._containerd()
+            self.containerd_config_ok.set(1 if self.containerd["ok"] else 0)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -35,6 +35,7 @@ from p2preg.node.adminauth import AdminAuth, open_admin_auth
 from p2preg.node.blobs import Blobs
 from p2preg.node.blobstream import BlobStreams
 from p2preg.node.config import Credential, NodeConfig
+from p2preg.node.containerd_check import watch_host
 from p2preg.node.credentials import node_credentials
 from p2preg.node.facade import Registry, create_app
 from p2preg.node.fetch import BlobFetcher, Cluster, SwarmSettings
@@ -178,6 +179,10 @@ def _read_secrets(config: NodeConfig) -> _Secrets:
 async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
     held = _read_secrets(config)
     metrics = NodeMetrics()
+    if config.containerd_config is not None:
+        metrics.watch_containerd(watch_host(
+            config.containerd_config, config.containerd_hosts_dir, config.containerd_version
+        ))
     tenancy = Tenancy()
     pull_order = PullOrder()
     torrents = TorrentFiles(config.data_dir / "torrents")

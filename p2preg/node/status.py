@@ -2,8 +2,11 @@
 
 Owns reading a node's `GET /_p2preg/status` (p2preg/node/admin.py) and the
 tracker's `GET /v1/status` (tracker/server.py) and laying them out with rich;
-`--json` prints what was read, unchanged, for scripts. It only reads: it must
-not change anything on either side.
+`--json` prints what was read, unchanged, for scripts. For a node on this
+machine it also reads this machine's containerd (version and config.toml,
+p2preg/node/containerd_check.py) and reports, as the `containerd` field,
+whether kubelet pulls go through the node at all. It only reads: it must not
+change anything on either side.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -105,6 +110,42 @@ def node_tables(doc: dict[str, Any], url: str, recent: int) -> list[Table]:
     return [grid, pulls]
 
 
+def containerd_table(finding: dict[str, Any]) -> Table:
+    """This machine's containerd: do kubelet pulls reach the node?"""
+    grid = Table(title="containerd on this machine", title_justify="left", show_header=False)
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("version", finding["version"])
+    verdict = "[green]yes[/green]" if finding["ok"] else "[red]NO: they bypass the node[/red]"
+    grid.add_row("kubelet pulls via node", verdict)
+    grid.add_row("why", finding["reason"])
+    if finding["add"]:
+        grid.add_row("add, then restart", "\n".join(finding["add"]))
+    return grid
+
+
+def containerd_finding(args: argparse.Namespace, node: str | None) -> dict[str, Any] | None:
+    """The containerd check for a node on this machine (or when its config is named)."""
+    from p2preg.node.containerd_config import (
+        DEFAULT_CONTAINERD_CONFIG,
+        DEFAULT_HOSTS_DIR,
+        check_host,
+    )
+
+    config = getattr(args, "containerd_config", None)
+    version = getattr(args, "containerd_version", None)
+    local = node is not None and urlsplit(node).hostname in ("127.0.0.1", "::1", "localhost")
+    if config is None and version is None and not local:
+        return None
+    check = check_host(
+        getattr(args, "host_root", None) or Path("/"),
+        config or DEFAULT_CONTAINERD_CONFIG,
+        getattr(args, "hosts_dir", None) or DEFAULT_HOSTS_DIR,
+        version,
+    )
+    return check.as_json()
+
+
 def tracker_tables(doc: dict[str, Any], url: str) -> list[Table]:
     """The tracker's totals and its busiest swarms."""
     grid = Table(title=f"tracker {url}", title_justify="left", show_header=False, min_width=60)
@@ -174,6 +215,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recent", type=int, metavar="N", help="recent fetches listed (10)")
     p.add_argument("--limit", type=int, metavar="N", help="swarms listed (20)")
     p.add_argument("--json", action="store_true", help="print what was read, as JSON")
+    p.add_argument("--containerd-config", type=Path, metavar="PATH",
+                   help="this machine's containerd config, checked when the node is local "
+                   "(/etc/containerd/config.toml)")
+    p.add_argument("--containerd-version", metavar="VERSION",
+                   help="containerd's version where `containerd --version` cannot run")
+    p.add_argument("--hosts-dir", type=Path, metavar="DIR",
+                   help="the hosts.toml directory containerd should read (/etc/containerd/certs.d)")
+    p.add_argument("--host-root", type=Path, metavar="DIR",
+                   help="where the host's / is mounted (in a pod: /host)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -186,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
     node = node.rstrip("/") if node else None
     tls = read_tls(args, trackers) if trackers else None
     token = None if tls is not None else read_token(args)
+    containerd = containerd_finding(args, node)
     try:
         admin = read_admin_token(getattr(args, "admin_token_file", None)) if node else None
         node_doc, tracker_doc, tracker = trio.run(
@@ -195,9 +246,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"p2preg status: {e}", file=sys.stderr)
         return 1
     if getattr(args, "json", False):
-        print(json.dumps({"node": node_doc, "tracker": tracker_doc}, indent=2))
+        doc = {"node": node_doc, "tracker": tracker_doc}
+        if containerd is not None:
+            doc["containerd"] = containerd
+        print(json.dumps(doc, indent=2))
         return 0
     console = Console()
+    if containerd is not None:
+        console.print(containerd_table(containerd))
     if node_doc is not None and node is not None:
         for table in node_tables(node_doc, node, max(0, getattr(args, "recent", 10))):
             console.print(table)
