@@ -24,6 +24,15 @@ Then rounds alternate (order flipped every round):
   and from each other; each keeps seeding until all are done;
 - nginx: `sendfile on`, one worker, serving the same file; `curl -o /dev/null`
   with 1 client and with N concurrent clients.
+- slowpeer and fast2 (`--cases slowpeer` runs both): a tracker of their own,
+  where the blob is filed with no seeder; one leecher starts alone (slowpeer:
+  beside a seeder limited to `--slow-from-kib-s`, 4 MiB/s); `--slow-head-s`
+  (3 s) later that seeder drops to `--slow-kib-s` (64 KiB/s; a node that got
+  busy) and two fast seeders join (each checks its hard link of the blob
+  first). Timed from the first fast seeder's `ready` to the leecher's flush;
+  fast2 is the same round without the slow seeder, and fast2/slowpeer is the
+  time the slow peer costs. What the slow seeder sent, before it slowed and in
+  all, is in the JSON. `--slow-from-kib-s 64` makes it slow from the start.
 
 Every peer is a separate process on 127.0.0.1, announcing to the tracker's HTTP
 announce URL. A leecher is started and listening before its round; its time is

@@ -20,6 +20,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ from bench.peer.cluster import (
     Member,
     TLSCluster,
     announce_urls,
+    file_only,
+    joining_seeder,
     leecher,
     piece_rule,
     seeding,
@@ -65,6 +68,11 @@ CASES = {
     "swarm": ("swarm 1→{n}", False),
     "nginxN": ("nginx {n} clients", False),
     "nginxNfile": ("nginx {n} clients → file", False),
+    # One leecher, two fast seeders (`seed` and `seed-2`), and beside them a
+    # seeder limited to --slow-kib-s (`slow`); `fast2` is the same swarm
+    # without it. Asking for `slowpeer` runs `fast2` too: their time ratio.
+    "fast2": ("swarm 2 fast → 1", True),
+    "slowpeer": ("swarm 2 fast + 1 slow → 1", True),
 }
 
 console = Console()
@@ -151,8 +159,64 @@ class _Run:
     nginx_url: str
     nginx_pid: int
     tls: _TLSPair | None = None
+    # The slow-peer rounds' tracker, the metainfo and the blob, for their seeders.
+    slow_url: str = ""
+    meta: Metainfo | None = None
+    blob: Path | None = None
+
+    def slow_round(self, slow: bool, r: int) -> Sample:
+        """`fast2`, or `slowpeer` (with the slow seeder), on the slow-peer tracker.
+
+        The leecher starts alone (with `slowpeer`, beside the slow seeder only,
+        at `--slow-from-kib-s`); `--slow-head-s` later the slow seeder drops to
+        `--slow-kib-s` and two fast seeders join; the round is timed from the
+        first one's `ready` to the leecher's flush: what the slow peer holds then.
+        """
+        assert self.meta is not None and self.blob is not None and self.slow_url
+        meta, blob, url = self.meta, self.blob, self.slow_url
+        tag = f"{'slow' if slow else 'fast'}{r}"
+        torrent, work = self.tmp / "blob.torrent", self.tmp / tag
+        with contextlib.ExitStack() as stack:
+
+            def join(name: str, *extra: str) -> Peer:
+                seeder = joining_seeder(
+                    self.args, Member(url, name), meta, torrent, blob, work / name, extra
+                )
+                return stack.enter_context(seeder)
+
+            slowpoke = None
+            if slow:
+                slowpoke = join("slow", "--upload-limit", str(self.args.slow_from_kib_s * KiB))
+                slowpoke.expect("ready", 60.0)
+
+            def fast_seeders_join() -> float:
+                time.sleep(self.args.slow_head_s)
+                if slowpoke is not None:
+                    slowpoke.send(f"rate {self.args.slow_kib_s * KiB}")
+                    slowed = slowpoke.expect("rate", 10.0)["payload_up"]
+                    sample_detail["slow_upload_before_bytes"] = slowed
+                fast = [join("fast-1"), join("fast-2")]
+                # (both check the blob at once: the first ready one serves from then)
+                return min(float(s.expect("ready", 60.0)["at"]) for s in fast)
+
+            sample_detail: dict[str, Any] = {}
+            (announce,) = announce_urls([Member(url, leecher(0))])
+            sample = swarm_round(
+                self.args, self.tmp, torrent, [announce], self.seeder, self.size, tag,
+                self.memory, midway=fast_seeders_join,
+            )  # fmt: skip
+            sample.detail.update(sample_detail)
+            if slowpoke is not None:
+                slowpoke.send("stats")
+                sample.detail["slow_upload_bytes"] = slowpoke.expect("stats", 10.0)["payload_up"]
+        shutil.rmtree(work, ignore_errors=True)
+        sample.seconds = max(sample.detail["after_midway_s"])
+        sample.mb_per_s = self.size / sample.seconds / MB
+        return sample
 
     def round(self, key: str, case: Case, r: int) -> Sample:
+        if key in ("fast2", "slowpeer"):
+            return self.slow_round(key == "slowpeer", r)
         if key == "pairtls":
             assert self.tls is not None
             t = self.tls
@@ -214,11 +278,16 @@ def _measure(
         with (
             seeding(args, Member(url, SEEDER), meta, torrent, seed_dir) as seeder,
             tls_pair(args, tmp, blob, meta, seed_dir) as tls,
+            contextlib.ExitStack() as stack,
         ):
             # Seed mode checks each piece the first time it is sent: do that once.
             warmup = swarm_round(args, tmp, torrent, announces[:1], seeder, size, "warmup", memory)
             console.print(f"  warm-up pair (seeder checks pieces): {warmup.mb_per_s:.0f} MB/s")
             run = _Run(args, tmp, announces, seeder, size, memory, ngx.url, ngx.pid, tls)
+            run.meta, run.blob = meta, blob
+            if "fast2" in args.cases:
+                run.slow_url = stack.enter_context(tracker(tmp / "tracker-slow", piece_bytes))
+                file_only(Member(run.slow_url, SEEDER), meta)
             if tls is not None:
                 w = run.round("pairtls", Case("warm-up TLS", 1), -1)
                 console.print(f"  warm-up TLS pair (seeder checks pieces): {w.mb_per_s:.0f} MB/s")
@@ -230,6 +299,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     size = args.size_mib * MiB
     n = args.leechers
     parse_overrides(args.set)  # fail before starting anything
+    if "slowpeer" in args.cases and "fast2" not in args.cases:
+        args.cases.append("fast2")
     base = Path(args.workdir) if args.workdir else None
     tmp = Path(tempfile.mkdtemp(prefix="p2preg-bench-peer-", dir=base))
     cases = {
@@ -258,6 +329,8 @@ def ratios(cases: dict[str, Case]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for swarm, ngx in (
         ("pairtls", "pair"),
+        # rates fast / slow: the slow-peer swarm's time over the same swarm's without it
+        ("fast2", "slowpeer"),
         ("pair", "nginx1"),
         ("pair", "nginx1file"),
         ("swarm", "nginxN"),
@@ -295,7 +368,10 @@ def report(result: dict[str, Any], out: Path) -> None:
             f"{max(x['others_cpus'] for x in case['samples']):.1f}",
         )
     console.print(table)
-    ratios = Table(title="ratios: swarm / nginx, TLS pair / plain pair")
+    ratios = Table(
+        title="ratios: swarm / nginx, TLS pair / plain pair, 2 fast / 2 fast + slow"
+        " (= time with the slow peer / without)"
+    )
     for col in ("comparison", "of medians", "per round (min .. max)"):
         ratios.add_column(col, justify="left" if col == "comparison" else "right")
     for key, r in result["ratios"].items():
@@ -320,6 +396,15 @@ def report(result: dict[str, Any], out: Path) -> None:
             + (f", leechers uploaded {uploaded:.0f} MB" if key == "swarm" else "")
             + f" (of {n if key == 'swarm' else 1} x {result['blob_bytes'] / MB:.0f} MB)"
         )
+    slow = result["cases"].get("slowpeer")
+    if slow is not None:
+        samples = slow["samples"]
+        shares = [x["detail"]["slow_upload_bytes"] / result["blob_bytes"] for x in samples]
+        seconds = ", ".join(f"{x['seconds']:.2f}" for x in samples)
+        console.print(
+            f"{slow['name']}: {seconds} s; the slow seeder sent"
+            f" {', '.join(f'{x:.2%}' for x in shares)} of the blob"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     console.print(f"wrote {out}")
@@ -342,6 +427,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="guest memory state before a timed write (see Memory; warm is an experiment)",
     )
     parser.add_argument("--transfer-timeout-s", type=float, default=120.0)
+    parser.add_argument(
+        "--slow-kib-s", type=int, default=64, help="the slow seeder's upload limit (slowpeer)"
+    )
+    parser.add_argument(
+        "--slow-from-kib-s",
+        type=int,
+        default=4096,
+        help="slowpeer: the slow seeder's limit before it slows (a busy node was fast)",
+    )
+    parser.add_argument(
+        "--slow-head-s",
+        type=float,
+        default=3.0,
+        help="slowpeer: seconds the leecher has the slow seeder alone before the fast ones join",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--disk-io", choices=["default", "mmap", "posix", "pread"])
     parser.add_argument("--piece-kib", type=int, help="force this piece size (experiment)")
@@ -358,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--announce", help=argparse.SUPPRESS)
     parser.add_argument("--tls-dir", help=argparse.SUPPRESS)
     parser.add_argument("--timeout-s", type=float, default=600.0, help=argparse.SUPPRESS)
+    parser.add_argument("--upload-limit", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--full-check", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role != "bench":
         return run_peer(args)

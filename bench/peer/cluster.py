@@ -12,8 +12,11 @@ digest's lease, reports the fetch complete, publishes the metainfo, and gives
 the lease back once its own announce was answered. Leechers do not confirm
 (a node confirms after verifying the whole blob; the worker hashes only with
 `--verify`), so the tracker hands them out as downloaders, which changes no
-round: every peer gets every other in one answer. It must not time anything
-nor loosen a tracker rule.
+round: every peer gets every other in one answer. The slow-peer rounds have
+a tracker of their own where the blob is filed with no seeder (`file_only`),
+and their seeders join as nodes that verified the blob (`joining_seeder`:
+confirmed, so counted as seeders). It must not time anything nor loosen a
+tracker rule.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from harness.tlscerts import ClusterCA
 from harness.tracker import TRACKER_COMMAND, open_tracker
 from p2preg.core import wire
 from p2preg.core.digest import Digest
-from p2preg.core.metainfo import Metainfo
+from p2preg.core.metainfo import Metainfo, info_name
 from p2preg.core.pki import Identity, issue
 from p2preg.core.tls import ReloadingTLS
 from tracker.client import TrackerClient
@@ -162,6 +165,45 @@ def seeding(
         seeder.expect("ready", READY_TIMEOUT_S)
         trio.run(_release, member, meta.digest, lease_id)
         yield seeder
+
+
+async def _confirm(member: Member, meta: Metainfo) -> None:
+    client = member.client()
+    try:
+        await client.confirm_seed(meta.digest, meta.info_hash_v2)
+    finally:
+        await client.aclose()
+
+
+@contextlib.contextmanager
+def joining_seeder(
+    args: argparse.Namespace,
+    member: Member,
+    meta: Metainfo,
+    torrent: Path,
+    blob: Path,
+    workdir: Path,
+    extra: Sequence[str] = (),
+) -> Iterator[Peer]:
+    """Another seeder of the filed `meta`, as a node that downloaded and verified it:
+    confirmed with the tracker, its own hard link of `blob` under `workdir`
+    (which holds its log), the file checked whole before its announce (no seed
+    mode, so the round it serves pays no first-send checks). Started, not
+    waited for: it says `ready` once checked and announced."""
+    save = workdir / "data"
+    save.mkdir(parents=True)
+    os.link(blob, save / info_name(meta.digest))
+    trio.run(_confirm, member, meta)
+    (announce,) = announce_urls([member])
+    with peers(args, "seed", torrent, [save], [announce], ("--full-check", *extra)) as (s,):
+        yield s
+
+
+def file_only(member: Member, meta: Metainfo) -> None:
+    """File `meta` as `member` would after an upstream fetch, and give the lease back at
+    once: for a swarm whose seeders all join later (`joining_seeder`)."""
+    lease_id = trio.run(_file, member, meta)
+    trio.run(_release, member, meta.digest, lease_id)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,8 +212,11 @@ def swarm_round(
     tag: str,
     memory: Memory,
     extra: Sequence[str] = (),
+    midway: Callable[[], float] | None = None,
 ) -> Sample:
-    """One leecher per announce URL (one per node identity), all at once."""
+    """One leecher per announce URL (one per node identity), all at once; `midway`,
+    called once they were told to go, returns when (time.monotonic) what it did was done,
+    and each leecher's time from then is in the detail (`after_midway_s`)."""
     n = len(announces)
     saves = [workdir / f"leech-{tag}-{i}" for i in range(n)]
     try:
@@ -225,6 +228,7 @@ def swarm_round(
             seed_cpu0, busy0, t0 = seeder.cpu_s(), busy_seconds(), time.monotonic()
             for p in leechers:
                 p.send("go")
+            mid = midway() if midway is not None else None
             done = [p.expect("done", args.transfer_timeout_s) for p in leechers]
             seed_cpu, busy_s = seeder.cpu_s() - seed_cpu0, busy_seconds() - busy0
             window = time.monotonic() - t0
@@ -253,8 +257,10 @@ def swarm_round(
         "leecher_busiest_threads_pct": [
             {k: round(100 * v / wall) for k, v in d["threads_cpu_s"].items()} for d in done
         ],
+        "after_midway_s": [round(e - mid, 4) for e in ends] if mid is not None else None,
         "hash_failures": sum(d["hash_failures"] for d in done),
         "leecher_upload_mb": [round(b["payload_up"] / MB, 1) for b in byes],
+        "redundant_mb": [round(d.get("redundant", 0) / MB, 2) for d in done],
     }
     own = seed_cpu + sum(d["cpu_s"] for d in done)
     return Sample(n * size / wall / MB, wall, busy, round((busy_s - own) / window, 2), detail)

@@ -112,7 +112,8 @@ class _Stdin:
 
 
 def _torrent_params(meta: bytes, save_path: Path, announce: str, *, seed: bool) -> Any:
-    """The same add_torrent_params as `p2preg.node.swarm.Swarm._params` (+ seed mode for a seed)."""
+    """The same add_torrent_params as `p2preg.node.swarm.Swarm._params` (+ seed mode for a
+    seed; without it a seed's file is checked whole before it announces)."""
     atp = lt.add_torrent_params()
     atp.ti = lt.torrent_info(meta)
     atp.save_path = str(save_path)
@@ -144,12 +145,23 @@ def _add(session: Any, args: argparse.Namespace, atp: Any) -> Any:
     return handle
 
 
+def _set_upload_limit(session: Any, bytes_per_s: int) -> None:
+    """Loopback peers are in libtorrent's `local` class, which the global limit
+    does not cover: limit both (tests/fixtures/faults.py SlowSeeder); 0 lifts it."""
+    for cls in (session.local_peer_class_id, session.global_peer_class_id):
+        pc = session.get_peer_class(cls)
+        pc["upload_limit"] = bytes_per_s
+        session.set_peer_class(cls, pc)
+
+
 def _open_session(args: argparse.Namespace) -> Any:
     settings = peer_settings(parse_overrides(args.set), tls=bool(args.tls_dir))
     params = lt.session_params(cast(Any, settings))
     if args.disk_io:
         params.disk_io_constructor = f"{args.disk_io}_disk_io_constructor"
     session = lt.session(params)
+    if args.upload_limit:
+        _set_upload_limit(session, args.upload_limit)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while _port(session, args) == 0:
         if time.monotonic() > deadline:
@@ -187,13 +199,14 @@ def run_peer(args: argparse.Namespace) -> int:
     times: dict[str, float] = {}
     counts = {"hash_failures": 0}
     if args.role == "seed":
-        handle = _add(session, args, _torrent_params(meta, save, args.announce, seed=True))
-        while "tracker_reply" not in times:
+        atp = _torrent_params(meta, save, args.announce, seed=not args.full_check)
+        handle = _add(session, args, atp)
+        while "tracker_reply" not in times or not handle.status().is_seeding:
             if time.monotonic() > deadline:
-                raise SystemExit("seed: the tracker never answered")
+                raise SystemExit("seed: the tracker never answered, or the file did not check")
             session.wait_for_alert(100)
             _drain(session, handle, times, counts)
-        _emit("ready", port=_port(session, args))
+        _emit("ready", port=_port(session, args), at=time.monotonic())
     else:
         _emit("ready", port=_port(session, args))
         while (line := stdin.line(1.0)) != "go":
@@ -228,6 +241,7 @@ def run_peer(args: argparse.Namespace) -> int:
             threads_cpu_s=_busiest_threads(threads0, _thread_cpu_s()),
             hash_failures=counts["hash_failures"],
             payload_down=status.total_payload_download,
+            redundant=status.total_redundant_bytes,
         )
     # Stay in the swarm (seeding) until told to quit, as a node does.
     while (line := stdin.line(0.2)) != "quit" and time.monotonic() < deadline:
@@ -235,6 +249,9 @@ def run_peer(args: argparse.Namespace) -> int:
         if line == "stats":
             status = handle.status()
             _emit("stats", payload_up=status.total_payload_upload, cpu_s=_cpu_s())
+        elif line is not None and line.startswith("rate "):
+            _set_upload_limit(session, int(line.split()[1]))
+            _emit("rate", payload_up=handle.status().total_payload_upload)
     status = handle.status()
     _emit("bye", payload_up=status.total_payload_upload, cpu_s=_cpu_s())
     return 0
