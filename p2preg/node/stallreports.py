@@ -101,10 +101,10 @@ class StallReports:
 
     def connect_failed(self, w: Watched, endpoint: Endpoint, error: int) -> None:
         """Our connection to `endpoint`, a peer the tracker named, ended in `error`."""
-        recent = self._reached_at is not None
-        if recent and trio.current_time() - (self._reached_at or 0.0) > REACHED_WINDOW_S:
-            recent = False
-        if recent and error in UNREACHABLE_ERRNOS:
+        reached = self._reached_at
+        if reached is None or trio.current_time() - reached > REACHED_WINDOW_S:
+            return  # our own network may be what is broken
+        if error in UNREACHABLE_ERRNOS:
             w.watch.unreachable(endpoint)
 
     @staticmethod

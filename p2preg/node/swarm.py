@@ -254,8 +254,9 @@ class Swarm:
                 raise SwarmError("hash_failures", f"{t.hash_failures} pieces failed their hash")
             if trio.current_time() - t.last_progress > stall_s:
                 raise SwarmError("stalled", f"no progress from peers for {stall_s:.0f} s")
-            if self._reports is not None and t.stalls is not None and t.announced.is_set():
+            if t.stalls is not None and t.announced.is_set():
                 # (before its first tracker reply nobody could have served it)
+                assert self._reports is not None  # t.stalls comes from it
                 self._reports.sample(t.stalls, t.handle.get_peer_info())
                 if (verdict := self._reports.verdict(t.stalls)) is not None:
                     raise verdict
