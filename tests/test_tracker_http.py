@@ -134,9 +134,11 @@ def test_the_route_table_matches_paths_and_names_the_digest() -> None:
     assert routes(f"/v1/leases/{DIGEST}/release") == [("POST", "_release", DIGEST)]
     assert routes("/v1/metainfo/") == [] and routes("/nope") == []
     assert routes("http://t/announce") == []
-    # Open without the bearer token: health, metrics, and BitTorrent (its token is in the query).
+    # Open without the bearer token: health, readiness, metrics, and BitTorrent (its
+    # token is in the query).
     assert {"/".join(r.path) for r in ROUTES if not r.bearer} == {
         "healthz",
+        "readyz",
         "metrics",
         "announce",
         "scrape",

@@ -27,7 +27,7 @@ from tracker.serve import serve_tracker
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML file with TrackerConfig keys")
     parser.add_argument("--listen", help="HOST:PORT for HTTP and UDP (default 127.0.0.1:6969)")
-    parser.add_argument("--data-dir", help="directory of the metainfo and lease store")
+    _add_store_arguments(parser)
     # No --token: a command line is readable by every local user (/proc/<pid>/cmdline).
     parser.add_argument(
         "--token-file", help="file holding the cluster token (or P2PREG_TOKEN in the environment)"
@@ -104,6 +104,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-level", help="logging level (default INFO)")
     parser.add_argument("--log-json", action="store_const", const=True, help="JSON log lines")
+
+
+def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="directory of the metainfo and lease store")
+    parser.add_argument(
+        "--store",
+        help="keep state in Redis: redis://H:P/DB, rediss://H:P/DB or "
+        "redis+sentinel://H1:P1,H2:P2/SERVICE (default: SQLite in --data-dir)",
+    )
+    # No --store-password: a command line is readable by every local user.
+    parser.add_argument(
+        "--store-password-file",
+        help="file holding the store's password (or P2PREG_STORE_PASSWORD in the environment)",
+    )
+    parser.add_argument("--store-ca-file", help="CA file for a rediss:// store's certificate")
+    parser.add_argument(
+        "--replica-term-s", help="with --store: how long a serving replica's term lasts, seconds"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> TrackerConfig:

@@ -16,6 +16,7 @@ from p2preg.core.config import ConfigError, HostPort, KiB, MiB
 from p2preg.core.digest import Digest, DigestError
 from p2preg.core.tls import load_tls_dir
 from tracker.quotas import request_cost
+from tracker.store_url import StoreURL
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,18 @@ class TrackerConfig:
     # UDP (BEP 15) listens on the same port number.
     listen: HostPort = HostPort("127.0.0.1", 6969)  # noqa: RUF009 (frozen, shared safely)
     data_dir: Path = Path("/var/lib/p2preg-tracker")
+    # Where metainfo, disputes, quarantines, leases and confirmations are kept:
+    # None, SQLite in data_dir; else Redis or Valkey (store_url.py). Its password
+    # comes from the environment (P2PREG_STORE_PASSWORD) or a file, never the URL.
+    store: StoreURL | None = None
+    store_password: str | None = field(default=None, repr=False)
+    store_password_file: Path | None = None
+    # The CA that signs a rediss:// server's certificate (else the system's).
+    store_ca_file: Path | None = None
+    # With a Redis store, one replica serves at a time (replica.py): its term
+    # lasts this long unless renewed (every third of it), so a standby takes
+    # over within about this long after it dies.
+    replica_term_s: float = 6.0
     # Cluster token: nodes send it as `?token=` on announces and as a bearer
     # token on the control API. None: no auth (only on a trusted network).
     token: str | None = field(default=None, repr=False)
@@ -122,6 +135,17 @@ class TrackerConfig:
     def __post_init__(self) -> None:
         if self.token is not None and self.token_file is not None:
             raise ConfigError("give token or token_file, not both")
+        if self.store_password is not None and self.store_password_file is not None:
+            raise ConfigError("give store_password or store_password_file, not both")
+        if self.store_ca_file is not None and (self.store is None or not self.store.tls):
+            raise ConfigError("store_ca_file is for a rediss:// store")
+        if self.replica_term_s < 1.5:
+            raise ConfigError("replica_term_s must be ≥ 1.5")
+        if self.store is not None and self.udp:
+            raise ConfigError(
+                "udp announces are a replica's own (their connection ids): leave udp off "
+                "with a redis store"
+            )
         if self.token is not None and not self.token.strip():
             raise ConfigError("token must not be empty")
         if not 1 <= self.min_announce_interval_s <= self.announce_interval_s:
@@ -203,7 +227,9 @@ class TrackerConfig:
 
     @property
     def serves_udp(self) -> bool:
-        return self.udp if self.udp is not None else self.tls_dir is None
+        if self.udp is not None:
+            return self.udp
+        return self.tls_dir is None and self.store is None
 
     def check_exposure(self) -> None:
         """Fail closed: the tracker protocol beyond loopback needs TLS or `insecure`."""
@@ -224,6 +250,20 @@ class TrackerConfig:
         if not token:
             raise ConfigError(f"token_file {self.token_file} is empty")
         return token
+
+    def resolved_store_password(self) -> str | None:
+        """The store's password, read from `store_password_file` if that is how it was given."""
+        if self.store_password_file is None:
+            return self.store_password
+        try:
+            password = self.store_password_file.read_text().strip()
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read store_password_file {self.store_password_file}: {e.strerror}"
+            ) from None
+        if not password:
+            raise ConfigError(f"store_password_file {self.store_password_file} is empty")
+        return password
 
     def with_token(self) -> TrackerConfig:
         """A copy whose `token` is resolved, so nothing else reads files."""

@@ -113,6 +113,11 @@ async def _healthz(call: Call) -> Response:
     return Response(200, b"ok\n", "text/plain; charset=utf-8")
 
 
+async def _readyz(call: Call) -> Response:
+    """Ready while serving: a replica standing by is alive but must get no traffic."""
+    return Response(200, b"ok\n", "text/plain; charset=utf-8")
+
+
 async def _metrics(call: Call) -> Response:
     return Response(200, call.tracker.metrics.render(), METRICS_CONTENT_TYPE)
 
@@ -188,6 +193,7 @@ def _route(method: str, path: str, handler: Handler, *, bearer: bool = True) -> 
 ROUTES: tuple[Route, ...] = (
     _route("GET", "/healthz", _healthz, bearer=False),
     _route("GET", "/metrics", _metrics, bearer=False),
+    _route("GET", "/readyz", _readyz, bearer=False),
     _route("GET", "/announce", _bittorrent, bearer=False),
     _route("GET", "/scrape", _bittorrent, bearer=False),
     _route("GET", "/v1/status", _status),
@@ -202,7 +208,9 @@ ROUTES: tuple[Route, ...] = (
 )
 # What the plain metrics listener serves beside an mTLS port: nothing that
 # carries a secret or changes state.
-METRICS_ROUTES: tuple[Route, ...] = ROUTES[:2]
+METRICS_ROUTES: tuple[Route, ...] = ROUTES[:3]
+# What a replica standing by still answers (replica.py): the rest gets a 503.
+_STANDBY_HANDLERS = (_healthz, _metrics)
 
 
 def match(path: str, routes: tuple[Route, ...] = ROUTES) -> list[tuple[Route, str]]:
@@ -239,10 +247,17 @@ class TrackerHttp:
         self.routes = routes
         self._bittorrent = any(r.handler is _bittorrent for r in routes)
         self.max_body_bytes = tracker.config.max_metainfo_bytes + BODY_FRAMING_BYTES
+        # Why this replica answers nothing but health and metrics now; None: it serves.
+        self.standby: str | None = None
+
+    def serve(self, tracker: Tracker) -> None:
+        """Answer from `tracker` (a replica's new term) from now on."""
+        self.tracker = tracker
+        self.standby = None
 
     def fast_answer(self, target: bytes, ip: str) -> bytes | None:
         """The whole response to a GET of `target` if it is a BitTorrent one, else None."""
-        if not self._bittorrent:
+        if not self._bittorrent or self.standby is not None:
             return None
         path, query = split_target(target)
         body = bittorrent.http_body(self.tracker, path, query, ip)
@@ -260,6 +275,8 @@ class TrackerHttp:
             refused = _error("method_not_allowed", f"use {allowed}", 405)
             return dataclasses.replace(refused, headers=(("Allow", allowed),))
         route, digest = chosen
+        if self.standby is not None and route.handler not in _STANDBY_HANDLERS:
+            return _error(errors.TrackerUnavailable.code, self.standby, 503)
         try:
             if route.bearer:
                 self.tracker.check_token(_bearer(request))

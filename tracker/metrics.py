@@ -42,10 +42,10 @@ class Gauges:
 
 class _LiveCollector(Collector):
     def __init__(self, read: Callable[[], Gauges]) -> None:
-        self._read = read
+        self.read = read
 
     def collect(self) -> Iterator[Metric]:
-        g = self._read()
+        g = self.read()
         for name, doc, value in (
             ("swarms", "Swarms with at least one live peer", g.swarms),
             ("peers", "Live peers over all swarms", g.peers),
@@ -66,6 +66,7 @@ class _LiveCollector(Collector):
 class TrackerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._live: _LiveCollector | None = None
         announces = Counter(
             "p2preg_tracker_announces",
             "Announces answered (failures included)",
@@ -140,6 +141,7 @@ class TrackerMetrics:
         self.tls_handshake = {r: handshakes.labels(str(r).lower()) for r in (False, True)}
         self._admission()
         self._limits()
+        self._replicas()
 
     def _admission(self) -> None:
         """Who counts as a seeder, and stall reports (tracker/admission.py)."""
@@ -201,6 +203,37 @@ class TrackerMetrics:
             registry=self.registry,
         )
 
+    def _replicas(self) -> None:
+        """The store and, with Redis, this replica's term (redis_store.py, replica.py)."""
+        self.store_errors = Counter(
+            "p2preg_tracker_store_errors",
+            "Store operations that failed (Redis unreachable, or this replica fenced off), by op",
+            ["op"],
+            registry=self.registry,
+        )
+        self.store_unreplicated = Counter(
+            "p2preg_tracker_store_unreplicated",
+            "Store writes no Redis replica acknowledged in time (applied on the primary only)",
+            registry=self.registry,
+        )
+        self.leading = Gauge(
+            "p2preg_tracker_leading",
+            "1 while this replica serves the cluster, 0 while it stands by",
+            registry=self.registry,
+        )
+        self.terms = Counter(
+            "p2preg_tracker_terms",
+            "Terms this replica took over (standby to serving, state loaded from the store)",
+            registry=self.registry,
+        )
+        self.step_downs = Counter(
+            "p2preg_tracker_step_downs",
+            "Terms this replica ended, by why: lost (another leads, or the store failed over)"
+            " or unreachable (the store did not answer)",
+            ["why"],
+            registry=self.registry,
+        )
+
     def quota_refused(self, kind: str) -> None:
         self.quota_refusal[kind].inc()
 
@@ -214,7 +247,11 @@ class TrackerMetrics:
         self.tls_handshake[resumed].inc()
 
     def watch(self, read: Callable[[], Gauges]) -> None:
-        self.registry.register(_LiveCollector(read))
+        """Read the gauges from `read` from now on (a replica's new term replaces the last)."""
+        if self._live is None:
+            self._live = _LiveCollector(read)
+            self.registry.register(self._live)
+        self._live.read = read
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -118,6 +118,9 @@ class PeerTable:
         self._max_per_swarm = max_peers_per_swarm
         self._max_peers = max_peers
         self._peers = 0
+        # (swarm key, identity) of every peer added, changed or removed since the
+        # owner last took them (a replica writes them to its store); None: untracked.
+        self.journal: set[tuple[str, str]] | None = None
 
     def swarm(self, key: str) -> Swarm | None:
         return self._swarms.get(key)
@@ -140,6 +143,8 @@ class PeerTable:
         if swarm is None:
             swarm = self._swarms[key] = Swarm()
         peer = swarm.by_key.get(identity)
+        if self.journal is not None:
+            self.journal.add((key, identity))
         if peer is None:
             if len(swarm.by_key) >= self._max_per_swarm or self._peers >= self._max_peers:
                 if not swarm.by_key:
@@ -172,6 +177,8 @@ class PeerTable:
         peer = None if swarm is None else swarm.by_key.get(identity)
         if swarm is None or peer is None or peer.seeder or not peer.claims_seed:
             return False
+        if self.journal is not None:
+            self.journal.add((key, identity))
         swarm.discard(peer)
         peer.seeder = True
         swarm.add(peer)
@@ -185,6 +192,8 @@ class PeerTable:
             return
         peer = swarm.by_key.get(identity)
         if peer is not None and (peer_id is None or peer.peer_id == peer_id):
+            if self.journal is not None:
+                self.journal.add((key, identity))
             swarm.discard(peer)
             self._peers -= 1
             if not swarm.by_key:
@@ -198,10 +207,16 @@ class PeerTable:
             return None
         return next((p.key for p in swarm.by_key.values() if p.compact == compact), None)
 
+    def peer(self, key: str, identity: str) -> Peer | None:
+        swarm = self._swarms.get(key)
+        return None if swarm is None else swarm.by_key.get(identity)
+
     def drop_swarm(self, key: str) -> None:
         swarm = self._swarms.pop(key, None)
         if swarm is not None:
             self._peers -= len(swarm.by_key)
+            if self.journal is not None:
+                self.journal.update((key, identity) for identity in swarm.by_key)
 
     def expire_swarm(self, key: str, now: float) -> int:
         """Drop the swarm's peers whose time is up; return how many."""

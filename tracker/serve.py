@@ -3,8 +3,9 @@
 Owns the wiring of one tracker process: the start-up checks that fail closed
 (no plain tracker beyond loopback unless `insecure`; the token and TLS files
 read here, each error naming its file), binding the TCP port and its UDP twin
-and the plain metrics port, opening the SQLite store and loading it into the
-coordinator, the UDP connection-id key kept across restarts, and the nursery
+and the plain metrics port, opening the store — SQLite, loaded into the
+coordinator here, or Redis, whose replicas take turns serving (replica.py) —
+the UDP connection-id key kept across restarts, and the nursery
 in which the HTTP listener (http_listener serving http_routes, behind the
 mutual-TLS gate when `tls_dir` is set), the metrics listener, the UDP listener
 and the sweeper run. `task_status.started(base_url)` once it serves, so tests
@@ -17,7 +18,8 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
@@ -33,8 +35,11 @@ from tracker.config import TrackerConfig
 from tracker.coordinator import Tracker
 from tracker.http_listener import serve_http
 from tracker.http_routes import METRICS_ROUTES, TrackerHttp
+from tracker.metrics import TrackerMetrics
 from tracker.quotas import PreAuthConnections
-from tracker.state import open_sqlite_store
+from tracker.redis_store import RedisStore, open_redis
+from tracker.replica import STANDBY, Term, serve_terms
+from tracker.state import TrackerStore, open_sqlite_store
 from tracker.tls_gate import TLSGate
 from tracker.udp_listener import serve_udp
 
@@ -91,6 +96,19 @@ def _udp_key(data_dir: Path) -> bytes:
     return key
 
 
+@asynccontextmanager
+async def _open_store(
+    config: TrackerConfig, metrics: TrackerMetrics
+) -> AsyncIterator[tuple[TrackerStore, Term | None]]:
+    """The configured store, and with Redis the term its replicas take turns on."""
+    if config.store is None:
+        async with open_sqlite_store(config.data_dir) as sqlite:
+            yield sqlite, None
+        return
+    async with open_redis(config.store, config) as client:
+        yield RedisStore(client, metrics), Term(client, config.replica_term_s)
+
+
 def _base_url(sock: socket.socket, scheme: str = "http") -> str:
     host, port = sock.getsockname()[:2]
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
@@ -101,6 +119,8 @@ def _start_checks(config: TrackerConfig) -> tuple[TrackerConfig, ReloadingTLS | 
     config.check_exposure()
     config = config.with_token()
     register_secret(config.token)
+    if config.store is not None:
+        register_secret(config.resolved_store_password())
     tls = None if config.tls_dir is None else ReloadingTLS(config.tls_dir, role="tracker")
     if tls is not None:
         log.info("tracker: mutual TLS as %s; UDP announces are off", tls.identity)
@@ -126,20 +146,26 @@ async def serve_tracker(
     try:
         if config.metrics_listen is not None:
             metrics_sock, _ = bind_sockets(config.metrics_listen, with_udp=False)
-        async with open_sqlite_store(config.data_dir) as store:
-            root = (lambda: None) if tls is None else tls.issuer_root
-            tracker = Tracker(config, store, clock=clock, current_root=root)
-            tracker.restore(await store.load())
-            key = await trio.to_thread.run_sync(_udp_key, config.data_dir)
+        root = (lambda: None) if tls is None else tls.issuer_root
+        metrics = TrackerMetrics()
+        async with _open_store(config, metrics) as (store, term):
+            def new_tracker() -> Tracker:
+                return Tracker(config, store, metrics=metrics, clock=clock, current_root=root)
+
+            tracker = new_tracker()
+            if term is None:
+                tracker.restore(await store.load())
             gate = None if tls is None else TLSGate(
-                tls, tracker.metrics.tls_refused, admitted=tracker.metrics.tls_admitted
+                tls, metrics.tls_refused, admitted=metrics.tls_admitted
             )
-            preauth = PreAuthConnections.from_config(config, tracker.metrics)
+            preauth = PreAuthConnections.from_config(config, metrics)
             async with trio.open_nursery() as nursery:
                 app = TrackerHttp(tracker)
+                apps = [app]
                 await nursery.start(partial(serve_http, tcp, app, gate=gate, preauth=preauth))
                 if metrics_sock is not None:
                     metrics_app = TrackerHttp(tracker, METRICS_ROUTES)
+                    apps.append(metrics_app)
                     # Its own places: a flood of the main port leaves Prometheus its view.
                     own = PreAuthConnections(
                         config.max_preauth_connections, config.max_preauth_connections_per_ip
@@ -147,11 +173,19 @@ async def serve_tracker(
                     await nursery.start(partial(serve_http, metrics_sock, metrics_app, preauth=own))
                     log.info("tracker metrics on %s", _base_url(metrics_sock))
                 if udp_sock is not None:
+                    key = await trio.to_thread.run_sync(_udp_key, config.data_dir)
                     answer = udp_answer(tracker, udp.ConnectionIds(key))
                     await nursery.start(partial(serve_udp, udp_sock, answer))
-                nursery.start_soon(tracker.sweep_forever)
+                if term is None:
+                    nursery.start_soon(tracker.sweep_forever)
+                else:
+                    assert isinstance(store, RedisStore)
+                    for each in apps:
+                        each.standby = STANDBY
+                    nursery.start_soon(serve_terms, term, store, apps, new_tracker, clock)
                 url = _base_url(tcp, "https" if tls is not None else "http")
-                log.info("tracker serving on %s (udp: %s)", url, udp_sock is not None)
+                log.info("tracker serving on %s (udp: %s, store: %s)", url, udp_sock is not None,
+                         config.store or "sqlite")  # fmt: skip
                 task_status.started(url)
     finally:
         tcp.close()

@@ -207,10 +207,15 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
             "quota_publish_per_s",
             "quota_report_burst",
             "quota_report_per_s",
+            "replica_term_s",
             "seeder_announce_interval_s",
             "stall_cooloff_s",
             "stall_reporters",
             "stall_window_s",
+            "store",
+            "store_ca_file",
+            "store_password",
+            "store_password_file",
             "tls_dir",
             "token",
             "token_file",
@@ -227,7 +232,7 @@ ANY_COMPONENT_KEY = frozenset().union(*COMPONENT_KEYS.values())
 # whose secret did not render must not turn authentication off.
 SECRET_KEYS = frozenset(
     {"token", "token_file", "tracker_token", "tracker_token_file", "admin_token_file",
-     "credentials_file"}
+     "credentials_file", "store_password", "store_password_file"}
 )
 
 

@@ -1,0 +1,239 @@
+"""Tracker replicas on Redis (tracker/replica.py) as real processes: redis-server,
+redis-sentinel and `p2preg tracker --store`.
+
+One replica serves at a time and the others stand by (503, /readyz 503). Killed
+(-9), the serving replica's term runs out and a standby takes over with
+everything: metainfo, leases, and the peers that announced to the dead one.
+Every replica restarted at once finds the same state. While Redis is away no
+replica serves (nodes go upstream), each says why in its log and metrics, and
+one serves again by itself when Redis is back. Under Sentinel, a primary killed
+mid-term fails over and a replica serves again; a lease granted just before,
+which no Redis replica had, is gone with the old primary, and its holder can
+then neither renew it, nor release another's, nor define the blob's torrent.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from urllib.parse import quote_from_bytes
+
+import httpx
+import libtorrent as lt
+import pytest
+import trio
+
+from harness.procs import wait_until
+from harness.redis import start_redis, start_sentinels, wait_for_failover
+from harness.tracker import TrackerProcess, open_tracker
+from p2preg.core import errors, wire
+from p2preg.core.digest import Digest
+from p2preg.core.metainfo import Metainfo
+from tracker.client import open_tracker_client
+from tracker.metainfo import make_metainfo
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TOKEN = "replicas-token"
+PASSWORD = "replicas-store-password"
+TERM_S = "2"
+
+
+@contextmanager
+def replicas(
+    workdir: Path, store_url: str, count: int, *, first: int = 0
+) -> Iterator[list[TrackerProcess]]:
+    secret = workdir / "store-password"
+    secret.write_text(PASSWORD)
+    args = ["--store", store_url, "--store-password-file", str(secret),
+            "--replica-term-s", TERM_S]  # fmt: skip
+    with ExitStack() as stack:
+        yield [
+            stack.enter_context(
+                open_tracker(workdir / f"t{n}", token=TOKEN, args=args, name=f"t{n}")
+            )
+            for n in range(first, first + count)
+        ]
+
+
+def ready(t: TrackerProcess) -> bool:
+    try:
+        return httpx.get(f"{t.url}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def serving(trackers: Sequence[TrackerProcess], timeout_s: float = 30) -> TrackerProcess:
+    """The one replica that serves, once there is one; no two ever do."""
+    found: list[TrackerProcess] = []
+
+    def one() -> bool:
+        found[:] = [t for t in trackers if t.process.returncode is None and ready(t)]
+        assert len(found) <= 1, "two replicas serve at once"
+        return len(found) == 1
+
+    wait_until(one, timeout_s=timeout_s, what="a replica to serve")
+    return found[0]
+
+
+def metric(t: TrackerProcess, name: str) -> float:
+    text = httpx.get(f"{t.url}/metrics", timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def log_of(t: TrackerProcess) -> str:
+    return next(t.data_dir.parent.glob("*.log")).read_text()
+
+
+def announce(url: str, info_hash: bytes, node: str, port: int, left: int) -> dict[bytes, object]:
+    query = (f"info_hash={quote_from_bytes(info_hash)}&peer_id={node[0] * 20}&port={port}"
+             f"&uploaded=0&downloaded=0&left={left}&node={node}&token={TOKEN}")  # fmt: skip
+    answer = lt.bdecode(httpx.get(f"{url}/announce?{query}").content)
+    assert isinstance(answer, dict)
+    return {k: v for k, v in answer.items() if isinstance(k, bytes)}
+
+
+def blob(tmp_path: Path, data: bytes | None = None) -> tuple[Digest, int, Metainfo]:
+    data = os.urandom(150_000) if data is None else data
+    digest = Digest.of(data)
+    path = tmp_path / digest.hex
+    path.write_bytes(data)
+    return digest, len(data), make_metainfo(path, digest, len(data))
+
+
+def crash(t: TrackerProcess) -> None:
+    """SIGKILL: no shutdown, no goodbye; its term must run out by itself."""
+    os.kill(t.process.pid, signal.SIGKILL)
+    t.process.stop()  # reaps it
+
+
+def refused_by(t: TrackerProcess) -> httpx.Response:
+    return httpx.get(f"{t.url}/v1/status", headers={"Authorization": f"Bearer {TOKEN}"})
+
+
+def urls(trackers: Sequence[TrackerProcess]) -> list[str]:
+    return [t.url for t in trackers]
+
+
+async def test_a_standby_takes_over_with_metainfo_leases_and_peers(tmp_path: Path) -> None:
+    digest, size, meta = blob(tmp_path)
+    leased = Digest.of(b"being fetched from upstream")
+    with start_redis(tmp_path / "redis", password=PASSWORD) as server:
+        with replicas(tmp_path, server.url(), 2) as trackers:
+            first = serving(trackers)
+            standby = next(t for t in trackers if t is not first)
+            r = refused_by(standby)
+            assert r.status_code == 503 and b"stands by" in r.content
+            async with (
+                open_tracker_client(urls(trackers), node="a", token=TOKEN) as a,
+                open_tracker_client(urls(trackers), node="b", token=TOKEN) as b,
+            ):
+                await a.acquire_lease(digest, size=size)  # the holder defines the torrent
+                await a.publish_metainfo(digest, size, meta.data)
+                assert (await b.acquire_lease(leased, size=10)).status is wire.LeaseStatus.GRANTED
+            info_hash = meta.swarm_keys[0]
+            announce(first.url, info_hash, "a", 7001, 0)
+            wait_until(lambda: server.cli("HKEYS", f"p2preg:p:{digest}") == ["a"], timeout_s=10,
+                       what="the peer written to the store")  # fmt: skip
+            crash(first)
+            took_over = serving(trackers)
+            assert took_over is standby
+            assert metric(standby, "p2preg_tracker_terms_total") == 1
+            async with open_tracker_client(urls(trackers), node="c", token=TOKEN) as c:
+                record = await c.lookup_metainfo(digest)
+                assert record is not None and record.metainfo == meta.data
+                waiting = await c.acquire_lease(leased)
+                assert waiting.status is wire.LeaseStatus.WAIT and waiting.holder == "b"
+                assert (await c.acquire_lease(digest)).status is wire.LeaseStatus.SEEDED
+            # The peer that announced to the dead replica is handed out by this one.
+            answer = announce(standby.url, info_hash, "c", 7003, 1)
+            assert answer[b"peers"] == bytes([127, 0, 0, 1]) + (7001).to_bytes(2, "big")
+        # Every replica restarted at once: the state is Redis's, not theirs.
+        with replicas(tmp_path, server.url(), 2, first=2) as trackers:
+            serving(trackers)
+            async with open_tracker_client(urls(trackers), node="c", token=TOKEN) as c:
+                record = await c.lookup_metainfo(digest)
+                assert record is not None and record.metainfo == meta.data
+                assert (await c.acquire_lease(leased)).holder == "b"
+
+
+async def test_while_redis_is_away_no_replica_serves_and_one_comes_back(tmp_path: Path) -> None:
+    digest, size, meta = blob(tmp_path)
+    server = start_redis(tmp_path / "redis", password=PASSWORD, persist=True)
+    try:
+        with replicas(tmp_path, server.url(), 2) as trackers:
+            leader = serving(trackers)
+            async with open_tracker_client(urls(trackers), node="a", token=TOKEN) as a:
+                await a.acquire_lease(digest, size=size)
+                await a.publish_metainfo(digest, size, meta.data)
+            server.stop()
+            wait_until(lambda: not any(ready(t) for t in trackers), timeout_s=10,
+                       what="every replica to stand by")  # fmt: skip
+            async with open_tracker_client(urls(trackers), node="b", token=TOKEN) as b:
+                # What a node sees: the tracker is unavailable, so it fetches upstream.
+                with trio.fail_after(30), pytest.raises(errors.TrackerUnavailable):
+                    await b.acquire_lease(digest)
+            assert metric(leader, 'p2preg_tracker_step_downs_total{why="unreachable"}') == 1
+            assert metric(leader, "p2preg_tracker_leading") == 0
+            assert "the store did not answer" in log_of(leader)
+            assert all("standing by: the store is unreachable" in log_of(t) for t in trackers)
+            server = server.restart()
+            back = serving(trackers)
+            async with open_tracker_client([back.url], node="b", token=TOKEN) as b:
+                record = await b.lookup_metainfo(digest)
+                assert record is not None and record.metainfo == meta.data
+    finally:
+        server.stop()
+
+
+async def test_a_sentinel_failover_ends_the_term_and_a_lost_grant_is_fenced(
+    tmp_path: Path,
+) -> None:
+    kept, size, meta = blob(tmp_path)
+    lost, lost_size, lost_meta = blob(tmp_path, b"granted just before the primary died")
+    with (
+        start_redis(tmp_path / "primary", password=PASSWORD) as primary,
+        start_redis(tmp_path / "replica", replica_of=primary) as replica,
+        start_sentinels(tmp_path / "sentinels", primary) as sentinels,
+        replicas(tmp_path, sentinels.url(), 1) as trackers,
+    ):
+        tracker = serving(trackers)
+        async with open_tracker_client(urls(trackers), node="a", token=TOKEN) as a:
+            await a.acquire_lease(kept, size=size)
+            await a.publish_metainfo(kept, size, meta.data)
+            # The replica is cut off (stopped, its link closed, so nothing waits in
+            # its socket either): the next grant lives on the primary alone.
+            os.kill(replica.pid, signal.SIGSTOP)
+            try:
+                primary.cli("CLIENT", "KILL", "TYPE", "replica")
+                grant = await a.acquire_lease(lost, size=lost_size)
+                assert grant.status is wire.LeaseStatus.GRANTED and grant.lease_id
+                assert metric(tracker, "p2preg_tracker_store_unreplicated_total") >= 1
+                killed_at = time.monotonic()
+                primary.kill()
+            finally:
+                os.kill(replica.pid, signal.SIGCONT)
+            wait_for_failover(sentinels, primary, timeout_s=60)
+            wait_until(
+                lambda: metric(tracker, "p2preg_tracker_terms_total") >= 2 and ready(tracker),
+                timeout_s=60,
+                what="a new term after the failover",
+            )
+            took = time.monotonic() - killed_at
+            print(f"serving again {took:.1f} s after the primary died")
+            record = await a.lookup_metainfo(kept)  # replicated before: it survived
+            assert record is not None and record.metainfo == meta.data
+            with pytest.raises(errors.LeaseLost):
+                await a.renew_lease(lost, grant.lease_id, 5, lost_size)
+            async with open_tracker_client(urls(trackers), node="b", token=TOKEN) as b:
+                taken = await b.acquire_lease(lost, size=lost_size)
+                assert taken.status is wire.LeaseStatus.GRANTED and taken.holder == "b"
+                await a.release_lease(lost, grant.lease_id)  # the lost id frees nothing
+                assert (await a.acquire_lease(lost)).holder == "b"
+                with pytest.raises(errors.Forbidden):
+                    await a.publish_metainfo(lost, lost_size, lost_meta.data)
+
