@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(docker-registry containerd skopeo podman iproute2 "$@")
+apt_packages=(docker-registry containerd skopeo podman iproute2 redis-server redis-sentinel "$@")
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -26,6 +26,15 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends \
         "${missing[@]}" >/dev/null
 fi
+# Debian's redis-server and redis-sentinel services take 6379 and 26379 where an init
+# system runs them; the tests start their own on free ports, so the packaged ones stay
+# stopped and disabled (a no-op where they never started).
+for unit in redis-server redis-sentinel; do
+    if [[ -d /run/systemd/system ]] && { systemctl is-enabled --quiet "$unit" 2>/dev/null ||
+        systemctl is-active --quiet "$unit"; }; then
+        systemctl disable --now --quiet "$unit"
+    fi
+done
 
 python=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
