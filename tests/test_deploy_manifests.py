@@ -47,6 +47,7 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 BASE = K8S / "base"
 EXAMPLE = K8S / "overlays" / "example"
+REDIS_SENTINEL = K8S / "overlays" / "redis-sentinel"
 COMPONENTS = K8S / "components"
 IMAGE_NAME = "p2preg"
 INSTALL_DIR = Path("/opt/p2preg")
@@ -234,7 +235,7 @@ def _kustomizations() -> Iterator[Path]:
 def test_every_kustomization_names_files_that_exist() -> None:
     seen = list(_kustomizations())
     assert {p.parent for p in seen} == {
-        BASE, EXAMPLE, COMPONENTS / "cluster-ca", COMPONENTS / "secret-certs"
+        BASE, EXAMPLE, REDIS_SENTINEL, COMPONENTS / "cluster-ca", COMPONENTS / "secret-certs"
     }
     for path in seen:
         (k,) = _yaml_docs(path)
@@ -303,7 +304,7 @@ def _workloads(
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     return (
         objects["DaemonSet", "p2preg-node"],
-        objects["StatefulSet", "p2preg-tracker"],
+        objects["Deployment", "p2preg-tracker"],
         objects["Service", "p2preg-tracker"],
     )
 
@@ -317,13 +318,13 @@ def _node_toml(objects: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]
 def test_the_base_has_every_piece_and_each_is_well_formed(base: dict[Any, Any]) -> None:
     kinds = {kind for kind, _ in base}
     assert kinds == {
-        "Namespace", "ConfigMap", "DaemonSet", "StatefulSet", "Service", "Certificate",
-        "NetworkPolicy",
+        "Namespace", "ConfigMap", "DaemonSet", "Deployment", "Service", "Certificate",
+        "NetworkPolicy", "PodDisruptionBudget",
     }
     for (kind, _), obj in base.items():
         if kind != "Namespace":
             assert obj["metadata"]["namespace"] == "p2preg"
-        if kind not in ("DaemonSet", "StatefulSet"):
+        if kind not in ("DaemonSet", "Deployment"):
             continue
         spec = obj["spec"]
         labels = spec["template"]["metadata"]["labels"]
@@ -447,7 +448,7 @@ def test_the_node_runs_on_the_host_network_with_the_codes_ports_and_paths(
     assert "env" not in container and "envFrom" not in container
 
 
-def test_the_tracker_keeps_its_state_on_a_volume_behind_a_service(base: dict[Any, Any]) -> None:
+def test_three_tracker_replicas_share_a_store_behind_a_service(base: dict[Any, Any]) -> None:
     _, tracker, service = _workloads(base)
     tracker_toml = _toml(BASE / "tracker.toml")
     listen = HostPort.from_config(tracker_toml["listen"])
@@ -455,13 +456,15 @@ def test_the_tracker_keeps_its_state_on_a_volume_behind_a_service(base: dict[Any
     assert tracker_toml["data_dir"] == str(TRACKER_DATA_DIR)
     assert tracker_toml["udp"] is False, "BEP 15 carries no certificate"
     spec = tracker["spec"]
-    assert spec["replicas"] == 1 and spec["serviceName"] == service["metadata"]["name"]
-    (claim,) = spec["volumeClaimTemplates"]
-    assert claim["spec"]["resources"]["requests"]["storage"]
+    assert spec["replicas"] == 3
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 1
+    # Stateless: no claim, the shared state is in the store.
+    assert "volumeClaimTemplates" not in spec
+    assert not [v for v in _pod(tracker)["volumes"] if "persistentVolumeClaim" in v]
+    assert tracker_toml["store"].startswith("redis://")
     (container,) = spec["template"]["spec"]["containers"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    assert mounts[claim["metadata"]["name"]] == str(TRACKER_DATA_DIR)
-    # The PVC is writable by 65532 through fsGroup.
+    assert mounts["data"] == str(TRACKER_DATA_DIR)
     assert spec["template"]["spec"]["securityContext"]["fsGroup"] == UID
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"https": TRACKER_LISTEN.port, "metrics": TRACKER_METRICS_PORT}
@@ -475,6 +478,79 @@ def test_the_tracker_keeps_its_state_on_a_volume_behind_a_service(base: dict[Any
     assert svc_port["targetPort"] == "https" and svc_port["port"] == TRACKER_LISTEN.port
     assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
     assert "env" not in container and "envFrom" not in container
+
+
+def _spread(workload: dict[str, Any]) -> None:
+    """Its pods prefer distinct machines, and its budget lets one go at a time."""
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    (term,) = _pod(workload)["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+
+
+def _budget(objects: dict[tuple[str, str], dict[str, Any]], workload: dict[str, Any]) -> None:
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    budgets = [o for (kind, _), o in objects.items() if kind == "PodDisruptionBudget"
+               and o["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+    assert len(budgets) == 1, workload["metadata"]["name"]
+    (pdb,) = budgets
+    assert pdb["spec"].get("maxUnavailable") == 1 or (
+        pdb["spec"].get("minAvailable") == workload["spec"]["replicas"] - 1
+    )
+    assert pdb["metadata"]["namespace"] == workload["metadata"]["namespace"]
+
+
+def test_the_tracker_replicas_spread_and_a_drain_keeps_two(base: dict[Any, Any]) -> None:
+    node, tracker, _ = _workloads(base)
+    _spread(tracker)
+    _budget(base, tracker)
+    labels = node["spec"]["template"]["metadata"]["labels"]
+    assert not [o for (kind, _), o in base.items() if kind == "PodDisruptionBudget"
+                and o["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+
+
+# The store's keys (docs/TRACKER.md). A URL never carries a password: this
+# finds one in `scheme://user:password@host`, or any `@` before the path.
+STORE_KEYS = ("store", "store_password_file", "store_ca_file")
+STORE_URL = re.compile(
+    r"(redis|rediss)://[a-z0-9.-]+:\d+/\d+"
+    r"|redis\+sentinel://[a-z0-9.-]+:\d+(,[a-z0-9.-]+:\d+)*/[a-z0-9-]+(/\d+)?"
+)
+
+
+def _store_wiring(objects: dict[tuple[str, str], dict[str, Any]], toml: dict[str, Any]) -> None:
+    """The store URL has no password, and the password file is the Secret's `password`."""
+    assert STORE_URL.fullmatch(toml["store"]), toml["store"]
+    assert "@" not in toml["store"] and "password" not in toml["store"]
+    _, tracker, _ = _workloads(objects)
+    (container,) = _pod(tracker)["containers"]
+    password_file = Path(toml["store_password_file"])
+    secret = _volume_at(tracker, container, str(password_file.parent))["secret"]
+    assert secret["secretName"] == "p2preg-store"
+    assert password_file.name == "password" and "items" not in secret
+    assert secret["defaultMode"] == 0o440
+    words = " ".join(container.get("command", []) + container["args"])
+    assert "redis" not in words and "password" not in words
+    assert not [k for k in objects if k[0] == "Secret"], "the Secret is made, never shipped"
+
+
+def test_the_store_password_comes_from_a_secret_file(base: dict[Any, Any]) -> None:
+    _store_wiring(base, _toml(BASE / "tracker.toml"))
+
+
+def _loadable_tracker_toml(path: Path, tmp: Path) -> Path:
+    """`path`, or a copy without the store keys where this TrackerConfig has none yet."""
+    known = {f.name for f in dataclasses.fields(TrackerConfig)}
+    drop = [k for k in STORE_KEYS if k in _toml(path) and k not in known]
+    if not drop:
+        return path
+    lines = [ln for ln in path.read_text().splitlines() if ln.partition(" =")[0] not in drop]
+    out = tmp / path.name
+    out.write_text("\n".join(lines) + "\n")
+    assert set(_toml(out)) == set(_toml(path)) - set(drop)
+    return out
 
 
 def test_the_tracker_url_is_https_to_the_service(
@@ -595,8 +671,9 @@ def test_the_pods_command_lines_load_with_the_real_cli(
     argv = _replace_arg(
         tracker_c["args"], "--tls-dir", str(_tls_dir(ca, tmp_path, "tracker", "p2preg-tracker"))
     )
+    tracker_toml = _loadable_tracker_toml(BASE / "tracker.toml", tmp_path)
     tconfig = tracker_cli.config_from_args(
-        build_parser("tracker").parse_args(_config_path(argv, BASE / "tracker.toml"))
+        build_parser("tracker").parse_args(_config_path(argv, tracker_toml))
     )
     assert tconfig.listen.port == TRACKER_LISTEN.port and tconfig.udp is False
     assert tconfig.tls_dir is not None and tconfig.insecure is False and tconfig.token is None
@@ -711,6 +788,100 @@ def test_the_example_overlay_renders_with_kustomize(example: dict[Any, Any]) -> 
             if "configMap" in v:
                 assert v["configMap"]["name"] in configmaps
     assert not [k for k in example if k[0] == "Secret"]
+
+
+# -- Kubernetes: the Redis with Sentinel overlay ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sentinel_overlay() -> dict[tuple[str, str], dict[str, Any]]:
+    return _render(REDIS_SENTINEL)
+
+
+def _configmap(objects: dict[tuple[str, str], dict[str, Any]], prefix: str) -> dict[str, str]:
+    (cm,) = [o for (kind, name), o in objects.items()
+             if kind == "ConfigMap" and name.startswith(prefix)]
+    data: dict[str, str] = cm["data"]
+    return data
+
+
+def test_the_sentinel_overlay_runs_a_primary_two_replicas_and_three_sentinels(
+    sentinel_overlay: dict[Any, Any],
+) -> None:
+    redis = sentinel_overlay["StatefulSet", "p2preg-redis"]
+    service = sentinel_overlay["Service", "p2preg-redis"]
+    spec = redis["spec"]
+    assert spec["replicas"] == 3 and spec["serviceName"] == service["metadata"]["name"]
+    # Headless, and publishing unready pods: the sentinels find each other at first start.
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    containers = {c["name"]: c for c in _pod(redis)["containers"]}
+    assert containers["redis"]["command"] == ["redis-server", "/conf/redis.conf"]
+    assert containers["sentinel"]["command"] == ["redis-sentinel", "/conf/sentinel.conf"]
+    ports = {p["name"]: p["containerPort"] for c in containers.values() for p in c["ports"]}
+    assert ports == {"redis": 6379, "sentinel": 26379}
+    assert {p["targetPort"]: p["port"] for p in service["spec"]["ports"]} == ports
+    assert _pod(redis)["securityContext"]["runAsNonRoot"] is True
+    assert _pod(redis)["automountServiceAccountToken"] is False
+    for c in _containers(redis):
+        _locked_down(c["securityContext"], c["name"])
+        assert re.fullmatch(r"docker\.io/library/redis:7\.0\.\d+", c["image"]), c["image"]
+        assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
+    _spread(redis)
+    _budget(sentinel_overlay, redis)
+    # The init step writes both configs from the Secret the trackers read too.
+    (init,) = _pod(redis)["initContainers"]
+    script = _configmap(sentinel_overlay, "p2preg-redis-config")["redis-config.sh"]
+    script_mount = _volume_at(redis, init, "/scripts")
+    assert script_mount["configMap"]["name"].startswith("p2preg-redis-config")
+    assert init["command"] == ["sh", "/scripts/redis-config.sh"]
+    assert _volume_at(redis, init, "/run/p2preg/store")["secret"]["secretName"] == "p2preg-store"
+    assert "password=$(cat /run/p2preg/store/password)" in script
+    assert 'sentinel monitor $service $primary 6379 2"' in script, "a quorum of 2 of 3"
+    for line in ("requirepass $password", "masterauth $password",
+                 "sentinel auth-pass $service $password"):
+        assert f'echo "{line}"' in script, line
+
+
+def test_the_sentinel_overlay_points_the_trackers_at_every_sentinel(
+    sentinel_overlay: dict[Any, Any],
+) -> None:
+    redis = sentinel_overlay["StatefulSet", "p2preg-redis"]
+    script = _configmap(sentinel_overlay, "p2preg-redis-config")["redis-config.sh"]
+    (service,) = re.findall(r"^service=(\S+)$", script, re.MULTILINE)
+    toml = tomllib.loads(_configmap(sentinel_overlay, "p2preg-tracker-config")["tracker.toml"])
+    sentinels = ",".join(
+        f"p2preg-redis-{i}.{redis['spec']['serviceName']}:26379"
+        for i in range(redis["spec"]["replicas"])
+    )
+    assert toml["store"] == f"redis+sentinel://{sentinels}/{service}/0"
+    _store_wiring(sentinel_overlay, toml)
+    # Only the store differs from the base's tracker.toml.
+    base_toml = _toml(BASE / "tracker.toml")
+    assert {k: v for k, v in toml.items() if k != "store"} == {
+        k: v for k, v in base_toml.items() if k != "store"
+    }
+    _, tracker, _ = _workloads(sentinel_overlay)
+    for c in _containers(tracker):
+        assert c["image"] == f"registry.example.com/platform/p2preg:{__version__}"
+
+
+def test_only_the_trackers_and_redis_itself_reach_redis(sentinel_overlay: dict[Any, Any]) -> None:
+    redis = sentinel_overlay["StatefulSet", "p2preg-redis"]
+    _, tracker, _ = _workloads(sentinel_overlay)
+    policy = sentinel_overlay["NetworkPolicy", "p2preg-redis"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= (
+        redis["spec"]["template"]["metadata"]["labels"].items()
+    )
+    name = "app.kubernetes.io/name"
+    sources = [{"podSelector": {"matchLabels": {name: w["spec"]["template"]["metadata"]["labels"][
+        name]}}} for w in (tracker, redis)]
+    assert _rules(policy) == [(sources, {6379, 26379})]
+    # The trackers' own policy limits what reaches them, not where they connect.
+    assert sentinel_overlay["NetworkPolicy", "p2preg-tracker"]["spec"]["policyTypes"] == [
+        "Ingress"
+    ]
 
 
 # -- systemd and the sample configs ---------------------------------------------------------
