@@ -448,7 +448,9 @@ def test_the_node_runs_on_the_host_network_with_the_codes_ports_and_paths(
     assert "env" not in container and "envFrom" not in container
 
 
-def test_three_tracker_replicas_share_a_store_behind_a_service(base: dict[Any, Any]) -> None:
+def test_three_tracker_replicas_share_a_store_and_only_the_serving_one_is_ready(
+    base: dict[Any, Any],
+) -> None:
     _, tracker, service = _workloads(base)
     tracker_toml = _toml(BASE / "tracker.toml")
     listen = HostPort.from_config(tracker_toml["listen"])
@@ -458,7 +460,7 @@ def test_three_tracker_replicas_share_a_store_behind_a_service(base: dict[Any, A
     spec = tracker["spec"]
     assert spec["replicas"] == 3
     assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 1
-    # Stateless: no claim, the shared state is in the store.
+    # No claim: the state is in the store.
     assert "volumeClaimTemplates" not in spec
     assert not [v for v in _pod(tracker)["volumes"] if "persistentVolumeClaim" in v]
     assert tracker_toml["store"].startswith("redis://")
@@ -472,8 +474,9 @@ def test_three_tracker_replicas_share_a_store_behind_a_service(base: dict[Any, A
         TRACKER_METRICS_PORT
     )
     # The kubelet holds no client certificate: probes go to the plain metrics listener.
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"port": "metrics", "path": "/healthz"}
+    # Standbys are alive but not ready: the Service sends only to the replica serving.
+    assert container["livenessProbe"]["httpGet"] == {"port": "metrics", "path": "/healthz"}
+    assert container["readinessProbe"]["httpGet"] == {"port": "metrics", "path": "/readyz"}
     (svc_port,) = service["spec"]["ports"]
     assert svc_port["targetPort"] == "https" and svc_port["port"] == TRACKER_LISTEN.port
     assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
@@ -538,19 +541,6 @@ def _store_wiring(objects: dict[tuple[str, str], dict[str, Any]], toml: dict[str
 
 def test_the_store_password_comes_from_a_secret_file(base: dict[Any, Any]) -> None:
     _store_wiring(base, _toml(BASE / "tracker.toml"))
-
-
-def _loadable_tracker_toml(path: Path, tmp: Path) -> Path:
-    """`path`, or a copy without the store keys where this TrackerConfig has none yet."""
-    known = {f.name for f in dataclasses.fields(TrackerConfig)}
-    drop = [k for k in STORE_KEYS if k in _toml(path) and k not in known]
-    if not drop:
-        return path
-    lines = [ln for ln in path.read_text().splitlines() if ln.partition(" =")[0] not in drop]
-    out = tmp / path.name
-    out.write_text("\n".join(lines) + "\n")
-    assert set(_toml(out)) == set(_toml(path)) - set(drop)
-    return out
 
 
 def test_the_tracker_url_is_https_to_the_service(
@@ -671,7 +661,7 @@ def test_the_pods_command_lines_load_with_the_real_cli(
     argv = _replace_arg(
         tracker_c["args"], "--tls-dir", str(_tls_dir(ca, tmp_path, "tracker", "p2preg-tracker"))
     )
-    tracker_toml = _loadable_tracker_toml(BASE / "tracker.toml", tmp_path)
+    tracker_toml = BASE / "tracker.toml"
     tconfig = tracker_cli.config_from_args(
         build_parser("tracker").parse_args(_config_path(argv, tracker_toml))
     )
