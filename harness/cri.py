@@ -2,8 +2,9 @@
 
 Owns the few messages of the CRI API (`runtime.v1`, k8s.io/cri-api's
 api.proto) that kubelet sends to pull an image, encoded by hand from their
-public field numbers (a protobuf message is a list of tagged fields; only
-varints and length-delimited fields occur here), and a gRPC client that sends
+public field numbers (a protobuf message is a list of tagged fields: here
+varints and length-delimited ones; fixed-width fields, which none of these
+messages has, are skipped on reading), and a gRPC client that sends
 them over a containerd socket as kubelet does: the same method paths, the
 same request shape (the image, its credentials, the pod's sandbox config).
 The codec is sans-IO and tested without a socket. It must not talk to any
@@ -28,6 +29,8 @@ __all__ = [
     "PodMeta",
     "decode_fields",
     "decode_image",
+    "decode_list_images_response",
+    "decode_pull_image_response",
     "encode_image_status_request",
     "encode_list_images_request",
     "encode_pull_image_request",

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from harness import cri
-from harness.containerd import CRI_NAMESPACE, Containerd
+from harness.containerd import CRI_NAMESPACE, Containerd, open_containerd
 from harness.images import PushedImage, build_image
 from harness.node import NodeProcess, open_node
 from harness.procs import clean_env, free_port, http_get, wait_until
@@ -94,6 +94,15 @@ def test_replies_are_read_and_bad_ones_refused() -> None:
 
 
 # -- real containerd ---------------------------------------------------------------
+
+
+def test_a_config_path_without_the_cri_plugin_is_refused(tmp_path: Path) -> None:
+    # ctr ignores config_path: asking for one without CRI would test nothing.
+    with pytest.raises(ValueError, match="needs cri=True"), open_containerd(
+        tmp_path / "c", cri_hosts_dir=tmp_path / "certs.d"
+    ):
+        pass
+    assert not (tmp_path / "c").exists()
 
 
 def _p2preg(*args: str | Path) -> subprocess.CompletedProcess[str]:
