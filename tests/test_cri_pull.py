@@ -203,6 +203,11 @@ def test_a_kubelet_pull_goes_through_the_node(
             finding = _status(node, daemon, hosts)
             assert finding["ok"] is True and finding["add"] == [], finding
             assert node.metric("p2preg_containerd_config_ok") == 1
+            # Without flags status takes the node's word (it reads the daemon's config),
+            # not this machine's /etc/containerd, as in a pod where that is not the host's.
+            bare = _p2preg("status", "--node", node.url, "--json")
+            assert bare.returncode == 0, bare.stderr
+            assert json.loads(bare.stdout)["containerd"] == finding
 
 
 @pytest.mark.integration
