@@ -104,13 +104,19 @@ def push_image(image_layouts: dict[ImageVariant, OciLayout]) -> PushImage:
 
 @pytest.fixture
 def containerd_factory(tmp_path: Path) -> Iterator[Callable[..., Containerd]]:
-    """`make(snapshotter="native") -> Containerd`; several may run side by side."""
+    """`make(snapshotter="native", cri=False, cri_hosts_dir=None) -> Containerd`; several may
+    run side by side. `cri` enables kubelet's image service (see `open_containerd`)."""
     counter = itertools.count()
     with ExitStack() as stack:
 
-        def make(*, snapshotter: Snapshotter = "native") -> Containerd:
+        def make(
+            *, snapshotter: Snapshotter = "native", cri: bool = False,
+            cri_hosts_dir: Path | None = None,
+        ) -> Containerd:
             workdir = tmp_path / f"containerd-{next(counter)}"
-            return stack.enter_context(open_containerd(workdir, snapshotter=snapshotter))
+            return stack.enter_context(open_containerd(
+                workdir, snapshotter=snapshotter, cri=cri, cri_hosts_dir=cri_hosts_dir
+            ))
 
         yield make
 

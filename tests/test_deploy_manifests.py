@@ -37,6 +37,7 @@ from p2preg.core.config import ENV_PREFIX, ConfigError, HostPort, load
 from p2preg.core.pki import Identity
 from p2preg.core.tls import load_tls_dir
 from p2preg.node import cli as node_cli
+from p2preg.node import containerd_check as ck
 from p2preg.node import containerd_config as cc
 from p2preg.node.config import NodeConfig
 from tracker import cli as tracker_cli
@@ -446,6 +447,45 @@ def test_the_node_runs_on_the_host_network_with_the_codes_ports_and_paths(
     assert pod["terminationGracePeriodSeconds"] > node_toml["shutdown_grace_s"] + 5
     # No environment at all: no token, and the node's name is its certificate's.
     assert "env" not in container and "envFrom" not in container
+
+
+def test_the_node_reads_the_hosts_containerd_config_the_init_step_checked(
+    base: dict[Any, Any], example: dict[Any, Any], tmp_path: Path
+) -> None:
+    """kubelet pulls that bypass the node show as p2preg_containerd_config_ok 0, which needs
+    the host's real config.toml in the node's container: mounted read-only, named in node.toml."""
+    node, _, _ = _workloads(base)
+    pod = _pod(node)
+    (container,) = pod["containers"]
+    (init,) = pod["initContainers"]
+    volume = {v["name"]: v for v in pod["volumes"]}["containerd-etc"]
+    assert volume["hostPath"]["path"] == str(cc.DEFAULT_CONTAINERD_CONFIG.parent)
+    (mine,) = [m for m in container["volumeMounts"] if m["name"] == "containerd-etc"]
+    (inits,) = [m for m in init["volumeMounts"] if m["name"] == "containerd-etc"]
+    assert mine["readOnly"] is True and not inits.get("readOnly")  # only the init step writes
+    assert mine["mountPath"] == inits["mountPath"]
+    configure = _init_steps(init)[0]
+    host_root = Path(_arg(configure, "--host-root"))
+    checked = cc.on_host(host_root, Path(_arg(configure, "--containerd-config")))
+    assert Path(mine["mountPath"]) == cc.on_host(host_root, cc.DEFAULT_CONTAINERD_CONFIG.parent)
+    for objects in (base, example):
+        assert Path(_node_toml(objects)["containerd_config"]) == checked
+    config = load(NodeConfig, env={}, file=BASE / "node.toml")
+    assert config.containerd_config == checked and config.containerd_version is None
+    assert config.containerd_hosts_dir == Path(_arg(configure, "--hosts-dir"))
+    # What that node reports, its mount played by a directory here: Debian's config as
+    # shipped, then with the key the init step asks for.
+    seen = tmp_path / checked.relative_to(checked.anchor)
+    seen.parent.mkdir(parents=True)
+    seen.write_text(DEBIAN_CONTAINERD_CONFIG)
+    watch = ck.watch_host(seen, config.containerd_hosts_dir, "1.6.20")
+    before = watch()
+    assert before["ok"] is False and "kubelet pulls bypass the node" in str(before["reason"])
+    seen.write_text(
+        DEBIAN_CONTAINERD_CONFIG + '\n  [plugins."io.containerd.grpc.v1.cri".registry]\n'
+        f'    config_path = "{config.containerd_hosts_dir}"\n'
+    )
+    assert watch()["ok"] is True
 
 
 def test_three_tracker_replicas_share_a_store_and_only_the_serving_one_is_ready(

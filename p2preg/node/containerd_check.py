@@ -35,6 +35,7 @@ CRI_V2 = "io.containerd.grpc.v1.cri"  # containerd 1.x, config version 2
 CRI_V3_IMAGES = "io.containerd.cri.v1.images"  # containerd 2.x, config version 3
 V3_DEFAULT_CONFIG_PATH = "/etc/containerd/certs.d:/etc/docker/certs.d"
 VERSION_TIMEOUT_S = 10.0
+BYPASS = "kubelet pulls bypass the node"
 _VERSION = re.compile(r"v?(\d+)\.(\d+)(?:\.(\d+))?")
 
 
@@ -90,10 +91,10 @@ class ConfigCheck:
     version: str = "unknown"
 
     def as_json(self) -> dict[str, object]:
-        return {
-            "ok": self.ok, "reason": self.message, "version": self.version,
-            "add": list(self.keys),
-        }
+        # With keys to add, containerd runs but its CRI plugin ignores hosts_dir:
+        # kubelet still pulls, from the registries themselves, and the node looks idle.
+        reason = f"{BYPASS}: {self.message}" if self.keys and not self.ok else self.message
+        return {"ok": self.ok, "reason": reason, "version": self.version, "add": list(self.keys)}
 
 
 def _table(doc: Mapping[str, object], *keys: str) -> Mapping[str, object]:

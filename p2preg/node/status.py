@@ -5,8 +5,10 @@ tracker's `GET /v1/status` (tracker/server.py) and laying them out with rich;
 `--json` prints what was read, unchanged, for scripts. For a node on this
 machine it also reads this machine's containerd (version and config.toml,
 p2preg/node/containerd_check.py) and reports, as the `containerd` field,
-whether kubelet pulls go through the node at all. It only reads: it must not
-change anything on either side.
+whether kubelet pulls go through the node at all; a node that watches the
+host's config itself (`containerd_config`) is taken at its word unless a
+containerd flag is given. It only reads: it must not change anything on
+either side.
 """
 
 from __future__ import annotations
@@ -146,6 +148,11 @@ def containerd_finding(args: argparse.Namespace, node: str | None) -> dict[str, 
     return check.as_json()
 
 
+def _names_containerd(args: argparse.Namespace) -> bool:
+    flags = ("containerd_config", "containerd_version", "hosts_dir", "host_root")
+    return any(getattr(args, f, None) is not None for f in flags)
+
+
 def tracker_tables(doc: dict[str, Any], url: str) -> list[Table]:
     """The tracker's totals and its busiest swarms."""
     grid = Table(title=f"tracker {url}", title_justify="left", show_header=False, min_width=60)
@@ -245,6 +252,10 @@ def run(args: argparse.Namespace) -> int:
     except (httpx.HTTPError, ValueError, tracker_errors.TrackerError) as e:
         print(f"p2preg status: {e}", file=sys.stderr)
         return 1
+    if node_doc is not None and "containerd" in node_doc and not _names_containerd(args):
+        # The node reads the host's config itself (containerd_config; in a pod the
+        # host's /etc/containerd is mounted where this process's own is not).
+        containerd = node_doc["containerd"]
     if getattr(args, "json", False):
         doc = {"node": node_doc, "tracker": tracker_doc}
         if containerd is not None:
