@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(docker-registry containerd skopeo podman iproute2 "$@")
+# chromium: the cluster page test loads the page headless (tests/test_cluster_page.py).
+apt_packages=(docker-registry containerd skopeo podman iproute2 chromium "$@")
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

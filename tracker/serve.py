@@ -6,9 +6,10 @@ read here, each error naming its file), binding the TCP port and its UDP twin
 and the plain metrics port, opening the SQLite store and loading it into the
 coordinator, the UDP connection-id key kept across restarts, and the nursery
 in which the HTTP listener (http_listener serving http_routes, behind the
-mutual-TLS gate when `tls_dir` is set), the metrics listener, the UDP listener
-and the sweeper run. `task_status.started(base_url)` once it serves, so tests
-start it on port 0. This module must not answer requests (http_routes,
+mutual-TLS gate when `tls_dir` is set), the metrics listener, the loopback
+admin listener (the cluster page, admin_http), the UDP listener and the sweeper
+run. `task_status.started(base_url)` once it serves, so tests start it on port
+0. This module must not answer requests (http_routes,
 bittorrent do) or hold tracker logic (coordinator does).
 """
 
@@ -28,6 +29,7 @@ from p2preg.core.hostfiles import write_private
 from p2preg.core.logs import register_secret
 from p2preg.core.tls import ReloadingTLS
 from tracker import udp
+from tracker.admin_http import AdminHttp
 from tracker.bittorrent import udp_answer
 from tracker.config import TrackerConfig
 from tracker.coordinator import Tracker
@@ -122,10 +124,12 @@ async def serve_tracker(
     """
     config, tls = _start_checks(config)
     tcp, udp_sock = bind_sockets(config.listen, with_udp=config.serves_udp)
-    metrics_sock = None
+    metrics_sock = admin_sock = None
     try:
         if config.metrics_listen is not None:
             metrics_sock, _ = bind_sockets(config.metrics_listen, with_udp=False)
+        if config.admin_listen is not None:
+            admin_sock, _ = bind_sockets(config.admin_listen, with_udp=False)
         async with open_sqlite_store(config.data_dir) as store:
             root = (lambda: None) if tls is None else tls.issuer_root
             tracker = Tracker(config, store, clock=clock, current_root=root)
@@ -146,6 +150,9 @@ async def serve_tracker(
                     )
                     await nursery.start(partial(serve_http, metrics_sock, metrics_app, preauth=own))
                     log.info("tracker metrics on %s", _base_url(metrics_sock))
+                if admin_sock is not None:
+                    await nursery.start(partial(serve_http, admin_sock, AdminHttp(tracker, clock)))
+                    log.info("tracker cluster page on %s/", _base_url(admin_sock))
                 if udp_sock is not None:
                     answer = udp_answer(tracker, udp.ConnectionIds(key))
                     await nursery.start(partial(serve_udp, udp_sock, answer))
@@ -157,5 +164,6 @@ async def serve_tracker(
         tcp.close()
         if udp_sock is not None:
             udp_sock.close()
-        if metrics_sock is not None:
-            metrics_sock.close()
+        for sock in (metrics_sock, admin_sock):
+            if sock is not None:
+                sock.close()
