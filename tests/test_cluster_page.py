@@ -34,6 +34,7 @@ from p2preg.core import wire
 from p2preg.core.config import ConfigError, HostPort
 from p2preg.core.digest import Digest
 from tests.tracker_helpers import SteppedClock, blob_meta
+from tracker.admin_http import PAGE_REUSE_MIN_S, AdminHttp
 from tracker.client import open_tracker_client
 from tracker.cluster_page import render_page
 from tracker.cluster_view import cluster_view
@@ -315,3 +316,20 @@ def test_image_index_is_bounded() -> None:
     assert index.images() == {"img3": ["g"], "img2": ["e"]}
     index.note("img2", "e2", -1)
     assert index.images()["img2"] == ["e2", "e"] and len(index) == 2
+
+
+async def test_a_page_is_reused_for_ten_times_its_build_time_and_at_least_a_second(
+    tmp_path: Path,
+) -> None:
+    clock = SteppedClock()
+    t = Tracker(TrackerConfig(data_dir=tmp_path), MemoryStore(), clock=clock)
+    timer = [100.0]
+    app = AdminHttp(t, clock, timer=lambda: timer[0])
+    first = app.page()
+    assert b"No lease is held." in first
+    granted = await t.acquire_lease(str(Digest.of(b"x")), wire.LeaseRequest("n9", 10))
+    assert granted.status is wire.LeaseStatus.GRANTED
+    timer[0] += PAGE_REUSE_MIN_S * 0.99
+    assert app.page() is first  # built in no time: reused for the minimum
+    timer[0] += PAGE_REUSE_MIN_S * 0.02
+    assert b'class="holder">n9<' in app.page()

@@ -11,6 +11,7 @@ bytes stay out of the view). It must not read the tracker beyond
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from tracker.cluster_page import CONTENT_TYPE, render_page
@@ -19,6 +20,12 @@ from tracker.coordinator import Tracker
 from tracker.http_protocol import Refusal, Request, Response
 
 _TEXT = "text/plain; charset=utf-8"
+# Building the page pauses the tracker's loop (about 1.2 µs per live peer on 2
+# shared cores: bench/cluster_page.py, docs/TRACKER.md), so a page is served
+# again, not rebuilt, for this many times as long as it took to build, and at
+# least PAGE_REUSE_MIN_S: reloads cannot take more than a tenth of the loop.
+PAGE_REUSE_FACTOR = 10.0
+PAGE_REUSE_MIN_S = 1.0
 # The admin port reads no bodies.
 _MAX_BODY_BYTES = 0
 
@@ -28,9 +35,29 @@ class AdminHttp:
 
     max_body_bytes = _MAX_BODY_BYTES
 
-    def __init__(self, tracker: Tracker, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        tracker: Tracker,
+        clock: Callable[[], float],
+        *,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._tracker = tracker
         self._clock = clock
+        self._timer = timer
+        # The last page built, and until when (on `timer`) it is served as it is.
+        self._page = b""
+        self._page_until = float("-inf")
+
+    def page(self) -> bytes:
+        """The cluster page: the last one built, if it is recent enough, else a new one."""
+        started = self._timer()
+        if started < self._page_until:
+            return self._page
+        self._page = render_page(cluster_view(self._tracker, self._clock()))
+        took = self._timer() - started
+        self._page_until = started + max(PAGE_REUSE_MIN_S, PAGE_REUSE_FACTOR * took)
+        return self._page
 
     def fast_answer(self, target: bytes, ip: str) -> bytes | None:
         return None  # every request gets the full HTTP path
@@ -42,7 +69,7 @@ class AdminHttp:
             return Response(405, b"read-only: use GET\n", _TEXT, headers=(("Allow", "GET"),))
         if request.path == "/healthz":
             return Response(200, b"ok\n", _TEXT)
-        page = render_page(cluster_view(self._tracker, self._clock()))
+        page = self.page()
         headers = (
             ("Cache-Control", "no-store"),
             ("X-Content-Type-Options", "nosniff"),
