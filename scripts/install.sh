@@ -6,9 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# chromium: the cluster page test loads the page headless (tests/test_cluster_page.py).
-apt_packages=(docker-registry containerd skopeo podman iproute2 chromium "$@")
+apt_packages=(docker-registry containerd skopeo podman iproute2 "$@")
 missing=()
+# chromium: tests/test_cluster_page.py loads the tracker's cluster page in it, headless.
+apt_packages+=(chromium)
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
