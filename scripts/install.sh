@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 
 apt_packages=(docker-registry containerd skopeo podman iproute2 redis-server redis-sentinel "$@")
 missing=()
+# chromium: tests/test_cluster_page.py loads the tracker's cluster page in it, headless.
+apt_packages+=(chromium)
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done

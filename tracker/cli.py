@@ -99,11 +99,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         const=True,
         help="no TLS: plain HTTP, token auth (a trusted network only)",
     )
+    _add_side_listeners(parser)
+    parser.add_argument("--log-level", help="logging level (default INFO)")
+    parser.add_argument("--log-json", action="store_const", const=True, help="JSON log lines")
+
+
+def _add_side_listeners(parser: argparse.ArgumentParser) -> None:
+    """The plain listeners beside the tracker's port."""
     parser.add_argument(
         "--metrics-listen", help="HOST:PORT of a plain listener with /metrics and /healthz only"
     )
-    parser.add_argument("--log-level", help="logging level (default INFO)")
-    parser.add_argument("--log-json", action="store_const", const=True, help="JSON log lines")
+    parser.add_argument(
+        "--admin-listen",
+        help="loopback HOST:PORT of the read-only cluster page (no auth: loopback only)",
+    )
 
 
 def _add_store_arguments(parser: argparse.ArgumentParser) -> None:

@@ -131,6 +131,10 @@ class TrackerConfig:
     # A plain HTTP listener with /metrics and /healthz only, so Prometheus and
     # probes need no client certificate when the tracker's port speaks mTLS.
     metrics_listen: HostPort | None = None
+    # A plain listener with the read-only cluster page (`/`) and `/healthz`. It has
+    # no authentication, so only a loopback address is taken (reach it through
+    # `kubectl port-forward` or an SSH tunnel). None: off.
+    admin_listen: HostPort | None = None
 
     def __post_init__(self) -> None:
         if self.token is not None and self.token_file is not None:
@@ -180,6 +184,11 @@ class TrackerConfig:
         if self.max_metainfo_bytes < 4096:
             raise ConfigError("max_metainfo_bytes must be ≥ 4096")
         self._check_quotas()
+        if self.admin_listen is not None and not is_loopback(self.admin_listen.host):
+            raise ConfigError(
+                f"admin_listen {self.admin_listen} is not a loopback address: the cluster page "
+                "has no authentication (use 127.0.0.1:PORT and kubectl port-forward)"
+            )
         for net in self.trusted_ip_sources:
             try:
                 ipaddress.ip_network(net, strict=False)

@@ -32,6 +32,7 @@ from tracker.auth import ClusterAuth
 from tracker.config import TrackerConfig
 from tracker.disputes import Quarantines
 from tracker.expiry import IdleMetainfo
+from tracker.images import ImageIndex
 from tracker.leases import Granted, Lease, LeaseBook, RateRule, Waiters
 from tracker.metrics import Gauges, TrackerMetrics
 from tracker.peers import PeerTable
@@ -89,6 +90,7 @@ class Tracker:
         )
         self.quarantines = Quarantines(config.dispute_quarantine_s, clock)
         self.queue = UpstreamQueue(config.upstream_fetches_per_image, clock)
+        self.images = ImageIndex()  # what the cluster page shows of images; decides nothing
         self._waiters = Waiters()
         self.quotas = Quotas.from_config(config, clock, self.metrics)
         self.idle = IdleMetainfo(config.metainfo_idle_expiry_s, config.pinned_digests)
@@ -195,6 +197,8 @@ class Tracker:
         wait_s = min(max(0.0, msg.wait_s), self.config.lease_wait_max_s)
         deadline = self._clock() + wait_s
         place = Place(msg.order, digest, who)
+        if msg.group is not None:
+            self.images.note(msg.group, digest, msg.order)
         queued = False
         try:
             while True:

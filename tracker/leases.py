@@ -131,6 +131,11 @@ class LeaseBook:
             return None
         return lease
 
+    def live(self) -> list[Lease]:
+        """Every lease not yet expired, snapshotted (for reading: the cluster page)."""
+        now = self._clock()
+        return [lease for lease in self._leases.values() if lease.expires_at > now]
+
     def is_slow(self, lease: Lease) -> bool:
         """Below the minimum rate: a renewal said so, or none moved the window on in time.
 

@@ -24,7 +24,10 @@ from p2preg.core.errors import InvalidRequest, LimitReached
 
 
 class Peer:
-    __slots__ = ("claims_seed", "compact", "expires_at", "key", "peer_id", "pos", "seeder")
+    __slots__ = (
+        "announced_at", "claims_seed", "compact", "downloaded", "expires_at", "key", "peer_id",
+        "pos", "seeder", "uploaded",
+    )
 
     def __init__(
         self, key: str, peer_id: bytes, compact: bytes, seeder: bool, expires_at: float
@@ -36,6 +39,11 @@ class Peer:
         self.claims_seed = seeder  # announced left=0
         self.expires_at = expires_at
         self.pos = 0  # index in its swarm's seeders or leechers list
+        # What its last announce said (the cluster page shows them; nothing decides on them):
+        # when, and the client's own byte counters for this torrent.
+        self.announced_at = 0.0
+        self.uploaded = 0
+        self.downloaded = 0
 
 
 class Swarm:
@@ -135,10 +143,11 @@ class PeerTable:
         seeder: bool,
         claims_seed: bool,
         expires_at: float,
+        announced: tuple[float, int, int] = (0.0, 0, 0),
     ) -> tuple[Swarm, Peer, bool]:
         """Record an announce of `identity`: (swarm, its peer, whether it replaced
         another peer id or port of the same identity). LimitReached if a new
-        peer does not fit."""
+        peer does not fit. `announced`: when, and its `uploaded` and `downloaded`."""
         swarm = self._swarms.get(key)
         if swarm is None:
             swarm = self._swarms[key] = Swarm()
@@ -152,6 +161,7 @@ class PeerTable:
                 raise LimitReached("the tracker's peer limit is reached")
             peer = Peer(identity, peer_id, compact, seeder, expires_at)
             peer.claims_seed = claims_seed
+            peer.announced_at, peer.uploaded, peer.downloaded = announced
             swarm.add(peer)
             self._peers += 1
             return swarm, peer, False
@@ -159,6 +169,7 @@ class PeerTable:
         peer.expires_at = expires_at
         peer.peer_id = peer_id
         peer.claims_seed = claims_seed
+        peer.announced_at, peer.uploaded, peer.downloaded = announced
         if peer.compact != compact or peer.seeder != seeder:
             swarm.discard(peer)
             peer.compact, peer.seeder = compact, seeder

@@ -29,6 +29,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import coredis
 import trio
@@ -36,7 +37,6 @@ from coredis.tokens import PureToken
 
 from p2preg.core import errors
 from tracker.coordinator import Tracker
-from tracker.http_routes import TrackerHttp
 from tracker.metrics import TrackerMetrics
 from tracker.redis_store import LEADER_KEY, STORE_ERRORS, RedisStore, StoredPeer
 
@@ -66,8 +66,15 @@ return 0
 class Term:
     """The key that lets one replica serve, and the checks that it still does."""
 
-    def __init__(self, client: coredis.Redis[bytes], term_s: float, name: str = "") -> None:
+    def __init__(
+        self,
+        client: coredis.Redis[bytes],
+        term_s: float,
+        metrics: TrackerMetrics,
+        name: str = "",
+    ) -> None:
         self._client = client
+        self.metrics = metrics
         self.term_s = term_s
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
 
@@ -92,21 +99,29 @@ class Term:
         return str(info.get("run_id", "")).encode()
 
 
+class Seat(Protocol):
+    """What answers for the tracker (an HTTP app): the term's tracker, or why it stands by."""
+
+    standby: str | None
+
+    def serve(self, tracker: Tracker) -> None: ...
+
+
 async def serve_terms(
     term: Term,
     store: RedisStore,
-    apps: Sequence[TrackerHttp],
+    apps: Sequence[Seat],
     new_tracker: Callable[[], Tracker],
     clock: Callable[[], float],
 ) -> None:
     """Stand by, serve a term when this replica takes one, stand by again; for good."""
-    metrics = apps[0].tracker.metrics
     while True:
-        token = await stand_by(term, metrics)
+        token = await stand_by(term, term.metrics)
         store.term = token
         why = "lost"
         try:
             tracker = new_tracker()
+            metrics = tracker.metrics
             async with trio.open_nursery() as nursery:
                 try:
                     await load_term(store, tracker, clock)
@@ -127,8 +142,8 @@ async def serve_terms(
             store.term = b""
             for app in apps:
                 app.standby = STANDBY
-            metrics.leading.set(0)
-            metrics.step_downs.labels(why).inc()
+            term.metrics.leading.set(0)
+            term.metrics.step_downs.labels(why).inc()
 
 
 async def stand_by(term: Term, metrics: TrackerMetrics) -> bytes:

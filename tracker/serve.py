@@ -7,9 +7,10 @@ and the plain metrics port, opening the store — SQLite, loaded into the
 coordinator here, or Redis, whose replicas take turns serving (replica.py) —
 the UDP connection-id key kept across restarts, and the nursery
 in which the HTTP listener (http_listener serving http_routes, behind the
-mutual-TLS gate when `tls_dir` is set), the metrics listener, the UDP listener
-and the sweeper run. `task_status.started(base_url)` once it serves, so tests
-start it on port 0. This module must not answer requests (http_routes,
+mutual-TLS gate when `tls_dir` is set), the metrics listener, the loopback
+admin listener (the cluster page, admin_http), the UDP listener and the sweeper
+run. `task_status.started(base_url)` once it serves, so tests start it on port
+0. This module must not answer requests (http_routes,
 bittorrent do) or hold tracker logic (coordinator does).
 """
 
@@ -30,6 +31,7 @@ from p2preg.core.hostfiles import write_private
 from p2preg.core.logs import register_secret
 from p2preg.core.tls import ReloadingTLS
 from tracker import udp
+from tracker.admin_http import AdminHttp
 from tracker.bittorrent import udp_answer
 from tracker.config import TrackerConfig
 from tracker.coordinator import Tracker
@@ -38,7 +40,7 @@ from tracker.http_routes import METRICS_ROUTES, TrackerHttp
 from tracker.metrics import TrackerMetrics
 from tracker.quotas import PreAuthConnections
 from tracker.redis_store import RedisStore, open_redis
-from tracker.replica import STANDBY, Term, serve_terms
+from tracker.replica import STANDBY, Seat, Term, serve_terms
 from tracker.state import TrackerStore, open_sqlite_store
 from tracker.tls_gate import TLSGate
 from tracker.udp_listener import serve_udp
@@ -106,7 +108,7 @@ async def _open_store(
             yield sqlite, None
         return
     async with open_redis(config.store, config) as client:
-        yield RedisStore(client, metrics), Term(client, config.replica_term_s)
+        yield RedisStore(client, metrics), Term(client, config.replica_term_s, metrics)
 
 
 def _base_url(sock: socket.socket, scheme: str = "http") -> str:
@@ -142,10 +144,12 @@ async def serve_tracker(
     """
     config, tls = _start_checks(config)
     tcp, udp_sock = bind_sockets(config.listen, with_udp=config.serves_udp)
-    metrics_sock = None
+    metrics_sock = admin_sock = None
     try:
         if config.metrics_listen is not None:
             metrics_sock, _ = bind_sockets(config.metrics_listen, with_udp=False)
+        if config.admin_listen is not None:
+            admin_sock, _ = bind_sockets(config.admin_listen, with_udp=False)
         root = (lambda: None) if tls is None else tls.issuer_root
         metrics = TrackerMetrics()
         async with _open_store(config, metrics) as (store, term):
@@ -161,7 +165,7 @@ async def serve_tracker(
             preauth = PreAuthConnections.from_config(config, metrics)
             async with trio.open_nursery() as nursery:
                 app = TrackerHttp(tracker)
-                apps = [app]
+                apps: list[Seat] = [app]
                 await nursery.start(partial(serve_http, tcp, app, gate=gate, preauth=preauth))
                 if metrics_sock is not None:
                     metrics_app = TrackerHttp(tracker, METRICS_ROUTES)
@@ -172,6 +176,11 @@ async def serve_tracker(
                     )
                     await nursery.start(partial(serve_http, metrics_sock, metrics_app, preauth=own))
                     log.info("tracker metrics on %s", _base_url(metrics_sock))
+                if admin_sock is not None:
+                    admin_app = AdminHttp(tracker, clock)
+                    apps.append(admin_app)
+                    await nursery.start(partial(serve_http, admin_sock, admin_app))
+                    log.info("tracker cluster page on %s/", _base_url(admin_sock))
                 if udp_sock is not None:
                     key = await trio.to_thread.run_sync(_udp_key, config.data_dir)
                     answer = udp_answer(tracker, udp.ConnectionIds(key))
@@ -191,5 +200,6 @@ async def serve_tracker(
         tcp.close()
         if udp_sock is not None:
             udp_sock.close()
-        if metrics_sock is not None:
-            metrics_sock.close()
+        for sock in (metrics_sock, admin_sock):
+            if sock is not None:
+                sock.close()

@@ -122,10 +122,10 @@ class Swarms:
             self._metrics.unconfirmed_seeds.inc()
         known = self._peers.claims_seed(digest, who)
         cadence = self.intervals.choose(seeding=claims, event=req.event, known_seeder=known)
-        expires_at = self._clock() + cadence.ttl_s
+        now = self._clock()
         swarm, _, replaced = self._peers.update(
             digest, who, req.peer_id, compact, seeder=seeder, claims_seed=claims,
-            expires_at=expires_at,
+            expires_at=now + cadence.ttl_s, announced=(now, req.uploaded, req.downloaded),
         )
         if replaced:
             self._metrics.peers_replaced.inc()

@@ -137,6 +137,10 @@ class UpstreamQueue:
         blobs = self._blobs.get(group) if group is not None else None
         return {digest for _, digest in blobs or ()}
 
+    def queued(self) -> dict[str, int]:
+        """Per image, the lease requests waiting for one of its slots (the cluster page)."""
+        return {group: queue.total() for group, queue in self._queued.items()}
+
     def _image(self, group: str) -> _Image:
         image = self._images.get(group)
         if image is None:

@@ -174,6 +174,7 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
     ),
     "tracker": frozenset(
         {
+            "admin_listen",
             "announce_interval_s",
             "data_dir",
             "default_numwant",
