@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(docker-registry containerd skopeo podman iproute2 "$@")
+# prometheus: tests/test_dashboard.py runs every Grafana panel's query against it.
+apt_packages=(docker-registry containerd skopeo podman iproute2 prometheus "$@")
 missing=()
 for p in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
