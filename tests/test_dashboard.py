@@ -47,9 +47,10 @@ SEED_NS = "seed.test"
 MiB = 1024 * 1024
 LAYER = 3 * MiB  # above the node's p2p threshold (1 MiB): the swarm's
 
-# Grafana's built-in interval variables, as Grafana fills them for a Prometheus
-# scraped every second (the harness's interval) over the last hour.
-GRAFANA_VARIABLES = {"$__rate_interval": "15s", "$__interval": "5s", "$__range": "1h"}
+# Grafana's built-in interval variables, about as Grafana fills them for a
+# Prometheus scraped every second (the harness's interval) over the last hour:
+# $__rate_interval is max($__interval + scrape interval, 4 x scrape interval).
+GRAFANA_VARIABLES = {"$__rate_interval": "6s", "$__interval": "5s", "$__range": "1h"}
 # A query that could answer without its metric would hide a rename.
 CONSTANTS = re.compile(r"\b(vector|absent|absent_over_time|scalar|time)\s*\(|\bor\b")
 HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
