@@ -33,7 +33,7 @@ import yaml
 from harness.containerd import Containerd, open_containerd, write_hosts_toml
 from harness.images import build_image
 from harness.node import NodeProcess, open_node
-from harness.procs import free_port, wait_until
+from harness.procs import WaitTimeout, free_port, wait_until
 from harness.prometheus import Prometheus, open_prometheus
 from harness.registry import Registry
 from harness.skopeo import push
@@ -182,7 +182,7 @@ def _wait_for_every_query(prom: Prometheus, queries: list[tuple[str, str]]) -> N
 
     try:
         wait_until(all_answered, timeout_s=60, what="every panel's query", interval_s=1.0)
-    except Exception:
+    except WaitTimeout:
         pytest.fail(f"panels whose query returned no series: {json.dumps(empty, indent=2)}")
 
 
