@@ -16,6 +16,8 @@ done
 # The deploy tests render the Kubernetes overlay with `kubectl kustomize`;
 # any kubectl will do, Debian's comes in kubernetes-client.
 command -v kubectl >/dev/null || missing+=(kubernetes-client)
+# tests/test_dashboard.py runs every Grafana panel's query against Debian's Prometheus.
+[[ -x /usr/bin/prometheus ]] || missing+=(prometheus)
 if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "install.sh: need root to apt-get install ${missing[*]}" >&2

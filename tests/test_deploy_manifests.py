@@ -236,7 +236,8 @@ def _kustomizations() -> Iterator[Path]:
 def test_every_kustomization_names_files_that_exist() -> None:
     seen = list(_kustomizations())
     assert {p.parent for p in seen} == {
-        BASE, EXAMPLE, REDIS_SENTINEL, COMPONENTS / "cluster-ca", COMPONENTS / "secret-certs"
+        BASE, EXAMPLE, REDIS_SENTINEL, COMPONENTS / "cluster-ca", COMPONENTS / "secret-certs",
+        COMPONENTS / "monitoring",
     }
     for path in seen:
         (k,) = _yaml_docs(path)
@@ -744,6 +745,46 @@ def test_the_init_step_writes_hosts_toml_for_every_upstream(
             assert doc["server"] == url
             assert doc["host"] == {f"http://{NODE_LISTEN}": {"capabilities": ["pull", "resolve"]}}
     assert "reads hosts.toml from /etc/containerd/certs.d" in capsys.readouterr().out
+
+
+def test_the_monitoring_component_scrapes_both_metrics_listeners(
+    tmp_path: Path, base: dict[Any, Any]
+) -> None:
+    """PodMonitors on the `metrics` port of each workload, the port Prometheus may reach."""
+    assert not [k for k in base if k[0] == "PodMonitor"], "monitoring is optional"
+    objects = _render_with(tmp_path, ["monitoring"])
+    monitors = {name: o for (kind, name), o in objects.items() if kind == "PodMonitor"}
+    node, tracker, _ = _workloads(objects)
+    metrics_ports = {
+        "p2preg-node": HostPort.from_config(_toml(BASE / "node.toml")["metrics_listen"]).port,
+        "p2preg-tracker": TRACKER_METRICS_PORT,
+    }
+    assert set(monitors) == set(metrics_ports)
+    policies = {name: o for (kind, name), o in objects.items() if kind == "NetworkPolicy"}
+    for workload in (node, tracker):
+        name = workload["metadata"]["name"]
+        monitor = monitors[name]
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+        assert (endpoint["path"], endpoint["scheme"]) == ("/metrics", "http")
+        (container,) = _pod(workload)["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports[endpoint["port"]] == metrics_ports[name]
+        # The same listener the pod's annotations name, and the one port the
+        # NetworkPolicy opens to Prometheus.
+        ann = workload["spec"]["template"]["metadata"]["annotations"]
+        assert int(ann["prometheus.io/port"]) == metrics_ports[name]
+        assert ([PROMETHEUS], {metrics_ports[name]}) in _rules(policies[name])
+    # In an overlay with a namespace (as every overlay has), the monitors land in it.
+    overlay = tmp_path / "kubernetes" / "overlays" / "under-test"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    kustomization["namespace"] = "p2preg"
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    for (kind, _), obj in _render(overlay).items():
+        if kind == "PodMonitor":
+            assert obj["metadata"]["namespace"] == "p2preg"
 
 
 # -- Kubernetes: who may reach what ------------------------------------------------------------

@@ -55,6 +55,7 @@ from harness.procs import (
     wait_for_port,
     wait_until,
 )
+from harness.prometheus import PromQLError, open_prometheus, write_config
 from harness.registry import Registry, open_registry
 from harness.skopeo import push, skopeo
 from harness.tracker import open_tracker
@@ -460,3 +461,34 @@ def test_containerd_pulls_with_token_auth(
     assert containerd.is_unpacked(pushed.manifests[0])
     # containerd asks with an OAuth2 password grant (POST) when it has credentials.
     assert any(r.method == "POST" and r.user == "alice" for r in token_issuer.requests)
+
+
+# -- prometheus ----------------------------------------------------------------
+
+
+def test_prometheus_config_scrapes_every_job_every_second(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "p.yml", {"a": ["127.0.0.1:1", "127.0.0.1:2"], "b": ["h:3"]})
+    config = json.loads(path.read_text())  # JSON is YAML: what Prometheus reads
+    assert config["global"]["scrape_interval"] == "1s"
+    jobs = {c["job_name"]: c["static_configs"][0]["targets"] for c in config["scrape_configs"]}
+    assert jobs == {"a": ["127.0.0.1:1", "127.0.0.1:2"], "b": ["h:3"]}
+    with pytest.raises(ValueError, match="at least one target"):
+        write_config(tmp_path / "q.yml", {"a": []})
+
+
+@pytest.mark.integration
+def test_prometheus_scrapes_its_targets_and_stops_by_pid(tmp_path: Path) -> None:
+    """It scrapes itself here: its own /metrics is a target that is always there."""
+    port = free_port()
+    with open_prometheus(tmp_path / "prom", {"self": [f"127.0.0.1:{port}"]}, port=port) as prom:
+        wait_until(
+            lambda: [float(s["value"][1]) for s in prom.query('up{job="self"}')] == [1.0],
+            timeout_s=30, what="Prometheus scraping itself", interval_s=0.2,
+        )
+        (target,) = prom.targets()
+        assert target["labels"]["job"] == "self" and target["health"] == "up"
+        with pytest.raises(PromQLError, match="parse error"):
+            prom.query("rate(up[")
+        assert (tmp_path / "prom" / "data").is_dir()
+        process = prom.process
+    assert process.returncode is not None

@@ -186,6 +186,7 @@ async def serve_tracker(
                     answer = udp_answer(tracker, udp.ConnectionIds(key))
                     await nursery.start(partial(serve_udp, udp_sock, answer))
                 if term is None:
+                    metrics.leading.set(1)  # the one tracker always serves
                     nursery.start_soon(tracker.sweep_forever)
                 else:
                     assert isinstance(store, RedisStore)
