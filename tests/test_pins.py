@@ -7,7 +7,8 @@ the store and served, while the first other image is gone. `p2preg unpin`
 makes A evictable again, and the next pulls evict it. A pin that does not fit
 beside the others is refused in one line (the CLI exits 2, the endpoint
 answers an OCI error) and nothing is evicted for it; a pin from the node's
-config cannot be removed at runtime, and the error says why.
+config cannot be removed at runtime, and the error says why, and it goes at
+the first start without it in the config.
 """
 
 from __future__ import annotations
@@ -198,3 +199,7 @@ def test_a_pin_that_does_not_fit_is_refused_and_a_config_pin_stays(
             r = httpx.request(method, f"{node.url}/_p2preg/pins", params={"image": _ref(a)})
             assert r.status_code == 401
         assert set(_digests(a)) <= _stored(node)
+    # Taken out of the config, the pin goes at the next start.
+    with _node(tmp_path, registry, admin_file) as node:
+        assert _status(node)["pins"] == []
+        assert node.metric("p2preg_store_pinned_bytes") == 0

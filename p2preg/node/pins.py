@@ -96,16 +96,19 @@ class Pins:
         self._configured = [str(parse_image(i)) for i in configured]
         self._lock = trio.Lock()
 
-    def open(self) -> None:
-        """Hold every saved pin (blocking: reads the file). A saved config pin
-        the config no longer names is dropped."""
-        for pin in self._book.load():
+    async def open(self) -> None:
+        """Hold every saved pin; a saved config pin the config no longer names is dropped."""
+        saved = await trio.to_thread.run_sync(self._book.load)
+        dropped = 0
+        for pin in saved:
             if pin.source == "config" and pin.image not in self._configured:
                 self._book.remove(pin.image)
+                dropped += 1
                 log.info("pins: %s is no longer in pinned_images: unpinned", pin.image)
                 continue
             self._store.pin(pin.digests)
-        self._book.save()
+        if dropped:
+            await trio.to_thread.run_sync(self._book.save)
         log.info("pins: %d image(s) pinned, %d bytes", len(self._book),
                  self._book.planned_bytes())
 
@@ -248,7 +251,8 @@ class Pins:
             if not waiting:
                 return
             await trio.sleep(CONFIG_RETRY_S)
-        log.error("pins: gave up pinning %s", ", ".join(waiting))
+        log.error("pins: gave up pinning %s (a pin saved before this start still holds)",
+                  ", ".join(waiting))
 
 
 def _image(text: str) -> ImageRef:

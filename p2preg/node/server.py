@@ -222,7 +222,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
             PinBook(config.data_dir / PINS_FILE), store, resolver, blobs, upstreams,
             config.pinned_images,
         )
-        await trio.to_thread.run_sync(pins.open)
+        await pins.open()
         nursery.start_soon(pins.apply_config)
         add_pin_routes(facade, pins, held.admin)
         # Without a tracker the node has no tracker-given name to report.
