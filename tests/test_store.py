@@ -137,3 +137,61 @@ def test_eviction_spares_what_it_is_asked_to_until_nothing_else_frees_enough(
     assert a not in store
     assert removed == [b, c, d, a]  # the spared one last
     assert store.used_bytes <= 3000
+
+
+def test_eviction_never_takes_a_pinned_blob(tmp_path: Path) -> None:
+    """A pinned blob is no victim, not even a last resort: the new blob is refused instead."""
+    removed: list[Digest] = []
+    spared: set[Digest] = set()
+    store = BlobStore(tmp_path, 3000, on_remove=removed.append, spare=spared.__contains__)
+    store.open()
+    a, b, c = (_put(store, bytes([i]) * 1000) for i in range(3))
+    store.pin([a])
+    spared.add(b)  # spared is taken last; pinned is never taken
+    assert store.pinned(a) and store.pinned_bytes == 1000
+    d = _put(store, b"\x09" * 1000)  # a is the least recently used, c goes
+    assert a in store and c not in store and removed == [c]
+    e = _put(store, b"\x0a" * 2000)  # only b and d may go for it, never a
+    assert a in store and removed == [c, d, b]
+    with pytest.raises(NoSpace, match="1000 bytes are pinned"):
+        _put(store, b"\x0b" * 2500)  # fits the budget only without a: refused, a stays
+    assert a in store and e in store  # and nothing was evicted for a blob that cannot fit
+    assert removed == [c, d, b] and store.used_bytes == 3000
+    store.pin([a])  # a second pin of the same blob (two images share a layer)
+    store.unpin([a])
+    assert store.pinned(a)
+    store.unpin([a])  # the last pin gone, a is an ordinary blob again
+    assert not store.pinned(a) and store.pinned_bytes == 0
+    _put(store, b"\x0b" * 2500)
+    assert a not in store
+
+
+def test_reserve_does_not_count_pinned_blobs_as_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import p2preg.node.store as store_module
+
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    a, b = (_put(store, bytes([i]) * 1000) for i in range(2))
+    store.pin([a])
+    monkeypatch.setattr(store_module, "_free_bytes", lambda path: store_module.DISK_MARGIN_BYTES)
+    with pytest.raises(NoSpace):  # b alone cannot free 1500 bytes; a is pinned
+        store.reserve(1500)
+    assert a in store and b in store  # and nothing was evicted for it
+    store.reserve(800)  # b can
+    assert a in store and b not in store
+
+
+def test_a_pin_may_name_a_blob_not_stored_yet(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path, 2000)
+    store.open()
+    data = b"\x05" * 1000
+    store.pin([Digest.of(data)])  # pinned before its fetch: never evicted once it lands
+    assert store.pinned_bytes == 0
+    d = _put(store, data)
+    assert store.pinned_bytes == 1000
+    _put(store, b"\x06" * 1000)
+    with pytest.raises(NoSpace):
+        _put(store, b"\x07" * 1500)
+    assert d in store

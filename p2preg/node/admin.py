@@ -30,6 +30,7 @@ from p2preg.node.blobs import Blobs
 from p2preg.node.config import Upstream
 from p2preg.node.errors import AdminUnauthorized, Denied, NotFound
 from p2preg.node.metrics import NodeMetrics
+from p2preg.node.pins import Pins
 from p2preg.node.routes import Kind, parse_route
 from p2preg.node.seams import SwarmSeam
 from p2preg.node.store import BlobStore
@@ -56,6 +57,7 @@ class Admin:
     trackers: tuple[str, ...]
     p2p_min_bytes: int
     auth: AdminAuth
+    pins: Pins | None = None
 
 
 def add_routes(app: QuartTrio, admin: Admin) -> None:
@@ -142,6 +144,8 @@ def status_doc(admin: Admin, started_unix: float, *, full: bool) -> dict[str, ob
             "budget_bytes": store.max_bytes,
             "blobs": len(store),
             "evictions": store.evictions,
+            "pinned_bytes": store.pinned_bytes,
+            "pins": 0 if admin.pins is None else len(admin.pins),
         },
         "swarm": swarm_doc,
         "bytes": {
@@ -162,6 +166,7 @@ def status_doc(admin: Admin, started_unix: float, *, full: bool) -> dict[str, ob
     if full:
         doc["upstreams"] = _upstreams(admin.upstreams.upstreams)
         doc["recent"] = [asdict(r) for r in reversed(admin.blobs.recent)]
+        doc["pins"] = [] if admin.pins is None else admin.pins.listing()
     return doc
 
 

@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--p2p-min-bytes", metavar="SIZE", help="smaller blobs come straight from upstream (1MiB)"
     )
-    p.add_argument("--store-max-bytes", metavar="SIZE", help="store budget, e.g. 50GiB")
+    _add_store_arguments(p)
     p.add_argument("--tag-ttl-s", metavar="SECONDS", help="how long a tag → digest answer is kept")
     p.add_argument("--max-blob-streams", metavar="N", help="concurrent blob responses (64)")
     p.add_argument(
@@ -101,6 +101,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--shutdown-grace-s",
         metavar="SECONDS",
         help="on SIGTERM, how long responses in flight may take to finish (10)",
+    )
+
+
+def _add_store_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store-max-bytes", metavar="SIZE", help="store budget, e.g. 50GiB")
+    p.add_argument(
+        "--pinned-images", metavar="IMAGE", action="append",
+        help="an image never evicted from the store, this machine's platform (repeatable)",
     )
 
 

@@ -17,6 +17,7 @@ from p2preg.core.config import ConfigError, GiB, HostPort, MiB
 from p2preg.core.hostfiles import read_secret_file
 from p2preg.core.tls import load_tls_dir
 from p2preg.node.containerd_check import parse_version
+from p2preg.node.imagerefs import PreheatError, parse_image
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +179,9 @@ class NodeConfig:
     containerd_version: str | None = None
     # The hosts.toml directory as containerd names it (containerd-config --hosts-dir).
     containerd_hosts_dir: Path = Path("/etc/containerd/certs.d")
+    # Images (this machine's platform) kept in the store whatever eviction
+    # wants: an edge site's images for an outage. They count in store_max_bytes.
+    pinned_images: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.upstream:
@@ -205,12 +209,26 @@ class NodeConfig:
             raise ConfigError(
                 f"containerd_version takes a version such as 2.1.3, got {self.containerd_version!r}"
             )
+        self._check_pinned_images()
         if self.tls_dir is not None and self.insecure:
             raise ConfigError("give tls_dir or insecure, not both: a cluster is one or the other")
         if self.tls_dir is not None and self.tracker_token is not None:
             raise ConfigError(
                 "give tls_dir or tracker_token, not both: with certificates there is no token"
             )
+
+    def _check_pinned_images(self) -> None:
+        for text in self.pinned_images:
+            try:
+                image = parse_image(text)
+            except PreheatError as e:
+                raise ConfigError(f"pinned_images: {e}") from None
+            if image.registry not in {u.ns for u in self.upstream}:
+                raise ConfigError(
+                    f"pinned_images: {text!r} is on registry {image.registry!r}, which this "
+                    "node does not mirror (its upstreams: "
+                    f"{', '.join(u.ns for u in self.upstream)})"
+                )
 
     def check_serving(self) -> None:
         """Fail closed before serving: the TLS files (read now) and what would go plain.

@@ -21,6 +21,9 @@ class StoreStats(Protocol):
     max_bytes: int
     evictions: int
 
+    @property
+    def pinned_bytes(self) -> int: ...
+
     def __len__(self) -> int: ...
 
 
@@ -74,6 +77,7 @@ class NodeMetrics:
         self.store_budget = Gauge(
             "p2preg_store_budget_bytes", "The store's size budget", registry=r
         )
+        self.store_pinned = Gauge("p2preg_store_pinned_bytes", "Pinned bytes held", registry=r)
         self.store_evictions = Gauge(
             "p2preg_store_evictions", "Blobs evicted to stay within budget", registry=r
         )
@@ -127,6 +131,7 @@ class NodeMetrics:
         self.store_blobs.set(len(store))
         self.store_budget.set(store.max_bytes)
         self.store_evictions.set(store.evictions)
+        self.store_pinned.set(store.pinned_bytes)
         if self._containerd is not None:
             self.containerd = self._containerd()
             self.containerd_config_ok.set(1 if self.containerd["ok"] else 0)

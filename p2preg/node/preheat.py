@@ -54,6 +54,7 @@ from p2preg.node.imagerefs import (
 )
 from p2preg.node.manifest import DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, OCI_INDEX, OCI_MANIFEST
 from p2preg.node.operator_tls import add_tls_argument, needs_tls_dir, read_tls, tracker_urls
+from p2preg.node.pincmd import pin_everywhere
 from tracker.client import TrackerClient, open_tracker_client
 
 MANIFEST_ACCEPT = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
@@ -178,8 +179,8 @@ async def _fetch_on(
         else:
             if not isinstance(doc, dict):
                 plan.fetched[node] = f"error: {r.status_code} {r.text[:200]}"
-            else:
-                plan.fetched[node] = str(doc.get("source", "?"))
+            else:  # a pin made just before says where the blob came from
+                plan.fetched.setdefault(node, str(doc.get("source", "?")))
                 min_bytes = doc.get("p2p_min_bytes")
                 if doc.get("seeding"):
                     plan.seeding_on += 1
@@ -252,11 +253,18 @@ async def preheat(
     confirm_timeout_s: float,
     per_node: int,
     console: Console,
+    pin: bool = False,
 ) -> Outcome:
     start = time.monotonic()
     timeout = httpx.Timeout(timeout_s, connect=10.0)
     async with httpx.AsyncClient(timeout=timeout, trust_env=False) as http:
         plans = await resolve(http, nodes[0], images, platforms)
+        if pin:  # first: a pin that does not fit is refused before a byte moves
+            pinned = await pin_everywhere(http, nodes, images, platforms, admin_token)
+            for node, sources in pinned.items():
+                for digest, source in sources.items():
+                    if digest in plans:
+                        plans[digest].fetched[node] = source
         blobs = sorted(plans.values(), key=lambda p: -p.size)
         total = sum(p.size for p in blobs) * len(nodes)
         columns = (
@@ -390,6 +398,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long to wait for the tracker to count the seeders (60)",
     )
+    p.add_argument("--pin", action="store_true",
+                   help="also pin the images on every --node: never evicted (`p2preg unpin`)")
     p.add_argument("--per-node", type=int, metavar="N", help="blobs fetched at once per node (4)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -421,9 +431,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         images = [parse_image(i) for i in args.images]
         run_preheat = partial(
-            preheat,
-            images,
-            nodes,
+            preheat, images, nodes,
             platforms=platforms,
             seeders=seeders,
             tracker_urls=trackers,
@@ -434,6 +442,7 @@ def run(args: argparse.Namespace) -> int:
             confirm_timeout_s=getattr(args, "confirm_timeout_s", 60.0),
             per_node=max(1, getattr(args, "per_node", 4)),
             console=console,
+            pin=getattr(args, "pin", False),
         )
         outcome = trio.run(run_preheat)
     except PreheatError as e:

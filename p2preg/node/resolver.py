@@ -189,6 +189,11 @@ class Resolver:
             # A manifest we cannot keep on disk is still served from memory.
             log.warning("store: cannot keep manifest %s: %s", found.digest, e)
 
+    async def keep(self, found: Manifest) -> bool:
+        """Put `found` in the store (a pin needs it on disk); True once it is there."""
+        await self._keep(found)
+        return found.digest in self._store
+
     # -- tags and referrers -----------------------------------------------
 
     async def tags(self, client: UpstreamSeam, repository: str) -> list[str]:

@@ -42,6 +42,8 @@ from p2preg.node.fetch import BlobFetcher, Cluster, SwarmSettings
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.peers import PeerDownload
 from p2preg.node.peertls import PeerTLS, PlainTorrents, TorrentRoots
+from p2preg.node.pinbook import PINS_FILE, PinBook
+from p2preg.node.pins import Pins, add_pin_routes
 from p2preg.node.pullorder import PullOrder
 from p2preg.node.resolver import Resolver
 from p2preg.node.seams import in_thread
@@ -216,6 +218,13 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
             store, trio.Semaphore(config.max_blob_streams), config.stream_chunk_bytes, metrics
         )
         facade = create_app(Registry(upstreams, resolver, blobs, streams))
+        pins = Pins(
+            PinBook(config.data_dir / PINS_FILE), store, resolver, blobs, upstreams,
+            config.pinned_images,
+        )
+        await pins.open()
+        nursery.start_soon(pins.apply_config)
+        add_pin_routes(facade, pins, held.admin)
         # Without a tracker the node has no tracker-given name to report.
         name = (
             (config.node_name or socket.gethostname())
@@ -232,6 +241,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
             trackers=config.tracker_urls,
             p2p_min_bytes=config.p2p_min_bytes,
             auth=held.admin,
+            pins=pins,
         ))
         log.info(
             "node: store %s holds %d blobs (%d bytes of %d)",

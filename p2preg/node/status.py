@@ -66,7 +66,9 @@ def node_tables(doc: dict[str, Any], url: str, recent: int) -> list[Table]:
         "store",
         f"{human_size(store['bytes'])} of {human_size(store['budget_bytes'])} "
         f"({_pct(store['bytes'], store['budget_bytes'])}), {store['blobs']:,} blobs, "
-        f"{store['evictions']:,} evicted since start",
+        f"{store['evictions']:,} evicted since start"
+        + (f"; {store['pins']} image(s) pinned, {human_size(store['pinned_bytes'])} held"
+           if store.get("pins") else ""),
     )
     if swarm is None:
         grid.add_row("swarm", "off: no tracker configured (a plain pull-through mirror)")
@@ -109,7 +111,25 @@ def node_tables(doc: dict[str, Any], url: str, recent: int) -> list[Table]:
             _ago(now - r["at_unix"]), r["digest"][:19], r["repository"], source,
             human_size(r["size"]), f"{r['seconds']:.2f} s",
         )
-    return [grid, pulls]
+    return [grid, pulls, *pins_table(doc.get("pins") or [])]
+
+
+def pins_table(pins: list[dict[str, Any]]) -> list[Table]:
+    """Images the node never evicts (`p2preg preheat --pin`, `pinned_images`)."""
+    if not pins:
+        return []
+    table = Table(title="pinned images (never evicted)", title_justify="left")
+    for name, justify in (
+        ("image", "left"), ("digest", "left"), ("bytes", "right"), ("held", "right"),
+        ("pinned by", "left"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for p in pins:
+        held = human_size(p["held_bytes"])
+        held = "all" if p["held_bytes"] >= p["bytes"] else f"[red]{held}[/red]"
+        by = "config (pinned_images)" if p["source"] == "config" else "preheat --pin"
+        table.add_row(p["image"], p["digest"][:19], human_size(p["bytes"]), held, by)
+    return [table]
 
 
 def containerd_table(finding: dict[str, Any]) -> Table:

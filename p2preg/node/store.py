@@ -7,11 +7,12 @@ under a digest, whatever crashes when. Temp files left by a crash are removed
 when the store opens. The store keeps itself under one size budget by evicting
 the least recently used blobs that nobody is reading (those it is asked to
 `spare`, such as the last seeder's copy of a live swarm, only when nothing
-else frees enough), and before a download
+else frees enough), and never a pinned blob (`pin`: an image an operator
+keeps for an outage, which still counts in the budget); before a download it
 makes room on the disk under it the same way (`reserve`), or refuses at once
 when even that would not fit the blob. What to spare and whom to tell of a
-removal are given at construction. It knows nothing of registries,
-repositories, HTTP or libtorrent.
+removal are given at construction; which images are pinned is pins.py's. It
+knows nothing of registries, repositories, HTTP or libtorrent.
 
 Writers are synchronous and meant to run in a worker thread (hashing and disk
 writes must not block the event loop); the index of sizes and use order is
@@ -25,7 +26,7 @@ import logging
 import os
 import secrets
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -140,6 +141,8 @@ class BlobStore:
         # digest → size, least recently used first.
         self._index: OrderedDict[Digest, int] = OrderedDict()
         self._readers: Counter[Digest] = Counter()
+        # Digest → how many pins hold it (several images may share a layer).
+        self._pins: Counter[Digest] = Counter()
         self.used_bytes = 0
         self.evictions = 0
         self._on_remove = on_remove
@@ -182,6 +185,23 @@ class BlobStore:
 
     def digests(self) -> list[Digest]:
         return list(self._index)
+
+    def pin(self, digests: Iterable[Digest]) -> None:
+        """Keep `digests` from eviction, stored or still to come, until `unpin`."""
+        self._pins.update(set(digests))
+
+    def unpin(self, digests: Iterable[Digest]) -> None:
+        self._pins.subtract(set(digests))
+        for digest in [d for d, n in self._pins.items() if n <= 0]:
+            del self._pins[digest]
+
+    def pinned(self, digest: Digest) -> bool:
+        return digest in self._pins
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes of pinned blobs held now (part of `used_bytes`)."""
+        return sum(self._index.get(d, 0) for d in self._pins)
 
     def writer(self, digest: Digest) -> BlobWriter:
         return BlobWriter(self, digest)
@@ -260,7 +280,7 @@ class BlobStore:
         need = size + DISK_MARGIN_BYTES - free
         if need <= 0:
             return
-        if need > sum(n for d, n in self._index.items() if not self._readers[d]):
+        if need > self._evictable_bytes():
             raise NoSpace(f"{size} bytes do not fit on the disk ({free} bytes free)")
         for victim in self._victims():
             if need <= 0:
@@ -271,15 +291,15 @@ class BlobStore:
             log.info("store: evicted %s to make room on the disk", victim)
 
     def _victims(self) -> Iterator[Digest]:
-        """What eviction may take, in order: never a blob being read; least
-        recently used first, but the ones `spare` asks for after all others.
+        """What eviction may take, in order: never a blob being read nor a pinned
+        one; least recently used first, but the ones `spare` asks for after all others.
 
         Lazy: `spare` (a call into libtorrent) is asked only of blobs eviction
         reaches. The caller removes each blob it takes before the next.
         """
         spared: list[Digest] = []
         for digest in list(self._index):
-            if self._readers[digest]:
+            if self._readers[digest] or digest in self._pins:
                 continue
             if self._spare(digest):
                 spared.append(digest)
@@ -287,9 +307,18 @@ class BlobStore:
             yield digest
         yield from (d for d in spared if d in self._index)
 
+    def _evictable_bytes(self) -> int:
+        return sum(n for d, n in self._index.items() if not (self._readers[d] or d in self._pins))
+
     def _make_room(self, size: int) -> None:
         if self.used_bytes + size <= self.max_bytes:
             return
+        if self.used_bytes - self._evictable_bytes() + size > self.max_bytes:
+            # Refused before anything goes: what is read or pinned leaves too little.
+            raise NoSpace(
+                f"store budget of {self.max_bytes} bytes cannot fit {size} more bytes "
+                f"({self.pinned_bytes} bytes are pinned)"
+            )
         for victim in self._victims():
             if self.used_bytes + size <= self.max_bytes:
                 return
@@ -297,7 +326,10 @@ class BlobStore:
             self.evictions += 1
             log.info("store: evicted %s to stay under %d bytes", victim, self.max_bytes)
         if self.used_bytes + size > self.max_bytes:
-            raise NoSpace(f"store budget of {self.max_bytes} bytes cannot fit {size} more bytes")
+            raise NoSpace(
+                f"store budget of {self.max_bytes} bytes cannot fit {size} more bytes "
+                f"({self.pinned_bytes} bytes are pinned)"
+            )
 
     def remove(self, digest: Digest) -> None:
         size = self._index.pop(digest, None)
