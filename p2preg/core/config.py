@@ -154,6 +154,7 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
             "peer_host",
             "peer_port",
             "peer_ssl_port",
+            "serve_stale_s",
             "shutdown_grace_s",
             "store_max_bytes",
             "stream_chunk_bytes",

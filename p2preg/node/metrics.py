@@ -24,6 +24,14 @@ class StoreStats(Protocol):
     def __len__(self) -> int: ...
 
 
+def _stale_tag_answers(r: CollectorRegistry) -> Counter:
+    return Counter(
+        "p2preg_stale_tag_answers",
+        "Tags answered with the last digest upstream gave for them, while it failed",
+        ["registry"], registry=r,
+    )
+
+
 class NodeMetrics:
     # This host's containerd finding (watch_containerd), as of the last refresh.
     _containerd: Callable[[], dict[str, object]] | None = None
@@ -61,6 +69,7 @@ class NodeMetrics:
         self.manifest_cache = Counter(
             "p2preg_manifest_cache", "Manifest lookups by result", ["result"], registry=r
         )
+        self.stale_tag_answers = _stale_tag_answers(r)
         self.streams_active = Gauge(
             "p2preg_blob_streams_active", "Blob responses being streamed", registry=r
         )
