@@ -7,7 +7,8 @@ said so) and the tenancy ledger's grants, each bounded like its memory map.
 At start it loads both into memory; a file SQLite cannot read, or of another
 schema version, is logged, moved aside to `serving.db.corrupt` and replaced by
 an empty one (the node starts as if new, never crashes); a file that cannot
-even be created leaves the node serving from memory only. While the node
+be opened (locked by another process, read-only, an I/O error) or created
+leaves the node serving from memory only. While the node
 runs, what changed is written every `FLUSH_INTERVAL_S` in a worker thread (a
 crash loses at most that much), and once more at shutdown. It must not decide
 what the maps hold (tagmap.py and tenancy.py do) nor ask upstream.
@@ -73,19 +74,21 @@ class ServingState:
             self._db = self._connect()
             self._load(self._db)
             return
+        except (sqlite3.OperationalError, OSError) as e:
+            # Locked by another process, read-only, an I/O error: not proof of
+            # a damaged file, which is left alone.
+            self._close_quietly()
+            log.error("serving state %s cannot be opened (%s): serving from memory only",
+                      self.path, e)
+            return
         except sqlite3.DatabaseError as e:
             self._close_quietly()
             log.error(
                 "serving state %s is unreadable (%s): moved aside to %s.corrupt, starting empty",
                 self.path, e, self.path.name,
             )
-            self._move_aside()
-        except OSError as e:
-            self._close_quietly()
-            log.error("serving state %s cannot be opened (%s): serving from memory only",
-                      self.path, e)
-            return
         try:
+            self._move_aside()
             self._db = self._connect()
         except (sqlite3.DatabaseError, OSError) as e:
             self._close_quietly()
