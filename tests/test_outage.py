@@ -75,8 +75,11 @@ class Site:
             self.tmp_path / "node", [f"{SEED_NS}={registry_url}"], args=args, port=port
         ))
 
-    def pull(self, node: NodeProcess, image: PushedImage, *, by: str) -> None:
-        """A fresh containerd pulls `image` through `node`, by tag or by digest."""
+    def pull(self, node: NodeProcess, image: PushedImage, *, by: str, when: str) -> None:
+        """A fresh containerd pulls `image` through `node`, by tag or by digest.
+
+        The time each pull took goes to the tally (reported, not asserted).
+        """
         self.pulls += 1
         hosts = self.tmp_path / f"hosts-{self.pulls}"
         write_hosts_toml(hosts, SEED_NS, node.url)
@@ -84,7 +87,11 @@ class Site:
         ref += f":{image.tag}" if by == "tag" else f"@{image.digest}"
         daemon = self.containerd_factory()
         self.tally.pulls_attempted += 1
+        start = time.monotonic()
         daemon.pull(ref, hosts, timeout_s=PULL_TIMEOUT_S)
+        pull_s = self.tally.extra.setdefault("pull_s", {})
+        assert isinstance(pull_s, dict)
+        pull_s[f"{when}, by {by}"] = round(time.monotonic() - start, 2)
         # The ChainID snapshot exists only if every layer matched the config's diff_ids.
         assert daemon.is_unpacked(image.manifests[0]), (by, ref)
         self.tally.pulls_completed += 1
@@ -113,19 +120,19 @@ def test_an_outage_longer_than_every_ttl_with_a_node_restart_in_the_middle(
         with ExitStack() as first_run:
             node = site.node(first_run, registry.url)
             port = int(node.host.rpartition(":")[2])
-            site.pull(node, before, by="tag")
+            site.pull(node, before, by="tag", when="registry up")
 
             registry.process.stop()
             tally.faults_injected["seed registry stopped"] += 1
             time.sleep(TTL_S + 1)  # every tag answer the node holds is past its TTL
-            site.pull(node, before, by="tag")
-            site.pull(node, before, by="digest")
+            site.pull(node, before, by="tag", when="outage")
+            site.pull(node, before, by="digest", when="outage")
             assert _stale_answers(node) >= 1
 
         tally.faults_injected["node restarted during the outage"] += 1
         node = site.node(stack, registry.url, port=port)  # same data directory and port
-        site.pull(node, before, by="tag")
-        site.pull(node, before, by="digest")
+        site.pull(node, before, by="tag", when="outage, node restarted")
+        site.pull(node, before, by="digest", when="outage, node restarted")
         assert _stale_answers(node) >= 1  # the tag map came through the restart
 
         # The registry comes back on its storage and port; the tag moves.
@@ -138,5 +145,5 @@ def test_an_outage_longer_than_every_ttl_with_a_node_restart_in_the_middle(
         # back: one TTL from now it asks again and hears of the move.
         time.sleep(TTL_S + 1)
         stale = _stale_answers(node)
-        site.pull(node, after, by="tag")
+        site.pull(node, after, by="tag", when="registry back, tag moved")
         assert _stale_answers(node) == stale

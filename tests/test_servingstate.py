@@ -8,7 +8,10 @@ jump while a write waits on its thread). A "restart" is a second
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +133,60 @@ async def test_a_file_that_cannot_be_created_leaves_the_maps_in_memory(
     assert await state.flush()  # nothing to write to: not an error either
     assert tags.fresh(KEY, 2.0) is not None
     state.close()
+
+
+WRITER = """
+import sys, trio
+from pathlib import Path
+from p2preg.core.digest import Digest
+from p2preg.node.servingstate import ServingState
+from p2preg.node.tagmap import TagMap
+from p2preg.node.tenancy import Tenancy
+
+tags, tenancy = TagMap(ttl_s=30, stale_s=3600), Tenancy()
+state = ServingState(Path(sys.argv[1]), tags, tenancy)
+state.open()
+
+async def main() -> None:
+    for i in range(100_000):
+        batch = [Digest.of(f"{i}/{j}".encode(), "sha256") for j in range(50)]
+        tenancy.grant("seed.test", "team/app", batch)
+        tags.seen(("seed.test", "team/app", f"t{i}", ""), batch[0], float(i))
+        await state.flush()
+        print(i, flush=True)
+
+trio.run(main)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_a_whole_file_with_every_batch_it_finished(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kill -9 of a process writing batches: every batch reported done is there, each whole."""
+    path = tmp_path / FILE_NAME
+    done = -1
+    with subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            for _ in range(40):  # bounded: the writer prints one line per batch
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                done = int(line)
+        finally:
+            proc.kill()  # SIGKILL, by the pid this test started
+            proc.wait(timeout=30)
+    assert done >= 0, "the writer never finished a batch"
+    tags, tenancy = _maps(max_tags=100_000, max_grants=10_000_000)
+    state = ServingState(path, tags, tenancy)
+    with caplog.at_level(logging.INFO, logger="p2preg.node.servingstate"):
+        state.open()
+    state.close()
+    assert "moved aside" not in caplog.text
+    assert len(tags) >= done + 1
+    assert len(tenancy) == 50 * len(tags)  # no batch half-written
+    for i in range(done + 1):
+        assert tenancy.holds("seed.test", "team/app", Digest.of(f"{i}/49".encode(), "sha256"))
