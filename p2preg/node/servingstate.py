@@ -172,17 +172,17 @@ class ServingState:
                     "INSERT OR REPLACE INTO tenancy VALUES (?, ?, ?, ?)",
                     (ns, repository, str(digest), seq),
                 )
-            # Each map's bound, on disk too: the oldest go first.
+            # Each map's bound, on disk too: the oldest go first. The tags
+            # (10,000) are counted.
             db.execute(
                 "DELETE FROM tags WHERE seen_at <= "
                 "(SELECT seen_at FROM tags ORDER BY seen_at DESC LIMIT 1 OFFSET ?)",
                 (self._tags.max_entries,),
             )
-            db.execute(
-                "DELETE FROM tenancy WHERE seq <= "
-                "(SELECT seq FROM tenancy ORDER BY seq DESC LIMIT 1 OFFSET ?)",
-                (self._tenancy.max_entries,),
-            )
+            # Only grants among the last max_entries made are kept: at most as
+            # many rows as the ledger, found by the index alone (an OFFSET
+            # count of a million rows took 50 ms a write).
+            db.execute("DELETE FROM tenancy WHERE seq <= ?", (seq - self._tenancy.max_entries,))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
