@@ -180,8 +180,8 @@ class ServingState:
                 (self._tags.max_entries,),
             )
             # Only grants among the last max_entries made are kept: at most as
-            # many rows as the ledger, found by the index alone (an OFFSET
-            # count of a million rows took 50 ms a write).
+            # many rows as the ledger, found by the index alone (counting a
+            # million rows in each write would cost more than the write).
             db.execute("DELETE FROM tenancy WHERE seq <= ?", (seq - self._tenancy.max_entries,))
             db.execute("COMMIT")
         except BaseException:
