@@ -8,10 +8,10 @@ At start it loads both into memory; a file SQLite cannot read, or of another
 schema version, is logged, moved aside to `serving.db.corrupt` and replaced by
 an empty one (the node starts as if new, never crashes); a file that cannot
 be opened (locked by another process, read-only, an I/O error) or created
-leaves the node serving from memory only. While the node
-runs, what changed is written every `FLUSH_INTERVAL_S` in a worker thread (a
-crash loses at most that much), and once more at shutdown. It must not decide
-what the maps hold (tagmap.py and tenancy.py do) nor ask upstream.
+leaves the node serving from memory only. While the node runs, what changed
+is written every `FLUSH_INTERVAL_S` in a worker thread (a crash loses at most
+that much), and once more at shutdown. It must not decide what the maps hold
+(tagmap.py and tenancy.py do) nor ask upstream.
 """
 
 from __future__ import annotations
