@@ -7,6 +7,7 @@ moves the tag TTL. What is counted is how often the seed registry is asked.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -15,13 +16,21 @@ import trio.testing
 
 from p2preg.core.digest import Digest
 from p2preg.core.reference import Reference
-from p2preg.node.errors import ManifestUnknown, UpstreamUnavailable
+from p2preg.node.errors import (
+    ManifestUnknown,
+    RegistryError,
+    UpstreamServerError,
+    UpstreamUnauthorized,
+    UpstreamUnavailable,
+)
 from p2preg.node.manifest import OCI_MANIFEST
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.pullorder import Place, PullOrder
 from p2preg.node.resolver import Resolver
 from p2preg.node.store import BlobStore
+from p2preg.node.tagmap import TagMap
 from p2preg.node.tenancy import Tenancy
+from p2preg.node.upstream import Fetched
 from tests.fakes import FakeUpstream, blob
 
 REPO = "team/app"
@@ -42,7 +51,9 @@ def parts(tmp_path: Path) -> tuple[Resolver, Tenancy, PullOrder, BlobStore]:
     store = BlobStore(tmp_path, 1 << 30)
     store.open()
     tenancy, order = Tenancy(), PullOrder()
-    return Resolver(store, tenancy, NodeMetrics(), order, tag_ttl_s=TTL_S), tenancy, order, store
+    tags = TagMap(ttl_s=TTL_S, stale_s=0)
+    resolver = Resolver(store, tenancy, NodeMetrics(), order, tags, clock=trio.current_time)
+    return resolver, tenancy, order, store
 
 
 async def test_a_resolved_manifest_proves_tenancy_and_notes_the_pull_order(
@@ -100,3 +111,111 @@ async def test_a_manifest_the_seed_registry_lacks_is_unknown(
 ) -> None:
     with pytest.raises(ManifestUnknown):
         await parts[0].manifest(FakeUpstream({}), REPO, Reference.parse("nope"), None)
+
+
+STALE_S = 3600.0
+
+
+class FailingUpstream(FakeUpstream):
+    """A FakeUpstream whose manifest requests raise `error` while it is set."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.error: RegistryError | None = None
+
+    async def fetch(
+        self, method: str, repository: str, path: str, *,
+        headers: Mapping[str, str] | None = None, max_bytes: int,
+    ) -> Fetched | None:
+        if self.error is not None:
+            self.manifest_gets += 1
+            raise self.error
+        return await super().fetch(method, repository, path, headers=headers, max_bytes=max_bytes)
+
+
+@pytest.fixture
+def stale_parts(tmp_path: Path) -> tuple[Resolver, NodeMetrics]:
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    metrics = NodeMetrics()
+    tags = TagMap(ttl_s=TTL_S, stale_s=STALE_S)
+    resolver = Resolver(
+        store, Tenancy(), metrics, PullOrder(), tags, clock=trio.current_time
+    )
+    return resolver, metrics
+
+
+def _stale_answers(metrics: NodeMetrics) -> float:
+    value = metrics.registry.get_sample_value(
+        "p2preg_stale_tag_answers_total", {"registry": "seed.test"}
+    )
+    return value or 0.0
+
+
+DOWN = [
+    UpstreamUnavailable("seed registry seed.test unreachable: ConnectError"),
+    UpstreamUnavailable("seed registry rate-limited team/app/manifests/latest"),
+    UpstreamServerError("seed registry answered 500 for team/app/manifests/latest"),
+]
+
+
+@pytest.mark.parametrize("error", DOWN, ids=["unreachable", "429", "500"])
+async def test_while_upstream_is_down_a_tag_answers_the_last_digest_seen(
+    stale_parts: tuple[Resolver, NodeMetrics], autojump_clock: trio.testing.MockClock,
+    error: RegistryError,
+) -> None:
+    resolver, metrics = stale_parts
+    upstream = FailingUpstream()
+    upstream.manifests[(REPO, "latest")] = image_manifest(blob(seed=1)[0], [blob(seed=2)[0]])
+    first = await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
+    await trio.sleep(TTL_S + 1)
+    upstream.error = error
+    again = await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
+    assert again == first and upstream.manifest_gets == 2
+    # Within a TTL of the failure upstream is not asked again; the answer is still stale.
+    await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
+    assert upstream.manifest_gets == 2 and _stale_answers(metrics) == 2
+    # Past serve_stale_s since upstream last gave it, the failure shows.
+    await trio.sleep(STALE_S)
+    with pytest.raises(type(error)):
+        await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
+
+
+async def test_a_404_or_a_refusal_from_a_reachable_upstream_is_never_answered_stale(
+    stale_parts: tuple[Resolver, NodeMetrics], autojump_clock: trio.testing.MockClock
+) -> None:
+    resolver, metrics = stale_parts
+    upstream = FailingUpstream()
+    upstream.manifests[(REPO, "latest")] = image_manifest(blob(seed=1)[0], [blob(seed=2)[0]])
+    await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
+    await trio.sleep(TTL_S + 1)
+    upstream.error = UpstreamUnauthorized("seed registry denied access to team/app")
+    with pytest.raises(UpstreamUnauthorized):
+        await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
+    upstream.error = None
+    del upstream.manifests[(REPO, "latest")]  # the tag was deleted upstream
+    with pytest.raises(ManifestUnknown):
+        await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
+    # An outage after the 404 does not bring the deleted tag back.
+    upstream.error = DOWN[0]
+    with pytest.raises(UpstreamUnavailable):
+        await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
+    assert _stale_answers(metrics) == 0
+
+
+async def test_once_upstream_is_back_a_tag_moved_during_the_outage_shows_within_the_ttl(
+    stale_parts: tuple[Resolver, NodeMetrics], autojump_clock: trio.testing.MockClock
+) -> None:
+    resolver = stale_parts[0]
+    upstream = FailingUpstream()
+    upstream.manifests[(REPO, "latest")] = image_manifest(blob(seed=1)[0], [blob(seed=2)[0]])
+    old = await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
+    await trio.sleep(TTL_S + 1)
+    upstream.error = DOWN[0]
+    assert await resolver.manifest(upstream, REPO, Reference.parse("latest"), None) == old
+    upstream.error = None
+    upstream.manifests[(REPO, "latest")] = image_manifest(blob(seed=3)[0], [blob(seed=4)[0]])
+    await trio.sleep(TTL_S)
+    moved = await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
+    assert moved.digest != old.digest
+    assert moved.digest == Digest.of(upstream.manifests[(REPO, "latest")], "sha256")

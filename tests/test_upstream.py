@@ -18,7 +18,13 @@ import trio.testing
 
 from p2preg.core.digest import Digest
 from p2preg.node.config import Credential, Upstream
-from p2preg.node.errors import UpstreamError, UpstreamUnauthorized, UpstreamUnavailable
+from p2preg.node.errors import (
+    RegistryError,
+    UpstreamError,
+    UpstreamUnauthorized,
+    UpstreamUnavailable,
+)
+from p2preg.node.tagmap import stale_allowed
 from p2preg.node.upstream import UpstreamClient
 
 BLOB = bytes(range(256)) * 64
@@ -228,3 +234,38 @@ async def test_oversized_answer_is_refused() -> None:
 
     with pytest.raises(UpstreamError, match="larger than"):
         await _client(handler).fetch("GET", "a", "manifests/x", max_bytes=999)
+
+
+async def test_each_final_answer_says_whether_upstream_is_down_or_has_spoken(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The resolver answers a stale tag only on the first kind (tagmap.stale_allowed)."""
+
+    class Cut(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield b'{"schemaVersion"'
+            raise httpx.ReadError("connection reset")
+
+    down: dict[str, Callable[[], httpx.Response]] = {
+        "500": lambda: httpx.Response(500),
+        "503": lambda: httpx.Response(503),
+        "429": lambda: httpx.Response(429, headers={"Retry-After": "1"}),
+        "body cut": lambda: httpx.Response(200, stream=Cut()),
+    }
+    for name, answer in down.items():
+        with pytest.raises(RegistryError) as exc:
+            await _client(lambda request, a=answer: a()).fetch(  # type: ignore[misc]
+                "GET", "a", "manifests/latest", max_bytes=1000
+            )
+        assert stale_allowed(exc.value), name
+    spoken = {400: UpstreamError, 401: UpstreamUnauthorized, 403: UpstreamUnauthorized}
+    for status, kind in spoken.items():
+        with pytest.raises(kind) as exc:
+            await _client(lambda request, s=status: httpx.Response(s)).fetch(  # type: ignore[misc]
+                "GET", "a", "manifests/latest", max_bytes=1000
+            )
+        assert not stale_allowed(exc.value), status
+    missing = await _client(lambda request: httpx.Response(404)).fetch(
+        "GET", "a", "manifests/latest", max_bytes=1000
+    )
+    assert missing is None

@@ -155,6 +155,7 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
             "peer_port",
             "peer_ssl_port",
             "pinned_images",
+            "serve_stale_s",
             "shutdown_grace_s",
             "store_max_bytes",
             "stream_chunk_bytes",

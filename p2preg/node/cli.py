@@ -49,8 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--p2p-min-bytes", metavar="SIZE", help="smaller blobs come straight from upstream (1MiB)"
     )
-    _add_store_arguments(p)
-    p.add_argument("--tag-ttl-s", metavar="SECONDS", help="how long a tag → digest answer is kept")
+    _add_cache_arguments(p)
     p.add_argument("--max-blob-streams", metavar="N", help="concurrent blob responses (64)")
     p.add_argument(
         "--peer-stall-report-s", metavar="SECONDS",
@@ -104,11 +103,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_store_arguments(p: argparse.ArgumentParser) -> None:
+def _add_cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store-max-bytes", metavar="SIZE", help="store budget, e.g. 50GiB")
     p.add_argument(
         "--pinned-images", metavar="IMAGE", action="append",
         help="an image never evicted from the store, this machine's platform (repeatable)",
+    )
+    p.add_argument("--tag-ttl-s", metavar="SECONDS", help="how long a tag → digest answer is kept")
+    p.add_argument(
+        "--serve-stale-s", metavar="SECONDS",
+        help="while upstream is down, answer a tag seen this recently (7 days; 0: never)",
     )
 
 

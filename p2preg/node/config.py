@@ -153,6 +153,9 @@ class NodeConfig:
     admin_token_file: Path | None = None
     # Tags move; a short TTL keeps `latest` fresh without an upstream round trip per pull.
     tag_ttl_s: float = 30.0
+    # While upstream is down (unreachable, 5xx, 429), a tag answers the last digest
+    # upstream gave for it, if upstream gave it within this long; 0: never.
+    serve_stale_s: float = 7 * 24 * 3600.0
     store_max_bytes: int = 50 * GiB
     # Each open blob stream holds at most one chunk in memory.
     stream_chunk_bytes: int = 1 * MiB
@@ -201,6 +204,8 @@ class NodeConfig:
         for realm in self.trusted_realms:
             if self.upstream_for(realm.ns) is None:
                 raise ConfigError(f"trusted_realms: {realm.ns!r} is not a configured upstream")
+        if self.tag_ttl_s < 0 or self.serve_stale_s < 0:
+            raise ConfigError("tag_ttl_s and serve_stale_s must be ≥ 0")
         if self.shutdown_grace_s < 0:
             raise ConfigError("shutdown_grace_s must be ≥ 0")
         if self.peer_stall_report_s <= 0:

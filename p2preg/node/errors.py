@@ -93,7 +93,13 @@ class UpstreamError(RegistryError):
     status, code = 502, "UNAVAILABLE"
 
 
+class UpstreamServerError(UpstreamError):
+    """The seed registry (or its token service) answered 5xx: it failed, not us."""
+
+
 class UpstreamUnavailable(RegistryError):
+    """The seed registry was unreachable, timed out, or rate-limited us."""
+
     status, code = 503, "UNAVAILABLE"
 
 

@@ -27,6 +27,14 @@ class StoreStats(Protocol):
     def __len__(self) -> int: ...
 
 
+def _stale_tag_answers(r: CollectorRegistry) -> Counter:
+    return Counter(
+        "p2preg_stale_tag_answers",
+        "Tags answered with the last digest upstream gave for them, while it failed",
+        ["registry"], registry=r,
+    )
+
+
 class NodeMetrics:
     # This host's containerd finding (watch_containerd), as of the last refresh.
     _containerd: Callable[[], dict[str, object]] | None = None
@@ -64,6 +72,7 @@ class NodeMetrics:
         self.manifest_cache = Counter(
             "p2preg_manifest_cache", "Manifest lookups by result", ["result"], registry=r
         )
+        self.stale_tag_answers = _stale_tag_answers(r)
         self.streams_active = Gauge(
             "p2preg_blob_streams_active", "Blob responses being streamed", registry=r
         )
@@ -72,15 +81,7 @@ class NodeMetrics:
             "Blob responses whose head is sent, waiting for a stream slot",
             registry=r,
         )
-        self.store_bytes = Gauge("p2preg_store_bytes", "Bytes held in the store", registry=r)
-        self.store_blobs = Gauge("p2preg_store_blobs", "Blobs held in the store", registry=r)
-        self.store_budget = Gauge(
-            "p2preg_store_budget_bytes", "The store's size budget", registry=r
-        )
-        self.store_pinned = Gauge("p2preg_store_pinned_bytes", "Pinned bytes held", registry=r)
-        self.store_evictions = Gauge(
-            "p2preg_store_evictions", "Blobs evicted to stay within budget", registry=r
-        )
+        self._store_gauges(r)
         self.peer_bytes = Counter(
             "p2preg_peer_blob_bytes", "Blob payload bytes received from peers", registry=r
         )
@@ -112,6 +113,17 @@ class NodeMetrics:
             ["reason"], registry=r,
         )
         self.blobs_seeded = Gauge("p2preg_blobs_seeded", "Blobs this node seeds", registry=r)
+
+    def _store_gauges(self, r: CollectorRegistry) -> None:
+        self.store_bytes = Gauge("p2preg_store_bytes", "Bytes held in the store", registry=r)
+        self.store_blobs = Gauge("p2preg_store_blobs", "Blobs held in the store", registry=r)
+        self.store_budget = Gauge(
+            "p2preg_store_budget_bytes", "The store's size budget", registry=r
+        )
+        self.store_pinned = Gauge("p2preg_store_pinned_bytes", "Pinned bytes held", registry=r)
+        self.store_evictions = Gauge(
+            "p2preg_store_evictions", "Blobs evicted to stay within budget", registry=r
+        )
 
     def watch_containerd(self, check: Callable[[], dict[str, object]]) -> None:
         """Export `check()["ok"]` as p2preg_containerd_config_ok, read at each refresh.

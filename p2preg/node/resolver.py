@@ -1,9 +1,10 @@
 """Manifests, tags and referrers, resolved against the seed registry.
 
-Owns the manifest caches: tag → digest for a short TTL (keyed on registry,
-repository, tag and the client's Accept, so a schema2-only client never gets an
-index another client caused to be cached) and manifests by digest for good
-(content-addressed, in the blob store, verified against their digest). Each
+Owns the manifest caches: tag → digest in the tag map (tagmap.py: reused for a
+short TTL, and answered stale while upstream is down) and manifests by digest
+for good (content-addressed, in the blob store, verified against their
+digest), served without upstream to a repository the tenancy ledger says
+holds them. Each
 resolved manifest proves to the tenancy ledger that its repository holds what
 it references, and notes each image's blob order for the P2P path
 (pullorder.py). Manifests are small and are never swarmed.
@@ -12,6 +13,7 @@ it references, and notes each image's blob order for the P2P path
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,16 +23,16 @@ import trio
 from p2preg.core.digest import Digest, DigestError
 from p2preg.core.reference import Reference
 from p2preg.node import manifest as mf
-from p2preg.node.errors import ManifestUnknown, NameUnknown, UpstreamError
+from p2preg.node.errors import ManifestUnknown, NameUnknown, RegistryError, UpstreamError
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.pullorder import PullOrder
 from p2preg.node.seams import UpstreamSeam
 from p2preg.node.store import BlobStore, StoreError
+from p2preg.node.tagmap import TagKey, TagMap, stale_allowed
 from p2preg.node.tenancy import Tenancy
 
 log = logging.getLogger(__name__)
 
-MAX_TAG_ENTRIES = 10_000
 MAX_MEMORY_MANIFESTS = 2048
 
 
@@ -41,12 +43,6 @@ class Manifest:
     body: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class _TagEntry:
-    digest: Digest
-    expires_at: float
-
-
 class Resolver:
     def __init__(
         self,
@@ -54,17 +50,16 @@ class Resolver:
         tenancy: Tenancy,
         metrics: NodeMetrics,
         pull_order: PullOrder,
+        tags: TagMap,
         *,
-        tag_ttl_s: float,
-        clock: Callable[[], float] = trio.current_time,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._tenancy = tenancy
         self._metrics = metrics
         self._pull_order = pull_order
-        self._tag_ttl_s = tag_ttl_s
+        self._tags = tags
         self._clock = clock
-        self._tags: OrderedDict[tuple[str, str, str, str], _TagEntry] = OrderedDict()
         self._memory: OrderedDict[Digest, Manifest] = OrderedDict()
 
     # -- manifests --------------------------------------------------------
@@ -83,19 +78,44 @@ class Resolver:
         else:
             assert ref.tag is not None
             key = (ns, repository, ref.tag, mf.accept_key(accept))
-            entry = self._tags.get(key)
-            if entry is not None and entry.expires_at > self._clock():
-                cached = await self._cached(entry.digest)
+            fresh = self._tags.fresh(key, self._clock())
+            if fresh is not None:
+                cached = await self._cached(fresh.digest)
                 if cached is not None:
                     self._metrics.manifest_cache.labels("hit").inc()
+                    if fresh.is_stale:
+                        self._metrics.stale_tag_answers.labels(ns).inc()
                     return cached
+            return await self._by_tag(client, repository, ref, accept, key)
         self._metrics.manifest_cache.labels("miss").inc()
-        found = await self._fetch(client, repository, ref, accept)
-        if ref.tag is not None:
-            self._tags[key] = _TagEntry(found.digest, self._clock() + self._tag_ttl_s)
-            self._tags.move_to_end(key)
-            while len(self._tags) > MAX_TAG_ENTRIES:
-                self._tags.popitem(last=False)
+        return await self._fetch(client, repository, ref, accept)
+
+    async def _by_tag(
+        self, client: UpstreamSeam, repository: str, ref: Reference, accept: str | None,
+        key: TagKey,
+    ) -> Manifest:
+        """Ask upstream for a tag; while it is down, answer the last digest it gave."""
+        self._metrics.manifest_cache.labels("miss").inc()
+        try:
+            found = await self._fetch(client, repository, ref, accept)
+        except ManifestUnknown:
+            self._tags.forget(key)
+            raise
+        except RegistryError as e:
+            if not stale_allowed(e):
+                raise
+            now = self._clock()
+            entry = self._tags.stale(key, now)
+            cached = None if entry is None else await self._cached(entry.digest)
+            if entry is None or cached is None:
+                raise
+            self._metrics.stale_tag_answers.labels(key[0]).inc()
+            log.warning(
+                "tag %s:%s of %s answered with %s, seen %.0f s ago: %s",
+                repository, ref.tag, key[0], entry.digest, now - entry.seen_at, e.message,
+            )
+            return cached
+        self._tags.seen(key, found.digest, self._clock())
         return found
 
     async def _fetch(

@@ -48,8 +48,10 @@ from p2preg.node.pullorder import PullOrder
 from p2preg.node.resolver import Resolver
 from p2preg.node.seams import in_thread
 from p2preg.node.seeding import Seeding, TorrentFiles, stop_seeding
+from p2preg.node.servingstate import open_serving_state
 from p2preg.node.store import BlobStore
 from p2preg.node.swarm import Swarm, listen_interfaces, open_swarm
+from p2preg.node.tagmap import TagMap
 from p2preg.node.tenancy import Tenancy
 from p2preg.node.upstream import UpstreamClient, Upstreams
 from tracker.client import TrackerClient
@@ -186,6 +188,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
             config.containerd_config, config.containerd_hosts_dir, config.containerd_version
         ))
     tenancy = Tenancy()
+    tags = TagMap(ttl_s=config.tag_ttl_s, stale_s=config.serve_stale_s)
     pull_order = PullOrder()
     torrents = TorrentFiles(config.data_dir / "torrents")
     timeout = httpx.Timeout(config.upstream_timeout_s, connect=min(10.0, config.upstream_timeout_s))
@@ -193,6 +196,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
     async with (
         httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as http,
         _open_swarm(config, http, metrics, held.tracker_token, tls) as p2p,
+        open_serving_state(config.data_dir, tags, tenancy),
         trio.open_nursery() as nursery,
     ):
         store = _new_store(config, None if p2p is None else p2p.swarm, torrents)
@@ -213,7 +217,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
             store, metrics, pull_order, nursery, offload=in_thread, cluster=cluster
         )
         blobs = Blobs(store, tenancy, metrics, fetcher, nursery)
-        resolver = Resolver(store, tenancy, metrics, pull_order, tag_ttl_s=config.tag_ttl_s)
+        resolver = Resolver(store, tenancy, metrics, pull_order, tags)
         streams = BlobStreams(
             store, trio.Semaphore(config.max_blob_streams), config.stream_chunk_bytes, metrics
         )

@@ -42,6 +42,7 @@ from p2preg.node.egress import Egress
 from p2preg.node.errors import (
     RegistryError,
     UpstreamError,
+    UpstreamServerError,
     UpstreamUnauthorized,
     UpstreamUnavailable,
 )
@@ -98,6 +99,24 @@ def _body_chunks(r: httpx.Response) -> AbstractAsyncContextManager[AsyncGenerato
     closed at some later point, outside any task (a ResourceWarning).
     """
     return aclosing(cast("AsyncGenerator[bytes, None]", r.aiter_bytes()))
+
+async def _small_body(r: httpx.Response, what: str, max_bytes: int) -> bytes:
+    """The whole body, at most `max_bytes`; a connection cut or stalled mid-body is
+    the seed registry being unreachable, like a refused one."""
+    chunks = []
+    total = 0
+    try:
+        # Closed at once when we stop early, not whenever it is collected.
+        async with _body_chunks(r) as body_chunks:
+            async for chunk in body_chunks:
+                total += len(chunk)
+                if total > max_bytes:
+                    raise UpstreamError(f"{what} is larger than {max_bytes} bytes")
+                chunks.append(chunk)
+    except (httpx.TransportError, httpx.StreamError) as e:
+        raise UpstreamUnavailable(f"{what} was cut short: {type(e).__name__}") from None
+    return b"".join(chunks)
+
 
 class UpstreamClient:
     def __init__(
@@ -166,6 +185,8 @@ class UpstreamClient:
             raise UpstreamUnavailable(f"token service unreachable: {type(e).__name__}") from None
         if r.status_code in (401, 403):
             raise UpstreamUnauthorized("the token service refused our credentials")
+        if r.status_code >= 500:
+            raise UpstreamServerError(f"token service answered {r.status_code}")
         if r.status_code != 200:
             raise UpstreamError(f"token service answered {r.status_code}")
         try:
@@ -280,6 +301,8 @@ class UpstreamClient:
             return UpstreamUnauthorized(f"seed registry denied access to {what}")
         if response.status_code == 429:
             return UpstreamUnavailable(f"seed registry rate-limited {what}")
+        if response.status_code >= 500:
+            return UpstreamServerError(f"seed registry answered {response.status_code} for {what}")
         return UpstreamError(f"seed registry answered {response.status_code} for {what}")
 
     # -- the operations the node needs ------------------------------------
@@ -299,20 +322,8 @@ class UpstreamClient:
                 return None
             if r.status_code >= 300:
                 raise self._fail(r, f"{repository}/{path}")
-            body = b""
-            if method != "HEAD":
-                chunks = []
-                total = 0
-                # Closed at once when we stop early, not whenever it is collected.
-                async with _body_chunks(r) as body_chunks:
-                    async for chunk in body_chunks:
-                        total += len(chunk)
-                        if total > max_bytes:
-                            raise UpstreamError(
-                                f"{repository}/{path} is larger than {max_bytes} bytes"
-                            )
-                        chunks.append(chunk)
-                body = b"".join(chunks)
+            body = b"" if method == "HEAD" else await _small_body(r, f"{repository}/{path}",
+                                                                  max_bytes)
             return Fetched(r.status_code, r.headers, body)
 
     async def blob_size(self, repository: str, digest: Digest) -> int | None:
