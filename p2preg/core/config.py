@@ -152,8 +152,10 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
             "node_name",
             "p2p_min_bytes",
             "peer_host",
+            "peer_download_limit_bytes_s",
             "peer_port",
             "peer_ssl_port",
+            "peer_upload_limit_bytes_s",
             "shutdown_grace_s",
             "store_max_bytes",
             "stream_chunk_bytes",
@@ -168,6 +170,7 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
             "trackers",
             "trusted_realms",
             "upstream",
+            "upstream_download_limit_bytes_s",
             "upstream_retries",
             "upstream_timeout_s",
         }

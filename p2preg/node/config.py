@@ -17,6 +17,7 @@ from p2preg.core.config import ConfigError, GiB, HostPort, MiB
 from p2preg.core.hostfiles import read_secret_file
 from p2preg.core.tls import load_tls_dir
 from p2preg.node.containerd_check import parse_version
+from p2preg.node.rates import ByteRate
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +179,12 @@ class NodeConfig:
     containerd_version: str | None = None
     # The hosts.toml directory as containerd names it (containerd-config --hosts-dir).
     containerd_hosts_dir: Path = Path("/etc/containerd/certs.d")
+    # Bandwidth caps in bytes per second, 0 for none (limits.py; `p2preg limits
+    # set` changes them in a running node): what peers get from this node, what
+    # it takes from peers, loopback and LAN peers included, and from upstream.
+    peer_upload_limit_bytes_s: ByteRate = ByteRate(0)  # noqa: RUF009 (an int)
+    peer_download_limit_bytes_s: ByteRate = ByteRate(0)  # noqa: RUF009
+    upstream_download_limit_bytes_s: ByteRate = ByteRate(0)  # noqa: RUF009
 
     def __post_init__(self) -> None:
         if not self.upstream:

@@ -24,6 +24,21 @@ class StoreStats(Protocol):
     def __len__(self) -> int: ...
 
 
+def _rate_gauges(r: CollectorRegistry) -> tuple[Gauge, Gauge]:
+    """The bandwidth caps (limits.py), by direction: peer_upload, peer_download,
+    upstream_download; the rates are read at scrape time."""
+    return (
+        Gauge(
+            "p2preg_rate_limit_bytes_per_second", "The cap in force, by direction (0: none)",
+            ["direction"], registry=r,
+        ),
+        Gauge(
+            "p2preg_rate_bytes_per_second", "The rate reached lately, by direction",
+            ["direction"], registry=r,
+        ),
+    )
+
+
 class NodeMetrics:
     # This host's containerd finding (watch_containerd), as of the last refresh.
     _containerd: Callable[[], dict[str, object]] | None = None
@@ -108,6 +123,7 @@ class NodeMetrics:
             ["reason"], registry=r,
         )
         self.blobs_seeded = Gauge("p2preg_blobs_seeded", "Blobs this node seeds", registry=r)
+        self.rate_limit, self.rate = _rate_gauges(r)
 
     def watch_containerd(self, check: Callable[[], dict[str, object]]) -> None:
         """Export `check()["ok"]` as p2preg_containerd_config_ok, read at each refresh.

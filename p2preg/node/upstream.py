@@ -19,7 +19,14 @@ import json
 import logging
 import math
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    Sequence,
+)
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -109,8 +116,13 @@ class UpstreamClient:
         retries: int = 4,
         on_bytes: Callable[[int], None] = lambda n: None,
         trusted_realms: Sequence[str] = (),
+        throttle: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.upstream = upstream
+        # The node's upstream cap (limits.py), shared by its clients: every body
+        # chunk waits there before it is used, so a capped node reads slower
+        # and TCP slows the registry's sending down with it.
+        self._throttle = throttle
         self._http = http
         self._credential = credential
         self._egress = Egress.of(upstream.url, trusted_realms)
@@ -307,6 +319,8 @@ class UpstreamClient:
                 async with _body_chunks(r) as body_chunks:
                     async for chunk in body_chunks:
                         total += len(chunk)
+                        if self._throttle is not None:
+                            await self._throttle(len(chunk))
                         if total > max_bytes:
                             raise UpstreamError(
                                 f"{repository}/{path} is larger than {max_bytes} bytes"
@@ -374,6 +388,8 @@ class UpstreamClient:
                         raise self._fail(r, f"blob {digest}")
                     async with _body_chunks(r) as body_chunks:
                         async for chunk in body_chunks:
+                            if self._throttle is not None:
+                                await self._throttle(len(chunk))
                             self._on_bytes(len(chunk))
                             await sink.write(chunk)
                     return
