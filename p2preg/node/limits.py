@@ -1,7 +1,7 @@
 """The node's bandwidth caps: peer upload, peer download, upstream download.
 
 Owns the three caps of one node — from its config at start, then from
-`PUT /_p2preg/limits` (what `p2preg limits set` sends), applied at once — and
+`PUT /_p2preg/limits?…` (what `p2preg limits set` sends), applied at once — and
 the gauges of each cap and of the rate actually reached. The peer caps are
 the libtorrent session's rate limits, with every peer, loopback and LAN
 included, put in the global peer class they govern; the upstream cap is one
@@ -55,7 +55,7 @@ class Caps:
         Raises LimitsInvalid naming the first bad key or value.
         """
         if not isinstance(doc, dict) or not doc:
-            raise LimitsInvalid(f"give a JSON object with some of {', '.join(DIRECTIONS)}")
+            raise LimitsInvalid(f"give some of {', '.join(DIRECTIONS)}")
         unknown = sorted(set(doc) - set(DIRECTIONS))
         if unknown:
             raise LimitsInvalid(f"unknown direction {str(unknown[0])[:40]!r}: "
@@ -204,7 +204,8 @@ def _json(doc: object) -> Response:
 
 
 def add_limits_routes(app: QuartTrio, limits: NodeLimits, auth: AdminAuth) -> None:
-    """`GET` (the caps and the rates now) and `PUT` (change some caps) of `/_p2preg/limits`."""
+    """`GET` (the caps and the rates now) and `PUT ?peer_upload=RATE&…` (change some
+    caps; the others stay) of `/_p2preg/limits`."""
 
     def check() -> None:
         if not auth.allows(request.headers.get("Authorization")):
@@ -220,9 +221,10 @@ def add_limits_routes(app: QuartTrio, limits: NodeLimits, auth: AdminAuth) -> No
     async def change() -> Response:
         g.route = "limits"
         check()
-        try:
-            doc = json.loads(await request.get_data(cache=False))
-        except ValueError:
-            raise LimitsInvalid("the body is not JSON") from None
+        # In the query, not a body: the facade takes no request body at all.
+        given = list(request.args.items(multi=True))
+        doc = dict(given)
+        if len(doc) != len(given):
+            raise LimitsInvalid("each direction at most once")
         limits.set(limits.caps.changed(doc))
         return _json(limits.doc())

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with httpx.Client(timeout=10.0, trust_env=False) as http:
             if args.action == "set":
-                r = http.put(node + LIMITS_PATH, json=caps, headers=headers)
+                r = http.put(node + LIMITS_PATH, params=caps, headers=headers)
             else:
                 r = http.get(node + LIMITS_PATH, headers=headers)
     except httpx.HTTPError as e:
