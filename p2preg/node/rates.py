@@ -55,7 +55,7 @@ def format_rate(n: int) -> str:
     for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if n >= 1 << shift:
             value = n / (1 << shift)
-            return f"{value:.3g} {unit}/s ({n * 8 / 1e6:.4g} Mbit/s)"
+            return f"{value:.4g} {unit}/s ({n * 8 / 1e6:.4g} Mbit/s)"
     return f"{n} B/s"
 
 
