@@ -1,17 +1,21 @@
-"""The peer upload cap between network namespaces: real processes on a lab bridge.
+"""The peer caps between network namespaces: real processes on a lab bridge.
 
 A seed registry, a tracker and two nodes, each in a namespace of its own
 (harness/netns.py, 198.18.5.0/24, unshaped veths): node a takes a 3 MiB layer
 from the registry and seeds it under a 256 KiB/s peer upload cap from its
-config; node b then pulls the layer from a through the swarm. Both the blob
-rate b sees and the bytes a's link sent, as the kernel counts them, stay at or
-below 1.3 times the cap over the transfer (at least 10 s if the cap holds).
-Only that upper bound is asserted.
+config; node b then pulls the layer from a through the swarm. Then `p2preg
+limits set`, run in each node's namespace, lifts a's cap and gives b a
+256 KiB/s peer download cap, and b pulls a second layer. Both the blob rate b
+sees and the bytes a's link sent, as the kernel
+counts them, stay at or below 1.3 times the cap over each transfer (at least
+10 s if the cap holds). Only that upper bound is asserted.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -21,7 +25,8 @@ import pytest
 from harness.images import build_image
 from harness.netns import Host, open_lab, unavailable_reason
 from harness.node import NodeProcess, open_node
-from harness.procs import http_get, wait_until
+from harness.nsenter import netns_argv
+from harness.procs import clean_env, http_get, wait_until
 from harness.registry import Registry, open_registry
 from harness.skopeo import push
 from harness.tracker import open_tracker
@@ -33,14 +38,23 @@ CAP = 256 * 1024
 BOUND = 1.3
 
 
-def test_the_peer_upload_cap_holds_between_network_namespaces(
+def set_limits(node: NodeProcess, *args: str) -> None:
+    """`p2preg limits set …` as an operator on that node's host runs it."""
+    argv = [sys.executable, "-m", "p2preg", "limits", "set", *args, "--node", node.url,
+            "--admin-token-file", str(node.admin_token_file)]
+    done = subprocess.run(netns_argv(argv, node.netns), capture_output=True, text=True,
+                          timeout=60, env=clean_env(drop_prefixes=["P2PREG_"]))
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_peer_caps_hold_between_network_namespaces(
     registry: Registry, tmp_path: Path
 ) -> None:
     reason = unavailable_reason()
     assert reason is None, reason
-    layout = build_image(tmp_path / "image", seed="limits-netns", layer_sizes=(3 << 20,))
+    layout = build_image(tmp_path / "image", seed="limits-netns", layer_sizes=(3 << 20, 3 << 20))
     image = push(layout, registry.host, "team/capped")
-    layer = max(image.blobs, key=lambda b: b.size)
+    layers = image.manifests[0].layers
     with open_lab(f"p2plim-{os.getpid()}", subnet="198.18.5.0/24") as lab, ExitStack() as stack:
         hosts = {role: lab.add_host(role, ix) for role, ix in (("reg", 2), ("trk", 3),
                                                               ("a", 10), ("b", 11))}
@@ -64,18 +78,31 @@ def test_the_peer_upload_cap_holds_between_network_namespaces(
 
         a = node(hosts["a"], "--peer-upload-limit-bytes-s", "256KiB")
         b = node(hosts["b"])
-        path = f"/v2/{image.repository}/blobs/{layer.digest}?ns={SEED_NS}"
-        assert http_get(a.url + path, netns=a.netns, timeout_s=60).status_code == 200
-        wait_until(lambda: a.metric("p2preg_blobs_seeded") == 1, timeout_s=30,
-                   what="a to seed the layer", process=a.process)
 
-        sent_before = lab.link_bytes(hosts["a"])[1]
-        started = time.monotonic()
-        pulled = http_get(b.url + path, netns=b.netns, timeout_s=120)
-        took = time.monotonic() - started
-        sent = lab.link_bytes(hosts["a"])[1] - sent_before
+        def transfer(digest: str, size: int) -> tuple[float, tuple[int, int]]:
+            """b pulls `digest` from a: seconds, and a's link (received, sent) meanwhile."""
+            path = f"/v2/{image.repository}/blobs/{digest}?ns={SEED_NS}"
+            seeded = a.metric("p2preg_blobs_seeded")
+            assert http_get(a.url + path, netns=a.netns, timeout_s=60).status_code == 200
+            wait_until(lambda: a.metric("p2preg_blobs_seeded") > seeded, timeout_s=30,
+                       what="a to seed the layer", process=a.process)
+            before = lab.link_bytes(hosts["a"])
+            started = time.monotonic()
+            pulled = http_get(b.url + path, netns=b.netns, timeout_s=120)
+            took = time.monotonic() - started
+            after = lab.link_bytes(hosts["a"])
+            assert pulled.status_code == 200 and len(pulled.content) == size
+            return took, (after[0] - before[0], after[1] - before[1])
 
-        assert pulled.status_code == 200 and len(pulled.content) == layer.size
+        took, (_, sent) = transfer(layers[0].digest, layers[0].size)
         assert b.metric("p2preg_blob_fetches_total", source="peers") == 1
-        assert layer.size / took <= BOUND * CAP, f"{layer.size / took / CAP:.2f} times the cap"
+        assert layers[0].size / took <= BOUND * CAP, f"{layers[0].size / took / CAP:.2f} x cap"
+        assert sent / took <= BOUND * CAP, f"a's link sent {sent / took / CAP:.2f} times the cap"
+
+        set_limits(a, "--peer-upload", "0")
+        set_limits(b, "--peer-download", "256KiB")
+        took, (_, sent) = transfer(layers[1].digest, layers[1].size)
+        assert b.metric("p2preg_blob_fetches_total", source="peers") == 2
+        assert layers[1].size / took <= BOUND * CAP, f"{layers[1].size / took / CAP:.2f} x cap"
+        # b's cap governs what it reads; a can send only what b's TCP window lets through.
         assert sent / took <= BOUND * CAP, f"a's link sent {sent / took / CAP:.2f} times the cap"
