@@ -27,11 +27,6 @@ SIZE = 3 << 20
 BOUND = 1.3
 
 
-def gauge(limits_of: NodeLimits, name: str, direction: str) -> float:
-    doc = limits_of.doc()
-    return float(doc["caps" if name == "cap" else "rates"][direction])  # type: ignore[index]
-
-
 async def test_peer_caps_hold_for_loopback_peers_and_change_at_runtime(tmp_path: Path) -> None:
     first, first_data = blob(size=SIZE, seed=1)
     second, second_data = blob(size=SIZE, seed=2)
@@ -43,9 +38,9 @@ async def test_peer_caps_hold_for_loopback_peers_and_change_at_runtime(tmp_path:
             real_node(tmp_path, url, "b") as (b, b_swarm, _),
         ):
             a_limits = NodeLimits(
-                Caps(peer_upload=CAP), a.metrics, UpstreamThrottle(0), a_swarm.session
+                Caps(peer_upload=CAP), a.metrics, UpstreamThrottle(0), a_swarm
             )
-            b_limits = NodeLimits(Caps(), b.metrics, UpstreamThrottle(0), b_swarm.session)
+            b_limits = NodeLimits(Caps(), b.metrics, UpstreamThrottle(0), b_swarm)
             await a.blobs.ensure(upstream, REPO, first)
             await a.blobs.ensure(upstream, REPO, second)
 

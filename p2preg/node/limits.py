@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import libtorrent as lt
 import trio
@@ -148,16 +148,29 @@ class UpstreamThrottle:
 # -- the node's caps --------------------------------------------------------
 
 
+class HasSession(Protocol):
+    """The swarm (swarm.py): its session, None once torn down."""
+
+    @property
+    def session(self) -> Any: ...
+
+
 class NodeLimits:
-    """The caps in force; `session` is None on a node without a tracker (no swarm)."""
+    """The caps in force; `swarm` is None on a node without a tracker.
+
+    It reads the session through the swarm at each use, never keeps it: the
+    session's last reference going away is what announces `stopped` (swarm.py).
+    """
 
     def __init__(
-        self, caps: Caps, metrics: NodeMetrics, throttle: UpstreamThrottle, session: Any | None
+        self, caps: Caps, metrics: NodeMetrics, throttle: UpstreamThrottle,
+        swarm: HasSession | None,
     ) -> None:
         self._metrics = metrics
         self._throttle = throttle
-        self._session = session
+        self._swarm = swarm
         self.caps = caps
+        session = self._session
         if session is not None:
             cover_every_peer(session)
         self._apply(caps)
@@ -166,12 +179,18 @@ class NodeLimits:
         rate.labels("peer_upload").set_function(lambda: self._peer_rates()[0])
         rate.labels("peer_download").set_function(lambda: self._peer_rates()[1])
 
+    @property
+    def _session(self) -> Any:
+        return None if self._swarm is None else self._swarm.session
+
     def _peer_rates(self) -> tuple[float, float]:
-        return (0.0, 0.0) if self._session is None else peer_rates(self._session)
+        session = self._session
+        return (0.0, 0.0) if session is None else peer_rates(session)
 
     def _apply(self, caps: Caps) -> None:
-        if self._session is not None:
-            apply_peer_caps(self._session, caps)
+        session = self._session
+        if session is not None:
+            apply_peer_caps(session, caps)
         self._throttle.set_rate(caps.upstream_download)
         for direction, value in asdict(caps).items():
             self._metrics.rate_limit.labels(direction).set(value)
@@ -195,7 +214,7 @@ class NodeLimits:
                 "peer_download": round(down),
                 "upstream_download": round(self._throttle.actual()),
             },
-            "swarm": self._session is not None,
+            "swarm": self._swarm is not None,
         }
 
 

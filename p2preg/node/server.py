@@ -200,7 +200,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
         limits = NodeLimits(  # before the swarm re-seeds: capped from its first byte
             Caps(config.peer_upload_limit_bytes_s, config.peer_download_limit_bytes_s,
                  config.upstream_download_limit_bytes_s),
-            metrics, throttle, None if p2p is None else p2p.swarm.session,
+            metrics, throttle, None if p2p is None else p2p.swarm,
         )
         cluster = None if p2p is None else _cluster(config, store, p2p, torrents, nursery)
         upstreams = Upstreams([
