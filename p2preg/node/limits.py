@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
@@ -134,7 +135,8 @@ class UpstreamThrottle:
         self._changed = trio.Event()
 
     def actual(self) -> float:
-        return self._meter.rate(trio.current_time())
+        # The wall's monotonic clock, not trio's: a scrape may come from outside the run.
+        return self._meter.rate(time.monotonic())
 
     async def take(self, n: int) -> None:
         wait = self._bucket.take(n, trio.current_time())
@@ -142,7 +144,7 @@ class UpstreamThrottle:
             changed = self._changed
             with trio.move_on_after(wait):
                 await changed.wait()
-        self._meter.add(n, trio.current_time())
+        self._meter.add(n, time.monotonic())
 
 
 # -- the node's caps --------------------------------------------------------
