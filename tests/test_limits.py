@@ -11,14 +11,20 @@ upper bound on the rate (≤ 1.3 times the cap), never a lower one.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import trio
 
+from harness.tlscerts import ClusterCA
+from p2preg.core.digest import Digest
 from p2preg.node.limits import Caps, NodeLimits, UpstreamThrottle
+from p2preg.node.metrics import NodeMetrics
 from tests.fakes import FakeUpstream, blob
 from tests.test_swarm import REPO, fetches, real_node, running_tracker
+from tests.test_swarm_tls import tls_swarm, tls_tracker
+from tracker.metainfo import make_metainfo
 
 pytestmark = pytest.mark.slow
 
@@ -71,3 +77,27 @@ async def test_peer_caps_hold_for_loopback_peers_and_change_at_runtime(tmp_path:
                 "peer_upload": 0, "peer_download": CAP, "upstream_download": 0
             }
     assert upstream.gets == 2
+
+
+async def test_the_peer_upload_cap_holds_over_ssl_torrents(tmp_path: Path) -> None:
+    """A TLS cluster's peers speak BitTorrent over TLS on the `s` port: capped all the same."""
+    ca = ClusterCA.make("limits")
+    data = os.urandom(SIZE)
+    path = tmp_path / "verified-blob"
+    path.write_bytes(data)
+    meta = make_metainfo(path, Digest.of(data), SIZE, root=ca.cert_pem)
+    a_metrics = NodeMetrics()
+    with trio.fail_after(60):
+        async with (
+            tls_tracker(tmp_path, ca, meta) as url,
+            tls_swarm(tmp_path, ca, "a", [url + "/announce"], a_metrics) as (a, _),
+            tls_swarm(tmp_path, ca, "b", [url + "/announce"], NodeMetrics()) as (b, _),
+        ):
+            NodeLimits(Caps(peer_upload=CAP), a_metrics, UpstreamThrottle(0), a)
+            a.seed(meta, path)
+            assert await a.wait_announced(meta.digest, 20)
+            started = trio.current_time()
+            got = await b.download(meta, stall_s=20, max_hash_failures=2)
+            took = trio.current_time() - started
+            assert got.read_bytes() == data and b.peer_bytes(meta.digest) >= SIZE
+            assert SIZE / took <= BOUND * CAP, f"{SIZE / took / CAP:.2f} times the cap over TLS"
