@@ -4,7 +4,8 @@ libtorrent exempts loopback and LAN peers from its session rate limits by
 default; these tests hold the node's caps to an upper bound where that
 exemption would show: two real `Swarm`s on 127.0.0.1 with a tracker served in
 this process, the second node pulling a 3 MiB blob from the first through the
-real pull path. Each transfer runs at least 10 s if the cap holds (3 MiB at
+real pull path; and two TLS cluster swarms, whose peers speak BitTorrent over
+TLS (SSL torrents). Each transfer runs at least 10 s if the cap holds (3 MiB at
 256 KiB/s, less the protocol's share); the only assertion on time is that
 upper bound on the rate (≤ 1.3 times the cap), never a lower one.
 """
