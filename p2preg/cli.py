@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "preheat": ("p2preg.node.preheat", "fetch images into the swarm ahead of a deploy"),
     "status": ("p2preg.node.status", "show a node's or the tracker's state"),
     "unpin": ("p2preg.node.pincmd", "remove an image pinned by `p2preg preheat --pin`"),
+    "limits": ("p2preg.node.limits_cli", "show or change a running node's bandwidth caps"),
     "ca": ("p2preg.ca", "make a cluster CA and issue node and tracker certificates"),
 }
 

@@ -65,9 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="cluster identity: tls.crt, tls.key, ca.crt (cert-manager layout; `p2preg ca issue`)",
     )
     p.add_argument(
-        "--insecure",
-        action="store_const",
-        const=True,
+        "--insecure", action="store_const", const=True,
         help="no TLS: plain tracker link and peer wire (a token cluster on a trusted network)",
     )
     p.add_argument(
@@ -95,6 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(repeatable; e.g. docker.io=auth.docker.io)",
     )
     _add_containerd_arguments(p)
+    _add_limit_arguments(p)
     p.add_argument("--log-level", help="logging level (default INFO)")
     p.add_argument(
         "--shutdown-grace-s",
@@ -114,6 +113,14 @@ def _add_cache_arguments(p: argparse.ArgumentParser) -> None:
         "--serve-stale-s", metavar="SECONDS",
         help="while upstream is down, answer a tag seen this recently (7 days; 0: never)",
     )
+
+
+def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    for key, what in (("peer-upload", "peers get from this node"),
+                      ("peer-download", "this node takes from peers"),
+                      ("upstream-download", "this node takes from upstream")):
+        p.add_argument(f"--{key}-limit-bytes-s", metavar="RATE",
+                       help=f"cap on what {what}, e.g. 10MiB or 80Mbit per second (0: none)")
 
 
 def _add_containerd_arguments(p: argparse.ArgumentParser) -> None:

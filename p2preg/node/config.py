@@ -18,6 +18,7 @@ from p2preg.core.hostfiles import read_secret_file
 from p2preg.core.tls import load_tls_dir
 from p2preg.node.containerd_check import parse_version
 from p2preg.node.imagerefs import PreheatError, parse_image
+from p2preg.node.rates import ByteRate
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +186,12 @@ class NodeConfig:
     # Images (this machine's platform) kept in the store whatever eviction
     # wants: an edge site's images for an outage. They count in store_max_bytes.
     pinned_images: tuple[str, ...] = ()
+    # Bandwidth caps in bytes per second, 0 for none (limits.py; `p2preg limits
+    # set` changes them in a running node): what peers get from this node, what
+    # it takes from peers, loopback and LAN peers included, and from upstream.
+    peer_upload_limit_bytes_s: ByteRate = ByteRate(0)  # noqa: RUF009 (an int)
+    peer_download_limit_bytes_s: ByteRate = ByteRate(0)  # noqa: RUF009
+    upstream_download_limit_bytes_s: ByteRate = ByteRate(0)  # noqa: RUF009
 
     def __post_init__(self) -> None:
         if not self.upstream:

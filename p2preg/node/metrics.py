@@ -35,6 +35,21 @@ def _stale_tag_answers(r: CollectorRegistry) -> Counter:
     )
 
 
+def _rate_gauges(r: CollectorRegistry) -> tuple[Gauge, Gauge]:
+    """The bandwidth caps (limits.py), by direction: peer_upload, peer_download,
+    upstream_download; the rates are read at scrape time."""
+    return (
+        Gauge(
+            "p2preg_rate_limit_bytes_per_second", "The cap in force, by direction (0: none)",
+            ["direction"], registry=r,
+        ),
+        Gauge(
+            "p2preg_rate_bytes_per_second", "The rate reached lately, by direction",
+            ["direction"], registry=r,
+        ),
+    )
+
+
 class NodeMetrics:
     # This host's containerd finding (watch_containerd), as of the last refresh.
     _containerd: Callable[[], dict[str, object]] | None = None
@@ -113,6 +128,7 @@ class NodeMetrics:
             ["reason"], registry=r,
         )
         self.blobs_seeded = Gauge("p2preg_blobs_seeded", "Blobs this node seeds", registry=r)
+        self.rate_limit, self.rate = _rate_gauges(r)
 
     def _store_gauges(self, r: CollectorRegistry) -> None:
         self.store_bytes = Gauge("p2preg_store_bytes", "Bytes held in the store", registry=r)

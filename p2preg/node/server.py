@@ -39,6 +39,7 @@ from p2preg.node.containerd_check import watch_host
 from p2preg.node.credentials import node_credentials
 from p2preg.node.facade import Registry, create_app
 from p2preg.node.fetch import BlobFetcher, Cluster, SwarmSettings
+from p2preg.node.limits import Caps, NodeLimits, UpstreamThrottle, add_limits_routes
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.peers import PeerDownload
 from p2preg.node.peertls import PeerTLS, PlainTorrents, TorrentRoots
@@ -180,6 +181,28 @@ def _read_secrets(config: NodeConfig) -> _Secrets:
 
 
 @asynccontextmanager
+def _upstreams(
+    config: NodeConfig,
+    http: httpx.AsyncClient,
+    held: _Secrets,
+    metrics: NodeMetrics,
+    throttle: UpstreamThrottle,
+) -> Upstreams:
+    """A client per upstream, sharing the node's HTTP pool and its upstream cap."""
+    return Upstreams([
+        UpstreamClient(
+            u,
+            http,
+            credential=held.credentials.get(u.ns),
+            retries=config.upstream_retries,
+            on_bytes=metrics.upstream_bytes.inc,
+            trusted_realms=config.trusted_realms_for(u.ns),
+            throttle=throttle.take,
+        )
+        for u in config.upstream
+    ])
+
+
 async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
     held = _read_secrets(config)
     metrics = NodeMetrics()
@@ -201,18 +224,14 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
     ):
         store = _new_store(config, None if p2p is None else p2p.swarm, torrents)
         await trio.to_thread.run_sync(store.open)
+        throttle = UpstreamThrottle(config.upstream_download_limit_bytes_s)
+        limits = NodeLimits(  # before the swarm re-seeds: capped from its first byte
+            Caps(config.peer_upload_limit_bytes_s, config.peer_download_limit_bytes_s,
+                 config.upstream_download_limit_bytes_s),
+            metrics, throttle, None if p2p is None else p2p.swarm,
+        )
         cluster = None if p2p is None else _cluster(config, store, p2p, torrents, nursery)
-        upstreams = Upstreams([
-            UpstreamClient(
-                u,
-                http,
-                credential=held.credentials.get(u.ns),
-                retries=config.upstream_retries,
-                on_bytes=metrics.upstream_bytes.inc,
-                trusted_realms=config.trusted_realms_for(u.ns),
-            )
-            for u in config.upstream
-        ])
+        upstreams = _upstreams(config, http, held, metrics, throttle)
         fetcher = BlobFetcher(
             store, metrics, pull_order, nursery, offload=in_thread, cluster=cluster
         )
@@ -247,6 +266,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
             auth=held.admin,
             pins=pins,
         ))
+        add_limits_routes(facade, limits, held.admin)
         log.info(
             "node: store %s holds %d blobs (%d bytes of %d)",
             config.data_dir, len(store), store.used_bytes, store.max_bytes,

@@ -163,6 +163,11 @@ class Swarm:
         self._by_hash: dict[bytes, _Torrent] = {}
 
     @property
+    def session(self) -> Any:
+        """The libtorrent session, for session-wide settings (limits.py)."""
+        return self._session
+
+    @property
     def listen_port(self) -> int:
         """The port peers connect to: the SSL one with a tls_dir."""
         if self._tls is not None:

@@ -19,7 +19,14 @@ import json
 import logging
 import math
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    Sequence,
+)
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -100,9 +107,15 @@ def _body_chunks(r: httpx.Response) -> AbstractAsyncContextManager[AsyncGenerato
     """
     return aclosing(cast("AsyncGenerator[bytes, None]", r.aiter_bytes()))
 
-async def _small_body(r: httpx.Response, what: str, max_bytes: int) -> bytes:
-    """The whole body, at most `max_bytes`; a connection cut or stalled mid-body is
-    the seed registry being unreachable, like a refused one."""
+async def _small_body(
+    r: httpx.Response,
+    what: str,
+    max_bytes: int,
+    throttle: Callable[[int], Awaitable[None]] | None = None,
+) -> bytes:
+    """The whole body, at most `max_bytes`, at the upstream cap (`throttle`); a
+    connection cut or stalled mid-body is the seed registry being unreachable,
+    like a refused one."""
     chunks = []
     total = 0
     try:
@@ -110,6 +123,8 @@ async def _small_body(r: httpx.Response, what: str, max_bytes: int) -> bytes:
         async with _body_chunks(r) as body_chunks:
             async for chunk in body_chunks:
                 total += len(chunk)
+                if throttle is not None:
+                    await throttle(len(chunk))
                 if total > max_bytes:
                     raise UpstreamError(f"{what} is larger than {max_bytes} bytes")
                 chunks.append(chunk)
@@ -128,8 +143,13 @@ class UpstreamClient:
         retries: int = 4,
         on_bytes: Callable[[int], None] = lambda n: None,
         trusted_realms: Sequence[str] = (),
+        throttle: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.upstream = upstream
+        # The node's upstream cap (limits.py), shared by its clients: every body
+        # chunk waits there before it is used, so a capped node reads slower
+        # and TCP slows the registry's sending down with it.
+        self._throttle = throttle
         self._http = http
         self._credential = credential
         self._egress = Egress.of(upstream.url, trusted_realms)
@@ -322,8 +342,9 @@ class UpstreamClient:
                 return None
             if r.status_code >= 300:
                 raise self._fail(r, f"{repository}/{path}")
-            body = b"" if method == "HEAD" else await _small_body(r, f"{repository}/{path}",
-                                                                  max_bytes)
+            body = b"" if method == "HEAD" else await _small_body(
+                r, f"{repository}/{path}", max_bytes, self._throttle
+            )
             return Fetched(r.status_code, r.headers, body)
 
     async def blob_size(self, repository: str, digest: Digest) -> int | None:
@@ -385,6 +406,8 @@ class UpstreamClient:
                         raise self._fail(r, f"blob {digest}")
                     async with _body_chunks(r) as body_chunks:
                         async for chunk in body_chunks:
+                            if self._throttle is not None:
+                                await self._throttle(len(chunk))
                             self._on_bytes(len(chunk))
                             await sink.write(chunk)
                     return
