@@ -180,7 +180,6 @@ def _read_secrets(config: NodeConfig) -> _Secrets:
     return _Secrets(token, credentials, open_admin_auth(config.data_dir, config.admin_token_file))
 
 
-@asynccontextmanager
 def _upstreams(
     config: NodeConfig,
     http: httpx.AsyncClient,
@@ -203,6 +202,7 @@ def _upstreams(
     ])
 
 
+@asynccontextmanager
 async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
     held = _read_secrets(config)
     metrics = NodeMetrics()
