@@ -14,6 +14,8 @@ from p2preg.node.leasewait import (
     PACE_MAX_S,
     PACE_MIN_S,
     RULES,
+    TAKEOVER_PACE_S,
+    TAKEOVER_WAIT_S,
     Ask,
     AskAgain,
     Blob,
@@ -47,9 +49,9 @@ def wait_reply(holder: str | None = "a", done: int = 0, retry_after_s: float = 0
 
 def situation(event: Replied | Due | TrackerFailed, *, now: float = 0.0, deadline: float = 60.0,
               asked_at: float = 0.0, wait_s: float = LONG_POLL_S,
-              bound: float = float("inf")) -> Situation:
+              bound: float = float("inf"), standby_since: float | None = None) -> Situation:
     state = WaitState(started_at=0.0, deadline=deadline, asked_at=asked_at, wait_s=wait_s,
-                      bound=bound)
+                      bound=bound, standby_since=standby_since)
     return Situation(event, state, now, MAX_S)
 
 
@@ -61,6 +63,12 @@ CASES = [
      FallBack("lease_cap", "the tracker refused a lease: this node holds its cap")),
     (situation(TrackerFailed("down")), "a tracker that fails: fall back",
      FallBack("tracker", "tracker: down")),
+    (situation(TrackerFailed("stands by", "standing_by"), now=5.0, standby_since=1.0),
+     "replicas standing by while another takes over: ask again, for a while",
+     AskAgain(TAKEOVER_PACE_S)),
+    (situation(TrackerFailed("stands by", "standing_by"), now=1.0 + TAKEOVER_WAIT_S,
+               standby_since=1.0),
+     "a tracker that fails: fall back", FallBack("tracker", "tracker: stands by")),
     (situation(Due(), now=50.0, bound=50.0),
      "past the absolute bound of the fetch waited for: fall back",
      FallBack("lease_bound", "the upstream fetch waited for passed its bound")),
@@ -191,6 +199,29 @@ def test_a_tracker_that_fails_mid_wait_ends_it_at_once() -> None:
     wait.step(wait_reply())
     assert wait.step(TrackerFailed("tracker http://t: ConnectError")) == FallBack(
         "tracker", "tracker: tracker http://t: ConnectError"
+    )
+
+
+def test_a_takeover_is_waited_out_for_a_while_and_no_longer() -> None:
+    """Replicas standing by for another (tracker/replica.py): the node asks again
+    until one serves, but not past TAKEOVER_WAIT_S; a plain failure still ends it."""
+    clock = Clock()
+    wait = LeaseWait(MAX_S, clock)
+    wait.step(Due())
+    standing = TrackerFailed("tracker http://t: stands by", "standing_by")
+    assert wait.step(standing) == AskAgain(TAKEOVER_PACE_S)
+    clock.now += TAKEOVER_WAIT_S - 1
+    assert wait.step(Due()) == Ask(LONG_POLL_S)
+    assert wait.step(standing) == AskAgain(TAKEOVER_PACE_S)
+    assert wait.step(wait_reply()) == AskAgain(0.5)  # one serves again: the clock restarts
+    clock.now += 1
+    assert wait.step(standing) == AskAgain(TAKEOVER_PACE_S)
+    clock.now += TAKEOVER_WAIT_S
+    assert wait.step(standing) == FallBack("tracker", "tracker: tracker http://t: stands by")
+    fresh = LeaseWait(MAX_S, clock)
+    fresh.step(Due())
+    assert fresh.step(TrackerFailed("store away", "unavailable")) == FallBack(
+        "tracker", "tracker: store away"
     )
 
 

@@ -10,6 +10,8 @@ tried on tracker processes, tests/test_tracker_replicas.py.)
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -124,6 +126,44 @@ async def test_live_peers_are_handed_over_and_dead_ones_swept(tmp_path: Path) ->
             assert server.cli("SCARD", "p2preg:p") == ["0"]
 
 
+async def test_a_big_sweep_drops_thousands_of_dead_peers_and_keeps_live_records(
+    tmp_path: Path,
+) -> None:
+    # More dead peers in one swarm than one Lua call can take as arguments (~8,000).
+    dead = [StoredPeer(DIGEST, f"n{i}", b"p" * 20, b"\x7f\x00\x00\x01\x1b\x59", False, False,
+                       1.0) for i in range(9000)]  # fmt: skip
+    live = StoredPeer(DIGEST, "alive", b"q" * 20, b"\x7f\x00\x00\x01\x1b\x5a", True, True, 4e9)
+    lease = StoredLease(DIGEST, "id", "holder", 4e9, 0, None)
+    with start_redis(tmp_path / "redis", password=PASSWORD) as server:
+        async with store_on(server, tmp_path) as store:
+            await store.save_peers([*dead, live], [])
+            await store.save_lease(lease)
+            server.cli("SADD", "p2preg:l", "sha256:" + "0" * 64)  # a record that expired
+            await store.sweep()
+            assert server.cli("HLEN", f"p2preg:p:{DIGEST}") == ["1"]
+            assert await store.load_peers() == [live]
+            assert (await store.load()).leases == [lease]
+            assert server.cli("SMEMBERS", "p2preg:l") == [DIGEST]
+
+
+async def test_a_write_no_replica_acknowledged_stands_and_is_counted(tmp_path: Path) -> None:
+    with (
+        start_redis(tmp_path / "primary", password=PASSWORD) as primary,
+        start_redis(tmp_path / "replica", replica_of=primary) as replica,
+    ):
+        async with store_on(primary, tmp_path) as store:
+            unreplicated = store._metrics.store_unreplicated
+            await store.put_metainfo(StoredMetainfo(DIGEST, 1, b"first", "p", 1.0))
+            assert unreplicated._value.get() == 0
+            os.kill(replica.pid, signal.SIGSTOP)
+            try:
+                await store.put_metainfo(StoredMetainfo(DIGEST, 1, b"second", "p", 2.0))
+            finally:
+                os.kill(replica.pid, signal.SIGCONT)
+            assert unreplicated._value.get() == 1
+            assert [m.data for m in (await store.load()).metainfo] == [b"second"]
+
+
 def test_the_password_never_goes_in_the_url() -> None:
     from p2preg.core.config import ConfigError
 
@@ -136,3 +176,8 @@ def test_the_password_never_goes_in_the_url() -> None:
     for bad in ("http://x", "redis://a,b/0", "redis://h/x", "redis://h/0?ssl=1", "redis:///0"):
         with pytest.raises(ConfigError):
             parse_store_url(bad)
+    # A password slipped into a query is refused and not echoed, wherever it sits.
+    for leaky in ("redis://h?password=hunter2", "redis://h:6379?password=hunter2"):
+        with pytest.raises(ConfigError) as refused:
+            parse_store_url(leaky)
+        assert "hunter2" not in str(refused.value)

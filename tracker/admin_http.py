@@ -18,6 +18,7 @@ from tracker.cluster_page import CONTENT_TYPE, render_page, render_standby
 from tracker.cluster_view import cluster_view
 from tracker.coordinator import Tracker
 from tracker.http_protocol import Refusal, Request, Response
+from tracker.http_routes import Standby
 
 _TEXT = "text/plain; charset=utf-8"
 # Building the page pauses the tracker's loop (about 1.2 µs per live peer on 2
@@ -44,7 +45,7 @@ class AdminHttp:
     ) -> None:
         self._tracker = tracker
         # Why this replica shows no page (it stands by: replica.py); None: it serves.
-        self.standby: str | None = None
+        self.standby: Standby | None = None
         self._clock = clock
         self._timer = timer
         # The last page built, and until when (on `timer`) it is served as it is.
@@ -60,7 +61,7 @@ class AdminHttp:
     def page(self) -> bytes:
         """The cluster page: the last one built, if it is recent enough, else a new one."""
         if self.standby is not None:
-            return render_standby(self.standby)
+            return render_standby(self.standby.message)
         started = self._timer()
         if started < self._page_until:
             return self._page

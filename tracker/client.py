@@ -289,6 +289,7 @@ class TrackerClient:
         start = self._current
         failure: errors.TrackerError | None = None
         said: list[str] = []
+        standing_by = False
         for step in range(len(self.base_urls)):
             index = (start + step) % len(self.base_urls)
             base = self.base_urls[index]
@@ -311,11 +312,14 @@ class TrackerClient:
                     return response
                 failure, reason = _error(response), "server_error"
             said.append(_named(base, failure))
+            standing_by = standing_by or isinstance(failure, errors.StandingBy)
             if step + 1 < len(self.base_urls):  # the last one tried stays current
                 self._failed(index, reason, failure)
         assert failure is not None
+        # A replica standing by for another: the one serving may be taking over.
+        kind = errors.StandingBy if standing_by else type(failure)
         if len(said) > 1:  # every one of them failed: say how
-            raise type(failure)("; ".join(said))
+            raise kind("; ".join(said))
         raise failure
 
     def _failed(self, index: int, reason: str, failure: errors.TrackerError) -> None:

@@ -338,7 +338,10 @@ class Tracker:
         )
         while True:
             await trio.sleep(interval)
-            await self.sweep()
+            try:
+                await self.sweep()
+            except errors.TrackerUnavailable as e:  # the store: the next sweep tries again
+                log.warning("tracker: sweep stopped short: %s", e)
 
     async def sweep(self) -> None:
         now = self._clock()

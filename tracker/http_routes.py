@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl
 
 from p2preg.core import errors, wire
 from tracker import bittorrent
-from tracker.announce import ANNOUNCE_PATH, SCRAPE_PATH, split_target
+from tracker.announce import ANNOUNCE_PATH, SCRAPE_PATH, encode_failure, split_target
 from tracker.coordinator import Tracker
 from tracker.http_protocol import Refusal, Request, Response, encode_closing
 from tracker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -213,6 +213,24 @@ METRICS_ROUTES: tuple[Route, ...] = ROUTES[:3]
 _STANDBY_HANDLERS = (_healthz, _metrics)
 
 
+@dataclass(frozen=True, slots=True)
+class Standby:
+    """Why a replica answers nothing but health and metrics, as the 503 it gives."""
+
+    code: str
+    message: str
+
+
+# Another replica holds the term: one serves within about a term (nodes wait).
+OTHER_SERVES = Standby(
+    errors.StandingBy.code, "this tracker replica stands by: another one serves the cluster"
+)
+# The store does not answer: nobody serves until it does (nodes go upstream).
+STORE_AWAY = Standby(
+    errors.TrackerUnavailable.code, "this tracker replica stands by: it cannot reach the store"
+)
+
+
 def match(path: str, routes: tuple[Route, ...] = ROUTES) -> list[tuple[Route, str]]:
     """The routes whose path matches (any method), each with its `{digest}` segment."""
     if not path.startswith("/"):
@@ -248,7 +266,7 @@ class TrackerHttp:
         self._bittorrent = any(r.handler is _bittorrent for r in routes)
         self.max_body_bytes = tracker.config.max_metainfo_bytes + BODY_FRAMING_BYTES
         # Why this replica answers nothing but health and metrics now; None: it serves.
-        self.standby: str | None = None
+        self.standby: Standby | None = None
 
     def serve(self, tracker: Tracker) -> None:
         """Answer from `tracker` (a replica's new term) from now on."""
@@ -275,8 +293,11 @@ class TrackerHttp:
             refused = _error("method_not_allowed", f"use {allowed}", 405)
             return dataclasses.replace(refused, headers=(("Allow", allowed),))
         route, digest = chosen
-        if self.standby is not None and route.handler not in _STANDBY_HANDLERS:
-            return _error(errors.TrackerUnavailable.code, self.standby, 503)
+        standby = self.standby
+        if standby is not None and route.handler not in _STANDBY_HANDLERS:
+            if route.handler is _bittorrent:  # what a BitTorrent client reads: bencoded
+                return Response(503, encode_failure(standby.message), "text/plain", close=True)
+            return _error(standby.code, standby.message, 503)
         try:
             if route.bearer:
                 self.tracker.check_token(_bearer(request))

@@ -44,6 +44,7 @@ from coredis.exceptions import (
     RedisError,
     ReplicationError,
 )
+from coredis.retry import NoRetryPolicy
 from coredis.tokens import PureToken
 
 from p2preg.core import errors
@@ -87,6 +88,34 @@ for _, cmd in ipairs(cmsgpack.unpack(ARGV[2])) do
   end
 end
 return n
+"""
+
+# Dead peers out of each swarm named (and the swarm when none is left), then
+# each index name whose record is gone, under the same fence as _FENCED_BATCH.
+_SWEEP = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('FENCED this replica no longer leads')
+end
+local now = ARGV[2]
+local work = cmsgpack.unpack(ARGV[3])
+for _, d in ipairs(work[1]) do
+  local pz, p = 'p2preg:pz:' .. d, 'p2preg:p:' .. d
+  local dead = redis.call('ZRANGEBYSCORE', pz, '-inf', now)
+  for i = 1, #dead, 500 do
+    redis.call('HDEL', p, unpack(dead, i, math.min(i + 499, #dead)))
+  end
+  redis.call('ZREMRANGEBYSCORE', pz, '-inf', now)
+  if redis.call('ZCARD', pz) == 0 then
+    redis.call('DEL', p, pz)
+    redis.call('SREM', 'p2preg:p', d)
+  end
+end
+for _, kn in ipairs(work[2]) do
+  if redis.call('EXISTS', 'p2preg:' .. kn[1] .. ':' .. kn[2]) == 0 then
+    redis.call('SREM', 'p2preg:' .. kn[1], kn[2])
+  end
+end
+return 0
 """
 
 Command = list[Any]
@@ -212,7 +241,7 @@ class RedisStore:
             batch += [
                 ["DEL", key],
                 ["HSET", key, "until", repr(q.until_unix), "digest", q.digest],
-                ["PEXPIREAT", key, _ms(q.until_unix)],
+                ["PEXPIRE", key, self._ms_left(q.until_unix)],
                 ["SADD", P + "q", q.identity],
             ]
         await self._apply("settle_dispute", batch)
@@ -227,7 +256,7 @@ class RedisStore:
             [
                 ["DEL", key],
                 ["HSET", key, *_flat(fields)],
-                ["PEXPIREAT", key, _ms(lease.expires_at_unix)],
+                ["PEXPIRE", key, self._ms_left(lease.expires_at_unix)],
                 ["SADD", P + "l", lease.digest],
             ],
         )
@@ -274,25 +303,27 @@ class RedisStore:
             await self._apply("save_peers", batch)
 
     async def sweep(self) -> None:
-        """Drop dead peers and the index names of records that expired by themselves."""
-        now = self._wall()
+        """Drop dead peers and the index names of records that expired by themselves,
+        each decided and done in one script, so a write in between is never undone."""
+        now = repr(self._wall())
         async with self._calling("sweep"):
-            batch: list[Command] = []
-            for raw in await self._client.smembers(P + "p"):
-                d = raw.decode()
-                dead = await self._by_score(P + f"pz:{d}", "-inf", repr(now))
-                if dead:
-                    batch += [["HDEL", P + f"p:{d}", *dead], ["ZREM", P + f"pz:{d}", *dead]]
-                if await self._client.zcard(P + f"pz:{d}") == len(dead):
-                    batch += [["DEL", P + f"p:{d}", P + f"pz:{d}"], ["SREM", P + "p", d]]
-            for kind in ("q", "l"):
-                for name in await self._client.smembers(P + kind):
-                    if not await self._client.exists([P + f"{kind}:{name.decode()}"]):
-                        batch.append(["SREM", P + kind, name])
-        for start in range(0, len(batch), _BATCH):
-            await self._apply("sweep", batch[start : start + _BATCH])
+            swarms = sorted(await self._client.smembers(P + "p"))
+            named = [[kind, name] for kind in ("q", "l")
+                     for name in sorted(await self._client.smembers(P + kind))]  # fmt: skip
+        for start in range(0, max(len(swarms), len(named)), _BATCH):
+            part = msgpack.packb(
+                [swarms[start : start + _BATCH], named[start : start + _BATCH]],
+                use_bin_type=False,
+            )
+            async with self._calling("sweep"):
+                await self._client.eval(_SWEEP, [LEADER_KEY], [self.term, now, part])
 
     # -- plumbing ----------------------------------------------------------------
+
+    def _ms_left(self, unix: float) -> int:
+        """Milliseconds until `unix` on this replica's clock (at least 1): Redis keeps
+        the expiry relative to its own, so replicas' clocks need not agree."""
+        return max(1, int((unix - self._wall()) * 1000))
 
     async def _apply(self, op: str, batch: Sequence[Command]) -> None:
         # Redis's cmsgpack reads the old raw type only, not bin.
@@ -360,8 +391,6 @@ def _arg(value: object) -> bytes:
     return str(value).encode()
 
 
-def _ms(unix: float) -> int:
-    return int(unix * 1000)
 
 
 def _metainfo(digest: str, f: dict[bytes, bytes]) -> StoredMetainfo:
@@ -408,12 +437,18 @@ async def open_redis(url: StoreURL, config: TrackerConfig) -> AsyncIterator[core
         "connect_timeout": _CONNECT_TIMEOUT_S,
         "stream_timeout": _STREAM_TIMEOUT_S,
         "client_name": "p2preg-tracker",
+        # One try: a call the term waits on must end in time, and a retried
+        # script may have run already.
+        "retry_policy": NoRetryPolicy(),
     }
     if url.kind is StoreKind.SENTINEL:
         sentinel: coredis.Sentinel[bytes] = coredis.Sentinel(
             [(h.host, h.port) for h in url.hosts],
             # The password is the data servers'; sentinels are asked without one.
-            sentinel_kwargs={"connect_timeout": _CONNECT_TIMEOUT_S},
+            sentinel_kwargs={
+                "connect_timeout": _CONNECT_TIMEOUT_S,
+                "stream_timeout": _STREAM_TIMEOUT_S,
+            },
             **{k: v for k, v in common.items() if v is not None},
             db=url.db,
         )

@@ -36,11 +36,11 @@ from tracker.bittorrent import udp_answer
 from tracker.config import TrackerConfig
 from tracker.coordinator import Tracker
 from tracker.http_listener import serve_http
-from tracker.http_routes import METRICS_ROUTES, TrackerHttp
+from tracker.http_routes import METRICS_ROUTES, STORE_AWAY, TrackerHttp
 from tracker.metrics import TrackerMetrics
 from tracker.quotas import PreAuthConnections
 from tracker.redis_store import RedisStore, open_redis
-from tracker.replica import STANDBY, Seat, Term, serve_terms
+from tracker.replica import Seat, Term, serve_terms
 from tracker.state import TrackerStore, open_sqlite_store
 from tracker.tls_gate import TLSGate
 from tracker.udp_listener import serve_udp
@@ -153,10 +153,10 @@ async def serve_tracker(
         root = (lambda: None) if tls is None else tls.issuer_root
         metrics = TrackerMetrics()
         async with _open_store(config, metrics) as (store, term):
-            def new_tracker() -> Tracker:
+            def new_tracker(store: TrackerStore) -> Tracker:
                 return Tracker(config, store, metrics=metrics, clock=clock, current_root=root)
 
-            tracker = new_tracker()
+            tracker = new_tracker(store)
             if term is None:
                 tracker.restore(await store.load())
             gate = None if tls is None else TLSGate(
@@ -189,10 +189,9 @@ async def serve_tracker(
                     metrics.leading.set(1)  # the one tracker always serves
                     nursery.start_soon(tracker.sweep_forever)
                 else:
-                    assert isinstance(store, RedisStore)
                     for each in apps:
-                        each.standby = STANDBY
-                    nursery.start_soon(serve_terms, term, store, apps, new_tracker, clock)
+                        each.standby = STORE_AWAY  # until it knows better
+                    nursery.start_soon(serve_terms, term, apps, new_tracker, clock)
                 url = _base_url(tcp, "https" if tls is not None else "http")
                 log.info("tracker serving on %s (udp: %s, store: %s)", url, udp_sock is not None,
                          config.store or "sqlite")  # fmt: skip

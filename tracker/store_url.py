@@ -57,13 +57,17 @@ class StoreURL:
 
 
 def parse_store_url(text: str) -> StoreURL:
+    """Errors never echo the URL's parts: a mistyped one may hold a secret."""
+    if "?" in text or "#" in text:
+        raise ConfigError(
+            "store: the URL takes no query (options are tracker settings; a password goes "
+            "in store_password_file or P2PREG_STORE_PASSWORD)"
+        )
     scheme, sep, rest = text.strip().partition("://")
     if not sep or scheme not in _DEFAULT_PORT:
         raise ConfigError("store: expected a redis://, rediss:// or redis+sentinel:// URL")
     kind = StoreKind(scheme)
     where, _, path = rest.partition("/")
-    if "?" in path or "#" in path:
-        raise ConfigError("store: the URL takes no query (options are tracker settings)")
     userinfo, at, hostlist = where.rpartition("@")
     username = None
     if at:
@@ -82,7 +86,7 @@ def parse_store_url(text: str) -> StoreURL:
     elif len(hosts) != 1:
         raise ConfigError(f"store: {scheme}:// names one server; use redis+sentinel:// for more")
     if len(parts) > 1:
-        raise ConfigError(f"store: unexpected path in the URL: /{'/'.join(parts)}")
+        raise ConfigError("store: the URL's path is /DB, or /SERVICE[/DB] for Sentinel")
     db = _db(parts[0]) if parts else 0
     return StoreURL(kind, hosts, db, service, username)
 
@@ -97,10 +101,10 @@ def _host(text: str, default_port: int) -> HostPort:
     try:
         return HostPort.from_config(text)
     except ConfigError:
-        raise ConfigError(f"store: expected HOST[:PORT], got {text!r}") from None
+        raise ConfigError("store: a host in the URL is not HOST[:PORT]") from None
 
 
 def _db(text: str) -> int:
     if not text.isdigit():
-        raise ConfigError(f"store: the database is a number, got {text!r}")
+        raise ConfigError("store: the database in the URL is not a number")
     return int(text)

@@ -90,6 +90,13 @@ class TrackerUnavailable(TrackerError):
     code = "unavailable"
 
 
+class StandingBy(TrackerUnavailable):
+    """Every replica asked stands by while another holds the term (or its term just ended):
+    one serves again within about a term, so a node waiting for a lease asks again."""
+
+    code = "standing_by"
+
+
 class RateLimited(TrackerUnavailable):
     """This identity is over its quota for this kind of request: the tracker is
     unavailable to it for this, for a moment; a node goes on without it (upstream)."""
@@ -108,6 +115,7 @@ BY_CODE: dict[str, type[TrackerError]] = {
         NotFound,
         UnknownTorrent,
         InvalidMetainfo,
+        StandingBy,
         MetainfoTooLarge,
         MetainfoConflict,
         LeaseLost,

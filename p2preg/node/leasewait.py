@@ -11,7 +11,10 @@ once per digest from its size and the minimum rate the tracker enforces on
 holders, so no holder (a compromised node faking progress, a rotation of
 them) keeps this node waiting; `lease_wait_max_s` without progress, the
 bound, a tracker that fails or refuses us a lease → fetch from upstream
-ourselves, with a reason (a metric label). The
+ourselves, with a reason (a metric label) — except tracker replicas standing by
+while another takes the term over (`standing_by`, tracker/replica.py): one
+serves again within about a term, so the node asks again, for up to
+`TAKEOVER_WAIT_S`, rather than every waiting node going upstream at once. The
 rules are one ordered table, `RULES`, read first match first: a new rule is a
 new row. Time comes from an injected clock, as in tracker/leases.py's
 `LeaseBook`. This module does no I/O and imports no trio: the caller asks the
@@ -38,6 +41,11 @@ PACE_MAX_S = 1.0
 # the minimum rate (the holder's TLS, token and first-byte latency, the
 # renewals' lag), from when this node first waited for it.
 BOUND_FLOOR_S = 30.0
+# How long a wait keeps asking while the tracker's replicas stand by for a
+# takeover (the default term, 6 s, plus the third a standby waits between
+# tries, with room), and how often it asks meanwhile.
+TAKEOVER_WAIT_S = 12.0
+TAKEOVER_PACE_S = 0.5
 # Distinct fetches one wait keeps a bound for (an image's blobs queued ahead);
 # past that, a new one shares the last bound.
 MAX_BOUNDS = 256
@@ -130,6 +138,8 @@ class WaitState:
     # When the last Ask was given, and how long it let the tracker hold it.
     asked_at: float = 0.0
     wait_s: float = 0.0
+    # Since when every replica asked has been standing by (None: one answered).
+    standby_since: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +189,16 @@ def _out_of_time(s: Situation) -> bool:
 
 def _past_bound(s: Situation) -> bool:
     return s.now >= s.state.bound
+
+
+def _taking_over(s: Situation) -> bool:
+    since = s.state.standby_since
+    return (
+        isinstance(s.event, TrackerFailed)
+        and s.event.code == "standing_by"
+        and since is not None
+        and s.now - since < TAKEOVER_WAIT_S
+    )
 
 
 def _refused_at_cap(s: Situation) -> bool:
@@ -231,6 +251,12 @@ RULES: tuple[Rule, ...] = (
         TrackerFailed,
         _refused_at_cap,
         lambda s: FallBack("lease_cap", "the tracker refused a lease: this node holds its cap"),
+    ),
+    Rule(
+        "replicas standing by while another takes over: ask again, for a while",
+        TrackerFailed,
+        _taking_over,
+        lambda s: AskAgain(TAKEOVER_PACE_S),
     ),
     Rule("a tracker that fails: fall back", TrackerFailed, _always, _tracker_failed),
     Rule(
@@ -285,6 +311,16 @@ def note_progress(state: WaitState, event: Event, now: float, max_s: float) -> W
     if seen == state.progress:
         return state
     return replace(state, progress=seen, deadline=now + max_s)
+
+
+def note_standby(state: WaitState, event: Event, now: float) -> WaitState:
+    """When the replicas started standing by (a takeover), until one answers."""
+    if isinstance(event, Replied) and state.standby_since is not None:
+        return replace(state, standby_since=None)
+    standing = isinstance(event, TrackerFailed) and event.code == "standing_by"
+    if standing and state.standby_since is None:
+        return replace(state, standby_since=now)
+    return state
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +393,7 @@ class LeaseWait:
         now = self._clock()
         self.state = note_progress(self.state, event, now, self.max_s)
         self.state = note_bound(self.state, event, now, self.max_s, self._blob)
+        self.state = note_standby(self.state, event, now)
         rule, action = decide(Situation(event, self.state, now, self.max_s), self._rules)
         self.last_rule = rule.name
         if isinstance(action, Ask):
