@@ -6,9 +6,9 @@ a term, it loads everything from the store — metainfo, disputes, quarantines,
 leases, confirmations and the live peers — into a fresh `Tracker` with a store
 of its own bound to the term's token, so that nothing a request of an older
 term still does can write under this one; from then on every change goes
-through that store, fenced by the token (redis_store.py), and the peers a
-second after they announce. It ends the term, dropping its memory, when the
-renewal finds another token, when the Redis primary changed or stopped being
+through that store, fenced by the token (redis_store.py), and the peers
+`PEER_FLUSH_S` after they announce. It ends the term, dropping its memory,
+when the renewal finds another token, when the Redis primary changed or stopped being
 one (a failover may have lost the last writes: the next term reloads what
 survived), when the store fails under it, or when the key has gone two thirds
 of a term without a renewal — well before it can expire, so two replicas never
@@ -54,8 +54,9 @@ from tracker.redis_store import LEADER_KEY, STORE_ERRORS, RedisStore, StoredPeer
 log = logging.getLogger("p2preg.tracker")
 
 TERMS_KEY = "p2preg:terms"
-# How often a serving replica writes its peers' changes to the store.
-PEER_FLUSH_S = 1.0
+# How often a serving replica writes its peers' changes to the store: what a kill
+# loses of them (a seeder lost so is unknown to the next term until it announces).
+PEER_FLUSH_S = 0.2
 # How often it drops dead peers and stale index names there.
 STORE_SWEEP_S = 30.0
 # A term's calls fail on these: the store's errors, or no answer in time.
