@@ -34,6 +34,16 @@ Python generator, our tracker in plain HTTP; the table gives their ratio (wrk
 cannot show a client certificate, so it cannot drive these rows). `--only wrk`
 or `--only gen` runs one part.
 
+`--store redis` adds our tracker with a Redis store beside every row of ours
+(SQLite): a redis-server of its own per tracker (bench/tracker_redis.py, a
+password file, pinned to the tracker's core), measured once the tracker serves
+(`/readyz`). Such a tracker has no UDP, so its warm-up walk goes over HTTP (the
+Python generator) and it has no UDP row. Its rows add Redis commands per
+announce (`total_commands_processed` before and after, the commands its
+scripts run included) and Redis CPU per announce (`used_cpu_sys` +
+`used_cpu_user`), both snapshots taken a peer flush period after announces
+stop, so each counts whole flushes of the peers' writes.
+
 Needs `wrk` and `opentracker` (apt; installed here if missing and run as root).
 All trackers start and stop by pid through harness.procs (ours through
 harness.tracker), pinned with `taskset`; `--tls off` (the only value yet) is
@@ -72,7 +82,8 @@ from bench.tracker_load import (
     node_name,
     publish_all,
 )
-from bench.tracker_mtls import Load, measure_both
+from bench.tracker_mtls import Job, Load, measure_both, run_load, store_for
+from bench.tracker_redis import RedisCost, RedisUnderTest, wait_serving
 from bench.tracker_udp import Run
 from harness.procs import Process, free_port, wait_for_http
 from harness.tracker import open_tracker
@@ -80,8 +91,9 @@ from p2preg.core.metainfo import Metainfo
 from tracker.client import TrackerClient
 
 TOKEN = "bench-token"
-# Rows measured with bench/tracker_mtls.py's generator rather than wrk.
-PY_GEN = "p2preg (py gen)"
+# Rows measured with bench/tracker_mtls.py's generator rather than wrk end so.
+PY_GEN = " (py gen)"
+STORES = {"sqlite": "p2preg", "redis": "p2preg+redis"}  # --store: our tracker's row names
 RESULTS = Path(__file__).parent / "results"
 TRACKER_CORE, LOAD_CORE = "0", "1"
 LOAD = int(LOAD_CORE)
@@ -101,6 +113,18 @@ class Result:
     peers_per_answer: float
     # Announces of the run that replaced an identity's peer (ours only, else -1).
     replaced: int = -1
+    # With a Redis store: its commands (those its scripts ran included) and CPU µs per announce.
+    redis_commands_per_announce: float | None = None
+    redis_cpu_us_per_announce: float | None = None
+    redis_calls: dict[str, int] | None = None  # by command, over the run
+
+    def with_redis(self, cost: RedisCost | None) -> Result:
+        if cost is None:
+            return self
+        self.redis_commands_per_announce = cost.commands_per(self.requests)
+        self.redis_cpu_us_per_announce = cost.cpu_us_per(self.requests)
+        self.redis_calls = dict(cost.calls)
+        return self
 
 
 def ensure_tools() -> None:
@@ -207,6 +231,20 @@ class Target:
     port: int
     token: str | None
     metrics_url: str | None = None
+    udp: bool = True  # it answers BEP 15 on the same port number
+
+
+def warm_up(t: Target, hashes: list[bytes], cluster: Cluster, members: list[bytes]) -> None:
+    """Every member announces once: over UDP (3-10x faster than HTTP, same identities),
+    or over HTTP with the Python generator where the tracker has no UDP (a Redis store)."""
+    if t.udp:
+        walked = udp.run_pinned(LOAD, t.port, members, WARMUP_LIMIT_S, UDP_WINDOW, walk=True)
+        answered = walked.answered
+    else:
+        job = Job(t.port, hashes, cluster, None, LOAD, 0, warmup=True, token=t.token)
+        answered = run_load(job, t.pid, t.metrics_url or f"http://127.0.0.1:{t.port}").answered
+    if answered < cluster.members:
+        raise RuntimeError(f"{t.name}: the warm-up reached {answered} members only")
 
 
 def measure(
@@ -215,18 +253,17 @@ def measure(
     cluster: Cluster,
     workdir: Path,
     args: argparse.Namespace,
+    redis: RedisUnderTest | None = None,
 ) -> list[Result]:
     script = workdir / f"{t.name}.lua"
     lua_script(script, hashes, cluster, t.token)
     members = udp.packets(cluster, hashes, t.token)
-    # Every member announces once (over UDP: 3-10x faster than HTTP, same identities).
-    walked = udp.run_pinned(LOAD, t.port, members, WARMUP_LIMIT_S, UDP_WINDOW, walk=True)
-    if walked.answered < cluster.members:
-        raise RuntimeError(f"{t.name}: the warm-up reached {walked.answered} members only")
+    warm_up(t, hashes, cluster, members)
     sample = check_answer(f"http://127.0.0.1:{t.port}", cluster, hashes[0], token=t.token)
     print(f"{t.name}: swarm 0's first leecher got {sample[0]} peers, a seeder {sample[1]}")
     results = []
-    for protocol in ("http", "udp"):
+    for protocol in ("http", "udp") if t.udp else ("http",):
+        redis0 = redis.settled_stats() if redis is not None else None
         cpu0, replaced0 = cpu_seconds(t.pid), replaced_total(t.metrics_url)
         if protocol == "http":
             run = run_wrk(t.port, script, args.seconds, args.connections)
@@ -234,6 +271,7 @@ def measure(
             run = udp.run_pinned(LOAD, t.port, members, args.seconds, UDP_WINDOW, walk=False)
         cpu = (cpu_seconds(t.pid) - cpu0) / run.seconds * 100
         replaced = replaced_total(t.metrics_url) - replaced0 if t.metrics_url else -1
+        cost = redis.cost_since(redis0) if redis is not None and redis0 is not None else None
         rate = run.answered / run.seconds
         per_answer = run.peers / max(1, run.answered)
         results.append(
@@ -247,7 +285,7 @@ def measure(
                 cpu,
                 per_answer,
                 replaced,
-            )
+            ).with_redis(cost)
         )
     return results
 
@@ -264,20 +302,31 @@ async def setup_ours(url: str, metas: list[Metainfo], cluster: Cluster) -> None:
 
 
 def _measure_ours(
-    workdir: Path, metas: list[Metainfo], hashes: list[bytes], args: argparse.Namespace
+    workdir: Path,
+    metas: list[Metainfo],
+    hashes: list[bytes],
+    args: argparse.Namespace,
+    store: str = "sqlite",
 ) -> list[Result]:
+    """Our tracker with its SQLite store, or with a redis-server of its own (`store`)."""
     port = free_port(udp=True)
     cluster = Cluster(nodes=args.nodes, swarms=len(metas))
-    with open_tracker(
-        workdir / "ours",
-        port=port,
-        token=TOKEN,
-        args=["--log-level", "WARNING"],
-        cpus=TRACKER_CORE,
-    ) as ours:
+    home = workdir / ("ours" if store == "sqlite" else f"ours-{store}")
+    with (
+        store_for(store, home, TRACKER_CORE) as redis,
+        open_tracker(
+            home,
+            port=port,
+            token=TOKEN,
+            args=["--log-level", "WARNING", *(redis.tracker_args if redis else ())],
+            cpus=TRACKER_CORE,
+        ) as ours,
+    ):
+        if redis is not None:
+            wait_serving(ours.url)  # a replica serves once it took its term
         trio.run(setup_ours, ours.url, metas, cluster)
-        target = Target("p2preg", ours.process.pid, port, TOKEN, ours.url)
-        return measure(target, hashes, cluster, workdir, args)
+        target = Target(STORES[store], ours.process.pid, port, TOKEN, ours.url, redis is None)
+        return measure(target, hashes, cluster, workdir, args, redis)
 
 
 def _measure_opentracker(
@@ -317,9 +366,17 @@ def main() -> None:
         "--tls-nodes", type=int, default=1000, help="node certificates in the mTLS pool"
     )
     parser.add_argument("--only", choices=("wrk", "gen"), help="run one part only")
+    parser.add_argument(
+        "--store",
+        choices=tuple(STORES),
+        default="sqlite",
+        help="redis: also measure our tracker with a Redis store (a redis-server started"
+        " for it), beside SQLite: plain, mTLS, and what Redis did per announce",
+    )
     add_tls_flag(parser)
     args = parser.parse_args()
     ensure_tools()
+    stores = ("sqlite",) if args.store == "sqlite" else ("sqlite", args.store)
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="p2preg-bench-tracker-") as tmp:
         workdir = Path(tmp)
@@ -327,7 +384,8 @@ def main() -> None:
         if args.only != "gen":
             some = metas[: args.swarms]
             hashes = [m.swarm_keys[0] for m in some]
-            results += _measure_ours(workdir, some, hashes, args)
+            for store in stores:
+                results += _measure_ours(workdir, some, hashes, args, store)
             results += _measure_opentracker(workdir, hashes, args)
         if args.only != "wrk":
             gen = Cluster(nodes=args.tls_nodes, swarms=args.tls_swarms)
@@ -338,22 +396,26 @@ def main() -> None:
                 args.seconds,
                 tracker_core=TRACKER_CORE,
                 load_core=int(LOAD_CORE),
+                stores=stores,
             )
-            results += [_from_load(mode, load) for mode, load in loads.items()]
-            for mode, load in loads.items():
+            results += [_from_load(key, load) for key, load in loads.items()]
+            for (store, mode), load in loads.items():
                 if mode.startswith("https"):
                     done = load.answered + load.errors
-                    print(f"{mode}: the tracker resumed {load.resumed} of {done} TLS sessions")
+                    print(f"{store} {mode}: the tracker resumed {load.resumed} of {done} sessions")
     report(results, args)
 
 
-def _from_load(mode: str, load: Load) -> Result:
+def _from_load(key: tuple[str, str], load: Load) -> Result:
+    store, mode = key
     rate = load.answered / load.seconds
     cpu = load.tracker_cpu_pct
     per_answer = load.peers / max(1, load.answered)
-    return Result(
-        PY_GEN, mode, rate, load.answered, load.errors, load.seconds, cpu, per_answer, load.replaced
+    name = STORES[store] + PY_GEN
+    result = Result(
+        name, mode, rate, load.answered, load.errors, load.seconds, cpu, per_answer, load.replaced
     )
+    return result.with_redis(load.redis)
 
 
 def report(results: list[Result], args: argparse.Namespace) -> None:
@@ -373,12 +435,15 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
         "CPU µs/announce",
         "peers/answer",
         "replaced",
+        "Redis cmds/announce",
+        "Redis CPU µs/announce",
     )
     for name in (*columns, ref_name):
         table.add_column(name, justify="left" if name in ("tracker", "protocol") else "right")
     for r in results:
-        # The generator's rows compare with its own plain row: mTLS / plain.
-        ref = by.get((PY_GEN, "http") if r.tracker == PY_GEN else ("opentracker", r.protocol))
+        # The generator's rows compare with their tracker's plain row: mTLS / plain.
+        gen = r.tracker.endswith(PY_GEN)
+        ref = by.get((r.tracker, "http") if gen else ("opentracker", r.protocol))
         ratio = r.announces_per_s / ref.announces_per_s if ref else float("nan")
         table.add_row(
             r.tracker,
@@ -389,15 +454,24 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
             f"{r.tracker_cpu_pct / 100 * r.seconds / max(1, r.requests) * 1e6:.0f}",
             f"{r.peers_per_answer:.1f}",
             "—" if r.replaced < 0 else str(r.replaced),
+            _maybe(r.redis_commands_per_announce, ".2f"),
+            _maybe(r.redis_cpu_us_per_announce, ".1f"),
             f"{ratio:.2f}",
         )
-    Console(width=160).print(table)
+    Console(width=200).print(table)
+    for r in results:
+        if r.redis_calls is not None:
+            print(f"{r.tracker} {r.protocol}: Redis commands {r.redis_calls}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"tracker-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(
         json.dumps({"args": vars(args), "results": [asdict(r) for r in results]}, indent=2)
     )
     print(f"wrote {out}")
+
+
+def _maybe(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ in plain HTTP the same announces carry `node=` instead. Before measuring, every
 member of every swarm announces once, so the swarms are full and the run
 measures re-announces. The same generator runs against the same tracker build
 in plain HTTP, so the ratio compares like with like; `bench/tracker.py` prints
-both beside its `wrk` numbers. Used by bench/tracker.py only; holds no
-assertions on speed.
+both beside its `wrk` numbers. With a Redis store (`stores`), each tracker is
+given its own redis-server (bench/tracker_redis.py), measured from the moment it
+serves, and each run also says what Redis did. Used by bench/tracker.py only;
+holds no assertions on speed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import re
 import socket
 import ssl
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +48,7 @@ from bench.tracker_load import (
     publish_all,
     query,
 )
+from bench.tracker_redis import RedisCost, RedisUnderTest, open_redis_store, wait_serving
 from harness.tlscerts import ClusterCA, client_ssl_context, https_client
 from harness.tracker import TrackerProcess, open_tracker
 from p2preg.core.metainfo import Metainfo
@@ -64,6 +69,7 @@ class Load:
     peers: int = 0  # peers in all answers
     replaced: int = -1  # announces that replaced an identity's peer
     resumed: int = 0  # TLS handshakes the tracker resumed (of `answered` + errors)
+    redis: RedisCost | None = None  # what its Redis store did over the run (a Redis store)
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,7 @@ class Job:
     # Offer each node's last TLS session (what libtorrent 2.1.1 does not do: a full
     # handshake per announce); measures what resumption would save the tracker.
     resume: bool = False
+    token: str | None = None  # sent as `&token=` (plain HTTP only)
 
 
 class _Conn:
@@ -124,6 +131,7 @@ class _Conn:
 def _request(job: Job, s: int, j: int) -> bytes:
     """Member j of swarm s announcing (with `node=` in plain HTTP), `Connection: close`."""
     q = query(job.cluster, job.hashes[s], s, j, node=job.pool is None)
+    q += f"&token={job.token}" if job.token else ""
     return f"GET /announce?{q} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
 
 
@@ -172,8 +180,8 @@ def _worker(
     out.put((answered, errors, peers, time.perf_counter() - start, conn.reused))
 
 
-def run_load(job: Job, pid: int, metrics_url: str) -> Load:
-    """WORKERS processes announcing; the tracker's CPU over the same span."""
+def run_load(job: Job, pid: int, metrics_url: str, redis: RedisUnderTest | None = None) -> Load:
+    """WORKERS processes announcing; the tracker's CPU (and its Redis's work) over the same span."""
     mp = multiprocessing.get_context("spawn")
     go = mp.Event()
     out: multiprocessing.queues.Queue[tuple[int, int, int, float, int]] = mp.Queue()
@@ -186,12 +194,14 @@ def run_load(job: Job, pid: int, metrics_url: str) -> Load:
     for _ in procs:
         ready.get(timeout=WARMUP_LIMIT_S)
     replaced0 = _replaced(metrics_url)
+    redis0 = redis.settled_stats() if redis is not None else None
     cpu0, t0 = cpu_seconds(pid), time.perf_counter()
     go.set()
     limit = WARMUP_LIMIT_S if job.warmup else job.seconds
     results = [out.get(timeout=limit + 60) for _ in procs]
     elapsed = time.perf_counter() - t0
     cpu = (cpu_seconds(pid) - cpu0) / elapsed * 100
+    cost = redis.cost_since(redis0) if redis is not None and redis0 is not None else None
     for p in procs:
         p.join(timeout=30)
     answered = sum(r[0] for r in results)
@@ -204,6 +214,7 @@ def run_load(job: Job, pid: int, metrics_url: str) -> Load:
         sum(r[2] for r in results),
         _replaced(metrics_url) - replaced0,
         sum(r[4] for r in results),
+        cost,
     )
 
 
@@ -240,15 +251,19 @@ def _node_pool(ca: ClusterCA, root: Path, cluster: Cluster) -> Path:
 
 
 def _measure_one(
-    t: TrackerProcess, job: Job, pool: Path | None, metas: list[Metainfo], publisher: Path
+    t: TrackerProcess,
+    job: Job,
+    metas: list[Metainfo],
+    publisher: Path,
+    redis: RedisUnderTest | None,
 ) -> Load:
-    trio.run(_setup, t.url, publisher if pool else None, pool, metas, job.cluster)
+    trio.run(_setup, t.url, publisher if job.pool else None, job.pool, metas, job.cluster)
     metrics_url = t.metrics_url or t.url
     walked = run_load(job, t.process.pid, metrics_url)
     if walked.answered < job.cluster.members:
         raise RuntimeError(f"the warm-up reached {walked.answered} members only")
     _sample(job)
-    return run_load(dataclasses.replace(job, warmup=False), t.process.pid, metrics_url)
+    return run_load(dataclasses.replace(job, warmup=False), t.process.pid, metrics_url, redis)
 
 
 def _sample(job: Job) -> None:
@@ -260,6 +275,16 @@ def _sample(job: Job) -> None:
             raise RuntimeError(f"member {j} of swarm 0 got {got} peers: no swarm to measure")
 
 
+@contextmanager
+def store_for(store: str, workdir: Path, core: str) -> Iterator[RedisUnderTest | None]:
+    """`sqlite`: nothing to start (the tracker's default); `redis`: a redis-server for it."""
+    if store == "sqlite":
+        yield None
+        return
+    with open_redis_store(workdir, core=int(core)) as redis:
+        yield redis
+
+
 def measure_both(
     workdir: Path,
     metas: list[Metainfo],
@@ -268,9 +293,11 @@ def measure_both(
     *,
     tracker_core: str,
     load_core: int,
-) -> dict[str, Load]:
+    stores: Sequence[str] = ("sqlite",),
+) -> dict[tuple[str, str], Load]:
     """The same generator against a plain and an mTLS tracker, one after the other;
-    then the mTLS one again with clients resuming their TLS sessions (`Job.resume`).
+    then the mTLS one again with clients resuming their TLS sessions (`Job.resume`);
+    all of it once per store in `stores` (`sqlite`, `redis`). Keyed (store, mode).
 
     The plain one has no token (loopback): a token check is one constant-time
     compare, nothing beside a handshake.
@@ -281,20 +308,37 @@ def measure_both(
     pool = _node_pool(ca, workdir / "pki" / "nodes", cluster)
     # Under mutual TLS the cluster's torrents are SSL torrents rooted at its CA.
     ssl_metas = make_torrents(workdir, len(metas), root=ca.cert_pem)
-    loads: dict[str, Load] = {}
-    for mode, tls_dir in (("http", None), ("https-mtls", tracker_dir)):
-        mode_metas = metas if tls_dir is None else ssl_metas
-        hashes = [m.swarm_keys[0] for m in mode_metas]
-        with open_tracker(
-            workdir / f"gen-{mode}",
-            tls_dir=tls_dir,
-            args=["--log-level", "WARNING", "--no-udp"],
-            cpus=tracker_core,
-        ) as t:
-            port = int(t.url.rsplit(":", 1)[1])
-            job = Job(port, hashes, cluster, pool if tls_dir else None, load_core, seconds, True)
-            loads[mode] = _measure_one(t, job, job.pool, mode_metas, publisher)
-            if tls_dir is not None:
-                resumed = dataclasses.replace(job, warmup=False, resume=True)
-                loads[f"{mode}-resumed"] = run_load(resumed, t.process.pid, t.metrics_url or t.url)
+    loads: dict[tuple[str, str], Load] = {}
+    for store in stores:
+        for mode, tls_dir in (("http", None), ("https-mtls", tracker_dir)):
+            mode_metas = metas if tls_dir is None else ssl_metas
+            hashes = [m.swarm_keys[0] for m in mode_metas]
+            home = workdir / f"gen-{store}-{mode}"
+            with (
+                store_for(store, home, tracker_core) as redis,
+                open_tracker(
+                    home,
+                    tls_dir=tls_dir,
+                    args=[
+                        "--log-level",
+                        "WARNING",
+                        "--no-udp",
+                        *(redis.tracker_args if redis else ()),
+                    ],
+                    cpus=tracker_core,
+                ) as t,
+            ):
+                metrics_url = t.metrics_url or t.url
+                if redis is not None:
+                    wait_serving(metrics_url)
+                port = int(t.url.rsplit(":", 1)[1])
+                job = Job(
+                    port, hashes, cluster, pool if tls_dir else None, load_core, seconds, True
+                )
+                loads[store, mode] = _measure_one(t, job, mode_metas, publisher, redis)
+                if tls_dir is not None:
+                    again = dataclasses.replace(job, warmup=False, resume=True)
+                    loads[store, f"{mode}-resumed"] = run_load(
+                        again, t.process.pid, metrics_url, redis
+                    )
     return loads
