@@ -110,7 +110,8 @@ async def test_a_lease_is_deleted_only_by_its_own_id(tmp_path: Path) -> None:
 
 
 async def test_live_peers_are_handed_over_and_dead_ones_swept(tmp_path: Path) -> None:
-    alive = StoredPeer(DIGEST, "node-a", b"p" * 20, b"\x7f\x00\x00\x01\x1b\x59", True, True, 4e9)
+    alive = StoredPeer(DIGEST, "node-a", b"p" * 20, b"\x7f\x00\x00\x01\x1b\x59", True, True, 4e9,
+                       1.7e9, 123, 456)
     dead = StoredPeer(DIGEST, "node-b", b"q" * 20, b"\x7f\x00\x00\x01\x1b\x5a", False, False, 1.0)
     left = StoredPeer(DIGEST, "node-c", b"r" * 20, b"\x7f\x00\x00\x01\x1b\x5b", False, False, 4e9)
     with start_redis(tmp_path / "redis", password=PASSWORD) as server:

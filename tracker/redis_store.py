@@ -139,6 +139,11 @@ class StoredPeer:
     claims_seed: bool
     seeder: bool
     expires_at_unix: float
+    # What its last announce said, for the cluster page: when (0: unknown), and its
+    # own byte counters.
+    announced_at_unix: float = 0.0
+    uploaded: int = 0
+    downloaded: int = 0
 
 
 def _hash(fields: dict[bytes, bytes], *names: str) -> list[bytes | None]:
@@ -286,9 +291,9 @@ class RedisStore:
         """Write peers that announced and drop those that left, in one fenced batch."""
         batch: list[Command] = []
         for p in peers:
-            value = msgpack.packb(
-                [p.peer_id, p.compact, p.claims_seed, p.seeder, p.expires_at_unix]
-            )
+            value = msgpack.packb([p.peer_id, p.compact, p.claims_seed, p.seeder,
+                                   p.expires_at_unix, p.announced_at_unix, p.uploaded,
+                                   p.downloaded])  # fmt: skip
             batch += [
                 ["HSET", P + f"p:{p.digest}", p.identity, value],
                 ["ZADD", P + f"pz:{p.digest}", repr(p.expires_at_unix), p.identity],
@@ -418,8 +423,8 @@ def _lease(digest: str, f: dict[bytes, bytes]) -> StoredLease:
 
 
 def _peer(digest: str, identity: str, raw: bytes) -> StoredPeer:
-    peer_id, compact, claims, seeder, expires = msgpack.unpackb(raw)
-    return StoredPeer(digest, identity, peer_id, compact, claims, seeder, expires)
+    peer_id, compact, claims, seeder, expires, *announced = msgpack.unpackb(raw)
+    return StoredPeer(digest, identity, peer_id, compact, claims, seeder, expires, *announced)
 
 
 @asynccontextmanager

@@ -256,9 +256,11 @@ async def load_term(store: RedisStore, tracker: Tracker, clock: Callable[[], flo
     wall, now = time.time(), clock()
     for p in peers:
         try:
+            at = now + (p.announced_at_unix - wall) if p.announced_at_unix else 0.0
             tracker.peers.update(
                 p.digest, p.identity, p.peer_id, p.compact, seeder=p.seeder,
                 claims_seed=p.claims_seed, expires_at=now + (p.expires_at_unix - wall),
+                announced=(at, p.uploaded, p.downloaded),
             )  # fmt: skip
         except errors.LimitReached:
             break
@@ -287,8 +289,10 @@ async def flush_once(store: RedisStore, tracker: Tracker, clock: Callable[[], fl
             gone.append((key, identity))
         else:
             expires = wall + (peer.expires_at - now)
-            live.append(StoredPeer(key, identity, peer.peer_id, peer.compact,
-                                   peer.claims_seed, peer.seeder, expires))  # fmt: skip
+            at = wall + (peer.announced_at - now) if peer.announced_at else 0.0
+            live.append(StoredPeer(key, identity, peer.peer_id, peer.compact, peer.claims_seed,
+                                   peer.seeder, expires, at, peer.uploaded,
+                                   peer.downloaded))  # fmt: skip
     try:
         await store.save_peers(live, gone)
     except errors.TrackerUnavailable:
