@@ -1,13 +1,13 @@
 """Manifests, tags and referrers, resolved against the seed registry.
 
-Owns the manifest caches: tag → digest in the tag map (tagmap.py: reused for a
-short TTL, and answered stale while upstream is down) and manifests by digest
-for good (content-addressed, in the blob store, verified against their
-digest), served without upstream to a repository the tenancy ledger says
-holds them. Each
-resolved manifest proves to the tenancy ledger that its repository holds what
-it references, and notes each image's blob order for the P2P path
-(pullorder.py). Manifests are small and are never swarmed.
+Owns the manifest caches: tag → digest in the tag map (tagmap.py: asked with
+an upstream HEAD, never a GET of the tag, reused for a short TTL, and answered
+stale while upstream is down) and manifests by digest for good (fetched with
+one GET by digest when first needed, content-addressed, in the blob store,
+verified against their digest), served without upstream to a repository the
+tenancy ledger says holds them. Each resolved manifest proves to the tenancy
+ledger that its repository holds what it references, and notes each image's
+blob order for the P2P path (pullorder.py). Manifests are small and are never swarmed.
 """
 
 from __future__ import annotations
