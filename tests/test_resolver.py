@@ -297,3 +297,24 @@ async def test_once_upstream_is_back_a_tag_moved_during_the_outage_shows_within_
     moved = await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
     assert moved.digest != old.digest
     assert moved.digest == Digest.of(upstream.manifests[(REPO, "latest")], "sha256")
+
+
+async def test_a_clients_head_of_a_tag_is_answered_stale_while_upstream_is_down(
+    stale_parts: tuple[Resolver, NodeMetrics], autojump_clock: trio.testing.MockClock
+) -> None:
+    resolver, metrics = stale_parts
+    upstream = FailingUpstream()
+    upstream.manifests[(REPO, "latest")] = image_manifest(blob(seed=1)[0], [blob(seed=2)[0]])
+    first = await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
+    await trio.sleep(TTL_S + 1)
+    upstream.error = DOWN[0]
+    assert await resolver.head(upstream, REPO, Reference.parse("latest"), None) == first
+    assert upstream.manifest_requests[-1] == ("HEAD", "latest") and _stale_answers(metrics) == 1
+    # A tag the node never held the body of has nothing to answer stale with.
+    upstream.error = None
+    upstream.manifests[(REPO, "next")] = image_manifest(blob(seed=3)[0], [blob(seed=4)[0]])
+    await resolver.head(upstream, REPO, Reference.parse("next"), None)
+    await trio.sleep(TTL_S + 1)
+    upstream.error = DOWN[0]
+    with pytest.raises(UpstreamUnavailable):
+        await resolver.head(upstream, REPO, Reference.parse("next"), None)
