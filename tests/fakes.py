@@ -76,9 +76,13 @@ class FakeUpstream:
         self.says_size = True  # False: HEAD answers without a Content-Length
         self.heads = 0
         self.gets = 0
-        # (repository, tag or digest) → manifest bytes; each GET of one is counted.
+        # (repository, tag or digest) → manifest bytes; a tag's manifest is also
+        # there by its digest. Each GET and each HEAD of one is counted, by ref.
         self.manifests: dict[tuple[str, str], bytes] = {}
         self.manifest_gets = 0
+        self.manifest_heads = 0
+        self.manifest_requests: list[tuple[str, str]] = []  # (method, tag or digest)
+        self.head_says_digest = True  # False: a manifest HEAD lacks Docker-Content-Digest
 
     @property
     def upstream(self) -> Upstream:
@@ -113,13 +117,24 @@ class FakeUpstream:
     ) -> Fetched | None:
         self._check()
         kind, _, ref = path.partition("/")
-        body = self.manifests.get((repository, ref)) if kind == "manifests" else None
+        if kind != "manifests":
+            return None
+        self.manifest_requests.append((method, ref))
+        if method == "HEAD":
+            self.manifest_heads += 1
+        else:
+            self.manifest_gets += 1
+        body = self.manifests.get((repository, ref))
+        if body is None and ref.startswith("sha256:"):
+            body = next((b for (r, _), b in self.manifests.items()
+                         if r == repository and str(Digest.of(b, "sha256")) == ref), None)
         if body is None:
             return None
-        self.manifest_gets += 1
         digest = Digest.of(body, "sha256")
         media_type = json.loads(body)["mediaType"]
-        headers = httpx.Headers({"Docker-Content-Digest": str(digest), "Content-Type": media_type})
+        headers = httpx.Headers({"Content-Type": media_type, "Content-Length": str(len(body))})
+        if method != "HEAD" or self.head_says_digest:
+            headers["Docker-Content-Digest"] = str(digest)
         return Fetched(200, headers, b"" if method == "HEAD" else body)
 
     async def tags(self, repository: str) -> list[str] | None:

@@ -19,6 +19,7 @@ from p2preg.core.reference import Reference
 from p2preg.node.errors import (
     ManifestUnknown,
     RegistryError,
+    UpstreamError,
     UpstreamServerError,
     UpstreamUnauthorized,
     UpstreamUnavailable,
@@ -26,7 +27,7 @@ from p2preg.node.errors import (
 from p2preg.node.manifest import OCI_MANIFEST
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.pullorder import Place, PullOrder
-from p2preg.node.resolver import Resolver
+from p2preg.node.resolver import Manifest, ManifestHead, Resolver
 from p2preg.node.store import BlobStore
 from p2preg.node.tagmap import TagMap
 from p2preg.node.tenancy import Tenancy
@@ -80,13 +81,88 @@ async def test_a_tag_is_asked_again_only_after_its_ttl(
     (config, _), (layer, _) = blob(seed=1), blob(seed=2)
     upstream = FakeUpstream({})
     upstream.manifests[(REPO, "latest")] = image_manifest(config, [layer])
-    await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
+    found = await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
+    # The tag is a HEAD; the body a GET by digest, never by tag.
+    asked = [("HEAD", "latest"), ("GET", str(found.digest))]
     await trio.sleep(TTL_S - 1)
     await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
-    assert upstream.manifest_gets == 1
+    assert upstream.manifest_requests == asked
     await trio.sleep(2)
-    await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
-    assert upstream.manifest_gets == 2
+    assert await resolver.manifest(upstream, REPO, Reference.parse("latest"), None) == found
+    assert upstream.manifest_requests == [*asked, ("HEAD", "latest")]
+
+
+async def test_a_clients_head_of_a_tag_costs_upstream_one_head_and_no_get(
+    parts: tuple[Resolver, Tenancy, PullOrder, BlobStore], autojump_clock: trio.testing.MockClock
+) -> None:
+    resolver, _, _, store = parts
+    body = image_manifest(blob(seed=1)[0], [blob(seed=2)[0]])
+    digest = Digest.of(body, "sha256")
+    upstream = FakeUpstream({})
+    upstream.manifests[(REPO, "latest")] = body
+    for _ in range(2):  # the second within the TTL: upstream is not asked again
+        heard = await resolver.head(upstream, REPO, Reference.parse("latest"), None)
+        assert heard == ManifestHead(digest, OCI_MANIFEST, len(body))
+        assert upstream.manifest_requests == [("HEAD", "latest")] and digest not in store
+    # The GET that follows within the TTL asks for the body by digest only.
+    found = await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
+    assert found.body == body and digest in store
+    assert upstream.manifest_requests == [("HEAD", "latest"), ("GET", str(digest))]
+
+
+async def test_a_tag_pointing_at_a_held_manifest_costs_upstream_a_head_only(
+    parts: tuple[Resolver, Tenancy, PullOrder, BlobStore], autojump_clock: trio.testing.MockClock
+) -> None:
+    resolver, tenancy, _, _ = parts
+    (config, _), (layer, _) = blob(seed=1), blob(seed=2)
+    body = image_manifest(config, [layer])
+    upstream = FakeUpstream({})
+    upstream.manifests[(REPO, "1.0")] = body
+    upstream.manifests[("team/other", "latest")] = body
+    first = await resolver.manifest(upstream, REPO, Reference.parse("1.0"), None)
+    assert not tenancy.holds("seed.test", "team/other", layer)
+    again = await resolver.manifest(upstream, "team/other", Reference.parse("latest"), None)
+    heard = await resolver.head(upstream, REPO, Reference.parse("1.0"), None)
+    assert again == first == heard and upstream.manifest_gets == 1
+    # Upstream said team/other's tag points there: it holds what the manifest references.
+    assert tenancy.holds("seed.test", "team/other", layer)
+
+
+async def test_a_head_without_a_digest_falls_back_to_a_get_and_is_counted(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = BlobStore(tmp_path, 1 << 30)
+    store.open()
+    metrics = NodeMetrics()
+    resolver = Resolver(store, Tenancy(), metrics, PullOrder(), TagMap(ttl_s=TTL_S, stale_s=0),
+                        clock=trio.current_time)
+    body = image_manifest(blob(seed=1)[0], [blob(seed=2)[0]])
+    upstream = FakeUpstream({})
+    upstream.head_says_digest = False
+    upstream.manifests[(REPO, "latest")] = body
+    found = await resolver.head(upstream, REPO, Reference.parse("latest"), None)
+    assert isinstance(found, Manifest) and found.body == body
+    assert upstream.manifest_requests == [("HEAD", "latest"), ("GET", "latest")]
+    fallbacks = metrics.registry.get_sample_value(
+        "p2preg_manifest_head_fallbacks_total", {"registry": "seed.test"}
+    )
+    assert fallbacks == 1
+
+
+async def test_a_body_that_does_not_match_the_digest_the_head_gave_is_refused(
+    parts: tuple[Resolver, Tenancy, PullOrder, BlobStore], autojump_clock: trio.testing.MockClock
+) -> None:
+    resolver, tenancy, _, store = parts
+    body = image_manifest(blob(seed=1)[0], [blob(seed=2)[0]])
+    other = image_manifest(blob(seed=3)[0], [blob(seed=4)[0]])
+    digest = Digest.of(body, "sha256")
+    upstream = FakeUpstream({})
+    upstream.manifests[(REPO, "latest")] = body
+    upstream.manifests[(REPO, str(digest))] = other  # the GET by digest sends other bytes
+    with pytest.raises(UpstreamError, match="does not match"):
+        await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
+    assert digest not in store and not tenancy.holds("seed.test", REPO, blob(seed=4)[0])
+    assert ("GET", "latest") not in upstream.manifest_requests
 
 
 async def test_a_manifest_by_digest_is_served_from_the_store_with_upstream_down(
@@ -128,7 +204,7 @@ class FailingUpstream(FakeUpstream):
         headers: Mapping[str, str] | None = None, max_bytes: int,
     ) -> Fetched | None:
         if self.error is not None:
-            self.manifest_gets += 1
+            self.manifest_requests.append((method, path.partition("/")[2]))
             raise self.error
         return await super().fetch(method, repository, path, headers=headers, max_bytes=max_bytes)
 
@@ -171,10 +247,12 @@ async def test_while_upstream_is_down_a_tag_answers_the_last_digest_seen(
     await trio.sleep(TTL_S + 1)
     upstream.error = error
     again = await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
-    assert again == first and upstream.manifest_gets == 2
+    # The tag's HEAD failed: that counts as the outage, as a GET's failure would.
+    assert again == first and upstream.manifest_requests[-1] == ("HEAD", "latest")
+    assert len(upstream.manifest_requests) == 3
     # Within a TTL of the failure upstream is not asked again; the answer is still stale.
     await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
-    assert upstream.manifest_gets == 2 and _stale_answers(metrics) == 2
+    assert len(upstream.manifest_requests) == 3 and _stale_answers(metrics) == 2
     # Past serve_stale_s since upstream last gave it, the failure shows.
     await trio.sleep(STALE_S)
     with pytest.raises(type(error)):
@@ -219,3 +297,24 @@ async def test_once_upstream_is_back_a_tag_moved_during_the_outage_shows_within_
     moved = await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
     assert moved.digest != old.digest
     assert moved.digest == Digest.of(upstream.manifests[(REPO, "latest")], "sha256")
+
+
+async def test_a_clients_head_of_a_tag_is_answered_stale_while_upstream_is_down(
+    stale_parts: tuple[Resolver, NodeMetrics], autojump_clock: trio.testing.MockClock
+) -> None:
+    resolver, metrics = stale_parts
+    upstream = FailingUpstream()
+    upstream.manifests[(REPO, "latest")] = image_manifest(blob(seed=1)[0], [blob(seed=2)[0]])
+    first = await resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
+    await trio.sleep(TTL_S + 1)
+    upstream.error = DOWN[0]
+    assert await resolver.head(upstream, REPO, Reference.parse("latest"), None) == first
+    assert upstream.manifest_requests[-1] == ("HEAD", "latest") and _stale_answers(metrics) == 1
+    # A tag the node never held the body of has nothing to answer stale with.
+    upstream.error = None
+    upstream.manifests[(REPO, "next")] = image_manifest(blob(seed=3)[0], [blob(seed=4)[0]])
+    await resolver.head(upstream, REPO, Reference.parse("next"), None)
+    await trio.sleep(TTL_S + 1)
+    upstream.error = DOWN[0]
+    with pytest.raises(UpstreamUnavailable):
+        await resolver.head(upstream, REPO, Reference.parse("next"), None)

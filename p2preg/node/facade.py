@@ -26,7 +26,7 @@ from p2preg.node.errors import Denied, PaginationInvalid, RegistryError
 from p2preg.node.httprange import ByteRange, parse_range
 from p2preg.node.hypercorn_internals import ZeroCopyConnection
 from p2preg.node.manifest import OCI_INDEX, forwarded_accept
-from p2preg.node.resolver import Resolver
+from p2preg.node.resolver import Manifest, ManifestHead, Resolver
 from p2preg.node.routes import Kind, Route, parse_route
 from p2preg.node.seams import UpstreamSeam
 from p2preg.node.upstream import Upstreams
@@ -119,14 +119,21 @@ async def _manifest(
     assert route.reference is not None
     # Go clients (skopeo, containerd) send one Accept header per media type.
     accept = forwarded_accept(request.headers.getlist("Accept"))
-    found = await resolver.manifest(client, route.name, route.reference, accept)
+    # A HEAD of a tag is answered from upstream's HEAD (resolver.py): no pull counted upstream.
+    if head:
+        found: Manifest | ManifestHead = await resolver.head(
+            client, route.name, route.reference, accept
+        )
+    else:
+        found = await resolver.manifest(client, route.name, route.reference, accept)
     headers = {
         "Content-Type": found.media_type,
         "Docker-Content-Digest": str(found.digest),
         "ETag": f'"{found.digest}"',
     }
-    response = Response(b"" if head else found.body, 200, headers)
-    response.headers["Content-Length"] = str(len(found.body))
+    body = found.body if isinstance(found, Manifest) and not head else b""
+    response = Response(body, 200, headers)
+    response.headers["Content-Length"] = str(found.size)
     return response
 
 

@@ -88,6 +88,11 @@ class NodeMetrics:
             "p2preg_manifest_cache", "Manifest lookups by result", ["result"], registry=r
         )
         self.stale_tag_answers = _stale_tag_answers(r)
+        self.manifest_head_fallbacks = Counter(
+            "p2preg_manifest_head_fallbacks",
+            "Tags resolved with an upstream GET because its HEAD lacked the digest, size or type",
+            ["registry"], registry=r,
+        )
         self.streams_active = Gauge(
             "p2preg_blob_streams_active", "Blob responses being streamed", registry=r
         )

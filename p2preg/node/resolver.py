@@ -1,13 +1,13 @@
 """Manifests, tags and referrers, resolved against the seed registry.
 
-Owns the manifest caches: tag → digest in the tag map (tagmap.py: reused for a
-short TTL, and answered stale while upstream is down) and manifests by digest
-for good (content-addressed, in the blob store, verified against their
-digest), served without upstream to a repository the tenancy ledger says
-holds them. Each
-resolved manifest proves to the tenancy ledger that its repository holds what
-it references, and notes each image's blob order for the P2P path
-(pullorder.py). Manifests are small and are never swarmed.
+Owns the manifest caches: tag → digest in the tag map (tagmap.py: asked with
+an upstream HEAD, never a GET of the tag, reused for a short TTL, and answered
+stale while upstream is down) and manifests by digest for good (fetched with
+one GET by digest when first needed, content-addressed, in the blob store,
+verified against their digest), served without upstream to a repository the
+tenancy ledger says holds them. Each resolved manifest proves to the tenancy
+ledger that its repository holds what it references, and notes each image's
+blob order for the P2P path (pullorder.py). Manifests are small and are never swarmed.
 """
 
 from __future__ import annotations
@@ -42,6 +42,19 @@ class Manifest:
     media_type: str
     body: bytes
 
+    @property
+    def size(self) -> int:
+        return len(self.body)
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestHead:
+    """What upstream's HEAD said of a manifest the node does not hold: no body."""
+
+    digest: Digest
+    media_type: str
+    size: int
+
 
 class Resolver:
     def __init__(
@@ -61,62 +74,132 @@ class Resolver:
         self._tags = tags
         self._clock = clock
         self._memory: OrderedDict[Digest, Manifest] = OrderedDict()
+        # Upstream's HEAD answers for manifests not held, so a client's HEAD
+        # within the tag's TTL asks upstream nothing.
+        self._heads: OrderedDict[Digest, ManifestHead] = OrderedDict()
 
     # -- manifests --------------------------------------------------------
 
     async def manifest(
         self, client: UpstreamSeam, repository: str, ref: Reference, accept: str | None
     ) -> Manifest:
-        ns = client.upstream.ns
-        if ref.digest is not None:
-            digest = ref.digest
-            if self._tenancy.holds(ns, repository, digest):
-                cached = await self._cached(digest)
-                if cached is not None:
-                    self._metrics.manifest_cache.labels("hit").inc()
-                    return cached
-        else:
-            assert ref.tag is not None
-            key = (ns, repository, ref.tag, mf.accept_key(accept))
-            fresh = self._tags.fresh(key, self._clock())
-            if fresh is not None:
-                cached = await self._cached(fresh.digest)
-                if cached is not None:
-                    self._metrics.manifest_cache.labels("hit").inc()
-                    if fresh.is_stale:
-                        self._metrics.stale_tag_answers.labels(ns).inc()
-                    return cached
-            return await self._by_tag(client, repository, ref, accept, key)
+        """The manifest `ref` names; a tag costs upstream a HEAD, a body a GET by digest."""
+        if ref.digest is None:
+            answer = await self._tag(client, repository, ref, accept)
+            if isinstance(answer, Manifest):
+                return answer
+            ref = Reference(digest=answer.digest)
+        elif self._tenancy.holds(client.upstream.ns, repository, ref.digest):
+            cached = await self._cached(ref.digest)
+            if cached is not None:
+                self._metrics.manifest_cache.labels("hit").inc()
+                return cached
         self._metrics.manifest_cache.labels("miss").inc()
         return await self._fetch(client, repository, ref, accept)
 
-    async def _by_tag(
-        self, client: UpstreamSeam, repository: str, ref: Reference, accept: str | None,
-        key: TagKey,
-    ) -> Manifest:
-        """Ask upstream for a tag; while it is down, answer the last digest it gave."""
-        self._metrics.manifest_cache.labels("miss").inc()
+    async def head(
+        self, client: UpstreamSeam, repository: str, ref: Reference, accept: str | None
+    ) -> Manifest | ManifestHead:
+        """What a client's HEAD answers: for a tag, never more than an upstream HEAD
+        unless the registry's HEAD leaves the digest, size or type out."""
+        if ref.digest is None:
+            return await self._tag(client, repository, ref, accept)
+        return await self.manifest(client, repository, ref, accept)
+
+    async def _tag(
+        self, client: UpstreamSeam, repository: str, ref: Reference, accept: str | None
+    ) -> Manifest | ManifestHead:
+        """Where a tag points: the stored manifest if the node holds it, else what
+        upstream's HEAD said. Upstream is asked once per TTL; while it is down
+        the last digest it gave answers (tagmap.py)."""
+        assert ref.tag is not None
+        ns = client.upstream.ns
+        key = (ns, repository, ref.tag, mf.accept_key(accept))
+        fresh = self._tags.fresh(key, self._clock())
+        if fresh is not None:
+            cached = await self._cached(fresh.digest)
+            if cached is not None:
+                self._metrics.manifest_cache.labels("hit").inc()
+                if fresh.is_stale:
+                    self._metrics.stale_tag_answers.labels(ns).inc()
+                return cached
+            heard = self._heads.get(fresh.digest)
+            if heard is not None and not fresh.is_stale:
+                return heard
         try:
-            found = await self._fetch(client, repository, ref, accept)
+            answer = await self._ask_tag(client, repository, ref, accept)
         except ManifestUnknown:
             self._tags.forget(key)
             raise
         except RegistryError as e:
-            if not stale_allowed(e):
-                raise
-            now = self._clock()
-            entry = self._tags.stale(key, now)
-            cached = None if entry is None else await self._cached(entry.digest)
-            if entry is None or cached is None:
-                raise
-            self._metrics.stale_tag_answers.labels(key[0]).inc()
-            log.warning(
-                "tag %s:%s of %s answered with %s, seen %.0f s ago: %s",
-                repository, ref.tag, key[0], entry.digest, now - entry.seen_at, e.message,
-            )
-            return cached
-        self._tags.seen(key, found.digest, self._clock())
-        return found
+            return await self._stale(e, repository, ref, key)
+        self._tags.seen(key, answer.digest, self._clock())
+        if isinstance(answer, Manifest):
+            return answer
+        cached = await self._cached(answer.digest)
+        if cached is None:
+            self._heads[answer.digest] = answer
+            while len(self._heads) > MAX_MEMORY_MANIFESTS:
+                self._heads.popitem(last=False)
+            return answer
+        # Upstream just said this repository's tag points at a manifest the
+        # node holds (verified): the repository holds it and what it references.
+        self._metrics.manifest_cache.labels("hit").inc()
+        self._grant(ns, repository, cached)
+        return cached
+
+    async def _ask_tag(
+        self, client: UpstreamSeam, repository: str, ref: Reference, accept: str | None
+    ) -> Manifest | ManifestHead:
+        """Upstream's HEAD answer for a tag (Docker Hub does not count HEADs as pulls).
+
+        A registry whose HEAD leaves out Docker-Content-Digest, Content-Length
+        or Content-Type is asked with a GET of the tag instead, counted in
+        p2preg_manifest_head_fallbacks_total: without them the node could not
+        answer a HEAD, nor know which manifest to GET by digest.
+        """
+        headers = {"Accept": accept} if accept else {}
+        heard = await client.fetch(
+            "HEAD", repository, f"manifests/{ref}", headers=headers, max_bytes=0
+        )
+        if heard is None:
+            raise ManifestUnknown(f"manifest {ref} of {repository} is unknown to the seed registry")
+        claimed = heard.headers.get("Docker-Content-Digest", "")
+        length = heard.headers.get("Content-Length", "")
+        media_type = heard.headers.get("Content-Type", "").partition(";")[0].strip()
+        if claimed and length.isascii() and length.isdigit() and media_type:
+            try:
+                digest = Digest.parse(claimed)
+            except DigestError:
+                raise UpstreamError(
+                    "seed registry sent a malformed Docker-Content-Digest"
+                ) from None
+            return ManifestHead(digest, media_type, int(length))
+        self._metrics.manifest_head_fallbacks.labels(client.upstream.ns).inc()
+        log.info(
+            "seed registry %s answered HEAD of %s:%s without digest, size or type; using GET",
+            client.upstream.ns, repository, ref.tag,
+        )
+        self._metrics.manifest_cache.labels("miss").inc()
+        return await self._fetch(client, repository, ref, accept)
+
+    async def _stale(
+        self, error: RegistryError, repository: str, ref: Reference, key: TagKey
+    ) -> Manifest:
+        """While upstream is down, the last digest it gave for the tag, if held; else `error`."""
+        if not stale_allowed(error):
+            raise error
+        now = self._clock()
+        entry = self._tags.stale(key, now)
+        cached = None if entry is None else await self._cached(entry.digest)
+        if entry is None or cached is None:
+            raise error
+        self._metrics.stale_tag_answers.labels(key[0]).inc()
+        log.warning(
+            "tag %s:%s of %s answered with %s, seen %.0f s ago: %s",
+            repository, ref.tag, key[0], entry.digest, now - entry.seen_at, error.message,
+        )
+        return cached
 
     async def _fetch(
         self, client: UpstreamSeam, repository: str, ref: Reference, accept: str | None
@@ -149,11 +232,16 @@ class Resolver:
         except mf.ManifestInvalid as e:
             raise UpstreamError(f"seed registry sent an unusable manifest: {e}") from None
         found = Manifest(digest, parsed.media_type, fetched.body)
-        ns = client.upstream.ns
-        self._tenancy.grant(ns, repository, [digest, *parsed.blobs, *parsed.manifests])
+        self._tenancy.grant(
+            client.upstream.ns, repository, [digest, *parsed.blobs, *parsed.manifests]
+        )
         self._pull_order.note(digest, parsed.pull_order)
         await self._keep(found)
         return found
+
+    def _grant(self, ns: str, repository: str, found: Manifest) -> None:
+        parsed = mf.parse(found.body)  # parsed before it was kept
+        self._tenancy.grant(ns, repository, [found.digest, *parsed.blobs, *parsed.manifests])
 
     async def _cached(self, digest: Digest) -> Manifest | None:
         found = self._memory.get(digest)
