@@ -53,6 +53,7 @@ from p2preg.node.servingstate import open_serving_state
 from p2preg.node.store import BlobStore
 from p2preg.node.swarm import Swarm, listen_interfaces, open_swarm
 from p2preg.node.tagmap import TagMap
+from p2preg.node.takeover import Moves, reannounce_after_moves
 from p2preg.node.tenancy import Tenancy
 from p2preg.node.upstream import UpstreamClient, Upstreams
 from tracker.client import TrackerClient
@@ -80,6 +81,7 @@ class _P2P:
     swarm: Swarm
     tracker: TrackerClient
     roots: TorrentRoots
+    moves: Moves  # the tracker client moved on to another tracker (takeover.py)
 
 
 @asynccontextmanager
@@ -99,8 +101,11 @@ async def _open_swarm(
     listen = listen_interfaces(
         config.peer_host, config.peer_port, config.peer_ssl_port, tls=tls is not None
     )
+    moves = Moves()
+
     def failover(reason: str) -> None:
         metrics.tracker_failovers.labels(reason).inc()
+        moves.note()
 
     if tls is None:
         tracker = TrackerClient(
@@ -113,7 +118,7 @@ async def _open_swarm(
             config.data_dir, listen, tracker.announce_urls, metrics, tls=peer_tls,
             stall_reports=(tracker.report_stall, config.peer_stall_report_s),
         ) as swarm:
-            yield _P2P(swarm, tracker, peer_tls or PlainTorrents())
+            yield _P2P(swarm, tracker, peer_tls or PlainTorrents(), moves)
     finally:
         await tracker.aclose()
 
@@ -148,6 +153,7 @@ def _cluster(
         offload=in_thread, roots=p2p.roots,
     )
     seeding = Seeding(store, swarm, tracker, torrents, nursery, in_thread, p2p.roots)
+    nursery.start_soon(reannounce_after_moves, p2p.moves, swarm.reannounce_recent)
     reseeded = seeding.reseed()
     if isinstance(p2p.roots, PeerTLS):
         # Re-issued under another CA (a rotation): move the seeded blobs there.

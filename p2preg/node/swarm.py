@@ -139,6 +139,7 @@ class _Torrent:
     from_peers_bytes: int = 0
     wasted_bytes: int = 0
     stalls: Watched | None = None
+    changed_at: float = 0.0  # added, or began seeding (trio's clock)
 
 
 class Swarm:
@@ -209,7 +210,8 @@ class Swarm:
         return handle
 
     def _track(self, meta: Metainfo, handle: Any, *, seeding: bool) -> _Torrent:
-        t = _Torrent(meta.digest, handle, seeding, last_progress=trio.current_time())
+        now = trio.current_time()
+        t = _Torrent(meta.digest, handle, seeding, last_progress=now, changed_at=now)
         self._torrents[meta.digest] = t
         self._by_hash[meta.info_hash_v2] = t
         return t
@@ -281,6 +283,16 @@ class Swarm:
         # Counts from the last tracker reply, -1 while unknown; we are one of the seeders.
         return 0 <= int(status.num_complete) <= 1 and int(status.num_incomplete) > 0
 
+    def reannounce_recent(self, within_s: float) -> int:
+        """Announce now every download, and every torrent added or seeding for less than
+        `within_s`: what a tracker that just went away may have taken with it."""
+        since = trio.current_time() - within_s
+        due = [t for t in self._torrents.values()
+               if not t.finished.is_set() or t.changed_at >= since]  # fmt: skip
+        for t in due:
+            t.handle.force_reannounce()
+        return len(due)
+
     def reannounce(self, digest: Digest) -> None:
         """Announce `digest`'s torrent now rather than at libtorrent's next retry."""
         t = self._torrents.get(digest)
@@ -290,7 +302,7 @@ class Swarm:
     def mark_seeding(self, digest: Digest) -> None:
         t = self._torrents.get(digest)
         if t is not None:
-            t.seeding = True
+            t.seeding, t.changed_at = True, trio.current_time()
             self._metrics.blobs_seeded.set(len(self.seeding()))
 
     def remove(self, digest: Digest) -> None:
