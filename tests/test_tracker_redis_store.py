@@ -22,7 +22,7 @@ from harness.redis import RedisServer, start_redis
 from p2preg.core import errors
 from tracker.config import TrackerConfig
 from tracker.metrics import TrackerMetrics
-from tracker.redis_store import LEADER_KEY, RedisStore, StoredPeer, open_redis
+from tracker.redis_store import DEFAULT_WAIT_MS, LEADER_KEY, RedisStore, StoredPeer, open_redis
 from tracker.state import (
     StoredConfirmation,
     StoredDispute,
@@ -40,13 +40,15 @@ TERM = b"7:replica-a"
 
 
 @asynccontextmanager
-async def store_on(server: RedisServer, tmp_path: Path) -> AsyncIterator[RedisStore]:
+async def store_on(
+    server: RedisServer, tmp_path: Path, *, wait_ms: int = DEFAULT_WAIT_MS
+) -> AsyncIterator[RedisStore]:
     secret = tmp_path / "store-password"
     secret.write_text(PASSWORD + "\n")
     config = TrackerConfig(store=parse_store_url(server.url()), store_password_file=secret)
     async with open_redis(config.store, config) as client:  # type: ignore[arg-type]
         await client.set(LEADER_KEY, TERM)
-        store = RedisStore(client, TrackerMetrics())
+        store = RedisStore(client, TrackerMetrics(), wait_ms=wait_ms)
         store.term = TERM
         yield store
 
@@ -152,7 +154,8 @@ async def test_a_write_no_replica_acknowledged_stands_and_is_counted(tmp_path: P
         start_redis(tmp_path / "primary", password=PASSWORD) as primary,
         start_redis(tmp_path / "replica", replica_of=primary) as replica,
     ):
-        async with store_on(primary, tmp_path) as store:
+        # A wait that a live replica always meets on a busy machine; a stopped one never.
+        async with store_on(primary, tmp_path, wait_ms=2000) as store:
             unreplicated = store._metrics.store_unreplicated
             await store.put_metainfo(StoredMetainfo(DIGEST, 1, b"first", "p", 1.0))
             assert unreplicated._value.get() == 0
