@@ -17,8 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote_from_bytes
 
@@ -29,10 +28,11 @@ import trio
 
 from harness.procs import wait_until
 from harness.redis import start_redis, start_sentinels, wait_for_failover
-from harness.tracker import TrackerProcess, open_tracker
+from harness.tracker import TrackerProcess
 from p2preg.core import errors, wire
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
+from tests.replica_helpers import metric, ready, replicas, serving
 from tracker.client import open_tracker_client
 from tracker.metainfo import make_metainfo
 
@@ -40,49 +40,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TOKEN = "replicas-token"
 PASSWORD = "replicas-store-password"
-TERM_S = "2"
-
-
-@contextmanager
-def replicas(
-    workdir: Path, store_url: str, count: int, *, first: int = 0
-) -> Iterator[list[TrackerProcess]]:
-    secret = workdir / "store-password"
-    secret.write_text(PASSWORD)
-    args = ["--store", store_url, "--store-password-file", str(secret),
-            "--replica-term-s", TERM_S]  # fmt: skip
-    with ExitStack() as stack:
-        yield [
-            stack.enter_context(
-                open_tracker(workdir / f"t{n}", token=TOKEN, args=args, name=f"t{n}")
-            )
-            for n in range(first, first + count)
-        ]
-
-
-def ready(t: TrackerProcess) -> bool:
-    try:
-        return httpx.get(f"{t.url}/readyz", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def serving(trackers: Sequence[TrackerProcess], timeout_s: float = 30) -> TrackerProcess:
-    """The one replica that serves, once there is one; no two ever do."""
-    found: list[TrackerProcess] = []
-
-    def one() -> bool:
-        found[:] = [t for t in trackers if t.process.returncode is None and ready(t)]
-        assert len(found) <= 1, "two replicas serve at once"
-        return len(found) == 1
-
-    wait_until(one, timeout_s=timeout_s, what="a replica to serve")
-    return found[0]
-
-
-def metric(t: TrackerProcess, name: str) -> float:
-    text = httpx.get(f"{t.url}/metrics", timeout=5).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+STORE = {"token": TOKEN, "password": PASSWORD}
 
 
 def log_of(t: TrackerProcess) -> str:
@@ -128,7 +86,7 @@ async def test_a_standby_takes_over_with_metainfo_leases_and_peers(tmp_path: Pat
     digest, size, meta = blob(tmp_path)
     leased = Digest.of(b"being fetched from upstream")
     with start_redis(tmp_path / "redis", password=PASSWORD) as server:
-        with replicas(tmp_path, server.url(), 2) as trackers:
+        with replicas(tmp_path, server.url(), 2, **STORE) as trackers:
             first = serving(trackers)
             standby = next(t for t in trackers if t is not first)
             r = refused_by(standby)
@@ -167,7 +125,7 @@ async def test_a_standby_takes_over_with_metainfo_leases_and_peers(tmp_path: Pat
             answer = announce(standby.url, info_hash, "c", 7003, 1)
             assert answer[b"peers"] == bytes([127, 0, 0, 1]) + (7001).to_bytes(2, "big")
         # Every replica restarted at once: the state is Redis's, not theirs.
-        with replicas(tmp_path, server.url(), 2, first=2) as trackers:
+        with replicas(tmp_path, server.url(), 2, first=2, **STORE) as trackers:
             serving(trackers)
             async with open_tracker_client(urls(trackers), node="c", token=TOKEN) as c:
                 record = await c.lookup_metainfo(digest)
@@ -179,7 +137,7 @@ async def test_while_redis_is_away_no_replica_serves_and_one_comes_back(tmp_path
     digest, size, meta = blob(tmp_path)
     server = start_redis(tmp_path / "redis", password=PASSWORD, persist=True)
     try:
-        with replicas(tmp_path, server.url(), 2) as trackers:
+        with replicas(tmp_path, server.url(), 2, **STORE) as trackers:
             leader = serving(trackers)
             async with open_tracker_client(urls(trackers), node="a", token=TOKEN) as a:
                 await a.acquire_lease(digest, size=size)
@@ -193,7 +151,7 @@ async def test_while_redis_is_away_no_replica_serves_and_one_comes_back(tmp_path
                 with trio.fail_after(30), pytest.raises(errors.TrackerUnavailable) as away:
                     await b.acquire_lease(digest)
                 assert type(away.value) is errors.TrackerUnavailable
-            assert metric(leader, 'p2preg_tracker_step_downs_total{why="unreachable"}') == 1
+            assert metric(leader, "p2preg_tracker_step_downs_total", why="unreachable") == 1
             assert metric(leader, "p2preg_tracker_leading") == 0
             assert "the store did not answer" in log_of(leader)
             assert all("stands by: it cannot reach the store" in log_of(t) for t in trackers)
@@ -215,7 +173,7 @@ async def test_a_sentinel_failover_ends_the_term_and_a_lost_grant_is_fenced(
         start_redis(tmp_path / "primary", password=PASSWORD) as primary,
         start_redis(tmp_path / "replica", replica_of=primary) as replica,
         start_sentinels(tmp_path / "sentinels", primary) as sentinels,
-        replicas(tmp_path, sentinels.url(), 1) as trackers,
+        replicas(tmp_path, sentinels.url(), 1, **STORE) as trackers,
     ):
         tracker = serving(trackers)
         async with open_tracker_client(urls(trackers), node="a", token=TOKEN) as a:

@@ -51,7 +51,8 @@ from harness.procs import wait_until
 from harness.redis import start_redis
 from harness.registry import Registry
 from harness.skopeo import push
-from harness.tracker import TrackerProcess, open_tracker
+from harness.tracker import TrackerProcess
+from tests.replica_helpers import metric, ready, replicas, serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -62,47 +63,12 @@ LAYERS = (3 * MiB, 3 * MiB, 3 * MiB, 3 * MiB)
 NODES = 4
 TOKEN = "fanout-token"
 PASSWORD = "fanout-store-password"
-TERM_S = "2"
 
 
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return build_image(tmp_path_factory.mktemp("fanout") / "layout", seed="fanout",
                        layer_sizes=LAYERS)  # fmt: skip
-
-
-def _ready(t: TrackerProcess) -> bool:
-    try:
-        return httpx.get(f"{t.url}/readyz", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def _alive(trackers: list[TrackerProcess]) -> list[TrackerProcess]:
-    return [t for t in trackers if t.process.returncode is None]
-
-
-def _serving(trackers: list[TrackerProcess], timeout_s: float = 30) -> TrackerProcess:
-    """The one live replica that answers `/readyz` 200; never two."""
-    found: list[TrackerProcess] = []
-
-    def one() -> bool:
-        found[:] = [t for t in _alive(trackers) if _ready(t)]
-        assert len(found) <= 1, "two replicas serve at once"
-        return len(found) == 1
-
-    wait_until(one, timeout_s=timeout_s, what="a replica to serve", interval_s=0.1)
-    return found[0]
-
-
-def _metric(t: TrackerProcess, name: str) -> float:
-    text = httpx.get(f"{t.url}/metrics", timeout=5).text
-    total = 0.0
-    for line in text.splitlines():
-        sample, _, value = line.rpartition(" ")
-        if sample == name or sample.startswith(name + "{"):
-            total += float(value)
-    return total
 
 
 def _joined(t: TrackerProcess) -> set[str]:
@@ -115,17 +81,6 @@ def _joined(t: TrackerProcess) -> set[str]:
         for row in r.json()["busiest"]
         if int(row["seeders"]) > 0 and int(row["seeders"]) + int(row["leechers"]) == NODES
     }
-
-
-def _replicas(stack: ExitStack, workdir: Path, store_url: str) -> list[TrackerProcess]:
-    secret = workdir / "store-password"
-    secret.write_text(PASSWORD)
-    args = ["--store", store_url, "--store-password-file", str(secret),
-            "--replica-term-s", TERM_S]  # fmt: skip
-    return [
-        stack.enter_context(open_tracker(workdir / f"t{n}", token=TOKEN, args=args, name=f"t{n}"))
-        for n in range(3)
-    ]
 
 
 def _nodes(
@@ -164,8 +119,10 @@ def test_the_serving_replica_killed_mid_fanout_every_pull_completes_and_a_standb
     ref = f"{SEED_NS}/{image.repository}:{image.tag}"
     with ExitStack() as stack:
         server = stack.enter_context(start_redis(tmp_path / "redis", password=PASSWORD))
-        trackers = _replicas(stack, tmp_path, server.url())
-        first = _serving(trackers)
+        trackers = stack.enter_context(
+            replicas(tmp_path, server.url(), 3, token=TOKEN, password=PASSWORD)
+        )
+        first = serving(trackers)
         nodes = _nodes(stack, tmp_path, registry, trackers)
         daemons: list[Containerd] = [containerd_factory() for _ in nodes]
         hosts = [tmp_path / f"hosts{i}" for i in range(NODES)]
@@ -185,16 +142,16 @@ def test_the_serving_replica_killed_mid_fanout_every_pull_completes_and_a_standb
             os.kill(first.process.pid, signal.SIGKILL)
             killed_at = time.monotonic()
             first.process.stop()  # reaps it
-            took_over = _serving(trackers, timeout_s=60)
+            took_over = serving(trackers, timeout_s=60)
             print(f"a standby served {time.monotonic() - killed_at:.1f} s after the kill")
             for pull in pulls:
                 pull.result(timeout=300)
 
         for daemon in daemons:
             assert daemon.is_unpacked(image.manifests[0])
-        survivors = _alive(trackers)
-        assert len(survivors) == 2 and [t for t in survivors if _ready(t)] == [took_over]
-        assert _metric(took_over, "p2preg_tracker_terms_total") == 1
+        survivors = [t for t in trackers if t.process.returncode is None]
+        assert len(survivors) == 2 and [t for t in survivors if ready(t)] == [took_over]
+        assert metric(took_over, "p2preg_tracker_terms_total") == 1
         gets = _gets(registry, image)
         fallbacks = sum(n.metric("p2preg_fallbacks_total", reason="tracker") for n in nodes)
         print("fallbacks:", [line for n in nodes for line in n.metrics().splitlines()

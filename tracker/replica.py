@@ -192,7 +192,6 @@ async def _hand_over(
 
 async def stand_by(term: Term, seats: Sequence[Seat]) -> _Term:
     """Wait until this replica takes a term; tell the seats why not meanwhile."""
-    term.metrics.leading.set(0)
     said: Standby | None = None
     while True:
         at = trio.current_time()
