@@ -13,6 +13,7 @@ kind as its index, expiring records with an expiry of their own):
     c:<digest>    confirmations: identity → v2 info-hash
     p:<digest>    peers: identity → [peer id, address, claims seed, seeder, expires]
     pz:<digest>   peers by expiry (unix seconds), to drop the dead  index p
+    mf:<digest>   shelved manifest {type, body, places, at}    index mf
 
 Writes are fenced: each batch runs in one Lua script that first checks the
 `p2preg:leader` key still holds the writer's term (replica.py), so a replica
@@ -55,6 +56,7 @@ from tracker.state import (
     StoredConfirmation,
     StoredDispute,
     StoredLease,
+    StoredManifest,
     StoredMetainfo,
     StoredQuarantine,
 )
@@ -184,6 +186,7 @@ class RedisStore:
                 disputes=[_dispute(d, f) for d, f in await self._records("d")],
                 quarantines=[_quarantine(i, f) for i, f in await self._records("q")],
                 confirmations=await self._confirmations(),
+                manifests=[_manifest(d, f) for d, f in await self._records("mf")],
             )
 
     async def load_peers(self) -> list[StoredPeer]:
@@ -282,6 +285,15 @@ class RedisStore:
             "delete_metainfo",
             [["DEL", P + f"m:{digest}", P + f"c:{digest}"], ["SREM", P + "m", digest]],
         )
+
+    async def put_manifest(self, record: StoredManifest, dropped: list[str]) -> None:
+        r, key = record, P + f"mf:{record.digest}"
+        batch: list[Command] = [["DEL", *(P + f"mf:{d}" for d in dropped)]] if dropped else []
+        batch += [["SREM", P + "mf", *dropped]] if dropped else []
+        fields = {"type": r.media_type, "body": r.body, "places": "\n".join(r.places),
+                  "at": r.shelved_at_unix}  # fmt: skip
+        batch += [["DEL", key], ["HSET", key, *_flat(fields)], ["SADD", P + "mf", r.digest]]
+        await self._apply("put_manifest", batch)
 
     # -- peers -----------------------------------------------------------------
 
@@ -396,6 +408,10 @@ def _arg(value: object) -> bytes:
     return str(value).encode()
 
 
+def _manifest(digest: str, f: dict[bytes, bytes]) -> StoredManifest:
+    media_type, body, places, at = _hash(f, "type", "body", "places", "at")
+    return StoredManifest(digest, _text(media_type), body or b"",
+                          tuple(_text(places).split("\n")), float(at or 0))  # fmt: skip
 
 
 def _metainfo(digest: str, f: dict[bytes, bytes]) -> StoredMetainfo:

@@ -1,5 +1,6 @@
 """Durable tracker state behind one small seam: metainfo, disputes, quarantines, leases,
-and which identities confirmed (downloaded and verified) a digest's torrent.
+which identities confirmed (downloaded and verified) a digest's torrent, and the
+manifest shelf (manifest_shelf.py).
 
 `TrackerStore` is the interface the service writes through; `SqliteStore`
 keeps it in `<data_dir>/tracker.sqlite3` (WAL, synchronous=FULL, so a commit
@@ -84,12 +85,25 @@ class StoredConfirmation:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredManifest:
+    """A manifest body the tracker verified (manifest_shelf.py), and the places nodes
+    said hold it, newest first; `shelved_at_unix` (its last put) orders eviction."""
+
+    digest: str
+    media_type: str
+    body: bytes
+    places: tuple[str, ...]
+    shelved_at_unix: float
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     metainfo: list[StoredMetainfo] = field(default_factory=list)
     leases: list[StoredLease] = field(default_factory=list)
     disputes: list[StoredDispute] = field(default_factory=list)
     quarantines: list[StoredQuarantine] = field(default_factory=list)
     confirmations: list[StoredConfirmation] = field(default_factory=list)
+    manifests: list[StoredManifest] = field(default_factory=list)
 
 
 class TrackerStore(Protocol):
@@ -116,6 +130,9 @@ class TrackerStore(Protocol):
     async def delete_metainfo(self, digest: str) -> None:
         """Forget the digest's metainfo (it expired) and its confirmations."""
 
+    async def put_manifest(self, record: StoredManifest, dropped: list[str]) -> None:
+        """In one commit: insert or replace the manifest, forget those `dropped`."""
+
 
 class MemoryStore:
     """A TrackerStore in a dict: for tests, and for a tracker without --data-dir."""
@@ -126,6 +143,7 @@ class MemoryStore:
         self.disputes: dict[str, StoredDispute] = {}
         self.quarantines: dict[str, StoredQuarantine] = {}
         self.confirmations: dict[tuple[str, str], StoredConfirmation] = {}
+        self.manifests: dict[str, StoredManifest] = {}
 
     async def load(self) -> Snapshot:
         await trio.lowlevel.checkpoint()
@@ -135,6 +153,7 @@ class MemoryStore:
             disputes=list(self.disputes.values()),
             quarantines=list(self.quarantines.values()),
             confirmations=list(self.confirmations.values()),
+            manifests=list(self.manifests.values()),
         )
 
     async def put_metainfo(self, record: StoredMetainfo) -> None:
@@ -173,6 +192,12 @@ class MemoryStore:
         self.metainfo.pop(digest, None)
         for key in [k for k in self.confirmations if k[0] == digest]:
             del self.confirmations[key]
+
+    async def put_manifest(self, record: StoredManifest, dropped: list[str]) -> None:
+        await trio.lowlevel.checkpoint()
+        for digest in dropped:
+            self.manifests.pop(digest, None)
+        self.manifests[record.digest] = record
 
 
 _SCHEMA = """
@@ -213,6 +238,14 @@ CREATE TABLE IF NOT EXISTS confirmations (
     identity TEXT NOT NULL,
     info_hash BLOB NOT NULL,
     PRIMARY KEY (digest, identity)
+);
+-- places: "<ns>/<repository>" lines, newest first.
+CREATE TABLE IF NOT EXISTS manifests (
+    digest TEXT PRIMARY KEY,
+    media_type TEXT NOT NULL,
+    body BLOB NOT NULL,
+    places TEXT NOT NULL,
+    shelved_at_unix REAL NOT NULL
 );
 """
 
@@ -276,6 +309,12 @@ class SqliteStore:
                 confirmations=[
                     StoredConfirmation(*row)
                     for row in c.execute("SELECT digest, info_hash, identity FROM confirmations")
+                ],
+                manifests=[
+                    StoredManifest(d, t, b, tuple(p.split("\n")), at)
+                    for d, t, b, p, at in c.execute(
+                        "SELECT digest, media_type, body, places, shelved_at_unix FROM manifests"
+                    )
                 ],
             )
 
@@ -344,6 +383,18 @@ class SqliteStore:
         def write(c: sqlite3.Connection) -> None:
             c.execute("DELETE FROM metainfo WHERE digest = ?", (digest,))
             c.execute("DELETE FROM confirmations WHERE digest = ?", (digest,))
+
+        await self._run(write)
+
+    async def put_manifest(self, record: StoredManifest, dropped: list[str]) -> None:
+        r = record
+
+        def write(c: sqlite3.Connection) -> None:
+            c.executemany("DELETE FROM manifests WHERE digest = ?", [(d,) for d in dropped])
+            c.execute(
+                "INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?, ?)",
+                (r.digest, r.media_type, r.body, "\n".join(r.places), r.shelved_at_unix),
+            )
 
         await self._run(write)
 
