@@ -98,6 +98,7 @@ class Resolver:
                 return answer
             ref, proven = Reference(digest=answer.digest), True
         elif self._tenancy.holds(client.upstream.ns, repository, ref.digest):
+            proven = True  # an index of the repository names it, say
             cached = await self._cached(ref.digest)
             if cached is not None:
                 self._metrics.manifest_cache.labels("hit").inc()
@@ -219,8 +220,9 @@ class Resolver:
         accept: str | None,
         proven: bool,
     ) -> Manifest:
-        """A body by digest from the cluster, once upstream said (a HEAD; or the tag's,
-        `proven`) that the repository holds it; upstream's GET only if nobody has it."""
+        """A body by digest from the cluster, once upstream said that the repository
+        holds it: `proven` (the tag's HEAD, or a manifest of the repository names it),
+        else a HEAD by digest. Upstream's GET only if no node has the body."""
         ns = client.upstream.ns
         headers = {"Accept": accept} if accept else {}
         if not proven:
