@@ -98,7 +98,7 @@ class Resolver:
                 return answer
             ref, proven = Reference(digest=answer.digest), True
         elif self._tenancy.holds(client.upstream.ns, repository, ref.digest):
-            proven = True  # an index of the repository names it, say
+            proven = True  # a tag's HEAD or an index of the repository named it
             cached = await self._cached(ref.digest)
             if cached is not None:
                 self._metrics.manifest_cache.labels("hit").inc()
@@ -149,6 +149,9 @@ class Resolver:
             return answer
         cached = await self._cached(answer.digest)
         if cached is None:
+            # Upstream's HEAD said the repository's tag points there: it holds the
+            # manifest (what it references is proven once the body is parsed).
+            self._tenancy.grant(ns, repository, [answer.digest])
             self._heads[answer.digest] = answer
             while len(self._heads) > MAX_MEMORY_MANIFESTS:
                 self._heads.popitem(last=False)
@@ -221,8 +224,9 @@ class Resolver:
         proven: bool,
     ) -> Manifest:
         """A body by digest from the cluster, once upstream said that the repository
-        holds it: `proven` (the tag's HEAD, or a manifest of the repository names it),
-        else a HEAD by digest. Upstream's GET only if no node has the body."""
+        holds it: `proven` (a tag's HEAD, or a manifest of the repository, named it:
+        the tenancy ledger), else a HEAD by digest. Upstream's GET only if no node has
+        the body."""
         ns = client.upstream.ns
         headers = {"Accept": accept} if accept else {}
         if not proven:
