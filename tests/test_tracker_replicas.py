@@ -3,7 +3,8 @@ redis-sentinel and `p2preg tracker --store`.
 
 One replica serves at a time and the others stand by (503, /readyz 503). Killed
 (-9), the serving replica's term runs out and a standby takes over with
-everything: metainfo, leases, and the peers that announced to the dead one.
+everything: metainfo, leases, the manifest shelf, and the peers that
+announced to the dead one.
 Every replica restarted at once finds the same state. While Redis is away no
 replica serves (nodes go upstream), each says why in its log and metrics, and
 one serves again by itself when Redis is back. Under Sentinel, a primary killed
@@ -41,6 +42,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TOKEN = "replicas-token"
 PASSWORD = "replicas-store-password"
 STORE = {"token": TOKEN, "password": PASSWORD}
+OCI = "application/vnd.oci.image.manifest.v1+json"
+MANIFEST = b'{"schemaVersion": 2, "mediaType": "' + OCI.encode() + b'"}'
+MANIFEST_DIGEST = Digest.of(MANIFEST)
 
 
 def log_of(t: TrackerProcess) -> str:
@@ -99,6 +103,7 @@ async def test_a_standby_takes_over_with_metainfo_leases_and_peers(tmp_path: Pat
             ):
                 await a.acquire_lease(digest, size=size)  # the holder defines the torrent
                 await a.publish_metainfo(digest, size, meta.data)
+                await a.put_manifest(MANIFEST_DIGEST, "127.0.0.1:5000", "app", OCI, MANIFEST)
                 assert (await b.acquire_lease(leased, size=10)).status is wire.LeaseStatus.GRANTED
             info_hash = meta.swarm_keys[0]
             announce(first.url, info_hash, "a", 7001, 0)
@@ -118,6 +123,8 @@ async def test_a_standby_takes_over_with_metainfo_leases_and_peers(tmp_path: Pat
             async with open_tracker_client(urls(trackers), node="c", token=TOKEN) as c:
                 record = await c.lookup_metainfo(digest)
                 assert record is not None and record.metainfo == meta.data
+                shelved = await c.get_manifest(MANIFEST_DIGEST)
+                assert shelved == wire.ManifestBody(OCI, MANIFEST, ["127.0.0.1:5000/app"])
                 waiting = await c.acquire_lease(leased)
                 assert waiting.status is wire.LeaseStatus.WAIT and waiting.holder == "b"
                 assert (await c.acquire_lease(digest)).status is wire.LeaseStatus.SEEDED

@@ -15,6 +15,7 @@ it back at start or at a replica's new term. It must not know HTTP or the store.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -27,6 +28,8 @@ from tracker.state import StoredManifest
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_PLACES = 16
+# Dropped bodies one store commit forgets, at most.
+MAX_DROPS_PER_COMMIT = 256
 # type/subtype with the characters RFC 6838 allows (no parameters: manifests have none).
 _MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
 # A registry host as a node names it (`?ns=`): a name or address, a port.
@@ -116,9 +119,10 @@ class ManifestShelf:
             self.bytes -= len(record.body)
             self._dropped.add(digest)
 
-    def drops(self) -> list[str]:
-        """Digests dropped here that the store may still hold."""
-        return sorted(self._dropped)
+    def drops(self, limit: int = MAX_DROPS_PER_COMMIT) -> list[str]:
+        """Digests dropped here that the store may still hold, `limit` at most (a
+        commit stays small after the bounds were lowered; the next takes more)."""
+        return list(itertools.islice(self._dropped, limit))
 
     def committed(self, drops: Iterable[str]) -> None:
         """The store dropped these too."""

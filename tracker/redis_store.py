@@ -288,8 +288,9 @@ class RedisStore:
 
     async def put_manifest(self, record: StoredManifest, dropped: list[str]) -> None:
         r, key = record, P + f"mf:{record.digest}"
-        batch: list[Command] = [["DEL", *(P + f"mf:{d}" for d in dropped)]] if dropped else []
-        batch += [["SREM", P + "mf", *dropped]] if dropped else []
+        batch: list[Command] = []
+        for d in dropped:  # a command each: a Lua call takes a few thousand arguments
+            batch += [["DEL", P + f"mf:{d}"], ["SREM", P + "mf", d]]
         fields = {"type": r.media_type, "body": r.body, "places": "\n".join(r.places),
                   "at": r.shelved_at_unix}  # fmt: skip
         batch += [["DEL", key], ["HSET", key, *_flat(fields)], ["SADD", P + "mf", r.digest]]

@@ -35,6 +35,15 @@ def _stale_tag_answers(r: CollectorRegistry) -> Counter:
     )
 
 
+def _manifest_bodies(r: CollectorRegistry) -> Counter:
+    return Counter(
+        "p2preg_manifest_bodies",
+        "Manifest bodies this node lacked, by where they came from: cluster (the "
+        "tracker's shelf), upstream_holder (upstream, as the lease holder), upstream",
+        ["source"], registry=r,
+    )
+
+
 def _rate_gauges(r: CollectorRegistry) -> tuple[Gauge, Gauge]:
     """The bandwidth caps (limits.py), by direction: peer_upload, peer_download,
     upstream_download; the rates are read at scrape time."""
@@ -93,6 +102,7 @@ class NodeMetrics:
             "Tags resolved with an upstream GET because its HEAD lacked the digest, size or type",
             ["registry"], registry=r,
         )
+        self.manifest_bodies = _manifest_bodies(r)
         self.streams_active = Gauge(
             "p2preg_blob_streams_active", "Blob responses being streamed", registry=r
         )

@@ -5,7 +5,10 @@ an upstream HEAD, never a GET of the tag, reused for a short TTL, and answered
 stale while upstream is down) and manifests by digest for good (fetched with
 one GET by digest when first needed, content-addressed, in the blob store,
 verified against their digest), served without upstream to a repository the
-tenancy ledger says holds them. Each resolved manifest proves to the tenancy
+tenancy ledger says holds them. With a tracker, a body by digest the node
+lacks comes through the cluster (cluster_manifests.py: one upstream GET per
+digest for all the nodes), once upstream said the repository holds it — the
+tag's HEAD, or a HEAD by digest. Each resolved manifest proves to the tenancy
 ledger that its repository holds what it references, and notes each image's
 blob order for the P2P path (pullorder.py). Manifests are small and are never swarmed.
 """
@@ -23,6 +26,7 @@ import trio
 from p2preg.core.digest import Digest, DigestError
 from p2preg.core.reference import Reference
 from p2preg.node import manifest as mf
+from p2preg.node.cluster_manifests import ClusterManifests
 from p2preg.node.errors import ManifestUnknown, NameUnknown, RegistryError, UpstreamError
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.pullorder import PullOrder
@@ -66,8 +70,11 @@ class Resolver:
         tags: TagMap,
         *,
         clock: Callable[[], float] = time.time,
+        cluster: ClusterManifests | None = None,
     ) -> None:
         self._store = store
+        # With a tracker: manifest bodies cross upstream once per cluster.
+        self._cluster = cluster
         self._tenancy = tenancy
         self._metrics = metrics
         self._pull_order = pull_order
@@ -84,17 +91,21 @@ class Resolver:
         self, client: UpstreamSeam, repository: str, ref: Reference, accept: str | None
     ) -> Manifest:
         """The manifest `ref` names; a tag costs upstream a HEAD, a body a GET by digest."""
+        proven = False  # that the repository holds the digest, by upstream's word
         if ref.digest is None:
             answer = await self._tag(client, repository, ref, accept)
             if isinstance(answer, Manifest):
                 return answer
-            ref = Reference(digest=answer.digest)
+            ref, proven = Reference(digest=answer.digest), True
         elif self._tenancy.holds(client.upstream.ns, repository, ref.digest):
+            proven = True  # a tag's HEAD or an index of the repository named it
             cached = await self._cached(ref.digest)
             if cached is not None:
                 self._metrics.manifest_cache.labels("hit").inc()
                 return cached
         self._metrics.manifest_cache.labels("miss").inc()
+        if ref.digest is not None and self._cluster is not None:
+            return await self._through_cluster(client, repository, ref.digest, accept, proven)
         return await self._fetch(client, repository, ref, accept)
 
     async def head(
@@ -138,6 +149,9 @@ class Resolver:
             return answer
         cached = await self._cached(answer.digest)
         if cached is None:
+            # Upstream's HEAD said the repository's tag points there: it holds the
+            # manifest (what it references is proven once the body is parsed).
+            self._tenancy.grant(ns, repository, [answer.digest])
             self._heads[answer.digest] = answer
             while len(self._heads) > MAX_MEMORY_MANIFESTS:
                 self._heads.popitem(last=False)
@@ -201,6 +215,43 @@ class Resolver:
         )
         return cached
 
+    async def _through_cluster(
+        self,
+        client: UpstreamSeam,
+        repository: str,
+        digest: Digest,
+        accept: str | None,
+        proven: bool,
+    ) -> Manifest:
+        """A body by digest from the cluster, once upstream said that the repository
+        holds it: `proven` (a tag's HEAD, or a manifest of the repository, named it:
+        the tenancy ledger), else a HEAD by digest. Upstream's GET only if no node has
+        the body."""
+        ns = client.upstream.ns
+        headers = {"Accept": accept} if accept else {}
+        if not proven:
+            heard = await client.fetch(
+                "HEAD", repository, f"manifests/{digest}", headers=headers, max_bytes=0
+            )
+            if heard is None:
+                raise ManifestUnknown(
+                    f"manifest {digest} of {repository} is unknown to the seed registry"
+                )
+        cached = await self._cached(digest)
+        if cached is not None:  # held for another repository
+            self._grant(ns, repository, cached)
+            return cached
+
+        async def upstream() -> tuple[str, bytes]:
+            found = await self._fetch(client, repository, Reference(digest=digest), accept)
+            return found.media_type, found.body
+
+        assert self._cluster is not None
+        body = await self._cluster.body(digest, ns, repository, upstream)
+        found = self._accept(ns, repository, digest, body)
+        await self._keep(found)
+        return found
+
     async def _fetch(
         self, client: UpstreamSeam, repository: str, ref: Reference, accept: str | None
     ) -> Manifest:
@@ -227,17 +278,19 @@ class Resolver:
         expected = ref.digest or (Digest.parse(claimed) if claimed else None)
         if expected is not None and digest != expected:
             raise UpstreamError(f"seed registry sent a manifest that does not match {expected}")
-        try:
-            parsed = mf.parse(fetched.body)
-        except mf.ManifestInvalid as e:
-            raise UpstreamError(f"seed registry sent an unusable manifest: {e}") from None
-        found = Manifest(digest, parsed.media_type, fetched.body)
-        self._tenancy.grant(
-            client.upstream.ns, repository, [digest, *parsed.blobs, *parsed.manifests]
-        )
-        self._pull_order.note(digest, parsed.pull_order)
+        found = self._accept(client.upstream.ns, repository, digest, fetched.body)
         await self._keep(found)
         return found
+
+    def _accept(self, ns: str, repository: str, digest: Digest, body: bytes) -> Manifest:
+        """A verified body of `repository`: what it references is the repository's too."""
+        try:
+            parsed = mf.parse(body)
+        except mf.ManifestInvalid as e:
+            raise UpstreamError(f"seed registry sent an unusable manifest: {e}") from None
+        self._tenancy.grant(ns, repository, [digest, *parsed.blobs, *parsed.manifests])
+        self._pull_order.note(digest, parsed.pull_order)
+        return Manifest(digest, parsed.media_type, body)
 
     def _grant(self, ns: str, repository: str, found: Manifest) -> None:
         parsed = mf.parse(found.body)  # parsed before it was kept

@@ -34,6 +34,7 @@ from p2preg.node.admin import Admin, add_routes, create_metrics_app
 from p2preg.node.adminauth import AdminAuth, open_admin_auth
 from p2preg.node.blobs import Blobs
 from p2preg.node.blobstream import BlobStreams
+from p2preg.node.cluster_manifests import ClusterManifests
 from p2preg.node.config import Credential, NodeConfig
 from p2preg.node.containerd_check import watch_host
 from p2preg.node.credentials import node_credentials
@@ -242,7 +243,11 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
             store, metrics, pull_order, nursery, offload=in_thread, cluster=cluster
         )
         blobs = Blobs(store, tenancy, metrics, fetcher, nursery)
-        resolver = Resolver(store, tenancy, metrics, pull_order, tags)
+        manifests = (
+            None if p2p is None
+            else ClusterManifests(p2p.tracker, metrics, config.lease_wait_max_s)
+        )
+        resolver = Resolver(store, tenancy, metrics, pull_order, tags, cluster=manifests)
         streams = BlobStreams(
             store, trio.Semaphore(config.max_blob_streams), config.stream_chunk_bytes, metrics
         )
