@@ -88,6 +88,9 @@ class TrackerConfig:
     # Swarms are only formed for registered metainfo, so this bounds swarms too.
     max_metainfo: int = 1_000_000
     max_metainfo_bytes: int = 1 * MiB
+    # Tag answers the tracker keeps for nodes whose seed registry is unreachable
+    # (tracker/tags.py); the least recently reported go first.
+    max_tag_answers: int = 100_000
     max_scrape_hashes: int = 64
     # Per-identity rates of control requests, as token buckets: so many a
     # second, so many saved up. A request costs one token per started 64 KiB of
@@ -174,6 +177,7 @@ class TrackerConfig:
             "max_metainfo",
             "max_scrape_hashes",
             "max_leases_per_node",
+            "max_tag_answers",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1")

@@ -186,6 +186,16 @@ async def _release(call: Call) -> Response:
     return Response(204, b"", wire.CONTENT_TYPE)
 
 
+async def _tag_seen(call: Call) -> Response:
+    msg = call.message(wire.TagSeen, Kind.PUBLISH)
+    await call.tracker.tag_seen(msg, identity=call.identity(msg.node) or msg.node)
+    return Response(204, b"", wire.CONTENT_TYPE)
+
+
+async def _tag_query(call: Call) -> Response:
+    return _msgpack(call.tracker.tag_query(call.message(wire.TagQuery, Kind.LEASE)))
+
+
 def _route(method: str, path: str, handler: Handler, *, bearer: bool = True) -> Route:
     return Route(method.encode(), tuple(path.strip("/").split("/")), handler, bearer)
 
@@ -205,6 +215,8 @@ ROUTES: tuple[Route, ...] = (
     _route("POST", "/v1/leases/{digest}", _acquire),
     _route("PUT", "/v1/leases/{digest}", _renew),
     _route("POST", "/v1/leases/{digest}/release", _release),
+    _route("PUT", "/v1/tags", _tag_seen),
+    _route("POST", "/v1/tags/query", _tag_query),
 )
 # What the plain metrics listener serves beside an mTLS port: nothing that
 # carries a secret or changes state.

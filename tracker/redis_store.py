@@ -11,6 +11,7 @@ kind as its index, expiring records with an expiry of their own):
     q:<identity>  quarantine {until, digest}, expires then     index q
     l:<digest>    lease {id, holder, expires, done, size}, expires then  index l
     c:<digest>    confirmations: identity → v2 info-hash
+    t:<name>      a tag's last answer (redis_tags.py)             index t
     p:<digest>    peers: identity → [peer id, address, claims seed, seeder, expires]
     pz:<digest>   peers by expiry (unix seconds), to drop the dead  index p
 
@@ -48,6 +49,7 @@ from coredis.retry import NoRetryPolicy
 from coredis.tokens import PureToken
 
 from p2preg.core import errors
+from tracker import redis_tags
 from tracker.config import TrackerConfig
 from tracker.metrics import TrackerMetrics
 from tracker.state import (
@@ -57,6 +59,7 @@ from tracker.state import (
     StoredLease,
     StoredMetainfo,
     StoredQuarantine,
+    StoredTag,
 )
 from tracker.store_url import StoreKind, StoreURL
 
@@ -184,6 +187,7 @@ class RedisStore:
                 disputes=[_dispute(d, f) for d, f in await self._records("d")],
                 quarantines=[_quarantine(i, f) for i, f in await self._records("q")],
                 confirmations=await self._confirmations(),
+                tags=[redis_tags.record(f) for _, f in await self._records(redis_tags.INDEX)],
             )
 
     async def load_peers(self) -> list[StoredPeer]:
@@ -282,6 +286,9 @@ class RedisStore:
             "delete_metainfo",
             [["DEL", P + f"m:{digest}", P + f"c:{digest}"], ["SREM", P + "m", digest]],
         )
+
+    async def put_tag(self, tag: StoredTag, dropped: list[tuple[str, str, str, str]]) -> None:
+        await self._apply("put_tag", redis_tags.put_commands(tag, dropped))
 
     # -- peers -----------------------------------------------------------------
 

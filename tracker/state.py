@@ -1,5 +1,6 @@
 """Durable tracker state behind one small seam: metainfo, disputes, quarantines, leases,
-and which identities confirmed (downloaded and verified) a digest's torrent.
+which identities confirmed (downloaded and verified) a digest's torrent, and the
+tag book's last answers (tracker/tags.py).
 
 `TrackerStore` is the interface the service writes through; `SqliteStore`
 keeps it in `<data_dir>/tracker.sqlite3` (WAL, synchronous=FULL, so a commit
@@ -84,12 +85,27 @@ class StoredConfirmation:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredTag:
+    """The last answer a node (`reported_by`) heard from seed registry `ns` for
+    `repository:tag` under the canonical Accept `accept` (tracker/tags.py)."""
+
+    ns: str
+    repository: str
+    tag: str
+    accept: str
+    digest: str
+    reported_by: str
+    seen_at_unix: float
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     metainfo: list[StoredMetainfo] = field(default_factory=list)
     leases: list[StoredLease] = field(default_factory=list)
     disputes: list[StoredDispute] = field(default_factory=list)
     quarantines: list[StoredQuarantine] = field(default_factory=list)
     confirmations: list[StoredConfirmation] = field(default_factory=list)
+    tags: list[StoredTag] = field(default_factory=list)
 
 
 class TrackerStore(Protocol):
@@ -116,6 +132,9 @@ class TrackerStore(Protocol):
     async def delete_metainfo(self, digest: str) -> None:
         """Forget the digest's metainfo (it expired) and its confirmations."""
 
+    async def put_tag(self, tag: StoredTag, dropped: list[tuple[str, str, str, str]]) -> None:
+        """In one commit: keep `tag` (replacing its key's), forget the `dropped` keys."""
+
 
 class MemoryStore:
     """A TrackerStore in a dict: for tests, and for a tracker without --data-dir."""
@@ -126,6 +145,7 @@ class MemoryStore:
         self.disputes: dict[str, StoredDispute] = {}
         self.quarantines: dict[str, StoredQuarantine] = {}
         self.confirmations: dict[tuple[str, str], StoredConfirmation] = {}
+        self.tags: dict[tuple[str, str, str, str], StoredTag] = {}
 
     async def load(self) -> Snapshot:
         await trio.lowlevel.checkpoint()
@@ -135,6 +155,7 @@ class MemoryStore:
             disputes=list(self.disputes.values()),
             quarantines=list(self.quarantines.values()),
             confirmations=list(self.confirmations.values()),
+            tags=list(self.tags.values()),
         )
 
     async def put_metainfo(self, record: StoredMetainfo) -> None:
@@ -173,6 +194,12 @@ class MemoryStore:
         self.metainfo.pop(digest, None)
         for key in [k for k in self.confirmations if k[0] == digest]:
             del self.confirmations[key]
+
+    async def put_tag(self, tag: StoredTag, dropped: list[tuple[str, str, str, str]]) -> None:
+        await trio.lowlevel.checkpoint()
+        for key in dropped:
+            self.tags.pop(key, None)
+        self.tags[(tag.ns, tag.repository, tag.tag, tag.accept)] = tag
 
 
 _SCHEMA = """
@@ -213,6 +240,16 @@ CREATE TABLE IF NOT EXISTS confirmations (
     identity TEXT NOT NULL,
     info_hash BLOB NOT NULL,
     PRIMARY KEY (digest, identity)
+);
+CREATE TABLE IF NOT EXISTS tags (
+    ns TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    accept TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    reported_by TEXT NOT NULL,
+    seen_at_unix REAL NOT NULL,
+    PRIMARY KEY (ns, repository, tag, accept)
 );
 """
 
@@ -276,6 +313,13 @@ class SqliteStore:
                 confirmations=[
                     StoredConfirmation(*row)
                     for row in c.execute("SELECT digest, info_hash, identity FROM confirmations")
+                ],
+                tags=[
+                    StoredTag(*row)
+                    for row in c.execute(
+                        "SELECT ns, repository, tag, accept, digest, reported_by, seen_at_unix"
+                        " FROM tags"
+                    )
                 ],
             )
 
@@ -344,6 +388,20 @@ class SqliteStore:
         def write(c: sqlite3.Connection) -> None:
             c.execute("DELETE FROM metainfo WHERE digest = ?", (digest,))
             c.execute("DELETE FROM confirmations WHERE digest = ?", (digest,))
+
+        await self._run(write)
+
+    async def put_tag(self, tag: StoredTag, dropped: list[tuple[str, str, str, str]]) -> None:
+        def write(c: sqlite3.Connection) -> None:
+            c.executemany(
+                "DELETE FROM tags WHERE ns = ? AND repository = ? AND tag = ? AND accept = ?",
+                dropped,
+            )
+            c.execute(
+                "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (tag.ns, tag.repository, tag.tag, tag.accept, tag.digest, tag.reported_by,
+                 tag.seen_at_unix),
+            )
 
         await self._run(write)
 

@@ -32,6 +32,9 @@ STR_LIMITS = {
     "lease_id": 64,
     "digest": 160,
     "group": 160,
+    "ns": 255,
+    "repository": 255,
+    "tag": 128,
 }
 # Integers are 64-bit signed on both sides (SQLite INTEGER).
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
@@ -167,6 +170,40 @@ class ErrorReply:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class TagSeen:
+    """PUT /v1/tags: the seed registry `ns` told `node` that `repository:tag` points at
+    `digest`, for a client whose Accept was `accept` (its canonical form; "" for none)."""
+
+    node: str
+    ns: str
+    repository: str
+    tag: str
+    digest: str
+    accept: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TagQuery:
+    """POST /v1/tags/query: what did the cluster last hear for this tag?"""
+
+    node: str
+    ns: str
+    repository: str
+    tag: str
+    accept: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TagAnswer:
+    """The cluster's last answer for a tag: None when no node reported one; its age
+    (seconds since a node last reported it) and who reported it."""
+
+    digest: str | None = None
+    age_s: float = 0.0
+    reported_by: str | None = None
+
+
 Message = (
     PublishMetainfo
     | MetainfoRecord
@@ -178,6 +215,9 @@ Message = (
     | LeaseRelease
     | LeaseReply
     | ErrorReply
+    | TagSeen
+    | TagQuery
+    | TagAnswer
 )
 M = TypeVar("M", bound=Message)
 
