@@ -137,6 +137,7 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
     "node": frozenset(
         {
             "admin_token_file",
+            "cluster_fallback",
             "containerd_config",
             "containerd_hosts_dir",
             "containerd_version",

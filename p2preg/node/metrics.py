@@ -35,6 +35,14 @@ def _stale_tag_answers(r: CollectorRegistry) -> Counter:
     )
 
 
+def _cluster_fallback_answers(r: CollectorRegistry) -> Counter:
+    return Counter(
+        "p2preg_cluster_fallback_answers",
+        "Answers served on another node's word while upstream was unreachable, by kind",
+        ["kind"], registry=r,
+    )
+
+
 def _rate_gauges(r: CollectorRegistry) -> tuple[Gauge, Gauge]:
     """The bandwidth caps (limits.py), by direction: peer_upload, peer_download,
     upstream_download; the rates are read at scrape time."""
@@ -88,6 +96,7 @@ class NodeMetrics:
             "p2preg_manifest_cache", "Manifest lookups by result", ["result"], registry=r
         )
         self.stale_tag_answers = _stale_tag_answers(r)
+        self.cluster_fallback_answers = _cluster_fallback_answers(r)
         self.manifest_head_fallbacks = Counter(
             "p2preg_manifest_head_fallbacks",
             "Tags resolved with an upstream GET because its HEAD lacked the digest, size or type",

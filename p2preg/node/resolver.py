@@ -8,6 +8,11 @@ verified against their digest), served without upstream to a repository the
 tenancy ledger says holds them. Each resolved manifest proves to the tenancy
 ledger that its repository holds what it references, and notes each image's
 blob order for the P2P path (pullorder.py). Manifests are small and are never swarmed.
+Each tag answer upstream gives is told to the cluster (clusterword.py); while
+upstream is unreachable, a tag the node cannot answer itself resolves to the
+cluster's last answer, and a manifest it may not serve from its own proof comes
+on the cluster's word — the tenancy ledger keeps such grants apart, for the
+outage only (docs/SECURITY.md, "What rests on another node's word").
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import trio
 from p2preg.core.digest import Digest, DigestError
 from p2preg.core.reference import Reference
 from p2preg.node import manifest as mf
+from p2preg.node.clusterword import ClusterWord
 from p2preg.node.errors import ManifestUnknown, NameUnknown, RegistryError, UpstreamError
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.pullorder import PullOrder
@@ -66,8 +72,10 @@ class Resolver:
         tags: TagMap,
         *,
         clock: Callable[[], float] = time.time,
+        cluster: ClusterWord | None = None,
     ) -> None:
         self._store = store
+        self._cluster = cluster
         self._tenancy = tenancy
         self._metrics = metrics
         self._pull_order = pull_order
@@ -95,7 +103,12 @@ class Resolver:
                 self._metrics.manifest_cache.labels("hit").inc()
                 return cached
         self._metrics.manifest_cache.labels("miss").inc()
-        return await self._fetch(client, repository, ref, accept)
+        try:
+            return await self._fetch(client, repository, ref, accept)
+        except RegistryError as e:
+            if ref.digest is None or not stale_allowed(e):
+                raise
+            return await self._digest_on_word(e, client.upstream.ns, repository, ref.digest)
 
     async def head(
         self, client: UpstreamSeam, repository: str, ref: Reference, accept: str | None
@@ -134,6 +147,8 @@ class Resolver:
         except RegistryError as e:
             return await self._stale(e, repository, ref, key)
         self._tags.seen(key, answer.digest, self._clock())
+        if self._cluster is not None:
+            self._cluster.heard(key, answer.digest)
         if isinstance(answer, Manifest):
             return answer
         cached = await self._cached(answer.digest)
@@ -186,20 +201,63 @@ class Resolver:
     async def _stale(
         self, error: RegistryError, repository: str, ref: Reference, key: TagKey
     ) -> Manifest:
-        """While upstream is down, the last digest it gave for the tag, if held; else `error`."""
+        """While upstream is down, the last digest it gave for the tag, if held; else
+        the cluster's last answer for it; else `error`."""
         if not stale_allowed(error):
             raise error
         now = self._clock()
         entry = self._tags.stale(key, now)
         cached = None if entry is None else await self._cached(entry.digest)
         if entry is None or cached is None:
-            raise error
+            return await self._tag_on_word(error, repository, ref, key)
         self._metrics.stale_tag_answers.labels(key[0]).inc()
         log.warning(
             "tag %s:%s of %s answered with %s, seen %.0f s ago: %s",
             repository, ref.tag, key[0], entry.digest, now - entry.seen_at, error.message,
         )
         return cached
+
+    async def _tag_on_word(
+        self, error: RegistryError, repository: str, ref: Reference, key: TagKey
+    ) -> Manifest:
+        """The cluster's last answer for a tag this node cannot answer, while upstream is down."""
+        word = self._cluster
+        heard = None if word is None else await word.tag(key)
+        if word is None or heard is None:
+            raise error
+        found = await self._cached(heard.digest)
+        if found is None:
+            raise error
+        self._grant_on_word(key[0], repository, found)
+        word.taken("tag", f"tag {repository}:{ref.tag} of {key[0]} as {heard.digest}, reported "
+                   f"by {heard.reported_by} {heard.age_s:.0f} s ago", error.message)  # fmt: skip
+        return found
+
+    async def _digest_on_word(
+        self, error: RegistryError, ns: str, repository: str, digest: Digest
+    ) -> Manifest:
+        """A manifest by digest this node may not serve on its own proof, while upstream
+        is down: one the cluster's word already granted this repository (a tag's answer,
+        an index's child) and the node holds."""
+        word = self._cluster
+        if word is None or not word.enabled:
+            raise error
+        found = None
+        if self._tenancy.on_cluster_word(ns, repository, digest) is not None:
+            found = await self._cached(digest)
+        if found is None:
+            raise error
+        self._grant_on_word(ns, repository, found)
+        word.taken("manifest", f"manifest {digest} of {repository} on {ns}", error.message)
+        return found
+
+    def _grant_on_word(self, ns: str, repository: str, found: Manifest) -> None:
+        """What the cluster's word lets `repository` serve during the outage: the manifest,
+        its children, and its blobs with the sizes it declares (no upstream HEAD)."""
+        parsed = mf.parse(found.body)  # parsed before it was kept
+        sizes = dict.fromkeys((found.digest, *parsed.manifests, *parsed.blobs), -1)
+        sizes.update(mf.blob_sizes(found.body))
+        self._tenancy.grant_on_cluster_word(ns, repository, sizes)
 
     async def _fetch(
         self, client: UpstreamSeam, repository: str, ref: Reference, accept: str | None

@@ -2,7 +2,8 @@
 
 Owns the shape of what the pull path asks of each outside party, no more: the
 libtorrent session (`swarm.Swarm`), the tracker's control API
-(`tracker.client.TrackerClient`) and a seed registry (`upstream.UpstreamClient`)
+(`tracker.client.TrackerClient`, whose tag answers are a seam of their own)
+and a seed registry (`upstream.UpstreamClient`)
 satisfy these structurally, and in-memory fakes (tests/fakes.py) do too, so
 the pull path runs in-process without sockets. `Offload` says where blocking
 store work (hashing, fsync) runs: a worker thread in the node (`in_thread`),
@@ -21,7 +22,7 @@ import trio
 
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
-from p2preg.core.wire import LeaseReply, MetainfoRecord
+from p2preg.core.wire import LeaseReply, MetainfoRecord, TagAnswer
 from p2preg.node.config import Upstream
 
 if TYPE_CHECKING:
@@ -134,3 +135,16 @@ class UpstreamSeam(Protocol):
     ) -> Fetched | None: ...
 
     async def tags(self, repository: str) -> list[str] | None: ...
+
+
+class TagWordSeam(Protocol):
+    """The tracker's tag answers as the node uses them (tracker/tags.py); failures raise
+    core.errors.TrackerError."""
+
+    async def report_tag(
+        self, ns: str, repository: str, tag: str, digest: Digest, accept: str = ""
+    ) -> None: ...
+
+    async def query_tag(
+        self, ns: str, repository: str, tag: str, accept: str = ""
+    ) -> TagAnswer: ...

@@ -34,6 +34,7 @@ from p2preg.node.admin import Admin, add_routes, create_metrics_app
 from p2preg.node.adminauth import AdminAuth, open_admin_auth
 from p2preg.node.blobs import Blobs
 from p2preg.node.blobstream import BlobStreams
+from p2preg.node.clusterword import ClusterWord
 from p2preg.node.config import Credential, NodeConfig
 from p2preg.node.containerd_check import watch_host
 from p2preg.node.credentials import node_credentials
@@ -241,8 +242,13 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
         fetcher = BlobFetcher(
             store, metrics, pull_order, nursery, offload=in_thread, cluster=cluster
         )
-        blobs = Blobs(store, tenancy, metrics, fetcher, nursery)
-        resolver = Resolver(store, tenancy, metrics, pull_order, tags)
+        word = None
+        if p2p is not None:
+            word = ClusterWord(p2p.tracker, metrics, enabled=config.cluster_fallback,
+                               max_age_s=config.serve_stale_s)  # fmt: skip
+            nursery.start_soon(word.report_forever)
+        blobs = Blobs(store, tenancy, metrics, fetcher, nursery, word)
+        resolver = Resolver(store, tenancy, metrics, pull_order, tags, cluster=word)
         streams = BlobStreams(
             store, trio.Semaphore(config.max_blob_streams), config.stream_chunk_bytes, metrics
         )
