@@ -386,6 +386,7 @@ async def open_pull_path(
     offload: Offload = inline,
     store_max_bytes: int = 1 << 30,
     word: ClusterWord | None = None,
+    share_small: bool = False,
 ) -> AsyncIterator[PullPath]:
     """The real pull path of one node, wired as server.py wires it, over any seams."""
     metrics, tenancy = NodeMetrics(), Tenancy()
@@ -407,7 +408,7 @@ async def open_pull_path(
         if cluster is not None:
             cluster.seeding.reseed()  # as the node does at start: seeds what it held
         fetcher = BlobFetcher(store, metrics, PullOrder(), nursery, offload=offload,
-                              cluster=cluster)
+                              cluster=cluster, share_small=share_small)
         blobs = Blobs(store, tenancy, metrics, fetcher, nursery, word)
         yield PullPath(blobs, store, metrics, tenancy)
         nursery.cancel_scope.cancel()
@@ -422,6 +423,7 @@ async def open_pull_node(
     settings: SwarmSettings | None = None,
     store_max_bytes: int = 1 << 30,
     word: ClusterWord | None = None,
+    share_small: bool = False,
 ) -> AsyncIterator[PullNode]:
     """The real pull path of one node over the fakes (no tracker when `server` is None)."""
     settings = settings or SwarmSettings(
@@ -433,7 +435,8 @@ async def open_pull_node(
         tracker = server.client(name)
     p2p = None if swarm is None or tracker is None else (swarm, tracker)
     async with open_pull_path(
-        data_dir, p2p, settings=settings, store_max_bytes=store_max_bytes, word=word
+        data_dir, p2p, settings=settings, store_max_bytes=store_max_bytes, word=word,
+        share_small=share_small,
     ) as path:
         yield PullNode(name, path.blobs, path.store, path.metrics, path.tenancy, swarm, tracker)
 

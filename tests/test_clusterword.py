@@ -255,3 +255,30 @@ async def test_a_blob_on_the_clusters_word_comes_from_peers_or_is_a_prompt_503(
         b.tenancy.grant_on_cluster_word(NS, "third/app", {held: len(data)})
         with pytest.raises(UpstreamUnavailable, match="seed registry"):
             await b.blobs.size(upstream, "third/app", held)
+
+
+async def test_with_the_fallback_on_a_small_blob_from_upstream_is_seeded_for_the_site(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = FakeTrackerServer()
+    small, data = blob(size=500, seed=5)  # below the pull path's p2p_min_bytes (1024)
+    other, other_data = blob(size=600, seed=6)
+    upstream = FakeUpstream({(REPO, small): data, (REPO, other): other_data})
+    word = ClusterWord(TrackerTags(make_tracker(tmp_path), "b"), NodeMetrics(), enabled=True,
+                       max_age_s=STALE_S)  # fmt: skip
+    async with (
+        open_pull_node(tmp_path / "a", server, name="a", share_small=True) as a,
+        open_pull_node(tmp_path / "off", server, name="off") as off,
+        open_pull_node(tmp_path / "b", server, name="b", word=word) as b,
+    ):
+        await a.blobs.ensure(upstream, REPO, small)
+        await off.blobs.ensure(upstream, REPO, other)
+        await trio.sleep(1)
+        assert a.fetches("upstream") == 1 and "a" in server.seeders.get(small, {})
+        assert not server.seeders.get(other)  # without it, small blobs stay out of the swarm
+        upstream.down = True
+        b.tenancy.grant_on_cluster_word(NS, REPO, {small: len(data), other: len(other_data)})
+        await b.blobs.ensure(upstream, REPO, small)
+        assert b.fetches("peers") == 1
+        with pytest.raises(UpstreamUnavailable, match="no peer holds"):
+            await b.blobs.ensure(upstream, REPO, other)

@@ -7,7 +7,10 @@ fetching from upstream as the lease holder (renewing the lease with progress),
 or in falling back to upstream with a reason — a swarm whose peers stalled the
 download (and were reported) sends it back to the lease wait once, so that the
 stalled nodes share one upstream fetch instead of each making its own; without
-a tracker, or for a blob below `p2p_min_bytes`, upstream straight away. A blob
+a tracker, or for a blob below `p2p_min_bytes`, upstream straight away (with
+`share_small`, config `cluster_fallback`, such a blob is then also published
+and seeded in the background if no node defined its torrent yet, so that the
+site holds every blob of an image for an outage). A blob
 that came from upstream is published to the swarm here and nowhere else, once,
 before the holder's lease is let go. Upstream bytes are hashed while written
 and enter the store only when they match. A pull never fails because of the
@@ -31,6 +34,7 @@ import trio
 from p2preg.core import errors as tracker_errors
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
+from p2preg.core.wire import LeaseStatus
 from p2preg.node.errors import StoreFull, UpstreamError, UpstreamUnavailable
 from p2preg.node.leasewait import (
     Ask,
@@ -136,7 +140,9 @@ class BlobFetcher:
         offload: Offload,
         cluster: Cluster | None = None,
         clock: Callable[[], float] = trio.current_time,
+        share_small: bool = False,
     ) -> None:
+        self._share_small = share_small
         self._store = store
         self._metrics = metrics
         self._pull_order = pull_order
@@ -169,7 +175,10 @@ class BlobFetcher:
         copy = partial(self._from_upstream, upstream, repository, digest)
         cluster = self._cluster
         if cluster is None or 0 <= size < cluster.settings.min_bytes:
-            return "upstream", await copy(_ignore_progress)
+            size = await copy(_ignore_progress)
+            if cluster is not None and self._share_small:
+                self._nursery.start_soon(self._share, cluster, digest, size)
+            return "upstream", size
         place = self._pull_order.of(digest)
         outcome = await self._await_lease(cluster, digest, size, place)
         if isinstance(outcome, JoinSwarm):
@@ -318,6 +327,25 @@ class BlobFetcher:
         except tracker_errors.TrackerError as e:
             log.info("reporting the upstream fetch of %s done: %s", digest, e)
         return size
+
+    async def _share(self, cluster: Cluster, digest: Digest, size: int) -> None:
+        """Seed a small blob fetched from upstream, if no node defined its torrent yet:
+        only the lease holder may, and a SEEDED or WAIT reply says another did or does."""
+        try:
+            reply = await cluster.tracker.acquire_lease(digest, size=size)
+        except tracker_errors.TrackerError as e:
+            log.info("blob %s: not shared with the cluster: %s", digest, e)
+            return
+        if reply.status is not LeaseStatus.GRANTED or not reply.lease_id:
+            return
+        try:
+            await cluster.seeding.publish(digest, size)
+        except Exception as e:  # evicted meanwhile, a full disk: the blob was served anyway
+            log.warning("blob %s: not shared with the cluster: %s", digest, e)
+            with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_ON_FAILURE_S):
+                await _release(cluster.tracker, digest, reply.lease_id)
+            return
+        await self._release_once_seeding(cluster, digest, reply.lease_id)
 
     async def _release_once_seeding(self, cluster: Cluster, digest: Digest, lease_id: str) -> None:
         # Hold the lease until the tracker counts us as a seeder: released any

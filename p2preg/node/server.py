@@ -240,7 +240,8 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
         cluster = None if p2p is None else _cluster(config, store, p2p, torrents, nursery)
         upstreams = _upstreams(config, http, held, metrics, throttle)
         fetcher = BlobFetcher(
-            store, metrics, pull_order, nursery, offload=in_thread, cluster=cluster
+            store, metrics, pull_order, nursery, offload=in_thread, cluster=cluster,
+            share_small=config.cluster_fallback,
         )
         word = None
         if p2p is not None:
