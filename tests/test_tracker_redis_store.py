@@ -4,8 +4,10 @@ No tracker process: what a replica writes comes back from `load` on another
 client, as SQLite's does across a reopen; a write that does not carry the term
 the `p2preg:leader` key holds is refused and changes nothing (the fencing
 that keeps a replica that lost its term from writing); a lease is deleted only
-by its own id; dead peers are not handed to the next term. (A store that does not answer is
-tried on tracker processes, tests/test_tracker_replicas.py.)
+by its own id; dead peers are not handed to the next term; the manifest shelf
+is handed over whole, bodies byte for byte, without what a commit dropped. (A
+store that does not answer is tried on tracker processes,
+tests/test_tracker_replicas.py.)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tracker.state import (
     StoredConfirmation,
     StoredDispute,
     StoredLease,
+    StoredManifest,
     StoredMetainfo,
     StoredQuarantine,
 )
@@ -80,6 +83,25 @@ async def test_what_one_replica_writes_the_next_loads(tmp_path: Path) -> None:
             await store.delete_metainfo(DIGEST)
             snapshot = await store.load()
             assert snapshot.metainfo == [] and snapshot.confirmations == []
+
+
+async def test_the_next_replica_loads_the_shelf_without_what_was_dropped(tmp_path: Path) -> None:
+    body = b'{"schemaVersion": 2}\x00' + b"x" * 3 * 1024 * 1024  # a big one: bytes intact
+    kept = StoredManifest(DIGEST, "application/vnd.oci.image.index.v1+json", body,
+                          ("127.0.0.1:5000/a", "127.0.0.1:5000/b"), 5.5)  # fmt: skip
+    other = "sha256:" + "c" * 64
+    gone = StoredManifest(other, "application/json", b"{}", ("h/r",), 1.0)
+    with start_redis(tmp_path / "redis", password=PASSWORD) as server:
+        async with store_on(server, tmp_path) as store:
+            await store.put_manifest(gone, [])
+            await store.put_manifest(kept, [other])
+        async with store_on(server, tmp_path) as store:
+            assert (await store.load()).manifests == [kept]
+            assert server.cli("SMEMBERS", "p2preg:mf") == [DIGEST]
+            server.cli("SET", LEADER_KEY, "8:replica-b")
+            with pytest.raises(errors.TrackerUnavailable, match="no longer leads"):
+                await store.put_manifest(gone, [DIGEST])
+            assert (await store.load()).manifests == [kept]
 
 
 async def test_a_replica_that_lost_its_term_cannot_write(tmp_path: Path) -> None:

@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stall-window-s", help="how long a stall report counts, seconds")
     parser.add_argument("--stall-cooloff-s", help="how long a delisted peer is not handed out")
     parser.add_argument("--max-metainfo-bytes", help="largest accepted metainfo, e.g. 1MiB")
+    parser.add_argument("--max-manifests", help="manifest bodies the tracker keeps, at most")
+    parser.add_argument("--max-manifest-store-bytes", help="their bytes, at most, e.g. 256MiB")
     parser.add_argument(
         "--trusted-ip-sources",
         help="comma-separated CIDRs allowed to set a peer's IP with ip=",

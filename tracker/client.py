@@ -1,4 +1,5 @@
-"""The node's client of the tracker's control API (metainfo, bad reports, leases).
+"""The node's client of the tracker's control API (metainfo, bad reports, leases,
+manifest bodies).
 
 Speaks msgpack over httpx and raises the tracker's own exceptions
 (p2preg.core.errors): a refused request comes back as the class the tracker raised,
@@ -186,6 +187,22 @@ class TrackerClient:
         msg = wire.ReportStall(self.node, peer)
         await self._call("POST", f"/v1/swarms/{digest}/stalled", msg, None)
 
+    # -- manifest bodies -----------------------------------------------------------
+
+    async def put_manifest(
+        self, digest: Digest, ns: str, repository: str, media_type: str, body: bytes
+    ) -> None:
+        """Hand the cluster a manifest body fetched from `ns`'s `repository` and verified."""
+        msg = wire.PutManifest(self.node, ns, repository, media_type, body)
+        await self._call("PUT", f"/v1/manifests/{digest}", msg, None)
+
+    async def get_manifest(self, digest: Digest) -> wire.ManifestBody | None:
+        """The body the cluster holds for `digest` (check it against the digest), or None."""
+        try:
+            return await self._call("GET", f"/v1/manifests/{digest}", None, wire.ManifestBody)
+        except errors.NotFound:
+            return None
+
     # -- leases --------------------------------------------------------------------
 
     async def acquire_lease(
@@ -196,15 +213,17 @@ class TrackerClient:
         wait_s: float = 0.0,
         group: str | None = None,
         order: int = 0,
+        manifest: bool = False,
     ) -> wire.LeaseReply:
         """GRANTED (fetch upstream), SEEDED (join the swarm) or WAIT (ask again later).
 
         With `wait_s` the tracker holds the request until something changes or
         `wait_s` (capped by the tracker) has passed. `group` (the image's
         manifest digest) and `order` (the blob's place in it) let the tracker
-        send an image's blobs over the upstream link earliest first.
+        send an image's blobs over the upstream link earliest first. `manifest`:
+        the digest is a manifest's, SEEDED (no metainfo) once it is on the shelf.
         """
-        msg = wire.LeaseRequest(self.node, size, wait_s, group, order)
+        msg = wire.LeaseRequest(self.node, size, wait_s, group, order, manifest)
         return await self._call(
             "POST", f"/v1/leases/{digest}", msg, wire.LeaseReply, extra_timeout_s=wait_s
         )

@@ -91,6 +91,10 @@ class TrackerConfig:
     # Tag answers the tracker keeps for nodes whose seed registry is unreachable
     # (tracker/tags.py); the least recently reported go first.
     max_tag_answers: int = 100_000
+    # The manifest shelf (manifest_shelf.py): bodies nodes fetched from upstream,
+    # kept so each crosses upstream once per cluster; least recently used go first.
+    max_manifests: int = 100_000
+    max_manifest_store_bytes: int = 256 * MiB
     max_scrape_hashes: int = 64
     # Per-identity rates of control requests, as token buckets: so many a
     # second, so many saved up. A request costs one token per started 64 KiB of
@@ -178,6 +182,7 @@ class TrackerConfig:
             "max_scrape_hashes",
             "max_leases_per_node",
             "max_tag_answers",
+            "max_manifests",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1")
@@ -187,6 +192,8 @@ class TrackerConfig:
             raise ConfigError("stall_window_s and stall_cooloff_s must be > 0")
         if self.max_metainfo_bytes < 4096:
             raise ConfigError("max_metainfo_bytes must be ≥ 4096")
+        if self.max_manifest_store_bytes < 64 * KiB:
+            raise ConfigError("max_manifest_store_bytes must be ≥ 64KiB")
         self._check_quotas()
         if self.admin_listen is not None and not is_loopback(self.admin_listen.host):
             raise ConfigError(

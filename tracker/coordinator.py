@@ -34,6 +34,7 @@ from tracker.disputes import Quarantines
 from tracker.expiry import IdleMetainfo
 from tracker.images import ImageIndex
 from tracker.leases import Granted, Lease, LeaseBook, RateRule, Waiters
+from tracker.manifest_shelf import ManifestShelf, check_put
 from tracker.metrics import Gauges, TrackerMetrics
 from tracker.peers import PeerTable
 from tracker.publishing import Publishing
@@ -95,6 +96,7 @@ class Tracker:
         self.tags = TagBook(config.max_tag_answers)
         # Kept past the book's bounds (lowered since): forgotten with the next report.
         self._tags_dropped: list[TagKey] = []
+        self.manifests = ManifestShelf(config.max_manifests, config.max_manifest_store_bytes)
         self._waiters = Waiters()
         self.quotas = Quotas.from_config(config, clock, self.metrics)
         self.idle = IdleMetainfo(config.metainfo_idle_expiry_s, config.pinned_digests)
@@ -124,6 +126,7 @@ class Tracker:
         """Load what the store kept (see Publishing.restore for metainfo)."""
         self.publishing.restore(snapshot)
         self._tags_dropped = self.tags.restore(snapshot.tags)
+        self.manifests.restore(snapshot.manifests)
         now, wall = self._clock(), self._wall()
         for sl in snapshot.leases:
             expires_at = now + (sl.expires_at_unix - wall)
@@ -200,6 +203,33 @@ class Tracker:
     def tag_query(self, msg: wire.TagQuery) -> wire.TagAnswer:
         return self.tags.answer(query_key(msg), self._wall())
 
+    # -- manifest shelf ----------------------------------------------------------
+
+    async def put_manifest(self, digest_text: str, msg: wire.PutManifest) -> bool:
+        """Shelve a manifest body the tracker verified itself; returns whether it is new."""
+        digest = checked_digest(digest_text)
+        place = check_put(digest, msg)
+        put = self.manifests.put(digest, msg.media_type, msg.body, place, self._wall())
+        if not put.changed:
+            return False
+        dropped = self.manifests.drops()
+        try:
+            await self._store.put_manifest(put.record, dropped)
+        except BaseException:
+            if put.created:  # not durable, not shelved (the next commit says so)
+                self.manifests.forget(digest)
+            raise
+        self.manifests.committed(dropped)
+        self._waiters.notify(digest)  # nodes waiting on its lease take it from the shelf
+        return put.created
+
+    def get_manifest(self, digest_text: str) -> wire.ManifestBody:
+        found = self.manifests.get(checked_digest(digest_text))
+        self.metrics.manifest_lookup["miss" if found is None else "hit"].inc()
+        if found is None:
+            raise errors.NotFound(f"no manifest {digest_text[:160]} on the shelf")
+        return wire.ManifestBody(found.media_type, found.body, list(found.places))
+
     # -- upstream leases ---------------------------------------------------------
 
     async def acquire_lease(
@@ -243,6 +273,10 @@ class Tracker:
     def _try_acquire(self, digest: str, msg: wire.LeaseRequest, place: Place) -> _Attempt:
         """Decide one try on memory alone; a grant is committed by the caller."""
         entry, dispute = self.registry.get(digest), self.registry.dispute(digest)
+        if msg.manifest:  # its body comes from the shelf; torrents play no part
+            if digest in self.manifests:
+                return _Attempt(wire.LeaseReply(wire.LeaseStatus.SEEDED, digest=digest), None)
+            entry = dispute = None
         if entry is not None and dispute is None:
             self.peers.expire_swarm(digest, self._clock())
             if self._seeded_for(digest, place.node):
@@ -392,5 +426,7 @@ class Tracker:
             lease_grants=self.leases.granted,
             lease_expiries=self.leases.expired,
             peers_cooling=self.swarms.admission.cooling_count(),
+            manifests=len(self.manifests),
+            manifest_bytes=self.manifests.bytes,
         )
 

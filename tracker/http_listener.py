@@ -40,6 +40,7 @@ import trio
 from p2preg.core.pki import Identity
 from tracker.http_protocol import (
     MAX_HEAD_BYTES,
+    BodyLimit,
     HttpConnection,
     Refusal,
     Request,
@@ -72,7 +73,8 @@ UNCAPPED = 1 << 62
 class HttpApp(Protocol):
     """What the listener serves (http_routes.TrackerHttp; a fake in tests)."""
 
-    max_body_bytes: int
+    @property
+    def max_body_bytes(self) -> int | BodyLimit: ...
 
     def fast_answer(self, target: bytes, ip: str) -> bytes | None: ...
 

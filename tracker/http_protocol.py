@@ -79,15 +79,29 @@ class Wait(enum.Enum):
     CLOSED = "closed"  # the client closed between requests: close quietly
 
 
+@dataclass(frozen=True, slots=True)
+class BodyLimit:
+    """The largest body a request may carry: `default`, or more for a target that
+    starts with one of the `larger` prefixes."""
+
+    default: int
+    larger: tuple[tuple[bytes, int], ...] = ()
+
+    def of(self, target: bytes) -> int:
+        return next((n for prefix, n in self.larger if target.startswith(prefix)), self.default)
+
+
 class HttpConnection:
     """One server-side HTTP/1.1 connection over h11, with the tracker's limits."""
 
     def __init__(
-        self, client_ip: str, max_body_bytes: int, identity: Identity | None = None
+        self, client_ip: str, max_body_bytes: int | BodyLimit, identity: Identity | None = None
     ) -> None:
         self.client_ip = client_ip
         self.identity = identity
-        self._max_body = max_body_bytes
+        limit = max_body_bytes
+        self._limit = limit if isinstance(limit, BodyLimit) else BodyLimit(limit)
+        self._max_body = self._limit.default
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         self._head: h11.Request | None = None
         self._body = bytearray()
@@ -109,6 +123,7 @@ class HttpConnection:
                     return Wait.NEED_DATA
                 if isinstance(event, h11.Request):
                     self._head, self._body = event, bytearray()
+                    self._max_body = self._limit.of(event.target)
                     declared = next((v for k, v in event.headers if k == b"content-length"), None)
                     if declared is not None and int(declared) > self._max_body:
                         return self._too_large()

@@ -28,13 +28,14 @@ from p2preg.core import errors, wire
 from tracker import bittorrent
 from tracker.announce import ANNOUNCE_PATH, SCRAPE_PATH, encode_failure, split_target
 from tracker.coordinator import Tracker
-from tracker.http_protocol import Refusal, Request, Response, encode_closing
+from tracker.http_protocol import BodyLimit, Refusal, Request, Response, encode_closing
+from tracker.manifest_shelf import MAX_MANIFEST_BYTES
 from tracker.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from tracker.quotas import Kind
 from tracker.status import tracker_status
 
 log = logging.getLogger("p2preg.tracker")
-# The largest body is a metainfo upload: the metainfo plus a little framing.
+# The largest body is a metainfo (or manifest) upload plus a little framing.
 BODY_FRAMING_BYTES = 64 * 1024
 # `GET /v1/status?limit=`: how many swarms it lists by default and at most.
 STATUS_DEFAULT_LIMIT = 50
@@ -165,6 +166,16 @@ async def _stalled(call: Call) -> Response:
     return Response(204, b"", wire.CONTENT_TYPE)
 
 
+async def _put_manifest(call: Call) -> Response:
+    msg = call.message(wire.PutManifest, Kind.PUBLISH)
+    created = await call.tracker.put_manifest(call.digest, msg)
+    return Response(201 if created else 200, b"", wire.CONTENT_TYPE)
+
+
+async def _get_manifest(call: Call) -> Response:
+    return _msgpack(call.tracker.get_manifest(call.digest))
+
+
 async def _acquire(call: Call) -> Response:
     msg = call.message(wire.LeaseRequest, Kind.LEASE)
     identity = call.identity(msg.node)
@@ -217,6 +228,8 @@ ROUTES: tuple[Route, ...] = (
     _route("POST", "/v1/leases/{digest}/release", _release),
     _route("PUT", "/v1/tags", _tag_seen),
     _route("POST", "/v1/tags/query", _tag_query),
+    _route("GET", "/v1/manifests/{digest}", _get_manifest),
+    _route("PUT", "/v1/manifests/{digest}", _put_manifest),
 )
 # What the plain metrics listener serves beside an mTLS port: nothing that
 # carries a secret or changes state.
@@ -276,7 +289,11 @@ class TrackerHttp:
         self.tracker = tracker
         self.routes = routes
         self._bittorrent = any(r.handler is _bittorrent for r in routes)
-        self.max_body_bytes = tracker.config.max_metainfo_bytes + BODY_FRAMING_BYTES
+        # A manifest body may be larger than a metainfo; only its route takes one.
+        self.max_body_bytes = BodyLimit(
+            tracker.config.max_metainfo_bytes + BODY_FRAMING_BYTES,
+            ((b"/v1/manifests/", MAX_MANIFEST_BYTES + BODY_FRAMING_BYTES),),
+        )
         # Why this replica answers nothing but health and metrics now; None: it serves.
         self.standby: Standby | None = None
 

@@ -38,6 +38,8 @@ class Gauges:
     lease_grants: int
     lease_expiries: int
     peers_cooling: int = 0
+    manifests: int = 0
+    manifest_bytes: int = 0
 
 
 class _LiveCollector(Collector):
@@ -53,6 +55,8 @@ class _LiveCollector(Collector):
             ("metainfo", "Blob digests with registered metainfo", g.metainfo),
             ("leases", "Upstream leases currently held", g.leases),
             ("peers_cooling", "Peers delisted for stalling others, cooling off", g.peers_cooling),
+            ("manifests", "Manifest bodies on the shelf", g.manifests),
+            ("manifest_bytes", "Bytes of manifest bodies on the shelf", g.manifest_bytes),
         ):
             yield GaugeMetricFamily(f"p2preg_tracker_{name}", doc, value=value)
         yield CounterMetricFamily(
@@ -202,6 +206,13 @@ class TrackerMetrics:
             "Metainfo forgotten because no peer announced its digest for metainfo_idle_expiry_s",
             registry=self.registry,
         )
+        lookups = Counter(
+            "p2preg_tracker_manifest_lookups",
+            "Manifest bodies asked for by digest: hit (on the shelf) or miss",
+            ["result"],
+            registry=self.registry,
+        )
+        self.manifest_lookup = {r: lookups.labels(r) for r in ("hit", "miss")}
 
     def _replicas(self) -> None:
         """The store and, with Redis, this replica's term (redis_store.py, replica.py)."""

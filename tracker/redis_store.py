@@ -14,6 +14,7 @@ kind as its index, expiring records with an expiry of their own):
     t:<name>      a tag's last answer (redis_tags.py)             index t
     p:<digest>    peers: identity → [peer id, address, claims seed, seeder, expires]
     pz:<digest>   peers by expiry (unix seconds), to drop the dead  index p
+    mf:<digest>   shelved manifest {type, body, places, at}    index mf
 
 Writes are fenced: each batch runs in one Lua script that first checks the
 `p2preg:leader` key still holds the writer's term (replica.py), so a replica
@@ -57,6 +58,7 @@ from tracker.state import (
     StoredConfirmation,
     StoredDispute,
     StoredLease,
+    StoredManifest,
     StoredMetainfo,
     StoredQuarantine,
     StoredTag,
@@ -188,6 +190,7 @@ class RedisStore:
                 quarantines=[_quarantine(i, f) for i, f in await self._records("q")],
                 confirmations=await self._confirmations(),
                 tags=[redis_tags.record(f) for _, f in await self._records(redis_tags.INDEX)],
+                manifests=[_manifest(d, f) for d, f in await self._records("mf")],
             )
 
     async def load_peers(self) -> list[StoredPeer]:
@@ -289,6 +292,15 @@ class RedisStore:
 
     async def put_tag(self, tag: StoredTag, dropped: list[tuple[str, str, str, str]]) -> None:
         await self._apply("put_tag", redis_tags.put_commands(tag, dropped))
+
+    async def put_manifest(self, record: StoredManifest, dropped: list[str]) -> None:
+        r, key = record, P + f"mf:{record.digest}"
+        batch: list[Command] = [["DEL", *(P + f"mf:{d}" for d in dropped)]] if dropped else []
+        batch += [["SREM", P + "mf", *dropped]] if dropped else []
+        fields = {"type": r.media_type, "body": r.body, "places": "\n".join(r.places),
+                  "at": r.shelved_at_unix}  # fmt: skip
+        batch += [["DEL", key], ["HSET", key, *_flat(fields)], ["SADD", P + "mf", r.digest]]
+        await self._apply("put_manifest", batch)
 
     # -- peers -----------------------------------------------------------------
 
@@ -403,6 +415,10 @@ def _arg(value: object) -> bytes:
     return str(value).encode()
 
 
+def _manifest(digest: str, f: dict[bytes, bytes]) -> StoredManifest:
+    media_type, body, places, at = _hash(f, "type", "body", "places", "at")
+    return StoredManifest(digest, _text(media_type), body or b"",
+                          tuple(_text(places).split("\n")), float(at or 0))  # fmt: skip
 
 
 def _metainfo(digest: str, f: dict[bytes, bytes]) -> StoredMetainfo:

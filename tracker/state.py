@@ -1,6 +1,6 @@
 """Durable tracker state behind one small seam: metainfo, disputes, quarantines, leases,
-which identities confirmed (downloaded and verified) a digest's torrent, and the
-tag book's last answers (tracker/tags.py).
+which identities confirmed (downloaded and verified) a digest's torrent, the tag
+book's last answers (tracker/tags.py) and the manifest shelf (manifest_shelf.py).
 
 `TrackerStore` is the interface the service writes through; `SqliteStore`
 keeps it in `<data_dir>/tracker.sqlite3` (WAL, synchronous=FULL, so a commit
@@ -86,8 +86,7 @@ class StoredConfirmation:
 
 @dataclass(frozen=True, slots=True)
 class StoredTag:
-    """The last answer a node (`reported_by`) heard from seed registry `ns` for
-    `repository:tag` under the canonical Accept `accept` (tracker/tags.py)."""
+    """A tag's last answer, and whose word it is (tracker/tags.py)."""
 
     ns: str
     repository: str
@@ -99,6 +98,18 @@ class StoredTag:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredManifest:
+    """A manifest body the tracker verified (manifest_shelf.py), and the places nodes
+    said hold it, newest first; `shelved_at_unix` (its last put) orders eviction."""
+
+    digest: str
+    media_type: str
+    body: bytes
+    places: tuple[str, ...]
+    shelved_at_unix: float
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     metainfo: list[StoredMetainfo] = field(default_factory=list)
     leases: list[StoredLease] = field(default_factory=list)
@@ -106,6 +117,7 @@ class Snapshot:
     quarantines: list[StoredQuarantine] = field(default_factory=list)
     confirmations: list[StoredConfirmation] = field(default_factory=list)
     tags: list[StoredTag] = field(default_factory=list)
+    manifests: list[StoredManifest] = field(default_factory=list)
 
 
 class TrackerStore(Protocol):
@@ -135,6 +147,9 @@ class TrackerStore(Protocol):
     async def put_tag(self, tag: StoredTag, dropped: list[tuple[str, str, str, str]]) -> None:
         """In one commit: keep `tag` (replacing its key's), forget the `dropped` keys."""
 
+    async def put_manifest(self, record: StoredManifest, dropped: list[str]) -> None:
+        """In one commit: insert or replace the manifest, forget those `dropped`."""
+
 
 class MemoryStore:
     """A TrackerStore in a dict: for tests, and for a tracker without --data-dir."""
@@ -146,6 +161,7 @@ class MemoryStore:
         self.quarantines: dict[str, StoredQuarantine] = {}
         self.confirmations: dict[tuple[str, str], StoredConfirmation] = {}
         self.tags: dict[tuple[str, str, str, str], StoredTag] = {}
+        self.manifests: dict[str, StoredManifest] = {}
 
     async def load(self) -> Snapshot:
         await trio.lowlevel.checkpoint()
@@ -156,6 +172,7 @@ class MemoryStore:
             quarantines=list(self.quarantines.values()),
             confirmations=list(self.confirmations.values()),
             tags=list(self.tags.values()),
+            manifests=list(self.manifests.values()),
         )
 
     async def put_metainfo(self, record: StoredMetainfo) -> None:
@@ -200,6 +217,12 @@ class MemoryStore:
         for key in dropped:
             self.tags.pop(key, None)
         self.tags[(tag.ns, tag.repository, tag.tag, tag.accept)] = tag
+
+    async def put_manifest(self, record: StoredManifest, dropped: list[str]) -> None:
+        await trio.lowlevel.checkpoint()
+        for digest in dropped:
+            self.manifests.pop(digest, None)
+        self.manifests[record.digest] = record
 
 
 _SCHEMA = """
@@ -250,6 +273,14 @@ CREATE TABLE IF NOT EXISTS tags (
     reported_by TEXT NOT NULL,
     seen_at_unix REAL NOT NULL,
     PRIMARY KEY (ns, repository, tag, accept)
+);
+-- places: "<ns>/<repository>" lines, newest first.
+CREATE TABLE IF NOT EXISTS manifests (
+    digest TEXT PRIMARY KEY,
+    media_type TEXT NOT NULL,
+    body BLOB NOT NULL,
+    places TEXT NOT NULL,
+    shelved_at_unix REAL NOT NULL
 );
 """
 
@@ -319,6 +350,12 @@ class SqliteStore:
                     for row in c.execute(
                         "SELECT ns, repository, tag, accept, digest, reported_by, seen_at_unix"
                         " FROM tags"
+                    )
+                ],
+                manifests=[
+                    StoredManifest(d, t, b, tuple(p.split("\n")), at)
+                    for d, t, b, p, at in c.execute(
+                        "SELECT digest, media_type, body, places, shelved_at_unix FROM manifests"
                     )
                 ],
             )
@@ -397,10 +434,20 @@ class SqliteStore:
                 "DELETE FROM tags WHERE ns = ? AND repository = ? AND tag = ? AND accept = ?",
                 dropped,
             )
+            row = (tag.ns, tag.repository, tag.tag, tag.accept, tag.digest, tag.reported_by)
+            c.execute("INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (*row, tag.seen_at_unix))  # fmt: skip
+
+        await self._run(write)
+
+    async def put_manifest(self, record: StoredManifest, dropped: list[str]) -> None:
+        r = record
+
+        def write(c: sqlite3.Connection) -> None:
+            c.executemany("DELETE FROM manifests WHERE digest = ?", [(d,) for d in dropped])
             c.execute(
-                "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (tag.ns, tag.repository, tag.tag, tag.accept, tag.digest, tag.reported_by,
-                 tag.seen_at_unix),
+                "INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?, ?)",
+                (r.digest, r.media_type, r.body, "\n".join(r.places), r.shelved_at_unix),
             )
 
         await self._run(write)

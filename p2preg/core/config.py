@@ -197,6 +197,8 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
             "max_long_polls_per_identity",
             "max_metainfo",
             "max_metainfo_bytes",
+            "max_manifests",
+            "max_manifest_store_bytes",
             "max_numwant",
             "max_peers",
             "max_peers_per_swarm",

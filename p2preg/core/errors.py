@@ -55,6 +55,18 @@ class MetainfoTooLarge(InvalidMetainfo):
     code = "metainfo_too_large"
 
 
+class InvalidManifest(TrackerError):
+    """A manifest body put to the tracker does not hash to the digest it is put under."""
+
+    status = 422
+    code = "invalid_manifest"
+
+
+class ManifestTooLarge(InvalidManifest):
+    status = 413
+    code = "manifest_too_large"
+
+
 class MetainfoConflict(TrackerError):
     """A different metainfo is already filed under this digest and not reported bad."""
 
@@ -123,5 +135,7 @@ BY_CODE: dict[str, type[TrackerError]] = {
         LeaseCapReached,
         TrackerUnavailable,
         RateLimited,
+        InvalidManifest,
+        ManifestTooLarge,
     )
 }

@@ -1,7 +1,8 @@
 """Control messages between node and tracker, and their msgpack encoding.
 
 Owns the shapes of the tracker's control API bodies (metainfo publish, lookup and
-bad reports, seed confirmations and stall reports, upstream leases, errors) as
+bad reports, seed confirmations and stall reports, upstream leases, manifest
+bodies, tag answers, errors) as
 frozen dataclasses, and `encode` / `decode`, which check every field's type on
 the way in. Readers ignore keys they do not know, so a newer peer can add
 optional fields without breaking an older one. This module is sans-IO: bytes
@@ -35,6 +36,7 @@ STR_LIMITS = {
     "ns": 255,
     "repository": 255,
     "tag": 128,
+    "media_type": 255,
 }
 # Integers are 64-bit signed on both sides (SQLite INTEGER).
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
@@ -120,6 +122,9 @@ class LeaseRequest:
     # upstream link a few at a time, earliest first (docs/TRACKER.md).
     group: str | None = None
     order: int = 0
+    # The digest is a manifest's: once its body is on the tracker's shelf the
+    # answer is SEEDED without metainfo (take the body from the shelf).
+    manifest: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +165,28 @@ class LeaseReply:
     rate_window_s: float = 0.0
     # GRANTED to take over from this holder, which fell below the minimum rate.
     replaced: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PutManifest:
+    """PUT /v1/manifests/<digest>: a node that fetched this manifest body from
+    upstream (in `ns`'s `repository`) and verified it hands it to the cluster."""
+
+    node: str
+    ns: str
+    repository: str
+    media_type: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestBody:
+    """GET /v1/manifests/<digest>: the body the tracker verified, and the
+    `"<ns>/<repository>"` places the nodes that put it named (newest first)."""
+
+    media_type: str
+    body: bytes
+    places: list[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +241,8 @@ Message = (
     | LeaseRenew
     | LeaseRelease
     | LeaseReply
+    | PutManifest
+    | ManifestBody
     | ErrorReply
     | TagSeen
     | TagQuery
