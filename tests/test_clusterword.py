@@ -54,7 +54,8 @@ def make_tracker(tmp_path: Path) -> Tracker:
 
 
 class TrackerTags:
-    """The tracker's real coordinator behind the node's tag seam, without HTTP."""
+    """The tracker's real coordinator behind the node's cluster seam, without HTTP;
+    `tamper` makes the shelf's answers other bytes (a compromised tracker)."""
 
     def __init__(self, tracker: Tracker, node: str) -> None:
         self.tracker = tracker
@@ -62,6 +63,7 @@ class TrackerTags:
         self.down = False
         self.reports = 0
         self.queries = 0
+        self.tamper = False
 
     async def report_tag(
         self, ns: str, repository: str, tag: str, digest: Digest, accept: str = ""
@@ -80,6 +82,22 @@ class TrackerTags:
             raise tracker_errors.TrackerUnavailable("tracker http://t.invalid: ConnectError")
         await trio.lowlevel.checkpoint()
         return self.tracker.tag_query(wire.TagQuery(self.node, ns, repository, tag, accept))
+
+    async def put_manifest(
+        self, digest: Digest, ns: str, repository: str, media_type: str, body: bytes
+    ) -> None:
+        msg = wire.PutManifest(self.node, ns, repository, media_type, body)
+        await self.tracker.put_manifest(str(digest), msg)
+
+    async def get_manifest(self, digest: Digest) -> wire.ManifestBody | None:
+        await trio.lowlevel.checkpoint()
+        try:
+            found = self.tracker.get_manifest(str(digest))
+        except tracker_errors.NotFound:
+            return None
+        if self.tamper:
+            found = wire.ManifestBody(found.media_type, found.body + b" ", found.places)
+        return found
 
 
 def image(sizes: tuple[int, int] = (5, 7)) -> tuple[bytes, Digest, Digest]:
@@ -167,7 +185,7 @@ async def test_during_an_outage_a_tag_never_seen_resolves_to_the_clusters_answer
         await trio.sleep(0.1)
         upstream.down = True
         with pytest.raises(UpstreamUnavailable):  # by digest: nobody vouched for this repository
-            await b.resolver.manifest(upstream, REPO, Reference(digest=digest), None)
+            await b.resolver.manifest(upstream, "third/app", Reference(digest=digest), None)
         found = await b.resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
         assert found.digest == digest and b.taken("tag") == 1
         # Now by digest too, as the tag's answer vouched; counted apart.
@@ -282,3 +300,32 @@ async def test_with_the_fallback_on_a_small_blob_from_upstream_is_seeded_for_the
         assert b.fetches("peers") == 1
         with pytest.raises(UpstreamUnavailable, match="no peer holds"):
             await b.blobs.ensure(upstream, REPO, other)
+
+
+async def test_a_node_with_nothing_takes_the_manifest_from_the_shelf_for_its_place_only(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    tracker = make_tracker(tmp_path)
+    body, _, layer = image()
+    digest = Digest.of(body)
+    upstream = FakeUpstream({})
+    upstream.manifests[(REPO, "latest")] = body
+    async with node(tmp_path, tracker, "a") as a, node(tmp_path, tracker, "b") as b:
+        await a.resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
+        await trio.sleep(0.1)  # a put it on the shelf, with its place
+        assert tracker.get_manifest(str(digest)).places == [f"{NS}/{REPO}"]
+        upstream.down = True
+        with pytest.raises(UpstreamUnavailable):  # the shelf names edge/app only
+            await b.resolver.manifest(upstream, "other/app", Reference(digest=digest), None)
+        b.tags.tamper = True
+        with pytest.raises(UpstreamUnavailable):  # other bytes than the digest's
+            await b.resolver.manifest(upstream, REPO, Reference(digest=digest), None)
+        assert digest not in b.store and b.taken("manifest") == 0
+        b.tags.tamper = False
+        found = await b.resolver.manifest(upstream, REPO, Reference(digest=digest), None)
+        assert found.body == body and digest in b.store and b.taken("manifest") == 1
+        assert b.tenancy.on_cluster_word(NS, REPO, layer) == 7
+        assert not b.tenancy.holds(NS, REPO, digest)
+    async with node(tmp_path, tracker, "c") as c:  # by tag, on a third node that holds nothing
+        found = await c.resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
+        assert found.digest == digest and c.taken("tag") == 1

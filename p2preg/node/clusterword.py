@@ -1,18 +1,22 @@
-"""The cluster's word about tags: told to the tracker always, taken only during an outage.
+"""The cluster's word on tags and manifests: told to the tracker always, taken only in an outage.
 
-Owns what the node tells the tracker and asks it about tags. Each tag → digest
-its seed registry gives is reported (tracker/tags.py) when it differs from
-the last report of that tag, or `REPORT_EVERY_S` after it: at most one report
-per tag per 10 minutes while the tag does not move, sent in the background
-(at most `MAX_PENDING` queued; past that a report is dropped and made again
-at the next answer), so no pull waits for the tracker. When the resolver asks
-— only while upstream is unreachable and only if `enabled` (config
-`cluster_fallback`) — it gives the cluster's last answer for a tag if it is no
-older than `max_age_s` (the node's own `serve_stale_s`). It counts and logs
-each answer served on the cluster's word (`taken`). A tracker that fails is
-no answer, never an error. It must not decide when upstream counts as down
-(tagmap.stale_allowed does), nor verify or grant anything (the resolver and
-the tenancy ledger do).
+Owns what the node tells the tracker and asks it about tags and manifests.
+Each tag → digest its seed registry gives is reported (tracker/tags.py) when
+it differs from the last report of that tag, or `REPORT_EVERY_S` after it: at
+most one report per tag per 10 minutes while the tag does not move. Each
+manifest it fetched from upstream, or that upstream showed a repository to
+hold, is put on the tracker's shelf with that place (tracker/manifest_shelf.py).
+Both are sent in the background, a bounded number queued (past that one is
+dropped: the next answer reports it again), so no pull waits for the tracker.
+When the resolver asks — only while upstream is unreachable and only if
+`enabled` (config `cluster_fallback`) — it gives the cluster's last answer for
+a tag if no older than `max_age_s` (the node's own `serve_stale_s`), and a
+manifest body from the shelf only if it hashes to the digest asked for and
+the shelf names the repository among its places. It counts and logs each
+answer served on the cluster's word (`taken`). A tracker that fails is no
+answer, never an error. It must not decide when upstream counts as down
+(tagmap.stale_allowed does), nor parse or grant anything (the resolver and the
+tenancy ledger do).
 """
 
 from __future__ import annotations
@@ -28,13 +32,26 @@ import trio
 from p2preg.core import errors as tracker_errors
 from p2preg.core.digest import Digest, DigestError
 from p2preg.node.metrics import NodeMetrics
-from p2preg.node.seams import TagWordSeam
+from p2preg.node.seams import ClusterWordSeam
 from p2preg.node.tagmap import MAX_TAG_ENTRIES, TagKey
 
 log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 600.0
 MAX_PENDING = 256
+# Manifests waiting to be put on the shelf (each at most 4 MiB, most a few KiB).
+MAX_PENDING_MANIFESTS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Shelve:
+    """A manifest to put on the tracker's shelf, and the place upstream showed holds it."""
+
+    digest: Digest
+    ns: str
+    repository: str
+    media_type: str
+    body: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +66,7 @@ class ClusterTag:
 class ClusterWord:
     def __init__(
         self,
-        tracker: TagWordSeam,
+        tracker: ClusterWordSeam,
         metrics: NodeMetrics,
         *,
         enabled: bool,
@@ -62,6 +79,7 @@ class ClusterWord:
         self._max_age_s = max_age_s
         self._clock = clock
         self._outbox, self._inbox = trio.open_memory_channel[tuple[TagKey, Digest]](MAX_PENDING)
+        self._shelf_out, self._shelf_in = trio.open_memory_channel[Shelve](MAX_PENDING_MANIFESTS)
         # What was last queued for each tag, and when.
         self._reported: OrderedDict[TagKey, tuple[Digest, float]] = OrderedDict()
 
@@ -82,8 +100,28 @@ class ClusterWord:
         while len(self._reported) > MAX_TAG_ENTRIES:
             self._reported.popitem(last=False)
 
+    def shelve(self, item: Shelve) -> None:
+        """Upstream gave this manifest (verified), or showed `repository` holds it."""
+        try:
+            self._shelf_out.send_nowait(item)
+        except trio.WouldBlock:
+            log.info("manifest %s not put on the tracker's shelf: too many queued", item.digest)
+
     async def report_forever(self) -> None:
-        """Send the queued reports, one at a time; run it in the node's nursery."""
+        """Send the queued reports and manifests; run it in the node's nursery."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._send_manifests)
+            await self._send_tags()
+
+    async def _send_manifests(self) -> None:
+        async for m in self._shelf_in:
+            try:
+                await self._tracker.put_manifest(m.digest, m.ns, m.repository, m.media_type,
+                                                 m.body)  # fmt: skip
+            except tracker_errors.TrackerError as e:
+                log.info("manifest %s not put on the tracker's shelf: %s", m.digest, e)
+
+    async def _send_tags(self) -> None:
         async for key, digest in self._inbox:
             ns, repository, tag, accept = key
             try:
@@ -116,6 +154,27 @@ class ClusterWord:
             log.warning("tag %s:%s of %s: the tracker sent a malformed digest", repository, tag, ns)
             return None
         return ClusterTag(digest, answer.age_s, answer.reported_by or "?")
+
+    async def manifest(self, ns: str, repository: str, digest: Digest) -> bytes | None:
+        """The shelf's body for `digest`, if allowed, verified, and said to be `repository`'s."""
+        if not self.enabled:
+            return None
+        try:
+            shelved = await self._tracker.get_manifest(digest)
+        except tracker_errors.TrackerError as e:
+            log.warning("manifest %s: the tracker did not answer: %s", digest, e)
+            return None
+        if shelved is None:
+            return None
+        if Digest.of(shelved.body, digest.algorithm) != digest:
+            log.error("manifest %s: the tracker's shelf sent other bytes; refused", digest)
+            return None
+        if f"{ns}/{repository}" not in shelved.places:
+            said = ", ".join(shelved.places[:4]) or "no place"
+            log.warning("manifest %s: refused for %s on %s: the cluster said it is in %s only",
+                        digest, repository, ns, said)  # fmt: skip
+            return None
+        return shelved.body
 
     def taken(self, kind: str, what: str, why: str) -> None:
         """An answer was served on the cluster's word (`kind`: tag, manifest or blob)."""

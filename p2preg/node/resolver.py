@@ -8,11 +8,13 @@ verified against their digest), served without upstream to a repository the
 tenancy ledger says holds them. Each resolved manifest proves to the tenancy
 ledger that its repository holds what it references, and notes each image's
 blob order for the P2P path (pullorder.py). Manifests are small and are never swarmed.
-Each tag answer upstream gives is told to the cluster (clusterword.py); while
-upstream is unreachable, a tag the node cannot answer itself resolves to the
-cluster's last answer, and a manifest it may not serve from its own proof comes
-on the cluster's word — the tenancy ledger keeps such grants apart, for the
-outage only (docs/SECURITY.md, "What rests on another node's word").
+Each tag answer upstream gives, and each manifest with the repository upstream
+showed holds it, is told to the cluster (clusterword.py); while upstream is
+unreachable, a tag the node cannot answer itself resolves to the cluster's last
+answer, and a manifest it may not serve on its own proof comes on the cluster's
+word (the tracker's shelf, checked against its digest) — the tenancy ledger
+keeps such grants apart, for the outage only (docs/SECURITY.md, "What rests on
+another node's word").
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import trio
 from p2preg.core.digest import Digest, DigestError
 from p2preg.core.reference import Reference
 from p2preg.node import manifest as mf
-from p2preg.node.clusterword import ClusterWord
+from p2preg.node.clusterword import ClusterWord, Shelve
 from p2preg.node.errors import ManifestUnknown, NameUnknown, RegistryError, UpstreamError
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.pullorder import PullOrder
@@ -160,6 +162,8 @@ class Resolver:
         # Upstream just said this repository's tag points at a manifest the
         # node holds (verified): the repository holds it and what it references.
         self._metrics.manifest_cache.labels("hit").inc()
+        if not self._tenancy.holds(ns, repository, cached.digest):
+            self._shelve(ns, repository, cached)
         self._grant(ns, repository, cached)
         return cached
 
@@ -227,6 +231,8 @@ class Resolver:
             raise error
         found = await self._cached(heard.digest)
         if found is None:
+            found = await self._from_shelf(word, key[0], repository, heard.digest)
+        if found is None:
             raise error
         self._grant_on_word(key[0], repository, found)
         word.taken("tag", f"tag {repository}:{ref.tag} of {key[0]} as {heard.digest}, reported "
@@ -238,7 +244,7 @@ class Resolver:
     ) -> Manifest:
         """A manifest by digest this node may not serve on its own proof, while upstream
         is down: one the cluster's word already granted this repository (a tag's answer,
-        an index's child) and the node holds."""
+        an index's child) and the node holds, or one the tracker's shelf holds."""
         word = self._cluster
         if word is None or not word.enabled:
             raise error
@@ -246,10 +252,35 @@ class Resolver:
         if self._tenancy.on_cluster_word(ns, repository, digest) is not None:
             found = await self._cached(digest)
         if found is None:
+            found = await self._from_shelf(word, ns, repository, digest)
+        if found is None:
             raise error
         self._grant_on_word(ns, repository, found)
         word.taken("manifest", f"manifest {digest} of {repository} on {ns}", error.message)
         return found
+
+    async def _from_shelf(
+        self, word: ClusterWord, ns: str, repository: str, digest: Digest
+    ) -> Manifest | None:
+        """The tracker's body for `digest`, checked (clusterword.py) and parsed, kept."""
+        body = await word.manifest(ns, repository, digest)
+        if body is None:
+            return None
+        try:
+            parsed = mf.parse(body)
+        except mf.ManifestInvalid as e:
+            log.warning("manifest %s from the tracker's shelf is unusable: %s", digest, e)
+            return None
+        found = Manifest(digest, parsed.media_type, body)
+        self._pull_order.note(digest, parsed.pull_order)
+        await self._keep(found)
+        return found
+
+    def _shelve(self, ns: str, repository: str, found: Manifest) -> None:
+        if self._cluster is not None:
+            self._cluster.shelve(
+                Shelve(found.digest, ns, repository, found.media_type, found.body)
+            )
 
     def _grant_on_word(self, ns: str, repository: str, found: Manifest) -> None:
         """What the cluster's word lets `repository` serve during the outage: the manifest,
@@ -295,6 +326,7 @@ class Resolver:
         )
         self._pull_order.note(digest, parsed.pull_order)
         await self._keep(found)
+        self._shelve(client.upstream.ns, repository, found)
         return found
 
     def _grant(self, ns: str, repository: str, found: Manifest) -> None:

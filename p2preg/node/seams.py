@@ -2,7 +2,8 @@
 
 Owns the shape of what the pull path asks of each outside party, no more: the
 libtorrent session (`swarm.Swarm`), the tracker's control API
-(`tracker.client.TrackerClient`, whose tag answers are a seam of their own)
+(`tracker.client.TrackerClient`, whose tag answers and manifest shelf are a
+seam of their own)
 and a seed registry (`upstream.UpstreamClient`)
 satisfy these structurally, and in-memory fakes (tests/fakes.py) do too, so
 the pull path runs in-process without sockets. `Offload` says where blocking
@@ -22,7 +23,7 @@ import trio
 
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
-from p2preg.core.wire import LeaseReply, MetainfoRecord, TagAnswer
+from p2preg.core.wire import LeaseReply, ManifestBody, MetainfoRecord, TagAnswer
 from p2preg.node.config import Upstream
 
 if TYPE_CHECKING:
@@ -137,8 +138,9 @@ class UpstreamSeam(Protocol):
     async def tags(self, repository: str) -> list[str] | None: ...
 
 
-class TagWordSeam(Protocol):
-    """The tracker's tag answers as the node uses them (tracker/tags.py); failures raise
+class ClusterWordSeam(Protocol):
+    """The tracker's tag answers (tracker/tags.py) and manifest shelf
+    (tracker/manifest_shelf.py) as the node uses them; failures raise
     core.errors.TrackerError."""
 
     async def report_tag(
@@ -148,3 +150,9 @@ class TagWordSeam(Protocol):
     async def query_tag(
         self, ns: str, repository: str, tag: str, accept: str = ""
     ) -> TagAnswer: ...
+
+    async def put_manifest(
+        self, digest: Digest, ns: str, repository: str, media_type: str, body: bytes
+    ) -> None: ...
+
+    async def get_manifest(self, digest: Digest) -> ManifestBody | None: ...
