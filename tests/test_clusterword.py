@@ -135,7 +135,8 @@ async def node(
     store.open()
     tenancy, metrics = Tenancy(), NodeMetrics()
     tags = TrackerTags(tracker, name)
-    word = ClusterWord(tags, metrics, enabled=enabled, max_age_s=STALE_S, clock=trio.current_time)
+    word = ClusterWord(tags, metrics, enabled=enabled, max_age_s=STALE_S, recheck_s=30.0,
+                       clock=trio.current_time)  # fmt: skip
     resolver = Resolver(store, tenancy, metrics, PullOrder(), TagMap(ttl_s=30.0, stale_s=STALE_S),
                         clock=trio.current_time, cluster=word)  # fmt: skip
     async with trio.open_nursery() as nursery:
@@ -196,10 +197,16 @@ async def test_during_an_outage_a_tag_never_seen_resolves_to_the_clusters_answer
         assert b.tenancy.on_cluster_word(NS, REPO, layer) == 7
         assert b.tenancy.on_cluster_word(NS, REPO, config) == 5
         assert all(key[1] != REPO for key in b.tenancy.take_unsaved())
-        # Upstream back: its word is asked again, and proves the repository.
+        # Upstream back: within tag_ttl_s of its last failure the cluster's word still
+        # answers, upstream not asked; after that upstream's own word proves the repository.
         upstream.down = False
+        gets = upstream.manifest_gets
         await b.resolver.manifest(upstream, REPO, Reference(digest=digest), None)
-        assert b.tenancy.holds(NS, REPO, digest) and b.taken("manifest") == 1
+        assert upstream.manifest_gets == gets and b.taken("manifest") == 2
+        await trio.sleep(31)
+        await b.resolver.manifest(upstream, REPO, Reference(digest=digest), None)
+        assert upstream.manifest_gets == gets + 1
+        assert b.tenancy.holds(NS, REPO, digest) and b.taken("manifest") == 2
 
 
 async def test_what_the_cluster_does_not_answer_for(
@@ -248,7 +255,8 @@ async def test_a_blob_on_the_clusters_word_comes_from_peers_or_is_a_prompt_503(
     (held, data), (lost, lost_data) = blob(seed=3), blob(seed=4)
     upstream = FakeUpstream({(REPO, held): data, (REPO, lost): lost_data})
     tags = TrackerTags(make_tracker(tmp_path), "b")
-    word = ClusterWord(tags, NodeMetrics(), enabled=True, max_age_s=STALE_S)
+    word = ClusterWord(tags, NodeMetrics(), enabled=True, max_age_s=STALE_S,
+                       clock=trio.current_time)
     async with (
         open_pull_node(tmp_path / "a", server, name="a") as a,
         open_pull_node(tmp_path / "b", server, name="b", word=word) as b,
@@ -259,6 +267,7 @@ async def test_a_blob_on_the_clusters_word_comes_from_peers_or_is_a_prompt_503(
         # b never saw either; the cluster's word (a manifest) granted both, with sizes.
         b.tenancy.grant_on_cluster_word(NS, REPO, {held: len(data), lost: len(lost_data)})
         assert await b.blobs.size(upstream, REPO, held) == len(data)
+        heads = upstream.heads  # that one found upstream down: not asked again for a while
         await b.blobs.ensure(upstream, REPO, held)
         assert held in b.store and b.fetches("peers") == 1
         start = trio.current_time()
@@ -266,6 +275,7 @@ async def test_a_blob_on_the_clusters_word_comes_from_peers_or_is_a_prompt_503(
             await b.blobs.ensure(upstream, REPO, lost)
         assert trio.current_time() - start < 60  # answered, not left hanging
         assert upstream.gets == gets  # never an upstream fetch while it is down
+        assert upstream.heads == heads
         # Not granted on anyone's word: the node's own 503.
         with pytest.raises(UpstreamUnavailable, match="seed registry"):
             await b.blobs.ensure(upstream, "other/app", held)
@@ -283,7 +293,7 @@ async def test_with_the_fallback_on_a_small_blob_from_upstream_is_seeded_for_the
     other, other_data = blob(size=600, seed=6)
     upstream = FakeUpstream({(REPO, small): data, (REPO, other): other_data})
     word = ClusterWord(TrackerTags(make_tracker(tmp_path), "b"), NodeMetrics(), enabled=True,
-                       max_age_s=STALE_S)  # fmt: skip
+                       max_age_s=STALE_S, clock=trio.current_time)  # fmt: skip
     async with (
         open_pull_node(tmp_path / "a", server, name="a", share_small=True) as a,
         open_pull_node(tmp_path / "off", server, name="off") as off,

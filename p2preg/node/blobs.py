@@ -93,9 +93,14 @@ class Blobs:
         ns = upstream.upstream.ns
         if self._tenancy.holds(ns, repository, digest):
             return _Grant(None)
+        down = None if self._cluster is None else self._cluster.outage(ns)
+        if down is not None and self._tenancy.on_cluster_word(ns, repository, digest) is not None:
+            return self._on_cluster_word(down, ns, repository, digest)
         try:
             size = await upstream.blob_size(repository, digest)
         except RegistryError as e:
+            if self._cluster is not None and stale_allowed(e):
+                self._cluster.note_down(ns, e)
             return self._on_cluster_word(e, ns, repository, digest)
         if size is None:
             raise BlobUnknown(f"blob {digest} is unknown to repository {repository}")

@@ -12,8 +12,12 @@ When the resolver asks — only while upstream is unreachable and only if
 `enabled` (config `cluster_fallback`) — it gives the cluster's last answer for
 a tag if no older than `max_age_s` (the node's own `serve_stale_s`), and a
 manifest body from the shelf only if it hashes to the digest asked for and
-the shelf names the repository among its places. It counts and logs each
-answer served on the cluster's word (`taken`). A tracker that fails is no
+the shelf names the repository among its places. It remembers, for
+`recheck_s` (the node's `tag_ttl_s`), that a seed registry failed as if down,
+so that what the cluster's word already granted is served without asking it
+again on every request (a dead registry costs each request its retries); a
+registry back within that time is heard at the next ask after it, as tags are.
+It counts and logs each answer served on the cluster's word (`taken`). A tracker that fails is no
 answer, never an error. It must not decide when upstream counts as down
 (tagmap.stale_allowed does), nor parse or grant anything (the resolver and the
 tenancy ledger do).
@@ -31,6 +35,7 @@ import trio
 
 from p2preg.core import errors as tracker_errors
 from p2preg.core.digest import Digest, DigestError
+from p2preg.node.errors import RegistryError
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.seams import ClusterWordSeam
 from p2preg.node.tagmap import MAX_TAG_ENTRIES, TagKey
@@ -71,9 +76,14 @@ class ClusterWord:
         *,
         enabled: bool,
         max_age_s: float,
+        recheck_s: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.enabled = enabled
+        self._recheck_s = recheck_s
+        # Per seed registry (one per configured upstream): when it last failed as if
+        # down, and how.
+        self._down: dict[str, tuple[float, RegistryError]] = {}
         self._tracker = tracker
         self._metrics = metrics
         self._max_age_s = max_age_s
@@ -175,6 +185,17 @@ class ClusterWord:
                         digest, repository, ns, said)  # fmt: skip
             return None
         return shelved.body
+
+    def note_down(self, ns: str, error: RegistryError) -> None:
+        """Seed registry `ns` just failed as if down (tagmap.stale_allowed said so)."""
+        self._down[ns] = (self._clock(), error)
+
+    def outage(self, ns: str) -> RegistryError | None:
+        """How `ns` failed, if it did within `recheck_s`: ask it nothing until then."""
+        seen = self._down.get(ns)
+        if not self.enabled or seen is None or not 0 <= self._clock() - seen[0] < self._recheck_s:
+            return None
+        return seen[1]
 
     def taken(self, kind: str, what: str, why: str) -> None:
         """An answer was served on the cluster's word (`kind`: tag, manifest or blob)."""

@@ -105,12 +105,18 @@ class Resolver:
                 self._metrics.manifest_cache.labels("hit").inc()
                 return cached
         self._metrics.manifest_cache.labels("miss").inc()
+        ns, digest = client.upstream.ns, ref.digest
+        down = None if digest is None else self._outage_for(ns, repository, digest)
+        if digest is not None and down is not None:
+            return await self._digest_on_word(down, ns, repository, digest)
         try:
             return await self._fetch(client, repository, ref, accept)
         except RegistryError as e:
-            if ref.digest is None or not stale_allowed(e):
+            if digest is None or not stale_allowed(e):
                 raise
-            return await self._digest_on_word(e, client.upstream.ns, repository, ref.digest)
+            if self._cluster is not None:
+                self._cluster.note_down(ns, e)
+            return await self._digest_on_word(e, ns, repository, digest)
 
     async def head(
         self, client: UpstreamSeam, repository: str, ref: Reference, accept: str | None
@@ -141,6 +147,9 @@ class Resolver:
             heard = self._heads.get(fresh.digest)
             if heard is not None and not fresh.is_stale:
                 return heard
+        down = None if self._cluster is None else self._cluster.outage(ns)
+        if down is not None and self._tags.get(key) is None:
+            return await self._tag_on_word(down, repository, ref, key)
         try:
             answer = await self._ask_tag(client, repository, ref, accept)
         except ManifestUnknown:
@@ -209,6 +218,8 @@ class Resolver:
         the cluster's last answer for it; else `error`."""
         if not stale_allowed(error):
             raise error
+        if self._cluster is not None:
+            self._cluster.note_down(key[0], error)
         now = self._clock()
         entry = self._tags.stale(key, now)
         cached = None if entry is None else await self._cached(entry.digest)
@@ -258,6 +269,14 @@ class Resolver:
         self._grant_on_word(ns, repository, found)
         word.taken("manifest", f"manifest {digest} of {repository} on {ns}", error.message)
         return found
+
+    def _outage_for(self, ns: str, repository: str, digest: Digest) -> RegistryError | None:
+        """How upstream failed lately, if the cluster's word already granted `digest` here:
+        then it is not asked again (clusterword.py, `recheck_s`)."""
+        down = None if self._cluster is None else self._cluster.outage(ns)
+        if down is None or self._tenancy.on_cluster_word(ns, repository, digest) is None:
+            return None
+        return down
 
     async def _from_shelf(
         self, word: ClusterWord, ns: str, repository: str, digest: Digest

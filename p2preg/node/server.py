@@ -245,8 +245,10 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
         )
         word = None
         if p2p is not None:
-            word = ClusterWord(p2p.tracker, metrics, enabled=config.cluster_fallback,
-                               max_age_s=config.serve_stale_s)  # fmt: skip
+            word = ClusterWord(
+                p2p.tracker, metrics, enabled=config.cluster_fallback,
+                max_age_s=config.serve_stale_s, recheck_s=config.tag_ttl_s,
+            )
             nursery.start_soon(word.report_forever)
         blobs = Blobs(store, tenancy, metrics, fetcher, nursery, word)
         resolver = Resolver(store, tenancy, metrics, pull_order, tags, cluster=word)
