@@ -339,3 +339,26 @@ async def test_a_node_with_nothing_takes_the_manifest_from_the_shelf_for_its_pla
     async with node(tmp_path, tracker, "c") as c:  # by tag, on a third node that holds nothing
         found = await c.resolver.manifest(upstream, REPO, Reference.parse("latest"), None)
         assert found.digest == digest and c.taken("tag") == 1
+
+
+async def test_an_evicted_blob_upstream_proved_comes_back_from_peers_during_an_outage(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = FakeTrackerServer()
+    (held, data), (lost, _) = blob(seed=7), blob(seed=8)
+    upstream = FakeUpstream({(REPO, held): data, (REPO, lost): b"x" * 4096})
+    word = ClusterWord(TrackerTags(make_tracker(tmp_path), "b"), NodeMetrics(), enabled=False,
+                       max_age_s=STALE_S, clock=trio.current_time)  # fmt: skip
+    async with (
+        open_pull_node(tmp_path / "a", server, name="a") as a,
+        open_pull_node(tmp_path / "b", server, name="b", word=word) as b,
+    ):
+        await a.blobs.ensure(upstream, REPO, held)
+        b.tenancy.grant(NS, REPO, [held, lost])  # upstream proved it; b's copy was evicted
+        upstream.down = True
+        gets = upstream.gets
+        assert await b.blobs.size(upstream, REPO, held) == len(data)
+        assert held in b.store and b.fetches("peers") == 1
+        with pytest.raises(UpstreamUnavailable, match="no peer holds"):
+            await b.blobs.ensure(upstream, REPO, lost)
+        assert upstream.gets == gets

@@ -7,7 +7,8 @@ however many ask, with its metrics, log line and `recent` record. While
 upstream is unreachable, a blob that the cluster's word granted the
 repository (tenancy.py; only with `cluster_fallback`) is authorized without
 upstream, its size the one its manifest declares, and fetched from peers only
-(fetch.py). A fetch runs
+(fetch.py); so is one upstream proved the repository holds (an evicted blob),
+its size then the swarm's. A fetch runs
 in the node's own nursery, not in the request that started it, so a client
 that hangs up does not cancel the download the other waiters are counting on.
 Where the bytes come from is fetch.py's decision: this module must not
@@ -123,18 +124,30 @@ class Blobs:
         stored = self._store.size(digest)
         if stored is not None:
             return stored
-        size = grant.size
-        if size is None:
-            size = await self._upstream_size(upstream, repository, digest)
-        if size < 0:  # no length said: only the bytes themselves can tell
-            await self._ensure(upstream, repository, digest, _Grant(size, grant.peers_only))
+        if grant.size is None:
+            grant = await self._size_or_peers(upstream, repository, digest)
+        assert grant.size is not None
+        if grant.size < 0:  # no length said: only the bytes themselves can tell
+            await self._ensure(upstream, repository, digest, grant)
             return self._store.size(digest) or 0
-        return size
+        return grant.size
 
     async def ensure(self, upstream: UpstreamSeam, repository: str, digest: Digest) -> None:
         """Return once `repository` may have the blob and it is verified in the store."""
         grant = await self._authorize(upstream, repository, digest)
         await self._ensure(upstream, repository, digest, grant)
+
+    async def _size_or_peers(
+        self, upstream: UpstreamSeam, repository: str, digest: Digest
+    ) -> _Grant:
+        """Upstream's size of a blob it proved the repository holds; while it is down,
+        a fetch from peers (the size unsaid: the swarm's torrent tells it)."""
+        try:
+            return _Grant(await self._upstream_size(upstream, repository, digest))
+        except RegistryError as e:
+            if self._cluster is None or not stale_allowed(e):
+                raise
+            return _Grant(-1, peers_only=True)
 
     async def _upstream_size(self, upstream: UpstreamSeam, repository: str, digest: Digest) -> int:
         size = await upstream.blob_size(repository, digest)
@@ -168,12 +181,12 @@ class Blobs:
         grant: _Grant,
     ) -> None:
         start = trio.current_time()
-        known_size = grant.size
         try:
-            if known_size is None:
-                known_size = await self._upstream_size(upstream, repository, digest)
+            if grant.size is None:
+                grant = await self._size_or_peers(upstream, repository, digest)
+            assert grant.size is not None
             source, size = await self._fetcher.fetch(
-                upstream, repository, digest, known_size, peers_only=grant.peers_only
+                upstream, repository, digest, grant.size, peers_only=grant.peers_only
             )
         except RegistryError as e:
             flight.error = e

@@ -215,6 +215,18 @@ class BlobFetcher:
         )
         if cluster is None:
             raise missing
+        if size < 0:  # no size said (an evicted blob): the torrent's, checked by the digest
+            try:
+                record = await cluster.tracker.lookup_metainfo(digest)
+            except tracker_errors.TrackerError:
+                record = None
+            if record is None or record.size <= 0:
+                raise missing
+            size = record.size
+            try:
+                self._store.reserve(size)
+            except NoSpace as e:
+                raise StoreFull(f"no space to store blob {digest}: {e}") from None
         place = self._pull_order.of(digest)
         wait_s = min(cluster.settings.lease_wait_max_s, PEERS_ONLY_WAIT_S)
         outcome = await self._await_lease(cluster, digest, size, place, max_s=wait_s)
