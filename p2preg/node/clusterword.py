@@ -17,8 +17,8 @@ the shelf names the repository among its places. It remembers, for
 so that what the cluster's word already granted is served without asking it
 again on every request (a dead registry costs each request its retries); a
 registry back within that time is heard at the next ask after it, as tags are.
-It counts and logs each answer served on the cluster's word (`taken`). A tracker that fails is no
-answer, never an error. It must not decide when upstream counts as down
+It counts and logs each answer served on the cluster's word (`taken`). A
+tracker that fails is no answer, never an error. It must not decide when upstream counts as down
 (tagmap.stale_allowed does), nor parse or grant anything (the resolver and the
 tenancy ledger do).
 """
