@@ -30,6 +30,7 @@ from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo, info_name
 from p2preg.core.wire import LeaseReply, LeaseStatus, MetainfoRecord
 from p2preg.node.blobs import Blobs
+from p2preg.node.clusterword import ClusterWord
 from p2preg.node.config import Upstream
 from p2preg.node.errors import UpstreamUnavailable
 from p2preg.node.fetch import BlobFetcher, Cluster, SwarmSettings
@@ -384,6 +385,8 @@ async def open_pull_path(
     settings: SwarmSettings,
     offload: Offload = inline,
     store_max_bytes: int = 1 << 30,
+    word: ClusterWord | None = None,
+    share_small: bool = False,
 ) -> AsyncIterator[PullPath]:
     """The real pull path of one node, wired as server.py wires it, over any seams."""
     metrics, tenancy = NodeMetrics(), Tenancy()
@@ -405,8 +408,8 @@ async def open_pull_path(
         if cluster is not None:
             cluster.seeding.reseed()  # as the node does at start: seeds what it held
         fetcher = BlobFetcher(store, metrics, PullOrder(), nursery, offload=offload,
-                              cluster=cluster)
-        blobs = Blobs(store, tenancy, metrics, fetcher, nursery)
+                              cluster=cluster, share_small=share_small)
+        blobs = Blobs(store, tenancy, metrics, fetcher, nursery, word)
         yield PullPath(blobs, store, metrics, tenancy)
         nursery.cancel_scope.cancel()
 
@@ -419,6 +422,8 @@ async def open_pull_node(
     name: str = "node",
     settings: SwarmSettings | None = None,
     store_max_bytes: int = 1 << 30,
+    word: ClusterWord | None = None,
+    share_small: bool = False,
 ) -> AsyncIterator[PullNode]:
     """The real pull path of one node over the fakes (no tracker when `server` is None)."""
     settings = settings or SwarmSettings(
@@ -430,7 +435,8 @@ async def open_pull_node(
         tracker = server.client(name)
     p2p = None if swarm is None or tracker is None else (swarm, tracker)
     async with open_pull_path(
-        data_dir, p2p, settings=settings, store_max_bytes=store_max_bytes
+        data_dir, p2p, settings=settings, store_max_bytes=store_max_bytes, word=word,
+        share_small=share_small,
     ) as path:
         yield PullNode(name, path.blobs, path.store, path.metrics, path.tenancy, swarm, tracker)
 

@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
+from p2preg.cli import build_parser
 from p2preg.core.config import ConfigError, HostPort, load, parse_size
+from p2preg.node.cli import config_from_args
 from p2preg.node.config import NodeConfig, Upstream
 
 
@@ -51,6 +53,16 @@ def test_defaults_are_safe_for_a_node_local_endpoint() -> None:
     c = load(NodeConfig, cli={"upstream": ["http://127.0.0.1:5001"]})
     assert c.listen == HostPort("127.0.0.1", 5000)
     assert c.upstream[0].ns == "127.0.0.1:5001"
+
+
+def test_the_cluster_fallback_is_on_unless_switched_off() -> None:
+    assert load(NodeConfig, cli={"upstream": ["http://a"]}).cluster_fallback is True
+    env = {"P2PREG_CLUSTER_FALLBACK": "false"}
+    assert load(NodeConfig, cli={"upstream": ["http://a"]}, env=env).cluster_fallback is False
+    args = build_parser("node").parse_args(
+        ["node", "--upstream", "http://a", "--no-cluster-fallback"]
+    )
+    assert config_from_args(args).cluster_fallback is False
 
 
 @pytest.mark.parametrize(

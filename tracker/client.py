@@ -239,6 +239,22 @@ class TrackerClient:
         msg = wire.LeaseRelease(lease_id, self.node)
         await self._call("POST", f"/v1/leases/{digest}/release", msg, None)
 
+    # -- tag answers -----------------------------------------------------------------
+
+    async def report_tag(
+        self, ns: str, repository: str, tag: str, digest: Digest, accept: str = ""
+    ) -> None:
+        """Tell the cluster what seed registry `ns` just said of a tag (tracker/tags.py)."""
+        msg = wire.TagSeen(self.node, ns, repository, tag, str(digest), accept)
+        await self._call("PUT", "/v1/tags", msg, None)
+
+    async def query_tag(
+        self, ns: str, repository: str, tag: str, accept: str = ""
+    ) -> wire.TagAnswer:
+        """The last answer any node reported for the tag (`digest` None: none)."""
+        msg = wire.TagQuery(self.node, ns, repository, tag, accept)
+        return await self._call("POST", "/v1/tags/query", msg, wire.TagAnswer)
+
     # -- what operators' tools read ------------------------------------------------
 
     async def scrape(self, info_hashes: Sequence[bytes]) -> dict[bytes, SwarmStats]:

@@ -88,6 +88,9 @@ class TrackerConfig:
     # Swarms are only formed for registered metainfo, so this bounds swarms too.
     max_metainfo: int = 1_000_000
     max_metainfo_bytes: int = 1 * MiB
+    # Tag answers the tracker keeps for nodes whose seed registry is unreachable
+    # (tracker/tags.py); the least recently reported go first.
+    max_tag_answers: int = 100_000
     # The manifest shelf (manifest_shelf.py): bodies nodes fetched from upstream,
     # kept so each crosses upstream once per cluster; least recently used go first.
     max_manifests: int = 100_000
@@ -178,6 +181,7 @@ class TrackerConfig:
             "max_metainfo",
             "max_scrape_hashes",
             "max_leases_per_node",
+            "max_tag_answers",
             "max_manifests",
         ):
             if getattr(self, name) < 1:

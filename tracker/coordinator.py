@@ -42,6 +42,7 @@ from tracker.quotas import Quotas
 from tracker.registry import MetainfoRegistry
 from tracker.state import Snapshot, StoredConfirmation, StoredLease, TrackerStore
 from tracker.swarms import Swarms, checked_digest
+from tracker.tags import TagBook, TagKey, checked, query_key
 from tracker.upstream_queue import Place, UpstreamQueue
 
 log = logging.getLogger("p2preg.tracker")
@@ -92,6 +93,9 @@ class Tracker:
         self.quarantines = Quarantines(config.dispute_quarantine_s, clock)
         self.queue = UpstreamQueue(config.upstream_fetches_per_image, clock)
         self.images = ImageIndex()  # what the cluster page shows of images; decides nothing
+        self.tags = TagBook(config.max_tag_answers)
+        # Kept past the book's bounds (lowered since): forgotten with the next report.
+        self._tags_dropped: list[TagKey] = []
         self.manifests = ManifestShelf(config.max_manifests, config.max_manifest_store_bytes)
         self._waiters = Waiters()
         self.quotas = Quotas.from_config(config, clock, self.metrics)
@@ -121,6 +125,7 @@ class Tracker:
     def restore(self, snapshot: Snapshot) -> None:
         """Load what the store kept (see Publishing.restore for metainfo)."""
         self.publishing.restore(snapshot)
+        self._tags_dropped = self.tags.restore(snapshot.tags)
         self.manifests.restore(snapshot.manifests)
         now, wall = self._clock(), self._wall()
         for sl in snapshot.leases:
@@ -185,6 +190,18 @@ class Tracker:
 
     async def report_bad(self, digest_text: str, msg: wire.ReportBad) -> wire.MetainfoRecord:
         return await self.publishing.report_bad(checked_digest(digest_text), msg)
+
+    # -- tag answers ---------------------------------------------------------------
+
+    async def tag_seen(self, msg: wire.TagSeen, *, identity: str) -> None:
+        """Keep what `identity`'s seed registry said of a tag: the cluster's last answer."""
+        record = checked(msg, identity, self._wall())
+        dropped = [*self._tags_dropped, *self.tags.put(record)]
+        self._tags_dropped = []
+        await self._store.put_tag(record, dropped)
+
+    def tag_query(self, msg: wire.TagQuery) -> wire.TagAnswer:
+        return self.tags.answer(query_key(msg), self._wall())
 
     # -- manifest shelf ----------------------------------------------------------
 

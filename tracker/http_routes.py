@@ -197,6 +197,16 @@ async def _release(call: Call) -> Response:
     return Response(204, b"", wire.CONTENT_TYPE)
 
 
+async def _tag_seen(call: Call) -> Response:
+    msg = call.message(wire.TagSeen, Kind.PUBLISH)
+    await call.tracker.tag_seen(msg, identity=call.identity(msg.node) or msg.node)
+    return Response(204, b"", wire.CONTENT_TYPE)
+
+
+async def _tag_query(call: Call) -> Response:
+    return _msgpack(call.tracker.tag_query(call.message(wire.TagQuery, Kind.LEASE)))
+
+
 def _route(method: str, path: str, handler: Handler, *, bearer: bool = True) -> Route:
     return Route(method.encode(), tuple(path.strip("/").split("/")), handler, bearer)
 
@@ -216,6 +226,8 @@ ROUTES: tuple[Route, ...] = (
     _route("POST", "/v1/leases/{digest}", _acquire),
     _route("PUT", "/v1/leases/{digest}", _renew),
     _route("POST", "/v1/leases/{digest}/release", _release),
+    _route("PUT", "/v1/tags", _tag_seen),
+    _route("POST", "/v1/tags/query", _tag_query),
     _route("GET", "/v1/manifests/{digest}", _get_manifest),
     _route("PUT", "/v1/manifests/{digest}", _put_manifest),
 )

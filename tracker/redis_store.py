@@ -11,6 +11,7 @@ kind as its index, expiring records with an expiry of their own):
     q:<identity>  quarantine {until, digest}, expires then     index q
     l:<digest>    lease {id, holder, expires, done, size}, expires then  index l
     c:<digest>    confirmations: identity → v2 info-hash
+    t:<name>      a tag's last answer (redis_tags.py)             index t
     p:<digest>    peers: identity → [peer id, address, claims seed, seeder, expires]
     pz:<digest>   peers by expiry (unix seconds), to drop the dead  index p
     mf:<digest>   shelved manifest {type, body, places, at}    index mf
@@ -49,6 +50,7 @@ from coredis.retry import NoRetryPolicy
 from coredis.tokens import PureToken
 
 from p2preg.core import errors
+from tracker import redis_tags
 from tracker.config import TrackerConfig
 from tracker.metrics import TrackerMetrics
 from tracker.state import (
@@ -59,6 +61,7 @@ from tracker.state import (
     StoredManifest,
     StoredMetainfo,
     StoredQuarantine,
+    StoredTag,
 )
 from tracker.store_url import StoreKind, StoreURL
 
@@ -186,6 +189,7 @@ class RedisStore:
                 disputes=[_dispute(d, f) for d, f in await self._records("d")],
                 quarantines=[_quarantine(i, f) for i, f in await self._records("q")],
                 confirmations=await self._confirmations(),
+                tags=[redis_tags.record(f) for _, f in await self._records(redis_tags.INDEX)],
                 manifests=[_manifest(d, f) for d, f in await self._records("mf")],
             )
 
@@ -285,6 +289,9 @@ class RedisStore:
             "delete_metainfo",
             [["DEL", P + f"m:{digest}", P + f"c:{digest}"], ["SREM", P + "m", digest]],
         )
+
+    async def put_tag(self, tag: StoredTag, dropped: list[tuple[str, str, str, str]]) -> None:
+        await self._apply("put_tag", redis_tags.put_commands(tag, dropped))
 
     async def put_manifest(self, record: StoredManifest, dropped: list[str]) -> None:
         r, key = record, P + f"mf:{record.digest}"

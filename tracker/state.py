@@ -1,6 +1,6 @@
 """Durable tracker state behind one small seam: metainfo, disputes, quarantines, leases,
-which identities confirmed (downloaded and verified) a digest's torrent, and the
-manifest shelf (manifest_shelf.py).
+which identities confirmed (downloaded and verified) a digest's torrent, the tag
+book's last answers (tracker/tags.py) and the manifest shelf (manifest_shelf.py).
 
 `TrackerStore` is the interface the service writes through; `SqliteStore`
 keeps it in `<data_dir>/tracker.sqlite3` (WAL, synchronous=FULL, so a commit
@@ -85,6 +85,19 @@ class StoredConfirmation:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredTag:
+    """A tag's last answer, and whose word it is (tracker/tags.py)."""
+
+    ns: str
+    repository: str
+    tag: str
+    accept: str
+    digest: str
+    reported_by: str
+    seen_at_unix: float
+
+
+@dataclass(frozen=True, slots=True)
 class StoredManifest:
     """A manifest body the tracker verified (manifest_shelf.py), and the places nodes
     said hold it, newest first; `shelved_at_unix` (its last put) orders eviction."""
@@ -103,6 +116,7 @@ class Snapshot:
     disputes: list[StoredDispute] = field(default_factory=list)
     quarantines: list[StoredQuarantine] = field(default_factory=list)
     confirmations: list[StoredConfirmation] = field(default_factory=list)
+    tags: list[StoredTag] = field(default_factory=list)
     manifests: list[StoredManifest] = field(default_factory=list)
 
 
@@ -130,6 +144,9 @@ class TrackerStore(Protocol):
     async def delete_metainfo(self, digest: str) -> None:
         """Forget the digest's metainfo (it expired) and its confirmations."""
 
+    async def put_tag(self, tag: StoredTag, dropped: list[tuple[str, str, str, str]]) -> None:
+        """In one commit: keep `tag` (replacing its key's), forget the `dropped` keys."""
+
     async def put_manifest(self, record: StoredManifest, dropped: list[str]) -> None:
         """In one commit: insert or replace the manifest, forget those `dropped`."""
 
@@ -143,6 +160,7 @@ class MemoryStore:
         self.disputes: dict[str, StoredDispute] = {}
         self.quarantines: dict[str, StoredQuarantine] = {}
         self.confirmations: dict[tuple[str, str], StoredConfirmation] = {}
+        self.tags: dict[tuple[str, str, str, str], StoredTag] = {}
         self.manifests: dict[str, StoredManifest] = {}
 
     async def load(self) -> Snapshot:
@@ -153,6 +171,7 @@ class MemoryStore:
             disputes=list(self.disputes.values()),
             quarantines=list(self.quarantines.values()),
             confirmations=list(self.confirmations.values()),
+            tags=list(self.tags.values()),
             manifests=list(self.manifests.values()),
         )
 
@@ -192,6 +211,12 @@ class MemoryStore:
         self.metainfo.pop(digest, None)
         for key in [k for k in self.confirmations if k[0] == digest]:
             del self.confirmations[key]
+
+    async def put_tag(self, tag: StoredTag, dropped: list[tuple[str, str, str, str]]) -> None:
+        await trio.lowlevel.checkpoint()
+        for key in dropped:
+            self.tags.pop(key, None)
+        self.tags[(tag.ns, tag.repository, tag.tag, tag.accept)] = tag
 
     async def put_manifest(self, record: StoredManifest, dropped: list[str]) -> None:
         await trio.lowlevel.checkpoint()
@@ -238,6 +263,16 @@ CREATE TABLE IF NOT EXISTS confirmations (
     identity TEXT NOT NULL,
     info_hash BLOB NOT NULL,
     PRIMARY KEY (digest, identity)
+);
+CREATE TABLE IF NOT EXISTS tags (
+    ns TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    accept TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    reported_by TEXT NOT NULL,
+    seen_at_unix REAL NOT NULL,
+    PRIMARY KEY (ns, repository, tag, accept)
 );
 -- places: "<ns>/<repository>" lines, newest first.
 CREATE TABLE IF NOT EXISTS manifests (
@@ -309,6 +344,13 @@ class SqliteStore:
                 confirmations=[
                     StoredConfirmation(*row)
                     for row in c.execute("SELECT digest, info_hash, identity FROM confirmations")
+                ],
+                tags=[
+                    StoredTag(*row)
+                    for row in c.execute(
+                        "SELECT ns, repository, tag, accept, digest, reported_by, seen_at_unix"
+                        " FROM tags"
+                    )
                 ],
                 manifests=[
                     StoredManifest(d, t, b, tuple(p.split("\n")), at)
@@ -383,6 +425,18 @@ class SqliteStore:
         def write(c: sqlite3.Connection) -> None:
             c.execute("DELETE FROM metainfo WHERE digest = ?", (digest,))
             c.execute("DELETE FROM confirmations WHERE digest = ?", (digest,))
+
+        await self._run(write)
+
+    async def put_tag(self, tag: StoredTag, dropped: list[tuple[str, str, str, str]]) -> None:
+        def write(c: sqlite3.Connection) -> None:
+            c.executemany(
+                "DELETE FROM tags WHERE ns = ? AND repository = ? AND tag = ? AND accept = ?",
+                dropped,
+            )
+            row = (tag.ns, tag.repository, tag.tag, tag.accept, tag.digest, tag.reported_by)
+            c.execute("INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (*row, tag.seen_at_unix))  # fmt: skip
 
         await self._run(write)
 

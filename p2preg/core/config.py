@@ -137,6 +137,7 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
     "node": frozenset(
         {
             "admin_token_file",
+            "cluster_fallback",
             "containerd_config",
             "containerd_hosts_dir",
             "containerd_version",
@@ -204,6 +205,7 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
             "max_preauth_connections",
             "max_preauth_connections_per_ip",
             "max_scrape_hashes",
+            "max_tag_answers",
             "metainfo_idle_expiry_s",
             "metrics_listen",
             "min_announce_interval_s",

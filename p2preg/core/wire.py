@@ -2,7 +2,7 @@
 
 Owns the shapes of the tracker's control API bodies (metainfo publish, lookup and
 bad reports, seed confirmations and stall reports, upstream leases, manifest
-bodies, errors) as
+bodies, tag answers, errors) as
 frozen dataclasses, and `encode` / `decode`, which check every field's type on
 the way in. Readers ignore keys they do not know, so a newer peer can add
 optional fields without breaking an older one. This module is sans-IO: bytes
@@ -35,6 +35,7 @@ STR_LIMITS = {
     "group": 160,
     "ns": 255,
     "repository": 255,
+    "tag": 128,
     "media_type": 255,
 }
 # Integers are 64-bit signed on both sides (SQLite INTEGER).
@@ -196,6 +197,40 @@ class ErrorReply:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class TagSeen:
+    """PUT /v1/tags: the seed registry `ns` told `node` that `repository:tag` points at
+    `digest`, for a client whose Accept was `accept` (its canonical form; "" for none)."""
+
+    node: str
+    ns: str
+    repository: str
+    tag: str
+    digest: str
+    accept: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TagQuery:
+    """POST /v1/tags/query: what did the cluster last hear for this tag?"""
+
+    node: str
+    ns: str
+    repository: str
+    tag: str
+    accept: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TagAnswer:
+    """The cluster's last answer for a tag: None when no node reported one; its age
+    (seconds since a node last reported it) and who reported it."""
+
+    digest: str | None = None
+    age_s: float = 0.0
+    reported_by: str | None = None
+
+
 Message = (
     PublishMetainfo
     | MetainfoRecord
@@ -209,6 +244,9 @@ Message = (
     | PutManifest
     | ManifestBody
     | ErrorReply
+    | TagSeen
+    | TagQuery
+    | TagAnswer
 )
 M = TypeVar("M", bound=Message)
 

@@ -3,7 +3,12 @@
 Owns the blob read path behind the facade: the tenancy check (the upstream
 must have shown that the repository holds the blob — one HEAD, whose size the
 fetch then uses), and the single flight that fetches a missing blob once
-however many ask, with its metrics, log line and `recent` record. A fetch runs
+however many ask, with its metrics, log line and `recent` record. While
+upstream is unreachable, a blob that the cluster's word granted the
+repository (tenancy.py; only with `cluster_fallback`) is authorized without
+upstream, its size the one its manifest declares, and fetched from peers only
+(fetch.py); so is one upstream proved the repository holds (an evicted blob),
+its size then the swarm's. A fetch runs
 in the node's own nursery, not in the request that started it, so a client
 that hangs up does not cancel the download the other waiters are counting on.
 Where the bytes come from is fetch.py's decision: this module must not
@@ -20,11 +25,13 @@ from dataclasses import dataclass, field
 import trio
 
 from p2preg.core.digest import Digest
+from p2preg.node.clusterword import ClusterWord
 from p2preg.node.errors import BlobUnknown, RegistryError, UpstreamError
 from p2preg.node.fetch import BlobFetcher
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.seams import UpstreamSeam
 from p2preg.node.store import BlobStore
+from p2preg.node.tagmap import stale_allowed
 from p2preg.node.tenancy import Tenancy
 
 log = logging.getLogger(__name__)
@@ -45,6 +52,15 @@ class FetchRecord:
     seconds: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Grant:
+    """Why a repository may have a blob: the size it was told (None: not asked now;
+    -1: not said), and whether it rests on the cluster's word (peers only)."""
+
+    size: int | None
+    peers_only: bool = False
+
+
 @dataclass
 class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
@@ -59,8 +75,10 @@ class Blobs:
         metrics: NodeMetrics,
         fetcher: BlobFetcher,
         nursery: trio.Nursery,
+        cluster: ClusterWord | None = None,
     ) -> None:
         self._store = store
+        self._cluster = cluster
         self._tenancy = tenancy
         self._metrics = metrics
         self._fetcher = fetcher
@@ -70,37 +88,66 @@ class Blobs:
 
     async def _authorize(
         self, upstream: UpstreamSeam, repository: str, digest: Digest
-    ) -> int | None:
-        """Prove that `repository` holds the blob upstream (once; the answer is kept).
-
-        Returns the upstream's size when it had to be asked, else None.
-        """
+    ) -> _Grant:
+        """Prove that `repository` holds the blob upstream (once; the answer is kept),
+        or, while upstream is unreachable, find that the cluster's word granted it."""
         ns = upstream.upstream.ns
         if self._tenancy.holds(ns, repository, digest):
-            return None
-        size = await upstream.blob_size(repository, digest)
+            return _Grant(None)
+        down = None if self._cluster is None else self._cluster.outage(ns)
+        if down is not None and self._tenancy.on_cluster_word(ns, repository, digest) is not None:
+            return self._on_cluster_word(down, ns, repository, digest)
+        try:
+            size = await upstream.blob_size(repository, digest)
+        except RegistryError as e:
+            if self._cluster is not None and stale_allowed(e):
+                self._cluster.note_down(ns, e)
+            return self._on_cluster_word(e, ns, repository, digest)
         if size is None:
             raise BlobUnknown(f"blob {digest} is unknown to repository {repository}")
         self._tenancy.grant(ns, repository, [digest])
-        return size
+        return _Grant(size)
+
+    def _on_cluster_word(
+        self, error: RegistryError, ns: str, repository: str, digest: Digest
+    ) -> _Grant:
+        size = self._tenancy.on_cluster_word(ns, repository, digest)
+        word = self._cluster
+        if word is None or not word.enabled or size is None or not stale_allowed(error):
+            raise error
+        word.taken("blob", f"blob {digest} of {repository} on {ns}", error.message)
+        return _Grant(size, peers_only=True)
 
     async def size(self, upstream: UpstreamSeam, repository: str, digest: Digest) -> int:
         """The blob's size for a HEAD, without downloading it when upstream says it."""
-        size = await self._authorize(upstream, repository, digest)
+        grant = await self._authorize(upstream, repository, digest)
         stored = self._store.size(digest)
         if stored is not None:
             return stored
-        if size is None:
-            size = await self._upstream_size(upstream, repository, digest)
-        if size < 0:  # upstream sent no length: only the bytes themselves can tell
-            await self._ensure(upstream, repository, digest, size)
+        if grant.size is None:
+            grant = await self._size_or_peers(upstream, repository, digest)
+        assert grant.size is not None
+        if grant.size < 0:  # no length said: only the bytes themselves can tell
+            await self._ensure(upstream, repository, digest, grant)
             return self._store.size(digest) or 0
-        return size
+        return grant.size
 
     async def ensure(self, upstream: UpstreamSeam, repository: str, digest: Digest) -> None:
         """Return once `repository` may have the blob and it is verified in the store."""
-        size = await self._authorize(upstream, repository, digest)
-        await self._ensure(upstream, repository, digest, size)
+        grant = await self._authorize(upstream, repository, digest)
+        await self._ensure(upstream, repository, digest, grant)
+
+    async def _size_or_peers(
+        self, upstream: UpstreamSeam, repository: str, digest: Digest
+    ) -> _Grant:
+        """Upstream's size of a blob it proved the repository holds; while it is down,
+        a fetch from peers (the size unsaid: the swarm's torrent tells it)."""
+        try:
+            return _Grant(await self._upstream_size(upstream, repository, digest))
+        except RegistryError as e:
+            if self._cluster is None or not stale_allowed(e):
+                raise
+            return _Grant(-1, peers_only=True)
 
     async def _upstream_size(self, upstream: UpstreamSeam, repository: str, digest: Digest) -> int:
         size = await upstream.blob_size(repository, digest)
@@ -109,15 +156,15 @@ class Blobs:
         return size
 
     async def _ensure(
-        self, upstream: UpstreamSeam, repository: str, digest: Digest, size: int | None
+        self, upstream: UpstreamSeam, repository: str, digest: Digest, grant: _Grant
     ) -> None:
-        """One fetch however many ask; `size` is upstream's answer if this request has one."""
+        """One fetch however many ask; `grant` has upstream's size if this request has one."""
         if digest in self._store:
             return
         flight = self._flights.get(digest)
         if flight is None:
             flight = self._flights[digest] = _Flight()
-            self._nursery.start_soon(self._fly, flight, upstream, repository, digest, size)
+            self._nursery.start_soon(self._fly, flight, upstream, repository, digest, grant)
         else:
             self._metrics.blob_fetch_joins.inc()
         await flight.done.wait()
@@ -131,13 +178,16 @@ class Blobs:
         upstream: UpstreamSeam,
         repository: str,
         digest: Digest,
-        known_size: int | None,
+        grant: _Grant,
     ) -> None:
         start = trio.current_time()
         try:
-            if known_size is None:
-                known_size = await self._upstream_size(upstream, repository, digest)
-            source, size = await self._fetcher.fetch(upstream, repository, digest, known_size)
+            if grant.size is None:
+                grant = await self._size_or_peers(upstream, repository, digest)
+            assert grant.size is not None
+            source, size = await self._fetcher.fetch(
+                upstream, repository, digest, grant.size, peers_only=grant.peers_only
+            )
         except RegistryError as e:
             flight.error = e
             log.warning("blob %s: every source failed: %s", digest, e.message)

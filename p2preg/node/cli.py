@@ -113,6 +113,11 @@ def _add_cache_arguments(p: argparse.ArgumentParser) -> None:
         "--serve-stale-s", metavar="SECONDS",
         help="while upstream is down, answer a tag seen this recently (7 days; 0: never)",
     )
+    p.add_argument(
+        "--no-cluster-fallback", dest="cluster_fallback", action="store_const", const=False,
+        help="while upstream is down, take nothing on another node's word (tags, manifests): "
+        "a clean 503 instead",
+    )
 
 
 def _add_limit_arguments(p: argparse.ArgumentParser) -> None:

@@ -129,12 +129,12 @@ class ClusterManifests:
     async def _fetch(
         self, digest: Digest, ns: str, repository: str, from_upstream: Upstream
     ) -> bytes:
-        found = await self._shelved(digest)
+        found = await self._shelved(digest, ns, repository)
         if found is not None:
             return found
         outcome = await self._await_lease(digest)
         if isinstance(outcome, _Shelved):
-            found = await self._shelved(digest)
+            found = await self._shelved(digest, ns, repository)
             if found is not None:
                 return found
             outcome = FallBack("tracker", "the shelf lost the body it said it holds")
@@ -155,8 +155,12 @@ class ClusterManifests:
         await self._put(digest, ns, repository, media_type, body)
         return body
 
-    async def _shelved(self, digest: Digest) -> bytes | None:
-        """The shelf's body if it matches `digest`; None if none, or the tracker fails."""
+    async def _shelved(self, digest: Digest, ns: str, repository: str) -> bytes | None:
+        """The shelf's body if it matches `digest`; None if none, or the tracker fails.
+
+        A shelf that does not list `repository` among the body's places is told it:
+        upstream proved the repository holds it, and the outage fallback
+        (clusterword.py) serves a body only where the shelf places it."""
         try:
             found = await self._tracker.get_manifest(digest)
         except tracker_errors.TrackerError as e:
@@ -168,6 +172,8 @@ class ClusterManifests:
             log.error("manifest %s: the tracker's shelf sent a body that does not match", digest)
             return None
         self._metrics.manifest_bodies.labels("cluster").inc()
+        if f"{ns}/{repository}" not in found.places:
+            await self._put(digest, ns, repository, found.media_type, found.body)
         return found.body
 
     async def _await_lease(self, digest: Digest) -> _Shelved | FetchAsHolder | FallBack:

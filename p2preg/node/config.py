@@ -157,6 +157,10 @@ class NodeConfig:
     # While upstream is down (unreachable, 5xx, 429), a tag answers the last digest
     # upstream gave for it, if upstream gave it within this long; 0: never.
     serve_stale_s: float = 7 * 24 * 3600.0
+    # While upstream is unreachable, what this node lacks comes from the cluster's
+    # word: a tag's last answer any node heard, a manifest by digest from the
+    # tracker, blobs from peers (docs/SECURITY.md). False: a 503 instead.
+    cluster_fallback: bool = True
     store_max_bytes: int = 50 * GiB
     # Each open blob stream holds at most one chunk in memory.
     stream_chunk_bytes: int = 1 * MiB

@@ -7,11 +7,17 @@ fetching from upstream as the lease holder (renewing the lease with progress),
 or in falling back to upstream with a reason — a swarm whose peers stalled the
 download (and were reported) sends it back to the lease wait once, so that the
 stalled nodes share one upstream fetch instead of each making its own; without
-a tracker, or for a blob below `p2p_min_bytes`, upstream straight away. A blob
+a tracker, or for a blob below `p2p_min_bytes`, upstream straight away (with
+`share_small`, config `cluster_fallback`, such a blob is then also published
+and seeded in the background if no node defined its torrent yet, so that the
+site holds every blob of an image for an outage). A blob
 that came from upstream is published to the swarm here and nowhere else, once,
 before the holder's lease is let go. Upstream bytes are hashed while written
 and enter the store only when they match. A pull never fails because of the
-P2P layer. It must not check tenancy or run fetches once per digest (blobs.py
+P2P layer. While upstream is unreachable (`peers_only`, blobs.py) a blob comes
+from peers or not at all: whatever its size, the lease wait (bounded by
+`PEERS_ONLY_WAIT_S`) ends in the swarm or in a clean 503, a lease granted
+meanwhile given back unused. It must not check tenancy or run fetches once per digest (blobs.py
 does both).
 """
 
@@ -28,7 +34,8 @@ import trio
 from p2preg.core import errors as tracker_errors
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
-from p2preg.node.errors import StoreFull, UpstreamError
+from p2preg.core.wire import LeaseStatus
+from p2preg.node.errors import StoreFull, UpstreamError, UpstreamUnavailable
 from p2preg.node.leasewait import (
     Ask,
     AskAgain,
@@ -64,6 +71,9 @@ RELEASE_ON_FAILURE_S = 5.0
 # Swarm downloads of one blob: a second only after the first stalled and the
 # tracker still names a seeder this node did not report.
 SWARM_ATTEMPTS = 2
+# While upstream is unreachable, how long a node waits for a lease holder's
+# progress before answering that no peer holds the blob.
+PEERS_ONLY_WAIT_S = 30.0
 
 Progress = Callable[[int], None]
 
@@ -130,7 +140,9 @@ class BlobFetcher:
         offload: Offload,
         cluster: Cluster | None = None,
         clock: Callable[[], float] = trio.current_time,
+        share_small: bool = False,
     ) -> None:
+        self._share_small = share_small
         self._store = store
         self._metrics = metrics
         self._pull_order = pull_order
@@ -140,7 +152,13 @@ class BlobFetcher:
         self._clock = clock
 
     async def fetch(
-        self, upstream: UpstreamSeam, repository: str, digest: Digest, size: int
+        self,
+        upstream: UpstreamSeam,
+        repository: str,
+        digest: Digest,
+        size: int,
+        *,
+        peers_only: bool = False,
     ) -> tuple[str, int]:
         """Bring `digest` (`size` bytes as upstream said, -1 if it did not) into the store.
 
@@ -152,10 +170,15 @@ class BlobFetcher:
                 self._store.reserve(size)
             except NoSpace as e:
                 raise StoreFull(f"no space to store blob {digest}: {e}") from None
+        if peers_only:
+            return "peers", await self._from_peers_only(digest, size)
         copy = partial(self._from_upstream, upstream, repository, digest)
         cluster = self._cluster
         if cluster is None or 0 <= size < cluster.settings.min_bytes:
-            return "upstream", await copy(_ignore_progress)
+            size = await copy(_ignore_progress)
+            if cluster is not None and self._share_small:
+                self._nursery.start_soon(self._share, cluster, digest, size)
+            return "upstream", size
         place = self._pull_order.of(digest)
         outcome = await self._await_lease(cluster, digest, size, place)
         if isinstance(outcome, JoinSwarm):
@@ -184,10 +207,52 @@ class BlobFetcher:
             )
         return "upstream", size
 
+    async def _from_peers_only(self, digest: Digest, size: int) -> int:
+        """While upstream is unreachable: the blob from peers, or UpstreamUnavailable."""
+        cluster = self._cluster
+        missing = UpstreamUnavailable(
+            f"the seed registry is unreachable and no peer holds blob {digest}"
+        )
+        if cluster is None:
+            raise missing
+        if size < 0:  # no size said (an evicted blob): the torrent's, checked by the digest
+            try:
+                record = await cluster.tracker.lookup_metainfo(digest)
+            except tracker_errors.TrackerError:
+                record = None
+            if record is None or record.size <= 0:
+                raise missing
+            size = record.size
+            try:
+                self._store.reserve(size)
+            except NoSpace as e:
+                raise StoreFull(f"no space to store blob {digest}: {e}") from None
+        place = self._pull_order.of(digest)
+        wait_s = min(cluster.settings.lease_wait_max_s, PEERS_ONLY_WAIT_S)
+        outcome = await self._await_lease(cluster, digest, size, place, max_s=wait_s)
+        if isinstance(outcome, JoinSwarm):
+            got = await self._from_swarm(cluster, digest, size, place, outcome)
+            if isinstance(got, Metainfo):
+                await cluster.seeding.keep(got)
+                return self._store.size(digest) or size
+            outcome = got
+        if isinstance(outcome, FetchAsHolder):  # nobody seeds it: the lease is no use now
+            with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_ON_FAILURE_S):
+                await _release(cluster.tracker, digest, outcome.lease_id)
+        log.warning("blob %s: upstream is unreachable and the swarm did not give it (%s)",
+                    digest, type(outcome).__name__)  # fmt: skip
+        raise missing
+
     # -- the tracker ------------------------------------------------------------
 
     async def _await_lease(
-        self, cluster: Cluster, digest: Digest, size: int, place: Place | None
+        self,
+        cluster: Cluster,
+        digest: Digest,
+        size: int,
+        place: Place | None,
+        *,
+        max_s: float | None = None,
     ) -> Outcome:
         """Ask the tracker until the lease wait ends in an outcome.
 
@@ -196,9 +261,8 @@ class BlobFetcher:
         """
         group = None if place is None else str(place.image)
         order = 0 if place is None else place.index
-        wait = LeaseWait(
-            cluster.settings.lease_wait_max_s, self._clock, blob=Blob(str(digest), size)
-        )
+        max_s = cluster.settings.lease_wait_max_s if max_s is None else max_s
+        wait = LeaseWait(max_s, self._clock, blob=Blob(str(digest), size))
         action = wait.step(Due())
         while True:
             if isinstance(action, Ask):
@@ -275,6 +339,25 @@ class BlobFetcher:
         except tracker_errors.TrackerError as e:
             log.info("reporting the upstream fetch of %s done: %s", digest, e)
         return size
+
+    async def _share(self, cluster: Cluster, digest: Digest, size: int) -> None:
+        """Seed a small blob fetched from upstream, if no node defined its torrent yet:
+        only the lease holder may, and a SEEDED or WAIT reply says another did or does."""
+        try:
+            reply = await cluster.tracker.acquire_lease(digest, size=size)
+        except tracker_errors.TrackerError as e:
+            log.info("blob %s: not shared with the cluster: %s", digest, e)
+            return
+        if reply.status is not LeaseStatus.GRANTED or not reply.lease_id:
+            return
+        try:
+            await cluster.seeding.publish(digest, size)
+        except Exception as e:  # evicted meanwhile, a full disk: the blob was served anyway
+            log.warning("blob %s: not shared with the cluster: %s", digest, e)
+            with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_ON_FAILURE_S):
+                await _release(cluster.tracker, digest, reply.lease_id)
+            return
+        await self._release_once_seeding(cluster, digest, reply.lease_id)
 
     async def _release_once_seeding(self, cluster: Cluster, digest: Digest, lease_id: str) -> None:
         # Hold the lease until the tracker counts us as a seeder: released any

@@ -87,6 +87,29 @@ def parse(body: bytes) -> Parsed:
     )
 
 
+def blob_sizes(body: bytes) -> dict[Digest, int]:
+    """The size each config and layer descriptor of an image manifest declares.
+
+    Read only from a manifest verified against its digest: its author's word,
+    checked again by the blob's own digest when its bytes arrive.
+    """
+    doc = json.loads(body)
+    sizes: dict[Digest, int] = {}
+    if not isinstance(doc, dict):
+        return sizes
+    config = doc.get("config")
+    for item in ([config] if config else []) + _list(doc.get("layers")):
+        if not isinstance(item, dict):
+            continue
+        size = item.get("size")
+        if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+            try:
+                sizes[Digest.parse(str(item.get("digest")))] = size
+            except DigestError:
+                continue
+    return sizes
+
+
 def _list(items: object) -> list[object]:
     return items if isinstance(items, list) else []
 

@@ -44,6 +44,14 @@ def _manifest_bodies(r: CollectorRegistry) -> Counter:
     )
 
 
+def _cluster_fallback_answers(r: CollectorRegistry) -> Counter:
+    return Counter(
+        "p2preg_cluster_fallback_answers",
+        "Answers served on another node's word while upstream was unreachable, by kind",
+        ["kind"], registry=r,
+    )
+
+
 def _rate_gauges(r: CollectorRegistry) -> tuple[Gauge, Gauge]:
     """The bandwidth caps (limits.py), by direction: peer_upload, peer_download,
     upstream_download; the rates are read at scrape time."""
@@ -97,6 +105,7 @@ class NodeMetrics:
             "p2preg_manifest_cache", "Manifest lookups by result", ["result"], registry=r
         )
         self.stale_tag_answers = _stale_tag_answers(r)
+        self.cluster_fallback_answers = _cluster_fallback_answers(r)
         self.manifest_head_fallbacks = Counter(
             "p2preg_manifest_head_fallbacks",
             "Tags resolved with an upstream GET because its HEAD lacked the digest, size or type",
@@ -112,6 +121,10 @@ class NodeMetrics:
             registry=r,
         )
         self._store_gauges(r)
+        self._swarm_metrics(r)
+        self.rate_limit, self.rate = _rate_gauges(r)
+
+    def _swarm_metrics(self, r: CollectorRegistry) -> None:
         self.peer_bytes = Counter(
             "p2preg_peer_blob_bytes", "Blob payload bytes received from peers", registry=r
         )
@@ -143,7 +156,6 @@ class NodeMetrics:
             ["reason"], registry=r,
         )
         self.blobs_seeded = Gauge("p2preg_blobs_seeded", "Blobs this node seeds", registry=r)
-        self.rate_limit, self.rate = _rate_gauges(r)
 
     def _store_gauges(self, r: CollectorRegistry) -> None:
         self.store_bytes = Gauge("p2preg_store_bytes", "Bytes held in the store", registry=r)

@@ -11,6 +11,13 @@ digest for all the nodes), once upstream said the repository holds it — the
 tag's HEAD, or a HEAD by digest. Each resolved manifest proves to the tenancy
 ledger that its repository holds what it references, and notes each image's
 blob order for the P2P path (pullorder.py). Manifests are small and are never swarmed.
+Each tag answer upstream gives, and each manifest with the repository upstream
+showed holds it, is told to the cluster (clusterword.py); while upstream is
+unreachable, a tag the node cannot answer itself resolves to the cluster's last
+answer, and a manifest it may not serve on its own proof comes on the cluster's
+word (the tracker's shelf, checked against its digest) — the tenancy ledger
+keeps such grants apart, for the outage only (docs/SECURITY.md, "What rests on
+another node's word").
 """
 
 from __future__ import annotations
@@ -25,9 +32,11 @@ import trio
 
 from p2preg.core.digest import Digest, DigestError
 from p2preg.core.reference import Reference
+from p2preg.node import listings
 from p2preg.node import manifest as mf
 from p2preg.node.cluster_manifests import ClusterManifests
-from p2preg.node.errors import ManifestUnknown, NameUnknown, RegistryError, UpstreamError
+from p2preg.node.clusterword import ClusterWord, Shelve
+from p2preg.node.errors import ManifestUnknown, RegistryError, UpstreamError
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.pullorder import PullOrder
 from p2preg.node.seams import UpstreamSeam
@@ -71,10 +80,13 @@ class Resolver:
         *,
         clock: Callable[[], float] = time.time,
         cluster: ClusterManifests | None = None,
+        word: ClusterWord | None = None,
     ) -> None:
         self._store = store
-        # With a tracker: manifest bodies cross upstream once per cluster.
+        # With a tracker: manifest bodies cross upstream once per cluster, and the
+        # cluster's word stands in for upstream's during an outage.
         self._cluster = cluster
+        self._word = word
         self._tenancy = tenancy
         self._metrics = metrics
         self._pull_order = pull_order
@@ -104,9 +116,20 @@ class Resolver:
                 self._metrics.manifest_cache.labels("hit").inc()
                 return cached
         self._metrics.manifest_cache.labels("miss").inc()
-        if ref.digest is not None and self._cluster is not None:
-            return await self._through_cluster(client, repository, ref.digest, accept, proven)
-        return await self._fetch(client, repository, ref, accept)
+        ns, digest = client.upstream.ns, ref.digest
+        down = None if digest is None else self._outage_for(ns, repository, digest)
+        if digest is not None and down is not None:
+            return await self._digest_on_word(down, ns, repository, digest)
+        try:
+            if digest is not None and self._cluster is not None:
+                return await self._through_cluster(client, repository, digest, accept, proven)
+            return await self._fetch(client, repository, ref, accept)
+        except RegistryError as e:
+            if digest is None or not stale_allowed(e):
+                raise
+            if self._word is not None:
+                self._word.note_down(ns, e)
+            return await self._digest_on_word(e, ns, repository, digest)
 
     async def head(
         self, client: UpstreamSeam, repository: str, ref: Reference, accept: str | None
@@ -137,6 +160,9 @@ class Resolver:
             heard = self._heads.get(fresh.digest)
             if heard is not None and not fresh.is_stale:
                 return heard
+        down = None if self._word is None else self._word.outage(ns)
+        if down is not None and self._tags.get(key) is None:
+            return await self._tag_on_word(down, repository, ref, key)
         try:
             answer = await self._ask_tag(client, repository, ref, accept)
         except ManifestUnknown:
@@ -145,6 +171,8 @@ class Resolver:
         except RegistryError as e:
             return await self._stale(e, repository, ref, key)
         self._tags.seen(key, answer.digest, self._clock())
+        if self._word is not None:
+            self._word.heard(key, answer.digest)
         if isinstance(answer, Manifest):
             return answer
         cached = await self._cached(answer.digest)
@@ -159,6 +187,8 @@ class Resolver:
         # Upstream just said this repository's tag points at a manifest the
         # node holds (verified): the repository holds it and what it references.
         self._metrics.manifest_cache.labels("hit").inc()
+        if not self._tenancy.holds(ns, repository, cached.digest):
+            self._shelve(ns, repository, cached)
         self._grant(ns, repository, cached)
         return cached
 
@@ -195,19 +225,24 @@ class Resolver:
             client.upstream.ns, repository, ref.tag,
         )
         self._metrics.manifest_cache.labels("miss").inc()
-        return await self._fetch(client, repository, ref, accept)
+        found = await self._fetch(client, repository, ref, accept)
+        self._shelve(client.upstream.ns, repository, found)
+        return found
 
     async def _stale(
         self, error: RegistryError, repository: str, ref: Reference, key: TagKey
     ) -> Manifest:
-        """While upstream is down, the last digest it gave for the tag, if held; else `error`."""
+        """While upstream is down, the last digest it gave for the tag, if held; else
+        the cluster's last answer for it; else `error`."""
         if not stale_allowed(error):
             raise error
+        if self._word is not None:
+            self._word.note_down(key[0], error)
         now = self._clock()
         entry = self._tags.stale(key, now)
         cached = None if entry is None else await self._cached(entry.digest)
         if entry is None or cached is None:
-            raise error
+            return await self._tag_on_word(error, repository, ref, key)
         self._metrics.stale_tag_answers.labels(key[0]).inc()
         log.warning(
             "tag %s:%s of %s answered with %s, seen %.0f s ago: %s",
@@ -251,6 +286,83 @@ class Resolver:
         found = self._accept(ns, repository, digest, body)
         await self._keep(found)
         return found
+
+    async def _tag_on_word(
+        self, error: RegistryError, repository: str, ref: Reference, key: TagKey
+    ) -> Manifest:
+        """The cluster's last answer for a tag this node cannot answer, while upstream is down."""
+        word = self._word
+        heard = None if word is None else await word.tag(key)
+        if word is None or heard is None:
+            raise error
+        found = await self._cached(heard.digest)
+        if found is None:
+            found = await self._from_shelf(word, key[0], repository, heard.digest)
+        if found is None:
+            raise error
+        self._grant_on_word(key[0], repository, found)
+        word.taken("tag", f"tag {repository}:{ref.tag} of {key[0]} as {heard.digest}, reported "
+                   f"by {heard.reported_by} {heard.age_s:.0f} s ago", error.message)  # fmt: skip
+        return found
+
+    async def _digest_on_word(
+        self, error: RegistryError, ns: str, repository: str, digest: Digest
+    ) -> Manifest:
+        """A manifest by digest this node may not serve on its own proof, while upstream
+        is down: one the cluster's word already granted this repository (a tag's answer,
+        an index's child) and the node holds, or one the tracker's shelf holds."""
+        word = self._word
+        if word is None or not word.enabled:
+            raise error
+        found = None
+        if self._tenancy.on_cluster_word(ns, repository, digest) is not None:
+            found = await self._cached(digest)
+        if found is None:
+            found = await self._from_shelf(word, ns, repository, digest)
+        if found is None:
+            raise error
+        self._grant_on_word(ns, repository, found)
+        word.taken("manifest", f"manifest {digest} of {repository} on {ns}", error.message)
+        return found
+
+    def _outage_for(self, ns: str, repository: str, digest: Digest) -> RegistryError | None:
+        """How upstream failed lately, if the cluster's word already granted `digest` here:
+        then it is not asked again (clusterword.py, `recheck_s`)."""
+        down = None if self._word is None else self._word.outage(ns)
+        if down is None or self._tenancy.on_cluster_word(ns, repository, digest) is None:
+            return None
+        return down
+
+    async def _from_shelf(
+        self, word: ClusterWord, ns: str, repository: str, digest: Digest
+    ) -> Manifest | None:
+        """The tracker's body for `digest`, checked (clusterword.py) and parsed, kept."""
+        body = await word.manifest(ns, repository, digest)
+        if body is None:
+            return None
+        try:
+            parsed = mf.parse(body)
+        except mf.ManifestInvalid as e:
+            log.warning("manifest %s from the tracker's shelf is unusable: %s", digest, e)
+            return None
+        found = Manifest(digest, parsed.media_type, body)
+        self._pull_order.note(digest, parsed.pull_order)
+        await self._keep(found)
+        return found
+
+    def _shelve(self, ns: str, repository: str, found: Manifest) -> None:
+        if self._word is not None:
+            self._word.shelve(
+                Shelve(found.digest, ns, repository, found.media_type, found.body)
+            )
+
+    def _grant_on_word(self, ns: str, repository: str, found: Manifest) -> None:
+        """What the cluster's word lets `repository` serve during the outage: the manifest,
+        its children, and its blobs with the sizes it declares (no upstream HEAD)."""
+        parsed = mf.parse(found.body)  # parsed before it was kept
+        sizes = dict.fromkeys((found.digest, *parsed.manifests, *parsed.blobs), -1)
+        sizes.update(mf.blob_sizes(found.body))
+        self._tenancy.grant_on_cluster_word(ns, repository, sizes)
 
     async def _fetch(
         self, client: UpstreamSeam, repository: str, ref: Reference, accept: str | None
@@ -358,39 +470,10 @@ class Resolver:
     # -- tags and referrers -----------------------------------------------
 
     async def tags(self, client: UpstreamSeam, repository: str) -> list[str]:
-        tags = await client.tags(repository)
-        if tags is None:
-            raise NameUnknown(f"repository {repository} is unknown to the seed registry")
-        return sorted(set(tags))
+        return await listings.tags(client, repository)
 
     async def referrers(
         self, client: UpstreamSeam, repository: str, subject: Digest, artifact_type: str | None
     ) -> bytes:
         """Referrers of `subject` as an OCI index, from the API or the tag schema."""
-        headers = {"Accept": mf.OCI_INDEX}
-        fetched = await client.fetch(
-            "GET",
-            repository,
-            f"referrers/{subject}",
-            headers=headers,
-            max_bytes=mf.MAX_MANIFEST_BYTES,
-        )
-        content_type = fetched.headers.get("Content-Type", "") if fetched else ""
-        if fetched is None or not content_type.startswith(mf.OCI_INDEX):
-            # No referrers API upstream: fall back to the `<alg>-<hex>` tag schema.
-            fetched = await client.fetch(
-                "GET",
-                repository,
-                f"manifests/{subject.algorithm}-{subject.hex}",
-                headers=headers,
-                max_bytes=mf.MAX_MANIFEST_BYTES,
-            )
-        if fetched is None:
-            return mf.empty_index()
-        try:
-            parsed = mf.parse(fetched.body)
-            body = mf.filter_index(fetched.body, artifact_type)
-        except (mf.ManifestInvalid, ValueError):
-            raise UpstreamError("seed registry sent a malformed referrers index") from None
-        self._tenancy.grant(client.upstream.ns, repository, parsed.manifests)
-        return body
+        return await listings.referrers(self._tenancy, client, repository, subject, artifact_type)

@@ -2,7 +2,9 @@
 
 Owns the shape of what the pull path asks of each outside party, no more: the
 libtorrent session (`swarm.Swarm`), the tracker's control API
-(`tracker.client.TrackerClient`) and a seed registry (`upstream.UpstreamClient`)
+(`tracker.client.TrackerClient`, whose tag answers and manifest shelf are a
+seam of their own)
+and a seed registry (`upstream.UpstreamClient`)
 satisfy these structurally, and in-memory fakes (tests/fakes.py) do too, so
 the pull path runs in-process without sockets. `Offload` says where blocking
 store work (hashing, fsync) runs: a worker thread in the node (`in_thread`),
@@ -21,7 +23,7 @@ import trio
 
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
-from p2preg.core.wire import LeaseReply, MetainfoRecord
+from p2preg.core.wire import LeaseReply, ManifestBody, MetainfoRecord, TagAnswer
 from p2preg.node.config import Upstream
 
 if TYPE_CHECKING:
@@ -134,3 +136,23 @@ class UpstreamSeam(Protocol):
     ) -> Fetched | None: ...
 
     async def tags(self, repository: str) -> list[str] | None: ...
+
+
+class ClusterWordSeam(Protocol):
+    """The tracker's tag answers (tracker/tags.py) and manifest shelf
+    (tracker/manifest_shelf.py) as the node uses them; failures raise
+    core.errors.TrackerError."""
+
+    async def report_tag(
+        self, ns: str, repository: str, tag: str, digest: Digest, accept: str = ""
+    ) -> None: ...
+
+    async def query_tag(
+        self, ns: str, repository: str, tag: str, accept: str = ""
+    ) -> TagAnswer: ...
+
+    async def put_manifest(
+        self, digest: Digest, ns: str, repository: str, media_type: str, body: bytes
+    ) -> None: ...
+
+    async def get_manifest(self, digest: Digest) -> ManifestBody | None: ...

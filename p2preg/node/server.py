@@ -35,6 +35,7 @@ from p2preg.node.adminauth import AdminAuth, open_admin_auth
 from p2preg.node.blobs import Blobs
 from p2preg.node.blobstream import BlobStreams
 from p2preg.node.cluster_manifests import ClusterManifests
+from p2preg.node.clusterword import ClusterWord
 from p2preg.node.config import Credential, NodeConfig
 from p2preg.node.containerd_check import watch_host
 from p2preg.node.credentials import node_credentials
@@ -187,6 +188,20 @@ def _read_secrets(config: NodeConfig) -> _Secrets:
     return _Secrets(token, credentials, open_admin_auth(config.data_dir, config.admin_token_file))
 
 
+
+def _cluster_answers(
+    config: NodeConfig, p2p: _P2P | None, metrics: NodeMetrics, nursery: trio.Nursery
+) -> tuple[ClusterManifests | None, ClusterWord | None]:
+    """With a tracker: manifest bodies through the cluster, and its word for outages."""
+    if p2p is None:
+        return None, None
+    word = ClusterWord(
+        p2p.tracker, metrics, enabled=config.cluster_fallback,
+        max_age_s=config.serve_stale_s, recheck_s=config.tag_ttl_s,
+    )
+    nursery.start_soon(word.report_forever)
+    return ClusterManifests(p2p.tracker, metrics, config.lease_wait_max_s), word
+
 def _upstreams(
     config: NodeConfig,
     http: httpx.AsyncClient,
@@ -240,14 +255,14 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
         cluster = None if p2p is None else _cluster(config, store, p2p, torrents, nursery)
         upstreams = _upstreams(config, http, held, metrics, throttle)
         fetcher = BlobFetcher(
-            store, metrics, pull_order, nursery, offload=in_thread, cluster=cluster
+            store, metrics, pull_order, nursery, offload=in_thread, cluster=cluster,
+            share_small=config.cluster_fallback,
         )
-        blobs = Blobs(store, tenancy, metrics, fetcher, nursery)
-        manifests = (
-            None if p2p is None
-            else ClusterManifests(p2p.tracker, metrics, config.lease_wait_max_s)
+        manifests, word = _cluster_answers(config, p2p, metrics, nursery)
+        blobs = Blobs(store, tenancy, metrics, fetcher, nursery, word)
+        resolver = Resolver(
+            store, tenancy, metrics, pull_order, tags, cluster=manifests, word=word
         )
-        resolver = Resolver(store, tenancy, metrics, pull_order, tags, cluster=manifests)
         streams = BlobStreams(
             store, trio.Semaphore(config.max_blob_streams), config.stream_chunk_bytes, metrics
         )

@@ -7,8 +7,13 @@ private repository from leaking through another repository name. The ledger
 is bounded (least recently proven entries go first; forgetting one only costs
 an upstream HEAD). It keeps the grants not yet written down for
 servingstate.py, which keeps the ledger across a restart (a node restarted
-while upstream is down still serves what it held). It must not ask the
-upstream itself (blobs.py and the resolver do), nor touch the disk.
+while upstream is down still serves what it held). Apart from it, and never
+written down nor counted by `holds`, it keeps what the cluster's word granted
+while upstream was unreachable (clusterword.py): a repository another node
+said holds a manifest, and the sizes that manifest declares for its blobs, so
+a word from the cluster never outlives the outage as if upstream had said it.
+It must not ask the upstream itself (blobs.py and the resolver do), nor touch
+the disk.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class Tenancy:
         self.max_entries = max_entries
         # Granted since servingstate.py last took them, oldest grant first.
         self._unsaved: OrderedDict[TenancyKey, None] = OrderedDict()
+        # Granted on the cluster's word, with the blob's size (-1: a manifest).
+        self._cluster: OrderedDict[TenancyKey, int] = OrderedDict()
 
     def grant(self, ns: str, repository: str, digests: Iterable[Digest]) -> None:
         for digest in digests:
@@ -45,6 +52,19 @@ class Tenancy:
 
     def __len__(self) -> int:
         return len(self._held)
+
+    def grant_on_cluster_word(self, ns: str, repository: str, sizes: dict[Digest, int]) -> None:
+        """The cluster said `repository` holds these (digest → size, -1 for a manifest)."""
+        for digest, size in sizes.items():
+            key = (ns, repository, digest)
+            self._cluster[key] = size
+            self._cluster.move_to_end(key)
+        while len(self._cluster) > self.max_entries:
+            self._cluster.popitem(last=False)
+
+    def on_cluster_word(self, ns: str, repository: str, digest: Digest) -> int | None:
+        """The size the cluster's word gave (-1: a manifest), or None if it said nothing."""
+        return self._cluster.get((ns, repository, digest))
 
     def take_unsaved(self) -> list[TenancyKey]:
         """The grants since the last call, oldest first; the ledger forgets they were unsaved."""
