@@ -87,6 +87,11 @@ class Job:
     # handshake per announce); measures what resumption would save the tracker.
     resume: bool = False
     token: str | None = None  # sent as `&token=` (plain HTTP only)
+    # Several tracker replicas: node i announces to ports[i % len(ports)] (else `port`).
+    ports: tuple[int, ...] = ()
+
+    def port_of(self, i: int) -> int:
+        return self.ports[i % len(self.ports)] if self.ports else self.port
 
 
 class _Conn:
@@ -171,7 +176,7 @@ def _worker(
         s, j = members[n] if job.warmup else rnd.choice(members)
         i = job.cluster.node(s, j)
         try:
-            got = conn.announce(job.port, i, _request(job, s, j))
+            got = conn.announce(job.port_of(i), i, _request(job, s, j))
         except OSError:
             got = -1
         answered += got >= 0

@@ -51,8 +51,9 @@ FORWARD_TIMEOUT_S = 2.0
 # (max_metainfo_bytes ≥ 4 KiB, plus 64 KiB). A libtorrent announce is ~250 B.
 BATCH_MAX = 128
 BATCH_QUERY_BYTES = 56 * 1024
-# Batches in flight to the serving replica at once (a kept-alive connection each).
-SENDERS = 4
+# Batches in flight to the serving replica at once (a kept-alive connection
+# each): few, so that what arrives while one is out goes in the next together.
+SENDERS = 2
 # Announces queued on a front, at most; past it they are answered `busy`.
 QUEUE_MAX = 20_000
 MAX_IDENTITY_CHARS = 253  # p2preg.core.pki's name limit
