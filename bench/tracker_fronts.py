@@ -47,9 +47,14 @@ from harness.tracker import TrackerProcess, open_tracker
 from p2preg.core.metainfo import Metainfo
 
 REPLICAS = 3
+# Announces in flight at once (one per generator process): a cluster's nodes
+# announce independently, so a front has many at a time to batch; 16 (the
+# single-tracker rows') would cap its batches at about 4.
+WORKERS = 48
 _COUNTERS = {
     "applied": ("p2preg_tracker_forwarded_total", {"result": "applied"}),
     "fronted": ("p2preg_tracker_front_forwards_total", {"result": "answered"}),
+    "batches": ("p2preg_tracker_forwarded_batches_total", {}),
 }
 
 
@@ -62,6 +67,7 @@ class ReplicaRun:
     announces: float  # announces it applied (its own and forwarded ones)
     applied: float  # forwarded announces it applied (the serving replica)
     fronted: float  # announces it forwarded and answered (a front)
+    batches: float = 0.0  # batches of forwarded announces it applied (the serving replica)
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,11 @@ class FrontsRun:
     errors: int
     seconds: float
     replicas: list[ReplicaRun]
+
+    @property
+    def mean_batch(self) -> float:
+        batches = sum(r.batches for r in self.replicas)
+        return sum(r.applied for r in self.replicas) / batches if batches else float("nan")
 
     @property
     def per_s(self) -> float:
@@ -169,7 +180,7 @@ def _run(job: Job, load: str, mode: str, serving: TrackerProcess,
         runs.append(ReplicaRun(
             "serving" if t is serving else "front", max(0.0, used),
             c1["announces"] - c0["announces"], c1["applied"] - c0["applied"],
-            c1["fronted"] - c0["fronted"],
+            c1["fronted"] - c0["fronted"], c1["batches"] - c0["batches"],
         ))  # fmt: skip
     return FrontsRun(mode, load, result.answered, result.errors, result.seconds, runs)
 
@@ -202,7 +213,8 @@ def measure_fronts(
                      mode_metas, cluster)  # fmt: skip
             everyone = tuple(_port(t) for t in (serving, *fronts))
             job = Job(_port(serving), [m.swarm_keys[0] for m in mode_metas], cluster,
-                      pool if tls else None, load_core, seconds, True, ports=everyone)  # fmt: skip
+                      pool if tls else None, load_core, seconds, True, ports=everyone,
+                      workers=WORKERS)  # fmt: skip
             walked = run_load(job, serving.process.pid, serving.metrics_url or serving.url)
             if walked.answered < cluster.members:
                 raise RuntimeError(f"{mode}: the warm-up reached {walked.answered} members only")
@@ -222,14 +234,14 @@ def report(runs: list[FrontsRun], direct_us: dict[str, float]) -> dict[str, obje
     table = Table(title=f"{REPLICAS} replicas on one Redis: announces through the fronts "
                   "(replicas and Redis share one core, the load the other)")  # fmt: skip
     for name in ("mode", "load", "announces/s", "errors", "serving CPU", "fronts CPU",
-                 "serving µs/forwarded", "front µs/announce"):  # fmt: skip
+                 "serving µs/forwarded", "front µs/announce", "mean batch"):  # fmt: skip
         table.add_column(name, justify="left" if name in ("mode", "load") else "right")
     for r in runs:
         serving = sum(x.cpu_s for x in r.replicas if x.role == "serving") / r.seconds
         fronts = sum(x.cpu_s for x in r.replicas if x.role == "front") / r.seconds
         table.add_row(r.mode, r.load, f"{r.per_s:,.0f}", str(r.errors), f"{serving:.0%}",
                       f"{fronts:.0%}", f"{r.cpu_us('serving'):.0f}",
-                      f"{r.cpu_us('front'):.0f}")  # fmt: skip
+                      f"{r.cpu_us('front'):.0f}", f"{r.mean_batch:.1f}")  # fmt: skip
     Console(width=200).print(table)
     projection: dict[str, dict[int, float]] = {}
     for mode, direct in direct_us.items():

@@ -134,6 +134,7 @@ def answer_batch(tracker: Tracker, items: Sequence[Forwarded]) -> list[bytes]:
         body = bittorrent.http_body(tracker, i.path, i.query, i.client_ip, i.identity)
         bodies.append(body or b"")
     tracker.metrics.forwarded_applied.inc(len(items))
+    tracker.metrics.forwarded_batches.inc()
     return bodies
 
 

@@ -259,6 +259,11 @@ class TrackerMetrics:
             forwarded.labels(result)
         self.forwarded_applied = forwarded.labels("applied")
         self.forwarded_refused = forwarded.labels("refused")
+        self.forwarded_batches = Counter(
+            "p2preg_tracker_forwarded_batches",
+            "Batches of forwarded BitTorrent requests this replica applied",
+            registry=self.registry,
+        )
 
     def quota_refused(self, kind: str) -> None:
         self.quota_refusal[kind].inc()
