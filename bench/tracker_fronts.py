@@ -240,7 +240,8 @@ def report(runs: list[FrontsRun], direct_us: dict[str, float]) -> dict[str, obje
         serving = sum(x.cpu_s for x in r.replicas if x.role == "serving") / r.seconds
         fronts = sum(x.cpu_s for x in r.replicas if x.role == "front") / r.seconds
         table.add_row(r.mode, r.load, f"{r.per_s:,.0f}", str(r.errors), f"{serving:.0%}",
-                      f"{fronts:.0%}", f"{r.cpu_us('serving'):.0f}",
+                      # Spread, the serving replica's CPU is its own announces' too.
+                      f"{fronts:.0%}", f"{r.cpu_us('serving'):.0f}" if r.load == "fronts" else "—",
                       f"{r.cpu_us('front'):.0f}", f"{r.mean_batch:.1f}")  # fmt: skip
     Console(width=200).print(table)
     projection: dict[str, dict[int, float]] = {}
