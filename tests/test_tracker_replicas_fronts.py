@@ -1,4 +1,4 @@
-"""Announce fronts (tracker/fronts.py) as real processes: 3 replicas on one redis-server.
+"""Announce fronts (tracker/fronts.py) as real processes: replicas on one redis-server.
 
 Under mutual TLS, a standby answers a node's announce with the serving
 replica's answer: a peer that announced to one standby is handed out by the
@@ -6,6 +6,8 @@ other and by the serving replica itself. A node's certificate cannot use the
 forward route (only a tracker's may speak for a node). Killing the serving
 replica (-9) makes the fronts answer a failure at once, then forward to the
 replica that takes the next term, which hands out the peers of the last.
+In a token cluster the fronts forward with the token, and a forward without
+it is refused.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 from pathlib import Path
 from urllib.parse import quote_from_bytes
 
+import httpx
 import libtorrent as lt
 import pytest
 import trio
@@ -156,3 +159,47 @@ async def a_node_certificate_cannot_forward(
         r = await http.get(f"{serving_replica.url}/announce?{announce_query(meta, 4, left=1)}")
     handed_out = peers_of(lt.bdecode(r.content))
     assert bytes([127, 0, 0, 9]) + peer(9)[4:] not in handed_out and peer(9) not in handed_out
+
+
+async def test_with_a_token_a_front_forwards_with_it_and_nothing_forwards_without(
+    tmp_path: Path,
+) -> None:
+    """A token cluster: the fronts forward with the cluster token; a forward
+    without it is refused (401) and reaches no swarm."""
+    token = "fronts-token"
+    meta = blob_meta(tmp_path)
+    (ih,) = meta.swarm_keys
+    with (
+        start_redis(tmp_path / "redis", password=PASSWORD) as server,
+        replicas(tmp_path, server.url(), 2, token=token, password=PASSWORD) as trackers,
+    ):
+        first = serving(trackers)
+        (front,) = (t for t in trackers if t is not first)
+        async with open_tracker_client(first.url, node="a", token=token) as a:
+            await file_as_holder(a, meta)
+
+        def query(node: str, n: int, left: int) -> str:
+            return (f"info_hash={quote_from_bytes(ih)}&peer_id={quote_from_bytes(bytes([n]) * 20)}"
+                    f"&port={7000 + n}&uploaded=0&downloaded=0&left={left}&compact=1"
+                    f"&node={node}&token={token}")  # fmt: skip
+
+        async with httpx.AsyncClient(headers={"Connection": "close"}) as http:
+            seeded: dict[bytes, object] = {}
+            with trio.move_on_after(NEXT_TERM_WAIT_S):
+                for _ in range(int(NEXT_TERM_WAIT_S / 0.2)):
+                    r = await http.get(f"{front.url}/announce?{query('a', 1, 0)}")
+                    seeded = lt.bdecode(r.content)
+                    if b"failure reason" not in seeded:
+                        break
+                    await trio.sleep(0.2)
+            assert b"failure reason" not in seeded, seeded
+            r = await http.get(f"{first.url}/announce?{query('b', 2, 1)}")
+            assert peer(1) in peers_of(lt.bdecode(r.content))
+            forged = fronts.encode_batch([
+                fronts.Forwarded(b"/announce", query("c", 9, 0).encode(), "127.0.0.9", None)
+            ])  # fmt: skip
+            r = await http.post(f"{first.url}{fronts.FORWARD_PATH}", content=forged)
+        assert r.status_code == 401, r.content
+        assert token.encode() not in r.content
+        assert metric(first, "p2preg_tracker_forwarded_total", result="applied") >= 1
+        assert "c" not in server.cli("HKEYS", f"p2preg:p:{meta.digest}")
