@@ -15,11 +15,14 @@ of a term without a renewal — well before it can expire, so two replicas never
 serve at once. Stopped, it writes its last peers and gives the key up, so a
 rolling restart costs no term.
 
-A standby answers at once: `standing_by` (503) while another replica holds the
-term — a node waiting for a lease asks again, since one serves within about a
-term — and `unavailable` while it cannot reach the store (nodes go upstream).
-Nodes given every replica (`--tracker`, one tier each) move on to the one that
-serves; Kubernetes routes by `/readyz`.
+A standby answers the control API at once: `standing_by` (503) while another
+replica holds the term — a node waiting for a lease asks again, since one
+serves within about a term — and `unavailable` while it cannot reach the store
+(nodes go upstream). Nodes given every replica (`--tracker`, one tier each)
+move on to the one that serves; Kubernetes routes by `/readyz`. Announces a
+standby fronts for the serving replica (fronts.py): the term's key carries the
+holder's address (`Term.advertise`), which a standby reads on each attempt to
+take the term and hands its `Front`.
 
 Why one serving replica rather than every replica answering from Redis on each
 request: the tracker's rules (leases, the per-image queue, disputes, admission)
