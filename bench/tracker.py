@@ -70,6 +70,7 @@ import trio
 from rich.console import Console
 from rich.table import Table
 
+from bench import tracker_fronts as fronts
 from bench import tracker_udp as udp
 from bench.machine import add_tls_flag, cpu_seconds
 from bench.tracker_load import (
@@ -373,8 +374,19 @@ def main() -> None:
         help="redis: also measure our tracker with a Redis store (a redis-server started"
         " for it), beside SQLite: plain, mTLS, and what Redis did per announce",
     )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        choices=(1, fronts.REPLICAS),
+        default=1,
+        help=f"{fronts.REPLICAS}: also run {fronts.REPLICAS} replicas on one Redis with the"
+        " Python generator's announces spread over them (bench/tracker_fronts.py; needs"
+        " --store redis)",
+    )
     add_tls_flag(parser)
     args = parser.parse_args()
+    if args.replicas > 1 and args.store != "redis":
+        parser.error("--replicas needs --store redis")
     ensure_tools()
     stores = ("sqlite",) if args.store == "sqlite" else ("sqlite", args.store)
     results: list[Result] = []
@@ -403,6 +415,13 @@ def main() -> None:
                 if mode.startswith("https"):
                     done = load.answered + load.errors
                     print(f"{store} {mode}: the tracker resumed {load.resumed} of {done} sessions")
+            if args.replicas > 1:
+                runs = fronts.measure_fronts(workdir, metas[: args.tls_swarms], gen, args.seconds,
+                                             tracker_core=TRACKER_CORE, load_core=LOAD)  # fmt: skip
+                direct = {mode: load.tracker_cpu_pct / 100 * load.seconds / load.answered * 1e6
+                          for (store, mode), load in loads.items()
+                          if store == "redis" and mode in ("http", "https-mtls")}  # fmt: skip
+                args.fronts = fronts.report(runs, direct)
     report(results, args)
 
 

@@ -87,6 +87,14 @@ class Job:
     # handshake per announce); measures what resumption would save the tracker.
     resume: bool = False
     token: str | None = None  # sent as `&token=` (plain HTTP only)
+    # Several tracker replicas: node i announces to ports[i % len(ports)] (else `port`).
+    ports: tuple[int, ...] = ()
+    # Worker processes, each with one announce in flight (bench/tracker_fronts.py
+    # wants more: a front batches what is in flight together).
+    workers: int = WORKERS
+
+    def port_of(self, i: int) -> int:
+        return self.ports[i % len(self.ports)] if self.ports else self.port
 
 
 class _Conn:
@@ -95,7 +103,7 @@ class _Conn:
     def __init__(self, job: Job, w: int) -> None:
         self.contexts: dict[int, ssl.SSLContext] = {}
         if job.pool is not None:
-            for i in range(w, job.cluster.nodes, WORKERS):
+            for i in range(w, job.cluster.nodes, job.workers):
                 self.contexts[i] = client_ssl_context(job.pool / str(i))
         self.resume = job.resume
         self.sessions: dict[int, ssl.SSLSession] = {}
@@ -135,13 +143,13 @@ def _request(job: Job, s: int, j: int) -> bytes:
     return f"GET /announce?{q} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
 
 
-def _members(cluster: Cluster, w: int) -> list[tuple[int, int]]:
+def _members(cluster: Cluster, w: int, workers: int) -> list[tuple[int, int]]:
     """(swarm, j) of every member whose node is worker `w`'s."""
     return [
         (s, j)
         for s in range(cluster.swarms)
         for j in range(cluster.per_swarm)
-        if cluster.node(s, j) % WORKERS == w
+        if cluster.node(s, j) % workers == w
     ]
 
 
@@ -153,7 +161,7 @@ def _worker(
     out: multiprocessing.queues.Queue[tuple[int, int, int, float, int]],
 ) -> None:
     os.sched_setaffinity(0, {job.core})
-    members = _members(job.cluster, w)
+    members = _members(job.cluster, w, job.workers)
     conn = _Conn(job, w)
     rnd = random.Random()
     answered = errors = peers = 0
@@ -171,7 +179,7 @@ def _worker(
         s, j = members[n] if job.warmup else rnd.choice(members)
         i = job.cluster.node(s, j)
         try:
-            got = conn.announce(job.port, i, _request(job, s, j))
+            got = conn.announce(job.port_of(i), i, _request(job, s, j))
         except OSError:
             got = -1
         answered += got >= 0
@@ -181,12 +189,13 @@ def _worker(
 
 
 def run_load(job: Job, pid: int, metrics_url: str, redis: RedisUnderTest | None = None) -> Load:
-    """WORKERS processes announcing; the tracker's CPU (and its Redis's work) over the same span."""
+    """`job.workers` processes announcing; the tracker's CPU (and its Redis's work) over
+    the same span."""
     mp = multiprocessing.get_context("spawn")
     go = mp.Event()
     out: multiprocessing.queues.Queue[tuple[int, int, int, float, int]] = mp.Queue()
     ready: multiprocessing.queues.Queue[int] = mp.Queue()
-    procs = [mp.Process(target=_worker, args=(job, w, go, ready, out)) for w in range(WORKERS)]
+    procs = [mp.Process(target=_worker, args=(job, w, go, ready, out)) for w in range(job.workers)]
     for p in procs:
         p.start()
     # Every worker has imported, built its contexts (and, resuming, shaken hands once
@@ -270,7 +279,7 @@ def _sample(job: Job) -> None:
     """Swarm 0's first leecher and last seeder announce by hand: both must get peers."""
     for j in (0, job.cluster.per_swarm - 1):
         i = job.cluster.node(0, j)
-        got = _Conn(job, i % WORKERS).announce(job.port, i, _request(job, 0, j))
+        got = _Conn(job, i % job.workers).announce(job.port, i, _request(job, 0, j))
         if got <= 0:
             raise RuntimeError(f"member {j} of swarm 0 got {got} peers: no swarm to measure")
 

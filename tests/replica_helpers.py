@@ -23,8 +23,16 @@ TERM_S = "2"
 
 @contextmanager
 def replicas(
-    workdir: Path, store_url: str, count: int, *, token: str, password: str, first: int = 0
+    workdir: Path,
+    store_url: str,
+    count: int,
+    *,
+    token: str | None,
+    password: str,
+    first: int = 0,
+    tls_dirs: Sequence[Path] = (),
 ) -> Iterator[list[TrackerProcess]]:
+    """`count` replicas; with `tls_dirs` (one tracker certificate each), mutual TLS."""
     secret = workdir / "store-password"
     secret.write_text(password)
     args = ["--store", store_url, "--store-password-file", str(secret),
@@ -32,15 +40,19 @@ def replicas(
     with ExitStack() as stack:
         yield [
             stack.enter_context(
-                open_tracker(workdir / f"t{n}", token=token, args=args, name=f"t{n}")
+                open_tracker(
+                    workdir / f"t{n}", token=token, args=args, name=f"t{n}",
+                    tls_dir=tls_dirs[n - first] if tls_dirs else None,
+                )
             )
             for n in range(first, first + count)
         ]
 
 
 def ready(t: TrackerProcess) -> bool:
+    """`/readyz` says 200 (read on the plain metrics port under mutual TLS)."""
     try:
-        return httpx.get(f"{t.url}/readyz", timeout=2).status_code == 200
+        return httpx.get(f"{t.metrics_url or t.url}/readyz", timeout=2).status_code == 200
     except httpx.TransportError:
         return False
 
@@ -59,4 +71,5 @@ def serving(trackers: Sequence[TrackerProcess], timeout_s: float = 30) -> Tracke
 
 
 def metric(t: TrackerProcess, name: str, **labels: str) -> float:
-    return metric_value(httpx.get(f"{t.url}/metrics", timeout=5).text, name, **labels)
+    return metric_value(httpx.get(f"{t.metrics_url or t.url}/metrics", timeout=5).text, name,
+                        **labels)  # fmt: skip

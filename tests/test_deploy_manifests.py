@@ -521,7 +521,15 @@ def test_three_tracker_replicas_share_a_store_and_only_the_serving_one_is_ready(
     (svc_port,) = service["spec"]["ports"]
     assert svc_port["targetPort"] == "https" and svc_port["port"] == TRACKER_LISTEN.port
     assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
-    assert "env" not in container and "envFrom" not in container
+    # The other replicas forward announces to the pod's own address.
+    assert _arg(container["args"], "--replica-advertise") == f"$(POD_IP):{TRACKER_LISTEN.port}"
+    assert _env_is_only_the_pod_ip(container)
+
+
+def _env_is_only_the_pod_ip(container: dict[str, Any]) -> bool:
+    """No environment but POD_IP from the downward API: no token, no secret."""
+    pod_ip = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+    return "envFrom" not in container and container.get("env") == [pod_ip]
 
 
 def _spread(workload: dict[str, Any]) -> None:
@@ -606,7 +614,7 @@ def test_no_token_no_secret_and_no_insecure_in_the_base(base: dict[Any, Any]) ->
             text = " ".join(words)
             for banned in ("--insecure", "--token", "token-file", "P2PREG_"):
                 assert banned not in text, (c["name"], banned)
-            assert "env" not in c and "envFrom" not in c, c["name"]
+            assert "envFrom" not in c and ("env" not in c or _env_is_only_the_pod_ip(c)), c
     for (kind, _), obj in base.items():
         if kind == "ConfigMap":
             for text in obj["data"].values():
@@ -654,7 +662,8 @@ def test_each_pod_reads_its_certificate_where_tls_dir_points(base: dict[Any, Any
     assert tracker_id.role == "tracker" and tracker_id.cluster == node_id.cluster
     name, ns = service["metadata"]["name"], service["metadata"]["namespace"]
     assert {"*", f"{name}.{ns}.svc"} <= set(cert["dnsNames"])
-    assert "server auth" in cert["usages"] and cert["duration"] == "720h"
+    # client auth too: a standby replica shows it to forward the announces it fronts.
+    assert {"server auth", "client auth"} <= set(cert["usages"]) and cert["duration"] == "720h"
     assert cert["issuerRef"] == {"name": ISSUER, "kind": "Issuer", "group": "cert-manager.io"}
 
 

@@ -6,7 +6,9 @@ a repeated `--tracker`. What must hold: with the first tracker killed (SIGKILL
 by pid) before a pull, the pull completes, the control API (lease, publish)
 and libtorrent's announces (the second tier, under mutual TLS: added after the
 certificate) reach the second tracker, and a second node gets the blob from
-the first through it; with both alive, the second gets no traffic at all; a
+the first through it; with both alive, the second gets no traffic at all from
+nodes whose names pick the first for their announces (each node starts its
+tiers at the tracker a hash of its name picks, tracker/client.py); a
 list mixing http and https, or https without a tls_dir, stops the node in one
 line.
 """
@@ -31,6 +33,7 @@ from harness.skopeo import push
 from harness.tlscerts import ClusterCA
 from harness.tracker import TrackerProcess, open_tracker
 from tests.fixtures.cluster import get_blob, kill9, wait_for
+from tracker.client import announce_start
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -140,6 +143,9 @@ def test_with_both_alive_the_second_tracker_gets_no_traffic(
                 open_node(tmp_path / name, upstreams, name=name, args=args, env=env)
             )
 
+        # Both names start their announces at the first tracker (the control API
+        # starts there whatever the name).
+        assert announce_start("n1", 2) == announce_start("n2", 2) == 0
         nodes = [node("n1"), node("n2")]
         for n in nodes:
             _pull(n, image)

@@ -133,6 +133,11 @@ def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--replica-term-s", help="with --store: how long a serving replica's term lasts, seconds"
     )
+    parser.add_argument(
+        "--replica-advertise",
+        help="with --store: HOST:PORT the other replicas reach this one on (default: --listen "
+        "if it names one address)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> TrackerConfig:

@@ -13,13 +13,14 @@ With a tls_dir (`ReloadingTLS`) it speaks HTTPS showing the node's certificate,
 checks the tracker's (chain to ca.crt, hostname, and a `tracker` identity of the
 node's own cluster), sends no token, and moves to a fresh connection pool when
 renewed files were loaded. It also derives the announce URLs the node gives
-libtorrent (one per tracker). This module must not retry beyond that one
-round or decide policy — the node does — and keeps no state but its
-connection pool and which tracker is current.
+libtorrent (one per tracker, starting at the one the node's name picks). This
+module must not retry beyond that one round or decide policy — the node does —
+and keeps no state but its connection pool and which tracker is current.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -132,8 +133,13 @@ class TrackerClient:
 
     @property
     def announce_urls(self) -> list[str]:
-        """HTTP announce URLs, one per tracker in the order given (a tier each)."""
-        return [base + "/announce" + self._announce_query() for base in self.base_urls]
+        """HTTP announce URLs, one per tracker (a tier each), in the order given but
+        starting at the one `announce_start` picks for this node: every replica
+        answers announces (tracker/fronts.py), so a cluster's nodes spread their
+        handshakes over all of them and still move to the next one on a failure."""
+        urls = [base + "/announce" + self._announce_query() for base in self.base_urls]
+        start = announce_start(self.node, len(urls))
+        return urls[start:] + urls[:start]
 
     @property
     def announce_url(self) -> str:
@@ -367,6 +373,13 @@ class TrackerClient:
         log.warning("%s: moving on to tracker %s", failed, self.base_url)
         if self._on_failover is not None:
             self._on_failover(reason)
+
+
+def announce_start(node: str, trackers: int) -> int:
+    """Which of `trackers` a node announces to first: a hash of its name, the same on
+    every start (a node keeps its replica) and uniform over a cluster's nodes."""
+    digest = hashlib.blake2b(node.encode(), digest_size=8, person=b"p2preg-tier").digest()
+    return int.from_bytes(digest, "big") % trackers
 
 
 def _named(base: str, failure: errors.TrackerError) -> str:

@@ -37,6 +37,11 @@ class TrackerConfig:
     # lasts this long unless renewed (every third of it), so a standby takes
     # over within about this long after it dies.
     replica_term_s: float = 6.0
+    # With a Redis store: host:port the other replicas reach this one on, to
+    # forward their nodes' announces while it serves (tracker/fronts.py); in
+    # Kubernetes the pod's IP. None: `listen` when it names one address, else
+    # nobody forwards here and standbys answer announces with a 503.
+    replica_advertise: HostPort | None = None
     # Cluster token: nodes send it as `?token=` on announces and as a bearer
     # token on the control API. None: no auth (only on a trusted network).
     token: str | None = field(default=None, repr=False)
@@ -152,6 +157,8 @@ class TrackerConfig:
             raise ConfigError("store_ca_file is for a rediss:// store")
         if self.replica_term_s < 1.5:
             raise ConfigError("replica_term_s must be ≥ 1.5")
+        if self.replica_advertise is not None and self.store is None:
+            raise ConfigError("replica_advertise is for replicas: give a redis store too")
         if self.store is not None and self.udp:
             raise ConfigError(
                 "udp announces are a replica's own (their connection ids): leave udp off "

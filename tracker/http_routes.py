@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from p2preg.core import errors, wire
-from tracker import bittorrent
+from tracker import bittorrent, fronts
 from tracker.announce import ANNOUNCE_PATH, SCRAPE_PATH, encode_failure, split_target
 from tracker.coordinator import Tracker
 from tracker.http_protocol import BodyLimit, Refusal, Request, Response, encode_closing
@@ -207,6 +207,21 @@ async def _tag_query(call: Call) -> Response:
     return _msgpack(call.tracker.tag_query(call.message(wire.TagQuery, Kind.LEASE)))
 
 
+async def _forwarded(call: Call) -> Response:
+    """Announces a standby replica forwards (tracker/fronts.py): only a replica may
+    speak for a node, so under mutual TLS the connection must be a tracker's."""
+    identity = call.request.identity
+    try:
+        if identity is not None and identity.role != "tracker":
+            raise errors.Forbidden(f"{identity} is not a tracker: it cannot forward announces")
+        items = fronts.decode_batch(call.request.body)
+    except errors.TrackerError:
+        call.tracker.metrics.forwarded_refused.inc()
+        raise
+    bodies = fronts.answer_batch(call.tracker, items)
+    return Response(200, fronts.encode_answers(bodies), fronts.CONTENT_TYPE)
+
+
 def _route(method: str, path: str, handler: Handler, *, bearer: bool = True) -> Route:
     return Route(method.encode(), tuple(path.strip("/").split("/")), handler, bearer)
 
@@ -230,12 +245,15 @@ ROUTES: tuple[Route, ...] = (
     _route("POST", "/v1/tags/query", _tag_query),
     _route("GET", "/v1/manifests/{digest}", _get_manifest),
     _route("PUT", "/v1/manifests/{digest}", _put_manifest),
+    _route("POST", fronts.FORWARD_PATH, _forwarded),
 )
 # What the plain metrics listener serves beside an mTLS port: nothing that
 # carries a secret or changes state.
 METRICS_ROUTES: tuple[Route, ...] = ROUTES[:3]
 # What a replica standing by still answers (replica.py): the rest gets a 503.
 _STANDBY_HANDLERS = (_healthz, _metrics)
+# What a tracker's certificate may ask of another replica: the rest is a node's.
+_REPLICA_HANDLERS = (_healthz, _metrics, _readyz, _forwarded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +314,8 @@ class TrackerHttp:
         )
         # Why this replica answers nothing but health and metrics now; None: it serves.
         self.standby: Standby | None = None
+        # Standing by for another replica, the sender of BitTorrent requests to it.
+        self.front: fronts.Front | None = None
 
     def serve(self, tracker: Tracker) -> None:
         """Answer from `tracker` (a replica's new term) from now on."""
@@ -322,10 +342,16 @@ class TrackerHttp:
             refused = _error("method_not_allowed", f"use {allowed}", 405)
             return dataclasses.replace(refused, headers=(("Allow", allowed),))
         route, digest = chosen
+        identity = request.identity
+        if identity is not None and identity.role != "node" and (
+            route.handler not in _REPLICA_HANDLERS
+        ):
+            self.tracker.metrics.tls_refused("wrong_role")
+            return _error(errors.Forbidden.code, f"{identity} is not a node certificate", 403)
         standby = self.standby
         if standby is not None and route.handler not in _STANDBY_HANDLERS:
             if route.handler is _bittorrent:  # what a BitTorrent client reads: bencoded
-                return Response(503, encode_failure(standby.message), "text/plain", close=True)
+                return await self._front(request, standby)
             return _error(standby.code, standby.message, 503)
         try:
             if route.bearer:
@@ -338,6 +364,21 @@ class TrackerHttp:
         except Exception:
             log.exception("%s %s failed", method.decode(), request.path[:200])
             return _error("internal_error", "the tracker failed on its side; see its log", 500)
+
+    async def _front(self, request: Request, standby: Standby) -> Response:
+        """A standby's answer to an announce or scrape: the serving replica's, through
+        the front, while another replica serves; else (or failing that) a failure."""
+        front = self.front
+        if front is not None and standby is OTHER_SERVES:
+            identity = None if request.identity is None else request.identity.name
+            path = ANNOUNCE_PATH if request.path == ANNOUNCE_PATH.decode() else SCRAPE_PATH
+            item = fronts.Forwarded(path, request.query, request.client_ip, identity)
+            body = await front.answer(item)
+            if body is not None:
+                return Response(200, body, "text/plain", close=True)
+            message = "this tracker replica could not reach the one that serves; try again"
+            return Response(503, encode_failure(message), "text/plain", close=True)
+        return Response(503, encode_failure(standby.message), "text/plain", close=True)
 
     def refuse(self, refusal: Refusal) -> Response:
         """The answer to a request that could not be read; the connection closes after it."""

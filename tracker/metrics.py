@@ -26,6 +26,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TRANSPORTS = ("http", "udp")
 LEASE_REFUSALS = ("lease_cap", "bad_progress")
 STALL_OUTCOMES = ("counted", "ignored", "unknown_peer", "delisted")
+# How a standby's forwarded announce ended (tracker/fronts.py) ...
+FRONT_RESULTS = ("answered", "no_term", "busy", "timeout", "unreachable", "refused")
+# ... and what the serving replica did with forwarded ones.
+FORWARDED_RESULTS = ("applied", "refused")
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +150,7 @@ class TrackerMetrics:
         self._admission()
         self._limits()
         self._replicas()
+        self._fronts()
 
     def _admission(self) -> None:
         """Who counts as a seeder, and stall reports (tracker/admission.py)."""
@@ -242,6 +247,32 @@ class TrackerMetrics:
             "Terms this replica ended, by why: lost (another leads, or the store failed over)"
             " or unreachable (the store did not answer)",
             ["why"],
+            registry=self.registry,
+        )
+
+    def _fronts(self) -> None:
+        """Announces a standby forwards to the serving replica (tracker/fronts.py)."""
+        self.front_forwards = Counter(
+            "p2preg_tracker_front_forwards",
+            "BitTorrent requests this standby forwarded to the serving replica, by result",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in FRONT_RESULTS:
+            self.front_forwards.labels(result)
+        forwarded = Counter(
+            "p2preg_tracker_forwarded",
+            "Forwarded BitTorrent requests this replica applied, and forwarded batches it refused",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in FORWARDED_RESULTS:
+            forwarded.labels(result)
+        self.forwarded_applied = forwarded.labels("applied")
+        self.forwarded_refused = forwarded.labels("refused")
+        self.forwarded_batches = Counter(
+            "p2preg_tracker_forwarded_batches",
+            "Batches of forwarded BitTorrent requests this replica applied",
             registry=self.registry,
         )
 

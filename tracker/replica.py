@@ -15,11 +15,14 @@ of a term without a renewal — well before it can expire, so two replicas never
 serve at once. Stopped, it writes its last peers and gives the key up, so a
 rolling restart costs no term.
 
-A standby answers at once: `standing_by` (503) while another replica holds the
-term — a node waiting for a lease asks again, since one serves within about a
-term — and `unavailable` while it cannot reach the store (nodes go upstream).
-Nodes given every replica (`--tracker`, one tier each) move on to the one that
-serves; Kubernetes routes by `/readyz`.
+A standby answers the control API at once: `standing_by` (503) while another
+replica holds the term — a node waiting for a lease asks again, since one
+serves within about a term — and `unavailable` while it cannot reach the store
+(nodes go upstream). Nodes given every replica (`--tracker`, one tier each)
+move on to the one that serves; Kubernetes routes by `/readyz`. Announces a
+standby fronts for the serving replica (fronts.py): the term's key carries the
+holder's address (`Term.advertise`), which a standby reads on each attempt to
+take the term and hands its `Front`.
 
 Why one serving replica rather than every replica answering from Redis on each
 request: the tracker's rules (leases, the per-image queue, disputes, admission)
@@ -47,6 +50,7 @@ from coredis.tokens import PureToken
 
 from p2preg.core import errors
 from tracker.coordinator import Tracker
+from tracker.fronts import Front
 from tracker.http_routes import OTHER_SERVES, STORE_AWAY, Standby
 from tracker.metrics import Gauges, TrackerMetrics
 from tracker.redis_store import LEADER_KEY, STORE_ERRORS, RedisStore, StoredPeer
@@ -86,20 +90,33 @@ class Term:
         term_s: float,
         metrics: TrackerMetrics,
         name: str = "",
+        advertise: str = "",
     ) -> None:
         self.client = client
         self.term_s = term_s
         self.metrics = metrics
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        # host:port the other replicas reach this one on (their announce fronts
+        # forward there while it serves); "": they cannot, and answer 503.
+        self.advertise = advertise
+        # Where the replica serving now is reached, as its token says (None: not known).
+        self.serving_at: str | None = None
 
     async def take(self) -> bytes | None:
-        """This replica's new term token, or None while another replica serves."""
+        """This replica's new term token, or None while another replica serves
+        (then `serving_at` is where that one is reached, if it said)."""
         number = await self.client.incr(TERMS_KEY)
         # The nonce: a failover that loses the INCR cannot hand out a token twice.
-        token = f"{number}:{self.name}:{secrets.token_hex(4)}".encode()
+        # After a space, the address: the key says who serves and where.
+        token = f"{number}:{self.name}:{secrets.token_hex(4)} {self.advertise}".encode()
         ms = int(self.term_s * 1000)
-        taken = await self.client.set(LEADER_KEY, token, condition=PureToken.NX, px=ms)
-        return token if taken else None
+        # SET NX GET (Redis ≥ 7.0): the holder's token when the key is taken.
+        held = await self.client.set(LEADER_KEY, token, condition=PureToken.NX, px=ms, get=True)
+        if held is None:
+            self.serving_at = None
+            return token
+        self.serving_at = advertised(held) if isinstance(held, bytes) else None
+        return None
 
     async def renew(self, token: bytes) -> bool:
         ms = int(self.term_s * 1000)
@@ -115,6 +132,12 @@ class Term:
         if info.get("role") != "master":
             return None
         return str(info.get("master_replid", "")).encode()
+
+
+def advertised(token: bytes) -> str | None:
+    """The address a term's token names (after its space), or None."""
+    address = token.partition(b" ")[2].decode("ascii", "replace")
+    return address or None
 
 
 class Seat(Protocol):
@@ -141,11 +164,15 @@ async def serve_terms(
     seats: Sequence[Seat],
     new_tracker: Callable[[RedisStore], Tracker],
     clock: Callable[[], float],
+    front: Front | None = None,
 ) -> None:
-    """Stand by, serve a term when this replica takes one, stand by again; for good."""
+    """Stand by, serve a term when this replica takes one, stand by again; for good.
+
+    `front` forwards announces to the replica that serves while this one stands by.
+    """
     metrics = term.metrics
     while True:
-        current = await stand_by(term, seats)
+        current = await stand_by(term, seats, front)
         store = RedisStore(term.client, metrics)
         store.term = current.token
         tracker = new_tracker(store)
@@ -190,8 +217,9 @@ async def _hand_over(
         await term.resign(current.token)
 
 
-async def stand_by(term: Term, seats: Sequence[Seat]) -> _Term:
-    """Wait until this replica takes a term; tell the seats why not meanwhile."""
+async def stand_by(term: Term, seats: Sequence[Seat], front: Front | None = None) -> _Term:
+    """Wait until this replica takes a term; tell the seats why not meanwhile, and
+    `front` where the replica that serves is."""
     said: Standby | None = None
     while True:
         at = trio.current_time()
@@ -200,16 +228,25 @@ async def stand_by(term: Term, seats: Sequence[Seat]) -> _Term:
                 token = await term.take()
                 primary = None if token is None else await term.primary()
             if token is not None and primary is not None:
+                _forward_to(front, None)  # this replica serves: nothing to forward
                 return _Term(token, at, primary)
             state = OTHER_SERVES
+            _forward_to(front, term.serving_at)
         except _TERM_ERRORS as e:
             state = Standby(STORE_AWAY.code, f"{STORE_AWAY.message} ({type(e).__name__})")
+            _forward_to(front, None)
         for seat in seats:
             seat.standby = state
         if said is None or state.code != said.code:
             log.warning("tracker: %s", state.message)
             said = state
         await trio.sleep(term.term_s / 3)
+
+
+def _forward_to(front: Front | None, address: str | None) -> None:
+    if front is not None and front.target != address:
+        log.info("tracker: forwarding announces to %s", address or "nobody (none known)")
+        front.target = address
 
 
 async def _keep(term: Term, current: _Term, scope: trio.CancelScope) -> None:

@@ -16,6 +16,7 @@ bittorrent do) or hold tracker logic (coordinator does).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import secrets
 import socket
@@ -35,6 +36,7 @@ from tracker.admin_http import AdminHttp
 from tracker.bittorrent import udp_answer
 from tracker.config import TrackerConfig
 from tracker.coordinator import Tracker
+from tracker.fronts import Front
 from tracker.http_listener import serve_http
 from tracker.http_routes import METRICS_ROUTES, STORE_AWAY, TrackerHttp
 from tracker.metrics import TrackerMetrics
@@ -98,9 +100,20 @@ def _udp_key(data_dir: Path) -> bytes:
     return key
 
 
+def advertise_address(config: TrackerConfig, sock: socket.socket) -> str:
+    """Where the other replicas reach this one: `replica_advertise`, else the bound
+    address when `listen` names one (not a wildcard), else "" (nowhere)."""
+    if config.replica_advertise is not None:
+        return str(config.replica_advertise)
+    host, port = sock.getsockname()[:2]
+    if ipaddress.ip_address(host).is_unspecified:
+        return ""
+    return str(HostPort(host, port))
+
+
 @asynccontextmanager
 async def _open_store(
-    config: TrackerConfig, metrics: TrackerMetrics
+    config: TrackerConfig, metrics: TrackerMetrics, advertise: str
 ) -> AsyncIterator[tuple[TrackerStore, Term | None]]:
     """The configured store, and with Redis the term its replicas take turns on."""
     if config.store is None:
@@ -108,7 +121,8 @@ async def _open_store(
             yield sqlite, None
         return
     async with open_redis(config.store, config) as client:
-        yield RedisStore(client, metrics), Term(client, config.replica_term_s, metrics)
+        term = Term(client, config.replica_term_s, metrics, advertise=advertise)
+        yield RedisStore(client, metrics), term
 
 
 def _base_url(sock: socket.socket, scheme: str = "http") -> str:
@@ -152,7 +166,8 @@ async def serve_tracker(
             admin_sock, _ = bind_sockets(config.admin_listen, with_udp=False)
         root = (lambda: None) if tls is None else tls.issuer_root
         metrics = TrackerMetrics()
-        async with _open_store(config, metrics) as (store, term):
+        advertise = advertise_address(config, tcp)
+        async with _open_store(config, metrics, advertise) as (store, term):
             def new_tracker(store: TrackerStore) -> Tracker:
                 return Tracker(config, store, metrics=metrics, clock=clock, current_root=root)
 
@@ -191,7 +206,13 @@ async def serve_tracker(
                 else:
                     for each in apps:
                         each.standby = STORE_AWAY  # until it knows better
-                    nursery.start_soon(serve_terms, term, apps, new_tracker, clock)
+                    app.front = Front(metrics, tls=tls, token=config.token)
+                    await nursery.start(app.front.run)
+                    if not advertise:
+                        log.warning("tracker: no replica_advertise and a wildcard listen: "
+                                    "the other replicas cannot forward announces here")  # fmt: skip
+                    run_terms = partial(serve_terms, front=app.front)
+                    nursery.start_soon(run_terms, term, apps, new_tracker, clock)
                 url = _base_url(tcp, "https" if tls is not None else "http")
                 log.info("tracker serving on %s (udp: %s, store: %s)", url, udp_sock is not None,
                          config.store or "sqlite")  # fmt: skip

@@ -3,7 +3,8 @@
 Owns the tracker's side of the cluster identity: the server context to wrap an
 accepted connection in (fetched per connection from `ReloadingTLS`, so renewed
 files take effect without a restart), the rule for a certificate that passed
-the handshake (role `node`, the tracker's own cluster), the small fixed set of
+the handshake (role `node`, or `tracker` for a replica's forwarded announces;
+the tracker's own cluster), the small fixed set of
 refusal reasons, the mapping of a failed handshake to one of them, counting
 admitted handshakes (resumed or full), and counting and logging each refusal
 (one INFO line per reason at most every LOG_EVERY_S, never a certificate's
@@ -71,12 +72,17 @@ def handshake_refusal(error: BaseException | None) -> tuple[str, str]:
     return "handshake_failed", "the connection ended during the handshake"
 
 
+# Who may connect: nodes, and the other tracker replicas, which forward their
+# nodes' announces (tracker/fronts.py) and may ask nothing else (http_routes).
+ADMITTED_ROLES = ("node", "tracker")
+
+
 def identity_refusal(identity: Identity, cluster: str) -> tuple[str, str] | None:
-    """Why a verified certificate may not use the tracker, or None if it may."""
+    """Why a verified certificate may not connect to the tracker, or None if it may."""
     if identity.cluster != cluster:
         return "wrong_cluster", f"{identity} is not of cluster {cluster!r}"
-    if identity.role != "node":
-        return "wrong_role", f"{identity} is not a node certificate"
+    if identity.role not in ADMITTED_ROLES:
+        return "wrong_role", f"{identity} is not a node or tracker certificate"
     return None
 
 

@@ -217,6 +217,7 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
             "quota_publish_per_s",
             "quota_report_burst",
             "quota_report_per_s",
+            "replica_advertise",
             "replica_term_s",
             "seeder_announce_interval_s",
             "stall_cooloff_s",
