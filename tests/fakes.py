@@ -227,7 +227,8 @@ class FakeTracker:
         return await self.server.acquire(self.node, digest, size, wait_s)
 
     async def renew_lease(
-        self, digest: Digest, lease_id: str, bytes_done: int, size: int | None = None
+        self, digest: Digest, lease_id: str, bytes_done: int, size: int | None = None,
+        *, timeout_s: float | None = None,
     ) -> LeaseReply:
         self.server.check()
         self.server.leases.renew(str(digest), lease_id, bytes_done, size)

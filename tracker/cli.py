@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lease-rate-window-s", help="window over which that rate is measured, seconds"
     )
+    parser.add_argument("--lease-silence-s", help="take over from a holder silent this long, s")
     parser.add_argument("--max-leases-per-node", help="open leases one node may hold at once")
     parser.add_argument(
         "--upstream-fetches-per-image",
