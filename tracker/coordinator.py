@@ -109,6 +109,7 @@ class Tracker:
             current_root=current_root,
             lease_of=self.leases.current,
             drop_lease=self._drop_lease,
+            passed_from=self.leases.passed_from,
             drop_swarm=self._drop_swarm,
             notify=self._waiters.notify,
             confirm=self.confirm_seed,

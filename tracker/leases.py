@@ -12,11 +12,12 @@ link doubles what crosses it. So it does from a *silent* holder: one that sent
 no sign of life (the grant, a renewal, asking again) for `silence_s`, far
 sooner than its TTL; a grant that is never renewed (it went into a long poll
 whose node died) is the same case. Neither is revoked: a paused holder that
-wakes finishes and publishes its copy (one extra upstream copy at most), and
-its renewals are refused with the reason. One identity holds at most `max_per_holder`
-leases at once. `Waiters` is the trio side: requests long-polling for a digest
-sleep on it and are woken when something changes (a seeder appears, a lease is
-released or turns slow). This module does not decide *whether* a lease is
+wakes finishes its copy (one extra upstream copy at most) and may still file
+its torrent (`passed_from`); its renewals are refused with the reason. One
+identity holds at most `max_per_holder` leases at once. `Waiters` is the trio
+side: requests long-polling for a digest sleep on it and are woken when
+something changes (a seeder appears, a lease is released or turns slow or
+silent). This module does not decide *whether* a lease is
 needed (the service checks for seeders first) and must not persist anything
 (the service does, via state.py).
 """
@@ -122,6 +123,9 @@ class LeaseBook:
         self._last_replaced: dict[str, float] = {}
         # Lease id → why it was taken away, for the old holder's next renewal.
         self._replaced: OrderedDict[str, str] = OrderedDict()
+        # (digest, identity) whose lease on the digest was passed on: it was the
+        # holder, and may still file the torrent of the copy it finishes.
+        self._passed: OrderedDict[tuple[str, str], None] = OrderedDict()
         # Ids of live leases `turned_silent` already reported.
         self._told_silent: set[str] = set()
         # Totals since start, for metrics.
@@ -223,13 +227,23 @@ class LeaseBook:
             self._remove(lease)
             self._last_replaced[digest] = now
             self._replaced[lease.lease_id] = self._why(lease, node, now)
+            if not self.is_slow(lease):  # silent, not suspect: its copy still counts
+                self._passed[digest, lease.holder] = None
             while len(self._replaced) > MAX_REPLACED_REMEMBERED:
                 self._replaced.popitem(last=False)
+            while len(self._passed) > MAX_REPLACED_REMEMBERED:
+                self._passed.popitem(last=False)
             self.replacements += 1
             fresh = replace(fresh, size=size if size is not None else lease.size)
         self._put(fresh)
         self.granted += 1
         return Granted(fresh, replaced=lease)
+
+    def passed_from(self, digest: str, identity: str) -> bool:
+        """`identity` held a lease on `digest` that was handed to another node because
+        it went silent (not slow): the copy it still finishes is as good as the new
+        holder's, and may file the torrent if it is first."""
+        return (digest, identity) in self._passed
 
     def why_replaced(self, lease_id: str) -> str:
         """Why the lease `lease_id` was handed to another node ("" if it was not)."""

@@ -336,7 +336,8 @@ class _Renewals:
 
     Each renewal carries the most bytes fetched yet and gets `renew_timeout_s`
     per tracker, so a hung one costs a renewal, not the lease: the tracker
-    passes the fetch on from a holder silent for `lease_silence_s`. `run` goes
+    passes the fetch on from a holder silent for `lease_silence_s`. One that
+    timed out is followed at once (the client has moved to the next tracker). `run` goes
     in the node's nursery, not around the fetch: the fetch's own exception (an
     upstream that failed) comes out as itself, not in a group.
     """
@@ -362,9 +363,12 @@ class _Renewals:
 
     async def run(self) -> None:
         lease = self.lease
+        due = trio.current_time()
         with self._scope:
             while True:
-                await trio.sleep(lease.renew_s)
+                # On a fixed cadence: a renewal that timed out is followed at once.
+                due = max(due + lease.renew_s, trio.current_time())
+                await trio.sleep_until(due)
                 try:
                     await self._tracker.renew_lease(
                         self.digest, lease.lease_id, self._done, self._size,
