@@ -25,6 +25,7 @@ from typing import Any
 from bench.simulate.cluster import simulate
 from bench.simulate.params import MB, POLICIES, PROFILES, Params
 from bench.simulate.report import (
+    leases_table,
     markdown_table,
     measured_fanout,
     plot,
@@ -92,6 +93,7 @@ def matrix(a: argparse.Namespace) -> None:
     runs = _run_all(jobs, a.jobs)
     rows = summary(runs)
     print(markdown_table(rows))
+    print(leases_table(rows))
     wall = time.perf_counter() - started
     path = _save("run", {"runs": runs, "summary": rows, "wall_s": wall}, a.out)
     print(f"wrote {path} ({len(runs)} runs, {wall:.0f} s)")
@@ -101,6 +103,7 @@ def report(paths: list[Path], plot_to: Path | None) -> None:
     runs = [r for path in paths for r in json.loads(path.read_text())["runs"]]
     rows = summary(runs)
     print(markdown_table(rows))
+    print(leases_table(rows))
     if plot_to is not None:
         plot(rows, plot_to)
         print(f"wrote {plot_to}")
