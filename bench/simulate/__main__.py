@@ -82,7 +82,7 @@ def matrix(a: argparse.Namespace) -> None:
         up, link = PROFILES[profile]
         for n in (int(x) for x in a.nodes.split(",")):
             for policy in a.policies.split(","):
-                for seed in range(1, a.seeds + 1):
+                for seed in range(a.first_seed, a.first_seed + a.seeds):
                     p = Params(
                         nodes=n, upstream_mbit=up, node_mbit=link, policy=policy, seed=seed,
                         holder_failures=a.holder_failures, lease_ttl_s=a.lease_ttl_s,
@@ -120,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     r.add_argument("--profiles", default=",".join(PROFILES))
     r.add_argument("--policies", default=",".join(POLICIES))
     r.add_argument("--seeds", type=int, default=5)
+    r.add_argument("--first-seed", type=int, default=1, help="seeds run from this one (1)")
     r.add_argument("--holder-failures", type=int, default=1,
                    help="of the failing nodes, how many die holding a lease, mid-fetch (1)")
     r.add_argument("--lease-ttl-s", type=float, default=Params(nodes=2).lease_ttl_s,
