@@ -149,8 +149,14 @@ class FakeUpstream:
 class FakeTrackerServer:
     """The tracker's control API in memory: leases, metainfo, and who seeds what."""
 
-    def __init__(self, ttl_s: float = 30.0) -> None:
-        self.leases = LeaseBook(ttl_s, trio.current_time)
+    def __init__(self, ttl_s: float = 30.0, silence_s: float = 0.0) -> None:
+        self.leases = LeaseBook(ttl_s, trio.current_time, silence_s=silence_s)
+        # Renewals as they came: (time, bytes_done, the client's timeout_s); the
+        # next `hang_renewals` hang for their timeout, as on a replica that hangs.
+        self.renewals: list[tuple[float, int, float | None]] = []
+        self.hang_renewals = 0
+        # How long a seeder's first announce takes to be acknowledged.
+        self.announce_wait_s = 0.0
         self.metainfo: dict[Digest, bytes] = {}
         self.seeders: dict[Digest, dict[str, Path]] = {}
         self.down = False
@@ -207,7 +213,9 @@ class FakeTrackerServer:
         if isinstance(outcome, Granted):
             ttl_s = self.leases.ttl_s
             status = LeaseStatus.VERIFY if disputed else LeaseStatus.GRANTED
-            return LeaseReply(status, lease_id=lease.lease_id, ttl_s=ttl_s), None
+            silence_s = self.leases.silence_s
+            return LeaseReply(status, lease_id=lease.lease_id, ttl_s=ttl_s,
+                              silence_s=silence_s), None
         wait = LeaseReply(LeaseStatus.WAIT, retry_after_s=1.0, holder=lease.holder,
                           bytes_done=lease.bytes_done, size=lease.size)
         return wait, lease.expires_at
@@ -228,9 +236,15 @@ class FakeTracker:
         return await self.server.acquire(self.node, digest, size, wait_s)
 
     async def renew_lease(
-        self, digest: Digest, lease_id: str, bytes_done: int, size: int | None = None
+        self, digest: Digest, lease_id: str, bytes_done: int, size: int | None = None,
+        *, timeout_s: float | None = None,
     ) -> LeaseReply:
         self.server.check()
+        self.server.renewals.append((trio.current_time(), bytes_done, timeout_s))
+        if self.server.hang_renewals > 0:
+            self.server.hang_renewals -= 1
+            await trio.sleep(timeout_s if timeout_s is not None else 10.0)
+            raise tracker_errors.TrackerUnavailable("tracker http://tracker.invalid: timed out")
         self.server.leases.renew(str(digest), lease_id, bytes_done, size)
         self.server.notify(digest)
         return LeaseReply(LeaseStatus.GRANTED, lease_id=lease_id, ttl_s=self.server.leases.ttl_s)
@@ -339,6 +353,7 @@ class FakeSwarm:
             self.server.announce(digest, self.node, self._path(digest))
 
     async def wait_announced(self, digest: Digest, timeout_s: float) -> bool:
+        await trio.sleep(min(self.server.announce_wait_s, timeout_s))
         return self._torrents.get(digest, False)
 
     def last_seeder_of_live_swarm(self, digest: Digest) -> bool:

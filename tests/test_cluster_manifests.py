@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 
 from p2preg.core import errors as tracker_errors
@@ -30,13 +31,14 @@ DIGEST = Digest.of(BODY)
 class CountingUpstream:
     """The seed registry's GET by digest, as the resolver hands it over: counted."""
 
-    def __init__(self, body: bytes = BODY) -> None:
+    def __init__(self, body: bytes = BODY, delay_s: float = 0.2) -> None:
         self.calls = 0
         self.body = body
+        self.delay_s = delay_s
 
     async def __call__(self) -> tuple[str, bytes]:
         self.calls += 1
-        await trio.sleep(0.2)  # the holder is busy while the others ask
+        await trio.sleep(self.delay_s)  # the holder is busy while the others ask
         return OCI, self.body
 
 
@@ -47,8 +49,10 @@ def sources(metrics: NodeMetrics) -> dict[str, float]:
     }
 
 
-async def test_four_nodes_make_one_upstream_get(tmp_path: Path) -> None:
-    upstream = CountingUpstream()
+@pytest.mark.parametrize("delay_s", [0.2, 4.0], ids=["quick", "slower-than-the-silence"])
+async def test_four_nodes_make_one_upstream_get(tmp_path: Path, delay_s: float) -> None:
+    """One GET, even when it outlasts `lease_silence_s` (2.5 s): the holder renews."""
+    upstream = CountingUpstream(delay_s=delay_s)
     metrics = [NodeMetrics() for _ in range(4)]
     got: list[bytes] = []
     async with (

@@ -103,6 +103,18 @@ class TrackerTags:
         msg = wire.LeaseRequest(self.node, size, wait_s, group, order, manifest)
         return await self.tracker.acquire_lease(str(digest), msg, identity=self.node)
 
+    async def renew_lease(
+        self,
+        digest: Digest,
+        lease_id: str,
+        bytes_done: int,
+        size: int | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> wire.LeaseReply:
+        msg = wire.LeaseRenew(lease_id, bytes_done, size, self.node)
+        return await self.tracker.renew_lease(str(digest), msg, identity=self.node)
+
     async def release_lease(self, digest: Digest, lease_id: str) -> None:
         await self.tracker.release_lease(
             str(digest), wire.LeaseRelease(lease_id, self.node), identity=self.node

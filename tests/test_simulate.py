@@ -11,6 +11,7 @@ import pytest
 
 from bench.simulate.cluster import Cluster, chunk_sizes, simulate
 from bench.simulate.params import MB, MiB, Params
+from bench.simulate.result import Result
 
 SMALL = Params(
     nodes=24, image_bytes=60 * MB, layers=3, upstream_mbit=100.0, node_mbit=1000.0,
@@ -72,25 +73,37 @@ def test_a_seed_gives_the_same_run_and_another_seed_another() -> None:
     assert outcome(other)["completion_s"] != outcome(p)["completion_s"]
 
 
-def test_a_dead_holder_s_lease_expires_and_the_fetch_passes_to_another_node() -> None:
+def _dead_holder_run(**kw: float) -> tuple[Cluster, Result]:
     p = Params(
         nodes=30, image_bytes=60 * MB, layers=3, upstream_mbit=100.0, node_mbit=1000.0,
-        fail_fraction=0.1, holder_failures=1,
+        fail_fraction=0.1, holder_failures=1, **kw,  # type: ignore[arg-type]
     )
     c = Cluster(p)
     r = c.run()
     assert r.killed == p.failing() == 3
-    # The dying holder's lease ran out in the real LeaseBook, and one more was granted.
-    assert r.leases_expired >= 1
+    # One more lease was granted than there are layers: the dead holder's.
     assert r.leases_granted == p.layers + 1
     # Its layer crossed upstream once whole, plus the dead holder's half.
     dead_layer = max(range(p.layers), key=lambda i: r.upstream_layer_copies[i])
     assert 1.4 < r.upstream_layer_copies[dead_layer] < 1.6
     assert sum(r.upstream_layer_copies) - r.upstream_layer_copies[dead_layer] == p.layers - 1
-    # Every survivor finished, no later than a lease TTL past the bound plus the spread.
     assert r.unfinished == 0 and len(r.completion_s) == p.nodes - r.killed
-    assert r.completion_s[-1] < r.bound_s + p.lease_ttl_s + 10
     assert all(n.finished_at is None for n in c.nodes if not n.alive)
+    return c, r
+
+
+def test_a_dead_holder_goes_silent_and_the_fetch_passes_to_another_node_long_before_its_ttl(
+) -> None:
+    c, r = _dead_holder_run()
+    p = c.p
+    # Taken over in the real LeaseBook by the next asker, not expired.
+    assert (r.leases_replaced, r.leases_expired) == (1, 0)
+    # Every survivor finished within the silence (and its detection) past the
+    # same run with the silence rule off minus its TTL.
+    _, slow = _dead_holder_run(lease_silence_s=0.0)
+    assert (slow.leases_replaced, slow.leases_expired) == (0, 1)
+    assert r.completion_s[-1] < slow.completion_s[-1] - p.lease_ttl_s + 2 * p.lease_silence_s
+    assert slow.completion_s[-1] < slow.bound_s + p.lease_ttl_s + 10
 
 
 def test_bad_parameters_are_refused() -> None:

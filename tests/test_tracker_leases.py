@@ -122,7 +122,9 @@ async def test_waiters_wake_on_notify_or_deadline(autojump_clock: trio.testing.M
 
 
 def tracker(tmp_path: Path, **overrides: object) -> Tracker:
-    return make_tracker(tmp_path, **{"lease_ttl_s": 10.0, "lease_wait_max_s": 25.0, **overrides})
+    # The TTL's own rules: no silence rule (tests/test_lease_silence.py has it).
+    settings = {"lease_ttl_s": 10.0, "lease_wait_max_s": 25.0, "lease_silence_s": 0.0}
+    return make_tracker(tmp_path, **{**settings, **overrides})
 
 
 async def test_live_holder_is_never_overtaken_and_expired_lease_passes_on(

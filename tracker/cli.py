@@ -41,21 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-announce-interval-s", help="minimum announce interval, seconds")
     parser.add_argument("--peer-ttl-s", help="drop peers silent for this long, seconds")
     parser.add_argument("--seeder-announce-interval-s", help="known seeders' interval (±10 %%)")
-    parser.add_argument("--lease-ttl-s", help="upstream lease lifetime without renewal, seconds")
-    parser.add_argument("--lease-wait-max-s", help="longest lease long-poll, seconds")
-    parser.add_argument(
-        "--lease-min-rate-bytes-s",
-        help="progress a lease holder must keep up, bytes/s (0: none); below it, "
-        "the next node asking takes the fetch over",
-    )
-    parser.add_argument(
-        "--lease-rate-window-s", help="window over which that rate is measured, seconds"
-    )
-    parser.add_argument("--max-leases-per-node", help="open leases one node may hold at once")
-    parser.add_argument(
-        "--upstream-fetches-per-image",
-        help="blobs of one image fetched from upstream at once, in manifest order (0: no limit)",
-    )
+    _add_lease_arguments(parser)
     parser.add_argument(
         "--dispute-quarantine-s",
         help="how long a node whose torrent lost a dispute may not define torrents, seconds",
@@ -104,6 +90,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_side_listeners(parser)
     parser.add_argument("--log-level", help="logging level (default INFO)")
     parser.add_argument("--log-json", action="store_const", const=True, help="JSON log lines")
+
+
+def _add_lease_arguments(parser: argparse.ArgumentParser) -> None:
+    """Upstream-fetch leases: how long, how fast, how many."""
+    parser.add_argument("--lease-ttl-s", help="upstream lease lifetime without renewal, seconds")
+    parser.add_argument("--lease-wait-max-s", help="longest lease long-poll, seconds")
+    parser.add_argument(
+        "--lease-min-rate-bytes-s",
+        help="progress a lease holder must keep up, bytes/s (0: none); below it, "
+        "the next node asking takes the fetch over",
+    )
+    parser.add_argument(
+        "--lease-rate-window-s", help="window over which that rate is measured, seconds"
+    )
+    parser.add_argument("--lease-silence-s", help="take over from a holder silent this long, s")
+    parser.add_argument("--max-leases-per-node", help="open leases one node may hold at once")
+    parser.add_argument(
+        "--upstream-fetches-per-image",
+        help="blobs of one image fetched from upstream at once, in manifest order (0: no limit)",
+    )
 
 
 def _add_side_listeners(parser: argparse.ArgumentParser) -> None:

@@ -235,11 +235,24 @@ class TrackerClient:
         )
 
     async def renew_lease(
-        self, digest: Digest, lease_id: str, bytes_done: int, size: int | None = None
+        self,
+        digest: Digest,
+        lease_id: str,
+        bytes_done: int,
+        size: int | None = None,
+        *,
+        timeout_s: float | None = None,
     ) -> wire.LeaseReply:
-        """Keep the lease; raises LeaseLost once it has expired or been released."""
+        """Keep the lease; raises LeaseLost once it has expired, been released or passed on.
+
+        `timeout_s`: how long each tracker gets before the next is tried (the
+        client's own timeout if None): a renewal is due again soon, and a hung
+        replica must cost one renewal, not the lease.
+        """
         msg = wire.LeaseRenew(lease_id, bytes_done, size, self.node)
-        return await self._call("PUT", f"/v1/leases/{digest}", msg, wire.LeaseReply)
+        return await self._call(
+            "PUT", f"/v1/leases/{digest}", msg, wire.LeaseReply, timeout_s=timeout_s
+        )
 
     async def release_lease(self, digest: Digest, lease_id: str) -> None:
         msg = wire.LeaseRelease(lease_id, self.node)
@@ -297,14 +310,15 @@ class TrackerClient:
         reply: type[wire.M] | None,
         *,
         extra_timeout_s: float = 0.0,
+        timeout_s: float | None = None,
     ) -> wire.M:
         headers = dict(self._headers)
         content = None
         if message is not None:
             content = wire.encode(message)
             headers["Content-Type"] = wire.CONTENT_TYPE
-        timeout_s = self._timeout_s + extra_timeout_s
-        response = await self._send(method, path, content, headers, timeout_s)
+        each_s = (self._timeout_s if timeout_s is None else timeout_s) + extra_timeout_s
+        response = await self._send(method, path, content, headers, each_s)
         if reply is None:
             return None  # type: ignore[return-value]  # release has no body
         try:

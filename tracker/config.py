@@ -69,6 +69,12 @@ class TrackerConfig:
     # long as it renews).
     lease_min_rate_bytes_s: int = 256 * KiB
     lease_rate_window_s: float = 30.0
+    # A holder renews every third of this; one that sent no sign of life for
+    # this long (dead, hung, cut off, or granted into a long poll whose node
+    # died) is taken over by the next node asking, at most once per blob per
+    # rate window, long before its TTL. 0 (or ≥ lease_ttl_s): only the TTL ends
+    # a silent lease.
+    lease_silence_s: float = 2.5
     # Open leases one node (identity) may hold at once; past it, it fetches
     # from upstream without one.
     max_leases_per_node: int = 64
@@ -176,6 +182,8 @@ class TrackerConfig:
             raise ConfigError("lease_ttl_s must be > 0 and lease_wait_max_s ≥ 0")
         if self.lease_min_rate_bytes_s < 0 or self.lease_rate_window_s <= 0:
             raise ConfigError("lease_min_rate_bytes_s must be ≥ 0 and lease_rate_window_s > 0")
+        if self.lease_silence_s < 0:
+            raise ConfigError("lease_silence_s must be ≥ 0 (0: off)")
         if self.dispute_quarantine_s <= 0:
             raise ConfigError("dispute_quarantine_s must be > 0")
         if self.upstream_fetches_per_image < 0:

@@ -33,7 +33,7 @@ from tracker.config import TrackerConfig
 from tracker.disputes import Quarantines
 from tracker.expiry import IdleMetainfo
 from tracker.images import ImageIndex
-from tracker.leases import Granted, Lease, LeaseBook, RateRule, Waiters
+from tracker.leases import SILENCE_CHECKS, Granted, Lease, LeaseBook, RateRule, Waiters
 from tracker.manifest_shelf import ManifestShelf, check_put
 from tracker.metrics import Gauges, TrackerMetrics
 from tracker.peers import PeerTable
@@ -89,6 +89,7 @@ class Tracker:
             clock,
             rate=RateRule(config.lease_min_rate_bytes_s, config.lease_rate_window_s),
             max_per_holder=config.max_leases_per_node,
+            silence_s=config.lease_silence_s,
         )
         self.quarantines = Quarantines(config.dispute_quarantine_s, clock)
         self.queue = UpstreamQueue(config.upstream_fetches_per_image, clock)
@@ -114,6 +115,7 @@ class Tracker:
             current_root=current_root,
             lease_of=self.leases.current,
             drop_lease=self._drop_lease,
+            passed_from=self.leases.passed_from,
             drop_swarm=self._drop_swarm,
             notify=self._waiters.notify,
             confirm=self.confirm_seed,
@@ -383,16 +385,26 @@ class Tracker:
     # -- housekeeping ------------------------------------------------------------
 
     async def sweep_forever(self) -> None:
-        """Drop expired peers and leases, forever; run it in the tracker's nursery."""
+        """Drop expired peers and leases, and wake the waiters of silent lease holders,
+        forever; run it in the tracker's nursery."""
         interval = min(
             MAX_SWEEP_INTERVAL_S, self.config.peer_ttl_s / 4, self.config.lease_ttl_s / 2
         )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_silence)
+            while True:
+                await trio.sleep(interval)
+                try:
+                    await self.sweep()
+                except errors.TrackerUnavailable as e:  # the store: the next sweep tries again
+                    log.warning("tracker: sweep stopped short: %s", e)
+
+    async def _watch_silence(self) -> None:
+        if self.leases.silence_s <= 0:
+            return
         while True:
-            await trio.sleep(interval)
-            try:
-                await self.sweep()
-            except errors.TrackerUnavailable as e:  # the store: the next sweep tries again
-                log.warning("tracker: sweep stopped short: %s", e)
+            await trio.sleep(self.leases.silence_s / SILENCE_CHECKS)
+            self.wake_silent()
 
     async def sweep(self) -> None:
         now = self._clock()
@@ -409,6 +421,14 @@ class Tracker:
             if await self.publishing.forget(digest):
                 self.swarms.admission.forget(digest)  # its confirmations and reports
                 self.metrics.metainfo_expired.inc()
+
+    def wake_silent(self) -> None:
+        """A silent holder gives up its image's slot, and its blob may pass on now."""
+        for lease in self.leases.turned_silent():
+            log.info("tracker: the holder %r of the lease on %s went silent",
+                     lease.holder, lease.digest)  # fmt: skip
+            self._waiters.notify(lease.digest)
+            self._free_slot(lease)
 
     def _in_use(self, d: str) -> bool:  # for expiry: announced, fetched, filed or disputed
         if self.publishing.writing(d) or self.registry.dispute(d) is not None:

@@ -44,6 +44,7 @@ def queued(book: LeaseBook, waiting: Queued, now: float) -> wire.LeaseReply:
         retry_after_s=QUEUE_RECHECK_S,
         min_rate_bytes_s=book.rate.min_bytes_s,
         rate_window_s=book.rate.window_s,
+        silence_s=book.silence_s,
     )
 
 
@@ -68,4 +69,5 @@ def _reply(
         min_rate_bytes_s=book.rate.min_bytes_s,
         rate_window_s=book.rate.window_s,
         replaced=replaced,
+        silence_s=book.silence_s,
     )

@@ -8,10 +8,16 @@ a lease nobody renews expires after `ttl_s`. A holder that keeps the lease
 alive without keeping up `min_rate_bytes_s` over `rate_window_s` is *slow*, and
 the next other identity that asks takes the fetch over (`Granted.replaced`) —
 at most once per digest per window, since a second holder on the same thin
-link doubles what crosses it. One identity holds at most `max_per_holder`
-leases at once. `Waiters` is the trio side: requests long-polling for a digest
-sleep on it and are woken when something changes (a seeder appears, a lease is
-released or turns slow). This module does not decide *whether* a lease is
+link doubles what crosses it. So it does from a *silent* holder: one that sent
+no sign of life (the grant, a renewal, asking again) for `silence_s`, far
+sooner than its TTL; a grant that is never renewed (it went into a long poll
+whose node died) is the same case. Neither is revoked: a paused holder that
+wakes finishes its copy (one extra upstream copy at most) and may still file
+its torrent (`passed_from`); its renewals are refused with the reason. One
+identity holds at most `max_per_holder` leases at once. `Waiters` is the trio
+side: requests long-polling for a digest sleep on it and are woken when
+something changes (a seeder appears, a lease is released or turns slow or
+silent). This module does not decide *whether* a lease is
 needed (the service checks for seeders first) and must not persist anything
 (the service does, via state.py).
 """
@@ -29,6 +35,9 @@ from p2preg.core.errors import Forbidden, InvalidRequest, LeaseCapReached, Lease
 
 # Replaced leases remembered, so their holder is told why its renewal fails.
 MAX_REPLACED_REMEMBERED = 10_000
+# How often per `silence_s` the service looks for silent holders (`turned_silent`):
+# a waiter learns within a quarter of it.
+SILENCE_CHECKS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +55,8 @@ class Lease:
     mark_bytes: int = 0
     # A renewal found the progress since `mark_at` below the minimum rate.
     slow: bool = False
+    # The holder's last sign of life: the grant, a renewal, asking again.
+    renewed_at: float = 0.0
 
     @property
     def fetched(self) -> bool:
@@ -96,9 +107,13 @@ class LeaseBook:
         *,
         rate: RateRule = RateRule(),
         max_per_holder: int | None = None,
+        silence_s: float = 0.0,
     ) -> None:
         self.ttl_s = ttl_s
         self.rate = rate
+        # No sign of life from a holder for this long: the next asker takes over
+        # (0: only the TTL ends a silent lease).
+        self.silence_s = silence_s
         self.max_per_holder = max_per_holder
         self._clock = clock
         self._new_id = new_id
@@ -108,6 +123,11 @@ class LeaseBook:
         self._last_replaced: dict[str, float] = {}
         # Lease id → why it was taken away, for the old holder's next renewal.
         self._replaced: OrderedDict[str, str] = OrderedDict()
+        # (digest, identity) whose lease on the digest was passed on: it was the
+        # holder, and may still file the torrent of the copy it finishes.
+        self._passed: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # Ids of live leases `turned_silent` already reported.
+        self._told_silent: set[str] = set()
         # Totals since start, for metrics.
         self.granted = 0
         self.expired = 0
@@ -147,11 +167,31 @@ class LeaseBook:
             return False
         return lease.slow or self._clock() - lease.mark_at >= self.rate.window_s + self.ttl_s
 
+    def is_silent(self, lease: Lease) -> bool:
+        """No sign of life from the holder for `silence_s`: dead, hung, or cut off."""
+        return self.silence_s > 0 and self._clock() - lease.renewed_at >= self.silence_s
+
+    def turned_silent(self) -> list[Lease]:
+        """Live leases gone silent since the last call: wake their waiters and free
+        their slots (the caller does, at a fraction of `silence_s`)."""
+        if self.silence_s <= 0:
+            return []
+        now = self._clock()
+        silent = [
+            lease
+            for lease in self._leases.values()
+            if lease.expires_at > now
+            and self.is_silent(lease)
+            and lease.lease_id not in self._told_silent
+        ]
+        self._told_silent.update(lease.lease_id for lease in silent)
+        return silent
+
     def fetching(self, group: str) -> list[Lease]:
         """Live leases of `group` whose holder is still fetching from upstream at the rate.
 
-        A slow lease gives up its image's slot: one fetch that never finishes
-        must not hold up the image's other blobs.
+        A slow or silent lease gives up its image's slot: one fetch that never
+        finishes must not hold up the image's other blobs.
         """
         now = self._clock()
         return [
@@ -161,6 +201,7 @@ class LeaseBook:
             and not lease.fetched
             and lease.expires_at > now
             and not self.is_slow(lease)
+            and not self.is_silent(lease)
         ]
 
     def acquire(
@@ -172,25 +213,37 @@ class LeaseBook:
         if lease is not None and lease.holder == node:
             # The holder asking again (it restarted, or lost our reply) keeps
             # its lease and progress; asking is a sign of life.
-            lease = replace(lease, expires_at=now + self.ttl_s)
-            self._leases[digest] = lease
+            lease = replace(lease, expires_at=now + self.ttl_s, renewed_at=now)
+            self._put(lease)
             return Granted(lease)
         if lease is not None and not self._may_replace(lease, now):
             return Held(lease)
         self._check_cap(node)
         size = size if size is not None and size >= 0 else None
-        fresh = Lease(digest, self._new_id(), node, now + self.ttl_s, 0, size, group, now, 0)
+        fresh = Lease(
+            digest, self._new_id(), node, now + self.ttl_s, 0, size, group, now, 0, renewed_at=now
+        )
         if lease is not None:
             self._remove(lease)
             self._last_replaced[digest] = now
-            self._replaced[lease.lease_id] = _replaced_why(lease, node, self.rate, now)
+            self._replaced[lease.lease_id] = self._why(lease, node, now)
+            if not self.is_slow(lease):  # silent, not suspect: its copy still counts
+                self._passed[digest, lease.holder] = None
             while len(self._replaced) > MAX_REPLACED_REMEMBERED:
                 self._replaced.popitem(last=False)
+            while len(self._passed) > MAX_REPLACED_REMEMBERED:
+                self._passed.popitem(last=False)
             self.replacements += 1
             fresh = replace(fresh, size=size if size is not None else lease.size)
         self._put(fresh)
         self.granted += 1
         return Granted(fresh, replaced=lease)
+
+    def passed_from(self, digest: str, identity: str) -> bool:
+        """`identity` held a lease on `digest` that was handed to another node because
+        it went silent (not slow): the copy it still finishes is as good as the new
+        holder's, and may file the torrent if it is first."""
+        return (digest, identity) in self._passed
 
     def why_replaced(self, lease_id: str) -> str:
         """Why the lease `lease_id` was handed to another node ("" if it was not)."""
@@ -199,7 +252,15 @@ class LeaseBook:
     def _may_replace(self, lease: Lease, now: float) -> bool:
         last = self._last_replaced.get(lease.digest)
         recent = last is not None and now - last < self.rate.window_s
-        return self.is_slow(lease) and not recent
+        return (self.is_slow(lease) or self.is_silent(lease)) and not recent
+
+    def _why(self, lease: Lease, by: str, now: float) -> str:
+        if self.is_slow(lease):
+            return _replaced_why(lease, by, self.rate, now)
+        return (
+            f"lease on {lease.digest} handed from {lease.holder!r} to {by!r}: no renewal for "
+            f"{now - lease.renewed_at:.1f} s (lease_silence_s {self.silence_s:g})"
+        )
 
     def _check_cap(self, node: str) -> None:
         cap = self.max_per_holder
@@ -233,9 +294,11 @@ class LeaseBook:
         size = _checked_size(lease, size)
         _check_progress(lease, bytes_done, size)
         now = self._clock()
-        lease = replace(lease, expires_at=now + self.ttl_s, bytes_done=bytes_done, size=size)
+        lease = replace(
+            lease, expires_at=now + self.ttl_s, bytes_done=bytes_done, size=size, renewed_at=now
+        )
         lease = self._judged(lease, now)
-        self._leases[digest] = lease
+        self._put(lease)
         return lease
 
     def _judged(self, lease: Lease, now: float) -> Lease:
@@ -283,13 +346,18 @@ class LeaseBook:
         """Put back a lease loaded from the store after a restart (its rate window restarts)."""
         now = self._clock()
         if lease.expires_at > now:
-            self._put(replace(lease, mark_at=now, mark_bytes=lease.bytes_done, slow=False))
+            self._put(replace(
+                lease, mark_at=now, mark_bytes=lease.bytes_done, slow=False, renewed_at=now
+            ))
 
     def _put(self, lease: Lease) -> None:
+        """File `lease` (new, or its own newer state: then it may go silent again)."""
         self._leases[lease.digest] = lease
         self._by_holder.setdefault(lease.holder, set()).add(lease.digest)
+        self._told_silent.discard(lease.lease_id)
 
     def _remove(self, lease: Lease) -> None:
+        self._told_silent.discard(lease.lease_id)
         del self._leases[lease.digest]
         held = self._by_holder.get(lease.holder)
         if held is not None:

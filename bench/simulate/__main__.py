@@ -25,6 +25,7 @@ from typing import Any
 from bench.simulate.cluster import simulate
 from bench.simulate.params import MB, POLICIES, PROFILES, Params
 from bench.simulate.report import (
+    leases_table,
     markdown_table,
     measured_fanout,
     plot,
@@ -81,16 +82,18 @@ def matrix(a: argparse.Namespace) -> None:
         up, link = PROFILES[profile]
         for n in (int(x) for x in a.nodes.split(",")):
             for policy in a.policies.split(","):
-                for seed in range(1, a.seeds + 1):
+                for seed in range(a.first_seed, a.first_seed + a.seeds):
                     p = Params(
                         nodes=n, upstream_mbit=up, node_mbit=link, policy=policy, seed=seed,
                         holder_failures=a.holder_failures, lease_ttl_s=a.lease_ttl_s,
+                        lease_silence_s=a.lease_silence_s,
                     )
                     jobs.append((profile, p))
     started = time.perf_counter()
     runs = _run_all(jobs, a.jobs)
     rows = summary(runs)
     print(markdown_table(rows))
+    print(leases_table(rows))
     wall = time.perf_counter() - started
     path = _save("run", {"runs": runs, "summary": rows, "wall_s": wall}, a.out)
     print(f"wrote {path} ({len(runs)} runs, {wall:.0f} s)")
@@ -100,6 +103,7 @@ def report(paths: list[Path], plot_to: Path | None) -> None:
     runs = [r for path in paths for r in json.loads(path.read_text())["runs"]]
     rows = summary(runs)
     print(markdown_table(rows))
+    print(leases_table(rows))
     if plot_to is not None:
         plot(rows, plot_to)
         print(f"wrote {plot_to}")
@@ -116,10 +120,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     r.add_argument("--profiles", default=",".join(PROFILES))
     r.add_argument("--policies", default=",".join(POLICIES))
     r.add_argument("--seeds", type=int, default=5)
+    r.add_argument("--first-seed", type=int, default=1, help="seeds run from this one (1)")
     r.add_argument("--holder-failures", type=int, default=1,
                    help="of the failing nodes, how many die holding a lease, mid-fetch (1)")
     r.add_argument("--lease-ttl-s", type=float, default=Params(nodes=2).lease_ttl_s,
                    help="the tracker's lease_ttl_s (its default)")
+    r.add_argument("--lease-silence-s", type=float, default=Params(nodes=2).lease_silence_s,
+                   help="the tracker's lease_silence_s (its default; 0: off)")
     for p in (v, r):
         p.add_argument("--jobs", type=int, default=1, help="simulations at once (1)")
         p.add_argument("--out", type=Path, default=RESULTS)

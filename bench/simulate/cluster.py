@@ -4,8 +4,9 @@ Owns the nodes' behaviour. Each (node, layer) waits for its lease with the
 node's real `LeaseWait` (p2preg/node/leasewait.py) over `SimTracker`'s
 replies: SEEDED joins the swarm (announce, connect to the peers handed out,
 re-announce every interval); GRANTED fetches the layer from upstream, renewing
-the lease every ttl/3 with its progress, reports the last byte, then verifies,
-makes and files the torrent, announces as a seeder and releases the lease, as
+the lease every third of `lease_silence_s` with its progress from the grant
+until it releases it, reports the last byte, then verifies, makes and files
+the torrent, announces as a seeder and releases the lease, as
 p2preg/node/fetch.py does; a fall-back fetches from upstream without a lease.
 A node that holds every chunk of a layer verifies it and announces `completed`
 (and is handed downloaders). Failures: `fail_fraction` of the nodes die, at a
@@ -41,7 +42,7 @@ from p2preg.node.leasewait import (
     LeaseWait,
     Replied,
 )
-from tracker.leases import RateRule
+from tracker.leases import SILENCE_CHECKS, RateRule
 
 # How often idle receivers look for a sender again (libtorrent's tick is 1 s).
 TICK_S = 0.25
@@ -68,6 +69,7 @@ class Cluster:
             RateRule(p.lease_min_rate_bytes_s, p.lease_rate_window_s),
             p.fetches_per_image, p.peer_ttl_s, p.numwant, p.policy,
             self.engine.clock, self.rng, self.engine.schedule, self._delivered,
+            silence_s=p.lease_silence_s,
         )
         self.swarms = Swarms(
             self.engine, self.nodes, [chunk_sizes(s, p.chunk_bytes) for s in self.sizes],
@@ -85,6 +87,9 @@ class Cluster:
         self.granted_to_dead = 0
         # (node, layer) → the lease id it fetches under.
         self._leases: dict[tuple[int, int], str] = {}
+        # Leases whose holder fetched every byte; released (renewals stop).
+        self._fetched: set[str] = set()
+        self._released: set[str] = set()
 
     # -- the run -----------------------------------------------------------------------
 
@@ -96,6 +101,8 @@ class Cluster:
             node.start_at = self.rng.uniform(0.0, p.start_spread_s) if p.start_spread_s else 0.0
             e.schedule(node.start_at, partial(self._start, node))
         self._every(5.0, self.tracker.sweep)
+        if p.lease_silence_s > 0:
+            self._every(p.lease_silence_s / SILENCE_CHECKS, self.tracker.wake_silent)
         self._every(TICK_S, self.swarms.tick)
         e.run(p.max_sim_s, lambda: self.unfinished == 0)
         return collect(self, time.perf_counter() - started)
@@ -157,7 +164,7 @@ class Cluster:
         elif isinstance(action, JoinSwarm):
             self._join(node, layer)
         elif isinstance(action, FetchAsHolder):
-            self._fetch(node, layer, action.lease_id, action.ttl_s)
+            self._fetch(node, layer, action.lease_id, action.renew_s)
         elif isinstance(action, FallBack):
             self.fallbacks[action.reason] = self.fallbacks.get(action.reason, 0) + 1
             self._fetch(node, layer, None, 0.0)
@@ -175,7 +182,7 @@ class Cluster:
 
     # -- the holder (fetch.py's _as_holder, _release_once_seeding) ------------------------
 
-    def _fetch(self, node: Node, layer: int, lease_id: str | None, ttl_s: float) -> None:
+    def _fetch(self, node: Node, layer: int, lease_id: str | None, renew_s: float) -> None:
         e = self.engine
         flow = Flow(None, node, layer, -1, self.sizes[layer])
 
@@ -191,15 +198,20 @@ class Cluster:
         if lease_id is None:
             return
         lease = lease_id
-        interval = max(0.5, ttl_s / 3)
 
-        def renew() -> None:
-            if node.alive and flow in e.upstream:
-                done = int(min(e.progress(flow), flow.size - 1)) if flow.rate else 0
-                self.tracker.renew(self.digests[layer], lease, done, flow.size, node.id)
-                e.schedule(e.now + interval, renew)
+        def renew() -> None:  # from the grant until the release, as fetch.py's _renewing
+            if not node.alive or lease in self._released:
+                return
+            if lease in self._fetched:
+                done = flow.size
+            elif flow in e.upstream and flow.rate:
+                done = int(min(e.progress(flow), flow.size - 1))
+            else:
+                done = 0
+            if self.tracker.renew(self.digests[layer], lease, done, flow.size, node.id):
+                e.schedule(e.now + renew_s, renew)
 
-        e.schedule(e.now + interval, renew)
+        e.schedule(e.now + renew_s, renew)
         self._leases[node.id, layer] = lease
 
     def _flow_done(self, flow: Flow) -> None:
@@ -212,6 +224,7 @@ class Cluster:
         lease = self._leases.pop((node.id, layer), None)
         if lease is not None:
             size = flow.size
+            self._fetched.add(lease)
 
             def fetched() -> None:  # off the upstream link: the next blob may start
                 if node.alive:
@@ -238,6 +251,7 @@ class Cluster:
         e.schedule(made, publish)
 
     def _release(self, node: Node, layer: int, lease: str) -> None:
+        self._released.add(lease)
         if node.alive:
             self.tracker.release(self.digests[layer], lease, node.id)
 

@@ -6,7 +6,8 @@ over the simulator's clock and its event queue instead of trio: a lease
 request is decided by `UpstreamQueue.check` and `LeaseBook.acquire`, its reply
 made by tracker/lease_replies.py, and a request told to wait is held (a long
 poll) until its deadline, its `wake_at`, or a notification of its digest
-(a first seeder, a released or expired lease, a freed slot of its image). Peers
+(a first seeder, a released, expired or silent lease, a freed slot of its
+image). Peers
 live in the real `PeerTable`; answers come from `hand_out` (policy "real") or
 a uniform pick (policy "random"). It counts what reaches the tracker. It does
 not model disputes, quotas, admission or stall reports (every seeder is
@@ -93,9 +94,12 @@ class SimTracker:
         rng: random.Random,
         schedule: Schedule,
         deliver: Callable[[Poll, wire.LeaseReply], None],
+        silence_s: float = 0.0,
     ) -> None:
         ids = itertools.count()
-        self.leases = LeaseBook(ttl_s, clock, lambda: f"lease-{next(ids)}", rate=rate)
+        self.leases = LeaseBook(
+            ttl_s, clock, lambda: f"lease-{next(ids)}", rate=rate, silence_s=silence_s
+        )
         self.queue = UpstreamQueue(fetches_per_image, clock)
         self.peers = PeerTable(max_peers_per_swarm=1 << 30, max_peers=1 << 40)
         self._wait_max_s = wait_max_s
@@ -202,6 +206,12 @@ class SimTracker:
         lease = self.leases.release(digest, lease_id, holder=str(node))
         if lease is not None:
             self.notify(digest)
+            self._free_slot(lease)
+
+    def wake_silent(self) -> None:
+        """coordinator.wake_silent: a silent holder's waiters and image queue move on."""
+        for lease in self.leases.turned_silent():
+            self.notify(lease.digest)
             self._free_slot(lease)
 
     def sweep(self) -> None:

@@ -46,6 +46,10 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "lease_asks_per_s": statistics.fmean(r["lease_asks_per_s"] for r in rs),
             "lease_asks_peak_s": max(r["lease_asks_peak_s"] for r in rs),
             "expired": sum(r["leases_expired"] for r in rs),
+            "replaced": sum(r["leases_replaced"] for r in rs),
+            "granted": sum(r["leases_granted"] for r in rs),
+            "renewals": sum(r["renewals"] for r in rs),
+            "layers": rs[0]["params"]["layers"],
             "granted_to_dead": sum(r["granted_to_dead"] for r in rs),
             "fallbacks": sum(sum(r["fallbacks"].values()) for r in rs),
             "wall_s": max(r["wall_s"] for r in rs),
@@ -70,6 +74,24 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         f"{r['upstream_mean']:.3f}, {r['upstream_max']:.3f} | "
         f"{r['announces_per_s']:,.0f}, {r['announces_peak_s']:,} | "
         f"{r['lease_asks_per_s']:,.0f}, {r['lease_asks_peak_s']:,} | {r['wall_s']:.0f} s |"
+        for r in rows
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+def leases_table(rows: list[dict[str, Any]]) -> str:
+    """What the lease book did, summed over each row's seeds: grants beyond one per
+    layer are the extra upstream fetches (a takeover, or an expiry's next grant)."""
+    head = (
+        "| profile | N | policy | holder dies | seeds | grants | extra grants | taken over "
+        "| expired | granted to the dead | renewals | upstream copies (max) |\n"
+        "| --- | ---: | --- | :---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+    )
+    lines = [
+        f"| {r['profile']} | {r['nodes']:,} | {r['policy']} | "
+        f"{'yes' if r['holder_failures'] else 'no'} | {r['seeds']} | {r['granted']:,} | "
+        f"{r['granted'] - r['layers'] * r['seeds']:,} | {r['replaced']:,} | {r['expired']:,} | "
+        f"{r['granted_to_dead']:,} | {r['renewals']:,} | {r['upstream_max']:.3f} |"
         for r in rows
     ]
     return head + "\n".join(lines) + "\n"

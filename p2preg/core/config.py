@@ -188,6 +188,7 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
             "insecure",
             "lease_min_rate_bytes_s",
             "lease_rate_window_s",
+            "lease_silence_s",
             "lease_ttl_s",
             "lease_wait_max_s",
             "listen",

@@ -163,8 +163,12 @@ class LeaseReply:
     # waiting node bounds its wait by the blob's size at that rate.
     min_rate_bytes_s: int = 0
     rate_window_s: float = 0.0
-    # GRANTED to take over from this holder, which fell below the minimum rate.
+    # GRANTED to take over from this holder, which fell below the minimum rate
+    # or went silent.
     replaced: str | None = None
+    # A holder silent this long is taken over: the holder renews every third of
+    # it (0, older trackers: every third of `ttl_s`).
+    silence_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,16 @@ class ShelfSeam(Protocol):
         manifest: bool = False,
     ) -> LeaseReply: ...
 
+    async def renew_lease(
+        self,
+        digest: Digest,
+        lease_id: str,
+        bytes_done: int,
+        size: int | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> LeaseReply: ...
+
     async def release_lease(self, digest: Digest, lease_id: str) -> None: ...
 
 
@@ -140,7 +150,7 @@ class ClusterManifests:
             outcome = FallBack("tracker", "the shelf lost the body it said it holds")
         if isinstance(outcome, FetchAsHolder):
             try:
-                media_type, body = await from_upstream()
+                media_type, body = await self._renewing(digest, outcome, from_upstream)
                 self._metrics.manifest_bodies.labels("upstream_holder").inc()
                 await self._put(digest, ns, repository, media_type, body)
             finally:
@@ -208,6 +218,39 @@ class ClusterManifests:
             await self._tracker.put_manifest(digest, ns, repository, media_type, body)
         except tracker_errors.TrackerError as e:
             log.info("manifest %s: not put on the tracker's shelf: %s", digest, e)
+
+    async def _renewing(
+        self, digest: Digest, lease: FetchAsHolder, from_upstream: Upstream
+    ) -> tuple[str, bytes]:
+        """`from_upstream()` with the lease renewed meanwhile; its error comes out as
+        itself (the resolver reads an unreachable upstream), not in a group."""
+        got: list[tuple[str, bytes]] = []
+        failed: list[Exception] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._renew, digest, lease)
+            try:
+                got.append(await from_upstream())
+            except Exception as e:
+                failed.append(e)
+            nursery.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
+        return got[0]
+
+    async def _renew(self, digest: Digest, lease: FetchAsHolder) -> None:
+        """Keep the lease alive while the GET runs: a silent holder is taken over
+        (tracker/leases.py), and a slow registry must not cost a second GET."""
+        while True:
+            await trio.sleep(lease.renew_s)
+            try:
+                await self._tracker.renew_lease(
+                    digest, lease.lease_id, 0, timeout_s=lease.renew_timeout_s
+                )
+            except tracker_errors.LeaseLost as e:
+                log.info("manifest %s: lease lost while fetching it: %s", digest, e)
+                return
+            except tracker_errors.TrackerError as e:
+                log.info("manifest %s: lease renewal failed: %s", digest, e)
 
     async def _release(self, digest: Digest, lease_id: str) -> None:
         try:

@@ -24,8 +24,7 @@ does both).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -187,10 +186,12 @@ class BlobFetcher:
                 await cluster.seeding.keep(got)
                 return "peers", self._store.size(digest) or size
             outcome = got
+        renewals: _Renewals | None = None
         if isinstance(outcome, FetchAsHolder):
             if outcome.verify:
                 log.info("blob %s: its torrent is disputed; fetching it upstream to settle", digest)
-            size = await self._as_holder(cluster.tracker, digest, size, outcome, copy)
+            renewals = _Renewals(cluster.tracker, digest, outcome, size)
+            size = await self._as_holder(cluster.tracker, renewals, copy)
         else:
             self._metrics.fallbacks.labels(outcome.reason).inc()
             reason, message = outcome.reason, outcome.message
@@ -200,11 +201,14 @@ class BlobFetcher:
         # lack a seeder, or hold bad metainfo. Published as the holder (GRANTED or
         # VERIFY), it defines or settles the torrent; after a fallback it is only
         # filed if the same torrent is already there (else refused, or reported).
-        await cluster.seeding.publish(digest, size)
-        if isinstance(outcome, FetchAsHolder):
-            self._nursery.start_soon(
-                self._release_once_seeding, cluster, digest, outcome.lease_id
-            )
+        try:
+            await cluster.seeding.publish(digest, size)
+        except BaseException:
+            if renewals is not None:
+                renewals.stop()  # the lease runs out by itself
+            raise
+        if renewals is not None:
+            self._nursery.start_soon(self._release_once_seeding, cluster, renewals)
         return "upstream", size
 
     async def _from_peers_only(self, digest: Digest, size: int) -> int:
@@ -319,23 +323,27 @@ class BlobFetcher:
     async def _as_holder(
         self,
         tracker: TrackerSeam,
-        digest: Digest,
-        size: int,
-        lease: FetchAsHolder,
+        renewals: _Renewals,
         copy: Callable[[Progress], Awaitable[int]],
     ) -> int:
-        """Fetch from upstream while holding the lease; give it back if that fails."""
+        """Fetch from upstream while holding the lease; give it back if that fails.
+
+        The renewals go on after the fetch, until the lease is released.
+        """
+        digest, lease_id = renewals.digest, renewals.lease.lease_id
+        self._nursery.start_soon(renewals.run)
         try:
-            async with _renewing(self._nursery, tracker, digest, lease, size) as progress:
-                size = await copy(progress)
+            size = await copy(renewals.progress)
         except BaseException:
+            renewals.stop()
             with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_ON_FAILURE_S):
-                await _release(tracker, digest, lease.lease_id)
+                await _release(tracker, digest, lease_id)
             raise
+        renewals.fetched(size)
         # Off the upstream link now: tell the tracker, which lets the image's
         # next blob start while this one is published and spreads.
         try:
-            await tracker.renew_lease(digest, lease.lease_id, size, size)
+            await tracker.renew_lease(digest, lease_id, size, size)
         except tracker_errors.TrackerError as e:
             log.info("reporting the upstream fetch of %s done: %s", digest, e)
         return size
@@ -350,22 +358,32 @@ class BlobFetcher:
             return
         if reply.status is not LeaseStatus.GRANTED or not reply.lease_id:
             return
+        lease = FetchAsHolder(reply.lease_id, reply.ttl_s, silence_s=reply.silence_s)
+        renewals = _Renewals(cluster.tracker, digest, lease, size)
+        renewals.fetched(size)
+        self._nursery.start_soon(renewals.run)
         try:
             await cluster.seeding.publish(digest, size)
         except Exception as e:  # evicted meanwhile, a full disk: the blob was served anyway
+            renewals.stop()
             log.warning("blob %s: not shared with the cluster: %s", digest, e)
             with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_ON_FAILURE_S):
                 await _release(cluster.tracker, digest, reply.lease_id)
             return
-        await self._release_once_seeding(cluster, digest, reply.lease_id)
+        await self._release_once_seeding(cluster, renewals)
 
-    async def _release_once_seeding(self, cluster: Cluster, digest: Digest, lease_id: str) -> None:
+    async def _release_once_seeding(self, cluster: Cluster, renewals: _Renewals) -> None:
         # Hold the lease until the tracker counts us as a seeder: released any
         # sooner, the next asker would find no seeder and fetch upstream again.
         # The client that asked for the blob does not wait for this.
-        if not await cluster.swarm.wait_announced(digest, ANNOUNCE_WAIT_S):
-            log.warning("no announce of %s acknowledged within %.0f s", digest, ANNOUNCE_WAIT_S)
-        await _release(cluster.tracker, digest, lease_id)
+        digest = renewals.digest
+        try:
+            if not await cluster.swarm.wait_announced(digest, ANNOUNCE_WAIT_S):
+                log.warning("no announce of %s acknowledged within %.0f s",
+                            digest, ANNOUNCE_WAIT_S)  # fmt: skip
+        finally:
+            renewals.stop()
+        await _release(cluster.tracker, digest, renewals.lease.lease_id)
 
     # -- the seed registry --------------------------------------------------------
 
@@ -401,42 +419,55 @@ class BlobFetcher:
         raise UpstreamError(f"seed registry kept sending bytes that do not match {digest}")
 
 
-@asynccontextmanager
-async def _renewing(
-    nursery: trio.Nursery, tracker: TrackerSeam, digest: Digest, lease: FetchAsHolder, size: int
-) -> AsyncIterator[Progress]:
-    """Renew `lease` every ttl/3 with the progress reported through the yielded callback.
+class _Renewals:
+    """A holder's renewals, every `renew_s` from the grant until `stop` (the release).
 
-    The renewals run in the node's nursery, not around the body: the body's own
-    exception (an upstream that failed) comes out as itself, not in a group.
+    Each renewal carries the most bytes fetched yet and gets `renew_timeout_s`
+    per tracker, so a hung one costs a renewal, not the lease: the tracker
+    passes the fetch on from a holder silent for `lease_silence_s`. One that
+    timed out is followed at once (the client has moved to the next tracker). `run` goes
+    in the node's nursery, not around the fetch: the fetch's own exception (an
+    upstream that failed) comes out as itself, not in a group.
     """
-    done = 0
-    scope = trio.CancelScope()
 
-    def progress(n: int) -> None:
+    def __init__(self, tracker: TrackerSeam, digest: Digest, lease: FetchAsHolder, size: int):
+        self.digest = digest
+        self.lease = lease
+        self._tracker = tracker
+        self._size = size
+        self._done = 0
+        self._scope = trio.CancelScope()
+
+    def progress(self, n: int) -> None:
         # The tracker refuses progress that goes backwards; a retry after a
         # digest mismatch starts again from 0, so report the most fetched yet.
-        nonlocal done
-        done = max(done, n)
+        self._done = max(self._done, n)
 
-    async def renew() -> None:
-        interval = max(0.5, lease.ttl_s / 3)
-        with scope:
+    def fetched(self, size: int) -> None:
+        self._done = self._size = size
+
+    def stop(self) -> None:
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        lease = self.lease
+        due = trio.current_time()
+        with self._scope:
             while True:
-                await trio.sleep(interval)
+                # On a fixed cadence: a renewal that timed out is followed at once.
+                due = max(due + lease.renew_s, trio.current_time())
+                await trio.sleep_until(due)
                 try:
-                    await tracker.renew_lease(digest, lease.lease_id, done, size)
-                except tracker_errors.LeaseLost:
-                    log.warning("lease for %s lost while fetching; finishing anyway", digest)
+                    await self._tracker.renew_lease(
+                        self.digest, lease.lease_id, self._done, self._size,
+                        timeout_s=lease.renew_timeout_s,
+                    )
+                except tracker_errors.LeaseLost as e:
+                    log.warning("lease for %s lost; finishing the copy anyway: %s",
+                                self.digest, e)  # fmt: skip
                     return
                 except tracker_errors.TrackerError as e:
-                    log.warning("lease renewal for %s failed: %s", digest, e)
-
-    nursery.start_soon(renew)
-    try:
-        yield progress
-    finally:
-        scope.cancel()
+                    log.warning("lease renewal for %s failed: %s", self.digest, e)
 
 
 async def _release(tracker: TrackerSeam, digest: Digest, lease_id: str) -> None:

@@ -46,6 +46,12 @@ BOUND_FLOOR_S = 30.0
 # tries, with room), and how often it asks meanwhile.
 TAKEOVER_WAIT_S = 12.0
 TAKEOVER_PACE_S = 0.5
+# A holder renews its lease at most this often.
+RENEW_MIN_S = 0.25
+# A renewal's timeout per tracker, in renewal intervals: an interval plus this
+# (a renewal lost to a hung tracker, then answered by the next) stays below the
+# silence of three intervals.
+RENEW_TIMEOUT_SHARE = 1.5
 # Distinct fetches one wait keeps a bound for (an image's blobs queued ahead);
 # past that, a new one shares the last bound.
 MAX_BOUNDS = 256
@@ -101,12 +107,26 @@ class JoinSwarm:
 
 @dataclass(frozen=True, slots=True)
 class FetchAsHolder:
-    """This node holds the lease: fetch from upstream, renewing it every `ttl_s` / 3."""
+    """This node holds the lease: fetch from upstream, renewing it every `renew_s`."""
 
     lease_id: str
     ttl_s: float
     # The tracker asked this node to settle a dispute over the blob's torrent.
     verify: bool = False
+    # The tracker takes the fetch over from a holder silent this long (0: none).
+    silence_s: float = 0.0
+
+    @property
+    def renew_s(self) -> float:
+        """A third of the silence (of the TTL, if shorter or without one)."""
+        quiet = min(self.silence_s, self.ttl_s) if self.silence_s > 0 else self.ttl_s
+        return max(RENEW_MIN_S, quiet / 3)
+
+    @property
+    def renew_timeout_s(self) -> float:
+        """How long one tracker gets to answer a renewal: a renewal sent to a hung
+        replica and then to the next still lands within the silence."""
+        return RENEW_TIMEOUT_SHARE * self.renew_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,13 +244,15 @@ def _granted_without_id(s: Situation) -> bool:
 
 def _hold(s: Situation) -> Action:
     assert s.reply.lease_id is not None
-    return FetchAsHolder(s.reply.lease_id, s.reply.ttl_s)
+    return FetchAsHolder(s.reply.lease_id, s.reply.ttl_s, silence_s=s.reply.silence_s)
 
 
 def _verify(s: Situation) -> Action:
     if not s.reply.lease_id:
         return FallBack("tracker", "tracker asked to verify without naming the lease")
-    return FetchAsHolder(s.reply.lease_id, s.reply.ttl_s, verify=True)
+    return FetchAsHolder(
+        s.reply.lease_id, s.reply.ttl_s, verify=True, silence_s=s.reply.silence_s
+    )
 
 
 def _held_its_course(s: Situation) -> bool:

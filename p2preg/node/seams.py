@@ -96,7 +96,13 @@ class TrackerSeam(Protocol):
     ) -> LeaseReply: ...
 
     async def renew_lease(
-        self, digest: Digest, lease_id: str, bytes_done: int, size: int | None = None
+        self,
+        digest: Digest,
+        lease_id: str,
+        bytes_done: int,
+        size: int | None = None,
+        *,
+        timeout_s: float | None = None,
     ) -> LeaseReply: ...
 
     async def release_lease(self, digest: Digest, lease_id: str) -> None: ...
