@@ -264,6 +264,8 @@ def swarm_round(
         "leecher_upload_mb": [round(b["payload_up"] / MB, 1) for b in byes],
         "redundant_mb": [round(d.get("redundant", 0) / MB, 2) for d in done],
         "slow_drops": [d.get("slow_drops", []) for d in done],
+        # The redundant bytes by libtorrent's reason (ses.waste_piece_*), per leecher.
+        "waste": [d.get("waste", {}) for d in done],
     }
     own = seed_cpu + sum(d["cpu_s"] for d in done)
     return Sample(n * size / wall / MB, wall, busy, round((busy_s - own) / window, 2), detail)

@@ -197,6 +197,21 @@ def _drain(session: Any, handle: Any, times: dict[str, float], counts: dict[str,
             raise SystemExit(f"peer: {alert.message()}")
 
 
+def _waste(session: Any) -> dict[str, int]:
+    """libtorrent's session counters of bytes received twice, by its reason
+    (`ses.waste_piece_*`: end_game, timed_out, cancelled, unknown, seed, closing)."""
+    names = [m.name for m in lt.session_stats_metrics() if "waste" in m.name]
+    session.post_session_stats()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        session.wait_for_alert(100)
+        for alert in session.pop_alerts():
+            if isinstance(alert, lt.session_stats_alert):
+                values = alert.values  # the binding's: {name: value}
+                return {name.split(".", 1)[1]: int(values[name]) for name in names}
+    return {}
+
+
 def run_peer(args: argparse.Namespace) -> int:
     """`--role seed|leech`: one libtorrent session driven by lines on stdin."""
     stdin = _Stdin()
@@ -255,6 +270,7 @@ def run_peer(args: argparse.Namespace) -> int:
             payload_down=status.total_payload_download,
             redundant=status.total_redundant_bytes,
             slow_drops=[dataclasses.asdict(d) for d in slow.watch.drops] if slow else [],
+            waste=_waste(session),
         )
     # Stay in the swarm (seeding) until told to quit, as a node does.
     while (line := stdin.line(0.2)) != "quit" and time.monotonic() < deadline:
