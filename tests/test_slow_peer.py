@@ -7,8 +7,14 @@ have asked it for pieces; then node a, which holds the layer, joins. b gets
 the layer with the slow peer having sent a small share of it (its own
 libtorrent counter): what it was asked for alone, and the rest came from a.
 And since it delivered all along, b never reports it as stalling (the stall
-reports are for peers that send no block: stallwatch.py). A peer that was
-fast and then slows down is another matter: docs/RELIABILITY.md, "Known gaps".
+reports are for peers that send no block: stallwatch.py).
+
+A peer that was fast and then slows down holds the requests it was given at
+its old rate; the node takes them back (p2preg/node/slowpeers.py): the second
+test has the slow seeder on an address of its own (127.0.0.2, a host of its
+own to the tracker and the nodes), fast while b has it alone, then at 64 KiB/s
+when a is back; b disconnects it, a delivers the rest, and it is neither
+reported nor banned: the tracker still hands it out as a seeder.
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ LAYER = 24 * MiB  # 96 pieces of 256 KiB
 SLOW_BYTES_PER_S = 64 * KiB
 # b has the slow seeder alone until it has sent this much (3 s at its rate).
 HEAD_START_BYTES = 192 * KiB
+# The second test: its slow seeder sends this fast while b has it alone, then slows.
+WAS_FAST_BYTES_PER_S = 4 * MiB
+SLOWED_LAYER = 48 * MiB  # 96 pieces of 512 KiB
+SLOW_HOST = "127.0.0.2"
 
 
 @pytest.fixture
@@ -97,3 +107,47 @@ def test_a_slow_peer_sends_a_sliver_and_is_not_reported(
         # It delivered all along: not a stalling peer.
         assert b.metric("p2preg_peer_stalls_total") == 0
         assert b.metric("p2preg_blob_fetches_total", source="peers") == 1
+
+
+def test_a_peer_that_slows_down_is_disconnected_not_reported(
+    registry: Registry, tmp_path: Path, cluster: Callable[..., NodeProcess]
+) -> None:
+    layout: Any = build_image(tmp_path / "layout", seed="slowed", layer_sizes=(SLOWED_LAYER,))
+    image = push(layout, registry.host, "team/slowed")
+    (layer,) = image.manifests[0].layers
+    digest = Digest.parse(layer.digest)
+    with open_tracker(tmp_path / "tracker") as tracker, ExitStack() as stack:
+        a = cluster(registry, tracker.url, "a")
+        url_a = f"{a.url}/v2/{image.repository}/blobs/{layer.digest}"
+        assert httpx.get(url_a, timeout=60, trust_env=False).status_code == 200
+        wait_for(lambda: swarm_counts(tracker.url, layer.digest) == (1, 0), 30, "a to seed")
+        meta = make_metainfo(layout.blob_path(layer.digest), digest, layer.size)
+        slow = SlowSeeder(tmp_path / "slow", tracker.url, layout.blob_path(layer.digest), meta,
+                          WAS_FAST_BYTES_PER_S, host=SLOW_HOST)  # fmt: skip
+        stack.callback(slow.close)
+        slow.wait_seeding()
+        wait_for(lambda: swarm_counts(tracker.url, layer.digest) == (2, 0), 30, "the slow seeder")
+        a.process.stop()
+        wait_for(lambda: swarm_counts(tracker.url, layer.digest) == (1, 0), 30, "a to leave")
+
+        # b asks the seeder for pieces at its fast rate; then it slows and a is back.
+        b = cluster(registry, tracker.url, "b")
+        url_b = f"{b.url}/v2/{image.repository}/blobs/{layer.digest}"
+        pending = Background(lambda: httpx.get(url_b, timeout=120, trust_env=False)).start()
+        wait_for(lambda: slow.uploaded() >= 4 * MiB, 60, "the seeder to send at its fast rate")
+        slow.set_rate(SLOW_BYTES_PER_S)
+        cluster(registry, tracker.url, "a")  # the same store: it seeds the layer again
+        r = pending.result(150)
+        assert r.status_code == 200
+        assert "sha256:" + hashlib.sha256(r.content).hexdigest() == layer.digest
+        # b took its requests back, and a delivered what it had held.
+        assert b.metric("p2preg_peer_slow_drops_total") >= 1
+        assert f"peer {SLOW_HOST}:" in b.process.log_tail(400)
+        assert slow.uploaded() < layer.size // 2, slow.uploaded()
+        assert b.metric("p2preg_peer_blob_bytes_total") >= layer.size
+        assert b.metric("p2preg_upstream_blob_bytes_total") == 0
+        assert b.metric("p2preg_blob_fetches_total", source="peers") == 1
+        # It delivered: neither reported as stalling nor banned, and still a seeder.
+        assert b.metric("p2preg_peer_stalls_total") == 0
+        assert b.metric("p2preg_peer_bans_total") == 0
+        wait_for(lambda: swarm_counts(tracker.url, layer.digest) == (3, 0), 30, "three seeders")

@@ -60,6 +60,7 @@ class NodeRun:
     node_peak_rss_mib: float | None = None
     node_from_peers_bytes: float | None = None
     node_redundant_bytes: float | None = None
+    node_slow_drops: float | None = None  # peers its slow-peer watch disconnected
     node_from_upstream_bytes: float | None = None
     node_fallbacks: float | None = None
     error: str | None = None
@@ -251,6 +252,7 @@ def _add_node_counters(run: NodeRun, node: NodeProcess, before: ProcStat) -> Non
     run.node_peak_rss_mib = st.peak_rss_mib
     run.node_from_peers_bytes = metric_value(metrics, "p2preg_peer_blob_bytes_total")
     run.node_redundant_bytes = metric_value(metrics, "p2preg_peer_redundant_bytes_total")
+    run.node_slow_drops = metric_value(metrics, "p2preg_peer_slow_drops_total")
     run.node_from_upstream_bytes = metric_value(metrics, "p2preg_upstream_blob_bytes_total")
     run.node_fallbacks = _fallbacks(metrics)
 

@@ -55,6 +55,9 @@ from tracker.metainfo import make_metainfo
 MiB = 1 << 20
 KiB = 1 << 10
 MB = 1e6
+# The slow seeder's own loopback address: a node of its own, as on a cluster's network
+# (a leecher disconnects a slow peer by its address, p2preg/node/slowpeers.py).
+SLOW_HOST = "127.0.0.2"
 RESULTS = REPO_ROOT / "bench" / "results" / "peer.json"
 # What is measured; nginx*file are curl writing the blob to a file, as a node must.
 # Each case: its name and whether it has one client (else N).
@@ -186,7 +189,10 @@ class _Run:
 
             slowpoke = None
             if slow:
-                slowpoke = join("slow", "--upload-limit", str(self.args.slow_from_kib_s * KiB))
+                slowpoke = join(
+                    "slow", "--upload-limit", str(self.args.slow_from_kib_s * KiB),
+                    "--peer-host", SLOW_HOST,
+                )  # fmt: skip
                 slowpoke.expect("ready", 60.0)
 
             def fast_seeders_join() -> float:
@@ -401,9 +407,11 @@ def report(result: dict[str, Any], out: Path) -> None:
         samples = slow["samples"]
         shares = [x["detail"]["slow_upload_bytes"] / result["blob_bytes"] for x in samples]
         seconds = ", ".join(f"{x['seconds']:.2f}" for x in samples)
+        drops = ", ".join(str(len(x["detail"]["slow_drops"][0])) for x in samples)
         console.print(
             f"{slow['name']}: {seconds} s; the slow seeder sent"
-            f" {', '.join(f'{x:.2%}' for x in shares)} of the blob"
+            f" {', '.join(f'{x:.2%}' for x in shares)} of the blob;"
+            f" slow peers the leecher disconnected: {drops}"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
@@ -442,6 +450,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=3.0,
         help="slowpeer: seconds the leecher has the slow seeder alone before the fast ones join",
     )
+    parser.add_argument(
+        "--no-slow-peers",
+        action="store_true",
+        help="leechers do not disconnect slow peers as a node does (p2preg/node/slowpeers.py)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--disk-io", choices=["default", "mmap", "posix", "pread"])
     parser.add_argument("--piece-kib", type=int, help="force this piece size (experiment)")
@@ -460,6 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=600.0, help=argparse.SUPPRESS)
     parser.add_argument("--upload-limit", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--full-check", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--peer-host", default="127.0.0.1", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role != "bench":
         return run_peer(args)

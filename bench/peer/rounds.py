@@ -133,6 +133,8 @@ def peers(
                 argv += ["--disk-io", args.disk_io]
             if args.verify:
                 argv.append("--verify")
+            if args.no_slow_peers:
+                argv.append("--no-slow-peers")
             argv += list(extra)
             started.append(Peer(f"{role}-{i}", argv, save.parent))
         yield started
@@ -261,6 +263,9 @@ def swarm_round(
         "hash_failures": sum(d["hash_failures"] for d in done),
         "leecher_upload_mb": [round(b["payload_up"] / MB, 1) for b in byes],
         "redundant_mb": [round(d.get("redundant", 0) / MB, 2) for d in done],
+        "slow_drops": [d.get("slow_drops", []) for d in done],
+        # The redundant bytes by libtorrent's reason (ses.waste_piece_*), per leecher.
+        "waste": [d.get("waste", {}) for d in done],
     }
     own = seed_cpu + sum(d["cpu_s"] for d in done)
     return Sample(n * size / wall / MB, wall, busy, round((busy_s - own) / window, 2), detail)

@@ -4,7 +4,8 @@ Owns what runs inside a `python -m bench.peer --role seed|leech` child: the
 node's session settings (`p2preg.node.swarm.session_settings`, on loopback,
 plus experiment overrides), the same add_torrent_params as the node's swarm,
 the alert loop that records when the tracker answered, the torrent finished
-and its writes were flushed, and the JSON lines it reports on stdout to the
+and its writes were flushed, a leecher's slow-peer watch as the node runs it
+(p2preg.node.slowpeers; off with `--no-slow-peers`), and the JSON lines it reports on stdout to the
 orchestrator (which drives it with lines on stdin). With `--tls-dir` it is a
 TLS node's session instead: SSL torrent, an `s` listen interface only, added
 without trackers, the certificate set, then the tracker, as the node's swarm
@@ -15,6 +16,7 @@ session and CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,10 +31,13 @@ from typing import Any, cast
 import libtorrent as lt
 
 from p2preg.node.peertls import write_dh_params
+from p2preg.node.slowpeers import FILTERED, SlowPeers
 from p2preg.node.swarm import listen_interfaces, session_settings
 
 MiB = 1 << 20
 READY_TIMEOUT_S = 30.0
+# How often a leecher judges its peers for slow ones, as the node does (swarm.py).
+SLOW_PEERS_INTERVAL_S = 0.5
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, int | bool | str]:
@@ -54,10 +59,13 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, int | bool | str]:
 
 
 def peer_settings(
-    overrides: dict[str, int | bool | str], *, tls: bool = False
+    overrides: dict[str, int | bool | str], *, tls: bool = False, host: str = "127.0.0.1"
 ) -> dict[str, Any]:
-    """The node's settings (`session_settings`) on loopback, plus experiment overrides."""
-    settings: dict[str, Any] = dict(session_settings(listen_interfaces("127.0.0.1", 0, 0, tls=tls)))
+    """The node's settings (`session_settings`) on a loopback address, plus experiment
+    overrides; its peer connections leave from that address too (a host of its own)."""
+    settings: dict[str, Any] = dict(session_settings(listen_interfaces(host, 0, 0, tls=tls)))
+    if host != "127.0.0.1":
+        settings["outgoing_interfaces"] = host
     settings.update(overrides)
     return settings
 
@@ -118,7 +126,7 @@ def _torrent_params(meta: bytes, save_path: Path, announce: str, *, seed: bool) 
     atp.ti = lt.torrent_info(meta)
     atp.save_path = str(save_path)
     atp.trackers = [announce]
-    atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
+    atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused | FILTERED)
     atp.flags |= lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd
     atp.flags |= lt.torrent_flags.disable_pex
     if seed:
@@ -155,7 +163,7 @@ def _set_upload_limit(session: Any, bytes_per_s: int) -> None:
 
 
 def _open_session(args: argparse.Namespace) -> Any:
-    settings = peer_settings(parse_overrides(args.set), tls=bool(args.tls_dir))
+    settings = peer_settings(parse_overrides(args.set), tls=bool(args.tls_dir), host=args.peer_host)
     params = lt.session_params(cast(Any, settings))
     if args.disk_io:
         params.disk_io_constructor = f"{args.disk_io}_disk_io_constructor"
@@ -189,6 +197,21 @@ def _drain(session: Any, handle: Any, times: dict[str, float], counts: dict[str,
             raise SystemExit(f"peer: {alert.message()}")
 
 
+def _waste(session: Any) -> dict[str, int]:
+    """libtorrent's session counters of bytes received twice, by its reason
+    (`ses.waste_piece_*`: end_game, timed_out, cancelled, unknown, seed, closing)."""
+    names = [m.name for m in lt.session_stats_metrics() if "waste" in m.name]
+    session.post_session_stats()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        session.wait_for_alert(100)
+        for alert in session.pop_alerts():
+            if isinstance(alert, lt.session_stats_alert):
+                values = alert.values  # the binding's: {name: value}
+                return {name.split(".", 1)[1]: int(values[name]) for name in names}
+    return {}
+
+
 def run_peer(args: argparse.Namespace) -> int:
     """`--role seed|leech`: one libtorrent session driven by lines on stdin."""
     stdin = _Stdin()
@@ -215,9 +238,13 @@ def run_peer(args: argparse.Namespace) -> int:
         cpu0, threads0 = _cpu_s(), _thread_cpu_s()
         times["start"] = time.monotonic()
         handle = _add(session, args, _torrent_params(meta, save, args.announce, seed=False))
+        slow, judged = (None if args.no_slow_peers else SlowPeers(session, "leech")), 0.0
         while "flushed" not in times:
             if time.monotonic() > deadline:
                 raise SystemExit("leech: transfer did not finish in time")
+            if slow is not None and time.monotonic() - judged >= SLOW_PEERS_INTERVAL_S:
+                judged = time.monotonic()
+                slow.sample(handle, handle.get_peer_info(), judged)
             session.wait_for_alert(50)
             if "first_byte" not in times and handle.status().total_payload_download > 0:
                 times["first_byte"] = time.monotonic()
@@ -242,6 +269,8 @@ def run_peer(args: argparse.Namespace) -> int:
             hash_failures=counts["hash_failures"],
             payload_down=status.total_payload_download,
             redundant=status.total_redundant_bytes,
+            slow_drops=[dataclasses.asdict(d) for d in slow.watch.drops] if slow else [],
+            waste=_waste(session),
         )
     # Stay in the swarm (seeding) until told to quit, as a node does.
     while (line := stdin.line(0.2)) != "quit" and time.monotonic() < deadline:

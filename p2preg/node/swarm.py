@@ -13,7 +13,7 @@ trackers (libtorrent shows the certificate to an HTTPS tracker only once it is
 set); renewed files are set again on every torrent. While a download runs it
 samples the torrent's peers, and the connections that failed, for stalling or
 unreachable ones and reports them through the `report_stall` it was given
-(the tracker client's; stallreports.py). Alerts reach
+(the tracker client's; stallreports.py); slow ones lose their requests (slowpeers.py). Alerts reach
 trio through `set_alert_fd` on a pipe and `trio.lowlevel.wait_readable`, never
 a Python callback in libtorrent's thread (which hung teardown with the 2.1.1
 wheel). This module decides nothing about where a blob should come from.
@@ -40,6 +40,7 @@ from p2preg.core.metainfo import Metainfo, info_name
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.peertls import PeerTLS
 from p2preg.node.seams import SwarmError
+from p2preg.node.slowpeers import FILTERED, SlowPeers, ours
 from p2preg.node.stallreports import ReportStall, StallReports, Watched
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ STATUS_INTERVAL_S = 0.5
 # How often renewed certificate files are looked for (a clock read; ReloadingTLS
 # itself stats the files at most every few seconds).
 TLS_CHECK_INTERVAL_S = 1.0
-
 
 
 def session_settings(listen: str) -> lt.settings_pack:
@@ -194,7 +194,7 @@ class Swarm:
         if self._tls is None:
             atp.trackers = list(self._announce_urls)
             atp.tracker_tiers = list(range(len(self._announce_urls)))
-        atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
+        atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused | FILTERED)
         atp.flags |= lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd
         atp.flags |= lt.torrent_flags.disable_pex
         return atp
@@ -254,6 +254,7 @@ class Swarm:
             t.handle.force_reannounce()
         if self._reports is not None:
             t.stalls = self._reports.watch(meta.digest)
+        slow = SlowPeers(self._session, str(meta.digest), self._metrics)
         while not t.finished.is_set():
             if t.error is not None:
                 raise t.error
@@ -261,10 +262,11 @@ class Swarm:
                 raise SwarmError("hash_failures", f"{t.hash_failures} pieces failed their hash")
             if trio.current_time() - t.last_progress > stall_s:
                 raise SwarmError("stalled", f"no progress from peers for {stall_s:.0f} s")
+            slow.sample(t.handle, peers := t.handle.get_peer_info(), trio.current_time())
             if t.stalls is not None and t.announced.is_set():
                 # (before its first tracker reply nobody could have served it)
                 assert self._reports is not None  # t.stalls comes from it
-                self._reports.sample(t.stalls, t.handle.get_peer_info())
+                self._reports.sample(t.stalls, peers)
                 if (verdict := self._reports.verdict(t.stalls)) is not None:
                     raise verdict
             with trio.move_on_after(STATUS_INTERVAL_S):
@@ -370,7 +372,7 @@ class Swarm:
             self._metrics.hash_failures.inc()
             if t is not None:
                 t.hash_failures += 1
-        elif isinstance(alert, lt.peer_ban_alert | lt.peer_blocked_alert):
+        elif isinstance(alert, lt.peer_ban_alert | lt.peer_blocked_alert) and not ours(alert):
             self._metrics.peer_bans.inc()
             log.warning("swarm: %s", _said(alert))
         elif isinstance(alert, lt.torrent_error_alert | lt.file_error_alert):
