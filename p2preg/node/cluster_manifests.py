@@ -81,6 +81,24 @@ class ShelfSeam(Protocol):
     async def release_lease(self, digest: Digest, lease_id: str) -> None: ...
 
 
+class ShelfReader(Protocol):
+    async def get_manifest(self, digest: Digest) -> ManifestBody | None: ...
+
+
+async def shelved_body(tracker: ShelfReader, digest: Digest) -> ManifestBody | None:
+    """The tracker's shelved body for `digest` if it hashes to it; None if the shelf has
+    none, the tracker fails, or it sent other bytes (whoever put them)."""
+    try:
+        found = await tracker.get_manifest(digest)
+    except tracker_errors.TrackerError as e:
+        log.info("manifest %s: the tracker's shelf did not answer: %s", digest, e)
+        return None
+    if found is not None and Digest.of(found.body, digest.algorithm) != digest:
+        log.error("manifest %s: the tracker's shelf sent other bytes; refused", digest)
+        return None
+    return found
+
+
 class _Shelved:
     """The tracker answered a manifest's lease SEEDED: the body is on the shelf."""
 
@@ -171,15 +189,8 @@ class ClusterManifests:
         A shelf that does not list `repository` among the body's places is told it:
         upstream proved the repository holds it, and the outage fallback
         (clusterword.py) serves a body only where the shelf places it."""
-        try:
-            found = await self._tracker.get_manifest(digest)
-        except tracker_errors.TrackerError as e:
-            log.info("manifest %s: the tracker's shelf did not answer: %s", digest, e)
-            return None
+        found = await shelved_body(self._tracker, digest)
         if found is None:
-            return None
-        if Digest.of(found.body, digest.algorithm) != digest:
-            log.error("manifest %s: the tracker's shelf sent a body that does not match", digest)
             return None
         self._metrics.manifest_bodies.labels("cluster").inc()
         if f"{ns}/{repository}" not in found.places:

@@ -37,6 +37,7 @@ import trio
 
 from p2preg.core import errors as tracker_errors
 from p2preg.core.digest import Digest, DigestError
+from p2preg.node.cluster_manifests import shelved_body
 from p2preg.node.errors import RegistryError
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.seams import ClusterWordSeam
@@ -171,15 +172,8 @@ class ClusterWord:
         """The shelf's body for `digest`, if allowed, verified, and said to be `repository`'s."""
         if not self.enabled:
             return None
-        try:
-            shelved = await self._tracker.get_manifest(digest)
-        except tracker_errors.TrackerError as e:
-            log.warning("manifest %s: the tracker did not answer: %s", digest, e)
-            return None
+        shelved = await shelved_body(self._tracker, digest)
         if shelved is None:
-            return None
-        if Digest.of(shelved.body, digest.algorithm) != digest:
-            log.error("manifest %s: the tracker's shelf sent other bytes; refused", digest)
             return None
         if f"{ns}/{repository}" not in shelved.places:
             said = ", ".join(shelved.places[:4]) or "no place"
