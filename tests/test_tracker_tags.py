@@ -96,6 +96,10 @@ async def test_answers_survive_a_reopen_and_dropped_ones_leave_the_file(tmp_path
         for tag in ("a", "b", "c"):
             await t.tag_seen(seen(tag), identity="n1")
         assert t.tag_query(query("a")).digest is None
+        assert t.tag_query(query("c")).digest == D1
+        counts = {r: c._value.get() for r, c in t.metrics.tag_answers.items()}
+        assert counts == {"answered": 1, "unknown": 1}
+        assert t.metrics.tag_reports._value.get() == 3
     async with open_sqlite_store(tmp_path) as store:
         snapshot = await store.load()
         assert sorted(s.tag for s in snapshot.tags) == ["b", "c"]

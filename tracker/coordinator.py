@@ -200,10 +200,13 @@ class Tracker:
         record = checked(msg, identity, self._wall())
         dropped = [*self._tags_dropped, *self.tags.put(record)]
         self._tags_dropped = []
+        self.metrics.tag_reports.inc()
         await self._store.put_tag(record, dropped)
 
     def tag_query(self, msg: wire.TagQuery) -> wire.TagAnswer:
-        return self.tags.answer(query_key(msg), self._wall())
+        answer = self.tags.answer(query_key(msg), self._wall())
+        self.metrics.tag_answers["unknown" if answer.digest is None else "answered"].inc()
+        return answer
 
     # -- manifest shelf ----------------------------------------------------------
 

@@ -218,6 +218,18 @@ class TrackerMetrics:
             registry=self.registry,
         )
         self.manifest_lookup = {r: lookups.labels(r) for r in ("hit", "miss")}
+        tags = Counter(
+            "p2preg_tracker_tag_answers",
+            "Tag queries of nodes whose seed registry is unreachable: answered, or unknown",
+            ["result"],
+            registry=self.registry,
+        )
+        self.tag_answers = {r: tags.labels(r) for r in ("answered", "unknown")}
+        self.tag_reports = Counter(
+            "p2preg_tracker_tag_reports",
+            "Tag answers nodes reported from their seed registries (kept for outages)",
+            registry=self.registry,
+        )
 
     def _replicas(self) -> None:
         """The store and, with Redis, this replica's term (redis_store.py, replica.py)."""
