@@ -18,7 +18,7 @@ does both).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -28,6 +28,7 @@ import trio
 from p2preg.core import errors as tracker_errors
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
+from p2preg.node.chunks import ChunkFollower, Chunking, ChunkPublisher, publishing
 from p2preg.node.errors import StoreFull, UpstreamError
 from p2preg.node.leasewait import (
     Ask,
@@ -75,10 +76,17 @@ def _ignore_progress(n: int) -> None:
 class _StoreSink:
     """Feeds upstream bytes to a BlobWriter off the event loop, in large batches."""
 
-    def __init__(self, writer: BlobWriter, offload: Offload, progress: Progress) -> None:
+    def __init__(
+        self,
+        writer: BlobWriter,
+        offload: Offload,
+        progress: Progress,
+        chunks: ChunkPublisher | None = None,
+    ) -> None:
         self._writer = writer
         self._offload = offload
         self._progress = progress
+        self._chunks = chunks
         self._buffer = bytearray()
         self.offset = 0
 
@@ -93,8 +101,13 @@ class _StoreSink:
         if self._buffer:
             batch, self._buffer = bytes(self._buffer), bytearray()
             await self._offload(partial(self._writer.write, batch))
+            if self._chunks is not None:
+                await self._chunks.feed(batch)
 
     async def reset(self) -> None:
+        if self._chunks is not None:  # what was cut may not be the blob's
+            self._chunks.stop()
+            self._chunks = None
         self._buffer.clear()
         self.offset = 0
         await self._offload(self._writer.reset)
@@ -117,6 +130,8 @@ class Cluster:
     seeding: Seeding
     peers: PeerDownload
     settings: SwarmSettings
+    # Chunk torrents of blobs on their way from upstream (None: every blob moves whole).
+    chunks: Chunking | None = None
 
 
 class BlobFetcher:
@@ -157,7 +172,10 @@ class BlobFetcher:
         if cluster is None or 0 <= size < cluster.settings.min_bytes:
             return "upstream", await copy(_ignore_progress)
         place = self._pull_order.of(digest)
-        outcome = await self._await_lease(cluster, digest, size, place)
+        outcome = await self._wait_or_follow(cluster, digest, size, place)
+        if outcome is None:  # assembled from chunk torrents, and verified
+            await cluster.seeding.publish(digest, size)
+            return "peers", size
         if isinstance(outcome, JoinSwarm):
             got = await self._from_swarm(cluster, digest, size, place, outcome)
             if isinstance(got, Metainfo):
@@ -167,7 +185,7 @@ class BlobFetcher:
         if isinstance(outcome, FetchAsHolder):
             if outcome.verify:
                 log.info("blob %s: its torrent is disputed; fetching it upstream to settle", digest)
-            size = await self._as_holder(cluster.tracker, digest, size, outcome, copy)
+            size = await self._as_holder(cluster, digest, size, outcome, upstream, repository)
         else:
             self._metrics.fallbacks.labels(outcome.reason).inc()
             reason, message = outcome.reason, outcome.message
@@ -185,6 +203,31 @@ class BlobFetcher:
         return "upstream", size
 
     # -- the tracker ------------------------------------------------------------
+
+    async def _wait_or_follow(
+        self, cluster: Cluster, digest: Digest, size: int, place: Place | None
+    ) -> Outcome | None:
+        """The lease wait, and beside it the blob's chunk torrents as they are filed;
+        None when the chunks came first and were assembled into the verified blob."""
+        chunks = cluster.chunks
+        if chunks is None or chunks.settings.cut_for(size) is None:
+            return await self._await_lease(cluster, digest, size, place)
+        follower = ChunkFollower(chunks, digest, size)
+
+        async def follow(cancel: trio.CancelScope) -> None:
+            if await follower.run():
+                cancel.cancel()
+
+        outcome: Outcome | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow, nursery.cancel_scope)
+            outcome = await self._await_lease(cluster, digest, size, place)
+            if isinstance(outcome, JoinSwarm) and follower.started:
+                # The holder verified the blob after filing its last chunk: the
+                # chunks under way finish sooner than the whole torrent would.
+                await follower.done.wait()
+            nursery.cancel_scope.cancel()
+        return None if follower.assembled else outcome
 
     async def _await_lease(
         self, cluster: Cluster, digest: Digest, size: int, place: Place | None
@@ -254,16 +297,22 @@ class BlobFetcher:
 
     async def _as_holder(
         self,
-        tracker: TrackerSeam,
+        cluster: Cluster,
         digest: Digest,
         size: int,
         lease: FetchAsHolder,
-        copy: Callable[[Progress], Awaitable[int]],
+        upstream: UpstreamSeam,
+        repository: str,
     ) -> int:
-        """Fetch from upstream while holding the lease; give it back if that fails."""
+        """Fetch from upstream while holding the lease, cutting chunk torrents as the
+        bytes arrive; give the lease back if that fails."""
+        tracker = cluster.tracker
         try:
-            async with _renewing(self._nursery, tracker, digest, lease, size) as progress:
-                size = await copy(progress)
+            async with (
+                _renewing(self._nursery, tracker, digest, lease, size) as progress,
+                publishing(cluster.chunks, digest, size) as chunks,
+            ):
+                size = await self._from_upstream(upstream, repository, digest, progress, chunks)
         except BaseException:
             with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_ON_FAILURE_S):
                 await _release(tracker, digest, lease.lease_id)
@@ -287,16 +336,23 @@ class BlobFetcher:
     # -- the seed registry --------------------------------------------------------
 
     async def _from_upstream(
-        self, upstream: UpstreamSeam, repository: str, digest: Digest, progress: Progress
+        self,
+        upstream: UpstreamSeam,
+        repository: str,
+        digest: Digest,
+        progress: Progress,
+        chunks: ChunkPublisher | None = None,
     ) -> int:
         for attempt in range(1, MISMATCH_ATTEMPTS + 1):
             writer = self._store.writer(digest)
-            sink = _StoreSink(writer, self._offload, progress)
+            sink = _StoreSink(writer, self._offload, progress, chunks if attempt == 1 else None)
             try:
                 await upstream.fetch_blob(repository, digest, sink)
                 await sink.flush()
                 size = await self._offload(writer.finish)
             except DigestMismatch as e:
+                if chunks is not None:  # what was cut and filed is not the blob's
+                    chunks.stop()
                 self._metrics.digest_mismatches.inc()
                 log.warning("blob %s: upstream sent bad bytes (attempt %d): %s", digest, attempt, e)
                 continue
