@@ -121,9 +121,10 @@ class ChunkBook:
         rec = self._blobs.get(blob)
         if rec is None:
             raise errors.NotFound(f"no chunk torrents of {blob}")
-        more = len(rec.digests) < rec.count and holder == rec.publisher
+        # Open while its publisher holds the lease: the whole blob is not seeded yet.
+        fetching = holder == rec.publisher
         return wire.ChunkList(rec.publisher, rec.size, rec.chunk_bytes, list(rec.digests),
-                              list(rec.metainfo), more)  # fmt: skip
+                              list(rec.metainfo), fetching)  # fmt: skip
 
     def report(self, blob: str, publisher: str) -> list[str] | None:
         """`publisher`'s chunks did not assemble into `blob`: the chunk digests dropped,

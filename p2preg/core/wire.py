@@ -206,7 +206,8 @@ class PublishChunk:
 @dataclass(frozen=True, slots=True)
 class ChunkList:
     """GET /v1/chunks/<blob digest>: the chunk torrents filed so far, in order (chunk i
-    is `digests[i]`, torrent `metainfo[i]`), by `publisher`; `open` while more may come."""
+    is `digests[i]`, torrent `metainfo[i]`), by `publisher`; `open` while it holds the
+    blob's lease (more chunks may come; the whole blob is not seeded yet)."""
 
     publisher: str
     size: int

@@ -254,9 +254,11 @@ class ChunkFollower:
     c: Chunking
     blob: Digest
     size: int
-    started: bool = False
+    # Set while chunks of one publisher are being fetched or assembled.
+    following: bool = False
     assembled: bool = False
-    done: trio.Event = field(default_factory=trio.Event)
+    # Set when the current attempt (one publisher's chunks) is over, and at the end.
+    attempt_over: trio.Event = field(default_factory=trio.Event)
     _joined: list[Digest] = field(default_factory=list)
 
     async def run(self) -> bool:
@@ -266,13 +268,16 @@ class ChunkFollower:
             for _ in range(FOLLOW_ATTEMPTS):
                 listing = await self._first_listing(tried)
                 tried.add(listing.publisher)
-                self.started = True
+                self.following, self.attempt_over = True, trio.Event()
                 try:
                     paths = await self._download(listing)
                     self.assembled = await self._assemble(listing, paths)
                 except* ChunkFailed as group:
                     log.warning("chunks of %s by %r: %s", self.blob, listing.publisher,
                                 "; ".join(str(e) for e in group.exceptions))  # fmt: skip
+                finally:
+                    self.following = False
+                    self.attempt_over.set()
                 if self.assembled:
                     return True
                 self._drop()
@@ -280,13 +285,16 @@ class ChunkFollower:
         finally:
             if not self.assembled:
                 self._drop()
-            self.done.set()
+            self.attempt_over.set()
 
     async def _first_listing(self, tried: set[str]) -> wire.ChunkList:
-        """Wait (until cancelled) for chunks of this blob by a publisher not yet tried."""
+        """Wait (until cancelled) for chunks of this blob by a publisher not yet tried
+        that still holds the lease: once it let go, the whole blob is seeded, and
+        the lease wait joins that swarm."""
         while True:
             listing = await self._listing()
-            if listing is not None and listing.publisher not in tried and listing.digests:
+            if (listing is not None and listing.open and listing.digests
+                    and listing.publisher not in tried):  # fmt: skip
                 return listing
             await trio.sleep(POLL_IDLE_S)
 
@@ -310,7 +318,9 @@ class ChunkFollower:
         async with trio.open_nursery() as nursery:
             listing: wire.ChunkList | None = first
             known, idle_since = 0, trio.current_time()
-            while known < count:
+            # Until every chunk is in: a report (or a new holder) that drops these
+            # records stops the downloads now, not a stall later.
+            while len(got) < count:
                 if listing is None or listing.publisher != first.publisher:
                     raise ChunkFailed("the chunk list is gone, or by another publisher now")
                 for i in range(known, min(count, len(listing.digests))):
@@ -318,10 +328,10 @@ class ChunkFollower:
                     known, idle_since = i + 1, trio.current_time()
                 if known < count and not listing.open:
                     raise ChunkFailed(f"its publisher stopped at chunk {known} of {count}")
-                if trio.current_time() - idle_since > self.c.settings.stall_s:
+                if known < count and trio.current_time() - idle_since > self.c.settings.stall_s:
                     raise ChunkFailed(f"no new chunk for {self.c.settings.stall_s:.0f} s")
-                if known < count:
-                    await trio.sleep(POLL_S)
+                await trio.sleep(POLL_S)
+                if len(got) < count:
                     listing = await self._listing()
         return got
 

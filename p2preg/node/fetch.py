@@ -222,10 +222,10 @@ class BlobFetcher:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(follow, nursery.cancel_scope)
             outcome = await self._await_lease(cluster, digest, size, place)
-            if isinstance(outcome, JoinSwarm) and follower.started:
+            if isinstance(outcome, JoinSwarm) and follower.following:
                 # The holder verified the blob after filing its last chunk: the
                 # chunks under way finish sooner than the whole torrent would.
-                await follower.done.wait()
+                await follower.attempt_over.wait()
             nursery.cancel_scope.cancel()
         return None if follower.assembled else outcome
 
