@@ -10,9 +10,10 @@ waiter (`ChunkFollower`) reads the blob's chunk list while it waits for the
 lease, joins each chunk's swarm as it appears, checks each chunk against its
 digest, and serves the chunks it holds to its peers. Nothing reaches a client
 before the whole blob is verified: the chunks are copied, in order, into a
-store writer, which hashes them, and only a match enters the store; a mismatch
-drops the chunks and reports their publisher to the tracker, and the wait for
-the lease goes on (the tracker passes the fetch to another node). Chunk
+store writer as they come in (the whole-blob hash runs alongside the
+downloads), and only a match enters the store; a mismatch drops the chunks
+and reports their publisher to the tracker, and the wait for the lease goes
+on (the tracker passes the fetch to another node). Chunk
 torrents are dropped `linger_s` after their blob is complete, for the nodes
 still mid-chunk. It must not decide where a blob comes from (fetch.py does),
 hold a blob in memory, or serve anything.
@@ -38,7 +39,7 @@ from p2preg.core.metainfo import MetainfoError, piece_size_for
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.peertls import TorrentRoots
 from p2preg.node.seams import Offload, SwarmError, SwarmSeam
-from p2preg.node.store import BlobStore, DigestMismatch, StoreError
+from p2preg.node.store import BlobStore, BlobWriter, DigestMismatch, StoreError
 from tracker.metainfo import make_metainfo, parse_metainfo
 
 log = logging.getLogger(__name__)
@@ -269,13 +270,17 @@ class ChunkFollower:
                 listing = await self._first_listing(tried)
                 tried.add(listing.publisher)
                 self.following, self.attempt_over = True, trio.Event()
+                writer: BlobWriter | None = None
                 try:
-                    paths = await self._download(listing)
-                    self.assembled = await self._assemble(listing, paths)
-                except* ChunkFailed as group:
+                    writer = self.c.store.writer(self.blob)
+                    await self._download(listing, writer)
+                    self.assembled = await self._verify(listing, writer)
+                except* (ChunkFailed, StoreError) as group:
                     log.warning("chunks of %s by %r: %s", self.blob, listing.publisher,
                                 "; ".join(str(e) for e in group.exceptions))  # fmt: skip
                 finally:
+                    if writer is not None and not self.assembled:
+                        writer.abort()
                     self.following = False
                     self.attempt_over.set()
                 if self.assembled:
@@ -310,12 +315,15 @@ class ChunkFollower:
             return None
         return listing
 
-    async def _download(self, first: wire.ChunkList) -> dict[int, Path]:
-        """Every chunk of `first`'s publisher, each checked against its digest."""
+    async def _download(self, first: wire.ChunkList, writer: BlobWriter) -> None:
+        """Every chunk of `first`'s publisher, each checked against its digest and fed,
+        in order, to `writer` as soon as it and those before it are in."""
         count = -(-self.size // first.chunk_bytes)
         got: dict[int, Path] = {}
+        ready = [trio.Event() for _ in range(count)]
         limiter = trio.CapacityLimiter(MAX_IN_FLIGHT)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._feed, writer, got, ready)
             listing: wire.ChunkList | None = first
             known, idle_since = 0, trio.current_time()
             # Until every chunk is in: a report (or a new holder) that drops these
@@ -324,7 +332,7 @@ class ChunkFollower:
                 if listing is None or listing.publisher != first.publisher:
                     raise ChunkFailed("the chunk list is gone, or by another publisher now")
                 for i in range(known, min(count, len(listing.digests))):
-                    nursery.start_soon(self._join, listing, i, got, limiter)
+                    nursery.start_soon(self._join, listing, i, got, ready[i], limiter)
                     known, idle_since = i + 1, trio.current_time()
                 if known < count and not listing.open:
                     raise ChunkFailed(f"its publisher stopped at chunk {known} of {count}")
@@ -333,10 +341,22 @@ class ChunkFollower:
                 await trio.sleep(POLL_S)
                 if len(got) < count:
                     listing = await self._listing()
-        return got
+
+    async def _feed(
+        self, writer: BlobWriter, got: dict[int, Path], ready: list[trio.Event]
+    ) -> None:
+        # The whole-blob hash runs alongside the downloads, not after the last one.
+        for i, event in enumerate(ready):
+            await event.wait()
+            await self.c.offload(partial(_copy_into, got[i], writer.write))
 
     async def _join(
-        self, listing: wire.ChunkList, i: int, got: dict[int, Path], limiter: trio.CapacityLimiter
+        self,
+        listing: wire.ChunkList,
+        i: int,
+        got: dict[int, Path],
+        ready: trio.Event,
+        limiter: trio.CapacityLimiter,
     ) -> None:
         c = self.c
         length = chunk_length(self.size, listing.chunk_bytes, i)
@@ -357,29 +377,18 @@ class ChunkFollower:
         c.metrics.chunks_joined.inc()
         c.metrics.chunk_bytes.inc(length)
         got[i] = path
+        ready.set()
 
-    async def _assemble(self, listing: wire.ChunkList, paths: dict[int, Path]) -> bool:
+    async def _verify(self, listing: wire.ChunkList, writer: BlobWriter) -> bool:
+        """The assembled chunks hash to the blob: into the store; else report them."""
         c = self.c
-        writer = c.store.writer(self.blob)
         try:
-            for i in range(len(paths)):
-                await c.offload(partial(_copy_into, paths[i], writer.write))
             await c.offload(writer.finish)
         except DigestMismatch as e:
             c.metrics.chunks_assembled.labels("mismatch").inc()
             await self._report(listing.publisher, str(e))
             raise ChunkFailed(f"assembled, they do not hash to the blob: {e}") from None
-        except StoreError as e:
-            writer.abort()
-            raise ChunkFailed(f"cannot store the blob: {e}") from None
-        except BaseException:
-            writer.abort()
-            raise
-        try:
-            writer.commit()
-        except StoreError as e:
-            writer.abort()
-            raise ChunkFailed(f"cannot store the blob: {e}") from None
+        writer.commit()
         c.metrics.chunks_assembled.labels("verified").inc()
         c.linger(list(self._joined))
         self._joined.clear()
