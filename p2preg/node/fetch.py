@@ -2,9 +2,12 @@
 
 Owns the order of the pull path for one blob that is not in the store yet:
 room on the disk first; then, with a tracker, the lease wait (leasewait.py
-says what each reply means) that ends in joining the swarm (peers.py), in
-fetching from upstream as the lease holder (renewing the lease with progress),
-or in falling back to upstream with a reason — a swarm whose peers stalled the
+says what each reply means) — beside it, for a blob of two chunks or more,
+the blob's chunk torrents followed as their holder files them (chunks.py),
+which end the wait if they assemble into the verified blob first — that ends
+in joining the swarm (peers.py), in fetching from upstream as the lease holder
+(renewing the lease with progress, and cutting chunk torrents as the bytes
+arrive), or in falling back to upstream with a reason — a swarm whose peers stalled the
 download (and were reported) sends it back to the lease wait once, so that the
 stalled nodes share one upstream fetch instead of each making its own; without
 a tracker, or for a blob below `p2p_min_bytes`, upstream straight away. A blob
