@@ -1,4 +1,4 @@
-"""A lease holder's renewals (p2preg/node/fetch.py `_Renewals`): cadence, span and timeout.
+"""A lease holder's renewals (p2preg/node/holding.py `Renewals`): cadence, span and timeout.
 
 The node's real pull path over the fakes of tests/fakes.py on trio's MockClock
 (no socket, no thread): a holder renews every third of the tracker's

@@ -193,6 +193,24 @@ class TrackerClient:
         msg = wire.ReportStall(self.node, peer)
         await self._call("POST", f"/v1/swarms/{digest}/stalled", msg, None)
 
+    # -- chunk torrents ------------------------------------------------------------
+
+    async def publish_chunk(self, blob: Digest, msg: wire.PublishChunk) -> None:
+        """File the torrent of one chunk of `blob`, as the holder of its lease."""
+        await self._call("PUT", f"/v1/chunks/{blob}", msg, None)
+
+    async def list_chunks(self, blob: Digest) -> wire.ChunkList | None:
+        """The chunk torrents filed for `blob` so far, or None if there are none."""
+        try:
+            return await self._call("GET", f"/v1/chunks/{blob}", None, wire.ChunkList)
+        except errors.NotFound:
+            return None
+
+    async def report_chunks(self, blob: Digest, publisher: str, reason: str) -> None:
+        """The chunks of `blob` that `publisher` filed were assembled and do not hash to it."""
+        msg = wire.ReportChunks(self.node, publisher, reason)
+        await self._call("POST", f"/v1/chunks/{blob}/bad", msg, None)
+
     # -- manifest bodies -----------------------------------------------------------
 
     async def put_manifest(

@@ -29,6 +29,7 @@ from p2preg.core import errors, wire
 from tracker import lease_replies as replies
 from tracker.announce import AnnounceRequest, AnnounceResponse, ScrapeRequest, SwarmStats
 from tracker.auth import ClusterAuth
+from tracker.chunk_torrents import ChunkTorrents
 from tracker.config import TrackerConfig
 from tracker.disputes import Quarantines
 from tracker.expiry import IdleMetainfo
@@ -119,6 +120,18 @@ class Tracker:
             drop_swarm=self._drop_swarm,
             notify=self._waiters.notify,
             confirm=self.confirm_seed,
+        )
+        self.chunks = ChunkTorrents(
+            self.registry,
+            self.quarantines,
+            self.metrics,
+            clock=clock,
+            max_metainfo=config.max_metainfo,
+            validate=self.publishing.validate,
+            lease_of=self.leases.current,
+            drop_lease=self._drop_lease,
+            drop_swarm=self._drop_swarm,
+            notify=self._waiters.notify,
         )
         self.metrics.watch(self._gauges)
 
@@ -420,6 +433,7 @@ class Tracker:
             await self._store.delete_lease(lease.digest, lease.lease_id)
             self._waiters.notify(lease.digest)
             self._free_slot(lease)
+        self.chunks.expire()
         for digest in self.idle.expired(self.registry.digests, self._in_use, now):
             if await self.publishing.forget(digest):
                 self.swarms.admission.forget(digest)  # its confirmations and reports

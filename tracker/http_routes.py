@@ -222,6 +222,21 @@ async def _forwarded(call: Call) -> Response:
     return Response(200, fronts.encode_answers(bodies), fronts.CONTENT_TYPE)
 
 
+async def _publish_chunk(call: Call) -> Response:
+    msg = call.message(wire.PublishChunk, Kind.PUBLISH)
+    created = call.tracker.chunks.publish(call.digest, msg)
+    return Response(201 if created else 200, b"", wire.CONTENT_TYPE)
+
+
+async def _list_chunks(call: Call) -> Response:
+    return _msgpack(call.tracker.chunks.listing(call.digest))
+
+
+async def _report_chunks(call: Call) -> Response:
+    await call.tracker.chunks.report(call.digest, call.message(wire.ReportChunks, Kind.REPORT))
+    return Response(204, b"", wire.CONTENT_TYPE)
+
+
 def _route(method: str, path: str, handler: Handler, *, bearer: bool = True) -> Route:
     return Route(method.encode(), tuple(path.strip("/").split("/")), handler, bearer)
 
@@ -246,6 +261,9 @@ ROUTES: tuple[Route, ...] = (
     _route("GET", "/v1/manifests/{digest}", _get_manifest),
     _route("PUT", "/v1/manifests/{digest}", _put_manifest),
     _route("POST", fronts.FORWARD_PATH, _forwarded),
+    _route("GET", "/v1/chunks/{digest}", _list_chunks),
+    _route("PUT", "/v1/chunks/{digest}", _publish_chunk),
+    _route("POST", "/v1/chunks/{digest}/bad", _report_chunks),
 )
 # What the plain metrics listener serves beside an mTLS port: nothing that
 # carries a secret or changes state.

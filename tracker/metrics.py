@@ -100,6 +100,7 @@ class TrackerMetrics:
             "Metainfo accepted (new, or replacing one that lost a dispute)",
             registry=self.registry,
         )
+        self._chunk_metrics()
         self.metainfo_rerooted = Counter(
             "p2preg_tracker_metainfo_rerooted",
             "Metainfo replaced by one rooted at the tracker's current CA (a CA rotation)",
@@ -151,6 +152,18 @@ class TrackerMetrics:
         self._limits()
         self._replicas()
         self._fronts()
+
+    def _chunk_metrics(self) -> None:
+        self.chunks_published = Counter(
+            "p2preg_tracker_chunks_published",
+            "Chunk torrents filed by the holders of their blobs' leases",
+            registry=self.registry,
+        )
+        self.chunk_reports = Counter(
+            "p2preg_tracker_chunk_reports",
+            "Reports that a blob's chunks did not assemble into it (its records dropped)",
+            registry=self.registry,
+        )
 
     def _admission(self) -> None:
         """Who counts as a seeder, and stall reports (tracker/admission.py)."""

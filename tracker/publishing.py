@@ -233,6 +233,10 @@ class Publishing:
             del self._writing[digest]
             done.set()
 
+    def validate(self, digest: str, size: int, data: bytes) -> Metainfo:
+        """`data` as metainfo of `size` bytes under `digest`, by the cluster's rules."""
+        return self._validate(digest, size, data)
+
     def _validate(self, digest: str, size: int, data: bytes) -> Metainfo:
         try:
             return parse_metainfo(

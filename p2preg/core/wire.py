@@ -28,6 +28,7 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 # tracker store or log megabytes of it.
 STR_LIMITS = {
     "node": 128,
+    "publisher": 128,
     "replaced": 128,
     "reason": 1024,
     "lease_id": 64,
@@ -194,6 +195,44 @@ class ManifestBody:
 
 
 @dataclass(frozen=True, slots=True)
+class PublishChunk:
+    """PUT /v1/chunks/<blob digest>: the blob's lease holder files the torrent of its
+    chunk `index` (bytes [index * chunk_bytes, + its length) of a `size`-byte blob),
+    whose own digest is `digest`, as soon as that chunk arrived from upstream."""
+
+    node: str
+    size: int
+    chunk_bytes: int
+    index: int
+    digest: str
+    metainfo: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkList:
+    """GET /v1/chunks/<blob digest>: the chunk torrents filed so far, in order (chunk i
+    is `digests[i]`, torrent `metainfo[i]`), by `publisher`; `open` while it holds the
+    blob's lease (more chunks may come; the whole blob is not seeded yet)."""
+
+    publisher: str
+    size: int
+    chunk_bytes: int
+    digests: list[str]
+    metainfo: list[bytes]
+    open: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReportChunks:
+    """POST /v1/chunks/<blob digest>/bad: the chunks `publisher` filed were assembled
+    and do not hash to the blob."""
+
+    node: str
+    publisher: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorReply:
     """Every 4xx/5xx body of the control API: a stable `error` code and a message."""
 
@@ -247,6 +286,9 @@ Message = (
     | LeaseReply
     | PutManifest
     | ManifestBody
+    | PublishChunk
+    | ChunkList
+    | ReportChunks
     | ErrorReply
     | TagSeen
     | TagQuery

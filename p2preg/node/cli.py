@@ -49,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--p2p-min-bytes", metavar="SIZE", help="smaller blobs come straight from upstream (1MiB)"
     )
+    _add_chunk_arguments(p)
     _add_cache_arguments(p)
     p.add_argument("--max-blob-streams", metavar="N", help="concurrent blob responses (64)")
     p.add_argument(
@@ -99,6 +100,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--shutdown-grace-s",
         metavar="SECONDS",
         help="on SIGTERM, how long responses in flight may take to finish (10)",
+    )
+
+
+def _add_chunk_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--chunk-bytes", metavar="SIZE",
+        help="chunk torrents of blobs fetched upstream are this large (4MiB)",
+    )
+    p.add_argument(
+        "--chunk-min-count", metavar="N", help="blobs of fewer chunks move whole (2)"
+    )
+    p.add_argument(
+        "--no-chunking", dest="chunking", action="store_const", const=False,
+        help="move every blob as one torrent, once its first copy is verified",
     )
 
 

@@ -26,6 +26,7 @@ import trio
 from p2preg.core import errors as tracker_errors
 from p2preg.core.digest import Digest
 from p2preg.core.wire import LeaseReply, LeaseStatus, ManifestBody
+from p2preg.node.holding import Renewals
 from p2preg.node.leasewait import (
     Ask,
     AskAgain,
@@ -238,7 +239,7 @@ class ClusterManifests:
         got: list[tuple[str, bytes]] = []
         failed: list[Exception] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._renew, digest, lease)
+            nursery.start_soon(Renewals(self._tracker, digest, lease, None).run)
             try:
                 got.append(await from_upstream())
             except Exception as e:
@@ -247,21 +248,6 @@ class ClusterManifests:
         if failed:
             raise failed[0]
         return got[0]
-
-    async def _renew(self, digest: Digest, lease: FetchAsHolder) -> None:
-        """Keep the lease alive while the GET runs: a silent holder is taken over
-        (tracker/leases.py), and a slow registry must not cost a second GET."""
-        while True:
-            await trio.sleep(lease.renew_s)
-            try:
-                await self._tracker.renew_lease(
-                    digest, lease.lease_id, 0, timeout_s=lease.renew_timeout_s
-                )
-            except tracker_errors.LeaseLost as e:
-                log.info("manifest %s: lease lost while fetching it: %s", digest, e)
-                return
-            except tracker_errors.TrackerError as e:
-                log.info("manifest %s: lease renewal failed: %s", digest, e)
 
     async def _release(self, digest: Digest, lease_id: str) -> None:
         try:

@@ -2,9 +2,12 @@
 
 Owns the order of the pull path for one blob that is not in the store yet:
 room on the disk first; then, with a tracker, the lease wait (leasewait.py
-says what each reply means) that ends in joining the swarm (peers.py), in
-fetching from upstream as the lease holder (renewing the lease with progress),
-or in falling back to upstream with a reason — a swarm whose peers stalled the
+says what each reply means) — beside it, for a blob of two chunks or more,
+the blob's chunk torrents followed as their holder files them (chunks.py),
+which end the wait if they assemble into the verified blob first — that ends
+in joining the swarm (peers.py), in fetching from upstream as the lease holder
+(renewing the lease with progress, and cutting chunk torrents as the bytes
+arrive), or in falling back to upstream with a reason — a swarm whose peers stalled the
 download (and were reported) sends it back to the lease wait once, so that the
 stalled nodes share one upstream fetch instead of each making its own; without
 a tracker, or for a blob below `p2p_min_bytes`, upstream straight away (with
@@ -24,7 +27,7 @@ does both).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -34,7 +37,9 @@ from p2preg.core import errors as tracker_errors
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
 from p2preg.core.wire import LeaseStatus
+from p2preg.node.chunks import ChunkFollower, Chunking, ChunkPublisher, publishing
 from p2preg.node.errors import StoreFull, UpstreamError, UpstreamUnavailable
+from p2preg.node.holding import Renewals, release
 from p2preg.node.leasewait import (
     Ask,
     AskAgain,
@@ -84,10 +89,17 @@ def _ignore_progress(n: int) -> None:
 class _StoreSink:
     """Feeds upstream bytes to a BlobWriter off the event loop, in large batches."""
 
-    def __init__(self, writer: BlobWriter, offload: Offload, progress: Progress) -> None:
+    def __init__(
+        self,
+        writer: BlobWriter,
+        offload: Offload,
+        progress: Progress,
+        chunks: ChunkPublisher | None = None,
+    ) -> None:
         self._writer = writer
         self._offload = offload
         self._progress = progress
+        self._chunks = chunks
         self._buffer = bytearray()
         self.offset = 0
 
@@ -102,8 +114,13 @@ class _StoreSink:
         if self._buffer:
             batch, self._buffer = bytes(self._buffer), bytearray()
             await self._offload(partial(self._writer.write, batch))
+            if self._chunks is not None:
+                await self._chunks.feed(batch)
 
     async def reset(self) -> None:
+        if self._chunks is not None:  # what was cut may not be the blob's
+            self._chunks.stop()
+            self._chunks = None
         self._buffer.clear()
         self.offset = 0
         await self._offload(self._writer.reset)
@@ -126,6 +143,8 @@ class Cluster:
     seeding: Seeding
     peers: PeerDownload
     settings: SwarmSettings
+    # Chunk torrents of blobs on their way from upstream (None: every blob moves whole).
+    chunks: Chunking | None = None
 
 
 class BlobFetcher:
@@ -179,19 +198,22 @@ class BlobFetcher:
                 self._nursery.start_soon(self._share, cluster, digest, size)
             return "upstream", size
         place = self._pull_order.of(digest)
-        outcome = await self._await_lease(cluster, digest, size, place)
+        outcome = await self._wait_or_follow(cluster, digest, size, place)
+        if outcome is None:  # assembled from chunk torrents, and verified
+            await cluster.seeding.publish(digest, size)
+            return "peers", size
         if isinstance(outcome, JoinSwarm):
             got = await self._from_swarm(cluster, digest, size, place, outcome)
             if isinstance(got, Metainfo):
                 await cluster.seeding.keep(got)
                 return "peers", self._store.size(digest) or size
             outcome = got
-        renewals: _Renewals | None = None
+        renewals: Renewals | None = None
         if isinstance(outcome, FetchAsHolder):
             if outcome.verify:
                 log.info("blob %s: its torrent is disputed; fetching it upstream to settle", digest)
-            renewals = _Renewals(cluster.tracker, digest, outcome, size)
-            size = await self._as_holder(cluster.tracker, renewals, copy)
+            renewals = Renewals(cluster.tracker, digest, outcome, size)
+            size = await self._as_holder(cluster, renewals, size, upstream, repository)
         else:
             self._metrics.fallbacks.labels(outcome.reason).inc()
             reason, message = outcome.reason, outcome.message
@@ -242,12 +264,37 @@ class BlobFetcher:
             outcome = got
         if isinstance(outcome, FetchAsHolder):  # nobody seeds it: the lease is no use now
             with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_ON_FAILURE_S):
-                await _release(cluster.tracker, digest, outcome.lease_id)
+                await release(cluster.tracker, digest, outcome.lease_id)
         log.warning("blob %s: upstream is unreachable and the swarm did not give it (%s)",
                     digest, type(outcome).__name__)  # fmt: skip
         raise missing
 
     # -- the tracker ------------------------------------------------------------
+
+    async def _wait_or_follow(
+        self, cluster: Cluster, digest: Digest, size: int, place: Place | None
+    ) -> Outcome | None:
+        """The lease wait, and beside it the blob's chunk torrents as they are filed;
+        None when the chunks came first and were assembled into the verified blob."""
+        chunks = cluster.chunks
+        if chunks is None or chunks.settings.cut_for(size) is None:
+            return await self._await_lease(cluster, digest, size, place)
+        follower = ChunkFollower(chunks, digest, size)
+
+        async def follow(cancel: trio.CancelScope) -> None:
+            if await follower.run():
+                cancel.cancel()
+
+        outcome: Outcome | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow, nursery.cancel_scope)
+            outcome = await self._await_lease(cluster, digest, size, place)
+            if isinstance(outcome, JoinSwarm) and follower.following:
+                # The holder verified the blob after filing its last chunk: the
+                # chunks under way finish sooner than the whole torrent would.
+                await follower.attempt_over.wait()
+            nursery.cancel_scope.cancel()
+        return None if follower.assembled else outcome
 
     async def _await_lease(
         self,
@@ -322,22 +369,29 @@ class BlobFetcher:
 
     async def _as_holder(
         self,
-        tracker: TrackerSeam,
-        renewals: _Renewals,
-        copy: Callable[[Progress], Awaitable[int]],
+        cluster: Cluster,
+        renewals: Renewals,
+        size: int,
+        upstream: UpstreamSeam,
+        repository: str,
     ) -> int:
-        """Fetch from upstream while holding the lease; give it back if that fails.
+        """Fetch from upstream while holding the lease, cutting chunk torrents as the
+        bytes arrive; give the lease back if that fails.
 
         The renewals go on after the fetch, until the lease is released.
         """
+        tracker = cluster.tracker
         digest, lease_id = renewals.digest, renewals.lease.lease_id
         self._nursery.start_soon(renewals.run)
         try:
-            size = await copy(renewals.progress)
+            async with publishing(cluster.chunks, digest, size) as chunks:
+                size = await self._from_upstream(
+                    upstream, repository, digest, renewals.progress, chunks
+                )
         except BaseException:
             renewals.stop()
             with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_ON_FAILURE_S):
-                await _release(tracker, digest, lease_id)
+                await release(tracker, digest, lease_id)
             raise
         renewals.fetched(size)
         # Off the upstream link now: tell the tracker, which lets the image's
@@ -359,7 +413,7 @@ class BlobFetcher:
         if reply.status is not LeaseStatus.GRANTED or not reply.lease_id:
             return
         lease = FetchAsHolder(reply.lease_id, reply.ttl_s, silence_s=reply.silence_s)
-        renewals = _Renewals(cluster.tracker, digest, lease, size)
+        renewals = Renewals(cluster.tracker, digest, lease, size)
         renewals.fetched(size)
         self._nursery.start_soon(renewals.run)
         try:
@@ -368,11 +422,11 @@ class BlobFetcher:
             renewals.stop()
             log.warning("blob %s: not shared with the cluster: %s", digest, e)
             with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_ON_FAILURE_S):
-                await _release(cluster.tracker, digest, reply.lease_id)
+                await release(cluster.tracker, digest, reply.lease_id)
             return
         await self._release_once_seeding(cluster, renewals)
 
-    async def _release_once_seeding(self, cluster: Cluster, renewals: _Renewals) -> None:
+    async def _release_once_seeding(self, cluster: Cluster, renewals: Renewals) -> None:
         # Hold the lease until the tracker counts us as a seeder: released any
         # sooner, the next asker would find no seeder and fetch upstream again.
         # The client that asked for the blob does not wait for this.
@@ -383,21 +437,28 @@ class BlobFetcher:
                             digest, ANNOUNCE_WAIT_S)  # fmt: skip
         finally:
             renewals.stop()
-        await _release(cluster.tracker, digest, renewals.lease.lease_id)
+        await release(cluster.tracker, digest, renewals.lease.lease_id)
 
     # -- the seed registry --------------------------------------------------------
 
     async def _from_upstream(
-        self, upstream: UpstreamSeam, repository: str, digest: Digest, progress: Progress
+        self,
+        upstream: UpstreamSeam,
+        repository: str,
+        digest: Digest,
+        progress: Progress,
+        chunks: ChunkPublisher | None = None,
     ) -> int:
         for attempt in range(1, MISMATCH_ATTEMPTS + 1):
             writer = self._store.writer(digest)
-            sink = _StoreSink(writer, self._offload, progress)
+            sink = _StoreSink(writer, self._offload, progress, chunks if attempt == 1 else None)
             try:
                 await upstream.fetch_blob(repository, digest, sink)
                 await sink.flush()
                 size = await self._offload(writer.finish)
             except DigestMismatch as e:
+                if chunks is not None:  # what was cut and filed is not the blob's
+                    chunks.stop()
                 self._metrics.digest_mismatches.inc()
                 log.warning("blob %s: upstream sent bad bytes (attempt %d): %s", digest, attempt, e)
                 continue
@@ -417,61 +478,3 @@ class BlobFetcher:
                 raise StoreFull(str(e)) from None
             return size
         raise UpstreamError(f"seed registry kept sending bytes that do not match {digest}")
-
-
-class _Renewals:
-    """A holder's renewals, every `renew_s` from the grant until `stop` (the release).
-
-    Each renewal carries the most bytes fetched yet and gets `renew_timeout_s`
-    per tracker, so a hung one costs a renewal, not the lease: the tracker
-    passes the fetch on from a holder silent for `lease_silence_s`. One that
-    timed out is followed at once (the client has moved to the next tracker). `run` goes
-    in the node's nursery, not around the fetch: the fetch's own exception (an
-    upstream that failed) comes out as itself, not in a group.
-    """
-
-    def __init__(self, tracker: TrackerSeam, digest: Digest, lease: FetchAsHolder, size: int):
-        self.digest = digest
-        self.lease = lease
-        self._tracker = tracker
-        self._size = size
-        self._done = 0
-        self._scope = trio.CancelScope()
-
-    def progress(self, n: int) -> None:
-        # The tracker refuses progress that goes backwards; a retry after a
-        # digest mismatch starts again from 0, so report the most fetched yet.
-        self._done = max(self._done, n)
-
-    def fetched(self, size: int) -> None:
-        self._done = self._size = size
-
-    def stop(self) -> None:
-        self._scope.cancel()
-
-    async def run(self) -> None:
-        lease = self.lease
-        due = trio.current_time()
-        with self._scope:
-            while True:
-                # On a fixed cadence: a renewal that timed out is followed at once.
-                due = max(due + lease.renew_s, trio.current_time())
-                await trio.sleep_until(due)
-                try:
-                    await self._tracker.renew_lease(
-                        self.digest, lease.lease_id, self._done, self._size,
-                        timeout_s=lease.renew_timeout_s,
-                    )
-                except tracker_errors.LeaseLost as e:
-                    log.warning("lease for %s lost; finishing the copy anyway: %s",
-                                self.digest, e)  # fmt: skip
-                    return
-                except tracker_errors.TrackerError as e:
-                    log.warning("lease renewal for %s failed: %s", self.digest, e)
-
-
-async def _release(tracker: TrackerSeam, digest: Digest, lease_id: str) -> None:
-    try:
-        await tracker.release_lease(digest, lease_id)
-    except tracker_errors.TrackerError as e:
-        log.info("lease release for %s: %s", digest, e)

@@ -134,6 +134,7 @@ class NodeMetrics:
             "Of those, blocks received more than once (the swarm's end game)",
             registry=r,
         )
+        self._chunk_metrics(r)
         self.fallbacks = Counter(
             "p2preg_fallbacks", "Blobs fetched from upstream because the swarm could not",
             ["reason"], registry=r,
@@ -157,6 +158,26 @@ class NodeMetrics:
             ["reason"], registry=r,
         )
         self.blobs_seeded = Gauge("p2preg_blobs_seeded", "Blobs this node seeds", registry=r)
+
+
+    def _chunk_metrics(self, r: CollectorRegistry) -> None:
+        self.chunks_published = Counter(
+            "p2preg_chunks_published",
+            "Chunk torrents this node filed as the holder of their blob's lease",
+            registry=r,
+        )
+        self.chunks_joined = Counter(
+            "p2preg_chunks_joined", "Chunk torrents this node downloaded from peers", registry=r
+        )
+        self.chunk_bytes = Counter(
+            "p2preg_chunk_bytes", "Bytes of the chunks downloaded from peers", registry=r
+        )
+        self.chunks_assembled = Counter(
+            "p2preg_chunks_assembled",
+            "Blobs assembled from chunk torrents, by result (verified or mismatch)",
+            ["result"],
+            registry=r,
+        )
 
     def _store_gauges(self, r: CollectorRegistry) -> None:
         self.store_bytes = Gauge("p2preg_store_bytes", "Bytes held in the store", registry=r)

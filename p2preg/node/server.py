@@ -14,6 +14,7 @@ must not hold request logic: that is the facade's and the pull path's.
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -34,6 +35,7 @@ from p2preg.node.admin import Admin, add_routes, create_metrics_app
 from p2preg.node.adminauth import AdminAuth, open_admin_auth
 from p2preg.node.blobs import Blobs
 from p2preg.node.blobstream import BlobStreams
+from p2preg.node.chunks import Chunking, ChunkSettings
 from p2preg.node.cluster_manifests import ClusterManifests
 from p2preg.node.clusterword import ClusterWord
 from p2preg.node.config import Credential, NodeConfig
@@ -142,6 +144,7 @@ def _cluster(
     p2p: _P2P,
     torrents: TorrentFiles,
     nursery: trio.Nursery,
+    metrics: NodeMetrics,
 ) -> Cluster:
     swarm, tracker = p2p.swarm, p2p.tracker
     settings = SwarmSettings(
@@ -166,7 +169,23 @@ def _cluster(
         ", TLS" if isinstance(p2p.roots, PeerTLS) else "", ", ".join(tracker.base_urls),
         tracker.node, reseeded,
     )
-    return Cluster(tracker, swarm, seeding, peers, settings)
+    return Cluster(tracker, swarm, seeding, peers, settings,
+                   _chunking(config, store, p2p, nursery, metrics))  # fmt: skip
+
+
+def _chunking(
+    config: NodeConfig, store: BlobStore, p2p: _P2P, nursery: trio.Nursery, metrics: NodeMetrics
+) -> Chunking | None:
+    if not config.chunking:
+        return None
+    work_dir = config.data_dir / "chunks"
+    # Chunks cut by a previous run were never verified as part of a blob: gone.
+    shutil.rmtree(work_dir, ignore_errors=True)
+    private_dir(work_dir)
+    settings = ChunkSettings(config.chunk_bytes, config.chunk_min_count, config.swarm_stall_s,
+                             config.swarm_max_hash_failures)  # fmt: skip
+    return Chunking(settings, p2p.tracker, p2p.swarm, store, metrics, p2p.roots, work_dir,
+                    in_thread, nursery)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -252,7 +271,7 @@ async def open_node(config: NodeConfig) -> AsyncIterator[NodeApps]:
                  config.upstream_download_limit_bytes_s),
             metrics, throttle, None if p2p is None else p2p.swarm,
         )
-        cluster = None if p2p is None else _cluster(config, store, p2p, torrents, nursery)
+        cluster = None if p2p is None else _cluster(config, store, p2p, torrents, nursery, metrics)
         upstreams = _upstreams(config, http, held, metrics, throttle)
         fetcher = BlobFetcher(
             store, metrics, pull_order, nursery, offload=in_thread, cluster=cluster,

@@ -1,0 +1,421 @@
+"""Chunk swarms: a big blob spreads in chunks while its first copy comes from upstream.
+
+Owns both sides of chunk torrents (docs/SWARM.md, "Chunk swarms"). The lease
+holder cuts the blob as its bytes arrive (`ChunkPublisher`): each chunk —
+`chunk_bytes` rounded to the blob's piece size, from `min_count` chunks up —
+is written to its own file, and once complete its torrent (made from its bytes,
+named by its own digest: anyone holding the verified blob makes the same one)
+is filed with the tracker under the blob's digest, in order, and seeded. A
+waiter (`ChunkFollower`) reads the blob's chunk list while it waits for the
+lease, joins each chunk's swarm as it appears, checks each chunk against its
+digest, and serves the chunks it holds to its peers. Nothing reaches a client
+before the whole blob is verified: the chunks are copied, in order, into a
+store writer as they come in (the whole-blob hash runs alongside the
+downloads), and only a match enters the store; a mismatch drops the chunks
+and reports their publisher to the tracker, and the wait for the lease goes
+on (the tracker passes the fetch to another node). Chunk
+torrents are dropped `linger_s` after their blob is complete, for the nodes
+still mid-chunk. It must not decide where a blob comes from (fetch.py does),
+hold a blob in memory, or serve anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import trio
+
+from p2preg.core import errors as tracker_errors
+from p2preg.core import wire
+from p2preg.core.digest import Digest, DigestError, Hasher
+from p2preg.core.metainfo import MetainfoError, piece_size_for
+from p2preg.node.metrics import NodeMetrics
+from p2preg.node.peertls import TorrentRoots
+from p2preg.node.seams import Offload, SwarmError, SwarmSeam
+from p2preg.node.store import BlobStore, BlobWriter, DigestMismatch, StoreError
+from tracker.metainfo import make_metainfo, parse_metainfo
+
+log = logging.getLogger(__name__)
+
+# The tracker takes at most this many chunks of one blob (tracker/chunks.py).
+MAX_CHUNKS = 4096
+# How often a waiter reads the chunk list: while chunks come, and before any did.
+POLL_S = 0.25
+POLL_IDLE_S = 0.5
+# Chunk downloads one follower runs at once.
+MAX_IN_FLIGHT = 16
+# Publishers one wait follows (a second after the first one's chunks failed).
+FOLLOW_ATTEMPTS = 2
+# The holder's chunks still to file once the blob is verified: this long at most.
+DRAIN_S = 30.0
+COPY_BATCH = 1 << 20
+
+
+class ChunkTracker(Protocol):
+    """The tracker's chunk routes as the node uses them (tracker.client.TrackerClient)."""
+
+    @property
+    def node(self) -> str: ...
+
+    async def publish_chunk(self, blob: Digest, msg: wire.PublishChunk) -> None: ...
+
+    async def list_chunks(self, blob: Digest) -> wire.ChunkList | None: ...
+
+    async def report_chunks(self, blob: Digest, publisher: str, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class ChunkSettings:
+    chunk_bytes: int
+    min_count: int
+    stall_s: float
+    max_hash_failures: int
+    linger_s: float = 120.0
+
+    def cut_for(self, size: int) -> int | None:
+        """The chunk size of a `size`-byte blob, or None if it moves whole."""
+        if size <= 0:
+            return None
+        piece = piece_size_for(size)
+        chunk = max(piece, self.chunk_bytes // piece * piece)
+        # Whole chunks, so that a blob just over one chunk moves whole.
+        whole, count = size // chunk, -(-size // chunk)
+        return chunk if whole >= self.min_count and count <= MAX_CHUNKS else None
+
+
+def chunk_length(size: int, chunk_bytes: int, index: int) -> int:
+    return min(chunk_bytes, size - index * chunk_bytes)
+
+
+@dataclass(frozen=True)
+class Cut:
+    index: int
+    path: Path
+    digest: Digest
+    length: int
+
+
+class Cutter:
+    """Blocking: writes a blob's bytes, as they come, into one file per chunk."""
+
+    def __init__(self, blob: Digest, size: int, chunk_bytes: int, work_dir: Path) -> None:
+        self._prefix = work_dir / f"{blob.hex[:16]}"
+        self._size, self._chunk = size, chunk_bytes
+        self._index, self._done = 0, 0
+        self._file: BinaryIO | None = None
+        self._hasher = Hasher("sha256")
+
+    def write(self, data: bytes) -> list[Cut]:
+        """Write `data`; the chunks it completed."""
+        cuts: list[Cut] = []
+        view = memoryview(data)
+        while view:
+            want = chunk_length(self._size, self._chunk, self._index) - self._done
+            if want <= 0:
+                raise StoreError("upstream sent more bytes than the blob's size")
+            if self._file is None:
+                self._file = open(self._path(), "wb")  # noqa: SIM115 (closed at the cut)
+            part, view = view[:want], view[want:]
+            self._file.write(part)
+            self._hasher.update(part)
+            self._done += len(part)
+            if self._done == chunk_length(self._size, self._chunk, self._index):
+                self._file.close()
+                self._file = None
+                cuts.append(Cut(self._index, self._path(), self._hasher.digest(), self._done))
+                self._index, self._done, self._hasher = self._index + 1, 0, Hasher("sha256")
+        return cuts
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._path().unlink(missing_ok=True)
+
+    def _path(self) -> Path:
+        return Path(f"{self._prefix}-{self._index}.part")
+
+
+@dataclass
+class Chunking:
+    """What both sides need: the node's swarm, tracker, store and settings."""
+
+    settings: ChunkSettings
+    tracker: ChunkTracker
+    swarm: SwarmSeam
+    store: BlobStore
+    metrics: NodeMetrics
+    roots: TorrentRoots
+    work_dir: Path
+    offload: Offload
+    nursery: trio.Nursery
+
+    def linger(self, chunks: list[Digest]) -> None:
+        """Keep seeding `chunks` for the nodes still mid-chunk, then drop them."""
+        if chunks:
+            self.nursery.start_soon(self._drop_later, chunks)
+
+    async def _drop_later(self, chunks: list[Digest]) -> None:
+        await trio.sleep(self.settings.linger_s)
+        for chunk in chunks:
+            if self.store.size(chunk) is None:  # (a blob of those very bytes stays)
+                self.swarm.remove(chunk)
+
+
+class ChunkPublisher:
+    """The holder's side: cut, file and seed the chunks while the blob arrives."""
+
+    def __init__(self, c: Chunking, blob: Digest, size: int, chunk_bytes: int) -> None:
+        self._c, self._blob, self._size, self._chunk_bytes = c, blob, size, chunk_bytes
+        self._cutter = Cutter(blob, size, chunk_bytes, c.work_dir)
+        self._send, self._recv = trio.open_memory_channel[Cut](math.inf)
+        self._stopped = False
+        self.seeded: list[Digest] = []
+
+    async def feed(self, batch: bytes) -> None:
+        """Bytes of the blob, in order, as they reach the store's writer."""
+        if self._stopped:
+            return
+        for cut in await self._c.offload(partial(self._cutter.write, batch)):
+            self._send.send_nowait(cut)
+
+    def stop(self) -> None:
+        """File nothing more (upstream starts over, or the fetch failed)."""
+        self._stopped = True
+        self._send.close()
+
+    async def run(self) -> None:
+        async with self._recv:
+            async for cut in self._recv:
+                if not self._stopped:
+                    await self._file(cut)
+                cut.path.unlink(missing_ok=True)
+
+    async def _file(self, cut: Cut) -> None:
+        c = self._c
+        make = partial(make_metainfo, cut.path, cut.digest, cut.length, root=c.roots.root())
+        try:
+            meta = await c.offload(make)
+            msg = wire.PublishChunk(c.tracker.node, self._size, self._chunk_bytes, cut.index,
+                                    str(cut.digest), meta.data)  # fmt: skip
+            await c.tracker.publish_chunk(self._blob, msg)
+        except (MetainfoError, tracker_errors.TrackerError) as e:
+            # The waiters then take the whole blob once it is verified, as before.
+            log.warning("chunk %d of %s not filed (%s); no more chunks of it", cut.index,
+                        self._blob, e)  # fmt: skip
+            self._stopped = True
+            return
+        if cut.digest not in c.swarm:
+            c.swarm.seed(meta, cut.path)
+            self.seeded.append(cut.digest)
+        c.metrics.chunks_published.inc()
+
+
+@asynccontextmanager
+async def publishing(
+    c: Chunking | None, blob: Digest, size: int
+) -> AsyncIterator[ChunkPublisher | None]:
+    """A publisher for a blob fetched from upstream as the lease holder (None: it moves
+    whole); on the way out the chunks cut are filed (for up to DRAIN_S) and left to linger."""
+    chunk_bytes = None if c is None else c.settings.cut_for(size)
+    if c is None or chunk_bytes is None:
+        yield None
+        return
+    pub = ChunkPublisher(c, blob, size, chunk_bytes)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pub.run)
+            try:
+                yield pub
+            except BaseException:
+                pub.stop()
+                raise
+            pub._send.close()
+            nursery.cancel_scope.deadline = trio.current_time() + DRAIN_S
+    finally:
+        await c.offload(pub._cutter.close)
+        c.linger(pub.seeded)
+
+
+class ChunkFailed(Exception):
+    """Following a publisher's chunks ends without the blob; says why."""
+
+
+@dataclass
+class ChunkFollower:
+    """A waiter's side: join each chunk's swarm as it is filed, then assemble and verify."""
+
+    c: Chunking
+    blob: Digest
+    size: int
+    # Set while chunks of one publisher are being fetched or assembled.
+    following: bool = False
+    assembled: bool = False
+    # Set when the current attempt (one publisher's chunks) is over, and at the end.
+    attempt_over: trio.Event = field(default_factory=trio.Event)
+    _joined: list[Digest] = field(default_factory=list)
+
+    async def run(self) -> bool:
+        """Follow up to FOLLOW_ATTEMPTS publishers; whether the blob is in the store."""
+        tried: set[str] = {self.c.tracker.node}
+        try:
+            for _ in range(FOLLOW_ATTEMPTS):
+                listing = await self._first_listing(tried)
+                tried.add(listing.publisher)
+                self.following, self.attempt_over = True, trio.Event()
+                writer: BlobWriter | None = None
+                try:
+                    writer = self.c.store.writer(self.blob)
+                    await self._download(listing, writer)
+                    self.assembled = await self._verify(listing, writer)
+                except* (ChunkFailed, StoreError) as group:
+                    log.warning("chunks of %s by %r: %s", self.blob, listing.publisher,
+                                "; ".join(str(e) for e in group.exceptions))  # fmt: skip
+                finally:
+                    if writer is not None and not self.assembled:
+                        writer.abort()
+                    self.following = False
+                    self.attempt_over.set()
+                if self.assembled:
+                    return True
+                self._drop()
+            return False
+        finally:
+            if not self.assembled:
+                self._drop()
+            self.attempt_over.set()
+
+    async def _first_listing(self, tried: set[str]) -> wire.ChunkList:
+        """Wait (until cancelled) for chunks of this blob by a publisher not yet tried
+        that still holds the lease: once it let go, the whole blob is seeded, and
+        the lease wait joins that swarm."""
+        while True:
+            listing = await self._listing()
+            if (listing is not None and listing.open and listing.digests
+                    and listing.publisher not in tried):  # fmt: skip
+                return listing
+            await trio.sleep(POLL_IDLE_S)
+
+    async def _listing(self) -> wire.ChunkList | None:
+        try:
+            listing = await self.c.tracker.list_chunks(self.blob)
+        except tracker_errors.TrackerError as e:
+            log.info("reading the chunks of %s: %s", self.blob, e)
+            return None
+        if listing is None or listing.size != self.size:
+            return None
+        if listing.chunk_bytes < 1 << 20 or -(-self.size // listing.chunk_bytes) > MAX_CHUNKS:
+            return None
+        return listing
+
+    async def _download(self, first: wire.ChunkList, writer: BlobWriter) -> None:
+        """Every chunk of `first`'s publisher, each checked against its digest and fed,
+        in order, to `writer` as soon as it and those before it are in."""
+        count = -(-self.size // first.chunk_bytes)
+        got: dict[int, Path] = {}
+        ready = [trio.Event() for _ in range(count)]
+        limiter = trio.CapacityLimiter(MAX_IN_FLIGHT)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._feed, writer, got, ready)
+            listing: wire.ChunkList | None = first
+            known, idle_since = 0, trio.current_time()
+            # Until every chunk is in: a report (or a new holder) that drops these
+            # records stops the downloads now, not a stall later.
+            while len(got) < count:
+                if listing is None or listing.publisher != first.publisher:
+                    raise ChunkFailed("the chunk list is gone, or by another publisher now")
+                for i in range(known, min(count, len(listing.digests))):
+                    nursery.start_soon(self._join, listing, i, got, ready[i], limiter)
+                    known, idle_since = i + 1, trio.current_time()
+                if known < count and not listing.open:
+                    raise ChunkFailed(f"its publisher stopped at chunk {known} of {count}")
+                if known < count and trio.current_time() - idle_since > self.c.settings.stall_s:
+                    raise ChunkFailed(f"no new chunk for {self.c.settings.stall_s:.0f} s")
+                await trio.sleep(POLL_S)
+                if len(got) < count:
+                    listing = await self._listing()
+
+    async def _feed(
+        self, writer: BlobWriter, got: dict[int, Path], ready: list[trio.Event]
+    ) -> None:
+        # The whole-blob hash runs alongside the downloads, not after the last one.
+        for i, event in enumerate(ready):
+            await event.wait()
+            await self.c.offload(partial(_copy_into, got[i], writer.write))
+
+    async def _join(
+        self,
+        listing: wire.ChunkList,
+        i: int,
+        got: dict[int, Path],
+        ready: trio.Event,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        c = self.c
+        length = chunk_length(self.size, listing.chunk_bytes, i)
+        try:
+            digest = Digest.parse(listing.digests[i])
+            meta = parse_metainfo(listing.metainfo[i], digest, length, roots=c.roots.roots())
+        except (DigestError, MetainfoError) as e:
+            raise ChunkFailed(f"chunk {i}: {e}") from None
+        async with limiter:
+            self._joined.append(digest)
+            try:
+                path = await c.swarm.download(meta, stall_s=c.settings.stall_s,
+                                              max_hash_failures=c.settings.max_hash_failures)
+            except SwarmError as e:
+                raise ChunkFailed(f"chunk {i}: {e}") from None
+            if await c.offload(partial(_file_digest, path)) != digest:
+                raise ChunkFailed(f"chunk {i} does not hash to its digest")
+        c.metrics.chunks_joined.inc()
+        c.metrics.chunk_bytes.inc(length)
+        got[i] = path
+        ready.set()
+
+    async def _verify(self, listing: wire.ChunkList, writer: BlobWriter) -> bool:
+        """The assembled chunks hash to the blob: into the store; else report them."""
+        c = self.c
+        try:
+            await c.offload(writer.finish)
+        except DigestMismatch as e:
+            c.metrics.chunks_assembled.labels("mismatch").inc()
+            await self._report(listing.publisher, str(e))
+            raise ChunkFailed(f"assembled, they do not hash to the blob: {e}") from None
+        writer.commit()
+        c.metrics.chunks_assembled.labels("verified").inc()
+        c.linger(list(self._joined))
+        self._joined.clear()
+        return True
+
+    async def _report(self, publisher: str, reason: str) -> None:
+        try:
+            await self.c.tracker.report_chunks(self.blob, publisher, reason)
+        except tracker_errors.TrackerError as e:
+            log.warning("reporting the chunks of %s: %s", self.blob, e)
+
+    def _drop(self) -> None:
+        for chunk in self._joined:
+            if self.c.store.size(chunk) is None:
+                self.c.swarm.remove(chunk)
+        self._joined.clear()
+
+
+def _file_digest(path: Path) -> Digest:
+    h = Hasher("sha256")
+    with open(path, "rb") as f:
+        while data := f.read(COPY_BATCH):
+            h.update(data)
+    return h.digest()
+
+
+def _copy_into(path: Path, write: Callable[[bytes], None]) -> None:
+    with open(path, "rb") as f:
+        while data := f.read(COPY_BATCH):
+            write(data)

@@ -1,0 +1,116 @@
+"""The tracker's chunk-torrent service: file, list and report a blob's chunk torrents.
+
+`ChunkTorrents` applies chunks.py's book to one request at a time: it checks
+the sender against the blob's lease (only its holder, GRANTED or VERIFY,
+files chunks), the chunk's torrent against the cluster's torrent rules (under
+the chunk's own digest and length), the sender against the dispute
+quarantines, and registers each chunk torrent so that its swarm's announces
+count; records dropped (expired, evicted, reported, or cut over by a new
+holder) have their torrents unregistered and their swarms dropped. Chunk
+records live in memory only: a tracker restart or takeover loses them, and
+waiters then wait for the whole blob as before. A report drops the blob's
+records and the reported publisher's lease on the blob, so the fetch passes to
+another node: a lying report costs one upstream copy, as a dispute does. It
+must not know HTTP or encodings, and raises only `p2preg.core.errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from p2preg.core import errors, wire
+from p2preg.core.metainfo import Metainfo
+from tracker.chunks import ChunkBook
+from tracker.disputes import Quarantines
+from tracker.leases import Lease
+from tracker.metrics import TrackerMetrics
+from tracker.registry import MetainfoRegistry
+from tracker.swarms import checked_digest
+
+log = logging.getLogger("p2preg.tracker")
+
+
+class ChunkTorrents:
+    def __init__(
+        self,
+        registry: MetainfoRegistry,
+        quarantines: Quarantines,
+        metrics: TrackerMetrics,
+        *,
+        clock: Callable[[], float],
+        max_metainfo: int,
+        validate: Callable[[str, int, bytes], Metainfo],
+        lease_of: Callable[[str], Lease | None],
+        drop_lease: Callable[[Lease], Awaitable[None]],
+        drop_swarm: Callable[[str], None],
+        notify: Callable[[str], None],
+    ) -> None:
+        self.book = ChunkBook(clock)
+        self._registry = registry
+        self._quarantines = quarantines
+        self._metrics = metrics
+        self._max_metainfo = max_metainfo
+        self._validate = validate
+        self._lease_of = lease_of
+        self._drop_lease = drop_lease
+        self._drop_swarm = drop_swarm
+        self._notify = notify
+        # Chunk digests whose torrent this service registered (and so may unregister).
+        self._mine: set[str] = set()
+
+    def _holder(self, blob: str) -> str | None:
+        lease = self._lease_of(blob)
+        return None if lease is None else lease.holder
+
+    def publish(self, blob_text: str, msg: wire.PublishChunk) -> bool:
+        """File one chunk torrent of a blob; whether it is new."""
+        blob = checked_digest(blob_text)
+        length = self.book.check(blob, msg, self._holder(blob))
+        chunk = checked_digest(msg.digest)
+        meta = self._validate(chunk, length, msg.metainfo)
+        self._quarantines.check(msg.node, "publish chunk torrents")
+        entry = self._registry.get(chunk)
+        if entry is not None and entry.meta.data != meta.data:
+            raise errors.MetainfoConflict(f"chunk {chunk} has another torrent")
+        if entry is None:
+            if len(self._registry) >= self._max_metainfo:
+                raise errors.LimitReached("the tracker's metainfo limit is reached")
+            self._registry.install(meta, msg.node)
+            self._mine.add(chunk)
+        filed = self.book.file(blob, msg, meta.data)
+        self._unregister(filed.dropped)
+        if filed.new:
+            self._metrics.chunks_published.inc()
+            self._notify(blob)
+        return filed.new
+
+    def listing(self, blob_text: str) -> wire.ChunkList:
+        blob = checked_digest(blob_text)
+        return self.book.listing(blob, self._holder(blob))
+
+    async def report(self, blob_text: str, msg: wire.ReportChunks) -> None:
+        """`msg.node` assembled the chunks and they do not hash to the blob."""
+        blob = checked_digest(blob_text)
+        publisher = msg.publisher
+        dropped = self.book.report(blob, publisher)
+        if dropped is None:
+            return
+        self._unregister(dropped)
+        self._metrics.chunk_reports.inc()
+        log.warning("tracker: %r reports %r's chunks of %s bad (%s); they are dropped",
+                    msg.node, publisher, blob, msg.reason[:200])  # fmt: skip
+        lease = self._lease_of(blob)
+        if lease is not None and lease.holder == publisher:
+            await self._drop_lease(lease)
+        self._notify(blob)
+
+    def expire(self) -> None:
+        self._unregister(self.book.expire())
+
+    def _unregister(self, chunks: list[str]) -> None:
+        for chunk in chunks:
+            if chunk in self._mine and self._registry.dispute(chunk) is None:
+                self._mine.discard(chunk)
+                self._registry.remove(chunk)
+                self._drop_swarm(chunk)

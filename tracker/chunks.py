@@ -1,0 +1,167 @@
+"""The chunk torrents of blobs still being fetched from upstream, as a bounded book.
+
+Owns the tracker's rules for chunk records (docs/TRACKER.md, "Chunk torrents"):
+the node holding a blob's upstream lease (GRANTED or VERIFY) files the torrent
+of each chunk of it, in order, as the chunk arrives; waiters read the list and
+join each chunk's swarm. A chunk record is a function of the blob's bytes and
+the chunk's place (index, `chunk_bytes`, the blob's size): anyone holding the
+verified blob can make it again. The book keeps at most `MAX_CHUNKED_BLOBS`
+blobs (the least recently touched goes first) of at most `MAX_CHUNKS` chunks,
+each for `RECORD_TTL_S` after its last change. A report that the chunks do not
+assemble into the blob drops the blob's records and bars their publisher from
+filing chunks of that blob again (a lease passes on; the next holder starts
+over). This module is sans-IO over a clock; it must not parse metainfo, touch
+the registry or the store (coordinator.py does), or know HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from p2preg.core import errors, wire
+
+# Chunk sizes a holder may use: 1 MiB (a few pieces) to 64 MiB.
+MIN_CHUNK_BYTES = 1 << 20
+MAX_CHUNK_BYTES = 64 << 20
+# A 16 GiB blob in 4 MiB chunks.
+MAX_CHUNKS = 4096
+# Blobs with chunk records at once; a fetch from upstream is minutes at most.
+MAX_CHUNKED_BLOBS = 256
+# How long a blob's records stay after their last change: long enough for the
+# waiters still mid-chunk when the holder finished.
+RECORD_TTL_S = 600.0
+# Publishers barred per blob (each after a report against it).
+MAX_BARRED = 16
+
+
+def chunk_count(size: int, chunk_bytes: int) -> int:
+    return -(-size // chunk_bytes)
+
+
+def chunk_length(size: int, chunk_bytes: int, index: int) -> int:
+    """The length of chunk `index` of a `size`-byte blob cut every `chunk_bytes`."""
+    return min(chunk_bytes, size - index * chunk_bytes)
+
+
+@dataclass
+class ChunkedBlob:
+    size: int
+    chunk_bytes: int
+    publisher: str
+    touched_at: float
+    digests: list[str] = field(default_factory=list)
+    metainfo: list[bytes] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return chunk_count(self.size, self.chunk_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class Filed:
+    """What a publish changed: the chunk digests no longer filed, and whether the
+    chunk is new (the caller registers its torrent)."""
+
+    dropped: list[str]
+    new: bool
+
+
+class ChunkBook:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._blobs: dict[str, ChunkedBlob] = {}
+        self._barred: dict[str, set[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._blobs)
+
+    def check(self, blob: str, msg: wire.PublishChunk, holder: str | None) -> int:
+        """Refuse a chunk its sender may not file, or that breaks the rules; its length."""
+        if holder != msg.node:
+            raise errors.Forbidden(f"only the holder of {blob}'s lease files its chunks")
+        if msg.node in self._barred.get(blob, ()):
+            raise errors.Forbidden(f"chunks of {blob} by {msg.node!r} were reported bad")
+        if not MIN_CHUNK_BYTES <= msg.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise errors.InvalidRequest(f"chunk_bytes must be {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}")
+        if msg.size <= 0 or not 2 <= chunk_count(msg.size, msg.chunk_bytes) <= MAX_CHUNKS:
+            raise errors.InvalidRequest(f"a chunked blob has 2 to {MAX_CHUNKS} chunks")
+        if not 0 <= msg.index < chunk_count(msg.size, msg.chunk_bytes):
+            raise errors.InvalidRequest(f"chunk index {msg.index} is out of range")
+        rec = self._blobs.get(blob)
+        if rec is not None and rec.publisher == msg.node:
+            if (rec.size, rec.chunk_bytes) != (msg.size, msg.chunk_bytes):
+                raise errors.MetainfoConflict(f"{blob} is already cut otherwise")
+            if msg.index < len(rec.digests) and rec.digests[msg.index] != msg.digest:
+                raise errors.MetainfoConflict(f"chunk {msg.index} of {blob} is filed otherwise")
+            if msg.index > len(rec.digests):
+                raise errors.InvalidRequest(f"chunk {len(rec.digests)} of {blob} comes first")
+        elif msg.index != 0:
+            raise errors.InvalidRequest(f"chunk 0 of {blob} comes first")
+        return chunk_length(msg.size, msg.chunk_bytes, msg.index)
+
+    def file(self, blob: str, msg: wire.PublishChunk, metainfo: bytes) -> Filed:
+        """File a chunk `check` let through."""
+        now = self._clock()
+        rec = self._blobs.get(blob)
+        dropped: list[str] = []
+        if rec is None or rec.publisher != msg.node:
+            # A new holder (the lease passed on) starts the blob's records over.
+            dropped = self._drop(blob)
+            dropped += self._make_room()
+            rec = self._blobs[blob] = ChunkedBlob(msg.size, msg.chunk_bytes, msg.node, now)
+        new = msg.index == len(rec.digests)
+        if new:
+            rec.digests.append(msg.digest)
+            rec.metainfo.append(metainfo)
+        rec.touched_at = now
+        return Filed(dropped, new)
+
+    def listing(self, blob: str, holder: str | None) -> wire.ChunkList:
+        rec = self._blobs.get(blob)
+        if rec is None:
+            raise errors.NotFound(f"no chunk torrents of {blob}")
+        # Open while its publisher holds the lease: the whole blob is not seeded yet.
+        fetching = holder == rec.publisher
+        return wire.ChunkList(rec.publisher, rec.size, rec.chunk_bytes, list(rec.digests),
+                              list(rec.metainfo), fetching)  # fmt: skip
+
+    def report(self, blob: str, publisher: str) -> list[str] | None:
+        """`publisher`'s chunks did not assemble into `blob`: the chunk digests dropped,
+        or None if `blob` has no records of theirs (gone, or another holder's since)."""
+        rec = self._blobs.get(blob)
+        if rec is None or rec.publisher != publisher:
+            return None
+        if blob not in self._barred and len(self._barred) >= MAX_CHUNKED_BLOBS:
+            del self._barred[next(iter(self._barred))]
+        barred = self._barred.setdefault(blob, set())
+        if len(barred) < MAX_BARRED:
+            barred.add(rec.publisher)
+        return self._drop(blob)
+
+    def expire(self) -> list[str]:
+        """Drop records untouched for RECORD_TTL_S; the chunk digests no longer filed."""
+        since = self._clock() - RECORD_TTL_S
+        dropped: list[str] = []
+        for blob in [b for b, r in self._blobs.items() if r.touched_at < since]:
+            dropped += self._drop(blob)
+            self._barred.pop(blob, None)
+        return dropped
+
+    def chunk_digests(self) -> set[str]:
+        return {d for r in self._blobs.values() for d in r.digests}
+
+    def _drop(self, blob: str) -> list[str]:
+        rec = self._blobs.pop(blob, None)
+        if rec is None:
+            return []
+        still = self.chunk_digests()
+        return [d for d in rec.digests if d not in still]
+
+    def _make_room(self) -> list[str]:
+        dropped: list[str] = []
+        while len(self._blobs) >= MAX_CHUNKED_BLOBS:
+            oldest = min(self._blobs, key=lambda b: self._blobs[b].touched_at)
+            dropped += self._drop(oldest)
+            self._barred.pop(oldest, None)
+        return dropped
