@@ -40,6 +40,7 @@ from p2preg.node.leasewait import (
     TrackerFailed,
 )
 from p2preg.node.metrics import NodeMetrics
+from p2preg.node.seams import HolderSeam
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ SOURCES = ("cluster", "upstream_holder", "upstream")
 MAX_FLIGHT_WAITS = 3
 
 
-class ShelfSeam(Protocol):
+class ShelfSeam(HolderSeam, Protocol):
     """What of the tracker's control API this needs (tracker.client.TrackerClient)."""
 
     async def get_manifest(self, digest: Digest) -> ManifestBody | None: ...
@@ -68,18 +69,6 @@ class ShelfSeam(Protocol):
         order: int = 0,
         manifest: bool = False,
     ) -> LeaseReply: ...
-
-    async def renew_lease(
-        self,
-        digest: Digest,
-        lease_id: str,
-        bytes_done: int,
-        size: int | None = None,
-        *,
-        timeout_s: float | None = None,
-    ) -> LeaseReply: ...
-
-    async def release_lease(self, digest: Digest, lease_id: str) -> None: ...
 
 
 class ShelfReader(Protocol):

@@ -12,32 +12,15 @@ whose failure is only logged. It must not decide whether to hold a lease
 from __future__ import annotations
 
 import logging
-from typing import Protocol
 
 import trio
 
 from p2preg.core import errors as tracker_errors
 from p2preg.core.digest import Digest
-from p2preg.core.wire import LeaseReply
 from p2preg.node.leasewait import FetchAsHolder
+from p2preg.node.seams import HolderSeam
 
 log = logging.getLogger(__name__)
-
-
-class RenewSeam(Protocol):
-    """What of the tracker's control API a holder uses (tracker.client.TrackerClient)."""
-
-    async def renew_lease(
-        self,
-        digest: Digest,
-        lease_id: str,
-        bytes_done: int,
-        size: int | None = None,
-        *,
-        timeout_s: float | None = None,
-    ) -> LeaseReply: ...
-
-    async def release_lease(self, digest: Digest, lease_id: str) -> None: ...
 
 
 class Renewals:
@@ -52,7 +35,7 @@ class Renewals:
     """
 
     def __init__(
-        self, tracker: RenewSeam, digest: Digest, lease: FetchAsHolder, size: int | None
+        self, tracker: HolderSeam, digest: Digest, lease: FetchAsHolder, size: int | None
     ) -> None:
         self.digest = digest
         self.lease = lease
@@ -93,7 +76,7 @@ class Renewals:
                     log.warning("lease renewal for %s failed: %s", self.digest, e)
 
 
-async def release(tracker: RenewSeam, digest: Digest, lease_id: str) -> None:
+async def release(tracker: HolderSeam, digest: Digest, lease_id: str) -> None:
     try:
         await tracker.release_lease(digest, lease_id)
     except tracker_errors.TrackerError as e:

@@ -79,7 +79,23 @@ class SwarmSeam(Protocol):
     def last_seeder_of_live_swarm(self, digest: Digest) -> bool: ...
 
 
-class TrackerSeam(Protocol):
+class HolderSeam(Protocol):
+    """What of the tracker's control API a lease holder uses (holding.py)."""
+
+    async def renew_lease(
+        self,
+        digest: Digest,
+        lease_id: str,
+        bytes_done: int,
+        size: int | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> LeaseReply: ...
+
+    async def release_lease(self, digest: Digest, lease_id: str) -> None: ...
+
+
+class TrackerSeam(HolderSeam, Protocol):
     """The tracker's control API as the node uses it; failures raise core.errors.TrackerError."""
 
     @property
@@ -94,18 +110,6 @@ class TrackerSeam(Protocol):
         group: str | None = None,
         order: int = 0,
     ) -> LeaseReply: ...
-
-    async def renew_lease(
-        self,
-        digest: Digest,
-        lease_id: str,
-        bytes_done: int,
-        size: int | None = None,
-        *,
-        timeout_s: float | None = None,
-    ) -> LeaseReply: ...
-
-    async def release_lease(self, digest: Digest, lease_id: str) -> None: ...
 
     async def publish_metainfo(self, digest: Digest, size: int, metainfo: bytes) -> MetainfoRecord:
         ...
