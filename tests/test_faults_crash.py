@@ -344,7 +344,7 @@ def _asked(proxy: FaultProxy, digest: str, n: int) -> bool:
     return sum(1 for e in proxy.log if e[1] == "HEAD" and e[2].endswith(digest)) >= n
 
 
-def test_a_dead_lease_holder_is_overtaken_after_its_lease_expires(
+def test_a_dead_lease_holder_is_overtaken_once_it_goes_silent(
     registry: Registry,
     proxy: FaultProxy,
     layout: Any,
