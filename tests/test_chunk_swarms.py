@@ -19,6 +19,7 @@ holder's, the reporter is quarantined and the holder keeps its records.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -180,6 +181,24 @@ def _file_chunks(
     return seeders
 
 
+def _renew_until_dropped(
+    tracker: TrackerProcess, digest: str, lease_id: str, size: int, stop: threading.Event
+) -> str:
+    """Renew `evil`'s lease, claiming 512 KiB/s of progress (above the tracker's minimum
+    rate), until the tracker refuses it; bounded."""
+    with httpx.Client(trust_env=False, timeout=10) as http:
+        for i in range(480):  # two minutes at most
+            done = min(size - 1, (i + 1) * 128 * 1024)
+            renew = wire.encode(wire.LeaseRenew(lease_id, done, size, "evil"))
+            r = http.put(f"{tracker.url}/v1/leases/{digest}", content=renew,
+                         headers={"Content-Type": wire.CONTENT_TYPE})  # fmt: skip
+            if r.status_code >= 400:
+                return "dropped"
+            if stop.wait(0.25):
+                return "stopped"
+    return "still held"
+
+
 def test_a_holder_that_files_a_wrong_chunk_costs_one_upstream_copy(
     registry: Registry, proxy: FaultProxy, tracker: TrackerProcess, layout: Any,
     cluster: Cluster, tmp_path: Path,
@@ -189,10 +208,17 @@ def test_a_holder_that_files_a_wrong_chunk_costs_one_upstream_copy(
     blob = layout.blob_path(layer.digest).read_bytes()
     http = httpx.Client(trust_env=False, timeout=30)
     seeders: list[LiarSeeder] = []
+    stop = threading.Event()
     try:
         lease = http.post(f"{tracker.url}/v1/leases/{layer.digest}",
                           content=wire.encode(wire.LeaseRequest("evil", layer.size)))  # fmt: skip
-        assert wire.decode(wire.LeaseReply, lease.content).status is wire.LeaseStatus.GRANTED
+        granted = wire.decode(wire.LeaseReply, lease.content)
+        assert granted.status is wire.LeaseStatus.GRANTED and granted.lease_id is not None
+        # As a holder does, however long the seeders take to start on a busy machine.
+        lease_id = granted.lease_id
+        renewing = Background(
+            lambda: _renew_until_dropped(tracker, layer.digest, lease_id, layer.size, stop)
+        ).start()
         seeders = _file_chunks(http, tracker, tmp_path / "evil", blob, layer.digest)
         for s in seeders:
             s.wait_seeding()
@@ -217,7 +243,9 @@ def test_a_holder_that_files_a_wrong_chunk_costs_one_upstream_copy(
         again = http.put(f"{tracker.url}/v1/chunks/{layer.digest}", content=wire.encode(msg),
                          headers={"Content-Type": wire.CONTENT_TYPE})  # fmt: skip
         assert again.status_code == 403, again.content
+        assert renewing.result() == "dropped"  # the report took the lease from `evil`
     finally:
+        stop.set()
         for s in seeders:
             s.close()
         http.close()
