@@ -134,6 +134,17 @@ def test_a_chunk_that_differs_convicts_the_publisher() -> None:
         book.check(BLOB, _chunk(0), "holder")
 
 
+def test_a_verifier_without_chunks_to_compare_closes_the_dispute() -> None:
+    book = _disputed()
+    assert not book.close(BLOB, "reporter")  # a side cannot end it
+    assert book.close(BLOB, "verifier")
+    assert book.dispute(BLOB) is None
+    book = _disputed()  # cut otherwise: no verdict either
+    other = wire.PublishChunk("verifier", SIZE, 2 * MiB, 0, str(Digest.of(b"0")), b"m0")
+    assert book.judge(BLOB, other, True) is None
+    assert book.dispute(BLOB) is None
+
+
 def test_a_side_cannot_judge_and_a_torrent_that_differs_convicts() -> None:
     book = _disputed()
     assert book.judge(BLOB, _chunk(0, node="reporter"), True) is None  # a party: no verdict

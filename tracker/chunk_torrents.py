@@ -90,6 +90,15 @@ class ChunkTorrents:
             self._notify(blob)
         return filed.new
 
+    def blob_verified(self, blob: str, node: str) -> None:
+        """`node` published `blob`'s torrent: if it holds the lease as a chunk dispute's
+        verifier and its chunks decided nothing (it cut otherwise, or not at all), the
+        dispute ends unsettled rather than withholding the blob from everyone."""
+        if self._holder(blob) == node and self.book.close(blob, node):
+            log.warning("tracker: chunk dispute over %s closed unsettled: %r verified the "
+                        "blob without chunks to compare", blob, node)  # fmt: skip
+            self._notify(blob)
+
     def dispute(self, blob: str) -> ChunkDispute | None:
         return self.book.dispute(blob)
 

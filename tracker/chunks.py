@@ -197,6 +197,15 @@ class ChunkBook:
             return Verdict(UPHELD, d.reported_by)
         return None
 
+    def close(self, blob: str, verifier: str) -> bool:
+        """`verifier` (no side) verified the whole blob without filing chunks that decide:
+        the dispute ends with no verdict, so the blob is no longer withheld."""
+        d = self._disputes.get(blob)
+        if d is None or d.party(verifier):
+            return False
+        del self._disputes[blob]
+        return True
+
     def _convict(self, blob: str, verdict: Verdict) -> Verdict:
         del self._disputes[blob]
         if blob not in self._barred and len(self._barred) >= MAX_CHUNKED_BLOBS:

@@ -201,7 +201,10 @@ class Tracker:
         self, digest_text: str, msg: wire.PublishMetainfo
     ) -> tuple[wire.MetainfoRecord, bool]:
         """File metainfo for a digest; returns (record, newly stored)."""
-        return await self.publishing.publish(checked_digest(digest_text), msg)
+        digest = checked_digest(digest_text)
+        filed = await self.publishing.publish(digest, msg)
+        self.chunks.blob_verified(digest, msg.node)
+        return filed
 
     async def report_bad(self, digest_text: str, msg: wire.ReportBad) -> wire.MetainfoRecord:
         return await self.publishing.report_bad(checked_digest(digest_text), msg)
