@@ -113,7 +113,7 @@ class ChunkBook:
         if holder != msg.node:
             raise errors.Forbidden(f"only the holder of {blob}'s lease files its chunks")
         if msg.node in self._barred.get(blob, ()):
-            raise errors.Forbidden(f"chunks of {blob} by {msg.node!r} were reported bad")
+            raise errors.Forbidden(f"chunks of {blob} by {msg.node!r} lost a chunk dispute")
         if not MIN_CHUNK_BYTES <= msg.chunk_bytes <= MAX_CHUNK_BYTES:
             raise errors.InvalidRequest(f"chunk_bytes must be {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}")
         if msg.size <= 0 or not 2 <= chunk_count(msg.size, msg.chunk_bytes) <= MAX_CHUNKS:
