@@ -46,7 +46,7 @@ class ChunkTorrents:
         max_metainfo: int,
         validate: Callable[[str, int, bytes], Metainfo],
         lease_of: Callable[[str], Lease | None],
-        drop_lease: Callable[[Lease], Awaitable[None]],
+        drop_lease: Callable[..., Awaitable[None]],
         drop_swarm: Callable[[str], None],
         notify: Callable[[str], None],
     ) -> None:
@@ -145,8 +145,10 @@ class ChunkTorrents:
         lease = self._lease_of(blob)
         d = self.book.dispute(blob)
         if lease is not None and d is not None and d.party(lease.holder):
-            # A side's fetch cannot settle it: free the lease for a node that can.
-            await self._drop_lease(lease)
+            # A side's fetch cannot settle it: free the lease for a node that can. The
+            # publisher has every chunk filed, so every byte: if the report lied, the
+            # whole-blob torrent it still finishes counts, as a silent holder's does.
+            await self._drop_lease(lease, passed=lease.holder == d.published_by)
         self._notify(blob)
 
     def expire(self) -> None:

@@ -353,8 +353,8 @@ class Tracker:
         lease = self.leases.current(digest)
         return None if lease is None else lease.holder
 
-    async def _drop_lease(self, lease: Lease) -> None:
-        self.leases.drop(lease.digest)
+    async def _drop_lease(self, lease: Lease, *, passed: bool = False) -> None:
+        self.leases.drop(lease.digest, passed=passed)
         await self._store.delete_lease(lease.digest, lease.lease_id)
         self._free_slot(lease)
 
