@@ -94,8 +94,12 @@ def test_a_new_holder_starts_over_and_the_old_chunks_are_dropped() -> None:
 def _disputed() -> ChunkBook:
     """Six chunks filed by `holder`, reported by `reporter`."""
     book = ChunkBook(Clock())
-    for i in range(6):
+    for i in range(5):
         _file(book, _chunk(i))
+    # Not every chunk filed yet: nobody assembled the blob, so the report is void.
+    assert book.report(BLOB, "holder", "reporter") is None
+    assert book.dispute(BLOB) is None
+    _file(book, _chunk(5))
     assert book.report(BLOB, "someone else", "reporter") is None  # not the publisher
     assert book.report(BLOB, "holder", "holder") is None  # not one's own
     assert sorted(book.report(BLOB, "holder", "reporter") or []) == sorted(

@@ -161,9 +161,12 @@ class ChunkBook:
     def report(self, blob: str, publisher: str, reporter: str) -> list[str] | None:
         """`reporter` says `publisher`'s chunks do not assemble into `blob`: open a
         dispute and set the records aside; the chunk digests no longer filed, or None
-        if `blob` has no records of theirs (gone, another holder's since, or disputed)."""
+        if `blob` has no records of theirs (gone, another holder's since, or disputed),
+        or not all of them yet (nobody can have assembled the blob from them)."""
         rec = self._blobs.get(blob)
         if rec is None or rec.publisher != publisher or reporter == publisher:
+            return None
+        if len(rec.digests) < rec.count:
             return None
         if blob not in self._disputes and len(self._disputes) >= MAX_CHUNKED_BLOBS:
             oldest = min(self._disputes, key=lambda b: self._disputes[b].opened_at)
