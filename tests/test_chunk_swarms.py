@@ -9,13 +9,17 @@ its digest. A client that gives up mid-layer wastes nothing: its retry comes
 from the store. A lease holder that files a wrong chunk (a member gone bad:
 the test's own libtorrent sessions seed chunk bytes it altered, under torrents
 made from them) costs one upstream copy: the waiters' assembly fails, they
-report it, the tracker drops its records and its lease, and one honest node
-fetches the layer while the others follow its chunks.
+report it, which opens a dispute: the tracker sets the records aside and drops
+the liar's lease, one honest node fetches the layer as VERIFY while the others
+follow its chunks, and the chunk that differs convicts the publisher. A node
+that lies in a report is judged the same way: the verifier's chunks match the
+holder's, the reporter is quarantined and the holder keeps its records.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -66,10 +70,10 @@ def cluster(tmp_path: Path, proxy: FaultProxy, tracker: TrackerProcess) -> Itera
         yield Cluster(stack, tmp_path, proxy.url, tracker.url, config=CONFIG)
 
 
-def _tracker_metric(tracker: TrackerProcess, name: str) -> float:
+def _tracker_metric(tracker: TrackerProcess, name: str, **labels: str) -> float:
     text = httpx.get(f"{tracker.url}/metrics", timeout=10, trust_env=False).text
     assert f"# HELP {name} " in text, name  # declared: a renamed metric is no silent 0
-    return metric_value(text, name)
+    return metric_value(text, name, **labels)
 
 
 def _layer(image: PushedImage) -> Any:
@@ -177,6 +181,24 @@ def _file_chunks(
     return seeders
 
 
+def _renew_until_dropped(
+    tracker: TrackerProcess, digest: str, lease_id: str, size: int, stop: threading.Event
+) -> str:
+    """Renew `evil`'s lease, claiming 512 KiB/s of progress (above the tracker's minimum
+    rate), until the tracker refuses it; bounded."""
+    with httpx.Client(trust_env=False, timeout=10) as http:
+        for i in range(480):  # two minutes at most
+            done = min(size - 1, (i + 1) * 128 * 1024)
+            renew = wire.encode(wire.LeaseRenew(lease_id, done, size, "evil"))
+            r = http.put(f"{tracker.url}/v1/leases/{digest}", content=renew,
+                         headers={"Content-Type": wire.CONTENT_TYPE})  # fmt: skip
+            if r.status_code >= 400:
+                return "dropped"
+            if stop.wait(0.25):
+                return "stopped"
+    return "still held"
+
+
 def test_a_holder_that_files_a_wrong_chunk_costs_one_upstream_copy(
     registry: Registry, proxy: FaultProxy, tracker: TrackerProcess, layout: Any,
     cluster: Cluster, tmp_path: Path,
@@ -186,10 +208,17 @@ def test_a_holder_that_files_a_wrong_chunk_costs_one_upstream_copy(
     blob = layout.blob_path(layer.digest).read_bytes()
     http = httpx.Client(trust_env=False, timeout=30)
     seeders: list[LiarSeeder] = []
+    stop = threading.Event()
     try:
         lease = http.post(f"{tracker.url}/v1/leases/{layer.digest}",
                           content=wire.encode(wire.LeaseRequest("evil", layer.size)))  # fmt: skip
-        assert wire.decode(wire.LeaseReply, lease.content).status is wire.LeaseStatus.GRANTED
+        granted = wire.decode(wire.LeaseReply, lease.content)
+        assert granted.status is wire.LeaseStatus.GRANTED and granted.lease_id is not None
+        # As a holder does, however long the seeders take to start on a busy machine.
+        lease_id = granted.lease_id
+        renewing = Background(
+            lambda: _renew_until_dropped(tracker, layer.digest, lease_id, layer.size, stop)
+        ).start()
         seeders = _file_chunks(http, tracker, tmp_path / "evil", blob, layer.digest)
         for s in seeders:
             s.wait_seeding()
@@ -204,6 +233,8 @@ def test_a_holder_that_files_a_wrong_chunk_costs_one_upstream_copy(
         assert sum(n.metric("p2preg_chunks_assembled_total", result="mismatch")
                    for n in nodes) >= 1  # fmt: skip
         assert _tracker_metric(tracker, "p2preg_tracker_chunk_reports_total") == 1
+        assert _tracker_metric(tracker, "p2preg_tracker_disputes_total",
+                               outcome="overturned") == 1  # fmt: skip
         assert _upstream_copies(proxy, layer.digest) == 1
         assert sum(n.metric("p2preg_blob_fetches_total", source="upstream") for n in nodes) == 1
         # `evil` lost the lease, and may not file chunks of this layer again.
@@ -212,7 +243,62 @@ def test_a_holder_that_files_a_wrong_chunk_costs_one_upstream_copy(
         again = http.put(f"{tracker.url}/v1/chunks/{layer.digest}", content=wire.encode(msg),
                          headers={"Content-Type": wire.CONTENT_TYPE})  # fmt: skip
         assert again.status_code == 403, again.content
+        assert renewing.result() == "dropped"  # the report took the lease from `evil`
     finally:
+        stop.set()
         for s in seeders:
             s.close()
         http.close()
+
+
+def _lease(http: httpx.Client, tracker: TrackerProcess, node: str, digest: str,
+           size: int) -> httpx.Response:  # fmt: skip
+    return http.post(f"{tracker.url}/v1/leases/{digest}",
+                     content=wire.encode(wire.LeaseRequest(node, size)))  # fmt: skip
+
+
+def test_a_reporter_that_lies_about_honest_chunks_is_the_one_judged(
+    registry: Registry, proxy: FaultProxy, tracker: TrackerProcess, layout: Any,
+    cluster: Cluster,
+) -> None:
+    image = push(layout, registry.host, "team/liar")
+    layer = _layer(image)
+    _slow(proxy, layer.digest)
+    holder = cluster.node("h0")
+    _check(_fetch(holder, image, layer.digest).result(), layer.digest)
+    http = httpx.Client(trust_env=False, timeout=30)
+    with http:
+        chunks_url = f"{tracker.url}/v1/chunks/{layer.digest}"
+        before = wire.decode(wire.ChunkList, http.get(chunks_url).content)
+        assert before.publisher == "h0" and len(before.digests) == -(-layer.size // MiB)
+        lie = wire.ReportChunks("liar", "h0", "they do not hash to the blob (a lie)")
+        r = http.post(f"{chunks_url}/bad", content=wire.encode(lie),
+                      headers={"Content-Type": wire.CONTENT_TYPE})  # fmt: skip
+        assert r.is_success, r.content
+        # Disputed: nobody is answered SEEDED; the reporter, a side, waits.
+        reply = wire.decode(wire.LeaseReply, _lease(http, tracker, "liar", layer.digest,
+                                                    layer.size).content)  # fmt: skip
+        assert reply.status is wire.LeaseStatus.WAIT
+        nodes = [cluster.node(f"h{i}") for i in (1, 2)]
+        pulls = [_fetch(n, image, layer.digest) for n in nodes]
+        for pull in pulls:
+            _check(pull.result(), layer.digest)
+
+        # One verifier's upstream copy settled it: the report was the lie.
+        assert _upstream_copies(proxy, layer.digest) == 2  # the holder's, the verifier's
+        assert sum(n.metric("p2preg_blob_fetches_total", source="upstream") for n in nodes) == 1
+        assert _tracker_metric(tracker, "p2preg_tracker_disputes_total", outcome="upheld") == 1
+        assert _tracker_metric(tracker, "p2preg_tracker_disputes_total",
+                               outcome="overturned") == 0  # fmt: skip
+        # The holder keeps its records and is not barred; the reporter is quarantined.
+        after = wire.decode(wire.ChunkList, http.get(chunks_url).content)
+        assert (after.publisher, after.digests) == ("h0", before.digests)
+        again = _lease(http, tracker, "h0", layer.digest, layer.size)
+        assert again.status_code == 200, again.content
+        assert wire.decode(wire.LeaseReply, again.content).status is wire.LeaseStatus.SEEDED
+        # Quarantined: no upstream lease on any blob, no more reports.
+        other = str(Digest.of(b"another blob"))
+        assert _lease(http, tracker, "liar", other, 1).status_code == 403
+        r = http.post(f"{chunks_url}/bad", content=wire.encode(lie),
+                      headers={"Content-Type": wire.CONTENT_TYPE})  # fmt: skip
+        assert r.status_code == 403, r.content

@@ -91,16 +91,72 @@ def test_a_new_holder_starts_over_and_the_old_chunks_are_dropped() -> None:
     assert book.listing(BLOB, "next").publisher == "next"
 
 
-def test_a_report_drops_the_records_and_bars_their_publisher() -> None:
+def _disputed() -> ChunkBook:
+    """Six chunks filed by `holder`, reported by `reporter`."""
     book = ChunkBook(Clock())
-    _file(book, _chunk(0))
-    assert book.report(BLOB, "someone else") is None  # names another publisher: nothing
-    assert book.report(BLOB, "holder") == [_chunk(0).digest]
-    with pytest.raises(errors.NotFound):
-        book.listing(BLOB, "holder")
-    with pytest.raises(errors.Forbidden):
+    for i in range(5):
+        _file(book, _chunk(i))
+    # Not every chunk filed yet: nobody assembled the blob, so the report is void.
+    assert book.report(BLOB, "holder", "reporter") is None
+    assert book.dispute(BLOB) is None
+    _file(book, _chunk(5))
+    assert book.report(BLOB, "someone else", "reporter") is None  # not the publisher
+    assert book.report(BLOB, "holder", "holder") is None  # not one's own
+    assert sorted(book.report(BLOB, "holder", "reporter") or []) == sorted(
+        _chunk(i).digest for i in range(6)
+    )
+    with pytest.raises(errors.NotFound):  # set aside: nobody follows them meanwhile
+        book.listing(BLOB, None)
+    dispute = book.dispute(BLOB)
+    assert dispute is not None and dispute.party("holder") and dispute.party("reporter")
+    assert not dispute.party("verifier")
+    return book
+
+
+def test_a_false_report_is_judged_by_the_verifiers_chunks() -> None:
+    book = _disputed()
+    for i in range(5):
+        _file(book, _chunk(i, node="verifier"), "verifier")
+        assert book.judge(BLOB, _chunk(i, node="verifier"), True) is None
+    _file(book, _chunk(5, node="verifier"), "verifier")
+    verdict = book.judge(BLOB, _chunk(5, node="verifier"), True)
+    assert verdict == chunks.Verdict(chunks.UPHELD, "reporter")
+    assert book.dispute(BLOB) is None
+    assert book.listing(BLOB, None).publisher == "holder"  # its records stand
+
+
+def test_a_chunk_that_differs_convicts_the_publisher() -> None:
+    book = _disputed()
+    _file(book, _chunk(0, node="verifier"), "verifier")
+    assert book.judge(BLOB, _chunk(0, node="verifier"), True) is None
+    wrong = wire.PublishChunk("verifier", SIZE, MiB, 1, str(Digest.of(b"real")), b"r")
+    book.check(BLOB, wrong, "verifier")
+    book.file(BLOB, wrong, b"r")
+    assert book.judge(BLOB, wrong, True) == chunks.Verdict(chunks.OVERTURNED, "holder")
+    assert book.dispute(BLOB) is None
+    with pytest.raises(errors.Forbidden):  # barred from filing this blob's chunks
         book.check(BLOB, _chunk(0), "holder")
-    book.check(BLOB, _chunk(0, node="next"), "next")  # another holder may
+
+
+def test_a_verifier_without_chunks_to_compare_closes_the_dispute() -> None:
+    book = _disputed()
+    assert not book.close(BLOB, "reporter")  # a side cannot end it
+    assert book.close(BLOB, "verifier")
+    assert book.dispute(BLOB) is None
+    book = _disputed()  # cut otherwise: no verdict either
+    other = wire.PublishChunk("verifier", SIZE, 2 * MiB, 0, str(Digest.of(b"0")), b"m0")
+    assert book.judge(BLOB, other, True) is None
+    assert book.dispute(BLOB) is None
+
+
+def test_a_side_cannot_judge_and_a_torrent_that_differs_convicts() -> None:
+    book = _disputed()
+    assert book.judge(BLOB, _chunk(0, node="reporter"), True) is None  # a party: no verdict
+    assert book.dispute(BLOB) is not None
+    # The same chunk digest under another torrent (same CA): the publisher lied.
+    assert book.judge(BLOB, _chunk(0, node="verifier"), False) == chunks.Verdict(
+        chunks.OVERTURNED, "holder"
+    )
 
 
 def test_records_expire_and_the_book_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -40,6 +40,17 @@ def book(clock: FakeClock, **kw: object) -> LeaseBook:
     return LeaseBook(TTL, clock, rate=RATE, **kw)  # type: ignore[arg-type]
 
 
+def test_a_lease_dropped_as_passed_on_still_lets_its_holder_file_its_copy() -> None:
+    b = book(FakeClock())
+    b.acquire("d1", "n1", SIZE)
+    b.acquire("d2", "n1", SIZE)
+    b.drop("d1")
+    b.drop("d2", passed=True)
+    assert b.current("d1") is None and b.current("d2") is None
+    assert not b.passed_from("d1", "n1")
+    assert b.passed_from("d2", "n1") and not b.passed_from("d2", "n2")
+
+
 def test_one_byte_per_renewal_is_replaced_after_the_window_and_told_why() -> None:
     clock = FakeClock()
     b = book(clock)

@@ -8,10 +8,14 @@ quarantines, and registers each chunk torrent so that its swarm's announces
 count; records dropped (expired, evicted, reported, or cut over by a new
 holder) have their torrents unregistered and their swarms dropped. Chunk
 records live in memory only: a tracker restart or takeover loses them, and
-waiters then wait for the whole blob as before. A report drops the blob's
-records and the reported publisher's lease on the blob, so the fetch passes to
-another node: a lying report costs one upstream copy, as a dispute does. It
-must not know HTTP or encodings, and raises only `p2preg.core.errors`.
+waiters then wait for the whole blob as before. A report opens a chunk dispute
+(chunks.py), judged as a metainfo dispute is: the records are set aside, a
+side holding the blob's lease loses it, the next lease on the blob goes to a
+node that is neither side as VERIFY (coordinator.py), and the chunks it files
+from its upstream copy convict the publisher or the reporter, who is
+quarantined (disputes.py's `Quarantines`). A lying report costs one upstream
+copy; the honest publisher keeps its records. It must not know HTTP or
+encodings, and raises only `p2preg.core.errors`.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from collections.abc import Awaitable, Callable
 
 from p2preg.core import errors, wire
 from p2preg.core.metainfo import Metainfo
-from tracker.chunks import ChunkBook
-from tracker.disputes import Quarantines
+from tracker.chunks import ChunkBook, ChunkDispute
+from tracker.disputes import OPENED, Quarantines
 from tracker.leases import Lease
 from tracker.metrics import TrackerMetrics
 from tracker.registry import MetainfoRegistry
@@ -42,7 +46,7 @@ class ChunkTorrents:
         max_metainfo: int,
         validate: Callable[[str, int, bytes], Metainfo],
         lease_of: Callable[[str], Lease | None],
-        drop_lease: Callable[[Lease], Awaitable[None]],
+        drop_lease: Callable[..., Awaitable[None]],
         drop_swarm: Callable[[str], None],
         notify: Callable[[str], None],
     ) -> None:
@@ -82,8 +86,45 @@ class ChunkTorrents:
         self._unregister(filed.dropped)
         if filed.new:
             self._metrics.chunks_published.inc()
+            self._judge(blob, msg, chunk, length, meta)
             self._notify(blob)
         return filed.new
+
+    def blob_verified(self, blob: str, node: str) -> None:
+        """`node` published `blob`'s torrent: if it holds the lease as a chunk dispute's
+        verifier and its chunks decided nothing (it cut otherwise, or not at all), the
+        dispute ends unsettled rather than withholding the blob from everyone."""
+        if self._holder(blob) == node and self.book.close(blob, node):
+            log.warning("tracker: chunk dispute over %s closed unsettled: %r verified the "
+                        "blob without chunks to compare", blob, node)  # fmt: skip
+            self._notify(blob)
+
+    def dispute(self, blob: str) -> ChunkDispute | None:
+        return self.book.dispute(blob)
+
+    def _judge(self, blob: str, msg: wire.PublishChunk, chunk: str, length: int,
+               meta: Metainfo) -> None:  # fmt: skip
+        """Settle `blob`'s chunk dispute if the chunk just filed by a verifier decides it."""
+        d = self.book.dispute(blob)
+        if d is None or d.party(msg.node):
+            return
+        same = True
+        old = d.records
+        if msg.index < len(old.digests) and old.digests[msg.index] == msg.digest:
+            try:
+                theirs = self._validate(chunk, length, old.metainfo[msg.index])
+            except errors.TrackerError:
+                theirs = meta  # no longer valid here (a CA rotation): no evidence
+            # As disputes.settle: a torrent rooted at another CA is no lie.
+            same = theirs.data == meta.data or theirs.root_cert != meta.root_cert
+        verdict = self.book.judge(blob, msg, same)
+        if verdict is None:
+            return
+        self._quarantines.add(verdict.loser, blob)
+        self._metrics.disputes[verdict.outcome].inc()
+        log.warning("tracker: chunk dispute over %s %s by %r's verification; quarantined "
+                    "for %.0f s: %r", blob, verdict.outcome, msg.node,
+                    self._quarantines.period_s, verdict.loser)  # fmt: skip
 
     def listing(self, blob_text: str) -> wire.ChunkList:
         blob = checked_digest(blob_text)
@@ -92,17 +133,22 @@ class ChunkTorrents:
     async def report(self, blob_text: str, msg: wire.ReportChunks) -> None:
         """`msg.node` assembled the chunks and they do not hash to the blob."""
         blob = checked_digest(blob_text)
-        publisher = msg.publisher
-        dropped = self.book.report(blob, publisher)
+        self._quarantines.check(msg.node, "report chunks")
+        dropped = self.book.report(blob, msg.publisher, msg.node)
         if dropped is None:
             return
         self._unregister(dropped)
         self._metrics.chunk_reports.inc()
-        log.warning("tracker: %r reports %r's chunks of %s bad (%s); they are dropped",
-                    msg.node, publisher, blob, msg.reason[:200])  # fmt: skip
+        self._metrics.disputes[OPENED].inc()
+        log.warning("tracker: %r reports %r's chunks of %s bad (%s); a third node verifies",
+                    msg.node, msg.publisher, blob, msg.reason[:200])  # fmt: skip
         lease = self._lease_of(blob)
-        if lease is not None and lease.holder == publisher:
-            await self._drop_lease(lease)
+        d = self.book.dispute(blob)
+        if lease is not None and d is not None and d.party(lease.holder):
+            # A side's fetch cannot settle it: free the lease for a node that can. The
+            # publisher has every chunk filed, so every byte: if the report lied, the
+            # whole-blob torrent it still finishes counts, as a silent holder's does.
+            await self._drop_lease(lease, passed=lease.holder == d.published_by)
         self._notify(blob)
 
     def expire(self) -> None:

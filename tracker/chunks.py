@@ -8,10 +8,14 @@ the chunk's place (index, `chunk_bytes`, the blob's size): anyone holding the
 verified blob can make it again. The book keeps at most `MAX_CHUNKED_BLOBS`
 blobs (the least recently touched goes first) of at most `MAX_CHUNKS` chunks,
 each for `RECORD_TTL_S` after its last change. A report that the chunks do not
-assemble into the blob drops the blob's records and bars their publisher from
-filing chunks of that blob again (a lease passes on; the next holder starts
-over). This module is sans-IO over a clock; it must not parse metainfo, touch
-the registry or the store (coordinator.py does), or know HTTP.
+assemble into the blob opens a `ChunkDispute`: the records are set aside (no
+longer listed) until a node that is neither side fetches the blob upstream
+(VERIFY) and files its own chunks, which `judge` compares one by one with the
+ones set aside: the first that differs convicts the publisher (barred from
+filing chunks of that blob again), the last that matches the reporter (and the
+publisher's records are listed again). This module is sans-IO over a clock; it
+must not parse metainfo, touch the registry or the store (coordinator.py does),
+or know HTTP.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ MAX_CHUNKED_BLOBS = 256
 # How long a blob's records stay after their last change: long enough for the
 # waiters still mid-chunk when the holder finished.
 RECORD_TTL_S = 600.0
-# Publishers barred per blob (each after a report against it).
+# Publishers barred per blob (each after losing a chunk dispute over it).
 MAX_BARRED = 16
+# disputes.py's outcomes: the publisher's chunks were right, or wrong.
+UPHELD, OVERTURNED = "upheld", "overturned"
 
 
 def chunk_count(size: int, chunk_bytes: int) -> int:
@@ -67,11 +73,37 @@ class Filed:
     new: bool
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkDispute:
+    """`reported_by` says `records` (by their publisher) do not assemble into the blob."""
+
+    records: ChunkedBlob
+    reported_by: str
+    opened_at: float
+
+    @property
+    def published_by(self) -> str:
+        return self.records.publisher
+
+    def party(self, identity: str) -> bool:
+        """`identity` is a side of the dispute, so its fetch cannot settle it."""
+        return identity in (self.published_by, self.reported_by)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A chunk dispute settled by a verifier's chunk: the outcome and who lied."""
+
+    outcome: str
+    loser: str
+
+
 class ChunkBook:
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._blobs: dict[str, ChunkedBlob] = {}
         self._barred: dict[str, set[str]] = {}
+        self._disputes: dict[str, ChunkDispute] = {}
 
     def __len__(self) -> int:
         return len(self._blobs)
@@ -81,7 +113,7 @@ class ChunkBook:
         if holder != msg.node:
             raise errors.Forbidden(f"only the holder of {blob}'s lease files its chunks")
         if msg.node in self._barred.get(blob, ()):
-            raise errors.Forbidden(f"chunks of {blob} by {msg.node!r} were reported bad")
+            raise errors.Forbidden(f"chunks of {blob} by {msg.node!r} lost a chunk dispute")
         if not MIN_CHUNK_BYTES <= msg.chunk_bytes <= MAX_CHUNK_BYTES:
             raise errors.InvalidRequest(f"chunk_bytes must be {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}")
         if msg.size <= 0 or not 2 <= chunk_count(msg.size, msg.chunk_bytes) <= MAX_CHUNKS:
@@ -126,18 +158,65 @@ class ChunkBook:
         return wire.ChunkList(rec.publisher, rec.size, rec.chunk_bytes, list(rec.digests),
                               list(rec.metainfo), fetching)  # fmt: skip
 
-    def report(self, blob: str, publisher: str) -> list[str] | None:
-        """`publisher`'s chunks did not assemble into `blob`: the chunk digests dropped,
-        or None if `blob` has no records of theirs (gone, or another holder's since)."""
+    def report(self, blob: str, publisher: str, reporter: str) -> list[str] | None:
+        """`reporter` says `publisher`'s chunks do not assemble into `blob`: open a
+        dispute and set the records aside; the chunk digests no longer filed, or None
+        if `blob` has no records of theirs (gone, another holder's since, or disputed),
+        or not all of them yet (nobody can have assembled the blob from them)."""
         rec = self._blobs.get(blob)
-        if rec is None or rec.publisher != publisher:
+        if rec is None or rec.publisher != publisher or reporter == publisher:
             return None
+        if len(rec.digests) < rec.count:
+            return None
+        if blob not in self._disputes and len(self._disputes) >= MAX_CHUNKED_BLOBS:
+            oldest = min(self._disputes, key=lambda b: self._disputes[b].opened_at)
+            del self._disputes[oldest]
+        self._disputes[blob] = ChunkDispute(rec, reporter, self._clock())
+        return self._drop(blob)
+
+    def dispute(self, blob: str) -> ChunkDispute | None:
+        return self._disputes.get(blob)
+
+    def judge(self, blob: str, msg: wire.PublishChunk, same: bool) -> Verdict | None:
+        """A verifier filed chunk `msg.index` of `blob` (`file` done; `same`: its torrent
+        is the set-aside one's, or no evidence either way): the verdict, if it decides."""
+        d = self._disputes.get(blob)
+        if d is None or d.party(msg.node):
+            return None
+        old = d.records
+        if (old.size, old.chunk_bytes) != (msg.size, msg.chunk_bytes):
+            if old.size != msg.size:  # the blob's size is the publisher's lie
+                return self._convict(blob, Verdict(OVERTURNED, old.publisher))
+            del self._disputes[blob]  # cut otherwise: no evidence either way
+            return None
+        if msg.index >= len(old.digests) or old.digests[msg.index] != msg.digest or not same:
+            return self._convict(blob, Verdict(OVERTURNED, old.publisher))
+        if msg.index == old.count - 1:
+            del self._disputes[blob]
+            rec = self._blobs.get(blob)
+            if rec is not None and rec.digests == old.digests:
+                # The same chunks: listed as the publisher's again, whom the report wronged.
+                rec.publisher = old.publisher
+            return Verdict(UPHELD, d.reported_by)
+        return None
+
+    def close(self, blob: str, verifier: str) -> bool:
+        """`verifier` (no side) verified the whole blob without filing chunks that decide:
+        the dispute ends with no verdict, so the blob is no longer withheld."""
+        d = self._disputes.get(blob)
+        if d is None or d.party(verifier):
+            return False
+        del self._disputes[blob]
+        return True
+
+    def _convict(self, blob: str, verdict: Verdict) -> Verdict:
+        del self._disputes[blob]
         if blob not in self._barred and len(self._barred) >= MAX_CHUNKED_BLOBS:
             del self._barred[next(iter(self._barred))]
         barred = self._barred.setdefault(blob, set())
         if len(barred) < MAX_BARRED:
-            barred.add(rec.publisher)
-        return self._drop(blob)
+            barred.add(verdict.loser)
+        return verdict
 
     def expire(self) -> list[str]:
         """Drop records untouched for RECORD_TTL_S; the chunk digests no longer filed."""
@@ -146,6 +225,8 @@ class ChunkBook:
         for blob in [b for b, r in self._blobs.items() if r.touched_at < since]:
             dropped += self._drop(blob)
             self._barred.pop(blob, None)
+        for blob in [b for b, d in self._disputes.items() if d.opened_at < since]:
+            del self._disputes[blob]  # nobody asked for the blob since: nothing to settle
         return dropped
 
     def chunk_digests(self) -> set[str]:

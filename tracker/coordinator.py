@@ -4,8 +4,8 @@
 swarms, the `MetainfoRegistry` and its disputes' `Quarantines` (applied by
 `Publishing`), the `LeaseBook` and the `UpstreamQueue` — with the durable
 `TrackerStore` and the `Waiters` of long-polled lease requests. A digest whose
-torrent is disputed is never answered SEEDED: its next lease goes to a node
-that is neither side, as VERIFY. Nor is a node that reported every seeder of
+torrent (or chunk torrents) is disputed is never answered SEEDED: its next
+lease goes to a node that is neither side, as VERIFY. Nor is a node that reported every seeder of
 the swarm for stalling it: it takes the lease, or waits for its holder.
 Announce and scrape are synchronous: the hot path never awaits. A control
 operation decides on memory synchronously (trio runs nothing else in between),
@@ -201,7 +201,10 @@ class Tracker:
         self, digest_text: str, msg: wire.PublishMetainfo
     ) -> tuple[wire.MetainfoRecord, bool]:
         """File metainfo for a digest; returns (record, newly stored)."""
-        return await self.publishing.publish(checked_digest(digest_text), msg)
+        digest = checked_digest(digest_text)
+        filed = await self.publishing.publish(digest, msg)
+        self.chunks.blob_verified(digest, msg.node)
+        return filed
 
     async def report_bad(self, digest_text: str, msg: wire.ReportBad) -> wire.MetainfoRecord:
         return await self.publishing.report_bad(checked_digest(digest_text), msg)
@@ -291,17 +294,19 @@ class Tracker:
     def _try_acquire(self, digest: str, msg: wire.LeaseRequest, place: Place) -> _Attempt:
         """Decide one try on memory alone; a grant is committed by the caller."""
         entry, dispute = self.registry.get(digest), self.registry.dispute(digest)
+        disputed = dispute or self.chunks.dispute(digest)  # chunk disputes settle alike
         if msg.manifest:  # its body comes from the shelf; torrents play no part
             if digest in self.manifests:
                 return _Attempt(wire.LeaseReply(wire.LeaseStatus.SEEDED, digest=digest), None)
-            entry = dispute = None
-        if entry is not None and dispute is None:
+            entry = disputed = None
+        if entry is not None and disputed is None:
             self.peers.expire_swarm(digest, self._clock())
             if self._seeded_for(digest, place.node):
                 reply = wire.LeaseReply(wire.LeaseStatus.SEEDED, metainfo=entry.meta.data)
                 return _Attempt(reply, None)
         self.quarantines.check(place.node, "take an upstream lease")
-        if dispute is not None and dispute.party(place.node) and self._lease_holder(digest) is None:
+        held = self._lease_holder(digest) is not None
+        if disputed is not None and disputed.party(place.node) and not held:
             # Neither side's fetch settles it: wait for a node that can verify.
             ttl = self.leases.ttl_s
             reply = wire.LeaseReply(wire.LeaseStatus.WAIT, ttl_s=ttl, retry_after_s=ttl)
@@ -326,7 +331,7 @@ class Tracker:
                 self.metrics.lease_replacements.inc()
                 log.warning("%s", self.leases.why_replaced(outcome.replaced.lease_id))
             fresh = before is None or outcome.replaced is not None
-            verify = dispute is not None
+            verify = disputed is not None
             reply = replies.granted(self.leases, lease, outcome.replaced, verify=verify)
             return _Attempt(reply, None, granted=lease, fresh=fresh)
         return _Attempt(replies.held(self.leases, lease, self._clock()), lease.expires_at)
@@ -348,8 +353,8 @@ class Tracker:
         lease = self.leases.current(digest)
         return None if lease is None else lease.holder
 
-    async def _drop_lease(self, lease: Lease) -> None:
-        self.leases.drop(lease.digest)
+    async def _drop_lease(self, lease: Lease, *, passed: bool = False) -> None:
+        self.leases.drop(lease.digest, passed=passed)
         await self._store.delete_lease(lease.digest, lease.lease_id)
         self._free_slot(lease)
 

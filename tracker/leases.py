@@ -325,10 +325,16 @@ class LeaseBook:
         self._remove(lease)
         return lease
 
-    def drop(self, digest: str) -> None:
+    def drop(self, digest: str, *, passed: bool = False) -> None:
+        """Take `digest`'s lease from its holder; `passed`: the copy it still finishes
+        counts (`passed_from`), as for a holder that went silent."""
         lease = self._leases.get(digest)
         if lease is not None:
             self._remove(lease)
+            if passed:
+                self._passed[digest, lease.holder] = None
+                while len(self._passed) > MAX_REPLACED_REMEMBERED:
+                    self._passed.popitem(last=False)
 
     def expire(self) -> list[Lease]:
         """Drop every lease whose time is up; return them."""
