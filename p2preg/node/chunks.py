@@ -37,6 +37,7 @@ from p2preg.core import wire
 from p2preg.core.digest import Digest, DigestError, Hasher
 from p2preg.core.metainfo import MetainfoError, piece_size_for
 from p2preg.node.metrics import NodeMetrics
+from p2preg.node.peers import file_digest
 from p2preg.node.peertls import TorrentRoots
 from p2preg.node.seams import Offload, SwarmError, SwarmSeam
 from p2preg.node.store import BlobStore, BlobWriter, DigestMismatch, StoreError
@@ -372,7 +373,7 @@ class ChunkFollower:
                                               max_hash_failures=c.settings.max_hash_failures)
             except SwarmError as e:
                 raise ChunkFailed(f"chunk {i}: {e}") from None
-            if await c.offload(partial(_file_digest, path)) != digest:
+            if await c.offload(partial(file_digest, path, digest.algorithm)) != digest:
                 raise ChunkFailed(f"chunk {i} does not hash to its digest")
         c.metrics.chunks_joined.inc()
         c.metrics.chunk_bytes.inc(length)
@@ -405,14 +406,6 @@ class ChunkFollower:
             if self.c.store.size(chunk) is None:
                 self.c.swarm.remove(chunk)
         self._joined.clear()
-
-
-def _file_digest(path: Path) -> Digest:
-    h = Hasher("sha256")
-    with open(path, "rb") as f:
-        while data := f.read(COPY_BATCH):
-            h.update(data)
-    return h.digest()
 
 
 def _copy_into(path: Path, write: Callable[[bytes], None]) -> None:

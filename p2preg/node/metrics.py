@@ -122,7 +122,6 @@ class NodeMetrics:
         )
         self._store_gauges(r)
         self._swarm_metrics(r)
-        self._slow_peer_counters(r)
         self.rate_limit, self.rate = _rate_gauges(r)
 
     def _swarm_metrics(self, r: CollectorRegistry) -> None:
@@ -158,7 +157,11 @@ class NodeMetrics:
             ["reason"], registry=r,
         )
         self.blobs_seeded = Gauge("p2preg_blobs_seeded", "Blobs this node seeds", registry=r)
-
+        self.peer_slow_drops = Counter(
+            "p2preg_peer_slow_drops",
+            "Slow peers disconnected to free the requests they held (slowpeers.py)",
+            registry=r,
+        )
 
     def _chunk_metrics(self, r: CollectorRegistry) -> None:
         self.chunks_published = Counter(
@@ -188,13 +191,6 @@ class NodeMetrics:
         self.store_pinned = Gauge("p2preg_store_pinned_bytes", "Pinned bytes held", registry=r)
         self.store_evictions = Gauge(
             "p2preg_store_evictions", "Blobs evicted to stay within budget", registry=r
-        )
-
-    def _slow_peer_counters(self, r: CollectorRegistry) -> None:
-        self.peer_slow_drops = Counter(
-            "p2preg_peer_slow_drops",
-            "Slow peers disconnected to free the requests they held (slowpeers.py)",
-            registry=r,
         )
 
     def watch_containerd(self, check: Callable[[], dict[str, object]]) -> None:
