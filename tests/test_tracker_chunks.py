@@ -6,6 +6,7 @@ import pytest
 
 from p2preg.core import errors, wire
 from p2preg.core.digest import Digest
+from p2preg.core.metainfo import MAX_CHUNKS
 from tracker import chunks
 from tracker.chunks import ChunkBook
 
@@ -57,7 +58,7 @@ def test_the_holder_files_chunks_in_order_and_waiters_read_them() -> None:
         (_chunk(1), "holder", errors.InvalidRequest),  # chunk 0 comes first
         (_chunk(6), "holder", errors.InvalidRequest),  # past the blob's end
         (_chunk(0, size=MiB), "holder", errors.InvalidRequest),  # one chunk: not chunked
-        (_chunk(0, size=(chunks.MAX_CHUNKS + 1) * MiB), "holder", errors.InvalidRequest),
+        (_chunk(0, size=(MAX_CHUNKS + 1) * MiB), "holder", errors.InvalidRequest),
         (wire.PublishChunk("holder", SIZE, 1000, 0, BLOB, b"m"), "holder", errors.InvalidRequest),
     ],
 )

@@ -24,12 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from p2preg.core import errors, wire
+from p2preg.core.metainfo import MAX_CHUNKS, chunk_count, chunk_length
 
 # Chunk sizes a holder may use: 1 MiB (a few pieces) to 64 MiB.
 MIN_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 64 << 20
-# A 16 GiB blob in 4 MiB chunks.
-MAX_CHUNKS = 4096
 # Blobs with chunk records at once; a fetch from upstream is minutes at most.
 MAX_CHUNKED_BLOBS = 256
 # How long a blob's records stay after their last change: long enough for the
@@ -39,15 +38,6 @@ RECORD_TTL_S = 600.0
 MAX_BARRED = 16
 # disputes.py's outcomes: the publisher's chunks were right, or wrong.
 UPHELD, OVERTURNED = "upheld", "overturned"
-
-
-def chunk_count(size: int, chunk_bytes: int) -> int:
-    return -(-size // chunk_bytes)
-
-
-def chunk_length(size: int, chunk_bytes: int, index: int) -> int:
-    """The length of chunk `index` of a `size`-byte blob cut every `chunk_bytes`."""
-    return min(chunk_bytes, size - index * chunk_bytes)
 
 
 @dataclass

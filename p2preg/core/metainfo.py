@@ -46,6 +46,22 @@ def piece_size_for(size: int) -> int:
     return min(MAX_PIECE_BYTES, max(MIN_PIECE_BYTES, piece))
 
 
+# Chunk torrents (docs/SWARM.md, "Chunk swarms"): a blob is cut into at most
+# this many (a 16 GiB blob in 4 MiB chunks), which the tracker enforces and the
+# holder respects.
+MAX_CHUNKS = 4096
+
+
+def chunk_count(size: int, chunk_bytes: int) -> int:
+    """How many chunks a `size`-byte blob cut every `chunk_bytes` makes."""
+    return -(-size // chunk_bytes)
+
+
+def chunk_length(size: int, chunk_bytes: int, index: int) -> int:
+    """The length of chunk `index` of a `size`-byte blob cut every `chunk_bytes`."""
+    return min(chunk_bytes, size - index * chunk_bytes)
+
+
 def canonical_roots(pems: Iterable[bytes]) -> tuple[bytes, ...]:
     """Every certificate in these PEM bundles, each re-encoded as canonical PEM.
 

@@ -35,7 +35,13 @@ import trio
 from p2preg.core import errors as tracker_errors
 from p2preg.core import wire
 from p2preg.core.digest import Digest, DigestError, Hasher
-from p2preg.core.metainfo import MetainfoError, piece_size_for
+from p2preg.core.metainfo import (
+    MAX_CHUNKS,
+    MetainfoError,
+    chunk_count,
+    chunk_length,
+    piece_size_for,
+)
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.peers import file_digest
 from p2preg.node.peertls import TorrentRoots
@@ -45,8 +51,6 @@ from tracker.metainfo import make_metainfo, parse_metainfo
 
 log = logging.getLogger(__name__)
 
-# The tracker takes at most this many chunks of one blob (tracker/chunks.py).
-MAX_CHUNKS = 4096
 # How often a waiter reads the chunk list: while chunks come, and before any did.
 POLL_S = 0.25
 POLL_IDLE_S = 0.5
@@ -87,12 +91,8 @@ class ChunkSettings:
         piece = piece_size_for(size)
         chunk = max(piece, self.chunk_bytes // piece * piece)
         # Whole chunks, so that a blob just over one chunk moves whole.
-        whole, count = size // chunk, -(-size // chunk)
+        whole, count = size // chunk, chunk_count(size, chunk)
         return chunk if whole >= self.min_count and count <= MAX_CHUNKS else None
-
-
-def chunk_length(size: int, chunk_bytes: int, index: int) -> int:
-    return min(chunk_bytes, size - index * chunk_bytes)
 
 
 @dataclass(frozen=True)
@@ -312,7 +312,8 @@ class ChunkFollower:
             return None
         if listing is None or listing.size != self.size:
             return None
-        if listing.chunk_bytes < 1 << 20 or -(-self.size // listing.chunk_bytes) > MAX_CHUNKS:
+        cut = listing.chunk_bytes
+        if cut < 1 << 20 or chunk_count(self.size, cut) > MAX_CHUNKS:
             return None
         return listing
 
