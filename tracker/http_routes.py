@@ -224,7 +224,7 @@ async def _forwarded(call: Call) -> Response:
 
 async def _publish_chunk(call: Call) -> Response:
     msg = call.message(wire.PublishChunk, Kind.PUBLISH)
-    created = call.tracker.chunks.publish(call.digest, msg)
+    created = await call.tracker.chunks.publish(call.digest, msg)
     return Response(201 if created else 200, b"", wire.CONTENT_TYPE)
 
 
