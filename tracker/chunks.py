@@ -15,8 +15,7 @@ ones set aside: the first that differs convicts the publisher (barred from
 filing chunks of that blob again), the last that matches the reporter (and the
 publisher's records are listed again). This module is sans-IO over a clock; it
 must not parse metainfo, touch the registry or the store (chunk_torrents.py and
-chunk_sync.py do),
-or know HTTP.
+chunk_sync.py do), or know HTTP.
 """
 
 from __future__ import annotations
