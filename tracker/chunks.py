@@ -144,6 +144,12 @@ class ChunkBook:
 
     def listing(self, blob: str, holder: str | None) -> wire.ChunkList:
         rec = self._blobs.get(blob)
+        d = self._disputes.get(blob)
+        if rec is None and d is not None:
+            # Set aside: no chunk listed, but the disputed cut, so that the verifier
+            # cuts the blob alike and its chunks decide.
+            old = d.records
+            return wire.ChunkList(old.publisher, old.size, old.chunk_bytes, [], [], False)
         if rec is None:
             raise errors.NotFound(f"no chunk torrents of {blob}")
         # Open while its publisher holds the lease: the whole blob is not seeded yet.

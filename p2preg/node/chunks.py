@@ -219,13 +219,31 @@ class ChunkPublisher:
         c.metrics.chunks_published.inc()
 
 
+async def disputed_cut(c: Chunking, blob: Digest, size: int) -> int | None:
+    """The `chunk_bytes` of `blob`'s disputed chunks, which a verifier cuts alike whatever
+    its own setting (else its chunks decide nothing); None if the tracker names none."""
+    try:
+        listing = await c.tracker.list_chunks(blob)
+    except tracker_errors.TrackerError as e:
+        log.info("reading the disputed cut of %s: %s", blob, e)
+        return None
+    if listing is None or listing.size != size:
+        return None
+    cut = listing.chunk_bytes
+    valid = 1 << 20 <= cut <= 64 << 20 and 2 <= chunk_count(size, cut) <= MAX_CHUNKS
+    return cut if valid else None
+
+
 @asynccontextmanager
 async def publishing(
-    c: Chunking | None, blob: Digest, size: int
+    c: Chunking | None, blob: Digest, size: int, *, verify: bool = False
 ) -> AsyncIterator[ChunkPublisher | None]:
     """A publisher for a blob fetched from upstream as the lease holder (None: it moves
-    whole); on the way out the chunks cut are filed (for up to DRAIN_S) and left to linger."""
+    whole); on the way out the chunks cut are filed (for up to DRAIN_S) and left to linger.
+    A verifier (`verify`) cuts as the disputed publisher did, if the tracker says how."""
     chunk_bytes = None if c is None else c.settings.cut_for(size)
+    if c is not None and verify:
+        chunk_bytes = await disputed_cut(c, blob, size) or chunk_bytes
     if c is None or chunk_bytes is None:
         yield None
         return
@@ -331,7 +349,7 @@ class ChunkFollower:
             # Until every chunk is in: a report (or a new holder) that drops these
             # records stops the downloads now, not a stall later.
             while len(got) < count:
-                if listing is None or listing.publisher != first.publisher:
+                if listing is None or listing.publisher != first.publisher or not listing.digests:
                     raise ChunkFailed("the chunk list is gone, or by another publisher now")
                 for i in range(known, min(count, len(listing.digests))):
                     nursery.start_soon(self._join, listing, i, got, ready[i], limiter)
