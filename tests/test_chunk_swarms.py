@@ -131,6 +131,13 @@ def test_waiters_join_chunk_swarms_while_the_first_copy_arrives(
     chunks = -(-layer.size // MiB)
     assert holder.metric("p2preg_chunks_published_total") == chunks
     assert _tracker_metric(tracker, "p2preg_tracker_chunks_published_total") == chunks
+    polls = sum(_tracker_metric(tracker, "p2preg_tracker_chunk_polls_total", answer=a)
+                for a in ("at_once", "news", "timed_out"))  # fmt: skip
+    print(f"chunk list reads at the tracker: {polls:.0f}")
+    # Long polls: a read per chunk filed at most (and each waiter's first, and one
+    # answered as the list closes), where reading every 0.25 s for the ~8 s the
+    # first copy takes would be over 30 per waiter.
+    assert polls <= len(waiters) * (chunks + 3)
     for n in waiters:
         assert n.metric("p2preg_chunks_joined_total") == chunks
         assert n.metric("p2preg_chunk_bytes_total") == layer.size

@@ -253,7 +253,8 @@ async def test_a_takeover_keeps_chunk_records_and_an_open_chunk_dispute(tmp_path
             assert listing is not None and listing.open
             assert (listing.publisher, listing.digests) == ("holder", fetching.digests[:2])
             # The dispute stands: its records stay aside, its sides wait, a third verifies.
-            assert await reporter.list_chunks(lie.blob) is None
+            aside = await reporter.list_chunks(lie.blob)
+            assert aside is not None and (aside.publisher, aside.digests) == ("evil", [])
             assert (await reporter.acquire_lease(lie.blob)).status is wire.LeaseStatus.WAIT
             lease = await verifier.acquire_lease(lie.blob, size=len(data))
             assert lease.status is wire.LeaseStatus.VERIFY

@@ -113,12 +113,14 @@ async def test_restart_mid_chunk_dispute_keeps_the_records_the_dispute_and_its_b
         assert (listing.publisher, listing.digests) == ("evil", lie.digests[:2])
         await evil.publish_chunk(blob, lie.msg("evil", 2))
         await reporter.report_chunks(blob, "evil", "the chunks do not hash to the blob")
-        assert await reporter.list_chunks(blob) is None  # set aside
+        aside = await reporter.list_chunks(blob)  # set aside: only their cut is named
+        assert aside is not None and (aside.digests, aside.open) == ([], False)
     # Killed mid-dispute: the records stay aside, the sides wait, a third node verifies.
     async with tracker_process(data_dir, **env) as url, open_tracker_client(
         url, node="reporter", token=TOKEN
     ) as reporter, open_tracker_client(url, node="verifier", token=TOKEN) as verifier:
-        assert await reporter.list_chunks(blob) is None
+        aside = await reporter.list_chunks(blob)
+        assert aside is not None and (aside.publisher, aside.digests) == ("evil", [])
         assert (await reporter.acquire_lease(blob)).status is wire.LeaseStatus.WAIT
         lease = await verifier.acquire_lease(blob, size=len(data))
         assert lease.status is wire.LeaseStatus.VERIFY and lease.lease_id is not None

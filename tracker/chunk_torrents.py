@@ -37,6 +37,8 @@ from tracker.registry import MetainfoRegistry
 from tracker.swarms import checked_digest
 
 log = logging.getLogger("p2preg.tracker")
+# Labels of p2preg_tracker_chunk_polls_total.
+POLL_AT_ONCE, POLL_NEWS, POLL_TIMED_OUT = "at_once", "news", "timed_out"
 
 
 class ChunkTorrents:
@@ -55,6 +57,7 @@ class ChunkTorrents:
         drop_lease: Callable[..., Awaitable[None]],
         drop_swarm: Callable[[str], None],
         notify: Callable[[str], None],
+        wait: Callable[[str, float], Awaitable[None]],
     ) -> None:
         self.book = ChunkBook(clock)
         self.sync = ChunkSync(self.book, put, clock=clock, wall_clock=wall_clock)
@@ -67,6 +70,8 @@ class ChunkTorrents:
         self._drop_lease = drop_lease
         self._drop_swarm = drop_swarm
         self._notify = notify
+        self._wait = wait
+        self._clock = clock
         # Chunk digests whose torrent this service registered (and so may unregister).
         self._mine: set[str] = set()
 
@@ -140,6 +145,27 @@ class ChunkTorrents:
     def listing(self, blob_text: str) -> wire.ChunkList:
         blob = checked_digest(blob_text)
         return self.book.listing(blob, self._holder(blob))
+
+    async def poll(self, blob_text: str, have: int, wait_s: float) -> wire.ChunkList:
+        """The chunk list once it lists more than `have` chunks or is closed, or when
+        `wait_s` ran out, whatever is there then (NotFound: nothing); a long poll woken
+        by what changes a blob's lease or records."""
+        blob = checked_digest(blob_text)
+        deadline, answer = self._clock() + wait_s, POLL_AT_ONCE
+        while True:
+            try:
+                listing: wire.ChunkList | None = self.book.listing(blob, self._holder(blob))
+            except errors.NotFound:
+                listing = None
+            news = listing is not None and (len(listing.digests) > have or not listing.open)
+            if news or self._clock() >= deadline:
+                answer = answer if news else POLL_TIMED_OUT
+                self._metrics.chunk_polls.labels(answer).inc()
+                if listing is None:
+                    raise errors.NotFound(f"no chunk torrents of {blob}")
+                return listing
+            await self._wait(blob, deadline)
+            answer = POLL_NEWS
 
     async def report(self, blob_text: str, msg: wire.ReportChunks) -> None:
         """`msg.node` assembled the chunks and they do not hash to the blob."""

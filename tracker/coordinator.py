@@ -134,6 +134,7 @@ class Tracker:
             drop_lease=self._drop_lease,
             drop_swarm=self._drop_swarm,
             notify=self._waiters.notify,
+            wait=self._waiters.wait,
         )
         self.metrics.watch(self._gauges)
 
