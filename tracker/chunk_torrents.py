@@ -151,7 +151,7 @@ class ChunkTorrents:
         `wait_s` ran out, whatever is there then (NotFound: nothing); a long poll woken
         by what changes a blob's lease or records."""
         blob = checked_digest(blob_text)
-        deadline, answer = self._clock() + wait_s, POLL_AT_ONCE
+        deadline, held = self._clock() + wait_s, False
         while True:
             try:
                 listing: wire.ChunkList | None = self.book.listing(blob, self._holder(blob))
@@ -159,13 +159,13 @@ class ChunkTorrents:
                 listing = None
             news = listing is not None and (len(listing.digests) > have or not listing.open)
             if news or self._clock() >= deadline:
-                answer = answer if news else POLL_TIMED_OUT
+                answer = (POLL_NEWS if news else POLL_TIMED_OUT) if held else POLL_AT_ONCE
                 self._metrics.chunk_polls.labels(answer).inc()
                 if listing is None:
                     raise errors.NotFound(f"no chunk torrents of {blob}")
                 return listing
             await self._wait(blob, deadline)
-            answer = POLL_NEWS
+            held = True
 
     async def report(self, blob_text: str, msg: wire.ReportChunks) -> None:
         """`msg.node` assembled the chunks and they do not hash to the blob."""
@@ -175,19 +175,21 @@ class ChunkTorrents:
         if dropped is None:
             return
         self._unregister(dropped)
-        await self.sync.commit()
         self._metrics.chunk_reports.inc()
         self._metrics.disputes[OPENED].inc()
         log.warning("tracker: %r reports %r's chunks of %s bad (%s); a third node verifies",
                     msg.node, msg.publisher, blob, msg.reason[:200])  # fmt: skip
         lease = self._lease_of(blob)
         d = self.book.dispute(blob)
-        if lease is not None and d is not None and d.party(lease.holder):
-            # A side's fetch cannot settle it: free the lease for a node that can. The
-            # publisher has every chunk filed, so every byte: if the report lied, the
-            # whole-blob torrent it still finishes counts, as a silent holder's does.
-            await self._drop_lease(lease, passed=lease.holder == d.published_by)
-        self._notify(blob)
+        try:
+            if lease is not None and d is not None and d.party(lease.holder):
+                # A side's fetch cannot settle it: free the lease for a node that can. The
+                # publisher has every chunk filed, so every byte: if the report lied, the
+                # whole-blob torrent it still finishes counts, as a silent holder's does.
+                await self._drop_lease(lease, passed=lease.holder == d.published_by)
+        finally:
+            self._notify(blob)
+            await self.sync.commit()  # the dispute is durable before the answer
 
     async def expire(self) -> None:
         self._unregister(self.book.expire())
