@@ -84,6 +84,11 @@ def refused_by(t: TrackerProcess) -> httpx.Response:
     return httpx.get(f"{t.url}/v1/status", headers={"Authorization": f"Bearer {TOKEN}"})
 
 
+def chunk_read(t: TrackerProcess, blob: Digest, query: str) -> httpx.Response:
+    return httpx.get(f"{t.url}/v1/chunks/{blob}{query}",
+                     headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+
+
 def urls(trackers: Sequence[TrackerProcess]) -> list[str]:
     return [t.url for t in trackers]
 
@@ -240,6 +245,10 @@ async def test_a_takeover_keeps_chunk_records_and_an_open_chunk_dispute(tmp_path
             await evil.acquire_lease(lie.blob, size=len(data))
             await lie.publish(evil)
             await reporter.report_chunks(lie.blob, "evil", "the chunks do not hash to the blob")
+        # A standby holds no chunk read: it answers at once that another replica serves.
+        standby = next(t for t in trackers if t is not first)
+        r = chunk_read(standby, fetching.blob, "?have=2&wait=20")
+        assert r.status_code == 503 and b"standing_by" in r.content
         crash(first)
         took_over = serving(trackers)
         assert took_over is not first

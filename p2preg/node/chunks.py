@@ -329,14 +329,18 @@ class ChunkFollower:
                 return listing
             await trio.sleep(POLL_IDLE_S)
 
-    async def _listing(self, have: int) -> wire.ChunkList | None:
-        """The list once it has more than `have` chunks, closes, or the wait runs out."""
+    async def _listing(
+        self, have: int, known: wire.ChunkList | None = None
+    ) -> wire.ChunkList | None:
+        """The list once it has more than `have` chunks, closes, or the wait runs out;
+        `known` (the last one read) if the tracker did not answer (a replica taking
+        over keeps the list: the stall bound decides)."""
         wait_s = max(1, min(POLL_WAIT_S, math.floor(self.c.settings.stall_s)))
         try:
             listing = await self.c.tracker.list_chunks(self.blob, have=have, wait_s=wait_s)
         except tracker_errors.TrackerError as e:
             log.info("reading the chunks of %s: %s", self.blob, e)
-            return None
+            return known
         if listing is None or listing.size != self.size:
             return None
         cut = listing.chunk_bytes
@@ -387,7 +391,7 @@ class ChunkFollower:
         async with trio.open_nursery() as nursery:
 
             async def read() -> None:
-                found[0] = await self._listing(have)
+                found[0] = await self._listing(have, last)
                 nursery.cancel_scope.cancel()
 
             async def done() -> None:
