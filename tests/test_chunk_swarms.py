@@ -11,7 +11,9 @@ the test's own libtorrent sessions seed chunk bytes it altered, under torrents
 made from them) costs one upstream copy: the waiters' assembly fails, they
 report it, which opens a dispute: the tracker sets the records aside and drops
 the liar's lease, one honest node fetches the layer as VERIFY while the others
-follow its chunks, and the chunk that differs convicts the publisher. A node
+follow its chunks, and the chunk that differs convicts the publisher — also
+when the verifier's own `chunk_bytes` is another: it cuts as the disputed
+publisher did (the tracker's chunk list names that cut). A node
 that lies in a report is judged the same way: the verifier's chunks match the
 holder's, the reporter is quarantined and the holder keeps its records.
 """
@@ -65,9 +67,12 @@ def tracker(tmp_path: Path) -> Iterator[TrackerProcess]:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, proxy: FaultProxy, tracker: TrackerProcess) -> Iterator[Cluster]:
+def cluster(
+    request: pytest.FixtureRequest, tmp_path: Path, proxy: FaultProxy, tracker: TrackerProcess
+) -> Iterator[Cluster]:
+    config = getattr(request, "param", CONFIG)  # the nodes' config.toml
     with ExitStack() as stack:
-        yield Cluster(stack, tmp_path, proxy.url, tracker.url, config=CONFIG)
+        yield Cluster(stack, tmp_path, proxy.url, tracker.url, config=config)
 
 
 def _tracker_metric(tracker: TrackerProcess, name: str, **labels: str) -> float:
@@ -126,6 +131,13 @@ def test_waiters_join_chunk_swarms_while_the_first_copy_arrives(
     chunks = -(-layer.size // MiB)
     assert holder.metric("p2preg_chunks_published_total") == chunks
     assert _tracker_metric(tracker, "p2preg_tracker_chunks_published_total") == chunks
+    polls = sum(_tracker_metric(tracker, "p2preg_tracker_chunk_polls_total", answer=a)
+                for a in ("at_once", "news", "timed_out"))  # fmt: skip
+    print(f"chunk list reads at the tracker: {polls:.0f}")
+    # Long polls: a read per chunk filed at most (and each waiter's first, and one
+    # answered as the list closes), where reading every 0.25 s for the ~8 s the
+    # first copy takes would be over 30 per waiter.
+    assert polls <= len(waiters) * (chunks + 3)
     for n in waiters:
         assert n.metric("p2preg_chunks_joined_total") == chunks
         assert n.metric("p2preg_chunk_bytes_total") == layer.size
@@ -199,6 +211,9 @@ def _renew_until_dropped(
     return "still held"
 
 
+# The honest nodes cut 2 MiB chunks: the verifier cuts as the disputed holder did.
+@pytest.mark.parametrize("cluster", [CONFIG, CONFIG.replace("1048576", "2097152")],
+                         indirect=True, ids=["same-cut", "verifier-configured-otherwise"])
 def test_a_holder_that_files_a_wrong_chunk_costs_one_upstream_copy(
     registry: Registry, proxy: FaultProxy, tracker: TrackerProcess, layout: Any,
     cluster: Cluster, tmp_path: Path,

@@ -106,8 +106,11 @@ def _disputed() -> ChunkBook:
     assert sorted(book.report(BLOB, "holder", "reporter") or []) == sorted(
         _chunk(i).digest for i in range(6)
     )
-    with pytest.raises(errors.NotFound):  # set aside: nobody follows them meanwhile
-        book.listing(BLOB, None)
+    # Set aside: nobody follows them meanwhile; the list names their cut alone, for
+    # the verifier to cut alike.
+    aside = book.listing(BLOB, None)
+    assert (aside.publisher, aside.size, aside.chunk_bytes) == ("holder", SIZE, MiB)
+    assert (aside.digests, aside.metainfo, aside.open) == ([], [], False)
     dispute = book.dispute(BLOB)
     assert dispute is not None and dispute.party("holder") and dispute.party("reporter")
     assert not dispute.party("verifier")

@@ -3,8 +3,9 @@ redis-sentinel and `p2preg tracker --store`.
 
 One replica serves at a time and the others stand by (503, /readyz 503). Killed
 (-9), the serving replica's term runs out and a standby takes over with
-everything: metainfo, leases, the manifest shelf, and the peers that
-announced to the dead one.
+everything: metainfo, leases, the manifest shelf, the chunk book (a blob's
+chunk records, an open chunk dispute), and the peers that announced to the
+dead one.
 Every replica restarted at once finds the same state. While Redis is away no
 replica serves (nodes go upstream), each says why in its log and metrics, and
 one serves again by itself when Redis is back. Under Sentinel, a primary killed
@@ -33,6 +34,7 @@ from harness.tracker import TrackerProcess
 from p2preg.core import errors, wire
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
+from tests.chunk_helpers import Cut, blob_data
 from tests.replica_helpers import metric, ready, replicas, serving
 from tracker.client import open_tracker_client
 from tracker.metainfo import make_metainfo
@@ -80,6 +82,11 @@ def crash(t: TrackerProcess) -> None:
 
 def refused_by(t: TrackerProcess) -> httpx.Response:
     return httpx.get(f"{t.url}/v1/status", headers={"Authorization": f"Bearer {TOKEN}"})
+
+
+def chunk_read(t: TrackerProcess, blob: Digest, query: str) -> httpx.Response:
+    return httpx.get(f"{t.url}/v1/chunks/{blob}{query}",
+                     headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
 
 
 def urls(trackers: Sequence[TrackerProcess]) -> list[str]:
@@ -217,3 +224,52 @@ async def test_a_sentinel_failover_ends_the_term_and_a_lost_grant_is_fenced(
                 with pytest.raises(errors.Forbidden):
                     await a.publish_metainfo(lost, lost_size, lost_meta.data)
 
+
+
+async def test_a_takeover_keeps_chunk_records_and_an_open_chunk_dispute(tmp_path: Path) -> None:
+    fetching = Cut.make(tmp_path / "fetching", blob_data())
+    data = blob_data()
+    honest, lie = Cut.make(tmp_path / "honest", data), Cut.make(tmp_path / "lie", data, lie=True)
+    with (
+        start_redis(tmp_path / "redis", password=PASSWORD) as server,
+        replicas(tmp_path, server.url(), 2, **STORE) as trackers,
+    ):
+        first = serving(trackers)
+        async with (
+            open_tracker_client(urls(trackers), node="holder", token=TOKEN) as holder,
+            open_tracker_client(urls(trackers), node="evil", token=TOKEN) as evil,
+            open_tracker_client(urls(trackers), node="reporter", token=TOKEN) as reporter,
+        ):
+            await holder.acquire_lease(fetching.blob, size=len(data))
+            await fetching.publish(holder, 2)  # mid-blob
+            await evil.acquire_lease(lie.blob, size=len(data))
+            await lie.publish(evil)
+            await reporter.report_chunks(lie.blob, "evil", "the chunks do not hash to the blob")
+        # A standby holds no chunk read: it answers at once that another replica serves.
+        standby = next(t for t in trackers if t is not first)
+        r = chunk_read(standby, fetching.blob, "?have=2&wait=20")
+        assert r.status_code == 503 and b"standing_by" in r.content
+        crash(first)
+        took_over = serving(trackers)
+        assert took_over is not first
+        async with (
+            open_tracker_client(urls(trackers), node="reporter", token=TOKEN) as reporter,
+            open_tracker_client(urls(trackers), node="verifier", token=TOKEN) as verifier,
+            open_tracker_client(urls(trackers), node="evil", token=TOKEN) as evil,
+        ):
+            # A waiter mid-blob still reads the list the dead replica was given.
+            listing = await reporter.list_chunks(fetching.blob)
+            assert listing is not None and listing.open
+            assert (listing.publisher, listing.digests) == ("holder", fetching.digests[:2])
+            # The dispute stands: its records stay aside, its sides wait, a third verifies.
+            aside = await reporter.list_chunks(lie.blob)
+            assert aside is not None and (aside.publisher, aside.digests) == ("evil", [])
+            assert (await reporter.acquire_lease(lie.blob)).status is wire.LeaseStatus.WAIT
+            lease = await verifier.acquire_lease(lie.blob, size=len(data))
+            assert lease.status is wire.LeaseStatus.VERIFY
+            await verifier.publish_chunk(lie.blob, honest.msg("verifier", 0))
+            assert metric(took_over, "p2preg_tracker_disputes_total", outcome="overturned") == 1
+            with pytest.raises(errors.Forbidden):  # quarantined, in the store too
+                await evil.acquire_lease(Digest.of(b"any other blob"), size=1)
+        assert server.cli("SMEMBERS", f"p2preg:kb:{lie.blob}") == ["evil"]
+        assert server.cli("HEXISTS", "p2preg:q:evil", "until") == ["1"]

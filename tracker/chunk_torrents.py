@@ -6,9 +6,11 @@ files chunks), the chunk's torrent against the cluster's torrent rules (under
 the chunk's own digest and length), the sender against the dispute
 quarantines, and registers each chunk torrent so that its swarm's announces
 count; records dropped (expired, evicted, reported, or cut over by a new
-holder) have their torrents unregistered and their swarms dropped. Chunk
-records live in memory only: a tracker restart or takeover loses them, and
-waiters then wait for the whole blob as before. A report opens a chunk dispute
+holder) have their torrents unregistered and their swarms dropped. Every
+change to the book — records, disputes, barred publishers, a verdict's
+quarantine — is committed to the store before the request is answered
+(chunk_sync.py), and loaded back at start or at a replica's new term, so a
+restart or a takeover keeps the waiters' lists and an open dispute. A report opens a chunk dispute
 (chunks.py), judged as a metainfo dispute is: the records are set aside, a
 side holding the blob's lease loses it, the next lease on the blob goes to a
 node that is neither side as VERIFY (coordinator.py), and the chunks it files
@@ -21,10 +23,12 @@ encodings, and raises only `p2preg.core.errors`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from p2preg.core import errors, wire
-from p2preg.core.metainfo import Metainfo
+from p2preg.core.metainfo import Metainfo, chunk_length
+from tracker.chunk_store import ChunkWrite, StoredChunkBlob
+from tracker.chunk_sync import ChunkSync
 from tracker.chunks import ChunkBook, ChunkDispute
 from tracker.disputes import OPENED, Quarantines
 from tracker.leases import Lease
@@ -33,6 +37,8 @@ from tracker.registry import MetainfoRegistry
 from tracker.swarms import checked_digest
 
 log = logging.getLogger("p2preg.tracker")
+# Labels of p2preg_tracker_chunk_polls_total.
+POLL_AT_ONCE, POLL_NEWS, POLL_TIMED_OUT = "at_once", "news", "timed_out"
 
 
 class ChunkTorrents:
@@ -43,14 +49,18 @@ class ChunkTorrents:
         metrics: TrackerMetrics,
         *,
         clock: Callable[[], float],
+        wall_clock: Callable[[], float],
+        put: Callable[[list[ChunkWrite]], Awaitable[None]],
         max_metainfo: int,
         validate: Callable[[str, int, bytes], Metainfo],
         lease_of: Callable[[str], Lease | None],
         drop_lease: Callable[..., Awaitable[None]],
         drop_swarm: Callable[[str], None],
         notify: Callable[[str], None],
+        wait: Callable[[str, float], Awaitable[None]],
     ) -> None:
         self.book = ChunkBook(clock)
+        self.sync = ChunkSync(self.book, put, clock=clock, wall_clock=wall_clock)
         self._registry = registry
         self._quarantines = quarantines
         self._metrics = metrics
@@ -60,6 +70,8 @@ class ChunkTorrents:
         self._drop_lease = drop_lease
         self._drop_swarm = drop_swarm
         self._notify = notify
+        self._wait = wait
+        self._clock = clock
         # Chunk digests whose torrent this service registered (and so may unregister).
         self._mine: set[str] = set()
 
@@ -67,7 +79,7 @@ class ChunkTorrents:
         lease = self._lease_of(blob)
         return None if lease is None else lease.holder
 
-    def publish(self, blob_text: str, msg: wire.PublishChunk) -> bool:
+    async def publish(self, blob_text: str, msg: wire.PublishChunk) -> bool:
         """File one chunk torrent of a blob; whether it is new."""
         blob = checked_digest(blob_text)
         length = self.book.check(blob, msg, self._holder(blob))
@@ -85,18 +97,21 @@ class ChunkTorrents:
         filed = self.book.file(blob, msg, meta.data)
         self._unregister(filed.dropped)
         if filed.new:
-            self._metrics.chunks_published.inc()
             self._judge(blob, msg, chunk, length, meta)
+        await self.sync.commit()
+        if filed.new:
+            self._metrics.chunks_published.inc()
             self._notify(blob)
         return filed.new
 
-    def blob_verified(self, blob: str, node: str) -> None:
+    async def blob_verified(self, blob: str, node: str) -> None:
         """`node` published `blob`'s torrent: if it holds the lease as a chunk dispute's
         verifier and its chunks decided nothing (it cut otherwise, or not at all), the
         dispute ends unsettled rather than withholding the blob from everyone."""
         if self._holder(blob) == node and self.book.close(blob, node):
             log.warning("tracker: chunk dispute over %s closed unsettled: %r verified the "
                         "blob without chunks to compare", blob, node)  # fmt: skip
+            await self.sync.commit()
             self._notify(blob)
 
     def dispute(self, blob: str) -> ChunkDispute | None:
@@ -120,7 +135,8 @@ class ChunkTorrents:
         verdict = self.book.judge(blob, msg, same)
         if verdict is None:
             return
-        self._quarantines.add(verdict.loser, blob)
+        until = self._quarantines.add(verdict.loser, blob)
+        self.sync.quarantined(blob, verdict.loser, until)
         self._metrics.disputes[verdict.outcome].inc()
         log.warning("tracker: chunk dispute over %s %s by %r's verification; quarantined "
                     "for %.0f s: %r", blob, verdict.outcome, msg.node,
@@ -129,6 +145,27 @@ class ChunkTorrents:
     def listing(self, blob_text: str) -> wire.ChunkList:
         blob = checked_digest(blob_text)
         return self.book.listing(blob, self._holder(blob))
+
+    async def poll(self, blob_text: str, have: int, wait_s: float) -> wire.ChunkList:
+        """The chunk list once it lists more than `have` chunks or is closed, or when
+        `wait_s` ran out, whatever is there then (NotFound: nothing); a long poll woken
+        by what changes a blob's lease or records."""
+        blob = checked_digest(blob_text)
+        deadline, held = self._clock() + wait_s, False
+        while True:
+            try:
+                listing: wire.ChunkList | None = self.book.listing(blob, self._holder(blob))
+            except errors.NotFound:
+                listing = None
+            news = listing is not None and (len(listing.digests) > have or not listing.open)
+            if news or self._clock() >= deadline:
+                answer = (POLL_NEWS if news else POLL_TIMED_OUT) if held else POLL_AT_ONCE
+                self._metrics.chunk_polls.labels(answer).inc()
+                if listing is None:
+                    raise errors.NotFound(f"no chunk torrents of {blob}")
+                return listing
+            await self._wait(blob, deadline)
+            held = True
 
     async def report(self, blob_text: str, msg: wire.ReportChunks) -> None:
         """`msg.node` assembled the chunks and they do not hash to the blob."""
@@ -144,15 +181,54 @@ class ChunkTorrents:
                     msg.node, msg.publisher, blob, msg.reason[:200])  # fmt: skip
         lease = self._lease_of(blob)
         d = self.book.dispute(blob)
-        if lease is not None and d is not None and d.party(lease.holder):
-            # A side's fetch cannot settle it: free the lease for a node that can. The
-            # publisher has every chunk filed, so every byte: if the report lied, the
-            # whole-blob torrent it still finishes counts, as a silent holder's does.
-            await self._drop_lease(lease, passed=lease.holder == d.published_by)
-        self._notify(blob)
+        try:
+            if lease is not None and d is not None and d.party(lease.holder):
+                # A side's fetch cannot settle it: free the lease for a node that can. The
+                # publisher has every chunk filed, so every byte: if the report lied, the
+                # whole-blob torrent it still finishes counts, as a silent holder's does.
+                await self._drop_lease(lease, passed=lease.holder == d.published_by)
+        finally:
+            self._notify(blob)
+            await self.sync.commit()  # the dispute is durable before the answer
 
-    def expire(self) -> None:
+    async def expire(self) -> None:
         self._unregister(self.book.expire())
+        await self.sync.commit()
+
+    def restore(self, blobs: Iterable[StoredChunkBlob]) -> None:
+        """Load what the store kept: records (their chunk torrents registered again, up to
+        the first that no longer validates), disputes and barred publishers."""
+        for kept in blobs:
+            r, rec, whole = kept.records, None, True
+            if r is not None:
+                count = self._register(r.size, r.chunk_bytes, r.publisher, r.digests, r.metainfo)
+                rec, whole = self.sync.records(r, count), count == len(r.digests)
+            dispute = None if kept.dispute is None else self.sync.dispute(kept.dispute)
+            self.book.restore(kept.blob, rec, dispute, kept.barred)
+            if whole:
+                self.sync.loaded(kept.blob)
+            else:
+                self.book.dirty.add(kept.blob)  # the next commit rewrites it whole
+
+    def _register(self, size: int, cut: int, publisher: str, digests: Iterable[str],
+                  metainfo: Iterable[bytes]) -> int:  # fmt: skip
+        """Register stored chunk torrents again; how many, in order, still validate."""
+        count = 0
+        for i, (chunk, data) in enumerate(zip(digests, metainfo, strict=True)):
+            try:
+                meta = self._validate(chunk, chunk_length(size, cut, i), data)
+            except errors.TrackerError:
+                break
+            entry = self._registry.get(chunk)
+            if entry is None:
+                if len(self._registry) >= self._max_metainfo:
+                    break
+                self._registry.install(meta, publisher)
+                self._mine.add(chunk)
+            elif entry.meta.data != meta.data:
+                break
+            count += 1
+        return count
 
     def _unregister(self, chunks: list[str]) -> None:
         for chunk in chunks:

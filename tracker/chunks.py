@@ -14,13 +14,13 @@ longer listed) until a node that is neither side fetches the blob upstream
 ones set aside: the first that differs convicts the publisher (barred from
 filing chunks of that blob again), the last that matches the reporter (and the
 publisher's records are listed again). This module is sans-IO over a clock; it
-must not parse metainfo, touch the registry or the store (coordinator.py does),
-or know HTTP.
+must not parse metainfo, touch the registry or the store (chunk_torrents.py and
+chunk_sync.py do), or know HTTP.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from p2preg.core import errors, wire
@@ -94,6 +94,8 @@ class ChunkBook:
         self._blobs: dict[str, ChunkedBlob] = {}
         self._barred: dict[str, set[str]] = {}
         self._disputes: dict[str, ChunkDispute] = {}
+        # Blobs changed since the service last committed them (chunk_sync.py).
+        self.dirty: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._blobs)
@@ -137,10 +139,17 @@ class ChunkBook:
             rec.digests.append(msg.digest)
             rec.metainfo.append(metainfo)
         rec.touched_at = now
+        self.dirty.add(blob)
         return Filed(dropped, new)
 
     def listing(self, blob: str, holder: str | None) -> wire.ChunkList:
         rec = self._blobs.get(blob)
+        d = self._disputes.get(blob)
+        if rec is None and d is not None:
+            # Set aside: no chunk listed, but the disputed cut, so that the verifier
+            # cuts the blob alike and its chunks decide.
+            old = d.records
+            return wire.ChunkList(old.publisher, old.size, old.chunk_bytes, [], [], False)
         if rec is None:
             raise errors.NotFound(f"no chunk torrents of {blob}")
         # Open while its publisher holds the lease: the whole blob is not seeded yet.
@@ -161,7 +170,9 @@ class ChunkBook:
         if blob not in self._disputes and len(self._disputes) >= MAX_CHUNKED_BLOBS:
             oldest = min(self._disputes, key=lambda b: self._disputes[b].opened_at)
             del self._disputes[oldest]
+            self.dirty.add(oldest)
         self._disputes[blob] = ChunkDispute(rec, reporter, self._clock())
+        self.dirty.add(blob)
         return self._drop(blob)
 
     def dispute(self, blob: str) -> ChunkDispute | None:
@@ -173,6 +184,7 @@ class ChunkBook:
         d = self._disputes.get(blob)
         if d is None or d.party(msg.node):
             return None
+        self.dirty.add(blob)
         old = d.records
         if (old.size, old.chunk_bytes) != (msg.size, msg.chunk_bytes):
             if old.size != msg.size:  # the blob's size is the publisher's lie
@@ -197,11 +209,13 @@ class ChunkBook:
         if d is None or d.party(verifier):
             return False
         del self._disputes[blob]
+        self.dirty.add(blob)
         return True
 
     def _convict(self, blob: str, verdict: Verdict) -> Verdict:
         del self._disputes[blob]
         if blob not in self._barred and len(self._barred) >= MAX_CHUNKED_BLOBS:
+            self.dirty.add(next(iter(self._barred)))
             del self._barred[next(iter(self._barred))]
         barred = self._barred.setdefault(blob, set())
         if len(barred) < MAX_BARRED:
@@ -217,6 +231,7 @@ class ChunkBook:
             self._barred.pop(blob, None)
         for blob in [b for b, d in self._disputes.items() if d.opened_at < since]:
             del self._disputes[blob]  # nobody asked for the blob since: nothing to settle
+            self.dirty.add(blob)
         return dropped
 
     def chunk_digests(self) -> set[str]:
@@ -226,6 +241,7 @@ class ChunkBook:
         rec = self._blobs.pop(blob, None)
         if rec is None:
             return []
+        self.dirty.add(blob)
         still = self.chunk_digests()
         return [d for d in rec.digests if d not in still]
 
@@ -236,3 +252,21 @@ class ChunkBook:
             dropped += self._drop(oldest)
             self._barred.pop(oldest, None)
         return dropped
+
+    def state(self, blob: str) -> tuple[ChunkedBlob | None, ChunkDispute | None, frozenset[str]]:
+        """What the book holds of `blob`: its records, its dispute, who is barred."""
+        barred = frozenset(self._barred.get(blob, ()))
+        return self._blobs.get(blob), self._disputes.get(blob), barred
+
+    def restore(self, blob: str, rec: ChunkedBlob | None, dispute: ChunkDispute | None,
+                barred: Iterable[str]) -> None:  # fmt: skip
+        """Load what the store kept of `blob` (at start, or at a replica's new term),
+        within the book's bounds."""
+        if rec is not None and rec.digests:
+            self._make_room()
+            self._blobs[blob] = rec
+        if dispute is not None and len(self._disputes) < MAX_CHUNKED_BLOBS:
+            self._disputes[blob] = dispute
+        names = sorted(barred)[:MAX_BARRED]
+        if names and len(self._barred) < MAX_CHUNKED_BLOBS:
+            self._barred[blob] = set(names)

@@ -199,10 +199,15 @@ class TrackerClient:
         """File the torrent of one chunk of `blob`, as the holder of its lease."""
         await self._call("PUT", f"/v1/chunks/{blob}", msg, None)
 
-    async def list_chunks(self, blob: Digest) -> wire.ChunkList | None:
-        """The chunk torrents filed for `blob` so far, or None if there are none."""
+    async def list_chunks(
+        self, blob: Digest, *, have: int = 0, wait_s: int = 0
+    ) -> wire.ChunkList | None:
+        """The chunk torrents filed for `blob` so far, or None if there are none; with
+        `wait_s`, once there are more than `have` of them or the list closed (a long
+        poll: the tracker holds it up to `wait_s`, then answers what there is)."""
+        path = f"/v1/chunks/{blob}?have={have}&wait={wait_s}"
         try:
-            return await self._call("GET", f"/v1/chunks/{blob}", None, wire.ChunkList)
+            return await self._call("GET", path, None, wire.ChunkList, extra_timeout_s=wait_s)
         except errors.NotFound:
             return None
 

@@ -126,12 +126,15 @@ class Tracker:
             self.quarantines,
             self.metrics,
             clock=clock,
+            wall_clock=wall_clock,
+            put=store.put_chunks,
             max_metainfo=config.max_metainfo,
             validate=self.publishing.validate,
             lease_of=self.leases.current,
             drop_lease=self._drop_lease,
             drop_swarm=self._drop_swarm,
             notify=self._waiters.notify,
+            wait=self._waiters.wait,
         )
         self.metrics.watch(self._gauges)
 
@@ -142,6 +145,7 @@ class Tracker:
         self.publishing.restore(snapshot)
         self._tags_dropped = self.tags.restore(snapshot.tags)
         self.manifests.restore(snapshot.manifests)
+        self.chunks.restore(snapshot.chunks)
         now, wall = self._clock(), self._wall()
         for sl in snapshot.leases:
             expires_at = now + (sl.expires_at_unix - wall)
@@ -203,7 +207,7 @@ class Tracker:
         """File metainfo for a digest; returns (record, newly stored)."""
         digest = checked_digest(digest_text)
         filed = await self.publishing.publish(digest, msg)
-        self.chunks.blob_verified(digest, msg.node)
+        await self.chunks.blob_verified(digest, msg.node)
         return filed
 
     async def report_bad(self, digest_text: str, msg: wire.ReportBad) -> wire.MetainfoRecord:
@@ -438,7 +442,7 @@ class Tracker:
             await self._store.delete_lease(lease.digest, lease.lease_id)
             self._waiters.notify(lease.digest)
             self._free_slot(lease)
-        self.chunks.expire()
+        await self.chunks.expire()
         for digest in self.idle.expired(self.registry.digests, self._in_use, now):
             if await self.publishing.forget(digest):
                 self.swarms.admission.forget(digest)  # its confirmations and reports

@@ -224,12 +224,24 @@ async def _forwarded(call: Call) -> Response:
 
 async def _publish_chunk(call: Call) -> Response:
     msg = call.message(wire.PublishChunk, Kind.PUBLISH)
-    created = call.tracker.chunks.publish(call.digest, msg)
+    created = await call.tracker.chunks.publish(call.digest, msg)
     return Response(201 if created else 200, b"", wire.CONTENT_TYPE)
 
 
 async def _list_chunks(call: Call) -> Response:
-    return _msgpack(call.tracker.chunks.listing(call.digest))
+    """`?have=N&wait=S`: held up to S seconds (at most `lease_wait_max_s`) until the list
+    has more than N chunks or closes; past a long-poll cap, answered at once."""
+    query = dict(parse_qsl(call.request.query.decode("latin-1"), keep_blank_values=True))
+    have, wait_s = _count(query.get("have", "0"), "have"), _count(query.get("wait", "0"), "wait")
+    wait_s = min(wait_s, int(call.tracker.config.lease_wait_max_s))
+    with call.tracker.quotas.long_polls.hold(call.who(None), wait_s) as held_s:
+        return _msgpack(await call.tracker.chunks.poll(call.digest, have, held_s))
+
+
+def _count(text: str, name: str) -> int:
+    if not (text.isascii() and text.isdigit()) or len(text) > 6:
+        raise errors.InvalidRequest(f"{name} must be a whole number, got {text[:20]!r}")
+    return int(text)
 
 
 async def _report_chunks(call: Call) -> Response:

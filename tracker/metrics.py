@@ -164,6 +164,13 @@ class TrackerMetrics:
             "Reports that a blob's chunks did not assemble into it (its records dropped)",
             registry=self.registry,
         )
+        self.chunk_polls = Counter(
+            "p2preg_tracker_chunk_polls",
+            "Chunk list requests, by how they were answered: at once, news while held, "
+            "or the wait ran out",
+            ["answer"],
+            registry=self.registry,
+        )
 
     def _admission(self) -> None:
         """Who counts as a seeder, and stall reports (tracker/admission.py)."""

@@ -8,8 +8,8 @@ unavailable for this" and goes upstream) while every other identity's buckets
 are untouched: a tracker full for one identity is open for the others. A
 request costs a token per started 64 KiB of its body (a forged metainfo of a
 MiB costs 17, an honest one of a few KiB 1; a big blob's chunk torrents will
-cost one each). `LongPolls`: lease requests held open, per identity and in
-all; past a cap a request is answered at once instead of held, never refused.
+cost one each). `LongPolls`: lease requests and chunk list reads held open, per
+identity and in all; past a cap a request is answered at once instead of held, never refused.
 `PreAuthConnections`: connections per client IP and in all that have not yet
 completed a request (plain) or a TLS handshake; past a cap a new one is
 closed. A bucket that has filled up again is forgotten, so memory follows the
@@ -129,7 +129,8 @@ class RateBook:
 
 
 class LongPolls:
-    """How many lease requests each identity, and everyone, has held open."""
+    """How many lease requests (and chunk list reads) each identity, and everyone, has held
+    open."""
 
     def __init__(
         self, per_identity: int, total: int, shortened: Callable[[], None] = lambda: None

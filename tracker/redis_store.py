@@ -15,6 +15,7 @@ kind as its index, expiring records with an expiry of their own):
     p:<digest>    peers: identity → [peer id, address, claims seed, seeder, expires]
     pz:<digest>   peers by expiry (unix seconds), to drop the dead  index p
     mf:<digest>   shelved manifest {type, body, places, at}    index mf
+    k:, kd:, kb:  the chunk book's records, disputes, barred (redis_chunks.py)  index k
 
 Writes are fenced: each batch runs in one Lua script that first checks the
 `p2preg:leader` key still holds the writer's term (replica.py), so a replica
@@ -41,16 +42,13 @@ from typing import Any
 import coredis
 import msgpack
 from coredis.exceptions import ConnectionError as RedisConnectionError
-from coredis.exceptions import (
-    PrimaryNotFoundError,
-    RedisError,
-    ReplicationError,
-)
+from coredis.exceptions import PrimaryNotFoundError, RedisError, ReplicationError
 from coredis.retry import NoRetryPolicy
 from coredis.tokens import PureToken
 
 from p2preg.core import errors
-from tracker import redis_tags
+from tracker import redis_chunks, redis_tags
+from tracker.chunk_store import ChunkWrite
 from tracker.config import TrackerConfig
 from tracker.metrics import TrackerMetrics
 from tracker.state import (
@@ -191,6 +189,7 @@ class RedisStore:
                 confirmations=await self._confirmations(),
                 tags=[redis_tags.record(f) for _, f in await self._records(redis_tags.INDEX)],
                 manifests=[_manifest(d, f) for d, f in await self._records("mf")],
+                chunks=await redis_chunks.load(self._client, self._wall()),
             )
 
     async def load_peers(self) -> list[StoredPeer]:
@@ -302,6 +301,9 @@ class RedisStore:
                   "at": r.shelved_at_unix}  # fmt: skip
         batch += [["DEL", key], ["HSET", key, *_flat(fields)], ["SADD", P + "mf", r.digest]]
         await self._apply("put_manifest", batch)
+
+    async def put_chunks(self, writes: list[ChunkWrite]) -> None:
+        await self._apply("put_chunks", redis_chunks.commands(writes, self._wall()))
 
     # -- peers -----------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Durable tracker state behind one small seam: metainfo, disputes, quarantines, leases,
 which identities confirmed (downloaded and verified) a digest's torrent, the tag
-book's last answers (tracker/tags.py) and the manifest shelf (manifest_shelf.py).
+book's last answers (tracker/tags.py), the manifest shelf (manifest_shelf.py) and
+the chunk book (chunk_store.py).
 
 `TrackerStore` is the interface the service writes through; `SqliteStore`
 keeps it in `<data_dir>/tracker.sqlite3` (WAL, synchronous=FULL, so a commit
@@ -27,6 +28,8 @@ import trio
 
 from p2preg.core.config import ConfigError
 from p2preg.core.hostfiles import open_private, private_dir, tighten
+from tracker import chunk_store
+from tracker.chunk_store import ChunkWrite, StoredChunkBlob
 
 SCHEMA_VERSION = 1
 DB_NAME = "tracker.sqlite3"
@@ -118,6 +121,7 @@ class Snapshot:
     confirmations: list[StoredConfirmation] = field(default_factory=list)
     tags: list[StoredTag] = field(default_factory=list)
     manifests: list[StoredManifest] = field(default_factory=list)
+    chunks: list[StoredChunkBlob] = field(default_factory=list)
 
 
 class TrackerStore(Protocol):
@@ -150,6 +154,9 @@ class TrackerStore(Protocol):
     async def put_manifest(self, record: StoredManifest, dropped: list[str]) -> None:
         """In one commit: insert or replace the manifest, forget those `dropped`."""
 
+    async def put_chunks(self, writes: list[ChunkWrite]) -> None:
+        """In one commit: what changed of these blobs' chunk records (chunk_store.py)."""
+
 
 class MemoryStore:
     """A TrackerStore in a dict: for tests, and for a tracker without --data-dir."""
@@ -162,6 +169,7 @@ class MemoryStore:
         self.confirmations: dict[tuple[str, str], StoredConfirmation] = {}
         self.tags: dict[tuple[str, str, str, str], StoredTag] = {}
         self.manifests: dict[str, StoredManifest] = {}
+        self.chunks: dict[str, StoredChunkBlob] = {}
 
     async def load(self) -> Snapshot:
         await trio.lowlevel.checkpoint()
@@ -173,6 +181,7 @@ class MemoryStore:
             confirmations=list(self.confirmations.values()),
             tags=list(self.tags.values()),
             manifests=list(self.manifests.values()),
+            chunks=list(self.chunks.values()),
         )
 
     async def put_metainfo(self, record: StoredMetainfo) -> None:
@@ -223,6 +232,12 @@ class MemoryStore:
         for digest in dropped:
             self.manifests.pop(digest, None)
         self.manifests[record.digest] = record
+
+    async def put_chunks(self, writes: list[ChunkWrite]) -> None:
+        await trio.lowlevel.checkpoint()
+        chunk_store.memory_write(self.chunks, writes)
+        for w in writes:
+            self.quarantines.update({i: StoredQuarantine(i, u, w.blob) for i, u in w.losers})
 
 
 _SCHEMA = """
@@ -316,49 +331,30 @@ class SqliteStore:
 
     async def load(self) -> Snapshot:
         def read(c: sqlite3.Connection) -> Snapshot:
+            def rows(sql: str) -> sqlite3.Cursor:
+                return c.execute(sql)
+
             return Snapshot(
-                metainfo=[
-                    StoredMetainfo(*row)
-                    for row in c.execute(
-                        "SELECT digest, size, data, published_by, published_at_unix FROM metainfo"
-                    )
-                ],
-                leases=[
-                    StoredLease(*row)
-                    for row in c.execute(
-                        "SELECT digest, lease_id, holder, expires_at_unix, bytes_done, size"
-                        " FROM leases"
-                    )
-                ],
-                disputes=[
-                    StoredDispute(*row)
-                    for row in c.execute(
-                        "SELECT digest, size, data, reported_by, reason, published_by,"
-                        " opened_at_unix FROM disputes"
-                    )
-                ],
-                quarantines=[
-                    StoredQuarantine(*row)
-                    for row in c.execute("SELECT identity, until_unix, digest FROM quarantines")
-                ],
-                confirmations=[
-                    StoredConfirmation(*row)
-                    for row in c.execute("SELECT digest, info_hash, identity FROM confirmations")
-                ],
-                tags=[
-                    StoredTag(*row)
-                    for row in c.execute(
-                        "SELECT ns, repository, tag, accept, digest, reported_by, seen_at_unix"
-                        " FROM tags"
-                    )
-                ],
-                manifests=[
-                    StoredManifest(d, t, b, tuple(p.split("\n")), at)
-                    for d, t, b, p, at in c.execute(
-                        "SELECT digest, media_type, body, places, shelved_at_unix FROM manifests"
-                    )
-                ],
-            )
+                metainfo=[StoredMetainfo(*row) for row in rows(
+                    "SELECT digest, size, data, published_by, published_at_unix FROM metainfo")],
+                leases=[StoredLease(*row) for row in rows(
+                    "SELECT digest, lease_id, holder, expires_at_unix, bytes_done, size"
+                    " FROM leases")],
+                disputes=[StoredDispute(*row) for row in rows(
+                    "SELECT digest, size, data, reported_by, reason, published_by,"
+                    " opened_at_unix FROM disputes")],
+                quarantines=[StoredQuarantine(*row) for row in rows(
+                    "SELECT identity, until_unix, digest FROM quarantines")],
+                confirmations=[StoredConfirmation(*row) for row in rows(
+                    "SELECT digest, info_hash, identity FROM confirmations")],
+                tags=[StoredTag(*row) for row in rows(
+                    "SELECT ns, repository, tag, accept, digest, reported_by, seen_at_unix"
+                    " FROM tags")],
+                manifests=[StoredManifest(d, t, b, tuple(p.split("\n")), at) for d, t, b, p, at
+                           in rows("SELECT digest, media_type, body, places, shelved_at_unix"
+                                   " FROM manifests")],
+                chunks=chunk_store.sqlite_load(c),
+            )  # fmt: skip
 
         return await self._run(read)
 
@@ -394,14 +390,8 @@ class SqliteStore:
         await self._run(
             lambda c: c.execute(
                 "INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    lease.digest,
-                    lease.lease_id,
-                    lease.holder,
-                    lease.expires_at_unix,
-                    lease.bytes_done,
-                    lease.size,
-                ),
+                (lease.digest, lease.lease_id, lease.holder, lease.expires_at_unix,
+                 lease.bytes_done, lease.size),
             )
         )
 
@@ -452,6 +442,9 @@ class SqliteStore:
 
         await self._run(write)
 
+    async def put_chunks(self, writes: list[ChunkWrite]) -> None:
+        await self._run(lambda c: chunk_store.sqlite_write(c, writes))
+
 
 def _put_metainfo(c: sqlite3.Connection, record: StoredMetainfo) -> None:
     c.execute(
@@ -481,7 +474,7 @@ async def open_sqlite_store(data_dir: Path) -> AsyncIterator[SqliteStore]:
         except (OSError, sqlite3.Error) as e:
             raise ConfigError(f"cannot open the tracker store in {data_dir}: {e}") from None
         conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript(_SCHEMA)
+        conn.executescript(_SCHEMA + chunk_store.SCHEMA)
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
         if row is None:
             conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))

@@ -7,7 +7,8 @@ is written to its own file, and once complete its torrent (made from its bytes,
 named by its own digest: anyone holding the verified blob makes the same one)
 is filed with the tracker under the blob's digest, in order, and seeded. A
 waiter (`ChunkFollower`) reads the blob's chunk list while it waits for the
-lease, joins each chunk's swarm as it appears, checks each chunk against its
+lease (a long poll the tracker answers as a chunk is filed), joins each chunk's
+swarm as it appears, checks each chunk against its
 digest, and serves the chunks it holds to its peers. Nothing reaches a client
 before the whole blob is verified: the chunks are copied, in order, into a
 store writer as they come in (the whole-blob hash runs alongside the
@@ -51,7 +52,11 @@ from tracker.metainfo import make_metainfo, parse_metainfo
 
 log = logging.getLogger(__name__)
 
-# How often a waiter reads the chunk list: while chunks come, and before any did.
+# A waiter's read of the chunk list is a long poll held this long at most (the stall
+# bound is shorter: then that), answered as soon as a chunk is filed or the list closes.
+POLL_WAIT_S = 10
+# The pace of reads answered at once with nothing new (past the tracker's long-poll
+# cap, a closed list, or a publisher already tried), while chunks come and before.
 POLL_S = 0.25
 POLL_IDLE_S = 0.5
 # Chunk downloads one follower runs at once.
@@ -71,7 +76,9 @@ class ChunkTracker(Protocol):
 
     async def publish_chunk(self, blob: Digest, msg: wire.PublishChunk) -> None: ...
 
-    async def list_chunks(self, blob: Digest) -> wire.ChunkList | None: ...
+    async def list_chunks(
+        self, blob: Digest, *, have: int = 0, wait_s: int = 0
+    ) -> wire.ChunkList | None: ...
 
     async def report_chunks(self, blob: Digest, publisher: str, reason: str) -> None: ...
 
@@ -219,13 +226,31 @@ class ChunkPublisher:
         c.metrics.chunks_published.inc()
 
 
+async def disputed_cut(c: Chunking, blob: Digest, size: int) -> int | None:
+    """The `chunk_bytes` of `blob`'s disputed chunks, which a verifier cuts alike whatever
+    its own setting (else its chunks decide nothing); None if the tracker names none."""
+    try:
+        listing = await c.tracker.list_chunks(blob)
+    except tracker_errors.TrackerError as e:
+        log.info("reading the disputed cut of %s: %s", blob, e)
+        return None
+    if listing is None or listing.size != size:
+        return None
+    cut = listing.chunk_bytes
+    valid = 1 << 20 <= cut <= 64 << 20 and 2 <= chunk_count(size, cut) <= MAX_CHUNKS
+    return cut if valid else None
+
+
 @asynccontextmanager
 async def publishing(
-    c: Chunking | None, blob: Digest, size: int
+    c: Chunking | None, blob: Digest, size: int, *, verify: bool = False
 ) -> AsyncIterator[ChunkPublisher | None]:
     """A publisher for a blob fetched from upstream as the lease holder (None: it moves
-    whole); on the way out the chunks cut are filed (for up to DRAIN_S) and left to linger."""
+    whole); on the way out the chunks cut are filed (for up to DRAIN_S) and left to linger.
+    A verifier (`verify`) cuts as the disputed publisher did, if the tracker says how."""
     chunk_bytes = None if c is None else c.settings.cut_for(size)
+    if c is not None and verify:
+        chunk_bytes = await disputed_cut(c, blob, size) or chunk_bytes
     if c is None or chunk_bytes is None:
         yield None
         return
@@ -298,18 +323,24 @@ class ChunkFollower:
         that still holds the lease: once it let go, the whole blob is seeded, and
         the lease wait joins that swarm."""
         while True:
-            listing = await self._listing()
+            listing = await self._listing(0)
             if (listing is not None and listing.open and listing.digests
                     and listing.publisher not in tried):  # fmt: skip
                 return listing
             await trio.sleep(POLL_IDLE_S)
 
-    async def _listing(self) -> wire.ChunkList | None:
+    async def _listing(
+        self, have: int, known: wire.ChunkList | None = None
+    ) -> wire.ChunkList | None:
+        """The list once it has more than `have` chunks, closes, or the wait runs out;
+        `known` (the last one read) if the tracker did not answer (a replica taking
+        over keeps the list: the stall bound decides)."""
+        wait_s = max(1, min(POLL_WAIT_S, math.floor(self.c.settings.stall_s)))
         try:
-            listing = await self.c.tracker.list_chunks(self.blob)
+            listing = await self.c.tracker.list_chunks(self.blob, have=have, wait_s=wait_s)
         except tracker_errors.TrackerError as e:
             log.info("reading the chunks of %s: %s", self.blob, e)
-            return None
+            return known
         if listing is None or listing.size != self.size:
             return None
         cut = listing.chunk_bytes
@@ -323,6 +354,7 @@ class ChunkFollower:
         count = -(-self.size // first.chunk_bytes)
         got: dict[int, Path] = {}
         ready = [trio.Event() for _ in range(count)]
+        all_in = trio.Event()
         limiter = trio.CapacityLimiter(MAX_IN_FLIGHT)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._feed, writer, got, ready)
@@ -331,18 +363,44 @@ class ChunkFollower:
             # Until every chunk is in: a report (or a new holder) that drops these
             # records stops the downloads now, not a stall later.
             while len(got) < count:
-                if listing is None or listing.publisher != first.publisher:
+                if listing is None or listing.publisher != first.publisher or not listing.digests:
                     raise ChunkFailed("the chunk list is gone, or by another publisher now")
                 for i in range(known, min(count, len(listing.digests))):
-                    nursery.start_soon(self._join, listing, i, got, ready[i], limiter)
+                    nursery.start_soon(self._join, listing, i, got, ready, all_in, limiter)
                     known, idle_since = i + 1, trio.current_time()
                 if known < count and not listing.open:
                     raise ChunkFailed(f"its publisher stopped at chunk {known} of {count}")
                 if known < count and trio.current_time() - idle_since > self.c.settings.stall_s:
                     raise ChunkFailed(f"no new chunk for {self.c.settings.stall_s:.0f} s")
-                await trio.sleep(POLL_S)
-                if len(got) < count:
-                    listing = await self._listing()
+                if not listing.open:
+                    # Every chunk named and none to come: the downloads decide (a list
+                    # read now answers at once, so reading on would be polling).
+                    await all_in.wait()
+                    break
+                before = len(listing.digests)
+                listing = await self._next(known, listing, all_in)
+                if listing is not None and len(listing.digests) <= before:
+                    with trio.move_on_after(POLL_S):  # nothing new: pace the next read
+                        await all_in.wait()
+
+    async def _next(
+        self, have: int, last: wire.ChunkList, all_in: trio.Event
+    ) -> wire.ChunkList | None:
+        """The next read of the list (a long poll), or `last` once every chunk is in."""
+        found: list[wire.ChunkList | None] = [last]
+        async with trio.open_nursery() as nursery:
+
+            async def read() -> None:
+                found[0] = await self._listing(have, last)
+                nursery.cancel_scope.cancel()
+
+            async def done() -> None:
+                await all_in.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(read)
+            nursery.start_soon(done)
+        return found[0]
 
     async def _feed(
         self, writer: BlobWriter, got: dict[int, Path], ready: list[trio.Event]
@@ -357,7 +415,8 @@ class ChunkFollower:
         listing: wire.ChunkList,
         i: int,
         got: dict[int, Path],
-        ready: trio.Event,
+        ready: list[trio.Event],
+        all_in: trio.Event,
         limiter: trio.CapacityLimiter,
     ) -> None:
         c = self.c
@@ -379,7 +438,9 @@ class ChunkFollower:
         c.metrics.chunks_joined.inc()
         c.metrics.chunk_bytes.inc(length)
         got[i] = path
-        ready.set()
+        ready[i].set()
+        if len(got) == len(ready):
+            all_in.set()
 
     async def _verify(self, listing: wire.ChunkList, writer: BlobWriter) -> bool:
         """The assembled chunks hash to the blob: into the store; else report them."""

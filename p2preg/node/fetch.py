@@ -384,7 +384,8 @@ class BlobFetcher:
         digest, lease_id = renewals.digest, renewals.lease.lease_id
         self._nursery.start_soon(renewals.run)
         try:
-            async with publishing(cluster.chunks, digest, size) as chunks:
+            verify = renewals.lease.verify
+            async with publishing(cluster.chunks, digest, size, verify=verify) as chunks:
                 size = await self._from_upstream(
                     upstream, repository, digest, renewals.progress, chunks
                 )
