@@ -93,7 +93,9 @@ class Tracker:
             silence_s=config.lease_silence_s,
         )
         self.quarantines = Quarantines(config.dispute_quarantine_s, clock)
-        self.queue = UpstreamQueue(config.upstream_fetches_per_image, clock)
+        self.queue = UpstreamQueue(
+            config.upstream_fetches_per_image, clock, handoff_s=config.upstream_handoff_s
+        )
         self.images = ImageIndex()  # what the cluster page shows of images; decides nothing
         self.tags = TagBook(config.max_tag_answers)
         # Kept past the book's bounds (lowered since): forgotten with the next report.
@@ -377,8 +379,7 @@ class Tracker:
             self.metrics.lease_refused.labels("bad_progress").inc()
             raise
         await self._store.save_lease(self._stored_lease(lease))
-        was_busy = before is not None and not before.fetched and not before.slow
-        if was_busy and (lease.fetched or lease.slow):
+        if self.queue.wake_on_renewal(before, lease):  # a slot freed, or a hand-off near
             self._free_slot(lease)
         if lease.slow and before is not None and not before.slow:
             # Below the minimum rate: a waiter may take the fetch over now.
