@@ -152,6 +152,9 @@ async def test_through_the_service_a_renewal_near_the_end_starts_the_next_fetch(
     at, c = got["c"]
     assert c.status is wire.LeaseStatus.GRANTED
     assert at == pytest.approx(3.6)
+    # Both were granted beside a fetch in its last bytes.
+    handoffs = t.metrics.registry.get_sample_value("p2preg_tracker_upstream_handoffs_total")
+    assert handoffs == 2
 
 
 def test_the_handoff_must_not_be_negative_nor_past_the_ttl(tmp_path: Path) -> None:

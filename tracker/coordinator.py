@@ -313,11 +313,14 @@ class Tracker:
             ttl = self.leases.ttl_s
             reply = wire.LeaseReply(wire.LeaseStatus.WAIT, ttl_s=ttl, retry_after_s=ttl)
             return _Attempt(reply, self._clock() + ttl)
+        handoff = False
         if msg.group is not None and self.leases.current(digest) is None:
-            waiting = self.queue.check(msg.group, place, self.leases.fetching(msg.group))
+            fetching = self.leases.fetching(msg.group)
+            waiting = self.queue.check(msg.group, place, fetching)
             if waiting is not None:
                 reply = replies.queued(self.leases, waiting, self._clock())
                 return _Attempt(reply, waiting.wake_at, True)
+            handoff = 0 < self.queue.fetches_per_image <= len(fetching)
         size = msg.size if msg.size is not None else (entry.meta.size if entry else None)
         before = self.leases.current(digest)
         try:
@@ -329,6 +332,8 @@ class Tracker:
         if isinstance(outcome, Granted):
             if msg.group is not None:
                 self.queue.granted(msg.group, place.node)
+            if handoff:  # beside a fetch in its last bytes (upstream_queue.handoff_at)
+                self.metrics.upstream_handoffs.inc()
             if outcome.replaced is not None:  # its holder fell below the minimum rate
                 self.metrics.lease_replacements.inc()
                 log.warning("%s", self.leases.why_replaced(outcome.replaced.lease_id))
