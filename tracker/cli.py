@@ -110,6 +110,11 @@ def _add_lease_arguments(parser: argparse.ArgumentParser) -> None:
         "--upstream-fetches-per-image",
         help="blobs of one image fetched from upstream at once, in manifest order (0: no limit)",
     )
+    parser.add_argument(
+        "--upstream-handoff-s",
+        help="start an image's next upstream fetch this long before the last one's "
+        "predicted last byte, s (0: off)",
+    )
 
 
 def _add_side_listeners(parser: argparse.ArgumentParser) -> None:

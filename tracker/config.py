@@ -83,6 +83,11 @@ class TrackerConfig:
     # order. One stream fills a thin link; raise it where one upstream stream is
     # slower than the link (a CDN's per-connection cap). 0: no limit.
     upstream_fetches_per_image: int = 1
+    # Hand-off between an image's fetches: a holder whose renewals put its last
+    # byte within this many seconds gives its slot to the image's next fetch
+    # (one at a time), so the next request crosses as the last bytes drain
+    # instead of after them. 0: the slot frees at the last byte.
+    upstream_handoff_s: float = 0.3
     # An identity whose torrent lost a dispute may not define torrents (take a
     # lease, publish, report) for this long; then it may again. Each later loss
     # costs the cluster one more upstream copy of that blob at most.
@@ -188,6 +193,8 @@ class TrackerConfig:
             raise ConfigError("dispute_quarantine_s must be > 0")
         if self.upstream_fetches_per_image < 0:
             raise ConfigError("upstream_fetches_per_image must be ≥ 0 (0: no limit)")
+        if not 0 <= self.upstream_handoff_s <= self.lease_ttl_s:
+            raise ConfigError("upstream_handoff_s must be ≥ 0 and ≤ lease_ttl_s (0: off)")
         if not 1 <= self.default_numwant <= self.max_numwant:
             raise ConfigError("need 1 ≤ default_numwant ≤ max_numwant")
         for name in (

@@ -93,7 +93,9 @@ class Tracker:
             silence_s=config.lease_silence_s,
         )
         self.quarantines = Quarantines(config.dispute_quarantine_s, clock)
-        self.queue = UpstreamQueue(config.upstream_fetches_per_image, clock)
+        self.queue = UpstreamQueue(
+            config.upstream_fetches_per_image, clock, handoff_s=config.upstream_handoff_s
+        )
         self.images = ImageIndex()  # what the cluster page shows of images; decides nothing
         self.tags = TagBook(config.max_tag_answers)
         # Kept past the book's bounds (lowered since): forgotten with the next report.
@@ -315,11 +317,14 @@ class Tracker:
             ttl = self.leases.ttl_s
             reply = wire.LeaseReply(wire.LeaseStatus.WAIT, ttl_s=ttl, retry_after_s=ttl)
             return _Attempt(reply, self._clock() + ttl)
+        handoff = False
         if msg.group is not None and self.leases.current(digest) is None:
-            waiting = self.queue.check(msg.group, place, self.leases.fetching(msg.group))
+            fetching = self.leases.fetching(msg.group)
+            waiting = self.queue.check(msg.group, place, fetching)
             if waiting is not None:
                 reply = replies.queued(self.leases, waiting, self._clock())
                 return _Attempt(reply, waiting.wake_at, True)
+            handoff = 0 < self.queue.fetches_per_image <= len(fetching)
         size = msg.size if msg.size is not None else (entry.meta.size if entry else None)
         before = self.leases.current(digest)
         try:
@@ -331,6 +336,8 @@ class Tracker:
         if isinstance(outcome, Granted):
             if msg.group is not None:
                 self.queue.granted(msg.group, place.node)
+            if handoff:  # beside a fetch in its last bytes (upstream_queue.handoff_at)
+                self.metrics.upstream_handoffs.inc()
             if outcome.replaced is not None:  # its holder fell below the minimum rate
                 self.metrics.lease_replacements.inc()
                 log.warning("%s", self.leases.why_replaced(outcome.replaced.lease_id))
@@ -381,8 +388,7 @@ class Tracker:
             self.metrics.lease_refused.labels("bad_progress").inc()
             raise
         await self._store.save_lease(self._stored_lease(lease))
-        was_busy = before is not None and not before.fetched and not before.slow
-        if was_busy and (lease.fetched or lease.slow):
+        if self.queue.wake_on_renewal(before, lease):  # a slot freed, or a hand-off near
             self._free_slot(lease)
         if lease.slow and before is not None and not before.slow:
             # Below the minimum rate: a waiter may take the fetch over now.

@@ -148,10 +148,8 @@ class TrackerMetrics:
             registry=self.registry,
         )
         self.tls_handshake = {r: handshakes.labels(str(r).lower()) for r in (False, True)}
-        self._admission()
-        self._limits()
-        self._replicas()
-        self._fronts()
+        for part in (self._admission, self._limits, self._replicas, self._fronts, self._queue):
+            part()
 
     def _chunk_metrics(self) -> None:
         self.chunks_published = Counter(
@@ -305,6 +303,15 @@ class TrackerMetrics:
         self.forwarded_batches = Counter(
             "p2preg_tracker_forwarded_batches",
             "Batches of forwarded BitTorrent requests this replica applied",
+            registry=self.registry,
+        )
+
+    def _queue(self) -> None:
+        """The per-image upstream queue (tracker/upstream_queue.py)."""
+        self.upstream_handoffs = Counter(
+            "p2preg_tracker_upstream_handoffs",
+            "Upstream leases granted while the image's slots were taken, at the hand-off: "
+            "the holder's renewals put its last byte within upstream_handoff_s",
             registry=self.registry,
         )
 

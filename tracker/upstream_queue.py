@@ -11,6 +11,13 @@ last of them no later than fetching all at once, and every earlier layer is
 complete, and spreading, far sooner. It must not hold leases (the caller passes
 the image's fetching leases in), sleep or wake anybody (the caller's `Waiters`
 do), or persist anything: after a restart the queue starts empty.
+
+The hand-off: between one fetch's last byte and the next one's first, the link
+would idle (the holder's report, the next node's wake-up, its request). So a
+holder whose renewals predict its last byte within `handoff_s` (its bytes left
+at its rate since its lease's rate mark) gives up its slot that early, to one
+fetch at a time: the image then has at most one fetch beyond its slots, for
+about `handoff_s`.
 """
 
 from __future__ import annotations
@@ -29,6 +36,23 @@ QUEUE_RECHECK_S = 0.5
 GATHER_S = 0.25
 # Images remembered (the least recently asked go first).
 MAX_IMAGES_REMEMBERED = 10_000
+# A renewal wakes the image's queue when the hand-off it predicts falls within
+# this many of the holder's renewal intervals (the next renewal comes too late).
+HANDOFF_HORIZON_RENEWALS = 1.5
+
+
+def handoff_at(lease: Lease, handoff_s: float) -> float | None:
+    """When the image's next fetch may start beside `lease`'s: `handoff_s` before
+    the last byte its renewals predict, at its rate since the lease's rate mark
+    (its grant, in a fetch shorter than a rate window). None: no prediction yet
+    (no size, no progress reported since the mark) or no hand-off (`handoff_s` 0).
+    """
+    if handoff_s <= 0 or lease.size is None or lease.fetched:
+        return None
+    done, span = lease.bytes_done - lease.mark_bytes, lease.renewed_at - lease.mark_at
+    if done <= 0 or span <= 0:
+        return None
+    return lease.renewed_at + (lease.size - lease.bytes_done) * span / done - handoff_s
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -62,8 +86,10 @@ class UpstreamQueue:
         clock: Callable[[], float],
         *,
         max_images: int = MAX_IMAGES_REMEMBERED,
+        handoff_s: float = 0.0,
     ) -> None:
         self.fetches_per_image = fetches_per_image
+        self.handoff_s = handoff_s
         self._clock = clock
         self._max_images = max_images
         # Per image: the places waiting for a slot, counted (one node may ask twice),
@@ -98,13 +124,39 @@ class UpstreamQueue:
         # waiting for the same blob takes it instead.
         own = self._queued.get(group, Counter())[place]
         busy = image.last_holder == place.node and blobs[blob] > own
-        if len(fetching) < self.fetches_per_image and not (earlier or gathering or busy):
+        handoff = self._handoff(fetching)
+        taken = len(fetching) - (handoff is not None and handoff[0] <= now)
+        if taken < self.fetches_per_image and not (earlier or gathering or busy):
             return None
         if not fetching:
             # A slot is free and another request is about to take it.
             return Queued(gather_until if gathering else now + QUEUE_RECHECK_S, None)
         first = min(fetching, key=lambda lease: lease.expires_at)
+        if handoff is not None and now < handoff[0] < first.expires_at:
+            return Queued(handoff[0], handoff[1])
         return Queued(first.expires_at, first)
+
+    def _handoff(self, fetching: Sequence[Lease]) -> tuple[float, Lease] | None:
+        """The earliest hand-off among the image's fetches, while none is out: with
+        more fetches than slots, one already started early."""
+        if len(fetching) != self.fetches_per_image:
+            return None
+        ends = [(at, lease) for lease in fetching
+                if (at := handoff_at(lease, self.handoff_s)) is not None]  # fmt: skip
+        return min(ends, key=lambda end: end[0]) if ends else None
+
+    def wake_on_renewal(self, before: Lease | None, lease: Lease) -> bool:
+        """Whether `lease`'s renewal should wake its image's queue: its fetch ended
+        or fell below the rate (the slot is free), or the hand-off it now predicts
+        comes before its next renewal would tell (queued requests slept on an
+        older prediction, or on the lease's expiry)."""
+        if before is None or before.fetched or before.slow:
+            return False
+        if lease.fetched or lease.slow:
+            return True
+        at = handoff_at(lease, self.handoff_s)
+        interval = lease.renewed_at - before.renewed_at
+        return at is not None and at <= lease.renewed_at + HANDOFF_HORIZON_RENEWALS * interval
 
     def enter(self, group: str, place: Place) -> None:
         """`place` waits for a slot from now until it is answered, wake-ups included,

@@ -130,12 +130,13 @@ def start_registry(
 
 
 def start_tracker(
-    stack: ExitStack, host: Host, workdir: Path, tls_dir: Path | None
+    stack: ExitStack, host: Host, workdir: Path, tls_dir: Path | None, args: tuple[str, ...] = ()
 ) -> tuple[str, Process]:
-    """The tracker on `host`: mutual TLS with `tls_dir`, else plain HTTP."""
+    """The tracker on `host`: mutual TLS with `tls_dir`, else plain HTTP; `args` added."""
     tracker = stack.enter_context(
         open_tracker(
             workdir,
+            args=args,
             host=host.addr,
             port=_port(host, TRACKER_PORT),
             netns=host.netns,
@@ -234,7 +235,9 @@ def start_stage(
         if mode == P2P_TLS and tls is None:
             raise ValueError("a p2p_tls run needs the cluster's certificates")
         tracker_tls = tls.tracker if tls is not None else None
-        tracker_url, tracker = start_tracker(stack, tracker_host, run_dir / "tracker", tracker_tls)
+        tracker_url, tracker = start_tracker(
+            stack, tracker_host, run_dir / "tracker", tracker_tls, settings.tracker_args
+        )
         upstream = f"{registry.host}={registry.url}"
         extra = settings.node_args
         nodes = start_nodes(stack, hosts, run_dir, upstream, tracker_url, extra, tls)

@@ -60,6 +60,7 @@ class Settings:
     node_args: tuple[str, ...]
     seed: str
     tls: str = "off"
+    tracker_args: tuple[str, ...] = ()
 
 
 def _parser(description: str | None) -> argparse.ArgumentParser:
@@ -112,6 +113,12 @@ def _parser(description: str | None) -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="extra flag for every p2preg node, e.g. --node-arg=--p2p-min-bytes=4MiB",
+    )
+    p.add_argument(
+        "--tracker-arg",
+        action="append",
+        default=[],
+        help="extra flag for the tracker, e.g. --tracker-arg=--upstream-handoff-s=0",
     )
     p.add_argument("--seed", default="fanout", help="image content seed")
     add_tls_flag(p, FANOUT_TLS)
@@ -167,5 +174,6 @@ def parse_args(
         node_args=tuple(a.node_arg),
         seed=a.seed,
         tls=a.tls,
+        tracker_args=tuple(a.tracker_arg),
     )
     return settings, a

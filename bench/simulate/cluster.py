@@ -69,7 +69,7 @@ class Cluster:
             RateRule(p.lease_min_rate_bytes_s, p.lease_rate_window_s),
             p.fetches_per_image, p.peer_ttl_s, p.numwant, p.policy,
             self.engine.clock, self.rng, self.engine.schedule, self._delivered,
-            silence_s=p.lease_silence_s,
+            silence_s=p.lease_silence_s, handoff_s=p.handoff_s,
         )
         self.swarms = Swarms(
             self.engine, self.nodes, [chunk_sizes(s, p.chunk_bytes) for s in self.sizes],

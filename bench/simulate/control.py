@@ -95,12 +95,13 @@ class SimTracker:
         schedule: Schedule,
         deliver: Callable[[Poll, wire.LeaseReply], None],
         silence_s: float = 0.0,
+        handoff_s: float = 0.0,
     ) -> None:
         ids = itertools.count()
         self.leases = LeaseBook(
             ttl_s, clock, lambda: f"lease-{next(ids)}", rate=rate, silence_s=silence_s
         )
-        self.queue = UpstreamQueue(fetches_per_image, clock)
+        self.queue = UpstreamQueue(fetches_per_image, clock, handoff_s=handoff_s)
         self.peers = PeerTable(max_peers_per_swarm=1 << 30, max_peers=1 << 40)
         self._wait_max_s = wait_max_s
         self._peer_ttl_s = peer_ttl_s
@@ -194,8 +195,7 @@ class SimTracker:
             lease = self.leases.renew(digest, lease_id, done, size, holder=str(node))
         except LeaseLost:
             return False
-        was_busy = before is not None and not before.fetched and not before.slow
-        if was_busy and (lease.fetched or lease.slow):
+        if self.queue.wake_on_renewal(before, lease):
             self._free_slot(lease)
         if lease.slow and before is not None and not before.slow:
             self.notify(digest)

@@ -67,6 +67,7 @@ class Params:
     lease_rate_window_s: float = _TRACKER.lease_rate_window_s
     lease_silence_s: float = _TRACKER.lease_silence_s
     fetches_per_image: int = _TRACKER.upstream_fetches_per_image
+    handoff_s: float = _TRACKER.upstream_handoff_s
     # The node's own lease_wait_max_s (p2preg/node/config.py).
     node_wait_max_s: float = 600.0
     # Node <-> tracker round trip; the time from a granted lease to the first

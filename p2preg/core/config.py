@@ -237,6 +237,7 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
             "trusted_ip_sources",
             "udp",
             "upstream_fetches_per_image",
+            "upstream_handoff_s",
         }
     ),
 }
