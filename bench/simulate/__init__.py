@@ -22,8 +22,10 @@ or from a uniform pick to compare against. Around them the simulator models:
   redundant seed-to-seed connections closed;
 - the control plane: long-polled lease requests (held up to the tracker's
   `lease_wait_max_s`, woken by a first seeder, a released or expired lease or
-  a freed upstream slot), renewals every third of `lease_silence_s` from the grant to the release,
-  the tracker looking for silent holders every quarter of it, the sweep every 5 s, announces
+  a freed upstream slot), a renewal at once on a grant (its acknowledgement)
+  and then every third of `lease_silence_s` until the release, the tracker
+  looking for silent holders and unacknowledged grants every quarter of the
+  shorter of `lease_silence_s` and `lease_grant_ack_s`, the sweep every 5 s, announces
   on joining, on completing and every announce interval;
 - failures: a share of the nodes die at random times within the bound, some of
   them while holding a lease halfway through their fetch; the dead renew and

@@ -86,7 +86,7 @@ def matrix(a: argparse.Namespace) -> None:
                     p = Params(
                         nodes=n, upstream_mbit=up, node_mbit=link, policy=policy, seed=seed,
                         holder_failures=a.holder_failures, lease_ttl_s=a.lease_ttl_s,
-                        lease_silence_s=a.lease_silence_s,
+                        lease_silence_s=a.lease_silence_s, lease_grant_ack_s=a.lease_grant_ack_s,
                     )
                     jobs.append((profile, p))
     started = time.perf_counter()
@@ -127,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="the tracker's lease_ttl_s (its default)")
     r.add_argument("--lease-silence-s", type=float, default=Params(nodes=2).lease_silence_s,
                    help="the tracker's lease_silence_s (its default; 0: off)")
+    r.add_argument("--lease-grant-ack-s", type=float,
+                   default=Params(nodes=2).lease_grant_ack_s,
+                   help="the tracker's lease_grant_ack_s (its default; 0: off)")
     for p in (v, r):
         p.add_argument("--jobs", type=int, default=1, help="simulations at once (1)")
         p.add_argument("--out", type=Path, default=RESULTS)

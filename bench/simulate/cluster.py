@@ -4,9 +4,9 @@ Owns the nodes' behaviour. Each (node, layer) waits for its lease with the
 node's real `LeaseWait` (p2preg/node/leasewait.py) over `SimTracker`'s
 replies: SEEDED joins the swarm (announce, connect to the peers handed out,
 re-announce every interval); GRANTED fetches the layer from upstream, renewing
-the lease every third of `lease_silence_s` with its progress from the grant
-until it releases it, reports the last byte, then verifies, makes and files
-the torrent, announces as a seeder and releases the lease, as
+the lease at once (the grant's acknowledgement) and then every third of
+`lease_silence_s` with its progress until it releases it, reports the last
+byte, then verifies, makes and files the torrent, announces as a seeder and releases the lease, as
 p2preg/node/fetch.py does; a fall-back fetches from upstream without a lease.
 A node that holds every chunk of a layer verifies it and announces `completed`
 (and is handed downloaders). Failures: `fail_fraction` of the nodes die, at a
@@ -42,7 +42,7 @@ from p2preg.node.leasewait import (
     LeaseWait,
     Replied,
 )
-from tracker.leases import SILENCE_CHECKS, RateRule
+from tracker.leases import RateRule
 
 # How often idle receivers look for a sender again (libtorrent's tick is 1 s).
 TICK_S = 0.25
@@ -69,7 +69,7 @@ class Cluster:
             RateRule(p.lease_min_rate_bytes_s, p.lease_rate_window_s),
             p.fetches_per_image, p.peer_ttl_s, p.numwant, p.policy,
             self.engine.clock, self.rng, self.engine.schedule, self._delivered,
-            silence_s=p.lease_silence_s,
+            silence_s=p.lease_silence_s, grant_ack_s=p.lease_grant_ack_s,
         )
         self.swarms = Swarms(
             self.engine, self.nodes, [chunk_sizes(s, p.chunk_bytes) for s in self.sizes],
@@ -101,8 +101,8 @@ class Cluster:
             node.start_at = self.rng.uniform(0.0, p.start_spread_s) if p.start_spread_s else 0.0
             e.schedule(node.start_at, partial(self._start, node))
         self._every(5.0, self.tracker.sweep)
-        if p.lease_silence_s > 0:
-            self._every(p.lease_silence_s / SILENCE_CHECKS, self.tracker.wake_silent)
+        if self.tracker.leases.check_every_s > 0:
+            self._every(self.tracker.leases.check_every_s, self.tracker.wake_silent)
         self._every(TICK_S, self.swarms.tick)
         e.run(p.max_sim_s, lambda: self.unfinished == 0)
         return collect(self, time.perf_counter() - started)
@@ -211,7 +211,7 @@ class Cluster:
             if self.tracker.renew(self.digests[layer], lease, done, flow.size, node.id):
                 e.schedule(e.now + renew_s, renew)
 
-        e.schedule(e.now + renew_s, renew)
+        e.schedule(e.now + self.p.rtt_s / 2, renew)  # at once: the grant's acknowledgement
         self._leases[node.id, layer] = lease
 
     def _flow_done(self, flow: Flow) -> None:

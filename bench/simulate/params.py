@@ -66,6 +66,7 @@ class Params:
     lease_min_rate_bytes_s: int = _TRACKER.lease_min_rate_bytes_s
     lease_rate_window_s: float = _TRACKER.lease_rate_window_s
     lease_silence_s: float = _TRACKER.lease_silence_s
+    lease_grant_ack_s: float = _TRACKER.lease_grant_ack_s
     fetches_per_image: int = _TRACKER.upstream_fetches_per_image
     # The node's own lease_wait_max_s (p2preg/node/config.py).
     node_wait_max_s: float = 600.0

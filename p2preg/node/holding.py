@@ -1,8 +1,9 @@
 """A lease holder's side of its lease: renewals on a cadence, and the release.
 
 Owns how a node that holds an upstream lease (a blob's, fetch.py; a manifest
-body's, cluster_manifests.py) keeps it: a renewal every `renew_s` from the
-grant until the release, each with the most bytes fetched yet and a timeout of
+body's, cluster_manifests.py) keeps it: a renewal at once on the grant (the
+tracker's grant is provisional until then, `lease_grant_ack_s`), then every
+`renew_s` until the release, each with the most bytes fetched yet and a timeout of
 its own, so a hung tracker replica costs a renewal, not the lease (the tracker
 passes the fetch on from a holder silent for `lease_silence_s`); and a release
 whose failure is only logged. It must not decide whether to hold a lease
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 class Renewals:
-    """A holder's renewals, every `renew_s` from the grant until `stop` (the release).
+    """A holder's renewals: one at once (the grant's acknowledgement), then every
+    `renew_s` until `stop` (the release).
 
     Each renewal carries the most bytes fetched yet and gets `renew_timeout_s`
     per tracker, so a hung one costs a renewal, not the lease: the tracker
@@ -57,7 +59,9 @@ class Renewals:
 
     async def run(self) -> None:
         lease = self.lease
-        due = trio.current_time()
+        # The first at once: the tracker passes on a grant not acknowledged
+        # within its lease_grant_ack_s, as it would a dead node's.
+        due = trio.current_time() - lease.renew_s
         with self._scope:
             while True:
                 # On a fixed cadence: a renewal that timed out is followed at once.
