@@ -142,8 +142,9 @@ async def test_a_holder_acks_at_once_and_a_grant_dropped_by_a_waiter_is_passed_o
             assert held.status is LeaseStatus.GRANTED and held.lease_id
             renewals = Renewals(a, digest, FetchAsHolder(held.lease_id, held.ttl_s,
                                                          silence_s=held.silence_s), SIZE)
+            assert await renewals.acknowledge()  # as fetch.py does before any upstream byte
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(renewals.run)  # the node's own: the first at once
+                nursery.start_soon(renewals.run)  # the node's own cadence
                 # b long-polls for 4 ack windows and is never handed a's live lease.
                 reply = await b.acquire_lease(digest, size=SIZE, wait_s=4 * ACK)
                 assert reply.status is LeaseStatus.WAIT and reply.holder == "a"
@@ -166,6 +167,10 @@ async def test_a_holder_acks_at_once_and_a_grant_dropped_by_a_waiter_is_passed_o
             assert taken.status is LeaseStatus.GRANTED and taken.replaced == "dead"
             with pytest.raises(LeaseLost, match="not acknowledged"):
                 await dead.renew_lease(digest, grant.lease_id, 0, SIZE)
+            # A node that was only slow learns it from its acknowledgement, before
+            # fetching anything: it waits again (fetch.py), no second upstream copy.
+            late = FetchAsHolder(grant.lease_id, grant.ttl_s, silence_s=grant.silence_s)
+            assert not await Renewals(dead, digest, late, SIZE).acknowledge()
             assert await _replacements(t.url) == 1
         finally:
             for client in (a, dead, b):
