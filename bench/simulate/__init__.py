@@ -38,14 +38,17 @@ and unpack are not simulated); TCP itself (slow start, RTT-bound windows,
 per-flow fairness) and latency between peers; libtorrent's block pipelining
 within a piece, its choker (tit-for-tat, optimistic unchokes) and end-game
 duplicates; admission, stall reports, disputes and quotas at the tracker (every
-completed node counts as a seeder at once); the tracker's own capacity (its
-load is counted, not served); containerd's `max_concurrent_downloads` (every
+completed node counts as a seeder at once); of the tracker's own work, all but
+its requests (server.py queues those at k replicas with measured costs; the
+re-decisions of woken long polls, its sweeps and its store are not charged);
+containerd's `max_concurrent_downloads` (every
 layer is asked for at once, as `ctr` does); an exact max-min share between
 peers (what one end of a transfer leaves unused is not passed on).
 
 The package: `params` (what a run is), `engine` (clock, events, fluid links),
 `swarm` (connections, slots, chunk picking), `control` (the simulated tracker
-around the real policy code), `cluster` (the nodes' behaviour, one run),
+around the real policy code), `server` (the tracker's replicas as queues),
+`cluster` (the nodes' behaviour, one run),
 `result` (what a run measured), `report` (tables, plot, the comparison with
 bench/fanout), `__main__` (the command line; see docs/BENCHMARKS.md).
 """
