@@ -119,14 +119,16 @@ def leases_table(rows: list[dict[str, Any]]) -> str:
     """What the lease book did, summed over each row's seeds: grants beyond one per
     layer are the extra upstream fetches (a takeover, or an expiry's next grant)."""
     head = (
-        "| profile | N | policy | holder dies | seeds | grants | extra grants | taken over "
+        "| profile | N | policy | holder dies | tracker | seeds | grants | extra grants "
+        "| taken over "
         "| expired | granted to the dead | acks too late | renewals | upstream copies (max) |\n"
-        "| --- | ---: | --- | :---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| --- | ---: | --- | :---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
         "| ---: |\n"
     )
     lines = [
         f"| {r['profile']} | {r['nodes']:,} | {r['policy']} | "
-        f"{'yes' if r['holder_failures'] else 'no'} | {r['seeds']} | {r['granted']:,} | "
+        f"{'yes' if r['holder_failures'] else 'no'} | {r['tracker']} | {r['seeds']} | "
+        f"{r['granted']:,} | "
         f"{r['granted'] - r['layers'] * r['seeds']:,} | {r['replaced']:,} | {r['expired']:,} | "
         f"{r['granted_to_dead']:,} | {r['lost_acks']:,} | {r['renewals']:,} | "
         f"{r['upstream_max']:.3f} |"
