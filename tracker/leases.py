@@ -12,9 +12,9 @@ link doubles what crosses it. So it does from a *silent* holder: one that sent
 no sign of life (the grant, a renewal, asking again) for `silence_s`, far
 sooner than its TTL; a grant that is never renewed (it went into a long poll
 whose node died) is the same case, found sooner: a grant is provisional until
-the holder's first renewal after it (nodes renew at once on a grant), and one
-not acknowledged within `grant_ack_s` is passed on like a silent holder's.
-Neither is revoked: a paused holder that
+the holder's first renewal after it (a node sends it at once, before fetching
+anything), and one not acknowledged within `grant_ack_s` is passed on like a
+silent holder's. Neither is revoked: a paused holder that
 wakes finishes its copy (one extra upstream copy at most) and may still file
 its torrent (`passed_from`); its renewals are refused with the reason. One
 identity holds at most `max_per_holder` leases at once. `Waiters` is the trio
