@@ -2,12 +2,12 @@
 
 The node's real pull path over the fakes of tests/fakes.py on trio's MockClock
 (no socket, no thread): a holder renews every third of the tracker's
-`lease_silence_s` from the grant until it releases the lease (the upstream
-fetch, the publish and the wait for its first announce), each renewal with a
-timeout of its own, and one lost to a hung tracker is followed at once, so the
-tracker never hears silence from a live holder. Then the real `TrackerClient`
-against a tracker that accepts and never answers, beside a real one: the
-renewal's own short timeout moves it on.
+`lease_silence_s`, the first at once (the grant's acknowledgement), until it
+releases the lease (the upstream fetch, the publish and the wait for its first
+announce), each renewal with a timeout of its own, and one lost to a hung
+tracker is followed at once, so the tracker never hears silence from a live
+holder. Then the real `TrackerClient` against a tracker that accepts and never
+answers, beside a real one: the renewal's own short timeout moves it on.
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ async def test_a_holder_renews_every_third_of_the_silence_from_the_grant_to_the_
         assert len(server.renewals) == seen  # released: no renewal after it
     assert server.leases.current(str(digest)) is None and server.leases.replacements == 0
     periodic = [(at, done, timeout) for at, done, timeout in server.renewals if timeout]
-    # Every third of the silence, each with 1.5 renewals' time to be answered.
+    # At once (the grant's acknowledgement), then every third of the silence,
+    # each with 1.5 renewals' time to be answered.
     assert [at - start for at, _, _ in periodic] == pytest.approx(
-        [RENEW * n for n in range(1, len(periodic) + 1)]
+        [RENEW * n for n in range(len(periodic))]
     )
     assert {timeout for _, _, timeout in periodic} == {1.5 * RENEW}
     # Through the fetch, then the 4 s wait for the announce, until the release.
@@ -68,14 +69,14 @@ async def test_a_renewal_lost_to_a_hung_tracker_is_followed_at_once_and_the_leas
     digest, data = blob()
     upstream = FakeUpstream({(REPO, digest): data}, delay_s=1.0)
     server = FakeTrackerServer(silence_s=SILENCE)
-    server.hang_renewals = 1  # the first renewal hangs for its whole timeout
+    server.hang_renewals = 1  # the first renewal (the ack) hangs for its whole timeout
     async with open_pull_node(tmp_path / "a", server, name="a", settings=SETTINGS) as a:
         start = trio.current_time()
         await a.blobs.ensure(upstream, REPO, digest)
     times = [at - start for at, _, _ in server.renewals]
-    # Hung at 1 s, given up at 2.5 s and sent again right then, not a renewal later.
-    assert times[:3] == pytest.approx([RENEW, RENEW * 2.5, RENEW * 3.5])
-    # So the tracker heard the holder 2.5 s after the grant, within the silence.
+    # Hung at once, given up at 1.5 s and sent again right then, not a renewal later.
+    assert times[:3] == pytest.approx([0.0, RENEW * 1.5, RENEW * 2.5])
+    # So the tracker heard the holder 1.5 s after the grant, within the silence.
     assert times[1] < SILENCE
     assert server.leases.replacements == 0 and a.fetches("upstream") == 1
 

@@ -132,6 +132,7 @@ async def test_a_long_poll_is_woken_and_handed_the_fetch_when_the_holder_goes_si
     t = make_tracker(tmp_path, lease_silence_s=SILENCE)
     held = await t.acquire_lease(D, wire.LeaseRequest("a", SIZE), identity="a")
     assert held.lease_id and held.silence_s == SILENCE and held.ttl_s == TTL
+    await t.renew_lease(D, wire.LeaseRenew(held.lease_id, 0), identity="a")  # the ack
     got: list[tuple[float, wire.LeaseReply]] = []
     answered = trio.Event()
     last_renewal = trio.current_time()
@@ -161,7 +162,8 @@ async def test_a_long_poll_is_woken_and_handed_the_fetch_when_the_holder_goes_si
 async def test_a_queued_blob_starts_when_the_fetch_ahead_of_it_goes_silent(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    t = make_tracker(tmp_path, lease_silence_s=SILENCE)
+    # The silence alone (a grant never acknowledged passes on sooner: test_lease_grant_ack.py).
+    t = make_tracker(tmp_path, lease_silence_s=SILENCE, lease_grant_ack_s=0.0)
     first = wire.LeaseRequest("dead", SIZE, group=IMAGE, order=1)
     held = await t.acquire_lease(D, first, identity="dead")
     assert held.lease_id
@@ -195,6 +197,7 @@ async def test_a_paused_holder_that_wakes_after_the_takeover_finishes_and_files_
     digest, size = str(meta.digest), meta.size
     paused = await t.acquire_lease(digest, wire.LeaseRequest("a", size), identity="a")
     assert paused.lease_id
+    await t.renew_lease(digest, wire.LeaseRenew(paused.lease_id, 0, size), identity="a")
     await trio.sleep(SILENCE)  # a is paused (a stopped VM, a long GC)
     taken = await t.acquire_lease(digest, wire.LeaseRequest("b", size), identity="b")
     assert taken.status is wire.LeaseStatus.GRANTED and taken.replaced == "a"

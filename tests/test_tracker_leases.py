@@ -122,8 +122,12 @@ async def test_waiters_wake_on_notify_or_deadline(autojump_clock: trio.testing.M
 
 
 def tracker(tmp_path: Path, **overrides: object) -> Tracker:
-    # The TTL's own rules: no silence rule (tests/test_lease_silence.py has it).
-    settings = {"lease_ttl_s": 10.0, "lease_wait_max_s": 25.0, "lease_silence_s": 0.0}
+    # The TTL's own rules: no silence or grant-ack rule (tests/test_lease_silence.py,
+    # tests/test_lease_grant_ack.py have them).
+    settings = {
+        "lease_ttl_s": 10.0, "lease_wait_max_s": 25.0, "lease_silence_s": 0.0,
+        "lease_grant_ack_s": 0.0,
+    }
     return make_tracker(tmp_path, **{**settings, **overrides})
 
 

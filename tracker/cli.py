@@ -105,6 +105,9 @@ def _add_lease_arguments(parser: argparse.ArgumentParser) -> None:
         "--lease-rate-window-s", help="window over which that rate is measured, seconds"
     )
     parser.add_argument("--lease-silence-s", help="take over from a holder silent this long, s")
+    parser.add_argument(
+        "--lease-grant-ack-s", help="pass on a grant its holder did not renew this soon, s"
+    )
     parser.add_argument("--max-leases-per-node", help="open leases one node may hold at once")
     parser.add_argument(
         "--upstream-fetches-per-image",

@@ -75,6 +75,11 @@ class TrackerConfig:
     # rate window, long before its TTL. 0 (or ≥ lease_ttl_s): only the TTL ends
     # a silent lease.
     lease_silence_s: float = 2.5
+    # A grant is provisional until the holder's first renewal (a node renews at
+    # once on a grant); one not acknowledged this soon passes to the next node
+    # asking as a silent holder's does (a grant into a dead node's long poll).
+    # 0: only lease_silence_s counts.
+    lease_grant_ack_s: float = 0.5
     # Open leases one node (identity) may hold at once; past it, it fetches
     # from upstream without one.
     max_leases_per_node: int = 64
@@ -189,6 +194,8 @@ class TrackerConfig:
             raise ConfigError("lease_min_rate_bytes_s must be ≥ 0 and lease_rate_window_s > 0")
         if self.lease_silence_s < 0:
             raise ConfigError("lease_silence_s must be ≥ 0 (0: off)")
+        if self.lease_grant_ack_s < 0:
+            raise ConfigError("lease_grant_ack_s must be ≥ 0 (0: off)")
         if self.dispute_quarantine_s <= 0:
             raise ConfigError("dispute_quarantine_s must be > 0")
         if self.upstream_fetches_per_image < 0:

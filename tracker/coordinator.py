@@ -34,7 +34,7 @@ from tracker.config import TrackerConfig
 from tracker.disputes import Quarantines
 from tracker.expiry import IdleMetainfo
 from tracker.images import ImageIndex
-from tracker.leases import SILENCE_CHECKS, Granted, Lease, LeaseBook, RateRule, Waiters
+from tracker.leases import Granted, Lease, LeaseBook, RateRule, Waiters
 from tracker.manifest_shelf import ManifestShelf, check_put
 from tracker.metrics import Gauges, TrackerMetrics
 from tracker.peers import PeerTable
@@ -91,6 +91,7 @@ class Tracker:
             rate=RateRule(config.lease_min_rate_bytes_s, config.lease_rate_window_s),
             max_per_holder=config.max_leases_per_node,
             silence_s=config.lease_silence_s,
+            grant_ack_s=config.lease_grant_ack_s,
         )
         self.quarantines = Quarantines(config.dispute_quarantine_s, clock)
         self.queue = UpstreamQueue(
@@ -431,10 +432,10 @@ class Tracker:
                     log.warning("tracker: sweep stopped short: %s", e)
 
     async def _watch_silence(self) -> None:
-        if self.leases.silence_s <= 0:
+        if self.leases.check_every_s <= 0:
             return
         while True:
-            await trio.sleep(self.leases.silence_s / SILENCE_CHECKS)
+            await trio.sleep(self.leases.check_every_s)
             self.wake_silent()
 
     async def sweep(self) -> None:

@@ -11,7 +11,10 @@ at most once per digest per window, since a second holder on the same thin
 link doubles what crosses it. So it does from a *silent* holder: one that sent
 no sign of life (the grant, a renewal, asking again) for `silence_s`, far
 sooner than its TTL; a grant that is never renewed (it went into a long poll
-whose node died) is the same case. Neither is revoked: a paused holder that
+whose node died) is the same case, found sooner: a grant is provisional until
+the holder's first renewal after it (a node sends it at once, before fetching
+anything), and one not acknowledged within `grant_ack_s` is passed on like a
+silent holder's. Neither is revoked: a paused holder that
 wakes finishes its copy (one extra upstream copy at most) and may still file
 its torrent (`passed_from`); its renewals are refused with the reason. One
 identity holds at most `max_per_holder` leases at once. `Waiters` is the trio
@@ -57,6 +60,9 @@ class Lease:
     slow: bool = False
     # The holder's last sign of life: the grant, a renewal, asking again.
     renewed_at: float = 0.0
+    # A renewal since the grant: the holder has it (not persisted; a restored
+    # lease counts as acknowledged).
+    acked: bool = True
 
     @property
     def fetched(self) -> bool:
@@ -108,8 +114,12 @@ class LeaseBook:
         rate: RateRule = RateRule(),
         max_per_holder: int | None = None,
         silence_s: float = 0.0,
+        grant_ack_s: float = 0.0,
     ) -> None:
         self.ttl_s = ttl_s
+        # A grant not acknowledged (renewed) this soon passes on as a silent
+        # holder's does (0: only `silence_s` counts).
+        self.grant_ack_s = grant_ack_s
         self.rate = rate
         # No sign of life from a holder for this long: the next asker takes over
         # (0: only the TTL ends a silent lease).
@@ -168,13 +178,23 @@ class LeaseBook:
         return lease.slow or self._clock() - lease.mark_at >= self.rate.window_s + self.ttl_s
 
     def is_silent(self, lease: Lease) -> bool:
-        """No sign of life from the holder for `silence_s`: dead, hung, or cut off."""
-        return self.silence_s > 0 and self._clock() - lease.renewed_at >= self.silence_s
+        """No sign of life from the holder for `silence_s`: dead, hung, or cut off;
+        or a grant it did not acknowledge within `grant_ack_s`."""
+        quiet = self._clock() - lease.renewed_at
+        if not lease.acked and self.grant_ack_s > 0 and quiet >= self.grant_ack_s:
+            return True
+        return self.silence_s > 0 and quiet >= self.silence_s
+
+    @property
+    def check_every_s(self) -> float:
+        """How often the caller runs `turned_silent` (0: never needed)."""
+        spans = [s for s in (self.silence_s, self.grant_ack_s) if s > 0]
+        return min(spans) / SILENCE_CHECKS if spans else 0.0
 
     def turned_silent(self) -> list[Lease]:
         """Live leases gone silent since the last call: wake their waiters and free
-        their slots (the caller does, at a fraction of `silence_s`)."""
-        if self.silence_s <= 0:
+        their slots (the caller does, every `check_every_s`)."""
+        if self.check_every_s <= 0:
             return []
         now = self._clock()
         silent = [
@@ -221,7 +241,8 @@ class LeaseBook:
         self._check_cap(node)
         size = size if size is not None and size >= 0 else None
         fresh = Lease(
-            digest, self._new_id(), node, now + self.ttl_s, 0, size, group, now, 0, renewed_at=now
+            digest, self._new_id(), node, now + self.ttl_s, 0, size, group, now, 0,
+            renewed_at=now, acked=self.grant_ack_s <= 0,
         )
         if lease is not None:
             self._remove(lease)
@@ -257,6 +278,11 @@ class LeaseBook:
     def _why(self, lease: Lease, by: str, now: float) -> str:
         if self.is_slow(lease):
             return _replaced_why(lease, by, self.rate, now)
+        if not lease.acked:
+            return (
+                f"lease on {lease.digest} handed from {lease.holder!r} to {by!r}: the grant was "
+                f"not acknowledged within {self.grant_ack_s:g} s (lease_grant_ack_s)"
+            )
         return (
             f"lease on {lease.digest} handed from {lease.holder!r} to {by!r}: no renewal for "
             f"{now - lease.renewed_at:.1f} s (lease_silence_s {self.silence_s:g})"
@@ -295,7 +321,8 @@ class LeaseBook:
         _check_progress(lease, bytes_done, size)
         now = self._clock()
         lease = replace(
-            lease, expires_at=now + self.ttl_s, bytes_done=bytes_done, size=size, renewed_at=now
+            lease, expires_at=now + self.ttl_s, bytes_done=bytes_done, size=size, renewed_at=now,
+            acked=True,
         )
         lease = self._judged(lease, now)
         self._put(lease)
@@ -353,7 +380,8 @@ class LeaseBook:
         now = self._clock()
         if lease.expires_at > now:
             self._put(replace(
-                lease, mark_at=now, mark_bytes=lease.bytes_done, slow=False, renewed_at=now
+                lease, mark_at=now, mark_bytes=lease.bytes_done, slow=False, renewed_at=now,
+                acked=True,
             ))
 
     def _put(self, lease: Lease) -> None:

@@ -22,8 +22,10 @@ or from a uniform pick to compare against. Around them the simulator models:
   redundant seed-to-seed connections closed;
 - the control plane: long-polled lease requests (held up to the tracker's
   `lease_wait_max_s`, woken by a first seeder, a released or expired lease or
-  a freed upstream slot), renewals every third of `lease_silence_s` from the grant to the release,
-  the tracker looking for silent holders every quarter of it, the sweep every 5 s, announces
+  a freed upstream slot), a renewal at once on a grant (its acknowledgement)
+  and then every third of `lease_silence_s` until the release, the tracker
+  looking for silent holders and unacknowledged grants every quarter of the
+  shorter of `lease_silence_s` and `lease_grant_ack_s`, the sweep every 5 s, announces
   on joining, on completing and every announce interval;
 - failures: a share of the nodes die at random times within the bound, some of
   them while holding a lease halfway through their fetch; the dead renew and
@@ -36,14 +38,17 @@ and unpack are not simulated); TCP itself (slow start, RTT-bound windows,
 per-flow fairness) and latency between peers; libtorrent's block pipelining
 within a piece, its choker (tit-for-tat, optimistic unchokes) and end-game
 duplicates; admission, stall reports, disputes and quotas at the tracker (every
-completed node counts as a seeder at once); the tracker's own capacity (its
-load is counted, not served); containerd's `max_concurrent_downloads` (every
+completed node counts as a seeder at once); of the tracker's own work, all but
+its requests (server.py queues those at k replicas with measured costs; the
+re-decisions of woken long polls, its sweeps and its store are not charged);
+containerd's `max_concurrent_downloads` (every
 layer is asked for at once, as `ctr` does); an exact max-min share between
 peers (what one end of a transfer leaves unused is not passed on).
 
 The package: `params` (what a run is), `engine` (clock, events, fluid links),
 `swarm` (connections, slots, chunk picking), `control` (the simulated tracker
-around the real policy code), `cluster` (the nodes' behaviour, one run),
+around the real policy code), `server` (the tracker's replicas as queues),
+`cluster` (the nodes' behaviour, one run),
 `result` (what a run measured), `report` (tables, plot, the comparison with
 bench/fanout), `__main__` (the command line; see docs/BENCHMARKS.md).
 """

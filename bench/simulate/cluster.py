@@ -4,9 +4,9 @@ Owns the nodes' behaviour. Each (node, layer) waits for its lease with the
 node's real `LeaseWait` (p2preg/node/leasewait.py) over `SimTracker`'s
 replies: SEEDED joins the swarm (announce, connect to the peers handed out,
 re-announce every interval); GRANTED fetches the layer from upstream, renewing
-the lease every third of `lease_silence_s` with its progress from the grant
-until it releases it, reports the last byte, then verifies, makes and files
-the torrent, announces as a seeder and releases the lease, as
+the lease at once (the grant's acknowledgement) and then every third of
+`lease_silence_s` with its progress until it releases it, reports the last
+byte, then verifies, makes and files the torrent, announces as a seeder and releases the lease, as
 p2preg/node/fetch.py does; a fall-back fetches from upstream without a lease.
 A node that holds every chunk of a layer verifies it and announces `completed`
 (and is handed downloaders). Failures: `fail_fraction` of the nodes die, at a
@@ -27,9 +27,11 @@ from bench.simulate.control import Poll, SimTracker
 from bench.simulate.engine import Engine, Flow, Node
 from bench.simulate.params import Params
 from bench.simulate.result import Result, collect
+from bench.simulate.server import Costs, TrackerServers
 from bench.simulate.swarm import Swarms
 from p2preg.core import wire
 from p2preg.core.metainfo import piece_size_for
+from p2preg.node.fetch import ACK_ATTEMPTS
 from p2preg.node.leasewait import (
     Action,
     Ask,
@@ -42,7 +44,7 @@ from p2preg.node.leasewait import (
     LeaseWait,
     Replied,
 )
-from tracker.leases import SILENCE_CHECKS, RateRule
+from tracker.leases import RateRule
 
 # How often idle receivers look for a sender again (libtorrent's tick is 1 s).
 TICK_S = 0.25
@@ -69,7 +71,12 @@ class Cluster:
             RateRule(p.lease_min_rate_bytes_s, p.lease_rate_window_s),
             p.fetches_per_image, p.peer_ttl_s, p.numwant, p.policy,
             self.engine.clock, self.rng, self.engine.schedule, self._delivered,
-            silence_s=p.lease_silence_s, handoff_s=p.handoff_s,
+            silence_s=p.lease_silence_s, grant_ack_s=p.lease_grant_ack_s,
+            handoff_s=p.handoff_s,
+        )
+        # Every request to the tracker queues at its replicas (server.py).
+        self.servers = TrackerServers(
+            p.tracker_replicas, p.announces, Costs(), self.engine.clock, self.engine.schedule
         )
         self.swarms = Swarms(
             self.engine, self.nodes, [chunk_sizes(s, p.chunk_bytes) for s in self.sizes],
@@ -85,6 +92,9 @@ class Cluster:
         self.unfinished = p.nodes
         self.killed = 0
         self.granted_to_dead = 0
+        # Grants passed on before their holder's acknowledgement reached the tracker.
+        self.lost_acks = 0
+        self._ack_tries: dict[tuple[int, int], int] = {}
         # (node, layer) → the lease id it fetches under.
         self._leases: dict[tuple[int, int], str] = {}
         # Leases whose holder fetched every byte; released (renewals stop).
@@ -101,8 +111,8 @@ class Cluster:
             node.start_at = self.rng.uniform(0.0, p.start_spread_s) if p.start_spread_s else 0.0
             e.schedule(node.start_at, partial(self._start, node))
         self._every(5.0, self.tracker.sweep)
-        if p.lease_silence_s > 0:
-            self._every(p.lease_silence_s / SILENCE_CHECKS, self.tracker.wake_silent)
+        if self.tracker.leases.check_every_s > 0:
+            self._every(self.tracker.leases.check_every_s, self.tracker.wake_silent)
         self._every(TICK_S, self.swarms.tick)
         e.run(p.max_sim_s, lambda: self.unfinished == 0)
         return collect(self, time.perf_counter() - started)
@@ -154,9 +164,9 @@ class Cluster:
             ask = action
 
             def send() -> None:
-                self.tracker.ask(
+                self.servers.control(node.id, lambda: self.tracker.ask(
                     node.id, self.digests[layer], layer + 1, self.sizes[layer], ask.wait_s
-                )
+                ))  # fmt: skip
 
             e.schedule(e.now + half, send)
         elif isinstance(action, AskAgain):
@@ -171,6 +181,7 @@ class Cluster:
 
     def _delivered(self, poll: Poll, reply: wire.LeaseReply) -> None:
         node, layer = self.nodes[poll.node], poll.order - 1
+        self.servers.answered(node.id)
         if not node.alive and reply.status is wire.LeaseStatus.GRANTED:
             # Its long poll outlived it: the lease runs out unused.
             self.granted_to_dead += 1
@@ -194,10 +205,10 @@ class Cluster:
                     half = self.sizes[layer] / 2 / self.p.upstream_bytes_s
                     e.schedule(e.now + half, lambda: self._kill(node))
 
-        e.schedule(e.now + self.p.upstream_start_s, begin)
         if lease_id is None:
+            e.schedule(e.now + self.p.upstream_start_s, begin)
             return
-        lease = lease_id
+        lease, half = lease_id, self.p.rtt_s / 2
 
         def renew() -> None:  # from the grant until the release, as fetch.py's _renewing
             if not node.alive or lease in self._released:
@@ -208,11 +219,44 @@ class Cluster:
                 done = int(min(e.progress(flow), flow.size - 1))
             else:
                 done = 0
-            if self.tracker.renew(self.digests[layer], lease, done, flow.size, node.id):
-                e.schedule(e.now + renew_s, renew)
+            sent = e.now
 
-        e.schedule(e.now + renew_s, renew)
-        self._leases[node.id, layer] = lease
+            def apply() -> None:  # the next is due a renewal after this one, once answered
+                kept = self.tracker.renew(self.digests[layer], lease, done, flow.size, node.id)
+                self.servers.answered(node.id)
+                if kept:
+                    e.schedule(max(sent + renew_s, e.now), renew)
+
+            self.servers.control(node.id, apply)
+
+        def acknowledged() -> None:  # fetch.py's _lease_acknowledged: no byte before it
+            kept = self.tracker.renew(self.digests[layer], lease, 0, flow.size, node.id)
+            self.servers.answered(node.id)
+            if not node.alive:
+                return
+            if not kept:  # passed on before the tracker heard us: wait for it again
+                self.lost_acks += 1
+                e.schedule(e.now + half, lambda: self._wait_again(node, layer))
+                return
+            self._leases[node.id, layer] = lease
+            e.schedule(e.now + half + self.p.upstream_start_s, begin)
+            e.schedule(e.now + half + renew_s, renew)
+
+        e.schedule(e.now + half, lambda: self.servers.control(node.id, acknowledged))
+
+    def _wait_again(self, node: Node, layer: int) -> None:
+        """A grant lost before its acknowledgement: a new lease wait, at most
+        fetch.ACK_ATTEMPTS in all, then upstream without a lease."""
+        tries = self._ack_tries[node.id, layer] = self._ack_tries.get((node.id, layer), 1) + 1
+        if tries > ACK_ATTEMPTS:
+            self._act(node, layer, FallBack("tracker", "grants passed on"))
+            return
+        wait = LeaseWait(
+            self.p.node_wait_max_s, self.engine.clock,
+            blob=Blob(self.digests[layer], self.sizes[layer]),
+        )
+        self.waits[node.id, layer] = wait
+        self._act(node, layer, wait.step(Due()))
 
     def _flow_done(self, flow: Flow) -> None:
         if flow.src is not None:
@@ -228,7 +272,7 @@ class Cluster:
 
             def fetched() -> None:  # off the upstream link: the next blob may start
                 if node.alive:
-                    self.tracker.renew(digest, lease, size, size, node.id)
+                    self._call(node, lambda: self.tracker.renew(digest, lease, size, size, node.id))
 
             e.schedule(e.now + half, fetched)
         was_complete = node.complete[layer]
@@ -243,17 +287,34 @@ class Cluster:
                 return
             self.swarms.seed(node, layer)
             if lease is not None or digest in self.tracker.published:
-                self.tracker.publish(digest)
-                self._announce(node, layer, seeder=True, periodic=True)
-            if lease is not None:
-                e.schedule(e.now + self.p.rtt_s, lambda: self._release(node, layer, lease))
+                self._call(node, lambda: self.tracker.publish(digest), then=published)
+
+        def published() -> None:  # filed: announce as a seeder, release once it is answered
+            held = lease
+
+            def release() -> None:
+                if held is not None:
+                    e.schedule(e.now + self.p.rtt_s, lambda: self._release(node, layer, held))
+
+            self._announce(node, layer, seeder=True, periodic=True, then=release)
 
         e.schedule(made, publish)
+
+    def _call(self, node: Node, apply: Callable[[], object],
+              then: Callable[[], None] | None = None) -> None:
+        """A control call from `node` through the tracker's queue; `then` on its answer."""
+        def done() -> None:
+            apply()
+            self.servers.answered(node.id)
+            if then is not None:
+                self.engine.schedule(self.engine.now + self.p.rtt_s / 2, then)
+
+        self.servers.control(node.id, done)
 
     def _release(self, node: Node, layer: int, lease: str) -> None:
         self._released.add(lease)
         if node.alive:
-            self.tracker.release(self.digests[layer], lease, node.id)
+            self._call(node, lambda: self.tracker.release(self.digests[layer], lease, node.id))
 
     # -- the swarm ---------------------------------------------------------------------
 
@@ -261,14 +322,24 @@ class Cluster:
         node.joined[layer] = True
         self._announce(node, layer, seeder=False, periodic=True)
 
-    def _announce(self, node: Node, layer: int, *, seeder: bool, periodic: bool) -> None:
+    def _announce(
+        self, node: Node, layer: int, *, seeder: bool, periodic: bool,
+        then: Callable[[], None] | None = None,
+    ) -> None:
+        """`then` once the tracker applied it (fetch.py releases a lease only then)."""
         if not node.alive:
             return
-        peers = self.tracker.announce(node.id, self.digests[layer], seeder)
-        for peer in peers:
-            other = self.nodes[peer]
-            if self.swarms.connect(node, other, layer):
-                self.swarms.pair(node, other, layer)
+
+        def apply() -> None:  # at the tracker; the peers handed out reach a live node
+            peers = self.tracker.announce(node.id, self.digests[layer], seeder)
+            for peer in peers if node.alive else ():
+                other = self.nodes[peer]
+                if self.swarms.connect(node, other, layer):
+                    self.swarms.pair(node, other, layer)
+            if then is not None and node.alive:
+                then()
+
+        self.servers.announce(node.id, apply)
         if periodic:
             e = self.engine
 

@@ -96,10 +96,12 @@ class SimTracker:
         deliver: Callable[[Poll, wire.LeaseReply], None],
         silence_s: float = 0.0,
         handoff_s: float = 0.0,
+        grant_ack_s: float = 0.0,
     ) -> None:
         ids = itertools.count()
         self.leases = LeaseBook(
-            ttl_s, clock, lambda: f"lease-{next(ids)}", rate=rate, silence_s=silence_s
+            ttl_s, clock, lambda: f"lease-{next(ids)}", rate=rate, silence_s=silence_s,
+            grant_ack_s=grant_ack_s,
         )
         self.queue = UpstreamQueue(fetches_per_image, clock, handoff_s=handoff_s)
         self.peers = PeerTable(max_peers_per_swarm=1 << 30, max_peers=1 << 40)

@@ -66,8 +66,14 @@ class Params:
     lease_min_rate_bytes_s: int = _TRACKER.lease_min_rate_bytes_s
     lease_rate_window_s: float = _TRACKER.lease_rate_window_s
     lease_silence_s: float = _TRACKER.lease_silence_s
+    lease_grant_ack_s: float = _TRACKER.lease_grant_ack_s
     fetches_per_image: int = _TRACKER.upstream_fetches_per_image
     handoff_s: float = _TRACKER.upstream_handoff_s
+    # The tracker as a server (server.py): replicas (0: every request answered
+    # at once), and announces "direct" (a TLS handshake each) or "relayed"
+    # (batched over the node's kept-alive control connection).
+    tracker_replicas: int = 3
+    announces: str = "direct"
     # The node's own lease_wait_max_s (p2preg/node/config.py).
     node_wait_max_s: float = 600.0
     # Node <-> tracker round trip; the time from a granted lease to the first
@@ -92,6 +98,8 @@ class Params:
             raise ValueError("rates must be positive")
         if not 0 <= self.fail_fraction < 1 or self.holder_failures < 0:
             raise ValueError("fail_fraction in [0, 1), holder_failures >= 0")
+        if self.tracker_replicas < 0 or self.announces not in ("direct", "relayed"):
+            raise ValueError("tracker_replicas ≥ 0; announces: direct or relayed")
         if min(self.upload_slots, self.download_slots, self.connections_limit) < 1:
             raise ValueError("slots and connections: at least 1")
 

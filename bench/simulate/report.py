@@ -21,13 +21,14 @@ FANOUT_JSON = Path(__file__).resolve().parents[2] / "docs" / "img" / "fanout.jso
 
 def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (profile, N, policy), its seeds pooled."""
-    groups: dict[tuple[str, int, str, int], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, int, str, int, str], list[dict[str, Any]]] = {}
     for r in runs:
         pr = r["params"]
-        key = (r["profile"], pr["nodes"], pr["policy"], pr["holder_failures"])
+        key = (r["profile"], pr["nodes"], pr["policy"], pr["holder_failures"], tracker_label(pr))
         groups.setdefault(key, []).append(r)
     rows = []
-    for (profile, n, policy, holders), rs in sorted(groups.items()):
+    for (profile, n, policy, holders, tracker), rs in sorted(groups.items()):
+        queues = [r["tracker_queue"] for r in rs if r.get("tracker_queue")]
         pooled = sorted(x for r in rs for x in r["completion_s"])
         bound = rs[0]["bound_s"]
         rows.append({
@@ -51,24 +52,59 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "renewals": sum(r["renewals"] for r in rs),
             "layers": rs[0]["params"]["layers"],
             "granted_to_dead": sum(r["granted_to_dead"] for r in rs),
+            "lost_acks": sum(r.get("lost_acks", 0) for r in rs),
             "fallbacks": sum(sum(r["fallbacks"].values()) for r in rs),
             "wall_s": max(r["wall_s"] for r in rs),
+            "tracker": tracker,
+            "queue": {k: max(q[k] for q in queues) for k in queues[0]} if queues else {},
         })
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def tracker_label(params: dict[str, Any]) -> str:
+    """How the run modelled the tracker: "instant", or replicas and announce path."""
+    k = params.get("tracker_replicas", 0)
+    return f"{k} replicas, {params.get('announces', 'direct')}" if k else "instant"
+
+
+def queue_table(rows: list[dict[str, Any]]) -> str:
+    """The serving replica's queue (the worst seed of each row): what a request
+    waited before it was handled, how long requests waited at all, how busy it was."""
     head = (
-        "| profile | N | policy | holder dies | seeds | p50 | p99 | max | bound | p99 / bound "
-        "| upstream "
-        "copies (mean, max) | announces/s (mean, peak) | lease requests/s (mean, peak) "
-        "| wall |\n"
-        "| --- | ---: | --- | :---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| profile | N | policy | holder dies | tracker | requests | handshakes "
+        "| queue p50 | queue p99 | queue max | saturated | busy | fronts' queue p99 |\n"
+        "| --- | ---: | --- | :---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
         "| ---: |\n"
     )
     lines = [
         f"| {r['profile']} | {r['nodes']:,} | {r['policy']} | "
-        f"{'yes' if r['holder_failures'] else 'no'} | {r['seeds']} | {r['p50_s']:.1f} s | "
+        f"{'yes' if r['holder_failures'] else 'no'} | {r['tracker']} | "
+        f"{q['requests']:,.0f} | {q['handshakes']:,.0f} | {_ms(q['wait_p50_s'])} | "
+        f"{_ms(q['wait_p99_s'])} | {_ms(q['wait_max_s'])} | {q['saturated_s']:.2f} s | "
+        f"{100 * q['busy_share']:.0f} % | {_ms(q['front_wait_p99_s'])} |"
+        for r in rows
+        if (q := r["queue"])
+    ]
+    return head + "\n".join(lines) + "\n" if lines else ""
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1000:,.1f} ms" if s < 1 else f"{s:,.2f} s"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| profile | N | policy | holder dies | tracker | seeds | p50 | p99 | max | bound "
+        "| p99 / bound | upstream "
+        "copies (mean, max) | announces/s (mean, peak) | lease requests/s (mean, peak) "
+        "| wall |\n"
+        "| --- | ---: | --- | :---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: |\n"
+    )
+    lines = [
+        f"| {r['profile']} | {r['nodes']:,} | {r['policy']} | "
+        f"{'yes' if r['holder_failures'] else 'no'} | {r['tracker']} | {r['seeds']} | "
+        f"{r['p50_s']:.1f} s | "
         f"{r['p99_s']:.1f} s | {r['max_s']:.1f} s | {r['bound_s']:.1f} s | "
         f"**{r['p99_s'] / r['bound_s']:.2f}{TIMES}** | "
         f"{r['upstream_mean']:.3f}, {r['upstream_max']:.3f} | "
@@ -83,15 +119,19 @@ def leases_table(rows: list[dict[str, Any]]) -> str:
     """What the lease book did, summed over each row's seeds: grants beyond one per
     layer are the extra upstream fetches (a takeover, or an expiry's next grant)."""
     head = (
-        "| profile | N | policy | holder dies | seeds | grants | extra grants | taken over "
-        "| expired | granted to the dead | renewals | upstream copies (max) |\n"
-        "| --- | ---: | --- | :---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "| profile | N | policy | holder dies | tracker | seeds | grants | extra grants "
+        "| taken over "
+        "| expired | granted to the dead | acks too late | renewals | upstream copies (max) |\n"
+        "| --- | ---: | --- | :---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |\n"
     )
     lines = [
         f"| {r['profile']} | {r['nodes']:,} | {r['policy']} | "
-        f"{'yes' if r['holder_failures'] else 'no'} | {r['seeds']} | {r['granted']:,} | "
+        f"{'yes' if r['holder_failures'] else 'no'} | {r['tracker']} | {r['seeds']} | "
+        f"{r['granted']:,} | "
         f"{r['granted'] - r['layers'] * r['seeds']:,} | {r['replaced']:,} | {r['expired']:,} | "
-        f"{r['granted_to_dead']:,} | {r['renewals']:,} | {r['upstream_max']:.3f} |"
+        f"{r['granted_to_dead']:,} | {r['lost_acks']:,} | {r['renewals']:,} | "
+        f"{r['upstream_max']:.3f} |"
         for r in rows
     ]
     return head + "\n".join(lines) + "\n"

@@ -3,7 +3,8 @@
 Owns `Result` and `collect`, which reads a finished `Cluster`: per-node
 completion times (from each node's own start; the dead left out) against the
 bound, upstream copies per layer, and the tracker's load — announces and lease
-requests, on average over the pull and at the busiest second. It must not run
+requests, on average over the pull and at the busiest second, and what its
+requests waited in the replicas' queues (server.py). It must not run
 anything or format tables (report.py does).
 """
 
@@ -50,12 +51,15 @@ class Result:
     leases_expired: int
     leases_replaced: int
     granted_to_dead: int  # leases granted on a long poll whose node had died
+    lost_acks: int  # grants passed on before their live holder's acknowledgement arrived
     fallbacks: dict[str, int]
     peer_bytes: int
     aborted_bytes: int
     refused_connections: int
     events: int
     wall_s: float
+    # TrackerServers.stats over the pull (empty: every request answered at once).
+    tracker_queue: dict[str, float] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -118,10 +122,12 @@ def collect(c: Cluster, wall_s: float) -> Result:
         leases_expired=tr.leases.expired,
         leases_replaced=tr.leases.replacements,
         granted_to_dead=c.granted_to_dead,
+        lost_acks=c.lost_acks,
         fallbacks=dict(c.fallbacks),
         peer_bytes=c.swarms.delivered,
         aborted_bytes=c.swarms.aborted,
         refused_connections=c.swarms.refused,
         events=c.engine.events,
         wall_s=wall_s,
+        tracker_queue=c.servers.stats(span) if c.servers.replicas else {},
     )

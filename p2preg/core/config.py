@@ -189,6 +189,7 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
             "default_numwant",
             "dispute_quarantine_s",
             "insecure",
+            "lease_grant_ack_s",
             "lease_min_rate_bytes_s",
             "lease_rate_window_s",
             "lease_silence_s",

@@ -75,6 +75,9 @@ RELEASE_ON_FAILURE_S = 5.0
 # Swarm downloads of one blob: a second only after the first stalled and the
 # tracker still names a seeder this node did not report.
 SWARM_ATTEMPTS = 2
+# Grants the tracker may pass on before this node's acknowledgement reached it
+# (a tracker far behind) before the node goes upstream without a lease.
+ACK_ATTEMPTS = 3
 # While upstream is unreachable, how long a node waits for a lease holder's
 # progress before answering that no peer holds the blob.
 PEERS_ONLY_WAIT_S = 30.0
@@ -198,7 +201,7 @@ class BlobFetcher:
                 self._nursery.start_soon(self._share, cluster, digest, size)
             return "upstream", size
         place = self._pull_order.of(digest)
-        outcome = await self._wait_or_follow(cluster, digest, size, place)
+        outcome, renewals = await self._lease_acknowledged(cluster, digest, size, place)
         if outcome is None:  # assembled from chunk torrents, and verified
             await cluster.seeding.publish(digest, size)
             return "peers", size
@@ -208,11 +211,11 @@ class BlobFetcher:
                 await cluster.seeding.keep(got)
                 return "peers", self._store.size(digest) or size
             outcome = got
-        renewals: Renewals | None = None
         if isinstance(outcome, FetchAsHolder):
             if outcome.verify:
                 log.info("blob %s: its torrent is disputed; fetching it upstream to settle", digest)
-            renewals = Renewals(cluster.tracker, digest, outcome, size)
+            if renewals is None:  # granted after a swarm stalled: acknowledged by `run`
+                renewals = Renewals(cluster.tracker, digest, outcome, size)
             size = await self._as_holder(cluster, renewals, size, upstream, repository)
         else:
             self._metrics.fallbacks.labels(outcome.reason).inc()
@@ -270,6 +273,21 @@ class BlobFetcher:
         raise missing
 
     # -- the tracker ------------------------------------------------------------
+
+    async def _lease_acknowledged(
+        self, cluster: Cluster, digest: Digest, size: int, place: Place | None
+    ) -> tuple[Outcome | None, Renewals | None]:
+        """The lease wait; granted, the grant acknowledged before any upstream byte,
+        and waited for again if the tracker passed it on first (it heard us late)."""
+        for _ in range(ACK_ATTEMPTS):
+            outcome = await self._wait_or_follow(cluster, digest, size, place)
+            if not isinstance(outcome, FetchAsHolder):
+                return outcome, None
+            renewals = Renewals(cluster.tracker, digest, outcome, size)
+            if await renewals.acknowledge():
+                return outcome, renewals
+        why = f"{ACK_ATTEMPTS} grants passed on before this node's acknowledgement"
+        return FallBack("tracker", why), None
 
     async def _wait_or_follow(
         self, cluster: Cluster, digest: Digest, size: int, place: Place | None

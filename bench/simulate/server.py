@@ -1,0 +1,166 @@
+"""The tracker as a server: k replicas, each a FIFO queue, a service time per request.
+
+Owns when a request the simulated tracker receives is applied, given what the
+replicas are busy with. One replica serves (it applies every request and alone
+answers the control API: standbys answer it 503, docs/TRACKER.md "Standing
+by"); the others are announce fronts (tracker/fronts.py): an announce from a
+node given every replica goes to replica `node mod k`, a front does its TLS
+handshake and forwards it, and the serving replica applies it. A node's
+control calls (lease requests, renewals, releases, publishes) go over its own
+kept-alive connections, as httpx's pool keeps them: a call finds an idle
+connection used within the tracker's 5 s keep-alive, or opens one (a
+handshake); a long-polled lease request holds its connection until answered,
+so a node asking for 10 layers at once opens 10. Announces are either
+`direct` (libtorrent's HTTPS announce: a handshake each) or `relayed` (batched
+over a control connection the node keeps open to the serving replica; then
+its control calls travel there too and pay no handshake either). Service times
+are `Costs` (from docs/BENCHMARKS.md, named there). `replicas = 0` answers
+every request at once (the model before this one). It records each request's
+wait in its queue, each queue's busy time and the time requests waited at all
+(saturated). It must not decide anything about leases or peers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Schedule = Callable[[float, Callable[[], None]], None]
+
+ANNOUNCE_PATHS = ("direct", "relayed")
+KEEPALIVE_S = 5.0  # the tracker closes a connection idle this long (docs/TRACKER.md)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds of a replica's CPU per request (docs/BENCHMARKS.md, "Three replicas with
+    announce fronts", mTLS rows; 2026-12-06)."""
+
+    # A request on a new mutual-TLS connection, answered by the serving replica
+    # itself: the handshake and the request (2,407 µs per direct mTLS announce).
+    handshake_s: float = 2.407e-3
+    # A request on a kept-alive connection: the plain request's work (166 µs per
+    # plain announce, 205 µs per forwarded one), rounded up to 0.2 ms.
+    call_s: float = 0.2e-3
+    # A front's handshake and forward of one announce (3,348 µs) and what the
+    # serving replica spends on the forwarded announce (699 µs at batches of 1.9).
+    front_s: float = 3.348e-3
+    forwarded_s: float = 0.699e-3
+    # An announce relayed over the node's kept-alive control connection, batched.
+    relayed_s: float = 0.2e-3
+
+
+@dataclass
+class Queue:
+    """One replica's CPU: requests served first come, first served."""
+
+    free_at: float = 0.0
+    busy_s: float = 0.0
+    waits: list[float] = field(default_factory=list)
+    saturated_s: float = 0.0
+    _waited_until: float = 0.0
+
+    def serve(self, now: float, cost: float) -> float:
+        """A request arriving `now` (calls come in time order); when it is done."""
+        start = max(now, self.free_at)
+        self.free_at = start + cost
+        self.busy_s += cost
+        self.waits.append(start - now)
+        # The union of the spans requests spent waiting.
+        if start > now:
+            self.saturated_s += start - max(now, self._waited_until)
+            self._waited_until = start
+        return self.free_at
+
+
+class TrackerServers:
+    def __init__(
+        self,
+        replicas: int,
+        announces: str,
+        costs: Costs,
+        clock: Callable[[], float],
+        schedule: Schedule,
+    ) -> None:
+        if replicas < 0 or announces not in ANNOUNCE_PATHS:
+            raise ValueError(f"replicas ≥ 0; announces one of {', '.join(ANNOUNCE_PATHS)}")
+        self.replicas = replicas
+        self.announces = announces
+        self.costs = costs
+        self._clock = clock
+        self._schedule = schedule
+        self.serving = Queue()
+        self.fronts = [Queue() for _ in range(max(0, replicas - 1))]
+        # Node → when each of its idle control connections was last used.
+        self._idle: dict[int, list[float]] = {}
+        self.handshakes = 0
+
+    def control(self, node: int, apply: Callable[[], None]) -> None:
+        """A control call from `node`: `apply` runs once the serving replica handled it.
+
+        The caller says when the answer has left (`answered`): its connection is
+        then idle again.
+        """
+        if not self.replicas:
+            apply()
+            return
+        now = self._clock()
+        idle = [at for at in self._idle.get(node, ()) if now - at < KEEPALIVE_S]
+        if self.announces == "relayed":  # over the connection kept open
+            cost = self.costs.call_s
+        elif idle:
+            idle.pop()
+            cost = self.costs.call_s
+        else:
+            cost = self.costs.handshake_s
+            self.handshakes += 1
+        self._idle[node] = idle
+        self._schedule(self.serving.serve(now, cost), apply)
+
+    def answered(self, node: int) -> None:
+        """A control call's answer left: its connection is kept alive for the next."""
+        if self.replicas:
+            self._idle.setdefault(node, []).append(self._clock())
+
+    def announce(self, node: int, apply: Callable[[], None]) -> None:
+        """An announce from `node`: `apply` runs once the serving replica applied it."""
+        if not self.replicas:
+            apply()
+            return
+        now = self._clock()
+        if self.announces == "relayed":
+            self._schedule(self.serving.serve(now, self.costs.relayed_s), apply)
+            return
+        self.handshakes += 1
+        at = node % self.replicas
+        if at == 0:
+            self._schedule(self.serving.serve(now, self.costs.handshake_s), apply)
+            return
+        forwarded = self.fronts[at - 1].serve(now, self.costs.front_s)
+
+        def forward() -> None:
+            self._schedule(self.serving.serve(forwarded, self.costs.forwarded_s), apply)
+
+        self._schedule(forwarded, forward)
+
+    def stats(self, span_s: float) -> dict[str, float]:
+        """Queue delays at the serving replica and the fronts, and how busy they were."""
+        waits = sorted(self.serving.waits)
+        front_waits = sorted(w for f in self.fronts for w in f.waits)
+
+        def pct(xs: list[float], q: float) -> float:
+            return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else 0.0
+
+        span = max(span_s, 1e-9)
+        return {
+            "requests": float(len(waits)),
+            "wait_p50_s": pct(waits, 0.50),
+            "wait_p99_s": pct(waits, 0.99),
+            "wait_max_s": waits[-1] if waits else 0.0,
+            "saturated_s": self.serving.saturated_s,
+            "busy_share": self.serving.busy_s / span,
+            "front_wait_p99_s": pct(front_waits, 0.99),
+            "front_wait_max_s": front_waits[-1] if front_waits else 0.0,
+            "front_saturated_s": max((f.saturated_s for f in self.fronts), default=0.0),
+            "handshakes": float(self.handshakes),
+        }
