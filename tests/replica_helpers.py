@@ -31,12 +31,14 @@ def replicas(
     password: str,
     first: int = 0,
     tls_dirs: Sequence[Path] = (),
+    extra: Sequence[str] = (),
 ) -> Iterator[list[TrackerProcess]]:
-    """`count` replicas; with `tls_dirs` (one tracker certificate each), mutual TLS."""
+    """`count` replicas, each also given `extra` flags; with `tls_dirs` (one tracker
+    certificate each), mutual TLS."""
     secret = workdir / "store-password"
     secret.write_text(password)
     args = ["--store", store_url, "--store-password-file", str(secret),
-            "--replica-term-s", TERM_S]  # fmt: skip
+            "--replica-term-s", TERM_S, *extra]  # fmt: skip
     with ExitStack() as stack:
         yield [
             stack.enter_context(

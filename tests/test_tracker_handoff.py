@@ -118,7 +118,8 @@ def test_a_renewal_wakes_the_queue_when_the_slot_frees_or_the_handoff_is_near() 
 async def test_through_the_service_a_renewal_near_the_end_starts_the_next_fetch(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    t = make_tracker(tmp_path, lease_ttl_s=10.0, lease_silence_s=0.0, upstream_handoff_s=0.3)
+    t = make_tracker(tmp_path, lease_ttl_s=10.0, lease_silence_s=0.0, lease_grant_ack_s=0.0,
+                     upstream_handoff_s=0.3)
     start = trio.current_time()
     a = await t.acquire_lease(LAYERS[0], wire.LeaseRequest("a", 100, 0, IMAGE, 1))
     assert a.status is wire.LeaseStatus.GRANTED and a.lease_id

@@ -188,20 +188,9 @@ class TrackerConfig:
             raise ConfigError("peer_ttl_s must exceed announce_interval_s")
         if self.seeder_announce_interval_s < self.announce_interval_s:
             raise ConfigError("seeder_announce_interval_s must be ≥ announce_interval_s")
-        if self.lease_ttl_s <= 0 or self.lease_wait_max_s < 0:
-            raise ConfigError("lease_ttl_s must be > 0 and lease_wait_max_s ≥ 0")
-        if self.lease_min_rate_bytes_s < 0 or self.lease_rate_window_s <= 0:
-            raise ConfigError("lease_min_rate_bytes_s must be ≥ 0 and lease_rate_window_s > 0")
-        if self.lease_silence_s < 0:
-            raise ConfigError("lease_silence_s must be ≥ 0 (0: off)")
-        if self.lease_grant_ack_s < 0:
-            raise ConfigError("lease_grant_ack_s must be ≥ 0 (0: off)")
+        self._check_leases()
         if self.dispute_quarantine_s <= 0:
             raise ConfigError("dispute_quarantine_s must be > 0")
-        if self.upstream_fetches_per_image < 0:
-            raise ConfigError("upstream_fetches_per_image must be ≥ 0 (0: no limit)")
-        if not 0 <= self.upstream_handoff_s <= self.lease_ttl_s:
-            raise ConfigError("upstream_handoff_s must be ≥ 0 and ≤ lease_ttl_s (0: off)")
         if not 1 <= self.default_numwant <= self.max_numwant:
             raise ConfigError("need 1 ≤ default_numwant ≤ max_numwant")
         for name in (
@@ -246,6 +235,20 @@ class TrackerConfig:
                     "udp announces cannot show a client certificate: leave udp off with tls_dir"
                 )
             load_tls_dir(self.tls_dir, role="tracker")
+
+    def _check_leases(self) -> None:
+        if self.lease_ttl_s <= 0 or self.lease_wait_max_s < 0:
+            raise ConfigError("lease_ttl_s must be > 0 and lease_wait_max_s ≥ 0")
+        if self.lease_min_rate_bytes_s < 0 or self.lease_rate_window_s <= 0:
+            raise ConfigError("lease_min_rate_bytes_s must be ≥ 0 and lease_rate_window_s > 0")
+        if self.lease_silence_s < 0:
+            raise ConfigError("lease_silence_s must be ≥ 0 (0: off)")
+        if self.lease_grant_ack_s < 0:
+            raise ConfigError("lease_grant_ack_s must be ≥ 0 (0: off)")
+        if self.upstream_fetches_per_image < 0:
+            raise ConfigError("upstream_fetches_per_image must be ≥ 0 (0: no limit)")
+        if not 0 <= self.upstream_handoff_s <= self.lease_ttl_s:
+            raise ConfigError("upstream_handoff_s must be ≥ 0 and ≤ lease_ttl_s (0: off)")
 
     def _check_quotas(self) -> None:
         largest = request_cost(self.max_metainfo_bytes)
