@@ -10,7 +10,9 @@ And since it delivered all along, b never reports it as stalling (the stall
 reports are for peers that send no block: stallwatch.py).
 
 A peer that was fast and then slows down holds the requests it was given at
-its old rate; the node takes them back (p2preg/node/slowpeers.py): the second
+its old rate, when it lets a node queue many (a node asks for at most what its
+peer advertises; nodes advertise 16, p2preg/node/requestqueue.py, and this one
+4,000, as nodes once did); the node takes them back (p2preg/node/slowpeers.py): the second
 test has the slow seeder on an address of its own (127.0.0.2, a host of its
 own to the tracker and the nodes), fast while b has it alone, then at 64 KiB/s
 when a is back; b disconnects it, a delivers the rest, and it is neither
@@ -122,8 +124,10 @@ def test_a_peer_that_slows_down_is_disconnected_not_reported(
         assert httpx.get(url_a, timeout=60, trust_env=False).status_code == 200
         wait_for(lambda: swarm_counts(tracker.url, layer.digest) == (1, 0), 30, "a to seed")
         meta = make_metainfo(layout.blob_path(layer.digest), digest, layer.size)
+        # It advertises 4,000 requests, as nodes did before requestqueue.py: a node's
+        # connection takes its peer's `reqq`, so only such a peer holds enough to drop.
         slow = SlowSeeder(tmp_path / "slow", tracker.url, layout.blob_path(layer.digest), meta,
-                          WAS_FAST_BYTES_PER_S, host=SLOW_HOST)  # fmt: skip
+                          WAS_FAST_BYTES_PER_S, host=SLOW_HOST, reqq=4000)  # fmt: skip
         stack.callback(slow.close)
         slow.wait_seeding()
         wait_for(lambda: swarm_counts(tracker.url, layer.digest) == (2, 0), 30, "the slow seeder")

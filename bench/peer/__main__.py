@@ -474,6 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--upload-limit", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--full-check", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--peer-host", default="127.0.0.1", help=argparse.SUPPRESS)
+    parser.add_argument("--peer-log", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role != "bench":
         return run_peer(args)

@@ -30,6 +30,7 @@ from typing import Any
 
 from bench.machine import busy_seconds, cpu_seconds, wait_quiet
 from bench.peer.worker import READY_TIMEOUT_S
+from harness.netns import Host
 from harness.procs import Process, WaitTimeout, child_pids, clean_env, wait_until
 
 MiB = 1 << 20
@@ -118,9 +119,13 @@ def peers(
     save_paths: list[Path],
     announces: Sequence[str],
     extra: Sequence[str] = (),
+    hosts: Sequence[Host] | None = None,
 ) -> Iterator[list[Peer]]:
     """Peer processes, each announcing to its own URL (a node's, bench.peer.cluster's);
-    `extra` worker flags (`--tls-dir`) for a TLS pair."""
+    `extra` worker flags (`--tls-dir`) for a TLS pair; with `hosts`, each runs on its
+    own lab host (harness.netns) and listens on that host's address."""
+    if hosts is not None and len(hosts) != len(save_paths):
+        raise ValueError(f"{len(save_paths)} peers but {len(hosts)} hosts")
     started: list[Peer] = []
     try:
         for i, (save, announce) in enumerate(zip(save_paths, announces, strict=True)):
@@ -136,6 +141,10 @@ def peers(
             if args.no_slow_peers:
                 argv.append("--no-slow-peers")
             argv += list(extra)
+            if getattr(args, "peer_log", None) and role == "leech" and i == 0:
+                argv += ["--peer-log", str(args.peer_log)]
+            if hosts is not None:
+                argv = hosts[i].argv([*argv, "--peer-host", hosts[i].addr])
             started.append(Peer(f"{role}-{i}", argv, save.parent))
         yield started
     finally:
@@ -215,6 +224,7 @@ def swarm_round(
     memory: Memory,
     extra: Sequence[str] = (),
     midway: Callable[[], float] | None = None,
+    hosts: Sequence[Host] | None = None,
 ) -> Sample:
     """One leecher per announce URL (one per node identity), all at once; `midway`,
     called once they were told to go, returns when (time.monotonic) what it did was done,
@@ -222,7 +232,7 @@ def swarm_round(
     n = len(announces)
     saves = [workdir / f"leech-{tag}-{i}" for i in range(n)]
     try:
-        with peers(args, "leech", torrent, saves, announces, extra) as leechers:
+        with peers(args, "leech", torrent, saves, announces, extra, hosts) as leechers:
             for p in leechers:
                 p.expect("ready", READY_TIMEOUT_S)
             busy = _wait_quiet()

@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TextIO, cast
 
 import libtorrent as lt
 
@@ -164,6 +164,9 @@ def _set_upload_limit(session: Any, bytes_per_s: int) -> None:
 
 def _open_session(args: argparse.Namespace) -> Any:
     settings = peer_settings(parse_overrides(args.set), tls=bool(args.tls_dir), host=args.peer_host)
+    if args.peer_log:
+        # Every message to and from each peer, and the picker's decisions (large).
+        settings["alert_mask"] = int(settings["alert_mask"]) | lt.alert_category.peer_log
     params = lt.session_params(cast(Any, settings))
     if args.disk_io:
         params.disk_io_constructor = f"{args.disk_io}_disk_io_constructor"
@@ -178,10 +181,20 @@ def _open_session(args: argparse.Namespace) -> Any:
     return session
 
 
-def _drain(session: Any, handle: Any, times: dict[str, float], counts: dict[str, int]) -> None:
-    """Record the moments a leecher cares about; raise on a torrent error."""
+def _drain(
+    session: Any,
+    handle: Any,
+    times: dict[str, float],
+    counts: dict[str, int],
+    peer_log: TextIO | None = None,
+) -> None:
+    """Record the moments a leecher cares about; raise on a torrent error. With
+    `peer_log`, every peer_log and unwanted_block alert is written there, timed
+    from the leecher's start."""
     for alert in session.pop_alerts():
         now = time.monotonic()
+        if peer_log is not None and isinstance(alert, lt.peer_log_alert | lt.unwanted_block_alert):
+            peer_log.write(f"{now - times.get('start', now):.4f} {alert.message()}\n")
         if isinstance(alert, lt.tracker_reply_alert):
             times.setdefault("tracker_reply", now)
         elif isinstance(alert, lt.torrent_finished_alert):
@@ -239,6 +252,7 @@ def run_peer(args: argparse.Namespace) -> int:
         times["start"] = time.monotonic()
         handle = _add(session, args, _torrent_params(meta, save, args.announce, seed=False))
         slow, judged = (None if args.no_slow_peers else SlowPeers(session, "leech")), 0.0
+        peer_log = open(args.peer_log, "w", encoding="utf-8") if args.peer_log else None  # noqa: SIM115
         while "flushed" not in times:
             if time.monotonic() > deadline:
                 raise SystemExit("leech: transfer did not finish in time")
@@ -248,7 +262,7 @@ def run_peer(args: argparse.Namespace) -> int:
             session.wait_for_alert(50)
             if "first_byte" not in times and handle.status().total_payload_download > 0:
                 times["first_byte"] = time.monotonic()
-            _drain(session, handle, times, counts)
+            _drain(session, handle, times, counts, peer_log)
         status = handle.status()
         if not status.is_seeding:
             raise SystemExit("leech: finished but not seeding")
@@ -272,6 +286,8 @@ def run_peer(args: argparse.Namespace) -> int:
             slow_drops=[dataclasses.asdict(d) for d in slow.watch.drops] if slow else [],
             waste=_waste(session),
         )
+        if peer_log is not None:
+            peer_log.close()
     # Stay in the swarm (seeding) until told to quit, as a node does.
     while (line := stdin.line(0.2)) != "quit" and time.monotonic() < deadline:
         session.pop_alerts()

@@ -39,6 +39,7 @@ from p2preg.core.logs import redact_urls
 from p2preg.core.metainfo import Metainfo, info_name
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.peertls import PeerTLS
+from p2preg.node.requestqueue import request_queue_settings
 from p2preg.node.seams import SwarmError
 from p2preg.node.slowpeers import FILTERED, SlowPeers, ours
 from p2preg.node.stallreports import ReportStall, StallReports, Watched
@@ -76,8 +77,7 @@ def session_settings(listen: str) -> lt.settings_pack:
         # 1->4 swarm unchanged within noise, fan-out at N = 8 TLS/plain 1.01x.
         "aio_threads": 1,
         "request_queue_time": 1,
-        "max_out_request_queue": 2000,
-        "max_allowed_in_request_queue": 4000,
+        **request_queue_settings(),  # few: libtorrent cancels no end-game copy
         "suggest_mode": lt.suggest_mode_t.suggest_read_cache,
         "unchoke_slots_limit": 64,
         "connections_limit": 400,
