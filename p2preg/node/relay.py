@@ -198,6 +198,7 @@ class AnnounceRelay:
         async with trio.open_nursery() as nursery:
             for _ in range(SENDERS):
                 nursery.start_soon(self._sender)
+            log.info("relay: libtorrent announces to %s", self.url)
             task_status.started(self.url)
             await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
 
