@@ -19,7 +19,8 @@ announce as nodes do through their relay (p2preg/node/relay.py): each worker
 keeps one connection open for each of 8 nodes of its share (handshakes made,
 and kept within the tracker's 5 s keep-alive, before the clock) and posts
 `batch` of that node's announces at a time to `/v1/announces` (a node here has
-few torrents, so a batch repeats them; applying one costs the same). Used by bench/tracker.py only; holds no assertions on speed.
+few torrents, so a batch repeats them; applying one costs the same). Used by
+bench/tracker.py only; holds no assertions on speed.
 """
 
 from __future__ import annotations
