@@ -36,6 +36,7 @@ import libtorrent as lt
 import trio
 
 from p2preg.core import errors
+from p2preg.core.pki import CertificateError
 from p2preg.node.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,7 @@ class AnnounceRelay:
                 [s.query for s in batch], TRACKER_TIMEOUT_S
             )
             result = "answered"
-        except errors.TrackerError as e:
+        except (errors.TrackerError, CertificateError) as e:  # (unreadable renewed files)
             log.warning("relay: %d announces got no tracker: %s", len(batch), e)
             bodies = [failure("no tracker answered the node's relay; try again")] * len(batch)
             result = "no_tracker"
