@@ -412,7 +412,7 @@ def main() -> None:
             )
             results += [_from_load(key, load) for key, load in loads.items()]
             for (store, mode), load in loads.items():
-                if mode.startswith("https"):
+                if mode.startswith("https") and "-relayed-" not in mode:
                     done = load.answered + load.errors
                     print(f"{store} {mode}: the tracker resumed {load.resumed} of {done} sessions")
             if args.replicas > 1:
@@ -420,7 +420,8 @@ def main() -> None:
                                              tracker_core=TRACKER_CORE, load_core=LOAD)  # fmt: skip
                 direct = {mode: load.tracker_cpu_pct / 100 * load.seconds / load.answered * 1e6
                           for (store, mode), load in loads.items()
-                          if store == "redis" and mode in ("http", "https-mtls")}  # fmt: skip
+                          if store == "redis" and (mode in ("http", "https-mtls")
+                                                   or "-relayed-" in mode)}  # fmt: skip
                 args.fronts = fronts.report(runs, direct)
     report(results, args)
 

@@ -11,7 +11,9 @@ i mod k, as nodes given every replica spread theirs):
   replica's CPU;
 - `fronts`: announces to the two standbys only, so that everything the serving
   replica does is forwarded work: its CPU per forwarded announce, and a
-  front's CPU per announce it fronted.
+  front's CPU per announce it fronted; under mutual TLS also as nodes' relays
+  send theirs (mode `https-mtls-relayed-B`: batches of B on kept-alive
+  connections, bench/tracker_mtls.py), which a front forwards like any.
 
 Those costs give the projection of k replicas on cores of their own (`project`):
 each of k replicas takes 1/k of the announces; the serving one applies all of
@@ -38,7 +40,7 @@ from rich.table import Table
 
 from bench.machine import cpu_seconds
 from bench.tracker_load import Cluster, make_torrents
-from bench.tracker_mtls import Job, _node_pool, _setup, run_load
+from bench.tracker_mtls import RELAY_BATCHES, Job, _node_pool, _setup, run_load
 from bench.tracker_redis import open_redis_store, wait_serving
 from harness.node import metric_value
 from harness.procs import wait_until
@@ -222,6 +224,9 @@ def measure_fronts(
             runs.append(_run(job, "spread", mode, serving, fronts))
             only_fronts = dataclasses.replace(job, ports=tuple(_port(t) for t in fronts))
             runs.append(_run(only_fronts, "fronts", mode, serving, fronts))
+            for batch in RELAY_BATCHES if tls else ():
+                relayed = dataclasses.replace(only_fronts, batch=batch)
+                runs.append(_run(relayed, "fronts", f"{mode}-relayed-{batch}", serving, fronts))
     return runs
 
 

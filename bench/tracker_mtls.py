@@ -14,8 +14,13 @@ measures re-announces. The same generator runs against the same tracker build
 in plain HTTP, so the ratio compares like with like; `bench/tracker.py` prints
 both beside its `wrk` numbers. With a Redis store (`stores`), each tracker is
 given its own redis-server (bench/tracker_redis.py), measured from the moment it
-serves, and each run also says what Redis did. Used by bench/tracker.py only;
-holds no assertions on speed.
+serves, and each run also says what Redis did. The relayed rows (`Job.batch`)
+announce as nodes do through their relay (p2preg/node/relay.py): each worker
+keeps one connection open for each of 8 nodes of its share (handshakes made,
+and kept within the tracker's 5 s keep-alive, before the clock) and posts
+`batch` of that node's announces at a time to `/v1/announces` (a node here has
+few torrents, so a batch repeats them; applying one costs the same). Used by
+bench/tracker.py only; holds no assertions on speed.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import msgpack
 import trio
 
 from bench.machine import cpu_seconds
@@ -58,6 +64,9 @@ from tracker.client import TrackerClient
 WORKERS = 16
 CONNECT_TIMEOUT_S = 10.0
 WARMUP_LIMIT_S = 300.0  # a walk over every member that takes longer is a broken tracker
+# Batch sizes of the relayed rows (announces per `POST /v1/announces`).
+RELAY_BATCHES = (1, 8, 32)
+RELAY_NODES_PER_WORKER = 8
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,9 @@ class Job:
     # Worker processes, each with one announce in flight (bench/tracker_fronts.py
     # wants more: a front batches what is in flight together).
     workers: int = WORKERS
+    # > 0: announce as nodes' relays do (p2preg/node/relay.py): `batch` announces of
+    # one node per `POST /v1/announces`, on that node's kept-alive connection.
+    batch: int = 0
 
     def port_of(self, i: int) -> int:
         return self.ports[i % len(self.ports)] if self.ports else self.port
@@ -153,6 +165,79 @@ def _members(cluster: Cluster, w: int, workers: int) -> list[tuple[int, int]]:
     ]
 
 
+class _Relays:
+    """One worker's relayed side: a kept-alive client per node, showing its certificate."""
+
+    def __init__(self, job: Job, members: list[tuple[int, int]]) -> None:
+        self.job = job
+        self.of: dict[int, list[tuple[int, int]]] = {}
+        for s, j in members:
+            self.of.setdefault(job.cluster.node(s, j), []).append((s, j))
+        self.clients: dict[int, httpx.Client] = {}
+
+    def client(self, i: int) -> httpx.Client:
+        if i not in self.clients:
+            # No Nagle stall between the request's head and its body (as above).
+            nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+            ctx = client_ssl_context(self.job.pool / str(i)) if self.job.pool else None
+            transport = httpx.HTTPTransport(verify=ctx or False, socket_options=nodelay)
+            self.clients[i] = httpx.Client(transport=transport, timeout=CONNECT_TIMEOUT_S)
+        return self.clients[i]
+
+    def announce(self, i: int, rnd: random.Random) -> tuple[int, int, int]:
+        """One batch of node i's members: (answered, failed, peers)."""
+        job = self.job
+        mine = self.of[i]
+        picked = [mine[(rnd.randrange(len(mine)) + n) % len(mine)] for n in range(job.batch)]
+        rows = [query(job.cluster, job.hashes[s], s, j, node=job.pool is None).encode()
+                for s, j in picked]  # fmt: skip
+        scheme = "https" if job.pool else "http"
+        r = self.client(i).post(
+            f"{scheme}://127.0.0.1:{job.port_of(i)}/v1/announces",
+            content=msgpack.packb(rows, use_bin_type=True),
+            headers={"Content-Type": "application/msgpack"},
+        )
+        if r.status_code != 200:
+            return 0, len(rows), 0
+        counts = [count_peers(a) for a in msgpack.unpackb(r.content)]
+        good = [c for c in counts if c >= 0]
+        return len(good), len(counts) - len(good), sum(good)
+
+
+def _relay_worker(
+    job: Job,
+    members: list[tuple[int, int]],
+    go: multiprocessing.synchronize.Event,
+    ready: multiprocessing.queues.Queue[int],
+    w: int,
+) -> tuple[int, int, int, float, int]:
+    relays = _Relays(job, members)
+    # A few nodes each, so that each connection is used well within the keep-alive.
+    nodes = sorted(relays.of)[:RELAY_NODES_PER_WORKER]
+    rnd = random.Random()
+    for i in nodes:  # each node's connection (and handshake) before the clock
+        relays.announce(i, rnd)
+    ready.put(w)
+    # Until every worker is ready, keep each connection within the tracker's
+    # keep-alive (5 s idle): the run measures kept-alive connections only.
+    for _ in range(int(WARMUP_LIMIT_S)):
+        if go.wait(timeout=1.0):
+            break
+        for i in nodes:
+            relays.announce(i, rnd)
+    start = time.perf_counter()
+    answered = errors = peers = 0
+    while time.perf_counter() < start + job.seconds:
+        try:
+            got = relays.announce(rnd.choice(nodes), rnd)
+        except httpx.HTTPError:
+            got = (0, job.batch, 0)
+        answered, errors, peers = answered + got[0], errors + got[1], peers + got[2]
+    for c in relays.clients.values():
+        c.close()
+    return answered, errors, peers, time.perf_counter() - start, 0
+
+
 def _worker(
     job: Job,
     w: int,
@@ -162,6 +247,9 @@ def _worker(
 ) -> None:
     os.sched_setaffinity(0, {job.core})
     members = _members(job.cluster, w, job.workers)
+    if job.batch:
+        out.put(_relay_worker(job, members, go, ready, w))
+        return
     conn = _Conn(job, w)
     rnd = random.Random()
     answered = errors = peers = 0
@@ -305,7 +393,8 @@ def measure_both(
     stores: Sequence[str] = ("sqlite",),
 ) -> dict[tuple[str, str], Load]:
     """The same generator against a plain and an mTLS tracker, one after the other;
-    then the mTLS one again with clients resuming their TLS sessions (`Job.resume`);
+    then the mTLS one again with clients resuming their TLS sessions (`Job.resume`),
+    and as nodes' relays send theirs (`Job.batch`, each of `RELAY_BATCHES`);
     all of it once per store in `stores` (`sqlite`, `redis`). Keyed (store, mode).
 
     The plain one has no token (loopback): a token check is one constant-time
@@ -350,4 +439,9 @@ def measure_both(
                     loads[store, f"{mode}-resumed"] = run_load(
                         again, t.process.pid, metrics_url, redis
                     )
+                    for batch in RELAY_BATCHES:
+                        relayed = dataclasses.replace(job, warmup=False, batch=batch)
+                        loads[store, f"{mode}-relayed-{batch}"] = run_load(
+                            relayed, t.process.pid, metrics_url, redis
+                        )
     return loads

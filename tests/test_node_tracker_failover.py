@@ -4,11 +4,10 @@ Real processes on loopback: the seed registry, two independent trackers (each
 its own SQLite store, one cluster CA or one token), and nodes given both with
 a repeated `--tracker`. What must hold: with the first tracker killed (SIGKILL
 by pid) before a pull, the pull completes, the control API (lease, publish)
-and libtorrent's announces (the second tier, under mutual TLS: added after the
-certificate) reach the second tracker, and a second node gets the blob from
-the first through it; with both alive, the second gets no traffic at all from
-nodes whose names pick the first for their announces (each node starts its
-tiers at the tracker a hash of its name picks, tracker/client.py); a
+and libtorrent's announces (through the node's relay, on the control
+connection, under mutual TLS) reach the second tracker, and a second node gets the blob from
+the first through it; with both alive, the second gets no traffic at all (the relay's
+announces go where the control API goes: the first tracker that answers); a
 list mixing http and https, or https without a tls_dir, stops the node in one
 line.
 """
@@ -33,7 +32,6 @@ from harness.skopeo import push
 from harness.tlscerts import ClusterCA
 from harness.tracker import TrackerProcess, open_tracker
 from tests.fixtures.cluster import get_blob, kill9, wait_for
-from tracker.client import announce_start
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -114,8 +112,11 @@ def test_with_the_first_tracker_dead_the_second_serves_leases_metainfo_and_annou
     assert n1.metric("p2preg_tracker_failovers_total", reason="unreachable") == 1
     assert _tracker_metric(b, "p2preg_tracker_lease_grants_total") == 1
     assert _tracker_metric(b, "p2preg_tracker_metainfo") == 1
-    # libtorrent's second tier, with the node's certificate: b counts n1 a seeder.
+    # libtorrent's announces, relayed on the control connection that moved to b
+    # (with the node's certificate): b counts n1 a seeder.
     wait_for(lambda: _tracker_metric(b, "p2preg_tracker_seeders") == 1, 30, "n1 seeding on b")
+    assert _tracker_metric(b, "p2preg_tracker_relayed_total") > 0
+    assert n1.metric("p2preg_relay_announces_total", result="no_tracker") == 0
 
     _pull(n2, image)
     assert n2.metric("p2preg_peer_blob_bytes_total") >= LAYER
@@ -143,9 +144,7 @@ def test_with_both_alive_the_second_tracker_gets_no_traffic(
                 open_node(tmp_path / name, upstreams, name=name, args=args, env=env)
             )
 
-        # Both names start their announces at the first tracker (the control API
-        # starts there whatever the name).
-        assert announce_start("n1", 2) == announce_start("n2", 2) == 0
+        # The control API, and the announces relayed on it, start at the first tracker.
         nodes = [node("n1"), node("n2")]
         for n in nodes:
             _pull(n, image)

@@ -19,6 +19,7 @@ import trio
 from p2preg.core.config import HostPort
 from p2preg.node.fetch import SwarmSettings
 from p2preg.node.metrics import NodeMetrics
+from p2preg.node.relay import open_relay
 from p2preg.node.seams import in_thread
 from p2preg.node.swarm import Swarm, open_swarm
 from tests.fakes import FakeUpstream, PullPath, blob, open_pull_path
@@ -49,11 +50,14 @@ async def real_node(
     tmp_path: Path, tracker_url: str, name: str
 ) -> AsyncIterator[tuple[PullPath, Swarm, TrackerClient]]:
     data_dir = tmp_path / name
+    metrics = NodeMetrics()
     async with (
         open_tracker_client(tracker_url, node=name, token=TOKEN) as tracker,
-        open_swarm(data_dir, "127.0.0.1:0", [tracker.announce_url], NodeMetrics()) as swarm,
+        open_relay(tracker, metrics) as relay,
+        open_swarm(data_dir, "127.0.0.1:0", relay.url, metrics) as swarm,
         open_pull_path(data_dir, (swarm, tracker), settings=SETTINGS, offload=in_thread) as path,
     ):
+        relay.attach(swarm)
         yield path, swarm, tracker
 
 

@@ -33,6 +33,7 @@ from p2preg.core.metainfo import Metainfo
 from p2preg.core.tls import ReloadingTLS
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.peertls import PeerTLS, write_dh_params
+from p2preg.node.relay import open_relay
 from p2preg.node.swarm import Swarm, listen_interfaces, open_swarm
 from tests.tracker_helpers import file_as_holder, running_tracker
 from tracker.client import open_tracker_client
@@ -87,18 +88,26 @@ async def tls_swarm(
     tmp_path: Path,
     ca: ClusterCA,
     name: str,
-    announce: list[str],
+    tracker_url: str | None,
     metrics: NodeMetrics,
     issuer: ClusterCA | None = None,
 ) -> AsyncIterator[tuple[Swarm, PeerTLS]]:
-    """A node's swarm; its certificate is `issuer`'s (default `ca`'s), of `issuer`'s cluster."""
+    """A node's swarm; its certificate is `issuer`'s (default `ca`'s), of `issuer`'s
+    cluster. Its announces go through its relay and a tracker client showing that
+    certificate, as a node's do (None: no tracker, a closed port)."""
     tls_dir = (issuer or ca).tls_dir(tmp_path / f"{name}-tls", "node", name)
     tls = PeerTLS(
         ReloadingTLS(tls_dir, role="node"),
         tmp_path / name,
     )
     listen = listen_interfaces("127.0.0.1", 0, 0, tls=True)
-    async with open_swarm(tmp_path / name, listen, announce, metrics, tls=tls) as swarm:
+    as_node = ReloadingTLS(tls_dir, role="node")
+    async with (
+        open_tracker_client(tracker_url or "https://127.0.0.1:9", node=name, tls=as_node) as client,
+        open_relay(client, metrics) as relay,
+        open_swarm(tmp_path / name, listen, relay.url, metrics, tls=tls) as swarm,
+    ):
+        relay.attach(swarm)
         yield swarm, tls
 
 
@@ -117,8 +126,8 @@ async def test_two_nodes_with_certificates_from_one_ca_move_a_blob_over_the_ssl_
     with trio.fail_after(60):
         async with (
             tls_tracker(tmp_path, ca, meta) as url,
-            tls_swarm(tmp_path, ca, "a", [url + "/announce"], a_metrics) as (a, _),
-            tls_swarm(tmp_path, ca, "b", [url + "/announce"], b_metrics) as (b, _),
+            tls_swarm(tmp_path, ca, "a", url, a_metrics) as (a, _),
+            tls_swarm(tmp_path, ca, "b", url, b_metrics) as (b, _),
         ):
             a.seed(meta, path)
             assert await a.wait_announced(meta.digest, 20)
@@ -176,7 +185,7 @@ async def test_a_bare_session_with_the_metainfo_gets_no_byte(
     }[who]
     metrics = NodeMetrics()
     with trio.fail_after(60):
-        async with tls_swarm(tmp_path, ca, "a", [], metrics) as (a, _):
+        async with tls_swarm(tmp_path, ca, "a", None, metrics) as (a, _):
             a.seed(meta, path)
             save = tmp_path / "outsider"
             save.mkdir()
@@ -194,7 +203,7 @@ def test_plain_bittorrent_to_the_ssl_port_gets_no_handshake(tmp_path: Path, ca: 
     path, meta = _blob(tmp_path, ca)
 
     async def run() -> bytes:
-        async with tls_swarm(tmp_path, ca, "a", [], NodeMetrics()) as (a, _):
+        async with tls_swarm(tmp_path, ca, "a", None, NodeMetrics()) as (a, _):
             a.seed(meta, path)
             port = a.listen_port
             return await trio.to_thread.run_sync(_plain_handshake, port, meta)
@@ -234,7 +243,7 @@ async def test_renewed_certificate_files_reach_every_torrent(
         async with (
             tls_tracker(tmp_path, ca, meta) as url,
             tls_swarm(
-                tmp_path, ca, "a", [url + "/announce"], NodeMetrics(), issuer=elsewhere
+                tmp_path, ca, "a", url, NodeMetrics(), issuer=elsewhere
             ) as (a, peer_tls),
         ):
             a.seed(meta, path)

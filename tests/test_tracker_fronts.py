@@ -1,17 +1,16 @@
-"""Announce fronts, sans-IO (tracker/fronts.py) and the node's tier order (tracker/client.py).
+"""Announce fronts, sans-IO (tracker/fronts.py), forwarded and relayed batches.
 
 The batch a standby forwards round-trips, and the serving replica refuses
 anything else with `InvalidRequest` (a path that is not an announce or scrape,
 an oversized query, an address that is no IP, a batch too big or empty,
 answers of the wrong count). A batch applied by `answer_batch` gets exactly
-what each node would have got straight from the tracker. Nodes given several
-trackers start at the one their name picks: every replica is first for some
-nodes, the order keeps every tracker (failover), and a node keeps its order.
+what each node would have got straight from the tracker. A node relay's batch
+(`decode_relayed`, `answer_relayed`) is applied under the identity and address
+of the connection it came on, and a malformed one is refused.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from urllib.parse import quote_from_bytes
 
@@ -22,7 +21,6 @@ import pytest
 from p2preg.core import errors
 from tests.tracker_helpers import blob_meta, make_tracker, publish_as_holder
 from tracker import bittorrent, fronts
-from tracker.client import TrackerClient, announce_start
 
 
 def item(query: bytes = b"info_hash=x", *, ip: str = "10.0.0.1",
@@ -78,13 +76,27 @@ async def test_a_forwarded_batch_gets_what_the_nodes_would_have_got(tmp_path: Pa
     assert all(tracker.peers.peer(str(meta.digest), n) is not None for n in ("a", "b", "c"))
 
 
-def test_nodes_spread_their_first_tracker_and_keep_every_one() -> None:
-    bases = ["http://t0:6969", "http://t1:6969", "http://t2:6969"]
-    firsts = Counter(announce_start(f"node-{n}", 3) for n in range(300))
-    assert set(firsts) == {0, 1, 2} and min(firsts.values()) > 60  # uniform: 100 each
-    for node in ("node-1", "node-2", "node-3", "node-4"):
-        urls = TrackerClient(bases, node=node).announce_urls
-        start = announce_start(node, 3)
-        assert [u.partition("/announce")[0] for u in urls] == bases[start:] + bases[:start]
-        assert TrackerClient(bases, node=node).announce_urls == urls  # a node keeps its order
-    assert TrackerClient(bases[:1], node="x").announce_urls[0].startswith(bases[0])
+async def test_a_relayed_batch_is_applied_under_the_connection_s_identity(
+    tmp_path: Path,
+) -> None:
+    tracker = make_tracker(tmp_path)
+    meta = blob_meta(tmp_path)
+    await publish_as_holder(tracker, meta, "a")
+    (ih,) = meta.swarm_keys
+    q = (f"info_hash={quote_from_bytes(ih)}&peer_id={'p' * 20}&port=7001"
+         "&uploaded=0&downloaded=0&left=1").encode()  # fmt: skip
+    body = msgpack.packb([q, q.replace(b"port=7001", b"port=7002")], use_bin_type=True)
+    queries = fronts.decode_relayed(body)
+    # Two announces of one identity are one peer (the later port), at the connection's address.
+    items = fronts.relayed(queries, "10.0.0.9", "n9")
+    assert [i.identity for i in items] == ["n9", "n9"] and items[0].client_ip == "10.0.0.9"
+    answers = fronts.answer_relayed(tracker, items)
+    assert all(b"failure reason" not in lt.bdecode(a) for a in answers)
+    assert tracker.peers.peer(str(meta.digest), "n9") is not None
+    assert tracker.metrics.relayed.labels("applied")._value.get() == 2
+    assert tracker.metrics.relayed_batches._value.get() == 1
+    too_many = msgpack.packb([q] * (fronts.BATCH_MAX + 1))
+    for bad in (b"\xc1", msgpack.packb([]), msgpack.packb(["text"]),
+                msgpack.packb([b"x" * 4097]), too_many):  # fmt: skip
+        with pytest.raises(errors.InvalidRequest):
+            fronts.decode_relayed(bad)

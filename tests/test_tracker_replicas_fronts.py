@@ -203,3 +203,39 @@ async def test_with_a_token_a_front_forwards_with_it_and_nothing_forwards_withou
         assert token.encode() not in r.content
         assert metric(first, "p2preg_tracker_forwarded_total", result="applied") >= 1
         assert "c" not in server.cli("HKEYS", f"p2preg:p:{meta.digest}")
+
+
+async def test_a_standby_forwards_a_node_relay_s_batch_to_the_serving_replica(
+    tmp_path: Path,
+) -> None:
+    """A node relay's batch (`POST /v1/announces`) that reaches a standby is applied
+    by the serving replica, under the node the relay's client names."""
+    token = "relay-token"
+    meta = blob_meta(tmp_path)
+    (ih,) = meta.swarm_keys
+    with (
+        start_redis(tmp_path / "redis", password=PASSWORD) as server,
+        replicas(tmp_path, server.url(), 2, token=token, password=PASSWORD) as trackers,
+    ):
+        first = serving(trackers)
+        (front,) = (t for t in trackers if t is not first)
+        async with open_tracker_client(first.url, node="a", token=token) as a:
+            await file_as_holder(a, meta)
+        # As libtorrent sends it to the relay: no token, no node (the client adds both).
+        q = (f"info_hash={quote_from_bytes(ih)}&peer_id={quote_from_bytes(bytes([3]) * 20)}"
+             f"&port=7003&uploaded=0&downloaded=0&left=0&compact=1").encode()  # fmt: skip
+        answers: list[bytes] = []
+        async with open_tracker_client(front.url, node="a", token=token) as relayed:
+            with trio.move_on_after(NEXT_TERM_WAIT_S):
+                for _ in range(int(NEXT_TERM_WAIT_S / 0.2)):  # until the front knows the term
+                    answers = await relayed.announce_batch([q, q], 10)
+                    if all(b"failure reason" not in lt.bdecode(x) for x in answers):
+                        break
+                    await trio.sleep(0.2)
+        assert len(answers) == 2 and b"failure reason" not in lt.bdecode(answers[0]), answers
+        assert metric(front, "p2preg_tracker_relayed_total", result="forwarded") >= 2
+        assert metric(first, "p2preg_tracker_forwarded_total", result="applied") >= 2
+        async with httpx.AsyncClient(headers={"Connection": "close"}) as http:
+            r = await http.get(f"{first.url}/announce?" + announce_query(meta, 4, left=1)
+                               + f"&node=b&token={token}")  # fmt: skip
+        assert peer(3) in peers_of(lt.bdecode(r.content))

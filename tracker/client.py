@@ -12,15 +12,14 @@ all the traffic. A 4xx is an answer and goes back to the caller as is.
 With a tls_dir (`ReloadingTLS`) it speaks HTTPS showing the node's certificate,
 checks the tracker's (chain to ca.crt, hostname, and a `tracker` identity of the
 node's own cluster), sends no token, and moves to a fresh connection pool when
-renewed files were loaded. It also derives the announce URLs the node gives
-libtorrent (one per tracker, starting at the one the node's name picks). This
+renewed files were loaded. It also carries the batches of the node's announce
+relay (`announce_batch`), so the node's announces share this connection. This
 module must not retry beyond that one round or decide policy — the node does —
 and keeps no state but its connection pool and which tracker is current.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -29,6 +28,7 @@ from typing import Any
 from urllib.parse import quote, quote_from_bytes, urlsplit
 
 import httpx
+import msgpack
 
 from p2preg.core import errors, wire
 from p2preg.core.digest import Digest
@@ -39,6 +39,7 @@ from tracker.announce import SwarmStats, decode_scrape
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 10.0
+RELAY_CONTENT_TYPE = "application/msgpack"
 
 
 class TrackerClient:
@@ -132,20 +133,11 @@ class TrackerClient:
     # -- URLs for libtorrent -----------------------------------------------------
 
     @property
-    def announce_urls(self) -> list[str]:
-        """HTTP announce URLs, one per tracker (a tier each), in the order given but
-        starting at the one `announce_start` picks for this node: every replica
-        answers announces (tracker/fronts.py), so a cluster's nodes spread their
-        handshakes over all of them and still move to the next one on a failure."""
-        urls = [base + "/announce" + self._announce_query() for base in self.base_urls]
-        start = announce_start(self.node, len(urls))
-        return urls[start:] + urls[:start]
-
-    @property
     def announce_url(self) -> str:
-        """The first tracker's announce URL; the path ends in /announce, as
-        libtorrent's SSRF check wants."""
-        return self.announce_urls[0]
+        """The first tracker's announce URL, for a BitTorrent client announcing to it
+        directly (a node's libtorrent announces through its relay instead); the path
+        ends in /announce, as libtorrent's SSRF check wants."""
+        return self.base_urls[0] + "/announce" + self._announce_query()
 
     @property
     def udp_announce_url(self) -> str:
@@ -160,6 +152,30 @@ class TrackerClient:
         if self._tls is None:
             params.append("node=" + quote(self.node, safe=""))
         return "?" + "&".join(params) if params else ""
+
+    async def announce_batch(self, queries: Sequence[bytes], timeout_s: float) -> list[bytes]:
+        """Send announces a node's relay collected (raw query strings, as libtorrent
+        built them) on this client's connection; their bencoded answers, in order.
+        The tracker applies each under this connection's identity and address; in a
+        token cluster the query also carries the token and the node's name, here in
+        a request body, never in a URL. Fails over like every other request."""
+        extra = self._announce_query()[1:].encode()
+        rows = [q + b"&" + extra if extra else q for q in queries]
+        headers = dict(self._headers)
+        headers["Content-Type"] = RELAY_CONTENT_TYPE
+        body = msgpack.packb(rows, use_bin_type=True)
+        response = await self._send("POST", "/v1/announces", body, headers, timeout_s)
+        try:
+            answers = msgpack.unpackb(response.content, raw=False)
+        except (ValueError, msgpack.UnpackException):
+            answers = None
+        if (
+            not isinstance(answers, list)
+            or len(answers) != len(rows)
+            or not all(isinstance(a, bytes) for a in answers)
+        ):
+            raise errors.TrackerUnavailable(f"tracker sent {len(rows)} announces a bad answer")
+        return answers
 
     # -- metainfo ------------------------------------------------------------------
 
@@ -410,13 +426,6 @@ class TrackerClient:
         log.warning("%s: moving on to tracker %s", failed, self.base_url)
         if self._on_failover is not None:
             self._on_failover(reason)
-
-
-def announce_start(node: str, trackers: int) -> int:
-    """Which of `trackers` a node announces to first: a hash of its name, the same on
-    every start (a node keeps its replica) and uniform over a cluster's nodes."""
-    digest = hashlib.blake2b(node.encode(), digest_size=8, person=b"p2preg-tier").digest()
-    return int.from_bytes(digest, "big") % trackers
 
 
 def _named(base: str, failure: errors.TrackerError) -> str:

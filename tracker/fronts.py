@@ -12,8 +12,14 @@ in one memory. Only a replica may speak for a node: under mutual TLS the
 forwarding connection shows a tracker certificate of the cluster (and checks
 that the far side shows one too); with a token, it carries the cluster token.
 
-Owns the batch codec (sans-IO: `encode_batch`, `decode_batch`, `encode_answers`,
-`decode_answers`), the serving side's `answer_batch`, and `Front`, the
+Nodes batch too: a node's announce relay (p2preg/node/relay.py) sends
+libtorrent's announces over its kept-alive control connection to
+`RELAY_PATH`, and they are applied the same way, under that connection's
+identity and address; a standby forwards such a batch like any announce.
+
+Owns the batch codecs (sans-IO: `encode_batch`, `decode_batch`, `encode_answers`,
+`decode_answers`, `decode_relayed`), the serving side's `answer_batch` and
+`answer_relayed`, and `Front`, the
 standby's sender: a failure — no serving replica known, unreachable, out of
 time, refused — is answered at once with a bencoded failure after at most
 `FORWARD_TIMEOUT_S`, so libtorrent moves on or retries. It must not decide
@@ -42,6 +48,8 @@ from tracker.metrics import TrackerMetrics
 log = logging.getLogger("p2preg.tracker")
 
 FORWARD_PATH = "/v1/replica/announces"
+# Where a node's announce relay sends its batches, on its control connection.
+RELAY_PATH = "/v1/announces"
 CONTENT_TYPE = "application/msgpack"
 # A node's announce waits at most this long on a front before it is answered
 # with a failure: libtorrent then tries its next tier, or again later.
@@ -126,15 +134,48 @@ def decode_answers(body: bytes, count: int) -> list[bytes]:
     return answers
 
 
-def answer_batch(tracker: Tracker, items: Sequence[Forwarded]) -> list[bytes]:
-    """What the serving replica answers each forwarded request: exactly what it
-    would answer the node had it come straight here (same rules, same counts)."""
+def _apply(tracker: Tracker, items: Sequence[Forwarded]) -> list[bytes]:
+    """What the serving replica answers each request: exactly what it would answer
+    the node had it come straight here (same rules, same counts)."""
     bodies = []
     for i in items:
         body = bittorrent.http_body(tracker, i.path, i.query, i.client_ip, i.identity)
         bodies.append(body or b"")
+    return bodies
+
+
+def answer_batch(tracker: Tracker, items: Sequence[Forwarded]) -> list[bytes]:
+    """The serving replica's answers to a standby's forwarded batch."""
+    bodies = _apply(tracker, items)
     tracker.metrics.forwarded_applied.inc(len(items))
     tracker.metrics.forwarded_batches.inc()
+    return bodies
+
+
+def decode_relayed(body: bytes) -> list[bytes]:
+    """The announce queries of a node relay's batch (`POST /v1/announces`: a msgpack
+    list of raw query strings); InvalidRequest if malformed."""
+    rows = _unpack(body)
+    if not isinstance(rows, list) or not 1 <= len(rows) <= BATCH_MAX:
+        raise errors.InvalidRequest(f"a relayed batch is a list of 1 to {BATCH_MAX} queries")
+    for query in rows:
+        if not isinstance(query, bytes) or len(query) > MAX_QUERY_BYTES:
+            raise errors.InvalidRequest(f"a relayed query is bytes of at most {MAX_QUERY_BYTES}")
+    return rows
+
+
+def relayed(queries: Sequence[bytes], client_ip: str, identity: str | None) -> list[Forwarded]:
+    """A relay's announces as if the node had sent each itself on its control
+    connection: that connection's address and identity (None: a token cluster,
+    where the query names the node)."""
+    return [Forwarded(ANNOUNCE_PATH, q, client_ip, identity) for q in queries]
+
+
+def answer_relayed(tracker: Tracker, items: Sequence[Forwarded]) -> list[bytes]:
+    """The serving replica's answers to a node relay's batch."""
+    bodies = _apply(tracker, items)
+    tracker.metrics.relayed.labels("applied").inc(len(items))
+    tracker.metrics.relayed_batches.inc()
     return bodies
 
 
@@ -190,6 +231,21 @@ class Front:
         slot.abandoned = True
         self._metrics.front_forwards.labels(slot.result).inc()
         return slot.body
+
+    async def answer_all(self, items: Sequence[Forwarded]) -> list[bytes] | None:
+        """The serving replica's answers to every one of `items` (a node relay's
+        batch, which the senders batch again), or None if any could not be had."""
+        answers: list[bytes | None] = [None] * len(items)
+
+        async def one(n: int) -> None:
+            answers[n] = await self.answer(items[n])
+
+        async with trio.open_nursery() as nursery:
+            for n in range(len(items)):
+                nursery.start_soon(one, n)
+        if any(a is None for a in answers):
+            return None
+        return [a for a in answers if a is not None]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Send batches for good, `SENDERS` at a time."""

@@ -222,6 +222,23 @@ async def _forwarded(call: Call) -> Response:
     return Response(200, fronts.encode_answers(bodies), fronts.CONTENT_TYPE)
 
 
+def _relayed_items(call: Call) -> list[fronts.Forwarded]:
+    """A node relay's batch as announces of this connection's identity and address."""
+    try:
+        queries = fronts.decode_relayed(call.request.body)
+    except errors.TrackerError:
+        call.tracker.metrics.relayed.labels("refused").inc()
+        raise
+    return fronts.relayed(queries, call.request.client_ip, call.identity(None))
+
+
+async def _relayed(call: Call) -> Response:
+    """Announces a node's relay sends on its control connection (p2preg/node/relay.py):
+    each answered as if it had come straight from the node, no handshake of its own."""
+    bodies = fronts.answer_relayed(call.tracker, _relayed_items(call))
+    return Response(200, fronts.encode_answers(bodies), fronts.CONTENT_TYPE)
+
+
 async def _publish_chunk(call: Call) -> Response:
     msg = call.message(wire.PublishChunk, Kind.PUBLISH)
     created = await call.tracker.chunks.publish(call.digest, msg)
@@ -276,6 +293,7 @@ ROUTES: tuple[Route, ...] = (
     _route("GET", "/v1/chunks/{digest}", _list_chunks),
     _route("PUT", "/v1/chunks/{digest}", _publish_chunk),
     _route("POST", "/v1/chunks/{digest}/bad", _report_chunks),
+    _route("POST", fronts.RELAY_PATH, _relayed),
 )
 # What the plain metrics listener serves beside an mTLS port: nothing that
 # carries a secret or changes state.
@@ -382,6 +400,8 @@ class TrackerHttp:
         if standby is not None and route.handler not in _STANDBY_HANDLERS:
             if route.handler is _bittorrent:  # what a BitTorrent client reads: bencoded
                 return await self._front(request, standby)
+            if route.handler is _relayed and self.front is not None and standby is OTHER_SERVES:
+                return await self._front_relayed(Call(self.tracker, request, digest), standby)
             return _error(standby.code, standby.message, 503)
         try:
             if route.bearer:
@@ -409,6 +429,21 @@ class TrackerHttp:
             message = "this tracker replica could not reach the one that serves; try again"
             return Response(503, encode_failure(message), "text/plain", close=True)
         return Response(503, encode_failure(standby.message), "text/plain", close=True)
+
+    async def _front_relayed(self, call: Call, standby: Standby) -> Response:
+        """A node relay's batch on a standby: the serving replica's answers through the
+        front; else a 503, so that the node's client tries its next tracker."""
+        assert self.front is not None
+        try:
+            self.tracker.check_token(_bearer(call.request))
+            items = _relayed_items(call)
+        except errors.TrackerError as e:
+            return _error(e.code, str(e), e.status)
+        bodies = await self.front.answer_all(items)
+        if bodies is None:
+            return _error(standby.code, "could not reach the serving replica", 503)
+        self.tracker.metrics.relayed.labels("forwarded").inc(len(items))
+        return Response(200, fronts.encode_answers(bodies), fronts.CONTENT_TYPE)
 
     def refuse(self, refusal: Refusal) -> Response:
         """The answer to a request that could not be read; the connection closes after it."""

@@ -30,6 +30,8 @@ STALL_OUTCOMES = ("counted", "ignored", "unknown_peer", "delisted")
 FRONT_RESULTS = ("answered", "no_term", "busy", "timeout", "unreachable", "refused")
 # ... and what the serving replica did with forwarded ones.
 FORWARDED_RESULTS = ("applied", "refused")
+# What became of batches of announces a node's relay sent (fronts.answer_relayed).
+RELAYED_RESULTS = ("applied", "forwarded", "refused")
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +305,20 @@ class TrackerMetrics:
         self.forwarded_batches = Counter(
             "p2preg_tracker_forwarded_batches",
             "Batches of forwarded BitTorrent requests this replica applied",
+            registry=self.registry,
+        )
+        self.relayed = Counter(
+            "p2preg_tracker_relayed",
+            "Announces nodes' relays sent over their control connection, by result: applied"
+            " here, forwarded to the serving replica, or refused with their batch",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in RELAYED_RESULTS:
+            self.relayed.labels(result)
+        self.relayed_batches = Counter(
+            "p2preg_tracker_relayed_batches",
+            "Batches of announces nodes' relays sent (POST /v1/announces)",
             registry=self.registry,
         )
 

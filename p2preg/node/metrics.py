@@ -157,6 +157,17 @@ class NodeMetrics:
             ["reason"], registry=r,
         )
         self.blobs_seeded = Gauge("p2preg_blobs_seeded", "Blobs this node seeds", registry=r)
+        self.relay_announces = Counter(
+            "p2preg_relay_announces",
+            "libtorrent announces through the node's relay, by result: answered by a tracker,"
+            " refused by the guard (unknown_torrent, other_port, malformed), no_tracker, busy",
+            ["result"], registry=r,
+        )
+        self.relay_batches = Counter(
+            "p2preg_relay_batches",
+            "Batches of announces the relay sent over the control connection",
+            registry=r,
+        )
         self.peer_slow_drops = Counter(
             "p2preg_peer_slow_drops",
             "Slow peers disconnected to free the requests they held (slowpeers.py)",

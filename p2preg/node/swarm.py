@@ -5,12 +5,11 @@ lives as `sha256-<hex>`. A blob the node seeds is a hard link to the store's
 verified file (no copy); a blob being downloaded is written there by
 libtorrent and only becomes a store blob after the node has checked its whole
 digest. The swarm is private: BEP 27 flag on every torrent, no DHT, LSD, UPnP,
-NAT-PMP or PEX peers; the cluster's trackers, each a tier of its own, in the
-order configured, are its only trackers. With a tls_dir every torrent is a
-libtorrent SSL torrent: the session listens on an `s` interface only, a torrent
-is added without trackers, given the node's certificate, and only then its
-trackers (libtorrent shows the certificate to an HTTPS tracker only once it is
-set); renewed files are set again on every torrent. While a download runs it
+NAT-PMP or PEX peers; its one tracker is the node's announce relay (relay.py),
+which carries announces to the cluster's trackers. With a tls_dir every torrent
+is a libtorrent SSL torrent: the session listens on an `s` interface only and
+each torrent is given the node's certificate as it is added; renewed files are
+set again on every torrent. While a download runs it
 samples the torrent's peers, and the connections that failed, for stalling or
 unreachable ones and reports them through the `report_stall` it was given
 (the tracker client's; stallreports.py); slow ones lose their requests (slowpeers.py). Alerts reach
@@ -85,16 +84,8 @@ def session_settings(listen: str) -> lt.settings_pack:
         "smooth_connects": False,
         "torrent_connect_boost": 64,
         "close_redundant_connections": True,
-        # Each tracker is a tier of its own (replicas of one cluster): announce
-        # to the first that answers, the next only when it fails. With
-        # announce_to_all_trackers on, libtorrent 2.1.1 announced to every tier at
-        # once (measured: both replicas got each `started`), doubling the load.
-        "announce_to_all_trackers": False,
-        "announce_to_all_tiers": False,
-        # A refused connection moves to the next tier at once; a tracker that
-        # accepts and never answers held it for the default 30 s (measured),
-        # 10 s here, the control API's timeout (tracker/client.py) too.
-        "tracker_completion_timeout": 10,
+        # The relay answers after trying every tracker (relay.TRACKER_TIMEOUT_S
+        # each): libtorrent's default 30 s leaves it that time.
         # A peer that has not accepted our connection within 5 s on a cluster's
         # network is gone (default 15 s): it is then reported unreachable
         # within peer_stall_report_s rather than after it (stallreports.py).
@@ -147,7 +138,7 @@ class Swarm:
         self,
         session: Any,
         swarm_dir: Path,
-        announce_urls: list[str],
+        announce_url: str,
         metrics: NodeMetrics,
         tls: PeerTLS | None = None,
         stall_reports: tuple[ReportStall, float] | None = None,
@@ -157,7 +148,7 @@ class Swarm:
         self._stall_reports = stall_reports
         self._reports: StallReports | None = None  # set once the nursery runs
         self.swarm_dir = swarm_dir
-        self._announce_urls = announce_urls
+        self._announce_url = announce_url
         self._metrics = metrics
         self._tls = tls
         self._torrents: dict[Digest, _Torrent] = {}
@@ -175,6 +166,15 @@ class Swarm:
             return int(self._session.ssl_listen_port())
         return int(self._session.listen_port())
 
+    @property
+    def listen_ports(self) -> frozenset[int]:
+        """Every port this session listens on: what its announces may name."""
+        return frozenset({self._session.listen_port(), self._session.ssl_listen_port()} - {0})
+
+    def holds(self, info_hash: bytes) -> bool:
+        """Whether a torrent here announces under `info_hash` (v2, truncated to 20 bytes)."""
+        return any(full[:20] == info_hash for full in self._by_hash)
+
     def path(self, digest: Digest) -> Path:
         return self.swarm_dir / info_name(digest)
 
@@ -188,12 +188,9 @@ class Swarm:
         atp = lt.add_torrent_params()
         atp.ti = lt.torrent_info(meta.data)
         atp.save_path = str(self.swarm_dir)
-        # An SSL torrent gets its trackers only once its certificate is set (_add).
-        # Each tracker is a tier of its own (BEP 12): libtorrent announces to the
-        # first that answers, and moves on to the next when one fails.
-        if self._tls is None:
-            atp.trackers = list(self._announce_urls)
-            atp.tracker_tiers = list(range(len(self._announce_urls)))
+        # The node's announce relay (relay.py) is the one tracker: it needs no
+        # certificate of libtorrent, and the control client fails over.
+        atp.trackers = [self._announce_url]
         atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused | FILTERED)
         atp.flags |= lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd
         atp.flags |= lt.torrent_flags.disable_pex
@@ -202,11 +199,7 @@ class Swarm:
     def _add(self, atp: Any) -> Any:
         handle = self._session.add_torrent(atp)
         if self._tls is not None:
-            # An announce sent before this goes without a client certificate,
-            # which an mTLS tracker refuses: hence no trackers until now.
             self._tls.apply(handle)
-            for tier, url in enumerate(self._announce_urls):
-                handle.add_tracker({"url": url, "tier": tier})
         return handle
 
     def _track(self, meta: Metainfo, handle: Any, *, seeding: bool) -> _Torrent:
@@ -300,6 +293,11 @@ class Swarm:
         t = self._torrents.get(digest)
         if t is not None:
             t.handle.force_reannounce()
+
+    def pause(self) -> int:
+        """Pause every torrent (each announces `stopped`); how many had announced."""
+        self._session.pause()
+        return sum(t.announced.is_set() for t in self._torrents.values())
 
     def mark_seeding(self, digest: Digest) -> None:
         t = self._torrents.get(digest)
@@ -454,14 +452,14 @@ def listen_interfaces(host: str, port: int, ssl_port: int, *, tls: bool) -> str:
 async def open_swarm(
     data_dir: Path,
     listen: str,
-    announce_urls: list[str],
+    announce_url: str,
     metrics: NodeMetrics,
     *,
     tls: PeerTLS | None = None,
     stall_reports: tuple[ReportStall, float] | None = None,
 ) -> AsyncIterator[Swarm]:
     """A session listening on `listen` (libtorrent's `listen_interfaces`), torrents
-    announced to `announce_urls`; with `tls`, SSL torrents only; with
+    announced to `announce_url` (the node's relay); with `tls`, SSL torrents only; with
     `stall_reports` (report call, seconds), peers that stall a download reported."""
     swarm_dir = data_dir / "swarm"
     # Whatever is here is a link to a store blob or an unverified partial
@@ -473,7 +471,7 @@ async def open_swarm(
     os.set_blocking(read_fd, False)
     os.set_blocking(write_fd, False)
     session.set_alert_fd(write_fd)
-    swarm = Swarm(session, swarm_dir, announce_urls, metrics, tls, stall_reports)
+    swarm = Swarm(session, swarm_dir, announce_url, metrics, tls, stall_reports)
     try:
         async with trio.open_nursery() as nursery:
             if stall_reports is not None:
@@ -491,9 +489,7 @@ async def open_swarm(
         session.pause()
         for handle in session.get_torrents():
             session.remove_torrent(handle)
-        # The last reference: the session's destructor sends `stopped` for every
-        # torrent and waits (at most `stop_tracker_timeout`) for the tracker, so
-        # the cluster stops handing this node out now, not a peer TTL later.
+        # The last reference (paused, the torrents have sent their `stopped`).
         swarm._session = None
         del session
         os.close(read_fd)

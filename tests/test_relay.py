@@ -1,0 +1,104 @@
+"""The node's announce relay (p2preg/node/relay.py): its guard sans-IO, and its batching
+over a real loopback socket with a fake tracker client.
+
+The guard forwards an announce only for a torrent the swarm holds and from one
+of its listen ports, and drops `token`, `node` and `ip`; anything else is a
+bencoded failure, counted by why. Announces in flight at once each get their
+own answer from the batches they went in; a tracker failure is a bencoded failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote_from_bytes
+
+import httpx
+import libtorrent as lt
+import trio
+
+from p2preg.core import errors
+from p2preg.node.metrics import NodeMetrics
+from p2preg.node.relay import checked, open_relay, parse_head
+
+HELD = bytes(range(20))
+
+
+class Held:
+    listen_ports = frozenset({6882})
+
+    def holds(self, info_hash: bytes) -> bool:
+        return info_hash == HELD
+
+    def pause(self) -> int:
+        return 0
+
+
+class FakeTracker:
+    """Answers each query with its own text, or fails every batch."""
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.batches: list[list[bytes]] = []
+        self.fail = fail
+
+    async def announce_batch(self, queries: Sequence[bytes], timeout_s: float) -> list[bytes]:
+        self.batches.append(list(queries))
+        if self.fail:
+            raise errors.TrackerUnavailable("every tracker is down")
+        return [b"answer:" + q for q in queries]
+
+
+def target(info_hash: bytes = HELD, port: int = 6882, extra: str = "") -> bytes:
+    q = f"info_hash={quote_from_bytes(info_hash)}&peer_id={'p' * 20}&port={port}&left=0{extra}"
+    return b"/announce?" + q.encode()
+
+
+def reason(body: bytes) -> bytes:
+    doc: Any = lt.bdecode(body)
+    return bytes(doc[b"failure reason"])
+
+
+def test_the_guard_forwards_only_the_node_s_torrents_and_ports() -> None:
+    query, result = checked(target(extra="&token=s3cret&node=other&ip=10.9.9.9"), Held())
+    assert result == "answered" and query is not None
+    assert b"token" not in query and b"node=" not in query and b"ip=" not in query
+    assert b"port=6882" in query
+    assert checked(target(bytes(20)), Held()) == (None, "unknown_torrent")
+    assert checked(target(port=6881), Held()) == (None, "other_port")
+    assert checked(target(port=6882).replace(b"port=6882", b"port=99999999"), Held())[1] in (
+        "other_port", "malformed")  # fmt: skip
+    assert checked(b"/scrape?" + target().partition(b"?")[2], Held()) == (None, "malformed")
+    assert checked(target(), None) == (None, "malformed")  # no swarm attached yet
+    assert parse_head(b"GET /announce?x HTTP/1.1\r\nHost: a\r\n\r\n") == b"/announce?x"
+    assert parse_head(b"POST /announce HTTP/1.1\r\n\r\n") is None
+
+
+async def test_each_announce_gets_its_own_answer_and_a_failure_is_bencoded() -> None:
+    metrics = NodeMetrics()
+    tracker = FakeTracker()
+    async with open_relay(tracker, metrics) as relay, httpx.AsyncClient() as http:
+        relay.attach(Held())
+        answers: list[bytes] = []
+
+        def url(t: bytes) -> str:
+            return relay.url + "?" + t.partition(b"?")[2].decode()
+
+        async def get(t: bytes) -> None:
+            answers.append((await http.get(url(t))).content)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for n in range(4):
+                    nursery.start_soon(get, target(extra=f"&n={n}"))
+        assert sorted(a.rpartition(b"&n=")[2] for a in answers) == [b"0", b"1", b"2", b"3"]
+        assert sum(len(b) for b in tracker.batches) == 4
+        refused = await http.get(url(target(bytes(20))))
+        assert b"unknown_torrent" in reason(refused.content)
+        assert sum(len(b) for b in tracker.batches) == 4  # it reached no tracker
+        tracker.fail = True
+        failed = await http.get(url(target()))
+        assert b"no tracker answered" in reason(failed.content)
+    sample = metrics.registry.get_sample_value
+    assert sample("p2preg_relay_announces_total", {"result": "answered"}) == 4
+    assert sample("p2preg_relay_announces_total", {"result": "unknown_torrent"}) == 1
+    assert sample("p2preg_relay_announces_total", {"result": "no_tracker"}) == 1
