@@ -20,14 +20,15 @@ What is asserted, and why:
   (`standing_by`) and asks again until one serves; and the nodes whose client
   moved on announced their downloads and new seeds again (its log says so), so
   a seeder whose last announce died with the replica is found by the next;
-- upstream, counted from the seed registry's own log: each layer whose swarm
-  held every node before the kill crossed exactly once, and every layer at
-  most once per node, always as a whole copy. Every layer crossed once in 30
-  of 32 runs on this machine; in two, one layer crossed again after a stall,
-  its holder's seeding announce lost with the replica (docs/RELIABILITY.md,
-  Known gaps, and the re-announce that followed), so the bound asserted for
-  the others is per node, not the issue's 1.05x. The copies and the
-  fallbacks are printed.
+- upstream, counted from the seed registry's own log: every layer crossed
+  exactly once, as a whole copy (the issue's 1.05x of four nodes' one copy).
+  Each node takes at most 2 MiB/s from upstream, so the image's four layers
+  cross one after another over ~6 s and the kill lands while some still wait
+  or cross, whatever the machine's load. A seeder's announce that died with the
+  replica is not lost: a node's announces go through its relay on the control
+  connection, whose client moves to the next replica at the first failed
+  request and announces the node's downloads and seeds again
+  (p2preg/node/takeover.py). The copies and the fallbacks are printed.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ MiB = 1024 * 1024
 # Above the node's p2p threshold (1 MiB): every layer goes through the swarm.
 LAYERS = (3 * MiB, 3 * MiB, 3 * MiB, 3 * MiB)
 NODES = 4
+# Each node's cap on upstream: a 3 MiB layer takes 1.5 s, so the kill lands mid-pull.
+UPSTREAM_CAP = "2MiB"
 TOKEN = "fanout-token"
 PASSWORD = "fanout-store-password"
 
@@ -88,7 +91,8 @@ def _nodes(
 ) -> list[NodeProcess]:
     out = []
     for i in range(NODES):
-        args = ["--peer-host", "127.0.0.1", "--peer-port", "0", "--node-name", f"n{i}"]
+        args = ["--peer-host", "127.0.0.1", "--peer-port", "0", "--node-name", f"n{i}",
+                "--upstream-download-limit-bytes-s", UPSTREAM_CAP]  # fmt: skip
         for t in trackers:
             args += ["--tracker", t.url]
         out.append(stack.enter_context(open_node(
@@ -159,9 +163,10 @@ def test_the_serving_replica_killed_mid_fanout_every_pull_completes_and_a_standb
         print("layers joined by every node before the kill:", sorted(d[7:19] for d in before))
         print("upstream copies per layer:", {d[7:19]: len(g) for d, g in gets.items()},
               "tracker fallbacks:", fallbacks)  # fmt: skip
-        for digest in before:
-            assert len(gets[digest]) == 1, (digest, gets)
-        assert all(1 <= len(g) <= NODES for g in gets.values()), gets
+        assert before, "no layer's swarm held every node before the kill"
+        assert len(before) < len(gets), "every layer had spread before the kill"
+        for digest, got in gets.items():
+            assert len(got) == 1, (digest, gets)
         sizes = {b.digest: b.size for b in image.manifests[0].layers}
         for digest, got in gets.items():
             assert all(n == sizes[digest] for n in got), (digest, got)  # whole copies only
