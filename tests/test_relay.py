@@ -19,7 +19,7 @@ import trio
 
 from p2preg.core import errors
 from p2preg.node.metrics import NodeMetrics
-from p2preg.node.relay import checked, open_relay, parse_head
+from p2preg.node.relay import checked, open_relay, parse_head, relay_host
 
 HELD = bytes(range(20))
 
@@ -102,3 +102,32 @@ async def test_each_announce_gets_its_own_answer_and_a_failure_is_bencoded() -> 
     assert sample("p2preg_relay_announces_total", {"result": "answered"}) == 4
     assert sample("p2preg_relay_announces_total", {"result": "unknown_torrent"}) == 1
     assert sample("p2preg_relay_announces_total", {"result": "no_tracker"}) == 1
+
+
+def test_the_relay_listens_where_libtorrent_announces_from() -> None:
+    # libtorrent announces from each listen socket, bound to its address: a node
+    # listening on one address reaches a relay there, not one on 127.0.0.1.
+    assert relay_host("198.18.0.10") == "198.18.0.10"
+    assert relay_host("0.0.0.0") == "127.0.0.1" and relay_host("::") == "127.0.0.1"
+
+
+async def test_a_connection_from_another_address_is_refused() -> None:
+    """Bound to 127.0.0.2, the relay answers 127.0.0.2 only: a connection from
+    127.0.0.1 (as from another host) gets a failure and reaches no tracker."""
+    metrics = NodeMetrics()
+    tracker = FakeTracker()
+    query = target().partition(b"?")[2].decode()
+    async with open_relay(tracker, metrics, "127.0.0.2") as relay:
+        relay.attach(Held())
+        assert relay.url.startswith("http://127.0.0.2:")
+        async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(
+                local_address="127.0.0.1")) as other:  # fmt: skip
+            refused = await other.get(f"{relay.url}?{query}")
+        async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(
+                local_address="127.0.0.2")) as own:  # fmt: skip
+            answered = await own.get(f"{relay.url}?{query}")
+    assert b"its own address only" in reason(refused.content)
+    assert answered.content == b"answer:" + query.encode()
+    assert [len(b) for b in tracker.batches] == [1]
+    sample = metrics.registry.get_sample_value
+    assert sample("p2preg_relay_announces_total", {"result": "other_host"}) == 1

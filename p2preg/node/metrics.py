@@ -160,7 +160,8 @@ class NodeMetrics:
         self.relay_announces = Counter(
             "p2preg_relay_announces",
             "libtorrent announces through the node's relay, by result: answered by a tracker,"
-            " refused by the guard (unknown_torrent, other_port, malformed), no_tracker, busy",
+            " refused by the guard (unknown_torrent, other_port, other_host, malformed),"
+            " no_tracker, busy",
             ["result"], registry=r,
         )
         self.relay_batches = Counter(

@@ -5,7 +5,7 @@ closes the connection after each one and resumes no session), about 2.4 ms of
 its CPU. The node already keeps a connection to the tracker open for the
 control API, with its certificate (or the cluster token) and failover across
 every `--tracker`; so libtorrent's one tracker URL is this relay, plain HTTP
-on 127.0.0.1 and a port the kernel picks, and the relay sends what arrives
+on the node's own peer address and a port the kernel picks, and the relay sends what arrives
 within `WINDOW_S` (at most `BATCH_MAX`) as one `POST /v1/announces` through
 the tracker client. The tracker applies each announce under that connection's
 identity and address, with its unchanged rules, and the relay hands each
@@ -13,8 +13,15 @@ bencoded answer back to libtorrent. The relay forwards only announces of
 torrents this node's swarm holds, from its own listen port: anything else
 (another local process speaking for the node) gets a bencoded failure and is
 counted; `token`, `node` and `ip` parameters are dropped, the client adds the
-node's own. If no tracker answers, libtorrent gets a bencoded failure and
-retries as it would with a direct announce.
+node's own. It listens where libtorrent's announces come from: libtorrent
+announces from each listen socket, bound to that socket's address, so a node
+whose `peer_host` is an address (not the wildcard) cannot reach a relay on
+127.0.0.1 ("No route to host"). The relay binds to that address (127.0.0.1 for
+the wildcard, whose loopback listen socket reaches it) and answers only
+connections from that same address: another host cannot send from the
+node's own address, so only this machine speaks to it. If no tracker
+answers, libtorrent gets a bencoded failure and retries as it would with a
+direct announce.
 
 Owns the loopback listener, its minimal HTTP/1.1 (one GET, answered and
 closed, as libtorrent asks with `Connection: close`), the guard (`checked`,
@@ -41,7 +48,8 @@ from p2preg.node.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
+LOOPBACK = "127.0.0.1"
+_WILDCARDS = ("", "0.0.0.0", "::")
 PATH = b"/announce"  # libtorrent's SSRF check takes a loopback tracker only with this path
 # Announces that arrive within this long of the first go in one request: a
 # batch costs the tracker about what one announce does over the connection.
@@ -63,7 +71,14 @@ LEAVE_S = 2.0
 LEAVE_POLL_S = 0.02
 # Query parameters the relay drops: the node's identity is the connection's.
 _DROPPED = (b"token", b"node", b"ip")
-RESULTS = ("answered", "unknown_torrent", "other_port", "malformed", "no_tracker", "busy")
+RESULTS = (
+    "answered", "unknown_torrent", "other_port", "other_host", "malformed", "no_tracker", "busy",
+)
+
+
+def relay_host(peer_host: str) -> str:
+    """Where the relay listens for a node whose libtorrent listens on `peer_host`."""
+    return LOOPBACK if peer_host in _WILDCARDS else peer_host
 
 
 class Held(Protocol):
@@ -143,11 +158,13 @@ class AnnounceRelay:
         tracker: Sender,
         metrics: NodeMetrics,
         *,
+        host: str = LOOPBACK,
         window_s: float = WINDOW_S,
         batch_max: int = BATCH_MAX,
     ) -> None:
         self._tracker = tracker
         self._metrics = metrics
+        self.host = host
         self._window_s = window_s
         self._batch_max = batch_max
         self._held: Held | None = None  # nothing is forwarded before the swarm is attached
@@ -160,7 +177,8 @@ class AnnounceRelay:
         """libtorrent's one tracker URL (no secret in it)."""
         if not self.port:
             raise RuntimeError("the relay is not listening yet")
-        return f"http://{HOST}:{self.port}{PATH.decode()}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{PATH.decode()}"
 
     def attach(self, held: Held) -> None:
         self._held = held
@@ -193,8 +211,8 @@ class AnnounceRelay:
                 await trio.sleep(LEAVE_POLL_S)
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on loopback and forward for good; started with the relay's URL."""
-        listeners = await trio.open_tcp_listeners(0, host=HOST)
+        """Listen on `host` and forward for good; started with the relay's URL."""
+        listeners = await trio.open_tcp_listeners(0, host=self.host)
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             for _ in range(SENDERS):
@@ -213,7 +231,10 @@ class AnnounceRelay:
                         break
                     head += chunk
             target = parse_head(head) if b"\r\n\r\n" in head else None
-            if target is None:
+            if stream.socket.getpeername()[0] != self.host:
+                self._metrics.relay_announces.labels("other_host").inc()
+                body = failure("the node's announce relay answers its own address only")
+            elif target is None:
                 self._metrics.relay_announces.labels("malformed").inc()
                 body = failure("the node's announce relay takes one GET /announce")
             else:
@@ -247,9 +268,12 @@ class AnnounceRelay:
 
 
 @asynccontextmanager
-async def open_relay(tracker: Sender, metrics: NodeMetrics) -> AsyncIterator[AnnounceRelay]:
-    """A relay listening (its `url` set) and forwarding through `tracker` until exit."""
-    relay = AnnounceRelay(tracker, metrics)
+async def open_relay(
+    tracker: Sender, metrics: NodeMetrics, host: str = LOOPBACK
+) -> AsyncIterator[AnnounceRelay]:
+    """A relay listening on `host` (its `url` set) and forwarding through `tracker`
+    until exit."""
+    relay = AnnounceRelay(tracker, metrics, host=host)
     async with trio.open_nursery() as nursery:
         await nursery.start(relay.serve)
         try:

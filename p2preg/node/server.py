@@ -50,7 +50,7 @@ from p2preg.node.peertls import PeerTLS, PlainTorrents, TorrentRoots
 from p2preg.node.pinbook import PINS_FILE, PinBook
 from p2preg.node.pins import Pins, add_pin_routes
 from p2preg.node.pullorder import PullOrder
-from p2preg.node.relay import open_relay
+from p2preg.node.relay import open_relay, relay_host
 from p2preg.node.resolver import Resolver
 from p2preg.node.seams import in_thread
 from p2preg.node.seeding import Seeding, TorrentFiles, stop_seeding
@@ -120,7 +120,7 @@ async def _open_swarm(
         tracker = TrackerClient(config.tracker_urls, node=name, tls=tls, on_failover=failover)
     try:
         async with (
-            open_relay(tracker, metrics) as relay,
+            open_relay(tracker, metrics, relay_host(config.peer_host)) as relay,
             open_swarm(
                 config.data_dir, listen, relay.url, metrics, tls=peer_tls,
                 stall_reports=(tracker.report_stall, config.peer_stall_report_s),
