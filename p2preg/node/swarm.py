@@ -28,6 +28,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import libtorrent as lt
 import trio
@@ -365,7 +366,9 @@ class Swarm:
             if t is not None:
                 t.announced.set()
         elif isinstance(alert, lt.tracker_error_alert | lt.tracker_warning_alert):
-            log.warning("swarm: %s", _said(alert))
+            # Other listen sockets than the relay's address cannot reach it (relay.py).
+            quiet = alert.local_endpoint[0] != urlsplit(self._announce_url).hostname
+            log.log(logging.DEBUG if quiet else logging.WARNING, "swarm: %s", _said(alert))
         elif isinstance(alert, lt.hash_failed_alert):
             self._metrics.hash_failures.inc()
             if t is not None:
