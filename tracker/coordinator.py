@@ -34,6 +34,7 @@ from tracker.config import TrackerConfig
 from tracker.disputes import Quarantines
 from tracker.expiry import IdleMetainfo
 from tracker.images import ImageIndex
+from tracker.lagmeter import LagMeter
 from tracker.leases import Granted, Lease, LeaseBook, RateRule, Waiters
 from tracker.manifest_shelf import ManifestShelf, check_put
 from tracker.metrics import Gauges, TrackerMetrics
@@ -85,6 +86,7 @@ class Tracker:
         self.peers = PeerTable(
             max_peers_per_swarm=config.max_peers_per_swarm, max_peers=config.max_peers
         )
+        self.lag = lag_meter(config, clock)  # the tracker's lateness, forgiven by the leases
         self.leases = LeaseBook(
             config.lease_ttl_s,
             clock,
@@ -92,6 +94,7 @@ class Tracker:
             max_per_holder=config.max_leases_per_node,
             silence_s=config.lease_silence_s,
             grant_ack_s=config.lease_grant_ack_s,
+            lag=self.lag,
         )
         self.quarantines = Quarantines(config.dispute_quarantine_s, clock)
         self.queue = UpstreamQueue(
@@ -424,6 +427,7 @@ class Tracker:
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_silence)
+            nursery.start_soon(self.lag.run)
             while True:
                 await trio.sleep(interval)
                 try:
@@ -481,5 +485,13 @@ class Tracker:
             peers_cooling=self.swarms.admission.cooling_count(),
             manifests=len(self.manifests),
             manifest_bytes=self.manifests.bytes,
+            lag_s=self.lag(),
+            lag_total_s=self.lag.total_s,
         )
 
+
+def lag_meter(config: TrackerConfig, clock: Callable[[], float]) -> LagMeter:
+    """A lag is held for the longer lease window (a renewal that waited behind it is
+    read within it), and bounded by the TTL, which ends a lease whatever the lag."""
+    hold_s = max(config.lease_silence_s, config.lease_grant_ack_s, 1.0)
+    return LagMeter(clock, hold_s=hold_s, max_s=config.lease_ttl_s)

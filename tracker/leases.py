@@ -14,7 +14,11 @@ sooner than its TTL; a grant that is never renewed (it went into a long poll
 whose node died) is the same case, found sooner: a grant is provisional until
 the holder's first renewal after it (a node sends it at once, before fetching
 anything), and one not acknowledged within `grant_ack_s` is passed on like a
-silent holder's. Neither is revoked: a paused holder that
+silent holder's. Both windows count only silence the tracker can blame on
+the holder: the tracker's own lag (`lag`, seconds: how late it is running the
+requests it has, lagmeter.py) is added to each, so a tracker behind its queue
+does not take a live holder over whose renewal waits in that queue.
+Neither is revoked: a paused holder that
 wakes finishes its copy (one extra upstream copy at most) and may still file
 its torrent (`passed_from`); its renewals are refused with the reason. One
 identity holds at most `max_per_holder` leases at once. `Waiters` is the trio
@@ -115,8 +119,11 @@ class LeaseBook:
         max_per_holder: int | None = None,
         silence_s: float = 0.0,
         grant_ack_s: float = 0.0,
+        lag: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.ttl_s = ttl_s
+        # The tracker's own lag now, s: added to `silence_s` and `grant_ack_s`.
+        self.lag = lag
         # A grant not acknowledged (renewed) this soon passes on as a silent
         # holder's does (0: only `silence_s` counts).
         self.grant_ack_s = grant_ack_s
@@ -179,8 +186,12 @@ class LeaseBook:
 
     def is_silent(self, lease: Lease) -> bool:
         """No sign of life from the holder for `silence_s`: dead, hung, or cut off;
-        or a grant it did not acknowledge within `grant_ack_s`."""
+        or a grant it did not acknowledge within `grant_ack_s`. Each window is
+        lengthened by the tracker's own lag: its lateness is not the holder's."""
         quiet = self._clock() - lease.renewed_at
+        if not (self.silence_s > 0 or (not lease.acked and self.grant_ack_s > 0)):
+            return False
+        quiet -= max(0.0, self.lag())
         if not lease.acked and self.grant_ack_s > 0 and quiet >= self.grant_ack_s:
             return True
         return self.silence_s > 0 and quiet >= self.silence_s
@@ -281,11 +292,13 @@ class LeaseBook:
         if not lease.acked:
             return (
                 f"lease on {lease.digest} handed from {lease.holder!r} to {by!r}: the grant was "
-                f"not acknowledged within {self.grant_ack_s:g} s (lease_grant_ack_s)"
+                f"not acknowledged within {self.grant_ack_s:g} s (lease_grant_ack_s) plus the "
+                f"tracker's lag {max(0.0, self.lag()):.1f} s"
             )
         return (
             f"lease on {lease.digest} handed from {lease.holder!r} to {by!r}: no renewal for "
-            f"{now - lease.renewed_at:.1f} s (lease_silence_s {self.silence_s:g})"
+            f"{now - lease.renewed_at:.1f} s (lease_silence_s {self.silence_s:g} plus the "
+            f"tracker's lag {max(0.0, self.lag()):.1f} s)"
         )
 
     def _check_cap(self, node: str) -> None:

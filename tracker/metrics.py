@@ -46,6 +46,8 @@ class Gauges:
     peers_cooling: int = 0
     manifests: int = 0
     manifest_bytes: int = 0
+    lag_s: float = 0.0
+    lag_total_s: float = 0.0
 
 
 class _LiveCollector(Collector):
@@ -63,6 +65,7 @@ class _LiveCollector(Collector):
             ("peers_cooling", "Peers delisted for stalling others, cooling off", g.peers_cooling),
             ("manifests", "Manifest bodies on the shelf", g.manifests),
             ("manifest_bytes", "Bytes of manifest bodies on the shelf", g.manifest_bytes),
+            ("lag_seconds", "The tracker's own lag, added to the lease windows", g.lag_s),
         ):
             yield GaugeMetricFamily(f"p2preg_tracker_{name}", doc, value=value)
         yield CounterMetricFamily(
@@ -70,6 +73,10 @@ class _LiveCollector(Collector):
         )
         yield CounterMetricFamily(
             "p2preg_tracker_lease_expiries", "Upstream leases that expired", value=g.lease_expiries
+        )
+        yield CounterMetricFamily(
+            "p2preg_tracker_loop_late_seconds", "Time the tracker's loop ran late, summed",
+            value=g.lag_total_s,
         )
 
 

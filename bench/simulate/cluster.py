@@ -72,11 +72,14 @@ class Cluster:
             p.fetches_per_image, p.peer_ttl_s, p.numwant, p.policy,
             self.engine.clock, self.rng, self.engine.schedule, self._delivered,
             silence_s=p.lease_silence_s, grant_ack_s=p.lease_grant_ack_s,
-            handoff_s=p.handoff_s,
+            handoff_s=p.handoff_s, lag=lambda: self.servers.lag(),
         )
-        # Every request to the tracker queues at its replicas (server.py).
+        # Every request to the tracker queues at its replicas (server.py); the
+        # serving replica's queue delay is the tracker's lag, held as the real
+        # tracker holds it (tracker/coordinator.py `lag_meter`).
         self.servers = TrackerServers(
-            p.tracker_replicas, p.announces, Costs(), self.engine.clock, self.engine.schedule
+            p.tracker_replicas, p.announces, Costs(), self.engine.clock, self.engine.schedule,
+            hold_s=max(p.lease_silence_s, p.lease_grant_ack_s, 1.0),
         )
         self.swarms = Swarms(
             self.engine, self.nodes, [chunk_sizes(s, p.chunk_bytes) for s in self.sizes],

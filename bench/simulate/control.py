@@ -97,11 +97,12 @@ class SimTracker:
         silence_s: float = 0.0,
         handoff_s: float = 0.0,
         grant_ack_s: float = 0.0,
+        lag: Callable[[], float] = lambda: 0.0,
     ) -> None:
         ids = itertools.count()
         self.leases = LeaseBook(
             ttl_s, clock, lambda: f"lease-{next(ids)}", rate=rate, silence_s=silence_s,
-            grant_ack_s=grant_ack_s,
+            grant_ack_s=grant_ack_s, lag=lag,
         )
         self.queue = UpstreamQueue(fetches_per_image, clock, handoff_s=handoff_s)
         self.peers = PeerTable(max_peers_per_swarm=1 << 30, max_peers=1 << 40)

@@ -17,11 +17,16 @@ its control calls travel there too and pay no handshake either). Service times
 are `Costs` (from docs/BENCHMARKS.md, named there). `replicas = 0` answers
 every request at once (the model before this one). It records each request's
 wait in its queue, each queue's busy time and the time requests waited at all
-(saturated). It must not decide anything about leases or peers.
+(saturated). `lag` is the serving replica's queue delay, what the real
+tracker's lag meter measures (tracker/lagmeter.py): the longest a request
+waited there over the last `hold_s`, or what one arriving now would wait,
+whichever is more; the simulated tracker's LeaseBook reads it as the real one
+does. It must not decide anything about leases or peers.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -59,6 +64,8 @@ class Queue:
     waits: list[float] = field(default_factory=list)
     saturated_s: float = 0.0
     _waited_until: float = 0.0
+    # (when served, wait) with waits falling: the longest wait since any time.
+    _peaks: deque[tuple[float, float]] = field(default_factory=deque)
 
     def serve(self, now: float, cost: float) -> float:
         """A request arriving `now` (calls come in time order); when it is done."""
@@ -66,11 +73,21 @@ class Queue:
         self.free_at = start + cost
         self.busy_s += cost
         self.waits.append(start - now)
+        while self._peaks and self._peaks[-1][1] <= start - now:
+            self._peaks.pop()
+        self._peaks.append((start, start - now))
         # The union of the spans requests spent waiting.
         if start > now:
             self.saturated_s += start - max(now, self._waited_until)
             self._waited_until = start
         return self.free_at
+
+    def lag(self, now: float, hold_s: float) -> float:
+        """The longest wait of a request served over the last `hold_s`, or the
+        wait of one arriving `now`, whichever is more."""
+        while self._peaks and self._peaks[0][0] < now - hold_s:
+            self._peaks.popleft()
+        return max(self.free_at - now, self._peaks[0][1] if self._peaks else 0.0, 0.0)
 
 
 class TrackerServers:
@@ -81,6 +98,7 @@ class TrackerServers:
         costs: Costs,
         clock: Callable[[], float],
         schedule: Schedule,
+        hold_s: float = 1.0,
     ) -> None:
         if replicas < 0 or announces not in ANNOUNCE_PATHS:
             raise ValueError(f"replicas ≥ 0; announces one of {', '.join(ANNOUNCE_PATHS)}")
@@ -94,6 +112,11 @@ class TrackerServers:
         # Node → when each of its idle control connections was last used.
         self._idle: dict[int, list[float]] = {}
         self.handshakes = 0
+        self.hold_s = hold_s
+
+    def lag(self) -> float:
+        """The serving replica's queue delay now, s (the tracker's lag)."""
+        return self.serving.lag(self._clock(), self.hold_s) if self.replicas else 0.0
 
     def control(self, node: int, apply: Callable[[], None]) -> None:
         """A control call from `node`: `apply` runs once the serving replica handled it.
