@@ -38,6 +38,7 @@ import trio
 from p2preg.core import errors
 from p2preg.core.pki import CertificateError
 from p2preg.node.metrics import NodeMetrics
+from p2preg.node.relay_refresh import REFRESH_MAX, REFRESH_S, REFRESH_TRIES, Pending, Refreshes
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,9 @@ LEAVE_S = 2.0
 LEAVE_POLL_S = 0.02
 # Query parameters the relay drops: the node's identity is the connection's.
 _DROPPED = (b"token", b"node", b"ip")
-RESULTS = ("answered", "unknown_torrent", "other_port", "malformed", "no_tracker", "busy")
+RESULTS = (
+    "answered", "held", "unknown_torrent", "other_port", "malformed", "no_tracker", "busy"
+)
 
 
 class Held(Protocol):
@@ -72,6 +75,8 @@ class Held(Protocol):
     def holds(self, info_hash: bytes) -> bool: ...
 
     def pause(self) -> int: ...
+
+    def reannounce_hash(self, info_hash: bytes) -> None: ...
 
     @property
     def listen_ports(self) -> frozenset[int]: ...
@@ -135,6 +140,7 @@ class _Slot:
     query: bytes
     done: trio.Event = field(default_factory=trio.Event)
     body: bytes = b""
+    refresh: Pending | None = None  # a queued refresh: nobody waits on it
 
 
 class AnnounceRelay:
@@ -145,11 +151,15 @@ class AnnounceRelay:
         *,
         window_s: float = WINDOW_S,
         batch_max: int = BATCH_MAX,
+        refresh_s: float = REFRESH_S,
+        refresh_tries: int = REFRESH_TRIES,
     ) -> None:
         self._tracker = tracker
         self._metrics = metrics
         self._window_s = window_s
         self._batch_max = batch_max
+        self._refresh_s = refresh_s
+        self._refreshes = Refreshes(refresh_tries)
         self._held: Held | None = None  # nothing is forwarded before the swarm is attached
         self._send, self._receive = trio.open_memory_channel[_Slot](QUEUE_MAX)
         self.port = 0
@@ -171,6 +181,10 @@ class AnnounceRelay:
         if query is None:
             self._metrics.relay_announces.labels(result).inc()
             return failure(f"the node's announce relay refuses this announce ({result})")
+        held = self._refreshes.hold(query)
+        if held is not None:
+            self._metrics.relay_announces.labels("held").inc()
+            return held
         slot = _Slot(query)
         try:
             self._send.send_nowait(slot)
@@ -199,6 +213,7 @@ class AnnounceRelay:
         async with trio.open_nursery() as nursery:
             for _ in range(SENDERS):
                 nursery.start_soon(self._sender)
+            nursery.start_soon(self._refresher)
             log.info("relay: libtorrent announces to %s", self.url)
             task_status.started(self.url)
             await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
@@ -227,7 +242,19 @@ class AnnounceRelay:
             with trio.move_on_after(self._window_s):
                 while len(batch) < self._batch_max:
                     batch.append(await self._receive.receive())
+            room = min(REFRESH_MAX, 2 * self._batch_max) - len(batch)
+            batch += [_Slot(p.query, refresh=p) for p in self._refreshes.take(room)]
             await self._forward(batch)
+
+    async def _refresher(self) -> None:
+        """Queued refreshes that no ordinary batch took go every `refresh_s`."""
+        while True:
+            await trio.sleep(self._refresh_s)
+            for _ in range(SENDERS * 4):  # bounded: a long queue drains over a few rounds
+                taken = self._refreshes.take(REFRESH_MAX)
+                if not taken:
+                    break
+                await self._forward([_Slot(p.query, refresh=p) for p in taken])
 
     async def _forward(self, batch: list[_Slot]) -> None:
         try:
@@ -240,16 +267,30 @@ class AnnounceRelay:
             bodies = [failure("no tracker answered the node's relay; try again")] * len(batch)
             result = "no_tracker"
         self._metrics.relay_batches.inc()
-        self._metrics.relay_announces.labels(result).inc(len(batch))
+        ordinary = sum(s.refresh is None for s in batch)
+        self._metrics.relay_announces.labels(result).inc(ordinary)
         for slot, body in zip(batch, bodies, strict=True):
+            self._settle(slot, body, result == "answered")
+
+    def _settle(self, slot: _Slot, body: bytes, answered: bool) -> None:
+        if slot.refresh is None:
+            self._refreshes.learn(slot.query, body)
             slot.body = body
             slot.done.set()
+        elif answered:
+            self._refreshes.settled(slot.refresh, body)
+        elif self._refreshes.failed(slot.refresh) and self._held is not None:
+            # Given up: libtorrent announces it now, as an ordinary announce.
+            self._held.reannounce_hash(slot.refresh.info_hash)
 
 
 @asynccontextmanager
-async def open_relay(tracker: Sender, metrics: NodeMetrics) -> AsyncIterator[AnnounceRelay]:
-    """A relay listening (its `url` set) and forwarding through `tracker` until exit."""
-    relay = AnnounceRelay(tracker, metrics)
+async def open_relay(
+    tracker: Sender, metrics: NodeMetrics, **tuning: Any
+) -> AsyncIterator[AnnounceRelay]:
+    """A relay listening (its `url` set) and forwarding through `tracker` until exit;
+    `tuning`: AnnounceRelay's keyword arguments."""
+    relay = AnnounceRelay(tracker, metrics, **tuning)
     async with trio.open_nursery() as nursery:
         await nursery.start(relay.serve)
         try:

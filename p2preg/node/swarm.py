@@ -294,6 +294,10 @@ class Swarm:
         if t is not None:
             t.handle.force_reannounce()
 
+    def reannounce_hash(self, info_hash: bytes) -> None:
+        """Announce the torrent under `info_hash` (as `holds` names it) now."""
+        _ = [t.handle.force_reannounce() for f, t in self._by_hash.items() if f[:20] == info_hash]
+
     def pause(self) -> int:
         """Pause every torrent (each announces `stopped`); how many had announced."""
         self._session.pause()
