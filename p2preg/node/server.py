@@ -120,7 +120,7 @@ async def _open_swarm(
         tracker = TrackerClient(config.tracker_urls, node=name, tls=tls, on_failover=failover)
     try:
         async with (
-            open_relay(tracker, metrics) as relay,
+            open_relay(tracker, metrics, refresh_s=config.relay_refresh_s) as relay,
             open_swarm(
                 config.data_dir, listen, relay.url, metrics, tls=peer_tls,
                 stall_reports=(tracker.report_stall, config.peer_stall_report_s),
