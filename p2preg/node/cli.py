@@ -56,10 +56,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--peer-stall-report-s", metavar="SECONDS",
         help="report a peer that unchoked us and was asked but sent no block this long (10)",
     )
-    p.add_argument(
-        "--relay-refresh-s", metavar="SECONDS",
-        help="send the seeder refreshes the announce relay answered itself this often (30)",
-    )
     p.add_argument("--log-json", action="store_const", const=True, help="JSON log lines")
     p.add_argument(
         "--metrics-listen", metavar="HOST:PORT", help="a second listener: /metrics, /healthz only"
@@ -140,6 +136,10 @@ def _add_cache_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--relay-refresh-s", metavar="SECONDS",
+        help="send the seeder refreshes the announce relay answered itself this often (30)",
+    )
     for key, what in (("peer-upload", "peers get from this node"),
                       ("peer-download", "this node takes from peers"),
                       ("upstream-download", "this node takes from upstream")):
