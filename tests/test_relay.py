@@ -25,13 +25,14 @@ from p2preg.node.metrics import NodeMetrics
 from p2preg.node.relay import checked, open_relay, parse_head
 
 HELD = bytes(range(20))
+OTHER = bytes(range(1, 21))  # another torrent the swarm holds
 
 
 class Held:
     listen_ports = frozenset({6882})
 
     def holds(self, info_hash: bytes) -> bool:
-        return info_hash == HELD
+        return info_hash in (HELD, OTHER)
 
     def __init__(self) -> None:
         self.reannounced: list[bytes] = []
@@ -148,8 +149,21 @@ async def test_a_seeder_refresh_is_answered_at_once_and_sent_with_the_next_batch
             doc: Any = lt.bdecode(await relay.answer(target(extra="&n=refresh")))
             assert doc == {b"interval": 1777, b"peers": b""}
             assert len(tracker.batches) == 1  # answered by the relay, queued
-            await relay.answer(target(extra="&left=5&n=leecher"))  # an ordinary batch
+            await relay.answer(target(OTHER, extra="&left=5&n=leecher"))  # an ordinary batch
         assert [q.rpartition(b"&n=")[2] for q in tracker.batches[1]] == [b"leecher", b"refresh"]
+
+
+async def test_an_announce_that_goes_through_supersedes_the_queued_refresh() -> None:
+    tracker = SeedTracker()
+    async with open_relay(tracker, NodeMetrics(), refresh_s=3600) as relay:
+        relay.attach(Held())
+        with trio.fail_after(30):
+            await relay.answer(target(extra="&event=started"))
+            await relay.answer(target(extra="&n=refresh"))  # held
+            await relay.answer(target(extra="&event=stopped&n=stopped"))
+        # the refresh never follows `stopped` (it would list the node again)
+        assert [q.rpartition(b"&n=")[2] for q in tracker.batches[1]] == [b"stopped"]
+        assert not any(q.endswith(b"&n=refresh") for q in tracker.sent())
 
 
 async def test_the_refresh_batch_goes_on_its_own_every_refresh_s() -> None:

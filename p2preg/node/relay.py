@@ -7,8 +7,10 @@ control API, with its certificate (or the cluster token) and failover across
 every `--tracker`; so libtorrent's one tracker URL is this relay, plain HTTP
 on 127.0.0.1 and a port the kernel picks, and the relay sends what arrives
 within `WINDOW_S` (at most `BATCH_MAX`) as one `POST /v1/announces` through
-the tracker client. The tracker applies each announce under that connection's
-identity and address, with its unchanged rules, and the relay hands each
+the tracker client (a seeder's periodic refresh is answered by the relay and
+sent later, p2preg/node/relay_refresh.py). The tracker applies each announce
+under that connection's identity and address, with its unchanged rules, and
+the relay hands each
 bencoded answer back to libtorrent. The relay forwards only announces of
 torrents this node's swarm holds, from its own listen port: anything else
 (another local process speaking for the node) gets a bencoded failure and is
@@ -185,6 +187,7 @@ class AnnounceRelay:
         if held is not None:
             self._metrics.relay_announces.labels("held").inc()
             return held
+        self._refreshes.forwarding(query)
         slot = _Slot(query)
         try:
             self._send.send_nowait(slot)
