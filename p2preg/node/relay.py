@@ -255,11 +255,11 @@ class AnnounceRelay:
             await trio.sleep(self._refresh_s)
             for _ in range(SENDERS * 4):  # bounded: a long queue drains over a few rounds
                 taken = self._refreshes.take(REFRESH_MAX)
-                if not taken:
-                    break
-                await self._forward([_Slot(p.query, refresh=p) for p in taken])
+                if not taken or not await self._forward([_Slot(p.query, refresh=p) for p in taken]):
+                    break  # a failed batch's refreshes wait for the next one, not this round
 
-    async def _forward(self, batch: list[_Slot]) -> None:
+    async def _forward(self, batch: list[_Slot]) -> bool:
+        """Send `batch` and settle each of its slots; whether a tracker answered."""
         try:
             bodies = await self._tracker.announce_batch(
                 [s.query for s in batch], TRACKER_TIMEOUT_S
@@ -274,6 +274,7 @@ class AnnounceRelay:
         self._metrics.relay_announces.labels(result).inc(ordinary)
         for slot, body in zip(batch, bodies, strict=True):
             self._settle(slot, body, result == "answered")
+        return result == "answered"
 
     def _settle(self, slot: _Slot, body: bytes, answered: bool) -> None:
         if slot.refresh is None:
