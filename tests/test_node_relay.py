@@ -10,6 +10,9 @@ control connection's (one handshake, not one per announce); a seeder's
 relayed announce gets the long seeder interval and a leecher's the short one;
 and the relay's guard answers an announce for a torrent the node does not
 hold, or for another port, with a bencoded failure that reaches no tracker.
+With short tracker intervals, a node seeding several blobs sends its seeders'
+periodic refreshes in batches of more than one, on the connection it has, and
+the tracker keeps counting it a seeder of every one.
 """
 
 from __future__ import annotations
@@ -127,10 +130,12 @@ def _relay_url(node: NodeProcess) -> str:
     return found.group(1)
 
 
-def _announce(node: NodeProcess, info_hash: bytes, port: int, *, left: int) -> dict[bytes, Any]:
+def _announce(
+    node: NodeProcess, info_hash: bytes, port: int, *, left: int, event: str = ""
+) -> dict[bytes, Any]:
     """What libtorrent would get for one announce to `node`'s relay."""
     query = (f"info_hash={quote_from_bytes(info_hash)}&peer_id=-TS0001-{'x' * 12}"
-             f"&port={port}&uploaded=0&downloaded=0&left={left}&compact=1")  # fmt: skip
+             f"&port={port}&uploaded=0&downloaded=0&left={left}&compact=1{event}")  # fmt: skip
     r = httpx.get(f"{_relay_url(node)}?{query}", timeout=30, trust_env=False)
     assert r.status_code == 200
     body: Any = lt.bdecode(r.content)
@@ -152,8 +157,9 @@ def test_relayed_announces_carry_the_node_s_identity_without_a_handshake_each(
 
     handshakes = _tracker_metric(t, "p2preg_tracker_tls_handshakes_total")
     applied = _tracker_metric(t, "p2preg_tracker_relayed_total", result="applied")
-    for _ in range(30):
-        seeder = _announce(n1, cluster.info_hash, cluster.ports["n1"], left=0)
+    for _ in range(30):  # `started`: never answered by the relay itself
+        seeder = _announce(n1, cluster.info_hash, cluster.ports["n1"], left=0,
+                           event="&event=started")  # fmt: skip
         assert b"failure reason" not in seeder, seeder
         assert seeder[b"interval"] >= SEEDER_INTERVAL_MIN  # n1 is a confirmed seeder
     # A leecher's announce (n2 claiming left > 0) gets the short interval and n1's address.
@@ -183,3 +189,50 @@ def test_the_guard_refuses_other_torrents_and_other_ports(cluster: Cluster) -> N
     # Neither reached the tracker.
     assert _tracker_metric(t, "p2preg_tracker_relayed_total") == relayed
     assert _tracker_metric(t, "p2preg_tracker_announces_total") == announces
+
+
+# Seeders re-announce every 20 s ±10 % and are kept 25 s; the relay sends its
+# refreshes every 2.5 s, so the latest one lands 24.5 s after the last.
+SHORT_TRACKER = ("--announce-interval-s", "6", "--min-announce-interval-s", "1",
+                 "--peer-ttl-s", "30", "--seeder-announce-interval-s", "20")  # fmt: skip
+LAYERS = 8
+
+
+def test_seeder_refreshes_go_in_batches_on_the_open_connection(
+    tmp_path: Path, registry: Registry, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    layout = build_image(tmp_path_factory.mktemp("refresh"), seed="refresh",
+                         layer_sizes=(2 * MiB,) * LAYERS)  # fmt: skip
+    image = push(layout, registry.host, "relay/refresh")
+    ca = ClusterCA.make("refresh")
+    certs = tmp_path / "certs"
+    with ExitStack() as stack:
+        t = stack.enter_context(open_tracker(
+            tmp_path / "tracker", args=SHORT_TRACKER,
+            tls_dir=ca.tls_dir(certs / "tracker", "tracker", "t", ips=["127.0.0.1"]),
+        ))  # fmt: skip
+        args = ("--tracker", t.url, "--peer-host", "127.0.0.1", "--peer-ssl-port",
+                str(free_port()), "--node-name", "n1", "--relay-refresh-s", "2.5")  # fmt: skip
+        n1 = stack.enter_context(open_node(
+            tmp_path / "n1", [f"{SEED_NS}={registry.url}"], args=args, name="n1",
+            tls_dir=ca.tls_dir(certs / "n1", "node", "n1"),
+        ))  # fmt: skip
+        for layer in image.manifests[0].layers:
+            r = get_blob(f"{n1.url}/v2/{image.repository}/blobs/{layer.digest}")
+            assert r.status_code == 200, (r.status_code, r.text[:300])
+        wait_for(lambda: _tracker_metric(t, "p2preg_tracker_seeders") == LAYERS, 30, "seeds")
+        # Past the first answers: every torrent's announces are now refreshes.
+        wait_for(lambda: n1.metric("p2preg_relay_announces_total", result="held") >= LAYERS,
+                 60, "refreshes the relay answered")  # fmt: skip
+        applied = _tracker_metric(t, "p2preg_tracker_relayed_total", result="applied")
+        batches = _tracker_metric(t, "p2preg_tracker_relayed_batches_total")
+        handshakes = _tracker_metric(t, "p2preg_tracker_tls_handshakes_total")
+        held = n1.metric("p2preg_relay_announces_total", result="held")
+        # Two seeder intervals and more: each torrent refreshed at least twice.
+        wait_for(lambda: n1.metric("p2preg_relay_announces_total", result="held")
+                 >= held + 2 * LAYERS, 90, "two rounds of refreshes")  # fmt: skip
+        sent = _tracker_metric(t, "p2preg_tracker_relayed_total", result="applied") - applied
+        sent_in = _tracker_metric(t, "p2preg_tracker_relayed_batches_total") - batches
+        assert sent >= LAYERS and sent > sent_in, (sent, sent_in)  # batches of more than one
+        assert _tracker_metric(t, "p2preg_tracker_tls_handshakes_total") == handshakes
+        assert _tracker_metric(t, "p2preg_tracker_seeders") == LAYERS  # none expired

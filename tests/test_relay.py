@@ -5,6 +5,9 @@ The guard forwards an announce only for a torrent the swarm holds and from one
 of its listen ports, and drops `token`, `node` and `ip`; anything else is a
 bencoded failure, counted by why. Announces in flight at once each get their
 own answer from the batches they went in; a tracker failure is a bencoded failure.
+A seeder's periodic refresh of a torrent the tracker answered as a seeder is
+answered by the relay and reaches the tracker in a later batch; nothing else is
+held, and a refresh no tracker takes is retried, then given up to libtorrent.
 """
 
 from __future__ import annotations
@@ -22,16 +25,23 @@ from p2preg.node.metrics import NodeMetrics
 from p2preg.node.relay import checked, open_relay, parse_head, relay_host
 
 HELD = bytes(range(20))
+OTHER = bytes(range(1, 21))  # another torrent the swarm holds
 
 
 class Held:
     listen_ports = frozenset({6882})
 
     def holds(self, info_hash: bytes) -> bool:
-        return info_hash == HELD
+        return info_hash in (HELD, OTHER)
+
+    def __init__(self) -> None:
+        self.reannounced: list[bytes] = []
 
     def pause(self) -> int:
         return 0
+
+    def reannounce_hash(self, info_hash: bytes) -> None:
+        self.reannounced.append(info_hash)
 
 
 class FakeTracker:
@@ -102,6 +112,104 @@ async def test_each_announce_gets_its_own_answer_and_a_failure_is_bencoded() -> 
     assert sample("p2preg_relay_announces_total", {"result": "answered"}) == 4
     assert sample("p2preg_relay_announces_total", {"result": "unknown_torrent"}) == 1
     assert sample("p2preg_relay_announces_total", {"result": "no_tracker"}) == 1
+
+
+class SeedTracker:
+    """Answers as a tracker does, with the interval it is given; or fails every batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[bytes]] = []
+        self.fail = False
+
+    async def announce_batch(self, queries: Sequence[bytes], timeout_s: float) -> list[bytes]:
+        self.batches.append(list(queries))
+        if self.fail:
+            raise errors.TrackerUnavailable("every tracker is down")
+        return [lt.bencode({b"interval": 1777, b"peers": b""}) for _ in queries]
+
+    def sent(self) -> list[bytes]:
+        return [q for b in self.batches for q in b]
+
+
+async def wait_for(what: Any, bound: int = 500) -> None:
+    for _ in range(bound):
+        if what():
+            return
+        await trio.sleep(0.01)
+    raise AssertionError("it did not happen")
+
+
+async def test_a_seeder_refresh_is_answered_at_once_and_sent_with_the_next_batch() -> None:
+    tracker = SeedTracker()
+    async with open_relay(tracker, NodeMetrics(), refresh_s=3600) as relay:
+        relay.attach(Held())
+        with trio.fail_after(30):
+            await relay.answer(target(extra="&event=completed"))  # the tracker: a seeder
+            assert len(tracker.batches) == 1
+            doc: Any = lt.bdecode(await relay.answer(target(extra="&n=refresh")))
+            assert doc == {b"interval": 1777, b"peers": b""}
+            assert len(tracker.batches) == 1  # answered by the relay, queued
+            await relay.answer(target(OTHER, extra="&left=5&n=leecher"))  # an ordinary batch
+        assert [q.rpartition(b"&n=")[2] for q in tracker.batches[1]] == [b"leecher", b"refresh"]
+
+
+async def test_an_announce_that_goes_through_supersedes_the_queued_refresh() -> None:
+    tracker = SeedTracker()
+    async with open_relay(tracker, NodeMetrics(), refresh_s=3600) as relay:
+        relay.attach(Held())
+        with trio.fail_after(30):
+            await relay.answer(target(extra="&event=started"))
+            await relay.answer(target(extra="&n=refresh"))  # held
+            await relay.answer(target(extra="&event=stopped&n=stopped"))
+        # the refresh never follows `stopped` (it would list the node again)
+        assert [q.rpartition(b"&n=")[2] for q in tracker.batches[1]] == [b"stopped"]
+        assert not any(q.endswith(b"&n=refresh") for q in tracker.sent())
+
+
+async def test_the_refresh_batch_goes_on_its_own_every_refresh_s() -> None:
+    tracker = SeedTracker()
+    async with open_relay(tracker, NodeMetrics(), refresh_s=0.05) as relay:
+        relay.attach(Held())
+        with trio.fail_after(30):
+            await relay.answer(target(extra="&event=started"))
+            for n in range(3):  # one torrent: the newest refresh stands for the others
+                await relay.answer(target(extra=f"&n={n}"))
+            await wait_for(lambda: len(tracker.batches) == 2)
+        assert tracker.batches[1] == [target(extra="&n=2").partition(b"?")[2]]
+
+
+async def test_started_completed_stopped_and_leechers_are_never_held() -> None:
+    tracker = SeedTracker()
+    async with open_relay(tracker, NodeMetrics(), refresh_s=3600) as relay:
+        relay.attach(Held())
+        with trio.fail_after(30):
+            await relay.answer(target(extra="&event=started"))
+            for extra in ("&event=completed", "&event=started", "&left=7", "&event=stopped"):
+                before = len(tracker.batches)
+                await relay.answer(target(extra=extra + "&n=x"))
+                assert len(tracker.batches) == before + 1, extra
+            # after `stopped` the torrent is no longer known as a seeder: not held
+            await relay.answer(target(extra="&n=after_stopped"))
+        assert tracker.batches[-1][0].endswith(b"&n=after_stopped")
+
+
+async def test_a_failed_refresh_is_retried_then_given_up_to_libtorrent() -> None:
+    tracker, held = SeedTracker(), Held()
+    async with open_relay(tracker, NodeMetrics(), refresh_s=0.02, refresh_tries=3) as relay:
+        relay.attach(held)
+        with trio.fail_after(30):
+            await relay.answer(target(extra="&event=started"))
+            tracker.fail = True
+            assert b"failure reason" not in await relay.answer(target(extra="&n=r"))
+            await wait_for(lambda: held.reannounced)
+            assert held.reannounced == [HELD]
+            assert sum(q.endswith(b"&n=r") for q in tracker.sent()) == 3  # tried 3 times
+            # libtorrent's announce now goes through, and gets the failure
+            failed = await relay.answer(target(extra="&n=libtorrent"))
+            assert b"no tracker answered" in reason(failed)
+            tracker.fail = False
+            await relay.answer(target(extra="&n=libtorrent_retry"))  # through: it failed last
+        assert tracker.sent()[-1].endswith(b"&n=libtorrent_retry")
 
 
 def test_the_relay_listens_where_libtorrent_announces_from() -> None:

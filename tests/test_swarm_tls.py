@@ -32,9 +32,9 @@ from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
 from p2preg.core.tls import ReloadingTLS
 from p2preg.node.metrics import NodeMetrics
-from p2preg.node.peertls import PeerTLS, write_dh_params
+from p2preg.node.peertls import PeerTLS, listen_interfaces, write_dh_params
 from p2preg.node.relay import open_relay
-from p2preg.node.swarm import Swarm, listen_interfaces, open_swarm
+from p2preg.node.swarm import Swarm, open_swarm
 from tests.tracker_helpers import file_as_holder, running_tracker
 from tracker.client import open_tracker_client
 from tracker.metainfo import make_metainfo

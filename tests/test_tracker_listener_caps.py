@@ -7,7 +7,9 @@ handshake (TLS); past the per-address cap the next connection from that
 address is closed unanswered while another address is served; past the total
 the next one from anywhere is closed; a place given back is taken again. The
 plain metrics listener has places of its own, which is how the test watches.
-Client addresses are 127.0.0.x (all of 127/8 is loopback on Linux).
+Client addresses are 127.0.0.x (all of 127/8 is loopback on Linux). A
+connection whose client certificate was verified holds no place and stays
+open, idle, past the 5 s an anonymous one gets: a node's relay batches reuse it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from harness.procs import free_port
 from harness.tlscerts import ClusterCA, client_ssl_context
 from p2preg.core.config import HostPort
 from tests.tracker_helpers import running_tracker
+from tracker.client import KEEPALIVE_EXPIRY_S
+from tracker.http_listener import KEEP_ALIVE_TIMEOUT_S
 
 WAIT_S = 10.0
 
@@ -109,3 +113,28 @@ async def test_silent_connections_cannot_take_the_port_from_others(
         await held[0].aclose()
         await _gauge_reaches(metrics, 4)
         assert await _healthz(url, "127.0.0.3", node_tls) == 200
+
+
+async def test_a_verified_connection_stays_open_past_the_anonymous_keep_alive(
+    tmp_path: Path,
+) -> None:
+    ca = ClusterCA.make("keep")
+    metrics_port = free_port()
+    tls_dir = ca.tls_dir(tmp_path / "t", "tracker", "t", ips=["127.0.0.1"])
+    node_tls = ca.tls_dir(tmp_path / "n", "node", "n")
+    metrics = f"http://127.0.0.1:{metrics_port}"
+    limits = httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S)  # the node's pool
+    async with (
+        running_tracker(tmp_path, tls_dir=tls_dir, max_preauth_connections_per_ip=1,
+                        metrics_listen=HostPort("127.0.0.1", metrics_port)) as url,
+        httpx.AsyncClient(verify=client_ssl_context(node_tls), limits=limits) as http,
+    ):  # fmt: skip
+        assert (await http.get(f"{url}/healthz", timeout=10)).status_code == 200
+        handshakes = dict(name="p2preg_tracker_tls_handshakes_total", resumed="false")
+        assert await _metric(metrics, **handshakes) == 1
+        await _gauge_reaches(metrics, 0)  # the verified connection holds no place ...
+        # ... so the one place for this address is free for another client.
+        assert await _healthz(url, "127.0.0.1", node_tls) == 200
+        await trio.sleep(KEEP_ALIVE_TIMEOUT_S + 1.5)
+        assert (await http.get(f"{url}/healthz", timeout=10)).status_code == 200
+        assert await _metric(metrics, **handshakes) == 2  # the first connection, reused

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 10.0
 RELAY_CONTENT_TYPE = "application/msgpack"
+# An idle pooled connection (mutual TLS) is kept this long before it is closed.
+KEEPALIVE_EXPIRY_S = 60.0
 
 
 class TrackerClient:
@@ -90,8 +92,13 @@ class TrackerClient:
         # The context verifies the tracker against ca.crt only, and its hostname
         # (the tracker's certificate must name the host in --tracker, which
         # libtorrent's HTTPS announces check too).
+        # Idle connections are kept a minute (httpx's default is 5 s): the relay's
+        # batches are seconds apart, and the tracker keeps a verified connection
+        # open KEEP_ALIVE_VERIFIED_S (90 s), longer, so it is this side that closes.
+        limits = httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S)
         return httpx.AsyncClient(
-            verify=self._tls.client_context(), trust_env=False, follow_redirects=False
+            verify=self._tls.client_context(), trust_env=False, follow_redirects=False,
+            limits=limits,
         )
 
     async def _pool(self) -> httpx.AsyncClient:

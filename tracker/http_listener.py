@@ -56,6 +56,12 @@ log = logging.getLogger("p2preg.tracker")
 HEAD_TIMEOUT_S = 10.0
 # ... this long, idle, between keep-alive requests (hypercorn's default) ...
 KEEP_ALIVE_TIMEOUT_S = 5.0
+# ... or this long on a connection whose client certificate was verified: a node's
+# control connection, which carries its relayed announces in batches seconds to
+# tens of seconds apart (its refresh batches go every 30 s); its pool lets a
+# connection go after 60 s idle, before this. An idle TLS connection costs the
+# tracker one task and its buffers (docs/TRACKER.md, "Announce relay").
+KEEP_ALIVE_VERIFIED_S = 90.0
 # ... this long for a body once the head is in (Quart's BODY_TIMEOUT) ...
 BODY_TIMEOUT_S = 60.0
 # ... and this long to take an answer off our hands.
@@ -203,7 +209,7 @@ async def _tls_connection(
             gate.refused(*refusal, ip)
         if identity is not None:
             http = HttpConnection(ip, app.max_body_bytes, identity)
-            await serve_connection(stream, http, app)
+            await serve_connection(stream, http, app, keep_alive_s=KEEP_ALIVE_VERIFIED_S)
         elif refusal is not None and refusal[0] in ("wrong_cluster", "wrong_role"):
             # A good certificate used in the wrong place: say so once, in HTTP.
             forbidden = _Forbidden(app, refusal[1])
@@ -256,10 +262,12 @@ async def serve_connection(
     data: bytes = b"",
     *,
     first_request: Callable[[], None] = lambda: None,
+    keep_alive_s: float = KEEP_ALIVE_TIMEOUT_S,
 ) -> None:
     """Speak HTTP/1.1 on `stream` until either side is done; `data` was read already.
 
-    `first_request` is called once the first request has been read whole.
+    `first_request` is called once the first request has been read whole; the
+    connection waits `keep_alive_s` for each next one.
     """
     if data:
         http.receive(data)
@@ -281,7 +289,7 @@ async def serve_connection(
             return
         if not http.next_cycle():
             return
-        idle_s = KEEP_ALIVE_TIMEOUT_S
+        idle_s = keep_alive_s
 
 
 async def _read_request(

@@ -30,9 +30,9 @@ from typing import Any, TextIO, cast
 
 import libtorrent as lt
 
-from p2preg.node.peertls import write_dh_params
+from p2preg.node.peertls import listen_interfaces, write_dh_params
 from p2preg.node.slowpeers import FILTERED, SlowPeers
-from p2preg.node.swarm import listen_interfaces, session_settings
+from p2preg.node.swarm import session_settings
 
 MiB = 1 << 20
 READY_TIMEOUT_S = 30.0

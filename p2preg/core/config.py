@@ -166,6 +166,7 @@ COMPONENT_KEYS: dict[str, frozenset[str]] = {
             "store_max_bytes",
             "stream_chunk_bytes",
             "peer_stall_report_s",
+            "relay_refresh_s",
             "swarm_max_hash_failures",
             "swarm_stall_s",
             "tag_ttl_s",

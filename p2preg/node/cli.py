@@ -136,6 +136,10 @@ def _add_cache_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--relay-refresh-s", metavar="SECONDS",
+        help="send the seeder refreshes the announce relay answered itself this often (30)",
+    )
     for key, what in (("peer-upload", "peers get from this node"),
                       ("peer-download", "this node takes from peers"),
                       ("upstream-download", "this node takes from upstream")):

@@ -148,6 +148,8 @@ class NodeConfig:
     # A peer that unchoked us and was asked but sent no block for this long is
     # reported to the tracker, which delists it once two nodes did.
     peer_stall_report_s: float = 10.0
+    # The announce relay sends the seeder refreshes it answered itself at least this often.
+    relay_refresh_s: float = 30.0
     swarm_max_hash_failures: int = 16
     # Nobody waits forever for a lease holder: this long without progress from
     # the fetch waited for (or the tracker's queue), fetch from upstream.
@@ -232,6 +234,8 @@ class NodeConfig:
             raise ConfigError("chunk_bytes must be 1MiB to 64MiB and chunk_min_count ≥ 2")
         if self.peer_stall_report_s <= 0:
             raise ConfigError("peer_stall_report_s must be > 0")
+        if not 0 < self.relay_refresh_s <= 300:
+            raise ConfigError("relay_refresh_s must be > 0 and ≤ 300")
         if self.containerd_version is not None and parse_version(self.containerd_version) is None:
             raise ConfigError(
                 f"containerd_version takes a version such as 2.1.3, got {self.containerd_version!r}"

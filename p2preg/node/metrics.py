@@ -160,6 +160,7 @@ class NodeMetrics:
         self.relay_announces = Counter(
             "p2preg_relay_announces",
             "libtorrent announces through the node's relay, by result: answered by a tracker,"
+            " held (a seeder refresh answered by the relay, sent in a batch later),"
             " refused by the guard (unknown_torrent, other_port, other_host, malformed),"
             " no_tracker, busy",
             ["result"], registry=r,

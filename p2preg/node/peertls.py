@@ -6,7 +6,8 @@ metainfo from others (all CAs in ca.crt: two during a rotation), the paths it
 hands to `torrent_handle.set_ssl_certificate`, and the Diffie-Hellman group file
 libtorrent wants beside them (RFC 7919 ffdhe2048, written once into the data
 dir: without a readable file libtorrent raises a torrent error on every SSL
-torrent). It must not open sockets or touch a session; the swarm applies it.
+torrent), and which port the session listens on with and without TLS
+(`listen_interfaces`). It must not open sockets or touch a session; the swarm applies it.
 """
 
 from __future__ import annotations
@@ -121,3 +122,13 @@ class PeerTLS:
         """Give one SSL torrent the node's certificate (libtorrent reads the files now)."""
         files = self.tls.files
         handle.set_ssl_certificate(str(files.cert), str(files.key), str(self.dh_params))
+
+
+def listen_interfaces(host: str, port: int, ssl_port: int, *, tls: bool) -> str:
+    """libtorrent's `listen_interfaces`: the plain port, or with TLS the SSL (`s`) port only.
+
+    An SSL torrent takes peers on an SSL interface only, so a plain port under
+    TLS would serve nothing of the cluster's: it is not opened.
+    """
+    address = f"[{host}]" if ":" in host else host
+    return f"{address}:{ssl_port}s" if tls else f"{address}:{port}"

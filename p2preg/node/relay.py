@@ -5,11 +5,13 @@ closes the connection after each one and resumes no session), about 2.4 ms of
 its CPU. The node already keeps a connection to the tracker open for the
 control API, with its certificate (or the cluster token) and failover across
 every `--tracker`; so libtorrent's one tracker URL is this relay, plain HTTP
-on the node's own peer address and a port the kernel picks, and the relay sends what arrives
-within `WINDOW_S` (at most `BATCH_MAX`) as one `POST /v1/announces` through
-the tracker client. The tracker applies each announce under that connection's
-identity and address, with its unchanged rules, and the relay hands each
-bencoded answer back to libtorrent. The relay forwards only announces of
+on the node's own peer address and a port the kernel picks, and the relay
+sends what arrives within `WINDOW_S` (at most `BATCH_MAX`) as one `POST
+/v1/announces` through the tracker client (a seeder's periodic refresh is
+answered by the relay and sent later, p2preg/node/relay_refresh.py). The
+tracker applies each announce under that connection's identity and address,
+with its unchanged rules, and the relay hands each bencoded answer back to
+libtorrent. The relay forwards only announces of
 torrents this node's swarm holds, from its own listen port: anything else
 (another local process speaking for the node) gets a bencoded failure and is
 counted; `token`, `node` and `ip` parameters are dropped, the client adds the
@@ -23,7 +25,7 @@ node's own address, so only this machine speaks to it. If no tracker
 answers, libtorrent gets a bencoded failure and retries as it would with a
 direct announce.
 
-Owns the loopback listener, its minimal HTTP/1.1 (one GET, answered and
+Owns the listener, its minimal HTTP/1.1 (one GET, answered and
 closed, as libtorrent asks with `Connection: close`), the guard (`checked`,
 sans-IO) and the batching. It must not decide anything an announce means (the
 tracker does) nor pick a tracker (the client does).
@@ -45,6 +47,7 @@ import trio
 from p2preg.core import errors
 from p2preg.core.pki import CertificateError
 from p2preg.node.metrics import NodeMetrics
+from p2preg.node.relay_refresh import REFRESH_MAX, REFRESH_S, REFRESH_TRIES, Pending, Refreshes
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,8 @@ LEAVE_POLL_S = 0.02
 # Query parameters the relay drops: the node's identity is the connection's.
 _DROPPED = (b"token", b"node", b"ip")
 RESULTS = (
-    "answered", "unknown_torrent", "other_port", "other_host", "malformed", "no_tracker", "busy",
+    "answered", "held", "unknown_torrent", "other_port", "other_host", "malformed",
+    "no_tracker", "busy",
 )
 
 
@@ -87,6 +91,8 @@ class Held(Protocol):
     def holds(self, info_hash: bytes) -> bool: ...
 
     def pause(self) -> int: ...
+
+    def reannounce_hash(self, info_hash: bytes) -> None: ...
 
     @property
     def listen_ports(self) -> frozenset[int]: ...
@@ -150,6 +156,7 @@ class _Slot:
     query: bytes
     done: trio.Event = field(default_factory=trio.Event)
     body: bytes = b""
+    refresh: Pending | None = None  # a queued refresh: nobody waits on it
 
 
 class AnnounceRelay:
@@ -161,12 +168,16 @@ class AnnounceRelay:
         host: str = LOOPBACK,
         window_s: float = WINDOW_S,
         batch_max: int = BATCH_MAX,
+        refresh_s: float = REFRESH_S,
+        refresh_tries: int = REFRESH_TRIES,
     ) -> None:
         self._tracker = tracker
         self._metrics = metrics
         self.host = host
         self._window_s = window_s
         self._batch_max = batch_max
+        self._refresh_s = refresh_s
+        self._refreshes = Refreshes(refresh_tries)
         self._held: Held | None = None  # nothing is forwarded before the swarm is attached
         self._send, self._receive = trio.open_memory_channel[_Slot](QUEUE_MAX)
         self.port = 0
@@ -189,6 +200,11 @@ class AnnounceRelay:
         if query is None:
             self._metrics.relay_announces.labels(result).inc()
             return failure(f"the node's announce relay refuses this announce ({result})")
+        held = self._refreshes.hold(query)
+        if held is not None:
+            self._metrics.relay_announces.labels("held").inc()
+            return held
+        self._refreshes.forwarding(query)
         slot = _Slot(query)
         try:
             self._send.send_nowait(slot)
@@ -217,6 +233,7 @@ class AnnounceRelay:
         async with trio.open_nursery() as nursery:
             for _ in range(SENDERS):
                 nursery.start_soon(self._sender)
+            nursery.start_soon(self._refresher)
             log.info("relay: libtorrent announces to %s", self.url)
             task_status.started(self.url)
             await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
@@ -248,9 +265,21 @@ class AnnounceRelay:
             with trio.move_on_after(self._window_s):
                 while len(batch) < self._batch_max:
                     batch.append(await self._receive.receive())
+            room = min(REFRESH_MAX, 2 * self._batch_max) - len(batch)
+            batch += [_Slot(p.query, refresh=p) for p in self._refreshes.take(room)]
             await self._forward(batch)
 
-    async def _forward(self, batch: list[_Slot]) -> None:
+    async def _refresher(self) -> None:
+        """Queued refreshes that no ordinary batch took go every `refresh_s`."""
+        while True:
+            await trio.sleep(self._refresh_s)
+            for _ in range(SENDERS * 4):  # bounded: a long queue drains over a few rounds
+                taken = self._refreshes.take(REFRESH_MAX)
+                if not taken or not await self._forward([_Slot(p.query, refresh=p) for p in taken]):
+                    break  # a failed batch's refreshes wait for the next one, not this round
+
+    async def _forward(self, batch: list[_Slot]) -> bool:
+        """Send `batch` and settle each of its slots; whether a tracker answered."""
         try:
             bodies = await self._tracker.announce_batch(
                 [s.query for s in batch], TRACKER_TIMEOUT_S
@@ -261,19 +290,31 @@ class AnnounceRelay:
             bodies = [failure("no tracker answered the node's relay; try again")] * len(batch)
             result = "no_tracker"
         self._metrics.relay_batches.inc()
-        self._metrics.relay_announces.labels(result).inc(len(batch))
+        ordinary = sum(s.refresh is None for s in batch)
+        self._metrics.relay_announces.labels(result).inc(ordinary)
         for slot, body in zip(batch, bodies, strict=True):
+            self._settle(slot, body, result == "answered")
+        return result == "answered"
+
+    def _settle(self, slot: _Slot, body: bytes, answered: bool) -> None:
+        if slot.refresh is None:
+            self._refreshes.learn(slot.query, body)
             slot.body = body
             slot.done.set()
+        elif answered:
+            self._refreshes.settled(slot.refresh, body)
+        elif self._refreshes.failed(slot.refresh) and self._held is not None:
+            # Given up: libtorrent announces it now, as an ordinary announce.
+            self._held.reannounce_hash(slot.refresh.info_hash)
 
 
 @asynccontextmanager
 async def open_relay(
-    tracker: Sender, metrics: NodeMetrics, host: str = LOOPBACK
+    tracker: Sender, metrics: NodeMetrics, host: str = LOOPBACK, **tuning: Any
 ) -> AsyncIterator[AnnounceRelay]:
     """A relay listening on `host` (its `url` set) and forwarding through `tracker`
-    until exit."""
-    relay = AnnounceRelay(tracker, metrics, host=host)
+    until exit; `tuning`: AnnounceRelay's keyword arguments."""
+    relay = AnnounceRelay(tracker, metrics, host=host, **tuning)
     async with trio.open_nursery() as nursery:
         await nursery.start(relay.serve)
         try:

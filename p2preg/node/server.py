@@ -46,7 +46,7 @@ from p2preg.node.fetch import BlobFetcher, Cluster, SwarmSettings
 from p2preg.node.limits import Caps, NodeLimits, UpstreamThrottle, add_limits_routes
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.peers import PeerDownload
-from p2preg.node.peertls import PeerTLS, PlainTorrents, TorrentRoots
+from p2preg.node.peertls import PeerTLS, PlainTorrents, TorrentRoots, listen_interfaces
 from p2preg.node.pinbook import PINS_FILE, PinBook
 from p2preg.node.pins import Pins, add_pin_routes
 from p2preg.node.pullorder import PullOrder
@@ -56,7 +56,7 @@ from p2preg.node.seams import in_thread
 from p2preg.node.seeding import Seeding, TorrentFiles, stop_seeding
 from p2preg.node.servingstate import open_serving_state
 from p2preg.node.store import BlobStore
-from p2preg.node.swarm import Swarm, listen_interfaces, open_swarm
+from p2preg.node.swarm import Swarm, open_swarm
 from p2preg.node.tagmap import TagMap
 from p2preg.node.takeover import Moves, reannounce_after_moves
 from p2preg.node.tenancy import Tenancy
@@ -120,7 +120,9 @@ async def _open_swarm(
         tracker = TrackerClient(config.tracker_urls, node=name, tls=tls, on_failover=failover)
     try:
         async with (
-            open_relay(tracker, metrics, relay_host(config.peer_host)) as relay,
+            open_relay(
+                tracker, metrics, relay_host(config.peer_host), refresh_s=config.relay_refresh_s
+            ) as relay,
             open_swarm(
                 config.data_dir, listen, relay.url, metrics, tls=peer_tls,
                 stall_reports=(tracker.report_stall, config.peer_stall_report_s),

@@ -295,6 +295,10 @@ class Swarm:
         if t is not None:
             t.handle.force_reannounce()
 
+    def reannounce_hash(self, info_hash: bytes) -> None:
+        """Announce the torrent under `info_hash` (as `holds` names it) now."""
+        _ = [t.handle.force_reannounce() for f, t in self._by_hash.items() if f[:20] == info_hash]
+
     def pause(self) -> int:
         """Pause every torrent (each announces `stopped`); how many had announced."""
         self._session.pause()
@@ -439,16 +443,6 @@ class Swarm:
             if any(not t.finished.is_set() for t in self._torrents.values()):
                 self._session.post_torrent_updates()
             await trio.sleep(STATUS_INTERVAL_S)
-
-
-def listen_interfaces(host: str, port: int, ssl_port: int, *, tls: bool) -> str:
-    """libtorrent's `listen_interfaces`: the plain port, or with TLS the SSL (`s`) port only.
-
-    An SSL torrent takes peers on an SSL interface only, so a plain port under
-    TLS would serve nothing of the cluster's: it is not opened.
-    """
-    address = f"[{host}]" if ":" in host else host
-    return f"{address}:{ssl_port}s" if tls else f"{address}:{port}"
 
 
 @asynccontextmanager
