@@ -26,6 +26,7 @@ from p2preg.core.errors import LeaseLost
 from p2preg.core.wire import LeaseReply, LeaseStatus
 from p2preg.node.holding import Renewals
 from p2preg.node.leasewait import FetchAsHolder
+from tests.tracker_helpers import FakeClock
 from tracker.client import TrackerClient
 from tracker.leases import SILENCE_CHECKS, Granted, Held, LeaseBook, RateRule
 
@@ -36,14 +37,6 @@ TTL = 30.0
 SILENCE = 2.5
 ACK = 0.5
 RATE = RateRule(min_bytes_s=256 << 10, window_s=30.0)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def book(clock: FakeClock, ack_s: float = ACK) -> LeaseBook:

@@ -23,6 +23,7 @@ from harness.node import metric_value
 from harness.tracker import open_tracker
 from p2preg.core.digest import Digest
 from p2preg.core.wire import LeaseReply, LeaseStatus
+from tests.tracker_helpers import FakeClock
 from tracker.client import TrackerClient
 from tracker.lagmeter import LagMeter
 from tracker.leases import Granted, Held, LeaseBook, RateRule
@@ -35,14 +36,6 @@ ACK = 0.5
 LAG = 3.0
 EPS = 0.01
 RATE = RateRule(min_bytes_s=256 << 10, window_s=30.0)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def book(clock: FakeClock, lag: float) -> LeaseBook:

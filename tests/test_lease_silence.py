@@ -20,7 +20,7 @@ import trio.testing
 
 from p2preg.core import errors, wire
 from p2preg.core.errors import LeaseLost
-from tests.tracker_helpers import blob_meta, make_tracker
+from tests.tracker_helpers import FakeClock, blob_meta, make_tracker
 from tracker.leases import SILENCE_CHECKS, Granted, Held, LeaseBook, RateRule
 
 D = "sha256:" + "5a" * 32
@@ -31,14 +31,6 @@ SIZE = 64 * 1024 * KiB
 TTL = 30.0
 SILENCE = 2.5
 RATE = RateRule(min_bytes_s=256 * KiB, window_s=30.0)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def book(clock: FakeClock, silence_s: float = SILENCE) -> LeaseBook:

@@ -17,7 +17,7 @@ import trio.testing
 
 from p2preg.core import wire
 from p2preg.core.errors import Forbidden, InvalidRequest, LeaseCapReached, LeaseLost
-from tests.tracker_helpers import make_tracker
+from tests.tracker_helpers import FakeClock, make_tracker
 from tracker.leases import Granted, Held, LeaseBook, RateRule
 
 D = "sha256:" + "cd" * 32
@@ -26,14 +26,6 @@ KiB = 1024
 RATE = RateRule(min_bytes_s=256 * KiB, window_s=30.0)
 TTL = 30.0
 SIZE = 64 * 1024 * KiB
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def book(clock: FakeClock, **kw: object) -> LeaseBook:

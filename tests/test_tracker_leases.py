@@ -15,23 +15,15 @@ import trio.testing
 from p2preg.core import wire
 from p2preg.core.config import ConfigError
 from p2preg.core.errors import Forbidden, LeaseLost
-from tests.tracker_helpers import make_tracker
+from tests.tracker_helpers import FakeClock, make_tracker
 from tracker.coordinator import Tracker
 from tracker.leases import Granted, Held, LeaseBook, Waiters
 
 D = "sha256:" + "ab" * 32
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_one_lease_per_digest_until_it_expires() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     book = LeaseBook(10.0, clock)
     first = book.acquire(D, "a", 500)
     assert isinstance(first, Granted) and first.lease.size == 500
@@ -47,7 +39,7 @@ def test_one_lease_per_digest_until_it_expires() -> None:
 
 
 def test_renewal_keeps_the_lease_and_records_progress() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     book = LeaseBook(10.0, clock)
     lease = book.acquire(D, "a").lease
     for done in (100, 200, 300):
@@ -58,7 +50,7 @@ def test_renewal_keeps_the_lease_and_records_progress() -> None:
 
 
 def test_renewing_an_expired_or_foreign_lease_fails() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     book = LeaseBook(10.0, clock)
     lease = book.acquire(D, "a").lease
     with pytest.raises(LeaseLost):
@@ -69,7 +61,7 @@ def test_renewing_an_expired_or_foreign_lease_fails() -> None:
 
 
 def test_with_a_holder_only_that_node_renews_or_releases_even_knowing_the_id() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     book = LeaseBook(10.0, clock)
     lease = book.acquire(D, "a").lease
     with pytest.raises(Forbidden, match="held by another node"):
@@ -82,7 +74,7 @@ def test_with_a_holder_only_that_node_renews_or_releases_even_knowing_the_id() -
 
 
 def test_holder_asking_again_keeps_its_lease_and_release_frees_it() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     book = LeaseBook(10.0, clock)
     lease = book.acquire(D, "a").lease
     again = book.acquire(D, "a")
@@ -93,7 +85,7 @@ def test_holder_asking_again_keeps_its_lease_and_release_frees_it() -> None:
 
 
 def test_expire_sweeps_and_restore_skips_dead_leases() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     book = LeaseBook(10.0, clock)
     lease = book.acquire(D, "a").lease
     clock.now += 10

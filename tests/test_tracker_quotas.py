@@ -20,7 +20,7 @@ from p2preg.core import errors, wire
 from p2preg.core.config import ConfigError, HostPort
 from p2preg.core.digest import Digest
 from p2preg.core.pki import Identity
-from tests.tracker_helpers import blob_meta, make_tracker
+from tests.tracker_helpers import FakeClock, blob_meta, make_tracker
 from tracker.config import TrackerConfig
 from tracker.http_protocol import Request
 from tracker.http_routes import TrackerHttp
@@ -36,14 +36,6 @@ from tracker.quotas import (
 )
 
 D = str(Digest.of(b"a blob"))
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _book(clock: FakeClock, refused: list[str] | None = None) -> RateBook:

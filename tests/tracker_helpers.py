@@ -110,3 +110,14 @@ async def file_as_holder(client: TrackerClient, meta: Metainfo) -> wire.Metainfo
     lease = await client.acquire_lease(meta.digest, size=meta.size)
     assert lease.status is wire.LeaseStatus.GRANTED, lease
     return await client.publish_metainfo(meta.digest, meta.size, meta.data)
+
+
+class FakeClock:
+    """A clock a test moves by hand (`clock.now += seconds`), for the tracker's
+    sans-IO books."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
