@@ -74,6 +74,9 @@ def test_the_guard_forwards_only_the_node_s_torrents_and_ports() -> None:
     assert b"token" not in query and b"node=" not in query and b"ip=" not in query
     assert b"port=6882" in query
     assert checked(target(bytes(20)), Held()) == (None, "unknown_torrent")
+    # A torrent just removed from the swarm still says it stopped.
+    assert checked(target(bytes(20), extra="&event=stopped"), Held())[1] == "answered"
+    assert checked(target(bytes(20), 6881, extra="&event=stopped"), Held())[1] == "other_port"
     assert checked(target(port=6881), Held()) == (None, "other_port")
     assert checked(target(port=6882).replace(b"port=6882", b"port=99999999"), Held())[1] in (
         "other_port", "malformed")  # fmt: skip

@@ -145,6 +145,14 @@ def _start_checks(config: TrackerConfig) -> tuple[TrackerConfig, ReloadingTLS | 
     return config, tls
 
 
+async def _watch_tls(tls: ReloadingTLS | None) -> None:
+    """Take up renewed files though no handshake asks: nodes keep their
+    connections open (docs/TRACKER.md, "Announce relay")."""
+    while tls is not None:
+        await trio.sleep(tls.check_interval_s)
+        tls.check()
+
+
 async def serve_tracker(
     config: TrackerConfig,
     *,
@@ -179,6 +187,7 @@ async def serve_tracker(
             )
             preauth = PreAuthConnections.from_config(config, metrics)
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_tls, tls)
                 app = TrackerHttp(tracker)
                 apps: list[Seat] = [app]
                 await nursery.start(partial(serve_http, tcp, app, gate=gate, preauth=preauth))

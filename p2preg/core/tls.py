@@ -202,7 +202,9 @@ class ReloadingTLS:
     half-written file, another CA) keeps the previous contexts and is logged;
     connections already open keep theirs. `generation` grows with every reload,
     so a holder of paths (libtorrent) knows when to load them again. Safe to call
-    from several threads.
+    from several threads. A server whose clients keep their connections open
+    makes few handshakes: it calls `check()` on a timer too, so a renewed
+    certificate (or a CA rotation's new root) is taken up without one.
     """
 
     def __init__(
@@ -249,6 +251,14 @@ class ReloadingTLS:
                 root = issuing_root(material.cert_pem, material.ca_pem)
                 cached = self._root = (self.generation, root)
             return cached[1]
+
+    @property
+    def check_interval_s(self) -> float:
+        return self._interval
+
+    def check(self) -> None:
+        """Reload now if the files changed and the interval has passed."""
+        self._maybe_reload()
 
     def server_context(self) -> ssl.SSLContext:
         self._maybe_reload()

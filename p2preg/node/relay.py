@@ -127,7 +127,9 @@ def checked(target: bytes, held: Held | None) -> tuple[bytes | None, str]:
         kept.append(part)
     if info_hash is None or len(info_hash) != 20 or port is None or not port.isdigit():
         return None, "malformed"
-    if not held.holds(info_hash):
+    # A torrent the swarm just removed (evicted, stopped) says `stopped` after it
+    # left the swarm's books: that one goes through, so the tracker drops the peer.
+    if not held.holds(info_hash) and b"event=stopped" not in query.split(b"&"):
         return None, "unknown_torrent"
     if len(port) > 5 or int(port) not in held.listen_ports:
         return None, "other_port"
