@@ -91,8 +91,8 @@ async def test_the_peer_upload_cap_holds_over_ssl_torrents(tmp_path: Path) -> No
     with trio.fail_after(60):
         async with (
             tls_tracker(tmp_path, ca, meta) as url,
-            tls_swarm(tmp_path, ca, "a", [url + "/announce"], a_metrics) as (a, _),
-            tls_swarm(tmp_path, ca, "b", [url + "/announce"], NodeMetrics()) as (b, _),
+            tls_swarm(tmp_path, ca, "a", url, a_metrics) as (a, _),
+            tls_swarm(tmp_path, ca, "b", url, NodeMetrics()) as (b, _),
         ):
             NodeLimits(Caps(peer_upload=CAP), a_metrics, UpstreamThrottle(0), a)
             a.seed(meta, path)

@@ -128,7 +128,7 @@ class SeedTracker:
         self.batches.append(list(queries))
         if self.fail:
             raise errors.TrackerUnavailable("every tracker is down")
-        return [lt.bencode({b"interval": 1777, b"peers": b""}) for _ in queries]
+        return [lt.bencode({b"interval": 17777, b"peers": b""}) for _ in queries]
 
     def sent(self) -> list[bytes]:
         return [q for b in self.batches for q in b]
@@ -150,7 +150,7 @@ async def test_a_seeder_refresh_is_answered_at_once_and_sent_with_the_next_batch
             await relay.answer(target(extra="&event=completed"))  # the tracker: a seeder
             assert len(tracker.batches) == 1
             doc: Any = lt.bdecode(await relay.answer(target(extra="&n=refresh")))
-            assert doc == {b"interval": 1777, b"peers": b""}
+            assert doc == {b"interval": 17777, b"peers": b""}
             assert len(tracker.batches) == 1  # answered by the relay, queued
             await relay.answer(target(OTHER, extra="&left=5&n=leecher"))  # an ordinary batch
         assert [q.rpartition(b"&n=")[2] for q in tracker.batches[1]] == [b"leecher", b"refresh"]

@@ -26,6 +26,7 @@ from harness.procs import free_port
 from harness.tlscerts import ClusterCA, client_ssl_context
 from p2preg.core.config import HostPort
 from tests.tracker_helpers import running_tracker
+from tracker import http_listener
 from tracker.client import KEEPALIVE_EXPIRY_S
 from tracker.http_listener import KEEP_ALIVE_TIMEOUT_S
 
@@ -138,3 +139,31 @@ async def test_a_verified_connection_stays_open_past_the_anonymous_keep_alive(
         await trio.sleep(KEEP_ALIVE_TIMEOUT_S + 1.5)
         assert (await http.get(f"{url}/healthz", timeout=10)).status_code == 200
         assert await _metric(metrics, **handshakes) == 2  # the first connection, reused
+
+
+async def test_a_verified_connection_is_closed_once_old_so_its_certificate_is_shown_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kept connection would let a certificate shown once outlive its expiry or
+    a CA rotation: past its age the next answer says `Connection: close`, and the
+    client's next request makes a new handshake."""
+    monkeypatch.setattr(http_listener, "MAX_VERIFIED_AGE_S", 1.0)
+    ca = ClusterCA.make("age")
+    metrics_port = free_port()
+    tls_dir = ca.tls_dir(tmp_path / "t", "tracker", "t", ips=["127.0.0.1"])
+    node_tls = ca.tls_dir(tmp_path / "n", "node", "n")
+    metrics = f"http://127.0.0.1:{metrics_port}"
+    handshakes = dict(name="p2preg_tracker_tls_handshakes_total", resumed="false")
+    async with (
+        running_tracker(tmp_path, tls_dir=tls_dir,
+                        metrics_listen=HostPort("127.0.0.1", metrics_port)) as url,
+        httpx.AsyncClient(verify=client_ssl_context(node_tls)) as http,
+    ):  # fmt: skip
+        young = await http.get(f"{url}/healthz", timeout=10)
+        assert young.headers.get("connection") != "close"
+        await trio.sleep(1.2)
+        old = await http.get(f"{url}/healthz", timeout=10)
+        assert old.status_code == 200 and old.headers.get("connection") == "close"
+        assert await _metric(metrics, **handshakes) == 1  # both on the first connection
+        assert (await http.get(f"{url}/healthz", timeout=10)).status_code == 200
+        assert await _metric(metrics, **handshakes) == 2

@@ -179,7 +179,7 @@ class AnnounceRelay:
         self._window_s = window_s
         self._batch_max = batch_max
         self._refresh_s = refresh_s
-        self._refreshes = Refreshes(refresh_tries)
+        self._refreshes = Refreshes(refresh_tries, refresh_s)
         self._held: Held | None = None  # nothing is forwarded before the swarm is attached
         self._send, self._receive = trio.open_memory_channel[_Slot](QUEUE_MAX)
         self.port = 0

@@ -11,13 +11,16 @@ refreshes go to the tracker together every REFRESH_S, or with the next ordinary
 batch. Everything else goes through as before.
 
 A refresh reaches the tracker at most REFRESH_S late; the tracker keeps a seeder
-1.25 x its interval (2250 s for 1800 s ±10 %), so even the earliest jittered
-re-announce lands well within the window. A refresh the tracker could not take is
-retried with later batches, REFRESH_TRIES times in all; then the torrent is no
-longer "known as a seeder", and the relay asks the swarm to announce it now, which
-goes through as an ordinary announce: libtorrent gets the tracker's answer or the
-failure, and its own retry takes over. A refresh answered with a failure reason
-also drops the torrent, so its next announce goes through too.
+1.25 x its interval (2250 s for 1800 s ±10 %), so even the earliest jittered re-
+announce lands well within the window. A tracker that gives a seeder an interval
+under HOLD_MIN_INTERVALS x REFRESH_S (one configured for short intervals) may
+drop it before a held refresh arrives: those go through at once. A refresh the
+tracker could not take is retried with later batches, REFRESH_TRIES times in
+all; then the torrent is no longer "known as a seeder", and the relay asks the
+swarm to announce it now, which goes through as an ordinary announce: libtorrent
+gets the tracker's answer or the failure, and its own retry takes over. A
+refresh answered with a failure reason also drops the torrent, so its next
+announce goes through too.
 
 Owns that bookkeeping only; the relay does the sockets and the sending.
 """
@@ -36,6 +39,8 @@ REFRESH_S = 30.0
 REFRESH_MAX = 128
 # ... and each is tried with this many batches before the relay gives up on it.
 REFRESH_TRIES = 8
+# Only refreshes whose interval is at least this many times REFRESH_S are held.
+HOLD_MIN_INTERVALS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +86,9 @@ class Pending:
 class Refreshes:
     """The torrents known as seeders (with their last interval) and the queued refreshes."""
 
-    def __init__(self, tries: int = REFRESH_TRIES) -> None:
+    def __init__(self, tries: int = REFRESH_TRIES, refresh_s: float = REFRESH_S) -> None:
         self._tries = tries
+        self._min_interval = HOLD_MIN_INTERVALS * refresh_s
         self._seeding: dict[bytes, int] = {}
         self._pending: dict[bytes, Pending] = {}  # one per torrent: the newest
 
@@ -93,7 +99,7 @@ class Refreshes:
         """The relay's own answer to a refresh it queues, or None: forward it."""
         f = fields(query)
         interval = self._seeding.get(f.info_hash)
-        if interval is None or f.left != b"0" or f.event:
+        if interval is None or interval < self._min_interval or f.left != b"0" or f.event:
             return None
         old = self._pending.get(f.info_hash)
         self._pending[f.info_hash] = Pending(f.info_hash, query, old.tries if old else 0)
