@@ -123,8 +123,9 @@ async def test_an_expiry_survives_a_restart_and_a_pinned_digest_is_kept(tmp_path
     settings = dict(
         metainfo_idle_expiry_s=IDLE_S, seeder_announce_interval_s=SEEDER_S,
         pinned_digests=(str(pinned.digest),),
-        # The sweeper runs every lease_ttl_s/2: often, so the test waits little.
-        lease_ttl_s=0.2,
+        # The sweeper runs every lease_ttl_s/2: often, so the test waits little
+        # (and the hand-off, which must fit in the TTL, is off).
+        lease_ttl_s=0.2, upstream_handoff_s=0.0,
     )
     clock = SteppedClock()
     async with (
