@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -59,6 +60,12 @@ POLL_WAIT_S = 10
 # cap, a closed list, or a publisher already tried), while chunks come and before.
 POLL_S = 0.25
 POLL_IDLE_S = 0.5
+# A follower joins chunks it has just heard of after a random wait below this. One
+# filing answers every waiter's long poll at the same instant; joined in step, they all
+# ask the chunk's one seeder, the holder, for the same first pieces, and the holder's
+# upstream copy slowed by a tenth (N = 8: 17.7 s became 19.6 s; BENCHMARKS.md, "Waiters
+# out of step"). Spread out, the later ones take pieces from the earlier ones.
+JOIN_SPREAD_S = 0.25
 # Chunk downloads one follower runs at once.
 MAX_IN_FLIGHT = 16
 # Publishers one wait follows (a second after the first one's chunks failed).
@@ -365,6 +372,8 @@ class ChunkFollower:
             while len(got) < count:
                 if listing is None or listing.publisher != first.publisher or not listing.digests:
                     raise ChunkFailed("the chunk list is gone, or by another publisher now")
+                if len(listing.digests) > known:
+                    await trio.sleep(random.uniform(0, JOIN_SPREAD_S))
                 for i in range(known, min(count, len(listing.digests))):
                     nursery.start_soon(self._join, listing, i, got, ready, all_in, limiter)
                     known, idle_since = i + 1, trio.current_time()
