@@ -86,6 +86,46 @@ def test_the_lag_is_read_when_judged_so_a_lag_that_passed_forgives_nothing() -> 
     assert isinstance(b.acquire(D, "b", SIZE), Granted)
 
 
+@pytest.mark.parametrize("lag", [0.0, LAG])
+def test_a_window_kept_up_is_not_slow_when_the_tracker_judges_its_renewal_late(
+    lag: float,
+) -> None:
+    """A renewal run `lag` late makes the window look longer than it was: only a
+    tracker that knows it ran late (lag LAG) does not call the holder slow."""
+    clock = FakeClock()
+    b = book(clock, lag)
+    first = b.acquire(D, "a", SIZE).lease
+    b.renew(D, first.lease_id, 0, SIZE, holder="a")
+    for step in range(1, 3):  # stays alive within the silence, one window's bytes in all
+        clock.now += SILENCE - EPS
+        b.renew(D, first.lease_id, step << 20, SIZE, holder="a")
+    clock.now += RATE.window_s + LAG - 2 * (SILENCE - EPS)
+    kept_up = RATE.min_bytes_s * int(RATE.window_s)
+    lease = b.renew(D, first.lease_id, kept_up, SIZE, holder="a")
+    assert lease.slow is (lag == 0.0)
+    assert isinstance(b.acquire(D, "b", SIZE), Granted if lag == 0.0 else Held)
+
+
+@pytest.mark.parametrize("ack_after", [0.0, ACK - EPS])
+def test_the_rate_window_starts_when_the_grant_is_acknowledged(ack_after: float) -> None:
+    """A holder fetches nothing until its acknowledgement is answered: a window's
+    bytes over the window after it keep up, however late within `grant_ack_s` it came."""
+    clock = FakeClock()
+    b = LeaseBook(TTL, clock, rate=RATE, grant_ack_s=ACK)
+    first = b.acquire(D, "a", SIZE).lease
+    clock.now += ack_after
+    b.renew(D, first.lease_id, 0, SIZE, holder="a")
+    per_half = RATE.min_bytes_s * int(RATE.window_s) // 2
+    for half in (1, 2):  # renewed within the TTL
+        clock.now += RATE.window_s / 2
+        lease = b.renew(D, first.lease_id, half * per_half, SIZE, holder="a")
+    assert not lease.slow and lease.mark_at == clock.now
+    for _ in (1, 2):  # and a window with nothing is slow, as before
+        clock.now += RATE.window_s / 2
+        lease = b.renew(D, first.lease_id, lease.bytes_done, SIZE, holder="a")
+    assert lease.slow
+
+
 def test_the_meter_holds_the_largest_oversleep_for_its_hold_and_bounds_it() -> None:
     meter = LagMeter(lambda: 0.0, hold_s=2.5, max_s=30.0, interval_s=0.05)
     assert meter() == 0.0

@@ -19,6 +19,7 @@ from urllib.parse import quote_from_bytes
 import httpx
 import libtorrent as lt
 import trio
+import trio.testing
 
 from p2preg.core import errors
 from p2preg.node.metrics import NodeMetrics
@@ -213,6 +214,45 @@ async def test_a_failed_refresh_is_retried_then_given_up_to_libtorrent() -> None
             tracker.fail = False
             await relay.answer(target(extra="&n=libtorrent_retry"))  # through: it failed last
         assert tracker.sent()[-1].endswith(b"&n=libtorrent_retry")
+
+
+class GatedTracker(SeedTracker):
+    """Holds each batch with a refresh in it until `gate` is set; logs arrivals and ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = trio.Event()
+        self.log: list[tuple[str, bytes]] = []
+
+    async def announce_batch(self, queries: Sequence[bytes], timeout_s: float) -> list[bytes]:
+        names = b",".join(q.rpartition(b"&n=")[2] for q in queries)
+        self.log.append(("sent", names))
+        if any(q.endswith(b"&n=refresh") for q in queries):
+            await self.gate.wait()
+        answers = await super().announce_batch(queries, timeout_s)
+        self.log.append(("answered", names))
+        return answers
+
+
+async def test_a_stopped_waits_for_its_torrent_s_refresh_already_on_its_way() -> None:
+    """Sent beside it on the other sender, `stopped` could reach the tracker first,
+    and the refresh after it would list the stopped seeder again."""
+    tracker = GatedTracker()
+    async with open_relay(tracker, NodeMetrics(), refresh_s=0.02) as relay:
+        relay.attach(Held())
+        with trio.fail_after(30):
+            await relay.answer(target(extra="&event=started&n=started"))
+            await relay.answer(target(extra="&n=refresh"))  # held, then sent on its own
+            await wait_for(lambda: ("sent", b"refresh") in tracker.log)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(relay.answer, target(extra="&event=stopped&n=stopped"))
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                tracker.gate.set()
+    assert tracker.log == [
+        ("sent", b"started"), ("answered", b"started"),
+        ("sent", b"refresh"), ("answered", b"refresh"),
+        ("sent", b"stopped"), ("answered", b"stopped"),
+    ]
 
 
 def test_the_relay_listens_where_libtorrent_announces_from() -> None:

@@ -199,6 +199,8 @@ async def test_a_waiter_is_woken_and_handed_the_fetch_when_the_holder_falls_behi
     t = make_tracker(tmp_path, lease_ttl_s=3.0, lease_rate_window_s=6.0)
     held = await t.acquire_lease(D, wire.LeaseRequest("evil", SIZE), identity="evil")
     assert held.lease_id and held.min_rate_bytes_s == 256 * KiB and held.rate_window_s == 6.0
+    # Acknowledged at once, as a node does: the rate window starts here.
+    await t.renew_lease(D, wire.LeaseRenew(held.lease_id, 0), identity="evil")
     start = trio.current_time()
     got: list[wire.LeaseReply] = []
     granted_at: list[float] = []
@@ -259,6 +261,7 @@ async def test_a_never_finishing_lease_frees_its_images_upstream_slot_after_the_
     first = wire.LeaseRequest("evil", SIZE, group=image, order=1)
     held = await t.acquire_lease(D, first, identity="evil")
     assert held.lease_id
+    await t.renew_lease(D, wire.LeaseRenew(held.lease_id, 0), identity="evil")  # the ack
     start = trio.current_time()
     got: list[float] = []
 

@@ -17,7 +17,9 @@ anything), and one not acknowledged within `grant_ack_s` is passed on like a
 silent holder's. Both windows count only silence the tracker can blame on
 the holder: the tracker's own lag (`lag`, seconds: how late it is running the
 requests it has, lagmeter.py) is added to each, so a tracker behind its queue
-does not take a live holder over whose renewal waits in that queue.
+does not take a live holder over whose renewal waits in that queue. The rate
+window forgives that lag too, and starts at the acknowledgement, since a holder
+fetches nothing before it.
 Neither is revoked: a paused holder that
 wakes finishes its copy (one extra upstream copy at most) and may still file
 its torrent (`passed_from`); its renewals are refused with the reason. One
@@ -182,7 +184,8 @@ class LeaseBook:
         """
         if self.rate.min_bytes_s <= 0:
             return False
-        return lease.slow or self._clock() - lease.mark_at >= self.rate.window_s + self.ttl_s
+        span = self._clock() - lease.mark_at - max(0.0, self.lag())
+        return lease.slow or span >= self.rate.window_s + self.ttl_s
 
     def is_silent(self, lease: Lease) -> bool:
         """No sign of life from the holder for `silence_s`: dead, hung, or cut off;
@@ -333,6 +336,8 @@ class LeaseBook:
         size = _checked_size(lease, size)
         _check_progress(lease, bytes_done, size)
         now = self._clock()
+        if not lease.acked:  # the holder fetches nothing before this: its window starts now
+            lease = replace(lease, mark_at=now, mark_bytes=bytes_done)
         lease = replace(
             lease, expires_at=now + self.ttl_s, bytes_done=bytes_done, size=size, renewed_at=now,
             acked=True,
@@ -349,7 +354,9 @@ class LeaseBook:
         # time it may take to publish and seed.
         finished_now = lease.fetched and lease.mark_bytes < lease.bytes_done
         done = lease.bytes_done - lease.mark_bytes
-        if finished_now or not self.rate.falls_short(done, lease.mark_at, now):
+        # Renewals the tracker runs late make the span look longer than it was.
+        until = max(lease.mark_at, now - max(0.0, self.lag()))
+        if finished_now or not self.rate.falls_short(done, lease.mark_at, until):
             return replace(lease, mark_at=now, mark_bytes=lease.bytes_done)
         return replace(lease, slow=True)
 

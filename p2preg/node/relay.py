@@ -47,7 +47,14 @@ import trio
 from p2preg.core import errors
 from p2preg.core.pki import CertificateError
 from p2preg.node.metrics import NodeMetrics
-from p2preg.node.relay_refresh import REFRESH_MAX, REFRESH_S, REFRESH_TRIES, Pending, Refreshes
+from p2preg.node.relay_refresh import (
+    REFRESH_MAX,
+    REFRESH_S,
+    REFRESH_TRIES,
+    Pending,
+    Refreshes,
+    fields,
+)
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +191,10 @@ class AnnounceRelay:
         self._send, self._receive = trio.open_memory_channel[_Slot](QUEUE_MAX)
         self.port = 0
         self._stopped = 0  # `stopped` announces answered
+        # Per torrent, its queued refresh on its way to the tracker: the torrent's next
+        # ordinary announce waits for it, so a `stopped` sent beside it on the other
+        # sender cannot arrive first and be undone by it (the seeder listed again).
+        self._in_flight: dict[bytes, _Slot] = {}
 
     @property
     def url(self) -> str:
@@ -207,6 +218,9 @@ class AnnounceRelay:
             self._metrics.relay_announces.labels("held").inc()
             return held
         self._refreshes.forwarding(query)
+        info_hash = fields(query).info_hash
+        while (ahead := self._in_flight.get(info_hash)) is not None:
+            await ahead.done.wait()  # bounded: `_forward` settles every slot it sends
         slot = _Slot(query)
         try:
             self._send.send_nowait(slot)
@@ -268,7 +282,7 @@ class AnnounceRelay:
                 while len(batch) < self._batch_max:
                     batch.append(await self._receive.receive())
             room = min(REFRESH_MAX, 2 * self._batch_max) - len(batch)
-            batch += [_Slot(p.query, refresh=p) for p in self._refreshes.take(room)]
+            batch += self._refresh_slots(self._refreshes.take(room))
             await self._forward(batch)
 
     async def _refresher(self) -> None:
@@ -277,26 +291,40 @@ class AnnounceRelay:
             await trio.sleep(self._refresh_s)
             for _ in range(SENDERS * 4):  # bounded: a long queue drains over a few rounds
                 taken = self._refreshes.take(REFRESH_MAX)
-                if not taken or not await self._forward([_Slot(p.query, refresh=p) for p in taken]):
+                if not taken or not await self._forward(self._refresh_slots(taken)):
                     break  # a failed batch's refreshes wait for the next one, not this round
+
+    def _refresh_slots(self, taken: list[Pending]) -> list[_Slot]:
+        slots = [_Slot(p.query, refresh=p) for p in taken]
+        for slot in slots:
+            self._in_flight[fields(slot.query).info_hash] = slot
+        return slots
 
     async def _forward(self, batch: list[_Slot]) -> bool:
         """Send `batch` and settle each of its slots; whether a tracker answered."""
         try:
-            bodies = await self._tracker.announce_batch(
-                [s.query for s in batch], TRACKER_TIMEOUT_S
-            )
-            result = "answered"
-        except (errors.TrackerError, CertificateError) as e:  # (unreadable renewed files)
-            log.warning("relay: %d announces got no tracker: %s", len(batch), e)
-            bodies = [failure("no tracker answered the node's relay; try again")] * len(batch)
-            result = "no_tracker"
-        self._metrics.relay_batches.inc()
-        ordinary = sum(s.refresh is None for s in batch)
-        self._metrics.relay_announces.labels(result).inc(ordinary)
-        for slot, body in zip(batch, bodies, strict=True):
-            self._settle(slot, body, result == "answered")
-        return result == "answered"
+            try:
+                bodies = await self._tracker.announce_batch(
+                    [s.query for s in batch], TRACKER_TIMEOUT_S
+                )
+                result = "answered"
+            except (errors.TrackerError, CertificateError) as e:  # (unreadable renewed files)
+                log.warning("relay: %d announces got no tracker: %s", len(batch), e)
+                bodies = [failure("no tracker answered the node's relay; try again")] * len(batch)
+                result = "no_tracker"
+            self._metrics.relay_batches.inc()
+            ordinary = sum(s.refresh is None for s in batch)
+            self._metrics.relay_announces.labels(result).inc(ordinary)
+            for slot, body in zip(batch, bodies, strict=True):
+                self._settle(slot, body, result == "answered")
+            return result == "answered"
+        finally:  # settled or not (cancelled), nothing waits on these any longer
+            for slot in batch:
+                if slot.refresh is not None:
+                    info_hash = slot.refresh.info_hash
+                    if self._in_flight.get(info_hash) is slot:
+                        del self._in_flight[info_hash]
+                    slot.done.set()
 
     def _settle(self, slot: _Slot, body: bytes, answered: bool) -> None:
         if slot.refresh is None:
