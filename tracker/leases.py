@@ -19,7 +19,9 @@ the holder: the tracker's own lag (`lag`, seconds: how late it is running the
 requests it has, lagmeter.py) is added to each, so a tracker behind its queue
 does not take a live holder over whose renewal waits in that queue. The rate
 window forgives that lag too, and starts at the acknowledgement, since a holder
-fetches nothing before it.
+fetches nothing before it. The image's upstream slot (`fetching`) is given up at
+the plain windows, lag or not: a grant whose acknowledgement waits in that queue
+does not hold the image's other layers back, and its holder keeps the lease.
 Neither is revoked: a paused holder that
 wakes finishes its copy (one extra upstream copy at most) and may still file
 its torrent (`passed_from`); its renewals are refused with the reason. One
@@ -145,7 +147,8 @@ class LeaseBook:
         # (digest, identity) whose lease on the digest was passed on: it was the
         # holder, and may still file the torrent of the copy it finishes.
         self._passed: OrderedDict[tuple[str, str], None] = OrderedDict()
-        # Ids of live leases `turned_silent` already reported.
+        # Ids of live leases `turned_silent` already reported as quiet, and as silent.
+        self._told_quiet: set[str] = set()
         self._told_silent: set[str] = set()
         # Totals since start, for metrics.
         self.granted = 0
@@ -175,7 +178,10 @@ class LeaseBook:
         now = self._clock()
         return [lease for lease in self._leases.values() if lease.expires_at > now]
 
-    def is_slow(self, lease: Lease) -> bool:
+    def _lag(self) -> float:
+        return max(0.0, self.lag())
+
+    def is_slow(self, lease: Lease, *, forgive_lag: bool = True) -> bool:
         """Below the minimum rate: a renewal said so, or none moved the window on in time.
 
         The second case is a holder that keeps its lease alive by asking again
@@ -184,17 +190,18 @@ class LeaseBook:
         """
         if self.rate.min_bytes_s <= 0:
             return False
-        span = self._clock() - lease.mark_at - max(0.0, self.lag())
+        span = self._clock() - lease.mark_at - (self._lag() if forgive_lag else 0.0)
         return lease.slow or span >= self.rate.window_s + self.ttl_s
 
-    def is_silent(self, lease: Lease) -> bool:
+    def is_silent(self, lease: Lease, *, forgive_lag: bool = True) -> bool:
         """No sign of life from the holder for `silence_s`: dead, hung, or cut off;
         or a grant it did not acknowledge within `grant_ack_s`. Each window is
-        lengthened by the tracker's own lag: its lateness is not the holder's."""
+        lengthened by the tracker's own lag (`forgive_lag`): its lateness is not
+        the holder's."""
         quiet = self._clock() - lease.renewed_at
         if not (self.silence_s > 0 or (not lease.acked and self.grant_ack_s > 0)):
             return False
-        quiet -= max(0.0, self.lag())
+        quiet -= self._lag() if forgive_lag else 0.0
         if not lease.acked and self.grant_ack_s > 0 and quiet >= self.grant_ack_s:
             return True
         return self.silence_s > 0 and quiet >= self.silence_s
@@ -206,20 +213,21 @@ class LeaseBook:
         return min(spans) / SILENCE_CHECKS if spans else 0.0
 
     def turned_silent(self) -> list[Lease]:
-        """Live leases gone silent since the last call: wake their waiters and free
-        their slots (the caller does, every `check_every_s`)."""
+        """Live leases gone quiet (the plain windows: their image's slot is free) or
+        silent (the windows with the lag: another node may take them over) since the
+        last call: wake their waiters and free their slots (the caller does, every
+        `check_every_s`)."""
         if self.check_every_s <= 0:
             return []
         now = self._clock()
-        silent = [
-            lease
-            for lease in self._leases.values()
-            if lease.expires_at > now
-            and self.is_silent(lease)
-            and lease.lease_id not in self._told_silent
-        ]
+        live = [lease for lease in self._leases.values() if lease.expires_at > now]
+        quiet = [lease for lease in live if lease.lease_id not in self._told_quiet
+                 and self.is_silent(lease, forgive_lag=False)]  # fmt: skip
+        silent = [lease for lease in live if lease.lease_id not in self._told_silent
+                  and self.is_silent(lease)]  # fmt: skip
+        self._told_quiet.update(lease.lease_id for lease in quiet)
         self._told_silent.update(lease.lease_id for lease in silent)
-        return silent
+        return list({lease.lease_id: lease for lease in quiet + silent}.values())
 
     def fetching(self, group: str) -> list[Lease]:
         """Live leases of `group` whose holder is still fetching from upstream at the rate.
@@ -234,8 +242,8 @@ class LeaseBook:
             if lease.group == group
             and not lease.fetched
             and lease.expires_at > now
-            and not self.is_slow(lease)
-            and not self.is_silent(lease)
+            and not self.is_slow(lease, forgive_lag=False)
+            and not self.is_silent(lease, forgive_lag=False)
         ]
 
     def acquire(
@@ -296,12 +304,12 @@ class LeaseBook:
             return (
                 f"lease on {lease.digest} handed from {lease.holder!r} to {by!r}: the grant was "
                 f"not acknowledged within {self.grant_ack_s:g} s (lease_grant_ack_s) plus the "
-                f"tracker's lag {max(0.0, self.lag()):.1f} s"
+                f"tracker's lag {self._lag():.1f} s"
             )
         return (
             f"lease on {lease.digest} handed from {lease.holder!r} to {by!r}: no renewal for "
             f"{now - lease.renewed_at:.1f} s (lease_silence_s {self.silence_s:g} plus the "
-            f"tracker's lag {max(0.0, self.lag()):.1f} s)"
+            f"tracker's lag {self._lag():.1f} s)"
         )
 
     def _check_cap(self, node: str) -> None:
@@ -355,7 +363,7 @@ class LeaseBook:
         finished_now = lease.fetched and lease.mark_bytes < lease.bytes_done
         done = lease.bytes_done - lease.mark_bytes
         # Renewals the tracker runs late make the span look longer than it was.
-        until = max(lease.mark_at, now - max(0.0, self.lag()))
+        until = max(lease.mark_at, now - self._lag())
         if finished_now or not self.rate.falls_short(done, lease.mark_at, until):
             return replace(lease, mark_at=now, mark_bytes=lease.bytes_done)
         return replace(lease, slow=True)
@@ -408,9 +416,11 @@ class LeaseBook:
         """File `lease` (new, or its own newer state: then it may go silent again)."""
         self._leases[lease.digest] = lease
         self._by_holder.setdefault(lease.holder, set()).add(lease.digest)
+        self._told_quiet.discard(lease.lease_id)
         self._told_silent.discard(lease.lease_id)
 
     def _remove(self, lease: Lease) -> None:
+        self._told_quiet.discard(lease.lease_id)
         self._told_silent.discard(lease.lease_id)
         del self._leases[lease.digest]
         held = self._by_holder.get(lease.holder)
