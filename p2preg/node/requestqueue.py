@@ -1,4 +1,4 @@
-"""How many block requests a node keeps outstanding with one peer, and why so few.
+"""How many block requests a node keeps outstanding with one peer, and why not more.
 
 Owns the libtorrent settings that bound a connection's queue of requests:
 `max_allowed_in_request_queue`, which a node advertises to its peers as `reqq`
@@ -10,17 +10,25 @@ With whole pieces preferred (a peer that could send a piece within
 `whole_pieces_threshold` seconds), libtorrent queues up to 8 MiB of whole pieces
 unsent on one connection, past any cap: off.
 
-Why so few: in libtorrent 2.1 an end-game copy is never cancelled. When a
+Why a cap: in libtorrent 2.1 an end-game copy is never cancelled. When a
 block arrives, `incoming_piece` marks it `writing` in the piece picker and only
 then cancels it on the other connections, and `cancel_request` returns at once
 for a block the picker no longer calls `requested`: no CANCEL goes out, not even
 for a request still unsent. Once every piece is requested, each connection with
 nothing outstanding asks for a block another connection holds, and both copies
 arrive. So what sits queued on the slower connections (a holder's upload shared
-by seven nodes) when the end game starts is received twice. 16 blocks (256 KiB)
-cover a 200 Mbit/s link's bandwidth-delay product up to a 10 ms round trip per
-connection, and a node has several. docs/SWARM.md, "Redundant bytes on shaped
-links", has the peer log and the numbers.
+by seven nodes) when the end game starts is received twice; libtorrent's own
+queues (thousands of blocks) made that a fifth of a node's bytes.
+
+Why 32 blocks (512 KiB): it covers a 200 Mbit/s link's bandwidth-delay product
+up to a 20 ms round trip, 1 Gbit/s up to 4 ms, per connection. 16 halved one
+connection's rate on loopback (223 to 318 MB/s against 484 at 64) and cost the
+fan-out 3 s of 26 at N = 8; 64 took those back but let a peer that turned slow
+hold 1 MiB, 16 s at 64 KiB/s, and a download with it took 2.1 times as long
+(1.1 at 16, 1.45 at 32). Since waiters join chunks out of step (chunks.py,
+`JOIN_SPREAD_S`), bytes received twice hardly depend on the cap. docs/SWARM.md,
+"Redundant bytes on shaped links", has the peer log, and docs/BENCHMARKS.md,
+"The request cap, again", the numbers.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from __future__ import annotations
 import libtorrent as lt
 
 # Outstanding block requests per peer connection, either way.
-REQUEST_QUEUE_BLOCKS = 16
+REQUEST_QUEUE_BLOCKS = 32
 
 
 def request_queue_settings() -> lt.settings_pack:

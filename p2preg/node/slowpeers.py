@@ -3,7 +3,7 @@
 Owns, per download, the rule that frees the requests a slow peer holds so that
 faster peers take them, and the libtorrent calls that do it. libtorrent gives a
 peer its rate x `request_queue_time` of requests, up to what the peer advertises
-(`reqq`; 16 for a node, requestqueue.py); one that advertises many, was fast
+(`reqq`; 32 for a node, requestqueue.py); one that advertises many, was fast
 and slows down keeps them, and the end game lets the others ask for those busy
 blocks one at a time, so one 64 KiB/s peer held a 200 MiB
 download for ~11 s (docs/SWARM.md, "Slow peers"). No libtorrent time-out
