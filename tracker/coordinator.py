@@ -462,8 +462,9 @@ class Tracker:
     def wake_silent(self) -> None:
         """A silent holder gives up its image's slot, and its blob may pass on now."""
         for lease in self.leases.turned_silent():
-            log.info("tracker: the holder %r of the lease on %s went silent",
-                     lease.holder, lease.digest)  # fmt: skip
+            what = "silent" if self.leases.is_silent(lease) else "quiet: its slot is free"
+            log.info("tracker: the holder %r of the lease on %s went %s",
+                     lease.holder, lease.digest, what)  # fmt: skip
             self._waiters.notify(lease.digest)
             self._free_slot(lease)
 
