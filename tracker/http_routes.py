@@ -370,6 +370,12 @@ class TrackerHttp:
         self.front: fronts.Front | None = None
         # The paths of the routes that hold no long poll (none has a `{digest}`).
         self._at_once = frozenset("/" + "/".join(r.path) for r in routes if r.at_once)
+        # `match` of each path without a `{digest}`, worked out once: a look-up for
+        # the paths asked most (relayed announces) instead of a walk of the table.
+        self._matched = {
+            p: match(p, routes) for p in ("/" + "/".join(r.path) for r in routes)
+            if "{digest}" not in p
+        }  # fmt: skip
 
     def serve(self, tracker: Tracker) -> None:
         """Answer from `tracker` (a replica's new term) from now on."""
@@ -392,7 +398,8 @@ class TrackerHttp:
     async def handle(self, request: Request) -> Response:
         # HEAD is GET without the body (the framing leaves it out).
         method = b"GET" if request.method == b"HEAD" else request.method
-        found = match(request.path, self.routes)
+        path = request.path
+        found = self._matched.get(path) or match(path, self.routes)
         if not found:
             return _error("not_found", f"no route {request.path[:200]!r}", 404)
         chosen = next(((r, d) for r, d in found if r.method == method), None)
