@@ -303,7 +303,8 @@ async def serve_connection(
         response: Response | None
         if app.answers_at_once(request):
             # No watcher: a task, a cancelled read and a nursery per request cost
-            # more than a relayed announce (docs/BENCHMARKS.md, "Relayed announces").
+            # more than a relayed announce (docs/BENCHMARKS.md, "Where a relayed
+            # request's time goes").
             response = await app.handle(request)
         else:
             response = await _answer_while_connected(stream, http, app, request)
