@@ -35,7 +35,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,9 +276,16 @@ def _worker(
     out.put((answered, errors, peers, time.perf_counter() - start, conn.reused))
 
 
-def run_load(job: Job, pid: int, metrics_url: str, redis: RedisUnderTest | None = None) -> Load:
+def run_load(
+    job: Job,
+    pid: int,
+    metrics_url: str,
+    redis: RedisUnderTest | None = None,
+    on_go: Callable[[], None] = lambda: None,
+) -> Load:
     """`job.workers` processes announcing; the tracker's CPU (and its Redis's work) over
-    the same span."""
+    the same span. `on_go` is called once every worker is ready, as the clock starts
+    (bench/tracker_profile.py starts its sampler there)."""
     mp = multiprocessing.get_context("spawn")
     go = mp.Event()
     out: multiprocessing.queues.Queue[tuple[int, int, int, float, int]] = mp.Queue()
@@ -292,6 +299,7 @@ def run_load(job: Job, pid: int, metrics_url: str, redis: RedisUnderTest | None 
         ready.get(timeout=WARMUP_LIMIT_S)
     replaced0 = _replaced(metrics_url)
     redis0 = redis.settled_stats() if redis is not None else None
+    on_go()
     cpu0, t0 = cpu_seconds(pid), time.perf_counter()
     go.set()
     limit = WARMUP_LIMIT_S if job.warmup else job.seconds
@@ -347,6 +355,16 @@ def _node_pool(ca: ClusterCA, root: Path, cluster: Cluster) -> Path:
     return root
 
 
+def prepare(t: TrackerProcess, job: Job, metas: list[Metainfo], publisher: Path) -> None:
+    """Publish and confirm the cluster's torrents at `t`, walk every member once
+    (`job.warmup`), and check that a leecher and a seeder get peers."""
+    trio.run(_setup, t.url, publisher if job.pool else None, job.pool, metas, job.cluster)
+    walked = run_load(job, t.process.pid, t.metrics_url or t.url)
+    if walked.answered < job.cluster.members:
+        raise RuntimeError(f"the warm-up reached {walked.answered} members only")
+    _sample(job)
+
+
 def _measure_one(
     t: TrackerProcess,
     job: Job,
@@ -354,12 +372,8 @@ def _measure_one(
     publisher: Path,
     redis: RedisUnderTest | None,
 ) -> Load:
-    trio.run(_setup, t.url, publisher if job.pool else None, job.pool, metas, job.cluster)
+    prepare(t, job, metas, publisher)
     metrics_url = t.metrics_url or t.url
-    walked = run_load(job, t.process.pid, metrics_url)
-    if walked.answered < job.cluster.members:
-        raise RuntimeError(f"the warm-up reached {walked.answered} members only")
-    _sample(job)
     return run_load(dataclasses.replace(job, warmup=False), t.process.pid, metrics_url, redis)
 
 

@@ -149,6 +149,21 @@ def app(tmp_path: Path) -> TrackerHttp:
     return TrackerHttp(make_tracker(tmp_path, token=TOKEN))
 
 
+def test_only_requests_without_a_long_poll_are_answered_at_once(tmp_path: Path) -> None:
+    http = app(tmp_path)
+
+    def at_once(method: bytes, target: str) -> bool:
+        return http.answers_at_once(request(method, target))
+
+    # A relay's batch, a replica's forwarded one, BitTorrent, health: no watcher.
+    assert at_once(b"POST", "/v1/announces") and at_once(b"POST", "/v1/replica/announces")
+    assert at_once(b"GET", "/announce?info_hash=x") and at_once(b"GET", "/healthz")
+    # Long polls (a lease request, a chunk list) keep theirs, and so does the rest.
+    assert not at_once(b"POST", f"/v1/leases/{DIGEST}")
+    assert not at_once(b"GET", f"/v1/chunks/{DIGEST}?have=0&wait=30")
+    assert not at_once(b"PUT", f"/v1/metainfo/{DIGEST}") and not at_once(b"GET", "/nope")
+
+
 def request(method: bytes, target: str, body: bytes = b"", token: str | None = TOKEN) -> Request:
     headers = [] if token is None else [(b"authorization", f"Bearer {token}".encode())]
     return Request(method, target.encode(), tuple(headers), body, "10.0.0.7")
@@ -197,17 +212,25 @@ async def test_bittorrent_answers_are_bencoded_200s_that_close(tmp_path: Path) -
 
 
 class FakeApp:
-    """Answers every request with its path; /wait blocks until cancelled."""
+    """Answers every request with its path; /wait blocks until cancelled, /sleep
+    answers after 3 s and is answered at once (no long poll)."""
 
     max_body_bytes = 1024
 
     def __init__(self) -> None:
         self.cancelled = 0
+        self.slept = 0
 
     def fast_answer(self, target: bytes, ip: str) -> bytes | None:
         return None
 
+    def answers_at_once(self, request: Request) -> bool:
+        return request.path != "/wait"
+
     async def handle(self, request: Request) -> Response:
+        if request.path == "/sleep":
+            await trio.sleep(3)
+            self.slept += 1
         if request.path == "/wait":
             try:
                 await trio.sleep_forever()
@@ -281,6 +304,20 @@ async def test_a_client_that_hangs_up_cancels_its_long_poll(
 
     await run_connection(app, client)
     assert app.cancelled == 1
+
+
+async def test_a_request_answered_at_once_is_not_watched_for_a_hang_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    app = FakeApp()
+
+    async def client(stream: trio.abc.Stream) -> None:
+        await stream.send_all(get(b"/sleep"))
+        await trio.sleep(1)
+        await stream.aclose()
+
+    await run_connection(app, client)
+    assert (app.slept, app.cancelled) == (1, 0)
 
 
 async def test_a_malformed_request_gets_its_refusal_and_the_connection_ends(

@@ -91,6 +91,11 @@ class HttpApp(Protocol):
 
     def fast_answer(self, target: bytes, ip: str) -> bytes | None: ...
 
+    def answers_at_once(self, request: Request) -> bool:
+        """True if `handle(request)` holds no long poll (it answers from what it
+        has, or within a short time limit): served without watching the connection."""
+        ...
+
     async def handle(self, request: Request) -> Response: ...
 
     def refuse(self, refusal: Refusal) -> Response: ...
@@ -256,6 +261,9 @@ class _Forbidden:
     def fast_answer(self, target: bytes, ip: str) -> bytes | None:
         return None
 
+    def answers_at_once(self, request: Request) -> bool:
+        return True
+
     async def handle(self, request: Request) -> Response:
         return self._app.refuse(Refusal(403, self._message))
 
@@ -292,7 +300,14 @@ async def serve_connection(
             if http.can_respond:
                 await _send(stream, http.respond(app.refuse(request)))
             return
-        response = await _answer_while_connected(stream, http, app, request)
+        response: Response | None
+        if app.answers_at_once(request):
+            # No watcher: a task, a cancelled read and a nursery per request cost
+            # more than a relayed announce (docs/BENCHMARKS.md, "Where a relayed
+            # request's time goes").
+            response = await app.handle(request)
+        else:
+            response = await _answer_while_connected(stream, http, app, request)
         if response is None:
             return  # the client left: nobody to answer
         head_only = request.method == b"HEAD"
@@ -331,7 +346,8 @@ async def _answer_while_connected(
     stream: trio.abc.Stream, http: HttpConnection, app: HttpApp, request: Request
 ) -> Response | None:
     """`app.handle(request)`, cancelled if the client hangs up first (a long poll's
-    waiter must not hold a place in a queue for a node that is gone).
+    waiter must not hold a place in a queue for a node that is gone); for a request
+    the app does not answer at once.
 
     The watcher's `receive_some` is cancelled when the answer is ready: safe on
     a SocketStream, and on an SSLStream once its handshake is done (a whole
