@@ -53,7 +53,6 @@ from p2preg.node.relay_refresh import (
     REFRESH_TRIES,
     Pending,
     Refreshes,
-    fields,
 )
 
 log = logging.getLogger(__name__)
@@ -217,8 +216,7 @@ class AnnounceRelay:
         if held is not None:
             self._metrics.relay_announces.labels("held").inc()
             return held
-        self._refreshes.forwarding(query)
-        info_hash = fields(query).info_hash
+        info_hash = self._refreshes.forwarding(query)
         while (ahead := self._in_flight.get(info_hash)) is not None:
             await ahead.done.wait()  # bounded: `_forward` settles every slot it sends
         slot = _Slot(query)
@@ -296,8 +294,7 @@ class AnnounceRelay:
 
     def _refresh_slots(self, taken: list[Pending]) -> list[_Slot]:
         slots = [_Slot(p.query, refresh=p) for p in taken]
-        for slot in slots:
-            self._in_flight[fields(slot.query).info_hash] = slot
+        self._in_flight.update((p.info_hash, slot) for p, slot in zip(taken, slots, strict=True))
         return slots
 
     async def _forward(self, batch: list[_Slot]) -> bool:

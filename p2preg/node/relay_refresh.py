@@ -105,10 +105,13 @@ class Refreshes:
         self._pending[f.info_hash] = Pending(f.info_hash, query, old.tries if old else 0)
         return lt.bencode(cast(Any, {b"interval": interval, b"peers": b""}))
 
-    def forwarding(self, query: bytes) -> None:
+    def forwarding(self, query: bytes) -> bytes:
         """An ordinary announce goes through: it stands for the torrent's queued refresh,
-        which must not reach the tracker after it (a refresh after `stopped`)."""
-        self._pending.pop(fields(query).info_hash, None)
+        which must not reach the tracker after it (a refresh after `stopped`). Its
+        torrent's info-hash."""
+        info_hash = fields(query).info_hash
+        self._pending.pop(info_hash, None)
+        return info_hash
 
     def learn(self, query: bytes, body: bytes) -> None:
         """What the tracker's answer to a forwarded announce says about its torrent."""
