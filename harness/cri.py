@@ -31,6 +31,7 @@ __all__ = [
     "decode_image",
     "decode_list_images_response",
     "decode_pull_image_response",
+    "dial_image_service",
     "encode_image_status_request",
     "encode_list_images_request",
     "encode_pull_image_request",
@@ -255,10 +256,14 @@ def decode_list_images_response(buf: bytes) -> list[CriImage]:
 
 
 class CriImageService:
-    """`/runtime.v1.ImageService` over one containerd socket (see `open_image_service`)."""
+    """`/runtime.v1.ImageService` over one containerd socket (see `dial_image_service`)."""
 
     def __init__(self, channel: Any) -> None:
         self._channel = channel
+
+    def close(self) -> None:
+        """Close the channel; a call in flight ends with CANCELLED (a `CriError`)."""
+        self._channel.close()
 
     def _call(self, method: str, request: bytes, timeout_s: float) -> bytes:
         call = self._channel.unary_unary(
@@ -295,15 +300,26 @@ class CriImageService:
         return decode_list_images_response(reply)
 
 
-@contextmanager
-def open_image_service(address: Path) -> Iterator[CriImageService]:
-    """A CRI image service client on the unix socket `address`, closed on exit."""
+def dial_image_service(address: Path, *, timeout_s: float = 10.0) -> CriImageService:
+    """A CRI image service client on the unix socket `address`, connected; close it."""
     # As kubelet dials it: no proxy, replies up to 16 MiB.
     channel = grpc.insecure_channel(
         "unix://" + os.fspath(address.absolute()),
         options=[("grpc.enable_http_proxy", 0), ("grpc.max_receive_message_length", 16 << 20)],
     )
     try:
-        yield CriImageService(channel)
-    finally:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+    except grpc.FutureTimeoutError as e:
         channel.close()
+        raise CriError(f"no CRI service on {address} within {timeout_s} s") from e
+    return CriImageService(channel)
+
+
+@contextmanager
+def open_image_service(address: Path) -> Iterator[CriImageService]:
+    """A CRI image service client on the unix socket `address`, closed on exit."""
+    service = dial_image_service(address)
+    try:
+        yield service
+    finally:
+        service.close()

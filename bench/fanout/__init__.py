@@ -25,9 +25,9 @@ p2preg code involved:
   over the U link (curl, written to disk);
 - ring(N): every node host fetches S from nginx on its neighbour, all N at once,
   over their B links — the data movement of a perfectly balanced swarm;
-- client(N): all N hosts `ctr images pull` the image at once from a second
-  docker-registry on an unshaped host, over their B links — the network plus
-  containerd's own receive/write/unpack work, without U and without p2preg.
+- client(N): all N hosts pull the image at once, with the run's client, from a
+  second docker-registry on an unshaped host, over their B links — the network
+  plus containerd's own receive/write/unpack work, without U and without p2preg.
 
 bound(N) = first copy + max(ring(N), client(N)): the image must cross U once,
 then every host must receive it and hand it to containerd, and the machine does
@@ -35,6 +35,12 @@ that no faster than measured (a store-and-forward bound; the targets use it).
 Beside it: the network-only bound, first copy + ring(N), with no client work in
 it, and floor(N) = max(first copy, ring(N), client(N)), what perfect cut-through
 pipelining would allow. docs/BENCHMARKS.md argues the choice.
+
+`--client` says who pulls on each host (clients.py): `ctr` (`ctr images pull`,
+which in containerd 1.6 fetches every layer and then unpacks them in turn) or
+`cri` (kubelet's PullImage on containerd's CRI plugin, which applies each layer
+as it arrives; the daemon then runs in the host's namespace, since it does the
+registry HTTP itself). They differ by the unpack containerd can overlap.
 
 `--tls on` runs p2p as a TLS cluster (mode `p2p_tls`): a CA made for the run,
 the tracker on HTTPS only with a certificate naming its 198.18 address (IP SAN:
@@ -57,9 +63,11 @@ CPU-bound runs (client(N), p2p) several times and reports the median.
     .venv/bin/python -m bench.fanout --nodes 16 --upstream-mbit 100
     .venv/bin/python -m bench.fanout --loopback --nodes 2,4 --size-mb 50
     .venv/bin/python -m bench.fanout --nodes 8 --repeats 3 --tls both   # TLS vs plain, ~10 min
+    .venv/bin/python -m bench.fanout --nodes 4,8 --modes p2p --client cri  # kubelet's pull
 
 The package: `settings` (flags, constants), `cluster` (namespaces, shaping,
-what runs where, all through harness/), `capacity` (first copy, ring, bound),
+what runs where, all through harness/), `clients` (one pull per host, timed),
+`capacity` (first copy, ring, bound),
 `runs` (one measured run), `phases` (where the time went), `document` (the
 JSON), `report` (tables, plot), `__main__` (the whole benchmark). None of it
 imports tests/; the machine-busy formula is bench/machine.py's, shared with

@@ -241,11 +241,22 @@ def start_stage(
         upstream = f"{registry.host}={registry.url}"
         extra = settings.node_args
         nodes = start_nodes(stack, hosts, run_dir, upstream, tracker_url, extra, tls)
+    hosts_dirs = [run_dir / f"hosts{i}" for i in range(len(hosts))]
+    # kubelet's client reads hosts.toml from the CRI plugin's config_path, and the
+    # daemon itself fetches (ctr fetches in its own process, in the host's namespace).
+    cri = settings.client == "cri"
     daemons = [
-        stack.enter_context(open_containerd(run_dir / f"ctrd{i}", snapshotter=settings.snapshotter))
+        stack.enter_context(
+            open_containerd(
+                run_dir / f"ctrd{i}",
+                snapshotter=settings.snapshotter,
+                cri=cri,
+                cri_hosts_dir=hosts_dirs[i] if cri else None,
+                netns=hosts[i].netns if cri else None,
+            )
+        )
         for i in range(len(hosts))
     ]
-    hosts_dirs = [run_dir / f"hosts{i}" for i in range(len(hosts))]
     for i, hd in enumerate(hosts_dirs):
         if is_p2p(mode):
             # The registry's own address is a closed port here: a pull that

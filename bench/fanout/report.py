@@ -59,7 +59,7 @@ def _time_table(doc: dict[str, Any], runs: dict[tuple[str, int], dict[str, Any]]
     )
     t = Table(
         title=f"Pull fan-out: {image_bytes / MB:.0f} MB in {settings['layers']} layers, "
-        f"{where}; seconds until the last node is done"
+        f"{where}; pulled by {settings.get('client', 'ctr')}; seconds until the last node is done"
     )
     tls = _has_tls(doc)
     columns = ["N", "direct", "p2p"] + (["p2p TLS", "TLS/plain"] if tls else [])

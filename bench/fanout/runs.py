@@ -1,7 +1,7 @@
 """One fan-out run measured: N hosts pull at the same moment, and what that cost.
 
-Owns starting the N `ctr` pulls at once (each reaped by a waiter thread with
-its rusage, so its end time and CPU are exact), sampling every 0.5 s the bytes
+Owns starting the N client pulls at once (bench/fanout/clients.py: `ctr`, or
+kubelet's CRI call; each pull's end is exact), sampling every 0.5 s the bytes
 in each containerd, the upstream link's tx counter and machine busy (the
 timeline, with a progress display), and then reading the per-node results
 (pull time, unpack, CPU and peak RSS of nodes, containerd and ctr, the nodes'
@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
-import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -33,6 +30,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from bench.fanout.clients import Pull, client_daemon, prepare_pulls, stop_pulls
 from bench.fanout.cluster import Cluster, Stage, start_stage
 from bench.fanout.phases import longest_stall, percentile, phases, unpack_seconds
 from bench.fanout.settings import CLIENT, SAMPLE_S, Settings, is_p2p
@@ -41,7 +39,6 @@ from harness.containerd import Containerd
 from harness.images import ImageManifest, PushedImage
 from harness.netns import Host
 from harness.node import NodeProcess, metric_value
-from harness.procs import with_pdeathsig
 from harness.registry import Registry
 
 
@@ -90,52 +87,6 @@ class RunResult:
     representative: bool = True
 
 
-class _Pull:
-    """One `ctr` child, reaped by a waiter thread with its rusage; killed only if unreaped."""
-
-    def __init__(self, argv: list[str], out: Path, lock: threading.Lock) -> None:
-        self._lock = lock
-        self.out = out
-        with out.open("wb") as f:
-            self.popen = subprocess.Popen(
-                argv,
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=Containerd.ctr_env(),
-                start_new_session=True,
-            )
-        self.end: float | None = None
-        self.rc: int | None = None
-        self.cpu_s = 0.0
-        self.reaped = threading.Event()
-        threading.Thread(target=self._wait, daemon=True, name=f"ctr-{self.popen.pid}").start()
-
-    def _wait(self) -> None:
-        pid = self.popen.pid
-        # Wait without reaping, so the pid cannot be reused while kill() may still aim at it.
-        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-        end = time.monotonic()
-        with self._lock:
-            _, status, usage = os.wait4(pid, 0)
-            self.rc = self.popen.returncode = os.waitstatus_to_exitcode(status)
-            self.cpu_s = usage.ru_utime + usage.ru_stime
-            self.end = end
-            self.reaped.set()
-
-    def kill(self) -> None:
-        with self._lock:
-            if not self.reaped.is_set():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.popen.pid, signal.SIGKILL)
-
-
-def _ctr_argv(host: Host, daemon: Containerd, hosts_dir: Path, ref: str, unpack: bool) -> list[str]:
-    """ctr pulling `ref` in `host`'s namespace; if this benchmark is killed, so is the pull."""
-    args = daemon.pull_args(ref, hosts_dir, unpack=unpack)
-    return with_pdeathsig(daemon.ctr_argv(*args, netns=host.netns), "KILL")
-
-
 @dataclass
 class _Before:
     """What was counted just before the pulls started."""
@@ -181,7 +132,7 @@ class _Watch:
     timeout_s: float
 
     def sample(
-        self, pulls: list[_Pull], console: Console
+        self, pulls: list[Pull], console: Console
     ) -> tuple[list[dict[str, Any]], list[str]]:
         timeline: list[dict[str, Any]] = []
         failures: list[str] = []
@@ -260,7 +211,7 @@ def _add_node_counters(run: NodeRun, node: NodeProcess, before: ProcStat) -> Non
 def _node_runs(
     hosts: list[Host],
     stage: Stage,
-    pulls: list[_Pull],
+    pulls: list[Pull],
     before: _Before,
     manifest: ImageManifest,
     settings: Settings,
@@ -269,6 +220,7 @@ def _node_runs(
     per_node: list[NodeRun] = []
     for i, (host, daemon, pull) in enumerate(zip(hosts, stage.daemons, pulls, strict=True)):
         out = pull.out.read_text("utf-8", "replace")
+        daemon = client_daemon(daemon, settings)
         if settings.unpack:
             ok = pull.rc == 0 and daemon.is_unpacked(manifest)
         else:
@@ -288,23 +240,6 @@ def _node_runs(
             _add_node_counters(run, stage.nodes[i], before.nodes[i])
         per_node.append(run)
     return per_node
-
-
-def _start_pulls(
-    hosts: list[Host], stage: Stage, ref: str, settings: Settings, run_dir: Path
-) -> list[_Pull]:
-    lock = threading.Lock()
-    return [
-        _Pull(_ctr_argv(h, d, hd, ref, settings.unpack), run_dir / f"ctr{i}.out", lock)
-        for i, (h, d, hd) in enumerate(zip(hosts, stage.daemons, stage.hosts_dirs, strict=True))
-    ]
-
-
-def _stop_pulls(pulls: list[_Pull]) -> None:
-    for p in pulls:
-        p.kill()
-    for p in pulls:
-        p.reaped.wait(timeout=15)
 
 
 @dataclass
@@ -394,15 +329,17 @@ def run_once(
             )
         before = _count_before(stage, cluster)
         meter = BusyMeter()
+        pulls = prepare_pulls(hosts, stage, ref, settings, run_dir)
         t0_wall, t0 = time.time(), time.monotonic()
-        pulls = _start_pulls(hosts, stage, ref, settings, run_dir)
+        for pull in pulls:
+            pull.start()
         watch = _Watch(
             mode, hosts, stage, cluster, before.tx, image_bytes, t0, settings.pull_timeout_s
         )
         try:
             timeline, failures = watch.sample(pulls, console)
         finally:
-            _stop_pulls(pulls)
+            stop_pulls(pulls)
         busy = meter.busy()
         elapsed = time.monotonic() - t0
         up = _count_upstream(stage, cluster, before)

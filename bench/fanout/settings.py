@@ -29,6 +29,7 @@ MODES = ("direct", "p2p")
 P2P_TLS = "p2p_tls"
 P2P_MODES = ("p2p", P2P_TLS)
 FANOUT_TLS = ("off", "on", "both")
+CLIENTS = ("ctr", "cri")  # who pulls on each host (bench/fanout/clients.py)
 CLIENT = "client"  # the client-floor run: not a mode under test, a measure of the machine
 
 # Fixed ports are safe inside a namespace (each has its own port space).
@@ -61,6 +62,9 @@ class Settings:
     seed: str
     tls: str = "off"
     tracker_args: tuple[str, ...] = ()
+    # Who pulls on each host: kubelet's CRI PullImage, or `ctr images pull`
+    # (JSON written before this key existed was pulled by ctr).
+    client: str = "cri"
 
 
 def _parser(description: str | None) -> argparse.ArgumentParser:
@@ -89,11 +93,24 @@ def _parser(description: str | None) -> argparse.ArgumentParser:
         action="store_true",
         help="skip the client(N) runs (then the bound has no client term)",
     )
-    p.add_argument("--snapshotter", default="native", choices=get_args(Snapshotter))
+    p.add_argument(
+        "--snapshotter",
+        default="overlayfs",
+        choices=get_args(Snapshotter),
+        help="containerd's snapshotter (overlayfs, its default and kubelet's; native copies "
+        "every parent layer)",
+    )
     p.add_argument(
         "--fetch-only",
         action="store_true",
         help="`ctr content fetch` instead of `ctr images pull` (no unpack)",
+    )
+    p.add_argument(
+        "--client",
+        default="cri",
+        choices=CLIENTS,
+        help="ctr (`ctr images pull`: fetch all, then unpack) or cri (kubelet's PullImage "
+        "on containerd's CRI plugin: each layer unpacked as it arrives)",
     )
     p.add_argument(
         "--capacity-repeats",
@@ -156,6 +173,8 @@ def parse_args(
         p.error(f"--modes: from {', '.join(MODES)}")
     if a.layers < 1 or a.size_mb <= 0 or a.upstream_mbit <= 0 or a.node_mbit <= 0:
         p.error("sizes, layers and rates must be positive")
+    if a.client == "cri" and a.fetch_only:
+        p.error("--fetch-only: kubelet's PullImage always unpacks (use --client ctr)")
     modes = _with_tls(modes, a.tls)
     settings = Settings(
         nodes=nodes,
@@ -175,5 +194,6 @@ def parse_args(
         seed=a.seed,
         tls=a.tls,
         tracker_args=tuple(a.tracker_arg),
+        client=a.client,
     )
     return settings, a
