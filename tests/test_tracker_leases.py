@@ -17,7 +17,8 @@ from p2preg.core.config import ConfigError
 from p2preg.core.errors import Forbidden, LeaseLost
 from tests.tracker_helpers import FakeClock, make_tracker
 from tracker.coordinator import Tracker
-from tracker.leases import Granted, Held, LeaseBook, Waiters
+from tracker.leases import Granted, Held, LeaseBook
+from tracker.waiters import Waiters
 
 D = "sha256:" + "ab" * 32
 

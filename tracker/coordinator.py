@@ -1,19 +1,18 @@
 """The tracker's service: announces, the metainfo registry and leases, composed over one store.
 
-`Tracker` wires the sans-IO parts together — `ClusterAuth`, the `PeerTable`
-swarms, the `MetainfoRegistry` and its disputes' `Quarantines` (applied by
-`Publishing`), the `LeaseBook` and the `UpstreamQueue` — with the durable
-`TrackerStore` and the `Waiters` of long-polled lease requests. A digest whose
-torrent (or chunk torrents) is disputed is never answered SEEDED: its next
-lease goes to a node that is neither side, as VERIFY. Nor is a node that reported every seeder of
-the swarm for stalling it: it takes the lease, or waits for its holder.
-Announce and scrape are synchronous: the hot path never awaits. A control
-operation decides on memory synchronously (trio runs nothing else in between),
-then awaits its store commit without holding anything that others wait for:
-only a second metainfo write for the same digest waits for the first one's
-outcome. Transports (bittorrent.py, http_routes.py) parse requests and encode
-answers; this module must not know about sockets, HTTP or encodings, holds no
-policy of its own (the parts above do) and raises only `p2preg.core.errors`.
+`Tracker` is the composition root: it wires the sans-IO parts together —
+`ClusterAuth`, the `PeerTable` swarms, the `MetainfoRegistry` and its disputes'
+`Quarantines` (applied by `Publishing`), the `LeaseBook` and the
+`UpstreamQueue` — with the durable `TrackerStore` and the `Waiters` of
+long-polled requests, and hands each service its parts: `Swarms` (announces),
+`Publishing` and `ChunkTorrents` (metainfo), `LeaseDesk` (leases). Announce and
+scrape are synchronous: the hot path never awaits. A control operation decides
+on memory synchronously (trio runs nothing else in between), then awaits its
+store commit without holding anything that others wait for: only a second
+metainfo write for the same digest waits for the first one's outcome.
+Transports (bittorrent.py, http_routes.py) parse requests and encode answers;
+this module must not know about sockets, HTTP or encodings, holds no policy of
+its own (the parts above do) and raises only `p2preg.core.errors`.
 """
 
 from __future__ import annotations
@@ -21,12 +20,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 
 import trio
 
 from p2preg.core import errors, wire
-from tracker import lease_replies as replies
 from tracker.announce import AnnounceRequest, AnnounceResponse, ScrapeRequest, SwarmStats
 from tracker.auth import ClusterAuth
 from tracker.chunk_torrents import ChunkTorrents
@@ -35,34 +32,23 @@ from tracker.disputes import Quarantines
 from tracker.expiry import IdleMetainfo
 from tracker.images import ImageIndex
 from tracker.lagmeter import LagMeter
-from tracker.leases import Granted, Lease, LeaseBook, RateRule, Waiters
+from tracker.lease_desk import LeaseDesk
+from tracker.leases import LeaseBook, RateRule
 from tracker.manifest_shelf import ManifestShelf, check_put
 from tracker.metrics import Gauges, TrackerMetrics
 from tracker.peers import PeerTable
 from tracker.publishing import Publishing
 from tracker.quotas import Quotas
 from tracker.registry import MetainfoRegistry
-from tracker.state import Snapshot, StoredConfirmation, StoredLease, TrackerStore
+from tracker.state import Snapshot, StoredConfirmation, TrackerStore
 from tracker.swarms import Swarms, checked_digest
 from tracker.tags import TagBook, TagKey, checked, query_key
-from tracker.upstream_queue import Place, UpstreamQueue
+from tracker.upstream_queue import UpstreamQueue
+from tracker.waiters import Waiters
 
 log = logging.getLogger("p2preg.tracker")
 # How often the sweeper drops expired peers and leases, at most.
 MAX_SWEEP_INTERVAL_S = 5.0
-
-
-class _Attempt(NamedTuple):
-    """One try at a lease: the reply, and when to try again if it says wait."""
-
-    reply: wire.LeaseReply
-    wake_at: float | None
-    # Waiting for the image's upstream slot, not for this digest's own lease.
-    queued: bool = False
-    # A lease granted in memory that the store has yet to commit, and whether
-    # it is new (not its holder asking again).
-    granted: Lease | None = None
-    fresh: bool = False
 
 
 class Tracker:
@@ -87,15 +73,7 @@ class Tracker:
             max_peers_per_swarm=config.max_peers_per_swarm, max_peers=config.max_peers
         )
         self.lag = lag_meter(config, clock)  # the tracker's lateness, forgiven by the leases
-        self.leases = LeaseBook(
-            config.lease_ttl_s,
-            clock,
-            rate=RateRule(config.lease_min_rate_bytes_s, config.lease_rate_window_s),
-            max_per_holder=config.max_leases_per_node,
-            silence_s=config.lease_silence_s,
-            grant_ack_s=config.lease_grant_ack_s,
-            lag=self.lag,
-        )
+        self.leases = lease_book(config, clock, self.lag)
         self.quarantines = Quarantines(config.dispute_quarantine_s, clock)
         self.queue = UpstreamQueue(
             config.upstream_fetches_per_image, clock, handoff_s=config.upstream_handoff_s
@@ -111,6 +89,7 @@ class Tracker:
         self.swarms = Swarms(
             config, self.metrics, self.auth, self.registry, self.peers, self._waiters, clock
         )
+        self.desk = self._lease_desk(store, clock, wall_clock)
         self.publishing = Publishing(
             config,
             store,
@@ -121,7 +100,7 @@ class Tracker:
             wall_clock=wall_clock,
             current_root=current_root,
             lease_of=self.leases.current,
-            drop_lease=self._drop_lease,
+            drop_lease=self.desk.drop,
             passed_from=self.leases.passed_from,
             drop_swarm=self._drop_swarm,
             notify=self._waiters.notify,
@@ -137,12 +116,35 @@ class Tracker:
             max_metainfo=config.max_metainfo,
             validate=self.publishing.validate,
             lease_of=self.leases.current,
-            drop_lease=self._drop_lease,
+            drop_lease=self.desk.drop,
             drop_swarm=self._drop_swarm,
             notify=self._waiters.notify,
             wait=self._waiters.wait,
         )
         self.metrics.watch(self._gauges)
+
+    def _lease_desk(
+        self, store: TrackerStore, clock: Callable[[], float], wall_clock: Callable[[], float]
+    ) -> LeaseDesk:
+        """The lease desk over the parts made before it; `chunks`, made after it (it
+        drops leases through the desk), is reached when a request comes."""
+        return LeaseDesk(
+            self.config,
+            store,
+            self.metrics,
+            leases=self.leases,
+            queue=self.queue,
+            waiters=self._waiters,
+            images=self.images,
+            registry=self.registry,
+            chunk_dispute=lambda digest: self.chunks.dispute(digest),
+            manifests=self.manifests,
+            peers=self.peers,
+            admission=self.swarms.admission,
+            quarantines=self.quarantines,
+            clock=clock,
+            wall_clock=wall_clock,
+        )
 
     # -- start -----------------------------------------------------------------
 
@@ -152,12 +154,7 @@ class Tracker:
         self._tags_dropped = self.tags.restore(snapshot.tags)
         self.manifests.restore(snapshot.manifests)
         self.chunks.restore(snapshot.chunks)
-        now, wall = self._clock(), self._wall()
-        for sl in snapshot.leases:
-            expires_at = now + (sl.expires_at_unix - wall)
-            self.leases.restore(
-                Lease(sl.digest, sl.lease_id, sl.holder, expires_at, sl.bytes_done, sl.size)
-            )
+        self.desk.restore(snapshot.leases)
         for c in snapshot.confirmations:  # those of a torrent replaced since are void
             entry = self.registry.get(c.digest)
             if entry is not None and entry.meta.info_hash_v2 == c.info_hash:
@@ -266,156 +263,19 @@ class Tracker:
     async def acquire_lease(
         self, digest_text: str, msg: wire.LeaseRequest, *, identity: str | None = None
     ) -> wire.LeaseReply:
-        """Grant, refuse (wait) or point at the swarm; long-polls up to `msg.wait_s`.
-
-        `identity` is the caller's (`Call.identity`); None: the node `msg` names.
-        """
-        digest = checked_digest(digest_text)
-        who = identity if identity is not None else msg.node
-        wait_s = min(max(0.0, msg.wait_s), self.config.lease_wait_max_s)
-        deadline = self._clock() + wait_s
-        place = Place(msg.order, digest, who)
-        if msg.group is not None:
-            self.images.note(msg.group, digest, msg.order)
-        queued = False
-        try:
-            while True:
-                attempt = self._try_acquire(digest, msg, place)
-                if attempt.granted is not None:
-                    await self._commit_grant(attempt.granted, attempt.fresh)
-                if attempt.wake_at is None or self._clock() >= deadline:
-                    return attempt.reply
-                if attempt.queued != queued and msg.group is not None:
-                    queued = attempt.queued
-                    (self.queue.enter if queued else self.queue.leave)(msg.group, place)
-                # Wake when something changes, or when the lease in the way runs out.
-                await self._waiters.wait(digest, min(deadline, attempt.wake_at))
-        finally:
-            if queued and msg.group is not None:
-                self.queue.leave(msg.group, place)
-
-    def _seeded_for(self, digest: str, node: str) -> bool:
-        """Whether the swarm has a seeder `node` has not reported for stalling it: a
-        node whose every seeder stalled it is let fetch, or wait for who does."""
-        admission = self.swarms.admission
-        return any(not admission.reported(digest, seeder, node)
-                   for seeder in self.peers.seeder_identities(digest))  # fmt: skip
-
-    def _try_acquire(self, digest: str, msg: wire.LeaseRequest, place: Place) -> _Attempt:
-        """Decide one try on memory alone; a grant is committed by the caller."""
-        entry, dispute = self.registry.get(digest), self.registry.dispute(digest)
-        disputed = dispute or self.chunks.dispute(digest)  # chunk disputes settle alike
-        if msg.manifest:  # its body comes from the shelf; torrents play no part
-            if digest in self.manifests:
-                return _Attempt(wire.LeaseReply(wire.LeaseStatus.SEEDED, digest=digest), None)
-            entry = disputed = None
-        if entry is not None and disputed is None:
-            self.peers.expire_swarm(digest, self._clock())
-            if self._seeded_for(digest, place.node):
-                reply = wire.LeaseReply(wire.LeaseStatus.SEEDED, metainfo=entry.meta.data)
-                return _Attempt(reply, None)
-        self.quarantines.check(place.node, "take an upstream lease")
-        held = self._lease_holder(digest) is not None
-        if disputed is not None and disputed.party(place.node) and not held:
-            # Neither side's fetch settles it: wait for a node that can verify.
-            ttl = self.leases.ttl_s
-            reply = wire.LeaseReply(wire.LeaseStatus.WAIT, ttl_s=ttl, retry_after_s=ttl)
-            return _Attempt(reply, self._clock() + ttl)
-        handoff = False
-        if msg.group is not None and self.leases.current(digest) is None:
-            fetching = self.leases.fetching(msg.group)
-            waiting = self.queue.check(msg.group, place, fetching)
-            if waiting is not None:
-                reply = replies.queued(self.leases, waiting, self._clock())
-                return _Attempt(reply, waiting.wake_at, True)
-            handoff = 0 < self.queue.fetches_per_image <= len(fetching)
-        size = msg.size if msg.size is not None else (entry.meta.size if entry else None)
-        before = self.leases.current(digest)
-        try:
-            outcome = self.leases.acquire(digest, place.node, size, msg.group)
-        except errors.LeaseCapReached:
-            self.metrics.lease_refused.labels(errors.LeaseCapReached.code).inc()
-            raise
-        lease = outcome.lease
-        if isinstance(outcome, Granted):
-            if msg.group is not None:
-                self.queue.granted(msg.group, place.node)
-            if handoff:  # beside a fetch in its last bytes (upstream_queue.handoff_at)
-                self.metrics.upstream_handoffs.inc()
-            if outcome.replaced is not None:  # its holder fell below the minimum rate
-                self.metrics.lease_replacements.inc()
-                log.warning("%s", self.leases.why_replaced(outcome.replaced.lease_id))
-            fresh = before is None or outcome.replaced is not None
-            verify = disputed is not None
-            reply = replies.granted(self.leases, lease, outcome.replaced, verify=verify)
-            return _Attempt(reply, None, granted=lease, fresh=fresh)
-        return _Attempt(replies.held(self.leases, lease, self._clock()), lease.expires_at)
-
-    async def _commit_grant(self, lease: Lease, fresh: bool) -> None:
-        try:
-            await self._store.save_lease(self._stored_lease(lease))
-        except BaseException:
-            # A new lease that is not durable is not granted: the asker gets an
-            # error, and the next asker the lease, rather than everyone waiting on
-            # a lease nobody holds (unless it has moved on since: leave that).
-            current = self.leases.current(lease.digest)
-            if fresh and current is not None and current.lease_id == lease.lease_id:
-                self.leases.release(lease.digest, lease.lease_id)
-                self._waiters.notify(lease.digest)
-            raise
-
-    def _lease_holder(self, digest: str) -> str | None:
-        lease = self.leases.current(digest)
-        return None if lease is None else lease.holder
-
-    async def _drop_lease(self, lease: Lease, *, passed: bool = False) -> None:
-        self.leases.drop(lease.digest, passed=passed)
-        await self._store.delete_lease(lease.digest, lease.lease_id)
-        self._free_slot(lease)
-
-    def _free_slot(self, lease: Lease) -> None:
-        """`lease` stopped using the upstream link: wake its image's queue."""
-        for digest in self.queue.waiting(lease.group):
-            self._waiters.notify(digest)
+        """Grant, refuse (wait) or point at the swarm (`LeaseDesk.acquire`)."""
+        return await self.desk.acquire(digest_text, msg, identity=identity)
 
     async def renew_lease(
         self, digest_text: str, msg: wire.LeaseRenew, *, identity: str | None = None
     ) -> wire.LeaseReply:
         """Renew with progress; `identity` (the caller's), when known, must be the holder."""
-        digest = checked_digest(digest_text)
-        before = self.leases.current(digest)
-        try:
-            lease = self.leases.renew(
-                digest, msg.lease_id, msg.bytes_done, msg.size, holder=identity
-            )
-        except errors.InvalidRequest:
-            self.metrics.lease_refused.labels("bad_progress").inc()
-            raise
-        await self._store.save_lease(self._stored_lease(lease))
-        if self.queue.wake_on_renewal(before, lease):  # a slot freed, or a hand-off near
-            self._free_slot(lease)
-        if lease.slow and before is not None and not before.slow:
-            # Below the minimum rate: a waiter may take the fetch over now.
-            self._waiters.notify(digest)
-        return replies.granted(self.leases, lease)
+        return await self.desk.renew(digest_text, msg, identity=identity)
 
     async def release_lease(
         self, digest_text: str, msg: wire.LeaseRelease, *, identity: str | None = None
     ) -> None:
-        digest = checked_digest(digest_text)
-        lease = self.leases.release(digest, msg.lease_id, holder=identity)
-        if lease is None:
-            return
-        # Deletes name the lease id, so this commit cannot remove a newer lease.
-        await self._store.delete_lease(digest, lease.lease_id)
-        self._waiters.notify(digest)
-        self._free_slot(lease)
-
-    def _stored_lease(self, lease: Lease) -> StoredLease:
-        expires = self._wall() + (lease.expires_at - self._clock())
-        return StoredLease(
-            lease.digest, lease.lease_id, lease.holder, expires, lease.bytes_done, lease.size
-        )
+        await self.desk.release(digest_text, msg, identity=identity)
 
     # -- housekeeping ------------------------------------------------------------
 
@@ -426,7 +286,7 @@ class Tracker:
             MAX_SWEEP_INTERVAL_S, self.config.peer_ttl_s / 4, self.config.lease_ttl_s / 2
         )
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_silence)
+            nursery.start_soon(self.desk.watch_silence)
             nursery.start_soon(self.lag.run)
             while True:
                 await trio.sleep(interval)
@@ -435,13 +295,6 @@ class Tracker:
                 except errors.TrackerUnavailable as e:  # the store: the next sweep tries again
                     log.warning("tracker: sweep stopped short: %s", e)
 
-    async def _watch_silence(self) -> None:
-        if self.leases.check_every_s <= 0:
-            return
-        while True:
-            await trio.sleep(self.leases.check_every_s)
-            self.wake_silent()
-
     async def sweep(self) -> None:
         now = self._clock()
         for n, key in enumerate(self.peers.keys()):
@@ -449,10 +302,7 @@ class Tracker:
             if n % 1000 == 999:
                 await trio.lowlevel.checkpoint()  # let announces through on big trackers
         self.swarms.admission.sweep()
-        for lease in self.leases.expire():
-            await self._store.delete_lease(lease.digest, lease.lease_id)
-            self._waiters.notify(lease.digest)
-            self._free_slot(lease)
+        await self.desk.expire()
         await self.chunks.expire()
         for digest in self.idle.expired(self.registry.digests, self._in_use, now):
             if await self.publishing.forget(digest):
@@ -461,12 +311,7 @@ class Tracker:
 
     def wake_silent(self) -> None:
         """A silent holder gives up its image's slot, and its blob may pass on now."""
-        for lease in self.leases.turned_silent():
-            what = "silent" if self.leases.is_silent(lease) else "quiet: its slot is free"
-            log.info("tracker: the holder %r of the lease on %s went %s",
-                     lease.holder, lease.digest, what)  # fmt: skip
-            self._waiters.notify(lease.digest)
-            self._free_slot(lease)
+        self.desk.wake_silent()
 
     def _in_use(self, d: str) -> bool:  # for expiry: announced, fetched, filed or disputed
         if self.publishing.writing(d) or self.registry.dispute(d) is not None:
@@ -489,6 +334,19 @@ class Tracker:
             lag_s=self.lag(),
             lag_total_s=self.lag.total_s,
         )
+
+
+def lease_book(config: TrackerConfig, clock: Callable[[], float], lag: LagMeter) -> LeaseBook:
+    """The lease book held to the configured TTL, minimum rate, cap and windows."""
+    return LeaseBook(
+        config.lease_ttl_s,
+        clock,
+        rate=RateRule(config.lease_min_rate_bytes_s, config.lease_rate_window_s),
+        max_per_holder=config.max_leases_per_node,
+        silence_s=config.lease_silence_s,
+        grant_ack_s=config.lease_grant_ack_s,
+        lag=lag,
+    )
 
 
 def lag_meter(config: TrackerConfig, clock: Callable[[], float]) -> LagMeter:

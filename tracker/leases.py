@@ -4,33 +4,23 @@
 a digest has at most one live lease, bound to the identity that took it (its id
 goes to that identity only, and only it renews or releases); the holder renews
 it with its byte progress, which may only grow and never pass the blob's size;
-a lease nobody renews expires after `ttl_s`. A holder that keeps the lease
-alive without keeping up `min_rate_bytes_s` over `rate_window_s` is *slow*, and
-the next other identity that asks takes the fetch over (`Granted.replaced`) —
-at most once per digest per window, since a second holder on the same thin
-link doubles what crosses it. So it does from a *silent* holder: one that sent
-no sign of life (the grant, a renewal, asking again) for `silence_s`, far
-sooner than its TTL; a grant that is never renewed (it went into a long poll
-whose node died) is the same case, found sooner: a grant is provisional until
-the holder's first renewal after it (a node sends it at once, before fetching
-anything), and one not acknowledged within `grant_ack_s` is passed on like a
-silent holder's. Both windows count only silence the tracker can blame on
-the holder: the tracker's own lag (`lag`, seconds: how late it is running the
-requests it has, lagmeter.py) is added to each, so a tracker behind its queue
-does not take a live holder over whose renewal waits in that queue. The rate
-window forgives that lag too, and starts at the acknowledgement, since a holder
-fetches nothing before it. The image's upstream slot (`fetching`) is given up at
-the plain windows, lag or not: a grant whose acknowledgement waits in that queue
-does not hold the image's other layers back, and its holder keeps the lease.
-Neither is revoked: a paused holder that
-wakes finishes its copy (one extra upstream copy at most) and may still file
-its torrent (`passed_from`); its renewals are refused with the reason. One
-identity holds at most `max_per_holder` leases at once. `Waiters` is the trio
-side: requests long-polling for a digest sleep on it and are woken when
-something changes (a seeder appears, a lease is released or turns slow or
-silent). This module does not decide *whether* a lease is
-needed (the service checks for seeders first) and must not persist anything
-(the service does, via state.py).
+a lease nobody renews expires after `ttl_s`. A holder judged *slow* or
+*silent* (lease_rules.py: below `min_rate_bytes_s` over `rate_window_s`; no
+sign of life for `silence_s`, or a grant not acknowledged within
+`grant_ack_s`; each window lengthened by the tracker's own `lag`) loses the
+fetch to the next other identity that asks (`Granted.replaced`) — at most once
+per digest per window, since a second holder on the same thin link doubles
+what crosses it. The image's upstream slot (`fetching`) is given up at the
+plain windows, lag or not: a grant whose acknowledgement waits in the
+tracker's queue does not hold the image's other layers back, and its holder
+keeps the lease. Neither is revoked: a paused holder that wakes finishes its
+copy (one extra upstream copy at most) and may still file its torrent
+(`passed_from`); its renewals are refused with the reason. One identity holds
+at most `max_per_holder` leases at once. `Lease` and `RateRule` live in
+lease_rules.py and are imported from here. This module does not decide
+*whether* a lease is needed (the service checks for seeders first), must not
+persist anything (the service does, via state.py), nor sleep or wake anybody
+(the long polls are waiters.py's).
 """
 
 from __future__ import annotations
@@ -40,42 +30,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import trio
-
-from p2preg.core.errors import Forbidden, InvalidRequest, LeaseCapReached, LeaseLost
+from p2preg.core.errors import LeaseCapReached, LeaseLost
+from tracker.lease_rules import NO_RATE_RULE, LeaseRules, check_holder, check_progress, checked_size
+from tracker.lease_rules import Lease as Lease
+from tracker.lease_rules import RateRule as RateRule
 
 # Replaced leases remembered, so their holder is told why its renewal fails.
 MAX_REPLACED_REMEMBERED = 10_000
 # How often per `silence_s` the service looks for silent holders (`turned_silent`):
 # a waiter learns within a quarter of it.
 SILENCE_CHECKS = 4
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    digest: str
-    lease_id: str
-    holder: str
-    expires_at: float
-    bytes_done: int = 0
-    size: int | None = None
-    # The image the holder was asked for (see `LeaseBook.fetching`); not persisted.
-    group: str | None = None
-    # The start of the current rate window: when, and `bytes_done` then.
-    mark_at: float = 0.0
-    mark_bytes: int = 0
-    # A renewal found the progress since `mark_at` below the minimum rate.
-    slow: bool = False
-    # The holder's last sign of life: the grant, a renewal, asking again.
-    renewed_at: float = 0.0
-    # A renewal since the grant: the holder has it (not persisted; a restored
-    # lease counts as acknowledged).
-    acked: bool = True
-
-    @property
-    def fetched(self) -> bool:
-        """The holder reported every byte: it no longer uses the upstream link."""
-        return self.size is not None and self.bytes_done >= self.size
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,18 +60,6 @@ class Held:
     lease: Lease
 
 
-@dataclass(frozen=True, slots=True)
-class RateRule:
-    """A holder must fetch `min_bytes_s` on average over each `window_s`; 0: no rule."""
-
-    min_bytes_s: int = 0
-    window_s: float = 30.0
-
-    def falls_short(self, done: int, since: float, now: float) -> bool:
-        """`done` bytes over `since`..`now` (at least one window) are below the rate."""
-        return done < self.min_bytes_s * (now - since)
-
-
 def new_lease_id() -> str:
     return secrets.token_hex(16)
 
@@ -119,22 +71,15 @@ class LeaseBook:
         clock: Callable[[], float],
         new_id: Callable[[], str] = new_lease_id,
         *,
-        rate: RateRule = RateRule(),
+        rate: RateRule = NO_RATE_RULE,
         max_per_holder: int | None = None,
         silence_s: float = 0.0,
         grant_ack_s: float = 0.0,
         lag: Callable[[], float] = lambda: 0.0,
     ) -> None:
-        self.ttl_s = ttl_s
+        self.rules = LeaseRules(ttl_s, rate, silence_s, grant_ack_s)
         # The tracker's own lag now, s: added to `silence_s` and `grant_ack_s`.
         self.lag = lag
-        # A grant not acknowledged (renewed) this soon passes on as a silent
-        # holder's does (0: only `silence_s` counts).
-        self.grant_ack_s = grant_ack_s
-        self.rate = rate
-        # No sign of life from a holder for this long: the next asker takes over
-        # (0: only the TTL ends a silent lease).
-        self.silence_s = silence_s
         self.max_per_holder = max_per_holder
         self._clock = clock
         self._new_id = new_id
@@ -157,6 +102,22 @@ class LeaseBook:
 
     def __len__(self) -> int:
         return len(self._leases)
+
+    @property
+    def ttl_s(self) -> float:
+        return self.rules.ttl_s
+
+    @property
+    def rate(self) -> RateRule:
+        return self.rules.rate
+
+    @property
+    def silence_s(self) -> float:
+        return self.rules.silence_s
+
+    @property
+    def grant_ack_s(self) -> float:
+        return self.rules.grant_ack_s
 
     def held_by(self, holder: str) -> int:
         """Live leases `holder` holds now."""
@@ -182,29 +143,14 @@ class LeaseBook:
         return max(0.0, self.lag())
 
     def is_slow(self, lease: Lease, *, forgive_lag: bool = True) -> bool:
-        """Below the minimum rate: a renewal said so, or none moved the window on in time.
-
-        The second case is a holder that keeps its lease alive by asking again
-        instead of renewing: one window plus one TTL (the renewals' slack) is
-        all an honest holder needs to report a window's progress.
-        """
-        if self.rate.min_bytes_s <= 0:
-            return False
-        span = self._clock() - lease.mark_at - (self._lag() if forgive_lag else 0.0)
-        return lease.slow or span >= self.rate.window_s + self.ttl_s
+        """Below the minimum rate (`LeaseRules.is_slow`); `forgive_lag`: as of when the
+        tracker, running late, should have looked."""
+        return self.rules.is_slow(lease, self._clock(), self._lag() if forgive_lag else 0.0)
 
     def is_silent(self, lease: Lease, *, forgive_lag: bool = True) -> bool:
-        """No sign of life from the holder for `silence_s`: dead, hung, or cut off;
-        or a grant it did not acknowledge within `grant_ack_s`. Each window is
-        lengthened by the tracker's own lag (`forgive_lag`): its lateness is not
-        the holder's."""
-        quiet = self._clock() - lease.renewed_at
-        if not (self.silence_s > 0 or (not lease.acked and self.grant_ack_s > 0)):
-            return False
-        quiet -= self._lag() if forgive_lag else 0.0
-        if not lease.acked and self.grant_ack_s > 0 and quiet >= self.grant_ack_s:
-            return True
-        return self.silence_s > 0 and quiet >= self.silence_s
+        """No sign of life, or no acknowledgement, in time (`LeaseRules.is_silent`);
+        `forgive_lag`: each window lengthened by the tracker's own lag."""
+        return self.rules.is_silent(lease, self._clock(), self._lag() if forgive_lag else 0.0)
 
     @property
     def check_every_s(self) -> float:
@@ -269,7 +215,7 @@ class LeaseBook:
         if lease is not None:
             self._remove(lease)
             self._last_replaced[digest] = now
-            self._replaced[lease.lease_id] = self._why(lease, node, now)
+            self._replaced[lease.lease_id] = self.rules.why_replaced(lease, node, now, self._lag())
             if not self.is_slow(lease):  # silent, not suspect: its copy still counts
                 self._passed[digest, lease.holder] = None
             while len(self._replaced) > MAX_REPLACED_REMEMBERED:
@@ -296,21 +242,6 @@ class LeaseBook:
         last = self._last_replaced.get(lease.digest)
         recent = last is not None and now - last < self.rate.window_s
         return (self.is_slow(lease) or self.is_silent(lease)) and not recent
-
-    def _why(self, lease: Lease, by: str, now: float) -> str:
-        if self.is_slow(lease):
-            return _replaced_why(lease, by, self.rate, now)
-        if not lease.acked:
-            return (
-                f"lease on {lease.digest} handed from {lease.holder!r} to {by!r}: the grant was "
-                f"not acknowledged within {self.grant_ack_s:g} s (lease_grant_ack_s) plus the "
-                f"tracker's lag {self._lag():.1f} s"
-            )
-        return (
-            f"lease on {lease.digest} handed from {lease.holder!r} to {by!r}: no renewal for "
-            f"{now - lease.renewed_at:.1f} s (lease_silence_s {self.silence_s:g} plus the "
-            f"tracker's lag {self._lag():.1f} s)"
-        )
 
     def _check_cap(self, node: str) -> None:
         cap = self.max_per_holder
@@ -340,9 +271,9 @@ class LeaseBook:
             if why is not None:
                 raise LeaseLost(why)
             raise LeaseLost(f"no live lease {lease_id[:16]} on {digest}: it expired or moved on")
-        _check_holder(lease, holder)
-        size = _checked_size(lease, size)
-        _check_progress(lease, bytes_done, size)
+        check_holder(lease, holder)
+        size = checked_size(lease, size)
+        check_progress(lease, bytes_done, size)
         now = self._clock()
         if not lease.acked:  # the holder fetches nothing before this: its window starts now
             lease = replace(lease, mark_at=now, mark_bytes=bytes_done)
@@ -350,23 +281,9 @@ class LeaseBook:
             lease, expires_at=now + self.ttl_s, bytes_done=bytes_done, size=size, renewed_at=now,
             acked=True,
         )
-        lease = self._judged(lease, now)
+        lease = self.rules.judged(lease, now, self._lag())
         self._put(lease)
         return lease
-
-    def _judged(self, lease: Lease, now: float) -> Lease:
-        """Once a window has passed since the mark: a new window, or slow for good."""
-        if lease.slow or self.rate.min_bytes_s <= 0 or now - lease.mark_at < self.rate.window_s:
-            return lease
-        # A fetch that ended within this window kept up; the next window is the
-        # time it may take to publish and seed.
-        finished_now = lease.fetched and lease.mark_bytes < lease.bytes_done
-        done = lease.bytes_done - lease.mark_bytes
-        # Renewals the tracker runs late make the span look longer than it was.
-        until = max(lease.mark_at, now - self._lag())
-        if finished_now or not self.rate.falls_short(done, lease.mark_at, until):
-            return replace(lease, mark_at=now, mark_bytes=lease.bytes_done)
-        return replace(lease, slow=True)
 
     def release(self, digest: str, lease_id: str, *, holder: str | None = None) -> Lease | None:
         """Give the lease up; releasing a lease already gone is not an error.
@@ -376,7 +293,7 @@ class LeaseBook:
         lease = self.current(digest)
         if lease is None or lease.lease_id != lease_id:
             return None
-        _check_holder(lease, holder)
+        check_holder(lease, holder)
         self._remove(lease)
         return lease
 
@@ -428,72 +345,3 @@ class LeaseBook:
             held.discard(lease.digest)
             if not held:
                 del self._by_holder[lease.holder]
-
-
-def _check_holder(lease: Lease, holder: str | None) -> None:
-    if holder is not None and lease.holder != holder:
-        raise Forbidden(f"the lease on {lease.digest} is held by another node, not {holder!r}")
-
-
-def _checked_size(lease: Lease, size: int | None) -> int | None:
-    """The blob's size, once known, is the lease's for good."""
-    if size is None or size < 0:
-        return lease.size
-    if lease.size is not None and size != lease.size:
-        raise InvalidRequest(f"lease on {lease.digest}: size {size} is not its size {lease.size}")
-    return size
-
-
-def _check_progress(lease: Lease, bytes_done: int, size: int | None) -> None:
-    if bytes_done < lease.bytes_done:
-        raise InvalidRequest(
-            f"lease on {lease.digest}: bytes_done {bytes_done} is below the "
-            f"{lease.bytes_done} already reported; progress only grows"
-        )
-    if size is not None and bytes_done > size:
-        raise InvalidRequest(
-            f"lease on {lease.digest}: bytes_done {bytes_done} is past the blob's size {size}"
-        )
-
-
-def _replaced_why(lease: Lease, by: str, rate: RateRule, now: float) -> str:
-    span = max(now - lease.mark_at, 1e-9)
-    got = (lease.bytes_done - lease.mark_bytes) / span
-    return (
-        f"lease on {lease.digest} handed from {lease.holder!r} to {by!r}: {got:.0f} B/s over "
-        f"{span:.0f} s is below the minimum {rate.min_bytes_s} B/s (lease_min_rate_bytes_s)"
-    )
-
-
-class Waiters:
-    """Long-polling requests per digest; `notify` wakes every one of them."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, trio.Event] = {}
-        self._counts: dict[str, int] = {}
-
-    def __contains__(self, digest: str) -> bool:
-        return digest in self._events
-
-    def notify(self, digest: str) -> None:
-        event = self._events.pop(digest, None)
-        if event is not None:
-            event.set()
-
-    async def wait(self, digest: str, deadline: float) -> None:
-        """Sleep until `notify(digest)` or `deadline` (trio time), whichever first."""
-        event = self._events.get(digest)
-        if event is None:
-            event = self._events[digest] = trio.Event()
-        self._counts[digest] = self._counts.get(digest, 0) + 1
-        try:
-            with trio.move_on_at(deadline):
-                await event.wait()
-        finally:
-            left = self._counts[digest] - 1
-            if left:
-                self._counts[digest] = left
-            else:
-                del self._counts[digest]
-                if self._events.get(digest) is event:
-                    del self._events[digest]

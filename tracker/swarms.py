@@ -25,10 +25,10 @@ from tracker.auth import ClusterAuth
 from tracker.config import TrackerConfig
 from tracker.handout import hand_out
 from tracker.intervals import AnnounceIntervals, Cadence
-from tracker.leases import Waiters
 from tracker.metrics import TrackerMetrics
 from tracker.peers import PeerTable, Swarm, compact_address
 from tracker.registry import MetainfoRegistry
+from tracker.waiters import Waiters
 
 log = logging.getLogger("p2preg.tracker")
 

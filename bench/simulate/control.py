@@ -1,6 +1,6 @@
 """The simulated tracker: the real lease book, upstream queue, peer table and hand-out policy.
 
-`SimTracker` does what tracker/coordinator.py's `Tracker` does for lease
+`SimTracker` does what tracker/lease_desk.py's `LeaseDesk` does for lease
 requests and what tracker/swarms.py does for announces, step for step, but
 over the simulator's clock and its event queue instead of trio: a lease
 request is decided by `UpstreamQueue.check` and `LeaseBook.acquire`, its reply
@@ -119,7 +119,7 @@ class SimTracker:
         self._polls: dict[str, dict[Poll, None]] = {}
         self.counts = Counts()
 
-    # -- leases (coordinator.acquire_lease / _try_acquire) ------------------------
+    # -- leases (lease_desk.LeaseDesk.acquire / _try_acquire) ---------------------
 
     def ask(self, node: int, digest: str, order: int, size: int, wait_s: float) -> None:
         now = self._clock()
@@ -212,7 +212,7 @@ class SimTracker:
             self._free_slot(lease)
 
     def wake_silent(self) -> None:
-        """coordinator.wake_silent: a silent holder's waiters and image queue move on."""
+        """LeaseDesk.wake_silent: a silent holder's waiters and image queue move on."""
         for lease in self.leases.turned_silent():
             self.notify(lease.digest)
             self._free_slot(lease)
