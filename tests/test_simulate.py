@@ -25,7 +25,7 @@ SMALL = Params(
 # replica (1.4 s at 2.4 ms), past the 0.5 s a grant has to be acknowledged.
 BURST = Params(
     nodes=60, image_bytes=100 * MB, layers=10, upstream_mbit=1000.0, node_mbit=10_000.0,
-    fail_fraction=0.0, holder_failures=0,
+    fail_fraction=0.0, holder_failures=0, client_downloads=0,
 )
 
 
@@ -124,6 +124,8 @@ def test_bad_parameters_are_refused() -> None:
         Params(nodes=10, policy="fastest")
     with pytest.raises(ValueError, match="2 nodes"):
         Params(nodes=1)
+    with pytest.raises(ValueError, match="client_downloads"):
+        Params(nodes=10, client_downloads=-1)
 
 
 def test_a_replica_serves_first_come_first_served_and_counts_its_waits() -> None:
@@ -171,7 +173,7 @@ def test_a_saturated_tracker_takes_no_live_holder_over() -> None:
     # fetching and renewing on time was taken over and a second copy crossed.
     p = Params(
         nodes=300, image_bytes=200 * MB, layers=10, upstream_mbit=50.0, node_mbit=1000.0,
-        fail_fraction=0.0, holder_failures=0, lease_silence_s=0.8,
+        fail_fraction=0.0, holder_failures=0, lease_silence_s=0.8, client_downloads=0,
     )
     r = simulate(p)
     assert r.tracker_queue["wait_max_s"] > p.lease_silence_s  # saturated
@@ -183,3 +185,20 @@ def test_relayed_announces_over_kept_connections_make_no_handshake() -> None:
     r = simulate(replace(BURST, announces="relayed"))
     assert r.tracker_queue["handshakes"] == 0
     assert r.unfinished == 0 and r.upstream_layer_copies == [1.0] * BURST.layers
+
+
+def test_kubelets_client_asks_for_three_layers_at_a_time_in_order_and_all_arrive() -> None:
+    # containerd's CRI plugin fetches max_concurrent_downloads (3) layers at once;
+    # `ctr images pull` (client_downloads 0) asks for every layer at once.
+    started = {}
+    for k in (3, 0):
+        cluster = Cluster(replace(BURST, client_downloads=k, max_sim_s=0.001))
+        cluster.run()  # stopped before any layer can be in
+        started[k] = sorted({layer for _, layer in cluster.waits})
+        assert len(cluster.waits) == BURST.nodes * len(started[k])
+    assert started == {3: [0, 1, 2], 0: list(range(BURST.layers))}
+    r = simulate(replace(BURST, client_downloads=3))
+    assert r.unfinished == 0 and r.upstream_layer_copies == [1.0] * BURST.layers
+    # Fewer requests at once than every layer at once: the first burst is a third.
+    every = simulate(BURST)
+    assert r.tracker_queue["handshakes"] < every.tracker_queue["handshakes"]

@@ -1,6 +1,9 @@
-"""One simulated pull: N nodes ask for every layer of one image at once, and what follows.
+"""One simulated pull: N nodes pull one image at once, and what follows.
 
-Owns the nodes' behaviour. Each (node, layer) waits for its lease with the
+Owns the nodes' behaviour. A node's client asks for the image's layers in
+order, `client_downloads` at a time (kubelet's containerd fetches 3; 0: all
+at once, as `ctr images pull`), the next as soon as one is in. Each
+(node, layer) asked for waits for its lease with the
 node's real `LeaseWait` (p2preg/node/leasewait.py) over `SimTracker`'s
 replies: SEEDED joins the swarm (announce, connect to the peers handed out,
 re-announce every interval); GRANTED fetches the layer from upstream, renewing
@@ -89,6 +92,8 @@ class Cluster:
         )
         self.engine.on_done = self._flow_done
         self.waits: dict[tuple[int, int], LeaseWait] = {}
+        # Per node, the next layer its client asks for (client_downloads at a time).
+        self._asked = [0] * p.nodes
         self.upstream_bytes = [0.0] * p.layers
         self.fallbacks: dict[str, int] = {}
         self.holder_deaths: list[int] = []  # layers whose holder is to die mid-fetch
@@ -151,12 +156,22 @@ class Cluster:
     # -- the lease wait (p2preg/node/fetch.py's _await_lease) ----------------------------
 
     def _start(self, node: Node) -> None:
-        for layer, size in enumerate(self.sizes):
-            wait = LeaseWait(
-                self.p.node_wait_max_s, self.engine.clock, blob=Blob(self.digests[layer], size)
-            )
-            self.waits[node.id, layer] = wait
-            self._act(node, layer, wait.step(Due()))
+        at_once = self.p.client_downloads or self.p.layers
+        for _ in range(min(at_once, self.p.layers)):
+            self._ask_next(node)
+
+    def _ask_next(self, node: Node) -> None:
+        """The client asks for the next layer of the image it has not asked for yet."""
+        layer = self._asked[node.id]
+        if layer >= self.p.layers or not node.alive:
+            return
+        self._asked[node.id] = layer + 1
+        wait = LeaseWait(
+            self.p.node_wait_max_s, self.engine.clock,
+            blob=Blob(self.digests[layer], self.sizes[layer]),
+        )
+        self.waits[node.id, layer] = wait
+        self._act(node, layer, wait.step(Due()))
 
     def _act(self, node: Node, layer: int, action: Action) -> None:
         if not node.alive:
@@ -368,6 +383,8 @@ class Cluster:
         node.complete[layer] = True
         node.done_at[layer] = self.engine.now
         self.swarms.close_redundant(node, layer)
+        if self.p.client_downloads:  # a download slot of the client is free
+            self._ask_next(node)
         if all(node.complete):
             node.finished_at = self.engine.now
             self.unfinished -= 1

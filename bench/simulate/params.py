@@ -74,6 +74,10 @@ class Params:
     # (batched over the node's kept-alive control connection).
     tracker_replicas: int = 3
     announces: str = "direct"
+    # Layers one node's client fetches at once, in the image's order, the next
+    # when one is in: containerd's max_concurrent_downloads, 3 in its CRI plugin
+    # (kubelet's pulls); 0 is every layer at once (`ctr images pull`'s default).
+    client_downloads: int = 3
     # The node's own lease_wait_max_s (p2preg/node/config.py).
     node_wait_max_s: float = 600.0
     # Node <-> tracker round trip; the time from a granted lease to the first
@@ -100,6 +104,8 @@ class Params:
             raise ValueError("fail_fraction in [0, 1), holder_failures >= 0")
         if self.tracker_replicas < 0 or self.announces not in ("direct", "relayed"):
             raise ValueError("tracker_replicas ≥ 0; announces: direct or relayed")
+        if self.client_downloads < 0:
+            raise ValueError("client_downloads ≥ 0 (0: every layer at once)")
         if min(self.upload_slots, self.download_slots, self.connections_limit) < 1:
             raise ValueError("slots and connections: at least 1")
 
