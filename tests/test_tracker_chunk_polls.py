@@ -4,12 +4,16 @@ A waiter that already knows N chunks is held until the holder files the next
 one, and answered with it: one request, not one per interval (the tracker's
 `p2preg_tracker_chunk_polls_total` counts every read of the list). Held reads
 count against the long-poll caps of lease requests: one identity past
-`max_long_polls_per_identity` is answered at once, with what there is.
+`max_long_polls_per_identity` is answered at once, with what there is. A
+tracker running behind asks readers to pace their next read.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -19,7 +23,9 @@ import trio
 from harness.node import metric_value
 from harness.tracker import TrackerProcess, open_tracker
 from p2preg.core import wire
+from p2preg.node import chunks
 from tests.chunk_helpers import SIZE, Cut, blob_data
+from tracker import chunk_torrents
 from tracker.client import open_tracker_client
 
 pytestmark = pytest.mark.integration
@@ -102,3 +108,43 @@ async def test_held_chunk_reads_are_bounded_per_identity(tmp_path: Path) -> None
                 assert _metric(t, "p2preg_tracker_long_polls") == 2  # still held
                 await holder.publish_chunk(cut.blob, cut.msg("holder", 1))
             assert [a.digests if a else None for a in answers] == [cut.digests[:2]] * 2
+
+
+async def test_a_tracker_running_behind_asks_readers_to_pace_their_next_read(
+    tmp_path: Path,
+) -> None:
+    # Every waiter reads the list again as each chunk is filed: at 10,000 nodes that
+    # is more reads than one core answers. A tracker that runs behind (here: stopped
+    # for 0.6 s, as a starved or paused process is) says so in `retry_after_s`, and
+    # nodes wait that long before their next read (p2preg/node/chunks.py).
+    cut = Cut.make(tmp_path / "chunks", blob_data())
+    with open_tracker(tmp_path / "tracker", token=TOKEN) as t:
+        async with (
+            open_tracker_client(t.url, node="holder", token=TOKEN) as holder,
+            open_tracker_client(t.url, node="waiter", token=TOKEN) as waiter,
+        ):
+            await holder.acquire_lease(cut.blob, size=SIZE)
+            await cut.publish(holder, 1)
+            keeping_up = await waiter.list_chunks(cut.blob, have=0, wait_s=0)
+            assert keeping_up is not None and keeping_up.retry_after_s == 0.0
+            os.kill(t.process.pid, signal.SIGSTOP)
+            try:
+                await trio.sleep(0.6)
+            finally:
+                os.kill(t.process.pid, signal.SIGCONT)
+            behind = await waiter.list_chunks(cut.blob, have=0, wait_s=0)
+            assert behind is not None and behind.digests == cut.digests[:1]
+            assert 0.5 <= behind.retry_after_s <= chunk_torrents.READ_PACE_MAX_S
+
+
+def test_a_node_paces_its_reads_as_the_tracker_asks_within_bounds() -> None:
+    listing = wire.ChunkList("holder", SIZE, 4 << 20, [], [], True)
+    assert chunks.read_pace(listing) == 0.0
+    assert chunks.read_pace(replace(listing, retry_after_s=1.5)) == 1.5
+    # A tracker cannot hold a node's reads back past the node's own bound.
+    assert chunks.read_pace(replace(listing, retry_after_s=1e9)) == chunks.READ_PACE_MAX_S
+    for bad in (-1.0, float("nan")):
+        assert chunks.read_pace(replace(listing, retry_after_s=bad)) == 0.0
+    # Off the wire: a tracker that sends no pace (an older one) means none.
+    old = wire.encode(listing)
+    assert wire.decode(wire.ChunkList, old).retry_after_s == 0.0

@@ -22,6 +22,7 @@ encodings, and raises only `p2preg.core.errors`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -39,6 +40,20 @@ from tracker.swarms import checked_digest
 log = logging.getLogger("p2preg.tracker")
 # Labels of p2preg_tracker_chunk_polls_total.
 POLL_AT_ONCE, POLL_NEWS, POLL_TIMED_OUT = "at_once", "news", "timed_out"
+# A reader is asked to wait the tracker's lag before its next read of a chunk list,
+# once the lag reaches READ_PACE_FROM_S (the lag meter's own resolution is 0.05 s),
+# and at most READ_PACE_MAX_S.
+READ_PACE_FROM_S = 0.1
+READ_PACE_MAX_S = 5.0
+
+
+def read_pace(lag_s: float) -> float:
+    """How long a chunk-list reader should wait before reading again: the tracker's lag
+    once it runs behind, 0 while it keeps up. Every waiter reads the list again as each
+    chunk is filed, so reads grow with the nodes times the chunks (docs/TRACKER.md,
+    "Chunk torrents"); a reader that would wait the lag in the tracker's queue anyway
+    waits it at home instead, and its next answer carries whatever was filed meanwhile."""
+    return min(READ_PACE_MAX_S, lag_s) if lag_s >= READ_PACE_FROM_S else 0.0
 
 
 class ChunkTorrents:
@@ -58,6 +73,7 @@ class ChunkTorrents:
         drop_swarm: Callable[[str], None],
         notify: Callable[[str], None],
         wait: Callable[[str, float], Awaitable[None]],
+        lag: Callable[[], float],
     ) -> None:
         self.book = ChunkBook(clock)
         self.sync = ChunkSync(self.book, put, clock=clock, wall_clock=wall_clock)
@@ -71,6 +87,7 @@ class ChunkTorrents:
         self._drop_swarm = drop_swarm
         self._notify = notify
         self._wait = wait
+        self._lag = lag
         self._clock = clock
         # Chunk digests whose torrent this service registered (and so may unregister).
         self._mine: set[str] = set()
@@ -149,7 +166,8 @@ class ChunkTorrents:
     async def poll(self, blob_text: str, have: int, wait_s: float) -> wire.ChunkList:
         """The chunk list once it lists more than `have` chunks or is closed, or when
         `wait_s` ran out, whatever is there then (NotFound: nothing); a long poll woken
-        by what changes a blob's lease or records."""
+        by what changes a blob's lease or records. A tracker running behind asks the
+        reader to pace its next read (`read_pace`)."""
         blob = checked_digest(blob_text)
         deadline, held = self._clock() + wait_s, False
         while True:
@@ -163,7 +181,8 @@ class ChunkTorrents:
                 self._metrics.chunk_polls.labels(answer).inc()
                 if listing is None:
                     raise errors.NotFound(f"no chunk torrents of {blob}")
-                return listing
+                pace = read_pace(self._lag())
+                return dataclasses.replace(listing, retry_after_s=pace) if pace else listing
             await self._wait(blob, deadline)
             held = True
 

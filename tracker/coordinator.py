@@ -120,6 +120,7 @@ class Tracker:
             drop_swarm=self._drop_swarm,
             notify=self._waiters.notify,
             wait=self._waiters.wait,
+            lag=self.lag,
         )
         self.metrics.watch(self._gauges)
 

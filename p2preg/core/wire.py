@@ -212,7 +212,9 @@ class PublishChunk:
 class ChunkList:
     """GET /v1/chunks/<blob digest>: the chunk torrents filed so far, in order (chunk i
     is `digests[i]`, torrent `metainfo[i]`), by `publisher`; `open` while it holds the
-    blob's lease (more chunks may come; the whole blob is not seeded yet)."""
+    blob's lease (more chunks may come; the whole blob is not seeded yet);
+    `retry_after_s`: read the list again no sooner (a tracker that runs behind
+    sheds its readers; 0 while it keeps up)."""
 
     publisher: str
     size: int
@@ -220,6 +222,7 @@ class ChunkList:
     digests: list[str]
     metainfo: list[bytes]
     open: bool
+    retry_after_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

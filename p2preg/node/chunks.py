@@ -66,6 +66,9 @@ POLL_IDLE_S = 0.5
 # upstream copy slowed by a tenth (N = 8: 17.7 s became 19.6 s; BENCHMARKS.md, "Waiters
 # out of step"). Spread out, the later ones take pieces from the earlier ones.
 JOIN_SPREAD_S = 0.25
+# A tracker's `retry_after_s` on a chunk list (it runs behind) paces the next read,
+# for at most this long: a tracker cannot hold a follower's reads back further.
+READ_PACE_MAX_S = 5.0
 # Chunk downloads one follower runs at once.
 MAX_IN_FLIGHT = 16
 # Publishers one wait follows (a second after the first one's chunks failed).
@@ -387,6 +390,8 @@ class ChunkFollower:
                     await all_in.wait()
                     break
                 before = len(listing.digests)
+                with trio.move_on_after(read_pace(listing)):  # a tracker behind sheds reads
+                    await all_in.wait()
                 listing = await self._next(known, listing, all_in)
                 if listing is not None and len(listing.digests) <= before:
                     with trio.move_on_after(POLL_S):  # nothing new: pace the next read
@@ -477,6 +482,13 @@ class ChunkFollower:
             if self.c.store.size(chunk) is None:
                 self.c.swarm.remove(chunk)
         self._joined.clear()
+
+
+def read_pace(listing: wire.ChunkList) -> float:
+    """How long to wait before reading the chunk list again: the tracker's
+    `retry_after_s`, within 0 and `READ_PACE_MAX_S`."""
+    pace = listing.retry_after_s
+    return min(pace, READ_PACE_MAX_S) if pace > 0 else 0.0  # NaN and negatives: 0
 
 
 def _copy_into(path: Path, write: Callable[[bytes], None]) -> None:
