@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from p2preg.core import wire
 from p2preg.node import chunks
 from tests.chunk_helpers import SIZE, Cut, blob_data
 from tracker import chunk_torrents
-from tracker.client import open_tracker_client
+from tracker.client import TrackerClient, open_tracker_client
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +53,12 @@ async def _until(check: Callable[[], bool]) -> None:
     raise AssertionError("the tracker never held the reads")
 
 
-async def test_a_waiter_learns_the_next_chunk_from_one_held_request(tmp_path: Path) -> None:
+@asynccontextmanager
+async def _one_chunk_filed(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[TrackerProcess, Cut, TrackerClient, TrackerClient]]:
+    """A tracker where `holder` holds the blob's lease and filed its first chunk, and
+    a `waiter` to read the list."""
     cut = Cut.make(tmp_path / "chunks", blob_data())
     with open_tracker(tmp_path / "tracker", token=TOKEN) as t:
         async with (
@@ -61,26 +67,31 @@ async def test_a_waiter_learns_the_next_chunk_from_one_held_request(tmp_path: Pa
         ):
             await holder.acquire_lease(cut.blob, size=SIZE)
             await cut.publish(holder, 1)
-            first = await waiter.list_chunks(cut.blob, have=0, wait_s=20)
-            assert first is not None and first.digests == cut.digests[:1]
-            assert _metric(t, "p2preg_tracker_chunk_polls_total", answer="at_once") == 1
-            got: list[wire.ChunkList | None] = []
-            async with trio.open_nursery() as nursery:
+            yield t, cut, holder, waiter
 
-                async def follow() -> None:
-                    got.append(await waiter.list_chunks(cut.blob, have=1, wait_s=20))
 
-                nursery.start_soon(follow)
-                await _until(lambda: _metric(t, "p2preg_tracker_long_polls") == 1)
-                await holder.publish_chunk(cut.blob, cut.msg("holder", 1))
-            assert got[0] is not None and got[0].digests == cut.digests[:2]
-            # Two reads in all: the first, and the held one the new chunk answered.
-            assert _polls(t) == 2
-            assert _metric(t, "p2preg_tracker_chunk_polls_total", answer="news") == 1
-            # Nothing new within the wait: held, then answered with what there is.
-            same = await waiter.list_chunks(cut.blob, have=2, wait_s=1)
-            assert same is not None and same.digests == cut.digests[:2]
-            assert _metric(t, "p2preg_tracker_chunk_polls_total", answer="timed_out") == 1
+async def test_a_waiter_learns_the_next_chunk_from_one_held_request(tmp_path: Path) -> None:
+    async with _one_chunk_filed(tmp_path) as (t, cut, holder, waiter):
+        first = await waiter.list_chunks(cut.blob, have=0, wait_s=20)
+        assert first is not None and first.digests == cut.digests[:1]
+        assert _metric(t, "p2preg_tracker_chunk_polls_total", answer="at_once") == 1
+        got: list[wire.ChunkList | None] = []
+        async with trio.open_nursery() as nursery:
+
+            async def follow() -> None:
+                got.append(await waiter.list_chunks(cut.blob, have=1, wait_s=20))
+
+            nursery.start_soon(follow)
+            await _until(lambda: _metric(t, "p2preg_tracker_long_polls") == 1)
+            await holder.publish_chunk(cut.blob, cut.msg("holder", 1))
+        assert got[0] is not None and got[0].digests == cut.digests[:2]
+        # Two reads in all: the first, and the held one the new chunk answered.
+        assert _polls(t) == 2
+        assert _metric(t, "p2preg_tracker_chunk_polls_total", answer="news") == 1
+        # Nothing new within the wait: held, then answered with what there is.
+        same = await waiter.list_chunks(cut.blob, have=2, wait_s=1)
+        assert same is not None and same.digests == cut.digests[:2]
+        assert _metric(t, "p2preg_tracker_chunk_polls_total", answer="timed_out") == 1
 
 
 async def test_held_chunk_reads_are_bounded_per_identity(tmp_path: Path) -> None:
@@ -117,24 +128,17 @@ async def test_a_tracker_running_behind_asks_readers_to_pace_their_next_read(
     # is more reads than one core answers. A tracker that runs behind (here: stopped
     # for 0.6 s, as a starved or paused process is) says so in `retry_after_s`, and
     # nodes wait that long before their next read (p2preg/node/chunks.py).
-    cut = Cut.make(tmp_path / "chunks", blob_data())
-    with open_tracker(tmp_path / "tracker", token=TOKEN) as t:
-        async with (
-            open_tracker_client(t.url, node="holder", token=TOKEN) as holder,
-            open_tracker_client(t.url, node="waiter", token=TOKEN) as waiter,
-        ):
-            await holder.acquire_lease(cut.blob, size=SIZE)
-            await cut.publish(holder, 1)
-            keeping_up = await waiter.list_chunks(cut.blob, have=0, wait_s=0)
-            assert keeping_up is not None and keeping_up.retry_after_s == 0.0
-            os.kill(t.process.pid, signal.SIGSTOP)
-            try:
-                await trio.sleep(0.6)
-            finally:
-                os.kill(t.process.pid, signal.SIGCONT)
-            behind = await waiter.list_chunks(cut.blob, have=0, wait_s=0)
-            assert behind is not None and behind.digests == cut.digests[:1]
-            assert 0.5 <= behind.retry_after_s <= chunk_torrents.READ_PACE_MAX_S
+    async with _one_chunk_filed(tmp_path) as (t, cut, _holder, waiter):
+        keeping_up = await waiter.list_chunks(cut.blob, have=0, wait_s=0)
+        assert keeping_up is not None and keeping_up.retry_after_s == 0.0
+        os.kill(t.process.pid, signal.SIGSTOP)
+        try:
+            await trio.sleep(0.6)
+        finally:
+            os.kill(t.process.pid, signal.SIGCONT)
+        behind = await waiter.list_chunks(cut.blob, have=0, wait_s=0)
+        assert behind is not None and behind.digests == cut.digests[:1]
+        assert 0.5 <= behind.retry_after_s <= chunk_torrents.READ_PACE_MAX_S
 
 
 def test_a_node_paces_its_reads_as_the_tracker_asks_within_bounds() -> None:

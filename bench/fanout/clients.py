@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Protocol
 
 from bench.fanout.cluster import Stage
-from bench.fanout.settings import CLIENTS, Settings
+from bench.fanout.settings import Settings
 from harness.containerd import CRI_NAMESPACE, Containerd
 from harness.cri import CriError, CriImageService, dial_image_service
 from harness.netns import Host
 from harness.procs import with_pdeathsig
 
-__all__ = ["CLIENTS", "CriPull", "CtrPull", "Pull", "client_daemon", "prepare_pulls", "stop_pulls"]
+__all__ = ["CriPull", "CtrPull", "Pull", "client_daemon", "prepare_pulls", "stop_pulls"]
 
 REAP_WAIT_S = 15.0
 

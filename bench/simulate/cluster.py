@@ -166,6 +166,10 @@ class Cluster:
         if layer >= self.p.layers or not node.alive:
             return
         self._asked[node.id] = layer + 1
+        self._wait_for(node, layer)
+
+    def _wait_for(self, node: Node, layer: int) -> None:
+        """A new lease wait for `layer`, and its first ask."""
         wait = LeaseWait(
             self.p.node_wait_max_s, self.engine.clock,
             blob=Blob(self.digests[layer], self.sizes[layer]),
@@ -269,12 +273,7 @@ class Cluster:
         if tries > ACK_ATTEMPTS:
             self._act(node, layer, FallBack("tracker", "grants passed on"))
             return
-        wait = LeaseWait(
-            self.p.node_wait_max_s, self.engine.clock,
-            blob=Blob(self.digests[layer], self.sizes[layer]),
-        )
-        self.waits[node.id, layer] = wait
-        self._act(node, layer, wait.step(Due()))
+        self._wait_for(node, layer)
 
     def _flow_done(self, flow: Flow) -> None:
         if flow.src is not None:
