@@ -326,7 +326,14 @@ class FakeSwarm:
         self._torrents[meta.digest] = True
         self.server.announce(meta.digest, self.node, self._path(meta.digest))
 
-    async def download(self, meta: Metainfo, *, stall_s: float, max_hash_failures: int) -> Path:
+    async def download(
+        self,
+        meta: Metainfo,
+        *,
+        stall_s: float,
+        max_hash_failures: int,
+        report_as: Digest | None = None,
+    ) -> Path:
         self._torrents.setdefault(meta.digest, False)
         seeders = self.server.seeders.get(meta.digest) or {}
         if not seeders:

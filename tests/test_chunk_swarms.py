@@ -143,6 +143,14 @@ def test_waiters_join_chunk_swarms_while_the_first_copy_arrives(
         assert n.metric("p2preg_chunk_bytes_total") == layer.size
         assert n.metric("p2preg_chunks_assembled_total", result="verified") == 1
         assert n.metric("p2preg_blob_fetches_total", source="peers") == 1
+        # The chunk torrents' peers came with the list: the relay answered each chunk
+        # torrent's join and completion itself, and forwarded only the whole layer's.
+        local = n.metric("p2preg_relay_announces_total", result="chunk")
+        forwarded = n.metric("p2preg_relay_announces_total", result="answered")
+        print(f"chunk announces answered by the relay {local:.0f}, "
+              f"announces forwarded {forwarded:.0f}")  # fmt: skip
+        assert local >= 2 * chunks
+        assert forwarded < chunks
 
 
 def test_a_client_that_gives_up_mid_layer_wastes_nothing(

@@ -8,11 +8,15 @@ own answer from the batches they went in; a tracker failure is a bencoded failur
 A seeder's periodic refresh of a torrent the tracker answered as a seeder is
 answered by the relay and reaches the tracker in a later batch; nothing else is
 held, and a refresh no tracker takes is retried, then given up to libtorrent.
+A chunk torrent followed with its blob's peers (chunkpeers.py) is answered by
+the relay from them, and reaches the tracker only if it is no longer followed
+and says more than `stopped`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote_from_bytes
 
@@ -22,8 +26,12 @@ import trio
 import trio.testing
 
 from p2preg.core import errors
+from p2preg.core.digest import Digest
+from p2preg.node import chunkpeers
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.relay import checked, open_relay, parse_head, relay_host
+from tracker.metainfo import make_metainfo
+from tracker.peers import compact_address
 
 HELD = bytes(range(20))
 OTHER = bytes(range(1, 21))  # another torrent the swarm holds
@@ -33,9 +41,10 @@ class Held:
     listen_ports = frozenset({6882})
 
     def holds(self, info_hash: bytes) -> bool:
-        return info_hash in (HELD, OTHER)
+        return info_hash in (HELD, OTHER, *self.more)
 
-    def __init__(self) -> None:
+    def __init__(self, *more: bytes) -> None:
+        self.more = more  # other torrents it holds
         self.reannounced: list[bytes] = []
 
     def pause(self) -> int:
@@ -282,3 +291,39 @@ async def test_a_connection_from_another_address_is_refused() -> None:
     assert [len(b) for b in tracker.batches] == [1]
     sample = metrics.registry.get_sample_value
     assert sample("p2preg_relay_announces_total", {"result": "other_host"}) == 1
+
+
+async def test_a_followed_chunk_torrent_is_answered_with_its_blob_s_peers(tmp_path: Path) -> None:
+    data = tmp_path / "chunk"
+    data.write_bytes(b"c" * 40_000)
+    chunk = make_metainfo(data, Digest.of(data.read_bytes()), 40_000)
+    blob = Digest.of(b"the blob")
+    info_hash = chunk.info_hash_v2[:20]
+    four, six = compact_address("198.18.0.2", 6882), compact_address("2001:db8::2", 6883)
+    metrics, tracker = NodeMetrics(), SeedTracker()
+    async with open_relay(tracker, metrics, refresh_s=3600) as relay:
+        relay.attach(Held(info_hash))
+        peers = relay.chunk_peers
+        with trio.fail_after(30):
+            peers.track(chunk, blob)
+            first: Any = lt.bdecode(await relay.answer(target(info_hash, extra="&event=started")))
+            assert first[b"peers"] == b"" and b"peers6" not in first
+            peers.learn(blob, [four, six, b"bad"])
+            later: Any = lt.bdecode(await relay.answer(target(info_hash, extra="&left=9")))
+            assert (later[b"peers"], later[b"peers6"]) == (four, six)
+            assert later[b"interval"] == chunkpeers.ANSWER_INTERVAL_S
+            await relay.answer(target(info_hash, extra="&event=completed"))
+            assert tracker.batches == []  # none of it reached the tracker
+            # Forgotten (dropped after the blob): its `stopped` is still answered here...
+            assert peers.forget(chunk.digest) and not peers.forget(chunk.digest)
+            gone: Any = lt.bdecode(await relay.answer(target(info_hash, extra="&event=stopped")))
+            assert gone[b"peers"] == b""
+            assert tracker.batches == []
+            # ...but anything else goes to the tracker, as for any torrent.
+            await relay.answer(target(info_hash, extra="&event=started"))
+            assert len(tracker.sent()) == 1
+            await relay.answer(target(extra="&event=started"))  # an ordinary torrent
+            assert len(tracker.sent()) == 2
+    assert metrics.registry.get_sample_value(
+        "p2preg_relay_announces_total", {"result": "chunk"}
+    ) == 4

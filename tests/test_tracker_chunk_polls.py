@@ -24,7 +24,7 @@ import trio
 from harness.node import metric_value
 from harness.tracker import TrackerProcess, open_tracker
 from p2preg.core import wire
-from p2preg.node import chunks
+from p2preg.node import chunkfollow
 from tests.chunk_helpers import SIZE, Cut, blob_data
 from tracker import chunk_torrents
 from tracker.client import TrackerClient, open_tracker_client
@@ -127,7 +127,7 @@ async def test_a_tracker_running_behind_asks_readers_to_pace_their_next_read(
     # Every waiter reads the list again as each chunk is filed: at 10,000 nodes that
     # is more reads than one core answers. A tracker that runs behind (here: stopped
     # for 0.6 s, as a starved or paused process is) says so in `retry_after_s`, and
-    # nodes wait that long before their next read (p2preg/node/chunks.py).
+    # nodes wait that long before their next read (p2preg/node/chunkfollow.py).
     async with _one_chunk_filed(tmp_path) as (t, cut, _holder, waiter):
         keeping_up = await waiter.list_chunks(cut.blob, have=0, wait_s=0)
         assert keeping_up is not None and keeping_up.retry_after_s == 0.0
@@ -143,12 +143,12 @@ async def test_a_tracker_running_behind_asks_readers_to_pace_their_next_read(
 
 def test_a_node_paces_its_reads_as_the_tracker_asks_within_bounds() -> None:
     listing = wire.ChunkList("holder", SIZE, 4 << 20, [], [], True)
-    assert chunks.read_pace(listing) == 0.0
-    assert chunks.read_pace(replace(listing, retry_after_s=1.5)) == 1.5
+    assert chunkfollow.read_pace(listing) == 0.0
+    assert chunkfollow.read_pace(replace(listing, retry_after_s=1.5)) == 1.5
     # A tracker cannot hold a node's reads back past the node's own bound.
-    assert chunks.read_pace(replace(listing, retry_after_s=1e9)) == chunks.READ_PACE_MAX_S
+    assert chunkfollow.read_pace(replace(listing, retry_after_s=1e9)) == chunkfollow.READ_PACE_MAX_S
     for bad in (-1.0, float("nan")):
-        assert chunks.read_pace(replace(listing, retry_after_s=bad)) == 0.0
+        assert chunkfollow.read_pace(replace(listing, retry_after_s=bad)) == 0.0
     # Off the wire: a tracker that sends no pace (an older one) means none.
     old = wire.encode(listing)
     assert wire.decode(wire.ChunkList, old).retry_after_s == 0.0

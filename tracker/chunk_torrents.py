@@ -16,8 +16,11 @@ side holding the blob's lease loses it, the next lease on the blob goes to a
 node that is neither side as VERIFY (coordinator.py), and the chunks it files
 from its upstream copy convict the publisher or the reporter, who is
 quarantined (disputes.py's `Quarantines`). A lying report costs one upstream
-copy; the honest publisher keeps its records. It must not know HTTP or
-encodings, and raises only `p2preg.core.errors`.
+copy; the honest publisher keeps its records. Each read of the list enters the
+reader as a peer of the blob's chunk swarms and names the others (a filing enters
+the holder), so a reader announces none of the chunk torrents (swarms.py
+`join_chunks`). It must not know HTTP or encodings, and raises only
+`p2preg.core.errors`.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from tracker.disputes import OPENED, Quarantines
 from tracker.leases import Lease
 from tracker.metrics import TrackerMetrics
 from tracker.registry import MetainfoRegistry
-from tracker.swarms import checked_digest
+from tracker.swarms import Swarms, checked_digest
 
 log = logging.getLogger("p2preg.tracker")
 # Labels of p2preg_tracker_chunk_polls_total.
@@ -45,6 +48,16 @@ POLL_AT_ONCE, POLL_NEWS, POLL_TIMED_OUT = "at_once", "news", "timed_out"
 # and at most READ_PACE_MAX_S.
 READ_PACE_FROM_S = 0.1
 READ_PACE_MAX_S = 5.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChunkPeer:
+    """Who reads a chunk list or files a chunk (its identity, as for an announce), and
+    where its peer listens."""
+
+    who: str
+    ip: str
+    port: int
 
 
 def read_pace(lag_s: float) -> float:
@@ -74,6 +87,7 @@ class ChunkTorrents:
         notify: Callable[[str], None],
         wait: Callable[[str, float], Awaitable[None]],
         lag: Callable[[], float],
+        swarms: Swarms,
     ) -> None:
         self.book = ChunkBook(clock)
         self.sync = ChunkSync(self.book, put, clock=clock, wall_clock=wall_clock)
@@ -88,6 +102,7 @@ class ChunkTorrents:
         self._notify = notify
         self._wait = wait
         self._lag = lag
+        self._swarms = swarms
         self._clock = clock
         # Chunk digests whose torrent this service registered (and so may unregister).
         self._mine: set[str] = set()
@@ -96,8 +111,11 @@ class ChunkTorrents:
         lease = self._lease_of(blob)
         return None if lease is None else lease.holder
 
-    async def publish(self, blob_text: str, msg: wire.PublishChunk) -> bool:
-        """File one chunk torrent of a blob; whether it is new."""
+    async def publish(
+        self, blob_text: str, msg: wire.PublishChunk, holder: ChunkPeer | None = None
+    ) -> bool:
+        """File one chunk torrent of a blob; whether it is new. `holder`: where the
+        sender's peer listens, handed out to the list's readers."""
         blob = checked_digest(blob_text)
         length = self.book.check(blob, msg, self._holder(blob))
         chunk = checked_digest(msg.digest)
@@ -112,6 +130,8 @@ class ChunkTorrents:
             self._registry.install(meta, msg.node)
             self._mine.add(chunk)
         filed = self.book.file(blob, msg, meta.data)
+        if holder is not None:
+            self._swarms.join_chunks(blob, holder.who, holder.ip, holder.port, holder=True)
         self._unregister(filed.dropped)
         if filed.new:
             self._judge(blob, msg, chunk, length, meta)
@@ -163,28 +183,47 @@ class ChunkTorrents:
         blob = checked_digest(blob_text)
         return self.book.listing(blob, self._holder(blob))
 
-    async def poll(self, blob_text: str, have: int, wait_s: float) -> wire.ChunkList:
+    async def poll(
+        self, blob_text: str, have: int, wait_s: float, reader: ChunkPeer | None = None
+    ) -> wire.ChunkList:
         """The chunk list once it lists more than `have` chunks or is closed, or when
         `wait_s` ran out, whatever is there then (NotFound: nothing); a long poll woken
         by what changes a blob's lease or records. A tracker running behind asks the
-        reader to pace its next read (`read_pace`)."""
+        reader to pace its next read (`read_pace`). The `reader` is entered as a peer
+        of the blob's chunk swarms while there are chunks (from the start of a held
+        read on, so that others are handed it), and the list names the others."""
         blob = checked_digest(blob_text)
-        deadline, held = self._clock() + wait_s, False
+        deadline, held, entered = self._clock() + wait_s, False, reader is None
         while True:
             try:
                 listing: wire.ChunkList | None = self.book.listing(blob, self._holder(blob))
             except errors.NotFound:
                 listing = None
+            if listing is not None and not entered:
+                assert reader is not None  # (entered starts True without one)
+                self._swarms.join_chunks(blob, reader.who, reader.ip, reader.port, holder=False)
+                entered = True
             news = listing is not None and (len(listing.digests) > have or not listing.open)
             if news or self._clock() >= deadline:
                 answer = (POLL_NEWS if news else POLL_TIMED_OUT) if held else POLL_AT_ONCE
                 self._metrics.chunk_polls.labels(answer).inc()
                 if listing is None:
                     raise errors.NotFound(f"no chunk torrents of {blob}")
-                pace = read_pace(self._lag())
-                return dataclasses.replace(listing, retry_after_s=pace) if pace else listing
+                peers = self._chunk_peers(blob, listing.publisher, reader)
+                return dataclasses.replace(listing, retry_after_s=read_pace(self._lag()),
+                                           peers=peers)  # fmt: skip
             await self._wait(blob, deadline)
             held = True
+
+    def _chunk_peers(
+        self, blob: str, publisher: str, reader: ChunkPeer | None
+    ) -> list[bytes] | None:
+        """The peers a read of `blob`'s list names; None while its publisher is not in
+        the chunk swarms (an older node, which named no port and announces its chunk
+        torrents: then so must the readers, or they would never find it)."""
+        if self._swarms.chunk_peers.peer(blob, publisher) is None:
+            return None
+        return self._swarms.hand_out_chunks(blob, None if reader is None else reader.who)
 
     async def report(self, blob_text: str, msg: wire.ReportChunks) -> None:
         """`msg.node` assembled the chunks and they do not hash to the blob."""
@@ -194,6 +233,9 @@ class ChunkTorrents:
         if dropped is None:
             return
         self._unregister(dropped)
+        # Its chunk swarms start over with the verifier's chunks (their readers enter
+        # again as they read): nobody is handed the accused as their holder any more.
+        self._swarms.chunk_peers.drop_swarm(blob)
         self._metrics.chunk_reports.inc()
         self._metrics.disputes[OPENED].inc()
         log.warning("tracker: %r reports %r's chunks of %s bad (%s); a third node verifies",

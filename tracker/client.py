@@ -223,12 +223,16 @@ class TrackerClient:
         await self._call("PUT", f"/v1/chunks/{blob}", msg, None)
 
     async def list_chunks(
-        self, blob: Digest, *, have: int = 0, wait_s: int = 0
+        self, blob: Digest, *, have: int = 0, wait_s: int = 0, port: int = 0
     ) -> wire.ChunkList | None:
         """The chunk torrents filed for `blob` so far, or None if there are none; with
         `wait_s`, once there are more than `have` of them or the list closed (a long
-        poll: the tracker holds it up to `wait_s`, then answers what there is)."""
+        poll: the tracker holds it up to `wait_s`, then answers what there is). With
+        `port` (where this node's peer listens) the tracker enters the node as a peer
+        of the blob's chunk swarms, and the list names the others."""
         path = f"/v1/chunks/{blob}?have={have}&wait={wait_s}"
+        if port:
+            path += f"&port={port}&node={quote(self.node, safe='')}"
         try:
             return await self._call("GET", path, None, wire.ChunkList, extra_timeout_s=wait_s)
         except errors.NotFound:

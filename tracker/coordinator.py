@@ -121,6 +121,7 @@ class Tracker:
             notify=self._waiters.notify,
             wait=self._waiters.wait,
             lag=self.lag,
+            swarms=self.swarms,
         )
         self.metrics.watch(self._gauges)
 
@@ -298,10 +299,11 @@ class Tracker:
 
     async def sweep(self) -> None:
         now = self._clock()
-        for n, key in enumerate(self.peers.keys()):
-            self.peers.expire_swarm(key, now)
-            if n % 1000 == 999:
-                await trio.lowlevel.checkpoint()  # let announces through on big trackers
+        for table in (self.peers, self.swarms.chunk_peers):
+            for n, key in enumerate(table.keys()):
+                table.expire_swarm(key, now)
+                if n % 1000 == 999:
+                    await trio.lowlevel.checkpoint()  # let announces through on big trackers
         self.swarms.admission.sweep()
         await self.desk.expire()
         await self.chunks.expire()

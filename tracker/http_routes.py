@@ -26,7 +26,9 @@ from urllib.parse import parse_qsl
 
 from p2preg.core import errors, wire
 from tracker import bittorrent, fronts
+from tracker.admission import announce_identity
 from tracker.announce import ANNOUNCE_PATH, SCRAPE_PATH, encode_failure, split_target
+from tracker.chunk_torrents import ChunkPeer
 from tracker.coordinator import Tracker
 from tracker.http_protocol import BodyLimit, Refusal, Request, Response, encode_closing
 from tracker.manifest_shelf import MAX_MANIFEST_BYTES
@@ -243,18 +245,34 @@ async def _relayed(call: Call) -> Response:
 
 async def _publish_chunk(call: Call) -> Response:
     msg = call.message(wire.PublishChunk, Kind.PUBLISH)
-    created = await call.tracker.chunks.publish(call.digest, msg)
+    holder = _chunk_peer(call, call.identity(msg.node), msg.port)
+    created = await call.tracker.chunks.publish(call.digest, msg, holder)
     return Response(201 if created else 200, b"", wire.CONTENT_TYPE)
 
 
 async def _list_chunks(call: Call) -> Response:
     """`?have=N&wait=S`: held up to S seconds (at most `lease_wait_max_s`) until the list
-    has more than N chunks or closes; past a long-poll cap, answered at once."""
+    has more than N chunks or closes; past a long-poll cap, answered at once.
+    `&port=P` (and, without mutual TLS, `&node=NAME`): the reader's peer, entered in
+    the blob's chunk swarms."""
     query = dict(parse_qsl(call.request.query.decode("latin-1"), keep_blank_values=True))
     have, wait_s = _count(query.get("have", "0"), "have"), _count(query.get("wait", "0"), "wait")
     wait_s = min(wait_s, int(call.tracker.config.lease_wait_max_s))
+    node = query.get("node") or None
+    if node is not None and not 0 < len(node) <= wire.STR_LIMITS["node"]:
+        raise errors.InvalidRequest(f"node must be 1 to {wire.STR_LIMITS['node']} characters")
+    reader = _chunk_peer(call, call.identity(node), _count(query.get("port", "0"), "port"))
     with call.tracker.quotas.long_polls.hold(call.who(None), wait_s) as held_s:
-        return _msgpack(await call.tracker.chunks.poll(call.digest, have, held_s))
+        return _msgpack(await call.tracker.chunks.poll(call.digest, have, held_s, reader))
+
+
+def _chunk_peer(call: Call, identity: str | None, port: int) -> ChunkPeer | None:
+    """The sender's peer for the blob's chunk swarms, as an announce would enter it
+    (port 0: an older node, which announces its chunk torrents instead)."""
+    if not port:
+        return None
+    ip = call.request.client_ip
+    return ChunkPeer(announce_identity(identity, None, ip), ip, port)
 
 
 def _count(text: str, name: str) -> int:

@@ -171,6 +171,12 @@ class TrackerMetrics:
             "Reports that a blob's chunks did not assemble into it (its records dropped)",
             registry=self.registry,
         )
+        self.chunk_peers_refused = Counter(
+            "p2preg_tracker_chunk_peers_refused",
+            "Readers and holders of chunk lists not entered as peers of the blob's chunk "
+            "swarms: the peer table was full",
+            registry=self.registry,
+        )
         self.chunk_polls = Counter(
             "p2preg_tracker_chunk_polls",
             "Chunk list requests, by how they were answered: at once, news while held, "

@@ -4,7 +4,10 @@
 `Admission`'s rules: one peer per identity per swarm, a `left=0` announce counted
 as a seeder only for an identity that published or confirmed the torrent, and
 a peer delisted once enough identities reported it stalling them; each answer's
-interval and the peer's lifetime follow intervals.py. It wakes the
+interval and the peer's lifetime follow intervals.py. A blob's chunk torrents
+share one table entry per node, `chunk_peers` keyed by the blob: a read of the
+chunk list enters the reader, a filed chunk its holder, and the list hands them
+out in place of those torrents' announces (chunk_torrents.py). It wakes the
 lease waiters of a digest whose first counted seeder appears (the coordinator
 owns the waiters and the leases). Synchronous: the announce hot path never
 awaits. It must not know sockets, HTTP or encodings, and holds no rule of its
@@ -52,6 +55,11 @@ class Swarms:
         self._peers = peers
         self._waiters = waiters
         self._clock = clock
+        # Peers of chunk swarms, per blob: not persisted (a reader enters again at its
+        # next read, seconds later; a takeover costs nothing more than that).
+        self.chunk_peers = PeerTable(
+            max_peers_per_swarm=config.max_peers_per_swarm, max_peers=config.max_peers
+        )
         self._admission = Admission(
             stall_window_s=config.stall_window_s,
             stall_cooloff_s=config.stall_cooloff_s,
@@ -161,10 +169,43 @@ class Swarms:
             self._waiters.notify(digest)
         return digest, entry.meta.info_hash_v2
 
+    def join_chunks(
+        self, blob: str, who: str, client_ip: str, port: int, *, holder: bool
+    ) -> None:
+        """Enter `who`'s peer at `client_ip`:`port` in `blob`'s chunk swarms, as the
+        holder filing chunks or a reader of the list, for `peer_ttl_s`; one peer per
+        identity, and none while it cools off for stalling others (as `announce`).
+        A full table enters nobody: the reader still gets its list."""
+        if not 0 < port < 1 << 16:
+            raise errors.InvalidRequest(f"port must be 1 to 65535, got {port}")
+        compact = compact_address(client_ip, port)
+        if self._admission.cooling(blob, who):
+            self.chunk_peers.remove(blob, who)
+            return
+        now = self._clock()
+        try:
+            self.chunk_peers.update(blob, who, b"", compact, seeder=holder, claims_seed=holder,
+                                    expires_at=now + self._config.peer_ttl_s,
+                                    announced=(now, 0, 0))  # fmt: skip
+        except errors.LimitReached:
+            self._metrics.chunk_peers_refused.inc()
+
+    def hand_out_chunks(self, blob: str, who: str | None) -> list[bytes]:
+        """Peers of `blob`'s chunk swarms for `who` (never its own): holders first."""
+        swarm = self.chunk_peers.swarm(blob)
+        if swarm is None:
+            return []
+        own = None if who is None else swarm.by_key.get(who)
+        return hand_out(swarm.seeder_addrs, swarm.leecher_addrs, self._config.default_numwant,
+                        asker=None if own is None else own.compact)  # fmt: skip
+
     def report_stall(self, digest_text: str, msg: wire.ReportStall) -> None:
-        """`msg.node` says the peer at `msg.peer` stalled it; enough such reports delist it."""
+        """`msg.node` says the peer at `msg.peer` stalled it; enough such reports delist it
+        (a peer of the blob's own swarm, else of its chunk swarms)."""
         digest = checked_digest(digest_text)
         target = self._peers.holder_of(digest, msg.peer)
+        if target is None:
+            target = self.chunk_peers.holder_of(digest, msg.peer)
         if target is None:
             self._metrics.stall_reports["unknown_peer"].inc()
             return
@@ -173,6 +214,7 @@ class Swarms:
         self._metrics.stall_reports[outcome].inc()
         if verdict.delisted:
             self._peers.remove(digest, target)
+            self.chunk_peers.remove(digest, target)
             log.warning(
                 "swarm %s: %r delisted for %.0f s: stall reports from %d identities",
                 digest, target, self._config.stall_cooloff_s, self._config.stall_reporters,

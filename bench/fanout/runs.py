@@ -58,6 +58,10 @@ class NodeRun:
     node_from_peers_bytes: float | None = None
     node_redundant_bytes: float | None = None
     node_slow_drops: float | None = None  # peers its slow-peer watch disconnected
+    # Its libtorrent's announces: sent on to the tracker by its relay, and answered by
+    # the relay itself from the peers its chunk lists named (chunk torrents).
+    node_announces_forwarded: float | None = None
+    node_announces_local: float | None = None
     node_from_upstream_bytes: float | None = None
     node_fallbacks: float | None = None
     error: str | None = None
@@ -204,6 +208,9 @@ def _add_node_counters(run: NodeRun, node: NodeProcess, before: ProcStat) -> Non
     run.node_from_peers_bytes = metric_value(metrics, "p2preg_peer_blob_bytes_total")
     run.node_redundant_bytes = metric_value(metrics, "p2preg_peer_redundant_bytes_total")
     run.node_slow_drops = metric_value(metrics, "p2preg_peer_slow_drops_total")
+    relayed = "p2preg_relay_announces_total"
+    run.node_announces_forwarded = metric_value(metrics, relayed, result="answered")
+    run.node_announces_local = metric_value(metrics, relayed, result="chunk")
     run.node_from_upstream_bytes = metric_value(metrics, "p2preg_upstream_blob_bytes_total")
     run.node_fallbacks = _fallbacks(metrics)
 

@@ -198,7 +198,9 @@ class ManifestBody:
 class PublishChunk:
     """PUT /v1/chunks/<blob digest>: the blob's lease holder files the torrent of its
     chunk `index` (bytes [index * chunk_bytes, + its length) of a `size`-byte blob),
-    whose own digest is `digest`, as soon as that chunk arrived from upstream."""
+    whose own digest is `digest`, as soon as that chunk arrived from upstream; `port`:
+    where its peer listens (0: an older node, which announces its chunk torrents), so
+    that the list's readers are handed it as a peer of the blob's chunk swarms."""
 
     node: str
     size: int
@@ -206,6 +208,7 @@ class PublishChunk:
     index: int
     digest: str
     metainfo: bytes
+    port: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +217,9 @@ class ChunkList:
     is `digests[i]`, torrent `metainfo[i]`), by `publisher`; `open` while it holds the
     blob's lease (more chunks may come; the whole blob is not seeded yet);
     `retry_after_s`: read the list again no sooner (a tracker that runs behind
-    sheds its readers; 0 while it keeps up)."""
+    sheds its readers; 0 while it keeps up); `peers`: compact entries (BEP 23/7) of
+    the nodes in the blob's chunk swarms, for every chunk torrent of the list, which
+    a reader then announces to nobody (None: an older tracker, announce them)."""
 
     publisher: str
     size: int
@@ -223,6 +228,7 @@ class ChunkList:
     metainfo: list[bytes]
     open: bool
     retry_after_s: float = 0.0
+    peers: list[bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True)

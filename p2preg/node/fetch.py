@@ -37,7 +37,8 @@ from p2preg.core import errors as tracker_errors
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
 from p2preg.core.wire import LeaseStatus
-from p2preg.node.chunks import ChunkFollower, Chunking, ChunkPublisher, publishing
+from p2preg.node.chunkfollow import ChunkFollower
+from p2preg.node.chunks import Chunking, ChunkPublisher, publishing
 from p2preg.node.errors import StoreFull, UpstreamError, UpstreamUnavailable
 from p2preg.node.holding import Renewals, release
 from p2preg.node.leasewait import (

@@ -23,7 +23,8 @@ the wildcard, whose loopback listen socket reaches it) and answers only
 connections from that same address: another host cannot send from the
 node's own address, so only this machine speaks to it. If no tracker
 answers, libtorrent gets a bencoded failure and retries as it would with a
-direct announce.
+direct announce. A chunk torrent whose peers came with its blob's chunk list
+(chunkpeers.py) is answered here from them and never forwarded.
 
 Owns the listener, its minimal HTTP/1.1 (one GET, answered and
 closed, as libtorrent asks with `Connection: close`), the guard (`checked`,
@@ -46,6 +47,7 @@ import trio
 
 from p2preg.core import errors
 from p2preg.core.pki import CertificateError
+from p2preg.node.chunkpeers import ChunkPeers
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.relay_refresh import (
     REFRESH_MAX,
@@ -53,6 +55,7 @@ from p2preg.node.relay_refresh import (
     REFRESH_TRIES,
     Pending,
     Refreshes,
+    fields,
 )
 
 log = logging.getLogger(__name__)
@@ -81,7 +84,7 @@ LEAVE_POLL_S = 0.02
 # Query parameters the relay drops: the node's identity is the connection's.
 _DROPPED = (b"token", b"node", b"ip")
 RESULTS = (
-    "answered", "held", "unknown_torrent", "other_port", "other_host", "malformed",
+    "answered", "held", "chunk", "unknown_torrent", "other_port", "other_host", "malformed",
     "no_tracker", "busy",
 )
 
@@ -178,8 +181,11 @@ class AnnounceRelay:
         batch_max: int = BATCH_MAX,
         refresh_s: float = REFRESH_S,
         refresh_tries: int = REFRESH_TRIES,
+        chunk_peers: ChunkPeers | None = None,
     ) -> None:
         self._tracker = tracker
+        # Chunk torrents whose peers come with their blob's chunk list (chunkpeers.py).
+        self.chunk_peers = chunk_peers or ChunkPeers()
         self._metrics = metrics
         self.host = host
         self._window_s = window_s
@@ -212,6 +218,11 @@ class AnnounceRelay:
         if query is None:
             self._metrics.relay_announces.labels(result).inc()
             return failure(f"the node's announce relay refuses this announce ({result})")
+        f = fields(query)
+        local = self.chunk_peers.answer(f.info_hash, stopped=f.event == b"stopped")
+        if local is not None:
+            self._metrics.relay_announces.labels("chunk").inc()
+            return local
         held = self._refreshes.hold(query)
         if held is not None:
             self._metrics.relay_announces.labels("held").inc()

@@ -64,8 +64,16 @@ class SwarmSeam(Protocol):
 
     def seed(self, meta: Metainfo, verified: Path) -> None: ...
 
-    async def download(self, meta: Metainfo, *, stall_s: float, max_hash_failures: int) -> Path:
-        """The downloaded file (every piece checked, the whole digest not); raises SwarmError."""
+    async def download(
+        self,
+        meta: Metainfo,
+        *,
+        stall_s: float,
+        max_hash_failures: int,
+        report_as: Digest | None = None,
+    ) -> Path:
+        """The downloaded file (every piece checked, the whole digest not); raises SwarmError.
+        Stalling peers are reported as peers of `report_as` (default: `meta`'s digest)."""
         ...
 
     def mark_seeding(self, digest: Digest) -> None: ...

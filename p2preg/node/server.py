@@ -35,6 +35,7 @@ from p2preg.node.admin import Admin, add_routes, create_metrics_app
 from p2preg.node.adminauth import AdminAuth, open_admin_auth
 from p2preg.node.blobs import Blobs
 from p2preg.node.blobstream import BlobStreams
+from p2preg.node.chunkpeers import ChunkPeers
 from p2preg.node.chunks import Chunking, ChunkSettings
 from p2preg.node.cluster_manifests import ClusterManifests
 from p2preg.node.clusterword import ClusterWord
@@ -87,6 +88,7 @@ class _P2P:
     tracker: TrackerClient
     roots: TorrentRoots
     moves: Moves  # the tracker client moved on to another tracker (takeover.py)
+    chunk_peers: ChunkPeers  # chunk torrents the relay answers for (chunkpeers.py)
 
 
 @asynccontextmanager
@@ -130,7 +132,7 @@ async def _open_swarm(
         ):
             relay.attach(swarm)
             try:
-                yield _P2P(swarm, tracker, peer_tls or PlainTorrents(), moves)
+                yield _P2P(swarm, tracker, peer_tls or PlainTorrents(), moves, relay.chunk_peers)
             finally:
                 # The cluster stops handing this node out now, not a peer TTL later.
                 await relay.leave(swarm)
@@ -196,7 +198,7 @@ def _chunking(
     settings = ChunkSettings(config.chunk_bytes, config.chunk_min_count, config.swarm_stall_s,
                              config.swarm_max_hash_failures)  # fmt: skip
     return Chunking(settings, p2p.tracker, p2p.swarm, store, metrics, p2p.roots, work_dir,
-                    in_thread, nursery)  # fmt: skip
+                    in_thread, nursery, p2p.chunk_peers)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -227,7 +227,12 @@ class Swarm:
         self._metrics.blobs_seeded.set(len(self.seeding()))
 
     async def download(
-        self, meta: Metainfo, *, stall_s: float, max_hash_failures: int
+        self,
+        meta: Metainfo,
+        *,
+        stall_s: float,
+        max_hash_failures: int,
+        report_as: Digest | None = None,
     ) -> Path:
         """Download `meta`'s file from peers; returns its path once every piece checked.
 
@@ -235,6 +240,8 @@ class Swarm:
         Raises SwarmError when no byte arrives for `stall_s`, every peer it has
         stalls it or cannot be reached (`peers_stalled`, once the tracker has
         the reports: stallreports.py), or pieces keep failing their hash.
+        Stalling peers are reported as peers of `report_as` (default: `meta`'s
+        digest; a chunk's blob, whose chunk swarms the tracker keeps as one).
         """
         t = self._torrents.get(meta.digest)
         if t is None:
@@ -247,7 +254,7 @@ class Swarm:
             t.last_progress = trio.current_time()
             t.handle.force_reannounce()
         if self._reports is not None:
-            t.stalls = self._reports.watch(meta.digest)
+            t.stalls = self._reports.watch(report_as or meta.digest)
         slow = SlowPeers(self._session, str(meta.digest), self._metrics)
         while not t.finished.is_set():
             if t.error is not None:
