@@ -145,7 +145,7 @@ def test_waiters_join_chunk_swarms_while_the_first_copy_arrives(
         assert n.metric("p2preg_blob_fetches_total", source="peers") == 1
         # The chunk torrents' peers came with the list: the relay answered each chunk
         # torrent's join and completion itself, and forwarded only the whole layer's.
-        local = n.metric("p2preg_relay_announces_total", result="chunk")
+        local = n.metric("p2preg_relay_announces_total", result="local")
         forwarded = n.metric("p2preg_relay_announces_total", result="answered")
         print(f"chunk announces answered by the relay {local:.0f}, "
               f"announces forwarded {forwarded:.0f}")  # fmt: skip

@@ -8,9 +8,10 @@ own answer from the batches they went in; a tracker failure is a bencoded failur
 A seeder's periodic refresh of a torrent the tracker answered as a seeder is
 answered by the relay and reaches the tracker in a later batch; nothing else is
 held, and a refresh no tracker takes is retried, then given up to libtorrent.
-A chunk torrent followed with its blob's peers (chunkpeers.py) is answered by
+A chunk torrent followed with its blob's peers (localanswers.py) is answered by
 the relay from them, and reaches the tracker only if it is no longer followed
-and says more than `stopped`.
+and says more than `stopped`; an own torrent's start or completion a control
+call carried is answered once, as expected.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import trio.testing
 
 from p2preg.core import errors
 from p2preg.core.digest import Digest
-from p2preg.node import chunkpeers
+from p2preg.node import localanswers
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.relay import checked, open_relay, parse_head, relay_host
 from tracker.metainfo import make_metainfo
@@ -303,15 +304,15 @@ async def test_a_followed_chunk_torrent_is_answered_with_its_blob_s_peers(tmp_pa
     metrics, tracker = NodeMetrics(), SeedTracker()
     async with open_relay(tracker, metrics, refresh_s=3600) as relay:
         relay.attach(Held(info_hash))
-        peers = relay.chunk_peers
+        peers = relay.answers
         with trio.fail_after(30):
-            peers.track(chunk, blob)
+            peers.follow(chunk, blob)
             first: Any = lt.bdecode(await relay.answer(target(info_hash, extra="&event=started")))
             assert first[b"peers"] == b"" and b"peers6" not in first
             peers.learn(blob, [four, six, b"bad"])
             later: Any = lt.bdecode(await relay.answer(target(info_hash, extra="&left=9")))
             assert (later[b"peers"], later[b"peers6"]) == (four, six)
-            assert later[b"interval"] == chunkpeers.ANSWER_INTERVAL_S
+            assert later[b"interval"] == localanswers.CHUNK_INTERVAL_S
             await relay.answer(target(info_hash, extra="&event=completed"))
             assert tracker.batches == []  # none of it reached the tracker
             # Forgotten (dropped after the blob): its `stopped` is still answered here...
@@ -325,5 +326,38 @@ async def test_a_followed_chunk_torrent_is_answered_with_its_blob_s_peers(tmp_pa
             await relay.answer(target(extra="&event=started"))  # an ordinary torrent
             assert len(tracker.sent()) == 2
     assert metrics.registry.get_sample_value(
-        "p2preg_relay_announces_total", {"result": "chunk"}
+        "p2preg_relay_announces_total", {"result": "local"}
     ) == 4
+
+
+async def test_an_own_torrent_s_start_and_completion_are_answered_once_as_expected(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "blob"
+    data.write_bytes(b"b" * 40_000)
+    meta = make_metainfo(data, Digest.of(data.read_bytes()), 40_000)
+    info_hash = meta.info_hash_v2[:20]
+    seeder = compact_address("198.18.0.3", 6882)
+    tracker = SeedTracker()
+    async with open_relay(tracker, NodeMetrics(), refresh_s=3600) as relay:
+        relay.attach(Held(info_hash))
+        answers = relay.answers
+        with trio.fail_after(30):
+            # A SEEDED lease answer entered the node and named `seeder`; its seed
+            # confirmation will carry the completion.
+            answers.expect(meta, localanswers.STARTED, [seeder])
+            answers.expect(meta, localanswers.COMPLETED)
+            start: Any = lt.bdecode(await relay.answer(target(info_hash, extra="&event=started")))
+            assert start[b"peers"] == seeder
+            assert start[b"interval"] == localanswers.OWN_INTERVAL_S
+            await relay.answer(target(info_hash, extra="&left=9"))  # a re-announce: sent
+            assert len(tracker.sent()) == 1
+            await relay.answer(target(info_hash, extra="&event=completed"))
+            assert len(tracker.sent()) == 1  # answered here
+            await relay.answer(target(info_hash, extra="&event=started"))  # once only
+            assert len(tracker.sent()) == 2
+            # A download that failed takes back what it expected.
+            answers.expect(meta, localanswers.COMPLETED)
+            answers.unexpect(meta)
+            await relay.answer(target(info_hash, extra="&event=completed"))
+            assert len(tracker.sent()) == 3

@@ -46,7 +46,8 @@ async def _clients(tmp_path: Path, *names: str) -> AsyncIterator[list[TrackerCli
 
 
 async def _peers(client: TrackerClient, cut: Cut, port: int = 0) -> list[bytes]:
-    listing = await client.list_chunks(cut.blob, port=port)
+    client.peer_port = port
+    listing = await client.list_chunks(cut.blob)
     assert listing is not None and listing.peers is not None
     return listing.peers
 
@@ -97,7 +98,8 @@ async def test_a_holder_that_names_no_port_leaves_its_readers_to_announce(
         await holder.acquire_lease(cut.blob, size=SIZE)
         await holder.publish_chunk(cut.blob, cut.msg("holder", 0))
         for reader, port in ((a, 7002), (b, 7003)):
-            listing = await reader.list_chunks(cut.blob, port=port)
+            reader.peer_port = port
+            listing = await reader.list_chunks(cut.blob)
             assert listing is not None and listing.digests == cut.digests[:1]
             assert listing.peers is None
 
@@ -108,6 +110,7 @@ async def test_a_port_out_of_range_is_a_clear_error(tmp_path: Path) -> None:
         await holder.acquire_lease(cut.blob, size=SIZE)
         await holder.publish_chunk(cut.blob, cut.msg("holder", 0))
         with pytest.raises(errors.InvalidRequest, match="port must be 1 to 65535"):
-            await a.list_chunks(cut.blob, port=70000)
+            a.peer_port = 70000
+            await a.list_chunks(cut.blob)
         with pytest.raises(errors.InvalidRequest, match="port must be 1 to 65535"):
             await holder.publish_chunk(cut.blob, replace(cut.msg("holder", 1), port=1 << 16))

@@ -67,6 +67,9 @@ class TrackerClient:
         # Called with the reason ("unreachable" or "server_error") on each move.
         self._on_failover = on_failover
         self.node = node
+        # Where this node's peer listens (0: unknown), named in the calls that then
+        # stand for its announces (p2preg/node/localanswers.py).
+        self.peer_port = 0
         self._token = token
         self._tls = tls
         self._timeout_s = timeout_s
@@ -176,11 +179,8 @@ class TrackerClient:
             answers = msgpack.unpackb(response.content, raw=False)
         except (ValueError, msgpack.UnpackException):
             answers = None
-        if (
-            not isinstance(answers, list)
-            or len(answers) != len(rows)
-            or not all(isinstance(a, bytes) for a in answers)
-        ):
+        if not (isinstance(answers, list) and len(answers) == len(rows)
+                and all(isinstance(a, bytes) for a in answers)):  # fmt: skip
             raise errors.TrackerUnavailable(f"tracker sent {len(rows)} announces a bad answer")
         return answers
 
@@ -190,7 +190,7 @@ class TrackerClient:
         self, digest: Digest, size: int, metainfo: bytes
     ) -> wire.MetainfoRecord:
         """File the metainfo made from the verified blob; idempotent for the same bytes."""
-        msg = wire.PublishMetainfo(self.node, size, metainfo)
+        msg = wire.PublishMetainfo(self.node, size, metainfo, self.peer_port)
         return await self._call("PUT", f"/v1/metainfo/{digest}", msg, wire.MetainfoRecord)
 
     async def lookup_metainfo(self, digest: Digest) -> wire.MetainfoRecord | None:
@@ -208,7 +208,7 @@ class TrackerClient:
 
     async def confirm_seed(self, digest: Digest, info_hash: bytes) -> None:
         """Tell the tracker we downloaded torrent `info_hash` and verified its bytes."""
-        msg = wire.ConfirmSeed(self.node, info_hash)
+        msg = wire.ConfirmSeed(self.node, info_hash, self.peer_port)
         await self._call("POST", f"/v1/metainfo/{digest}/confirm", msg, None)
 
     async def report_stall(self, digest: Digest, peer: bytes) -> None:
@@ -223,16 +223,15 @@ class TrackerClient:
         await self._call("PUT", f"/v1/chunks/{blob}", msg, None)
 
     async def list_chunks(
-        self, blob: Digest, *, have: int = 0, wait_s: int = 0, port: int = 0
+        self, blob: Digest, *, have: int = 0, wait_s: int = 0
     ) -> wire.ChunkList | None:
         """The chunk torrents filed for `blob` so far, or None if there are none; with
         `wait_s`, once there are more than `have` of them or the list closed (a long
         poll: the tracker holds it up to `wait_s`, then answers what there is). With
-        `port` (where this node's peer listens) the tracker enters the node as a peer
-        of the blob's chunk swarms, and the list names the others."""
+        a `peer_port`, the list also names the peers of the blob's chunk swarms."""
         path = f"/v1/chunks/{blob}?have={have}&wait={wait_s}"
-        if port:
-            path += f"&port={port}&node={quote(self.node, safe='')}"
+        if self.peer_port:
+            path += f"&port={self.peer_port}&node={quote(self.node, safe='')}"
         try:
             return await self._call("GET", path, None, wire.ChunkList, extra_timeout_s=wait_s)
         except errors.NotFound:
@@ -279,7 +278,7 @@ class TrackerClient:
         send an image's blobs over the upstream link earliest first. `manifest`:
         the digest is a manifest's, SEEDED (no metainfo) once it is on the shelf.
         """
-        msg = wire.LeaseRequest(self.node, size, wait_s, group, order, manifest)
+        msg = wire.LeaseRequest(self.node, size, wait_s, group, order, manifest, self.peer_port)
         return await self._call(
             "POST", f"/v1/leases/{digest}", msg, wire.LeaseReply, extra_timeout_s=wait_s
         )

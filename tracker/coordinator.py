@@ -17,6 +17,7 @@ its own (the parts above do) and raises only `p2preg.core.errors`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from collections.abc import Callable
 import trio
 
 from p2preg.core import errors, wire
+from tracker.admission import announce_identity
 from tracker.announce import AnnounceRequest, AnnounceResponse, ScrapeRequest, SwarmStats
 from tracker.auth import ClusterAuth
 from tracker.chunk_torrents import ChunkTorrents
@@ -187,9 +189,15 @@ class Tracker:
         """Stats per asked info-hash, in order; None for a torrent nobody registered."""
         return self.swarms.scrape(req, transport)
 
-    async def confirm_seed(self, digest_text: str, msg: wire.ConfirmSeed) -> None:
-        """Count `msg.node` as a seeder of the digest's torrent, across restarts too."""
+    async def confirm_seed(
+        self, digest_text: str, msg: wire.ConfirmSeed, client_ip: str | None = None
+    ) -> None:
+        """Count `msg.node` as a seeder of the digest's torrent, across restarts too; with
+        its port (and its address, `client_ip`), its peer is in the swarm as one now."""
         news = self.swarms.confirm_seed(digest_text, msg)
+        if msg.port and client_ip is not None:
+            self.swarms.enter(checked_digest(digest_text), msg.node, client_ip, msg.port,
+                              seeding=True, by="confirm")  # fmt: skip
         if news is not None:
             await self._store.put_confirmation(StoredConfirmation(*news, msg.node))
 
@@ -207,13 +215,19 @@ class Tracker:
         return self.registry.lookup(checked_digest(digest_text))
 
     async def publish(
-        self, digest_text: str, msg: wire.PublishMetainfo
+        self, digest_text: str, msg: wire.PublishMetainfo, client_ip: str | None = None
     ) -> tuple[wire.MetainfoRecord, bool]:
-        """File metainfo for a digest; returns (record, newly stored)."""
+        """File metainfo for a digest; returns (record, newly stored). With the sender's
+        port (and address, `client_ip`), its peer is in the swarm as a seeder if it
+        counts as one, which the record says (`seeding`)."""
         digest = checked_digest(digest_text)
-        filed = await self.publishing.publish(digest, msg)
+        record, created = await self.publishing.publish(digest, msg)
         await self.chunks.blob_verified(digest, msg.node)
-        return filed
+        if msg.port and client_ip is not None and record.metainfo == msg.metainfo:
+            seeding, _ = self.swarms.enter(digest, msg.node, client_ip, msg.port,
+                                           seeding=True, by="publish")  # fmt: skip
+            record = dataclasses.replace(record, seeding=seeding)
+        return record, created
 
     async def report_bad(self, digest_text: str, msg: wire.ReportBad) -> wire.MetainfoRecord:
         return await self.publishing.report_bad(checked_digest(digest_text), msg)
@@ -263,10 +277,25 @@ class Tracker:
     # -- upstream leases ---------------------------------------------------------
 
     async def acquire_lease(
-        self, digest_text: str, msg: wire.LeaseRequest, *, identity: str | None = None
+        self,
+        digest_text: str,
+        msg: wire.LeaseRequest,
+        *,
+        identity: str | None = None,
+        client_ip: str | None = None,
     ) -> wire.LeaseReply:
-        """Grant, refuse (wait) or point at the swarm (`LeaseDesk.acquire`)."""
-        return await self.desk.acquire(digest_text, msg, identity=identity)
+        """Grant, refuse (wait) or point at the swarm (`LeaseDesk.acquire`). A SEEDED
+        answer to a request with the asker's port (and address, `client_ip`) enters it
+        in the swarm as a downloader and names its peers."""
+        reply = await self.desk.acquire(digest_text, msg, identity=identity)
+        if reply.status is not wire.LeaseStatus.SEEDED or reply.metainfo is None:
+            return reply
+        if not msg.port or client_ip is None:
+            return reply
+        who = announce_identity(identity, msg.node, client_ip)
+        _, peers = self.swarms.enter(checked_digest(digest_text), who, client_ip, msg.port,
+                                     seeding=False, by="lease")  # fmt: skip
+        return dataclasses.replace(reply, peers=peers) if peers else reply
 
     async def renew_lease(
         self, digest_text: str, msg: wire.LeaseRenew, *, identity: str | None = None

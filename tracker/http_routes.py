@@ -151,7 +151,7 @@ async def _lookup(call: Call) -> Response:
 
 async def _publish(call: Call) -> Response:
     msg = call.message(wire.PublishMetainfo, Kind.PUBLISH)
-    record, created = await call.tracker.publish(call.digest, msg)
+    record, created = await call.tracker.publish(call.digest, msg, call.request.client_ip)
     return _msgpack(record, 201 if created else 200)
 
 
@@ -161,7 +161,8 @@ async def _report_bad(call: Call) -> Response:
 
 
 async def _confirm(call: Call) -> Response:
-    await call.tracker.confirm_seed(call.digest, call.message(wire.ConfirmSeed, Kind.PUBLISH))
+    msg = call.message(wire.ConfirmSeed, Kind.PUBLISH)
+    await call.tracker.confirm_seed(call.digest, msg, call.request.client_ip)
     return Response(204, b"", wire.CONTENT_TYPE)
 
 
@@ -186,7 +187,10 @@ async def _acquire(call: Call) -> Response:
     # Past a long-poll cap the request is answered at once instead of held.
     with call.tracker.quotas.long_polls.hold(call.who(msg), msg.wait_s) as wait_s:
         msg = dataclasses.replace(msg, wait_s=wait_s)
-        return _msgpack(await call.tracker.acquire_lease(call.digest, msg, identity=identity))
+        reply = await call.tracker.acquire_lease(
+            call.digest, msg, identity=identity, client_ip=call.request.client_ip
+        )
+        return _msgpack(reply)
 
 
 async def _renew(call: Call) -> Response:

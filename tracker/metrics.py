@@ -171,6 +171,13 @@ class TrackerMetrics:
             "Reports that a blob's chunks did not assemble into it (its records dropped)",
             registry=self.registry,
         )
+        self.peers_entered = Counter(
+            "p2preg_tracker_peers_entered",
+            "Peers entered in a swarm by a control call that stands for their announce: "
+            "a SEEDED lease answer, a seed confirmation, a published torrent",
+            ["by"],
+            registry=self.registry,
+        )
         self.chunk_peers_refused = Counter(
             "p2preg_tracker_chunk_peers_refused",
             "Readers and holders of chunk lists not entered as peers of the blob's chunk "

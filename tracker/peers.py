@@ -147,7 +147,9 @@ class PeerTable:
     ) -> tuple[Swarm, Peer, bool]:
         """Record an announce of `identity`: (swarm, its peer, whether it replaced
         another peer id or port of the same identity). LimitReached if a new
-        peer does not fit. `announced`: when, and its `uploaded` and `downloaded`."""
+        peer does not fit. `announced`: when, and its `uploaded` and `downloaded`.
+        An empty `peer_id` (a control call standing for an announce) keeps the
+        peer's own."""
         swarm = self._swarms.get(key)
         if swarm is None:
             swarm = self._swarms[key] = Swarm()
@@ -165,9 +167,10 @@ class PeerTable:
             swarm.add(peer)
             self._peers += 1
             return swarm, peer, False
-        replaced = peer.peer_id != peer_id or peer.compact != compact
+        known = bool(peer.peer_id and peer_id)
+        replaced = (known and peer.peer_id != peer_id) or peer.compact != compact
         peer.expires_at = expires_at
-        peer.peer_id = peer_id
+        peer.peer_id = peer_id or peer.peer_id
         peer.claims_seed = claims_seed
         peer.announced_at, peer.uploaded, peer.downloaded = announced
         if peer.compact != compact or peer.seeder != seeder:
@@ -197,12 +200,13 @@ class PeerTable:
 
     def remove(self, key: str, identity: str, peer_id: bytes | None = None) -> None:
         """Drop `identity`'s peer; with `peer_id`, only if it is still that one (a
-        late `stopped` of a replaced session leaves its successor alone)."""
+        late `stopped` of a replaced session leaves its successor alone; a peer a
+        control call entered has none yet, and goes)."""
         swarm = self._swarms.get(key)
         if swarm is None:
             return
         peer = swarm.by_key.get(identity)
-        if peer is not None and (peer_id is None or peer.peer_id == peer_id):
+        if peer is not None and (peer_id is None or peer.peer_id in (peer_id, b"")):
             if self.journal is not None:
                 self.journal.add((key, identity))
             swarm.discard(peer)

@@ -169,6 +169,44 @@ class Swarms:
             self._waiters.notify(digest)
         return digest, entry.meta.info_hash_v2
 
+    def enter(
+        self, digest: str, who: str, client_ip: str, port: int, *, seeding: bool, by: str
+    ) -> tuple[bool, list[bytes]]:
+        """`who`'s peer at `client_ip`:`port` entered in `digest`'s swarm by a control call
+        `by` that stands for its announce: a SEEDED lease answer (a downloader: its
+        `started`), a seed confirmation or a published torrent (`seeding`: its
+        `completed`, or a seeder's start). The entry is an announce's (one peer per
+        identity, admission's seeder rule, none while it cools off), kept `peer_ttl_s`
+        or longer as it was. Whether it counts as a seeder, and a downloader's peers.
+        A full table enters nobody: the caller's announce then must."""
+        if not 0 < port < 1 << 16:
+            raise errors.InvalidRequest(f"port must be 1 to 65535, got {port}")
+        entry = self._registry.get(digest)
+        if entry is None or self._admission.cooling(digest, who):
+            return False, []
+        compact = compact_address(client_ip, port)
+        seeder = seeding and self._admission.is_seeder(
+            digest, entry.meta.info_hash_v2, who, entry.published_by
+        )
+        now = self._clock()
+        was = self._peers.peer(digest, who)
+        keep = now + self._config.peer_ttl_s
+        if was is not None and was.seeder == seeder:
+            keep = max(keep, was.expires_at)
+        try:
+            swarm, _, _ = self._peers.update(digest, who, b"", compact, seeder=seeder,
+                                             claims_seed=seeding, expires_at=keep,
+                                             announced=(now, 0, 0))  # fmt: skip
+        except errors.LimitReached:
+            return False, []
+        self._metrics.peers_entered.labels(by).inc()
+        if seeder and len(swarm.seeders) == 1 and digest in self._waiters:
+            self._waiters.notify(digest)
+        if seeding:
+            return seeder, []
+        numwant = self._config.default_numwant
+        return False, hand_out(swarm.seeder_addrs, swarm.leecher_addrs, numwant, asker=compact)
+
     def join_chunks(
         self, blob: str, who: str, client_ip: str, port: int, *, holder: bool
     ) -> None:

@@ -210,7 +210,7 @@ def _add_node_counters(run: NodeRun, node: NodeProcess, before: ProcStat) -> Non
     run.node_slow_drops = metric_value(metrics, "p2preg_peer_slow_drops_total")
     relayed = "p2preg_relay_announces_total"
     run.node_announces_forwarded = metric_value(metrics, relayed, result="answered")
-    run.node_announces_local = metric_value(metrics, relayed, result="chunk")
+    run.node_announces_local = metric_value(metrics, relayed, result="local")
     run.node_from_upstream_bytes = metric_value(metrics, "p2preg_upstream_blob_bytes_total")
     run.node_fallbacks = _fallbacks(metrics)
 

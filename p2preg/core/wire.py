@@ -58,21 +58,27 @@ class LeaseStatus(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class PublishMetainfo:
-    """PUT /v1/metainfo/<digest>: a node that verified the blob files its torrent."""
+    """PUT /v1/metainfo/<digest>: a node that verified the blob files its torrent;
+    `port`: where its peer listens (0: an older node), entered in the swarm as a
+    seeder when it counts as one (the record's `seeding`)."""
 
     node: str
     size: int
     metainfo: bytes
+    port: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class MetainfoRecord:
-    """What the tracker holds for one digest; `info_hashes` are the 20-byte swarm keys."""
+    """What the tracker holds for one digest; `info_hashes` are the 20-byte swarm keys.
+    `seeding`, answering a publish that named its port: the publisher is in the swarm
+    as a seeder, and need not announce its start."""
 
     digest: str
     size: int
     metainfo: bytes
     info_hashes: list[bytes]
+    seeding: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +101,13 @@ class ReportBad:
 class ConfirmSeed:
     """POST /v1/metainfo/<digest>/confirm: `node` downloaded the torrent `info_hash`
     (its v2 info-hash, whole or as announced) and its bytes matched the digest;
-    its `left=0` announces now count as a seeder."""
+    its `left=0` announces now count as a seeder. `port`: where its peer listens
+    (0: an older node), entered in the swarm as a seeder in place of its
+    `completed` announce."""
 
     node: str
     info_hash: bytes
+    port: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +135,10 @@ class LeaseRequest:
     # The digest is a manifest's: once its body is on the tracker's shelf the
     # answer is SEEDED without metainfo (take the body from the shelf).
     manifest: bool = False
+    # Where the asker's peer listens (0: an older node): a SEEDED answer enters it
+    # in the swarm as a downloader and names its peers (`peers`), in place of its
+    # `started` announce.
+    port: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +183,10 @@ class LeaseReply:
     # A holder silent this long is taken over: the holder renews every third of
     # it (0, older trackers: every third of `ttl_s`).
     silence_s: float = 0.0
+    # SEEDED to a request that named its port: the asker is in the swarm, and these
+    # are its peers (compact, BEP 23/7), as its `started` announce would have got.
+    # None: announce as ever.
+    peers: list[bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True)

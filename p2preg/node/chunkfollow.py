@@ -2,7 +2,7 @@
 
 `ChunkFollower` reads the blob's chunk list while the node waits for the lease
 (a long poll the tracker answers as a chunk is filed), joins each chunk's swarm
-as it appears (its peers come with the list: chunkpeers.py), checks each chunk
+as it appears (its peers come with the list: localanswers.py), checks each chunk
 against its digest, and serves the chunks it holds to its peers. Nothing
 reaches a client before the whole blob is verified: the chunks are copied, in
 order, into a store writer as they come in (the whole-blob hash runs alongside
@@ -128,8 +128,7 @@ class ChunkFollower:
         c = self.c
         wait_s = max(1, min(POLL_WAIT_S, math.floor(c.settings.stall_s)))
         try:
-            listing = await c.tracker.list_chunks(self.blob, have=have, wait_s=wait_s,
-                                                  port=c.swarm.listen_port)  # fmt: skip
+            listing = await c.tracker.list_chunks(self.blob, have=have, wait_s=wait_s)
         except tracker_errors.TrackerError as e:
             log.info("reading the chunks of %s: %s", self.blob, e)
             return known
@@ -139,7 +138,7 @@ class ChunkFollower:
         if cut < 1 << 20 or chunk_count(self.size, cut) > MAX_CHUNKS:
             return None
         if listing.peers is not None:
-            c.peers.learn(self.blob, listing.peers)
+            c.answers.learn(self.blob, listing.peers)
         return listing
 
     async def _download(self, first: wire.ChunkList, writer: BlobWriter) -> None:
@@ -226,11 +225,11 @@ class ChunkFollower:
             raise ChunkFailed(f"chunk {i}: {e}") from None
         async with limiter:
             # A tracker that hands out the chunk swarms' peers with the list is
-            # announced nothing for them (chunkpeers.py); a stalling peer is then
+            # announced nothing for them (localanswers.py); a stalling peer is then
             # reported as a peer of the blob's chunk swarms, where the tracker has it.
             local = listing.peers is not None and digest not in c.swarm
             if local:
-                c.peers.track(meta, self.blob)
+                c.answers.follow(meta, self.blob)
             self._joined.append(digest)
             try:
                 path = await c.swarm.download(meta, stall_s=c.settings.stall_s,

@@ -35,7 +35,7 @@ from p2preg.core.metainfo import (
     chunk_length,
     piece_size_for,
 )
-from p2preg.node.chunkpeers import ChunkPeers
+from p2preg.node.localanswers import LocalAnswers
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.peertls import TorrentRoots
 from p2preg.node.seams import Offload, SwarmSeam
@@ -57,7 +57,7 @@ class ChunkTracker(Protocol):
     async def publish_chunk(self, blob: Digest, msg: wire.PublishChunk) -> None: ...
 
     async def list_chunks(
-        self, blob: Digest, *, have: int = 0, wait_s: int = 0, port: int = 0
+        self, blob: Digest, *, have: int = 0, wait_s: int = 0
     ) -> wire.ChunkList | None: ...
 
     async def report_chunks(self, blob: Digest, publisher: str, reason: str) -> None: ...
@@ -144,8 +144,8 @@ class Chunking:
     work_dir: Path
     offload: Offload
     nursery: trio.Nursery
-    # The chunk torrents whose announces the relay answers (relay.py shares it).
-    peers: ChunkPeers = field(default_factory=ChunkPeers)
+    # The announces the relay answers itself (relay.py shares it).
+    answers: LocalAnswers = field(default_factory=LocalAnswers)
 
     def linger(self, chunks: list[Digest]) -> None:
         """Keep seeding `chunks` for the nodes still mid-chunk, then drop them."""
@@ -162,7 +162,7 @@ class Chunking:
         kept = self.store.size(chunk) is not None
         if not kept:
             self.swarm.remove(chunk)
-        if self.peers.forget(chunk) and kept:
+        if self.answers.forget(chunk) and kept:
             self.swarm.reannounce(chunk)
 
 

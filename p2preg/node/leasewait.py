@@ -100,9 +100,11 @@ class AskAgain:
 
 @dataclass(frozen=True, slots=True)
 class JoinSwarm:
-    """A seeder exists: download from peers with this metainfo."""
+    """A seeder exists: download from peers with this metainfo; `peers`: the tracker
+    entered this node in the swarm and named these (None: announce to join)."""
 
     metainfo: bytes
+    peers: list[bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +237,7 @@ def _seeded_without_metainfo(s: Situation) -> bool:
 
 def _join(s: Situation) -> Action:
     assert s.reply.metainfo is not None
-    return JoinSwarm(s.reply.metainfo)
+    return JoinSwarm(s.reply.metainfo, s.reply.peers)
 
 
 def _granted_without_id(s: Situation) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from p2preg.core.digest import Digest, Hasher
 from p2preg.core.metainfo import Metainfo, MetainfoError
+from p2preg.node.localanswers import COMPLETED, STARTED, LocalAnswers
 from p2preg.node.peertls import PlainTorrents, TorrentRoots
 from p2preg.node.seams import Offload, SwarmError, SwarmSeam
 from p2preg.node.store import BlobStore, StoreError
@@ -52,16 +53,23 @@ class PeerDownload:
         max_hash_failures: int,
         offload: Offload,
         roots: TorrentRoots | None = None,
+        answers: LocalAnswers | None = None,
     ) -> None:
         self._roots = roots or PlainTorrents()
+        self._answers = answers or LocalAnswers()
         self._store = store
         self._swarm = swarm
         self._stall_s = stall_s
         self._max_hash_failures = max_hash_failures
         self._offload = offload
 
-    async def fetch(self, digest: Digest, size: int, metainfo: bytes) -> Metainfo:
-        """Download, verify and store `digest`; returns the metainfo it came by."""
+    async def fetch(
+        self, digest: Digest, size: int, metainfo: bytes, peers: list[bytes] | None = None
+    ) -> Metainfo:
+        """Download, verify and store `digest`; returns the metainfo it came by. `peers`:
+        the tracker entered this node in the swarm and named these, so libtorrent's
+        start is answered with them, and its completion too (the seed confirmation
+        that follows carries it) — none of the two reaches the tracker."""
         try:
             meta = parse_metainfo(metainfo, digest, size, roots=self._roots.roots())
         except MetainfoError as e:
@@ -72,6 +80,18 @@ class PeerDownload:
             raise Fallback(
                 "root_mismatch", f"the swarm of {digest} is rooted at another CA than ours"
             )
+        if peers is not None and digest not in self._swarm:
+            self._answers.expect(meta, STARTED, peers)
+            self._answers.expect(meta, COMPLETED)
+        try:
+            return await self._fetch(meta, digest, size)
+        except Fallback:
+            self._answers.unexpect(meta)
+            raise
+        finally:
+            self._answers.unexpect(meta, STARTED)  # (answered by now, or never sent)
+
+    async def _fetch(self, meta: Metainfo, digest: Digest, size: int) -> Metainfo:
         try:
             path = await self._swarm.download(
                 meta, stall_s=self._stall_s, max_hash_failures=self._max_hash_failures

@@ -23,8 +23,10 @@ the wildcard, whose loopback listen socket reaches it) and answers only
 connections from that same address: another host cannot send from the
 node's own address, so only this machine speaks to it. If no tracker
 answers, libtorrent gets a bencoded failure and retries as it would with a
-direct announce. A chunk torrent whose peers came with its blob's chunk list
-(chunkpeers.py) is answered here from them and never forwarded.
+direct announce. An announce whose news a control call already carried (a
+followed chunk torrent's, whose peers came with its blob's chunk list; the
+start, completion or seeding of a torrent the tracker entered the node in:
+localanswers.py) is answered here and never forwarded.
 
 Owns the listener, its minimal HTTP/1.1 (one GET, answered and
 closed, as libtorrent asks with `Connection: close`), the guard (`checked`,
@@ -47,7 +49,7 @@ import trio
 
 from p2preg.core import errors
 from p2preg.core.pki import CertificateError
-from p2preg.node.chunkpeers import ChunkPeers
+from p2preg.node.localanswers import LocalAnswers
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.relay_refresh import (
     REFRESH_MAX,
@@ -84,7 +86,7 @@ LEAVE_POLL_S = 0.02
 # Query parameters the relay drops: the node's identity is the connection's.
 _DROPPED = (b"token", b"node", b"ip")
 RESULTS = (
-    "answered", "held", "chunk", "unknown_torrent", "other_port", "other_host", "malformed",
+    "answered", "held", "local", "unknown_torrent", "other_port", "other_host", "malformed",
     "no_tracker", "busy",
 )
 
@@ -181,11 +183,11 @@ class AnnounceRelay:
         batch_max: int = BATCH_MAX,
         refresh_s: float = REFRESH_S,
         refresh_tries: int = REFRESH_TRIES,
-        chunk_peers: ChunkPeers | None = None,
+        answers: LocalAnswers | None = None,
     ) -> None:
         self._tracker = tracker
-        # Chunk torrents whose peers come with their blob's chunk list (chunkpeers.py).
-        self.chunk_peers = chunk_peers or ChunkPeers()
+        # What a control call already told the tracker (localanswers.py).
+        self.answers = answers or LocalAnswers()
         self._metrics = metrics
         self.host = host
         self._window_s = window_s
@@ -219,9 +221,9 @@ class AnnounceRelay:
             self._metrics.relay_announces.labels(result).inc()
             return failure(f"the node's announce relay refuses this announce ({result})")
         f = fields(query)
-        local = self.chunk_peers.answer(f.info_hash, stopped=f.event == b"stopped")
+        local = self.answers.answer(f.info_hash, f.event)
         if local is not None:
-            self._metrics.relay_announces.labels("chunk").inc()
+            self._metrics.relay_announces.labels("local").inc()
             return local
         held = self._refreshes.hold(query)
         if held is not None:

@@ -31,6 +31,7 @@ from p2preg.core.config import ConfigError
 from p2preg.core.digest import Digest
 from p2preg.core.hostfiles import private_dir, tighten, write_private
 from p2preg.core.metainfo import Metainfo, MetainfoError
+from p2preg.node.localanswers import STARTED, LocalAnswers
 from p2preg.node.peertls import PlainTorrents, TorrentRoots
 from p2preg.node.seams import Offload, SwarmSeam, TrackerSeam
 from p2preg.node.store import BlobStore
@@ -109,8 +110,10 @@ class Seeding:
         nursery: trio.Nursery,
         offload: Offload,
         roots: TorrentRoots | None = None,
+        answers: LocalAnswers | None = None,
     ) -> None:
         self._roots = roots or PlainTorrents()
+        self._answers = answers or LocalAnswers()
         self._store = store
         self._swarm = swarm
         self._tracker = tracker
@@ -132,7 +135,9 @@ class Seeding:
         # The tracker refuses announces for metainfo it does not hold: file it
         # first, then seed, so the first announce already counts.
         try:
-            await self._tracker.publish_metainfo(digest, size, meta.data)
+            record = await self._tracker.publish_metainfo(digest, size, meta.data)
+            if record.seeding:  # the tracker counts us as a seeder: no start to announce
+                self._answers.expect(meta, STARTED)
         except tracker_errors.MetainfoConflict:
             if await self._on_conflict(meta):
                 self._nursery.start_soon(self._file_later, meta)

@@ -35,7 +35,6 @@ from p2preg.node.admin import Admin, add_routes, create_metrics_app
 from p2preg.node.adminauth import AdminAuth, open_admin_auth
 from p2preg.node.blobs import Blobs
 from p2preg.node.blobstream import BlobStreams
-from p2preg.node.chunkpeers import ChunkPeers
 from p2preg.node.chunks import Chunking, ChunkSettings
 from p2preg.node.cluster_manifests import ClusterManifests
 from p2preg.node.clusterword import ClusterWord
@@ -45,6 +44,7 @@ from p2preg.node.credentials import node_credentials
 from p2preg.node.facade import Registry, create_app
 from p2preg.node.fetch import BlobFetcher, Cluster, SwarmSettings
 from p2preg.node.limits import Caps, NodeLimits, UpstreamThrottle, add_limits_routes
+from p2preg.node.localanswers import LocalAnswers
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.peers import PeerDownload
 from p2preg.node.peertls import PeerTLS, PlainTorrents, TorrentRoots, listen_interfaces
@@ -88,7 +88,7 @@ class _P2P:
     tracker: TrackerClient
     roots: TorrentRoots
     moves: Moves  # the tracker client moved on to another tracker (takeover.py)
-    chunk_peers: ChunkPeers  # chunk torrents the relay answers for (chunkpeers.py)
+    answers: LocalAnswers  # what the relay answers itself (localanswers.py)
 
 
 @asynccontextmanager
@@ -131,8 +131,9 @@ async def _open_swarm(
             ) as swarm,
         ):
             relay.attach(swarm)
+            tracker.peer_port = swarm.listen_port
             try:
-                yield _P2P(swarm, tracker, peer_tls or PlainTorrents(), moves, relay.chunk_peers)
+                yield _P2P(swarm, tracker, peer_tls or PlainTorrents(), moves, relay.answers)
             finally:
                 # The cluster stops handing this node out now, not a peer TTL later.
                 await relay.leave(swarm)
@@ -168,9 +169,10 @@ def _cluster(
     )
     peers = PeerDownload(
         store, swarm, stall_s=settings.stall_s, max_hash_failures=settings.max_hash_failures,
-        offload=in_thread, roots=p2p.roots,
+        offload=in_thread, roots=p2p.roots, answers=p2p.answers,
     )
-    seeding = Seeding(store, swarm, tracker, torrents, nursery, in_thread, p2p.roots)
+    seeding = Seeding(store, swarm, tracker, torrents, nursery, in_thread, p2p.roots,
+                      p2p.answers)  # fmt: skip
     nursery.start_soon(reannounce_after_moves, p2p.moves, swarm.reannounce_recent)
     reseeded = seeding.reseed()
     if isinstance(p2p.roots, PeerTLS):
@@ -198,7 +200,7 @@ def _chunking(
     settings = ChunkSettings(config.chunk_bytes, config.chunk_min_count, config.swarm_stall_s,
                              config.swarm_max_hash_failures)  # fmt: skip
     return Chunking(settings, p2p.tracker, p2p.swarm, store, metrics, p2p.roots, work_dir,
-                    in_thread, nursery, p2p.chunk_peers)  # fmt: skip
+                    in_thread, nursery, p2p.answers)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,113 @@
+"""Control calls that name the node's peer port enter it in the swarm, against a tracker process.
+
+A node's libtorrent announces a torrent when it starts and when it completes;
+the control calls around them already tell the tracker as much. So a lease
+request, a seed confirmation and a published torrent carry the node's port
+(`TrackerClient.peer_port`): a published torrent the tracker counts enters its
+holder as a seeder (`MetainfoRecord.seeding`), a SEEDED answer enters the asker
+as a downloader and names its peers, seeders first, as its `started` announce
+would, and a confirmation makes it a seeder. What libtorrent says later still
+counts: its `stopped` (with a peer id the control calls never knew) drops the
+peer. An older node (no port) gets none of it and announces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from urllib.parse import quote_from_bytes
+
+import httpx
+import pytest
+
+from harness.node import metric_value
+from harness.tracker import TrackerProcess, open_tracker
+from p2preg.core import wire
+from p2preg.core.digest import Digest
+from p2preg.core.metainfo import Metainfo
+from tracker.client import TrackerClient, open_tracker_client
+from tracker.metainfo import make_metainfo
+from tracker.peers import compact_address
+
+pytestmark = pytest.mark.integration
+
+
+def _at(port: int) -> bytes:
+    return compact_address("127.0.0.1", port)
+
+
+@asynccontextmanager
+async def _cluster(
+    tmp_path: Path, *names: str
+) -> AsyncIterator[tuple[TrackerProcess, list[TrackerClient]]]:
+    """A token-less tracker, and a client per node name, each with its own peer port
+    (7001, 7002, …); `old` names none."""
+    with open_tracker(tmp_path / "tracker") as t:
+        async with AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(open_tracker_client(t.url, node=n))
+                       for n in names]  # fmt: skip
+            for port, c in enumerate(clients, 7001):
+                c.peer_port = 0 if c.node == "old" else port
+            yield t, clients
+
+
+def _blob(tmp_path: Path) -> Metainfo:
+    path = tmp_path / "blob"
+    path.write_bytes(b"entered" * 10_000)
+    return make_metainfo(path, Digest.of(path.read_bytes()), path.stat().st_size)
+
+
+async def _seeded(client: TrackerClient, meta: Metainfo) -> wire.LeaseReply:
+    reply = await client.acquire_lease(meta.digest, size=meta.size)
+    assert reply.status is wire.LeaseStatus.SEEDED, reply
+    return reply
+
+
+def _entered(t: TrackerProcess, by: str) -> float:  # (a local read, in a test)
+    text = httpx.get(f"{t.url}/metrics", timeout=10, trust_env=False).text
+    assert "# HELP p2preg_tracker_peers_entered_total " in text
+    return metric_value(text, "p2preg_tracker_peers_entered_total", by=by)
+
+
+async def test_control_calls_enter_the_node_where_its_announces_would(tmp_path: Path) -> None:
+    meta = _blob(tmp_path)
+    async with _cluster(tmp_path, "holder", "b", "c", "old", "d") as (t, nodes):
+        holder, b, c, old, d = nodes
+        granted = await holder.acquire_lease(meta.digest, size=meta.size)
+        assert granted.status is wire.LeaseStatus.GRANTED and granted.lease_id is not None
+        record = await holder.publish_metainfo(meta.digest, meta.size, meta.data)
+        assert record.seeding  # the holder seeds: nothing left for its `started` to say
+        await holder.release_lease(meta.digest, granted.lease_id)
+
+        assert (await _seeded(b, meta)).peers == [_at(7001)]
+        # `b` is in as a downloader: handed out after the seeders.
+        assert (await _seeded(c, meta)).peers == [_at(7001), _at(7002)]
+        # An older node names no port: not entered, told to announce.
+        assert (await _seeded(old, meta)).peers is None
+
+        await b.confirm_seed(meta.digest, meta.info_hash_v2)  # b verified it: a seeder
+        got = await _seeded(d, meta)
+        assert got.peers is not None and sorted(got.peers[:2]) == [_at(7001), _at(7002)]
+        assert got.peers[2:] == [_at(7003)]  # c, still downloading
+        assert (_entered(t, "publish"), _entered(t, "lease"), _entered(t, "confirm")) == (
+            1, 3, 1)  # fmt: skip
+
+        # libtorrent's own `stopped` (a peer id no control call knew) drops b.
+        q = (f"info_hash={quote_from_bytes(meta.info_hash_v2[:20])}&peer_id={'B' * 20}"
+             f"&port=7002&uploaded=0&downloaded=0&left=0&event=stopped&node=b")  # fmt: skip
+        async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+            r = await http.get(f"{t.url}/announce?{q}")
+        assert r.status_code == 200 and b"failure" not in r.content, r.content
+        again = await _seeded(d, meta)
+        assert again.peers is not None and _at(7002) not in again.peers
+
+
+async def test_a_publisher_that_names_no_port_is_not_entered(tmp_path: Path) -> None:
+    meta = _blob(tmp_path)
+    async with _cluster(tmp_path, "old") as (t, (old,)):
+        granted = await old.acquire_lease(meta.digest, size=meta.size)
+        assert granted.status is wire.LeaseStatus.GRANTED
+        record = await old.publish_metainfo(meta.digest, meta.size, meta.data)
+        assert not record.seeding  # its libtorrent's `started` announce enters it
+        assert _entered(t, "publish") == 0
