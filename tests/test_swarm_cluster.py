@@ -22,7 +22,7 @@ import pytest
 
 from harness.containerd import Containerd, write_hosts_toml
 from harness.images import PushedImage, build_image
-from harness.node import NodeProcess, open_node
+from harness.node import NodeProcess, metric_value, open_node
 from harness.registry import Registry
 from harness.skopeo import push
 from harness.tracker import TrackerProcess, open_tracker
@@ -76,6 +76,12 @@ def _pull_all(daemons: list[Containerd], hosts: list[Path], ref: str) -> None:
         list(pool.map(lambda i: daemons[i].pull(ref, hosts[i]), range(len(daemons))))
 
 
+def _tracker_metric(tracker: TrackerProcess, name: str, **labels: str) -> float:
+    text = httpx.get(f"{tracker.url}/metrics", timeout=10, trust_env=False).text
+    assert f"# HELP {name} " in text, name
+    return metric_value(text, name, **labels)
+
+
 def test_four_nodes_cost_the_seed_one_copy_and_survive_losing_the_first_seeder(
     registry: Registry, tracker: TrackerProcess, big_layout: Any, tmp_path: Path,
     cluster: Callable[..., NodeProcess], containerd_factory: Callable[..., Containerd],
@@ -102,6 +108,17 @@ def test_four_nodes_cost_the_seed_one_copy_and_survive_losing_the_first_seeder(
     # received twice are counted apart (no piece failed here).
     blobs = sum(b.size for b in image.manifests[0].blobs)
     assert from_peers - redundant + upstream == len(nodes) * blobs
+    # The control calls stood for the announces: a SEEDED answer entered each
+    # downloader, a confirmation or a publish each seeder, and the relays
+    # answered those starts and completions themselves.
+    entered = {by: _tracker_metric(tracker, "p2preg_tracker_peers_entered_total", by=by)
+               for by in ("lease", "confirm", "publish")}  # fmt: skip
+    local = sum(n.metric("p2preg_relay_announces_total", result="local") for n in nodes)
+    print(f"peers entered by control calls {entered}; announces answered by relays {local}")
+    completed = _tracker_metric(tracker, "p2preg_tracker_announces_total", transport="http",
+                                event="completed")  # fmt: skip
+    assert min(entered.values()) >= 1 and local >= entered["lease"] + entered["confirm"]
+    assert completed == 0  # every completion was carried by its confirmation
 
     # Stop every node that fetched a layer from upstream (all fetched the small
     # config blob directly): the rest still seed every layer.

@@ -130,6 +130,3 @@ class LocalAnswers:
             return _body(CHUNK_INTERVAL_S, [])
         own = self._expected.pop((info_hash, event), None)
         return None if own is None else _body(OWN_INTERVAL_S, own)
-
-    def __len__(self) -> int:
-        return len(self._blob_of) + len(self._expected)

@@ -56,7 +56,7 @@ class PeerDownload:
         answers: LocalAnswers | None = None,
     ) -> None:
         self._roots = roots or PlainTorrents()
-        self._answers = answers or LocalAnswers()
+        self._answers = LocalAnswers() if answers is None else answers
         self._store = store
         self._swarm = swarm
         self._stall_s = stall_s

@@ -187,7 +187,7 @@ class AnnounceRelay:
     ) -> None:
         self._tracker = tracker
         # What a control call already told the tracker (localanswers.py).
-        self.answers = answers or LocalAnswers()
+        self.answers = LocalAnswers() if answers is None else answers
         self._metrics = metrics
         self.host = host
         self._window_s = window_s

@@ -113,7 +113,7 @@ class Seeding:
         answers: LocalAnswers | None = None,
     ) -> None:
         self._roots = roots or PlainTorrents()
-        self._answers = answers or LocalAnswers()
+        self._answers = LocalAnswers() if answers is None else answers
         self._store = store
         self._swarm = swarm
         self._tracker = tracker
