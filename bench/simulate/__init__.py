@@ -26,7 +26,10 @@ or from a uniform pick to compare against. Around them the simulator models:
   and then every third of `lease_silence_s` until the release, the tracker
   looking for silent holders and unacknowledged grants every quarter of the
   shorter of `lease_silence_s` and `lease_grant_ack_s`, the sweep every 5 s, announces
-  on joining, on completing and every announce interval;
+  on joining, on completing and every announce interval, a seed confirmation after
+  each download from peers (with `--announces entered`, the SEEDED answer, the
+  confirmation and the publish stand for the join and completion announces, as
+  the node's do since 2026-12-07);
 - failures: a share of the nodes die at random times within the bound, some of
   them while holding a lease halfway through their fetch; the dead renew and
   announce nothing, their transfers stop, and the tracker finds out only by

@@ -143,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     r.add_argument("--announces", choices=ANNOUNCE_PATHS, default=Params(nodes=2).announces,
                    help="direct: an mTLS handshake per announce (2.4 ms at the serving "
                    "replica, 3.3 ms at a front + 0.7 ms forwarded); relayed: batched "
-                   "over the node's kept-alive control connection (0.2 ms)")
+                   "over the node's kept-alive control connection (0.2 ms); entered: "
+                   "relayed, and control calls stand for joins and completions")
     r.add_argument("--client-downloads", type=int,
                    default=Params(nodes=2).client_downloads,
                    help="layers a node's client fetches at once, in order (3, kubelet's "

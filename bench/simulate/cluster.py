@@ -304,7 +304,12 @@ class Cluster:
                 return
             self.swarms.seed(node, layer)
             if lease is not None or digest in self.tracker.published:
-                self._call(node, lambda: self.tracker.publish(digest), then=published)
+                self._call(node, filed, then=published)
+
+        def filed() -> None:  # the publish, which enters its sender where it stands for that
+            self.tracker.publish(digest)
+            if self._entered:
+                self.tracker.announce(node.id, digest, True, entered=True)
 
         def published() -> None:  # filed: announce as a seeder, release once it is answered
             held = lease
@@ -313,7 +318,11 @@ class Cluster:
                 if held is not None:
                     e.schedule(e.now + self.p.rtt_s, lambda: self._release(node, layer, held))
 
-            self._announce(node, layer, seeder=True, periodic=True, then=release)
+            if self._entered:
+                release()
+                self._reannounce_later(node, layer)
+            else:
+                self._announce(node, layer, seeder=True, periodic=True, then=release)
 
         e.schedule(made, publish)
 
@@ -335,9 +344,34 @@ class Cluster:
 
     # -- the swarm ---------------------------------------------------------------------
 
+    @property
+    def _entered(self) -> bool:
+        """Control calls stand for a node's start, completion and seeding announces."""
+        return self.p.announces == "entered"
+
     def _join(self, node: Node, layer: int) -> None:
         node.joined[layer] = True
-        self._announce(node, layer, seeder=False, periodic=True)
+        if not self._entered:
+            self._announce(node, layer, seeder=False, periodic=True)
+            return
+        # The SEEDED answer entered the node and named its peers (its cost was the
+        # lease request's); libtorrent's `started` is answered by the node's relay.
+        self._connect(node, layer, self.tracker.announce(
+            node.id, self.digests[layer], False, entered=True))  # fmt: skip
+        self._reannounce_later(node, layer)
+
+    def _connect(self, node: Node, layer: int, peers: list[int]) -> None:
+        for peer in peers if node.alive else ():
+            other = self.nodes[peer]
+            if self.swarms.connect(node, other, layer):
+                self.swarms.pair(node, other, layer)
+
+    def _reannounce_later(self, node: Node, layer: int) -> None:
+        """The periodic announce, first due an interval from now (the relay's answer's)."""
+        def again() -> None:
+            self._announce(node, layer, seeder=node.complete[layer], periodic=True)
+
+        self.engine.schedule(self.engine.now + self.p.announce_interval_s, again)
 
     def _announce(
         self, node: Node, layer: int, *, seeder: bool, periodic: bool,
@@ -348,31 +382,26 @@ class Cluster:
             return
 
         def apply() -> None:  # at the tracker; the peers handed out reach a live node
-            peers = self.tracker.announce(node.id, self.digests[layer], seeder)
-            for peer in peers if node.alive else ():
-                other = self.nodes[peer]
-                if self.swarms.connect(node, other, layer):
-                    self.swarms.pair(node, other, layer)
+            self._connect(node, layer, self.tracker.announce(node.id, self.digests[layer], seeder))
             if then is not None and node.alive:
                 then()
 
         self.servers.announce(node.id, apply)
         if periodic:
-            e = self.engine
-
-            def again() -> None:
-                self._announce(node, layer, seeder=node.complete[layer], periodic=True)
-
-            e.schedule(e.now + self.p.announce_interval_s, again)
+            self._reannounce_later(node, layer)
 
     def _layer_received(self, node: Node, layer: int) -> None:
         """Every chunk is in: verify the blob, then seed it as a completed peer."""
         e = self.engine
 
-        def verified() -> None:
-            if node.alive:
-                self._complete(node, layer)
+        def verified() -> None:  # peers.py, then seeding.keep's confirmation
+            if not node.alive:
+                return
+            self._complete(node, layer)
+            digest = self.digests[layer]
+            if not self._entered:  # libtorrent's `completed`, then the confirmation
                 self._announce(node, layer, seeder=True, periodic=False)
+            self._call(node, lambda: self.tracker.confirm(node.id, digest, enter=self._entered))
 
         e.schedule(e.now + self.sizes[layer] / self.p.hash_bytes_s, verified)
 

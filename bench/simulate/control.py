@@ -73,6 +73,8 @@ class Counts:
     releases: int = 0
     publishes: int = 0
     wakeups: int = 0
+    confirms: int = 0  # seed confirmations after a download from peers
+    entered: int = 0  # peers a control call entered in a swarm, no announce
 
     @staticmethod
     def tick(hist: dict[int, int], now: float) -> None:
@@ -232,10 +234,21 @@ class SimTracker:
         self.counts.publishes += 1
         self.published.add(digest)
 
-    def announce(self, node: int, digest: str, seeder: bool) -> list[int]:
-        """`node` announces (left=0 when `seeder`); the peers it is handed."""
+    def confirm(self, node: int, digest: str, *, enter: bool) -> None:
+        """`node` verified what it downloaded; with `enter`, that enters it as a seeder."""
+        self.counts.confirms += 1
+        if enter:
+            self.announce(node, digest, True, entered=True)
+
+    def announce(self, node: int, digest: str, seeder: bool, *, entered: bool = False) -> list[int]:
+        """`node` announces (left=0 when `seeder`); the peers it is handed. `entered`:
+        a control call does what the announce would (Swarms.enter), and no announce
+        reaches the tracker."""
         now = self._clock()
-        Counts.tick(self.counts.announces, now)
+        if entered:
+            self.counts.entered += 1
+        else:
+            Counts.tick(self.counts.announces, now)
         me = compact(node)
         swarm, _, _ = self.peers.update(
             digest, str(node), me, me, seeder=seeder, claims_seed=seeder,

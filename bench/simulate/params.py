@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bench.simulate.server import ANNOUNCE_PATHS
 from tracker.config import TrackerConfig
 
 MB = 10**6
@@ -70,8 +71,10 @@ class Params:
     fetches_per_image: int = _TRACKER.upstream_fetches_per_image
     handoff_s: float = _TRACKER.upstream_handoff_s
     # The tracker as a server (server.py): replicas (0: every request answered
-    # at once), and announces "direct" (a TLS handshake each) or "relayed"
-    # (batched over the node's kept-alive control connection).
+    # at once), and announces "direct" (a TLS handshake each), "relayed"
+    # (batched over the node's kept-alive control connection) or "entered"
+    # (relayed, and a node's start, completion and seeding carried by its lease
+    # request, seed confirmation and publish instead).
     tracker_replicas: int = 3
     announces: str = "direct"
     # Layers one node's client fetches at once, in the image's order, the next
@@ -102,8 +105,8 @@ class Params:
             raise ValueError("rates must be positive")
         if not 0 <= self.fail_fraction < 1 or self.holder_failures < 0:
             raise ValueError("fail_fraction in [0, 1), holder_failures >= 0")
-        if self.tracker_replicas < 0 or self.announces not in ("direct", "relayed"):
-            raise ValueError("tracker_replicas ≥ 0; announces: direct or relayed")
+        if self.tracker_replicas < 0 or self.announces not in ANNOUNCE_PATHS:
+            raise ValueError(f"tracker_replicas ≥ 0; announces: {', '.join(ANNOUNCE_PATHS)}")
         if self.client_downloads < 0:
             raise ValueError("client_downloads ≥ 0 (0: every layer at once)")
         if min(self.upload_slots, self.download_slots, self.connections_limit) < 1:

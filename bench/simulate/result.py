@@ -46,6 +46,8 @@ class Result:
     renewals: int
     releases: int
     publishes: int
+    confirms: int
+    entered: int  # peers control calls entered in swarms, in place of announces
     long_poll_wakeups: int
     leases_granted: int
     leases_expired: int
@@ -117,6 +119,8 @@ def collect(c: Cluster, wall_s: float) -> Result:
         renewals=counts.renewals,
         releases=counts.releases,
         publishes=counts.publishes,
+        confirms=counts.confirms,
+        entered=counts.entered,
         long_poll_wakeups=counts.wakeups,
         leases_granted=tr.leases.granted,
         leases_expired=tr.leases.expired,

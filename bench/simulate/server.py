@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 
 Schedule = Callable[[float, Callable[[], None]], None]
 
-ANNOUNCE_PATHS = ("direct", "relayed")
+# `entered`: relayed, and the control calls stand for a node's start, completion and
+# seeding announces (docs/TRACKER.md, "Announces a control call already made").
+ANNOUNCE_PATHS = ("direct", "relayed", "entered")
 KEEPALIVE_S = 5.0  # the tracker closes a connection idle this long (docs/TRACKER.md)
 
 
@@ -129,7 +131,7 @@ class TrackerServers:
             return
         now = self._clock()
         idle = [at for at in self._idle.get(node, ()) if now - at < KEEPALIVE_S]
-        if self.announces == "relayed":  # over the connection kept open
+        if self.announces != "direct":  # over the connection kept open
             cost = self.costs.call_s
         elif idle:
             idle.pop()
@@ -151,7 +153,7 @@ class TrackerServers:
             apply()
             return
         now = self._clock()
-        if self.announces == "relayed":
+        if self.announces != "direct":
             self._schedule(self.serving.serve(now, self.costs.relayed_s), apply)
             return
         self.handshakes += 1
