@@ -345,14 +345,14 @@ async def test_an_own_torrent_s_start_and_completion_are_answered_once_as_expect
         with trio.fail_after(30):
             # A SEEDED lease answer entered the node and named `seeder`; its seed
             # confirmation will carry the completion.
-            answers.expect(meta, localanswers.STARTED, [seeder])
-            answers.expect(meta, localanswers.COMPLETED)
+            answers.expect(meta, localanswers.STARTED, [seeder], 45)
+            answers.expect(meta, localanswers.COMPLETED, interval_s=1777)
             start: Any = lt.bdecode(await relay.answer(target(info_hash, extra="&event=started")))
-            assert start[b"peers"] == seeder
-            assert start[b"interval"] == localanswers.OWN_INTERVAL_S
+            assert (start[b"peers"], start[b"interval"]) == (seeder, 45)
             await relay.answer(target(info_hash, extra="&left=9"))  # a re-announce: sent
             assert len(tracker.sent()) == 1
-            await relay.answer(target(info_hash, extra="&event=completed"))
+            done: Any = lt.bdecode(await relay.answer(target(info_hash, extra="&event=completed")))
+            assert (done[b"peers"], done[b"interval"]) == (b"", 1777)  # a seeder's, as told
             assert len(tracker.sent()) == 1  # answered here
             await relay.answer(target(info_hash, extra="&event=started"))  # once only
             assert len(tracker.sent()) == 2

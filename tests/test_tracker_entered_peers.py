@@ -31,6 +31,8 @@ from tracker.metainfo import make_metainfo
 from tracker.peers import compact_address
 
 pytestmark = pytest.mark.integration
+# The tracker's defaults: seeder_announce_interval_s 1800 s, jittered by ±10 %.
+SEEDER_S = (1620, 1980)
 
 
 def _at(port: int) -> bytes:
@@ -78,9 +80,15 @@ async def test_control_calls_enter_the_node_where_its_announces_would(tmp_path: 
         assert granted.status is wire.LeaseStatus.GRANTED and granted.lease_id is not None
         record = await holder.publish_metainfo(meta.digest, meta.size, meta.data)
         assert record.seeding  # the holder seeds: nothing left for its `started` to say
+        assert SEEDER_S[0] <= record.announce_interval_s <= SEEDER_S[1]  # a known seeder's
         await holder.release_lease(meta.digest, granted.lease_id)
 
-        assert (await _seeded(b, meta)).peers == [_at(7001)]
+        joined = await _seeded(b, meta)
+        assert joined.peers == [_at(7001)]
+        # Its start is answered with a downloader's interval; its completion, which
+        # its confirmation will carry, with a seeder's.
+        assert joined.announce_interval_s == 60
+        assert SEEDER_S[0] <= joined.seeder_interval_s <= SEEDER_S[1]
         # `b` is in as a downloader: handed out after the seeders.
         assert (await _seeded(c, meta)).peers == [_at(7001), _at(7002)]
         # An older node names no port: not entered, told to announce.
@@ -109,5 +117,5 @@ async def test_a_publisher_that_names_no_port_is_not_entered(tmp_path: Path) -> 
         granted = await old.acquire_lease(meta.digest, size=meta.size)
         assert granted.status is wire.LeaseStatus.GRANTED
         record = await old.publish_metainfo(meta.digest, meta.size, meta.data)
-        assert not record.seeding  # its libtorrent's `started` announce enters it
+        assert not record.seeding and record.announce_interval_s == 0  # it announces
         assert _entered(t, "publish") == 0

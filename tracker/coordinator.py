@@ -224,9 +224,11 @@ class Tracker:
         record, created = await self.publishing.publish(digest, msg)
         await self.chunks.blob_verified(digest, msg.node)
         if msg.port and client_ip is not None and record.metainfo == msg.metainfo:
-            seeding, _ = self.swarms.enter(digest, msg.node, client_ip, msg.port,
-                                           seeding=True, by="publish")  # fmt: skip
-            record = dataclasses.replace(record, seeding=seeding)
+            entered = self.swarms.enter(digest, msg.node, client_ip, msg.port,
+                                        seeding=True, by="publish")  # fmt: skip
+            if entered is not None and entered.seeder:
+                record = dataclasses.replace(record, seeding=True,
+                                             announce_interval_s=entered.interval_s)  # fmt: skip
         return record, created
 
     async def report_bad(self, digest_text: str, msg: wire.ReportBad) -> wire.MetainfoRecord:
@@ -293,9 +295,13 @@ class Tracker:
         if not msg.port or client_ip is None:
             return reply
         who = announce_identity(identity, msg.node, client_ip)
-        _, peers = self.swarms.enter(checked_digest(digest_text), who, client_ip, msg.port,
-                                     seeding=False, by="lease")  # fmt: skip
-        return dataclasses.replace(reply, peers=peers) if peers else reply
+        entered = self.swarms.enter(checked_digest(digest_text), who, client_ip, msg.port,
+                                    seeding=False, by="lease")  # fmt: skip
+        if entered is None or not entered.peers:
+            return reply
+        return dataclasses.replace(reply, peers=entered.peers,
+                                   announce_interval_s=entered.interval_s,
+                                   seeder_interval_s=self.swarms.seeder_interval())  # fmt: skip
 
     async def renew_lease(
         self, digest_text: str, msg: wire.LeaseRenew, *, identity: str | None = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from p2preg.core import errors, wire
 from p2preg.core.digest import Digest, DigestError
@@ -171,41 +172,45 @@ class Swarms:
 
     def enter(
         self, digest: str, who: str, client_ip: str, port: int, *, seeding: bool, by: str
-    ) -> tuple[bool, list[bytes]]:
+    ) -> Entered | None:
         """`who`'s peer at `client_ip`:`port` entered in `digest`'s swarm by a control call
         `by` that stands for its announce: a SEEDED lease answer (a downloader: its
         `started`), a seed confirmation or a published torrent (`seeding`: its
         `completed`, or a seeder's start). The entry is an announce's (one peer per
-        identity, admission's seeder rule, none while it cools off), kept `peer_ttl_s`
-        or longer as it was. Whether it counts as a seeder, and a downloader's peers.
-        A full table enters nobody: the caller's announce then must."""
+        identity, admission's seeder rule, none while it cools off); a counted
+        seeder verified its bytes, so it gets a known seeder's cadence at once, the
+        others a downloader's. None if nobody was entered (a full table, say): the
+        caller's announce then must."""
         if not 0 < port < 1 << 16:
             raise errors.InvalidRequest(f"port must be 1 to 65535, got {port}")
         entry = self._registry.get(digest)
         if entry is None or self._admission.cooling(digest, who):
-            return False, []
+            return None
         compact = compact_address(client_ip, port)
         seeder = seeding and self._admission.is_seeder(
             digest, entry.meta.info_hash_v2, who, entry.published_by
         )
         now = self._clock()
-        was = self._peers.peer(digest, who)
-        keep = now + self._config.peer_ttl_s
-        if was is not None and was.seeder == seeder:
-            keep = max(keep, was.expires_at)
+        cadence = self.intervals.choose(seeding=seeder, event=Event.NONE, known_seeder=seeder)
         try:
             swarm, _, _ = self._peers.update(digest, who, b"", compact, seeder=seeder,
-                                             claims_seed=seeding, expires_at=keep,
+                                             claims_seed=seeding,
+                                             expires_at=now + cadence.ttl_s,
                                              announced=(now, 0, 0))  # fmt: skip
         except errors.LimitReached:
-            return False, []
+            return None
         self._metrics.peers_entered.labels(by).inc()
         if seeder and len(swarm.seeders) == 1 and digest in self._waiters:
             self._waiters.notify(digest)
-        if seeding:
-            return seeder, []
-        numwant = self._config.default_numwant
-        return False, hand_out(swarm.seeder_addrs, swarm.leecher_addrs, numwant, asker=compact)
+        peers = [] if seeding else hand_out(
+            swarm.seeder_addrs, swarm.leecher_addrs, self._config.default_numwant, asker=compact
+        )
+        return Entered(seeder, peers, cadence.interval_s)
+
+    def seeder_interval(self) -> int:
+        """A known seeder's next announce, jittered (intervals.py): what a downloader
+        the tracker entered answers its own completion with."""
+        return self.intervals.choose(seeding=True, event=Event.NONE, known_seeder=True).interval_s
 
     def join_chunks(
         self, blob: str, who: str, client_ip: str, port: int, *, holder: bool
@@ -274,6 +279,16 @@ class Swarms:
                 stats = SwarmStats(len(swarm.seeders), len(swarm.leechers), swarm.downloaded)
                 out.append((ih, stats))
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class Entered:
+    """What `Swarms.enter` did: whether the peer counts as a seeder, its peers (a
+    downloader's), and the interval its stood-for announce would have been told."""
+
+    seeder: bool
+    peers: list[bytes]
+    interval_s: int
 
 
 def checked_digest(text: str) -> str:

@@ -108,6 +108,9 @@ class Cluster:
         # Leases whose holder fetched every byte; released (renewals stop).
         self._fetched: set[str] = set()
         self._released: set[str] = set()
+        # Per (node, layer), which scheduled re-announce is the current one: an
+        # answer that names another interval supersedes the one due before.
+        self._next_announce: dict[tuple[int, int], int] = {}
 
     # -- the run -----------------------------------------------------------------------
 
@@ -318,9 +321,9 @@ class Cluster:
                 if held is not None:
                     e.schedule(e.now + self.p.rtt_s, lambda: self._release(node, layer, held))
 
-            if self._entered:
+            if self._entered:  # its next announce as the record said: a seeder's
                 release()
-                self._reannounce_later(node, layer)
+                self._reannounce_later(node, layer, self.p.seeder_announce_interval_s)
             else:
                 self._announce(node, layer, seeder=True, periodic=True, then=release)
 
@@ -366,12 +369,17 @@ class Cluster:
             if self.swarms.connect(node, other, layer):
                 self.swarms.pair(node, other, layer)
 
-    def _reannounce_later(self, node: Node, layer: int) -> None:
-        """The periodic announce, first due an interval from now (the relay's answer's)."""
-        def again() -> None:
-            self._announce(node, layer, seeder=node.complete[layer], periodic=True)
+    def _reannounce_later(self, node: Node, layer: int, after_s: float = 0.0) -> None:
+        """The periodic announce, next due `after_s` from now (default: the downloaders'
+        interval), in place of any due before."""
+        key = (node.id, layer)
+        ticket = self._next_announce[key] = self._next_announce.get(key, 0) + 1
 
-        self.engine.schedule(self.engine.now + self.p.announce_interval_s, again)
+        def again() -> None:
+            if self._next_announce[key] == ticket:
+                self._announce(node, layer, seeder=node.complete[layer], periodic=True)
+
+        self.engine.schedule(self.engine.now + (after_s or self.p.announce_interval_s), again)
 
     def _announce(
         self, node: Node, layer: int, *, seeder: bool, periodic: bool,
@@ -401,6 +409,8 @@ class Cluster:
             digest = self.digests[layer]
             if not self._entered:  # libtorrent's `completed`, then the confirmation
                 self._announce(node, layer, seeder=True, periodic=False)
+            else:  # the relay answered the completion with the seeders' interval
+                self._reannounce_later(node, layer, self.p.seeder_announce_interval_s)
             self._call(node, lambda: self.tracker.confirm(node.id, digest, enter=self._entered))
 
         e.schedule(e.now + self.sizes[layer] / self.p.hash_bytes_s, verified)

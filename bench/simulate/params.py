@@ -61,6 +61,7 @@ class Params:
     download_slots: int = 8
     numwant: int = _TRACKER.default_numwant
     announce_interval_s: float = float(_TRACKER.announce_interval_s)
+    seeder_announce_interval_s: float = float(_TRACKER.seeder_announce_interval_s)
     peer_ttl_s: float = _TRACKER.peer_ttl_s
     lease_ttl_s: float = _TRACKER.lease_ttl_s
     lease_wait_max_s: float = _TRACKER.lease_wait_max_s

@@ -72,13 +72,15 @@ class PublishMetainfo:
 class MetainfoRecord:
     """What the tracker holds for one digest; `info_hashes` are the 20-byte swarm keys.
     `seeding`, answering a publish that named its port: the publisher is in the swarm
-    as a seeder, and need not announce its start."""
+    as a seeder, and need not announce its start (its next announce is due in
+    `announce_interval_s`, a seeder's)."""
 
     digest: str
     size: int
     metainfo: bytes
     info_hashes: list[bytes]
     seeding: bool = False
+    announce_interval_s: int = 0  # with `seeding`: when its next announce is due
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,9 +186,13 @@ class LeaseReply:
     # it (0, older trackers: every third of `ttl_s`).
     silence_s: float = 0.0
     # SEEDED to a request that named its port: the asker is in the swarm, and these
-    # are its peers (compact, BEP 23/7), as its `started` announce would have got.
+    # are its peers (compact, BEP 23/7), as its `started` announce would have got,
+    # with that answer's interval; and the interval its `completed` is answered
+    # with, the seeders' own, since its seed confirmation enters it as one.
     # None: announce as ever.
     peers: list[bytes] | None = None
+    announce_interval_s: int = 0
+    seeder_interval_s: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -360,7 +360,7 @@ class BlobFetcher:
             for attempt in range(SWARM_ATTEMPTS):
                 outcome = None
                 try:
-                    return await cluster.peers.fetch(digest, size, join.metainfo, join.peers)
+                    return await cluster.peers.fetch(digest, size, join)
                 except Fallback as e:
                     outcome = FallBack(e.reason, str(e))
                 if outcome.reason != "peers_stalled" or attempt + 1 == SWARM_ATTEMPTS:

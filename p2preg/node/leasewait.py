@@ -101,10 +101,12 @@ class AskAgain:
 @dataclass(frozen=True, slots=True)
 class JoinSwarm:
     """A seeder exists: download from peers with this metainfo; `peers`: the tracker
-    entered this node in the swarm and named these (None: announce to join)."""
+    entered this node in the swarm and named these (None: announce to join), and
+    `intervals` its answers' to the start and the completion (0: not named)."""
 
     metainfo: bytes
     peers: list[bytes] | None = None
+    intervals: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,8 +238,9 @@ def _seeded_without_metainfo(s: Situation) -> bool:
 
 
 def _join(s: Situation) -> Action:
-    assert s.reply.metainfo is not None
-    return JoinSwarm(s.reply.metainfo, s.reply.peers)
+    r = s.reply
+    assert r.metainfo is not None
+    return JoinSwarm(r.metainfo, r.peers, (r.announce_interval_s, r.seeder_interval_s))
 
 
 def _granted_without_id(s: Situation) -> bool:

@@ -15,9 +15,10 @@ libtorrent announces every torrent when it starts and when it completes. At
   request that named the node's port entered it in the swarm and named its
   peers (`LeaseReply.peers`): its `started` is answered with them. The seed
   confirmation that follows a verified download names the port too, and
-  enters it as a seeder: its `completed` is answered. A published torrent the
-  tracker counts as seeded (`MetainfoRecord.seeding`): its `started` is
-  answered. Each once; anything else goes to the tracker.
+  enters it as a seeder: its `completed` is answered, with the seeders' long
+  interval the SEEDED answer gave. A published torrent the tracker counts as
+  seeded (`MetainfoRecord.seeding`): its `started` is answered, with the
+  interval the record gave. Each once; anything else goes to the tracker.
 
 Owns the maps from info-hashes to what to answer; sans-IO. It must not decide
 which torrents are answered here (chunkfollow.py, peers.py and seeding.py do,
@@ -38,9 +39,8 @@ from p2preg.core.metainfo import Metainfo
 # How often libtorrent asks again about a followed chunk torrent: answered here at
 # no cost, and then with the peers of the latest read.
 CHUNK_INTERVAL_S = 5
-# The interval answered for the node's own torrents: the tracker's own for
-# downloaders and new seeders (`announce_interval_s`, 60 s by default); their next
-# announce goes to the tracker, which then sets the pace.
+# The interval answered for the node's own torrents when the tracker named none:
+# its default for downloaders (`announce_interval_s`).
 OWN_INTERVAL_S = 60
 STARTED, COMPLETED, STOPPED = b"started", b"completed", b"stopped"
 IPV4_ENTRY, IPV6_ENTRY = 6, 18
@@ -73,8 +73,10 @@ class LocalAnswers:
     _hash_of: dict[Digest, bytes] = field(default_factory=dict)  # chunk -> info-hash
     _peers: dict[Digest, list[bytes]] = field(default_factory=dict)  # blob -> compact
     _gone: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
-    # (info-hash, event) -> the peers to answer it with, once
-    _expected: OrderedDict[tuple[bytes, bytes], list[bytes]] = field(default_factory=OrderedDict)
+    # (info-hash, event) -> the interval and peers to answer it with, once
+    _expected: OrderedDict[tuple[bytes, bytes], tuple[int, list[bytes]]] = field(
+        default_factory=OrderedDict
+    )
 
     # -- chunk torrents -----------------------------------------------------------
 
@@ -104,10 +106,14 @@ class LocalAnswers:
 
     # -- the node's own torrents ----------------------------------------------------
 
-    def expect(self, meta: Metainfo, event: bytes, peers: list[bytes] | None = None) -> None:
-        """Answer `meta`'s next `event` announce here (with `peers`), once: a control
-        call entered the node in the swarm for it."""
-        self._expected[(_key(meta), event)] = list(peers or [])
+    def expect(
+        self, meta: Metainfo, event: bytes, peers: list[bytes] | None = None, interval_s: int = 0
+    ) -> None:
+        """Answer `meta`'s next `event` announce here (with `peers`, and `interval_s` as
+        the tracker named it, else OWN_INTERVAL_S), once: a control call entered the
+        node in the swarm for it."""
+        interval = interval_s if interval_s > 0 else OWN_INTERVAL_S
+        self._expected[(_key(meta), event)] = (interval, list(peers or []))
         while len(self._expected) > EXPECTED_MAX:
             self._expected.popitem(last=False)
 
@@ -129,4 +135,4 @@ class LocalAnswers:
         if event == STOPPED and info_hash in self._gone:
             return _body(CHUNK_INTERVAL_S, [])
         own = self._expected.pop((info_hash, event), None)
-        return None if own is None else _body(OWN_INTERVAL_S, own)
+        return None if own is None else _body(*own)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from p2preg.core.digest import Digest, Hasher
 from p2preg.core.metainfo import Metainfo, MetainfoError
+from p2preg.node.leasewait import JoinSwarm
 from p2preg.node.localanswers import COMPLETED, STARTED, LocalAnswers
 from p2preg.node.peertls import PlainTorrents, TorrentRoots
 from p2preg.node.seams import Offload, SwarmError, SwarmSeam
@@ -63,15 +64,14 @@ class PeerDownload:
         self._max_hash_failures = max_hash_failures
         self._offload = offload
 
-    async def fetch(
-        self, digest: Digest, size: int, metainfo: bytes, peers: list[bytes] | None = None
-    ) -> Metainfo:
-        """Download, verify and store `digest`; returns the metainfo it came by. `peers`:
-        the tracker entered this node in the swarm and named these, so libtorrent's
-        start is answered with them, and its completion too (the seed confirmation
-        that follows carries it) — none of the two reaches the tracker."""
+    async def fetch(self, digest: Digest, size: int, join: JoinSwarm) -> Metainfo:
+        """Download, verify and store `digest` with the metainfo of `join`; returns the
+        metainfo it came by. When the tracker entered this node in the swarm and named
+        its peers (`join.peers`), libtorrent's start is answered with them, and its
+        completion too (the seed confirmation that follows carries it): neither
+        reaches the tracker."""
         try:
-            meta = parse_metainfo(metainfo, digest, size, roots=self._roots.roots())
+            meta = parse_metainfo(join.metainfo, digest, size, roots=self._roots.roots())
         except MetainfoError as e:
             raise Fallback("bad_metainfo", f"tracker metainfo for {digest}: {e}") from None
         if meta.root_cert != self._roots.root():
@@ -80,9 +80,10 @@ class PeerDownload:
             raise Fallback(
                 "root_mismatch", f"the swarm of {digest} is rooted at another CA than ours"
             )
-        if peers is not None and digest not in self._swarm:
-            self._answers.expect(meta, STARTED, peers)
-            self._answers.expect(meta, COMPLETED)
+        if join.peers is not None and digest not in self._swarm:
+            start_s, seeder_s = join.intervals
+            self._answers.expect(meta, STARTED, join.peers, start_s)
+            self._answers.expect(meta, COMPLETED, interval_s=seeder_s)
         try:
             return await self._fetch(meta, digest, size)
         except Fallback:

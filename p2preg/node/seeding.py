@@ -137,7 +137,7 @@ class Seeding:
         try:
             record = await self._tracker.publish_metainfo(digest, size, meta.data)
             if record.seeding:  # the tracker counts us as a seeder: no start to announce
-                self._answers.expect(meta, STARTED)
+                self._answers.expect(meta, STARTED, interval_s=record.announce_interval_s)
         except tracker_errors.MetainfoConflict:
             if await self._on_conflict(meta):
                 self._nursery.start_soon(self._file_later, meta)
@@ -166,8 +166,11 @@ class Seeding:
         try:
             await self._tracker.confirm_seed(meta.digest, meta.info_hash_v2)
         except tracker_errors.TrackerError as e:
-            # We still seed; the tracker just hands us out as a downloader.
+            # We still seed; the tracker just hands us out as a downloader, once our
+            # libtorrent tells it we seed (the relay may have answered the completion
+            # for a confirmation that did not go through).
             log.info("confirming %s with the tracker failed: %s", meta.digest, e)
+            self._swarm.reannounce(meta.digest)
 
     async def _file_later(self, meta: Metainfo) -> None:
         """File metainfo the tracker could not take (it was down, or on the other CA of
