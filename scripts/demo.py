@@ -172,19 +172,23 @@ def _transport(console: Console, tracker: TrackerProcess, nodes: list[NodeProces
     # With mutual TLS the tracker's own port wants a certificate: its metrics are on a plain one.
     text = http_get(f"{tracker.metrics_url or tracker.url}/metrics").text
     announces = _metric_sum(text, "p2preg_tracker_announces_total")
+    # Joins and completions the control calls carried (docs/TRACKER.md).
+    entered = _metric_sum(text, "p2preg_tracker_peers_entered_total")
     node_texts = [node.metrics() for node in nodes]
     peers = sum(_metric_sum(t, "p2preg_peer_blob_bytes_total") for t in node_texts)
     if tracker.metrics_url is None:
         console.print(
             f"cluster in plain text (--tls off): tracker {tracker.url}, {announces:.0f} "
-            f"announces; {peers / MiB:.1f} MiB between nodes over plain BitTorrent"
+            f"announces and {entered:.0f} peers entered by control calls; "
+            f"{peers / MiB:.1f} MiB between nodes over plain BitTorrent"
         )
         return
     gate = _metric_sum(text, "p2preg_tracker_tls_refusals_total")
     peer_refused = sum(_metric_sum(t, "p2preg_peer_tls_refusals_total") for t in node_texts)
     console.print(
         f"cluster over TLS (CA {CLUSTER!r}, made for this run): tracker [bold]{tracker.url}[/], "
-        f"{announces:.0f} announces over mutual TLS, each with a node's certificate "
+        f"{announces:.0f} announces and {entered:.0f} peers entered by control calls over "
+        f"mutual TLS, each with a node's certificate "
         f"({gate:.0f} connections refused); [bold]{peers / MiB:.1f} MiB[/] between nodes over "
         f"SSL torrents, the only peer wire the nodes open ({peer_refused:.0f} handshakes refused)"
     )

@@ -227,8 +227,7 @@ class Tracker:
             entered = self.swarms.enter(digest, msg.node, client_ip, msg.port,
                                         seeding=True, by="publish")  # fmt: skip
             if entered is not None and entered.seeder:
-                record = dataclasses.replace(record, seeding=True,
-                                             announce_interval_s=entered.interval_s)  # fmt: skip
+                record = dataclasses.replace(record, seeding=True, peers=entered.peers)
         return record, created
 
     async def report_bad(self, digest_text: str, msg: wire.ReportBad) -> wire.MetainfoRecord:

@@ -202,9 +202,9 @@ class Swarms:
         self._metrics.peers_entered.labels(by).inc()
         if seeder and len(swarm.seeders) == 1 and digest in self._waiters:
             self._waiters.notify(digest)
-        peers = [] if seeding else hand_out(
-            swarm.seeder_addrs, swarm.leecher_addrs, self._config.default_numwant, asker=compact
-        )
+        # As for an announce: seeders first; a seeder gets the downloaders, to dial them.
+        peers = hand_out(swarm.seeder_addrs, swarm.leecher_addrs, self._config.default_numwant,
+                         asker=compact, asker_is_seeder=seeder)  # fmt: skip
         return Entered(seeder, peers, cadence.interval_s)
 
     def seeder_interval(self) -> int:
@@ -283,8 +283,8 @@ class Swarms:
 
 @dataclass(frozen=True, slots=True)
 class Entered:
-    """What `Swarms.enter` did: whether the peer counts as a seeder, its peers (a
-    downloader's), and the interval its stood-for announce would have been told."""
+    """What `Swarms.enter` did: whether the peer counts as a seeder, the peers and the
+    interval its stood-for announce would have been told."""
 
     seeder: bool
     peers: list[bytes]

@@ -72,15 +72,15 @@ class PublishMetainfo:
 class MetainfoRecord:
     """What the tracker holds for one digest; `info_hashes` are the 20-byte swarm keys.
     `seeding`, answering a publish that named its port: the publisher is in the swarm
-    as a seeder, and need not announce its start (its next announce is due in
-    `announce_interval_s`, a seeder's)."""
+    as a seeder, and need not announce its start; `peers`: the downloaders it
+    dials, as its announce's answer would have named them."""
 
     digest: str
     size: int
     metainfo: bytes
     info_hashes: list[bytes]
     seeding: bool = False
-    announce_interval_s: int = 0  # with `seeding`: when its next announce is due
+    peers: list[bytes] | None = None  # with `seeding`: the downloaders, to dial them
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,11 @@ CHUNK_INTERVAL_S = 5
 # The interval answered for the node's own torrents when the tracker named none:
 # its default for downloaders (`announce_interval_s`).
 OWN_INTERVAL_S = 60
+# The `min interval` of every answer given here: a forced announce after one (a
+# download asking again after its peers stalled it) goes to the tracker at once,
+# which then names its own. libtorrent holds a forced announce back until the
+# last answer's `min interval` has passed.
+MIN_INTERVAL_S = 1
 STARTED, COMPLETED, STOPPED = b"started", b"completed", b"stopped"
 IPV4_ENTRY, IPV6_ENTRY = 6, 18
 # Chunk torrents forgotten lately, whose `stopped` (libtorrent sends it once the
@@ -58,7 +63,7 @@ def _key(meta: Metainfo) -> bytes:
 def _body(interval: int, peers: list[bytes]) -> bytes:
     doc: dict[bytes, Any] = {
         b"interval": interval,
-        b"min interval": min(interval, CHUNK_INTERVAL_S),
+        b"min interval": MIN_INTERVAL_S,
         b"peers": b"".join(p for p in peers if len(p) == IPV4_ENTRY),
     }
     six = b"".join(p for p in peers if len(p) == IPV6_ENTRY)

@@ -132,12 +132,20 @@ class Seeding:
         with self._store.reading(digest) as path:
             make = partial(make_metainfo, path, digest, size, root=self._roots.root())
             meta = await self._offload(make)
-        # The tracker refuses announces for metainfo it does not hold: file it
-        # first, then seed, so the first announce already counts.
+        # Seed first: a tracker that enters us as a seeder with the publish hands us
+        # out at once, so the torrent must be in the session by then. Its start is
+        # answered by the relay meanwhile (the tracker refuses announces for metainfo
+        # it does not hold yet); if the publish did not enter us, libtorrent
+        # announces it right after, and the lease holder's release waits for that.
+        self._answers.expect(meta, STARTED)
+        with self._store.reading(digest) as path:
+            self._swarm.seed(meta, path)
+        entered = False
         try:
             record = await self._tracker.publish_metainfo(digest, size, meta.data)
-            if record.seeding:  # the tracker counts us as a seeder: no start to announce
-                self._answers.expect(meta, STARTED, interval_s=record.announce_interval_s)
+            entered = record.seeding
+            # As an announce's answer would: a seeder dials the downloaders.
+            self._swarm.connect(digest, record.peers or [])
         except tracker_errors.MetainfoConflict:
             if await self._on_conflict(meta):
                 self._nursery.start_soon(self._file_later, meta)
@@ -150,8 +158,9 @@ class Seeding:
             # metainfo it refuses our announces and nobody can find this seeder.
             log.warning("publishing metainfo for %s failed (will retry): %s", digest, e)
             self._nursery.start_soon(self._file_later, meta)
-        with self._store.reading(digest) as path:
-            self._swarm.seed(meta, path)
+        if not entered:
+            self._answers.unexpect(meta, STARTED)
+            self._swarm.reannounce(digest)
         await self._offload(partial(self._torrents.save, meta))
 
     async def keep(self, meta: Metainfo) -> None:

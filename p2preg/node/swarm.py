@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -297,10 +298,24 @@ class Swarm:
         return len(due)
 
     def reannounce(self, digest: Digest) -> None:
-        """Announce `digest`'s torrent now rather than at libtorrent's next retry."""
+        """Announce `digest`'s torrent now rather than at libtorrent's next retry;
+        `wait_announced` then waits for the answer to this one."""
         t = self._torrents.get(digest)
         if t is not None:
+            t.announced = trio.Event()
             t.handle.force_reannounce()
+
+    def connect(self, digest: Digest, peers: list[bytes]) -> None:
+        """Dial `peers` (compact, BEP 23/7) for `digest`'s torrent: what libtorrent does
+        with an announce's answer, for peers a control call's answer named."""
+        t = self._torrents.get(digest)
+        if t is None:
+            return
+        for entry in peers:
+            if len(entry) in (6, 18):
+                family = socket.AF_INET if len(entry) == 6 else socket.AF_INET6
+                ip, port = socket.inet_ntop(family, entry[:-2]), int.from_bytes(entry[-2:], "big")
+                t.handle.connect_peer((ip, port))
 
     def reannounce_hash(self, info_hash: bytes) -> None:
         """Announce the torrent under `info_hash` (as `holds` names it) now."""
