@@ -16,9 +16,11 @@ libtorrent announces every torrent when it starts and when it completes. At
   peers (`LeaseReply.peers`): its `started` is answered with them. The seed
   confirmation that follows a verified download names the port too, and
   enters it as a seeder: its `completed` is answered, with the seeders' long
-  interval the SEEDED answer gave. A published torrent the tracker counts as
-  seeded (`MetainfoRecord.seeding`): its `started` is answered, with the
-  interval the record gave. Each once; anything else goes to the tracker.
+  interval the SEEDED answer gave. A blob the node publishes is seeded first
+  (the tracker hands a publisher out at once) and its `started` answered
+  meanwhile; if the publish's answer says the tracker did not count it as
+  seeded (`MetainfoRecord.seeding`), seeding.py has libtorrent announce at
+  once. Each once; anything else goes to the tracker.
 
 Owns the maps from info-hashes to what to answer; sans-IO. It must not decide
 which torrents are answered here (chunkfollow.py, peers.py and seeding.py do,
