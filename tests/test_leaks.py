@@ -2,10 +2,11 @@
 
 A real cluster — a docker-registry behind token auth with a password only the
 nodes' credentials file holds, a tracker, three nodes, every process logging
-JSON at DEBUG — pulls an image through the swarm; then the tracker is killed,
-so each node's announce relay logs its failed batches naming the tracker (the
-cluster token rides in a header, never in a URL), and started again on the
-same port, and the nodes pull again. Then every log line, every response the test could ask for
+JSON at DEBUG — pulls an image through the swarm; then the tracker is killed
+and the nodes pull a second image from upstream, so each node's announce
+relay logs its failed batches naming the tracker (the cluster token rides in
+a header, never in a URL), and the tracker is started again on the same
+port. Then every log line, every response the test could ask for
 (errors included), every file in the data directories (but the admin token
 file itself) and every process's command line are searched for the cluster
 token, each node's admin token and the registry password, raw and URL-quoted.
@@ -198,14 +199,15 @@ def test_no_secret_in_logs_responses_files_or_argv(
             _pull(node, first.repository, digests)
         assert nodes[2].metric("p2preg_peer_blob_bytes_total") > 0  # the swarm carried some
 
-        # The tracker dies: each relay's next batch (its seeders' refreshes) fails.
+        # The tracker dies: the next image comes from upstream, and each node's relay
+        # sends the seeds it could not publish (ordinary announces) to no tracker.
         kill9(tracker.process)
+        for node in nodes:
+            _pull(node, second.repository, [b.digest for b in second.blobs])
         wait_until(lambda: all(_relay_failures(n) for n in nodes), timeout_s=60,
                    what="every node's relay to log a failed batch", interval_s=0.2)
         tracker_stack.close()
         tracker = _start_tracker(stack, tmp_path / "tracker", cluster_token, ports, tracker_tls)
-        for node in nodes:
-            _pull(node, second.repository, [b.digest for b in second.blobs])
 
         admin_tokens = {n.process.name: n.admin_token_file.read_text().strip() for n in nodes}
         secret_values = {"cluster token": cluster_token, "registry password": password,

@@ -102,6 +102,8 @@ async def test_control_calls_enter_the_node_where_its_announces_would(tmp_path: 
         again_published = await e.publish_metainfo(meta.digest, meta.size, meta.data)
         assert again_published.seeding and again_published.peers is not None
         assert sorted(again_published.peers) == [_at(7003), _at(7005)]  # c and d
+        # ...and the counts its eviction weighs (holder, b, e seed; c, d download).
+        assert (again_published.seeders, again_published.leechers) == (3, 2)
         assert (_entered(t, "publish"), _entered(t, "lease"), _entered(t, "confirm")) == (
             2, 3, 1)  # fmt: skip
 

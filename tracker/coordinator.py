@@ -227,7 +227,9 @@ class Tracker:
             entered = self.swarms.enter(digest, msg.node, client_ip, msg.port,
                                         seeding=True, by="publish")  # fmt: skip
             if entered is not None and entered.seeder:
-                record = dataclasses.replace(record, seeding=True, peers=entered.peers)
+                record = dataclasses.replace(record, seeding=True, peers=entered.peers,
+                                             seeders=entered.seeders,
+                                             leechers=entered.leechers)  # fmt: skip
         return record, created
 
     async def report_bad(self, digest_text: str, msg: wire.ReportBad) -> wire.MetainfoRecord:

@@ -205,7 +205,7 @@ class Swarms:
         # As for an announce: seeders first; a seeder gets the downloaders, to dial them.
         peers = hand_out(swarm.seeder_addrs, swarm.leecher_addrs, self._config.default_numwant,
                          asker=compact, asker_is_seeder=seeder)  # fmt: skip
-        return Entered(seeder, peers, cadence.interval_s)
+        return Entered(seeder, peers, cadence.interval_s, len(swarm.seeders), len(swarm.leechers))
 
     def seeder_interval(self) -> int:
         """A known seeder's next announce, jittered (intervals.py): what a downloader
@@ -289,6 +289,8 @@ class Entered:
     seeder: bool
     peers: list[bytes]
     interval_s: int
+    seeders: int  # the swarm's counts, this peer in them
+    leechers: int
 
 
 def checked_digest(text: str) -> str:

@@ -81,6 +81,8 @@ class MetainfoRecord:
     info_hashes: list[bytes]
     seeding: bool = False
     peers: list[bytes] | None = None  # with `seeding`: the downloaders, to dial them
+    seeders: int = 0  # with `seeding`: the swarm's counts, as an announce's answer has
+    leechers: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,8 +144,8 @@ class Seeding:
         try:
             record = await self._tracker.publish_metainfo(digest, size, meta.data)
             entered = record.seeding
-            # As an announce's answer would: a seeder dials the downloaders.
-            self._swarm.connect(digest, record.peers or [])
+            if entered:  # as an announce's answer would: dial the downloaders
+                self._swarm.entered(digest, record.peers or [], (record.seeders, record.leechers))
         except tracker_errors.MetainfoConflict:
             if await self._on_conflict(meta):
                 self._nursery.start_soon(self._file_later, meta)
