@@ -359,9 +359,6 @@ class FakeSwarm:
         if self._torrents.get(digest):
             self.server.announce(digest, self.node, self._path(digest))
 
-    def entered(self, digest: Digest, peers: list[bytes], counts: tuple[int, int]) -> None:
-        pass  # the fake swarm has no connections: a download reads a seeder's file
-
     async def wait_announced(self, digest: Digest, timeout_s: float) -> bool:
         await trio.sleep(min(self.server.announce_wait_s, timeout_s))
         return self._torrents.get(digest, False)

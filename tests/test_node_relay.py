@@ -2,9 +2,10 @@
 
 Real processes on loopback: the seed registry, one tracker under mutual TLS,
 two nodes of its CA. Each node's libtorrent announces only to its relay; what
-must hold: the tracker takes them under the node's certificate identity (it
-counts the first node a seeder and hands it out, by its SSL port, to the
-second, which gets the blob from it and nothing from upstream); announces
+must hold: the tracker takes them under the node's certificate identity (the
+first node's publish enters it as a seeder, its relay answers its start, and
+the tracker hands it out, by its SSL port, to the second, which gets the blob
+from it and nothing from upstream); announces
 through a relay grow the tracker's count while its TLS handshakes stay at the
 control connection's (one handshake, not one per announce); a seeder's
 relayed announce gets the long seeder interval and a leecher's the short one;
@@ -147,9 +148,10 @@ def test_relayed_announces_carry_the_node_s_identity_without_a_handshake_each(
     cluster: Cluster,
 ) -> None:
     t, n1, n2 = cluster.tracker, cluster.nodes["n1"], cluster.nodes["n2"]
-    # n1 became a seeder by its libtorrent's announces through its relay ...
-    assert n1.metric("p2preg_relay_announces_total", result="answered") > 0
-    assert _tracker_metric(t, "p2preg_tracker_relayed_total", result="applied") > 0
+    # n1 became a seeder by its publish, which named its port (its relay answered
+    # its libtorrent's start itself) ...
+    assert _tracker_metric(t, "p2preg_tracker_peers_entered_total", by="publish") == 1
+    assert n1.metric("p2preg_relay_announces_total", result="local") >= 1
     # ... and the tracker hands it out, as n1, to n2: the layer comes from n1.
     _pull(n2, cluster.image)
     assert n2.metric("p2preg_peer_blob_bytes_total") >= LAYER

@@ -361,3 +361,39 @@ async def test_an_own_torrent_s_start_and_completion_are_answered_once_as_expect
             answers.unexpect(meta)
             await relay.answer(target(info_hash, extra="&event=completed"))
             assert len(tracker.sent()) == 3
+
+
+async def test_a_start_waits_for_the_publish_that_decides_it(tmp_path: Path) -> None:
+    data = tmp_path / "blob"
+    data.write_bytes(b"p" * 40_000)
+    meta = make_metainfo(data, Digest.of(data.read_bytes()), 40_000)
+    info_hash = meta.info_hash_v2[:20]
+    downloader = compact_address("198.18.0.4", 6882)
+    tracker = SeedTracker()
+    async with open_relay(tracker, NodeMetrics(), refresh_s=3600) as relay:
+        relay.attach(Held(info_hash))
+        answers = relay.answers
+        with trio.fail_after(30):
+            got: list[Any] = []
+
+            async def start() -> None:
+                body = await relay.answer(target(info_hash, extra="&event=started"))
+                got.append(lt.bdecode(body))
+
+            # Seeded, and its publish under way: the start waits for it ...
+            answers.deciding(meta, localanswers.STARTED)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(start)
+                await trio.sleep(0.2)
+                assert got == [] and tracker.sent() == []
+                # ... which entered the node: answered as the announce would have been.
+                answers.expect(meta, localanswers.STARTED, [downloader], 1777, (2, 1))
+                answers.decided(meta, localanswers.STARTED)
+            assert got[0][b"peers"] == downloader and got[0][b"interval"] == 1777
+            assert (got[0][b"complete"], got[0][b"incomplete"]) == (2, 1)
+            assert tracker.sent() == []
+            # A publish that did not enter it (an older tracker): the start goes on.
+            answers.deciding(meta, localanswers.STARTED)
+            answers.decided(meta, localanswers.STARTED)
+            await relay.answer(target(info_hash, extra="&event=started"))
+            assert len(tracker.sent()) == 1

@@ -228,6 +228,7 @@ class Tracker:
                                         seeding=True, by="publish")  # fmt: skip
             if entered is not None and entered.seeder:
                 record = dataclasses.replace(record, seeding=True, peers=entered.peers,
+                                             announce_interval_s=entered.interval_s,
                                              seeders=entered.seeders,
                                              leechers=entered.leechers)  # fmt: skip
         return record, created

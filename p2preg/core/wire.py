@@ -80,8 +80,11 @@ class MetainfoRecord:
     metainfo: bytes
     info_hashes: list[bytes]
     seeding: bool = False
-    peers: list[bytes] | None = None  # with `seeding`: the downloaders, to dial them
-    seeders: int = 0  # with `seeding`: the swarm's counts, as an announce's answer has
+    # With `seeding`, what its start's answer would have said: the downloaders to
+    # dial, when to announce next, and the swarm's counts.
+    peers: list[bytes] | None = None
+    announce_interval_s: int = 0
+    seeders: int = 0
     leechers: int = 0
 
 

@@ -17,12 +17,13 @@ libtorrent announces every torrent when it starts and when it completes. At
   confirmation that follows a verified download names the port too, and
   enters it as a seeder: its `completed` is answered, with the seeders' long
   interval the SEEDED answer gave. A blob the node publishes is seeded first
-  (the tracker hands a publisher out at once) and its `started` answered
-  meanwhile; if the publish's answer says the tracker did not count it as
-  seeded (`MetainfoRecord.seeding`), seeding.py has libtorrent announce at
-  once. Each once; anything else goes to the tracker.
+  (the tracker hands a publisher out at once), and its `started` waits here
+  for the publish (`deciding`): answered with what the publish's answer says
+  (`MetainfoRecord.seeding`, the downloaders, interval and counts), or sent on
+  if it did not enter the node. Each once; anything else goes to the tracker.
 
-Owns the maps from info-hashes to what to answer; sans-IO. It must not decide
+Owns the maps from info-hashes to what to answer, and the waits for a control
+call that decides one; no I/O. It must not decide
 which torrents are answered here (chunkfollow.py, peers.py and seeding.py do,
 from what the tracker said).
 """
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import libtorrent as lt
+import trio
 
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
@@ -62,12 +64,14 @@ def _key(meta: Metainfo) -> bytes:
     return meta.info_hash_v2[:20]  # as libtorrent announces a v2 torrent
 
 
-def _body(interval: int, peers: list[bytes]) -> bytes:
+def _body(interval: int, peers: list[bytes], counts: tuple[int, int] | None = None) -> bytes:
     doc: dict[bytes, Any] = {
         b"interval": interval,
         b"min interval": MIN_INTERVAL_S,
         b"peers": b"".join(p for p in peers if len(p) == IPV4_ENTRY),
     }
+    if counts is not None:  # libtorrent keeps them (the swarm's eviction weighs them)
+        doc[b"complete"], doc[b"incomplete"] = counts
     six = b"".join(p for p in peers if len(p) == IPV6_ENTRY)
     if six:
         doc[b"peers6"] = six
@@ -80,10 +84,12 @@ class LocalAnswers:
     _hash_of: dict[Digest, bytes] = field(default_factory=dict)  # chunk -> info-hash
     _peers: dict[Digest, list[bytes]] = field(default_factory=dict)  # blob -> compact
     _gone: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
-    # (info-hash, event) -> the interval and peers to answer it with, once
-    _expected: OrderedDict[tuple[bytes, bytes], tuple[int, list[bytes]]] = field(
-        default_factory=OrderedDict
-    )
+    # (info-hash, event) -> the interval, peers and counts to answer it with, once
+    _expected: OrderedDict[
+        tuple[bytes, bytes], tuple[int, list[bytes], tuple[int, int] | None]
+    ] = field(default_factory=OrderedDict)
+    # (info-hash, event) whose answer waits for a control call under way
+    _pending: dict[tuple[bytes, bytes], trio.Event] = field(default_factory=dict)
 
     # -- chunk torrents -----------------------------------------------------------
 
@@ -114,15 +120,39 @@ class LocalAnswers:
     # -- the node's own torrents ----------------------------------------------------
 
     def expect(
-        self, meta: Metainfo, event: bytes, peers: list[bytes] | None = None, interval_s: int = 0
+        self,
+        meta: Metainfo,
+        event: bytes,
+        peers: list[bytes] | None = None,
+        interval_s: int = 0,
+        counts: tuple[int, int] | None = None,
     ) -> None:
-        """Answer `meta`'s next `event` announce here (with `peers`, and `interval_s` as
-        the tracker named it, else OWN_INTERVAL_S), once: a control call entered the
-        node in the swarm for it."""
+        """Answer `meta`'s next `event` announce here (with `peers`, `interval_s` as the
+        tracker named it, else OWN_INTERVAL_S, and its (seeders, downloaders) `counts`),
+        once: a control call entered the node in the swarm for it."""
         interval = interval_s if interval_s > 0 else OWN_INTERVAL_S
-        self._expected[(_key(meta), event)] = (interval, list(peers or []))
+        self._expected[(_key(meta), event)] = (interval, list(peers or []), counts)
         while len(self._expected) > EXPECTED_MAX:
             self._expected.popitem(last=False)
+
+    def deciding(self, meta: Metainfo, event: bytes) -> None:
+        """A control call under way decides how `meta`'s `event` announce is answered:
+        the relay holds it until `decided` (a bounded while)."""
+        self._pending.setdefault((_key(meta), event), trio.Event())
+
+    def decided(self, meta: Metainfo, event: bytes) -> None:
+        """The call is over (`expect`ed, or not: then the tracker answers it)."""
+        pending = self._pending.pop((_key(meta), event), None)
+        if pending is not None:
+            pending.set()
+
+    async def settled(self, info_hash: bytes, event: bytes, timeout_s: float) -> bytes | None:
+        """`answer`, once a control call deciding it is over (or `timeout_s` passed)."""
+        pending = self._pending.get((info_hash, event))
+        if pending is not None:
+            with trio.move_on_after(timeout_s):
+                await pending.wait()
+        return self.answer(info_hash, event)
 
     def unexpect(self, meta: Metainfo, *events: bytes) -> None:
         """Answer `meta`'s `events` (default: any) here no more: its download failed,

@@ -221,7 +221,7 @@ class AnnounceRelay:
             self._metrics.relay_announces.labels(result).inc()
             return failure(f"the node's announce relay refuses this announce ({result})")
         f = fields(query)
-        local = self.answers.answer(f.info_hash, f.event)
+        local = await self.answers.settled(f.info_hash, f.event, TRACKER_TIMEOUT_S)
         if local is not None:
             self._metrics.relay_announces.labels("local").inc()
             return local

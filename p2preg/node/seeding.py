@@ -133,19 +133,19 @@ class Seeding:
             make = partial(make_metainfo, path, digest, size, root=self._roots.root())
             meta = await self._offload(make)
         # Seed first: a tracker that enters us as a seeder with the publish hands us
-        # out at once, so the torrent must be in the session by then. Its start is
-        # answered by the relay meanwhile (the tracker refuses announces for metainfo
-        # it does not hold yet); if the publish did not enter us, libtorrent
-        # announces it right after, and the lease holder's release waits for that.
-        self._answers.expect(meta, STARTED)
+        # out at once, so the torrent must be in the session by then. Its start waits
+        # at the relay for the publish (the tracker refuses announces for metainfo it
+        # does not hold yet): answered there with what the publish's answer says,
+        # as the announce's would have been, or sent on if it did not enter us.
+        self._answers.deciding(meta, STARTED)
         with self._store.reading(digest) as path:
             self._swarm.seed(meta, path)
-        entered = False
         try:
             record = await self._tracker.publish_metainfo(digest, size, meta.data)
-            entered = record.seeding
-            if entered:  # as an announce's answer would: dial the downloaders
-                self._swarm.entered(digest, record.peers or [], (record.seeders, record.leechers))
+            if record.seeding:
+                counts = (record.seeders, record.leechers)
+                self._answers.expect(meta, STARTED, record.peers, record.announce_interval_s,
+                                     counts)  # fmt: skip
         except tracker_errors.MetainfoConflict:
             if await self._on_conflict(meta):
                 self._nursery.start_soon(self._file_later, meta)
@@ -158,9 +158,8 @@ class Seeding:
             # metainfo it refuses our announces and nobody can find this seeder.
             log.warning("publishing metainfo for %s failed (will retry): %s", digest, e)
             self._nursery.start_soon(self._file_later, meta)
-        if not entered:
-            self._answers.unexpect(meta, STARTED)
-            self._swarm.reannounce(digest)
+        finally:
+            self._answers.decided(meta, STARTED)
         await self._offload(partial(self._torrents.save, meta))
 
     async def keep(self, meta: Metainfo) -> None:

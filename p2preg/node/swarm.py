@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -133,9 +132,6 @@ class _Torrent:
     wasted_bytes: int = 0
     stalls: Watched | None = None
     changed_at: float = 0.0  # added, or began seeding (trio's clock)
-    # Seeders and downloaders, as a control call that stood for an announce counted
-    # them (`entered`): libtorrent has no tracker counts for a relay's own answer.
-    counts: tuple[int, int] | None = None
 
 
 class Swarm:
@@ -287,12 +283,8 @@ class Swarm:
         if t is None or not t.seeding:
             return False
         status = t.handle.status()
-        # Counts from the last tracker reply, -1 while unknown (the relay answered
-        # its announces: then the control call's); we are one of the seeders.
-        complete, incomplete = int(status.num_complete), int(status.num_incomplete)
-        if (complete < 0 or incomplete < 0) and t.counts is not None:
-            complete, incomplete = t.counts
-        return 0 <= complete <= 1 and incomplete > 0
+        # Counts from the last tracker reply (or the relay's), -1 while unknown; we seed.
+        return 0 <= int(status.num_complete) <= 1 and int(status.num_incomplete) > 0
 
     def reannounce_recent(self, within_s: float) -> int:
         """Announce now every download, and every torrent added or seeding for less than
@@ -305,26 +297,10 @@ class Swarm:
         return len(due)
 
     def reannounce(self, digest: Digest) -> None:
-        """Announce `digest`'s torrent now rather than at libtorrent's next retry;
-        `wait_announced` then waits for the answer to this one."""
+        """Announce `digest`'s torrent now rather than at libtorrent's next retry."""
         t = self._torrents.get(digest)
         if t is not None:
-            t.announced = trio.Event()
             t.handle.force_reannounce()
-
-    def entered(self, digest: Digest, peers: list[bytes], counts: tuple[int, int]) -> None:
-        """A control call entered `digest`'s torrent at the tracker, which named `peers`
-        (compact, BEP 23/7) and counted (seeders, downloaders): dial them and keep
-        the counts, as libtorrent does with an announce's answer."""
-        t = self._torrents.get(digest)
-        if t is None:
-            return
-        t.counts = counts
-        for entry in peers:
-            if len(entry) in (6, 18):
-                family = socket.AF_INET if len(entry) == 6 else socket.AF_INET6
-                ip, port = socket.inet_ntop(family, entry[:-2]), int.from_bytes(entry[-2:], "big")
-                t.handle.connect_peer((ip, port))
 
     def reannounce_hash(self, info_hash: bytes) -> None:
         """Announce the torrent under `info_hash` (as `holds` names it) now."""
