@@ -321,9 +321,9 @@ class Cluster:
                 if held is not None:
                     e.schedule(e.now + self.p.rtt_s, lambda: self._release(node, layer, held))
 
-            if self._entered:  # the relay answered its start before the publish: 60 s
+            if self._entered:  # its start answered with the record's interval: a seeder's
                 release()
-                self._reannounce_later(node, layer)
+                self._reannounce_later(node, layer, self.p.seeder_announce_interval_s)
             else:
                 self._announce(node, layer, seeder=True, periodic=True, then=release)
 
