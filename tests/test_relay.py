@@ -28,6 +28,7 @@ import trio.testing
 
 from p2preg.core import errors
 from p2preg.core.digest import Digest
+from p2preg.core.metainfo import Metainfo
 from p2preg.node import localanswers
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.relay import checked, open_relay, parse_head, relay_host
@@ -294,10 +295,15 @@ async def test_a_connection_from_another_address_is_refused() -> None:
     assert sample("p2preg_relay_announces_total", {"result": "other_host"}) == 1
 
 
+def _torrent(tmp_path: Path, name: str) -> Metainfo:
+    """A small torrent of its own bytes, as the node would make it."""
+    data = tmp_path / name
+    data.write_bytes(name.encode() * 8_000)
+    return make_metainfo(data, Digest.of(data.read_bytes()), data.stat().st_size)
+
+
 async def test_a_followed_chunk_torrent_is_answered_with_its_blob_s_peers(tmp_path: Path) -> None:
-    data = tmp_path / "chunk"
-    data.write_bytes(b"c" * 40_000)
-    chunk = make_metainfo(data, Digest.of(data.read_bytes()), 40_000)
+    chunk = _torrent(tmp_path, "chunk")
     blob = Digest.of(b"the blob")
     info_hash = chunk.info_hash_v2[:20]
     four, six = compact_address("198.18.0.2", 6882), compact_address("2001:db8::2", 6883)
@@ -333,9 +339,7 @@ async def test_a_followed_chunk_torrent_is_answered_with_its_blob_s_peers(tmp_pa
 async def test_an_own_torrent_s_start_and_completion_are_answered_once_as_expected(
     tmp_path: Path,
 ) -> None:
-    data = tmp_path / "blob"
-    data.write_bytes(b"b" * 40_000)
-    meta = make_metainfo(data, Digest.of(data.read_bytes()), 40_000)
+    meta = _torrent(tmp_path, "own")
     info_hash = meta.info_hash_v2[:20]
     seeder = compact_address("198.18.0.3", 6882)
     tracker = SeedTracker()
@@ -364,9 +368,7 @@ async def test_an_own_torrent_s_start_and_completion_are_answered_once_as_expect
 
 
 async def test_a_start_waits_for_the_publish_that_decides_it(tmp_path: Path) -> None:
-    data = tmp_path / "blob"
-    data.write_bytes(b"p" * 40_000)
-    meta = make_metainfo(data, Digest.of(data.read_bytes()), 40_000)
+    meta = _torrent(tmp_path, "published")
     info_hash = meta.info_hash_v2[:20]
     downloader = compact_address("198.18.0.4", 6882)
     tracker = SeedTracker()
