@@ -261,7 +261,11 @@ class FakeTracker:
             self.server.disputed.discard(digest)
             self.server.metainfo[digest] = metainfo
             self.server.sizes[digest] = size
-            self.server.seeders.pop(digest, None)  # the losing torrent's swarm
+            # The losing torrent's swarm goes; the publisher, seeding already, is
+            # entered by its publish (as the tracker does: Swarms.enter).
+            mine = self.server.seeders.pop(digest, {}).get(self.node)
+            if mine is not None:
+                self.server.seeders[digest] = {self.node: mine}
         if digest not in self.server.metainfo:
             self.server.sizes[digest] = size
         held = self.server.metainfo.setdefault(digest, metainfo)
