@@ -193,14 +193,13 @@ class ChunkTorrents:
         of the blob's chunk swarms while there are chunks (from the start of a held
         read on, so that others are handed it), and the list names the others."""
         blob = checked_digest(blob_text)
-        deadline, held, entered = self._clock() + wait_s, False, reader is None
+        deadline, held, entered = self._clock() + wait_s, False, False
         while True:
             try:
                 listing: wire.ChunkList | None = self.book.listing(blob, self._holder(blob))
             except errors.NotFound:
                 listing = None
-            if listing is not None and not entered:
-                assert reader is not None  # (entered starts True without one)
+            if reader is not None and listing is not None and not entered:
                 self._swarms.join_chunks(blob, reader.who, reader.ip, reader.port, holder=False)
                 entered = True
             news = listing is not None and (len(listing.digests) > have or not listing.open)

@@ -181,12 +181,10 @@ class Swarms:
         seeder verified its bytes, so it gets a known seeder's cadence at once, the
         others a downloader's. None if nobody was entered (a full table, say): the
         caller's announce then must."""
-        if not 0 < port < 1 << 16:
-            raise errors.InvalidRequest(f"port must be 1 to 65535, got {port}")
+        compact = _listening_at(client_ip, port)
         entry = self._registry.get(digest)
         if entry is None or self._admission.cooling(digest, who):
             return None
-        compact = compact_address(client_ip, port)
         seeder = seeding and self._admission.is_seeder(
             digest, entry.meta.info_hash_v2, who, entry.published_by
         )
@@ -219,9 +217,7 @@ class Swarms:
         holder filing chunks or a reader of the list, for `peer_ttl_s`; one peer per
         identity, and none while it cools off for stalling others (as `announce`).
         A full table enters nobody: the reader still gets its list."""
-        if not 0 < port < 1 << 16:
-            raise errors.InvalidRequest(f"port must be 1 to 65535, got {port}")
-        compact = compact_address(client_ip, port)
+        compact = _listening_at(client_ip, port)
         if self._admission.cooling(blob, who):
             self.chunk_peers.remove(blob, who)
             return
@@ -291,6 +287,14 @@ class Entered:
     interval_s: int
     seeders: int  # the swarm's counts, this peer in them
     leechers: int
+
+
+def _listening_at(client_ip: str, port: int) -> bytes:
+    """The compact entry of a peer a control call names by its port (the connection's
+    address); InvalidRequest for a port no peer listens on."""
+    if not 0 < port < 1 << 16:
+        raise errors.InvalidRequest(f"port must be 1 to 65535, got {port}")
+    return compact_address(client_ip, port)
 
 
 def checked_digest(text: str) -> str:

@@ -115,7 +115,7 @@ class LocalAnswers:
 
     def learn(self, blob: Digest, peers: list[bytes]) -> None:
         """The peers the tracker handed out with `blob`'s chunk list (the newest read)."""
-        self._peers[blob] = [p for p in peers if len(p) in (IPV4_ENTRY, IPV6_ENTRY)]
+        self._peers[blob] = list(peers)  # (`_body` keeps only whole v4 and v6 entries)
 
     # -- the node's own torrents ----------------------------------------------------
 
