@@ -4,13 +4,17 @@ A peer that delivers, but whose queued requests would take seconds at its rate
 while another peer is several times faster, is dropped (once per cool-down, a
 bounded number of times per download) and, if we had dialled it, connected
 again later. A peer that sends nothing, one that chokes us, one whose queue is
-short, one that shares its address with another peer, and one among equals
-are never dropped.
+short, and one among equals are never dropped. A drop closes one connection,
+found among the process's sockets by its two endpoints: a peer sharing the
+address keeps its own.
 """
 
 from __future__ import annotations
 
 import itertools
+import socket
+from collections.abc import Iterator
+from contextlib import ExitStack
 
 import pytest
 
@@ -21,6 +25,7 @@ from p2preg.node.slowpeers import (
     SETTLE_S,
     PeerRate,
     SlowPeerWatch,
+    shut_connection,
 )
 from p2preg.node.stallwatch import BLOCK_BYTES
 
@@ -107,12 +112,58 @@ def test_a_new_connection_settles_first() -> None:
     assert watch.observe([slowed(), fast()], SETTLE_S) is not None
 
 
-def test_a_peer_sharing_its_address_is_not_dropped() -> None:
-    # The drop goes by address: it would cut a peer behind the same NAT too.
+def test_a_peer_sharing_its_address_with_a_fast_one_is_dropped_alone() -> None:
+    # Nodes behind one NAT: the drop names the slow connection, not the address.
     watch = SlowPeerWatch()
-    neighbour = fast((SLOW[0], 7000))
-    now = settled(watch, [slowed(), neighbour])
-    assert watch.observe([slowed(), neighbour], now) is None
+    slow = PeerRate(SLOW, rate=64 * KiB, queued=763, received=8 * MiB, local=("10.0.0.1", 40001))
+    neighbour = PeerRate((SLOW[0], 7000), rate=50 * MiB, queued=200, received=100 * MiB,
+                         local=("10.0.0.1", 40002))  # fmt: skip
+    now = settled(watch, [slow, neighbour])
+    drop = watch.observe([slow, neighbour], now)
+    assert drop is not None
+    assert (drop.endpoint, drop.local) == (SLOW, ("10.0.0.1", 40001))
+
+
+@pytest.fixture
+def connections() -> Iterator[list[tuple[socket.socket, socket.socket]]]:
+    """Two TCP connections on 127.0.0.1 to one listener: (our end, the peer's end) each."""
+    with ExitStack() as stack:
+        listener = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+        pairs = []
+        for _ in range(2):
+            ours = stack.enter_context(socket.create_connection(listener.getsockname()))
+            theirs = stack.enter_context(listener.accept()[0])
+            theirs.settimeout(5)
+            pairs.append((ours, theirs))
+        yield pairs
+
+
+def test_shut_connection_closes_that_connection_and_no_other(
+    connections: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    (ours, theirs), (other, other_theirs) = connections
+    # The same remote address and port on both: only our ends tell them apart.
+    assert ours.getpeername() == other.getpeername()
+    assert shut_connection(ours.getsockname(), ours.getpeername())
+    assert theirs.recv(1) == b""  # the peer reads the end of the stream
+    with pytest.raises(OSError):
+        ours.send(b"x")
+    other.sendall(b"still here")
+    assert other_theirs.recv(10) == b"still here"
+    assert other.fileno() >= 0 and ours.fileno() >= 0  # shut, not closed: the owner closes
+
+
+def test_shut_connection_without_such_a_connection_touches_nothing(
+    connections: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    (ours, theirs), _ = connections
+    host, port = ours.getsockname()
+    assert not shut_connection((host, port), ("127.0.0.1", 1))
+    # An IPv4 address written as libtorrent may show it, mapped into IPv6, still matches.
+    ours.sendall(b"ok")
+    assert theirs.recv(2) == b"ok"
+    assert shut_connection(("::ffff:" + host, port), ours.getpeername())
+    assert theirs.recv(1) == b""
 
 
 def test_the_peer_holding_longest_goes_first() -> None:

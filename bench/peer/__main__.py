@@ -55,9 +55,6 @@ from tracker.metainfo import make_metainfo
 MiB = 1 << 20
 KiB = 1 << 10
 MB = 1e6
-# The slow seeder's own loopback address: a node of its own, as on a cluster's network
-# (a leecher disconnects a slow peer by its address, p2preg/node/slowpeers.py).
-SLOW_HOST = "127.0.0.2"
 RESULTS = REPO_ROOT / "bench" / "results" / "peer.json"
 # What is measured; nginx*file are curl writing the blob to a file, as a node must.
 # Each case: its name and whether it has one client (else N).
@@ -189,10 +186,9 @@ class _Run:
 
             slowpoke = None
             if slow:
-                slowpoke = join(
-                    "slow", "--upload-limit", str(self.args.slow_from_kib_s * KiB),
-                    "--peer-host", SLOW_HOST,
-                )  # fmt: skip
+                # On 127.0.0.1 like the fast seeders, as peers behind one NAT: the
+                # leecher closes the slow one's connection, not the address's.
+                slowpoke = join("slow", "--upload-limit", str(self.args.slow_from_kib_s * KiB))
                 slowpoke.expect("ready", 60.0)
 
             def fast_seeders_join() -> float:

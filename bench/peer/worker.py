@@ -31,7 +31,7 @@ from typing import Any, TextIO, cast
 import libtorrent as lt
 
 from p2preg.node.peertls import listen_interfaces, write_dh_params
-from p2preg.node.slowpeers import FILTERED, SlowPeers
+from p2preg.node.slowpeers import SlowPeers
 from p2preg.node.swarm import session_settings
 
 MiB = 1 << 20
@@ -126,7 +126,7 @@ def _torrent_params(meta: bytes, save_path: Path, announce: str, *, seed: bool) 
     atp.ti = lt.torrent_info(meta)
     atp.save_path = str(save_path)
     atp.trackers = [announce]
-    atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused | FILTERED)
+    atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
     atp.flags |= lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd
     atp.flags |= lt.torrent_flags.disable_pex
     if seed:
@@ -251,7 +251,7 @@ def run_peer(args: argparse.Namespace) -> int:
         cpu0, threads0 = _cpu_s(), _thread_cpu_s()
         times["start"] = time.monotonic()
         handle = _add(session, args, _torrent_params(meta, save, args.announce, seed=False))
-        slow, judged = (None if args.no_slow_peers else SlowPeers(session, "leech")), 0.0
+        slow, judged = (None if args.no_slow_peers else SlowPeers("leech")), 0.0
         peer_log = open(args.peer_log, "w", encoding="utf-8") if args.peer_log else None  # noqa: SIM115
         while "flushed" not in times:
             if time.monotonic() > deadline:

@@ -16,27 +16,26 @@ libtorrent hands every block of a closed peer back to its piece picker.
 (one that sent nothing is the stall reports' matter, stallwatch.py, and never
 dropped here), has been connected for `SETTLE_S`, its queued requests at its
 current rate would take more than `HOLD_S`, and another peer that delivers is
-at least `FASTER` times as fast. It is dropped only when no other peer of the
-torrent shares its address (nodes behind one NAT). At most `MAX_DROPS` per
-download, `COOLDOWN_S` apart, so rates settle before the next judgement.
+at least `FASTER` times as fast. At most `MAX_DROPS` per download, `COOLDOWN_S`
+apart, so rates settle before the next judgement.
 
-The Python binding cannot close one connection. `SlowPeers` does it with the
-session's IP filter, which only torrents flagged `apply_ip_filter` obey and
-which the node uses for nothing else: every torrent is added without the flag
-(swarm.py); a drop flags this one torrent, blocks the peer's address, clears
-the filter and the flag again, all in order on libtorrent's thread.
-libtorrent then closes the connection and forgets the peer (a
-`peer_blocked_alert`, which is no ban: `ours` tells it apart). `RECONNECT_S`
-later, a peer we had dialled is connected again (`connect_peer`, while the
-download runs): a new connection, whose queue libtorrent sizes to its new rate;
-the tracker keeps handing it out meanwhile. It must not report peers to the
-tracker, ban them, or touch what is verified: the blob is still hashed whole
-before it is served.
+The Python binding cannot close one connection, so `shut_connection` finds the
+connection's socket among this process's descriptors (the pair of endpoints
+`peer_info` names) and shuts it down through a duplicate: libtorrent's next read
+on it ends, and libtorrent closes it as a peer that hung up. Only that
+connection goes, whoever else shares the peer's address (nodes behind one NAT,
+the nodes of a loopback test). `RECONNECT_S` later, a peer we had dialled is
+connected again (`connect_peer`, while the download runs): a new connection,
+whose queue libtorrent sizes to its new rate; the tracker keeps handing it out
+meanwhile. It must not report peers to the tracker, ban them, or touch what is
+verified: the blob is still hashed whole before it is served.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,8 +59,8 @@ COOLDOWN_S = 2.0
 MAX_DROPS = 4
 # A dropped peer we had dialled is connected again this long after.
 RECONNECT_S = 2.0
-# The torrent flag under which a torrent obeys the session's IP filter.
-FILTERED = lt.torrent_flags.apply_ip_filter
+# Where this process's descriptors are listed (Linux).
+OWN_FDS = "/proc/self/fd"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +73,7 @@ class PeerRate:
     received: int  # payload bytes over this connection's life
     unchoked: bool = True  # it has us unchoked
     ours: bool = True  # we dialled it: `endpoint` is where it listens
+    local: Endpoint = ("", 0)  # our end of the connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +84,7 @@ class Drop:
     hold_s: float
     rate: int
     fastest: int
+    local: Endpoint = ("", 0)  # our end: with `endpoint`, the one connection to close
 
 
 @dataclass(slots=True)
@@ -118,12 +119,9 @@ class SlowPeerWatch:
                 and now - self._since[s.endpoint] >= SETTLE_S
                 and (worst is None or hold_s > worst.hold_s)
             ):
-                worst = Drop(s.endpoint, hold_s, s.rate, fastest)
+                worst = Drop(s.endpoint, hold_s, s.rate, fastest, s.local)
         if worst is None:
             return None
-        ip = worst.endpoint[0]
-        if any(s.endpoint[0] == ip for s in samples if s.endpoint != worst.endpoint):
-            return None  # its address would cut another peer too
         self.drops.append(worst)
         self._quiet_until = now + COOLDOWN_S
         if next(s for s in samples if s.endpoint == worst.endpoint).ours:
@@ -148,21 +146,53 @@ def peer_rates(peers: list[Any]) -> list[PeerRate]:
             int(p.total_download),
             unchoked=not p.flags & lt.peer_info.remote_choked,
             ours=bool(p.flags & lt.peer_info.local_connection),
+            local=_endpoint(p.local_endpoint()),
         )
         for p in peers
     ]
 
 
-def ours(alert: Any) -> bool:
-    """A `peer_blocked_alert` of our own drop: the node sets no other IP filter."""
-    return isinstance(alert, lt.peer_blocked_alert) and alert.reason == lt.reason_t.ip_filter
+def _endpoint(address: Any) -> Endpoint:
+    """(host, port) as libtorrent or a socket gives it; an IPv4 address mapped into IPv6
+    as the IPv4 address."""
+    host = str(address[0]).removeprefix("::ffff:")
+    return (host, int(address[1]))
+
+
+def shut_connection(local: Endpoint, remote: Endpoint) -> bool:
+    """Shut down this process's TCP connection from `local` to `remote`; False if there is
+    none. Each socket descriptor is looked at through a duplicate, and the match shut
+    through it: a descriptor its owner closed or reused meanwhile names another socket
+    (or none), which the endpoints then do not match, and is never touched."""
+    wanted = (_endpoint(local), _endpoint(remote))
+    try:
+        names = os.listdir(OWN_FDS)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            if not os.readlink(f"{OWN_FDS}/{name}").startswith("socket:"):
+                continue
+            dup = os.dup(int(name))
+        except OSError:
+            continue  # closed meanwhile, or the listing's own descriptor
+        with socket.socket(fileno=dup) as sock:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            try:
+                if (_endpoint(sock.getsockname()), _endpoint(sock.getpeername())) != wanted:
+                    continue
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                continue  # not connected (a listener), or reset meanwhile
+            return True
+    return False
 
 
 class SlowPeers:
-    """One download's watch, acting on its torrent through the session's IP filter."""
+    """One download's watch, acting on its torrent's connections."""
 
-    def __init__(self, session: Any, what: str, metrics: NodeMetrics | None = None) -> None:
-        self._session = session
+    def __init__(self, what: str, metrics: NodeMetrics | None = None) -> None:
         self._what = what
         self._metrics = metrics
         self.watch = SlowPeerWatch()
@@ -174,14 +204,8 @@ class SlowPeers:
         drop = self.watch.observe(peer_rates(peers), now)
         if drop is None:
             return None
-        block = lt.ip_filter()
-        block.add_rule(drop.endpoint[0], drop.endpoint[0], 1)  # 1: blocked
-        # Posted in this order to libtorrent's thread: only this torrent obeys the
-        # filter, and only until the empty one is back.
-        handle.set_flags(FILTERED)
-        self._session.set_ip_filter(block)
-        self._session.set_ip_filter(lt.ip_filter())
-        handle.unset_flags(FILTERED)
+        if not shut_connection(drop.local, drop.endpoint):
+            return None  # closed by now: its requests are back already
         if self._metrics is not None:
             self._metrics.peer_slow_drops.inc()
         log.info(

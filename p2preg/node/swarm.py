@@ -41,7 +41,7 @@ from p2preg.node.metrics import NodeMetrics
 from p2preg.node.peertls import PeerTLS
 from p2preg.node.requestqueue import request_queue_settings
 from p2preg.node.seams import SwarmError
-from p2preg.node.slowpeers import FILTERED, SlowPeers, ours
+from p2preg.node.slowpeers import SlowPeers
 from p2preg.node.stallreports import ReportStall, StallReports, Watched
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ class Swarm:
         # The node's announce relay (relay.py) is the one tracker: it needs no
         # certificate of libtorrent, and the control client fails over.
         atp.trackers = [self._announce_url]
-        atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused | FILTERED)
+        atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
         atp.flags |= lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd
         atp.flags |= lt.torrent_flags.disable_pex
         return atp
@@ -255,7 +255,7 @@ class Swarm:
             t.handle.force_reannounce()
         if self._reports is not None:
             t.stalls = self._reports.watch(report_as or meta.digest)
-        slow = SlowPeers(self._session, str(meta.digest), self._metrics)
+        slow = SlowPeers(str(meta.digest), self._metrics)
         while not t.finished.is_set():
             if t.error is not None:
                 raise t.error
@@ -384,7 +384,7 @@ class Swarm:
             self._metrics.hash_failures.inc()
             if t is not None:
                 t.hash_failures += 1
-        elif isinstance(alert, lt.peer_ban_alert | lt.peer_blocked_alert) and not ours(alert):
+        elif isinstance(alert, lt.peer_ban_alert | lt.peer_blocked_alert):
             self._metrics.peer_bans.inc()
             log.warning("swarm: %s", _said(alert))
         elif isinstance(alert, lt.torrent_error_alert | lt.file_error_alert):
