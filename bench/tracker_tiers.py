@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from p2preg.core.digest import Digest
-from p2preg.node.swarm import session_settings
+from p2preg.node.swarmsettings import session_settings
 from tracker.metainfo import make_metainfo
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -39,7 +39,7 @@ from p2preg.core.digest import Digest
 from p2preg.core.metainfo import info_name
 from p2preg.core.tls import ReloadingTLS
 from p2preg.node.peertls import PeerTLS
-from p2preg.node.swarm import session_settings
+from p2preg.node.swarmsettings import session_settings
 from tests.adversary_cluster import Cluster, MiB, open_cluster, pull, pull_all
 from tests.fixtures.reliability import Attack, Tally
 from tracker.client import open_tracker_client

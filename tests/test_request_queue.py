@@ -23,7 +23,7 @@ import libtorrent as lt
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import info_name
 from p2preg.node.requestqueue import REQUEST_QUEUE_BLOCKS
-from p2preg.node.swarm import session_settings
+from p2preg.node.swarmsettings import session_settings
 from tracker.metainfo import make_metainfo
 
 MiB = 1 << 20

@@ -14,7 +14,9 @@ its old rate, when it lets a node queue many (a node asks for at most what its
 peer advertises; nodes advertise 32, p2preg/node/requestqueue.py, and this one
 4,000, as nodes once did); the node takes them back (p2preg/node/slowpeers.py): in the
 second test the slow seeder is fast while b has it alone, then at 64 KiB/s when
-a is back; b closes its connection to it, a delivers the rest, and it is
+a is back (at 8 MiB/s, so that the layer takes seconds: on loopback without
+Nagle the end game alone takes a slow peer's requests over in a moment,
+peersockets.py); b closes its connection to it, a delivers the rest, and it is
 neither reported nor banned: the tracker still hands it out as a seeder. Every
 peer there is on 127.0.0.1, as nodes behind one NAT share an address: b closes
 the slow peer's connection alone, and a's, from the same address, carries on.
@@ -53,15 +55,17 @@ HEAD_START_BYTES = 192 * KiB
 # The second test: its slow seeder sends this fast while b has it alone, then slows.
 WAS_FAST_BYTES_PER_S = 4 * MiB
 SLOWED_LAYER = 48 * MiB  # 96 pieces of 512 KiB
+# What a sends b in the second test: 6 s for the layer, 128 times the slowed peer.
+A_BYTES_PER_S = 8 * MiB
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     with ExitStack() as stack:
 
-        def make(registry: Registry, tracker_url: str, name: str) -> NodeProcess:
+        def make(registry: Registry, tracker_url: str, name: str, *extra: str) -> NodeProcess:
             args = ("--tracker", tracker_url, "--peer-host", "127.0.0.1", "--peer-port", "0",
-                    "--node-name", name)  # fmt: skip
+                    "--node-name", name, *extra)  # fmt: skip
             return stack.enter_context(
                 open_node(tmp_path / name, [f"{SEED_NS}={registry.url}"], args=args, name=name)
             )
@@ -140,7 +144,9 @@ def test_a_peer_that_slows_down_is_disconnected_not_reported(
         pending = Background(lambda: httpx.get(url_b, timeout=120, trust_env=False)).start()
         wait_for(lambda: slow.uploaded() >= 4 * MiB, 60, "the seeder to send at its fast rate")
         slow.set_rate(SLOW_BYTES_PER_S)
-        cluster(registry, tracker.url, "a")  # the same store: it seeds the layer again
+        # The same store: it seeds the layer again, at A_BYTES_PER_S, so that the
+        # layer takes seconds and b's watch sees what the slow peer holds meanwhile.
+        cluster(registry, tracker.url, "a", "--peer-upload-limit-bytes-s", str(A_BYTES_PER_S))
         r = pending.result(150)
         assert r.status_code == 200
         assert "sha256:" + hashlib.sha256(r.content).hexdigest() == layer.digest

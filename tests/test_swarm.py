@@ -9,6 +9,8 @@ worker threads here (libtorrent runs its own), so no MockClock.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +20,7 @@ import trio
 
 from p2preg.core.config import HostPort
 from p2preg.node.fetch import SwarmSettings
+from p2preg.node.limits import cover_every_peer
 from p2preg.node.metrics import NodeMetrics
 from p2preg.node.relay import open_relay
 from p2preg.node.seams import in_thread
@@ -61,6 +64,37 @@ async def real_node(
         yield path, swarm, tracker
 
 
+def nagle_by_port(ports: set[int]) -> dict[tuple[int, int], bool]:
+    """(local port, remote port or 0) -> Nagle still on, for this process's TCP sockets
+    with an end on one of `ports`."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        with sock:
+            if sock.family != socket.AF_INET or sock.type != socket.SOCK_STREAM:
+                continue
+            local = sock.getsockname()[1]
+            try:
+                remote = sock.getpeername()[1]
+            except OSError:
+                remote = 0  # a listener
+            if ports & {local, remote}:
+                nodelay = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                found[(local, remote)] = not nodelay
+    return found
+
+
+def connected_without_nagle(ports: set[int]) -> bool:
+    """Both listeners and a connection between them are here, none with Nagle on."""
+    nagle = nagle_by_port(ports)
+    dialled = any(remote in ports and local not in ports for local, remote in nagle)
+    listening = {(port, 0) for port in ports} <= nagle.keys()
+    return dialled and listening and not any(nagle.values())
+
+
 def fetches(path: PullPath, source: str) -> int:
     sample = path.metrics.registry.get_sample_value
     return int(sample("p2preg_blob_fetches_total", {"source": source}) or 0)
@@ -80,7 +114,21 @@ async def test_a_blob_crosses_upstream_once_and_reaches_the_next_node_through_li
             await a.blobs.ensure(upstream, REPO, digest)
             assert fetches(a, "upstream") == 1
             assert a_swarm.seeding() == [digest]
-            await b.blobs.ensure(upstream, REPO, digest)
+            # b downloads at 1 MiB/s (3 s), so that its connection to a is seen.
+            cover_every_peer(b_swarm.session)
+            b_swarm.session.apply_settings({"download_rate_limit": 1 << 20})
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(b.blobs.ensure, upstream, REPO, digest)
+                # b dialled a, a accepted: neither end nor either listener keeps Nagle
+                # on (peersockets.py) while the download runs.
+                ports = {a_swarm.listen_port, b_swarm.listen_port}
+                for _ in range(60):  # 3 s, the download's length: the connection goes after
+                    if connected_without_nagle(ports):
+                        break
+                    await trio.sleep(0.05)
+                else:
+                    raise AssertionError(f"a connection kept Nagle on: {nagle_by_port(ports)}")
+            b_swarm.session.apply_settings({"download_rate_limit": 0})
             assert fetches(b, "peers") == 1 and fetches(b, "upstream") == 0
             with b.store.reading(digest) as path:
                 assert path.read_bytes() == data

@@ -24,7 +24,7 @@ import trio
 
 from harness.tracker import open_tracker
 from p2preg.core.metainfo import Metainfo, info_name
-from p2preg.node.swarm import session_settings
+from p2preg.node.swarmsettings import session_settings
 from tests.tracker_helpers import blob_meta, blob_path, file_as_holder, running_tracker
 from tracker import udp
 from tracker.client import open_tracker_client

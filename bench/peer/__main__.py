@@ -451,6 +451,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="leechers do not disconnect slow peers as a node does (p2preg/node/slowpeers.py)",
     )
+    parser.add_argument(
+        "--nagle",
+        action="store_true",
+        help="peers leave Nagle on, as nodes did before p2preg/node/peersockets.py",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--disk-io", choices=["default", "mmap", "posix", "pread"])
     parser.add_argument("--piece-kib", type=int, help="force this piece size (experiment)")

@@ -140,6 +140,8 @@ def peers(
                 argv.append("--verify")
             if args.no_slow_peers:
                 argv.append("--no-slow-peers")
+            if args.nagle:
+                argv.append("--nagle")
             argv += list(extra)
             if getattr(args, "peer_log", None) and role == "leech" and i == 0:
                 argv += ["--peer-log", str(args.peer_log)]

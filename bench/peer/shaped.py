@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         help="libtorrent setting over the node's, on every peer (experiment)",
     )
     p.add_argument("--no-slow-peers", action="store_true", help="leechers drop no slow peer")
+    p.add_argument("--nagle", action="store_true", help="peers leave Nagle on (before 2026-12-07)")
     p.add_argument("--peer-log", help="the first leecher writes libtorrent's peer log here")
     p.add_argument("--transfer-timeout-s", type=float, default=180.0)
     p.add_argument("--out", type=Path, default=RESULTS)

@@ -1,11 +1,14 @@
 """bench.peer's worker: one libtorrent session, configured as a node's, in a process of its own.
 
 Owns what runs inside a `python -m bench.peer --role seed|leech` child: the
-node's session settings (`p2preg.node.swarm.session_settings`, on loopback,
+node's session settings (`p2preg.node.swarmsettings.session_settings`, on loopback,
 plus experiment overrides), the same add_torrent_params as the node's swarm,
 the alert loop that records when the tracker answered, the torrent finished
 and its writes were flushed, a leecher's slow-peer watch as the node runs it
-(p2preg.node.slowpeers; off with `--no-slow-peers`), and the JSON lines it reports on stdout to the
+(p2preg.node.slowpeers; off with `--no-slow-peers`), Nagle off on its connections as
+the node turns it off (p2preg.node.peersockets; a thread sweeps every
+`NO_DELAY_SWEEP_S`, where the node sweeps as libtorrent starts each outgoing
+connection; left on with `--nagle`), and the JSON lines it reports on stdout to the
 orchestrator (which drives it with lines on stdin). With `--tls-dir` it is a
 TLS node's session instead: SSL torrent, an `s` listen interface only, added
 without trackers, the certificate set, then the tracker, as the node's swarm
@@ -23,6 +26,7 @@ import os
 import resource
 import select
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,14 +34,17 @@ from typing import Any, TextIO, cast
 
 import libtorrent as lt
 
+from p2preg.node.peersockets import NoDelay
 from p2preg.node.peertls import listen_interfaces, write_dh_params
 from p2preg.node.slowpeers import SlowPeers
-from p2preg.node.swarm import session_settings
+from p2preg.node.swarmsettings import session_settings
 
 MiB = 1 << 20
 READY_TIMEOUT_S = 30.0
 # How often a leecher judges its peers for slow ones, as the node does (swarm.py).
 SLOW_PEERS_INTERVAL_S = 0.5
+# How often the worker's sockets are swept for Nagle (a worker has a few dozen).
+NO_DELAY_SWEEP_S = 0.01
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, int | bool | str]:
@@ -225,11 +232,21 @@ def _waste(session: Any) -> dict[str, int]:
     return {}
 
 
+def _sweep_no_delay() -> None:
+    """Nagle off on every connection, until the process exits (a daemon thread)."""
+    sweeper = NoDelay()
+    while True:
+        sweeper.sweep()
+        time.sleep(NO_DELAY_SWEEP_S)
+
+
 def run_peer(args: argparse.Namespace) -> int:
     """`--role seed|leech`: one libtorrent session driven by lines on stdin."""
     stdin = _Stdin()
     deadline = time.monotonic() + args.timeout_s
     session = _open_session(args)
+    if not args.nagle:
+        threading.Thread(target=_sweep_no_delay, daemon=True).start()
     meta = Path(args.torrent).read_bytes()
     save = Path(args.save_path)
     times: dict[str, float] = {}

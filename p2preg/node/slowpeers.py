@@ -16,12 +16,16 @@ libtorrent hands every block of a closed peer back to its piece picker.
 (one that sent nothing is the stall reports' matter, stallwatch.py, and never
 dropped here), has been connected for `SETTLE_S`, its queued requests at its
 current rate would take more than `HOLD_S`, and another peer that delivers is
-at least `FASTER` times as fast. At most `MAX_DROPS` per download, `COOLDOWN_S`
-apart, so rates settle before the next judgement.
+at least `FASTER` times as fast. A peer's current rate is what it sent since
+the previous sample (at least `WINDOW_S` before; at most a block there, for one
+that sent none since), libtorrent's running estimate only for a peer not
+sampled before: that estimate lags by seconds (a peer that slowed from 4 MiB/s
+to 64 KiB/s still showed 0.6 to 0.9 MB/s), longer than a fast swarm takes to
+finish without it. At most `MAX_DROPS` per download,
+`COOLDOWN_S` apart, so rates settle before the next judgement.
 
-The Python binding cannot close one connection, so `shut_connection` finds the
-connection's socket among this process's descriptors (the pair of endpoints
-`peer_info` names) and shuts it down through a duplicate: libtorrent's next read
+The Python binding cannot close one connection, so peersockets.py shuts down its
+socket, found by the pair of endpoints `peer_info` names: libtorrent's next read
 on it ends, and libtorrent closes it as a peer that hung up. Only that
 connection goes, whoever else shares the peer's address (nodes behind one NAT,
 the nodes of a loopback test). `RECONNECT_S` later, a peer we had dialled is
@@ -34,19 +38,17 @@ verified: the blob is still hashed whole before it is served.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 import libtorrent as lt
 
 from p2preg.node.metrics import NodeMetrics
+from p2preg.node.peersockets import Endpoint, shut_connection
+from p2preg.node.peersockets import endpoint as as_endpoint
 from p2preg.node.stallwatch import BLOCK_BYTES
 
 log = logging.getLogger(__name__)
-
-Endpoint = tuple[str, int]
 
 # A peer whose queued requests would take longer than this at its rate holds them.
 HOLD_S = 3.0
@@ -54,13 +56,13 @@ HOLD_S = 3.0
 FASTER = 4.0
 # Connected at least this long: a new peer's rate estimate lags its growing queue.
 SETTLE_S = 2.0
+# A peer's rate is taken over at least this long (what it sent since an earlier sample).
+WINDOW_S = 0.25
 # Between two drops of one download, and how many one download may make.
 COOLDOWN_S = 2.0
 MAX_DROPS = 4
 # A dropped peer we had dialled is connected again this long after.
 RECONNECT_S = 2.0
-# Where this process's descriptors are listed (Linux).
-OWN_FDS = "/proc/self/fd"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +70,7 @@ class PeerRate:
     """One peer of one torrent, now, as libtorrent's `peer_info` shows it."""
 
     endpoint: Endpoint
-    rate: int  # payload bytes per second it sends us, libtorrent's running estimate
+    rate: int  # payload bytes per second it sends us, libtorrent's running estimate (lags)
     queued: int  # blocks we asked it for and did not get yet
     received: int  # payload bytes over this connection's life
     unchoked: bool = True  # it has us unchoked
@@ -93,6 +95,7 @@ class SlowPeerWatch:
     max_drops: int = MAX_DROPS
     drops: list[Drop] = field(default_factory=list)
     _since: dict[Endpoint, float] = field(default_factory=dict)  # first sample it was in
+    _mark: dict[Endpoint, tuple[float, int]] = field(default_factory=dict)  # (when, received)
     _quiet_until: float = float("-inf")
     _reconnect: dict[Endpoint, float] = field(default_factory=dict)  # endpoint -> when
 
@@ -106,20 +109,24 @@ class SlowPeerWatch:
         self._since = {e: t for e, t in self._since.items() if e in seen}
         for s in samples:
             self._since.setdefault(s.endpoint, now)
+        rates = self._rates(samples, now)
         if now < self._quiet_until or len(self.drops) >= self.max_drops:
             return None
-        delivering = [s for s in samples if s.unchoked and s.received >= BLOCK_BYTES and s.rate]
+        delivering = [
+            s for s in samples if s.unchoked and s.received >= BLOCK_BYTES and rates[s.endpoint]
+        ]
         worst: Drop | None = None
         for s in delivering:
-            hold_s = s.queued * BLOCK_BYTES / s.rate
-            fastest = max((o.rate for o in delivering if o is not s), default=0)
+            rate = rates[s.endpoint]
+            hold_s = s.queued * BLOCK_BYTES / rate
+            fastest = max((rates[o.endpoint] for o in delivering if o is not s), default=0)
             if (
                 hold_s > self.hold_s
-                and fastest >= FASTER * s.rate
+                and fastest >= FASTER * rate
                 and now - self._since[s.endpoint] >= SETTLE_S
                 and (worst is None or hold_s > worst.hold_s)
             ):
-                worst = Drop(s.endpoint, hold_s, s.rate, fastest, s.local)
+                worst = Drop(s.endpoint, hold_s, rate, fastest, s.local)
         if worst is None:
             return None
         self.drops.append(worst)
@@ -127,6 +134,28 @@ class SlowPeerWatch:
         if next(s for s in samples if s.endpoint == worst.endpoint).ours:
             self._reconnect[worst.endpoint] = now + RECONNECT_S
         return worst
+
+    def _rates(self, samples: list[PeerRate], now: float) -> dict[Endpoint, int]:
+        """Each peer's rate now: what it sent since its mark, a sample at least
+        `WINDOW_S` old, which then moves here (at least a block's worth: nothing
+        sent is no measure of a rate); libtorrent's estimate for a peer without one
+        (new, or its connection's count started again: a new connection)."""
+        rates: dict[Endpoint, int] = {}
+        marks: dict[Endpoint, tuple[float, int]] = {}
+        for s in samples:
+            mark = self._mark.get(s.endpoint)
+            if mark is None or s.received < mark[1]:
+                rates[s.endpoint], marks[s.endpoint] = s.rate, (now, s.received)
+            elif now - mark[0] < WINDOW_S:
+                rates[s.endpoint], marks[s.endpoint] = s.rate, mark
+            else:
+                # Less than a block since is at most a block: a peer that stopped
+                # holds its requests for ever, and is judged on that bound.
+                sent = max(s.received - mark[1], BLOCK_BYTES)
+                rates[s.endpoint] = int(sent / (now - mark[0]))
+                marks[s.endpoint] = (now, s.received)
+        self._mark = marks
+        return rates
 
     def reconnect_due(self, now: float) -> list[Endpoint]:
         """Dropped peers we had dialled whose time to be connected again has come."""
@@ -140,53 +169,16 @@ def peer_rates(peers: list[Any]) -> list[PeerRate]:
     """libtorrent `peer_info` records as samples."""
     return [
         PeerRate(
-            (str(p.ip[0]), int(p.ip[1])),
+            as_endpoint(p.ip),
             int(p.payload_down_speed),
             int(p.download_queue_length),
             int(p.total_download),
             unchoked=not p.flags & lt.peer_info.remote_choked,
             ours=bool(p.flags & lt.peer_info.local_connection),
-            local=_endpoint(p.local_endpoint()),
+            local=as_endpoint(p.local_endpoint()),
         )
         for p in peers
     ]
-
-
-def _endpoint(address: Any) -> Endpoint:
-    """(host, port) as libtorrent or a socket gives it; an IPv4 address mapped into IPv6
-    as the IPv4 address."""
-    host = str(address[0]).removeprefix("::ffff:")
-    return (host, int(address[1]))
-
-
-def shut_connection(local: Endpoint, remote: Endpoint) -> bool:
-    """Shut down this process's TCP connection from `local` to `remote`; False if there is
-    none. Each socket descriptor is looked at through a duplicate, and the match shut
-    through it: a descriptor its owner closed or reused meanwhile names another socket
-    (or none), which the endpoints then do not match, and is never touched."""
-    wanted = (_endpoint(local), _endpoint(remote))
-    try:
-        names = os.listdir(OWN_FDS)
-    except OSError:
-        return False
-    for name in names:
-        try:
-            if not os.readlink(f"{OWN_FDS}/{name}").startswith("socket:"):
-                continue
-            dup = os.dup(int(name))
-        except OSError:
-            continue  # closed meanwhile, or the listing's own descriptor
-        with socket.socket(fileno=dup) as sock:
-            if sock.family not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            try:
-                if (_endpoint(sock.getsockname()), _endpoint(sock.getpeername())) != wanted:
-                    continue
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                continue  # not connected (a listener), or reset meanwhile
-            return True
-    return False
 
 
 class SlowPeers:

@@ -9,13 +9,14 @@ NAT-PMP or PEX peers; its one tracker is the node's announce relay (relay.py),
 which carries announces to the cluster's trackers. With a tls_dir every torrent
 is a libtorrent SSL torrent: the session listens on an `s` interface only and
 each torrent is given the node's certificate as it is added; renewed files are
-set again on every torrent. While a download runs it
-samples the torrent's peers, and the connections that failed, for stalling or
-unreachable ones and reports them through the `report_stall` it was given
-(the tracker client's; stallreports.py); slow ones lose their requests (slowpeers.py). Alerts reach
-trio through `set_alert_fd` on a pipe and `trio.lowlevel.wait_readable`, never
-a Python callback in libtorrent's thread (which hung teardown with the 2.1.1
-wheel). This module decides nothing about where a blob should come from.
+set again on every torrent. While a download runs it samples the torrent's
+peers, and the connections that failed, for stalling or unreachable ones and
+reports them through the `report_stall` it was given (the tracker client's;
+stallreports.py); slow ones lose their requests (slowpeers.py); no connection
+keeps Nagle on (peersockets.py). Alerts reach trio through `set_alert_fd` on a
+pipe and `trio.lowlevel.wait_readable`, never a Python callback in libtorrent's
+thread (which hung teardown with the 2.1.1 wheel). It decides nothing about
+where a blob should come from.
 """
 
 from __future__ import annotations
@@ -38,73 +39,19 @@ from p2preg.core.hostfiles import private_dir
 from p2preg.core.logs import redact_urls
 from p2preg.core.metainfo import Metainfo, info_name
 from p2preg.node.metrics import NodeMetrics
+from p2preg.node.peersockets import NoDelay
 from p2preg.node.peertls import PeerTLS
-from p2preg.node.requestqueue import request_queue_settings
 from p2preg.node.seams import SwarmError
 from p2preg.node.slowpeers import SlowPeers
 from p2preg.node.stallreports import ReportStall, StallReports, Watched
+from p2preg.node.swarmsettings import session_settings
 
 log = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
 STATUS_INTERVAL_S = 0.5
 # How often renewed certificate files are looked for (a clock read; ReloadingTLS
 # itself stats the files at most every few seconds).
 TLS_CHECK_INTERVAL_S = 1.0
-
-
-def session_settings(listen: str) -> lt.settings_pack:
-    """libtorrent settings for a private, LAN-speed swarm (docs/SWARM.md has the numbers)."""
-    return {
-        "listen_interfaces": listen,
-        "enable_dht": False,
-        "enable_lsd": False,
-        "enable_upnp": False,
-        "enable_natpmp": False,
-        # uTP over loopback and LAN links was several times slower than TCP.
-        "enable_outgoing_utp": False,
-        "enable_incoming_utp": False,
-        # Nodes behind one address (tests, NAT) are still distinct peers.
-        "allow_multiple_connections_per_ip": True,
-        "send_buffer_watermark": 4 * MiB,
-        "send_buffer_low_watermark": 1 * MiB,
-        "max_queued_disk_bytes": 32 * MiB,
-        # One disk thread, not libtorrent's 10: every batch of read jobs wakes all
-        # idle disk threads (notify_all), and an SSL peer sends 8 KiB TLS records,
-        # so a TLS seeder queued one job per record and woke ten threads for it.
-        # Measured (docs/BENCHMARKS.md, "The TLS pair"): TLS seeder CPU 3.1-4.1 ->
-        # 1.7-1.8 ms/MB, TLS/plain pair 0.49-0.70x -> 0.80-0.97x, plain pair and
-        # 1->4 swarm unchanged within noise, fan-out at N = 8 TLS/plain 1.01x.
-        "aio_threads": 1,
-        "request_queue_time": 1,
-        **request_queue_settings(),  # few: libtorrent cancels no end-game copy
-        "suggest_mode": lt.suggest_mode_t.suggest_read_cache,
-        "unchoke_slots_limit": 64,
-        "connections_limit": 400,
-        "connection_speed": 200,
-        "smooth_connects": False,
-        "torrent_connect_boost": 64,
-        "close_redundant_connections": True,
-        # The relay answers after trying every tracker (relay.TRACKER_TIMEOUT_S
-        # each): libtorrent's default 30 s leaves it that time.
-        # A peer that has not accepted our connection within 5 s on a cluster's
-        # network is gone (default 15 s): it is then reported unreachable
-        # within peer_stall_report_s rather than after it (stallreports.py).
-        "peer_connect_timeout": 5,
-        "min_announce_interval": 5,
-        # Ask the tracker again quickly when a download is missing peers.
-        "tracker_backoff": 50,
-        "alert_mask": (
-            lt.alert_category.error
-            | lt.alert_category.status
-            | lt.alert_category.storage
-            | lt.alert_category.peer
-            | lt.alert_category.connect  # failed connections: unreachable peers
-            | lt.alert_category.tracker
-        ),
-        "alert_queue_size": 10_000,
-        "user_agent": "p2preg",
-    }
 
 
 def _said(alert: Any) -> str:
@@ -142,11 +89,8 @@ class Swarm:
         announce_url: str,
         metrics: NodeMetrics,
         tls: PeerTLS | None = None,
-        stall_reports: tuple[ReportStall, float] | None = None,
     ) -> None:
         self._session = session
-        # (the tracker's report call, seconds a peer may stall us before it is reported)
-        self._stall_reports = stall_reports
         self._reports: StallReports | None = None  # set once the nursery runs
         self.swarm_dir = swarm_dir
         self._announce_url = announce_url
@@ -154,6 +98,7 @@ class Swarm:
         self._tls = tls
         self._torrents: dict[Digest, _Torrent] = {}
         self._by_hash: dict[bytes, _Torrent] = {}
+        self._no_delay = NoDelay()  # Nagle off on every connection (peersockets.py)
 
     @property
     def session(self) -> Any:
@@ -193,8 +138,8 @@ class Swarm:
         # certificate of libtorrent, and the control client fails over.
         atp.trackers = [self._announce_url]
         atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
-        atp.flags |= lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd
-        atp.flags |= lt.torrent_flags.disable_pex
+        flags = lt.torrent_flags
+        atp.flags |= flags.disable_dht | flags.disable_lsd | flags.disable_pex
         return atp
 
     def _add(self, atp: Any) -> Any:
@@ -424,7 +369,9 @@ class Swarm:
 
     async def _pump(self, read_fd: int) -> None:
         while True:
-            for alert in self._session.pop_alerts():
+            alerts = self._session.pop_alerts()
+            self._no_delay.after(alerts)
+            for alert in alerts:
                 self._on_alert(alert)
             await trio.lowlevel.wait_readable(read_fd)
             try:
@@ -449,6 +396,7 @@ class Swarm:
         while True:
             if any(not t.finished.is_set() for t in self._torrents.values()):
                 self._session.post_torrent_updates()
+            self._no_delay.sweep()  # listeners opened again, the node's HTTP connections
             await trio.sleep(STATUS_INTERVAL_S)
 
 
@@ -475,7 +423,7 @@ async def open_swarm(
     os.set_blocking(read_fd, False)
     os.set_blocking(write_fd, False)
     session.set_alert_fd(write_fd)
-    swarm = Swarm(session, swarm_dir, announce_url, metrics, tls, stall_reports)
+    swarm = Swarm(session, swarm_dir, announce_url, metrics, tls)
     try:
         async with trio.open_nursery() as nursery:
             if stall_reports is not None:
