@@ -126,6 +126,8 @@ def test_bad_parameters_are_refused() -> None:
         Params(nodes=1)
     with pytest.raises(ValueError, match="client_downloads"):
         Params(nodes=10, client_downloads=-1)
+    with pytest.raises(ValueError, match="confirms"):
+        Params(nodes=10, confirms="never")
 
 
 def test_a_replica_serves_first_come_first_served_and_counts_its_waits() -> None:
@@ -202,3 +204,18 @@ def test_kubelets_client_asks_for_three_layers_at_a_time_in_order_and_all_arrive
     # Fewer requests at once than every layer at once: the first burst is a third.
     every = simulate(BURST)
     assert r.tracker_queue["handshakes"] < every.tracker_queue["handshakes"]
+
+
+def test_seed_confirmations_ride_the_next_lease_request_and_the_rest_go_alone() -> None:
+    # Kubelet's three at a time: a node's confirmation of a layer goes with its
+    # request for the next, so the serving replica handles fewer requests; the last
+    # layers' have no request to ride and go alone after the hold, as every
+    # `ctr images pull` node's do (it asked for every layer at once).
+    base = replace(BURST, announces="entered", client_downloads=3)
+    calls, riding = simulate(base), simulate(replace(base, confirms="riding"))
+    assert riding.unfinished == 0 and riding.upstream_layer_copies == [1.0] * BURST.layers
+    assert calls.riding_confirms == 0 and 0 < riding.riding_confirms <= riding.confirms
+    # (a run ends with its last node: confirmations still held then are not counted)
+    assert riding.tracker_queue["requests"] < calls.tracker_queue["requests"]
+    at_once = simulate(replace(base, confirms="riding", client_downloads=0))
+    assert at_once.unfinished == 0 and at_once.riding_confirms < riding.riding_confirms

@@ -6,7 +6,8 @@ request, a seed confirmation and a published torrent carry the node's port
 (`TrackerClient.peer_port`): a published torrent the tracker counts enters its
 holder as a seeder (`MetainfoRecord.seeding`), a SEEDED answer enters the asker
 as a downloader and names its peers, seeders first, as its `started` announce
-would, and a confirmation makes it a seeder. What libtorrent says later still
+would, and a confirmation makes it a seeder, whether it came alone or with the
+node's next lease request. What libtorrent says later still
 counts: its `stopped` (with a peer id the control calls never knew) drops the
 peer. An older node (no port) gets none of it and announces.
 """
@@ -20,10 +21,11 @@ from urllib.parse import quote_from_bytes
 
 import httpx
 import pytest
+import trio
 
 from harness.node import metric_value
 from harness.tracker import TrackerProcess, open_tracker
-from p2preg.core import wire
+from p2preg.core import errors, wire
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
 from tracker.client import TrackerClient, open_tracker_client
@@ -125,3 +127,49 @@ async def test_a_publisher_that_names_no_port_is_not_entered(tmp_path: Path) -> 
         record = await old.publish_metainfo(meta.digest, meta.size, meta.data)
         assert not record.seeding and record.peers is None  # it announces
         assert _entered(t, "publish") == 0
+
+
+def _riding(t: TrackerProcess) -> float:  # (a local read, in a test)
+    text = httpx.get(f"{t.url}/metrics", timeout=10, trust_env=False).text
+    assert "# HELP p2preg_tracker_riding_confirms_total " in text
+    return metric_value(text, "p2preg_tracker_riding_confirms_total")
+
+
+async def test_a_seed_confirmation_rides_the_next_lease_request(tmp_path: Path) -> None:
+    meta = _blob(tmp_path)
+    (tmp_path / "next").write_bytes(b"next layer" * 10_000)
+    nxt = make_metainfo(tmp_path / "next", Digest.of((tmp_path / "next").read_bytes()),
+                        (tmp_path / "next").stat().st_size)  # fmt: skip
+    async with _cluster(tmp_path, "holder", "b", "c") as (t, (holder, b, c)):
+        granted = await holder.acquire_lease(meta.digest, size=meta.size)
+        assert granted.lease_id is not None
+        await holder.publish_metainfo(meta.digest, meta.size, meta.data)
+        await holder.release_lease(meta.digest, granted.lease_id)
+        await _seeded(b, meta)
+
+        # b verified the layer and confirms; its client asks for the next one at once:
+        # the confirmation goes with that request, and the reply names it.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(b.confirm_seed, meta.digest, meta.info_hash_v2)
+            await trio.sleep(0.1)
+            reply = await b.acquire_lease(nxt.digest, size=nxt.size)
+        assert reply.status is wire.LeaseStatus.GRANTED
+        assert reply.confirmed == [str(meta.digest)]
+        assert (_riding(t), _entered(t, "confirm")) == (1, 1)
+        # Taken as the call would be: b is a seeder, handed out beside the holder.
+        got = await _seeded(c, meta)
+        assert got.peers is not None and sorted(got.peers[:2]) == [_at(7001), _at(7002)]
+
+        # One for a digest the tracker has no torrent for is not taken; the lease is
+        # answered, and the confirmation, then sent alone, fails as the call does.
+        async with trio.open_nursery() as nursery:
+
+            async def asks_soon() -> None:
+                await trio.sleep(0.1)
+                again = await b.acquire_lease(nxt.digest, size=nxt.size)
+                assert again.confirmed == []  # (b holds that lease: granted again)
+
+            nursery.start_soon(asks_soon)
+            with pytest.raises(errors.NotFound):
+                await b.confirm_seed(nxt.digest, nxt.info_hash_v2)
+        assert _riding(t) == 1

@@ -15,13 +15,13 @@ node's own cluster), sends no token, and moves to a fresh connection pool when
 renewed files were loaded. It also carries the batches of the node's announce
 relay (`announce_batch`), so the node's announces share this connection. This
 module must not retry beyond that one round or decide policy — the node does —
-and keeps no state but its connection pool and which tracker is current.
+and keeps no state but its connection pool, which tracker is current, and the
+seed confirmations waiting to ride the next lease request (confirm_rides.py).
 """
 
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -35,6 +35,8 @@ from p2preg.core.digest import Digest
 from p2preg.core.pki import CertificateError
 from p2preg.core.tls import ReloadingTLS, peer_identity
 from tracker.announce import SwarmStats, decode_scrape
+from tracker.client_failures import named, reply_error, why
+from tracker.confirm_rides import ConfirmRides
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class TrackerClient:
         # Where this node's peer listens (0: unknown), named in the calls that then
         # stand for its announces (p2preg/node/localanswers.py).
         self.peer_port = 0
+        self._rides = ConfirmRides(self._confirm_alone)
         self._token = token
         self._tls = tls
         self._timeout_s = timeout_s
@@ -207,7 +210,11 @@ class TrackerClient:
         return await self._call("POST", f"/v1/metainfo/{digest}/bad", msg, wire.MetainfoRecord)
 
     async def confirm_seed(self, digest: Digest, info_hash: bytes) -> None:
-        """Tell the tracker we downloaded torrent `info_hash` and verified its bytes."""
+        """Tell the tracker we downloaded torrent `info_hash` and verified its bytes: with
+        the next lease request if one goes soon, else alone (confirm_rides.py)."""
+        await self._rides.confirm(digest, info_hash)
+
+    async def _confirm_alone(self, digest: Digest, info_hash: bytes) -> None:
         msg = wire.ConfirmSeed(self.node, info_hash, self.peer_port)
         await self._call("POST", f"/v1/metainfo/{digest}/confirm", msg, None)
 
@@ -278,10 +285,18 @@ class TrackerClient:
         send an image's blobs over the upstream link earliest first. `manifest`:
         the digest is a manifest's, SEEDED (no metainfo) once it is on the shelf.
         """
-        msg = wire.LeaseRequest(self.node, size, wait_s, group, order, manifest, self.peer_port)
-        return await self._call(
-            "POST", f"/v1/leases/{digest}", msg, wire.LeaseReply, extra_timeout_s=wait_s
-        )
+        rides, confirmed = self._rides.board(), None
+        msg = wire.LeaseRequest(self.node, size, wait_s, group, order, manifest, self.peer_port,
+                                [str(r.digest) for r in rides] or None,
+                                [r.info_hash for r in rides] or None)  # fmt: skip
+        try:
+            reply = await self._call(
+                "POST", f"/v1/leases/{digest}", msg, wire.LeaseReply, extra_timeout_s=wait_s
+            )
+            confirmed = reply.confirmed
+        finally:
+            self._rides.land(rides, confirmed)
+        return reply
 
     async def renew_lease(
         self,
@@ -404,7 +419,7 @@ class TrackerClient:
                 self._check_server(base, response)
             except httpx.HTTPError as e:
                 failure = errors.TrackerUnavailable(
-                    f"tracker {base}: {_why(e, tls=self._tls is not None)}"
+                    f"tracker {base}: {why(e, tls=self._tls is not None)}"
                 )
                 reason = "unreachable"
             except errors.TrackerUnavailable as e:
@@ -412,10 +427,10 @@ class TrackerClient:
             else:
                 if response.status_code < 500:
                     if response.status_code >= 400:
-                        raise _error(response)
+                        raise reply_error(response)
                     return response
-                failure, reason = _error(response), "server_error"
-            said.append(_named(base, failure))
+                failure, reason = reply_error(response), "server_error"
+            said.append(named(base, failure))
             standing_by = standing_by or isinstance(failure, errors.StandingBy)
             if step + 1 < len(self.base_urls):  # the last one tried stays current
                 self._failed(index, reason, failure)
@@ -432,51 +447,10 @@ class TrackerClient:
         if len(self.base_urls) == 1 or self._current != index:
             return
         self._current = (index + 1) % len(self.base_urls)
-        failed = _named(self.base_urls[index], failure)
+        failed = named(self.base_urls[index], failure)
         log.warning("%s: moving on to tracker %s", failed, self.base_url)
         if self._on_failover is not None:
             self._on_failover(reason)
-
-
-def _named(base: str, failure: errors.TrackerError) -> str:
-    """The failure, naming its tracker once."""
-    text = str(failure)
-    return text if text.startswith(f"tracker {base}") else f"tracker {base}: {text}"
-
-
-# A TLS 1.3 server checks the client's certificate after the client thinks the
-# handshake is done; the tracker then closes without a word (trio drops the alert).
-_REFUSED_AFTER_HANDSHAKE = (
-    "the tracker closed the TLS connection without an answer: if this repeats, it "
-    "refuses this node's certificate (another CA, expired, or not a node of its "
-    "cluster); its p2preg_tracker_tls_refusals_total says which"
-)
-
-
-def _why(e: httpx.HTTPError, *, tls: bool = False) -> str:
-    """The exception, or the TLS failure under it: httpx's ConnectError says nothing itself."""
-    if tls and isinstance(e, httpx.RemoteProtocolError | httpx.ReadError):
-        return _REFUSED_AFTER_HANDSHAKE
-    cause: BaseException | None = e
-    for _ in range(5):  # a chain of a few wrappers at most
-        if cause is None:
-            break
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return f"TLS: {cause.verify_message} (the tracker's certificate)"
-        if isinstance(cause, ssl.SSLError):
-            return f"TLS: {cause.reason or cause}"
-        cause = cause.__cause__ or cause.__context__
-    return repr(e)
-
-
-def _error(response: httpx.Response) -> errors.TrackerError:
-    try:
-        body = wire.decode(wire.ErrorReply, response.content)
-    except wire.WireError:
-        return errors.TrackerUnavailable(f"tracker answered {response.status_code}")
-    if response.status_code >= 500 and body.error not in errors.BY_CODE:
-        return errors.TrackerUnavailable(body.message)
-    return errors.BY_CODE.get(body.error, errors.TrackerError)(body.message)
 
 
 @asynccontextmanager

@@ -40,7 +40,7 @@ from tracker.manifest_shelf import ManifestShelf, check_put
 from tracker.metrics import Gauges, TrackerMetrics
 from tracker.peers import PeerTable
 from tracker.publishing import Publishing
-from tracker.quotas import Quotas
+from tracker.quotas import Kind, Quotas
 from tracker.registry import MetainfoRegistry
 from tracker.state import Snapshot, StoredConfirmation, TrackerStore
 from tracker.swarms import Swarms, checked_digest
@@ -51,6 +51,8 @@ from tracker.waiters import Waiters
 log = logging.getLogger("p2preg.tracker")
 # How often the sweeper drops expired peers and leases, at most.
 MAX_SWEEP_INTERVAL_S = 5.0
+# Seed confirmations one lease request may carry (more are left for their own calls).
+MAX_RIDING_CONFIRMS = 64
 
 
 class Tracker:
@@ -200,6 +202,26 @@ class Tracker:
                               seeding=True, by="confirm")  # fmt: skip
         if news is not None:
             await self._store.put_confirmation(StoredConfirmation(*news, msg.node))
+
+    async def confirm_riding(
+        self, msg: wire.LeaseRequest, who: str, client_ip: str | None = None
+    ) -> list[str]:
+        """The seed confirmations riding lease request `msg`, each taken as its own call
+        would be (charged to `who`'s publish quota); the digests taken. One refused (an
+        unknown or replaced torrent, the quota spent) is left out: the node sends it
+        alone and learns why."""
+        taken: list[str] = []
+        riding = zip(msg.confirm_digests or [], msg.confirm_hashes or [], strict=False)
+        for digest_text, info_hash in list(riding)[:MAX_RIDING_CONFIRMS]:
+            confirm = wire.ConfirmSeed(msg.node, info_hash, msg.port)
+            try:
+                self.quotas.take(Kind.PUBLISH, who, len(wire.encode(confirm)))
+                await self.confirm_seed(digest_text, confirm, client_ip)
+            except errors.TrackerError:
+                continue
+            taken.append(digest_text)
+            self.metrics.riding_confirms.inc()
+        return taken
 
     def report_stall(self, digest_text: str, msg: wire.ReportStall) -> None:
         self.swarms.report_stall(digest_text, msg)

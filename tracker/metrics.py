@@ -209,6 +209,11 @@ class TrackerMetrics:
             "Identities that confirmed a torrent (downloaded and verified it)",
             registry=self.registry,
         )
+        self.riding_confirms = Counter(
+            "p2preg_tracker_riding_confirms",
+            "Seed confirmations taken with a lease request instead of a call of their own",
+            registry=self.registry,
+        )
         stalls = Counter(
             "p2preg_tracker_stall_reports",
             "Stall reports, by outcome: counted, ignored, unknown_peer, delisted",

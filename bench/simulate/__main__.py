@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.simulate.cluster import simulate
-from bench.simulate.params import MB, POLICIES, PROFILES, Params
+from bench.simulate.params import CONFIRM_PATHS, MB, POLICIES, PROFILES, Params
 from bench.simulate.report import (
     leases_table,
     markdown_table,
@@ -91,7 +91,7 @@ def matrix(a: argparse.Namespace) -> None:
                         holder_failures=a.holder_failures, lease_ttl_s=a.lease_ttl_s,
                         lease_silence_s=a.lease_silence_s, lease_grant_ack_s=a.lease_grant_ack_s,
                         tracker_replicas=a.tracker_replicas, announces=a.announces,
-                        client_downloads=a.client_downloads,
+                        client_downloads=a.client_downloads, confirms=a.confirms,
                     )
                     jobs.append((profile, p))
     started = time.perf_counter()
@@ -145,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "replica, 3.3 ms at a front + 0.7 ms forwarded); relayed: batched "
                    "over the node's kept-alive control connection (0.2 ms); entered: "
                    "relayed, and control calls stand for joins and completions")
+    r.add_argument("--confirms", choices=CONFIRM_PATHS, default=Params(nodes=2).confirms,
+                   help="seed confirmations: a call each, or riding the node's next lease "
+                   "request (tracker/confirm_rides.py)")
     r.add_argument("--client-downloads", type=int,
                    default=Params(nodes=2).client_downloads,
                    help="layers a node's client fetches at once, in order (3, kubelet's "

@@ -47,6 +47,7 @@ from p2preg.node.leasewait import (
     LeaseWait,
     Replied,
 )
+from tracker.confirm_rides import HOLD_S
 from tracker.leases import RateRule
 
 # How often idle receivers look for a sender again (libtorrent's tick is 1 s).
@@ -111,6 +112,8 @@ class Cluster:
         # Per (node, layer), which scheduled re-announce is the current one: an
         # answer that names another interval supersedes the one due before.
         self._next_announce: dict[tuple[int, int], int] = {}
+        # Node → seed confirmations waiting to ride its next lease request.
+        self._riding: dict[int, list[Callable[[], None]]] = {}
 
     # -- the run -----------------------------------------------------------------------
 
@@ -189,9 +192,17 @@ class Cluster:
             ask = action
 
             def send() -> None:
-                self.servers.control(node.id, lambda: self.tracker.ask(
-                    node.id, self.digests[layer], layer + 1, self.sizes[layer], ask.wait_s
-                ))  # fmt: skip
+                riders, self._riding[node.id] = self._riding.get(node.id, []), []
+                self.tracker.counts.riding += len(riders)
+
+                def apply() -> None:
+                    for confirm in riders:
+                        confirm()
+                    self.tracker.ask(
+                        node.id, self.digests[layer], layer + 1, self.sizes[layer], ask.wait_s
+                    )
+
+                self.servers.control(node.id, apply, len(riders))
 
             e.schedule(e.now + half, send)
         elif isinstance(action, AskAgain):
@@ -411,9 +422,25 @@ class Cluster:
                 self._announce(node, layer, seeder=True, periodic=False)
             else:  # the relay answered the completion with the seeders' interval
                 self._reannounce_later(node, layer, self.p.seeder_announce_interval_s)
-            self._call(node, lambda: self.tracker.confirm(node.id, digest, enter=self._entered))
+            self._confirm(node, lambda: self.tracker.confirm(node.id, digest, enter=self._entered))
 
         e.schedule(e.now + self.sizes[layer] / self.p.hash_bytes_s, verified)
+
+    def _confirm(self, node: Node, confirm: Callable[[], None]) -> None:
+        """A seed confirmation: a call of its own, or (`riding`) with the node's next lease
+        request if one is sent within HOLD_S (tracker/confirm_rides.py), else alone."""
+        if self.p.confirms == "call":
+            self._call(node, confirm)
+            return
+        waiting = self._riding.setdefault(node.id, [])
+        waiting.append(confirm)
+
+        def alone() -> None:
+            if confirm in self._riding.get(node.id, ()):
+                self._riding[node.id].remove(confirm)
+                self._call(node, confirm)
+
+        self.engine.schedule(self.engine.now + HOLD_S, alone)
 
     def _complete(self, node: Node, layer: int) -> None:
         if node.complete[layer]:

@@ -75,6 +75,7 @@ class Counts:
     wakeups: int = 0
     confirms: int = 0  # seed confirmations after a download from peers
     entered: int = 0  # peers a control call entered in a swarm, no announce
+    riding: int = 0  # of `confirms`, those a lease request carried
 
     @staticmethod
     def tick(hist: dict[int, int], now: float) -> None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from bench.simulate.server import ANNOUNCE_PATHS
 from tracker.config import TrackerConfig
 
+CONFIRM_PATHS = ("call", "riding")
+
 MB = 10**6
 MiB = 1 << 20
 MBIT = 10**6 / 8  # bytes/s in one Mbit/s
@@ -82,6 +84,9 @@ class Params:
     # when one is in: containerd's max_concurrent_downloads, 3 in its CRI plugin
     # (kubelet's pulls); 0 is every layer at once (`ctr images pull`'s default).
     client_downloads: int = 3
+    # Seed confirmations: a control call each ("call"), or riding the node's next
+    # lease request when one goes within tracker/confirm_rides.HOLD_S ("riding").
+    confirms: str = "call"
     # The node's own lease_wait_max_s (p2preg/node/config.py).
     node_wait_max_s: float = 600.0
     # Node <-> tracker round trip; the time from a granted lease to the first
@@ -110,6 +115,8 @@ class Params:
             raise ValueError(f"tracker_replicas ≥ 0; announces: {', '.join(ANNOUNCE_PATHS)}")
         if self.client_downloads < 0:
             raise ValueError("client_downloads ≥ 0 (0: every layer at once)")
+        if self.confirms not in CONFIRM_PATHS:
+            raise ValueError(f"confirms: one of {', '.join(CONFIRM_PATHS)}")
         if min(self.upload_slots, self.download_slots, self.connections_limit) < 1:
             raise ValueError("slots and connections: at least 1")
 

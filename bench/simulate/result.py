@@ -47,6 +47,7 @@ class Result:
     releases: int
     publishes: int
     confirms: int
+    riding_confirms: int  # of those, carried by a lease request
     entered: int  # peers control calls entered in swarms, in place of announces
     long_poll_wakeups: int
     leases_granted: int
@@ -120,6 +121,7 @@ def collect(c: Cluster, wall_s: float) -> Result:
         releases=counts.releases,
         publishes=counts.publishes,
         confirms=counts.confirms,
+        riding_confirms=counts.riding,
         entered=counts.entered,
         long_poll_wakeups=counts.wakeups,
         leases_granted=tr.leases.granted,

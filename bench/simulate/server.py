@@ -55,6 +55,9 @@ class Costs:
     forwarded_s: float = 0.699e-3
     # An announce relayed over the node's kept-alive control connection, batched.
     relayed_s: float = 0.2e-3
+    # A seed confirmation riding a lease request: only its own work, as an announce
+    # in a relayed batch of 32 (~40 µs each, the request's share included), rounded.
+    riding_s: float = 0.04e-3
 
 
 @dataclass
@@ -120,8 +123,9 @@ class TrackerServers:
         """The serving replica's queue delay now, s (the tracker's lag)."""
         return self.serving.lag(self._clock(), self.hold_s) if self.replicas else 0.0
 
-    def control(self, node: int, apply: Callable[[], None]) -> None:
-        """A control call from `node`: `apply` runs once the serving replica handled it.
+    def control(self, node: int, apply: Callable[[], None], riders: int = 0) -> None:
+        """A control call from `node`: `apply` runs once the serving replica handled it
+        (and the `riders` seed confirmations it carries, `Costs.riding_s` each).
 
         The caller says when the answer has left (`answered`): its connection is
         then idle again.
@@ -140,6 +144,7 @@ class TrackerServers:
             cost = self.costs.handshake_s
             self.handshakes += 1
         self._idle[node] = idle
+        cost += riders * self.costs.riding_s
         self._schedule(self.serving.serve(now, cost), apply)
 
     def answered(self, node: int) -> None:

@@ -146,6 +146,11 @@ class LeaseRequest:
     # in the swarm as a downloader and names its peers (`peers`), in place of its
     # `started` announce.
     port: int = 0
+    # Seed confirmations riding along (a `ConfirmSeed` each: the digest, its torrent's
+    # info-hash; `node` and `port` are this request's), applied before the lease is
+    # looked at; the reply's `confirmed` names those taken. None: none ride.
+    confirm_digests: list[str] | None = None
+    confirm_hashes: list[bytes] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +203,9 @@ class LeaseReply:
     peers: list[bytes] | None = None
     announce_interval_s: int = 0
     seeder_interval_s: int = 0
+    # The riding seed confirmations the tracker took (their digests). None, from a
+    # tracker that knows none: send each alone.
+    confirmed: list[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

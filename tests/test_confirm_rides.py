@@ -1,0 +1,94 @@
+"""Seed confirmations waiting for a lease request to ride (tracker/confirm_rides.py).
+
+A confirmation that a lease request takes within the hold, and that the reply
+names, is done: nothing goes alone. One no request took in time, one the reply
+does not name (an older tracker, a refusal) and one whose request failed goes
+alone, so the caller ends as the plain call would: taken, or the call's error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from p2preg.core import errors
+from p2preg.core.digest import Digest
+from tracker.confirm_rides import HOLD_S, ConfirmRides
+
+A, B = Digest.of(b"a"), Digest.of(b"b")
+
+
+class Alone:
+    """The call a confirmation makes alone: recorded, and raising `fails` if set."""
+
+    def __init__(self, fails: Exception | None = None) -> None:
+        self.sent: list[Digest] = []
+        self.fails = fails
+
+    async def __call__(self, digest: Digest, info_hash: bytes) -> None:
+        self.sent.append(digest)
+        if self.fails is not None:
+            raise self.fails
+
+
+async def test_a_confirmation_no_request_takes_goes_alone_after_the_hold(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    alone = Alone()
+    rides = ConfirmRides(alone)
+    await rides.confirm(A, b"ha")
+    assert alone.sent == [A]
+    assert trio.current_time() == pytest.approx(HOLD_S)
+    assert rides.board() == []  # it left the queue
+
+
+async def test_confirmations_ride_the_next_request_and_are_done_when_named(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    alone = Alone()
+    rides = ConfirmRides(alone)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rides.confirm, A, b"ha")
+        nursery.start_soon(rides.confirm, B, b"hb")
+        await trio.sleep(HOLD_S / 2)
+        boarded = rides.board()
+        assert sorted((r.digest, r.info_hash) for r in boarded) == sorted([(A, b"ha"), (B, b"hb")])
+        await trio.sleep(10 * HOLD_S)  # a long poll: they wait for its answer, not alone
+        assert alone.sent == []
+        rides.land(boarded, [str(A), str(B)])
+    assert alone.sent == []
+
+
+@pytest.mark.parametrize(
+    "confirmed",
+    [None, [str(A)]],  # an older tracker, or one that took A only (B refused)
+)
+async def test_what_the_reply_does_not_name_goes_alone(
+    autojump_clock: trio.testing.MockClock, confirmed: list[str] | None
+) -> None:
+    alone = Alone()
+    rides = ConfirmRides(alone)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rides.confirm, A, b"ha")
+        nursery.start_soon(rides.confirm, B, b"hb")
+        await trio.sleep(HOLD_S / 2)
+        rides.land(rides.board(), confirmed)
+    assert sorted(alone.sent) == sorted([B] if confirmed else [A, B])
+
+
+async def test_a_failed_request_sends_its_riders_alone_and_their_errors_reach_the_caller(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    alone = Alone(errors.NotFound("no metainfo"))
+    rides = ConfirmRides(alone)
+
+    async def request_fails() -> None:
+        await trio.sleep(HOLD_S / 2)
+        rides.land(rides.board(), None)  # no answer
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request_fails)
+        with pytest.raises(errors.NotFound):
+            await rides.confirm(A, b"ha")
+    assert alone.sent == [A]
