@@ -8,6 +8,7 @@ tracker as a server (bench/simulate/server.py) queues every request.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 
 import pytest
@@ -16,6 +17,7 @@ from bench.simulate.cluster import Cluster, chunk_sizes, simulate
 from bench.simulate.params import MB, MiB, Params
 from bench.simulate.result import Result
 from bench.simulate.server import Queue
+from p2preg.node.config import NodeConfig
 
 SMALL = Params(
     nodes=24, image_bytes=60 * MB, layers=3, upstream_mbit=100.0, node_mbit=1000.0,
@@ -115,6 +117,11 @@ def test_a_dead_holder_goes_silent_and_the_fetch_passes_to_another_node_long_bef
     assert (slow.leases_replaced, slow.leases_expired) == (0, 1)
     assert r.completion_s[-1] < slow.completion_s[-1] - p.lease_ttl_s + 2 * p.lease_silence_s
     assert slow.completion_s[-1] < slow.bound_s + p.lease_ttl_s + 10
+
+
+def test_the_models_node_waits_as_the_nodes_defaults_say() -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(NodeConfig)}
+    assert Params(nodes=2).stall_report_s == defaults["peer_stall_report_s"]
 
 
 def test_bad_parameters_are_refused() -> None:
@@ -219,3 +226,19 @@ def test_seed_confirmations_ride_the_next_lease_request_and_the_rest_go_alone() 
     assert riding.tracker_queue["requests"] < calls.tracker_queue["requests"]
     at_once = simulate(replace(base, confirms="riding", client_downloads=0))
     assert at_once.unfinished == 0 and at_once.riding_confirms < riding.riding_confirms
+
+
+def test_a_download_alone_asks_for_other_peers_instead_of_waiting_for_its_announce() -> None:
+    # Connections full at the first seeders (30 here, 400 in a node): the peers a
+    # SEEDED answer named turn a node away, and before `lonely` it waited for its
+    # periodic announce, 60 s on.
+    tight = Params(
+        nodes=200, image_bytes=100 * MB, layers=2, upstream_mbit=1000.0, node_mbit=10_000.0,
+        fail_fraction=0.0, holder_failures=0, connections_limit=30, announces="entered",
+    )
+    asks, waits = simulate(tight), simulate(replace(tight, stall_report_s=0.0))
+    assert asks.unfinished == waits.unfinished == 0
+    assert asks.lonely_announces > 0 and waits.lonely_announces == 0
+    assert waits.stats["max_s"] > tight.announce_interval_s
+    assert asks.stats["max_s"] < waits.stats["max_s"] - tight.announce_interval_s / 2
+    assert asks.upstream_copies == waits.upstream_copies == 1.0

@@ -111,11 +111,33 @@ def test_unreachable_peers_are_reported_once_nobody_served_for_a_period() -> Non
     assert watch.every_peer_stalls() and watch.alone_too_long()
 
 
-def test_alone_with_nobody_to_report_is_only_alone() -> None:
+def test_alone_with_nobody_to_report_asks_for_other_peers_once_a_period() -> None:
+    # The peers handed out were full: they took our connections and closed them, which
+    # is no failure to report. Waiting for them would run into the download's stall
+    # (and an upstream copy); the tracker names others.
     watch = StallWatch(stall_s=5)
     watch.observe([], 0)
+    assert not watch.lonely(4)
     assert watch.observe([], 6) == []
     assert watch.alone_too_long() and not watch.every_peer_stalls()
+    assert watch.lonely(6)
+    assert not watch.lonely(7)  # once per period
+    watch.observe([], 11)
+    assert watch.lonely(11)
+    # A peer with pieces we want ends it; alone again counts afresh.
+    watch.observe([PeerSample(SLOW, True, 0)], 12)
+    watch.observe([], 13)
+    assert not watch.lonely(17)
+    watch.observe([], 18)
+    assert watch.lonely(18)
+
+
+def test_alone_with_peers_to_report_reports_them_instead() -> None:
+    watch = StallWatch(stall_s=5)
+    watch.unreachable(("10.0.0.9", 6882))
+    watch.observe([], 0)
+    assert watch.observe([], 6) == [("10.0.0.9", 6882)]
+    assert watch.every_peer_stalls() and not watch.lonely(6)  # the reports' path
 
 
 def test_a_peer_that_dialled_us_is_never_judged_and_may_still_serve() -> None:

@@ -92,6 +92,7 @@ def matrix(a: argparse.Namespace) -> None:
                         lease_silence_s=a.lease_silence_s, lease_grant_ack_s=a.lease_grant_ack_s,
                         tracker_replicas=a.tracker_replicas, announces=a.announces,
                         client_downloads=a.client_downloads, confirms=a.confirms,
+                        stall_report_s=a.stall_report_s,
                     )
                     jobs.append((profile, p))
     started = time.perf_counter()
@@ -148,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     r.add_argument("--confirms", choices=CONFIRM_PATHS, default=Params(nodes=2).confirms,
                    help="seed confirmations: a call each, or riding the node's next lease "
                    "request (tracker/confirm_rides.py)")
+    r.add_argument("--stall-report-s", type=float, default=Params(nodes=2).stall_report_s,
+                   help="a download alone this long announces again for other peers (the "
+                   "node's peer_stall_report_s, 10; 0: it waits for its periodic announce)")
     r.add_argument("--client-downloads", type=int,
                    default=Params(nodes=2).client_downloads,
                    help="layers a node's client fetches at once, in order (3, kubelet's "

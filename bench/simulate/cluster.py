@@ -112,6 +112,7 @@ class Cluster:
         # Per (node, layer), which scheduled re-announce is the current one: an
         # answer that names another interval supersedes the one due before.
         self._next_announce: dict[tuple[int, int], int] = {}
+        self.lonely = 0  # announces of downloads alone for stall_report_s
         # Node → seed confirmations waiting to ride its next lease request.
         self._riding: dict[int, list[Callable[[], None]]] = {}
 
@@ -365,6 +366,8 @@ class Cluster:
 
     def _join(self, node: Node, layer: int) -> None:
         node.joined[layer] = True
+        if self.p.stall_report_s:
+            self._watch_alone(node, layer, None)
         if not self._entered:
             self._announce(node, layer, seeder=False, periodic=True)
             return
@@ -373,6 +376,24 @@ class Cluster:
         self._connect(node, layer, self.tracker.announce(
             node.id, self.digests[layer], False, entered=True))  # fmt: skip
         self._reannounce_later(node, layer)
+
+    def _watch_alone(self, node: Node, layer: int, since: float | None) -> None:
+        """stallwatch.lonely: a download that has had no neighbour with a chunk it lacks
+        for `stall_report_s` announces again, for other peers (once per period); looked
+        at every half period."""
+        if not node.alive or node.complete[layer]:
+            return
+        now = self.engine.now
+        if self.swarms.has_source(node, layer):
+            since = None
+        elif since is None:
+            since = now
+        elif now - since >= self.p.stall_report_s:
+            self.lonely += 1
+            self._announce(node, layer, seeder=False, periodic=True)
+            since = now
+        self.engine.schedule(now + self.p.stall_report_s / 2,
+                             partial(self._watch_alone, node, layer, since))  # fmt: skip
 
     def _connect(self, node: Node, layer: int, peers: list[int]) -> None:
         for peer in peers if node.alive else ():

@@ -48,6 +48,7 @@ class Result:
     publishes: int
     confirms: int
     riding_confirms: int  # of those, carried by a lease request
+    lonely_announces: int  # downloads alone for stall_report_s that asked again
     entered: int  # peers control calls entered in swarms, in place of announces
     long_poll_wakeups: int
     leases_granted: int
@@ -122,6 +123,7 @@ def collect(c: Cluster, wall_s: float) -> Result:
         publishes=counts.publishes,
         confirms=counts.confirms,
         riding_confirms=counts.riding,
+        lonely_announces=c.lonely,
         entered=counts.entered,
         long_poll_wakeups=counts.wakeups,
         leases_granted=tr.leases.granted,

@@ -87,6 +87,16 @@ class Swarms:
         b.conns += 1
         return True
 
+    def has_source(self, node: Node, layer: int) -> bool:
+        """Whether a live neighbour `node` is connected to holds a chunk of `layer` it
+        lacks (libtorrent's `interesting`)."""
+        lacks = ~node.have[layer]
+        for other_id in node.nbrs[layer]:
+            other = self.nodes[other_id]
+            if other.alive and other.have[layer] & lacks and other_id * LINK + layer in node.links:
+                return True
+        return False
+
     def close_redundant(self, node: Node, layer: int) -> None:
         """`node` holds `layer` now: close its connections to others that hold it.
 

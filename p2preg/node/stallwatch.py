@@ -15,9 +15,11 @@ reported peer still stalling, or the unreachable ones were reported
 (`every_peer_stalls`), or no peer has had any for `stall_s` (`alone_too_long`:
 nobody to report), waiting
 longer for that swarm
-only delays the download's next step (asking the tracker again). Memory is bounded by the
-peers of the samples: a peer missing from a sample is forgotten. It must not
-talk to libtorrent or the tracker.
+only delays the download's next step (asking the tracker again). Alone with no
+peer to report (the ones handed out were full and closed our connections),
+the download asks the tracker for other peers once per `stall_s` (`lonely`).
+Memory is bounded by the peers of the samples: a peer missing from a sample is
+forgotten. It must not talk to libtorrent or the tracker.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class StallWatch:
         self._peers: dict[tuple[str, int], _Watched] = {}
         self._alone_since: float | None = None  # since when no peer was in the samples
         self._alone_for = 0.0
+        self._asked_at: float | None = None  # when `lonely` last said to ask again
         # endpoint → reported yet: peers the tracker named that we could not reach
         self._unreachable: dict[tuple[str, int], bool] = {}
 
@@ -80,7 +83,7 @@ class StallWatch:
     def observe(self, samples: list[PeerSample], now: float) -> list[tuple[str, int]]:
         """Feed one sample of every peer; returns those to report now (each once)."""
         if any(s.wanted for s in samples):
-            self._alone_since, self._alone_for = None, 0.0
+            self._alone_since, self._alone_for, self._asked_at = None, 0.0, None
         else:
             self._alone_since = now if self._alone_since is None else self._alone_since
             self._alone_for = now - self._alone_since
@@ -133,6 +136,18 @@ class StallWatch:
     def alone_too_long(self) -> bool:
         """Whether the samples have had no peer with pieces we want for `stall_s`."""
         return self._alone_since is not None and self._alone_for >= self._stall_s
+
+    def lonely(self, now: float) -> bool:
+        """Whether to ask the tracker for peers again now: alone for `stall_s` with no
+        peer to report (those handed out took our connection and closed it, as a
+        full peer does), once per `stall_s` of it. Waiting would only run into the
+        download's stall and an upstream copy; the tracker names others."""
+        if not self.alone_too_long() or any(self._unreachable.values()):
+            return False
+        if self._asked_at is not None and now - self._asked_at < self._stall_s:
+            return False
+        self._asked_at = now
+        return True
 
 
 def compact(endpoint: tuple[str, int]) -> bytes:

@@ -215,6 +215,10 @@ class Swarm:
                 self._reports.sample(t.stalls, peers)
                 if (verdict := self._reports.verdict(t.stalls)) is not None:
                     raise verdict
+                if t.stalls.watch.lonely(trio.current_time()):
+                    log.info("swarm: no peer of %s has pieces we want: asking for others",
+                             meta.digest)  # fmt: skip
+                    t.handle.force_reannounce()
             with trio.move_on_after(STATUS_INTERVAL_S):
                 await t.finished.wait()
         if t.error is not None:
