@@ -14,7 +14,7 @@ import trio.testing
 
 from p2preg.core import errors
 from p2preg.core.digest import Digest
-from tracker.confirm_rides import HOLD_S, ConfirmRides
+from tracker.confirm_rides import HOLD_S, ConfirmRides, Ride
 
 A, B = Digest.of(b"a"), Digest.of(b"b")
 
@@ -30,6 +30,14 @@ class Alone:
         self.sent.append(digest)
         if self.fails is not None:
             raise self.fails
+
+
+async def board_two(nursery: trio.Nursery, rides: ConfirmRides) -> list[Ride]:
+    """Confirm A and B, then a lease request boards them half a hold later."""
+    nursery.start_soon(rides.confirm, A, b"ha")
+    nursery.start_soon(rides.confirm, B, b"hb")
+    await trio.sleep(HOLD_S / 2)
+    return rides.board()
 
 
 async def test_a_confirmation_no_request_takes_goes_alone_after_the_hold(
@@ -49,10 +57,7 @@ async def test_confirmations_ride_the_next_request_and_are_done_when_named(
     alone = Alone()
     rides = ConfirmRides(alone)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(rides.confirm, A, b"ha")
-        nursery.start_soon(rides.confirm, B, b"hb")
-        await trio.sleep(HOLD_S / 2)
-        boarded = rides.board()
+        boarded = await board_two(nursery, rides)
         assert sorted((r.digest, r.info_hash) for r in boarded) == sorted([(A, b"ha"), (B, b"hb")])
         await trio.sleep(10 * HOLD_S)  # a long poll: they wait for its answer, not alone
         assert alone.sent == []
@@ -70,10 +75,7 @@ async def test_what_the_reply_does_not_name_goes_alone(
     alone = Alone()
     rides = ConfirmRides(alone)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(rides.confirm, A, b"ha")
-        nursery.start_soon(rides.confirm, B, b"hb")
-        await trio.sleep(HOLD_S / 2)
-        rides.land(rides.board(), confirmed)
+        rides.land(await board_two(nursery, rides), confirmed)
     assert sorted(alone.sent) == sorted([B] if confirmed else [A, B])
 
 

@@ -47,7 +47,7 @@ from harness.node import NodeProcess, open_node
 from harness.procs import Process
 from harness.registry import Registry, open_registry
 from harness.tlscerts import ClusterCA
-from harness.tracker import open_tracker
+from harness.tracker import TrackerProcess, open_tracker
 from tracker.config import is_loopback
 
 CLUSTER_NAME = "fanout"
@@ -131,7 +131,7 @@ def start_registry(
 
 def start_tracker(
     stack: ExitStack, host: Host, workdir: Path, tls_dir: Path | None, args: tuple[str, ...] = ()
-) -> tuple[str, Process]:
+) -> TrackerProcess:
     """The tracker on `host`: mutual TLS with `tls_dir`, else plain HTTP; `args` added."""
     tracker = stack.enter_context(
         open_tracker(
@@ -148,7 +148,7 @@ def start_tracker(
             insecure=tls_dir is None and not is_loopback(host.addr),
         )
     )
-    return tracker.url, tracker.process
+    return tracker
 
 
 def start_nodes(
@@ -214,6 +214,8 @@ class Stage:
     tracker: Process | None
     daemons: list[Containerd]
     hosts_dirs: list[Path]
+    # Where the tracker's /metrics is (p2p only).
+    tracker_metrics_url: str | None = None
 
 
 def start_stage(
@@ -230,14 +232,17 @@ def start_stage(
     """What a run of `mode` needs; `certs` are used by a p2p_tls run only."""
     nodes: list[NodeProcess] = []
     tracker: Process | None = None
+    metrics_url = None
     if is_p2p(mode):
         tls = certs if mode == P2P_TLS else None
         if mode == P2P_TLS and tls is None:
             raise ValueError("a p2p_tls run needs the cluster's certificates")
         tracker_tls = tls.tracker if tls is not None else None
-        tracker_url, tracker = start_tracker(
+        started = start_tracker(
             stack, tracker_host, run_dir / "tracker", tracker_tls, settings.tracker_args
         )
+        tracker_url, tracker = started.url, started.process
+        metrics_url = f"{started.metrics_url or started.url}/metrics"
         upstream = f"{registry.host}={registry.url}"
         extra = settings.node_args
         nodes = start_nodes(stack, hosts, run_dir, upstream, tracker_url, extra, tls)
@@ -266,4 +271,4 @@ def start_stage(
             # containerd 1.6 rejects a hosts.toml with only `server`, so the
             # registry is also its one host entry.
             write_hosts_toml(hd, registry.host, registry.url, server=registry.url)
-    return Stage(registry, link_host, nodes, tracker, daemons, hosts_dirs)
+    return Stage(registry, link_host, nodes, tracker, daemons, hosts_dirs, metrics_url)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -89,6 +90,10 @@ class RunResult:
     load_avg_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     # The run of its (mode, N) with the median time: the one tables and targets use.
     representative: bool = True
+    # The tracker's seed confirmations over the run, and those that came with a lease
+    # request (tracker/confirm_rides.py); None without a tracker or its metrics.
+    tracker_seed_confirms: float | None = None
+    tracker_riding_confirms: float | None = None
 
 
 @dataclass
@@ -282,6 +287,20 @@ def _count_upstream(stage: Stage, cluster: Cluster, before: _Before) -> _Upstrea
     )
 
 
+def _tracker_confirms(stage: Stage) -> tuple[float | None, float | None]:
+    """The tracker's seed confirmations and riding ones so far (its tracker is new each run)."""
+    if stage.tracker_metrics_url is None:
+        return None, None
+    try:
+        text = httpx.get(stage.tracker_metrics_url, timeout=10, trust_env=False).text
+    except httpx.HTTPError:
+        return None, None
+    return (
+        metric_value(text, "p2preg_tracker_seed_confirms_total"),
+        metric_value(text, "p2preg_tracker_riding_confirms_total"),
+    )
+
+
 def _cpu_seconds(
     busy: float, elapsed: float, per_node: list[NodeRun], up: _Upstream, with_nodes: bool
 ) -> dict[str, float]:
@@ -350,6 +369,7 @@ def run_once(
         busy = meter.busy()
         elapsed = time.monotonic() - t0
         up = _count_upstream(stage, cluster, before)
+        confirms = _tracker_confirms(stage)
         per_node = _node_runs(hosts, stage, pulls, before, manifest, settings, t0)
         failures += [
             f"{r.host}: pull failed (exit {p.rc})"
@@ -378,4 +398,6 @@ def run_once(
         per_node=per_node,
         timeline=timeline,
         failures=failures,
+        tracker_seed_confirms=confirms[0],
+        tracker_riding_confirms=confirms[1],
     )
