@@ -214,8 +214,9 @@ class Stage:
     tracker: Process | None
     daemons: list[Containerd]
     hosts_dirs: list[Path]
-    # Where the tracker's /metrics is (p2p only).
+    # Where the tracker's /metrics is (p2p only), and the namespace to ask from.
     tracker_metrics_url: str | None = None
+    tracker_netns: str | None = None
 
 
 def start_stage(
@@ -271,4 +272,6 @@ def start_stage(
             # containerd 1.6 rejects a hosts.toml with only `server`, so the
             # registry is also its one host entry.
             write_hosts_toml(hd, registry.host, registry.url, server=registry.url)
-    return Stage(registry, link_host, nodes, tracker, daemons, hosts_dirs, metrics_url)
+    return Stage(
+        registry, link_host, nodes, tracker, daemons, hosts_dirs, metrics_url, tracker_host.netns
+    )

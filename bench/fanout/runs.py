@@ -40,6 +40,7 @@ from harness.containerd import Containerd
 from harness.images import ImageManifest, PushedImage
 from harness.netns import Host
 from harness.node import NodeProcess, metric_value
+from harness.procs import http_get
 from harness.registry import Registry
 
 
@@ -288,12 +289,15 @@ def _count_upstream(stage: Stage, cluster: Cluster, before: _Before) -> _Upstrea
 
 
 def _tracker_confirms(stage: Stage) -> tuple[float | None, float | None]:
-    """The tracker's seed confirmations and riding ones so far (its tracker is new each run)."""
+    """The tracker's seed confirmations and riding ones so far (its tracker is new each
+    run), asked from inside its namespace."""
     if stage.tracker_metrics_url is None:
         return None, None
     try:
-        text = httpx.get(stage.tracker_metrics_url, timeout=10, trust_env=False).text
+        text = http_get(stage.tracker_metrics_url, netns=stage.tracker_netns).text
     except httpx.HTTPError:
+        return None, None
+    if "# HELP p2preg_tracker_riding_confirms_total " not in text:
         return None, None
     return (
         metric_value(text, "p2preg_tracker_seed_confirms_total"),
