@@ -9,12 +9,15 @@ connected, as libtorrent's outgoing ones are when it says they started.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 
+from p2preg.node import peersockets
 from p2preg.node.peersockets import NoDelay, shut_connection
 
 
@@ -88,3 +91,15 @@ def test_a_sweep_turns_nagle_off_on_every_tcp_socket_once(
         ours.sendall(b"ok")
         assert theirs.recv(2) == b"ok"
         assert udp.fileno() >= 0
+
+
+def test_a_descriptor_reused_for_a_file_meanwhile_is_left_alone_and_nothing_leaks(
+    tmp_path: Path,
+) -> None:
+    # Between the listing and the look, the number may have been reused for a file.
+    with (tmp_path / "f").open("wb") as f:
+        before = len(os.listdir("/proc/self/fd"))
+        assert peersockets._tcp(str(f.fileno())) is None
+        assert len(os.listdir("/proc/self/fd")) == before
+        f.write(b"still ours")
+    assert (tmp_path / "f").read_bytes() == b"still ours"

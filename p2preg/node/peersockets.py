@@ -68,8 +68,13 @@ def _socket_links() -> dict[str, str]:
 def _tcp(name: str) -> socket.socket | None:
     """A duplicate of descriptor `name` if it is a TCP socket (the caller closes it)."""
     try:
-        sock = socket.socket(fileno=os.dup(int(name)))
+        dup = os.dup(int(name))
     except OSError:
+        return None  # closed meanwhile
+    try:
+        sock = socket.socket(fileno=dup)
+    except OSError:  # reused meanwhile for what is no socket
+        os.close(dup)
         return None
     if sock.family in INET and sock.type == socket.SOCK_STREAM:
         return sock
