@@ -94,3 +94,21 @@ async def test_a_failed_request_sends_its_riders_alone_and_their_errors_reach_th
         with pytest.raises(errors.NotFound):
             await rides.confirm(A, b"ha")
     assert alone.sent == [A]
+
+
+async def test_with_a_tracker_that_names_no_riders_confirmations_go_alone_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # An older tracker's lease replies carry no `confirmed`: nothing rides there.
+    alone = Alone()
+    rides = ConfirmRides(alone)
+    rides.replied(None)
+    await rides.confirm(A, b"ha")
+    assert alone.sent == [A] and trio.current_time() == 0
+    assert rides.board() == []
+    rides.replied([])  # a tracker that takes riders (none this time): they wait again
+    async with trio.open_nursery() as nursery:
+        boarded = await board_two(nursery, rides)
+        assert sorted(r.digest for r in boarded) == sorted([A, B])
+        rides.land(boarded, [str(A), str(B)])
+    assert alone.sent == [A]

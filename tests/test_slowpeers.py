@@ -210,3 +210,15 @@ def test_bad_settings_are_refused() -> None:
         SlowPeerWatch(hold_s=0)
     with pytest.raises(ValueError):
         SlowPeerWatch(max_drops=-1)
+
+
+def test_a_drop_that_could_not_be_made_counts_for_nothing() -> None:
+    # Its connection was gone before the node could close it: no drop spent, no
+    # cool-down, nothing to dial again.
+    watch = SlowPeerWatch(max_drops=1)
+    now = settled(watch, [slowed(), fast()])
+    drop = look(watch, [slowed(), fast()], now)
+    assert drop is not None
+    watch.undo(drop)
+    assert watch.drops == [] and watch.reconnect_due(now + RECONNECT_S) == []
+    assert look(watch, [slowed(), fast()], now + 0.5) is not None  # judged again at once

@@ -70,8 +70,15 @@ def nagle_by_port(ports: set[int]) -> dict[tuple[int, int], bool]:
     found = {}
     for name in os.listdir("/proc/self/fd"):
         try:
-            sock = socket.socket(fileno=os.dup(int(name)))
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            dup = os.dup(int(name))
         except OSError:
+            continue
+        try:
+            sock = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
             continue
         with sock:
             if sock.family != socket.AF_INET or sock.type != socket.SOCK_STREAM:

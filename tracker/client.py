@@ -294,6 +294,7 @@ class TrackerClient:
                 "POST", f"/v1/leases/{digest}", msg, wire.LeaseReply, extra_timeout_s=wait_s
             )
             confirmed = reply.confirmed
+            self._rides.replied(confirmed)
         finally:
             self._rides.land(rides, confirmed)
         return reply

@@ -12,6 +12,9 @@ would take the call, and the reply names it (`LeaseReply.confirmed`). A
 confirmation no request took in time, one the reply does not name (an older
 tracker, a refusal) and one whose request failed is sent alone as before, so
 `confirm` ends as the call did: the tracker took it, or an error says why not.
+A tracker names the riders it took in every lease reply, none or some; one
+whose replies name nothing (an older one) gets every confirmation alone, at
+once.
 
 Owns the confirmations waiting for a ride and their outcome; the client sends
 them (tracker/client.py). It must not send anything itself but through the
@@ -48,10 +51,15 @@ class ConfirmRides:
         self._alone = alone
         self._hold_s = hold_s
         self._waiting: list[Ride] = []
+        # Whether the tracker takes riders, from its last lease reply (None: none yet).
+        self.taken_there: bool | None = None
 
     async def confirm(self, digest: Digest, info_hash: bytes) -> None:
         """Confirm with the next lease request if one goes within `hold_s`, else alone;
         returns once the tracker took it (raises as the call alone would)."""
+        if self.taken_there is False:  # an older tracker: nothing would take it
+            await self._alone(digest, info_hash)
+            return
         ride = Ride(digest, info_hash)
         self._waiting.append(ride)
         try:
@@ -67,11 +75,18 @@ class ConfirmRides:
         await self._alone(digest, info_hash)
 
     def board(self) -> list[Ride]:
-        """Every confirmation waiting, for the lease request about to go."""
+        """Every confirmation waiting, for the lease request about to go (none for an
+        older tracker: they go alone as their hold ends)."""
+        if self.taken_there is False:
+            return []
         rides, self._waiting = self._waiting, []
         for ride in rides:
             ride.boarded.set()
         return rides
+
+    def replied(self, confirmed: list[str] | None) -> None:
+        """A lease reply came: a tracker that names no riders (None) takes none."""
+        self.taken_there = confirmed is not None
 
     @staticmethod
     def land(rides: list[Ride], confirmed: list[str] | None) -> None:

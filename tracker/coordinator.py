@@ -193,15 +193,17 @@ class Tracker:
 
     async def confirm_seed(
         self, digest_text: str, msg: wire.ConfirmSeed, client_ip: str | None = None
-    ) -> None:
+    ) -> bool:
         """Count `msg.node` as a seeder of the digest's torrent, across restarts too; with
-        its port (and its address, `client_ip`), its peer is in the swarm as one now."""
+        its port (and its address, `client_ip`), its peer is in the swarm as one now.
+        Whether that is news (not confirmed before)."""
         news = self.swarms.confirm_seed(digest_text, msg)
         if msg.port and client_ip is not None:
             self.swarms.enter(checked_digest(digest_text), msg.node, client_ip, msg.port,
                               seeding=True, by="confirm")  # fmt: skip
         if news is not None:
             await self._store.put_confirmation(StoredConfirmation(*news, msg.node))
+        return news is not None
 
     async def confirm_riding(
         self, msg: wire.LeaseRequest, who: str, client_ip: str | None = None
@@ -216,11 +218,12 @@ class Tracker:
             confirm = wire.ConfirmSeed(msg.node, info_hash, msg.port)
             try:
                 self.quotas.take(Kind.PUBLISH, who, len(wire.encode(confirm)))
-                await self.confirm_seed(digest_text, confirm, client_ip)
+                news = await self.confirm_seed(digest_text, confirm, client_ip)
             except errors.TrackerError:
                 continue
             taken.append(digest_text)
-            self.metrics.riding_confirms.inc()
+            if news:  # as `seed_confirms` counts
+                self.metrics.riding_confirms.inc()
         return taken
 
     def report_stall(self, digest_text: str, msg: wire.ReportStall) -> None:

@@ -184,9 +184,8 @@ async def _get_manifest(call: Call) -> Response:
 async def _acquire(call: Call) -> Response:
     msg = call.message(wire.LeaseRequest, Kind.LEASE)
     identity = call.identity(msg.node)
-    confirmed = None
-    if msg.confirm_digests is not None:
-        confirmed = await call.tracker.confirm_riding(msg, call.who(msg), call.request.client_ip)
+    # Named in every reply, none or some: the node learns that riders are taken here.
+    confirmed = await call.tracker.confirm_riding(msg, call.who(msg), call.request.client_ip)
     # Past a long-poll cap the request is answered at once instead of held.
     with call.tracker.quotas.long_polls.hold(call.who(msg), msg.wait_s) as wait_s:
         msg = dataclasses.replace(msg, wait_s=wait_s)

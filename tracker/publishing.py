@@ -57,7 +57,7 @@ class Publishing:
         passed_from: Callable[[str, str], bool] = lambda digest, identity: False,
         drop_swarm: Callable[[str], None],
         notify: Callable[[str], None],
-        confirm: Callable[[str, wire.ConfirmSeed], Awaitable[None]],
+        confirm: Callable[[str, wire.ConfirmSeed], Awaitable[object]],
     ) -> None:
         self.config = config
         self.metrics = metrics

@@ -264,6 +264,7 @@ class _Upstream:
     log_all_bytes: int
     registry_cpu_s: float
     tracker_cpu_s: float | None
+    confirms: tuple[float | None, float | None]  # the tracker's seed confirmations, riding
 
 
 def _count_upstream(stage: Stage, cluster: Cluster, before: _Before) -> _Upstream:
@@ -285,6 +286,7 @@ def _count_upstream(stage: Stage, cluster: Cluster, before: _Before) -> _Upstrea
         log_all_bytes=sum(r.written for r in served),
         registry_cpu_s=registry_cpu,
         tracker_cpu_s=tracker_cpu,
+        confirms=_tracker_confirms(stage),
     )
 
 
@@ -373,7 +375,6 @@ def run_once(
         busy = meter.busy()
         elapsed = time.monotonic() - t0
         up = _count_upstream(stage, cluster, before)
-        confirms = _tracker_confirms(stage)
         per_node = _node_runs(hosts, stage, pulls, before, manifest, settings, t0)
         failures += [
             f"{r.host}: pull failed (exit {p.rc})"
@@ -402,6 +403,5 @@ def run_once(
         per_node=per_node,
         timeline=timeline,
         failures=failures,
-        tracker_seed_confirms=confirms[0],
-        tracker_riding_confirms=confirms[1],
+        tracker_seed_confirms=up.confirms[0], tracker_riding_confirms=up.confirms[1],
     )

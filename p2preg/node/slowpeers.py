@@ -24,6 +24,12 @@ to 64 KiB/s still showed 0.6 to 0.9 MB/s), longer than a fast swarm takes to
 finish without it. At most `MAX_DROPS` per download,
 `COOLDOWN_S` apart, so rates settle before the next judgement.
 
+A peer that delivered and then sent nothing at all is judged on a block since
+its last sample, so it is dropped too when another delivers; the new connection
+`RECONNECT_S` later starts its count afresh, and a peer still silent there has
+sent no block on that connection: never dropped again, it is the stall
+reports' (stallwatch.py), reported within `peer_stall_report_s`.
+
 The Python binding cannot close one connection, so peersockets.py shuts down its
 socket, found by the pair of endpoints `peer_info` names: libtorrent's next read
 on it ends, and libtorrent closes it as a peer that hung up. Only that
@@ -157,6 +163,13 @@ class SlowPeerWatch:
         self._mark = marks
         return rates
 
+    def undo(self, drop: Drop) -> None:
+        """`drop` could not be made (its connection was gone by then): it counts for
+        nothing, neither against MAX_DROPS nor as a cool-down or a reconnect."""
+        self.drops.remove(drop)
+        self._quiet_until = float("-inf")
+        self._reconnect.pop(drop.endpoint, None)
+
     def reconnect_due(self, now: float) -> list[Endpoint]:
         """Dropped peers we had dialled whose time to be connected again has come."""
         due = [e for e, at in self._reconnect.items() if at <= now]
@@ -197,7 +210,10 @@ class SlowPeers:
         if drop is None:
             return None
         if not shut_connection(drop.local, drop.endpoint):
-            return None  # closed by now: its requests are back already
+            self.watch.undo(drop)  # closed by now: its requests are back already
+            log.debug("swarm: peer %s:%d of %s was gone before its drop", *drop.endpoint,
+                      self._what)  # fmt: skip
+            return None
         if self._metrics is not None:
             self._metrics.peer_slow_drops.inc()
         log.info(
