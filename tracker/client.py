@@ -35,7 +35,7 @@ from p2preg.core.digest import Digest
 from p2preg.core.pki import CertificateError
 from p2preg.core.tls import ReloadingTLS, peer_identity
 from tracker.announce import SwarmStats, decode_scrape
-from tracker.client_failures import named, reply_error, why
+from tracker.client_failures import OneChunk, named, reply_error, why
 from tracker.confirm_rides import ConfirmRides
 
 log = logging.getLogger(__name__)
@@ -414,9 +414,11 @@ class TrackerClient:
             index = (start + step) % len(self.base_urls)
             base = self.base_urls[index]
             try:
-                response = await http.request(
+                request = http.build_request(
                     method, base + path, content=content, headers=headers, timeout=timeout_s
                 )
+                request.stream = OneChunk(content or b"")
+                response = await http.send(request)
                 self._check_server(base, response)
             except httpx.HTTPError as e:
                 failure = errors.TrackerUnavailable(

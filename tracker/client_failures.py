@@ -1,14 +1,18 @@
-"""How a failed call of the tracker client is told: which tracker, and why.
+"""How a call of the tracker client fails cleanly: which tracker, why, and no leftovers.
 
 Owns the text of a tracker failure (naming its tracker once, the TLS reason
-under httpx's exceptions) and the exception a non-2xx reply stands for (the
-class the tracker raised, by its error code). Pure functions over an httpx
-exception or response; it must not send anything.
+under httpx's exceptions), the exception a non-2xx reply stands for (the class
+the tracker raised, by its error code), and `OneChunk`, the request body the
+client sends: httpx's own for bytes is an async generator, which a request
+cancelled while its body was being written (a node shutting down) leaves
+suspended, for trio to finalize and warn about whenever it is collected. Pure
+functions and a plain iterator; it must not send anything.
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import AsyncIterator
 
 import httpx
 
@@ -54,3 +58,27 @@ def reply_error(response: httpx.Response) -> errors.TrackerError:
     if response.status_code >= 500 and body.error not in errors.BY_CODE:
         return errors.TrackerUnavailable(body.message)
     return errors.BY_CODE.get(body.error, errors.TrackerError)(body.message)
+
+
+class OneChunk(httpx.AsyncByteStream):
+    """A request body given whole, iterated without an async generator."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _Once(self._data)
+
+
+class _Once:
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> _Once:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._data is None:
+            raise StopAsyncIteration
+        data, self._data = self._data, None
+        return data
