@@ -9,7 +9,6 @@ worker threads here (libtorrent runs its own), so no MockClock.
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +18,7 @@ import pytest
 import trio
 
 from p2preg.core.config import HostPort
+from p2preg.node import peersockets
 from p2preg.node.fetch import SwarmSettings
 from p2preg.node.limits import cover_every_peer
 from p2preg.node.metrics import NodeMetrics
@@ -68,21 +68,11 @@ def nagle_by_port(ports: set[int]) -> dict[tuple[int, int], bool]:
     """(local port, remote port or 0) -> Nagle still on, for this process's TCP sockets
     with an end on one of `ports`."""
     found = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                continue
-            dup = os.dup(int(name))
-        except OSError:
-            continue
-        try:
-            sock = socket.socket(fileno=dup)
-        except OSError:
-            os.close(dup)
+    for name in peersockets._socket_links():  # the node's own walk of its sockets
+        sock = peersockets._tcp(name)
+        if sock is None:
             continue
         with sock:
-            if sock.family != socket.AF_INET or sock.type != socket.SOCK_STREAM:
-                continue
             local = sock.getsockname()[1]
             try:
                 remote = sock.getpeername()[1]
