@@ -412,7 +412,7 @@ def main() -> None:
             )
             results += [_from_load(key, load) for key, load in loads.items()]
             for (store, mode), load in loads.items():
-                if mode.startswith("https") and "-relayed-" not in mode:
+                if mode in ("https-mtls", "https-mtls-resumed"):
                     done = load.answered + load.errors
                     print(f"{store} {mode}: the tracker resumed {load.resumed} of {done} sessions")
             if args.replicas > 1:

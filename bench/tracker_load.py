@@ -43,8 +43,9 @@ from tracker.metainfo import make_metainfo
 NUMWANT = 50
 # Peer ports start here; node i's is FIRST_PORT + i (so nodes ≤ 55,000).
 FIRST_PORT = 10_000
-# Control API requests in flight while confirming seeders.
-CONFIRM_CONCURRENCY = 16
+# Seed confirmations under way at once. Each waits up to confirm_rides.HOLD_S for a
+# lease request to ride (none goes here) before it is sent alone.
+CONFIRM_CONCURRENCY = 256
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ import trio
 
 from bench.machine import cpu_seconds
 from bench.tracker_load import (
+    FIRST_PORT,
     Cluster,
     confirm_seeders,
     count_peers,
@@ -57,6 +58,7 @@ from bench.tracker_load import (
 from bench.tracker_redis import RedisCost, RedisUnderTest, open_redis_store, wait_serving
 from harness.tlscerts import ClusterCA, client_ssl_context, https_client
 from harness.tracker import TrackerProcess, open_tracker
+from p2preg.core import wire
 from p2preg.core.metainfo import Metainfo
 from tracker.client import TrackerClient
 
@@ -104,6 +106,10 @@ class Job:
     # > 0: announce as nodes' relays do (p2preg/node/relay.py): `batch` announces of
     # one node per `POST /v1/announces`, on that node's kept-alive connection.
     batch: int = 0
+    # With `batch`: each swarm's blob digest; the worker then sends lease requests
+    # (`POST /v1/leases/<digest>`, one per request, naming the node's peer port) on
+    # the same kept-alive connections: a seeded blob's answer, SEEDED with peers.
+    leases: tuple[str, ...] = ()
 
     def port_of(self, i: int) -> int:
         return self.ports[i % len(self.ports)] if self.ports else self.port
@@ -173,6 +179,15 @@ class _Relays:
         self.of: dict[int, list[tuple[int, int]]] = {}
         for s, j in members:
             self.of.setdefault(job.cluster.node(s, j), []).append((s, j))
+        # With `job.leases` a node asks for the blobs of swarms it does not seed: a SEEDED
+        # answer enters the asker as a downloader (a seeder asking would turn into
+        # one, and its swarm lose a seeder).
+        self.asks: dict[int, list[int]] = {}
+        if job.leases:
+            for i, ms in self.of.items():
+                seeds = {s for s, j in ms if j >= job.cluster.leechers}
+                self.asks[i] = [s for s in range(len(job.leases)) if s not in seeds]
+            self.of = {i: ms for i, ms in self.of.items() if self.asks[i]}
         self.clients: dict[int, httpx.Client] = {}
 
     def client(self, i: int) -> httpx.Client:
@@ -188,6 +203,8 @@ class _Relays:
         """One batch of node i's members: (answered, failed, peers)."""
         job = self.job
         mine = self.of[i]
+        if job.leases:
+            return self._lease(i, rnd.choice(self.asks[i]))
         picked = [mine[(rnd.randrange(len(mine)) + n) % len(mine)] for n in range(job.batch)]
         rows = [query(job.cluster, job.hashes[s], s, j, node=job.pool is None).encode()
                 for s, j in picked]  # fmt: skip
@@ -202,6 +219,22 @@ class _Relays:
         counts = [count_peers(a) for a in msgpack.unpackb(r.content)]
         good = [c for c in counts if c >= 0]
         return len(good), len(counts) - len(good), sum(good)
+
+    def _lease(self, i: int, s: int) -> tuple[int, int, int]:
+        """Node i asks for swarm s's blob, as a node's first ask: (answered, failed, peers)."""
+        job = self.job
+        scheme = "https" if job.pool else "http"
+        ask = wire.LeaseRequest(node_name(i), port=FIRST_PORT + i)
+        r = self.client(i).post(
+            f"{scheme}://127.0.0.1:{job.port_of(i)}/v1/leases/{job.leases[s]}",
+            content=wire.encode(ask),
+            headers={"Content-Type": "application/msgpack"},
+        )
+        if r.status_code != 200:
+            return 0, 1, 0
+        reply = wire.decode(wire.LeaseReply, r.content)
+        seeded = reply.status is wire.LeaseStatus.SEEDED
+        return int(seeded), int(not seeded), len(reply.peers or ()) if seeded else 0
 
 
 def _relay_worker(
@@ -458,4 +491,7 @@ def measure_both(
                         loads[store, f"{mode}-relayed-{batch}"] = run_load(
                             relayed, t.process.pid, metrics_url, redis
                         )
+                asks = dataclasses.replace(job, warmup=False, batch=1,
+                                           leases=tuple(str(m.digest) for m in mode_metas))
+                loads[store, f"{mode}-leases"] = run_load(asks, t.process.pid, metrics_url, redis)
     return loads

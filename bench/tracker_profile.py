@@ -91,6 +91,9 @@ def main() -> None:
     parser.add_argument("--tls-swarms", type=int, default=20)
     parser.add_argument("--tls-nodes", type=int, default=100)
     parser.add_argument("--plain", action="store_true", help="plain HTTP, no mutual TLS")
+    parser.add_argument("--leases", action="store_true",
+                        help="lease requests for seeded blobs (SEEDED answers) in place of"
+                        " relayed announces, one per request (`--batch` is ignored)")
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args()
     cluster = Cluster(nodes=args.tls_nodes, swarms=args.tls_swarms)
@@ -122,13 +125,17 @@ def main() -> None:
                 spy.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL))
 
             relayed = dataclasses.replace(job, warmup=False, batch=args.batch)
+            if args.leases:
+                relayed = dataclasses.replace(relayed, batch=1,
+                                              leases=tuple(str(m.digest) for m in metas))
             load = run_load(relayed, t.process.pid, t.metrics_url or t.url, on_go=start_spy)
             spy[0].wait(timeout=args.seconds + 60)
     us = load.tracker_cpu_pct / 100 * load.seconds / max(1, load.answered) * 1e6
     mode = "plain HTTP" if args.plain else "mutual TLS"
-    print(f"relayed batches of {args.batch} over {mode}: {load.answered / load.seconds:,.0f}"
-          f" announces/s, {load.errors} errors, tracker CPU {load.tracker_cpu_pct:.0f} %,"
-          f" {us:.0f} µs per announce (sampled at {SAMPLE_RATE_HZ} Hz)")  # fmt: skip
+    what = "lease requests" if args.leases else f"relayed batches of {args.batch}"
+    print(f"{what} over {mode}: {load.answered / load.seconds:,.0f}"
+          f" answered/s, {load.errors} errors, tracker CPU {load.tracker_cpu_pct:.0f} %,"
+          f" {us:.0f} µs per answer (sampled at {SAMPLE_RATE_HZ} Hz)")  # fmt: skip
     print(render(read_raw(raw.read_text()), args.top))
     print(f"raw stacks: {raw}")
 

@@ -126,6 +126,24 @@ def test_peer_table_expiry_and_limits() -> None:
     assert table.seeders("d2") == 1 and table.totals().swarms == 1
 
 
+def test_expiry_skips_a_swarm_until_a_peer_may_be_due_and_misses_none() -> None:
+    table = PeerTable(max_peers_per_swarm=10, max_peers=10)
+    addr = [compact_address("10.0.0.1", 100 + i) for i in range(3)]
+    _up(table, "d", "a", b"a" * 20, addr[0], seeder=False, at=10)
+    _up(table, "d", "b", b"b" * 20, addr[1], seeder=False, at=20)
+    _up(table, "d", "a", b"a" * 20, addr[0], seeder=False, at=30)  # refreshed: due later
+    swarm = table.swarm("d")
+    assert swarm is not None and swarm.earliest == 10  # a lower bound: a's old expiry
+    assert table.expire_swarm("d", now=9) == 0 and swarm.earliest == 10  # not looked at
+    assert table.expire_swarm("d", now=15) == 0  # a was refreshed; the bound moves to b's 20
+    assert swarm.earliest == 20
+    _up(table, "d", "c", b"c" * 20, addr[2], seeder=True, at=12)  # due sooner than the bound
+    assert table.expire_swarm("d", now=12) == 1 and table.peer("d", "c") is None
+    _up(table, "d", "b", b"b" * 20, addr[1], seeder=False, at=13)  # shortened: still caught
+    assert table.expire_swarm("d", now=13) == 1 and table.peer("d", "b") is None
+    assert table.expire_swarm("d", now=30) == 1 and table.swarm("d") is None
+
+
 def test_swarm_groups_stay_consistent_under_churn() -> None:
     rng = random.Random(7)
     table = PeerTable(max_peers_per_swarm=1000, max_peers=1000)

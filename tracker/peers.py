@@ -53,10 +53,15 @@ class Swarm:
     same peers' compact entries at the same positions, so an answer is a slice
     and a join. Inserting at a random position (the newcomer swaps places with
     a random member) keeps every group a uniformly random permutation; removal
-    moves the last member into the hole, which keeps it one.
+    moves the last member into the hole, which keeps it one. `earliest` is at or
+    before every member's expiry, so that looking for expired peers costs nothing
+    until one may be (a lease request looks on every ask, and a layer's swarm in a
+    big cluster holds thousands).
     """
 
-    __slots__ = ("by_key", "downloaded", "leecher_addrs", "leechers", "seeder_addrs", "seeders")
+    __slots__ = (
+        "by_key", "downloaded", "earliest", "leecher_addrs", "leechers", "seeder_addrs", "seeders",
+    )
 
     def __init__(self) -> None:
         self.seeders: list[Peer] = []
@@ -65,6 +70,7 @@ class Swarm:
         self.leecher_addrs: list[bytes] = []
         self.by_key: dict[str, Peer] = {}
         self.downloaded = 0  # event=completed seen since the tracker started
+        self.earliest = float("inf")
 
     def add(self, peer: Peer) -> None:
         group, addrs = (
@@ -86,6 +92,7 @@ class Swarm:
             addrs[at] = peer.compact
         peer.pos = at
         self.by_key[peer.key] = peer
+        self.earliest = min(self.earliest, peer.expires_at)
 
     def discard(self, peer: Peer) -> None:
         group, addrs = (
@@ -170,6 +177,7 @@ class PeerTable:
         known = bool(peer.peer_id and peer_id)
         replaced = (known and peer.peer_id != peer_id) or peer.compact != compact
         peer.expires_at = expires_at
+        swarm.earliest = min(swarm.earliest, expires_at)
         peer.peer_id = peer_id or peer.peer_id
         peer.claims_seed = claims_seed
         peer.announced_at, peer.uploaded, peer.downloaded = announced
@@ -236,11 +244,12 @@ class PeerTable:
     def expire_swarm(self, key: str, now: float) -> int:
         """Drop the swarm's peers whose time is up; return how many."""
         swarm = self._swarms.get(key)
-        if swarm is None:
+        if swarm is None or now < swarm.earliest:
             return 0
         dead = [p for p in swarm.by_key.values() if p.expires_at <= now]
         for peer in dead:
             swarm.discard(peer)
+        swarm.earliest = min((p.expires_at for p in swarm.by_key.values()), default=float("inf"))
         self._peers -= len(dead)
         if not swarm.by_key:
             del self._swarms[key]

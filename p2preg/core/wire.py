@@ -356,7 +356,7 @@ def decode(cls: type[M], data: bytes) -> M:
         raise WireError(f"body is not msgpack: {e}") from None
     if not isinstance(raw, dict):
         raise WireError(f"{cls.__name__} must be a map")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name in raw:
@@ -368,6 +368,19 @@ def decode(cls: type[M], data: bytes) -> M:
         elif f.default is dataclasses.MISSING:
             raise WireError(f"{cls.__name__} lacks {f.name!r}")
     return cls(**values)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """The message's field types, resolved once. Resolving them (string annotations)
+    on every decode took a seventh of the tracker's CPU per lease request
+    (docs/BENCHMARKS.md, "What a lease request costs")."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 def _plain(value: object) -> object:
