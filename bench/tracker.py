@@ -443,16 +443,17 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
     table = Table(
         title=f"Tracker announces/s — {args.swarms} swarms of 56 of {args.nodes} nodes"
         f" (py gen: {args.tls_swarms} of {args.tls_nodes}), numwant={NUMWANT}, new connection"
-        f" per HTTP request, tracker on core {TRACKER_CORE}, load on core {LOAD_CORE}"
+        f" per HTTP request, tracker on core {TRACKER_CORE}, load on core {LOAD_CORE};"
+        " -relayed-B rows answer B announces a request, -leases rows lease requests"
     )
     ref_name = "vs opentracker (py gen: vs its http)"
     columns = (
         "tracker",
         "protocol",
-        "announces/s",
+        "answered/s",
         "errors",
         "tracker CPU",
-        "CPU µs/announce",
+        "CPU µs/answer",
         "peers/answer",
         "replaced",
         "Redis cmds/announce",

@@ -35,6 +35,7 @@ from urllib.parse import quote_from_bytes
 import httpx
 import trio
 
+from p2preg.core import wire
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
 from tracker.client import TrackerClient
@@ -44,8 +45,10 @@ NUMWANT = 50
 # Peer ports start here; node i's is FIRST_PORT + i (so nodes ≤ 55,000).
 FIRST_PORT = 10_000
 # Seed confirmations under way at once. Each waits up to confirm_rides.HOLD_S for a
-# lease request to ride (none goes here) before it is sent alone.
-CONFIRM_CONCURRENCY = 256
+# lease request to ride (none goes here) before it is sent alone; under mutual TLS
+# each is a node's own connection, so well below the tracker's 256 connections per
+# address still in their handshake (max_preauth_connections_per_ip).
+CONFIRM_CONCURRENCY = 128
 
 
 @dataclass(frozen=True)
@@ -146,6 +149,19 @@ async def confirm_seeders(
     async with trio.open_nursery() as nursery:
         for s, i in pending:
             nursery.start_soon(one, s, i)
+
+
+def ask_seeded(client: httpx.Client, url: str, digest: str, i: int) -> tuple[int, int, int]:
+    """Node i asks `url` for the lease on a blob it lacks, naming its peer port:
+    (1 if answered SEEDED, 1 if anything else, the answer's peers)."""
+    ask = wire.LeaseRequest(node_name(i), port=FIRST_PORT + i)
+    r = client.post(f"{url}/v1/leases/{digest}", content=wire.encode(ask),
+                    headers={"Content-Type": "application/msgpack"})  # fmt: skip
+    if r.status_code != 200:
+        return 0, 1, 0
+    reply = wire.decode(wire.LeaseReply, r.content)
+    seeded = reply.status is wire.LeaseStatus.SEEDED
+    return int(seeded), int(not seeded), len(reply.peers or ()) if seeded else 0
 
 
 def check_answer(url: str, cluster: Cluster, ih: bytes, *, token: str | None) -> tuple[int, int]:

@@ -19,8 +19,11 @@ announce as nodes do through their relay (p2preg/node/relay.py): each worker
 keeps one connection open for each of 8 nodes of its share (handshakes made,
 and kept within the tracker's 5 s keep-alive, before the clock) and posts
 `batch` of that node's announces at a time to `/v1/announces` (a node here has
-few torrents, so a batch repeats them; applying one costs the same). Used by
-bench/tracker.py only; holds no assertions on speed.
+few torrents, so a batch repeats them; applying one costs the same). The lease
+rows (`Job.leases`, modes `http-leases` and `https-mtls-leases`) send lease
+requests for seeded blobs on the same kept-alive connections instead, one per
+request. Used by bench/tracker.py and bench/tracker_profile.py; holds no
+assertions on speed.
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ import trio
 
 from bench.machine import cpu_seconds
 from bench.tracker_load import (
-    FIRST_PORT,
     Cluster,
+    ask_seeded,
     confirm_seeders,
     count_peers,
     make_torrents,
@@ -108,7 +111,9 @@ class Job:
     batch: int = 0
     # With `batch`: each swarm's blob digest; the worker then sends lease requests
     # (`POST /v1/leases/<digest>`, one per request, naming the node's peer port) on
-    # the same kept-alive connections: a seeded blob's answer, SEEDED with peers.
+    # the same kept-alive connections, each for a blob the node does not seed (most
+    # of them asked again: the node's peer is then updated, not added); every answer
+    # is SEEDED with peers, anything else counts as an error.
     leases: tuple[str, ...] = ()
 
     def port_of(self, i: int) -> int:
@@ -204,7 +209,9 @@ class _Relays:
         job = self.job
         mine = self.of[i]
         if job.leases:
-            return self._lease(i, rnd.choice(self.asks[i]))
+            scheme = "https" if job.pool else "http"
+            url = f"{scheme}://127.0.0.1:{job.port_of(i)}"
+            return ask_seeded(self.client(i), url, job.leases[rnd.choice(self.asks[i])], i)
         picked = [mine[(rnd.randrange(len(mine)) + n) % len(mine)] for n in range(job.batch)]
         rows = [query(job.cluster, job.hashes[s], s, j, node=job.pool is None).encode()
                 for s, j in picked]  # fmt: skip
@@ -220,23 +227,6 @@ class _Relays:
         good = [c for c in counts if c >= 0]
         return len(good), len(counts) - len(good), sum(good)
 
-    def _lease(self, i: int, s: int) -> tuple[int, int, int]:
-        """Node i asks for swarm s's blob, as a node's first ask: (answered, failed, peers)."""
-        job = self.job
-        scheme = "https" if job.pool else "http"
-        ask = wire.LeaseRequest(node_name(i), port=FIRST_PORT + i)
-        r = self.client(i).post(
-            f"{scheme}://127.0.0.1:{job.port_of(i)}/v1/leases/{job.leases[s]}",
-            content=wire.encode(ask),
-            headers={"Content-Type": "application/msgpack"},
-        )
-        if r.status_code != 200:
-            return 0, 1, 0
-        reply = wire.decode(wire.LeaseReply, r.content)
-        seeded = reply.status is wire.LeaseStatus.SEEDED
-        return int(seeded), int(not seeded), len(reply.peers or ()) if seeded else 0
-
-
 def _relay_worker(
     job: Job,
     members: list[tuple[int, int]],
@@ -247,6 +237,8 @@ def _relay_worker(
     relays = _Relays(job, members)
     # A few nodes each, so that each connection is used well within the keep-alive.
     nodes = sorted(relays.of)[:RELAY_NODES_PER_WORKER]
+    if not nodes:
+        raise RuntimeError(f"worker {w} has no node to send from: a bigger cluster, please")
     rnd = random.Random()
     for i in nodes:  # each node's connection (and handshake) before the clock
         relays.announce(i, rnd)
@@ -263,7 +255,7 @@ def _relay_worker(
     while time.perf_counter() < start + job.seconds:
         try:
             got = relays.announce(rnd.choice(nodes), rnd)
-        except httpx.HTTPError:
+        except (httpx.HTTPError, wire.WireError):
             got = (0, job.batch, 0)
         answered, errors, peers = answered + got[0], errors + got[1], peers + got[2]
     for c in relays.clients.values():
@@ -441,7 +433,8 @@ def measure_both(
 ) -> dict[tuple[str, str], Load]:
     """The same generator against a plain and an mTLS tracker, one after the other;
     then the mTLS one again with clients resuming their TLS sessions (`Job.resume`),
-    and as nodes' relays send theirs (`Job.batch`, each of `RELAY_BATCHES`);
+    and as nodes' relays send theirs (`Job.batch`, each of `RELAY_BATCHES`); then, plain
+    and mTLS, lease requests for seeded blobs (`Job.leases`);
     all of it once per store in `stores` (`sqlite`, `redis`). Keyed (store, mode).
 
     The plain one has no token (loopback): a token check is one constant-time

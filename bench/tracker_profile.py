@@ -1,4 +1,4 @@
-"""Where the tracker's CPU goes under relayed announces: py-spy on the process, as text.
+"""Where the tracker's CPU goes under relayed announces (or lease requests): py-spy, as text.
 
 Starts one tracker (mutual TLS, or plain HTTP with `--plain`) pinned to core 0,
 publishes and confirms the cluster of bench/tracker_mtls.py, walks every member
@@ -11,7 +11,11 @@ rows are the figures) and the profile's top entries: by function's own time,
 by inclusive time, and own time per source file. The raw stacks go to
 bench/results/ for a flame graph. Not a test: no assertions on speed. Usage:
 
-    .venv/bin/python -m bench.tracker_profile [--batch 1] [--seconds 15] [--plain]
+    .venv/bin/python -m bench.tracker_profile [--batch 1] [--seconds 15] [--plain] [--leases]
+
+`--leases` drives lease requests for seeded blobs instead (SEEDED answers, one
+per request on the same kept-alive connections: bench/tracker_mtls.py's lease rows).
+py-spy is the venv's (`.venv/bin` on PATH).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ SMALL = Params(
     fail_fraction=0.0, holder_failures=0,
 )
 # 60 nodes asking for 10 layers at once: 600 mTLS handshakes queue at the serving
-# replica (1.4 s at 2.4 ms), past the 0.5 s a grant has to be acknowledged.
+# replica (1.5 s at 2.5 ms), past the 0.5 s a grant has to be acknowledged.
 BURST = Params(
     nodes=60, image_bytes=100 * MB, layers=10, upstream_mbit=1000.0, node_mbit=10_000.0,
     fail_fraction=0.0, holder_failures=0, client_downloads=0,

@@ -203,7 +203,7 @@ class Cluster:
                         node.id, self.digests[layer], layer + 1, self.sizes[layer], ask.wait_s
                     )
 
-                self.servers.control(node.id, apply, len(riders))
+                self.servers.control(node.id, apply, len(riders), ask=True)
 
             e.schedule(e.now + half, send)
         elif isinstance(action, AskAgain):

@@ -46,9 +46,13 @@ class Costs:
     # A request on a new mutual-TLS connection, answered by the serving replica
     # itself: the handshake and the request (2,407 µs per direct mTLS announce).
     handshake_s: float = 2.407e-3
-    # A request on a kept-alive connection: the plain request's work (166 µs per
-    # plain announce, 205 µs per forwarded one), rounded up to 0.2 ms.
-    call_s: float = 0.2e-3
+    # A request on a kept-alive mTLS connection, measured on the serving replica
+    # (docs/BENCHMARKS.md, "What a lease request costs", 2026-12-07): a relayed batch
+    # of one announce (585 µs) stands for a renewal, a release, a publish or a
+    # confirmation; a lease request answered SEEDED with 50 peers took 721 µs.
+    # (Until then 0.2 ms for both, from a plain announce's 166 µs.)
+    call_s: float = 0.585e-3
+    ask_s: float = 0.721e-3
     # A front's handshake and forward of one announce (3,348 µs) and what the
     # serving replica spends on the forwarded announce (699 µs at batches of 1.9).
     front_s: float = 3.348e-3
@@ -123,9 +127,12 @@ class TrackerServers:
         """The serving replica's queue delay now, s (the tracker's lag)."""
         return self.serving.lag(self._clock(), self.hold_s) if self.replicas else 0.0
 
-    def control(self, node: int, apply: Callable[[], None], riders: int = 0) -> None:
+    def control(
+        self, node: int, apply: Callable[[], None], riders: int = 0, *, ask: bool = False
+    ) -> None:
         """A control call from `node`: `apply` runs once the serving replica handled it
-        (and the `riders` seed confirmations it carries, `Costs.riding_s` each).
+        (and the `riders` seed confirmations it carries, `Costs.riding_s` each); `ask`:
+        a lease request (`Costs.ask_s` in place of `call_s`).
 
         The caller says when the answer has left (`answered`): its connection is
         then idle again.
@@ -144,7 +151,7 @@ class TrackerServers:
             cost = self.costs.handshake_s
             self.handshakes += 1
         self._idle[node] = idle
-        cost += riders * self.costs.riding_s
+        cost += riders * self.costs.riding_s + (self.costs.ask_s - self.costs.call_s) * ask
         self._schedule(self.serving.serve(now, cost), apply)
 
     def answered(self, node: int) -> None:
