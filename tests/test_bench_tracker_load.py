@@ -7,7 +7,8 @@ benchmark does) over both of its generators' wire formats — the BEP 15 walk
 with `node=` in URL data, and HTTP announces with `node=` — and reads what
 the tracker holds: every member is its own peer, confirmed seeders count as
 seeders, nothing was replaced, a leecher's answer carries the whole rest of
-its swarm and a seeder's the leechers.
+its swarm and a seeder's the leechers; and the lease rows' ask (`ask_seeded`)
+is answered SEEDED with the swarm and enters its node as a downloader.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import trio
 from bench import tracker_udp
 from bench.tracker_load import (
     Cluster,
+    ask_seeded,
     check_answer,
     confirm_seeders,
     make_torrents,
@@ -49,7 +51,7 @@ def _gauges(url: str) -> dict[str, float]:
     return out
 
 
-async def _setup(url: str, workdir: Path) -> list[bytes]:
+async def _setup(url: str, workdir: Path) -> tuple[list[bytes], list[str]]:
     metas = make_torrents(workdir, CLUSTER.swarms)
     async with httpx.AsyncClient(timeout=30) as http:
         await publish_all(TrackerClient(url, node="bench", token=TOKEN, http=http), metas)
@@ -58,13 +60,13 @@ async def _setup(url: str, workdir: Path) -> list[bytes]:
             for i in range(CLUSTER.nodes)
         }
         await confirm_seeders(clients, CLUSTER, metas)
-    return [m.swarm_keys[0] for m in metas]
+    return [m.swarm_keys[0] for m in metas], [str(m.digest) for m in metas]
 
 
 def test_every_member_is_a_peer_and_answers_carry_the_swarm(tmp_path: Path) -> None:
     port = free_port(udp=True)
     with open_tracker(tmp_path / "t", port=port, token=TOKEN) as t:
-        hashes = trio.run(_setup, t.url, tmp_path)
+        hashes, digests = trio.run(_setup, t.url, tmp_path)
         members = tracker_udp.packets(CLUSTER, hashes, TOKEN)
         for _ in range(2):  # the second walk re-announces: nothing new, nothing replaced
             run = tracker_udp.load(port, members, 30.0, 8, walk=True)
@@ -80,3 +82,12 @@ def test_every_member_is_a_peer_and_answers_carry_the_swarm(tmp_path: Path) -> N
         assert seeder == CLUSTER.leechers
         assert _gauges(t.url)["peers"] == CLUSTER.members
         assert _gauges(t.url)["peers_replaced_total"] == 0
+        # The lease rows: a node outside swarm 0 asks for its blob, is answered
+        # SEEDED with the swarm's peers and entered as one more downloader.
+        outsider = CLUSTER.nodes - 1
+        assert all(CLUSTER.node(0, j) != outsider for j in range(CLUSTER.per_swarm))
+        with httpx.Client(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10) as c:
+            assert ask_seeded(c, t.url, digests[0], outsider) == (1, 0, CLUSTER.per_swarm)
+        got = _gauges(t.url)
+        assert got["peers"] == CLUSTER.members + 1
+        assert got["seeders"] == CLUSTER.swarms * (CLUSTER.per_swarm - CLUSTER.leechers)

@@ -456,6 +456,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="peers leave Nagle on, as nodes did before p2preg/node/peersockets.py",
     )
+    parser.add_argument(
+        "--super-seed",
+        action="store_true",
+        help="seeders offer each piece to one peer until it spreads (libtorrent's super"
+        " seeding, BEP 16; experiment)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--disk-io", choices=["default", "mmap", "posix", "pread"])
     parser.add_argument("--piece-kib", type=int, help="force this piece size (experiment)")

@@ -142,6 +142,8 @@ def peers(
                 argv.append("--no-slow-peers")
             if args.nagle:
                 argv.append("--nagle")
+            if getattr(args, "super_seed", False) and role == "seed":
+                argv.append("--super-seed")
             argv += list(extra)
             if getattr(args, "peer_log", None) and role == "leech" and i == 0:
                 argv += ["--peer-log", str(args.peer_log)]

@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-slow-peers", action="store_true", help="leechers drop no slow peer")
     p.add_argument("--nagle", action="store_true", help="peers leave Nagle on (before 2026-12-07)")
+    p.add_argument("--super-seed", action="store_true",
+                   help="the seeder super-seeds (BEP 16; experiment)")  # fmt: skip
     p.add_argument("--peer-log", help="the first leecher writes libtorrent's peer log here")
     p.add_argument("--transfer-timeout-s", type=float, default=180.0)
     p.add_argument("--out", type=Path, default=RESULTS)

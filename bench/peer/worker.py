@@ -253,6 +253,8 @@ def run_peer(args: argparse.Namespace) -> int:
     counts = {"hash_failures": 0}
     if args.role == "seed":
         atp = _torrent_params(meta, save, args.announce, seed=not args.full_check)
+        if args.super_seed:
+            atp.flags |= lt.torrent_flags.super_seeding
         handle = _add(session, args, atp)
         while "tracker_reply" not in times or not handle.status().is_seeding:
             if time.monotonic() > deadline:
