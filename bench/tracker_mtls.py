@@ -209,15 +209,12 @@ class _Relays:
         job = self.job
         mine = self.of[i]
         if job.leases:
-            scheme = "https" if job.pool else "http"
-            url = f"{scheme}://127.0.0.1:{job.port_of(i)}"
-            return ask_seeded(self.client(i), url, job.leases[rnd.choice(self.asks[i])], i)
+            return ask_seeded(self.client(i), self.url(i), job.leases[rnd.choice(self.asks[i])], i)
         picked = [mine[(rnd.randrange(len(mine)) + n) % len(mine)] for n in range(job.batch)]
         rows = [query(job.cluster, job.hashes[s], s, j, node=job.pool is None).encode()
                 for s, j in picked]  # fmt: skip
-        scheme = "https" if job.pool else "http"
         r = self.client(i).post(
-            f"{scheme}://127.0.0.1:{job.port_of(i)}/v1/announces",
+            f"{self.url(i)}/v1/announces",
             content=msgpack.packb(rows, use_bin_type=True),
             headers={"Content-Type": "application/msgpack"},
         )
@@ -226,6 +223,11 @@ class _Relays:
         counts = [count_peers(a) for a in msgpack.unpackb(r.content)]
         good = [c for c in counts if c >= 0]
         return len(good), len(counts) - len(good), sum(good)
+
+    def url(self, i: int) -> str:
+        """The tracker node i talks to."""
+        return f"{'https' if self.job.pool else 'http'}://127.0.0.1:{self.job.port_of(i)}"
+
 
 def _relay_worker(
     job: Job,

@@ -68,10 +68,7 @@ def nagle_by_port(ports: set[int]) -> dict[tuple[int, int], bool]:
     """(local port, remote port or 0) -> Nagle still on, for this process's TCP sockets
     with an end on one of `ports`."""
     found = {}
-    for name in peersockets._socket_links():  # the node's own walk of its sockets
-        sock = peersockets._tcp(name)
-        if sock is None:
-            continue
+    for sock in peersockets.tcp_sockets():  # the node's own walk of its sockets
         with sock:
             local = sock.getsockname()[1]
             try:

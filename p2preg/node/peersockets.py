@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import libtorrent as lt
@@ -82,14 +83,20 @@ def _tcp(name: str) -> socket.socket | None:
     return None
 
 
+def tcp_sockets() -> Iterator[socket.socket]:
+    """A duplicate of each of this process's TCP sockets, one at a time (the caller
+    closes each)."""
+    for name in _socket_links():
+        sock = _tcp(name)
+        if sock is not None:
+            yield sock
+
+
 def shut_connection(local: Endpoint, remote: Endpoint) -> bool:
     """Shut down this process's TCP connection from `local` to `remote`; False if there is
     none."""
     wanted = (endpoint(local), endpoint(remote))
-    for name in _socket_links():
-        sock = _tcp(name)
-        if sock is None:
-            continue
+    for sock in tcp_sockets():
         with sock:
             try:
                 if (endpoint(sock.getsockname()), endpoint(sock.getpeername())) != wanted:
