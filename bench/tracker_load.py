@@ -35,6 +35,7 @@ from urllib.parse import quote_from_bytes
 import httpx
 import trio
 
+from bench.keptalive import KeptAlive
 from p2preg.core import wire
 from p2preg.core.digest import Digest
 from p2preg.core.metainfo import Metainfo
@@ -151,15 +152,14 @@ async def confirm_seeders(
             nursery.start_soon(one, s, i)
 
 
-def ask_seeded(client: httpx.Client, url: str, digest: str, i: int) -> tuple[int, int, int]:
-    """Node i asks `url` for the lease on a blob it lacks, naming its peer port:
+def ask_seeded(client: KeptAlive, digest: str, i: int) -> tuple[int, int, int]:
+    """Node i asks for the lease on a blob it lacks, naming its peer port:
     (1 if answered SEEDED, 1 if anything else, the answer's peers)."""
     ask = wire.LeaseRequest(node_name(i), port=FIRST_PORT + i)
-    r = client.post(f"{url}/v1/leases/{digest}", content=wire.encode(ask),
-                    headers={"Content-Type": "application/msgpack"})  # fmt: skip
-    if r.status_code != 200:
+    status, body = client.post(f"/v1/leases/{digest}", wire.encode(ask), "application/msgpack")
+    if status != 200:
         return 0, 1, 0
-    reply = wire.decode(wire.LeaseReply, r.content)
+    reply = wire.decode(wire.LeaseReply, body)
     seeded = reply.status is wire.LeaseStatus.SEEDED
     return int(seeded), int(not seeded), len(reply.peers or ()) if seeded else 0
 

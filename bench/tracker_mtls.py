@@ -47,6 +47,7 @@ import httpx
 import msgpack
 import trio
 
+from bench.keptalive import KeptAlive
 from bench.machine import cpu_seconds
 from bench.tracker_load import (
     Cluster,
@@ -193,15 +194,12 @@ class _Relays:
                 seeds = {s for s, j in ms if j >= job.cluster.leechers}
                 self.asks[i] = [s for s in range(len(job.leases)) if s not in seeds]
             self.of = {i: ms for i, ms in self.of.items() if self.asks[i]}
-        self.clients: dict[int, httpx.Client] = {}
+        self.clients: dict[int, KeptAlive] = {}
 
-    def client(self, i: int) -> httpx.Client:
+    def client(self, i: int) -> KeptAlive:
         if i not in self.clients:
-            # No Nagle stall between the request's head and its body (as above).
-            nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
             ctx = client_ssl_context(self.job.pool / str(i)) if self.job.pool else None
-            transport = httpx.HTTPTransport(verify=ctx or False, socket_options=nodelay)
-            self.clients[i] = httpx.Client(transport=transport, timeout=CONNECT_TIMEOUT_S)
+            self.clients[i] = KeptAlive(self.url(i), ctx, CONNECT_TIMEOUT_S)
         return self.clients[i]
 
     def announce(self, i: int, rnd: random.Random) -> tuple[int, int, int]:
@@ -209,18 +207,16 @@ class _Relays:
         job = self.job
         mine = self.of[i]
         if job.leases:
-            return ask_seeded(self.client(i), self.url(i), job.leases[rnd.choice(self.asks[i])], i)
+            return ask_seeded(self.client(i), job.leases[rnd.choice(self.asks[i])], i)
         picked = [mine[(rnd.randrange(len(mine)) + n) % len(mine)] for n in range(job.batch)]
         rows = [query(job.cluster, job.hashes[s], s, j, node=job.pool is None).encode()
                 for s, j in picked]  # fmt: skip
-        r = self.client(i).post(
-            f"{self.url(i)}/v1/announces",
-            content=msgpack.packb(rows, use_bin_type=True),
-            headers={"Content-Type": "application/msgpack"},
+        status, body = self.client(i).post(
+            "/v1/announces", msgpack.packb(rows, use_bin_type=True), "application/msgpack"
         )
-        if r.status_code != 200:
+        if status != 200:
             return 0, len(rows), 0
-        counts = [count_peers(a) for a in msgpack.unpackb(r.content)]
+        counts = [count_peers(a) for a in msgpack.unpackb(body)]
         good = [c for c in counts if c >= 0]
         return len(good), len(counts) - len(good), sum(good)
 
@@ -257,7 +253,7 @@ def _relay_worker(
     while time.perf_counter() < start + job.seconds:
         try:
             got = relays.announce(rnd.choice(nodes), rnd)
-        except (httpx.HTTPError, wire.WireError):
+        except (OSError, ValueError, wire.WireError):
             got = (0, job.batch, 0)
         answered, errors, peers = answered + got[0], errors + got[1], peers + got[2]
     for c in relays.clients.values():

@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from bench import tracker_udp
+from bench.keptalive import KeptAlive
 from bench.tracker_load import (
     Cluster,
     ask_seeded,
@@ -86,8 +87,11 @@ def test_every_member_is_a_peer_and_answers_carry_the_swarm(tmp_path: Path) -> N
         # SEEDED with the swarm's peers and entered as one more downloader.
         outsider = CLUSTER.nodes - 1
         assert all(CLUSTER.node(0, j) != outsider for j in range(CLUSTER.per_swarm))
-        with httpx.Client(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10) as c:
-            assert ask_seeded(c, t.url, digests[0], outsider) == (1, 0, CLUSTER.per_swarm)
+        c = KeptAlive(t.url, None, 10, headers={"Authorization": f"Bearer {TOKEN}"})
+        try:
+            assert ask_seeded(c, digests[0], outsider) == (1, 0, CLUSTER.per_swarm)
+        finally:
+            c.close()
         got = _gauges(t.url)
         assert got["peers"] == CLUSTER.members + 1
         assert got["seeders"] == CLUSTER.swarms * (CLUSTER.per_swarm - CLUSTER.leechers)
