@@ -21,6 +21,7 @@ import trio.testing
 from p2preg.core import wire
 from p2preg.core.digest import Digest
 from tests.tracker_helpers import make_tracker
+from tracker import hangups
 from tracker.http_listener import HEAD_TIMEOUT_S, KEEP_ALIVE_TIMEOUT_S, serve_connection
 from tracker.http_protocol import (
     HttpConnection,
@@ -90,7 +91,7 @@ def test_bodies_over_the_limit_are_refused_before_they_are_read() -> None:
         (b"GET /x HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nab", None),
     ],
 )
-def test_malformed_requests_are_refused_with_h11s_status(raw: bytes, status: int | None) -> None:
+def test_malformed_requests_get_the_status_owed(raw: bytes, status: int | None) -> None:
     conn = HttpConnection("h", max_body_bytes=100)
     conn.receive(raw)
     if status is None:  # a body cut short: more may come, or the client hangs up
@@ -149,19 +150,35 @@ def app(tmp_path: Path) -> TrackerHttp:
     return TrackerHttp(make_tracker(tmp_path, token=TOKEN))
 
 
-def test_only_requests_without_a_long_poll_are_answered_at_once(tmp_path: Path) -> None:
-    http = app(tmp_path)
+async def test_a_lease_request_whose_client_hangs_up_leaves_its_long_poll(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The real desk over a connection: a request told to wait holds its long-poll
+    slot, and the client's hang-up ends the wait (the holder's grant is not yet
+    0.5 s old, so nothing else would)."""
+    tracker = make_tracker(tmp_path, token=TOKEN)
+    http = TrackerHttp(tracker)
+    holder = await http.handle(request(b"POST", f"/v1/leases/{DIGEST}", ask("n1", 0)))
+    assert wire.decode(wire.LeaseReply, holder.body).status is wire.LeaseStatus.GRANTED
+    client, server = trio.testing.memory_stream_pair()
+    held: list[bool] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_connection, server, HttpConnection("h", 1 << 16), http)
+        body = ask("n2", 30)
+        await client.send_all(
+            f"POST /v1/leases/{DIGEST} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}"
+            f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        await trio.sleep(0.1)
+        held.append(tracker.quotas.long_polls.held("n2") == 1)
+        await client.aclose()
+        await trio.sleep(0.1)
+        held.append(tracker.quotas.long_polls.held("n2") == 1)
+    assert held == [True, False]
 
-    def at_once(method: bytes, target: str) -> bool:
-        return http.answers_at_once(request(method, target))
 
-    # A relay's batch, a replica's forwarded one, BitTorrent, health: no watcher.
-    assert at_once(b"POST", "/v1/announces") and at_once(b"POST", "/v1/replica/announces")
-    assert at_once(b"GET", "/announce?info_hash=x") and at_once(b"GET", "/healthz")
-    # Long polls (a lease request, a chunk list) keep theirs, and so does the rest.
-    assert not at_once(b"POST", f"/v1/leases/{DIGEST}")
-    assert not at_once(b"GET", f"/v1/chunks/{DIGEST}?have=0&wait=30")
-    assert not at_once(b"PUT", f"/v1/metainfo/{DIGEST}") and not at_once(b"GET", "/nope")
+def ask(node: str, wait_s: int) -> bytes:
+    return wire.encode(wire.LeaseRequest(node, 10, wait_s=wait_s))
 
 
 def request(method: bytes, target: str, body: bytes = b"", token: str | None = TOKEN) -> Request:
@@ -212,8 +229,8 @@ async def test_bittorrent_answers_are_bencoded_200s_that_close(tmp_path: Path) -
 
 
 class FakeApp:
-    """Answers every request with its path; /wait blocks until cancelled, /sleep
-    answers after 3 s and is answered at once (no long poll)."""
+    """Answers every request with its path; /wait waits for news (tracker/hangups.py)
+    until cancelled, /sleep answers after 3 s without waiting for news."""
 
     max_body_bytes = 1024
 
@@ -224,19 +241,19 @@ class FakeApp:
     def fast_answer(self, target: bytes, ip: str) -> bytes | None:
         return None
 
-    def answers_at_once(self, request: Request) -> bool:
-        return request.path != "/wait"
-
     async def handle(self, request: Request) -> Response:
         if request.path == "/sleep":
             await trio.sleep(3)
             self.slept += 1
         if request.path == "/wait":
+            answered = False
             try:
-                await trio.sleep_forever()
-            except trio.Cancelled:
-                self.cancelled += 1
-                raise
+                async with hangups.while_waiting():
+                    await trio.sleep_forever()
+                answered = True
+            finally:
+                # Cancelled as a group out of the watch's nursery: count it here.
+                self.cancelled += not answered
         return Response(200, request.path.encode())
 
     def refuse(self, refusal: Refusal) -> Response:

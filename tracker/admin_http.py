@@ -73,9 +73,6 @@ class AdminHttp:
     def fast_answer(self, target: bytes, ip: str) -> bytes | None:
         return None  # every request gets the full HTTP path
 
-    def answers_at_once(self, request: Request) -> bool:
-        return True  # the page is built in the request, from memory
-
     async def handle(self, request: Request) -> Response:
         if request.path not in ("/", "/healthz"):
             return Response(404, b"not found: the cluster page is at /\n", _TEXT)

@@ -34,12 +34,13 @@ import logging
 import math
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol, cast
 
 import trio
 
 from p2preg.core.pki import Identity
+from tracker import hangups
 from tracker.http_protocol import (
     MAX_HEAD_BYTES,
     BodyLimit,
@@ -90,11 +91,6 @@ class HttpApp(Protocol):
     def max_body_bytes(self) -> int | BodyLimit: ...
 
     def fast_answer(self, target: bytes, ip: str) -> bytes | None: ...
-
-    def answers_at_once(self, request: Request) -> bool:
-        """True if `handle(request)` holds no long poll (it answers from what it
-        has, or within a short time limit): served without watching the connection."""
-        ...
 
     async def handle(self, request: Request) -> Response: ...
 
@@ -261,9 +257,6 @@ class _Forbidden:
     def fast_answer(self, target: bytes, ip: str) -> bytes | None:
         return None
 
-    def answers_at_once(self, request: Request) -> bool:
-        return True
-
     async def handle(self, request: Request) -> Response:
         return self._app.refuse(Refusal(403, self._message))
 
@@ -300,14 +293,7 @@ async def serve_connection(
             if http.can_respond:
                 await _send(stream, http.respond(app.refuse(request)))
             return
-        response: Response | None
-        if app.answers_at_once(request):
-            # No watcher: a task, a cancelled read and a nursery per request cost
-            # more than a relayed announce (docs/BENCHMARKS.md, "Where a relayed
-            # request's time goes").
-            response = await app.handle(request)
-        else:
-            response = await _answer_while_connected(stream, http, app, request)
+        response = await _answer_while_connected(stream, http, app, request)
         if response is None:
             return  # the client left: nobody to answer
         head_only = request.method == b"HEAD"
@@ -345,41 +331,51 @@ async def _read_request(
 async def _answer_while_connected(
     stream: trio.abc.Stream, http: HttpConnection, app: HttpApp, request: Request
 ) -> Response | None:
-    """`app.handle(request)`, cancelled if the client hangs up first (a long poll's
-    waiter must not hold a place in a queue for a node that is gone); for a request
-    the app does not answer at once.
+    """`app.handle(request)`, or None if it waited for news and the client hung up
+    meanwhile (tracker/hangups.py: a long poll's waiter must not hold a place in a
+    queue for a node that is gone)."""
+    watch = _ClientWatch(stream, http)
+    with watch.scope, hangups.watched(watch.watching):
+        return await app.handle(request)
+    return None  # cancelled by the watch: the client is gone
 
-    The watcher's `receive_some` is cancelled when the answer is ready: safe on
-    a SocketStream, and on an SSLStream once its handshake is done (a whole
-    request has been read by then).
+
+class _ClientWatch:
+    """Reads the connection while the request waits: the end of it cancels `scope`.
+
+    The read is cancelled when the wait ends: safe on a SocketStream, and on an
+    SSLStream once its handshake is done (a whole request has been read by then).
     """
-    response: Response | None = None
 
-    async def handle(cancel_scope: trio.CancelScope) -> None:
-        nonlocal response
-        response = await app.handle(request)
-        cancel_scope.cancel()
+    def __init__(self, stream: trio.abc.Stream, http: HttpConnection) -> None:
+        self.scope = trio.CancelScope()
+        self._stream = stream
+        self._http = http
+        self._read = 0
 
-    async def watch(cancel_scope: trio.CancelScope) -> None:
-        read = 0
+    @contextlib.asynccontextmanager
+    async def watching(self) -> AsyncIterator[None]:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch)
+            try:
+                yield
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _watch(self) -> None:
         # Bytes that arrive meanwhile are the next pipelined request: keep them,
         # up to one head's worth; past that, stop reading and let TCP push back.
-        while read <= MAX_HEAD_BYTES:
+        while self._read <= MAX_HEAD_BYTES:
             try:
-                chunk = await stream.receive_some(RECEIVE_BYTES)
+                chunk = await self._stream.receive_some(RECEIVE_BYTES)
             except _GONE:
                 chunk = b""
             if not chunk:
-                cancel_scope.cancel()
+                self.scope.cancel()
                 return
-            read += len(chunk)
-            http.receive(bytes(chunk))
+            self._read += len(chunk)
+            self._http.receive(bytes(chunk))
         await trio.sleep_forever()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(handle, nursery.cancel_scope)
-        nursery.start_soon(watch, nursery.cancel_scope)
-    return response
 
 
 async def _send(stream: trio.abc.Stream, data: bytes) -> bool:

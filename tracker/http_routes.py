@@ -99,8 +99,6 @@ class Route:
     handler: Handler
     # Needs the bearer token (BitTorrent routes carry theirs in the query).
     bearer: bool = True
-    # Holds no long poll (HttpApp.answers_at_once): no watcher on its connection.
-    at_once: bool = False
 
 
 def _msgpack(message: wire.Message, status: int = 200) -> Response:
@@ -292,18 +290,16 @@ async def _report_chunks(call: Call) -> Response:
     return Response(204, b"", wire.CONTENT_TYPE)
 
 
-def _route(
-    method: str, path: str, handler: Handler, *, bearer: bool = True, at_once: bool = False
-) -> Route:
-    return Route(method.encode(), tuple(path.strip("/").split("/")), handler, bearer, at_once)
+def _route(method: str, path: str, handler: Handler, *, bearer: bool = True) -> Route:
+    return Route(method.encode(), tuple(path.strip("/").split("/")), handler, bearer)
 
 
 ROUTES: tuple[Route, ...] = (
-    _route("GET", "/healthz", _healthz, bearer=False, at_once=True),
-    _route("GET", "/metrics", _metrics, bearer=False, at_once=True),
-    _route("GET", "/readyz", _readyz, bearer=False, at_once=True),
-    _route("GET", "/announce", _bittorrent, bearer=False, at_once=True),
-    _route("GET", "/scrape", _bittorrent, bearer=False, at_once=True),
+    _route("GET", "/healthz", _healthz, bearer=False),
+    _route("GET", "/metrics", _metrics, bearer=False),
+    _route("GET", "/readyz", _readyz, bearer=False),
+    _route("GET", "/announce", _bittorrent, bearer=False),
+    _route("GET", "/scrape", _bittorrent, bearer=False),
     _route("GET", "/v1/status", _status),
     _route("GET", "/v1/metainfo/{digest}", _lookup),
     _route("PUT", "/v1/metainfo/{digest}", _publish),
@@ -317,11 +313,11 @@ ROUTES: tuple[Route, ...] = (
     _route("POST", "/v1/tags/query", _tag_query),
     _route("GET", "/v1/manifests/{digest}", _get_manifest),
     _route("PUT", "/v1/manifests/{digest}", _put_manifest),
-    _route("POST", fronts.FORWARD_PATH, _forwarded, at_once=True),
+    _route("POST", fronts.FORWARD_PATH, _forwarded),
     _route("GET", "/v1/chunks/{digest}", _list_chunks),
     _route("PUT", "/v1/chunks/{digest}", _publish_chunk),
     _route("POST", "/v1/chunks/{digest}/bad", _report_chunks),
-    _route("POST", fronts.RELAY_PATH, _relayed, at_once=True),
+    _route("POST", fronts.RELAY_PATH, _relayed),
 )
 # What the plain metrics listener serves beside an mTLS port: nothing that
 # carries a secret or changes state.
@@ -392,8 +388,6 @@ class TrackerHttp:
         self.standby: Standby | None = None
         # Standing by for another replica, the sender of BitTorrent requests to it.
         self.front: fronts.Front | None = None
-        # The paths of the routes that hold no long poll (none has a `{digest}`).
-        self._at_once = frozenset("/" + "/".join(r.path) for r in routes if r.at_once)
         # `match` of each path without a `{digest}`, worked out once: a look-up for
         # the paths asked most (relayed announces) instead of a walk of the table.
         self._matched = {
@@ -413,11 +407,6 @@ class TrackerHttp:
         path, query = split_target(target)
         body = bittorrent.http_body(self.tracker, path, query, ip)
         return None if body is None else encode_closing(body)
-
-    def answers_at_once(self, request: Request) -> bool:
-        """Whether `request` is for a route that holds no long poll (any method: a
-        wrong one is refused at once)."""
-        return request.path in self._at_once
 
     async def handle(self, request: Request) -> Response:
         # HEAD is GET without the body (the framing leaves it out).

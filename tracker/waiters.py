@@ -4,14 +4,17 @@
 a reader waiting for a blob's next chunk) sleeps on its digest until `notify`
 wakes it — a seeder appeared, a lease was released, expired or turned slow or
 silent, an image's upstream slot came free, a manifest was shelved — or until
-its deadline. It holds one event per digest that has sleepers and forgets it
-when the last one leaves. It must not decide anything (the lease book, the
+its deadline, its client watched for a hang-up meanwhile (tracker/hangups.py).
+It holds one event per digest that has sleepers and forgets it when the last
+one leaves. It must not decide anything (the lease book, the
 upstream queue and the coordinator do) nor hold a sleeper past its deadline.
 """
 
 from __future__ import annotations
 
 import trio
+
+from tracker.hangups import while_waiting
 
 
 class Waiters:
@@ -37,7 +40,8 @@ class Waiters:
         self._counts[digest] = self._counts.get(digest, 0) + 1
         try:
             with trio.move_on_at(deadline):
-                await event.wait()
+                async with while_waiting():
+                    await event.wait()
         finally:
             left = self._counts[digest] - 1
             if left:
