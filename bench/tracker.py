@@ -89,7 +89,7 @@ from bench.tracker_udp import Run
 from harness.procs import Process, free_port, wait_for_http
 from harness.tracker import open_tracker
 from p2preg.core.metainfo import Metainfo
-from tracker.client import TrackerClient
+from tracker.client import PLAIN_KEEPALIVE_EXPIRY_S, TrackerClient
 
 TOKEN = "bench-token"
 # Rows measured with bench/tracker_mtls.py's generator rather than wrk end so.
@@ -293,7 +293,8 @@ def measure(
 
 async def setup_ours(url: str, metas: list[Metainfo], cluster: Cluster) -> None:
     """Publish every torrent, then every seeding member confirms its swarm's."""
-    async with httpx.AsyncClient(timeout=30) as http:
+    limits = httpx.Limits(keepalive_expiry=PLAIN_KEEPALIVE_EXPIRY_S)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as http:
         await publish_all(TrackerClient(url, node="bench", token=TOKEN, http=http), metas)
         clients = {
             i: TrackerClient(url, node=node_name(i), token=TOKEN, http=http)

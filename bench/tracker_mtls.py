@@ -64,6 +64,7 @@ from harness.tlscerts import ClusterCA, client_ssl_context, https_client
 from harness.tracker import TrackerProcess, open_tracker
 from p2preg.core import wire
 from p2preg.core.metainfo import Metainfo
+from tracker.client import PLAIN_KEEPALIVE_EXPIRY_S as PLAIN_EXPIRY_S
 from tracker.client import TrackerClient
 
 # Blocking workers on the one load core: enough in flight to keep the tracker busy.
@@ -357,7 +358,11 @@ async def _setup(
 ) -> None:
     """Publish every torrent (as `bench`), then every seeding member confirms."""
     https = pool is not None
-    shared = https_client(publisher, timeout=30) if https else httpx.AsyncClient(timeout=30)
+    shared = (
+        https_client(publisher, timeout=30)
+        if https
+        else httpx.AsyncClient(timeout=30, limits=httpx.Limits(keepalive_expiry=PLAIN_EXPIRY_S))
+    )
     nodes: dict[int, httpx.AsyncClient] = {}
     try:
         await publish_all(TrackerClient(url, node="bench", http=shared), metas)

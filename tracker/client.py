@@ -44,6 +44,11 @@ DEFAULT_TIMEOUT_S = 10.0
 RELAY_CONTENT_TYPE = "application/msgpack"
 # An idle pooled connection (mutual TLS) is kept this long before it is closed.
 KEEPALIVE_EXPIRY_S = 60.0
+# ... and without a certificate this long: the tracker closes one idle for 5 s
+# (http_listener.KEEP_ALIVE_TIMEOUT_S), and httpx's default of 5 s let a request
+# go out on a connection the moment the tracker closed it ("Server disconnected
+# without sending a response"). Under the tracker's, this side closes first.
+PLAIN_KEEPALIVE_EXPIRY_S = 2.0
 
 
 class TrackerClient:
@@ -94,7 +99,7 @@ class TrackerClient:
 
     def _new_pool(self) -> httpx.AsyncClient:
         if self._tls is None:
-            return httpx.AsyncClient()
+            return httpx.AsyncClient(limits=httpx.Limits(keepalive_expiry=PLAIN_KEEPALIVE_EXPIRY_S))
         # The context verifies the tracker against ca.crt only, and its hostname
         # (the tracker's certificate must name the host in --tracker, which
         # libtorrent's HTTPS announces check too).

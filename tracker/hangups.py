@@ -20,16 +20,22 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from contextvars import ContextVar
 
+import trio
+
 # Entered around a wait: cancels the request if its client hangs up meanwhile.
 Watch = Callable[[], AbstractAsyncContextManager[None]]
 
-_current: ContextVar[Watch | None] = ContextVar("p2preg_tracker_hangup_watch", default=None)
+# The watch, and the task handling the request: a task started meanwhile (a
+# store's writer, say) copies the context, but must never read that connection.
+_current: ContextVar[tuple[Watch, trio.lowlevel.Task] | None] = ContextVar(
+    "p2preg_tracker_hangup_watch", default=None
+)
 
 
 @contextmanager
 def watched(watch: Watch) -> Iterator[None]:
-    """The request handled inside this block has its client watched by `watch`."""
-    token = _current.set(watch)
+    """The request this task handles inside this block has its client watched by `watch`."""
+    token = _current.set((watch, trio.lowlevel.current_task()))
     try:
         yield
     finally:
@@ -38,10 +44,11 @@ def watched(watch: Watch) -> Iterator[None]:
 
 @asynccontextmanager
 async def while_waiting() -> AsyncIterator[None]:
-    """Around a wait for news: the client is watched meanwhile (when there is one)."""
-    watch = _current.get()
-    if watch is None:
+    """Around a wait for news: the client is watched meanwhile (when this task is
+    handling a request)."""
+    current = _current.get()
+    if current is None or current[1] is not trio.lowlevel.current_task():
         yield
         return
-    async with watch():
+    async with current[0]():
         yield
