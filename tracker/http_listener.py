@@ -12,7 +12,7 @@ has arrived, and when it is one complete GET that the app answers at once
 connection — the control API, /healthz, /metrics, a head that came in pieces —
 gets a task running `serve_connection`, the one place that speaks HTTP on a
 stream, keep-alive and all, with the bytes already read. With a `TLSGate`
-(mutual TLS) every connection gets a task at once: a `TLSStream` with the
+(mutual TLS) every connection gets a task at once: a `trio.SSLStream` with the
 gate's current server context, a handshake bounded by HEAD_TIMEOUT_S, the
 gate's verdict on the client certificate, then `serve_connection` with the
 identity stamped on each request; a refused handshake is counted and closed,
@@ -33,8 +33,9 @@ import errno
 import logging
 import math
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 import trio
 
@@ -52,7 +53,6 @@ from tracker.http_protocol import (
 )
 from tracker.quotas import PreAuthConnections, Ticket
 from tracker.tls_gate import TLSGate, handshake_refusal
-from tracker.tls_stream import TLSStream
 
 log = logging.getLogger("p2preg.tracker")
 # Before authentication, a client gets this long for its first request's head ...
@@ -205,8 +205,11 @@ async def _tls_connection(
     conn: socket.socket, ip: str, app: HttpApp, gate: TLSGate, ticket: Ticket
 ) -> None:
     conn.setblocking(False)
-    sock = trio.socket.from_stdlib_socket(conn)
-    stream = TLSStream(sock, gate.server_context())
+    transport = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+    # https_compatible: HTTP clients (libtorrent, httpx) close without close_notify.
+    stream = trio.SSLStream(
+        transport, gate.server_context(), server_side=True, https_compatible=True
+    )
     try:
         identity, refusal = await _handshake(stream, gate)
         ticket.release()
@@ -226,11 +229,11 @@ async def _tls_connection(
         log.exception("a TLS connection from %s failed; the listener goes on", ip)
     finally:
         ticket.release()
-        await stream.aclose()
+        await transport.aclose()  # no close_notify to wait for: see https_compatible
 
 
 async def _handshake(
-    stream: TLSStream, gate: TLSGate
+    stream: trio.SSLStream[trio.SocketStream], gate: TLSGate
 ) -> tuple[Identity | None, tuple[str, str] | None]:
     """The admitted identity, or the refusal (reason, detail) of this connection."""
     with trio.move_on_after(HEAD_TIMEOUT_S):
@@ -238,7 +241,8 @@ async def _handshake(
             await stream.do_handshake()
         except trio.BrokenResourceError as e:
             return None, handshake_refusal(e.__cause__)
-        return gate.admit(stream.ssl_object)
+        # trio's SSLStream forwards getpeercert to its SSLObject.
+        return gate.admit(cast(ssl.SSLObject, stream))
     return None, ("handshake_timeout", f"no handshake within {HEAD_TIMEOUT_S:g} s")
 
 
@@ -339,8 +343,8 @@ async def _answer_while_connected(
 class _ClientWatch:
     """Reads the connection while the request waits: the end of it cancels `scope`.
 
-    The read is cancelled when the wait ends: safe on a SocketStream, and on a
-    TLSStream, whose read only takes bytes off the socket at a checkpoint.
+    The read is cancelled when the wait ends: safe on a SocketStream, and on an
+    SSLStream once its handshake is done (a whole request has been read by then).
     """
 
     def __init__(self, stream: trio.abc.Stream, http: HttpConnection) -> None:
