@@ -46,13 +46,15 @@ class Costs:
     # A request on a new mutual-TLS connection, answered by the serving replica
     # itself: the handshake and the request (2,407 µs per direct mTLS announce).
     handshake_s: float = 2.407e-3
-    # A request on a kept-alive mTLS connection, measured on the serving replica
-    # (docs/BENCHMARKS.md, "What a lease request costs", 2026-12-07): a relayed batch
-    # of one announce (585 µs) stands for a renewal, a release, a publish or a
-    # confirmation; a lease request answered SEEDED with 50 peers took 721 µs.
-    # (Until then 0.2 ms for both, from a plain announce's 166 µs.)
-    call_s: float = 0.585e-3
-    ask_s: float = 0.721e-3
+    # A request on a kept-alive mTLS connection at a saturated serving replica
+    # (docs/BENCHMARKS.md, "Kept-alive requests at a saturated tracker",
+    # 2026-12-07, the higher of two runs): a relayed batch of one announce (237 µs)
+    # stands for a renewal, a release, a publish or a confirmation; a lease
+    # request answered SEEDED with 50 peers took 318 µs. (585 and 721 µs before
+    # the tracker's own HTTP framing and the lazy hang-up watch, measured with
+    # the tracker 60 to 66 % busy; 0.2 ms for both until then.)
+    call_s: float = 0.237e-3
+    ask_s: float = 0.318e-3
     # A front's handshake and forward of one announce (3,348 µs) and what the
     # serving replica spends on the forwarded announce (699 µs at batches of 1.9).
     front_s: float = 3.348e-3
