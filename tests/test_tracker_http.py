@@ -229,8 +229,9 @@ async def test_bittorrent_answers_are_bencoded_200s_that_close(tmp_path: Path) -
 
 
 class FakeApp:
-    """Answers every request with its path; /wait waits for news (tracker/hangups.py)
-    until cancelled, /sleep answers after 3 s without waiting for news."""
+    """Answers every request with its path; /wait waits for news (its client watched,
+    tracker/hangups.py) until cancelled, /sleep answers after 3 s without waiting
+    for news."""
 
     max_body_bytes = 1024
 
@@ -246,14 +247,12 @@ class FakeApp:
             await trio.sleep(3)
             self.slept += 1
         if request.path == "/wait":
-            answered = False
+            hangups.watch_client()
             try:
-                async with hangups.while_waiting():
-                    await trio.sleep_forever()
-                answered = True
-            finally:
-                # Cancelled as a group out of the watch's nursery: count it here.
-                self.cancelled += not answered
+                await trio.sleep_forever()
+            except trio.Cancelled:
+                self.cancelled += 1
+                raise
         return Response(200, request.path.encode())
 
     def refuse(self, refusal: Refusal) -> Response:

@@ -34,7 +34,7 @@ import logging
 import math
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Protocol, cast
 
 import trio
@@ -334,46 +334,50 @@ async def _answer_while_connected(
     """`app.handle(request)`, or None if it waited for news and the client hung up
     meanwhile (tracker/hangups.py: a long poll's waiter must not hold a place in a
     queue for a node that is gone)."""
-    watch = _ClientWatch(stream, http)
-    with watch.scope, hangups.watched(watch.watching):
-        return await app.handle(request)
-    return None  # cancelled by the watch: the client is gone
+    response: Response | None = None
+    async with trio.open_nursery() as nursery:
+        watch = _ClientWatch(stream, http, nursery)
+        with hangups.watched(watch.start):
+            response = await app.handle(request)
+        nursery.cancel_scope.cancel()  # the watch, if the request waited
+    return None if watch.gone else response
 
 
 class _ClientWatch:
-    """Reads the connection while the request waits: the end of it cancels `scope`.
+    """Reads the connection, once started, until the request is answered; the end of
+    the stream cancels the request (`nursery`).
 
-    The read is cancelled when the wait ends: safe on a SocketStream, and on an
-    SSLStream once its handshake is done (a whole request has been read by then).
+    The read is cancelled when the answer is ready: safe on a SocketStream, and
+    on an SSLStream once its handshake is done (a whole request has been read
+    by then).
     """
 
-    def __init__(self, stream: trio.abc.Stream, http: HttpConnection) -> None:
-        self.scope = trio.CancelScope()
+    def __init__(self, stream: trio.abc.Stream, http: HttpConnection, nursery: trio.Nursery):
+        self.gone = False
         self._stream = stream
         self._http = http
-        self._read = 0
+        self._nursery = nursery
+        self._started = False
 
-    @contextlib.asynccontextmanager
-    async def watching(self) -> AsyncIterator[None]:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch)
-            try:
-                yield
-            finally:
-                nursery.cancel_scope.cancel()
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._nursery.start_soon(self._watch)
 
     async def _watch(self) -> None:
         # Bytes that arrive meanwhile are the next pipelined request: keep them,
         # up to one head's worth; past that, stop reading and let TCP push back.
-        while self._read <= MAX_HEAD_BYTES:
+        read = 0
+        while read <= MAX_HEAD_BYTES:
             try:
                 chunk = await self._stream.receive_some(RECEIVE_BYTES)
             except _GONE:
                 chunk = b""
             if not chunk:
-                self.scope.cancel()
+                self.gone = True
+                self._nursery.cancel_scope.cancel()
                 return
-            self._read += len(chunk)
+            read += len(chunk)
             self._http.receive(bytes(chunk))
         await trio.sleep_forever()
 

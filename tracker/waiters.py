@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import trio
 
-from tracker.hangups import while_waiting
+from tracker.hangups import watch_client
 
 
 class Waiters:
@@ -38,10 +38,10 @@ class Waiters:
         if event is None:
             event = self._events[digest] = trio.Event()
         self._counts[digest] = self._counts.get(digest, 0) + 1
+        watch_client()
         try:
             with trio.move_on_at(deadline):
-                async with while_waiting():
-                    await event.wait()
+                await event.wait()
         finally:
             left = self._counts[digest] - 1
             if left:
