@@ -77,7 +77,18 @@ def test_a_chunked_body_with_extensions_and_a_trailer_arrives_whole_however_spli
 
 @pytest.mark.parametrize(
     "chunks",
-    [b"3\r\nabcX\r\n", b"z\r\n", b"-1\r\n", b"3\r\nabc\r\n0\r\nbad trailer\r\n\r\n"],
+    [
+        b"3\r\nabcX\r\n",
+        b"z\r\n",
+        b"-1\r\n",
+        b"3\r\nabc\r\n0\r\nbad trailer\r\n\r\n",
+        # Size lines ended otherwise than by one CRLF: framed differently by a proxy
+        # that ends them only at CRLF (a request smuggled inside the chunk).
+        b"5\nhello\r\n0\r\n\r\n",
+        b"2;\nxx\r\n0\r\n\r\n",
+        b"5\r\r\nhello\r\n0\r\n\r\n",
+        b"0\n\r\n",
+    ],
 )
 def test_a_chunked_body_out_of_shape_is_refused(chunks: bytes) -> None:
     _, got = read(CHUNKED + chunks)
@@ -124,3 +135,15 @@ def test_an_answer_has_its_reason_length_and_headers() -> None:
         b"HTTP/1.1 405 Method Not Allowed\r\nContent-Type: text/plain\r\n"
         b"Content-Length: 2\r\nAllow: GET\r\n\r\nno"
     )
+
+
+def test_a_head_that_comes_a_byte_at_a_time_is_read_once_whole() -> None:
+    raw = b"GET /x HTTP/1.1\r\nHost: t\r\nX-A: " + b"a" * 2000 + b"\r\n\r\nGET /y HTTP/1.1\r\n"
+    conn = HttpConnection("h", max_body_bytes=0)
+    got: list[Request | Refusal | Wait] = []
+    for i in range(len(raw)):
+        conn.receive(raw[i : i + 1])
+        got.append(conn.next_request())
+    requests = [r for r in got if isinstance(r, Request)]
+    assert [r.path for r in requests] == ["/x"] and requests[0].header(b"x-a") == b"a" * 2000
+    assert got.index(requests[0]) == raw.index(b"\r\n\r\n") + 3

@@ -246,6 +246,8 @@ class FakeApp:
         if request.path == "/sleep":
             await trio.sleep(3)
             self.slept += 1
+        if request.path == "/gone":
+            raise trio.ClosedResourceError("the answer's channel closed")
         if request.path == "/wait":
             hangups.watch_client()
             try:
@@ -347,3 +349,12 @@ async def test_a_malformed_request_gets_its_refusal_and_the_connection_ends(
 
     assert await run_connection(FakeApp(), client) == 0
     assert got[0].startswith(b"HTTP/1.1 413 ") and b"Connection: close" in got[0]
+
+
+async def test_a_failure_while_answering_comes_out_as_itself() -> None:
+    """Not wrapped in an exception group by the request's nursery: the listener's
+    `except` for a client or channel gone still matches it."""
+    client, server = trio.testing.memory_stream_pair()
+    await client.send_all(get(b"/gone"))
+    with pytest.raises(trio.ClosedResourceError):
+        await serve_connection(server, HttpConnection("h", 1024), FakeApp())

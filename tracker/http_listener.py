@@ -335,11 +335,21 @@ async def _answer_while_connected(
     meanwhile (tracker/hangups.py: a long poll's waiter must not hold a place in a
     queue for a node that is gone)."""
     response: Response | None = None
-    async with trio.open_nursery() as nursery:
-        watch = _ClientWatch(stream, http, nursery)
-        with hangups.watched(watch.start):
-            response = await app.handle(request)
-        nursery.cancel_scope.cancel()  # the watch, if the request waited
+    single: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            watch = _ClientWatch(stream, http, nursery)
+            with hangups.watched(watch.start):
+                response = await app.handle(request)
+            nursery.cancel_scope.cancel()  # the watch, if the request waited
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) != 1:
+            raise
+        single = group.exceptions[0]
+    if single is not None:
+        # One failure (the client gone, say) comes out as itself, as it would without
+        # the nursery, for the caller's `except`.
+        raise single
     return None if watch.gone else response
 
 

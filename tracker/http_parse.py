@@ -27,6 +27,9 @@ _FIELD_NAME = re.compile(_TOKEN)
 # A value: no NUL and no whitespace but blanks (h11's rule: other controls occur
 # in the wild).
 _FIELD_VALUE = re.compile(rb"[^\x00\r\n\x0b\x0c]*")
+# A chunk's size line less its CRLF. Only CRLF ends it: a proxy that ends it at a
+# bare LF inside an extension, or at the last of several CRs, and one that does not
+# would frame the body differently (a request smuggled in a chunk).
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
 _BLANK_LINE = re.compile(rb"\n\r?\n")
 _LINE = re.compile(rb"\r?\n")
@@ -56,9 +59,10 @@ class Head:
     keep_alive: bool
 
 
-def head_end(data: bytes | bytearray) -> int | None:
-    """Where the head in `data` ends (after its blank line), or None if it has not yet."""
-    found = _BLANK_LINE.search(data)
+def head_end(data: bytes | bytearray, start: int = 0) -> int | None:
+    """Where the head in `data` ends (after its blank line), or None if it has not yet;
+    `start`: where to begin looking (what was searched before cannot hold it)."""
+    found = _BLANK_LINE.search(data, start)
     return None if found is None else found.end()
 
 
@@ -145,11 +149,12 @@ class Body:
                     return self._short(data)
                 _field(bytes(data[:end]).rstrip(b"\r"))
                 del data[: end + 1]
-            elif self._left == -1:  # a chunk's size line
+            elif self._left == -1:  # a chunk's size line, ended by CRLF and nothing else
                 end = data.find(b"\n")
                 if end < 0:
                     return self._short(data)
-                size = _CHUNK_SIZE.fullmatch(bytes(data[:end]).rstrip(b"\r"))
+                line = bytes(data[:end])
+                size = _CHUNK_SIZE.fullmatch(line[:-1]) if line.endswith(b"\r") else None
                 if size is None:
                     raise Malformed(400, "a bad chunk size line")
                 del data[: end + 1]

@@ -110,6 +110,9 @@ class HttpConnection:
         limit = max_body_bytes
         self._limit = limit if isinstance(limit, BodyLimit) else BodyLimit(limit)
         self._data = bytearray()
+        # How much of `_data` was searched for a head's end: a head that arrives a
+        # byte at a time is searched once, not once per byte.
+        self._searched = 0
         self._closed = False  # the client has closed its side
         self._head: Head | None = None
         self._body: Body | None = None
@@ -168,15 +171,19 @@ class HttpConnection:
         # RFC 9112 2.2: empty lines before a request line are ignored.
         while self._data[:1] == b"\n" or self._data[:2] == b"\r\n":
             del self._data[: 1 if self._data[:1] == b"\n" else 2]
-        end = head_end(self._data)
+            self._searched = 0
+        # A blank line is at most 3 bytes: it may have begun in what was searched.
+        end = head_end(self._data, max(0, self._searched - 3))
         if (end or len(self._data)) > MAX_HEAD_BYTES:
             raise Malformed(431, f"a request head larger than {MAX_HEAD_BYTES} bytes")
         if end is None:
+            self._searched = len(self._data)
             if self._closed and self._data:
                 raise Malformed(400, "the client closed the connection mid-request")
             return None
         head = parse_head(bytes(self._data[:end]))
         del self._data[:end]
+        self._searched = 0
         return head
 
     def respond(self, response: Response, *, head_only: bool = False) -> bytes:
