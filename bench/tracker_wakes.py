@@ -7,7 +7,8 @@ tries again: the first seeder turns them all into SEEDED answers (each enters
 its node in the swarm, picks its peers and sends the answer), and a released
 lease grants one of them and sends the rest back to wait. The simulator
 charged a request only when it arrived (bench/simulate/server.py); this
-measures the two kinds of wake-up at a real tracker. One tracker (plain HTTP
+measures the two kinds of wake-up at a real tracker, and what a request that
+is held costs as it arrives. One tracker (plain HTTP
 with a token, pinned to core 0, its lease windows off so nothing else wakes
 anyone), `--waiters` nodes on kept-alive connections from core 1, each with a
 lease request for the same blob held open (`wait_s` 25, naming its peer
@@ -126,13 +127,16 @@ async def measure(url: str, pid: int, waiters: int, workdir: Path) -> list[Wake]
     try:
         granted = await holder.acquire_lease(meta.digest, size=meta.size)
         assert granted.status is wire.LeaseStatus.GRANTED and granted.lease_id is not None
-        # Each connection asks as it opens: one that says nothing holds a place among
-        # the tracker's unauthenticated connections, which are capped per address.
+        # All connections open first (the tracker's cap on connections yet to send a
+        # request is raised for it), so that the asks alone are measured.
         for i in range(waiters):
             nodes.append(Waiter(i, await trio.open_tcp_stream(host, int(port))))
-            await nodes[-1].ask(digest, meta.size)
+        cpu0 = await settled(pid)
+        for node in nodes:
+            await node.ask(digest, meta.size)
         await wait_for_polls(url, waiters)
-        wakes = []
+        # What a request that is held costs on arrival (read, decided, parked).
+        wakes = [_wake("asked, held", waiters, nodes, await settled(pid) - cpu0)]
         async with trio.open_nursery() as nursery:
             for node in nodes:
                 nursery.start_soon(node.read_answer)
@@ -170,7 +174,9 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="p2preg-bench-wakes-") as tmp:
         work = Path(tmp)
-        extra = ("--max-long-polls", str(max(1000, args.waiters + 10)))
+        room = str(max(1000, args.waiters + 10))
+        extra = ("--max-long-polls", room, "--max-preauth-connections", room,
+                 "--max-preauth-connections-per-ip", room)  # fmt: skip
         with open_tracker(work / "tracker", token=TOKEN, cpus=TRACKER_CORE,
                           args=[*TRACKER_ARGS, *extra]) as t:  # fmt: skip
             os.sched_setaffinity(0, {LOAD_CORE})

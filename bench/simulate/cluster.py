@@ -77,6 +77,7 @@ class Cluster:
             self.engine.clock, self.rng, self.engine.schedule, self._delivered,
             silence_s=p.lease_silence_s, grant_ack_s=p.lease_grant_ack_s,
             handoff_s=p.handoff_s, lag=lambda: self.servers.lag(),
+            woken=lambda answered: self.servers.woken(answered),
         )
         # Every request to the tracker queues at its replicas (server.py); the
         # serving replica's queue delay is the tracker's lag, held as the real

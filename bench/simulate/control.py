@@ -7,7 +7,8 @@ request is decided by `UpstreamQueue.check` and `LeaseBook.acquire`, its reply
 made by tracker/lease_replies.py, and a request told to wait is held (a long
 poll) until its deadline, its `wake_at`, or a notification of its digest
 (a first seeder, a released, expired or silent lease, a freed slot of its
-image). Peers
+image); a woken request costs the serving replica its answer, or its return to
+waiting, and is answered when that work is done (`woken`). Peers
 live in the real `PeerTable`; answers come from `hand_out` (policy "real") or
 a uniform pick (policy "random"). It counts what reaches the tracker. It does
 not model disputes, quotas, admission or stall reports (every seeder is
@@ -101,6 +102,7 @@ class SimTracker:
         handoff_s: float = 0.0,
         grant_ack_s: float = 0.0,
         lag: Callable[[], float] = lambda: 0.0,
+        woken: Callable[[bool], float] | None = None,
     ) -> None:
         ids = itertools.count()
         self.leases = LeaseBook(
@@ -117,6 +119,9 @@ class SimTracker:
         self._rng = rng
         self._schedule = schedule
         self._deliver = deliver
+        # The serving replica's work for a woken request, answered or sent back to
+        # wait: when it is done (server.TrackerServers.woken; None: at once).
+        self._woken = woken or (lambda answered: clock())
         self.published: set[str] = set()
         # Held requests per digest (a dict: ordered, and O(1) to drop one).
         self._polls: dict[str, dict[Poll, None]] = {}
@@ -130,7 +135,9 @@ class SimTracker:
         deadline = now + min(max(0.0, wait_s), self._wait_max_s)
         self._attempt(Poll(node, digest, order, size, deadline))
 
-    def _attempt(self, poll: Poll) -> None:
+    def _attempt(self, poll: Poll, *, woken: bool = False) -> None:
+        """Decide `poll` now; a `woken` one (by news or its own time) costs the
+        serving replica its answer, or its return to waiting, on top of its arrival."""
         if poll.done:
             return
         now = self._clock()
@@ -138,8 +145,13 @@ class SimTracker:
         reply, wake_at, queued = self._decide(poll.digest, poll.size, place)
         if wake_at is None or now >= poll.deadline:
             self._finish(poll)
-            self._deliver(poll, reply)
+            if woken:
+                self._schedule(self._woken(True), lambda: self._deliver(poll, reply))
+            else:
+                self._deliver(poll, reply)
             return
+        if woken:
+            self._woken(False)
         if queued != poll.queued:
             poll.queued = queued
             (self.queue.enter if queued else self.queue.leave)(GROUP, place)
@@ -149,7 +161,7 @@ class SimTracker:
 
         def wake() -> None:
             if poll.version == version:
-                self._attempt(poll)
+                self._attempt(poll, woken=True)
 
         self._schedule(min(poll.deadline, wake_at), wake)
 
@@ -187,7 +199,7 @@ class SimTracker:
         self.counts.wakeups += len(waiting)
         for poll in waiting:
             poll.version += 1
-            self._attempt(poll)
+            self._attempt(poll, woken=True)
 
     def _free_slot(self, lease: Lease) -> None:
         for digest in sorted(self.queue.waiting(lease.group)):

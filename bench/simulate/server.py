@@ -48,13 +48,21 @@ class Costs:
     handshake_s: float = 2.407e-3
     # A request on a kept-alive mTLS connection at a saturated serving replica
     # (docs/BENCHMARKS.md, "Kept-alive requests at a saturated tracker",
-    # 2026-12-07, the higher of two runs): a relayed batch of one announce (237 µs)
-    # stands for a renewal, a release, a publish or a confirmation; a lease
-    # request answered SEEDED with 50 peers took 318 µs. (585 and 721 µs before
+    # 2026-12-07, the highest of three runs): a relayed batch of one announce
+    # (279 µs) stands for a renewal, a release, a publish or a confirmation; a
+    # lease request answered SEEDED with 50 peers took 318 µs. (585 and 721 µs before
     # the tracker's own HTTP framing and the lazy hang-up watch, measured with
     # the tracker 60 to 66 % busy; 0.2 ms for both until then.)
-    call_s: float = 0.237e-3
+    call_s: float = 0.279e-3
     ask_s: float = 0.318e-3
+    # A lease request held open and woken (docs/BENCHMARKS.md, "What a woken long
+    # poll costs", 2026-12-07, plain HTTP, the highest of the runs): answered, its
+    # SEEDED answer made and sent, 260 µs, after an arrival that read and held it,
+    # 195 µs; every lease request is charged `ask_s` on arrival, an answer included,
+    # so a woken one's answer adds 195 + 260 - 318 = 137 µs. Sent back to wait
+    # (woken, still waiting): 45 µs more.
+    woken_s: float = 0.137e-3
+    repark_s: float = 0.045e-3
     # A front's handshake and forward of one announce (3,348 µs) and what the
     # serving replica spends on the forwarded announce (699 µs at batches of 1.9).
     front_s: float = 3.348e-3
@@ -155,6 +163,14 @@ class TrackerServers:
         self._idle[node] = idle
         cost += riders * self.costs.riding_s + (self.costs.ask_s - self.costs.call_s) * ask
         self._schedule(self.serving.serve(now, cost), apply)
+
+    def woken(self, answered: bool) -> float:
+        """A held lease request woken now: when the serving replica has answered it
+        (`answered`) or sent it back to wait."""
+        now = self._clock()
+        if not self.replicas:
+            return now
+        return self.serving.serve(now, self.costs.woken_s if answered else self.costs.repark_s)
 
     def answered(self, node: int) -> None:
         """A control call's answer left: its connection is kept alive for the next."""
