@@ -21,6 +21,28 @@ from urllib.parse import urlsplit
 MAX_HEAD_BYTES = 16 * 1024
 
 
+def post_bytes(host: str, path: str, body: bytes, content_type: str, fields: str = "") -> bytes:
+    """A POST of `body` to `path`, whole; `fields`: more header lines, each with its CRLF."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n{fields}\r\n"
+    )
+    return head.encode() + body
+
+
+def answer_head(head: bytes) -> tuple[int, int, bool]:
+    """An answer's head (without its blank line): its status, its Content-Length, and
+    whether it closes the connection. OSError for an answer not framed by a length."""
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    pairs = (line.partition(b":") for line in lines[1:])
+    fields = {k.strip().lower(): v.strip() for k, _, v in pairs}
+    if b"content-length" not in fields:
+        raise OSError("an answer without Content-Length")
+    closes = fields.get(b"connection", b"").lower() == b"close"
+    return status, int(fields[b"content-length"]), closes
+
+
 class KeptAlive:
     """One connection to `url`'s host and port (https with `context`), opened on first
     use and again after a close; `headers` go with every request."""
@@ -46,13 +68,10 @@ class KeptAlive:
 
     def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
         """POST `body` to `path`: (status, answer body). OSError if the connection fails."""
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {self._address[0]}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n{self._fields}\r\n"
-        )
+        request = post_bytes(self._address[0], path, body, content_type, self._fields)
         sock = self._connection()
         try:
-            sock.sendall(head.encode() + body)
+            sock.sendall(request)
             return self._answer(sock)
         except OSError:
             self.close()
@@ -79,17 +98,11 @@ class KeptAlive:
             if len(self._buffer) > MAX_HEAD_BYTES:
                 raise OSError("an answer's head larger than 16 KiB")
         head, _, self._buffer = self._buffer.partition(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        status = int(lines[0].split(b" ", 2)[1])
-        pairs = (line.partition(b":") for line in lines[1:])
-        fields = {k.strip().lower(): v.strip() for k, _, v in pairs}
-        if b"content-length" not in fields:
-            raise OSError("an answer without Content-Length")
-        length = int(fields[b"content-length"])
+        status, length, closes = answer_head(head)
         while len(self._buffer) < length:
             self._fill(sock)
         body, self._buffer = self._buffer[:length], self._buffer[length:]
-        if fields.get(b"connection", b"").lower() == b"close":
+        if closes:
             self.close()
         return status, body
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from bench.keptalive import answer_head, post_bytes
 from bench.machine import cpu_seconds
 from bench.tracker_load import make_torrents
 from harness.node import metric_value
@@ -75,22 +76,26 @@ class Waiter:
 
     async def ask(self, digest: str, size: int) -> None:
         body = wire.encode(wire.LeaseRequest(self.node, size, 25.0, port=self.port))
-        head = (
-            f"POST /v1/leases/{digest} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\n"
-            f"Content-Type: {wire.CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n"
+        fields = f"Authorization: Bearer {TOKEN}\r\n"
+        await self.stream.send_all(
+            post_bytes("t", f"/v1/leases/{digest}", body, wire.CONTENT_TYPE, fields)
         )
-        await self.stream.send_all(head.encode() + body)
 
     async def read_answer(self) -> None:
         data = b""
         while b"\r\n\r\n" not in data:
-            data += await self.stream.receive_some(65536)
+            data += await self._receive()
         head, _, body = data.partition(b"\r\n\r\n")
-        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:"))  # fmt: skip
+        _, length, _ = answer_head(head)
         while len(body) < length:
-            body += await self.stream.receive_some(65536)
+            body += await self._receive()
         self.answer = wire.decode(wire.LeaseReply, body[:length])
+
+    async def _receive(self) -> bytes:
+        chunk = await self.stream.receive_some(65536)
+        if not chunk:
+            raise OSError(f"the tracker closed {self.node}'s connection before answering")
+        return chunk
 
 
 async def settled(pid: int) -> float:

@@ -452,7 +452,7 @@ def _check_plain(tp: type, name: str, value: object) -> object:
         raise WireError(f"{name} must be an integer")
     if not isinstance(value, tp):
         raise WireError(f"{name} must be {tp.__name__}, got {type(value).__name__}")
-    if tp is int and not INT_MIN <= value <= INT_MAX:  # type: ignore[operator]
+    if isinstance(value, int) and tp is int and not INT_MIN <= value <= INT_MAX:
         # msgpack carries up to 2**64 - 1; the tracker's store takes 64-bit signed.
         raise WireError(f"{name} is out of range")
     return value
