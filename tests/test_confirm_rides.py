@@ -8,6 +8,8 @@ alone, so the caller ends as the plain call would: taken, or the call's error.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import trio
 import trio.testing
@@ -16,20 +18,37 @@ from p2preg.core import errors
 from p2preg.core.digest import Digest
 from tracker.confirm_rides import HOLD_S, ConfirmRides, Ride
 
-A, B = Digest.of(b"a"), Digest.of(b"b")
+A, B, C = Digest.of(b"a"), Digest.of(b"b"), Digest.of(b"c")
 
 
 class Alone:
-    """The call a confirmation makes alone: recorded, and raising `fails` if set."""
+    """The call a confirmation makes alone: recorded with its riders, raising `fails`
+    if set, else naming the riders `takes` says (all of them by default; None: an
+    older tracker's empty answer)."""
 
-    def __init__(self, fails: Exception | None = None) -> None:
+    def __init__(
+        self,
+        fails: Exception | None = None,
+        takes: Callable[[Ride], bool] | None = None,
+        *,
+        older: bool = False,
+    ) -> None:
         self.sent: list[Digest] = []
+        self.carried: list[list[Digest]] = []
         self.fails = fails
+        self.takes = takes
+        self.older = older
 
-    async def __call__(self, digest: Digest, info_hash: bytes) -> None:
+    async def __call__(
+        self, digest: Digest, info_hash: bytes, riders: list[Ride]
+    ) -> list[str] | None:
         self.sent.append(digest)
+        self.carried.append([r.digest for r in riders])
         if self.fails is not None:
             raise self.fails
+        if self.older:
+            return None
+        return [str(r.digest) for r in riders if self.takes is None or self.takes(r)]
 
 
 async def board_two(nursery: trio.Nursery, rides: ConfirmRides) -> list[Ride]:
@@ -112,3 +131,47 @@ async def test_with_a_tracker_that_names_no_riders_confirmations_go_alone_at_onc
         assert sorted(r.digest for r in boarded) == sorted([A, B])
         rides.land(boarded, [str(A), str(B)])
     assert alone.sent == [A]
+
+
+async def test_a_confirmation_that_goes_alone_carries_every_other_one_waiting(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A pull's last layers: nothing left to ask for, their confirmations a moment apart.
+    alone = Alone()
+    rides = ConfirmRides(alone)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rides.confirm, A, b"ha")
+        await trio.sleep(HOLD_S / 4)
+        nursery.start_soon(rides.confirm, B, b"hb")
+        nursery.start_soon(rides.confirm, C, b"hc")
+    # A's hold ended first: one call, B and C in it, named taken; none went on its own.
+    assert alone.sent == [A] and sorted(alone.carried[0]) == sorted([B, C])
+    assert trio.current_time() == pytest.approx(HOLD_S)
+    assert rides.board() == []
+
+
+async def test_riders_a_confirmation_call_does_not_name_go_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The tracker refused C (say, an unknown torrent): C goes alone and learns why.
+    alone = Alone(takes=lambda ride: ride.digest != C)
+    rides = ConfirmRides(alone)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rides.confirm, A, b"ha")
+        await trio.sleep(HOLD_S / 4)
+        nursery.start_soon(rides.confirm, B, b"hb")
+        nursery.start_soon(rides.confirm, C, b"hc")
+    assert alone.sent == [A, C] and alone.carried[1] == []
+    assert sorted(alone.carried[0]) == sorted([B, C])
+
+
+async def test_an_older_tracker_s_empty_answer_sends_each_rider_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    alone = Alone(older=True)
+    rides = ConfirmRides(alone)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rides.confirm, A, b"ha")
+        await trio.sleep(HOLD_S / 4)
+        nursery.start_soon(rides.confirm, B, b"hb")
+    assert alone.sent == [A, B] and alone.carried == [[B], []]

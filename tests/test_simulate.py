@@ -218,8 +218,9 @@ def test_kubelets_client_asks_for_three_layers_at_a_time_in_order_and_all_arrive
 def test_seed_confirmations_ride_the_next_lease_request_and_the_rest_go_alone() -> None:
     # Kubelet's three at a time: a node's confirmation of a layer goes with its
     # request for the next, so the serving replica handles fewer requests; the last
-    # layers' have no request to ride and go alone after the hold, as every
-    # `ctr images pull` node's do (it asked for every layer at once).
+    # layers' have no request to ride and go after the hold, as every `ctr images
+    # pull` node's do (it asked for every layer at once): in one call with the
+    # node's other confirmations then waiting.
     base = replace(BURST, announces="entered", client_downloads=3)
     calls, riding = simulate(base), simulate(replace(base, confirms="riding"))
     assert riding.unfinished == 0 and riding.upstream_layer_copies == [1.0] * BURST.layers
@@ -228,6 +229,8 @@ def test_seed_confirmations_ride_the_next_lease_request_and_the_rest_go_alone() 
     assert riding.tracker_queue["requests"] < calls.tracker_queue["requests"]
     at_once = simulate(replace(base, confirms="riding", client_downloads=0))
     assert at_once.unfinished == 0 and at_once.riding_confirms < riding.riding_confirms
+    # No lease request after the first instant: what rode, rode another confirmation.
+    assert 0 < at_once.riding_confirms < at_once.confirms
 
 
 def test_a_download_alone_asks_for_other_peers_instead_of_waiting_for_its_announce() -> None:

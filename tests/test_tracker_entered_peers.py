@@ -173,3 +173,41 @@ async def test_a_seed_confirmation_rides_the_next_lease_request(tmp_path: Path) 
             with pytest.raises(errors.NotFound):
                 await b.confirm_seed(nxt.digest, nxt.info_hash_v2)
         assert _riding(t) == 1
+
+
+async def test_confirmations_with_no_lease_request_to_ride_go_in_one_call(
+    tmp_path: Path,
+) -> None:
+    # A pull's last layers: verified a moment apart, nothing left to ask for.
+    blobs = []
+    for name in ("one", "two", "unknown"):
+        (tmp_path / name).write_bytes(name.encode() * 10_000)
+        path = tmp_path / name
+        blobs.append(make_metainfo(path, Digest.of(path.read_bytes()), path.stat().st_size))
+    one, two, unknown = blobs
+    async with _cluster(tmp_path, "holder", "b", "c") as (t, (holder, b, c)):
+        for meta in (one, two):
+            granted = await holder.acquire_lease(meta.digest, size=meta.size)
+            assert granted.lease_id is not None
+            await holder.publish_metainfo(meta.digest, meta.size, meta.data)
+            await holder.release_lease(meta.digest, granted.lease_id)
+            await _seeded(b, meta)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(b.confirm_seed, one.digest, one.info_hash_v2)
+            await trio.sleep(0.2)
+            nursery.start_soon(b.confirm_seed, two.digest, two.info_hash_v2)
+        # `one` went alone when its hold ended, `two` riding it and taken: one call.
+        assert (_riding(t), _entered(t, "confirm")) == (1, 2)
+        for meta in (one, two):  # each taken as its own call would be: b seeds it
+            got = await _seeded(c, meta)
+            assert got.peers is not None and sorted(got.peers[:2]) == [_at(7001), _at(7002)]
+
+        # A rider the tracker refuses (no torrent filed for it) is not named: it goes
+        # alone after and fails as the call does; the one it rode is taken.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(b.confirm_seed, one.digest, one.info_hash_v2)
+            await trio.sleep(0.2)
+            with pytest.raises(errors.NotFound):
+                await b.confirm_seed(unknown.digest, unknown.info_hash_v2)
+        assert _riding(t) == 1  # `one` again is no news, and `unknown` was refused

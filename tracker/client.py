@@ -35,8 +35,8 @@ from p2preg.core.digest import Digest
 from p2preg.core.pki import CertificateError
 from p2preg.core.tls import ReloadingTLS, peer_identity
 from tracker.announce import SwarmStats, decode_scrape
-from tracker.client_failures import OneChunk, named, reply_error, why
-from tracker.confirm_rides import ConfirmRides
+from tracker.client_failures import OneChunk, decoded, named, reply_error, why
+from tracker.confirm_rides import ConfirmRides, Ride
 
 log = logging.getLogger(__name__)
 
@@ -219,9 +219,16 @@ class TrackerClient:
         the next lease request if one goes soon, else alone (confirm_rides.py)."""
         await self._rides.confirm(digest, info_hash)
 
-    async def _confirm_alone(self, digest: Digest, info_hash: bytes) -> None:
-        msg = wire.ConfirmSeed(self.node, info_hash, self.peer_port)
-        await self._call("POST", f"/v1/metainfo/{digest}/confirm", msg, None)
+    async def _confirm_alone(
+        self, digest: Digest, info_hash: bytes, riders: list[Ride]
+    ) -> list[str] | None:
+        """The confirmation in a call of its own, `riders` with it: those the tracker
+        took (None: it named none, as an older tracker's empty answer)."""
+        msg = wire.ConfirmSeed(self.node, info_hash, self.peer_port,
+                               [str(r.digest) for r in riders] or None,
+                               [r.info_hash for r in riders] or None)  # fmt: skip
+        answer = await self._request("POST", f"/v1/metainfo/{digest}/confirm", msg)
+        return decoded(wire.SeedsConfirmed, answer).confirmed if answer else None
 
     async def report_stall(self, digest: Digest, peer: bytes) -> None:
         """Report the peer at `peer` (compact address): unchoked, asked, no block."""
@@ -382,19 +389,27 @@ class TrackerClient:
         extra_timeout_s: float = 0.0,
         timeout_s: float | None = None,
     ) -> wire.M:
+        content = await self._request(method, path, message, extra_timeout_s, timeout_s)
+        if reply is None:
+            return None  # type: ignore[return-value]  # release has no body
+        return decoded(reply, content)
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        message: wire.Message | None,
+        extra_timeout_s: float = 0.0,
+        timeout_s: float | None = None,
+    ) -> bytes:
+        """`message` sent, and the answer's body."""
         headers = dict(self._headers)
         content = None
         if message is not None:
             content = wire.encode(message)
             headers["Content-Type"] = wire.CONTENT_TYPE
         each_s = (self._timeout_s if timeout_s is None else timeout_s) + extra_timeout_s
-        response = await self._send(method, path, content, headers, each_s)
-        if reply is None:
-            return None  # type: ignore[return-value]  # release has no body
-        try:
-            return wire.decode(reply, response.content)
-        except wire.WireError as e:
-            raise errors.TrackerUnavailable(f"tracker sent a bad reply: {e}") from None
+        return (await self._send(method, path, content, headers, each_s)).content
 
     async def _send(
         self,

@@ -5,7 +5,8 @@ under httpx's exceptions), the exception a non-2xx reply stands for (the class
 the tracker raised, by its error code), and `OneChunk`, the request body the
 client sends: httpx's own for bytes is an async generator, which a request
 cancelled while its body was being written (a node shutting down) leaves
-suspended, for trio to finalize and warn about whenever it is collected. Pure
+suspended, for trio to finalize and warn about whenever it is collected; and a
+reply body that does not decode is the tracker failing on its side. Pure
 functions and a plain iterator; it must not send anything.
 """
 
@@ -17,6 +18,14 @@ from collections.abc import AsyncIterator
 import httpx
 
 from p2preg.core import errors, wire
+
+
+def decoded(cls: type[wire.M], content: bytes) -> wire.M:
+    """A reply's body as `cls`; one that is not is the tracker failing on its side."""
+    try:
+        return wire.decode(cls, content)
+    except wire.WireError as e:
+        raise errors.TrackerUnavailable(f"tracker sent a bad reply: {e}") from None
 
 
 def named(base: str, failure: errors.TrackerError) -> str:

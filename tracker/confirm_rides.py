@@ -9,12 +9,15 @@ for its next one just after a layer is done, so the confirmation waits up to
 `HOLD_S` for that request and goes in it (`LeaseRequest.confirm_digests` and
 `confirm_hashes`); the tracker takes it before it looks at the lease, as it
 would take the call, and the reply names it (`LeaseReply.confirmed`). A
-confirmation no request took in time, one the reply does not name (an older
-tracker, a refusal) and one whose request failed is sent alone as before, so
-`confirm` ends as the call did: the tracker took it, or an error says why not.
-A tracker names the riders it took in every lease reply, none or some; one
-whose replies name nothing (an older one) gets every confirmation alone, at
-once.
+confirmation no lease request took in time goes in a call of its own, and
+every other confirmation waiting then rides that call (`ConfirmSeed`'s fields
+of the same names; `SeedsConfirmed` names those taken): a pull's last layers
+have no lease request left to ride, and finish within moments of each other.
+One a reply does not name (an older tracker, a refusal) and one whose request
+failed is sent alone, so `confirm` ends as the call did: the tracker took it,
+or an error says why not. A tracker names the riders it took in every lease
+reply, none or some; one whose replies name nothing (an older one) gets every
+confirmation alone, at once.
 
 Owns the confirmations waiting for a ride and their outcome; the client sends
 them (tracker/client.py). It must not send anything itself but through the
@@ -44,10 +47,13 @@ class Ride:
     taken: bool = False
 
 
+# The call a confirmation makes without a lease request: it, with the riders it
+# carries; the riders the tracker took (None: it names none, as an older one).
+Alone = Callable[[Digest, bytes, list[Ride]], Awaitable[list[str] | None]]
+
+
 class ConfirmRides:
-    def __init__(
-        self, alone: Callable[[Digest, bytes], Awaitable[None]], hold_s: float = HOLD_S
-    ) -> None:
+    def __init__(self, alone: Alone, hold_s: float = HOLD_S) -> None:
         self._alone = alone
         self._hold_s = hold_s
         self._waiting: list[Ride] = []
@@ -55,10 +61,11 @@ class ConfirmRides:
         self.taken_there: bool | None = None
 
     async def confirm(self, digest: Digest, info_hash: bytes) -> None:
-        """Confirm with the next lease request if one goes within `hold_s`, else alone;
-        returns once the tracker took it (raises as the call alone would)."""
+        """Confirm with the next lease request if one goes within `hold_s`, else alone
+        with every other confirmation waiting riding it; returns once the tracker took
+        it (raises as the call alone would)."""
         if self.taken_there is False:  # an older tracker: nothing would take it
-            await self._alone(digest, info_hash)
+            await self._alone(digest, info_hash, [])
             return
         ride = Ride(digest, info_hash)
         self._waiting.append(ride)
@@ -72,11 +79,18 @@ class ConfirmRides:
             await ride.landed.wait()
             if ride.taken:
                 return
-        await self._alone(digest, info_hash)
+            await self._alone(digest, info_hash, [])  # refused riding: learn why
+            return
+        riders, confirmed = self.board(), None
+        try:
+            confirmed = await self._alone(digest, info_hash, riders)
+        finally:
+            self.land(riders, confirmed)
 
     def board(self) -> list[Ride]:
-        """Every confirmation waiting, for the lease request about to go (none for an
-        older tracker: they go alone as their hold ends)."""
+        """Every confirmation waiting, for the request about to go (a lease request, or
+        a confirmation alone); none for an older tracker: they go alone as their hold
+        ends."""
         if self.taken_there is False:
             return []
         rides, self._waiting = self._waiting, []

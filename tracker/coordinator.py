@@ -206,12 +206,12 @@ class Tracker:
         return news is not None
 
     async def confirm_riding(
-        self, msg: wire.LeaseRequest, who: str, client_ip: str | None = None
+        self, msg: wire.LeaseRequest | wire.ConfirmSeed, who: str, client_ip: str | None = None
     ) -> list[str]:
-        """The seed confirmations riding lease request `msg`, each taken as its own call
-        would be (charged to `who`'s publish quota); the digests taken. One refused (an
-        unknown or replaced torrent, the quota spent) is left out: the node sends it
-        alone and learns why."""
+        """The seed confirmations riding `msg` (a lease request, or another confirmation),
+        each taken as its own call would be (charged to `who`'s publish quota); the
+        digests taken. One refused (an unknown or replaced torrent, the quota spent) is
+        left out: the node sends it alone and learns why."""
         taken: list[str] = []
         riding = zip(msg.confirm_digests or [], msg.confirm_hashes or [], strict=False)
         for digest_text, info_hash in list(riding)[:MAX_RIDING_CONFIRMS]:

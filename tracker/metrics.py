@@ -211,7 +211,8 @@ class TrackerMetrics:
         )
         self.riding_confirms = Counter(
             "p2preg_tracker_riding_confirms",
-            "Seed confirmations taken with a lease request instead of a call of their own",
+            "Seed confirmations taken with a lease request or another confirmation instead of"
+            " a call of their own",
             registry=self.registry,
         )
         stalls = Counter(

@@ -450,17 +450,25 @@ class Cluster:
 
     def _confirm(self, node: Node, confirm: Callable[[], None]) -> None:
         """A seed confirmation: a call of its own, or (`riding`) with the node's next lease
-        request if one is sent within HOLD_S (tracker/confirm_rides.py), else alone."""
+        request if one is sent within HOLD_S (tracker/confirm_rides.py), else in a call
+        of its own that carries the node's other confirmations then waiting."""
         if self.p.confirms == "call":
             self._call(node, confirm)
             return
         waiting = self._riding.setdefault(node.id, [])
         waiting.append(confirm)
 
-        def alone() -> None:
+        def alone() -> None:  # with every other confirmation waiting for a ride
             if confirm in self._riding.get(node.id, ()):
-                self._riding[node.id].remove(confirm)
-                self._call(node, confirm)
+                batch, self._riding[node.id] = self._riding[node.id], []
+                self.tracker.counts.riding += len(batch) - 1
+
+                def apply() -> None:
+                    for each in batch:
+                        each()
+                    self.servers.answered(node.id)
+
+                self.servers.control(node.id, apply, len(batch) - 1)
 
         self.engine.schedule(self.engine.now + HOLD_S, alone)
 

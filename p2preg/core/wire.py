@@ -117,6 +117,18 @@ class ConfirmSeed:
     node: str
     info_hash: bytes
     port: int = 0
+    # Other confirmations riding along, as on a lease request (`LeaseRequest`'s
+    # fields of the same names); the reply, `SeedsConfirmed`, names those taken.
+    confirm_digests: list[str] | None = None
+    confirm_hashes: list[bytes] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SeedsConfirmed:
+    """The answer to a `ConfirmSeed` (the confirmation itself was taken): which of its
+    riders were taken too."""
+
+    confirmed: list[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +338,7 @@ Message = (
     | MetainfoRecord
     | ReportBad
     | ConfirmSeed
+    | SeedsConfirmed
     | ReportStall
     | LeaseRequest
     | LeaseRenew
