@@ -133,17 +133,22 @@ async def test_with_a_tracker_that_names_no_riders_confirmations_go_alone_at_onc
     assert alone.sent == [A]
 
 
+async def last_layers(rides: ConfirmRides, first: Digest, *others: Digest) -> None:
+    """A pull's last layers, with nothing left to ask for: `first` is confirmed, the
+    `others` a quarter of a hold later; returns when every confirmation ended."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rides.confirm, first, b"h" + first.hex.encode())
+        await trio.sleep(HOLD_S / 4)
+        for digest in others:
+            nursery.start_soon(rides.confirm, digest, b"h" + digest.hex.encode())
+
+
 async def test_a_confirmation_that_goes_alone_carries_every_other_one_waiting(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # A pull's last layers: nothing left to ask for, their confirmations a moment apart.
     alone = Alone()
     rides = ConfirmRides(alone)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(rides.confirm, A, b"ha")
-        await trio.sleep(HOLD_S / 4)
-        nursery.start_soon(rides.confirm, B, b"hb")
-        nursery.start_soon(rides.confirm, C, b"hc")
+    await last_layers(rides, A, B, C)
     # A's hold ended first: one call, B and C in it, named taken; none went on its own.
     assert alone.sent == [A] and sorted(alone.carried[0]) == sorted([B, C])
     assert trio.current_time() == pytest.approx(HOLD_S)
@@ -155,12 +160,7 @@ async def test_riders_a_confirmation_call_does_not_name_go_alone(
 ) -> None:
     # The tracker refused C (say, an unknown torrent): C goes alone and learns why.
     alone = Alone(takes=lambda ride: ride.digest != C)
-    rides = ConfirmRides(alone)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(rides.confirm, A, b"ha")
-        await trio.sleep(HOLD_S / 4)
-        nursery.start_soon(rides.confirm, B, b"hb")
-        nursery.start_soon(rides.confirm, C, b"hc")
+    await last_layers(ConfirmRides(alone), A, B, C)
     assert alone.sent == [A, C] and alone.carried[1] == []
     assert sorted(alone.carried[0]) == sorted([B, C])
 
@@ -169,9 +169,5 @@ async def test_an_older_tracker_s_empty_answer_sends_each_rider_alone(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     alone = Alone(older=True)
-    rides = ConfirmRides(alone)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(rides.confirm, A, b"ha")
-        await trio.sleep(HOLD_S / 4)
-        nursery.start_soon(rides.confirm, B, b"hb")
+    await last_layers(ConfirmRides(alone), A, B)
     assert alone.sent == [A, B] and alone.carried == [[B], []]

@@ -56,10 +56,21 @@ async def _cluster(
             yield t, clients
 
 
-def _blob(tmp_path: Path) -> Metainfo:
-    path = tmp_path / "blob"
-    path.write_bytes(b"entered" * 10_000)
+def _blob(tmp_path: Path, name: str = "blob") -> Metainfo:
+    path = tmp_path / name
+    path.write_bytes(f"entered {name}".encode() * 10_000)
     return make_metainfo(path, Digest.of(path.read_bytes()), path.stat().st_size)
+
+
+async def _filed(holder: TrackerClient, meta: Metainfo, *downloaders: TrackerClient) -> None:
+    """`holder` fetched `meta`'s blob and filed its torrent; the `downloaders` asked
+    for it since (SEEDED: entered as downloaders)."""
+    granted = await holder.acquire_lease(meta.digest, size=meta.size)
+    assert granted.lease_id is not None
+    await holder.publish_metainfo(meta.digest, meta.size, meta.data)
+    await holder.release_lease(meta.digest, granted.lease_id)
+    for node in downloaders:
+        await _seeded(node, meta)
 
 
 async def _seeded(client: TrackerClient, meta: Metainfo) -> wire.LeaseReply:
@@ -136,16 +147,9 @@ def _riding(t: TrackerProcess) -> float:  # (a local read, in a test)
 
 
 async def test_a_seed_confirmation_rides_the_next_lease_request(tmp_path: Path) -> None:
-    meta = _blob(tmp_path)
-    (tmp_path / "next").write_bytes(b"next layer" * 10_000)
-    nxt = make_metainfo(tmp_path / "next", Digest.of((tmp_path / "next").read_bytes()),
-                        (tmp_path / "next").stat().st_size)  # fmt: skip
+    meta, nxt = _blob(tmp_path), _blob(tmp_path, "next")
     async with _cluster(tmp_path, "holder", "b", "c") as (t, (holder, b, c)):
-        granted = await holder.acquire_lease(meta.digest, size=meta.size)
-        assert granted.lease_id is not None
-        await holder.publish_metainfo(meta.digest, meta.size, meta.data)
-        await holder.release_lease(meta.digest, granted.lease_id)
-        await _seeded(b, meta)
+        await _filed(holder, meta, b)
 
         # b verified the layer and confirms; its client asks for the next one at once:
         # the confirmation goes with that request, and the reply names it.
@@ -179,19 +183,10 @@ async def test_confirmations_with_no_lease_request_to_ride_go_in_one_call(
     tmp_path: Path,
 ) -> None:
     # A pull's last layers: verified a moment apart, nothing left to ask for.
-    blobs = []
-    for name in ("one", "two", "unknown"):
-        (tmp_path / name).write_bytes(name.encode() * 10_000)
-        path = tmp_path / name
-        blobs.append(make_metainfo(path, Digest.of(path.read_bytes()), path.stat().st_size))
-    one, two, unknown = blobs
+    one, two, unknown = (_blob(tmp_path, name) for name in ("one", "two", "unknown"))
     async with _cluster(tmp_path, "holder", "b", "c") as (t, (holder, b, c)):
         for meta in (one, two):
-            granted = await holder.acquire_lease(meta.digest, size=meta.size)
-            assert granted.lease_id is not None
-            await holder.publish_metainfo(meta.digest, meta.size, meta.data)
-            await holder.release_lease(meta.digest, granted.lease_id)
-            await _seeded(b, meta)
+            await _filed(holder, meta, b)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(b.confirm_seed, one.digest, one.info_hash_v2)
