@@ -23,8 +23,8 @@ A, B, C = Digest.of(b"a"), Digest.of(b"b"), Digest.of(b"c")
 
 class Alone:
     """The call a confirmation makes alone: recorded with its riders, raising `fails`
-    if set, else naming the riders `takes` says (all of them by default; None: an
-    older tracker's empty answer)."""
+    if set (for `only` that confirmation, if named), else naming the riders `takes`
+    says (all of them by default; None: an older tracker's empty answer)."""
 
     def __init__(
         self,
@@ -32,19 +32,21 @@ class Alone:
         takes: Callable[[Ride], bool] | None = None,
         *,
         older: bool = False,
+        only: Digest | None = None,
     ) -> None:
         self.sent: list[Digest] = []
         self.carried: list[list[Digest]] = []
         self.fails = fails
         self.takes = takes
         self.older = older
+        self.only = only  # `fails` for this confirmation alone
 
     async def __call__(
         self, digest: Digest, info_hash: bytes, riders: list[Ride]
     ) -> list[str] | None:
         self.sent.append(digest)
         self.carried.append([r.digest for r in riders])
-        if self.fails is not None:
+        if self.fails is not None and self.only in (None, digest):
             raise self.fails
         if self.older:
             return None
@@ -169,5 +171,26 @@ async def test_an_older_tracker_s_empty_answer_sends_each_rider_alone(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     alone = Alone(older=True)
-    await last_layers(ConfirmRides(alone), A, B)
+    rides = ConfirmRides(alone)
+    await last_layers(rides, A, B)
     assert alone.sent == [A, B] and alone.carried == [[B], []]
+    # Having learned that, a confirmation alone there carries no others.
+    await last_layers(rides, C, A)
+    assert alone.sent[2:] == [C, A] and alone.carried[2:] == [[], []]
+
+
+async def test_a_failed_confirmation_sends_the_ones_it_carried_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    alone = Alone(errors.NotFound("no metainfo"), only=A)
+    rides = ConfirmRides(alone)
+
+    async def a_fails() -> None:
+        with pytest.raises(errors.NotFound):  # A's own error reaches A's caller
+            await rides.confirm(A, b"ha")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a_fails)
+        await trio.sleep(HOLD_S / 4)
+        nursery.start_soon(rides.confirm, B, b"hb")
+    assert alone.sent == [A, B] and alone.carried == [[B], []]  # B, alone, taken

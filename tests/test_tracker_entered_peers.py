@@ -183,9 +183,11 @@ async def test_confirmations_with_no_lease_request_to_ride_go_in_one_call(
     tmp_path: Path,
 ) -> None:
     # A pull's last layers: verified a moment apart, nothing left to ask for.
-    one, two, unknown = (_blob(tmp_path, name) for name in ("one", "two", "unknown"))
+    one, two, three, unknown = (
+        _blob(tmp_path, name) for name in ("one", "two", "three", "unknown")
+    )
     async with _cluster(tmp_path, "holder", "b", "c") as (t, (holder, b, c)):
-        for meta in (one, two):
+        for meta in (one, two, three):
             await _filed(holder, meta, b)
 
         async with trio.open_nursery() as nursery:
@@ -198,11 +200,17 @@ async def test_confirmations_with_no_lease_request_to_ride_go_in_one_call(
             got = await _seeded(c, meta)
             assert got.peers is not None and sorted(got.peers[:2]) == [_at(7001), _at(7002)]
 
-        # A rider the tracker refuses (no torrent filed for it) is not named: it goes
-        # alone after and fails as the call does; the one it rode is taken.
+        # A confirmation the tracker refuses (no torrent filed for it) fails as the
+        # call alone does, and the one it carried goes alone after it, taken.
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(b.confirm_seed, one.digest, one.info_hash_v2)
+
+            async def refused() -> None:
+                with pytest.raises(errors.NotFound):
+                    await b.confirm_seed(unknown.digest, unknown.info_hash_v2)
+
+            nursery.start_soon(refused)
             await trio.sleep(0.2)
-            with pytest.raises(errors.NotFound):
-                await b.confirm_seed(unknown.digest, unknown.info_hash_v2)
-        assert _riding(t) == 1  # `one` again is no news, and `unknown` was refused
+            nursery.start_soon(b.confirm_seed, three.digest, three.info_hash_v2)
+        assert (_riding(t), _entered(t, "confirm")) == (1, 3)
+        got = await _seeded(c, three)
+        assert got.peers is not None and sorted(got.peers[:2]) == [_at(7001), _at(7002)]

@@ -59,6 +59,9 @@ class ConfirmRides:
         self._waiting: list[Ride] = []
         # Whether the tracker takes riders, from its last lease reply (None: none yet).
         self.taken_there: bool | None = None
+        # Whether a confirmation alone carries the others waiting: not to a tracker
+        # whose answer to one that did named none (an older one's empty 204).
+        self._carry = True
 
     async def confirm(self, digest: Digest, info_hash: bytes) -> None:
         """Confirm with the next lease request if one goes within `hold_s`, else alone
@@ -81,9 +84,10 @@ class ConfirmRides:
                 return
             await self._alone(digest, info_hash, [])  # refused riding: learn why
             return
-        riders, confirmed = self.board(), None
+        riders, confirmed = self.board() if self._carry else [], None
         try:
             confirmed = await self._alone(digest, info_hash, riders)
+            self._carry = confirmed is not None or not riders
         finally:
             self.land(riders, confirmed)
 

@@ -159,13 +159,12 @@ async def _report_bad(call: Call) -> Response:
 
 
 async def _confirm(call: Call) -> Response:
-    msg = call.message(wire.ConfirmSeed)
-    who, client_ip = call.who(msg), call.request.client_ip
-    own = dataclasses.replace(msg, confirm_digests=None, confirm_hashes=None)
-    call.tracker.quotas.take(Kind.PUBLISH, who, len(wire.encode(own)))  # riders: each its own
-    await call.tracker.confirm_seed(call.digest, own, client_ip)
+    msg = call.message(wire.ConfirmSeed, Kind.PUBLISH)
+    client_ip = call.request.client_ip
+    await call.tracker.confirm_seed(call.digest, msg, client_ip)
     # Taken: then its riders, each as a call alone would be, named in the answer.
-    return _msgpack(wire.SeedsConfirmed(await call.tracker.confirm_riding(msg, who, client_ip)))
+    confirmed = await call.tracker.confirm_riding(msg, call.who(msg), client_ip)
+    return _msgpack(wire.SeedsConfirmed(confirmed))
 
 
 async def _stalled(call: Call) -> Response:
