@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_packages=(docker-registry containerd skopeo podman iproute2 redis-server redis-sentinel "$@")
+# nginx: the benchmarks' reference server; tests/test_harness.py starts it in a namespace.
+apt_packages+=(nginx)
 missing=()
 # chromium: tests/test_cluster_page.py loads the tracker's cluster page in it, headless.
 apt_packages+=(chromium)
