@@ -36,7 +36,7 @@ from p2preg.core.pki import CertificateError
 from p2preg.core.tls import ReloadingTLS, peer_identity
 from tracker.announce import SwarmStats, decode_scrape
 from tracker.client_failures import OneChunk, decoded, named, reply_error, why
-from tracker.confirm_rides import ConfirmRides, Ride
+from tracker.confirm_rides import ConfirmRides, Ride, riding
 
 log = logging.getLogger(__name__)
 
@@ -224,22 +224,20 @@ class TrackerClient:
     ) -> list[str] | None:
         """The confirmation in a call of its own, `riders` with it: those the tracker
         took (None: it named none, as an older tracker's empty answer)."""
-        msg = wire.ConfirmSeed(self.node, info_hash, self.peer_port,
-                               [str(r.digest) for r in riders] or None,
-                               [r.info_hash for r in riders] or None)  # fmt: skip
+        msg = wire.ConfirmSeed(self.node, info_hash, self.peer_port, *riding(riders))
         answer = await self._request("POST", f"/v1/metainfo/{digest}/confirm", msg)
         return decoded(wire.SeedsConfirmed, answer).confirmed if answer else None
 
     async def report_stall(self, digest: Digest, peer: bytes) -> None:
         """Report the peer at `peer` (compact address): unchoked, asked, no block."""
         msg = wire.ReportStall(self.node, peer)
-        await self._call("POST", f"/v1/swarms/{digest}/stalled", msg, None)
+        await self._request("POST", f"/v1/swarms/{digest}/stalled", msg)
 
     # -- chunk torrents ------------------------------------------------------------
 
     async def publish_chunk(self, blob: Digest, msg: wire.PublishChunk) -> None:
         """File the torrent of one chunk of `blob`, as the holder of its lease."""
-        await self._call("PUT", f"/v1/chunks/{blob}", msg, None)
+        await self._request("PUT", f"/v1/chunks/{blob}", msg)
 
     async def list_chunks(
         self, blob: Digest, *, have: int = 0, wait_s: int = 0
@@ -259,7 +257,7 @@ class TrackerClient:
     async def report_chunks(self, blob: Digest, publisher: str, reason: str) -> None:
         """The chunks of `blob` that `publisher` filed were assembled and do not hash to it."""
         msg = wire.ReportChunks(self.node, publisher, reason)
-        await self._call("POST", f"/v1/chunks/{blob}/bad", msg, None)
+        await self._request("POST", f"/v1/chunks/{blob}/bad", msg)
 
     # -- manifest bodies -----------------------------------------------------------
 
@@ -268,7 +266,7 @@ class TrackerClient:
     ) -> None:
         """Hand the cluster a manifest body fetched from `ns`'s `repository` and verified."""
         msg = wire.PutManifest(self.node, ns, repository, media_type, body)
-        await self._call("PUT", f"/v1/manifests/{digest}", msg, None)
+        await self._request("PUT", f"/v1/manifests/{digest}", msg)
 
     async def get_manifest(self, digest: Digest) -> wire.ManifestBody | None:
         """The body the cluster holds for `digest` (check it against the digest), or None."""
@@ -299,8 +297,7 @@ class TrackerClient:
         """
         rides, confirmed = self._rides.board(), None
         msg = wire.LeaseRequest(self.node, size, wait_s, group, order, manifest, self.peer_port,
-                                [str(r.digest) for r in rides] or None,
-                                [r.info_hash for r in rides] or None)  # fmt: skip
+                                *riding(rides))  # fmt: skip
         try:
             reply = await self._call(
                 "POST", f"/v1/leases/{digest}", msg, wire.LeaseReply, extra_timeout_s=wait_s
@@ -333,7 +330,7 @@ class TrackerClient:
 
     async def release_lease(self, digest: Digest, lease_id: str) -> None:
         msg = wire.LeaseRelease(lease_id, self.node)
-        await self._call("POST", f"/v1/leases/{digest}/release", msg, None)
+        await self._request("POST", f"/v1/leases/{digest}/release", msg)
 
     # -- tag answers -----------------------------------------------------------------
 
@@ -342,7 +339,7 @@ class TrackerClient:
     ) -> None:
         """Tell the cluster what seed registry `ns` just said of a tag (tracker/tags.py)."""
         msg = wire.TagSeen(self.node, ns, repository, tag, str(digest), accept)
-        await self._call("PUT", "/v1/tags", msg, None)
+        await self._request("PUT", "/v1/tags", msg)
 
     async def query_tag(
         self, ns: str, repository: str, tag: str, accept: str = ""
@@ -384,14 +381,12 @@ class TrackerClient:
         method: str,
         path: str,
         message: wire.Message | None,
-        reply: type[wire.M] | None,
+        reply: type[wire.M],
         *,
         extra_timeout_s: float = 0.0,
         timeout_s: float | None = None,
     ) -> wire.M:
         content = await self._request(method, path, message, extra_timeout_s, timeout_s)
-        if reply is None:
-            return None  # type: ignore[return-value]  # release has no body
         return decoded(reply, content)
 
     async def _request(
@@ -402,7 +397,7 @@ class TrackerClient:
         extra_timeout_s: float = 0.0,
         timeout_s: float | None = None,
     ) -> bytes:
-        """`message` sent, and the answer's body."""
+        """`message` sent, and the answer's body (empty where there is none)."""
         headers = dict(self._headers)
         content = None
         if message is not None:

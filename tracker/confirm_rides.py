@@ -47,6 +47,12 @@ class Ride:
     taken: bool = False
 
 
+def riding(rides: list[Ride]) -> tuple[list[str] | None, list[bytes] | None]:
+    """`rides` as a request carries them: its `confirm_digests` and `confirm_hashes`
+    (None for none)."""
+    return [str(r.digest) for r in rides] or None, [r.info_hash for r in rides] or None
+
+
 # The call a confirmation makes without a lease request: it, with the riders it
 # carries; the riders the tracker took (None: it names none, as an older one).
 Alone = Callable[[Digest, bytes, list[Ride]], Awaitable[list[str] | None]]

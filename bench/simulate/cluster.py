@@ -343,15 +343,16 @@ class Cluster:
         e.schedule(made, publish)
 
     def _call(self, node: Node, apply: Callable[[], object],
-              then: Callable[[], None] | None = None) -> None:
-        """A control call from `node` through the tracker's queue; `then` on its answer."""
+              then: Callable[[], None] | None = None, riders: int = 0) -> None:
+        """A control call from `node` through the tracker's queue, with `riders` seed
+        confirmations (server.TrackerServers.control); `then` on its answer."""
         def done() -> None:
             apply()
             self.servers.answered(node.id)
             if then is not None:
                 self.engine.schedule(self.engine.now + self.p.rtt_s / 2, then)
 
-        self.servers.control(node.id, done)
+        self.servers.control(node.id, done, riders)
 
     def _release(self, node: Node, layer: int, lease: str) -> None:
         self._released.add(lease)
@@ -462,13 +463,7 @@ class Cluster:
             if confirm in self._riding.get(node.id, ()):
                 batch, self._riding[node.id] = self._riding[node.id], []
                 self.tracker.counts.riding += len(batch) - 1
-
-                def apply() -> None:
-                    for each in batch:
-                        each()
-                    self.servers.answered(node.id)
-
-                self.servers.control(node.id, apply, len(batch) - 1)
+                self._call(node, lambda: [each() for each in batch], riders=len(batch) - 1)
 
         self.engine.schedule(self.engine.now + HOLD_S, alone)
 
