@@ -1,9 +1,10 @@
 """The hand-off between an image's upstream fetches (tracker/upstream_queue.py, `handoff_s`).
 
-A holder whose renewals put its last byte within `handoff_s` gives its slot to
-the image's next fetch, one at a time. First the rule alone, over a
-hand-stepped clock and plain `Lease` values; then through the service
-(coordinator.py) on trio's MockClock, with renewals waking the queue.
+A holder whose renewals (before any, the image's last fetch rate) put its last
+byte within `handoff_s` gives its slot to the image's next fetch, one at a
+time. First the rule alone, over a hand-stepped clock and plain `Lease`
+values; then through the service (coordinator.py) on trio's MockClock, with
+renewals waking the queue.
 """
 
 from __future__ import annotations
@@ -51,6 +52,26 @@ def test_the_handoff_is_predicted_from_the_rate_since_the_mark() -> None:
     assert handoff_at(lease(LAYERS[0], "a", 50, T0 + 2, size=None), 0.3) is None
     assert handoff_at(lease(LAYERS[0], "a", 100, T0 + 2), 0.3) is None
     assert handoff_at(lease(LAYERS[0], "a", 50, T0 + 2), 0.0) is None
+
+
+def test_before_any_progress_the_handoff_is_predicted_at_the_images_last_rate() -> None:
+    # No progress since the mark: 100 bytes at 50 B/s from the last renewal.
+    assert handoff_at(lease(LAYERS[0], "a", 0, T0 + 2), 0.3, 50.0) == pytest.approx(T0 + 3.7)
+    # Its own progress, once reported, counts over the image's rate.
+    assert handoff_at(lease(LAYERS[0], "a", 50, T0 + 2), 0.3, 1e6) == pytest.approx(T0 + 3.7)
+    # The image's rate is its last fetch's, taken when that one reports its last byte.
+    clock = Clock()
+    queue = UpstreamQueue(1, clock, handoff_s=0.3)
+    queue.granted(IMAGE, "a")
+    assert queue.renewed(lease(LAYERS[0], "a", 0, T0), lease(LAYERS[0], "a", 100, T0 + 0.5))
+    clock.now = T0 + 0.5
+    b = lease(LAYERS[1], "b", 0, T0 + 0.5)
+    queue.granted(IMAGE, "b")
+    # 200 B/s: B's 100 bytes are due at T0 + 1.0, the hand-off 0.3 s before.
+    third = Place(3, LAYERS[2], "c")
+    assert queue.check(IMAGE, third, [b]) == Queued(pytest.approx(T0 + 0.7), b)
+    clock.now = T0 + 0.7
+    assert queue.check(IMAGE, third, [b]) is None
 
 
 def test_the_next_fetch_starts_at_the_handoff_and_only_one_starts_early() -> None:
@@ -104,58 +125,95 @@ def test_a_renewal_wakes_the_queue_when_the_slot_frees_or_the_handoff_is_near() 
     granted = lease(LAYERS[0], "a", 0, T0)
     # Renewals 1 s apart: a hand-off 2.7 s ahead is left to the next renewal;
     # one within 1.5 intervals wakes the queue now.
-    assert not queue.wake_on_renewal(granted, lease(LAYERS[0], "a", 25, T0 + 1))
+    assert not queue.renewed(granted, lease(LAYERS[0], "a", 25, T0 + 1))
     near = lease(LAYERS[0], "a", 80, T0 + 2)  # the last byte due at T0 + 2.5
-    assert queue.wake_on_renewal(lease(LAYERS[0], "a", 25, T0 + 1), near)
-    assert queue.wake_on_renewal(granted, lease(LAYERS[0], "a", 100, T0 + 1))  # fetched
+    assert queue.renewed(lease(LAYERS[0], "a", 25, T0 + 1), near)
+    assert queue.renewed(granted, lease(LAYERS[0], "a", 100, T0 + 1))  # fetched
     done = lease(LAYERS[0], "a", 100, T0 + 4)
-    assert not queue.wake_on_renewal(done, done)  # its slot was freed before
-    assert not queue.wake_on_renewal(None, granted)
+    assert not queue.renewed(done, done)  # its slot was freed before
+    assert not queue.renewed(None, granted)
     off = UpstreamQueue(1, Clock())
-    assert not off.wake_on_renewal(lease(LAYERS[0], "a", 25, T0 + 1), near)
+    assert not off.renewed(lease(LAYERS[0], "a", 25, T0 + 1), near)
+
+
+class Service:
+    """The coordinator on trio's MockClock (hand-off 0.3 s), with `a` granted the
+    image's first layer at `start`; `ask` waits for another layer's lease."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.t = make_tracker(tmp_path, lease_ttl_s=10.0, lease_silence_s=0.0,
+                              lease_grant_ack_s=0.0, upstream_handoff_s=0.3)  # fmt: skip
+        self.start = trio.current_time()
+        self.got: dict[str, tuple[float, wire.LeaseReply]] = {}
+
+    async def grant_first(self) -> str:
+        a = await self.t.acquire_lease(LAYERS[0], wire.LeaseRequest("a", 100, 0, IMAGE, 1))
+        assert a.status is wire.LeaseStatus.GRANTED and a.lease_id
+        return a.lease_id
+
+    async def ask(self, node: str, n: int) -> None:
+        msg = wire.LeaseRequest(node, 100, 25, IMAGE, n + 1)
+        reply = await self.t.acquire_lease(LAYERS[n], msg)
+        self.got[node] = (trio.current_time() - self.start, reply)
+
+    async def renew(self, n: int, lease_id: str, done: int) -> None:
+        await self.t.renew_lease(LAYERS[n], wire.LeaseRenew(lease_id, done, 100))
+
+    def granted(self, node: str) -> tuple[float, str]:
+        """When `node` was granted its lease, and the lease."""
+        at, reply = self.got[node]
+        assert reply.status is wire.LeaseStatus.GRANTED and reply.lease_id
+        return at, reply.lease_id
 
 
 async def test_through_the_service_a_renewal_near_the_end_starts_the_next_fetch(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    t = make_tracker(tmp_path, lease_ttl_s=10.0, lease_silence_s=0.0, lease_grant_ack_s=0.0,
-                     upstream_handoff_s=0.3)
-    start = trio.current_time()
-    a = await t.acquire_lease(LAYERS[0], wire.LeaseRequest("a", 100, 0, IMAGE, 1))
-    assert a.status is wire.LeaseStatus.GRANTED and a.lease_id
-    got: dict[str, tuple[float, wire.LeaseReply]] = {}
-
-    async def ask(node: str, n: int) -> None:
-        reply = await t.acquire_lease(LAYERS[n], wire.LeaseRequest(node, 100, 25, IMAGE, n + 1))
-        got[node] = (trio.current_time() - start, reply)
-
+    s = Service(tmp_path)
+    a = await s.grant_first()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(ask, "b", 1)
+        nursery.start_soon(s.ask, "b", 1)
         await trio.sleep(1)
-        await t.renew_lease(LAYERS[0], wire.LeaseRenew(a.lease_id, 25, 100))
+        await s.renew(0, a, 25)
         await trio.sleep(1)
-        assert not got
+        assert not s.got
         # The last byte due at 2.5 s: B is granted at 2.2 s, while A still fetches.
-        await t.renew_lease(LAYERS[0], wire.LeaseRenew(a.lease_id, 80, 100))
+        await s.renew(0, a, 80)
         await trio.sleep(0.5)
-        at, b = got["b"]
-        assert b.status is wire.LeaseStatus.GRANTED and b.lease_id
+        at, b = s.granted("b")
         assert at == pytest.approx(2.2)
         # A third fetch waits while both are upstream, and through A's last byte
-        # (B has reported nothing yet) ...
-        nursery.start_soon(ask, "c", 2)
+        # (B has reported nothing yet, and A's rate puts B's end at 5.1 s) ...
+        nursery.start_soon(s.ask, "c", 2)
         await trio.sleep(0.2)
-        await t.renew_lease(LAYERS[0], wire.LeaseRenew(a.lease_id, 100, 100))
+        await s.renew(0, a, 100)
         await trio.sleep(0.9)
-        assert "c" not in got
+        assert "c" not in s.got
         # ... until B's renewal puts its own last byte within the hand-off.
-        await t.renew_lease(LAYERS[1], wire.LeaseRenew(b.lease_id, 99, 100))
-    at, c = got["c"]
-    assert c.status is wire.LeaseStatus.GRANTED
-    assert at == pytest.approx(3.6)
+        await s.renew(1, b, 99)
+    assert s.granted("c")[0] == pytest.approx(3.6)
     # Both were granted beside a fetch in its last bytes.
-    handoffs = t.metrics.registry.get_sample_value("p2preg_tracker_upstream_handoffs_total")
+    handoffs = s.t.metrics.registry.get_sample_value("p2preg_tracker_upstream_handoffs_total")
     assert handoffs == 2
+
+
+async def test_through_the_service_a_fetch_too_short_to_renew_is_handed_off_at_the_last_rate(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A fetch shorter than a renewal interval reports nothing before its last byte:
+    # the image's previous fetch says when that will be.
+    s = Service(tmp_path)
+    a = await s.grant_first()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(s.ask, "b", 1)
+        await trio.sleep(1)
+        # A's 100 bytes in 1 s: B takes the slot at once, and C queues behind it.
+        await s.renew(0, a, 100)
+        await trio.sleep(0.01)
+        assert s.granted("b")[0] == pytest.approx(1.0)
+        nursery.start_soon(s.ask, "c", 2)
+    # B reports nothing; at A's 100 B/s its last byte is due at 2.0 s.
+    assert s.granted("c")[0] == pytest.approx(1.7)
 
 
 def test_the_handoff_must_not_be_negative_nor_past_the_ttl(tmp_path: Path) -> None:

@@ -224,7 +224,7 @@ class LeaseDesk:
             self.metrics.lease_refused.labels("bad_progress").inc()
             raise
         await self._store.save_lease(self._stored_lease(lease))
-        if self.queue.wake_on_renewal(before, lease):  # a slot freed, or a hand-off near
+        if self.queue.renewed(before, lease):  # a slot freed, or a hand-off near
             self._free_slot(lease)
         if lease.slow and before is not None and not before.slow:
             # Below the minimum rate: a waiter may take the fetch over now.

@@ -15,9 +15,10 @@ do), or persist anything: after a restart the queue starts empty.
 The hand-off: between one fetch's last byte and the next one's first, the link
 would idle (the holder's report, the next node's wake-up, its request). So a
 holder whose renewals predict its last byte within `handoff_s` (its bytes left
-at its rate since its lease's rate mark) gives up its slot that early, to one
-fetch at a time: the image then has at most one fetch beyond its slots, for
-about `handoff_s`.
+at its rate since its lease's rate mark; before it reported any progress, at
+the image's last fetch rate, since a fetch shorter than a renewal interval
+reports none) gives up its slot that early, to one fetch at a time: the image
+then has at most one fetch beyond its slots, for about `handoff_s`.
 """
 
 from __future__ import annotations
@@ -41,18 +42,27 @@ MAX_IMAGES_REMEMBERED = 10_000
 HANDOFF_HORIZON_RENEWALS = 1.5
 
 
-def handoff_at(lease: Lease, handoff_s: float) -> float | None:
+def handoff_at(lease: Lease, handoff_s: float, rate: float | None = None) -> float | None:
     """When the image's next fetch may start beside `lease`'s: `handoff_s` before
     the last byte its renewals predict, at its rate since the lease's rate mark
-    (its grant, in a fetch shorter than a rate window). None: no prediction yet
-    (no size, no progress reported since the mark) or no hand-off (`handoff_s` 0).
+    (its grant, in a fetch shorter than a rate window); before it has reported
+    progress since the mark, at `rate` (bytes/s: the image's last fetch's) from its
+    last renewal. None: no prediction (no size, or neither progress nor `rate`)
+    or no hand-off (`handoff_s` 0).
     """
     if handoff_s <= 0 or lease.size is None or lease.fetched:
         return None
+    left = lease.size - lease.bytes_done
     done, span = lease.bytes_done - lease.mark_bytes, lease.renewed_at - lease.mark_at
-    if done <= 0 or span <= 0:
-        return None
-    return lease.renewed_at + (lease.size - lease.bytes_done) * span / done - handoff_s
+    if done > 0 and span > 0:
+        return lease.renewed_at + left * span / done - handoff_s
+    return lease.renewed_at + left / rate - handoff_s if rate else None
+
+
+def fetch_rate(lease: Lease) -> float | None:
+    """Bytes/s of `lease`'s fetch since its rate mark, None before any progress."""
+    done, span = lease.bytes_done - lease.mark_bytes, lease.renewed_at - lease.mark_at
+    return done / span if done > 0 and span > 0 else None
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -77,6 +87,9 @@ class _Image:
     first_seen: float
     # The node granted the image's latest fetch.
     last_holder: str | None = None
+    # Bytes/s of the image's latest fetch to report its last byte (from its rate
+    # mark): a fetch shorter than a renewal interval is predicted with it.
+    rate: float | None = None
 
 
 class UpstreamQueue:
@@ -124,7 +137,7 @@ class UpstreamQueue:
         # waiting for the same blob takes it instead.
         own = self._queued.get(group, Counter())[place]
         busy = image.last_holder == place.node and blobs[blob] > own
-        handoff = self._handoff(fetching)
+        handoff = self._handoff(fetching, image.rate)
         taken = len(fetching) - (handoff is not None and handoff[0] <= now)
         if taken < self.fetches_per_image and not (earlier or gathering or busy):
             return None
@@ -136,25 +149,31 @@ class UpstreamQueue:
             return Queued(handoff[0], handoff[1])
         return Queued(first.expires_at, first)
 
-    def _handoff(self, fetching: Sequence[Lease]) -> tuple[float, Lease] | None:
+    def _handoff(
+        self, fetching: Sequence[Lease], rate: float | None
+    ) -> tuple[float, Lease] | None:
         """The earliest hand-off among the image's fetches, while none is out: with
         more fetches than slots, one already started early."""
         if len(fetching) != self.fetches_per_image:
             return None
         ends = [(at, lease) for lease in fetching
-                if (at := handoff_at(lease, self.handoff_s)) is not None]  # fmt: skip
+                if (at := handoff_at(lease, self.handoff_s, rate)) is not None]  # fmt: skip
         return min(ends, key=lambda end: end[0]) if ends else None
 
-    def wake_on_renewal(self, before: Lease | None, lease: Lease) -> bool:
-        """Whether `lease`'s renewal should wake its image's queue: its fetch ended
-        or fell below the rate (the slot is free), or the hand-off it now predicts
-        comes before its next renewal would tell (queued requests slept on an
-        older prediction, or on the lease's expiry)."""
+    def renewed(self, before: Lease | None, lease: Lease) -> bool:
+        """A holder renewed `before` into `lease`: once it reports its last byte, its
+        rate is the image's for the next predictions. Whether the renewal should
+        wake the image's queue: its fetch ended or fell below the rate (the slot is
+        free), or the hand-off it now predicts comes before its next renewal would
+        tell (queued requests slept on an older prediction, or on the expiry)."""
         if before is None or before.fetched or before.slow:
             return False
+        image = None if lease.group is None else self._images.get(lease.group)
+        if lease.fetched and image is not None:
+            image.rate = fetch_rate(lease) or image.rate
         if lease.fetched or lease.slow:
             return True
-        at = handoff_at(lease, self.handoff_s)
+        at = handoff_at(lease, self.handoff_s, image.rate if image is not None else None)
         interval = lease.renewed_at - before.renewed_at
         return at is not None and at <= lease.renewed_at + HANDOFF_HORIZON_RENEWALS * interval
 

@@ -213,7 +213,7 @@ class SimTracker:
             lease = self.leases.renew(digest, lease_id, done, size, holder=str(node))
         except LeaseLost:
             return False
-        if self.queue.wake_on_renewal(before, lease):
+        if self.queue.renewed(before, lease):
             self._free_slot(lease)
         if lease.slow and before is not None and not before.slow:
             self.notify(digest)
