@@ -1,7 +1,7 @@
 """The hand-off between an image's upstream fetches (tracker/upstream_queue.py, `handoff_s`).
 
-A holder whose renewals (before any, the image's last fetch rate) put its last
-byte within `handoff_s` gives its slot to the image's next fetch, one at a
+A holder whose renewals (before its first byte, the image's last fetch rate) put
+its last byte within `handoff_s` gives its slot to the image's next fetch, one at a
 time. First the rule alone, over a hand-stepped clock and plain `Lease`
 values; then through the service (coordinator.py) on trio's MockClock, with
 renewals waking the queue.
@@ -9,6 +9,7 @@ renewals waking the queue.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -54,24 +55,49 @@ def test_the_handoff_is_predicted_from_the_rate_since_the_mark() -> None:
     assert handoff_at(lease(LAYERS[0], "a", 50, T0 + 2), 0.0) is None
 
 
-def test_before_any_progress_the_handoff_is_predicted_at_the_images_last_rate() -> None:
-    # No progress since the mark: 100 bytes at 50 B/s from the last renewal.
-    assert handoff_at(lease(LAYERS[0], "a", 0, T0 + 2), 0.3, 50.0) == pytest.approx(T0 + 3.7)
+def test_before_its_first_byte_a_fetch_is_predicted_at_the_images_last_rate() -> None:
+    # Acknowledged, no byte yet: 100 bytes at 50 B/s from the last renewal.
+    fresh = lease(LAYERS[0], "a", 0, T0 + 2)
+    assert handoff_at(fresh, 0.3, 50.0) == pytest.approx(T0 + 3.7)
     # Its own progress, once reported, counts over the image's rate.
     assert handoff_at(lease(LAYERS[0], "a", 50, T0 + 2), 0.3, 1e6) == pytest.approx(T0 + 3.7)
-    # The image's rate is its last fetch's, taken when that one reports its last byte.
+    # Not before its holder acknowledged the grant, nor once it reported bytes
+    # (a new rate window with nothing in it yet is its own business).
+    assert handoff_at(replace(fresh, acked=False), 0.3, 50.0) is None
+    new_window = replace(lease(LAYERS[0], "a", 50, T0 + 2), mark_at=T0 + 2, mark_bytes=50)
+    assert handoff_at(new_window, 0.3, 50.0) is None
+
+
+def queue_after(before: Lease, fetched: Lease) -> tuple[Clock, UpstreamQueue, Lease]:
+    """A queue whose image's first fetch was renewed from `before` to `fetched`, and
+    the next fetch, B, granted then (acknowledged, no byte yet)."""
     clock = Clock()
     queue = UpstreamQueue(1, clock, handoff_s=0.3)
     queue.granted(IMAGE, "a")
-    assert queue.renewed(lease(LAYERS[0], "a", 0, T0), lease(LAYERS[0], "a", 100, T0 + 0.5))
-    clock.now = T0 + 0.5
-    b = lease(LAYERS[1], "b", 0, T0 + 0.5)
+    assert queue.renewed(before, fetched)
+    clock.now = fetched.renewed_at
     queue.granted(IMAGE, "b")
-    # 200 B/s: B's 100 bytes are due at T0 + 1.0, the hand-off 0.3 s before.
+    return clock, queue, lease(LAYERS[1], "b", 0, fetched.renewed_at)
+
+
+def test_the_images_rate_is_its_last_fetchs_to_its_last_byte() -> None:
     third = Place(3, LAYERS[2], "c")
+    # 100 bytes in 0.5 s: 200 B/s, so B's 100 bytes are due 0.5 s after its
+    # grant, and C goes 0.3 s before that.
+    a_done = lease(LAYERS[0], "a", 100, T0 + 0.5)
+    clock, queue, b = queue_after(lease(LAYERS[0], "a", 0, T0), a_done)
     assert queue.check(IMAGE, third, [b]) == Queued(pytest.approx(T0 + 0.7), b)
     clock.now = T0 + 0.7
     assert queue.check(IMAGE, third, [b]) is None
+    # A renewal from B with no byte moves nothing and wakes nobody.
+    assert not queue.renewed(b, replace(b, renewed_at=T0 + 0.6, expires_at=T0 + 30.6))
+    # The last byte's renewal opened a new rate window: measured from the one before.
+    reset = replace(lease(LAYERS[0], "a", 100, T0 + 2), mark_at=T0 + 2, mark_bytes=100)
+    _, queue, b = queue_after(lease(LAYERS[0], "a", 50, T0 + 1), reset)
+    assert queue.check(IMAGE, third, [b]) == Queued(pytest.approx(T0 + 3.7), b)
+    # Over a span too short to tell (renewals the tracker ran late), no rate.
+    _, queue, b = queue_after(lease(LAYERS[0], "a", 0, T0), lease(LAYERS[0], "a", 100, T0 + 0.1))
+    assert queue.check(IMAGE, third, [b]) == Queued(b.expires_at, b)
 
 
 def test_the_next_fetch_starts_at_the_handoff_and_only_one_starts_early() -> None:
@@ -183,7 +209,7 @@ async def test_through_the_service_a_renewal_near_the_end_starts_the_next_fetch(
         at, b = s.granted("b")
         assert at == pytest.approx(2.2)
         # A third fetch waits while both are upstream, and through A's last byte
-        # (B has reported nothing yet, and A's rate puts B's end at 5.1 s) ...
+        # (B has reported nothing yet, and A's rate puts B's end at 4.9 s) ...
         nursery.start_soon(s.ask, "c", 2)
         await trio.sleep(0.2)
         await s.renew(0, a, 100)

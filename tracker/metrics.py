@@ -353,8 +353,8 @@ class TrackerMetrics:
         self.upstream_handoffs = Counter(
             "p2preg_tracker_upstream_handoffs",
             "Upstream leases granted while the image's slots were taken, at the hand-off: "
-            "the holder's renewals (or, before any, the image's last fetch rate) put its "
-            "last byte within upstream_handoff_s",
+            "the holder's renewals (or, before its first byte, the image's last fetch rate) "
+            "put its last byte within upstream_handoff_s",
             registry=self.registry,
         )
 

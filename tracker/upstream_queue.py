@@ -15,9 +15,9 @@ do), or persist anything: after a restart the queue starts empty.
 The hand-off: between one fetch's last byte and the next one's first, the link
 would idle (the holder's report, the next node's wake-up, its request). So a
 holder whose renewals predict its last byte within `handoff_s` (its bytes left
-at its rate since its lease's rate mark; before it reported any progress, at
-the image's last fetch rate, since a fetch shorter than a renewal interval
-reports none) gives up its slot that early, to one fetch at a time: the image
+at its rate since its lease's rate mark; once acknowledged but before it
+reported a byte, at the image's last fetch rate, since a fetch shorter than a
+renewal interval reports none) gives up its slot that early, to one fetch at a time: the image
 then has at most one fetch beyond its slots, for about `handoff_s`.
 """
 
@@ -40,15 +40,19 @@ MAX_IMAGES_REMEMBERED = 10_000
 # A renewal wakes the image's queue when the hand-off it predicts falls within
 # this many of the holder's renewal intervals (the next renewal comes too late).
 HANDOFF_HORIZON_RENEWALS = 1.5
+# A fetch's rate counts for the image's next predictions only over at least this
+# long (and `handoff_s`): renewals the tracker ran late can make a short span
+# shorter still, and its rate many times too high.
+MIN_RATE_SPAN_S = 0.2
 
 
 def handoff_at(lease: Lease, handoff_s: float, rate: float | None = None) -> float | None:
     """When the image's next fetch may start beside `lease`'s: `handoff_s` before
     the last byte its renewals predict, at its rate since the lease's rate mark
-    (its grant, in a fetch shorter than a rate window); before it has reported
-    progress since the mark, at `rate` (bytes/s: the image's last fetch's) from its
-    last renewal. None: no prediction (no size, or neither progress nor `rate`)
-    or no hand-off (`handoff_s` 0).
+    (its grant, in a fetch shorter than a rate window); an acknowledged lease
+    that has reported no byte yet, at `rate` (bytes/s: the image's last fetch's)
+    from its last renewal. None: no prediction (no size, no progress since the
+    mark and no `rate` to use) or no hand-off (`handoff_s` 0).
     """
     if handoff_s <= 0 or lease.size is None or lease.fetched:
         return None
@@ -56,13 +60,9 @@ def handoff_at(lease: Lease, handoff_s: float, rate: float | None = None) -> flo
     done, span = lease.bytes_done - lease.mark_bytes, lease.renewed_at - lease.mark_at
     if done > 0 and span > 0:
         return lease.renewed_at + left * span / done - handoff_s
-    return lease.renewed_at + left / rate - handoff_s if rate else None
-
-
-def fetch_rate(lease: Lease) -> float | None:
-    """Bytes/s of `lease`'s fetch since its rate mark, None before any progress."""
-    done, span = lease.bytes_done - lease.mark_bytes, lease.renewed_at - lease.mark_at
-    return done / span if done > 0 and span > 0 else None
+    if rate and lease.acked and lease.bytes_done == 0:
+        return lease.renewed_at + left / rate - handoff_s
+    return None
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -88,7 +88,7 @@ class _Image:
     # The node granted the image's latest fetch.
     last_holder: str | None = None
     # Bytes/s of the image's latest fetch to report its last byte (from its rate
-    # mark): a fetch shorter than a renewal interval is predicted with it.
+    # mark): a fetch that has reported no byte yet is predicted with it.
     rate: float | None = None
 
 
@@ -170,10 +170,15 @@ class UpstreamQueue:
             return False
         image = None if lease.group is None else self._images.get(lease.group)
         if lease.fetched and image is not None:
-            image.rate = fetch_rate(lease) or image.rate
+            # From `before`'s mark: this renewal may have started a new window.
+            done, span = lease.bytes_done - before.mark_bytes, lease.renewed_at - before.mark_at
+            if done > 0 and span >= max(self.handoff_s, MIN_RATE_SPAN_S):
+                image.rate = done / span
         if lease.fetched or lease.slow:
             return True
-        at = handoff_at(lease, self.handoff_s, image.rate if image is not None else None)
+        # (Without the image's rate: a renewal that reports no byte only puts the
+        # prediction later, and the queue already sleeps until the earlier one.)
+        at = handoff_at(lease, self.handoff_s)
         interval = lease.renewed_at - before.renewed_at
         return at is not None and at <= lease.renewed_at + HANDOFF_HORIZON_RENEWALS * interval
 
