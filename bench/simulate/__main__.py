@@ -92,7 +92,7 @@ def matrix(a: argparse.Namespace) -> None:
                         lease_silence_s=a.lease_silence_s, lease_grant_ack_s=a.lease_grant_ack_s,
                         tracker_replicas=a.tracker_replicas, announces=a.announces,
                         client_downloads=a.client_downloads, confirms=a.confirms,
-                        stall_report_s=a.stall_report_s,
+                        stall_report_s=a.stall_report_s, fetches_per_image=a.fetches_per_image,
                     )
                     jobs.append((profile, p))
     started = time.perf_counter()
@@ -152,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     r.add_argument("--stall-report-s", type=float, default=Params(nodes=2).stall_report_s,
                    help="a download alone this long announces again for other peers (the "
                    "node's peer_stall_report_s, 10; 0: it waits for its periodic announce)")
+    r.add_argument("--fetches-per-image", type=int,
+                   default=Params(nodes=2).fetches_per_image,
+                   help="the tracker's upstream_fetches_per_image (its default; 0: no limit)")
     r.add_argument("--client-downloads", type=int,
                    default=Params(nodes=2).client_downloads,
                    help="layers a node's client fetches at once, in order (3, kubelet's "

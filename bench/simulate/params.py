@@ -120,6 +120,8 @@ class Params:
             raise ValueError(f"tracker_replicas ≥ 0; announces: {', '.join(ANNOUNCE_PATHS)}")
         if self.client_downloads < 0:
             raise ValueError("client_downloads ≥ 0 (0: every layer at once)")
+        if self.fetches_per_image < 0:
+            raise ValueError("fetches_per_image ≥ 0 (0: no limit)")
         if self.confirms not in CONFIRM_PATHS:
             raise ValueError(f"confirms: one of {', '.join(CONFIRM_PATHS)}")
         if min(self.upload_slots, self.download_slots, self.connections_limit) < 1:
