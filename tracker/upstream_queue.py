@@ -17,8 +17,9 @@ would idle (the holder's report, the next node's wake-up, its request). So a
 holder whose renewals predict its last byte within `handoff_s` (its bytes left
 at its rate since its lease's rate mark; once acknowledged but before it
 reported a byte, at the image's last fetch rate, since a fetch shorter than a
-renewal interval reports none) gives up its slot that early, to one fetch at a time: the image
-then has at most one fetch beyond its slots, for about `handoff_s`.
+renewal interval reports none) gives up its slot that early, to one fetch at
+a time: the image then has at most one fetch beyond its slots, for about
+`handoff_s`.
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ class _Image:
     first_seen: float
     # The node granted the image's latest fetch.
     last_holder: str | None = None
-    # Bytes/s of the image's latest fetch to report its last byte (from its rate
-    # mark): a fetch that has reported no byte yet is predicted with it.
+    # Bytes/s of the image's latest fetch to report its last byte (from the rate
+    # mark before that report): a fetch that has reported no byte yet is
+    # predicted with it.
     rate: float | None = None
 
 
