@@ -111,17 +111,21 @@ async def test_a_blob_crosses_upstream_once_and_reaches_the_next_node_through_li
             # b downloads at 1 MiB/s (3 s), so that its connection to a is seen.
             cover_every_peer(b_swarm.session)
             b_swarm.session.apply_settings({"download_rate_limit": 1 << 20})
+            downloaded = trio.Event()
+
+            async def download() -> None:
+                await b.blobs.ensure(upstream, REPO, digest)
+                downloaded.set()
+
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(b.blobs.ensure, upstream, REPO, digest)
+                nursery.start_soon(download)
                 # b dialled a, a accepted: neither end nor either listener keeps Nagle
-                # on (peersockets.py) while the download runs.
+                # on (peersockets.py) while the download runs; the connection goes after.
                 ports = {a_swarm.listen_port, b_swarm.listen_port}
-                for _ in range(60):  # 3 s, the download's length: the connection goes after
-                    if connected_without_nagle(ports):
-                        break
+                while not connected_without_nagle(ports):
+                    if downloaded.is_set():
+                        raise AssertionError(f"a connection kept Nagle on: {nagle_by_port(ports)}")
                     await trio.sleep(0.05)
-                else:
-                    raise AssertionError(f"a connection kept Nagle on: {nagle_by_port(ports)}")
             b_swarm.session.apply_settings({"download_rate_limit": 0})
             assert fetches(b, "peers") == 1 and fetches(b, "upstream") == 0
             with b.store.reading(digest) as path:
