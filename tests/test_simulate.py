@@ -247,3 +247,35 @@ def test_a_download_alone_asks_for_other_peers_instead_of_waiting_for_its_announ
     assert waits.stats["max_s"] > tight.announce_interval_s
     assert asks.stats["max_s"] < waits.stats["max_s"] - tight.announce_interval_s / 2
     assert asks.upstream_copies == waits.upstream_copies == 1.0
+
+
+def _seeder_dies_as_it_publishes(p: Params) -> tuple[Cluster, Result]:
+    """A run where layer 0's holder dies the moment the tracker lists it as the seeder,
+    before any node has a chunk of it: every waiter is handed a dead peer."""
+    c = Cluster(p)
+    announce, layer0 = c.tracker.announce, c.digests[0]
+
+    def announce_then_die(node: int, digest: str, seeder: bool, *, entered: bool = False,
+                          ) -> list[int]:  # fmt: skip
+        peers = announce(node, digest, seeder, entered=entered)
+        if digest == layer0 and seeder and c.killed == 0:
+            c._kill(c.nodes[node])
+        return peers
+
+    c.tracker.announce = announce_then_die  # type: ignore[method-assign]
+    return c, c.run()
+
+
+def test_a_seeder_that_died_unseen_is_reported_and_the_layer_fetched_again() -> None:
+    p = replace(SMALL, nodes=30, layers=2, announces="entered", max_sim_s=600.0)
+    c, r = _seeder_dies_as_it_publishes(p)
+    assert r.killed == 1 and r.unfinished == 0
+    assert all(n.finished_at is not None for n in c.nodes if n.alive)
+    # The waiters reported the dead seeder; two reporters delist it (tracker/admission.py),
+    # the lease goes to one of them, and the layer crosses upstream once more.
+    assert r.stalled > 0 and r.delisted == 1
+    assert r.upstream_layer_copies == [2.0, 1.0]
+    assert r.fallbacks == {}
+    # Without the stall watch the waiters sit in a swarm with nobody to serve them.
+    _, stuck = _seeder_dies_as_it_publishes(replace(p, stall_report_s=0.0))
+    assert stuck.unfinished == p.nodes - 1 and stuck.stalled == 0

@@ -32,24 +32,30 @@ or from a uniform pick to compare against. Around them the simulator models:
   the node's do since 2026-12-07);
 - failures: a share of the nodes die at random times within the bound, some of
   them while holding a lease halfway through their fetch; the dead renew and
-  announce nothing, their transfers stop, and the tracker finds out only by
-  its own rules (lease expiry, peer TTL).
+  announce nothing, their transfers stop, and the tracker finds out by its
+  own rules (lease silence and expiry, peer TTL) and from stall reports: a
+  download alone for `stall_report_s` reports the peers it could not reach
+  (the tracker's real admission rules delist a peer on two reporters) and
+  asks for the lease again (`stalls`).
 
 What it leaves out: the machine (CPU, disk, hashing beyond a fixed rate; the
 fan-out benchmark's two shared cores slow its spread, and the client's fetch
 and unpack are not simulated); TCP itself (slow start, RTT-bound windows,
 per-flow fairness) and latency between peers; libtorrent's block pipelining
 within a piece, its choker (tit-for-tat, optimistic unchokes) and end-game
-duplicates; admission, stall reports, disputes and quotas at the tracker (every
-completed node counts as a seeder at once); of the tracker's own work, all but
-its requests (server.py queues those at k replicas with measured costs; the
-re-decisions of woken long polls, its sweeps and its store are not charged);
-containerd's `max_concurrent_downloads` (every
-layer is asked for at once, as `ctr` does); an exact max-min share between
-peers (what one end of a transfer leaves unused is not passed on).
+duplicates, and its displacing of a connection when full (a full end refuses);
+seed confirmations' admission, reports of live peers that stall, disputes and
+quotas at the tracker (every completed node counts as a seeder at once); of
+the tracker's own work, all but its requests (server.py queues those at k
+replicas with measured costs; the re-decisions of woken long polls, its sweeps
+and its store are not charged); an exact max-min share between peers (what
+one end of a transfer leaves unused is not passed on). The client asks for
+`client_downloads` layers at a time (containerd's `max_concurrent_downloads`,
+3 under kubelet; 0: every layer at once, as `ctr` does).
 
 The package: `params` (what a run is), `engine` (clock, events, fluid links),
-`swarm` (connections, slots, chunk picking), `control` (the simulated tracker
+`swarm` (connections, slots, chunk picking), `stalls` (a download's stall
+watch), `control` (the simulated tracker
 around the real policy code), `server` (the tracker's replicas as queues),
 `cluster` (the nodes' behaviour, one run),
 `result` (what a run measured), `report` (tables, plot, the comparison with

@@ -93,6 +93,7 @@ def matrix(a: argparse.Namespace) -> None:
                         tracker_replicas=a.tracker_replicas, announces=a.announces,
                         client_downloads=a.client_downloads, confirms=a.confirms,
                         stall_report_s=a.stall_report_s, fetches_per_image=a.fetches_per_image,
+                        connections_limit=a.connections_limit,
                     )
                     jobs.append((profile, p))
     started = time.perf_counter()
@@ -150,8 +151,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="seed confirmations: a call each, or riding the node's next lease "
                    "request (tracker/confirm_rides.py)")
     r.add_argument("--stall-report-s", type=float, default=Params(nodes=2).stall_report_s,
-                   help="a download alone this long announces again for other peers (the "
-                   "node's peer_stall_report_s, 10; 0: it waits for its periodic announce)")
+                   help="a download alone this long reports the peers it could not reach "
+                   "and asks for the lease again, or with none announces again for "
+                   "others (the node's peer_stall_report_s, 10; 0: neither)")
     r.add_argument("--fetches-per-image", type=int,
                    default=Params(nodes=2).fetches_per_image,
                    help="the tracker's upstream_fetches_per_image (its default; 0: no limit)")
@@ -159,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                    default=Params(nodes=2).client_downloads,
                    help="layers a node's client fetches at once, in order (3, kubelet's "
                    "containerd; 0: every layer at once, as `ctr images pull`)")
+    r.add_argument("--connections-limit", type=int,
+                   default=Params(nodes=2).connections_limit,
+                   help="peer connections per node, all layers (the node's libtorrent "
+                   "connections_limit, 400); a full end refuses")
     for p in (v, r):
         p.add_argument("--jobs", type=int, default=1, help="simulations at once (1)")
         p.add_argument("--out", type=Path, default=RESULTS)

@@ -31,10 +31,11 @@ from bench.simulate.engine import Engine, Flow, Node
 from bench.simulate.params import Params
 from bench.simulate.result import Result, collect
 from bench.simulate.server import Costs, TrackerServers
+from bench.simulate.stalls import Stalls
 from bench.simulate.swarm import Swarms
 from p2preg.core import wire
 from p2preg.core.metainfo import piece_size_for
-from p2preg.node.fetch import ACK_ATTEMPTS
+from p2preg.node.fetch import ACK_ATTEMPTS, SWARM_ATTEMPTS
 from p2preg.node.leasewait import (
     Action,
     Ask,
@@ -92,6 +93,11 @@ class Cluster:
             connections_limit=p.connections_limit, picker=p.picker, rng=self.rng,
             on_layer=self._layer_received,
         )
+        self.stalls = Stalls(
+            self.engine, self.swarms, p.stall_report_s,
+            announce=lambda node, layer: self._announce(node, layer, seeder=False, periodic=True),
+            report=self._report_stalls, stalled=self._swarm_stalled,
+        )
         self.engine.on_done = self._flow_done
         self.waits: dict[tuple[int, int], LeaseWait] = {}
         # Per node, the next layer its client asks for (client_downloads at a time).
@@ -113,7 +119,6 @@ class Cluster:
         # Per (node, layer), which scheduled re-announce is the current one: an
         # answer that names another interval supersedes the one due before.
         self._next_announce: dict[tuple[int, int], int] = {}
-        self.lonely = 0  # announces of downloads alone for stall_report_s
         # Node → seed confirmations waiting to ride its next lease request.
         self._riding: dict[int, list[Callable[[], None]]] = {}
 
@@ -368,8 +373,7 @@ class Cluster:
 
     def _join(self, node: Node, layer: int) -> None:
         node.joined[layer] = True
-        if self.p.stall_report_s:
-            self._watch_alone(node, layer, None)
+        self.stalls.watch(node, layer)
         if not self._entered:
             self._announce(node, layer, seeder=False, periodic=True)
             return
@@ -379,29 +383,32 @@ class Cluster:
             node.id, self.digests[layer], False, entered=True))  # fmt: skip
         self._reannounce_later(node, layer)
 
-    def _watch_alone(self, node: Node, layer: int, since: float | None) -> None:
-        """stallwatch.lonely: a download that has had no neighbour with a chunk it lacks
-        for `stall_report_s` announces again, for other peers (once per period); looked
-        at every half period."""
+    def _report_stalls(
+        self, node: Node, layer: int, peers: list[int], then: Callable[[], None]
+    ) -> None:
+        def report() -> None:
+            for peer in peers:
+                self.tracker.report_stall(node.id, self.digests[layer], peer)
+
+        self._call(node, report, then=then)
+
+    def _swarm_stalled(self, node: Node, layer: int, tries: int) -> None:
+        """fetch.py's _from_swarm: every peer stalled the download's `tries`th try, and
+        the tracker has the reports; the lease wait again, SWARM_ATTEMPTS tries in all."""
         if not node.alive or node.complete[layer]:
             return
-        now = self.engine.now
-        if self.swarms.has_source(node, layer):
-            since = None
-        elif since is None:
-            since = now
-        elif now - since >= self.p.stall_report_s:
-            self.lonely += 1
-            self._announce(node, layer, seeder=False, periodic=True)
-            since = now
-        self.engine.schedule(now + self.p.stall_report_s / 2,
-                             partial(self._watch_alone, node, layer, since))  # fmt: skip
+        if tries >= SWARM_ATTEMPTS:
+            self._act(node, layer, FallBack("peers_stalled", "every peer stalled us"))
+        else:
+            self._wait_for(node, layer)
 
     def _connect(self, node: Node, layer: int, peers: list[int]) -> None:
         for peer in peers if node.alive else ():
             other = self.nodes[peer]
             if self.swarms.connect(node, other, layer):
                 self.swarms.pair(node, other, layer)
+            else:
+                self.stalls.unreachable(node, layer, other)
 
     def _reannounce_later(self, node: Node, layer: int, after_s: float = 0.0) -> None:
         """The periodic announce, next due `after_s` from now (default: the downloaders'

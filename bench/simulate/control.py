@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from p2preg.core import wire
 from p2preg.core.errors import LeaseLost
 from tracker import lease_replies as replies
+from tracker.admission import Admission
+from tracker.config import TrackerConfig
 from tracker.handout import hand_out
 from tracker.leases import Granted, Lease, LeaseBook, RateRule
 from tracker.peers import PeerTable
@@ -77,6 +79,7 @@ class Counts:
     confirms: int = 0  # seed confirmations after a download from peers
     entered: int = 0  # peers a control call entered in a swarm, no announce
     riding: int = 0  # of `confirms`, those a lease request carried
+    stall_reports: int = 0  # peers reported for stalling a download (dead ones)
 
     @staticmethod
     def tick(hist: dict[int, int], now: float) -> None:
@@ -111,6 +114,11 @@ class SimTracker:
         )
         self.queue = UpstreamQueue(fetches_per_image, clock, handoff_s=handoff_s)
         self.peers = PeerTable(max_peers_per_swarm=1 << 30, max_peers=1 << 40)
+        defaults = TrackerConfig()
+        self.admission = Admission(
+            stall_window_s=defaults.stall_window_s, stall_cooloff_s=defaults.stall_cooloff_s,
+            stall_reporters=defaults.stall_reporters, max_entries=1 << 40, clock=clock,
+        )
         self._wait_max_s = wait_max_s
         self._peer_ttl_s = peer_ttl_s
         self._numwant = numwant
@@ -171,7 +179,7 @@ class SimTracker:
         now = self._clock()
         if digest in self.published:
             self.peers.expire_swarm(digest, now)
-            if self.peers.seeders(digest):
+            if self._seeded_for(digest, place.node):
                 return wire.LeaseReply(wire.LeaseStatus.SEEDED, metainfo=b"m"), None, False
         if self.leases.current(digest) is None:
             waiting = self.queue.check(GROUP, place, self.leases.fetching(GROUP))
@@ -183,6 +191,11 @@ class SimTracker:
             return replies.granted(self.leases, outcome.lease, outcome.replaced), None, False
         lease = outcome.lease
         return replies.held(self.leases, lease, now), lease.expires_at, False
+
+    def _seeded_for(self, digest: str, node: str) -> bool:
+        """lease_desk.LeaseDesk._seeded_for: a seeder `node` has not reported stalling it."""
+        return any(not self.admission.reported(digest, seeder, node)
+                   for seeder in self.peers.seeder_identities(digest))  # fmt: skip
 
     def _finish(self, poll: Poll) -> None:
         poll.done = True
@@ -242,6 +255,12 @@ class SimTracker:
             self._free_slot(lease)
 
     # -- metainfo and announces (swarms.announce) -----------------------------------
+
+    def report_stall(self, node: int, digest: str, peer: int) -> None:
+        """swarms.Swarms.report_stall: enough identities' reports delist the peer."""
+        self.counts.stall_reports += 1
+        if self.admission.report_stall(digest, str(peer), str(node)).delisted:
+            self.peers.remove(digest, str(peer))
 
     def publish(self, digest: str) -> None:
         self.counts.publishes += 1

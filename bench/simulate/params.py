@@ -89,10 +89,10 @@ class Params:
     confirms: str = "call"
     # The node's own lease_wait_max_s (p2preg/node/config.py).
     node_wait_max_s: float = 600.0
-    # A download with no neighbour holding a chunk it lacks for this long announces
-    # again for other peers (p2preg/node/stallwatch.py, `lonely`, after the node's
-    # peer_stall_report_s; 0: it waits for its periodic announce, the model before
-    # 2026-12-07).
+    # A download with no neighbour holding a chunk it lacks for this long reports the
+    # peers it could not reach and asks for the lease again, or with none to report
+    # announces again for others (p2preg/node/stallwatch.py, after the node's
+    # peer_stall_report_s; stalls.py). 0: neither, the model before 2026-12-07.
     stall_report_s: float = 10.0
     # Node <-> tracker round trip; the time from a granted lease to the first
     # upstream byte (token, blob GET, redirect); hashing for verify and torrent.

@@ -49,6 +49,8 @@ class Result:
     confirms: int
     riding_confirms: int  # of those, carried by a lease request
     lonely_announces: int  # downloads alone for stall_report_s that asked again
+    stalled: int  # downloads whose peers all stalled (dead): reported, the lease wait again
+    delisted: int  # peers the tracker stopped handing out on those reports
     entered: int  # peers control calls entered in swarms, in place of announces
     long_poll_wakeups: int
     leases_granted: int
@@ -123,7 +125,9 @@ def collect(c: Cluster, wall_s: float) -> Result:
         publishes=counts.publishes,
         confirms=counts.confirms,
         riding_confirms=counts.riding,
-        lonely_announces=c.lonely,
+        lonely_announces=c.stalls.lonely,
+        stalled=c.stalls.stalled,
+        delisted=c.tracker.admission.delisted,
         entered=counts.entered,
         long_poll_wakeups=counts.wakeups,
         leases_granted=tr.leases.granted,
