@@ -9,14 +9,17 @@ tracker as a server (bench/simulate/server.py) queues every request.
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import replace
 
 import pytest
 
 from bench.simulate.cluster import Cluster, chunk_sizes, simulate
+from bench.simulate.engine import Engine, Node
 from bench.simulate.params import MB, MiB, Params
 from bench.simulate.result import Result
 from bench.simulate.server import Queue
+from bench.simulate.swarm import Swarms
 from p2preg.node.config import NodeConfig
 
 SMALL = Params(
@@ -279,3 +282,25 @@ def test_a_seeder_that_died_unseen_is_reported_and_the_layer_fetched_again() -> 
     # Without the stall watch the waiters sit in a swarm with nobody to serve them.
     _, stuck = _seeder_dies_as_it_publishes(replace(p, stall_report_s=0.0))
     assert stuck.unfinished == p.nodes - 1 and stuck.stalled == 0
+
+
+def test_a_full_peer_makes_room_only_for_a_layer_less_crowded_than_its_most_crowded() -> None:
+    # libtorrent's rule at a full end (peer_connection.cpp): close a connection of the
+    # torrent with the most peers if it has more than the new one's, else refuse.
+    nodes = [Node(i, 2) for i in range(6)]
+    swarms = Swarms(
+        Engine(1e9, 1e8), nodes, [[4 * MiB] * 2, [4 * MiB] * 2], upload_slots=2,
+        download_slots=2, connections_limit=3, picker="rarest", rng=random.Random(1),
+        on_layer=lambda node, layer: None,
+    )
+    full = nodes[0]
+    assert all(swarms.connect(other, full, 0) for other in nodes[1:4])
+    assert full.conns == 3 and full.open == [3, 0]
+    assert not swarms.connect(nodes[4], full, 0)  # its most crowded layer: refused
+    assert swarms.refused == 1 and full.open == [3, 0]
+    assert swarms.connect(nodes[4], full, 1)  # a newer layer: one of layer 0's goes
+    assert full.conns == 3 and full.open == [2, 1] and swarms.displaced == 1
+    dropped = [n for n in nodes[1:4] if n.conns == 0]
+    assert len(dropped) == 1 and not dropped[0].links and full.id not in dropped[0].nbrs[0]
+    assert dropped[0].id not in full.nbrs[0] and len(full.links) == 3
+    assert not swarms.connect(full, nodes[5], 1)  # a full node dials nobody

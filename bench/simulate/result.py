@@ -62,6 +62,7 @@ class Result:
     peer_bytes: int
     aborted_bytes: int
     refused_connections: int
+    displaced_connections: int  # closed by a full peer to take a connection for a newer layer
     events: int
     wall_s: float
     # TrackerServers.stats over the pull (empty: every request answered at once).
@@ -139,6 +140,7 @@ def collect(c: Cluster, wall_s: float) -> Result:
         peer_bytes=c.swarms.delivered,
         aborted_bytes=c.swarms.aborted,
         refused_connections=c.swarms.refused,
+        displaced_connections=c.swarms.displaced,
         events=c.engine.events,
         wall_s=wall_s,
         tracker_queue=c.servers.stats(span) if c.servers.replicas else {},

@@ -2,16 +2,19 @@
 
 Owns the peer side of the model. Nodes connect to the peers the tracker hands
 them, within `connections_limit` on both ends (a connection per layer, as
-libtorrent has one per torrent); a node uploads at most `upload_slots` chunks
-at once and downloads at most `download_slots`, and uploads only chunks it
-holds whole. A transfer starts whenever a sender has a free slot, a connected
-receiver has one too and lacks a chunk the sender has: each side looks for the
-other when one of its slots frees or it gains a chunk (a window of `SCAN`
-neighbours; all of them for a node with nothing in flight), and receivers that
-found nothing look again every tick. The receiver's chunk is the rarest in the swarm (or a random
-one). Connections between two nodes that both hold a layer are closed, as
-libtorrent's `close_redundant_connections` does. It must not decide when a
-node joins a swarm or what a finished layer means (cluster.py does).
+libtorrent has one per torrent): a full node dials nobody, and a full peer
+takes a connection only for a layer it has fewer connections for than its
+most crowded one, closing one of those (libtorrent's rule). A node uploads at
+most `upload_slots` chunks at once and downloads at most `download_slots`, and
+uploads only chunks it holds whole. A transfer starts whenever a sender has a
+free slot, a connected receiver has one too and lacks a chunk the sender has:
+each side looks for the other when one of its slots frees or it gains a chunk
+(a window of `SCAN` neighbours; all of them for a node with nothing in
+flight), and receivers that found nothing look again every tick. The
+receiver's chunk is the rarest in the swarm (or a random one). Connections
+between two nodes that both hold a layer are closed, as libtorrent's
+`close_redundant_connections` does. It must not decide when a node joins a
+swarm or what a finished layer means (cluster.py does).
 """
 
 from __future__ import annotations
@@ -63,18 +66,24 @@ class Swarms:
         self.delivered = 0  # chunk bytes received from peers
         self.aborted = 0  # bytes of chunk transfers cut by a death
         self.refused = 0  # connections refused: a dead peer, or a full end
+        self.displaced = 0  # connections a full end closed to take a new one
         self.idle: set[int] = set()  # receivers with nothing in flight that found no sender
 
     # -- connections -------------------------------------------------------------------
 
     def connect(self, a: Node, b: Node, layer: int) -> bool:
+        """`a` dials `b` for `layer`: not when `a` is full; a full `b` makes room."""
         if a is b or b.id * LINK + layer in a.links:
-            return False
-        if not b.alive or a.conns >= self.limit or b.conns >= self.limit:
-            self.refused += 1
             return False
         if a.complete[layer] and b.complete[layer]:
             return False
+        if not b.alive or a.conns >= self.limit or (
+            b.conns >= self.limit and not self._make_room(b, layer)
+        ):
+            self.refused += 1
+            return False
+        a.open[layer] += 1
+        b.open[layer] += 1
         a.links.add(b.id * LINK + layer)
         b.links.add(a.id * LINK + layer)
         a.nbrs[layer].append(b.id)
@@ -86,6 +95,39 @@ class Swarms:
         a.conns += 1
         b.conns += 1
         return True
+
+    def _make_room(self, b: Node, layer: int) -> bool:
+        """A full libtorrent end on a handshake (peer_connection.cpp): it drops one
+        connection of its torrent with the most peers, if that torrent has more than
+        the one this connection is for (the lowest-ranked peer: BEP 40's order, which
+        follows addresses, so any one here); else it refuses."""
+        crowd = max(range(len(b.open)), key=b.open.__getitem__)
+        if b.open[crowd] <= b.open[layer]:
+            return False
+        linked = [x for x in b.nbrs[crowd] if x * LINK + crowd in b.links]
+        other = self.nodes[linked[self.rng.randrange(len(linked))]]
+        self.disconnect(b, other, crowd)
+        self.kick(other)
+        return True
+
+    def disconnect(self, a: Node, b: Node, layer: int) -> None:
+        """Close the connection between `a` and `b` for `layer`, and its transfers."""
+        for flow in [f for f in a.ups + a.downs if f.layer == layer and b in (f.src, f.dst)]:
+            self.aborted += int(self.engine.abort(flow))
+            flow.dst.pending[layer] &= ~(1 << flow.chunk)
+        self._unlink(a, b, layer)
+        self._unlink(b, a, layer)
+        self.displaced += 1
+
+    @staticmethod
+    def _unlink(node: Node, other: Node, layer: int) -> None:
+        """`node` forgets its open connection to `other` for `layer`."""
+        node.links.discard(other.id * LINK + layer)
+        node.nbrs[layer].remove(other.id)
+        if other.id in node.needy[layer]:
+            node.needy[layer].remove(other.id)
+        node.conns -= 1
+        node.open[layer] -= 1
 
     def has_source(self, node: Node, layer: int) -> bool:
         """Whether a live neighbour `node` is connected to holds a chunk of `layer` it
@@ -111,6 +153,8 @@ class Swarms:
                     other.links.discard(node.id * LINK + layer)
                     other.conns -= 1
                     node.conns -= 1
+                    other.open[layer] -= 1
+                    node.open[layer] -= 1
             else:
                 keep.append(other_id)
         node.nbrs[layer] = keep
@@ -135,12 +179,7 @@ class Swarms:
             if other is not None:
                 touched[other.id] = other
         for key in node.links:
-            other, layer = self.nodes[key // LINK], key % LINK
-            other.links.discard(node.id * LINK + layer)
-            other.nbrs[layer].remove(node.id)
-            if node.id in other.needy[layer]:
-                other.needy[layer].remove(node.id)
-            other.conns -= 1
+            self._unlink(self.nodes[key // LINK], node, key % LINK)
         node.links.clear()
         for layer in range(len(node.nbrs)):
             node.nbrs[layer] = []
@@ -148,6 +187,7 @@ class Swarms:
             for c in _bits(node.have[layer]):
                 self.avail[layer][c] -= 1
         node.conns = 0
+        node.open = [0] * len(node.open)
         node.alive = False
         return list(touched.values())
 
