@@ -252,11 +252,18 @@ def test_a_download_alone_asks_for_other_peers_instead_of_waiting_for_its_announ
     assert asks.upstream_copies == waits.upstream_copies == 1.0
 
 
-def _seeder_dies_as_it_publishes(p: Params) -> tuple[Cluster, Result]:
+def _seeder_dies_as_it_publishes(p: Params) -> tuple[Cluster, Result, list[tuple[int, bool]]]:
     """A run where layer 0's holder dies the moment the tracker lists it as the seeder,
-    before any node has a chunk of it: every waiter is handed a dead peer."""
+    before any node has a chunk of it: every waiter is handed a dead peer. Also, for each
+    upstream fetch of layer 0, its node and whether that node was still in the swarm."""
     c = Cluster(p)
     announce, layer0 = c.tracker.announce, c.digests[0]
+    fetch, fetches = c._fetch, []
+
+    def fetch_noted(node: Node, layer: int, lease_id: str | None, renew_s: float) -> None:
+        if layer == 0:
+            fetches.append((node.id, node.joined[0]))
+        fetch(node, layer, lease_id, renew_s)
 
     def announce_then_die(node: int, digest: str, seeder: bool, *, entered: bool = False,
                           ) -> list[int]:  # fmt: skip
@@ -266,12 +273,13 @@ def _seeder_dies_as_it_publishes(p: Params) -> tuple[Cluster, Result]:
         return peers
 
     c.tracker.announce = announce_then_die  # type: ignore[method-assign]
-    return c, c.run()
+    c._fetch = fetch_noted  # type: ignore[method-assign]
+    return c, c.run(), fetches
 
 
 def test_a_seeder_that_died_unseen_is_reported_and_the_layer_fetched_again() -> None:
     p = replace(SMALL, nodes=30, layers=2, announces="entered", max_sim_s=600.0)
-    c, r = _seeder_dies_as_it_publishes(p)
+    c, r, fetches = _seeder_dies_as_it_publishes(p)
     assert r.killed == 1 and r.unfinished == 0
     assert all(n.finished_at is not None for n in c.nodes if n.alive)
     # The waiters reported the dead seeder; two reporters delist it (tracker/admission.py),
@@ -279,8 +287,11 @@ def test_a_seeder_that_died_unseen_is_reported_and_the_layer_fetched_again() -> 
     assert r.stalled > 0 and r.delisted == 1
     assert r.upstream_layer_copies == [2.0, 1.0]
     assert r.fallbacks == {}
+    # The second fetch is a stalled download's: it left the swarm first (fetch.py).
+    assert len(fetches) == 2 and fetches[1][1] is False
+    assert not c.nodes[fetches[1][0]].joined[0]
     # Without the stall watch the waiters sit in a swarm with nobody to serve them.
-    _, stuck = _seeder_dies_as_it_publishes(replace(p, stall_report_s=0.0))
+    _, stuck, _ = _seeder_dies_as_it_publishes(replace(p, stall_report_s=0.0))
     assert stuck.unfinished == p.nodes - 1 and stuck.stalled == 0
 
 
@@ -300,7 +311,10 @@ def test_a_full_peer_makes_room_only_for_a_layer_less_crowded_than_its_most_crow
     assert swarms.refused == 1 and full.open == [3, 0]
     assert swarms.connect(nodes[4], full, 1)  # a newer layer: one of layer 0's goes
     assert full.conns == 3 and full.open == [2, 1] and swarms.displaced == 1
+    # Counted with the new one, layer 1 would have as many as layer 0: refused.
+    assert not swarms.connect(nodes[5], full, 1) and full.open == [2, 1]
     dropped = [n for n in nodes[1:4] if n.conns == 0]
     assert len(dropped) == 1 and not dropped[0].links and full.id not in dropped[0].nbrs[0]
     assert dropped[0].id not in full.nbrs[0] and len(full.links) == 3
     assert not swarms.connect(full, nodes[5], 1)  # a full node dials nobody
+    assert swarms.refused == 3

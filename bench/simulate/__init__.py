@@ -43,13 +43,13 @@ fan-out benchmark's two shared cores slow its spread, and the client's fetch
 and unpack are not simulated); TCP itself (slow start, RTT-bound windows,
 per-flow fairness) and latency between peers; libtorrent's block pipelining
 within a piece, its choker (tit-for-tat, optimistic unchokes) and end-game
-duplicates, and its displacing of a connection when full (a full end refuses);
-seed confirmations' admission, reports of live peers that stall, disputes and
-quotas at the tracker (every completed node counts as a seeder at once); of
-the tracker's own work, all but its requests (server.py queues those at k
-replicas with measured costs; the re-decisions of woken long polls, its sweeps
-and its store are not charged); an exact max-min share between peers (what
-one end of a transfer leaves unused is not passed on). The client asks for
+duplicates (its connection limit and the room a full end makes are modelled,
+swarm.py); seed confirmations' admission, reports of live peers that stall,
+disputes and quotas at the tracker (every completed node counts as a seeder
+at once); of the tracker's own work, all but its requests (server.py queues
+those at k replicas with measured costs; the re-decisions of woken long
+polls, its sweeps and its store are not charged); an exact max-min share
+between peers (what one end of a transfer leaves unused is not passed on). The client asks for
 `client_downloads` layers at a time (containerd's `max_concurrent_downloads`,
 3 under kubelet; 0: every layer at once, as `ctr` does).
 

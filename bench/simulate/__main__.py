@@ -164,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     r.add_argument("--connections-limit", type=int,
                    default=Params(nodes=2).connections_limit,
                    help="peer connections per node, all layers (the node's libtorrent "
-                   "connections_limit, 400); a full end refuses")
+                   "connections_limit, 400); a full node dials nobody and makes room "
+                   "only for a less crowded layer")
     for p in (v, r):
         p.add_argument("--jobs", type=int, default=1, help="simulations at once (1)")
         p.add_argument("--out", type=Path, default=RESULTS)

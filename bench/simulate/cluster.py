@@ -96,7 +96,9 @@ class Cluster:
         self.stalls = Stalls(
             self.engine, self.swarms, p.stall_report_s,
             announce=lambda node, layer: self._announce(node, layer, seeder=False, periodic=True),
-            report=self._report_stalls, stalled=self._swarm_stalled,
+            call=self._call, stalled=self._swarm_stalled,
+            report=lambda node, layer, peer: self.tracker.report_stall(
+                node.id, self.digests[layer], peer),
         )
         self.engine.on_done = self._flow_done
         self.waits: dict[tuple[int, int], LeaseWait] = {}
@@ -216,11 +218,15 @@ class Cluster:
             e.schedule(e.now + action.after_s, lambda: self._act(node, layer, wait.step(Due())))
         elif isinstance(action, JoinSwarm):
             self._join(node, layer)
-        elif isinstance(action, FetchAsHolder):
-            self._fetch(node, layer, action.lease_id, action.renew_s)
-        elif isinstance(action, FallBack):
-            self.fallbacks[action.reason] = self.fallbacks.get(action.reason, 0) + 1
-            self._fetch(node, layer, None, 0.0)
+        else:  # upstream; a download its peers stalled leaves the swarm (fetch.py)
+            if node.joined[layer]:
+                self.swarms.leave(node, layer)
+                self._next_announce[node.id, layer] += 1
+            if isinstance(action, FetchAsHolder):
+                self._fetch(node, layer, action.lease_id, action.renew_s)
+            else:
+                self.fallbacks[action.reason] = self.fallbacks.get(action.reason, 0) + 1
+                self._fetch(node, layer, None, 0.0)
 
     def _delivered(self, poll: Poll, reply: wire.LeaseReply) -> None:
         node, layer = self.nodes[poll.node], poll.order - 1
@@ -382,15 +388,6 @@ class Cluster:
         self._connect(node, layer, self.tracker.announce(
             node.id, self.digests[layer], False, entered=True))  # fmt: skip
         self._reannounce_later(node, layer)
-
-    def _report_stalls(
-        self, node: Node, layer: int, peers: list[int], then: Callable[[], None]
-    ) -> None:
-        def report() -> None:
-            for peer in peers:
-                self.tracker.report_stall(node.id, self.digests[layer], peer)
-
-        self._call(node, report, then=then)
 
     def _swarm_stalled(self, node: Node, layer: int, tries: int) -> None:
         """fetch.py's _from_swarm: every peer stalled the download's `tries`th try, and

@@ -259,6 +259,8 @@ class SimTracker:
     def report_stall(self, node: int, digest: str, peer: int) -> None:
         """swarms.Swarms.report_stall: enough identities' reports delist the peer."""
         self.counts.stall_reports += 1
+        if self.peers.peer(digest, str(peer)) is None:
+            return  # gone from the swarm: the tracker's unknown_peer
         if self.admission.report_stall(digest, str(peer), str(node)).delisted:
             self.peers.remove(digest, str(peer))
 
@@ -282,12 +284,18 @@ class SimTracker:
         else:
             Counts.tick(self.counts.announces, now)
         me = compact(node)
-        swarm, _, _ = self.peers.update(
-            digest, str(node), me, me, seeder=seeder, claims_seed=seeder,
-            expires_at=now + self._peer_ttl_s,
-        )
-        if seeder and len(swarm.seeders) == 1:
-            self.notify(digest)
+        if self.admission.cooling(digest, str(node)):  # delisted: answered, not entered
+            cooling = self.peers.swarm(digest)
+            if cooling is None:
+                return []
+            swarm = cooling
+        else:
+            swarm, _, _ = self.peers.update(
+                digest, str(node), me, me, seeder=seeder, claims_seed=seeder,
+                expires_at=now + self._peer_ttl_s,
+            )
+            if seeder and len(swarm.seeders) == 1:
+                self.notify(digest)
         if self._policy == "real":
             picked = hand_out(
                 swarm.seeder_addrs, swarm.leecher_addrs, self._numwant,

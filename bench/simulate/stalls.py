@@ -20,8 +20,8 @@ from functools import partial
 from bench.simulate.engine import Engine, Node
 from bench.simulate.swarm import Swarms
 
-# Reports of `layer`'s unreachable peers, then `stalled` once the tracker took them.
-Report = Callable[[Node, int, list[int], Callable[[], None]], None]
+# A control call from a node, and what to do once it is answered (cluster.py's _call).
+Call = Callable[[Node, Callable[[], object], Callable[[], None]], None]
 
 
 class Stalls:
@@ -32,13 +32,15 @@ class Stalls:
         stall_s: float,
         *,
         announce: Callable[[Node, int], None],
-        report: Report,
+        call: Call,
+        report: Callable[[Node, int, int], None],
         stalled: Callable[[Node, int, int], None],
     ) -> None:
         self._engine = engine
         self._swarms = swarms
         self._stall_s = stall_s
         self._announce = announce
+        self._call = call
         self._report = report
         self._stalled = stalled
         self._unreachable: dict[tuple[int, int], set[int]] = {}
@@ -49,8 +51,9 @@ class Stalls:
         self._tries: dict[tuple[int, int], int] = {}  # per download, the swarm tries stalled
 
     def unreachable(self, node: Node, layer: int, peer: Node) -> None:
-        """`node` could not connect to `peer`, handed out for `layer`: it is dead."""
-        if self._stall_s and not peer.alive:
+        """`node` dialled `peer`, handed out for `layer`, and it did not answer: dead."""
+        dialled = node.conns < self._swarms.limit and not node.complete[layer]
+        if self._stall_s and dialled and not peer.alive:
             self._unreachable.setdefault((node.id, layer), set()).add(peer.id)
 
     def watch(self, node: Node, layer: int) -> None:
@@ -77,7 +80,12 @@ class Stalls:
                 self.stalled += 1
                 del self._watch[key]
                 tries = self._tries[key] = self._tries.get(key, 0) + 1
-                self._report(node, layer, sorted(gone), partial(self._stalled, node, layer, tries))
+
+                def report() -> None:
+                    for peer in sorted(gone):
+                        self._report(node, layer, peer)
+
+                self._call(node, report, partial(self._stalled, node, layer, tries))
                 return
             self.lonely += 1
             self._announce(node, layer)

@@ -64,7 +64,7 @@ class Swarms:
         self.rng = rng
         self.on_layer = on_layer  # a node now holds every chunk of a layer
         self.delivered = 0  # chunk bytes received from peers
-        self.aborted = 0  # bytes of chunk transfers cut by a death
+        self.aborted = 0  # bytes of chunk transfers cut by a death or a closed connection
         self.refused = 0  # connections refused: a dead peer, or a full end
         self.displaced = 0  # connections a full end closed to take a new one
         self.idle: set[int] = set()  # receivers with nothing in flight that found no sender
@@ -99,15 +99,18 @@ class Swarms:
     def _make_room(self, b: Node, layer: int) -> bool:
         """A full libtorrent end on a handshake (peer_connection.cpp): it drops one
         connection of its torrent with the most peers, if that torrent has more than
-        the one this connection is for (the lowest-ranked peer: BEP 40's order, which
-        follows addresses, so any one here); else it refuses."""
+        the one this connection is for, the new one counted (it is attached before the
+        check); the lowest-ranked peer goes (BEP 40's order, which follows addresses,
+        so any one here). Else it refuses."""
         crowd = max(range(len(b.open)), key=b.open.__getitem__)
-        if b.open[crowd] <= b.open[layer]:
+        if b.open[crowd] <= b.open[layer] + 1:
             return False
         linked = [x for x in b.nbrs[crowd] if x * LINK + crowd in b.links]
         other = self.nodes[linked[self.rng.randrange(len(linked))]]
         self.disconnect(b, other, crowd)
+        self.displaced += 1
         self.kick(other)
+        self.kick(b)
         return True
 
     def disconnect(self, a: Node, b: Node, layer: int) -> None:
@@ -117,7 +120,17 @@ class Swarms:
             flow.dst.pending[layer] &= ~(1 << flow.chunk)
         self._unlink(a, b, layer)
         self._unlink(b, a, layer)
-        self.displaced += 1
+
+    def leave(self, node: Node, layer: int) -> None:
+        """`node` stops downloading `layer` from peers (its torrent removed)."""
+        node.joined[layer] = False
+        for other_id in [x for x in node.nbrs[layer] if x * LINK + layer in node.links]:
+            other = self.nodes[other_id]
+            self.disconnect(node, other, layer)
+            self.kick(other)
+        node.nbrs[layer] = []
+        node.needy[layer] = []
+        self.kick(node)
 
     @staticmethod
     def _unlink(node: Node, other: Node, layer: int) -> None:
