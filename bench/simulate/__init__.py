@@ -49,9 +49,10 @@ disputes and quotas at the tracker (every completed node counts as a seeder
 at once); of the tracker's own work, all but its requests (server.py queues
 those at k replicas with measured costs; the re-decisions of woken long
 polls, its sweeps and its store are not charged); an exact max-min share
-between peers (what one end of a transfer leaves unused is not passed on). The client asks for
-`client_downloads` layers at a time (containerd's `max_concurrent_downloads`,
-3 under kubelet; 0: every layer at once, as `ctr` does).
+between peers (what one end of a transfer leaves unused is not passed on).
+The client asks for `client_downloads` layers at a time (containerd's
+`max_concurrent_downloads`, 3 under kubelet; 0: every layer at once, as
+`ctr` does).
 
 The package: `params` (what a run is), `engine` (clock, events, fluid links),
 `swarm` (connections, slots, chunk picking), `stalls` (a download's stall

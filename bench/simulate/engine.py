@@ -25,9 +25,8 @@ INF = float("inf")
 
 class Node:
     __slots__ = (
-        "alive", "complete", "conns", "done_at", "downs", "fetching", "finished_at", "have",
-        "id", "joined", "links", "nbrs", "needy", "open", "pending", "reserved", "rr", "start_at",
-        "ups",
+        "alive", "complete", "done_at", "downs", "fetching", "finished_at", "have", "id",
+        "joined", "links", "nbrs", "needy", "open", "pending", "reserved", "rr", "start_at", "ups",
     )
 
     def __init__(self, node_id: int, layers: int) -> None:
@@ -49,11 +48,15 @@ class Node:
         self.joined = [False] * layers
         self.complete = [False] * layers
         self.done_at: list[float | None] = [None] * layers
-        self.conns = 0  # peer connections, all layers (libtorrent's connections_limit)
-        self.open = [0] * layers  # of those, per layer (a torrent's peers)
+        self.open = [0] * layers  # open peer connections per layer (a torrent's peers)
         self.rr = 0  # round-robin start for picking among neighbours
         self.start_at = 0.0
         self.finished_at: float | None = None
+
+    @property
+    def conns(self) -> int:
+        """Peer connections, all layers (libtorrent's connections_limit)."""
+        return sum(self.open)
 
 
 class Flow:

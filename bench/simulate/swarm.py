@@ -92,8 +92,6 @@ class Swarms:
             a.needy[layer].append(b.id)
         if not a.complete[layer]:
             b.needy[layer].append(a.id)
-        a.conns += 1
-        b.conns += 1
         return True
 
     def _make_room(self, b: Node, layer: int) -> bool:
@@ -116,8 +114,7 @@ class Swarms:
     def disconnect(self, a: Node, b: Node, layer: int) -> None:
         """Close the connection between `a` and `b` for `layer`, and its transfers."""
         for flow in [f for f in a.ups + a.downs if f.layer == layer and b in (f.src, f.dst)]:
-            self.aborted += int(self.engine.abort(flow))
-            flow.dst.pending[layer] &= ~(1 << flow.chunk)
+            self._cut(flow)
         self._unlink(a, b, layer)
         self._unlink(b, a, layer)
 
@@ -132,6 +129,13 @@ class Swarms:
         node.needy[layer] = []
         self.kick(node)
 
+    def _cut(self, flow: Flow) -> None:
+        """Stop `flow`; a chunk transfer's bytes so far are lost, its chunk wanted again."""
+        moved = self.engine.abort(flow)
+        if flow.src is not None:
+            self.aborted += int(moved)
+            flow.dst.pending[flow.layer] &= ~(1 << flow.chunk)
+
     @staticmethod
     def _unlink(node: Node, other: Node, layer: int) -> None:
         """`node` forgets its open connection to `other` for `layer`."""
@@ -139,7 +143,6 @@ class Swarms:
         node.nbrs[layer].remove(other.id)
         if other.id in node.needy[layer]:
             node.needy[layer].remove(other.id)
-        node.conns -= 1
         node.open[layer] -= 1
 
     def has_source(self, node: Node, layer: int) -> bool:
@@ -164,8 +167,6 @@ class Swarms:
                 if other_id * LINK + layer in node.links:
                     node.links.discard(other_id * LINK + layer)
                     other.links.discard(node.id * LINK + layer)
-                    other.conns -= 1
-                    node.conns -= 1
                     other.open[layer] -= 1
                     node.open[layer] -= 1
             else:
@@ -184,10 +185,7 @@ class Swarms:
         """`node` died: its transfers stop, its connections close. The peers touched."""
         touched: dict[int, Node] = {}
         for flow in [*node.ups, *node.downs]:
-            moved = self.engine.abort(flow)
-            if flow.src is not None:
-                self.aborted += int(moved)
-                flow.dst.pending[flow.layer] &= ~(1 << flow.chunk)
+            self._cut(flow)
             other = flow.dst if flow.src is node else flow.src
             if other is not None:
                 touched[other.id] = other
@@ -199,7 +197,6 @@ class Swarms:
             node.needy[layer] = []
             for c in _bits(node.have[layer]):
                 self.avail[layer][c] -= 1
-        node.conns = 0
         node.open = [0] * len(node.open)
         node.alive = False
         return list(touched.values())
