@@ -242,6 +242,40 @@ async def test_through_the_service_a_fetch_too_short_to_renew_is_handed_off_at_t
     assert s.granted("c")[0] == pytest.approx(1.7)
 
 
+async def test_a_freed_slot_wakes_only_the_next_blobs_requests(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # At 10,000 nodes the requests queued for an image's later blobs are tens of
+    # thousands: waking them when a slot frees only sends them back to wait.
+    s = Service(tmp_path)
+    woken: list[str] = []
+    notify = s.t.desk._waiters.notify
+
+    def spy(digest: str) -> None:
+        woken.append(digest)
+        notify(digest)
+
+    s.t.desk._waiters.notify = spy  # type: ignore[method-assign]
+    a = await s.grant_first()
+    async with trio.open_nursery() as nursery:
+        for node, n in (("d", 3), ("c", 2), ("b", 1)):
+            nursery.start_soon(s.ask, node, n)
+        await trio.sleep(1)
+        await s.renew(0, a, 100)  # A's last byte: its slot frees
+        await trio.sleep(0.01)
+        assert s.granted("b")[0] == pytest.approx(1.0)
+        # B's blob took the slot; C's, first in line now, looked once to sleep
+        # on B's fetch (no longer on A's); D's slept through both.
+        assert woken == [LAYERS[1], LAYERS[2]]
+        woken.clear()
+        await s.renew(1, s.granted("b")[1], 100)
+        await trio.sleep(0.01)
+        assert s.granted("c")[0] == pytest.approx(1.01)
+        assert woken == [LAYERS[2], LAYERS[3]]
+        await s.renew(2, s.granted("c")[1], 100)
+    assert s.granted("d")[0] == pytest.approx(1.02)
+
+
 def test_the_handoff_must_not_be_negative_nor_past_the_ttl(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="upstream_handoff_s"):
         make_tracker(tmp_path, upstream_handoff_s=-1.0)

@@ -82,19 +82,32 @@ def test_slots_per_image() -> None:
     assert queue.check(IMAGE, Place(3, LAYERS[2], "c"), two) == Queued(1005.0, two[1])
 
 
-def test_waiting_counts_each_request_until_it_leaves() -> None:
+def test_a_freed_slot_wakes_the_earliest_blobs_waiting_each_until_it_leaves() -> None:
     queue = UpstreamQueue(1, Clock())
-    place = Place(2, LAYERS[1], "b")
+    place = Place(3, LAYERS[2], "c")
     queue.enter(IMAGE, place)
     queue.enter(IMAGE, place)  # the same node asking on two connections
-    queue.enter(IMAGE, Place(3, LAYERS[2], "c"))
-    assert queue.waiting(IMAGE) == {LAYERS[1], LAYERS[2]}
-    queue.leave(IMAGE, place)
-    assert queue.waiting(IMAGE) == {LAYERS[1], LAYERS[2]}
-    queue.leave(IMAGE, place)
-    queue.leave(IMAGE, place)  # leaving twice is harmless
-    queue.leave(IMAGE, Place(3, LAYERS[2], "c"))
-    assert queue.waiting(IMAGE) == set() and queue.waiting(None) == set()
+    queue.enter(IMAGE, Place(4, LAYERS[3], "d"))
+    assert queue.next_up(IMAGE) == [LAYERS[2]]
+    # An earlier blob that queues later goes first; the later ones are not woken.
+    queue.enter(IMAGE, Place(2, LAYERS[1], "b"))
+    assert queue.next_up(IMAGE) == [LAYERS[1]]
+    # Leaving says when the blob next in line moved up (it must look again).
+    assert queue.leave(IMAGE, Place(2, LAYERS[1], "b"))
+    assert not queue.leave(IMAGE, place)
+    assert queue.next_up(IMAGE) == [LAYERS[2]]  # one of its two requests still waits
+    assert not queue.leave(IMAGE, Place(4, LAYERS[3], "d"))  # not the first in line
+    queue.enter(IMAGE, Place(4, LAYERS[3], "d"))
+    assert queue.leave(IMAGE, place)
+    assert not queue.leave(IMAGE, place)  # leaving twice is harmless
+    assert queue.next_up(IMAGE) == [LAYERS[3]]
+    assert not queue.leave(IMAGE, Place(4, LAYERS[3], "d"))  # nobody left to move up
+    assert queue.next_up(IMAGE) == [] and queue.next_up(None) == []
+    # With two slots an image's two earliest blobs may take them.
+    two = UpstreamQueue(2, Clock())
+    for n in (3, 1, 2):
+        two.enter(IMAGE, Place(n + 1, LAYERS[n], "x"))
+    assert two.next_up(IMAGE) == [LAYERS[1], LAYERS[2]]
 
 
 def test_images_beyond_the_limit_are_forgotten_least_recent_first() -> None:

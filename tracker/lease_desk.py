@@ -117,12 +117,15 @@ class LeaseDesk:
                     return attempt.reply
                 if attempt.queued != queued and msg.group is not None:
                     queued = attempt.queued
-                    (self.queue.enter if queued else self.queue.leave)(msg.group, place)
+                    if queued:
+                        self.queue.enter(msg.group, place)
+                    else:
+                        self._leave_queue(msg.group, place)
                 # Wake when something changes, or when the lease in the way runs out.
                 await self._waiters.wait(digest, min(deadline, attempt.wake_at))
         finally:
             if queued and msg.group is not None:
-                self.queue.leave(msg.group, place)
+                self._leave_queue(msg.group, place)
 
     def _seeded_for(self, digest: str, node: str) -> bool:
         """Whether the swarm has a seeder `node` has not reported for stalling it: a
@@ -205,9 +208,18 @@ class LeaseDesk:
         await self._store.delete_lease(lease.digest, lease.lease_id)
         self._free_slot(lease)
 
+    def _leave_queue(self, group: str, place: Place) -> None:
+        """`place` leaves its image's queue; if that moved the next blob up, wake it
+        to look at the fetch now ahead of it (it slept on the one before)."""
+        if self.queue.leave(group, place):
+            self._wake_next(group)
+
     def _free_slot(self, lease: Lease) -> None:
-        """`lease` stopped using the upstream link: wake its image's queue."""
-        for digest in self.queue.waiting(lease.group):
+        """`lease` stopped using the upstream link: wake who may take its slot."""
+        self._wake_next(lease.group)
+
+    def _wake_next(self, group: str | None) -> None:
+        for digest in self.queue.next_up(group):
             self._waiters.notify(digest)
 
     async def renew(

@@ -38,8 +38,9 @@ QUEUE_RECHECK_S = 0.5
 GATHER_S = 0.25
 # Images remembered (the least recently asked go first).
 MAX_IMAGES_REMEMBERED = 10_000
-# A renewal wakes the image's queue when the hand-off it predicts falls within
-# this many of the holder's renewal intervals (the next renewal comes too late).
+# A renewal wakes the image's next blob (`next_up`) when the hand-off it
+# predicts falls within this many of the holder's renewal intervals (the next
+# renewal comes too late).
 HANDOFF_HORIZON_RENEWALS = 1.5
 # A fetch's rate counts for the image's next predictions only over at least this
 # long (and `handoff_s`): renewals the tracker ran late can make a short span
@@ -165,9 +166,10 @@ class UpstreamQueue:
     def renewed(self, before: Lease | None, lease: Lease) -> bool:
         """A holder renewed `before` into `lease`: once it reports its last byte, its
         rate is the image's for the next predictions. Whether the renewal should
-        wake the image's queue: its fetch ended or fell below the rate (the slot is
-        free), or the hand-off it now predicts comes before its next renewal would
-        tell (queued requests slept on an older prediction, or on the expiry)."""
+        wake the image's next blob (`next_up`): its fetch ended or fell below the
+        rate (the slot is free), or the hand-off it now predicts comes before its
+        next renewal would tell (queued requests slept on an older prediction, or
+        on the expiry)."""
         if before is None or before.fetched or before.slow:
             return False
         image = None if lease.group is None else self._images.get(lease.group)
@@ -190,30 +192,41 @@ class UpstreamQueue:
         self._queued.setdefault(group, Counter())[place] += 1
         self._blobs.setdefault(group, Counter())[place.order, place.digest] += 1
 
-    def leave(self, group: str, place: Place) -> None:
+    def leave(self, group: str, place: Place) -> bool:
+        """`place` is answered, or no longer waits for a slot. True when that took
+        the image's earliest blob out of the queue: the blob next in line slept on
+        the fetch ahead of the one that left, and must look again (`next_up`)."""
         queue = self._queued.get(group)
         if queue is None or place not in queue:
-            return
+            return False
         queue[place] -= 1
         if queue[place] <= 0:
             del queue[place]
         blobs = self._blobs[group]
         blob = (place.order, place.digest)
+        first = blob == min(blobs)
         blobs[blob] -= 1
         if blobs[blob] <= 0:
             del blobs[blob]
+        else:
+            first = False
         if not queue:
             del self._queued[group]
             del self._blobs[group]
+        return first and bool(queue)
 
     def granted(self, group: str, node: str) -> None:
         """`node` got a lease on one of `group`'s blobs."""
         self._image(group).last_holder = node
 
-    def waiting(self, group: str | None) -> set[str]:
-        """Digests with requests queued in `group`: wake them when one of its slots frees."""
+    def next_up(self, group: str | None) -> list[str]:
+        """The digests whose queued requests may take a slot of `group` that frees:
+        its earliest blobs waiting, as many as it has slots (`check` lets no later
+        blob pass an earlier one). Wake only these: at 10,000 nodes the requests
+        queued for later blobs are tens of thousands, each woken to be sent back.
+        Those sleep on the fetch ahead until they are next (`leave`)."""
         blobs = self._blobs.get(group) if group is not None else None
-        return {digest for _, digest in blobs or ()}
+        return [digest for _, digest in sorted(blobs or ())[: self.fetches_per_image]]
 
     def queued(self) -> dict[str, int]:
         """Per image, the lease requests waiting for one of its slots (the cluster page)."""

@@ -162,7 +162,10 @@ class SimTracker:
             self._woken(False)
         if queued != poll.queued:
             poll.queued = queued
-            (self.queue.enter if queued else self.queue.leave)(GROUP, place)
+            if queued:
+                self.queue.enter(GROUP, place)
+            else:
+                self._leave_queue(place)
         self._polls.setdefault(poll.digest, {})[poll] = None
         poll.version += 1
         version = poll.version
@@ -200,7 +203,7 @@ class SimTracker:
     def _finish(self, poll: Poll) -> None:
         poll.done = True
         if poll.queued:
-            self.queue.leave(GROUP, poll.place)
+            self._leave_queue(poll.place)
         waiting = self._polls.get(poll.digest)
         if waiting is not None:
             waiting.pop(poll, None)
@@ -214,8 +217,16 @@ class SimTracker:
             poll.version += 1
             self._attempt(poll, woken=True)
 
+    def _leave_queue(self, place: Place) -> None:
+        """LeaseDesk._leave_queue: the blob moved up looks again, once this poll is done."""
+        if self.queue.leave(GROUP, place):
+            self._schedule(self._clock(), lambda: self._wake_next(GROUP))
+
     def _free_slot(self, lease: Lease) -> None:
-        for digest in sorted(self.queue.waiting(lease.group)):
+        self._wake_next(lease.group)
+
+    def _wake_next(self, group: str | None) -> None:
+        for digest in self.queue.next_up(group):
             self.notify(digest)
 
     def renew(self, digest: str, lease_id: str, done: int, size: int, node: int) -> bool:
