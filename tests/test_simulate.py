@@ -318,3 +318,19 @@ def test_a_full_peer_makes_room_only_for_a_layer_less_crowded_than_its_most_crow
     assert dropped[0].id not in full.nbrs[0] and len(full.links) == 3
     assert not swarms.connect(full, nodes[5], 1)  # a full node dials nobody
     assert swarms.refused == 3
+
+
+def test_control_fronts_take_the_nodes_side_and_leave_the_rules_core_its_decisions() -> None:
+    p = replace(BURST, announces="entered", confirms="riding")
+    served = simulate(p)
+    fronted = simulate(replace(p, control_fronts=2))
+    assert fronted.unfinished == 0 and fronted.upstream_layer_copies == [1.0] * p.layers
+    s, f = served.tracker_queue, fronted.tracker_queue
+    # The same requests reach the rules core, each for a decision's cost (0.04 ms)
+    # instead of a whole call's (0.28-0.32 ms; one sent back to wait costs 0.045 ms
+    # either way); the node's side waits at a front.
+    assert f["busy_share"] < s["busy_share"] / 2
+    assert f["front_wait_max_s"] > 0 and s["front_wait_max_s"] == 0
+    assert fronted.stats["p99_s"] < served.stats["p99_s"]
+    with pytest.raises(ValueError, match="control_fronts"):
+        Params(nodes=10, control_fronts=1)  # announces direct: no kept connection

@@ -91,6 +91,7 @@ def matrix(a: argparse.Namespace) -> None:
                         holder_failures=a.holder_failures, lease_ttl_s=a.lease_ttl_s,
                         lease_silence_s=a.lease_silence_s, lease_grant_ack_s=a.lease_grant_ack_s,
                         tracker_replicas=a.tracker_replicas, announces=a.announces,
+                        control_fronts=a.control_fronts,
                         client_downloads=a.client_downloads, confirms=a.confirms,
                         stall_report_s=a.stall_report_s, fetches_per_image=a.fetches_per_image,
                         connections_limit=a.connections_limit,
@@ -147,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "replica, 3.3 ms at a front + 0.7 ms forwarded); relayed: batched "
                    "over the node's kept-alive control connection (0.2 ms); entered: "
                    "relayed, and control calls stand for joins and completions")
+    r.add_argument("--control-fronts", type=int, default=0,
+                   help="front workers per replica, each a core, that take the nodes' "
+                   "control calls and hand the serving replica only decisions (a "
+                   "design not built; 0: the serving replica answers them, as built)")
     r.add_argument("--confirms", choices=CONFIRM_PATHS, default=Params(nodes=2).confirms,
                    help="seed confirmations: a call each, or riding the node's next lease "
                    "request (tracker/confirm_rides.py)")

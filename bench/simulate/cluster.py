@@ -78,14 +78,14 @@ class Cluster:
             self.engine.clock, self.rng, self.engine.schedule, self._delivered,
             silence_s=p.lease_silence_s, grant_ack_s=p.lease_grant_ack_s,
             handoff_s=p.handoff_s, lag=lambda: self.servers.lag(),
-            woken=lambda answered: self.servers.woken(answered),
+            woken=lambda node, answered: self.servers.woken(node, answered),
         )
         # Every request to the tracker queues at its replicas (server.py); the
         # serving replica's queue delay is the tracker's lag, held as the real
         # tracker holds it (tracker/coordinator.py `lag_meter`).
         self.servers = TrackerServers(
             p.tracker_replicas, p.announces, Costs(), self.engine.clock, self.engine.schedule,
-            hold_s=max(p.lease_silence_s, p.lease_grant_ack_s, 1.0),
+            hold_s=max(p.lease_silence_s, p.lease_grant_ack_s, 1.0), workers=p.control_fronts,
         )
         self.swarms = Swarms(
             self.engine, self.nodes, [chunk_sizes(s, p.chunk_bytes) for s in self.sizes],

@@ -105,7 +105,7 @@ class SimTracker:
         handoff_s: float = 0.0,
         grant_ack_s: float = 0.0,
         lag: Callable[[], float] = lambda: 0.0,
-        woken: Callable[[bool], float] | None = None,
+        woken: Callable[[int, bool], float] | None = None,
     ) -> None:
         ids = itertools.count()
         self.leases = LeaseBook(
@@ -129,7 +129,7 @@ class SimTracker:
         self._deliver = deliver
         # The serving replica's work for a woken request, answered or sent back to
         # wait: when it is done (server.TrackerServers.woken; None: at once).
-        self._woken = woken or (lambda answered: clock())
+        self._woken = woken or (lambda node, answered: clock())
         self.published: set[str] = set()
         # Held requests per digest (a dict: ordered, and O(1) to drop one).
         self._polls: dict[str, dict[Poll, None]] = {}
@@ -154,12 +154,12 @@ class SimTracker:
         if wake_at is None or now >= poll.deadline:
             self._finish(poll)
             if woken:
-                self._schedule(self._woken(True), lambda: self._deliver(poll, reply))
+                self._schedule(self._woken(poll.node, True), lambda: self._deliver(poll, reply))
             else:
                 self._deliver(poll, reply)
             return
         if woken:
-            self._woken(False)
+            self._woken(poll.node, False)
         if queued != poll.queued:
             poll.queued = queued
             if queued:

@@ -80,6 +80,9 @@ class Params:
     # request, seed confirmation and publish instead).
     tracker_replicas: int = 3
     announces: str = "direct"
+    # Control fronts per replica (server.py; a design not built): 0, the serving
+    # replica answers every control call itself.
+    control_fronts: int = 0
     # Layers one node's client fetches at once, in the image's order, the next
     # when one is in: containerd's max_concurrent_downloads, 3 in its CRI plugin
     # (kubelet's pulls); 0 is every layer at once (`ctr images pull`'s default).
@@ -118,6 +121,10 @@ class Params:
             raise ValueError("fail_fraction in [0, 1), holder_failures >= 0")
         if self.tracker_replicas < 0 or self.announces not in ANNOUNCE_PATHS:
             raise ValueError(f"tracker_replicas ≥ 0; announces: {', '.join(ANNOUNCE_PATHS)}")
+        if self.control_fronts < 0 or (
+            self.control_fronts and (not self.tracker_replicas or self.announces == "direct")
+        ):
+            raise ValueError("control_fronts ≥ 0, and only with replicas and kept-alive announces")
         if self.client_downloads < 0:
             raise ValueError("client_downloads ≥ 0 (0: every layer at once)")
         if self.fetches_per_image < 0:

@@ -72,6 +72,12 @@ class Costs:
     # A seed confirmation riding a lease request: only its own work, as an announce
     # in a relayed batch of 32 (~40 µs each, the request's share included), rounded.
     riding_s: float = 0.04e-3
+    # With control fronts: the rules core's work per forwarded item (a decision,
+    # a rider, a relayed announce, a woken request answered: an announce in a
+    # relayed batch of 32, rounded) and one sent back to wait, and a forward's
+    # one-way trip between a front and the serving replica.
+    decide_s: float = 0.04e-3
+    hop_s: float = 1e-3
 
 
 @dataclass
@@ -118,24 +124,47 @@ class TrackerServers:
         clock: Callable[[], float],
         schedule: Schedule,
         hold_s: float = 1.0,
+        workers: int = 0,
     ) -> None:
-        if replicas < 0 or announces not in ANNOUNCE_PATHS:
-            raise ValueError(f"replicas ≥ 0; announces one of {', '.join(ANNOUNCE_PATHS)}")
+        if replicas < 0 or announces not in ANNOUNCE_PATHS or workers < 0:
+            raise ValueError(
+                f"replicas ≥ 0, workers ≥ 0; announces one of {', '.join(ANNOUNCE_PATHS)}"
+            )
+        if workers and (not replicas or announces == "direct"):
+            raise ValueError("control fronts need replicas and kept-alive announces")
         self.replicas = replicas
         self.announces = announces
         self.costs = costs
         self._clock = clock
         self._schedule = schedule
         self.serving = Queue()
-        self.fronts = [Queue() for _ in range(max(0, replicas - 1))]
+        self.workers = workers
+        # Announce fronts (the standbys), or with `workers` every control front.
+        self.fronts = [Queue() for _ in range(replicas * workers or max(0, replicas - 1))]
         # Node → when each of its idle control connections was last used.
         self._idle: dict[int, list[float]] = {}
         self.handshakes = 0
         self.hold_s = hold_s
 
     def lag(self) -> float:
-        """The serving replica's queue delay now, s (the tracker's lag)."""
-        return self.serving.lag(self._clock(), self.hold_s) if self.replicas else 0.0
+        """The serving replica's queue delay now, s (the tracker's lag); with control
+        fronts, the longest of theirs and the rules core's."""
+        if not self.replicas:
+            return 0.0
+        now = self._clock()
+        queues = [self.serving, *self.fronts] if self.workers else [self.serving]
+        return max(q.lag(now, self.hold_s) for q in queues)
+
+    def _forward(self, node: int, cost: float, items: int, apply: Callable[[], None]) -> None:
+        """Through `node`'s control front (`cost`) to the rules core (`items` of
+        `Costs.decide_s`); `apply` once the decision is back at the front."""
+        c = self.costs
+        at = self.fronts[node % len(self.fronts)].serve(self._clock(), cost)
+
+        def decide() -> None:
+            self._schedule(self.serving.serve(at + c.hop_s, items * c.decide_s) + c.hop_s, apply)
+
+        self._schedule(at + c.hop_s, decide)
 
     def control(
         self, node: int, apply: Callable[[], None], riders: int = 0, *, ask: bool = False
@@ -162,15 +191,24 @@ class TrackerServers:
             self.handshakes += 1
         self._idle[node] = idle
         cost += riders * self.costs.riding_s + (self.costs.ask_s - self.costs.call_s) * ask
+        if self.workers:
+            self._forward(node, cost, 1 + riders, apply)
+            return
         self._schedule(self.serving.serve(now, cost), apply)
 
-    def woken(self, answered: bool) -> float:
-        """A held lease request woken now: when the serving replica has answered it
-        (`answered`) or sent it back to wait."""
-        now = self._clock()
+    def woken(self, node: int, answered: bool) -> float:
+        """`node`'s held lease request woken now: when the serving replica (with
+        control fronts, and then its front) has answered it (`answered`) or sent it
+        back to wait."""
+        now, c = self._clock(), self.costs
         if not self.replicas:
             return now
-        return self.serving.serve(now, self.costs.woken_s if answered else self.costs.repark_s)
+        if not self.workers:
+            return self.serving.serve(now, c.woken_s if answered else c.repark_s)
+        decided = self.serving.serve(now, c.decide_s if answered else c.repark_s)
+        if not answered:
+            return decided
+        return self.fronts[node % len(self.fronts)].serve(decided + c.hop_s, c.woken_s)
 
     def answered(self, node: int) -> None:
         """A control call's answer left: its connection is kept alive for the next."""
@@ -183,6 +221,9 @@ class TrackerServers:
             apply()
             return
         now = self._clock()
+        if self.workers:
+            self._forward(node, self.costs.relayed_s, 1, apply)
+            return
         if self.announces != "direct":
             self._schedule(self.serving.serve(now, self.costs.relayed_s), apply)
             return
