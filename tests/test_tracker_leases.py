@@ -197,10 +197,13 @@ IMAGE = "sha256:" + "11" * 32
 LAYERS = ["sha256:" + f"{n:02x}" * 32 for n in range(1, 5)]
 
 
+@pytest.mark.parametrize("ack_s", [0.0, 0.5])
 async def test_an_images_blobs_cross_upstream_one_at_a_time_in_manifest_order(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, ack_s: float
 ) -> None:
-    t = tracker(tmp_path)
+    # ack_s: holders acknowledge their grant 0.05 s after it (a 0-byte renewal),
+    # within the tracker's window; the next layer still takes the hand-off.
+    t = tracker(tmp_path, lease_grant_ack_s=ack_s)
     granted: list[tuple[float, int]] = []
 
     async def node(name: str, order: int) -> None:
@@ -214,7 +217,12 @@ async def test_an_images_blobs_cross_upstream_one_at_a_time_in_manifest_order(
             assert reply.status is wire.LeaseStatus.WAIT and reply.lease_id is None
         granted.append((trio.current_time(), order))
         assert reply.lease_id is not None
-        await trio.sleep(4)
+        if ack_s:
+            await trio.sleep(0.05)
+            await t.renew_lease(digest, wire.LeaseRenew(reply.lease_id, 0, 100))
+            await trio.sleep(3.95)
+        else:
+            await trio.sleep(4)
         await t.renew_lease(digest, wire.LeaseRenew(reply.lease_id, 100, 100))
 
     start = trio.current_time()

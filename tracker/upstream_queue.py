@@ -167,7 +167,8 @@ class UpstreamQueue:
         """A holder renewed `before` into `lease`: once it reports its last byte, its
         rate is the image's for the next predictions. Whether the renewal should
         wake the image's next blob (`next_up`): its fetch ended or fell below the
-        rate (the slot is free), or the hand-off it now predicts comes before its
+        rate (the slot is free), it acknowledged its grant (a hand-off can be
+        predicted from then), or the hand-off it now predicts comes before its
         next renewal would tell (queued requests slept on an older prediction, or
         on the expiry)."""
         if before is None or before.fetched or before.slow:
@@ -179,6 +180,11 @@ class UpstreamQueue:
             if done > 0 and span >= max(self.handoff_s, MIN_RATE_SPAN_S):
                 image.rate = done / span
         if lease.fetched or lease.slow:
+            return True
+        if not before.acked and image is not None and image.rate and self.handoff_s > 0:
+            # The acknowledgement: its end can be predicted at the image's rate
+            # from now, and the next blob slept on the expiry (it looked while
+            # the grant was unacknowledged).
             return True
         # (Without the image's rate: a renewal that reports no byte only puts the
         # prediction later, and the queue already sleeps until the earlier one.)
@@ -220,11 +226,11 @@ class UpstreamQueue:
         self._image(group).last_holder = node
 
     def next_up(self, group: str | None) -> list[str]:
-        """The digests whose queued requests may take a slot of `group` that frees:
-        its earliest blobs waiting, as many as it has slots (`check` lets no later
-        blob pass an earlier one). Wake only these: at 10,000 nodes the requests
-        queued for later blobs are tens of thousands, each woken to be sent back.
-        Those sleep on the fetch ahead until they are next (`leave`)."""
+        """The digests to wake when a slot of `group` frees: its earliest blobs
+        waiting, as many as it has slots (`check` grants only the earliest; the
+        others are sent back to wait). Wake only these: at 10,000 nodes the
+        requests queued for later blobs are tens of thousands, each woken to be
+        sent back. Those sleep on the fetch ahead until they are next (`leave`)."""
         blobs = self._blobs.get(group) if group is not None else None
         return [digest for _, digest in sorted(blobs or ())[: self.fetches_per_image]]
 
